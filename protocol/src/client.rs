@@ -1,0 +1,547 @@
+//! The client edge of the wire contract: client frames (ops), server frames (replies and events), the history
+//! `Message`, and their JSON and MessagePack encodings.
+//!
+//! This module parses and shapes frames; it does not authorise anything or enforce configurable limits beyond the
+//! id rules built into the types.
+
+use crate::error::ErrorCode;
+use crate::ids::{MessageId, ProjectId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Subprotocol name of JSON text frames (the default).
+pub const SUBPROTOCOL_JSON: &str = "switchyard.v1.json";
+/// Subprotocol name of MessagePack binary frames.
+pub const SUBPROTOCOL_MSGPACK: &str = "switchyard.v1.msgpack";
+
+/// The encoding a session speaks, fixed at the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Json,
+    MsgPack,
+}
+
+impl Format {
+    /// The format of a subprotocol name, if it is one of ours.
+    pub fn from_subprotocol(name: &str) -> Option<Format> {
+        match name.trim() {
+            SUBPROTOCOL_JSON => Some(Format::Json),
+            SUBPROTOCOL_MSGPACK => Some(Format::MsgPack),
+            _ => None,
+        }
+    }
+
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Format::Json => SUBPROTOCOL_JSON,
+            Format::MsgPack => SUBPROTOCOL_MSGPACK,
+        }
+    }
+}
+
+/// One client op with its fields. Ids are validated while parsing.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientOp {
+    Auth {
+        token: String,
+    },
+    Ping,
+    Create {
+        room: RoomId,
+        #[serde(default)]
+        private: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+    },
+    Join {
+        room: RoomId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
+    Leave {
+        room: RoomId,
+    },
+    Invite {
+        room: RoomId,
+        user: UserId,
+    },
+    Kick {
+        room: RoomId,
+        user: UserId,
+    },
+    Send {
+        room: RoomId,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attrs: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cmid: Option<String>,
+    },
+    Dm {
+        to: UserId,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attrs: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cmid: Option<String>,
+    },
+    Typing {
+        room: RoomId,
+    },
+    Read {
+        room: RoomId,
+        seq: u64,
+    },
+    React {
+        room: RoomId,
+        seq: u64,
+        emoji: String,
+        #[serde(default)]
+        remove: bool,
+    },
+    Edit {
+        room: RoomId,
+        seq: u64,
+        body: String,
+    },
+    Delete {
+        room: RoomId,
+        seq: u64,
+    },
+    History {
+        room: RoomId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    Members {
+        room: RoomId,
+    },
+    Rooms,
+    Presence {
+        users: Vec<UserId>,
+    },
+    Watch {
+        users: Vec<UserId>,
+    },
+    Unwatch {
+        users: Vec<UserId>,
+    },
+}
+
+impl ClientOp {
+    /// The op's wire name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientOp::Auth { .. } => "auth",
+            ClientOp::Ping => "ping",
+            ClientOp::Create { .. } => "create",
+            ClientOp::Join { .. } => "join",
+            ClientOp::Leave { .. } => "leave",
+            ClientOp::Invite { .. } => "invite",
+            ClientOp::Kick { .. } => "kick",
+            ClientOp::Send { .. } => "send",
+            ClientOp::Dm { .. } => "dm",
+            ClientOp::Typing { .. } => "typing",
+            ClientOp::Read { .. } => "read",
+            ClientOp::React { .. } => "react",
+            ClientOp::Edit { .. } => "edit",
+            ClientOp::Delete { .. } => "delete",
+            ClientOp::History { .. } => "history",
+            ClientOp::Members { .. } => "members",
+            ClientOp::Rooms => "rooms",
+            ClientOp::Presence { .. } => "presence",
+            ClientOp::Watch { .. } => "watch",
+            ClientOp::Unwatch { .. } => "unwatch",
+        }
+    }
+}
+
+/// The names of every op, for telling an unknown op from a malformed known one.
+pub const OP_NAMES: &[&str] = &[
+    "auth", "ping", "create", "join", "leave", "invite", "kick", "send", "dm", "typing", "read",
+    "react", "edit", "delete", "history", "members", "rooms", "presence", "watch", "unwatch",
+];
+
+/// A parsed client frame: its op and the request id to echo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientRequest {
+    pub rid: Option<u64>,
+    pub op: ClientOp,
+}
+
+/// A frame that could not be parsed, with the `rid` when it could be read, so the `err` can echo it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct FrameError {
+    pub rid: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn bad_request(rid: Option<u64>, message: impl Into<String>) -> Self {
+        FrameError {
+            rid,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse one client frame. Every failure is a `bad_request` that names what was wrong.
+pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest, FrameError> {
+    let value: Value = match format {
+        Format::Json => serde_json::from_slice(bytes)
+            .map_err(|e| FrameError::bad_request(None, format!("frame is not valid JSON: {e}")))?,
+        Format::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| {
+            FrameError::bad_request(None, format!("frame is not valid MessagePack: {e}"))
+        })?,
+    };
+    let Value::Object(mut map) = value else {
+        return Err(FrameError::bad_request(
+            None,
+            "frame must be an object with an \"op\" field",
+        ));
+    };
+    let rid = match map.remove("rid") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(rid) => Some(rid),
+            None => {
+                return Err(FrameError::bad_request(
+                    None,
+                    "\"rid\" must be an unsigned 64-bit integer",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(FrameError::bad_request(
+                None,
+                "\"rid\" must be an unsigned 64-bit integer",
+            ))
+        }
+    };
+    let op_name = match map.get("op") {
+        Some(Value::String(op)) => op.clone(),
+        Some(_) => return Err(FrameError::bad_request(rid, "\"op\" must be a string")),
+        None => return Err(FrameError::bad_request(rid, "frame has no \"op\" field")),
+    };
+    if !OP_NAMES.contains(&op_name.as_str()) {
+        return Err(FrameError::bad_request(
+            rid,
+            format!("unknown op {op_name:?}"),
+        ));
+    }
+    let op: ClientOp = serde_json::from_value(Value::Object(map))
+        .map_err(|e| FrameError::bad_request(rid, format!("invalid {op_name:?} frame: {e}")))?;
+    Ok(ClientRequest { rid, op })
+}
+
+/// Encode any server frame in the session's format: JSON text or a MessagePack map with field names.
+pub fn encode_frame<T: Serialize>(frame: &T, format: Format) -> Vec<u8> {
+    match format {
+        // Serialising our own types to JSON cannot fail: every map key is a string.
+        Format::Json => serde_json::to_vec(frame).expect("server frames serialise to JSON"),
+        Format::MsgPack => {
+            rmp_serde::to_vec_named(frame).expect("server frames serialise to MessagePack")
+        }
+    }
+}
+
+/// A server reply or control frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Hello {
+        session: String,
+        user: UserId,
+        project_id: ProjectId,
+        heartbeat_ms: u64,
+        max_frame: usize,
+    },
+    Ok {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rid: Option<u64>,
+        #[serde(flatten)]
+        result: OkResult,
+    },
+    Err {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rid: Option<u64>,
+        code: ErrorCode,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rid: Option<u64>,
+    },
+    Ping {},
+    Bye {
+        code: u16,
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reconnect_after_ms: Option<u64>,
+    },
+}
+
+/// The result fields of an `ok`, one shape per kind of op. Shapes repeat across ops (`{room, seq}` answers `join`,
+/// `read`, `react`, `edit` and `delete`), so the variants are named by shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OkResult {
+    Sent {
+        room: RoomId,
+        id: MessageId,
+        seq: u64,
+        ts: u64,
+    },
+    History {
+        room: RoomId,
+        messages: Vec<Message>,
+        more: bool,
+    },
+    RoomSeq {
+        room: RoomId,
+        seq: u64,
+    },
+    Room {
+        room: RoomId,
+    },
+    Members {
+        members: Vec<Member>,
+    },
+    Rooms {
+        rooms: Vec<RoomSummary>,
+    },
+    Presence {
+        users: BTreeMap<String, PresenceState>,
+    },
+    Empty {},
+}
+
+/// A room member, as `members` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub user: UserId,
+    pub role: Role,
+    pub online: bool,
+}
+
+/// A member's role in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Member,
+    Admin,
+}
+
+/// One of the user's rooms, as `rooms` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomSummary {
+    pub room: RoomId,
+    pub role: Role,
+    pub seq: u64,
+    pub read: u64,
+}
+
+/// A user's presence, as `presence` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceState {
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+}
+
+/// A message as history returns it. A deleted message has no body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub seq: u64,
+    pub id: MessageId,
+    pub from: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attrs: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    pub ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_ts: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, Vec<UserId>>,
+}
+
+/// A server event delivered to subscribed sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerEvent {
+    Msg {
+        room: RoomId,
+        seq: u64,
+        id: MessageId,
+        from: UserId,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attrs: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
+        ts: u64,
+    },
+    Edit {
+        room: RoomId,
+        seq: u64,
+        target: u64,
+        from: UserId,
+        body: String,
+        ts: u64,
+    },
+    Delete {
+        room: RoomId,
+        seq: u64,
+        target: u64,
+        by: UserId,
+        ts: u64,
+    },
+    Reaction {
+        room: RoomId,
+        seq: u64,
+        target: u64,
+        user: UserId,
+        emoji: String,
+        removed: bool,
+        ts: u64,
+    },
+    Joined {
+        room: RoomId,
+        seq: u64,
+        user: UserId,
+        ts: u64,
+    },
+    Left {
+        room: RoomId,
+        seq: u64,
+        user: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<UserId>,
+        ts: u64,
+    },
+    Typing {
+        room: RoomId,
+        user: UserId,
+    },
+    Read {
+        room: RoomId,
+        user: UserId,
+        seq: u64,
+    },
+    Presence {
+        user: UserId,
+        online: bool,
+        ts: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_send_in_both_formats() {
+        let json = br#"{"op":"send","rid":7,"room":"general","body":"hi","attrs":{"k":1}}"#;
+        let req = decode_client_frame(json, Format::Json).unwrap();
+        assert_eq!(req.rid, Some(7));
+        let ClientOp::Send {
+            room, body, attrs, ..
+        } = &req.op
+        else {
+            panic!("not a send: {req:?}")
+        };
+        assert_eq!(room.as_str(), "general");
+        assert_eq!(body, "hi");
+        assert_eq!(attrs.as_ref().unwrap()["k"], 1);
+
+        let mut map = serde_json::Map::new();
+        map.insert("op".into(), "send".into());
+        map.insert("rid".into(), 7.into());
+        map.insert("room".into(), "general".into());
+        map.insert("body".into(), "hi".into());
+        map.insert("attrs".into(), serde_json::json!({"k": 1}));
+        let packed = rmp_serde::to_vec_named(&map).unwrap();
+        assert_eq!(decode_client_frame(&packed, Format::MsgPack).unwrap(), req);
+    }
+
+    #[test]
+    fn malformed_frames_are_bad_requests_with_rid() {
+        let cases: &[(&[u8], Option<u64>, &str)] = &[
+            (b"not json", None, "not valid JSON"),
+            (b"[1,2]", None, "must be an object"),
+            (br#"{"rid":3}"#, Some(3), "no \"op\""),
+            (br#"{"op":"fly","rid":4}"#, Some(4), "unknown op"),
+            (
+                br#"{"op":"send","rid":5,"room":"general","body":42}"#,
+                Some(5),
+                "invalid \"send\"",
+            ),
+            (br#"{"op":"join","rid":6,"room":"a.b"}"#, Some(6), "room id"),
+            (br#"{"op":"join","rid":"x","room":"a"}"#, None, "rid"),
+            (
+                br#"{"op":"join","room":"a","extra":1}"#,
+                None,
+                "unknown field",
+            ),
+        ];
+        for (frame, rid, needle) in cases {
+            let err = decode_client_frame(frame, Format::Json).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest);
+            assert_eq!(err.rid, *rid, "{}", String::from_utf8_lossy(frame));
+            assert!(
+                err.message.contains(needle),
+                "{:?} should mention {needle:?}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn ok_frames_flatten_their_result() {
+        let frame = ServerFrame::Ok {
+            rid: Some(1),
+            result: OkResult::RoomSeq {
+                room: RoomId::parse("general").unwrap(),
+                seq: 3,
+            },
+        };
+        let json: Value = serde_json::from_slice(&encode_frame(&frame, Format::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "ok", "rid": 1, "room": "general", "seq": 3})
+        );
+        let packed: Value = rmp_serde::from_slice(&encode_frame(&frame, Format::MsgPack)).unwrap();
+        assert_eq!(packed, json);
+    }
+
+    #[test]
+    fn ok_results_round_trip_by_shape() {
+        let sent = OkResult::Sent {
+            room: RoomId::parse("r").unwrap(),
+            id: MessageId::generate(5),
+            seq: 9,
+            ts: 5,
+        };
+        let back: OkResult =
+            rmp_serde::from_slice(&rmp_serde::to_vec_named(&sent).unwrap()).unwrap();
+        assert_eq!(back, sent);
+    }
+}

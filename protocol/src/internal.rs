@@ -1,0 +1,214 @@
+//! Messages between Switchyard's own processes: commands from gateways to router shards, the sequenced room events
+//! router shards append to JetStream and publish live, and history requests to persistors.
+//!
+//! Every message carries a version field `v` and travels as MessagePack with field names (see `codec`). JSON never
+//! appears here; the client-facing shapes live in `client`.
+
+use crate::client::{Message, OkResult, ServerEvent};
+use crate::error::ErrorCode;
+use crate::ids::{MessageId, ProjectId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The version every internal message is written with.
+pub const INTERNAL_VERSION: u8 = 1;
+
+/// A command a gateway sends to the router shard that owns the room's shard, on behalf of one user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRequest {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub user: UserId,
+    pub command: RoomCommand,
+}
+
+/// What a router shard is asked to do in one room.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RoomCommand {
+    /// Create a room; the caller becomes its admin.
+    Create {
+        room: RoomId,
+        private: bool,
+        title: Option<String>,
+    },
+    /// Become a member (when allowed) and learn the room's last seq. `grants` are the token's `rooms` claims.
+    Join { room: RoomId, grants: Vec<String> },
+    /// Append a message.
+    Send {
+        room: RoomId,
+        body: String,
+        attrs: Option<Value>,
+        reply_to: Option<u64>,
+        cmid: Option<String>,
+    },
+}
+
+impl RoomCommand {
+    pub fn room(&self) -> &RoomId {
+        match self {
+            RoomCommand::Create { room, .. }
+            | RoomCommand::Join { room, .. }
+            | RoomCommand::Send { room, .. } => room,
+        }
+    }
+}
+
+/// A router shard's answer to a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandReply {
+    Ok { result: OkResult },
+    Err { code: ErrorCode, message: String },
+}
+
+impl CommandReply {
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
+        CommandReply::Err {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// One sequenced room event: what the JetStream stream holds, what persistors store and what gateways deliver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomEvent {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub room: RoomId,
+    /// Per-room sequence, gap-free from 1.
+    pub seq: u64,
+    /// Server time in microseconds, strictly increasing within a room; stores use it as the write timestamp, so a
+    /// late write of an older event never overrides a newer one.
+    pub ts_us: u64,
+    pub body: EventBody,
+}
+
+/// The kind-specific part of a room event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventBody {
+    Msg {
+        id: MessageId,
+        from: UserId,
+        body: String,
+        attrs: Option<Value>,
+        reply_to: Option<u64>,
+    },
+    Edit {
+        target: u64,
+        from: UserId,
+        body: String,
+    },
+    Delete {
+        target: u64,
+        by: UserId,
+    },
+    Reaction {
+        target: u64,
+        user: UserId,
+        emoji: String,
+        removed: bool,
+    },
+    Joined {
+        user: UserId,
+    },
+    Left {
+        user: UserId,
+        by: Option<UserId>,
+    },
+}
+
+impl RoomEvent {
+    /// Server time in unix milliseconds, as clients see it.
+    pub fn ts_ms(&self) -> u64 {
+        self.ts_us / 1000
+    }
+
+    /// The event as subscribed sessions receive it.
+    pub fn to_server_event(&self) -> ServerEvent {
+        let room = self.room.clone();
+        let seq = self.seq;
+        let ts = self.ts_ms();
+        match &self.body {
+            EventBody::Msg {
+                id,
+                from,
+                body,
+                attrs,
+                reply_to,
+            } => ServerEvent::Msg {
+                room,
+                seq,
+                id: id.clone(),
+                from: from.clone(),
+                body: body.clone(),
+                attrs: attrs.clone(),
+                reply_to: *reply_to,
+                ts,
+            },
+            EventBody::Edit { target, from, body } => ServerEvent::Edit {
+                room,
+                seq,
+                target: *target,
+                from: from.clone(),
+                body: body.clone(),
+                ts,
+            },
+            EventBody::Delete { target, by } => ServerEvent::Delete {
+                room,
+                seq,
+                target: *target,
+                by: by.clone(),
+                ts,
+            },
+            EventBody::Reaction {
+                target,
+                user,
+                emoji,
+                removed,
+            } => ServerEvent::Reaction {
+                room,
+                seq,
+                target: *target,
+                user: user.clone(),
+                emoji: emoji.clone(),
+                removed: *removed,
+                ts,
+            },
+            EventBody::Joined { user } => ServerEvent::Joined {
+                room,
+                seq,
+                user: user.clone(),
+                ts,
+            },
+            EventBody::Left { user, by } => ServerEvent::Left {
+                room,
+                seq,
+                user: user.clone(),
+                by: by.clone(),
+                ts,
+            },
+        }
+    }
+}
+
+/// A page of a room's history, asked of the persistors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub room: RoomId,
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+    pub limit: u32,
+}
+
+/// A persistor's answer to a history request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HistoryReply {
+    Ok { messages: Vec<Message>, more: bool },
+    Err { code: ErrorCode, message: String },
+}

@@ -1,0 +1,18 @@
+//! Switchyard's contract: identifiers, the client wire format (JSON and MessagePack), the internal messages that
+//! travel on NATS, the subject and key names, and the shard function.
+//!
+//! Nothing outside this crate formats a subject string, parses a client frame or decides whether an id is valid.
+//! This crate does no I/O: it only describes and converts.
+
+pub mod client;
+pub mod codec;
+pub mod error;
+pub mod ids;
+pub mod internal;
+pub mod limits;
+pub mod shard;
+pub mod subjects;
+
+pub use error::{CloseCode, ErrorCode};
+pub use ids::{IdError, MessageId, ProjectId, RoomId, UserId};
+pub use shard::ShardId;

@@ -1,0 +1,27 @@
+//! Default limits of the wire contract. Every one is configurable in the services; these are the defaults.
+//!
+//! This module holds numbers only; enforcing them is the gateway's job.
+
+/// Largest accepted client frame, in bytes.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Largest message `body`, in bytes of UTF-8.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest `attrs`, in bytes of JSON.
+pub const MAX_ATTRS_BYTES: usize = 4 * 1024;
+/// Longest `cmid`, in characters.
+pub const MAX_CMID_CHARS: usize = 64;
+/// Emoji length bounds, in bytes.
+pub const EMOJI_BYTES: std::ops::RangeInclusive<usize> = 1..=32;
+/// Default and largest `history` page.
+pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
+pub const HISTORY_MAX_LIMIT: u32 = 100;
+/// Heartbeat interval announced in `hello`.
+pub const HEARTBEAT_MS: u64 = 25_000;
+/// Outbound queue bound per session.
+pub const OUTBOUND_QUEUE_FRAMES: usize = 1024;
+pub const OUTBOUND_QUEUE_BYTES: usize = 1024 * 1024;
+/// Token lifetime bounds, in seconds.
+pub const TOKEN_TTL_DEFAULT_SECS: u64 = 600;
+pub const TOKEN_TTL_MAX_SECS: u64 = 86_400;
+/// Number of virtual shards when a cluster does not configure its own.
+pub const DEFAULT_SHARD_COUNT: u16 = 64;

@@ -1,0 +1,99 @@
+//! NATS subject names, the JetStream stream and consumer names, and KV bucket and key names. The only place in
+//! Switchyard that formats a subject.
+//!
+//! Every token that comes from outside is an already validated id (see `ids`), so no subject built here can hold a
+//! wildcard or an extra token. This module does not publish or subscribe.
+
+use crate::ids::{ProjectId, RoomId};
+use crate::shard::ShardId;
+
+/// The stream that holds every sequenced room event.
+pub const EVENTS_STREAM: &str = "SY_EVENTS";
+/// The subjects the events stream captures.
+pub const EVENTS_STREAM_SUBJECTS: &str = "sy.log.>";
+/// The persistors' durable consumer on the events stream.
+pub const PERSISTOR_CONSUMER: &str = "persistor";
+/// Where persistors send events that failed too often.
+pub const DEAD_LETTER_SUBJECT: &str = "sy.dead.events";
+
+/// History requests, answered by any persistor (queue group `HISTORY_QUEUE`).
+pub const HISTORY_SUBJECT: &str = "sy.hist";
+pub const HISTORY_QUEUE: &str = "persistors";
+
+/// KV bucket of tenants, keyed by project id.
+pub const TENANTS_BUCKET: &str = "sy_tenants";
+/// KV bucket of shard leases and router-shard liveness.
+pub const LEASES_BUCKET: &str = "sy_leases";
+/// KV bucket of rooms and memberships.
+pub const ROOMS_BUCKET: &str = "sy_rooms";
+
+/// Where the router shard that owns `shard` takes commands.
+pub fn command(shard: ShardId) -> String {
+    format!("sy.cmd.{}", shard.0)
+}
+
+/// The subject a room's sequenced events are appended to in the events stream.
+pub fn event_log(shard: ShardId, tenant: &ProjectId, room: &RoomId) -> String {
+    format!("sy.log.{}.{}.{}", shard.0, tenant, room.token())
+}
+
+/// The subject a room's events are published live on, after the stream has acknowledged them.
+pub fn room_live(tenant: &ProjectId, room: &RoomId) -> String {
+    format!("sy.live.{}.{}", tenant, room.token())
+}
+
+/// KV key of a tenant record.
+pub fn tenant_key(tenant: &ProjectId) -> String {
+    tenant.as_str().to_owned()
+}
+
+/// KV key of a shard's lease.
+pub fn lease_key(shard: ShardId) -> String {
+    format!("shard.{}", shard.0)
+}
+
+/// KV key a router shard refreshes while it lives.
+pub fn router_alive_key(router_id: &str) -> String {
+    format!("router.{router_id}")
+}
+
+/// Prefix of every router-liveness key, for counting live router shards.
+pub const ROUTER_ALIVE_PREFIX: &str = "router.";
+
+/// KV key of a room's record (existence, privacy, title).
+pub fn room_key(tenant: &ProjectId, room: &RoomId) -> String {
+    format!("room.{}.{}", tenant, room.token())
+}
+
+/// KV key of one membership.
+pub fn member_key(tenant: &ProjectId, room: &RoomId, user: &crate::UserId) -> String {
+    format!("member.{}.{}.{}", tenant, room.token(), user)
+}
+
+/// Is `router_id` usable in a KV key and a subject? Router ids come from configuration.
+pub fn valid_router_id(router_id: &str) -> bool {
+    !router_id.is_empty()
+        && router_id.len() <= 64
+        && router_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_have_fixed_token_counts() {
+        let tenant = ProjectId::parse("pj_abcdefghij0123456789").unwrap();
+        let room = RoomId::parse("dm:alice:bob").unwrap();
+        assert_eq!(
+            event_log(ShardId(3), &tenant, &room),
+            "sy.log.3.pj_abcdefghij0123456789.dm=alice=bob"
+        );
+        assert_eq!(room_live(&tenant, &room).split('.').count(), 4);
+        assert_eq!(command(ShardId(63)), "sy.cmd.63");
+        assert!(!valid_router_id("a.b"));
+        assert!(valid_router_id("router-1"));
+    }
+}
