@@ -18,7 +18,9 @@ pub const SUBPROTOCOL_MSGPACK: &str = "switchyard.v1.msgpack";
 /// The encoding a session speaks, fixed at the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
+    /// `switchyard.v1.json`: text frames holding JSON objects.
     Json,
+    /// `switchyard.v1.msgpack`: binary frames holding MessagePack maps with the same field names.
     MsgPack,
 }
 
@@ -32,6 +34,7 @@ impl Format {
         }
     }
 
+    /// The subprotocol name of this format.
     pub fn subprotocol(self) -> &'static str {
         match self {
             Format::Json => SUBPROTOCOL_JSON,
@@ -245,7 +248,7 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
     Ok(ClientRequest { rid, op })
 }
 
-/// Encode any server frame in the session's format: JSON text or a MessagePack map with field names.
+/// Encode a frame (any serialisable shape: server frames, or a client's own frames) in a session's format: JSON text or a MessagePack map with field names.
 pub fn encode_frame<T: Serialize>(frame: &T, format: Format) -> Vec<u8> {
     match format {
         // Serialising our own types to JSON cannot fail: every map key is a string.
@@ -285,7 +288,6 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         rid: Option<u64>,
     },
-    Ping {},
     Bye {
         code: u16,
         reason: String,

@@ -249,3 +249,60 @@ mod tests {
         assert!(MessageId::parse(a.as_str()).is_ok());
     }
 }
+
+/// Opaque client tokens: `sytok_` followed by 32 base62 characters.
+pub mod opaque_token {
+    /// The prefix every opaque token starts with.
+    pub const PREFIX: &str = "sytok_";
+
+    pub fn generate() -> String {
+        format!("{PREFIX}{}", super::random_base62(32))
+    }
+
+    /// Is `token` shaped like an opaque token (and so safe to use in a storage key)?
+    pub fn is_well_formed(token: &str) -> bool {
+        token
+            .strip_prefix(PREFIX)
+            .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+    }
+}
+
+/// Tenant API keys: `sk_<project_id>_<32 base62>`. The key names its tenant, so it alone identifies the tenant;
+/// only its SHA-256 is stored.
+pub mod api_key {
+    use super::ProjectId;
+
+    pub fn generate(project: &ProjectId) -> String {
+        format!("sk_{project}_{}", super::random_base62(32))
+    }
+
+    /// The tenant a well-formed key names; `None` for anything else.
+    pub fn project_of(key: &str) -> Option<ProjectId> {
+        let rest = key.strip_prefix("sk_")?;
+        let (project, secret) = rest.rsplit_once('_')?;
+        if secret.len() != 32 || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return None;
+        }
+        ProjectId::parse(project).ok()
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_keys_are_recognised() {
+        let token = opaque_token::generate();
+        assert!(opaque_token::is_well_formed(&token));
+        assert!(!opaque_token::is_well_formed("sytok_short"));
+        assert!(!opaque_token::is_well_formed(&format!(
+            "{}*",
+            &token[..token.len() - 1]
+        )));
+        let project = ProjectId::generate();
+        let key = api_key::generate(&project);
+        assert_eq!(api_key::project_of(&key), Some(project));
+        assert_eq!(api_key::project_of("sk_pj_x_y"), None);
+    }
+}

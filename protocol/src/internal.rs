@@ -42,6 +42,8 @@ pub enum RoomCommand {
         reply_to: Option<u64>,
         cmid: Option<String>,
     },
+    /// May the user read the room's history? Answered with the room's last seq (`OkResult::RoomSeq`).
+    CanRead { room: RoomId, grants: Vec<String> },
 }
 
 impl RoomCommand {
@@ -49,7 +51,8 @@ impl RoomCommand {
         match self {
             RoomCommand::Create { room, .. }
             | RoomCommand::Join { room, .. }
-            | RoomCommand::Send { room, .. } => room,
+            | RoomCommand::Send { room, .. }
+            | RoomCommand::CanRead { room, .. } => room,
         }
     }
 }
@@ -203,6 +206,9 @@ pub struct HistoryRequest {
     pub before: Option<u64>,
     pub after: Option<u64>,
     pub limit: u32,
+    /// The room's last seq when the request was authorised: the persistor waits (briefly) until its store has
+    /// caught up to it, so a client reads its own writes.
+    pub min_seq: u64,
 }
 
 /// A persistor's answer to a history request.
@@ -211,4 +217,44 @@ pub struct HistoryRequest {
 pub enum HistoryReply {
     Ok { messages: Vec<Message>, more: bool },
     Err { code: ErrorCode, message: String },
+}
+
+/// A room's record in the rooms KV bucket. Direct-message rooms have none: they exist implicitly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub v: u8,
+    pub private: bool,
+    pub title: Option<String>,
+    pub created_by: UserId,
+    pub created_at_ms: u64,
+}
+
+/// One membership in the rooms KV bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub v: u8,
+    pub role: crate::client::Role,
+}
+
+/// How a tenant's JWTs are verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "alg")]
+pub enum JwtKey {
+    HS256 { secret: String },
+    RS256 { public_key_pem: String },
+    ES256 { public_key_pem: String },
+}
+
+/// A tenant's record in the tenants KV bucket. Holds the API key's hash, never the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub v: u8,
+    pub project_id: ProjectId,
+    pub name: String,
+    pub created_at_ms: u64,
+    /// Hex SHA-256 of the current API key.
+    pub api_key_sha256: String,
+    pub jwt: Option<JwtKey>,
+    /// A disabled tenant is refused everywhere.
+    pub disabled: bool,
 }

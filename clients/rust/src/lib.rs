@@ -1,1 +1,37 @@
-//! placeholder
+//! A Rust client for Switchyard's WebSocket API: connects and authenticates (header, query or first frame), speaks
+//! JSON or MessagePack, matches requests to replies by `rid`, and delivers room and presence events in order.
+//!
+//! It does not reconnect or resume on its own, does not speak TLS (`ws://` only), and does not cover the HTTP API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchyard_client::ClientError> {
+//! use switchyard_client::{Auth, Client, ConnectOptions};
+//!
+//! let client = Client::connect(ConnectOptions::new(
+//!     "ws://127.0.0.1:8080/v1/ws",
+//!     Auth::Header("sytok_...".into()),
+//! ))
+//! .await?;
+//! let seq = client.join("general", None).await?;
+//! client.send("general", "hello").await?;
+//! while let Some(event) = client.next_event().await {
+//!     println!("{event:?} (joined at {seq})");
+//! }
+//! println!("closed: {:?}", client.close_info());
+//! # Ok(())
+//! # }
+//! ```
+
+mod client;
+mod error;
+pub mod frame;
+mod task;
+
+pub use client::{
+    Auth, Client, ConnectOptions, Sent, DEFAULT_TIMEOUT, EVENT_QUEUE, OUTGOING_QUEUE,
+    UNMATCHED_QUEUE,
+};
+pub use error::{ClientError, CloseInfo};
+pub use frame::{Bye, Hello, Incoming, Reply, UnmatchedReply};
+pub use switchyard_protocol::client::{ClientOp, Format, Message, ServerEvent};
+pub use switchyard_protocol::ErrorCode;

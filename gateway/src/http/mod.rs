@@ -1,0 +1,285 @@
+//! The gateway's HTTP API: health, readiness and metrics; the admin API (tenants); the tenant backend API (tokens,
+//! room messages); and the route to the WebSocket upgrade.
+//!
+//! Handlers authenticate their caller and translate between JSON bodies and the fleet's requests; they hold no state.
+
+use crate::auth::bearer;
+use crate::error::ApiError;
+use crate::tokens::TokenGrant;
+use crate::upstream;
+use crate::ws::upgrade::ws_handler;
+use crate::Gateway;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use switchyard_protocol::client::OkResult;
+use switchyard_protocol::internal::{
+    HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION,
+};
+use switchyard_protocol::{limits, ErrorCode, ProjectId, RoomId, UserId};
+
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/admin/tenants", post(create_tenant))
+        .route("/v1/admin/tenants/{project_id}", get(get_tenant))
+        .route("/v1/tokens", post(create_token))
+        .route(
+            "/v1/rooms/{room}/messages",
+            post(post_message).get(get_messages),
+        )
+        .route("/v1/ws", get(ws_handler))
+        .with_state(gw)
+}
+
+/// The body of a JSON request, with a clear `bad_request` when it does not parse.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let nats = gw.nats.connection_state() == async_nats::connection::State::Connected;
+    let redis = gw.tokens.is_connected();
+    let draining = gw.is_draining();
+    let body = json!({"nats": nats, "redis": redis, "draining": draining});
+    let status = if nats && redis && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> String {
+    gw.metrics.render()
+}
+
+fn require_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .unwrap_or("");
+    let expected = gw.config.admin_token.as_bytes();
+    let same = presented.len() == expected.len()
+        && presented
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("admin token required"))
+    }
+}
+
+async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .ok_or_else(|| ApiError::unauthorized("API key required as a bearer token"))?;
+    gw.tenants.authenticate_key(key).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+}
+
+async fn create_tenant(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&gw, &headers)?;
+    let request: CreateTenant = parse_body(&body)?;
+    let name = request.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
+    }
+    let (record, api_key) = gw.tenants.create(name, now_ms()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"project_id": record.project_id, "api_key": api_key})),
+    )
+        .into_response())
+}
+
+async fn get_tenant(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(project_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&gw, &headers)?;
+    let project_id =
+        ProjectId::parse(&project_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let record = gw
+        .tenants
+        .get(&project_id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
+    let jwt_alg = record.jwt.as_ref().map(|key| match key {
+        switchyard_protocol::internal::JwtKey::HS256 { .. } => "HS256",
+        switchyard_protocol::internal::JwtKey::RS256 { .. } => "RS256",
+        switchyard_protocol::internal::JwtKey::ES256 { .. } => "ES256",
+    });
+    Ok(Json(json!({
+        "project_id": record.project_id,
+        "name": record.name,
+        "created_at": record.created_at_ms,
+        "jwt_alg": jwt_alg,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    user_id: String,
+    ttl_secs: Option<u64>,
+}
+
+async fn create_token(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let request: CreateToken = parse_body(&body)?;
+    let user_id =
+        UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ttl_secs = request.ttl_secs.unwrap_or(limits::TOKEN_TTL_DEFAULT_SECS);
+    if ttl_secs == 0 || ttl_secs > limits::TOKEN_TTL_MAX_SECS {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs must be 1 to {}",
+            limits::TOKEN_TTL_MAX_SECS
+        )));
+    }
+    let expires_at_ms = now_ms() + ttl_secs * 1000;
+    let grant = TokenGrant {
+        project_id: tenant.project_id,
+        user_id,
+        expires_at_ms,
+    };
+    let token = gw.tokens.issue(&grant, ttl_secs).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"token": token, "expires_at": expires_at_ms})),
+    )
+        .into_response())
+}
+
+fn parse_room(room: &str) -> Result<RoomId, ApiError> {
+    RoomId::parse(room).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    from: String,
+    body: String,
+    attrs: Option<Value>,
+}
+
+async fn post_message(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let request: PostMessage = parse_body(&body)?;
+    let from = UserId::parse(&request.from).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if request.body.len() > gw.config.max_body_bytes {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("body exceeds {} bytes", gw.config.max_body_bytes),
+        ));
+    }
+    if let Some(attrs) = &request.attrs {
+        let size = serde_json::to_vec(attrs)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if !attrs.is_object() || size > gw.config.max_attrs_bytes {
+            return Err(ApiError::bad_request(format!(
+                "attrs must be a JSON object of at most {} bytes",
+                gw.config.max_attrs_bytes
+            )));
+        }
+    }
+    let command = RoomCommand::Send {
+        room,
+        body: request.body,
+        attrs: request.attrs,
+        reply_to: None,
+        cmid: None,
+    };
+    match upstream::command(&gw, &tenant.project_id, &from, command).await {
+        Ok(OkResult::Sent { id, seq, ts, .. }) => Ok((
+            StatusCode::CREATED,
+            Json(json!({"id": id, "seq": seq, "ts": ts})),
+        )
+            .into_response()),
+        Ok(_) => Err(ApiError::new(
+            ErrorCode::Internal,
+            "unexpected router reply",
+        )),
+        Err(error) => Err(ApiError::new(error.code, error.message)),
+    }
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn get_messages(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let limit = page.limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
+    if !(1..=limits::HISTORY_MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 100"));
+    }
+    // The tenant's backend may read any of its rooms; there is no user to authorise.
+    let request = HistoryRequest {
+        v: INTERNAL_VERSION,
+        tenant: tenant.project_id,
+        room,
+        before: page.before,
+        after: page.after,
+        limit,
+        min_seq: 0,
+    };
+    match upstream::history(&gw, request).await {
+        Ok(HistoryReply::Ok { messages, more }) => {
+            Ok(Json(json!({"messages": messages, "more": more})))
+        }
+        Ok(HistoryReply::Err { code, message })
+        | Err(upstream::UpstreamError { code, message }) => Err(ApiError::new(code, message)),
+    }
+}

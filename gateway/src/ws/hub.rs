@@ -1,0 +1,314 @@
+//! The room fan-out hub: one NATS subscription per room that has at least one local session, and one task per such
+//! room that decodes each live event once, encodes it at most once per wire format, and hands the same bytes to
+//! every subscribed session without waiting.
+//!
+//! A session whose outbound queue is full (in frames or bytes) is dropped from the room and told through its
+//! `overflow` token; it then closes with 4009. The hub never blocks on a session, and it does not order or dedupe
+//! events per session (the session does that).
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use switchyard_protocol::client::{encode_frame, Format, ServerEvent};
+use switchyard_protocol::internal::RoomEvent;
+use switchyard_protocol::{codec, subjects, ProjectId, RoomId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Control messages waiting for one room task.
+const ROOM_CONTROL_QUEUE: usize = 1024;
+
+/// One live room event, decoded once and encoded lazily, once per format.
+pub struct LiveEvent {
+    pub room: RoomId,
+    pub seq: u64,
+    event: ServerEvent,
+    json: OnceLock<Utf8Bytes>,
+    msgpack: OnceLock<Bytes>,
+}
+
+impl LiveEvent {
+    pub fn new(event: &RoomEvent) -> Self {
+        LiveEvent {
+            room: event.room.clone(),
+            seq: event.seq,
+            event: event.to_server_event(),
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    /// The event as a WebSocket message in `format`; the bytes are shared, not copied.
+    pub fn message(&self, format: Format) -> Message {
+        match format {
+            Format::Json => Message::Text(self.json().clone()),
+            Format::MsgPack => Message::Binary(self.msgpack().clone()),
+        }
+    }
+
+    /// The size of the event's frame in `format`.
+    pub fn encoded_len(&self, format: Format) -> usize {
+        match format {
+            Format::Json => self.json().len(),
+            Format::MsgPack => self.msgpack().len(),
+        }
+    }
+
+    fn json(&self) -> &Utf8Bytes {
+        self.json.get_or_init(|| {
+            let bytes = encode_frame(&self.event, Format::Json);
+            // JSON produced by serde_json is UTF-8.
+            Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+        })
+    }
+
+    fn msgpack(&self) -> &Bytes {
+        self.msgpack
+            .get_or_init(|| Bytes::from(encode_frame(&self.event, Format::MsgPack)))
+    }
+}
+
+/// How the hub reaches one session.
+#[derive(Clone)]
+pub struct SessionTx {
+    /// Unique within this gateway.
+    pub id: u64,
+    pub format: Format,
+    /// The session's outbound event queue (bounded in frames).
+    pub events: mpsc::Sender<Arc<LiveEvent>>,
+    /// Bytes queued and not yet written; bounded by `max_queued_bytes`.
+    pub queued_bytes: Arc<AtomicUsize>,
+    pub max_queued_bytes: usize,
+    /// Fired when the session fell too far behind.
+    pub overflow: CancellationToken,
+}
+
+impl SessionTx {
+    /// Queue `event` without waiting. Returns false when the session must be dropped from the room.
+    fn offer(&self, event: &Arc<LiveEvent>) -> bool {
+        let len = event.encoded_len(self.format);
+        if self.queued_bytes.load(Ordering::Relaxed) + len > self.max_queued_bytes {
+            self.overflow.cancel();
+            return false;
+        }
+        match self.events.try_send(event.clone()) {
+            Ok(()) => {
+                self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflow.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Why a subscription could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot subscribe to the room's live events: {0}")]
+    Subscribe(String),
+}
+
+enum RoomControl {
+    Subscribe {
+        session: SessionTx,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Unsubscribe {
+        session_id: u64,
+    },
+}
+
+/// A room task's entry in the registry.
+struct RoomEntry {
+    /// Tells entries apart when a room task is replaced.
+    generation: u64,
+    control: mpsc::Sender<RoomControl>,
+}
+
+/// The registry of room tasks.
+pub struct Hub {
+    nats: async_nats::Client,
+    /// Live subject -> its room task. Held only for lookups and inserts, never across an await.
+    rooms: Mutex<HashMap<String, RoomEntry>>,
+    next_generation: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(nats: async_nats::Client) -> Arc<Self> {
+        Arc::new(Hub {
+            nats,
+            rooms: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
+        })
+    }
+
+    /// Subscribe a session to a room's live events. When this returns, the NATS subscription is in place ahead of
+    /// any request the caller sends next on the same connection.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        tenant: &ProjectId,
+        room: &RoomId,
+        session: SessionTx,
+    ) -> Result<(), HubError> {
+        let subject = subjects::room_live(tenant, room);
+        for _ in 0..5 {
+            let (generation, control) = self.room_task(&subject);
+            let (done, result) = oneshot::channel();
+            if control
+                .send(RoomControl::Subscribe {
+                    session: session.clone(),
+                    done,
+                })
+                .await
+                .is_err()
+            {
+                self.forget(&subject, generation);
+                continue;
+            }
+            match result.await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(message)) => return Err(HubError::Subscribe(message)),
+                // The room task was stopping; start over with a fresh one.
+                Err(_) => self.forget(&subject, generation),
+            }
+        }
+        Err(HubError::Subscribe(
+            "the room's fan-out task kept stopping".into(),
+        ))
+    }
+
+    /// Remove a session from a room. Never waits.
+    pub fn unsubscribe(&self, tenant: &ProjectId, room: &RoomId, session_id: u64) {
+        let subject = subjects::room_live(tenant, room);
+        let control = match self.rooms.lock() {
+            Ok(rooms) => rooms.get(&subject).map(|entry| entry.control.clone()),
+            Err(_) => None,
+        };
+        if let Some(control) = control {
+            if let Err(mpsc::error::TrySendError::Full(message)) =
+                control.try_send(RoomControl::Unsubscribe { session_id })
+            {
+                tokio::spawn(async move {
+                    let _ = control.send(message).await;
+                });
+            }
+        }
+    }
+
+    /// The number of rooms with a live subscription.
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().map(|rooms| rooms.len()).unwrap_or(0)
+    }
+
+    fn room_task(self: &Arc<Self>, subject: &str) -> (u64, mpsc::Sender<RoomControl>) {
+        let mut rooms = match self.rooms.lock() {
+            Ok(rooms) => rooms,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(entry) = rooms.get(subject) {
+            return (entry.generation, entry.control.clone());
+        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (control, receiver) = mpsc::channel(ROOM_CONTROL_QUEUE);
+        rooms.insert(
+            subject.to_owned(),
+            RoomEntry {
+                generation,
+                control: control.clone(),
+            },
+        );
+        tokio::spawn(run_room(
+            self.clone(),
+            subject.to_owned(),
+            generation,
+            receiver,
+        ));
+        (generation, control)
+    }
+
+    fn forget(&self, subject: &str, generation: u64) {
+        if let Ok(mut rooms) = self.rooms.lock() {
+            if rooms
+                .get(subject)
+                .is_some_and(|entry| entry.generation == generation)
+            {
+                rooms.remove(subject);
+            }
+        }
+    }
+}
+
+/// One room's fan-out: owns the NATS subscription and the room's local sessions.
+async fn run_room(
+    hub: Arc<Hub>,
+    subject: String,
+    generation: u64,
+    mut control: mpsc::Receiver<RoomControl>,
+) {
+    let mut live = match hub.nats.subscribe(subject.clone()).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            hub.forget(&subject, generation);
+            control.close();
+            while let Ok(message) = control.try_recv() {
+                if let RoomControl::Subscribe { done, .. } = message {
+                    let _ = done.send(Err(error.to_string()));
+                }
+            }
+            return;
+        }
+    };
+    metrics::gauge!("switchyard_gateway_rooms_subscribed").increment(1.0);
+    // The room's local sessions.
+    let mut sessions: Vec<SessionTx> = Vec::new();
+    loop {
+        tokio::select! {
+            message = control.recv() => match message {
+                Some(RoomControl::Subscribe { session, done }) => {
+                    sessions.retain(|s| s.id != session.id);
+                    sessions.push(session);
+                    let _ = done.send(Ok(()));
+                }
+                Some(RoomControl::Unsubscribe { session_id }) => {
+                    sessions.retain(|s| s.id != session_id);
+                    if sessions.is_empty() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            message = live.next() => {
+                let Some(message) = message else { break };
+                let event: RoomEvent = match codec::decode(&message.payload) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%subject, %error, "undecodable live event dropped");
+                        continue;
+                    }
+                };
+                let event = Arc::new(LiveEvent::new(&event));
+                let before = sessions.len();
+                sessions.retain(|session| session.offer(&event));
+                metrics::counter!("switchyard_gateway_deliveries_total").increment(before as u64);
+                if sessions.is_empty() && before > 0 {
+                    break;
+                }
+            }
+        }
+    }
+    // Stop taking new sessions; any that raced in are told to start over.
+    hub.forget(&subject, generation);
+    control.close();
+    while let Ok(message) = control.try_recv() {
+        drop(message);
+    }
+    let _ = live.unsubscribe().await;
+    metrics::gauge!("switchyard_gateway_rooms_subscribed").decrement(1.0);
+}

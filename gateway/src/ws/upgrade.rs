@@ -1,0 +1,96 @@
+//! The WebSocket upgrade: origin check, subprotocol choice, and authentication from the `Authorization` header or
+//! the `token` query parameter, all before the upgrade so failures get plain HTTP errors (403, 400, 401).
+//!
+//! Without a token the upgrade proceeds and the session waits for a first-frame `auth`.
+
+use crate::auth::{authenticate, bearer};
+use crate::error::ApiError;
+use crate::ws::session;
+use crate::Gateway;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use std::sync::Arc;
+use switchyard_protocol::client::Format;
+use switchyard_protocol::ErrorCode;
+
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    token: Option<String>,
+}
+
+/// Pick the session's format from `Sec-WebSocket-Protocol`: JSON when none is requested, the first supported one
+/// otherwise, and an error when some are requested but none is supported.
+pub fn choose_format(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let requested: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    if requested.is_empty() {
+        return Ok(Format::Json);
+    }
+    requested
+        .iter()
+        .find_map(|name| Format::from_subprotocol(name))
+        .ok_or_else(|| ApiError::bad_request("none of the requested subprotocols is supported: use switchyard.v1.json or switchyard.v1.msgpack"))
+}
+
+pub async fn ws_handler(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(query): Query<WsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !gw.config.allowed_origins.is_empty() {
+        let origin = headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !gw
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == origin)
+        {
+            return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
+        }
+    }
+    if gw.is_draining() {
+        return ApiError::unavailable("gateway is draining").into_response();
+    }
+    let format = match choose_format(&headers) {
+        Ok(format) => format,
+        Err(error) => return error.into_response(),
+    };
+    let header_token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer);
+    let token = header_token.map(str::to_owned).or(query.token);
+    let identity = match token {
+        Some(token) => match authenticate(&gw, &token).await {
+            Ok(identity) => Some(identity),
+            Err(error) => return error.into_response(),
+        },
+        None => None,
+    };
+    let max_frame = gw.config.max_frame_bytes;
+    let mut upgrade = upgrade
+        // Frames a little over the limit are read and refused with 1009; far larger ones fail the read.
+        .max_message_size(max_frame * 2)
+        .max_frame_size(max_frame * 2)
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    if headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+        upgrade = upgrade.protocols([format.subprotocol()]);
+    }
+    upgrade
+        .on_upgrade(move |socket| session::run(gw, socket, format, identity))
+        .into_response()
+}

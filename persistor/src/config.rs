@@ -1,0 +1,160 @@
+//! The persistor's configuration: one typed struct, read from an optional TOML file (`SWITCHYARD_CONFIG`) and then
+//! from `SWITCHYARD_*` environment variables, validated before anything starts.
+//!
+//! This module does not open the store.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// Everything a persistor needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersistorConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// `embedded:<path of the redb file>` or `cql:<host:port>[,<host:port>...]`.
+    pub store: String,
+    /// Keyspace of the CQL store.
+    pub cql_keyspace: String,
+    /// Replication factor used when the CQL keyspace is created.
+    pub cql_replication_factor: u32,
+    /// Most events written in one store batch.
+    pub batch_max: usize,
+    /// How long a history request waits for this persistor to catch up to the room's last seq.
+    pub history_catch_up_ms: u64,
+}
+
+impl Default for PersistorConfig {
+    fn default() -> Self {
+        PersistorConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            store: "embedded:switchyard-history.redb".into(),
+            cql_keyspace: "switchyard".into(),
+            cql_replication_factor: 1,
+            batch_max: 512,
+            history_catch_up_ms: 2_000,
+        }
+    }
+}
+
+/// Which backend the persistor writes to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreChoice {
+    Embedded(PathBuf),
+    Cql(Vec<String>),
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid value for {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+impl PersistorConfig {
+    /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut config = match std::env::var("SWITCHYARD_CONFIG") {
+            Ok(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
+            }
+            Err(_) => PersistorConfig::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.store_choice()?;
+        Ok(config)
+    }
+
+    /// Override fields from environment variables, read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("SWITCHYARD_NATS_URL") {
+            self.nats_url = v;
+        }
+        if let Some(v) = get("SWITCHYARD_STORE") {
+            self.store = v;
+        }
+        if let Some(v) = get("SWITCHYARD_CQL_KEYSPACE") {
+            self.cql_keyspace = v;
+        }
+        if let Some(v) = get("SWITCHYARD_BATCH_MAX") {
+            self.batch_max = v.parse().map_err(|_| ConfigError::Invalid {
+                name: "SWITCHYARD_BATCH_MAX",
+                message: format!("{v:?} is not a number"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The configured store, validated.
+    pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
+        if self.batch_max == 0 {
+            return Err(ConfigError::Invalid {
+                name: "batch_max",
+                message: "must be positive".into(),
+            });
+        }
+        let invalid = |message: &str| ConfigError::Invalid {
+            name: "store",
+            message: message.to_owned(),
+        };
+        match self.store.split_once(':') {
+            Some(("embedded", path)) if !path.is_empty() => {
+                Ok(StoreChoice::Embedded(PathBuf::from(path)))
+            }
+            Some(("cql", nodes)) => {
+                let nodes: Vec<String> = nodes
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(String::from)
+                    .collect();
+                if nodes.is_empty() {
+                    return Err(invalid("cql: needs at least one host:port"));
+                }
+                Ok(StoreChoice::Cql(nodes))
+            }
+            _ => Err(invalid(&format!(
+                "{:?} must be embedded:<path> or cql:<host:port>[,...]",
+                self.store
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_choices() {
+        let mut config = PersistorConfig::default();
+        config.store = "cql:127.0.0.1:9042, 127.0.0.2:9042".into();
+        assert_eq!(
+            config.store_choice().unwrap(),
+            StoreChoice::Cql(vec!["127.0.0.1:9042".into(), "127.0.0.2:9042".into()])
+        );
+        config.store = "embedded:/tmp/x.redb".into();
+        assert_eq!(
+            config.store_choice().unwrap(),
+            StoreChoice::Embedded("/tmp/x.redb".into())
+        );
+        for bad in ["", "cql:", "embedded:", "mongo:x"] {
+            config.store = bad.into();
+            assert!(config.store_choice().is_err(), "{bad:?}");
+        }
+    }
+}

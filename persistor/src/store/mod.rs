@@ -1,0 +1,83 @@
+//! The history store: the trait every backend implements, the query and page types, and the backends themselves
+//! (`cql` for ScyllaDB/Cassandra, `embedded` for single-machine mode on redb).
+//!
+//! A store applies sequenced room events idempotently and answers history pages. It does not consume JetStream,
+//! decide what is acknowledged, or check who may read a room.
+
+pub mod conformance;
+pub mod cql;
+pub mod embedded;
+
+use std::future::Future;
+use switchyard_protocol::client::Message;
+use switchyard_protocol::internal::RoomEvent;
+use switchyard_protocol::{ProjectId, RoomId};
+
+/// A store failure. `Unavailable` is worth retrying (the backend is down or timing out); `Corrupt` is not.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("history store unavailable: {0}")]
+    Unavailable(String),
+    #[error("history store holds data it cannot read: {0}")]
+    Corrupt(String),
+    #[error("invalid history query: {0}")]
+    InvalidQuery(String),
+}
+
+/// One page request. Pages are always returned in ascending seq.
+///
+/// - only `after`: the first `limit` messages with seq > after; `more` when later ones exist.
+/// - only `before`: the last `limit` messages with seq < before; `more` when earlier ones exist.
+/// - both: the first `limit` messages with after < seq < before; `more` when later ones exist in that range.
+/// - neither: the latest `limit` messages; `more` when earlier ones exist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryQuery {
+    pub tenant: ProjectId,
+    pub room: RoomId,
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+    /// 1..=100.
+    pub limit: u32,
+}
+
+/// One page of messages, ascending by seq.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    pub messages: Vec<Message>,
+    pub more: bool,
+}
+
+/// A history backend.
+///
+/// `apply` must be idempotent and order-insensitive: applying any multiset of events, in any order, any number of
+/// times, leaves the same state as applying each once in seq order. Effects are keyed by (tenant, room, seq) and an
+/// event's `ts_us` decides between conflicting writes (the later event wins), so a create replayed after an edit
+/// or a delete never undoes it.
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Apply a batch of events. On error nothing is assumed applied; the caller retries the whole batch.
+    fn apply(&self, events: &[RoomEvent]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// One page of a room's messages (events of kind `msg`, with their edits, deletes and reactions folded in).
+    fn history(
+        &self,
+        query: &HistoryQuery,
+    ) -> impl Future<Output = Result<HistoryPage, StoreError>> + Send;
+
+    /// The highest seq of any event applied for the room, 0 when none.
+    fn last_seq(
+        &self,
+        tenant: &ProjectId,
+        room: &RoomId,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Refuse a page size outside 1..=100, before any backend work.
+pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
+    if (1..=100).contains(&limit) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidQuery(format!(
+            "limit {limit} is outside 1..=100"
+        )))
+    }
+}

@@ -1,0 +1,167 @@
+//! The router shard's configuration: one typed struct, read from an optional TOML file and then from
+//! `SWITCHYARD_*` environment variables, validated before anything starts.
+//!
+//! This module does not connect to anything.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Everything a router shard needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// This router shard's id, unique in the cluster: `[A-Za-z0-9_-]{1,64}`.
+    pub router_id: String,
+    /// Number of virtual shards; must be the same on every process of the cluster.
+    pub shard_count: u16,
+    /// How long a shard lease lives without renewal, in milliseconds.
+    pub lease_ttl_ms: u64,
+    /// How often leases are renewed and free shards claimed, in milliseconds.
+    pub lease_tick_ms: u64,
+    /// How long an idle room actor stays in memory, in milliseconds.
+    pub room_idle_ms: u64,
+    /// Events stream retention, in seconds.
+    pub stream_max_age_secs: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            router_id: String::new(),
+            shard_count: switchyard_protocol::limits::DEFAULT_SHARD_COUNT,
+            lease_ttl_ms: 6_000,
+            lease_tick_ms: 1_000,
+            room_idle_ms: 120_000,
+            stream_max_age_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid value for {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+impl RouterConfig {
+    /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut config = match std::env::var("SWITCHYARD_CONFIG") {
+            Ok(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
+            }
+            Err(_) => RouterConfig::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        if config.router_id.is_empty() {
+            config.router_id = format!("router-{}", switchyard_protocol::ids::random_base62(8));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Override fields from environment variables, read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
+            value.parse().map_err(|_| ConfigError::Invalid {
+                name,
+                message: format!("{value:?} is not a number"),
+            })
+        }
+        if let Some(v) = get("SWITCHYARD_NATS_URL") {
+            self.nats_url = v;
+        }
+        if let Some(v) = get("SWITCHYARD_ROUTER_ID") {
+            self.router_id = v;
+        }
+        if let Some(v) = get("SWITCHYARD_SHARD_COUNT") {
+            self.shard_count = num("SWITCHYARD_SHARD_COUNT", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_LEASE_TTL_MS") {
+            self.lease_ttl_ms = num("SWITCHYARD_LEASE_TTL_MS", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_LEASE_TICK_MS") {
+            self.lease_tick_ms = num("SWITCHYARD_LEASE_TICK_MS", v)?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !switchyard_protocol::subjects::valid_router_id(&self.router_id) {
+            return Err(ConfigError::Invalid {
+                name: "router_id",
+                message: format!("{:?} must match [A-Za-z0-9_-]{{1,64}}", self.router_id),
+            });
+        }
+        if self.shard_count == 0 || self.shard_count > 4096 {
+            return Err(ConfigError::Invalid {
+                name: "shard_count",
+                message: "must be 1..=4096".into(),
+            });
+        }
+        if self.lease_tick_ms == 0 || self.lease_ttl_ms < 3 * self.lease_tick_ms {
+            return Err(ConfigError::Invalid {
+                name: "lease_ttl_ms",
+                message: "must be at least three lease ticks, and the tick must be positive".into(),
+            });
+        }
+        if self.nats_url.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "nats_url",
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    pub fn lease_tick(&self) -> Duration {
+        Duration::from_millis(self.lease_tick_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_and_validation() {
+        let mut config = RouterConfig {
+            router_id: "r1".into(),
+            ..RouterConfig::default()
+        };
+        config
+            .apply_env(|name| match name {
+                "SWITCHYARD_SHARD_COUNT" => Some("8".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.shard_count, 8);
+        config.validate().unwrap();
+        config.router_id = "bad.id".into();
+        assert!(config.validate().is_err());
+        let err = config.apply_env(|_| Some("x".into())).unwrap_err();
+        assert!(err.to_string().contains("SWITCHYARD_"), "{err}");
+    }
+}

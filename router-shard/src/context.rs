@@ -1,0 +1,95 @@
+//! What every task of a router shard shares: its NATS connections, the events stream, the KV buckets and the
+//! configuration. Built once at start; read-only afterwards.
+//!
+//! This module holds handles; it does no work of its own beyond creating the stream and buckets.
+
+use crate::config::RouterConfig;
+use crate::RouterError;
+use async_nats::jetstream::{self, kv, stream};
+use std::time::Duration;
+use switchyard_protocol::subjects;
+
+/// Shared, read-only handles.
+pub(crate) struct RouterContext {
+    /// Core NATS, for commands, replies and live events.
+    pub nats: async_nats::Client,
+    /// JetStream, for appending to the events stream.
+    pub js: jetstream::Context,
+    /// The events stream, for reading a room's last event.
+    pub events: stream::Stream,
+    /// Rooms and memberships.
+    pub rooms: kv::Store,
+    /// Shard leases and router liveness.
+    pub leases: kv::Store,
+    pub config: RouterConfig,
+}
+
+impl RouterContext {
+    pub async fn connect(config: RouterConfig) -> Result<Self, RouterError> {
+        let nats = async_nats::ConnectOptions::new()
+            .name(format!("switchyard-router-shard {}", config.router_id))
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await
+            .map_err(|e| RouterError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+        let js = jetstream::new(nats.clone());
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: subjects::EVENTS_STREAM.to_owned(),
+                subjects: vec![subjects::EVENTS_STREAM_SUBJECTS.to_owned()],
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(config.stream_max_age_secs),
+                // Covers the `cmid` promise: a repeated send within 10 minutes is recognised.
+                duplicate_window: Duration::from_secs(600),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
+        let rooms = ensure_kv(
+            &js,
+            kv::Config {
+                bucket: subjects::ROOMS_BUCKET.to_owned(),
+                history: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let leases = ensure_kv(
+            &js,
+            kv::Config {
+                bucket: subjects::LEASES_BUCKET.to_owned(),
+                history: 1,
+                max_age: config.lease_ttl(),
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(RouterContext {
+            nats,
+            js,
+            events,
+            rooms,
+            leases,
+            config,
+        })
+    }
+}
+
+/// Open a KV bucket, creating it if it does not exist yet (two processes may race to create it).
+pub(crate) async fn ensure_kv(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, RouterError> {
+    if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(create_error) => js.get_key_value(bucket.clone()).await.map_err(|e| {
+            RouterError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))
+        }),
+    }
+}
