@@ -36,7 +36,22 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             post(post_message).get(get_messages),
         )
         .route("/v1/ws", get(ws_handler))
+        .layer(axum::middleware::from_fn(count_requests))
         .with_state(gw)
+}
+
+/// Count HTTP requests by status class.
+async fn count_requests(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("switchyard_gateway_http_requests_total", "status" => class).increment(1);
+    response
 }
 
 /// The body of a JSON request, with a clear `bad_request` when it does not parse.
