@@ -141,8 +141,10 @@ mod tests {
 
     #[test]
     fn store_choices() {
-        let mut config = PersistorConfig::default();
-        config.store = "cql:127.0.0.1:9042, 127.0.0.2:9042".into();
+        let mut config = PersistorConfig {
+            store: "cql:127.0.0.1:9042, 127.0.0.2:9042".into(),
+            ..PersistorConfig::default()
+        };
         assert_eq!(
             config.store_choice().unwrap(),
             StoreChoice::Cql(vec!["127.0.0.1:9042".into(), "127.0.0.2:9042".into()])

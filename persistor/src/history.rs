@@ -64,14 +64,16 @@ async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) 
     }
     // Read your own writes: wait until this store holds the room's last seq at authorisation time.
     let deadline = tokio::time::Instant::now() + catch_up;
-    while request.min_seq > 0 {
-        match store.last_seq(&request.tenant, &request.room).await {
-            Ok(seq) if seq >= request.min_seq => break,
-            Ok(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
+    if request.min_seq > 0 {
+        loop {
+            match store.last_seq(&request.tenant, &request.room).await {
+                Ok(seq) if seq >= request.min_seq => break,
+                Ok(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Ok(_) => break,
+                Err(error) => return err(ErrorCode::Unavailable, error.to_string()),
             }
-            Ok(_) => break,
-            Err(error) => return err(ErrorCode::Unavailable, error.to_string()),
         }
     }
     let query = HistoryQuery {

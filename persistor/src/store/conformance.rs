@@ -1,0 +1,954 @@
+//! The conformance suite every `HistoryStore` backend must pass: ordering, paging with exact `more` across
+//! buckets, idempotent and order-insensitive apply, edit/delete/reaction folding, and tenant and room isolation.
+//!
+//! Each case works in fresh random tenants, so the suite can run again and again against the same database. Cases
+//! panic on the first mismatch (they are meant to be called from tests); they do not clean up what they wrote and
+//! do not test backend-specific failure modes such as outages.
+
+use super::{HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use switchyard_protocol::client::Message;
+use switchyard_protocol::internal::{EventBody, RoomEvent, INTERNAL_VERSION};
+use switchyard_protocol::{MessageId, ProjectId, RoomId, UserId};
+
+/// Event time of seq 0 in every case's rooms; seq `n` happens `n` milliseconds (plus a few microseconds) later.
+const BASE_TS_US: u64 = 1_750_000_000_000_000;
+
+/// Run every case, one after the other.
+pub async fn run_all<S: HistoryStore>(store: &S) {
+    empty_room(store).await;
+    invalid_limit(store).await;
+    apply_and_history_order(store).await;
+    query_bounds(store).await;
+    joined_left_advance_last_seq(store).await;
+    edit_delete_reaction(store).await;
+    early_edit_delete_reaction(store).await;
+    idempotent_out_of_order(store).await;
+    tenant_isolation(store).await;
+    room_isolation(store).await;
+    paging_across_buckets(store).await;
+}
+
+/// The `ts_us` of seq `seq` in the suite's rooms: strictly increasing, a distinct millisecond per seq.
+pub fn ts_us_of(seq: u64) -> u64 {
+    BASE_TS_US + seq * 1_000 + 7
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("valid user id")
+}
+
+fn room_id(name: &str) -> RoomId {
+    RoomId::parse(name).expect("valid room id")
+}
+
+/// Builds the events of one room of one tenant.
+#[derive(Debug, Clone)]
+struct Room {
+    /// The tenant the room belongs to.
+    tenant: ProjectId,
+    /// The room.
+    room: RoomId,
+}
+
+impl Room {
+    fn new(tenant: &ProjectId, room: &str) -> Self {
+        Room {
+            tenant: tenant.clone(),
+            room: room_id(room),
+        }
+    }
+
+    fn fresh(room: &str) -> Self {
+        Room::new(&ProjectId::generate(), room)
+    }
+
+    fn event(&self, seq: u64, body: EventBody) -> RoomEvent {
+        RoomEvent {
+            v: INTERNAL_VERSION,
+            tenant: self.tenant.clone(),
+            room: self.room.clone(),
+            seq,
+            ts_us: ts_us_of(seq),
+            body,
+        }
+    }
+
+    fn msg(&self, seq: u64, from: &str, body: &str) -> RoomEvent {
+        self.msg_full(seq, from, body, None, None)
+    }
+
+    fn msg_full(
+        &self,
+        seq: u64,
+        from: &str,
+        body: &str,
+        attrs: Option<serde_json::Value>,
+        reply_to: Option<u64>,
+    ) -> RoomEvent {
+        self.event(
+            seq,
+            EventBody::Msg {
+                id: MessageId::generate(ts_us_of(seq) / 1000),
+                from: user(from),
+                body: body.to_owned(),
+                attrs,
+                reply_to,
+            },
+        )
+    }
+
+    fn edit(&self, seq: u64, target: u64, from: &str, body: &str) -> RoomEvent {
+        self.event(
+            seq,
+            EventBody::Edit {
+                target,
+                from: user(from),
+                body: body.to_owned(),
+            },
+        )
+    }
+
+    fn delete(&self, seq: u64, target: u64, by: &str) -> RoomEvent {
+        self.event(
+            seq,
+            EventBody::Delete {
+                target,
+                by: user(by),
+            },
+        )
+    }
+
+    fn react(&self, seq: u64, target: u64, who: &str, emoji: &str, removed: bool) -> RoomEvent {
+        self.event(
+            seq,
+            EventBody::Reaction {
+                target,
+                user: user(who),
+                emoji: emoji.to_owned(),
+                removed,
+            },
+        )
+    }
+
+    fn joined(&self, seq: u64, who: &str) -> RoomEvent {
+        self.event(seq, EventBody::Joined { user: user(who) })
+    }
+
+    fn left(&self, seq: u64, who: &str, by: Option<&str>) -> RoomEvent {
+        self.event(
+            seq,
+            EventBody::Left {
+                user: user(who),
+                by: by.map(user),
+            },
+        )
+    }
+
+    fn query(&self, before: Option<u64>, after: Option<u64>, limit: u32) -> HistoryQuery {
+        HistoryQuery {
+            tenant: self.tenant.clone(),
+            room: self.room.clone(),
+            before,
+            after,
+            limit,
+        }
+    }
+
+    async fn apply<S: HistoryStore>(&self, store: &S, events: &[RoomEvent]) {
+        if let Err(e) = store.apply(events).await {
+            panic!(
+                "apply of {} events to {}/{} failed: {e}",
+                events.len(),
+                self.tenant,
+                self.room
+            );
+        }
+    }
+
+    async fn page<S: HistoryStore>(
+        &self,
+        store: &S,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> HistoryPage {
+        match store.history(&self.query(before, after, limit)).await {
+            Ok(page) => page,
+            Err(e) => panic!(
+                "history of {}/{} before={before:?} after={after:?} limit={limit} failed: {e}",
+                self.tenant, self.room
+            ),
+        }
+    }
+
+    async fn latest<S: HistoryStore>(&self, store: &S) -> HistoryPage {
+        self.page(store, None, None, 100).await
+    }
+
+    async fn last_seq<S: HistoryStore>(&self, store: &S) -> u64 {
+        match store.last_seq(&self.tenant, &self.room).await {
+            Ok(seq) => seq,
+            Err(e) => panic!("last_seq of {}/{} failed: {e}", self.tenant, self.room),
+        }
+    }
+}
+
+/// The message a `msg` event creates, before any edit, delete or reaction.
+fn created(event: &RoomEvent) -> Message {
+    match &event.body {
+        EventBody::Msg {
+            id,
+            from,
+            body,
+            attrs,
+            reply_to,
+        } => Message {
+            seq: event.seq,
+            id: id.clone(),
+            from: from.clone(),
+            body: Some(body.clone()),
+            attrs: attrs.clone(),
+            reply_to: *reply_to,
+            ts: event.ts_ms(),
+            edited_ts: None,
+            deleted: false,
+            reactions: BTreeMap::new(),
+        },
+        other => panic!("conformance bug: {other:?} is not a msg"),
+    }
+}
+
+fn seqs(page: &HistoryPage) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+fn reactions(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<UserId>> {
+    pairs
+        .iter()
+        .map(|(emoji, users)| ((*emoji).to_owned(), users.iter().map(|u| user(u)).collect()))
+        .collect()
+}
+
+/// What a store must answer for `query` when the room holds exactly `all` (ascending by seq).
+fn reference_page(
+    all: &[Message],
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: u32,
+) -> HistoryPage {
+    let limit = limit as usize;
+    let in_range: Vec<&Message> = all
+        .iter()
+        .filter(|m| after.is_none_or(|a| m.seq > a) && before.is_none_or(|b| m.seq < b))
+        .collect();
+    let (picked, more): (Vec<&Message>, bool) = if after.is_some() {
+        (
+            in_range.iter().take(limit).copied().collect(),
+            in_range.len() > limit,
+        )
+    } else {
+        let skip = in_range.len().saturating_sub(limit);
+        (in_range[skip..].to_vec(), skip > 0)
+    };
+    HistoryPage {
+        messages: picked.into_iter().cloned().collect(),
+        more,
+    }
+}
+
+/// A small xorshift generator, so the suite needs no extra dependency; the seed is printed on failure.
+#[derive(Debug, Clone)]
+struct Rng {
+    /// The generator's state; never zero.
+    state: u64,
+}
+
+impl Rng {
+    fn seeded(seed: u64) -> Self {
+        Rng { state: seed.max(1) }
+    }
+
+    fn random() -> Self {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(ts_us_of(0));
+        Rng::seeded(hasher.finish())
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state = x;
+        x
+    }
+
+    /// Uniform-enough in `0..n`; `n` must be positive.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// A room with no events: an empty page without `more`, whatever the bounds, and last seq 0.
+pub async fn empty_room<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("empty");
+    for (before, after) in [
+        (None, None),
+        (Some(10), None),
+        (None, Some(0)),
+        (Some(10), Some(2)),
+    ] {
+        let page = room.page(store, before, after, 50).await;
+        assert!(
+            page.messages.is_empty() && !page.more,
+            "empty room, before={before:?} after={after:?}: got {page:?}"
+        );
+    }
+    assert_eq!(room.last_seq(store).await, 0, "empty room last_seq");
+}
+
+/// A limit outside 1..=100 is refused as an invalid query.
+pub async fn invalid_limit<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("limits");
+    for limit in [0, 101, u32::MAX] {
+        match store.history(&room.query(None, None, limit)).await {
+            Err(StoreError::InvalidQuery(_)) => {}
+            other => panic!("limit {limit} should be an invalid query, got {other:?}"),
+        }
+    }
+    assert!(store.history(&room.query(None, None, 100)).await.is_ok());
+    assert!(store.history(&room.query(None, None, 1)).await.is_ok());
+}
+
+/// Messages come back ascending by seq with every field intact; `limit` keeps the latest; last_seq follows.
+pub async fn apply_and_history_order<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("general");
+    let mut events = Vec::new();
+    for seq in 1..=10 {
+        let ev = match seq {
+            3 => room.msg_full(
+                seq,
+                "bob",
+                "re: ünïcødé 🎉 \"quotes\" \\ and\nnewlines",
+                Some(json!({"kind": "reply", "n": 3, "f": 0.5, "nested": {"list": [1, "two", null, true]}})),
+                Some(1),
+            ),
+            _ => room.msg(seq, if seq % 2 == 0 { "bob" } else { "alice" }, &format!("message {seq}")),
+        };
+        events.push(ev);
+    }
+    // Apply newest first, in two batches, to show that order of arrival does not matter for ordering.
+    let mut reversed = events.clone();
+    reversed.reverse();
+    room.apply(store, &reversed[..4]).await;
+    room.apply(store, &reversed[4..]).await;
+
+    let expected: Vec<Message> = events.iter().map(created).collect();
+    let page = room.latest(store).await;
+    assert_eq!(
+        page.messages, expected,
+        "all ten messages, ascending, fields intact"
+    );
+    assert!(!page.more, "ten messages fit a page of 100");
+
+    let page = room.page(store, None, None, 3).await;
+    assert_eq!(seqs(&page), vec![8, 9, 10], "latest three");
+    assert!(page.more, "earlier messages exist before seq 8");
+
+    let page = room.page(store, None, Some(0), 4).await;
+    assert_eq!(seqs(&page), vec![1, 2, 3, 4], "first four");
+    assert!(page.more, "later messages exist after seq 4");
+
+    assert_eq!(room.last_seq(store).await, 10);
+}
+
+/// Bounds at and beyond the edges: before/after at the extremes, empty ranges, one-message ranges.
+pub async fn query_bounds<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("bounds");
+    let events: Vec<RoomEvent> = (1..=5)
+        .map(|s| room.msg(s, "alice", &format!("b{s}")))
+        .collect();
+    room.apply(store, &events).await;
+    let all: Vec<Message> = events.iter().map(created).collect();
+
+    let cases: [(Option<u64>, Option<u64>, u32); 14] = [
+        (Some(u64::MAX), None, 10),
+        (None, Some(u64::MAX), 10),
+        (None, Some(u64::MAX - 1), 10),
+        (Some(u64::MAX), Some(0), 10),
+        (Some(1), None, 10),
+        (Some(0), None, 10),
+        (Some(5), Some(4), 10),
+        (Some(3), Some(4), 10),
+        (Some(5), Some(3), 10),
+        (Some(6), Some(0), 5),
+        (Some(6), Some(0), 4),
+        (None, Some(5), 10),
+        (None, Some(4), 1),
+        (Some(3), None, 2),
+    ];
+    for (before, after, limit) in cases {
+        let got = room.page(store, before, after, limit).await;
+        let want = reference_page(&all, before, after, limit);
+        assert_eq!(
+            got, want,
+            "bounds: before={before:?} after={after:?} limit={limit}"
+        );
+    }
+}
+
+/// `joined` and `left` count for last_seq but never show in history, and do not confuse paging.
+pub async fn joined_left_advance_last_seq<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("lobby");
+    let m1 = room.msg(1, "alice", "hi");
+    let m4 = room.msg(4, "bob", "hello");
+    let events = [
+        m1.clone(),
+        room.joined(2, "bob"),
+        room.left(3, "carol", Some("alice")),
+        m4.clone(),
+        room.joined(5, "dave"),
+        room.left(6, "dave", None),
+    ];
+    room.apply(store, &events[..5]).await;
+    assert_eq!(
+        room.last_seq(store).await,
+        5,
+        "a trailing joined counts for last_seq"
+    );
+    room.apply(store, &events[5..]).await;
+    assert_eq!(
+        room.last_seq(store).await,
+        6,
+        "a trailing left counts for last_seq"
+    );
+
+    let page = room.latest(store).await;
+    assert_eq!(page.messages, vec![created(&m1), created(&m4)]);
+    assert!(!page.more);
+
+    let page = room.page(store, None, None, 1).await;
+    assert_eq!(seqs(&page), vec![4]);
+    assert!(page.more, "seq 1 is earlier");
+    let page = room.page(store, Some(4), None, 1).await;
+    assert_eq!(seqs(&page), vec![1]);
+    assert!(!page.more, "nothing before seq 1");
+    let page = room.page(store, None, Some(1), 1).await;
+    assert_eq!(seqs(&page), vec![4]);
+    assert!(!page.more, "only joins and lefts after seq 4");
+    let page = room.page(store, None, Some(4), 10).await;
+    assert!(
+        page.messages.is_empty() && !page.more,
+        "nothing after seq 4: {page:?}"
+    );
+
+    // A room with only membership events has a last seq but no history.
+    let quiet = Room::fresh("quiet");
+    quiet
+        .apply(store, &[quiet.joined(1, "a"), quiet.joined(2, "b")])
+        .await;
+    assert_eq!(quiet.last_seq(store).await, 2);
+    let page = quiet.latest(store).await;
+    assert!(page.messages.is_empty() && !page.more, "{page:?}");
+}
+
+/// Edits replace the body (the latest edit wins), deletes leave a tombstone, reactions are last-writer-wins per
+/// (message, emoji, user) and fold into sorted user lists with empty emojis omitted.
+pub async fn edit_delete_reaction<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("folding");
+    let m1 = room.msg(1, "alice", "hello");
+    let m4 = room.msg_full(4, "bob", "regret", Some(json!({"a": 1})), Some(1));
+    let m6 = room.msg(6, "carol", "react to me");
+    let events = vec![
+        m1.clone(),
+        room.edit(2, 1, "alice", "hello v2"),
+        room.edit(3, 1, "alice", "hello v3"),
+        m4.clone(),
+        room.delete(5, 4, "bob"),
+        m6.clone(),
+        room.react(7, 6, "alice", "👍", false),
+        room.react(8, 6, "bob", "👍", false),
+        room.react(9, 6, "alice", "👍", true),
+        room.react(10, 6, "carol", "🎉", false),
+        room.react(11, 6, "carol", "🎉", true),
+        room.react(12, 6, "Zed", "👍", false),
+        room.react(13, 6, "bob", "❤", false),
+        room.react(14, 6, "alice", "👍", false),
+        room.react(15, 6, "bob", "👍", true),
+        room.react(16, 1, "dave", "👀", false),
+    ];
+    // One event per batch, in seq order: the plain live path.
+    for ev in &events {
+        room.apply(store, std::slice::from_ref(ev)).await;
+    }
+
+    let mut e1 = created(&m1);
+    e1.body = Some("hello v3".into());
+    e1.edited_ts = Some(ts_us_of(3) / 1000);
+    e1.reactions = reactions(&[("👀", &["dave"])]);
+    let mut e4 = created(&m4);
+    e4.body = None;
+    e4.deleted = true;
+    let mut e6 = created(&m6);
+    // "Zed" sorts before "alice" by byte order.
+    e6.reactions = reactions(&[("❤", &["bob"]), ("👍", &["Zed", "alice"])]);
+
+    let page = room.latest(store).await;
+    assert_eq!(
+        page.messages,
+        vec![e1, e4, e6],
+        "edits, tombstone and reactions folded in"
+    );
+    assert!(!page.more);
+    assert_eq!(room.last_seq(store).await, 16);
+}
+
+/// Edits, deletes and reactions that arrive before their message take effect once it arrives; a replayed create
+/// never undoes them; an older edit or reaction arriving late never overrides a newer one.
+pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
+    // Edit before create: invisible until the create, then the create does not undo it.
+    let room = Room::fresh("early-edit");
+    let m1 = room.msg(1, "alice", "original");
+    room.apply(store, &[room.edit(3, 1, "alice", "v3")]).await;
+    let page = room.latest(store).await;
+    assert!(
+        page.messages.is_empty() && !page.more,
+        "an edit alone is not a message: {page:?}"
+    );
+    assert_eq!(room.last_seq(store).await, 3);
+    room.apply(store, std::slice::from_ref(&m1)).await;
+    room.apply(store, &[room.edit(2, 1, "alice", "v2")]).await;
+    let mut want = created(&m1);
+    want.body = Some("v3".into());
+    want.edited_ts = Some(ts_us_of(3) / 1000);
+    let page = room.latest(store).await;
+    assert_eq!(
+        page.messages,
+        vec![want.clone()],
+        "create after edit keeps the edit; older edit loses"
+    );
+    room.apply(store, &[m1.clone(), m1.clone()]).await;
+    assert_eq!(
+        room.latest(store).await.messages,
+        vec![want],
+        "replayed create changes nothing"
+    );
+
+    // Delete before create: the message arrives already a tombstone.
+    let room = Room::fresh("early-delete");
+    let m1 = room.msg(1, "bob", "oops");
+    room.apply(store, &[room.delete(2, 1, "bob")]).await;
+    assert!(room.latest(store).await.messages.is_empty());
+    room.apply(store, std::slice::from_ref(&m1)).await;
+    let mut want = created(&m1);
+    want.body = None;
+    want.deleted = true;
+    assert_eq!(room.latest(store).await.messages, vec![want.clone()]);
+    // An edit after the delete (the router refuses these, but a store must stay sane) leaves a bodiless tombstone.
+    room.apply(store, &[room.edit(3, 1, "bob", "late edit"), m1.clone()])
+        .await;
+    let page = room.latest(store).await;
+    assert_eq!(page.messages.len(), 1);
+    assert!(
+        page.messages[0].deleted && page.messages[0].body.is_none(),
+        "{page:?}"
+    );
+
+    // Reactions before create, and remove before add.
+    let room = Room::fresh("early-react");
+    let m1 = room.msg(1, "carol", "react early");
+    room.apply(
+        store,
+        &[
+            room.react(3, 1, "dave", "🔥", true),
+            room.react(4, 1, "erin", "🔥", false),
+        ],
+    )
+    .await;
+    room.apply(store, &[room.react(2, 1, "dave", "🔥", false)])
+        .await;
+    assert!(room.latest(store).await.messages.is_empty());
+    room.apply(store, std::slice::from_ref(&m1)).await;
+    let mut want = created(&m1);
+    want.reactions = reactions(&[("🔥", &["erin"])]);
+    assert_eq!(
+        room.latest(store).await.messages,
+        vec![want],
+        "the later remove beats the earlier add whatever the arrival order"
+    );
+
+    // An invisible row must not count towards `more`.
+    let room = Room::fresh("ghost");
+    let m1 = room.msg(1, "alice", "only one");
+    room.apply(
+        store,
+        &[
+            m1.clone(),
+            room.edit(6, 5, "bob", "ghost edit"),
+            room.react(7, 5, "bob", "x", false),
+        ],
+    )
+    .await;
+    let page = room.page(store, None, None, 1).await;
+    assert_eq!(page.messages, vec![created(&m1)]);
+    assert!(!page.more, "the edit-only row at seq 5 is not a message");
+    let page = room.page(store, None, Some(1), 1).await;
+    assert!(page.messages.is_empty() && !page.more, "{page:?}");
+    let page = room.page(store, Some(7), Some(0), 1).await;
+    assert_eq!(seqs(&page), vec![1]);
+    assert!(!page.more);
+}
+
+/// A fixed, busy room: messages, edits, deletes, reactions, joins and lefts, with targets among earlier messages.
+fn busy_room_events(room: &Room, count: u64) -> Vec<RoomEvent> {
+    let users = ["alice", "bob", "carol", "dave"];
+    let emojis = ["👍", "🎉", "x"];
+    let mut gen = Rng::seeded(0x5eed_cafe_f00d);
+    let mut msgs: Vec<u64> = Vec::new();
+    let mut events = Vec::new();
+    for seq in 1..=count {
+        let who = users[gen.below(users.len() as u64) as usize];
+        let roll = gen.below(100);
+        let target = (!msgs.is_empty()).then(|| msgs[gen.below(msgs.len() as u64) as usize]);
+        let ev = match (roll, target) {
+            (0..=39, _) | (_, None) => {
+                msgs.push(seq);
+                let attrs = (roll < 14).then(|| json!({"i": seq}));
+                let reply = (20..30).contains(&roll).then_some(target).flatten();
+                room.msg_full(seq, who, &format!("busy {seq}"), attrs, reply)
+            }
+            (40..=54, Some(t)) => room.edit(seq, t, who, &format!("edit {seq} of {t}")),
+            (55..=59, Some(t)) => room.delete(seq, t, who),
+            (60..=89, Some(t)) => {
+                let emoji = emojis[gen.below(emojis.len() as u64) as usize];
+                room.react(seq, t, who, emoji, roll >= 78)
+            }
+            (90..=94, _) => room.joined(seq, who),
+            (_, _) => room.left(seq, who, None),
+        };
+        events.push(ev);
+    }
+    events
+}
+
+/// The same room re-targeted to another tenant: same events, seqs, timestamps and ids.
+fn retarget(events: &[RoomEvent], to: &Room) -> Vec<RoomEvent> {
+    events
+        .iter()
+        .map(|e| RoomEvent {
+            tenant: to.tenant.clone(),
+            room: to.room.clone(),
+            ..e.clone()
+        })
+        .collect()
+}
+
+async fn all_pages_forward<S: HistoryStore>(room: &Room, store: &S, limit: u32) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = room.page(store, None, Some(after), limit).await;
+        if let Some(last) = page.messages.last() {
+            after = last.seq;
+        }
+        out.extend(page.messages);
+        if !page.more {
+            return out;
+        }
+    }
+}
+
+/// Applying a room's events in order, re-applying them, or applying them shuffled, duplicated and in odd batches
+/// all yield identical history and last seq.
+pub async fn idempotent_out_of_order<S: HistoryStore>(store: &S) {
+    let in_order = Room::fresh("busy");
+    let events = busy_room_events(&in_order, 160);
+    for chunk in events.chunks(10) {
+        in_order.apply(store, chunk).await;
+    }
+    let reference = all_pages_forward(&in_order, store, 100).await;
+    let reference_latest = in_order.latest(store).await;
+    assert!(
+        reference.iter().any(|m| m.edited_ts.is_some())
+            && reference.iter().any(|m| m.deleted)
+            && reference.iter().any(|m| !m.reactions.is_empty()),
+        "conformance bug: the busy room should exercise edits, deletes and reactions"
+    );
+    assert_eq!(in_order.last_seq(store).await, 160);
+
+    // The whole stream again, in one batch: nothing changes.
+    in_order.apply(store, &events).await;
+    assert_eq!(
+        all_pages_forward(&in_order, store, 100).await,
+        reference,
+        "re-apply changed history"
+    );
+    assert_eq!(in_order.latest(store).await, reference_latest);
+
+    // The same events shuffled, each delivered one to three times, in batches of random sizes.
+    let mut rng = Rng::random();
+    let seed = rng.state;
+    let shuffled = Room::fresh("busy");
+    let mut deliveries: Vec<RoomEvent> = Vec::new();
+    for ev in retarget(&events, &shuffled) {
+        for _ in 0..=rng.below(3) {
+            deliveries.push(ev.clone());
+        }
+    }
+    rng.shuffle(&mut deliveries);
+    let mut rest = deliveries.as_slice();
+    while !rest.is_empty() {
+        let n = (1 + rng.below(40) as usize).min(rest.len());
+        shuffled.apply(store, &rest[..n]).await;
+        rest = &rest[n..];
+    }
+    assert_eq!(
+        all_pages_forward(&shuffled, store, 100).await,
+        reference,
+        "shuffled, duplicated apply differs from in-order apply (shuffle seed {seed:#x})"
+    );
+    assert_eq!(
+        shuffled.latest(store).await,
+        reference_latest,
+        "shuffle seed {seed:#x}"
+    );
+    assert_eq!(
+        shuffled.last_seq(store).await,
+        160,
+        "shuffle seed {seed:#x}"
+    );
+    // Small pages walk the same sequence.
+    assert_eq!(
+        all_pages_forward(&shuffled, store, 7).await,
+        reference,
+        "paging by 7 (shuffle seed {seed:#x})"
+    );
+}
+
+/// The same room name in two tenants holds two separate histories, reactions and last seqs.
+pub async fn tenant_isolation<S: HistoryStore>(store: &S) {
+    let a = Room::fresh("general");
+    let b = Room::fresh("general");
+    assert_ne!(a.tenant, b.tenant);
+    let a_events = [
+        a.msg(1, "alice", "tenant a one"),
+        a.msg(2, "alice", "tenant a two"),
+        a.msg(3, "alice", "tenant a three"),
+    ];
+    let b_events = [
+        b.msg(1, "mallory", "tenant b one"),
+        b.react(2, 1, "mallory", "😈", false),
+        b.edit(3, 2, "mallory", "edit aimed at a's seq 2"),
+        b.delete(4, 3, "mallory"),
+        b.joined(5, "mallory"),
+    ];
+    // Both tenants in one batch: a batch may mix tenants.
+    let mixed: Vec<RoomEvent> = a_events.iter().chain(b_events.iter()).cloned().collect();
+    a.apply(store, &mixed).await;
+
+    let page = a.latest(store).await;
+    assert_eq!(
+        page.messages,
+        a_events.iter().map(created).collect::<Vec<_>>(),
+        "tenant a"
+    );
+    let page = b.latest(store).await;
+    let mut b1 = created(&b_events[0]);
+    b1.reactions = reactions(&[("😈", &["mallory"])]);
+    assert_eq!(page.messages, vec![b1], "tenant b");
+    assert_eq!(a.last_seq(store).await, 3);
+    assert_eq!(b.last_seq(store).await, 5);
+
+    let other = Room::fresh("general");
+    assert!(other.latest(store).await.messages.is_empty());
+    assert_eq!(other.last_seq(store).await, 0);
+}
+
+/// Rooms of one tenant are separate, including rooms whose names are prefixes of each other and dm rooms.
+pub async fn room_isolation<S: HistoryStore>(store: &S) {
+    let tenant = ProjectId::generate();
+    let names = ["a", "ab", "a-b", "a_", "dm:alice:bob", "dm:alice:bobby"];
+    let rooms: Vec<Room> = names.iter().map(|n| Room::new(&tenant, n)).collect();
+    let mut batch = Vec::new();
+    let mut expected = Vec::new();
+    for (i, room) in rooms.iter().enumerate() {
+        let count = i as u64 + 1;
+        let mut msgs = Vec::new();
+        for seq in 1..=count {
+            let ev = room.msg(seq, "alice", &format!("{} #{seq}", room.room));
+            msgs.push(created(&ev));
+            batch.push(ev);
+        }
+        // A reaction on seq 1 of each room, by a user named after the room index.
+        let reactor = format!("u{i}");
+        batch.push(room.react(count + 1, 1, &reactor, "👍", false));
+        msgs[0].reactions = reactions(&[("👍", &[reactor.as_str()])]);
+        expected.push((count + 1, msgs));
+    }
+    rooms[0].apply(store, &batch).await;
+    for (room, (last, msgs)) in rooms.iter().zip(expected) {
+        let page = room.latest(store).await;
+        assert_eq!(page.messages, msgs, "room {}", room.room);
+        assert!(!page.more, "room {}", room.room);
+        assert_eq!(room.last_seq(store).await, last, "room {}", room.room);
+    }
+}
+
+/// Thousands of seqs in one room, spread over several storage buckets (with an empty stretch and a wholly empty
+/// bucket): every page, by before, after, both or neither, matches the reference exactly, `more` included.
+pub async fn paging_across_buckets<S: HistoryStore>(store: &S) {
+    const TOTAL: u64 = 3_200;
+    let room = Room::fresh("big");
+    let mut events = Vec::with_capacity(TOTAL as usize);
+    let mut all = Vec::new();
+    for seq in 1..=TOTAL {
+        let membership_only = (1_200..=1_899).contains(&seq) || (2_000..=2_999).contains(&seq);
+        let ev = match seq % 10 {
+            _ if membership_only && seq % 2 == 0 => room.joined(seq, "j"),
+            _ if membership_only => room.left(seq, "j", None),
+            3 => room.joined(seq, "j"),
+            7 => room.left(seq, "j", None),
+            _ => {
+                let ev = room.msg(seq, "pager", &format!("page body {seq}"));
+                all.push(created(&ev));
+                ev
+            }
+        };
+        events.push(ev);
+    }
+    for chunk in events.chunks(250) {
+        room.apply(store, chunk).await;
+    }
+    assert_eq!(room.last_seq(store).await, TOTAL);
+
+    let check = |before: Option<u64>, after: Option<u64>, limit: u32, got: &HistoryPage| {
+        let want = reference_page(&all, before, after, limit);
+        assert_eq!(
+            seqs(got),
+            seqs(&want),
+            "seqs for before={before:?} after={after:?} limit={limit}"
+        );
+        assert_eq!(
+            got.more, want.more,
+            "more for before={before:?} after={after:?} limit={limit}"
+        );
+        assert_eq!(
+            got, &want,
+            "page for before={before:?} after={after:?} limit={limit}"
+        );
+    };
+
+    // Latest pages.
+    for limit in [1, 50, 100] {
+        let got = room.page(store, None, None, limit).await;
+        check(None, None, limit, &got);
+    }
+
+    // Walk backwards from the end to the start.
+    let mut walked = Vec::new();
+    let mut before = None;
+    loop {
+        let got = room.page(store, before, None, 100).await;
+        check(before, None, 100, &got);
+        let first = got.messages.first().map(|m| m.seq);
+        walked.splice(0..0, got.messages.iter().cloned());
+        if !got.more {
+            break;
+        }
+        before = first;
+    }
+    assert_eq!(walked, all, "backward walk covers every message once");
+
+    // Walk forwards from the start, with a page size that does not divide the bucket size.
+    let mut walked = Vec::new();
+    let mut after = 0;
+    loop {
+        let got = room.page(store, None, Some(after), 97).await;
+        check(None, Some(after), 97, &got);
+        if let Some(last) = got.messages.last() {
+            after = last.seq;
+        }
+        walked.extend(got.messages.iter().cloned());
+        if !got.more {
+            break;
+        }
+    }
+    assert_eq!(walked, all, "forward walk covers every message once");
+
+    // Both bounds, forwards through the empty bucket.
+    let mut after = 900;
+    loop {
+        let got = room.page(store, Some(3_100), Some(after), 100).await;
+        check(Some(3_100), Some(after), 100, &got);
+        match got.messages.last() {
+            Some(last) if got.more => after = last.seq,
+            _ => break,
+        }
+    }
+
+    // Pages that exactly fill, or miss by one, at the edges and next to the empty stretches.
+    let n = all.len();
+    let seq_at = |i: usize| all[i].seq;
+    let mut cases: Vec<(Option<u64>, Option<u64>, u32)> = vec![
+        (Some(seq_at(100)), None, 100),
+        (Some(seq_at(101)), None, 100),
+        (Some(seq_at(99)), None, 100),
+        (None, Some(seq_at(n - 101)), 100),
+        (None, Some(seq_at(n - 102)), 100),
+        (None, Some(seq_at(n - 100)), 100),
+        (Some(1_000), Some(998), 5),
+        (Some(1_001), Some(999), 1),
+        (Some(2_001), Some(1_998), 3),
+        (Some(3_000), None, 100),
+        (Some(3_001), None, 1),
+        (Some(3_003), None, 2),
+        (None, Some(1_199), 3),
+        (None, Some(1_999), 1),
+        (None, Some(2_999), 1),
+        (None, Some(TOTAL), 10),
+        (Some(TOTAL + 1), None, 100),
+        (Some(1), None, 10),
+    ];
+    // A both-bounded page ending exactly at the last message before the empty bucket.
+    let before_gap: Vec<&Message> = all.iter().filter(|m| m.seq < 3_000).collect();
+    let k = before_gap.len();
+    cases.push((Some(3_150), Some(before_gap[k - 10].seq - 1), 10));
+    cases.push((Some(3_150), Some(before_gap[k - 10].seq - 1), 9));
+    // A before-only page starting exactly at the first message after the empty bucket.
+    let after_gap: Vec<&Message> = all.iter().filter(|m| m.seq >= 3_000).collect();
+    cases.push((Some(after_gap[4].seq + 1), None, 5));
+    cases.push((Some(after_gap[4].seq + 1), None, 6));
+
+    let mut rng = Rng::random();
+    let seed = rng.state;
+    for _ in 0..40 {
+        let a = rng.below(TOTAL + 2);
+        let b = rng.below(TOTAL + 2);
+        let limit = 1 + rng.below(100) as u32;
+        let case = match rng.below(4) {
+            0 => (None, None, limit),
+            1 => (Some(a), None, limit),
+            2 => (None, Some(a), limit),
+            _ => (Some(a.max(b)), Some(a.min(b)), limit),
+        };
+        cases.push(case);
+    }
+    for (before, after, limit) in cases {
+        let got = room.page(store, before, after, limit).await;
+        let want = reference_page(&all, before, after, limit);
+        assert_eq!(
+            got, want,
+            "before={before:?} after={after:?} limit={limit} (random seed {seed:#x})"
+        );
+    }
+}

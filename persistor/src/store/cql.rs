@@ -1,0 +1,872 @@
+//! The CQL history store: ScyllaDB (or Apache Cassandra) through the `scylla` driver.
+//!
+//! Messages live in partitions of (tenant, room, bucket = seq / [`BUCKET_SIZE`]) clustered by seq; every cell is
+//! written `USING TIMESTAMP` the event's `ts_us`, so the database's own last-write-wins makes apply idempotent and
+//! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
+//! a per-room progress row holds the last seq. This module creates its keyspace and tables when missing but never
+//! alters or drops them, and it does not expire history.
+
+use super::{check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use futures::{StreamExt, TryStreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::MaybeUnset;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_protocol::client::Message;
+use switchyard_protocol::internal::{EventBody, RoomEvent};
+use switchyard_protocol::{MessageId, ProjectId, RoomId, UserId};
+
+/// Seqs per message partition: seq `s` of a room lives in bucket `s / BUCKET_SIZE`.
+pub const BUCKET_SIZE: u64 = 1_000;
+
+/// Most statements sent in one (single-partition, unlogged) batch.
+const MAX_BATCH_STATEMENTS: usize = 100;
+
+/// Rough cap on the bound values of one batch, in bytes; a batch is cut before it grows past this.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// The bucket (partition) a seq belongs to.
+pub fn bucket_of(seq: u64) -> u64 {
+    seq / BUCKET_SIZE
+}
+
+/// How a newly created keyspace is replicated. An existing keyspace is used as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replication {
+    /// `SimpleStrategy` (single data center, development).
+    Simple {
+        /// Copies of every row.
+        replication_factor: u32,
+    },
+    /// `NetworkTopologyStrategy`.
+    NetworkTopology {
+        /// Data center name -> copies of every row in it.
+        datacenters: BTreeMap<String, u32>,
+    },
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication::Simple {
+            replication_factor: 1,
+        }
+    }
+}
+
+/// Everything needed to reach the cluster and shape the keyspace.
+#[derive(Debug, Clone)]
+pub struct CqlConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    /// Keyspace holding the tables; `[A-Za-z][A-Za-z0-9_]{0,47}`, created when missing.
+    pub keyspace: String,
+    /// Replication of the keyspace when this store creates it.
+    pub replication: Replication,
+    /// Client-side limit for one request (including driver retries).
+    pub request_timeout: Duration,
+    /// Limit for opening the connections.
+    pub connect_timeout: Duration,
+    /// Most requests one `apply` keeps in flight.
+    pub write_concurrency: usize,
+}
+
+impl CqlConfig {
+    /// Defaults for everything but the nodes and keyspace: replication factor 1, 10 s requests.
+    pub fn new(nodes: &[String], keyspace: &str) -> Self {
+        CqlConfig {
+            nodes: nodes.to_vec(),
+            keyspace: keyspace.to_owned(),
+            replication: Replication::default(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            write_concurrency: 32,
+        }
+    }
+}
+
+/// The prepared statements, one per kind of read or write.
+#[derive(Debug)]
+struct Statements {
+    /// A `msg` event: every field of the message, stamped with its `ts_us`.
+    insert_msg: PreparedStatement,
+    /// An `edit`: body and edit time.
+    edit: PreparedStatement,
+    /// A `delete`: the tombstone flag, and the body cleared.
+    delete: PreparedStatement,
+    /// A reaction add or remove.
+    react: PreparedStatement,
+    /// The room's last seq.
+    progress: PreparedStatement,
+    /// Read the room's last seq.
+    select_progress: PreparedStatement,
+    /// Messages of one bucket between two exclusive seqs, ascending, limited.
+    select_asc: PreparedStatement,
+    /// The same, descending.
+    select_desc: PreparedStatement,
+    /// Reactions of one bucket between two inclusive target seqs.
+    select_reactions: PreparedStatement,
+}
+
+/// The history store on a CQL cluster. Cheap to clone; clones share the session.
+#[derive(Clone)]
+pub struct CqlStore {
+    /// The driver session: connection pools to every node, token-aware routing.
+    session: Arc<Session>,
+    /// Statements prepared once at connect.
+    statements: Arc<Statements>,
+    /// The keyspace in use.
+    keyspace: String,
+    /// Most requests one `apply` keeps in flight.
+    write_concurrency: usize,
+}
+
+impl fmt::Debug for CqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CqlStore")
+            .field("keyspace", &self.keyspace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str, err: impl fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {err}"))
+}
+
+fn corrupt(what: &str, err: impl fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {err}"))
+}
+
+/// A keyspace or data center name that is safe to place in DDL text (these are configuration, never user input,
+/// but they are checked all the same).
+fn check_name(kind: &str, name: &str, allow_dash: bool) -> Result<(), StoreError> {
+    let ok = (1..=48).contains(&name.len())
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (allow_dash && b == b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidQuery(format!(
+            "invalid {kind} name {name:?}"
+        )))
+    }
+}
+
+fn replication_clause(replication: &Replication) -> Result<String, StoreError> {
+    match replication {
+        Replication::Simple { replication_factor } => Ok(format!(
+            "{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}"
+        )),
+        Replication::NetworkTopology { datacenters } => {
+            if datacenters.is_empty() {
+                return Err(StoreError::InvalidQuery(
+                    "NetworkTopology replication needs at least one data center".into(),
+                ));
+            }
+            let mut parts = vec!["'class': 'NetworkTopologyStrategy'".to_owned()];
+            for (dc, factor) in datacenters {
+                check_name("data center", dc, true)?;
+                parts.push(format!("'{dc}': {factor}"));
+            }
+            Ok(format!("{{{}}}", parts.join(", ")))
+        }
+    }
+}
+
+/// A u64 the store writes as a CQL bigint; larger values are refused as bad data.
+fn to_bigint(what: &str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{what} {value} does not fit a CQL bigint")))
+}
+
+/// A bigint read back from the store that must be a non-negative u64.
+fn from_bigint(what: &str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("negative {what} {value} in store")))
+}
+
+/// One write, with its values, bound for one partition.
+struct Write {
+    /// The statement to run.
+    statement: PreparedStatement,
+    /// Its bound values, type-erased so writes of different kinds can share a batch.
+    values: Box<dyn SerializeRow + Send + Sync>,
+    /// Rough size of the values, to keep batches bounded.
+    bytes: usize,
+}
+
+/// The partition a write lands in: (table, tenant, room, bucket).
+type PartitionKey = (&'static str, String, String, u64);
+
+impl CqlStore {
+    /// Connect with default settings (replication factor 1 when the keyspace has to be created).
+    pub async fn connect(nodes: &[String], keyspace: &str) -> Result<Self, StoreError> {
+        Self::connect_with(CqlConfig::new(nodes, keyspace)).await
+    }
+
+    /// Connect, create the keyspace and tables when missing, and prepare every statement.
+    pub async fn connect_with(config: CqlConfig) -> Result<Self, StoreError> {
+        check_name("keyspace", &config.keyspace, false)?;
+        if config.nodes.is_empty() {
+            return Err(StoreError::InvalidQuery("no CQL nodes configured".into()));
+        }
+        let ks = config.keyspace.to_ascii_lowercase();
+        let replication = replication_clause(&config.replication)?;
+
+        let profile = ExecutionProfile::builder()
+            .request_timeout(Some(config.request_timeout))
+            .build()
+            .into_handle();
+        let session = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(config.connect_timeout)
+            .default_execution_profile_handle(profile)
+            .build()
+            .await
+            .map_err(|e| unavailable("cannot connect to the CQL cluster", e))?;
+
+        let ddl = [
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication} AND durable_writes = true"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.messages (\
+                 tenant text, room text, bucket bigint, seq bigint, \
+                 id text, sender text, body text, attrs text, reply_to bigint, ts_us bigint, \
+                 edited_us bigint, deleted boolean, \
+                 PRIMARY KEY ((tenant, room, bucket), seq)\
+                 ) WITH CLUSTERING ORDER BY (seq ASC)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.reactions (\
+                 tenant text, room text, bucket bigint, target bigint, emoji text, reactor text, \
+                 removed boolean, \
+                 PRIMARY KEY ((tenant, room, bucket), target, emoji, reactor)\
+                 )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.room_progress (\
+                 tenant text, room text, last_seq bigint, \
+                 PRIMARY KEY ((tenant, room))\
+                 )"
+            ),
+        ];
+        for statement in ddl {
+            session
+                .query_unpaged(statement, ())
+                .await
+                .map_err(|e| unavailable("cannot create the history schema", e))?;
+        }
+
+        let key = "tenant = ? AND room = ? AND bucket = ?";
+        let columns = "seq, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted";
+        let texts = [
+            format!(
+                "INSERT INTO {ks}.messages (tenant, room, bucket, seq, id, sender, body, attrs, reply_to, ts_us) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ),
+            format!(
+                "UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited_us = ? WHERE {key} AND seq = ?"
+            ),
+            format!(
+                "UPDATE {ks}.messages USING TIMESTAMP ? SET deleted = true, body = null WHERE {key} AND seq = ?"
+            ),
+            format!(
+                "UPDATE {ks}.reactions USING TIMESTAMP ? SET removed = ? \
+                 WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
+            ),
+            format!(
+                "UPDATE {ks}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"
+            ),
+            format!("SELECT last_seq FROM {ks}.room_progress WHERE tenant = ? AND room = ?"),
+            format!(
+                "SELECT {columns} FROM {ks}.messages WHERE {key} AND seq > ? AND seq < ? \
+                 ORDER BY seq ASC LIMIT ?"
+            ),
+            format!(
+                "SELECT {columns} FROM {ks}.messages WHERE {key} AND seq > ? AND seq < ? \
+                 ORDER BY seq DESC LIMIT ?"
+            ),
+            format!(
+                "SELECT target, emoji, reactor, removed FROM {ks}.reactions \
+                 WHERE {key} AND target >= ? AND target <= ?"
+            ),
+        ];
+        let mut prepared = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut statement = session
+                .prepare(text)
+                .await
+                .map_err(|e| unavailable("cannot prepare a history statement", e))?;
+            // Every statement is a read or a timestamped write, so a retry after a timeout is harmless.
+            statement.set_is_idempotent(true);
+            prepared.push(statement);
+        }
+        let mut it = prepared.into_iter();
+        let mut next = || {
+            it.next()
+                .ok_or_else(|| StoreError::Unavailable("statement list exhausted".into()))
+        };
+        let statements = Statements {
+            insert_msg: next()?,
+            edit: next()?,
+            delete: next()?,
+            react: next()?,
+            progress: next()?,
+            select_progress: next()?,
+            select_asc: next()?,
+            select_desc: next()?,
+            select_reactions: next()?,
+        };
+        Ok(CqlStore {
+            session: Arc::new(session),
+            statements: Arc::new(statements),
+            keyspace: ks,
+            write_concurrency: config.write_concurrency.max(1),
+        })
+    }
+
+    /// The keyspace in use.
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
+    }
+
+    /// The writes one event makes, with the partition each lands in.
+    fn writes_of(&self, event: &RoomEvent) -> Result<Option<(PartitionKey, Write)>, StoreError> {
+        let st = &self.statements;
+        let tenant = event.tenant.to_string();
+        let room = event.room.to_string();
+        let ts = to_bigint("ts_us", event.ts_us)?;
+        let seq = to_bigint("seq", event.seq)?;
+        let key_bytes = tenant.len() + room.len() + 32;
+        let write = match &event.body {
+            EventBody::Msg {
+                id,
+                from,
+                body,
+                attrs,
+                reply_to,
+            } => {
+                let attrs = attrs
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| corrupt("cannot encode attrs", e))?;
+                let reply_to = reply_to.map(|r| to_bigint("reply_to", r)).transpose()?;
+                let bytes = key_bytes
+                    + id.as_str().len()
+                    + from.as_str().len()
+                    + body.len()
+                    + attrs.as_ref().map_or(0, String::len);
+                let bucket = bucket_of(event.seq);
+                let values = (
+                    tenant.clone(),
+                    room.clone(),
+                    bucket as i64,
+                    seq,
+                    id.to_string(),
+                    from.to_string(),
+                    body.clone(),
+                    attrs.map_or(MaybeUnset::Unset, MaybeUnset::Set),
+                    reply_to.map_or(MaybeUnset::Unset, MaybeUnset::Set),
+                    ts,
+                    ts,
+                );
+                Some((
+                    ("messages", tenant, room, bucket),
+                    Write {
+                        statement: st.insert_msg.clone(),
+                        values: Box::new(values),
+                        bytes,
+                    },
+                ))
+            }
+            EventBody::Edit { target, body, .. } => {
+                let bucket = bucket_of(*target);
+                let values = (
+                    ts,
+                    body.clone(),
+                    ts,
+                    tenant.clone(),
+                    room.clone(),
+                    bucket as i64,
+                    to_bigint("target", *target)?,
+                );
+                Some((
+                    ("messages", tenant, room, bucket),
+                    Write {
+                        statement: st.edit.clone(),
+                        values: Box::new(values),
+                        bytes: key_bytes + body.len(),
+                    },
+                ))
+            }
+            EventBody::Delete { target, .. } => {
+                let bucket = bucket_of(*target);
+                let values = (
+                    ts,
+                    tenant.clone(),
+                    room.clone(),
+                    bucket as i64,
+                    to_bigint("target", *target)?,
+                );
+                Some((
+                    ("messages", tenant, room, bucket),
+                    Write {
+                        statement: st.delete.clone(),
+                        values: Box::new(values),
+                        bytes: key_bytes,
+                    },
+                ))
+            }
+            EventBody::Reaction {
+                target,
+                user,
+                emoji,
+                removed,
+            } => {
+                let bucket = bucket_of(*target);
+                let values = (
+                    ts,
+                    *removed,
+                    tenant.clone(),
+                    room.clone(),
+                    bucket as i64,
+                    to_bigint("target", *target)?,
+                    emoji.clone(),
+                    user.to_string(),
+                );
+                Some((
+                    ("reactions", tenant, room, bucket),
+                    Write {
+                        statement: st.react.clone(),
+                        values: Box::new(values),
+                        bytes: key_bytes + emoji.len() + user.as_str().len(),
+                    },
+                ))
+            }
+            EventBody::Joined { .. } | EventBody::Left { .. } => None,
+        };
+        Ok(write)
+    }
+
+    /// Run one group of writes for a single partition: alone, or as one unlogged batch.
+    async fn run_group(&self, mut group: Vec<Write>) -> Result<(), StoreError> {
+        if group.len() == 1 {
+            if let Some(write) = group.pop() {
+                self.session
+                    .execute_unpaged(&write.statement, &write.values)
+                    .await
+                    .map_err(|e| unavailable("history write failed", e))?;
+            }
+            return Ok(());
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_is_idempotent(true);
+        let mut values = Vec::with_capacity(group.len());
+        for write in group {
+            batch.append_statement(write.statement);
+            values.push(write.values);
+        }
+        self.session
+            .batch(&batch, values)
+            .await
+            .map_err(|e| unavailable("history batch write failed", e))?;
+        Ok(())
+    }
+
+    /// Run groups of writes with bounded concurrency; the first failure fails the whole call.
+    async fn run_groups(&self, groups: Vec<Vec<Write>>) -> Result<(), StoreError> {
+        futures::stream::iter(groups.into_iter().map(|g| self.run_group(g)))
+            .buffer_unordered(self.write_concurrency)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    }
+
+    async fn fetch_last_seq(&self, tenant: &str, room: &str) -> Result<u64, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.select_progress, (tenant, room))
+            .await
+            .map_err(|e| unavailable("last seq read failed", e))?;
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt("last seq read returned no rows result", e))?;
+        let row = rows
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| corrupt("undecodable room progress row", e))?;
+        match row {
+            Some((Some(seq),)) => from_bigint("last_seq", seq),
+            _ => Ok(0),
+        }
+    }
+
+    /// Up to `want` rows of one bucket strictly between the two `bounds`, in the given direction.
+    async fn scan(
+        &self,
+        tenant: &str,
+        room: &str,
+        bucket: u64,
+        (lo, hi): (i64, i64),
+        want: usize,
+        ascending: bool,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        let statement = if ascending {
+            &self.statements.select_asc
+        } else {
+            &self.statements.select_desc
+        };
+        let limit = i32::try_from(want).unwrap_or(i32::MAX);
+        let result = self
+            .session
+            .execute_unpaged(statement, (tenant, room, bucket as i64, lo, hi, limit))
+            .await
+            .map_err(|e| unavailable("history read failed", e))?;
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt("history read returned no rows result", e))?;
+        let iter = rows
+            .rows::<RawMessageRow>()
+            .map_err(|e| corrupt("history rows have unexpected types", e))?;
+        let mut out = Vec::with_capacity(want);
+        for row in iter {
+            let row = row.map_err(|e| corrupt("undecodable history row", e))?;
+            out.push(MessageRow::from_raw(row)?);
+        }
+        Ok(out)
+    }
+
+    /// Reactions of the given messages (all in `bucket`), folded per message.
+    async fn reactions(
+        &self,
+        tenant: &str,
+        room: &str,
+        bucket: u64,
+        first: i64,
+        last: i64,
+    ) -> Result<HashMap<u64, BTreeMap<String, Vec<UserId>>>, StoreError> {
+        let pager = self
+            .session
+            .execute_iter(
+                self.statements.select_reactions.clone(),
+                (tenant, room, bucket as i64, first, last),
+            )
+            .await
+            .map_err(|e| unavailable("reactions read failed", e))?;
+        let mut stream = pager
+            .rows_stream::<(i64, String, String, Option<bool>)>()
+            .map_err(|e| corrupt("reaction rows have unexpected types", e))?;
+        let mut out: HashMap<u64, BTreeMap<String, Vec<UserId>>> = HashMap::new();
+        while let Some(row) = stream.next().await {
+            let (target, emoji, reactor, removed) = row.map_err(|e| match e {
+                scylla::errors::NextRowError::NextPageError(e) => {
+                    unavailable("reactions read failed", e)
+                }
+                other => corrupt("undecodable reaction row", other),
+            })?;
+            if removed.unwrap_or(true) {
+                continue;
+            }
+            let target = from_bigint("reaction target", target)?;
+            let user = UserId::parse(&reactor).map_err(|e| corrupt("reaction user", e))?;
+            out.entry(target)
+                .or_default()
+                .entry(emoji)
+                .or_default()
+                .push(user);
+        }
+        for users in out.values_mut().flat_map(|m| m.values_mut()) {
+            users.sort();
+            users.dedup();
+        }
+        Ok(out)
+    }
+
+    async fn page(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        let tenant = query.tenant.as_str();
+        let room = query.room.as_str();
+        let limit = query.limit as usize;
+        let empty = HistoryPage {
+            messages: Vec::new(),
+            more: false,
+        };
+
+        // Inclusive seq range [first, last] the query covers, bounded by the room's last seq.
+        let first = match query.after {
+            Some(after) => match after.checked_add(1) {
+                Some(first) => first,
+                None => return Ok(empty),
+            },
+            None => 1,
+        };
+        let last_seq = self.fetch_last_seq(tenant, room).await?;
+        let last = match query.before {
+            Some(0) => return Ok(empty),
+            Some(before) => (before - 1).min(last_seq),
+            None => last_seq,
+        };
+        if last < first || first > i64::MAX as u64 {
+            return Ok(empty);
+        }
+        // Exclusive bounds for the scans; both fit a bigint since first <= last <= last_seq <= i64::MAX.
+        let lo = to_bigint("seq", first - 1)?;
+        let hi = to_bigint("seq", last)?.saturating_add(1);
+
+        let ascending = query.after.is_some();
+        let buckets: Box<dyn Iterator<Item = u64> + Send> = if ascending {
+            Box::new(bucket_of(first)..=bucket_of(last))
+        } else {
+            Box::new((bucket_of(first)..=bucket_of(last)).rev())
+        };
+
+        // Walk buckets from the end the query starts at until one message past the page is found.
+        let mut picked: Vec<MessageRow> = Vec::with_capacity(limit + 1);
+        'buckets: for bucket in buckets {
+            let (mut lo_b, mut hi_b) = (lo, hi);
+            loop {
+                let want = limit + 1 - picked.len();
+                let rows = self
+                    .scan(tenant, room, bucket, (lo_b, hi_b), want, ascending)
+                    .await?;
+                let exhausted = rows.len() < want;
+                for row in rows {
+                    if ascending {
+                        lo_b = row.seq_i64;
+                    } else {
+                        hi_b = row.seq_i64;
+                    }
+                    if row.create.is_some() {
+                        picked.push(row);
+                    }
+                }
+                if picked.len() > limit {
+                    break 'buckets;
+                }
+                if exhausted {
+                    break;
+                }
+            }
+        }
+        let more = picked.len() > limit;
+        picked.truncate(limit);
+        if !ascending {
+            picked.reverse();
+        }
+
+        // Reactions, one range read per bucket the page touches.
+        let mut reactions: HashMap<u64, BTreeMap<String, Vec<UserId>>> = HashMap::new();
+        let mut i = 0;
+        while i < picked.len() {
+            let bucket = bucket_of(picked[i].seq);
+            let mut j = i;
+            while j + 1 < picked.len() && bucket_of(picked[j + 1].seq) == bucket {
+                j += 1;
+            }
+            let folded = self
+                .reactions(tenant, room, bucket, picked[i].seq_i64, picked[j].seq_i64)
+                .await?;
+            reactions.extend(folded);
+            i = j + 1;
+        }
+
+        let mut messages = Vec::with_capacity(picked.len());
+        for row in picked {
+            let folded = reactions.remove(&row.seq).unwrap_or_default();
+            if let Some(message) = row.into_message(folded)? {
+                messages.push(message);
+            }
+        }
+        Ok(HistoryPage { messages, more })
+    }
+}
+
+/// A `messages` row as the driver returns it.
+type RawMessageRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<bool>,
+);
+
+/// The fields the creating `msg` wrote.
+#[derive(Debug)]
+struct CreateFields {
+    /// The message id.
+    id: MessageId,
+    /// The author.
+    from: UserId,
+    /// Create time, microseconds.
+    ts_us: u64,
+    /// `attrs` as JSON text.
+    attrs: Option<String>,
+    /// The seq replied to.
+    reply_to: Option<u64>,
+}
+
+/// One decoded `messages` row.
+#[derive(Debug)]
+struct MessageRow {
+    /// The row's seq.
+    seq: u64,
+    /// The same seq as stored, for scan bounds.
+    seq_i64: i64,
+    /// What the `msg` wrote; `None` while only edits, deletes or reactions have arrived.
+    create: Option<CreateFields>,
+    /// The current body: the latest of create and edits, cleared by a delete.
+    body: Option<String>,
+    /// Time of the latest edit, microseconds.
+    edited_us: Option<u64>,
+    /// Whether the message was deleted.
+    deleted: bool,
+}
+
+impl MessageRow {
+    fn from_raw(raw: RawMessageRow) -> Result<Self, StoreError> {
+        let (seq_i64, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted) = raw;
+        let seq = from_bigint("seq", seq_i64)?;
+        let create = match (id, sender, ts_us) {
+            (None, _, _) => None,
+            (Some(id), Some(sender), Some(ts_us)) => Some(CreateFields {
+                id: MessageId::parse(&id).map_err(|e| corrupt("message id", e))?,
+                from: UserId::parse(&sender).map_err(|e| corrupt("message sender", e))?,
+                ts_us: from_bigint("ts_us", ts_us)?,
+                attrs,
+                reply_to: reply_to.map(|r| from_bigint("reply_to", r)).transpose()?,
+            }),
+            (Some(_), _, _) => {
+                return Err(StoreError::Corrupt(format!(
+                    "message at seq {seq} has an id but no sender or time"
+                )))
+            }
+        };
+        Ok(MessageRow {
+            seq,
+            seq_i64,
+            create,
+            body,
+            edited_us: edited_us.map(|e| from_bigint("edited_us", e)).transpose()?,
+            deleted: deleted.unwrap_or(false),
+        })
+    }
+
+    fn into_message(
+        self,
+        reactions: BTreeMap<String, Vec<UserId>>,
+    ) -> Result<Option<Message>, StoreError> {
+        let Some(create) = self.create else {
+            return Ok(None);
+        };
+        let attrs = create
+            .attrs
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| corrupt(&format!("undecodable attrs at seq {}", self.seq), e))?;
+        if !self.deleted && self.body.is_none() {
+            return Err(StoreError::Corrupt(format!(
+                "message at seq {} has no body and is not deleted",
+                self.seq
+            )));
+        }
+        Ok(Some(Message {
+            seq: self.seq,
+            id: create.id,
+            from: create.from,
+            body: if self.deleted { None } else { self.body },
+            attrs,
+            reply_to: create.reply_to,
+            ts: create.ts_us / 1000,
+            edited_ts: self.edited_us.map(|e| e / 1000),
+            deleted: self.deleted,
+            reactions,
+        }))
+    }
+}
+
+impl HistoryStore for CqlStore {
+    async fn apply(&self, events: &[RoomEvent]) -> Result<(), StoreError> {
+        // Group the writes by partition, keeping arrival order inside each group.
+        let mut order: Vec<PartitionKey> = Vec::new();
+        let mut by_partition: HashMap<PartitionKey, Vec<Write>> = HashMap::new();
+        // Per room, the (seq, ts_us) of its newest event in this call.
+        let mut progress: HashMap<(String, String), (i64, i64)> = HashMap::new();
+        for event in events {
+            let seq = to_bigint("seq", event.seq)?;
+            let ts = to_bigint("ts_us", event.ts_us)?;
+            let newest = progress
+                .entry((event.tenant.to_string(), event.room.to_string()))
+                .or_insert((seq, ts));
+            if seq > newest.0 {
+                *newest = (seq, ts);
+            }
+            if let Some((key, write)) = self.writes_of(event)? {
+                let group = by_partition.entry(key.clone()).or_default();
+                if group.is_empty() {
+                    order.push(key);
+                }
+                group.push(write);
+            }
+        }
+
+        // Cut each partition's writes into bounded batches.
+        let mut groups: Vec<Vec<Write>> = Vec::new();
+        for key in order {
+            let Some(writes) = by_partition.remove(&key) else {
+                continue;
+            };
+            let mut current: Vec<Write> = Vec::new();
+            let mut bytes = 0;
+            for write in writes {
+                if !current.is_empty()
+                    && (current.len() >= MAX_BATCH_STATEMENTS
+                        || bytes + write.bytes > MAX_BATCH_BYTES)
+                {
+                    groups.push(std::mem::take(&mut current));
+                    bytes = 0;
+                }
+                bytes += write.bytes;
+                current.push(write);
+            }
+            if !current.is_empty() {
+                groups.push(current);
+            }
+        }
+        self.run_groups(groups).await?;
+
+        // The progress rows go last, so a room's last seq never runs ahead of its stored messages.
+        let progress_writes = progress
+            .into_iter()
+            .map(|((tenant, room), (seq, ts))| {
+                vec![Write {
+                    statement: self.statements.progress.clone(),
+                    values: Box::new((ts, seq, tenant, room)),
+                    bytes: 0,
+                }]
+            })
+            .collect();
+        self.run_groups(progress_writes).await
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        check_limit(query.limit)?;
+        self.page(query).await
+    }
+
+    async fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> Result<u64, StoreError> {
+        self.fetch_last_seq(tenant.as_str(), room.as_str()).await
+    }
+}

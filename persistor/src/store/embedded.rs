@@ -1,0 +1,447 @@
+//! The embedded history store: one redb file on local disk, for running the whole fleet on a single machine with
+//! no CQL server.
+//!
+//! It folds room events into per-message rows whose fields carry the `ts_us` of the event that wrote them, so
+//! events may arrive in any order and any number of times. It does not replicate, shard, expire or compact
+//! history, and it does not check who may read a room.
+
+use super::{check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use switchyard_protocol::client::Message;
+use switchyard_protocol::internal::{EventBody, RoomEvent};
+use switchyard_protocol::{MessageId, ProjectId, RoomId, UserId};
+
+/// The file name used when `open` is given a directory.
+pub const DEFAULT_FILE_NAME: &str = "history.redb";
+
+/// (tenant, room, seq) -> an encoded [`StoredRow`].
+const MESSAGES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("messages");
+
+/// A reaction's key: (tenant, room, target seq, emoji, user).
+type ReactionKey = (&'static str, &'static str, u64, &'static str, &'static str);
+
+/// A reaction's key -> (ts_us of the deciding event, removed).
+const REACTIONS: TableDefinition<ReactionKey, (u64, bool)> = TableDefinition::new("reactions");
+
+/// (tenant, room) -> the highest seq of any applied event.
+const ROOMS: TableDefinition<(&str, &str), u64> = TableDefinition::new("room_last_seq");
+
+/// The first byte of every encoded row; a different byte means a format this code cannot read.
+const ROW_FORMAT: u8 = 1;
+
+/// What a `msg` event wrote: the message's fields, all stamped with that event's `ts_us`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredCreate {
+    /// Write timestamp of every field below.
+    ts_us: u64,
+    /// The message id.
+    id: MessageId,
+    /// The author.
+    from: UserId,
+    /// The body as first sent.
+    body: String,
+    /// `attrs` as JSON text (kept as text so any JSON value round-trips exactly).
+    attrs: Option<String>,
+    /// The seq this message replies to.
+    reply_to: Option<u64>,
+}
+
+/// The latest `edit` of a message seen so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredEdit {
+    /// Write timestamp of the edit: the later edit wins.
+    ts_us: u64,
+    /// The edited body.
+    body: String,
+}
+
+/// Everything known about one seq of a room. A row may exist before its `msg` arrives (an edit, a delete or a
+/// reaction got there first); such a row is not a message yet and history skips it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StoredRow {
+    /// The creating `msg` event's fields, once it has been applied.
+    create: Option<StoredCreate>,
+    /// The latest edit.
+    edit: Option<StoredEdit>,
+    /// `ts_us` of the latest delete; the message is a tombstone when set.
+    delete_ts_us: Option<u64>,
+}
+
+impl StoredRow {
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match bytes.split_first() {
+            Some((&ROW_FORMAT, rest)) => rmp_serde::from_slice(rest)
+                .map_err(|e| StoreError::Corrupt(format!("undecodable message row: {e}"))),
+            Some((other, _)) => Err(StoreError::Corrupt(format!(
+                "message row in unknown format {other}"
+            ))),
+            None => Err(StoreError::Corrupt("empty message row".into())),
+        }
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let mut out = vec![ROW_FORMAT];
+        rmp_serde::encode::write_named(&mut out, self)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode message row: {e}")))?;
+        Ok(out)
+    }
+
+    /// Fold in one event aimed at this row. Every field keeps the value of the event with the highest `ts_us`.
+    fn absorb(&mut self, event: &RoomEvent) -> Result<bool, StoreError> {
+        let ts = event.ts_us;
+        match &event.body {
+            EventBody::Msg {
+                id,
+                from,
+                body,
+                attrs,
+                reply_to,
+            } => {
+                if self.create.as_ref().is_some_and(|c| c.ts_us >= ts) {
+                    return Ok(false);
+                }
+                let attrs = attrs
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(format!("cannot encode attrs: {e}")))?;
+                self.create = Some(StoredCreate {
+                    ts_us: ts,
+                    id: id.clone(),
+                    from: from.clone(),
+                    body: body.clone(),
+                    attrs,
+                    reply_to: *reply_to,
+                });
+                Ok(true)
+            }
+            EventBody::Edit { body, .. } => {
+                if self.edit.as_ref().is_some_and(|e| e.ts_us >= ts) {
+                    return Ok(false);
+                }
+                self.edit = Some(StoredEdit {
+                    ts_us: ts,
+                    body: body.clone(),
+                });
+                Ok(true)
+            }
+            EventBody::Delete { .. } => {
+                if self.delete_ts_us.is_some_and(|d| d >= ts) {
+                    return Ok(false);
+                }
+                self.delete_ts_us = Some(ts);
+                Ok(true)
+            }
+            EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => {
+                Ok(false)
+            }
+        }
+    }
+
+    /// The message as history shows it, or `None` while the creating `msg` is missing.
+    fn to_message(
+        &self,
+        seq: u64,
+        reactions: BTreeMap<String, Vec<UserId>>,
+    ) -> Result<Option<Message>, StoreError> {
+        let Some(create) = &self.create else {
+            return Ok(None);
+        };
+        let deleted = self.delete_ts_us.is_some();
+        let body = if deleted {
+            None
+        } else {
+            match &self.edit {
+                Some(edit) if edit.ts_us > create.ts_us => Some(edit.body.clone()),
+                _ => Some(create.body.clone()),
+            }
+        };
+        let attrs = create
+            .attrs
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("undecodable attrs at seq {seq}: {e}")))?;
+        Ok(Some(Message {
+            seq,
+            id: create.id.clone(),
+            from: create.from.clone(),
+            body,
+            attrs,
+            reply_to: create.reply_to,
+            ts: create.ts_us / 1000,
+            edited_ts: self.edit.as_ref().map(|e| e.ts_us / 1000),
+            deleted,
+            reactions,
+        }))
+    }
+}
+
+/// Map any redb failure: a damaged file is `Corrupt`, anything else (I/O, locks, a closed database) `Unavailable`.
+fn db_err(err: impl Into<redb::Error>) -> StoreError {
+    match err.into() {
+        redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
+        redb::Error::UpgradeRequired(v) => {
+            StoreError::Corrupt(format!("database file format {v} needs an upgrade"))
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// The history store on a local redb file. Cheap to clone; clones share the database.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    /// The open database. redb serialises write transactions itself and lets reads run beside them.
+    db: Arc<Database>,
+    /// Where the database file lives.
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Open (creating when missing) the database at `path`. When `path` is an existing directory, the file
+    /// [`DEFAULT_FILE_NAME`] inside it is used. Blocks while redb opens (and, after a crash, repairs) the file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let file = if path.is_dir() {
+            path.join(DEFAULT_FILE_NAME)
+        } else {
+            path.to_path_buf()
+        };
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let db = Database::create(&file).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(MESSAGES).map_err(db_err)?;
+        txn.open_table(REACTIONS).map_err(db_err)?;
+        txn.open_table(ROOMS).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            path: file,
+        })
+    }
+
+    /// The database file in use.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || work(&db))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(db_err)?;
+    {
+        let mut messages = txn.open_table(MESSAGES).map_err(db_err)?;
+        let mut reactions = txn.open_table(REACTIONS).map_err(db_err)?;
+        let mut rooms = txn.open_table(ROOMS).map_err(db_err)?;
+        for event in events {
+            let tenant = event.tenant.as_str();
+            let room = event.room.as_str();
+
+            let last = rooms
+                .get((tenant, room))
+                .map_err(db_err)?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            if event.seq > last {
+                rooms.insert((tenant, room), event.seq).map_err(db_err)?;
+            }
+
+            let row_seq = match &event.body {
+                EventBody::Msg { .. } => Some(event.seq),
+                EventBody::Edit { target, .. } | EventBody::Delete { target, .. } => Some(*target),
+                EventBody::Reaction {
+                    target,
+                    user,
+                    emoji,
+                    removed,
+                } => {
+                    let key = (tenant, room, *target, emoji.as_str(), user.as_str());
+                    let current = reactions.get(key).map_err(db_err)?.map(|g| g.value());
+                    // Later event wins; on an equal timestamp (the same event again) removal wins, which keeps the
+                    // outcome independent of order and matches Cassandra's tie-break on the larger value.
+                    let wins = match current {
+                        None => true,
+                        Some((ts, was_removed)) => {
+                            event.ts_us > ts || (event.ts_us == ts && *removed && !was_removed)
+                        }
+                    };
+                    if wins {
+                        reactions
+                            .insert(key, (event.ts_us, *removed))
+                            .map_err(db_err)?;
+                    }
+                    None
+                }
+                EventBody::Joined { .. } | EventBody::Left { .. } => None,
+            };
+
+            if let Some(seq) = row_seq {
+                let key = (tenant, room, seq);
+                let mut row = match messages.get(key).map_err(db_err)? {
+                    Some(bytes) => StoredRow::decode(bytes.value())?,
+                    None => StoredRow::default(),
+                };
+                if row.absorb(event)? {
+                    let bytes = row.encode()?;
+                    messages.insert(key, bytes.as_slice()).map_err(db_err)?;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(db_err)
+}
+
+fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+    let tenant = query.tenant.as_str();
+    let room = query.room.as_str();
+    let limit = query.limit as usize;
+
+    let lower = match query.after {
+        Some(after) => match after.checked_add(1) {
+            Some(first) => first,
+            None => return Ok(empty_page()),
+        },
+        None => 0,
+    };
+    let upper = match query.before {
+        Some(before) if before <= lower => return Ok(empty_page()),
+        Some(before) => Bound::Excluded((tenant, room, before)),
+        None => Bound::Included((tenant, room, u64::MAX)),
+    };
+    let bounds = (Bound::Included((tenant, room, lower)), upper);
+
+    let txn = db.begin_read().map_err(db_err)?;
+    let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+    let reactions = txn.open_table(REACTIONS).map_err(db_err)?;
+    let range = messages.range(bounds).map_err(db_err)?;
+
+    // Walk from the end the query starts at, skipping rows that are not messages yet, until one past the page.
+    let ascending = query.after.is_some();
+    let rows: Box<dyn Iterator<Item = _>> = if ascending {
+        Box::new(range)
+    } else {
+        Box::new(range.rev())
+    };
+    let mut picked: Vec<(u64, StoredRow)> = Vec::with_capacity(limit);
+    let mut more = false;
+    for entry in rows {
+        let (key, value) = entry.map_err(db_err)?;
+        let row = StoredRow::decode(value.value())?;
+        if row.create.is_none() {
+            continue;
+        }
+        if picked.len() == limit {
+            more = true;
+            break;
+        }
+        picked.push((key.value().2, row));
+    }
+    if !ascending {
+        picked.reverse();
+    }
+
+    let mut out = Vec::with_capacity(picked.len());
+    for (seq, row) in picked {
+        let folded = reactions_of(&reactions, tenant, room, seq)?;
+        if let Some(message) = row.to_message(seq, folded)? {
+            out.push(message);
+        }
+    }
+    Ok(HistoryPage {
+        messages: out,
+        more,
+    })
+}
+
+/// The users currently reacting to one message, by emoji, users sorted; emojis with nobody left are omitted.
+fn reactions_of(
+    table: &impl ReadableTable<ReactionKey, (u64, bool)>,
+    tenant: &str,
+    room: &str,
+    seq: u64,
+) -> Result<BTreeMap<String, Vec<UserId>>, StoreError> {
+    let mut out: BTreeMap<String, Vec<UserId>> = BTreeMap::new();
+    let start = (tenant, room, seq, "", "");
+    for entry in table.range(start..).map_err(db_err)? {
+        let (key, value) = entry.map_err(db_err)?;
+        let (k_tenant, k_room, k_seq, emoji, user) = key.value();
+        if k_tenant != tenant || k_room != room || k_seq != seq {
+            break;
+        }
+        let (_, removed) = value.value();
+        if removed {
+            continue;
+        }
+        let user = UserId::parse(user)
+            .map_err(|e| StoreError::Corrupt(format!("reaction user at seq {seq}: {e}")))?;
+        out.entry(emoji.to_owned()).or_default().push(user);
+    }
+    // Keys are ordered by (emoji, user) within a message, so every user list is already sorted.
+    Ok(out)
+}
+
+fn empty_page() -> HistoryPage {
+    HistoryPage {
+        messages: Vec::new(),
+        more: false,
+    }
+}
+
+fn last_seq_blocking(db: &Database, tenant: &str, room: &str) -> Result<u64, StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let rooms = txn.open_table(ROOMS).map_err(db_err)?;
+    Ok(rooms
+        .get((tenant, room))
+        .map_err(db_err)?
+        .map(|g| g.value())
+        .unwrap_or(0))
+}
+
+impl HistoryStore for EmbeddedStore {
+    async fn apply(&self, events: &[RoomEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let events = events.to_vec();
+        self.blocking(move |db| apply_blocking(db, &events)).await
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        check_limit(query.limit)?;
+        let query = query.clone();
+        self.blocking(move |db| history_blocking(db, &query)).await
+    }
+
+    async fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> Result<u64, StoreError> {
+        let tenant = tenant.to_string();
+        let room = room.to_string();
+        self.blocking(move |db| last_seq_blocking(db, &tenant, &room))
+            .await
+    }
+}
