@@ -1,1 +1,58 @@
-fn main() {}
+//! Entry point of `cargo xtask`: parses the command line and dispatches to a command module.
+//! Holds no logic of its own.
+
+mod cql;
+mod deps;
+mod fleet;
+mod proc;
+mod services;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  deps [--no-cassandra]   install nats-server, redis-server and Cassandra (cached in .deps/)
+  services                start NATS, Redis and Cassandra on free ports, print their addresses as
+                          `export` lines, and keep them running until Ctrl-C or SIGTERM
+  test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them
+  up                      start a local fleet (NATS, Redis, gateway, two router shards, persistor)
+                          on the embedded store; details in .dev/fleet.json, logs in .dev/logs/
+";
+
+fn main() -> ExitCode {
+    if let Err(e) = proc::install_signal_handler() {
+        eprintln!("xtask: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    let result = match args.first().map(String::as_str) {
+        Some("deps") => deps::run(rest),
+        Some("services") => services::run(rest),
+        Some("test") => test::run(rest),
+        Some("up") => fleet::run(rest),
+        None | Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => {
+            eprintln!("xtask: unknown command {other:?}\n\n{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => {
+            eprintln!("xtask: interrupted; everything it started has been stopped");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

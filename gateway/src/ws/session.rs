@@ -384,8 +384,10 @@ impl Session {
             // Typing indicators are not relayed by this version; the op is accepted and has no effect.
             ClientOp::Typing { .. } => None,
             ClientOp::Join { since: Some(_), .. } => {
-                let message = "join with since is not supported by this server version; join without it";
-                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message)).await
+                let message =
+                    "join with since is not supported by this server version; join without it";
+                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message))
+                    .await
             }
             ClientOp::Create { .. }
             | ClientOp::Join { .. }

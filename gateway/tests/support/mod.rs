@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchyard_client::{Auth, Client, ConnectOptions, Format};
 use switchyard_gateway::GatewayConfig;
+use switchyard_persistor::store::cql::CqlStore;
 use switchyard_persistor::store::embedded::EmbeddedStore;
-use switchyard_persistor::PersistorConfig;
+use switchyard_persistor::{AnyStore, PersistorConfig};
 use switchyard_router_shard::RouterConfig;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::task::JoinHandle;
@@ -37,12 +38,28 @@ pub struct Fleet {
     pub gateways: Vec<String>,
     pub admin_token: String,
     /// The persistor's store, shared with the test for inspection.
-    pub store: Arc<EmbeddedStore>,
+    pub store: Arc<AnyStore>,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     _dir: tempfile::TempDir,
     _turn: MutexGuard<'static, ()>,
+}
+
+/// Which history store the fleet's persistor writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// redb in the fleet's temporary directory.
+    Embedded,
+    /// The real Cassandra named by `SWITCHYARD_CQL`.
+    Cql,
+}
+
+/// The Cassandra of this test run, as `host:port`.
+pub fn cql_node() -> String {
+    std::env::var("SWITCHYARD_CQL").expect(
+        "SWITCHYARD_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra",
+    )
 }
 
 pub struct Tenant {
@@ -57,6 +74,16 @@ impl Fleet {
 
     /// Start a fleet, letting the test adjust the gateways' configuration.
     pub async fn start_with(
+        gateways: usize,
+        routers: usize,
+        adjust: impl Fn(&mut GatewayConfig),
+    ) -> Fleet {
+        Self::start_on(StoreKind::Embedded, gateways, routers, adjust).await
+    }
+
+    /// Start a fleet whose persistor writes to the given store.
+    pub async fn start_on(
+        store: StoreKind,
         gateways: usize,
         routers: usize,
         adjust: impl Fn(&mut GatewayConfig),
@@ -89,9 +116,16 @@ impl Fleet {
             }));
         }
 
-        let store = Arc::new(
-            EmbeddedStore::open(&dir.path().join("history.redb")).expect("open embedded store"),
-        );
+        let store = Arc::new(match store {
+            StoreKind::Embedded => AnyStore::Embedded(
+                EmbeddedStore::open(&dir.path().join("history.redb")).expect("open embedded store"),
+            ),
+            StoreKind::Cql => AnyStore::Cql(
+                CqlStore::connect(&[cql_node()], "switchyard_e2e")
+                    .await
+                    .expect("connect to Cassandra"),
+            ),
+        });
         let persistor_config = PersistorConfig {
             nats_url: nats_url(),
             ..PersistorConfig::default()

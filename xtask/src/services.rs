@@ -1,0 +1,545 @@
+//! Starting and stopping the external servers (nats-server, redis-server, Cassandra) as child processes on free
+//! ports, readiness checks for each, and `cargo xtask services`, which keeps a throw-away set running in the
+//! foreground for tests run by hand. Installs nothing (see deps.rs) and runs no tests (see test.rs).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cql;
+use crate::deps::{self, CassandraDist, Tools};
+use crate::proc::{self, ManagedChild};
+use crate::util::{free_ports, repo_root, say, secs, tail};
+
+/// How long Cassandra may take to serve CQL (it shares two cores with a cargo build in `test`).
+pub const CASSANDRA_READY_TIMEOUT: Duration = Duration::from_secs(300);
+const QUICK_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Nats {
+    pub child: ManagedChild,
+    pub port: u16,
+    pub monitor_port: u16,
+}
+
+impl Nats {
+    /// Starts `nats-server` with JetStream storing in `store_dir`; does not wait for it.
+    pub fn start(tools: &Tools, store_dir: &Path, log: &Path) -> Result<Self> {
+        std::fs::create_dir_all(store_dir)?;
+        let ports = free_ports(2)?;
+        let (port, monitor_port) = (ports[0], ports[1]);
+        let mut cmd = proc::command(&tools.nats_server);
+        cmd.arg("-js").arg("-sd").arg(store_dir).args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            &monitor_port.to_string(),
+        ]);
+        let child = ManagedChild::spawn("nats-server", cmd, log, Duration::from_secs(10))?;
+        Ok(Self {
+            child,
+            port,
+            monitor_port,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Ready when a client connection gets the server's INFO line announcing JetStream.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        wait_until(&mut self.child, timeout, || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            if line.starts_with("INFO ") && line.contains("\"jetstream\":true") {
+                Ok(())
+            } else {
+                bail!("unexpected greeting {line:?}")
+            }
+        })
+    }
+}
+
+pub struct Redis {
+    pub child: ManagedChild,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts `redis-server` with its files in `dir`; `persist` keeps an append-only file there.
+    pub fn start(tools: &Tools, dir: &Path, log: &Path, persist: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_ports(1)?[0];
+        let mut cmd = proc::command(&tools.redis_server);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", if persist { "yes" } else { "no" }])
+        .arg("--dir")
+        .arg(dir);
+        let child = ManagedChild::spawn("redis-server", cmd, log, Duration::from_secs(10))?;
+        Ok(Self { child, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Ready when PING answers PONG.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        wait_until(&mut self.child, timeout, || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"PING\r\n")?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf)?;
+            let reply = String::from_utf8_lossy(&buf[..n]);
+            if reply.starts_with("+PONG") {
+                Ok(())
+            } else {
+                bail!("PING answered {reply:?}")
+            }
+        })
+    }
+}
+
+pub struct Cassandra {
+    pub child: ManagedChild,
+    pub native_port: u16,
+    pub dir: PathBuf,
+    started: Instant,
+}
+
+impl Cassandra {
+    /// Writes a single-node configuration into `dir` (data, logs and all) and starts Cassandra in the foreground
+    /// of a child JVM; does not wait for it.
+    pub fn start(dist: &CassandraDist, dir: &Path) -> Result<Self> {
+        for sub in [
+            "data",
+            "commitlog",
+            "saved_caches",
+            "hints",
+            "cdc_raw",
+            "logs",
+            "triggers",
+        ] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let ports = free_ports(2)?;
+        let (native_port, storage_port) = (ports[0], ports[1]);
+        let yaml = dir.join("cassandra.yaml");
+        std::fs::write(&yaml, cassandra_yaml(dir, native_port, storage_port))?;
+        let logback = dir.join("logback.xml");
+        std::fs::write(&logback, LOGBACK_XML)?;
+
+        let mut cmd = proc::command(&dist.java);
+        cmd.current_dir(dir)
+            .args(jvm_args(dist, dir, &yaml, &logback)?);
+        let child = ManagedChild::spawn(
+            "cassandra",
+            cmd,
+            &dir.join("cassandra.log"),
+            Duration::from_secs(20),
+        )?;
+        Ok(Self {
+            child,
+            native_port,
+            dir: dir.to_path_buf(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.native_port)
+    }
+
+    /// Ready when a CQL connection completes STARTUP and reads `system.local`. Returns the release version.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.native_port));
+        let mut version = String::new();
+        wait_until(&mut self.child, timeout, || {
+            version = cql::probe(addr, Duration::from_secs(5))?;
+            Ok(())
+        })?;
+        say!(
+            "Cassandra {version} serves CQL on {} ({} after its start)",
+            self.addr(),
+            secs(self.started.elapsed())
+        );
+        Ok(version)
+    }
+}
+
+/// Polls `probe` every 250 ms until it succeeds, the child exits, a signal arrives or `timeout` passes.
+fn wait_until(
+    child: &mut ManagedChild,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        proc::check_interrupted()?;
+        child.ensure_running()?;
+        let err = match probe() {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if start.elapsed() > timeout {
+            bail!(
+                "{} (pid {}) was not ready within {}s (last probe: {err:#}); last lines of {}:\n{}",
+                child.name(),
+                child.pid(),
+                timeout.as_secs(),
+                child.log().display(),
+                tail(child.log(), 40)
+            );
+        }
+        proc::sleep(Duration::from_millis(250))?;
+    }
+}
+
+/// 16 tokens spread evenly over Murmur3's range, so a fresh single node needs no token allocation.
+fn initial_tokens(n: i128) -> String {
+    let span = 1i128 << 64;
+    (0..n)
+        .map(|i| (i128::from(i64::MIN) + i * (span / n)).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn cassandra_yaml(dir: &Path, native_port: u16, storage_port: u16) -> String {
+    let d = dir.display();
+    let tokens = initial_tokens(16);
+    let mut y = String::new();
+    let _ = write!(
+        y,
+        r#"# Generated by xtask for one throw-away single-node run.
+cluster_name: switchyard-test
+num_tokens: 16
+initial_token: "{tokens}"
+auto_bootstrap: false
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "127.0.0.1:{storage_port}"
+listen_address: 127.0.0.1
+rpc_address: 127.0.0.1
+storage_port: {storage_port}
+native_transport_port: {native_port}
+start_native_transport: true
+data_file_directories:
+  - {d}/data
+commitlog_directory: {d}/commitlog
+saved_caches_directory: {d}/saved_caches
+hints_directory: {d}/hints
+cdc_raw_directory: {d}/cdc_raw
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+endpoint_snitch: SimpleSnitch
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+auto_snapshot: false
+snapshot_before_compaction: false
+hinted_handoff_enabled: false
+"#
+    );
+    y
+}
+
+const LOGBACK_XML: &str = r#"<configuration>
+  <appender name="STDOUT" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern></encoder>
+  </appender>
+  <root level="INFO"><appender-ref ref="STDOUT"/></root>
+</configuration>
+"#;
+
+/// The JVM command line `bin/cassandra` would build for Java 17 (from conf/jvm-server.options and
+/// conf/jvm17-server.options), with a 1 GiB heap, JMX off and single-node start-up shortcuts.
+fn jvm_args(dist: &CassandraDist, dir: &Path, yaml: &Path, logback: &Path) -> Result<Vec<String>> {
+    let jamm = std::fs::read_dir(&dist.lib)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("jamm-") && n.ends_with(".jar"))
+        })
+        .with_context(|| format!("no jamm jar in {}", dist.lib.display()))?;
+    let mut a: Vec<String> = [
+        "-Xms1G",
+        "-Xmx1G",
+        "-Xss256k",
+        "-XX:+UseG1GC",
+        "-XX:+ParallelRefProcEnabled",
+        "-XX:MaxTenuringThreshold=1",
+        "-XX:G1HeapRegionSize=16m",
+        "-XX:G1RSetUpdatingPauseTimePercent=5",
+        "-XX:MaxGCPauseMillis=300",
+        "-XX:InitiatingHeapOccupancyPercent=70",
+        "-XX:+UseThreadPriorities",
+        "-XX:+UseTLAB",
+        "-XX:+ResizeTLAB",
+        "-XX:+PerfDisableSharedMem",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-ea",
+        "-da:net.openhft...",
+        "-Djava.net.preferIPv4Stack=true",
+        "-Djdk.attach.allowAttachSelf=true",
+        "--add-exports",
+        "java.base/jdk.internal.misc=ALL-UNNAMED",
+        "--add-exports",
+        "java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED",
+        "--add-exports",
+        "java.rmi/sun.rmi.registry=ALL-UNNAMED",
+        "--add-exports",
+        "java.rmi/sun.rmi.server=ALL-UNNAMED",
+        "--add-exports",
+        "java.sql/java.sql=ALL-UNNAMED",
+        "--add-exports",
+        "java.base/java.lang.ref=ALL-UNNAMED",
+        "--add-exports",
+        "jdk.unsupported/sun.misc=ALL-UNNAMED",
+        "--add-exports",
+        "jdk.compiler/com.sun.tools.javac.file=ALL-UNNAMED",
+        "--add-exports",
+        "jdk.attach/sun.tools.attach=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/java.lang.module=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/jdk.internal.loader=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/jdk.internal.ref=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/jdk.internal.reflect=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/jdk.internal.math=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/jdk.internal.module=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/jdk.internal.util.jar=ALL-UNNAMED",
+        "--add-opens",
+        "jdk.management/com.sun.management.internal=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/sun.nio.ch=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/java.io=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/java.lang.reflect=ALL-UNNAMED",
+        "--add-opens",
+        "jdk.compiler/com.sun.tools.javac=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/java.lang=ALL-UNNAMED",
+        "--add-opens",
+        "java.base/java.util=ALL-UNNAMED",
+        "-Dio.netty.tryReflectionSetAccessible=true",
+        "-Dio.netty.allocator.useCacheForAllThreads=true",
+        "-Dio.netty.allocator.maxOrder=11",
+        "-Dcassandra-foreground=yes",
+        "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+        "-Dcassandra.ring_delay_ms=100",
+        "-Dcassandra.load_ring_state=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("-javaagent:{}", jamm.display()));
+    a.push(format!("-Dcassandra.config=file://{}", yaml.display()));
+    a.push(format!("-Dcassandra.storagedir={}", dir.display()));
+    a.push(format!("-Dcassandra.logdir={}", dir.join("logs").display()));
+    a.push(format!(
+        "-Dcassandra.triggers_dir={}",
+        dir.join("triggers").display()
+    ));
+    a.push(format!(
+        "-Dlogback.configurationFile=file://{}",
+        logback.display()
+    ));
+    a.push(format!("-Djava.io.tmpdir={}", dir.display()));
+    a.push("-cp".to_string());
+    a.push(format!("{}/*", dist.lib.display()));
+    a.push("org.apache.cassandra.service.CassandraDaemon".to_string());
+    Ok(a)
+}
+
+const RUN_DIR_PREFIX: &str = "switchyard-services-";
+const OWNER_FILE: &str = "xtask.pid";
+
+/// Removes run folders left by an xtask that was SIGKILLed (its servers died with it, its folder stayed).
+fn remove_stale_run_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_run_dir = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(RUN_DIR_PREFIX));
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE)).ok();
+        let owner_alive = owner
+            .as_deref()
+            .map(str::trim)
+            .is_some_and(|pid| Path::new("/proc").join(pid).exists());
+        if is_run_dir && owner.is_some() && !owner_alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// The throw-away servers `test` and `services` run: all data in one temporary folder, removed at the end.
+pub struct TestServices {
+    pub cassandra: Cassandra,
+    pub nats: Nats,
+    pub redis: Redis,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestServices {
+    /// Starts Cassandra first (the slowest), then NATS and Redis; does not wait for readiness.
+    pub fn start(tools: &Tools) -> Result<Self> {
+        let dist = tools
+            .cassandra
+            .as_ref()
+            .context("Cassandra is not installed (run `cargo xtask deps`)")?;
+        remove_stale_run_dirs();
+        let dir = tempfile::Builder::new()
+            .prefix(RUN_DIR_PREFIX)
+            .tempdir()
+            .context("creating a temporary folder for the servers")?;
+        std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
+        let mut cassandra = Cassandra::start(dist, &dir.path().join("cassandra"))?;
+        // Its data is thrown away: a graceful drain would only cost seconds.
+        cassandra.child.stop_with_sigkill();
+        let nats = Nats::start(
+            tools,
+            &dir.path().join("nats"),
+            &dir.path().join("nats.log"),
+        )?;
+        let redis = Redis::start(
+            tools,
+            &dir.path().join("redis"),
+            &dir.path().join("redis.log"),
+            false,
+        )?;
+        say!(
+            "started cassandra (pid {}), nats-server (pid {}), redis-server (pid {}); logs in {}",
+            cassandra.child.pid(),
+            nats.child.pid(),
+            redis.child.pid(),
+            dir.path().display()
+        );
+        Ok(Self {
+            cassandra,
+            nats,
+            redis,
+            dir: Some(dir),
+        })
+    }
+
+    /// Waits for all three; if Cassandra fails to come up, restarts it once with fresh ports and data.
+    pub fn wait_ready(&mut self, tools: &Tools) -> Result<()> {
+        self.nats.wait_ready(QUICK_READY_TIMEOUT)?;
+        self.redis.wait_ready(QUICK_READY_TIMEOUT)?;
+        if let Err(e) = self.cassandra.wait_ready(CASSANDRA_READY_TIMEOUT) {
+            if e.downcast_ref::<proc::Interrupted>().is_some() {
+                return Err(e);
+            }
+            say!("Cassandra did not start: {e:#}");
+            say!("retrying Cassandra once with fresh ports and data");
+            self.cassandra.child.stop();
+            let dist = tools
+                .cassandra
+                .as_ref()
+                .context("Cassandra is not installed")?;
+            let dir = self.cassandra.dir.with_file_name("cassandra-retry");
+            self.cassandra = Cassandra::start(dist, &dir)?;
+            self.cassandra.child.stop_with_sigkill();
+            self.cassandra.wait_ready(CASSANDRA_READY_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Err (with a log tail) if any server has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.cassandra.child.ensure_running()?;
+        self.nats.child.ensure_running()?;
+        self.redis.child.ensure_running()
+    }
+
+    /// The variables tests read to find the servers.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SWITCHYARD_TEST_NATS_URL", self.nats.url()),
+            ("SWITCHYARD_TEST_REDIS_URL", self.redis.url()),
+            ("SWITCHYARD_CQL", self.cassandra.addr()),
+        ]
+    }
+
+    pub fn stop(&mut self) {
+        proc::stop_all([
+            &mut self.cassandra.child,
+            &mut self.nats.child,
+            &mut self.redis.child,
+        ]);
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            if let Err(e) = dir.close() {
+                say!("could not remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+impl Drop for TestServices {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `cargo xtask services`: start the three servers, print their addresses as `export` lines, stay in the
+/// foreground until Ctrl-C or SIGTERM, then stop them.
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    if let Some(a) = args.first() {
+        bail!("services: unknown argument {a:?} (it takes none)");
+    }
+    let tools = deps::ensure(&repo_root(), true)?;
+    let started = Instant::now();
+    let mut services = TestServices::start(&tools)?;
+    services.wait_ready(&tools)?;
+    say!(
+        "all servers ready in {} (NATS monitoring: http://127.0.0.1:{})",
+        secs(started.elapsed()),
+        services.nats.monitor_port
+    );
+    let mut out = std::io::stdout().lock();
+    for (k, v) in services.env() {
+        writeln!(out, "export {k}={v}")?;
+    }
+    out.flush()?;
+    drop(out);
+    say!("running; Ctrl-C or SIGTERM stops them");
+    while !proc::interrupted() {
+        services.ensure_running()?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    services.stop();
+    say!("servers stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,144 @@
+//! `cargo xtask test`: installs the servers, starts NATS, Redis and Cassandra (as `services` does), builds the
+//! tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
+//! It does not choose which tests need which server: tests read the `SWITCHYARD_*` variables themselves.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::deps;
+use crate::proc;
+use crate::services::TestServices;
+use crate::util::{cargo, repo_root, say, secs};
+
+/// `cargo xtask test [-- <cargo test args>]`
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let extra: &[String] = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    // Arguments for cargo itself (before a second `--`), which the build step also gets.
+    let cargo_args: Vec<String> = extra.iter().take_while(|a| *a != "--").cloned().collect();
+    let selects_packages = cargo_args.iter().any(|a| {
+        a == "-p"
+            || a.starts_with("--package")
+            || a.starts_with("-p")
+            || a == "--workspace"
+            || a == "--all"
+    });
+    let scope: Vec<String> = if selects_packages {
+        Vec::new()
+    } else {
+        vec!["--workspace".to_string()]
+    };
+
+    let root = repo_root();
+    let mut timings: Vec<(&str, Duration)> = Vec::new();
+    let total = Instant::now();
+
+    let t = Instant::now();
+    let tools = deps::ensure(&root, true)?;
+    timings.push(("deps", t.elapsed()));
+
+    let t = Instant::now();
+    let mut services = TestServices::start(&tools)?;
+    timings.push(("start servers", t.elapsed()));
+
+    let t = Instant::now();
+    say!("building the tests while the servers start");
+    let mut build = proc::command(cargo());
+    build
+        .current_dir(&root)
+        .arg("test")
+        .args(&scope)
+        .arg("--no-run")
+        .args(&cargo_args);
+    let built = proc::run(build, "cargo test --no-run")?;
+    timings.push(("build tests", t.elapsed()));
+    if !built.success() {
+        say!("building the tests failed ({built}); not running them");
+        print_timings(&timings, total.elapsed());
+        return Ok(ExitCode::FAILURE);
+    }
+
+    let t = Instant::now();
+    services.wait_ready(&tools)?;
+    timings.push(("wait for servers", t.elapsed()));
+
+    let t = Instant::now();
+    let mut test = proc::command(cargo());
+    test.current_dir(&root).arg("test").args(&scope).args(extra);
+    for (k, v) in services.env() {
+        say!("{k}={v}");
+        test.env(k, v);
+    }
+    let (status, results) =
+        proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
+    timings.push(("run tests", t.elapsed()));
+
+    // A dead server explains failures better than the failures do.
+    if !status.success() {
+        if let Err(e) = services.ensure_running() {
+            say!("a server died during the tests: {e:#}");
+        }
+    }
+
+    let t = Instant::now();
+    services.stop();
+    timings.push(("stop servers", t.elapsed()));
+
+    print_timings(&timings, total.elapsed());
+    let (passed, failed, ignored) = count(&results);
+    if status.success() {
+        say!("cargo test passed");
+    } else {
+        say!("cargo test failed ({status})");
+    }
+    println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_timings(timings: &[(&str, Duration)], total: Duration) {
+    for (phase, d) in timings {
+        say!("{:<17} {:>8}", phase, secs(*d));
+    }
+    say!("{:<17} {:>8}", "total", secs(total));
+}
+
+/// Sums libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
+fn count(lines: &[String]) -> (u64, u64, u64) {
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    for line in lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for pair in words.windows(2) {
+            let n: u64 = pair[0].parse().unwrap_or(0);
+            match pair[1].trim_end_matches([';', ',']) {
+                "passed" => passed += n,
+                "failed" => failed += n,
+                "ignored" => ignored += n,
+                _ => {}
+            }
+        }
+    }
+    (passed, failed, ignored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_libtest_summaries() {
+        let lines = vec![
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s".to_string(),
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.2s"
+                .to_string(),
+        ];
+        assert_eq!(count(&lines), (5, 1, 1));
+    }
+}
