@@ -23,25 +23,15 @@ pub async fn authenticate(gw: &Gateway, token: &str) -> Result<Identity, ApiErro
     if !opaque_token::is_well_formed(token) {
         return Err(ApiError::unauthorized("token is not a valid sytok_ token"));
     }
-    let grant = gw
-        .tokens
-        .resolve(token)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("token is unknown or expired"))?;
+    let grant = gw.tokens.resolve(token).await?.ok_or_else(|| ApiError::unauthorized("token is unknown or expired"))?;
     if !gw.tenants.is_enabled(&grant.project_id).await? {
         return Err(ApiError::new(ErrorCode::Forbidden, "tenant is disabled"));
     }
-    Ok(Identity {
-        tenant: grant.project_id,
-        user: grant.user_id,
-        grants: Vec::new(),
-    })
+    Ok(Identity { tenant: grant.project_id, user: grant.user_id, grants: Vec::new() })
 }
 
 /// The token in an `Authorization: Bearer ...` header value.
 pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }

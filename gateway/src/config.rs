@@ -42,6 +42,8 @@ pub struct GatewayConfig {
     pub ops_burst: u32,
     /// Allowed `Origin` values for WebSocket upgrades; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// Most events one `join {since}` replays; a longer gap is answered `resume_gap`.
+    pub resume_max_events: u64,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +65,7 @@ impl Default for GatewayConfig {
             ops_per_sec: 20,
             ops_burst: 40,
             allowed_origins: Vec::new(),
+            resume_max_events: 10_000,
         }
     }
 }
@@ -71,24 +74,15 @@ impl Default for GatewayConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
 }
 
 fn parsed<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError> {
-    value.trim().parse().map_err(|_| ConfigError::Invalid {
-        name,
-        message: format!("cannot parse {value:?}"),
-    })
+    value.trim().parse().map_err(|_| ConfigError::Invalid { name, message: format!("cannot parse {value:?}") })
 }
 
 impl GatewayConfig {
@@ -96,10 +90,8 @@ impl GatewayConfig {
     pub fn load() -> Result<Self, ConfigError> {
         let mut config = match std::env::var("SWITCHYARD_CONFIG") {
             Ok(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
             }
             Err(_) => GatewayConfig::default(),
@@ -127,49 +119,27 @@ impl GatewayConfig {
             self.shard_count = parsed("SWITCHYARD_SHARD_COUNT", &v)?;
         }
         if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
-            self.allowed_origins = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
+            self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
         Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |name, message: &str| {
-            Err(ConfigError::Invalid {
-                name,
-                message: message.to_owned(),
-            })
-        };
+        let invalid = |name, message: &str| Err(ConfigError::Invalid { name, message: message.to_owned() });
         if self.admin_token.len() < 16 {
-            return invalid(
-                "admin_token",
-                "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long",
-            );
+            return invalid("admin_token", "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long");
         }
         if self.shard_count == 0 || self.shard_count > 4096 {
             return invalid("shard_count", "must be 1..=4096");
         }
         if self.max_frame_bytes < 1024 || self.max_body_bytes == 0 || self.max_attrs_bytes == 0 {
-            return invalid(
-                "max_frame_bytes",
-                "frame limit must be at least 1 KiB and body/attrs limits positive",
-            );
+            return invalid("max_frame_bytes", "frame limit must be at least 1 KiB and body/attrs limits positive");
         }
         if self.outbound_queue_frames == 0 || self.outbound_queue_bytes == 0 {
-            return invalid(
-                "outbound_queue_frames",
-                "outbound queue bounds must be positive",
-            );
+            return invalid("outbound_queue_frames", "outbound queue bounds must be positive");
         }
         if self.heartbeat_ms < 100 || self.auth_timeout_ms == 0 || self.command_timeout_ms == 0 {
-            return invalid(
-                "heartbeat_ms",
-                "heartbeat must be at least 100 ms and timeouts positive",
-            );
+            return invalid("heartbeat_ms", "heartbeat must be at least 100 ms and timeouts positive");
         }
         if self.ops_per_sec == 0 || self.ops_burst == 0 {
             return invalid("ops_per_sec", "op rate and burst must be positive");
@@ -205,8 +175,6 @@ mod tests {
             .unwrap();
         config.validate().unwrap();
         assert_eq!(config.listen.port(), 0);
-        assert!(config
-            .apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into()))
-            .is_err());
+        assert!(config.apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into())).is_err());
     }
 }

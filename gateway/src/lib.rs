@@ -9,6 +9,8 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod presence;
+pub mod resume;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
@@ -35,10 +37,7 @@ pub enum GatewayError {
     #[error("Redis: {0}")]
     Redis(String),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -51,6 +50,12 @@ pub struct Gateway {
     pub tenants: tenants::TenantDirectory,
     pub tokens: tokens::TokenStore,
     pub hub: Arc<ws::hub::Hub>,
+    /// Reports this gateway's users to their presence owners.
+    pub presence: presence::PresenceReporter,
+    /// JetStream, for reading the events stream on resume.
+    js: jetstream::Context,
+    /// The events stream, opened on first use (router shards create it).
+    events: tokio::sync::OnceCell<jetstream::stream::Stream>,
     /// Fires when the gateway stops: sessions close with 1001.
     pub shutdown: CancellationToken,
     /// Set once shutdown begins: `/readyz` answers 503 and new upgrades are refused.
@@ -62,6 +67,14 @@ impl Gateway {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
     }
+
+    /// The events stream.
+    pub async fn events_stream(&self) -> Result<jetstream::stream::Stream, String> {
+        self.events
+            .get_or_try_init(|| async { self.js.get_stream(subjects::EVENTS_STREAM).await.map_err(|e| e.to_string()) })
+            .await
+            .cloned()
+    }
 }
 
 /// A gateway whose listener is bound (so its address is known) but which does not serve yet.
@@ -71,10 +84,7 @@ pub struct BoundGateway {
 }
 
 /// Connect to NATS and Redis and bind the listener.
-pub async fn bind(
-    config: GatewayConfig,
-    shutdown: CancellationToken,
-) -> Result<BoundGateway, GatewayError> {
+pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
     let nats = async_nats::ConnectOptions::new()
         .name("switchyard-gateway")
         .retry_on_initial_connect()
@@ -84,8 +94,7 @@ pub async fn bind(
     let js = jetstream::new(nats.clone());
     let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET).await?;
 
-    let redis_config =
-        Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
+    let redis_config = Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
     let redis = Builder::from_config(redis_config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
@@ -97,21 +106,19 @@ pub async fn bind(
         .map_err(|e| GatewayError::Redis(e.to_string()))?;
     // Connect in the background: without Redis the gateway still serves existing sockets and reports not ready.
     let _connection = redis.connect();
-    if tokio::time::timeout(Duration::from_secs(5), redis.wait_for_connect())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), redis.wait_for_connect()).await.is_err() {
         tracing::warn!(url = %config.redis_url, "Redis not reachable yet; opaque tokens fail until it is");
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| GatewayError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
+    let gateway_id = format!("gw-{}", switchyard_protocol::ids::random_base62(10));
     let gateway = Arc::new(Gateway {
         hub: ws::hub::Hub::new(nats.clone()),
+        presence: presence::PresenceReporter::start(nats.clone(), gateway_id, config.shard_count, shutdown.clone()),
+        js,
+        events: tokio::sync::OnceCell::new(),
         tenants: tenants::TenantDirectory::new(tenants_kv),
         tokens: tokens::TokenStore::new(redis),
         nats,
@@ -125,9 +132,7 @@ pub async fn bind(
 
 impl BoundGateway {
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.gateway.config.listen)
+        self.listener.local_addr().unwrap_or(self.gateway.config.listen)
     }
 
     /// Serve until the shutdown token fires; then stop accepting, close sessions with 1001 and return.
@@ -156,15 +161,12 @@ async fn ensure_kv(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, G
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    let config = kv::Config {
-        bucket: bucket.to_owned(),
-        history: 1,
-        ..Default::default()
-    };
+    let config = kv::Config { bucket: bucket.to_owned(), history: 1, ..Default::default() };
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        Err(create_error) => js.get_key_value(bucket).await.map_err(|e| {
-            GatewayError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))
-        }),
+        Err(create_error) => js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| GatewayError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))),
     }
 }

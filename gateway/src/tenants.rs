@@ -24,11 +24,7 @@ fn sha256_hex(text: &str) -> String {
 
 /// Compare two equal-length hex digests without an early exit.
 fn digests_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl TenantDirectory {
@@ -37,11 +33,7 @@ impl TenantDirectory {
     }
 
     /// Create a tenant; returns its record and its API key, which is never shown again.
-    pub async fn create(
-        &self,
-        name: &str,
-        now_ms: u64,
-    ) -> Result<(TenantRecord, String), ApiError> {
+    pub async fn create(&self, name: &str, now_ms: u64) -> Result<(TenantRecord, String), ApiError> {
         let project_id = ProjectId::generate();
         let key = api_key::generate(&project_id);
         let record = TenantRecord {
@@ -53,8 +45,7 @@ impl TenantDirectory {
             jwt: None,
             disabled: false,
         };
-        let payload = codec::encode(&record)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
         self.kv
             .create(subjects::tenant_key(&project_id), payload)
             .await
@@ -71,12 +62,9 @@ impl TenantDirectory {
             .map_err(|e| ApiError::unavailable(format!("cannot read tenant: {e}")))?;
         match bytes {
             None => Ok(None),
-            Some(bytes) => codec::decode(&bytes).map(Some).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Internal,
-                    format!("unreadable tenant record: {e}"),
-                )
-            }),
+            Some(bytes) => codec::decode(&bytes)
+                .map(Some)
+                .map_err(|e| ApiError::new(ErrorCode::Internal, format!("unreadable tenant record: {e}"))),
         }
     }
 
@@ -96,9 +84,6 @@ impl TenantDirectory {
 
     /// Is the tenant present and enabled?
     pub async fn is_enabled(&self, project_id: &ProjectId) -> Result<bool, ApiError> {
-        Ok(self
-            .get(project_id)
-            .await?
-            .is_some_and(|record| !record.disabled))
+        Ok(self.get(project_id).await?.is_some_and(|record| !record.disabled))
     }
 }

@@ -36,16 +36,9 @@ impl TokenStore {
     /// Issue a token for `user_id` living `ttl_secs`.
     pub async fn issue(&self, grant: &TokenGrant, ttl_secs: u64) -> Result<String, ApiError> {
         let token = opaque_token::generate();
-        let value =
-            serde_json::to_string(grant).map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let value = serde_json::to_string(grant).map_err(|e| ApiError::unavailable(e.to_string()))?;
         self.redis
-            .set::<(), _, _>(
-                redis_key(&token),
-                value,
-                Some(Expiration::EX(ttl_secs as i64)),
-                None,
-                false,
-            )
+            .set::<(), _, _>(redis_key(&token), value, Some(Expiration::EX(ttl_secs as i64)), None, false)
             .await
             .map_err(|e| ApiError::unavailable(format!("token store unavailable: {e}")))?;
         Ok(token)

@@ -7,13 +7,14 @@
 
 use crate::Gateway;
 use async_nats::RequestErrorKind;
+use std::collections::BTreeMap;
 use std::time::Duration;
-use switchyard_protocol::client::OkResult;
+use switchyard_protocol::client::{OkResult, PresenceState};
 use switchyard_protocol::internal::{
-    CommandReply, CommandRequest, HistoryReply, HistoryRequest, RoomCommand, INTERNAL_VERSION,
+    CommandReply, CommandRequest, HistoryReply, HistoryRequest, RoomCommand, UserCommand, UserRequest, INTERNAL_VERSION,
 };
-use switchyard_protocol::shard::shard_of_room;
-use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, UserId};
+use switchyard_protocol::shard::{shard_of_room, shard_of_user};
+use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, ShardId, UserId};
 
 /// A failed request, ready to be answered as an `err`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -24,56 +25,85 @@ pub struct UpstreamError {
 }
 
 fn upstream_error(code: ErrorCode, message: impl Into<String>) -> UpstreamError {
-    UpstreamError {
-        code,
-        message: message.into(),
-    }
+    UpstreamError { code, message: message.into() }
 }
 
-/// Ask the router shard that owns the room to run `command` for `user`.
+/// Ask the router shard that owns the room to run `command` for `user` (`None`: the tenant's backend).
 pub async fn command(
     gw: &Gateway,
     tenant: &ProjectId,
-    user: &UserId,
+    user: Option<&UserId>,
     command: RoomCommand,
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
-    let request = CommandRequest {
-        v: INTERNAL_VERSION,
-        tenant: tenant.clone(),
-        user: user.clone(),
-        command,
-    };
-    let payload =
-        codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command };
+    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
     let reply = request_with_retry(gw, subjects::command(shard), payload, "router shard").await?;
-    match codec::decode::<CommandReply>(&reply) {
+    decode_reply(&reply)
+}
+
+/// Send a command that is never answered (typing signals). Lost when its shard is moving, which is acceptable for
+/// what it carries.
+pub async fn notify(gw: &Gateway, tenant: &ProjectId, user: &UserId, command: RoomCommand) {
+    let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
+    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command };
+    if let Ok(payload) = codec::encode(&request) {
+        let _ = gw.nats.publish(subjects::command(shard), payload).await;
+    }
+}
+
+/// Ask the router shard that owns `user`'s shard about that user.
+pub async fn user_request(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    user: &UserId,
+    command: UserCommand,
+) -> Result<OkResult, UpstreamError> {
+    let shard = shard_of_user(tenant, user, gw.config.shard_count);
+    let request = UserRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
+    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let reply = request_with_retry(gw, subjects::user_command(shard), payload, "router shard").await?;
+    decode_reply(&reply)
+}
+
+/// Presence of up to a few hundred users, asking each owning shard once.
+pub async fn presence(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    users: &[UserId],
+) -> Result<BTreeMap<String, PresenceState>, UpstreamError> {
+    let mut by_shard: BTreeMap<ShardId, Vec<UserId>> = BTreeMap::new();
+    for user in users {
+        by_shard.entry(shard_of_user(tenant, user, gw.config.shard_count)).or_default().push(user.clone());
+    }
+    let requests = by_shard.into_values().map(|users| async move {
+        let first = users[0].clone();
+        user_request(gw, tenant, &first, UserCommand::Presence { users }).await
+    });
+    let mut states = BTreeMap::new();
+    for reply in futures::future::join_all(requests).await {
+        match reply? {
+            OkResult::Presence { users } => states.extend(users),
+            _ => return Err(upstream_error(ErrorCode::Internal, "unexpected presence reply")),
+        }
+    }
+    Ok(states)
+}
+
+fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
+    match codec::decode::<CommandReply>(reply) {
         Ok(CommandReply::Ok { result }) => Ok(result),
         Ok(CommandReply::Err { code, message }) => Err(upstream_error(code, message)),
-        Err(e) => Err(upstream_error(
-            ErrorCode::Internal,
-            format!("unreadable router reply: {e}"),
-        )),
+        Err(e) => Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }
 }
 
 /// Ask a persistor for a page of history.
 pub async fn history(gw: &Gateway, request: HistoryRequest) -> Result<HistoryReply, UpstreamError> {
-    let payload =
-        codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(
-        gw,
-        subjects::HISTORY_SUBJECT.to_owned(),
-        payload,
-        "persistor",
-    )
-    .await?;
-    codec::decode::<HistoryReply>(&reply).map_err(|e| {
-        upstream_error(
-            ErrorCode::Internal,
-            format!("unreadable persistor reply: {e}"),
-        )
-    })
+    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let reply = request_with_retry(gw, subjects::HISTORY_SUBJECT.to_owned(), payload, "persistor").await?;
+    codec::decode::<HistoryReply>(&reply)
+        .map_err(|e| upstream_error(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
 }
 
 async fn request_with_retry(
@@ -87,14 +117,9 @@ async fn request_with_retry(
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() {
-            return Err(upstream_error(
-                ErrorCode::Unavailable,
-                format!("no {who} answered in time; retry later"),
-            ));
+            return Err(upstream_error(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
         }
-        let request = async_nats::Request::new()
-            .payload(payload.clone())
-            .timeout(Some(remaining));
+        let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(remaining));
         match gw.nats.send_request(subject.clone(), request).await {
             Ok(message) => return Ok(message.payload),
             Err(e) if e.kind() == RequestErrorKind::NoResponders => {
@@ -102,17 +127,9 @@ async fn request_with_retry(
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
             Err(e) if e.kind() == RequestErrorKind::TimedOut => {
-                return Err(upstream_error(
-                    ErrorCode::Unavailable,
-                    format!("the {who} did not answer in time"),
-                ));
+                return Err(upstream_error(ErrorCode::Unavailable, format!("the {who} did not answer in time")));
             }
-            Err(e) => {
-                return Err(upstream_error(
-                    ErrorCode::Unavailable,
-                    format!("cannot reach a {who}: {e}"),
-                ))
-            }
+            Err(e) => return Err(upstream_error(ErrorCode::Unavailable, format!("cannot reach a {who}: {e}"))),
         }
     }
 }

@@ -13,12 +13,13 @@ use serde_json::Value;
 /// The version every internal message is written with.
 pub const INTERNAL_VERSION: u8 = 1;
 
-/// A command a gateway sends to the router shard that owns the room's shard, on behalf of one user.
+/// A command a gateway sends to the router shard that owns the room's shard, on behalf of one user, or of the
+/// tenant's backend (`user: None`, through the tenant HTTP API; trusted within its tenant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandRequest {
     pub v: u8,
     pub tenant: ProjectId,
-    pub user: UserId,
+    pub user: Option<UserId>,
     pub command: RoomCommand,
 }
 
@@ -27,23 +28,33 @@ pub struct CommandRequest {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RoomCommand {
     /// Create a room; the caller becomes its admin.
-    Create {
-        room: RoomId,
-        private: bool,
-        title: Option<String>,
-    },
+    Create { room: RoomId, private: bool, title: Option<String> },
     /// Become a member (when allowed) and learn the room's last seq. `grants` are the token's `rooms` claims.
     Join { room: RoomId, grants: Vec<String> },
-    /// Append a message.
-    Send {
-        room: RoomId,
-        body: String,
-        attrs: Option<Value>,
-        reply_to: Option<u64>,
-        cmid: Option<String>,
-    },
+    /// Append a message. In a direct-message room only its two participants may send.
+    Send { room: RoomId, body: String, attrs: Option<Value>, reply_to: Option<u64>, cmid: Option<String> },
     /// May the user read the room's history? Answered with the room's last seq (`OkResult::RoomSeq`).
     CanRead { room: RoomId, grants: Vec<String> },
+    /// End the caller's membership.
+    Leave { room: RoomId },
+    /// Make `user` a member (room admins only).
+    Invite { room: RoomId, user: UserId },
+    /// End `user`'s membership (room admins only).
+    Kick { room: RoomId, user: UserId },
+    /// The room's members and roles (`online` is filled in by the gateway).
+    Members { room: RoomId },
+    /// Make `user` a member with `role`, or change their role (the tenant's backend only).
+    SetMember { room: RoomId, user: UserId, role: crate::client::Role },
+    /// A typing signal; throttled per user and room, never answered.
+    Typing { room: RoomId },
+    /// Move the caller's read marker forward.
+    Read { room: RoomId, seq: u64 },
+    /// Add or remove a reaction on message `target`.
+    React { room: RoomId, target: u64, emoji: String, remove: bool },
+    /// Replace the body of message `target` (its author only).
+    Edit { room: RoomId, target: u64, body: String },
+    /// Delete message `target` (its author or a room admin).
+    Delete { room: RoomId, target: u64 },
 }
 
 impl RoomCommand {
@@ -52,9 +63,59 @@ impl RoomCommand {
             RoomCommand::Create { room, .. }
             | RoomCommand::Join { room, .. }
             | RoomCommand::Send { room, .. }
-            | RoomCommand::CanRead { room, .. } => room,
+            | RoomCommand::CanRead { room, .. }
+            | RoomCommand::Leave { room }
+            | RoomCommand::Invite { room, .. }
+            | RoomCommand::Kick { room, .. }
+            | RoomCommand::Members { room }
+            | RoomCommand::SetMember { room, .. }
+            | RoomCommand::Typing { room }
+            | RoomCommand::Read { room, .. }
+            | RoomCommand::React { room, .. }
+            | RoomCommand::Edit { room, .. }
+            | RoomCommand::Delete { room, .. } => room,
         }
     }
+}
+
+/// A request about one user, served by the router shard that owns the user's shard (see `shard_of_user`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRequest {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub user: UserId,
+    pub command: UserCommand,
+}
+
+/// What is asked about a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum UserCommand {
+    /// The user's memberships with last seq and read marker (`OkResult::Rooms`).
+    Rooms,
+    /// Presence of `users`, all owned by this shard (`OkResult::Presence`).
+    Presence { users: Vec<UserId> },
+    /// A gateway's sessions of this user went from none to some (`online`) or from some to none. Not answered.
+    SessionsChanged { gateway: String, online: bool },
+}
+
+/// A gateway's periodic list of the users it has sessions for, per presence shard. Not answered. A user missing
+/// from a gateway's snapshots for the presence expiry is taken to have no session there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceSnapshot {
+    pub v: u8,
+    pub gateway: String,
+    pub users: Vec<(ProjectId, UserId)>,
+}
+
+/// What travels on a room's live subject and on a user's inbox: sequenced events and ephemeral signals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "live", rename_all = "snake_case")]
+pub enum LiveMessage {
+    Event(RoomEvent),
+    Typing { room: RoomId, user: UserId },
+    Read { room: RoomId, user: UserId, seq: u64 },
+    Presence { user: UserId, online: bool, ts: u64 },
 }
 
 /// A router shard's answer to a command.
@@ -67,10 +128,7 @@ pub enum CommandReply {
 
 impl CommandReply {
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
-        CommandReply::Err {
-            code,
-            message: message.into(),
-        }
+        CommandReply::Err { code, message: message.into() }
     }
 }
 
@@ -92,35 +150,12 @@ pub struct RoomEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventBody {
-    Msg {
-        id: MessageId,
-        from: UserId,
-        body: String,
-        attrs: Option<Value>,
-        reply_to: Option<u64>,
-    },
-    Edit {
-        target: u64,
-        from: UserId,
-        body: String,
-    },
-    Delete {
-        target: u64,
-        by: UserId,
-    },
-    Reaction {
-        target: u64,
-        user: UserId,
-        emoji: String,
-        removed: bool,
-    },
-    Joined {
-        user: UserId,
-    },
-    Left {
-        user: UserId,
-        by: Option<UserId>,
-    },
+    Msg { id: MessageId, from: UserId, body: String, attrs: Option<Value>, reply_to: Option<u64> },
+    Edit { target: u64, from: UserId, body: String },
+    Delete { target: u64, by: UserId },
+    Reaction { target: u64, user: UserId, emoji: String, removed: bool },
+    Joined { user: UserId },
+    Left { user: UserId, by: Option<UserId> },
 }
 
 impl RoomEvent {
@@ -135,13 +170,7 @@ impl RoomEvent {
         let seq = self.seq;
         let ts = self.ts_ms();
         match &self.body {
-            EventBody::Msg {
-                id,
-                from,
-                body,
-                attrs,
-                reply_to,
-            } => ServerEvent::Msg {
+            EventBody::Msg { id, from, body, attrs, reply_to } => ServerEvent::Msg {
                 room,
                 seq,
                 id: id.clone(),
@@ -151,27 +180,11 @@ impl RoomEvent {
                 reply_to: *reply_to,
                 ts,
             },
-            EventBody::Edit { target, from, body } => ServerEvent::Edit {
-                room,
-                seq,
-                target: *target,
-                from: from.clone(),
-                body: body.clone(),
-                ts,
-            },
-            EventBody::Delete { target, by } => ServerEvent::Delete {
-                room,
-                seq,
-                target: *target,
-                by: by.clone(),
-                ts,
-            },
-            EventBody::Reaction {
-                target,
-                user,
-                emoji,
-                removed,
-            } => ServerEvent::Reaction {
+            EventBody::Edit { target, from, body } => {
+                ServerEvent::Edit { room, seq, target: *target, from: from.clone(), body: body.clone(), ts }
+            }
+            EventBody::Delete { target, by } => ServerEvent::Delete { room, seq, target: *target, by: by.clone(), ts },
+            EventBody::Reaction { target, user, emoji, removed } => ServerEvent::Reaction {
                 room,
                 seq,
                 target: *target,
@@ -180,19 +193,8 @@ impl RoomEvent {
                 removed: *removed,
                 ts,
             },
-            EventBody::Joined { user } => ServerEvent::Joined {
-                room,
-                seq,
-                user: user.clone(),
-                ts,
-            },
-            EventBody::Left { user, by } => ServerEvent::Left {
-                room,
-                seq,
-                user: user.clone(),
-                by: by.clone(),
-                ts,
-            },
+            EventBody::Joined { user } => ServerEvent::Joined { room, seq, user: user.clone(), ts },
+            EventBody::Left { user, by } => ServerEvent::Left { room, seq, user: user.clone(), by: by.clone(), ts },
         }
     }
 }
@@ -225,15 +227,31 @@ pub struct RoomRecord {
     pub v: u8,
     pub private: bool,
     pub title: Option<String>,
-    pub created_by: UserId,
+    /// The creating user; `None` when the tenant's backend created the room.
+    pub created_by: Option<UserId>,
     pub created_at_ms: u64,
 }
 
-/// One membership in the rooms KV bucket.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MemberRecord {
+/// A room's members and their roles, in the rooms KV bucket; written only by the room's actor.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Roster {
     pub v: u8,
+    pub members: std::collections::BTreeMap<UserId, crate::client::Role>,
+}
+
+/// One of a user's rooms, as kept in the user's `UserRooms` record.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct UserRoom {
     pub role: crate::client::Role,
+    /// The user's read marker in the room.
+    pub read: u64,
+}
+
+/// A user's rooms, in the rooms KV bucket; updated by compare-and-set, since each room's actor writes its own entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserRooms {
+    pub v: u8,
+    pub rooms: std::collections::BTreeMap<RoomId, UserRoom>,
 }
 
 /// How a tenant's JWTs are verified.

@@ -37,6 +37,14 @@ pub fn shard_of_room(tenant: &ProjectId, room: &RoomId, shard_count: u16) -> Sha
     ShardId((hash % u64::from(shard_count)) as u16)
 }
 
+/// The shard that owns `user`'s presence and user-level requests.
+pub fn shard_of_user(tenant: &ProjectId, user: &crate::UserId, shard_count: u16) -> ShardId {
+    assert!(shard_count > 0, "shard_count must be positive");
+    // A distinct first part keeps user shards independent of room shards with the same name.
+    let hash = fnv1a(&[b"user", tenant.as_str().as_bytes(), user.as_str().as_bytes()]);
+    ShardId((hash % u64::from(shard_count)) as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,10 +58,7 @@ mod tests {
         assert_eq!(a, b);
         assert!(a.0 < 64);
         // Pinned value: changing the hash would move every room to another shard.
-        assert_eq!(
-            a,
-            ShardId((fnv1a(&[b"pj_abcdefghij0123456789", b"general"]) % 64) as u16)
-        );
+        assert_eq!(a, ShardId((fnv1a(&[b"pj_abcdefghij0123456789", b"general"]) % 64) as u16));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Every token that comes from outside is an already validated id (see `ids`), so no subject built here can hold a
 //! wildcard or an extra token. This module does not publish or subscribe.
 
-use crate::ids::{ProjectId, RoomId};
+use crate::ids::{ProjectId, RoomId, UserId};
 use crate::shard::ShardId;
 
 /// The stream that holds every sequenced room event.
@@ -65,18 +65,46 @@ pub fn room_key(tenant: &ProjectId, room: &RoomId) -> String {
     format!("room.{}.{}", tenant, room.token())
 }
 
-/// KV key of one membership.
-pub fn member_key(tenant: &ProjectId, room: &RoomId, user: &crate::UserId) -> String {
-    format!("member.{}.{}.{}", tenant, room.token(), user)
+/// KV key of a room's roster (members and roles).
+pub fn roster_key(tenant: &ProjectId, room: &RoomId) -> String {
+    format!("roster.{}.{}", tenant, room.token())
+}
+
+/// KV key of a user's rooms and read markers.
+pub fn user_rooms_key(tenant: &ProjectId, user: &UserId) -> String {
+    format!("urooms.{tenant}.{user}")
+}
+
+/// KV key of a user's last-seen time.
+pub fn last_seen_key(tenant: &ProjectId, user: &UserId) -> String {
+    format!("seen.{tenant}.{user}")
+}
+
+/// Where the router shard that owns a user's shard takes requests about that user.
+pub fn user_command(shard: ShardId) -> String {
+    format!("sy.ucmd.{}", shard.0)
+}
+
+/// Where gateways send presence snapshots for the users of one shard.
+pub fn presence_snapshot(shard: ShardId) -> String {
+    format!("sy.psnap.{}", shard.0)
+}
+
+/// A user's inbox: direct-message room events for every session of the user, on every gateway.
+pub fn user_inbox(tenant: &ProjectId, user: &UserId) -> String {
+    format!("sy.user.{tenant}.{user}")
+}
+
+/// A user's presence changes, for the sessions that watch the user.
+pub fn presence_events(tenant: &ProjectId, user: &UserId) -> String {
+    format!("sy.presence.{tenant}.{user}")
 }
 
 /// Is `router_id` usable in a KV key and a subject? Router ids come from configuration.
 pub fn valid_router_id(router_id: &str) -> bool {
     !router_id.is_empty()
         && router_id.len() <= 64
-        && router_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && router_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -87,10 +115,7 @@ mod tests {
     fn subjects_have_fixed_token_counts() {
         let tenant = ProjectId::parse("pj_abcdefghij0123456789").unwrap();
         let room = RoomId::parse("dm:alice:bob").unwrap();
-        assert_eq!(
-            event_log(ShardId(3), &tenant, &room),
-            "sy.log.3.pj_abcdefghij0123456789.dm=alice=bob"
-        );
+        assert_eq!(event_log(ShardId(3), &tenant, &room), "sy.log.3.pj_abcdefghij0123456789.dm=alice=bob");
         assert_eq!(room_live(&tenant, &room).split('.').count(), 4);
         assert_eq!(command(ShardId(63)), "sy.cmd.63");
         assert!(!valid_router_id("a.b"));

@@ -7,6 +7,7 @@
 pub mod config;
 mod context;
 mod leases;
+mod presence;
 mod room;
 mod shard;
 

@@ -1,8 +1,10 @@
-//! The room actor: one task per active room, the only writer of that room's sequence while its router shard owns the
-//! room's shard. It checks membership, assigns `seq`, appends the event to the events stream with a fence on the
-//! room's last stream sequence, and publishes the event live only after JetStream has acknowledged it.
+//! The room actor: one task per active room, the only writer of that room's sequence, roster and read markers while
+//! its router shard owns the room's shard. It checks permissions, assigns `seq`, appends each event to the events
+//! stream with a fence on the room's last stream sequence, and publishes it live only after JetStream has
+//! acknowledged it (on the room's live subject, or for a direct-message room on both participants' inboxes).
 //!
-//! It does not decide shard ownership (see `leases`) and does not talk to clients (gateways do).
+//! It does not decide shard ownership (see `leases`), does not talk to clients (gateways do) and does not store
+//! history (persistors do; it asks them about earlier messages).
 
 use crate::context::RouterContext;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -11,26 +13,28 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::Subject;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use switchyard_protocol::client::{OkResult, Role};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use switchyard_protocol::client::{Member, OkResult, Role};
 use switchyard_protocol::codec;
 use switchyard_protocol::internal::{
-    CommandReply, EventBody, MemberRecord, RoomCommand, RoomEvent, RoomRecord, INTERNAL_VERSION,
+    CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomRecord, Roster,
+    UserRoom, UserRooms, INTERNAL_VERSION,
 };
 use switchyard_protocol::{subjects, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use tokio::sync::mpsc;
 
-/// One command for a room, with where to send the answer.
+/// One command for a room, with where to send the answer (`None` for commands that are never answered).
 pub(crate) struct RoomJob {
-    pub user: UserId,
+    /// The acting user; `None` for the tenant's backend.
+    pub user: Option<UserId>,
     pub command: RoomCommand,
-    pub reply_to: Subject,
+    pub reply_to: Option<Subject>,
 }
 
 /// Why a command failed; each maps to a protocol error code.
 #[derive(Debug, thiserror::Error)]
 enum RoomError {
-    #[error("{0}")]
+    #[error("{1}")]
     Refused(ErrorCode, String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -40,15 +44,17 @@ impl RoomError {
     fn reply(&self) -> CommandReply {
         match self {
             RoomError::Refused(code, message) => CommandReply::err(*code, message.clone()),
-            RoomError::Unavailable(message) => {
-                CommandReply::err(ErrorCode::Unavailable, message.clone())
-            }
+            RoomError::Unavailable(message) => CommandReply::err(ErrorCode::Unavailable, message.clone()),
         }
     }
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> RoomError {
     RoomError::Unavailable(format!("{what}: {error}"))
+}
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> RoomError {
+    RoomError::Refused(code, message.into())
 }
 
 /// The room's last event in the stream.
@@ -60,6 +66,13 @@ struct Tail {
     stream_seq: u64,
     /// That event's timestamp; the next one is strictly later.
     ts_us: u64,
+}
+
+/// What the actor knows about one message of the room.
+#[derive(Debug, Clone)]
+struct MessageFacts {
+    author: UserId,
+    deleted: bool,
 }
 
 /// The result of an append.
@@ -79,11 +92,13 @@ impl Appended {
 }
 
 pub(crate) fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
+
+/// Most message facts kept per room; older ones are asked of the persistors again.
+const MESSAGE_FACTS_KEPT: usize = 4096;
+/// At most one typing signal per user per room in this interval.
+const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A room's actor state. Everything here is a cache of what the stream and the rooms bucket hold, rebuilt on demand.
 pub(crate) struct RoomActor {
@@ -92,28 +107,30 @@ pub(crate) struct RoomActor {
     room: RoomId,
     /// The room's subject in the events stream.
     log_subject: String,
-    /// The room's live subject.
-    live_subject: String,
     /// The room's last event, once loaded; `None` forces a reload from the stream before the next append.
     tail: Option<Tail>,
-    /// The room's record once loaded; `Some(None)` means the room does not exist.
+    /// The room's record once loaded; `Some(None)` means the room does not exist. Direct-message rooms have none.
     record: Option<Option<RoomRecord>>,
-    /// Memberships looked up so far: `Some(role)` for a member, `None` for a known non-member. This actor is the
-    /// only writer of its room's memberships, so the cache stays true while it lives.
-    members: HashMap<UserId, Option<Role>>,
+    /// The room's roster once loaded. This actor is its only writer, so the copy stays true while it lives.
+    roster: Option<Roster>,
+    /// When each user last had a typing signal relayed.
+    typing: HashMap<UserId, Instant>,
+    /// Authors and deletion state of recent messages, by seq.
+    messages: HashMap<u64, MessageFacts>,
 }
 
 impl RoomActor {
     pub fn new(ctx: Arc<RouterContext>, shard: ShardId, tenant: ProjectId, room: RoomId) -> Self {
         RoomActor {
             log_subject: subjects::event_log(shard, &tenant, &room),
-            live_subject: subjects::room_live(&tenant, &room),
             ctx,
             tenant,
             room,
             tail: None,
             record: None,
-            members: HashMap::new(),
+            roster: None,
+            typing: HashMap::new(),
+            messages: HashMap::new(),
         }
     }
 
@@ -136,7 +153,7 @@ impl RoomActor {
     }
 
     async fn serve(&mut self, job: RoomJob) {
-        let reply = match self.handle(&job.user, job.command).await {
+        let reply = match self.handle(job.user.as_ref(), job.command).await {
             Ok(result) => CommandReply::Ok { result },
             Err(error) => {
                 if matches!(error, RoomError::Unavailable(_)) {
@@ -145,9 +162,10 @@ impl RoomActor {
                 error.reply()
             }
         };
+        let Some(reply_to) = job.reply_to else { return };
         match codec::encode(&reply) {
             Ok(payload) => {
-                if let Err(error) = self.ctx.nats.publish(job.reply_to, payload).await {
+                if let Err(error) = self.ctx.nats.publish(reply_to, payload).await {
                     tracing::warn!(%error, "cannot send a command reply");
                 }
             }
@@ -155,113 +173,152 @@ impl RoomActor {
         }
     }
 
-    async fn handle(&mut self, user: &UserId, command: RoomCommand) -> Result<OkResult, RoomError> {
-        match command {
-            RoomCommand::Create {
-                room: _,
-                private,
-                title,
-            } => self.create(user, private, title).await,
-            RoomCommand::Join { room: _, grants } => self.join(user, &grants).await,
-            RoomCommand::CanRead { room: _, grants } => self.can_read(user, &grants).await,
-            RoomCommand::Send {
-                room: _,
-                body,
-                attrs,
-                reply_to,
-                cmid,
-            } => {
-                self.require_member(user).await?;
-                let ts_hint = now_us() / 1000;
-                let msg = EventBody::Msg {
-                    id: MessageId::generate(ts_hint),
-                    from: user.clone(),
-                    body,
-                    attrs,
-                    reply_to,
-                };
-                let dedupe = cmid.map(|cmid| format!("{}:{}:{}", self.tenant, user, cmid));
-                let appended = self.append(msg, dedupe).await?;
-                let event = appended.event();
-                match &event.body {
-                    EventBody::Msg { id, .. } => Ok(OkResult::Sent {
-                        room: self.room.clone(),
-                        id: id.clone(),
-                        seq: event.seq,
-                        ts: event.ts_ms(),
-                    }),
-                    _ => Err(RoomError::Refused(
-                        ErrorCode::Conflict,
-                        "cmid was already used for another kind of op".into(),
-                    )),
+    async fn handle(&mut self, user: Option<&UserId>, command: RoomCommand) -> Result<OkResult, RoomError> {
+        let room = self.room.clone();
+        match (command, user) {
+            (RoomCommand::Create { private, title, .. }, user) => self.create(user, private, title).await,
+            (RoomCommand::Members { .. }, None) => self.members().await,
+            (RoomCommand::SetMember { user: member, role, .. }, None) => {
+                self.require_named_room()?;
+                self.require_record().await?;
+                self.set_member(&member, role).await?;
+                Ok(OkResult::Room { room })
+            }
+            (RoomCommand::Kick { user: member, .. }, None) => {
+                self.require_named_room()?;
+                self.require_record().await?;
+                self.remove_member(&member, None).await?;
+                Ok(OkResult::Room { room })
+            }
+            (_, None) => Err(refused(ErrorCode::Forbidden, "this operation needs a user")),
+            (RoomCommand::Join { grants, .. }, Some(user)) => self.join(user, &grants).await,
+            (RoomCommand::CanRead { grants, .. }, Some(user)) => {
+                self.require_reader(user, &grants).await?;
+                Ok(OkResult::RoomSeq { room, seq: self.tail().await?.seq })
+            }
+            (RoomCommand::Members { .. }, Some(user)) => {
+                self.require_reader(user, &[]).await?;
+                self.members().await
+            }
+            (RoomCommand::Send { body, attrs, reply_to, cmid, .. }, Some(user)) => {
+                self.send(user, body, attrs, reply_to, cmid).await
+            }
+            (RoomCommand::Leave { .. }, Some(user)) => {
+                self.require_named_room()?;
+                if self.role_of(user).await?.is_none() {
+                    return Err(refused(ErrorCode::NotFound, format!("{user} is not a member of room {room}")));
                 }
+                self.remove_member(user, None).await?;
+                Ok(OkResult::Room { room })
+            }
+            (RoomCommand::Invite { user: member, .. }, Some(user)) => {
+                self.require_named_room()?;
+                self.require_admin(user).await?;
+                if self.role_of(&member).await?.is_none() {
+                    self.set_member(&member, Role::Member).await?;
+                }
+                Ok(OkResult::Room { room })
+            }
+            (RoomCommand::Kick { user: member, .. }, Some(user)) => {
+                self.require_named_room()?;
+                self.require_admin(user).await?;
+                if self.role_of(&member).await?.is_none() {
+                    return Err(refused(ErrorCode::NotFound, format!("{member} is not a member of room {room}")));
+                }
+                self.remove_member(&member, Some(user.clone())).await?;
+                Ok(OkResult::Room { room })
+            }
+            (RoomCommand::SetMember { .. }, Some(_)) => {
+                Err(refused(ErrorCode::Forbidden, "roles are set by the tenant's backend"))
+            }
+            (RoomCommand::Typing { .. }, Some(user)) => {
+                self.typing(user).await?;
+                Ok(OkResult::Empty {})
+            }
+            (RoomCommand::Read { seq, .. }, Some(user)) => self.read(user, seq).await,
+            (RoomCommand::React { target, emoji, remove, .. }, Some(user)) => {
+                self.require_member(user).await?;
+                self.require_message(target).await?;
+                let body = EventBody::Reaction { target, user: user.clone(), emoji, removed: remove };
+                let seq = self.append(body, None).await?.event().seq;
+                Ok(OkResult::RoomSeq { room, seq })
+            }
+            (RoomCommand::Edit { target, body, .. }, Some(user)) => {
+                self.require_member(user).await?;
+                let facts = self.require_message(target).await?;
+                if &facts.author != user {
+                    return Err(refused(ErrorCode::Forbidden, "only a message's author may edit it"));
+                }
+                let seq = self.append(EventBody::Edit { target, from: user.clone(), body }, None).await?.event().seq;
+                Ok(OkResult::RoomSeq { room, seq })
+            }
+            (RoomCommand::Delete { target, .. }, Some(user)) => {
+                let role = self.require_member(user).await?;
+                let facts = self.require_message(target).await?;
+                if &facts.author != user && role != Role::Admin {
+                    return Err(refused(ErrorCode::Forbidden, "only a message's author or a room admin may delete it"));
+                }
+                let seq = self.append(EventBody::Delete { target, by: user.clone() }, None).await?.event().seq;
+                Ok(OkResult::RoomSeq { room, seq })
             }
         }
+    }
+
+    fn require_named_room(&self) -> Result<(), RoomError> {
+        if self.room.is_dm() {
+            return Err(refused(ErrorCode::BadRequest, "direct-message rooms have a fixed membership"));
+        }
+        Ok(())
+    }
+
+    async fn require_record(&mut self) -> Result<RoomRecord, RoomError> {
+        self.load_record()
+            .await?
+            .ok_or_else(|| refused(ErrorCode::NotFound, format!("room {} does not exist", self.room)))
     }
 
     async fn create(
         &mut self,
-        user: &UserId,
+        user: Option<&UserId>,
         private: bool,
         title: Option<String>,
     ) -> Result<OkResult, RoomError> {
-        if self.room.is_dm() {
-            return Err(RoomError::Refused(
-                ErrorCode::BadRequest,
-                "direct-message rooms are created by the server through dm".into(),
-            ));
-        }
+        self.require_named_room()?;
         let record = RoomRecord {
             v: INTERNAL_VERSION,
             private,
             title,
-            created_by: user.clone(),
+            created_by: user.cloned(),
             created_at_ms: now_us() / 1000,
         };
         let payload = codec::encode(&record).map_err(|e| unavailable("encode room", e))?;
-        match self
-            .ctx
-            .rooms
-            .create(subjects::room_key(&self.tenant, &self.room), payload)
-            .await
-        {
+        match self.ctx.rooms.create(subjects::room_key(&self.tenant, &self.room), payload).await {
             Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                return Err(RoomError::Refused(
-                    ErrorCode::Conflict,
-                    format!("room {} already exists", self.room),
-                ));
+                return Err(refused(ErrorCode::Conflict, format!("room {} already exists", self.room)));
             }
             Err(e) => return Err(unavailable("create room", e)),
         }
         self.record = Some(Some(record));
-        self.add_member(user, Role::Admin).await?;
-        Ok(OkResult::Room {
-            room: self.room.clone(),
-        })
+        if let Some(user) = user {
+            self.set_member(user, Role::Admin).await?;
+        }
+        Ok(OkResult::Room { room: self.room.clone() })
     }
 
     async fn join(&mut self, user: &UserId, grants: &[String]) -> Result<OkResult, RoomError> {
-        if self.room.is_dm() {
-            self.require_member(user).await?;
-            let tail = self.tail().await?;
-            return Ok(OkResult::RoomSeq {
-                room: self.room.clone(),
-                seq: tail.seq,
-            });
-        }
+        let room = self.room.clone();
         if self.role_of(user).await?.is_some() {
-            let tail = self.tail().await?;
-            return Ok(OkResult::RoomSeq {
-                room: self.room.clone(),
-                seq: tail.seq,
-            });
+            return Ok(OkResult::RoomSeq { room, seq: self.tail().await?.seq });
+        }
+        if self.room.is_dm() {
+            return Err(refused(ErrorCode::Forbidden, format!("{user} is not a participant of {room}")));
         }
         let seq = match self.load_record().await? {
             None => {
                 // A missing room is created public by its first joiner, who becomes its admin.
-                match self.create(user, false, None).await {
-                    Ok(_) => {}
+                match self.create(Some(user), false, None).await {
+                    Ok(_) => self.tail().await?.seq,
                     // Created concurrently through another path: join it as it is.
                     Err(RoomError::Refused(ErrorCode::Conflict, _)) => {
                         self.record = None;
@@ -269,91 +326,168 @@ impl RoomActor {
                     }
                     Err(e) => return Err(e),
                 }
-                self.tail().await?.seq
             }
             Some(record) => {
-                if record.private && !granted(grants, &self.room) {
-                    return Err(RoomError::Refused(
+                if record.private && !granted(grants, &room) {
+                    return Err(refused(
                         ErrorCode::Forbidden,
-                        format!("room {} is private and {user} is not a member", self.room),
+                        format!("room {room} is private and {user} is not a member"),
                     ));
                 }
-                self.add_member(user, Role::Member).await?
+                self.set_member(user, Role::Member).await?
             }
         };
-        Ok(OkResult::RoomSeq {
-            room: self.room.clone(),
-            seq,
-        })
+        Ok(OkResult::RoomSeq { room, seq })
     }
 
     /// Members may read a room, and so may anyone of the tenant when the room is public (or granted).
-    async fn can_read(&mut self, user: &UserId, grants: &[String]) -> Result<OkResult, RoomError> {
-        let allowed = if self.room.is_dm() {
-            self.role_of(user).await?.is_some()
-        } else {
-            match self.load_record().await? {
-                None => {
-                    return Err(RoomError::Refused(
-                        ErrorCode::NotFound,
-                        format!("room {} does not exist", self.room),
-                    ))
-                }
-                Some(record) => {
-                    !record.private
-                        || granted(grants, &self.room)
-                        || self.role_of(user).await?.is_some()
-                }
+    async fn require_reader(&mut self, user: &UserId, grants: &[String]) -> Result<(), RoomError> {
+        if self.role_of(user).await?.is_some() {
+            return Ok(());
+        }
+        let allowed = match self.room.is_dm() {
+            true => false,
+            false => {
+                let record = self.require_record().await?;
+                !record.private || granted(grants, &self.room)
             }
         };
         if !allowed {
-            return Err(RoomError::Refused(
-                ErrorCode::Forbidden,
-                format!("{user} may not read room {}", self.room),
-            ));
+            return Err(refused(ErrorCode::Forbidden, format!("{user} may not read room {}", self.room)));
         }
-        let tail = self.tail().await?;
-        Ok(OkResult::RoomSeq {
-            room: self.room.clone(),
-            seq: tail.seq,
-        })
+        Ok(())
     }
 
-    /// Record a membership and sequence its `joined` event; returns that event's seq.
-    async fn add_member(&mut self, user: &UserId, role: Role) -> Result<u64, RoomError> {
-        let record = MemberRecord {
-            v: INTERNAL_VERSION,
-            role,
+    async fn members(&mut self) -> Result<OkResult, RoomError> {
+        let members = match self.room.dm_participants() {
+            Some((a, b)) => vec![
+                Member { user: a, role: Role::Member, online: false },
+                Member { user: b, role: Role::Member, online: false },
+            ],
+            None => {
+                self.require_record().await?;
+                let roster = self.roster().await?;
+                roster
+                    .members
+                    .iter()
+                    .map(|(user, role)| Member { user: user.clone(), role: *role, online: false })
+                    .collect()
+            }
         };
-        let payload = codec::encode(&record).map_err(|e| unavailable("encode member", e))?;
-        self.ctx
-            .rooms
-            .put(
-                subjects::member_key(&self.tenant, &self.room, user),
-                payload,
-            )
-            .await
-            .map_err(|e| unavailable("store membership", e))?;
-        self.members.insert(user.clone(), Some(role));
-        let appended = self
-            .append(EventBody::Joined { user: user.clone() }, None)
-            .await?;
-        Ok(appended.event().seq)
+        Ok(OkResult::Members { members })
+    }
+
+    async fn send(
+        &mut self,
+        user: &UserId,
+        body: String,
+        attrs: Option<serde_json::Value>,
+        reply_to: Option<u64>,
+        cmid: Option<String>,
+    ) -> Result<OkResult, RoomError> {
+        self.require_member(user).await?;
+        let tail = self.tail().await?;
+        if reply_to.is_some_and(|seq| seq == 0 || seq > tail.seq) {
+            return Err(refused(ErrorCode::BadRequest, "reply_to must be the seq of an earlier event of the room"));
+        }
+        if self.room.is_dm() && tail.seq == 0 {
+            // The conversation's first message: list it among both participants' rooms.
+            if let Some((a, b)) = self.room.dm_participants() {
+                for participant in [a, b] {
+                    self.update_user_rooms(&participant, |rooms| {
+                        rooms.rooms.entry(self.room.clone()).or_insert(UserRoom { role: Role::Member, read: 0 });
+                    })
+                    .await?;
+                }
+            }
+        }
+        let msg =
+            EventBody::Msg { id: MessageId::generate(now_us() / 1000), from: user.clone(), body, attrs, reply_to };
+        let dedupe = cmid.map(|cmid| format!("{}:{}:{}", self.tenant, user, cmid));
+        let appended = self.append(msg, dedupe).await?;
+        let event = appended.event();
+        match &event.body {
+            EventBody::Msg { id, .. } => {
+                Ok(OkResult::Sent { room: self.room.clone(), id: id.clone(), seq: event.seq, ts: event.ts_ms() })
+            }
+            _ => Err(refused(ErrorCode::Conflict, "cmid was already used for another kind of op")),
+        }
+    }
+
+    async fn typing(&mut self, user: &UserId) -> Result<(), RoomError> {
+        if self.role_of(user).await?.is_none() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if self.typing.get(user).is_some_and(|last| now.duration_since(*last) < TYPING_INTERVAL) {
+            return Ok(());
+        }
+        self.typing.retain(|_, last| now.duration_since(*last) < TYPING_INTERVAL);
+        self.typing.insert(user.clone(), now);
+        self.publish_live(&LiveMessage::Typing { room: self.room.clone(), user: user.clone() }).await;
+        Ok(())
+    }
+
+    async fn read(&mut self, user: &UserId, seq: u64) -> Result<OkResult, RoomError> {
+        self.require_member(user).await?;
+        let tail = self.tail().await?;
+        if seq > tail.seq {
+            return Err(refused(ErrorCode::BadRequest, format!("seq {seq} is past the room's last seq {}", tail.seq)));
+        }
+        let room = self.room.clone();
+        let mut marker = 0;
+        let role = self.role_of(user).await?.unwrap_or(Role::Member);
+        self.update_user_rooms(user, |rooms| {
+            let entry = rooms.rooms.entry(room.clone()).or_insert(UserRoom { role, read: 0 });
+            entry.read = entry.read.max(seq);
+            marker = entry.read;
+        })
+        .await?;
+        if marker == seq {
+            self.publish_live(&LiveMessage::Read { room: room.clone(), user: user.clone(), seq }).await;
+        }
+        Ok(OkResult::RoomSeq { room, seq: marker })
+    }
+
+    /// Make `user` a member with `role` (or change the role); a new membership is sequenced as `joined`. Returns
+    /// the room's last seq afterwards.
+    async fn set_member(&mut self, user: &UserId, role: Role) -> Result<u64, RoomError> {
+        let mut roster = self.roster().await?;
+        let new_member = roster.members.insert(user.clone(), role).is_none();
+        self.save_roster(roster).await?;
+        let room = self.room.clone();
+        self.update_user_rooms(user, |rooms| {
+            rooms.rooms.entry(room.clone()).or_insert(UserRoom { role, read: 0 }).role = role;
+        })
+        .await?;
+        if new_member {
+            return Ok(self.append(EventBody::Joined { user: user.clone() }, None).await?.event().seq);
+        }
+        Ok(self.tail().await?.seq)
+    }
+
+    /// End `user`'s membership; sequenced as `left` (with `by` for a kick).
+    async fn remove_member(&mut self, user: &UserId, by: Option<UserId>) -> Result<(), RoomError> {
+        let mut roster = self.roster().await?;
+        if roster.members.remove(user).is_none() {
+            return Err(refused(ErrorCode::NotFound, format!("{user} is not a member of room {}", self.room)));
+        }
+        self.save_roster(roster).await?;
+        let room = self.room.clone();
+        self.update_user_rooms(user, |rooms| {
+            rooms.rooms.remove(&room);
+        })
+        .await?;
+        self.append(EventBody::Left { user: user.clone(), by }, None).await?;
+        Ok(())
     }
 
     async fn load_record(&mut self) -> Result<Option<RoomRecord>, RoomError> {
         if let Some(record) = &self.record {
             return Ok(record.clone());
         }
-        let record = match self
-            .ctx
-            .rooms
-            .get(subjects::room_key(&self.tenant, &self.room))
-            .await
-        {
-            Ok(Some(bytes)) => Some(
-                codec::decode::<RoomRecord>(&bytes).map_err(|e| unavailable("room record", e))?,
-            ),
+        let record = match self.ctx.rooms.get(subjects::room_key(&self.tenant, &self.room)).await {
+            Ok(Some(bytes)) => Some(codec::decode::<RoomRecord>(&bytes).map_err(|e| unavailable("room record", e))?),
             Ok(None) => None,
             Err(e) => return Err(unavailable("read room", e)),
         };
@@ -361,38 +495,129 @@ impl RoomActor {
         Ok(record)
     }
 
+    async fn roster(&mut self) -> Result<Roster, RoomError> {
+        if let Some(roster) = &self.roster {
+            return Ok(roster.clone());
+        }
+        let roster = match self.ctx.rooms.get(subjects::roster_key(&self.tenant, &self.room)).await {
+            Ok(Some(bytes)) => codec::decode::<Roster>(&bytes).map_err(|e| unavailable("roster", e))?,
+            Ok(None) => Roster { v: INTERNAL_VERSION, ..Roster::default() },
+            Err(e) => return Err(unavailable("read roster", e)),
+        };
+        self.roster = Some(roster.clone());
+        Ok(roster)
+    }
+
+    async fn save_roster(&mut self, roster: Roster) -> Result<(), RoomError> {
+        let payload = codec::encode(&roster).map_err(|e| unavailable("encode roster", e))?;
+        if let Err(error) = self.ctx.rooms.put(subjects::roster_key(&self.tenant, &self.room), payload).await {
+            self.roster = None;
+            return Err(unavailable("store roster", error));
+        }
+        self.roster = Some(roster);
+        Ok(())
+    }
+
+    /// Change a user's rooms record by compare-and-set: other rooms' actors write the same record.
+    async fn update_user_rooms(&self, user: &UserId, mut change: impl FnMut(&mut UserRooms)) -> Result<(), RoomError> {
+        let key = subjects::user_rooms_key(&self.tenant, user);
+        for _ in 0..16 {
+            let entry = self.ctx.rooms.entry(key.clone()).await.map_err(|e| unavailable("read user rooms", e))?;
+            let (mut rooms, revision) = match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => (
+                    codec::decode::<UserRooms>(&entry.value).map_err(|e| unavailable("user rooms", e))?,
+                    Some(entry.revision),
+                ),
+                _ => (UserRooms { v: INTERNAL_VERSION, ..UserRooms::default() }, None),
+            };
+            change(&mut rooms);
+            let payload = codec::encode(&rooms).map_err(|e| unavailable("encode user rooms", e))?;
+            let written = match revision {
+                Some(revision) => {
+                    self.ctx.rooms.update(key.clone(), payload, revision).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+                None => self.ctx.rooms.create(key.clone(), payload).await.map(|_| ()).map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(error) => tracing::debug!(%error, "user rooms changed concurrently; retrying"),
+            }
+        }
+        Err(RoomError::Unavailable("user rooms record is too contended; retry".into()))
+    }
+
     async fn role_of(&mut self, user: &UserId) -> Result<Option<Role>, RoomError> {
         if let Some((a, b)) = self.room.dm_participants() {
             return Ok((user == &a || user == &b).then_some(Role::Member));
         }
-        if let Some(role) = self.members.get(user) {
-            return Ok(*role);
-        }
-        let role = match self
-            .ctx
-            .rooms
-            .get(subjects::member_key(&self.tenant, &self.room, user))
-            .await
-        {
-            Ok(Some(bytes)) => Some(
-                codec::decode::<MemberRecord>(&bytes)
-                    .map_err(|e| unavailable("membership", e))?
-                    .role,
-            ),
-            Ok(None) => None,
-            Err(e) => return Err(unavailable("read membership", e)),
-        };
-        self.members.insert(user.clone(), role);
-        Ok(role)
+        Ok(self.roster().await?.members.get(user).copied())
     }
 
     async fn require_member(&mut self, user: &UserId) -> Result<Role, RoomError> {
-        self.role_of(user).await?.ok_or_else(|| {
-            RoomError::Refused(
-                ErrorCode::Forbidden,
-                format!("{user} is not a member of room {}", self.room),
-            )
-        })
+        self.role_of(user)
+            .await?
+            .ok_or_else(|| refused(ErrorCode::Forbidden, format!("{user} is not a member of room {}", self.room)))
+    }
+
+    async fn require_admin(&mut self, user: &UserId) -> Result<(), RoomError> {
+        match self.role_of(user).await? {
+            Some(Role::Admin) => Ok(()),
+            _ => Err(refused(ErrorCode::Forbidden, format!("only admins of room {} may do that", self.room))),
+        }
+    }
+
+    /// The message `target` of this room, which must exist and not be deleted.
+    async fn require_message(&mut self, target: u64) -> Result<MessageFacts, RoomError> {
+        let tail = self.tail().await?;
+        let missing = || refused(ErrorCode::NotFound, format!("no message with seq {target} in room {}", self.room));
+        if target == 0 || target > tail.seq {
+            return Err(missing());
+        }
+        let facts = match self.messages.get(&target) {
+            Some(facts) => facts.clone(),
+            None => {
+                let facts = self.ask_history(target).await?.ok_or_else(missing)?;
+                self.remember(target, facts.clone());
+                facts
+            }
+        };
+        if facts.deleted {
+            return Err(refused(ErrorCode::NotFound, format!("message {target} was deleted")));
+        }
+        Ok(facts)
+    }
+
+    /// Ask the persistors about message `target` (they wait until their store holds it).
+    async fn ask_history(&self, target: u64) -> Result<Option<MessageFacts>, RoomError> {
+        let request = HistoryRequest {
+            v: INTERNAL_VERSION,
+            tenant: self.tenant.clone(),
+            room: self.room.clone(),
+            before: None,
+            after: Some(target - 1),
+            limit: 1,
+            min_seq: target,
+        };
+        let payload = codec::encode(&request).map_err(|e| unavailable("encode history request", e))?;
+        let reply =
+            tokio::time::timeout(Duration::from_secs(5), self.ctx.nats.request(subjects::HISTORY_SUBJECT, payload))
+                .await
+                .map_err(|_| unavailable("history", "no persistor answered in time"))?
+                .map_err(|e| unavailable("history", e))?;
+        match codec::decode::<HistoryReply>(&reply.payload).map_err(|e| unavailable("history reply", e))? {
+            HistoryReply::Ok { messages, .. } => Ok(messages
+                .into_iter()
+                .find(|m| m.seq == target)
+                .map(|m| MessageFacts { author: m.from, deleted: m.deleted })),
+            HistoryReply::Err { message, .. } => Err(unavailable("history", message)),
+        }
+    }
+
+    fn remember(&mut self, seq: u64, facts: MessageFacts) {
+        if self.messages.len() >= MESSAGE_FACTS_KEPT {
+            self.messages.clear();
+        }
+        self.messages.insert(seq, facts);
     }
 
     /// The room's last event, loading it from the stream when not known.
@@ -400,30 +625,13 @@ impl RoomActor {
         if let Some(tail) = self.tail {
             return Ok(tail);
         }
-        let tail = match self
-            .ctx
-            .events
-            .get_last_raw_message_by_subject(&self.log_subject)
-            .await
-        {
+        let tail = match self.ctx.events.get_last_raw_message_by_subject(&self.log_subject).await {
             Ok(message) => {
-                let event: RoomEvent =
-                    codec::decode(&message.payload).map_err(|e| unavailable("last event", e))?;
-                Tail {
-                    seq: event.seq,
-                    stream_seq: message.sequence,
-                    ts_us: event.ts_us,
-                }
+                let event: RoomEvent = codec::decode(&message.payload).map_err(|e| unavailable("last event", e))?;
+                Tail { seq: event.seq, stream_seq: message.sequence, ts_us: event.ts_us }
             }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Tail {
-                    seq: 0,
-                    stream_seq: 0,
-                    ts_us: 0,
-                }
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Tail { seq: 0, stream_seq: 0, ts_us: 0 }
             }
             Err(e) => return Err(unavailable("read the room's last event", e)),
         };
@@ -431,14 +639,31 @@ impl RoomActor {
         Ok(tail)
     }
 
+    /// Publish to whoever listens live: the room's subject, or both inboxes of a direct-message room.
+    async fn publish_live(&self, message: &LiveMessage) {
+        let payload = match codec::encode(message) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a live message");
+                return;
+            }
+        };
+        let targets = match self.room.dm_participants() {
+            Some((a, b)) => vec![subjects::user_inbox(&self.tenant, &a), subjects::user_inbox(&self.tenant, &b)],
+            None => vec![subjects::room_live(&self.tenant, &self.room)],
+        };
+        for subject in targets {
+            if let Err(error) = self.ctx.nats.publish(subject, payload.clone()).await {
+                // Sequenced events are durable; gateways that miss one live recover it from the stream.
+                tracing::warn!(%error, "cannot publish a live message");
+            }
+        }
+    }
+
     /// Sequence `body` as the room's next event: append it to the stream, fenced on the room's last stream
     /// sequence, and publish it live once acknowledged. A fence failure means another writer appended first; the
     /// tail is reloaded and the append retried with the next seq.
-    async fn append(
-        &mut self,
-        body: EventBody,
-        dedupe_id: Option<String>,
-    ) -> Result<Appended, RoomError> {
+    async fn append(&mut self, body: EventBody, dedupe_id: Option<String>) -> Result<Appended, RoomError> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let tail = self.tail().await?;
@@ -451,18 +676,11 @@ impl RoomActor {
                 body: body.clone(),
             };
             let payload = codec::encode(&event).map_err(|e| unavailable("encode event", e))?;
-            let mut publish = PublishMessage::build()
-                .payload(payload.clone())
-                .expected_last_subject_sequence(tail.stream_seq);
+            let mut publish = PublishMessage::build().payload(payload).expected_last_subject_sequence(tail.stream_seq);
             if let Some(id) = &dedupe_id {
                 publish = publish.message_id(id);
             }
-            let ack = match self
-                .ctx
-                .js
-                .send_publish(self.log_subject.clone(), publish)
-                .await
-            {
+            let ack = match self.ctx.js.send_publish(self.log_subject.clone(), publish).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             };
@@ -474,26 +692,25 @@ impl RoomActor {
                         .get_raw_message(ack.sequence)
                         .await
                         .map_err(|e| unavailable("read the original of a repeated cmid", e))?;
-                    let original: RoomEvent = codec::decode(&original.payload)
-                        .map_err(|e| unavailable("decode original", e))?;
+                    let original: RoomEvent =
+                        codec::decode(&original.payload).map_err(|e| unavailable("decode original", e))?;
                     return Ok(Appended::Duplicate(original));
                 }
                 Ok(ack) => {
-                    self.tail = Some(Tail {
-                        seq: event.seq,
-                        stream_seq: ack.sequence,
-                        ts_us: event.ts_us,
-                    });
-                    metrics::counter!("switchyard_router_events_appended_total").increment(1);
-                    if let Err(error) = self
-                        .ctx
-                        .nats
-                        .publish(self.live_subject.clone(), payload)
-                        .await
-                    {
-                        // The event is durable; gateways that miss it live recover it from the stream.
-                        tracing::warn!(%error, "cannot publish a live event");
+                    self.tail = Some(Tail { seq: event.seq, stream_seq: ack.sequence, ts_us: event.ts_us });
+                    match &event.body {
+                        EventBody::Msg { from, .. } => {
+                            self.remember(event.seq, MessageFacts { author: from.clone(), deleted: false })
+                        }
+                        EventBody::Delete { target, .. } => {
+                            if let Some(facts) = self.messages.get_mut(target) {
+                                facts.deleted = true;
+                            }
+                        }
+                        _ => {}
                     }
+                    metrics::counter!("switchyard_router_events_appended_total").increment(1);
+                    self.publish_live(&LiveMessage::Event(event.clone())).await;
                     return Ok(Appended::New(event));
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
@@ -508,9 +725,7 @@ impl RoomActor {
                 }
             }
         }
-        Err(RoomError::Unavailable(
-            "the room is being written by another router shard; retry".into(),
-        ))
+        Err(RoomError::Unavailable("the room is being written by another router shard; retry".into()))
     }
 }
 

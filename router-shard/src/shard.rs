@@ -1,38 +1,41 @@
-//! The shard worker: while this router shard holds a shard's lease, it takes that shard's commands from NATS and
-//! hands each to its room's actor, starting actors on demand.
+//! The shard worker: while this router shard holds a shard's lease, it takes that shard's room commands (handing
+//! each to its room's actor, started on demand), its user requests and presence snapshots (kept in the shard's
+//! presence table).
 //!
 //! It does not renew leases (see `leases`) and keeps no room state itself.
 
 use crate::context::RouterContext;
+use crate::presence::PresenceTable;
 use crate::room::{RoomActor, RoomJob};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_protocol::internal::{CommandReply, CommandRequest, INTERNAL_VERSION};
+use switchyard_protocol::internal::{CommandReply, CommandRequest, PresenceSnapshot, UserRequest, INTERNAL_VERSION};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, RoomId, ShardId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Queue group of every router shard on a command subject: during a lease hand-over two processes may both be
+/// Queue group of every router shard on a shard's subjects: during a lease hand-over two processes may both be
 /// subscribed, and each command must still be served once.
-const COMMAND_QUEUE: &str = "routers";
+const QUEUE: &str = "routers";
 /// Jobs waiting for one room actor.
 const ROOM_QUEUE: usize = 256;
 /// How long a stopping worker waits for its room actors to finish what they hold.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Serve `shard` until `stop` fires or the subscription ends.
+/// Serve `shard` until `stop` fires or a subscription ends.
 pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: CancellationToken) {
-    let mut commands = match ctx
-        .nats
-        .queue_subscribe(subjects::command(shard), COMMAND_QUEUE.into())
-        .await
-    {
-        Ok(subscription) => subscription,
+    let subscribe = |subject: String| ctx.nats.queue_subscribe(subject, QUEUE.into());
+    let (mut commands, mut user_requests, mut snapshots) = match tokio::try_join!(
+        subscribe(subjects::command(shard)),
+        subscribe(subjects::user_command(shard)),
+        subscribe(subjects::presence_snapshot(shard)),
+    ) {
+        Ok(subscriptions) => subscriptions,
         Err(error) => {
-            tracing::error!(%shard, %error, "cannot subscribe to the shard's commands");
+            tracing::error!(%shard, %error, "cannot subscribe to the shard's subjects");
             return;
         }
     };
@@ -40,65 +43,71 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
     // The queue of each active room's actor.
     let mut rooms: HashMap<(ProjectId, RoomId), mpsc::Sender<RoomJob>> = HashMap::new();
     let mut actors = JoinSet::new();
+    let mut presence = PresenceTable::new(ctx.clone());
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let idle = Duration::from_millis(ctx.config.room_idle_ms);
     loop {
-        let message = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => break,
-            message = commands.next() => match message {
-                Some(message) => message,
-                None => break,
-            },
             // Reap finished actors so the set does not grow.
-            Some(_) = actors.join_next(), if !actors.is_empty() => continue,
-        };
-        let Some(reply_to) = message.reply else {
-            tracing::warn!(%shard, "command without a reply subject dropped");
-            continue;
-        };
-        let request: CommandRequest = match codec::decode(&message.payload) {
-            Ok(request) if request_version_ok(&request) => request,
-            Ok(_) | Err(_) => {
-                reply_error(
-                    &ctx,
-                    reply_to,
-                    ErrorCode::BadRequest,
-                    "undecodable or unsupported command",
-                )
-                .await;
-                continue;
-            }
-        };
-        let room = request.command.room().clone();
-        let key = (request.tenant.clone(), room.clone());
-        let mut job = RoomJob {
-            user: request.user,
-            command: request.command,
-            reply_to,
-        };
-        // An actor that went idle has closed its queue; start a new one and hand the job over.
-        loop {
-            let sender = rooms.entry(key.clone()).or_insert_with(|| {
-                let (sender, receiver) = mpsc::channel(ROOM_QUEUE);
-                let actor = RoomActor::new(ctx.clone(), shard, key.0.clone(), key.1.clone());
-                actors.spawn(actor.run(receiver, idle));
-                sender
-            });
-            match sender.send(job).await {
-                Ok(()) => break,
-                Err(mpsc::error::SendError(returned)) => {
-                    rooms.remove(&key);
-                    job = returned;
+            Some(_) = actors.join_next(), if !actors.is_empty() => {}
+            _ = expiry.tick() => presence.expire().await,
+            message = snapshots.next() => {
+                let Some(message) = message else { break };
+                match codec::decode::<PresenceSnapshot>(&message.payload) {
+                    Ok(snapshot) if snapshot.v == INTERNAL_VERSION => presence.snapshot(snapshot).await,
+                    _ => tracing::warn!(%shard, "undecodable presence snapshot dropped"),
                 }
             }
+            message = user_requests.next() => {
+                let Some(message) = message else { break };
+                let reply = match codec::decode::<UserRequest>(&message.payload) {
+                    Ok(request) if request.v == INTERNAL_VERSION => presence.handle(request).await,
+                    _ => Some(CommandReply::err(ErrorCode::BadRequest, "undecodable or unsupported user request")),
+                };
+                if let (Some(reply), Some(reply_to)) = (reply, message.reply) {
+                    send_reply(&ctx, reply_to, &reply).await;
+                }
+            }
+            message = commands.next() => {
+                let Some(message) = message else { break };
+                let request: CommandRequest = match codec::decode(&message.payload) {
+                    Ok(request) if request_version_ok(&request) => request,
+                    Ok(_) | Err(_) => {
+                        if let Some(reply_to) = message.reply {
+                            let reply = CommandReply::err(ErrorCode::BadRequest, "undecodable or unsupported command");
+                            send_reply(&ctx, reply_to, &reply).await;
+                        }
+                        continue;
+                    }
+                };
+                let key = (request.tenant.clone(), request.command.room().clone());
+                let mut job = RoomJob { user: request.user, command: request.command, reply_to: message.reply };
+                // An actor that went idle has closed its queue; start a new one and hand the job over.
+                loop {
+                    let sender = rooms.entry(key.clone()).or_insert_with(|| {
+                        let (sender, receiver) = mpsc::channel(ROOM_QUEUE);
+                        let actor = RoomActor::new(ctx.clone(), shard, key.0.clone(), key.1.clone());
+                        actors.spawn(actor.run(receiver, idle));
+                        sender
+                    });
+                    match sender.send(job).await {
+                        Ok(()) => break,
+                        Err(mpsc::error::SendError(returned)) => {
+                            rooms.remove(&key);
+                            job = returned;
+                        }
+                    }
+                }
+                rooms.retain(|_, sender| !sender.is_closed());
+            }
         }
-        rooms.retain(|_, sender| !sender.is_closed());
     }
     let _ = commands.unsubscribe().await;
+    let _ = user_requests.unsubscribe().await;
+    let _ = snapshots.unsubscribe().await;
     drop(rooms);
-    if tokio::time::timeout(DRAIN, async { while actors.join_next().await.is_some() {} })
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN, async { while actors.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(%shard, "room actors did not finish in time; aborting them");
         actors.abort_all();
     }
@@ -109,13 +118,8 @@ fn request_version_ok(request: &CommandRequest) -> bool {
     request.v == INTERNAL_VERSION
 }
 
-async fn reply_error(
-    ctx: &RouterContext,
-    reply_to: async_nats::Subject,
-    code: ErrorCode,
-    message: &str,
-) {
-    if let Ok(payload) = codec::encode(&CommandReply::err(code, message)) {
+async fn send_reply(ctx: &RouterContext, reply_to: async_nats::Subject, reply: &CommandReply) {
+    if let Ok(payload) = codec::encode(reply) {
         let _ = ctx.nats.publish(reply_to, payload).await;
     }
 }

@@ -12,15 +12,13 @@ use crate::Gateway;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use switchyard_protocol::client::OkResult;
-use switchyard_protocol::internal::{
-    HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION,
-};
+use switchyard_protocol::client::{OkResult, Role};
+use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION};
 use switchyard_protocol::{limits, ErrorCode, ProjectId, RoomId, UserId};
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -31,10 +29,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/admin/tenants", post(create_tenant))
         .route("/v1/admin/tenants/{project_id}", get(get_tenant))
         .route("/v1/tokens", post(create_token))
-        .route(
-            "/v1/rooms/{room}/messages",
-            post(post_message).get(get_messages),
-        )
+        .route("/v1/rooms", post(create_room))
+        .route("/v1/rooms/{room}/members", get(list_members))
+        .route("/v1/rooms/{room}/members/{user_id}", put(set_member).delete(remove_member))
+        .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
         .route("/v1/ws", get(ws_handler))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(gw)
@@ -56,15 +54,11 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
 
 /// The body of a JSON request, with a clear `bad_request` when it does not parse.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
@@ -72,11 +66,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let redis = gw.tokens.is_connected();
     let draining = gw.is_draining();
     let body = json!({"nats": nats, "redis": redis, "draining": draining});
-    let status = if nats && redis && !draining {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if nats && redis && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
@@ -85,18 +75,10 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> String {
 }
 
 fn require_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-        .unwrap_or("");
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
     let expected = gw.config.admin_token.as_bytes();
     let same = presented.len() == expected.len()
-        && presented
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+        && presented.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
     if same {
         Ok(())
     } else {
@@ -131,11 +113,7 @@ async fn create_tenant(
         return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
     }
     let (record, api_key) = gw.tenants.create(name, now_ms()).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"project_id": record.project_id, "api_key": api_key})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!({"project_id": record.project_id, "api_key": api_key}))).into_response())
 }
 
 async fn get_tenant(
@@ -144,13 +122,9 @@ async fn get_tenant(
     Path(project_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&gw, &headers)?;
-    let project_id =
-        ProjectId::parse(&project_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let record = gw
-        .tenants
-        .get(&project_id)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
+    let project_id = ProjectId::parse(&project_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let record =
+        gw.tenants.get(&project_id).await?.ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
     let jwt_alg = record.jwt.as_ref().map(|key| match key {
         switchyard_protocol::internal::JwtKey::HS256 { .. } => "HS256",
         switchyard_protocol::internal::JwtKey::RS256 { .. } => "RS256",
@@ -178,27 +152,15 @@ async fn create_token(
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
     let request: CreateToken = parse_body(&body)?;
-    let user_id =
-        UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let user_id = UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let ttl_secs = request.ttl_secs.unwrap_or(limits::TOKEN_TTL_DEFAULT_SECS);
     if ttl_secs == 0 || ttl_secs > limits::TOKEN_TTL_MAX_SECS {
-        return Err(ApiError::bad_request(format!(
-            "ttl_secs must be 1 to {}",
-            limits::TOKEN_TTL_MAX_SECS
-        )));
+        return Err(ApiError::bad_request(format!("ttl_secs must be 1 to {}", limits::TOKEN_TTL_MAX_SECS)));
     }
     let expires_at_ms = now_ms() + ttl_secs * 1000;
-    let grant = TokenGrant {
-        project_id: tenant.project_id,
-        user_id,
-        expires_at_ms,
-    };
+    let grant = TokenGrant { project_id: tenant.project_id, user_id, expires_at_ms };
     let token = gw.tokens.issue(&grant, ttl_secs).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"token": token, "expires_at": expires_at_ms})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!({"token": token, "expires_at": expires_at_ms}))).into_response())
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ApiError> {
@@ -224,15 +186,10 @@ async fn post_message(
     let request: PostMessage = parse_body(&body)?;
     let from = UserId::parse(&request.from).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if request.body.len() > gw.config.max_body_bytes {
-        return Err(ApiError::new(
-            ErrorCode::TooLarge,
-            format!("body exceeds {} bytes", gw.config.max_body_bytes),
-        ));
+        return Err(ApiError::new(ErrorCode::TooLarge, format!("body exceeds {} bytes", gw.config.max_body_bytes)));
     }
     if let Some(attrs) = &request.attrs {
-        let size = serde_json::to_vec(attrs)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
         if !attrs.is_object() || size > gw.config.max_attrs_bytes {
             return Err(ApiError::bad_request(format!(
                 "attrs must be a JSON object of at most {} bytes",
@@ -240,23 +197,12 @@ async fn post_message(
             )));
         }
     }
-    let command = RoomCommand::Send {
-        room,
-        body: request.body,
-        attrs: request.attrs,
-        reply_to: None,
-        cmid: None,
-    };
-    match upstream::command(&gw, &tenant.project_id, &from, command).await {
-        Ok(OkResult::Sent { id, seq, ts, .. }) => Ok((
-            StatusCode::CREATED,
-            Json(json!({"id": id, "seq": seq, "ts": ts})),
-        )
-            .into_response()),
-        Ok(_) => Err(ApiError::new(
-            ErrorCode::Internal,
-            "unexpected router reply",
-        )),
+    let command = RoomCommand::Send { room, body: request.body, attrs: request.attrs, reply_to: None, cmid: None };
+    match upstream::command(&gw, &tenant.project_id, Some(&from), command).await {
+        Ok(OkResult::Sent { id, seq, ts, .. }) => {
+            Ok((StatusCode::CREATED, Json(json!({"id": id, "seq": seq, "ts": ts}))).into_response())
+        }
+        Ok(_) => Err(ApiError::new(ErrorCode::Internal, "unexpected router reply")),
         Err(error) => Err(ApiError::new(error.code, error.message)),
     }
 }
@@ -291,10 +237,84 @@ async fn get_messages(
         min_seq: 0,
     };
     match upstream::history(&gw, request).await {
-        Ok(HistoryReply::Ok { messages, more }) => {
-            Ok(Json(json!({"messages": messages, "more": more})))
+        Ok(HistoryReply::Ok { messages, more }) => Ok(Json(json!({"messages": messages, "more": more}))),
+        Ok(HistoryReply::Err { code, message }) | Err(upstream::UpstreamError { code, message }) => {
+            Err(ApiError::new(code, message))
         }
-        Ok(HistoryReply::Err { code, message })
-        | Err(upstream::UpstreamError { code, message }) => Err(ApiError::new(code, message)),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRoom {
+    room: String,
+    #[serde(default)]
+    private: bool,
+    title: Option<String>,
+}
+
+async fn create_room(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let request: CreateRoom = parse_body(&body)?;
+    let room = parse_room(&request.room)?;
+    if request.title.as_ref().is_some_and(|t| t.len() > 200) {
+        return Err(ApiError::bad_request("title must be at most 200 bytes"));
+    }
+    let command = RoomCommand::Create { room: room.clone(), private: request.private, title: request.title };
+    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
+    Ok((StatusCode::CREATED, Json(json!({"room": room}))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetMember {
+    role: Role,
+}
+
+async fn set_member(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path((room, user_id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let request: SetMember = parse_body(&body)?;
+    let command = RoomCommand::SetMember { room, user, role: request.role };
+    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path((room, user_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let command = RoomCommand::Kick { room, user };
+    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_members(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let members = upstream::command(&gw, &tenant.project_id, None, RoomCommand::Members { room })
+        .await
+        .map_err(|e| ApiError::new(e.code, e.message))?;
+    let members = crate::ws::session::members_online(&gw, &tenant.project_id, members)
+        .await
+        .map_err(|e| ApiError::new(e.code, e.message))?;
+    Ok(Json(serde_json::to_value(members).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
 }

@@ -1,5 +1,5 @@
-//! The room fan-out hub: one NATS subscription per room that has at least one local session, and one task per such
-//! room that decodes each live event once, encodes it at most once per wire format, and hands the same bytes to
+//! The fan-out hub: one NATS subscription per live subject (a room, a user's inbox, a user's presence) that has at
+//! least one local session, and one task per such subject that decodes each live event once, encodes it at most once per wire format, and hands the same bytes to
 //! every subscribed session without waiting.
 //!
 //! A session whose outbound queue is full (in frames or bytes) is dropped from the room and told through its
@@ -13,32 +13,63 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use switchyard_protocol::client::{encode_frame, Format, ServerEvent};
-use switchyard_protocol::internal::RoomEvent;
-use switchyard_protocol::{codec, subjects, ProjectId, RoomId};
+use switchyard_protocol::internal::{EventBody, LiveMessage, RoomEvent};
+use switchyard_protocol::{codec, RoomId, UserId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Control messages waiting for one room task.
 const ROOM_CONTROL_QUEUE: usize = 1024;
 
-/// One live room event, decoded once and encoded lazily, once per format.
+/// One live message (a sequenced room event or a signal), decoded once and encoded lazily, once per format.
 pub struct LiveEvent {
-    pub room: RoomId,
-    pub seq: u64,
+    /// The room of a room event or room signal; `None` for presence.
+    pub room: Option<RoomId>,
+    /// The seq of a sequenced event; `None` for signals (typing, read, presence).
+    pub seq: Option<u64>,
+    /// Who a typing signal is from; that user's own sessions do not get it.
+    pub typing_user: Option<UserId>,
+    /// Who a `left` event takes out of the room; their sessions stop receiving the room after it.
+    pub left_user: Option<UserId>,
     event: ServerEvent,
     json: OnceLock<Utf8Bytes>,
     msgpack: OnceLock<Bytes>,
 }
 
 impl LiveEvent {
-    pub fn new(event: &RoomEvent) -> Self {
-        LiveEvent {
-            room: event.room.clone(),
-            seq: event.seq,
-            event: event.to_server_event(),
-            json: OnceLock::new(),
-            msgpack: OnceLock::new(),
-        }
+    pub fn new(message: &LiveMessage) -> Self {
+        let (room, seq, typing_user, left_user, event) = match message {
+            LiveMessage::Event(event) => {
+                let left_user = match &event.body {
+                    EventBody::Left { user, .. } => Some(user.clone()),
+                    _ => None,
+                };
+                (Some(event.room.clone()), Some(event.seq), None, left_user, event.to_server_event())
+            }
+            LiveMessage::Typing { room, user } => (
+                Some(room.clone()),
+                None,
+                Some(user.clone()),
+                None,
+                ServerEvent::Typing { room: room.clone(), user: user.clone() },
+            ),
+            LiveMessage::Read { room, user, seq } => (
+                Some(room.clone()),
+                None,
+                None,
+                None,
+                ServerEvent::Read { room: room.clone(), user: user.clone(), seq: *seq },
+            ),
+            LiveMessage::Presence { user, online, ts } => {
+                (None, None, None, None, ServerEvent::Presence { user: user.clone(), online: *online, ts: *ts })
+            }
+        };
+        LiveEvent { room, seq, typing_user, left_user, event, json: OnceLock::new(), msgpack: OnceLock::new() }
+    }
+
+    /// A replayed room event (from the stream, not from a live subject).
+    pub fn replayed(event: RoomEvent) -> Self {
+        LiveEvent::new(&LiveMessage::Event(event))
     }
 
     /// The event as a WebSocket message in `format`; the bytes are shared, not copied.
@@ -66,8 +97,7 @@ impl LiveEvent {
     }
 
     fn msgpack(&self) -> &Bytes {
-        self.msgpack
-            .get_or_init(|| Bytes::from(encode_frame(&self.event, Format::MsgPack)))
+        self.msgpack.get_or_init(|| Bytes::from(encode_frame(&self.event, Format::MsgPack)))
     }
 }
 
@@ -116,13 +146,8 @@ pub enum HubError {
 }
 
 enum RoomControl {
-    Subscribe {
-        session: SessionTx,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    Unsubscribe {
-        session_id: u64,
-    },
+    Subscribe { session: SessionTx, done: oneshot::Sender<Result<(), String>> },
+    Unsubscribe { session_id: u64 },
 }
 
 /// A room task's entry in the registry.
@@ -142,33 +167,17 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(nats: async_nats::Client) -> Arc<Self> {
-        Arc::new(Hub {
-            nats,
-            rooms: Mutex::new(HashMap::new()),
-            next_generation: AtomicU64::new(1),
-        })
+        Arc::new(Hub { nats, rooms: Mutex::new(HashMap::new()), next_generation: AtomicU64::new(1) })
     }
 
     /// Subscribe a session to a room's live events. When this returns, the NATS subscription is in place ahead of
     /// any request the caller sends next on the same connection.
-    pub async fn subscribe(
-        self: &Arc<Self>,
-        tenant: &ProjectId,
-        room: &RoomId,
-        session: SessionTx,
-    ) -> Result<(), HubError> {
-        let subject = subjects::room_live(tenant, room);
+    pub async fn subscribe(self: &Arc<Self>, subject: &str, session: SessionTx) -> Result<(), HubError> {
+        let subject = subject.to_owned();
         for _ in 0..5 {
             let (generation, control) = self.room_task(&subject);
             let (done, result) = oneshot::channel();
-            if control
-                .send(RoomControl::Subscribe {
-                    session: session.clone(),
-                    done,
-                })
-                .await
-                .is_err()
-            {
+            if control.send(RoomControl::Subscribe { session: session.clone(), done }).await.is_err() {
                 self.forget(&subject, generation);
                 continue;
             }
@@ -179,16 +188,13 @@ impl Hub {
                 Err(_) => self.forget(&subject, generation),
             }
         }
-        Err(HubError::Subscribe(
-            "the room's fan-out task kept stopping".into(),
-        ))
+        Err(HubError::Subscribe("the room's fan-out task kept stopping".into()))
     }
 
-    /// Remove a session from a room. Never waits.
-    pub fn unsubscribe(&self, tenant: &ProjectId, room: &RoomId, session_id: u64) {
-        let subject = subjects::room_live(tenant, room);
+    /// Remove a session from a subject. Never waits.
+    pub fn unsubscribe(&self, subject: &str, session_id: u64) {
         let control = match self.rooms.lock() {
-            Ok(rooms) => rooms.get(&subject).map(|entry| entry.control.clone()),
+            Ok(rooms) => rooms.get(subject).map(|entry| entry.control.clone()),
             Err(_) => None,
         };
         if let Some(control) = control {
@@ -217,28 +223,14 @@ impl Hub {
         }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let (control, receiver) = mpsc::channel(ROOM_CONTROL_QUEUE);
-        rooms.insert(
-            subject.to_owned(),
-            RoomEntry {
-                generation,
-                control: control.clone(),
-            },
-        );
-        tokio::spawn(run_room(
-            self.clone(),
-            subject.to_owned(),
-            generation,
-            receiver,
-        ));
+        rooms.insert(subject.to_owned(), RoomEntry { generation, control: control.clone() });
+        tokio::spawn(run_room(self.clone(), subject.to_owned(), generation, receiver));
         (generation, control)
     }
 
     fn forget(&self, subject: &str, generation: u64) {
         if let Ok(mut rooms) = self.rooms.lock() {
-            if rooms
-                .get(subject)
-                .is_some_and(|entry| entry.generation == generation)
-            {
+            if rooms.get(subject).is_some_and(|entry| entry.generation == generation) {
                 rooms.remove(subject);
             }
         }
@@ -246,12 +238,7 @@ impl Hub {
 }
 
 /// One room's fan-out: owns the NATS subscription and the room's local sessions.
-async fn run_room(
-    hub: Arc<Hub>,
-    subject: String,
-    generation: u64,
-    mut control: mpsc::Receiver<RoomControl>,
-) {
+async fn run_room(hub: Arc<Hub>, subject: String, generation: u64, mut control: mpsc::Receiver<RoomControl>) {
     let mut live = match hub.nats.subscribe(subject.clone()).await {
         Ok(subscription) => subscription,
         Err(error) => {
@@ -286,14 +273,14 @@ async fn run_room(
             },
             message = live.next() => {
                 let Some(message) = message else { break };
-                let event: RoomEvent = match codec::decode(&message.payload) {
-                    Ok(event) => event,
+                let live: LiveMessage = match codec::decode(&message.payload) {
+                    Ok(live) => live,
                     Err(error) => {
-                        tracing::warn!(%subject, %error, "undecodable live event dropped");
+                        tracing::warn!(%subject, %error, "undecodable live message dropped");
                         continue;
                     }
                 };
-                let event = Arc::new(LiveEvent::new(&event));
+                let event = Arc::new(LiveEvent::new(&live));
                 let before = sessions.len();
                 sessions.retain(|session| session.offer(&event));
                 metrics::counter!("switchyard_gateway_deliveries_total").increment(before as u64);

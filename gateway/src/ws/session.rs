@@ -1,11 +1,12 @@
 //! The session actor: one task per WebSocket. It authenticates (when the upgrade did not), says `hello`, parses
 //! client frames, enforces the per-connection limits, runs ops one at a time in arrival order (without blocking
-//! outbound delivery), and writes live events in seq order with no gap it can see and no duplicate.
+//! outbound delivery), and writes each room's events in seq order with no gap it can see and no duplicate.
 //!
 //! It owns all of its state; the hub reaches it only through its bounded outbound queue. It does not sequence
 //! anything (router shards do) and never blocks other sessions: a session that cannot keep up is closed with 4009.
 
 use crate::auth::{authenticate, Identity};
+use crate::resume;
 use crate::upstream::{self, UpstreamError};
 use crate::ws::hub::{LiveEvent, SessionTx};
 use crate::Gateway;
@@ -13,23 +14,32 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::future::BoxFuture;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_protocol::client::{
-    decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, OkResult, ServerFrame,
+    decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, Message as HistoryMessage, OkResult,
+    ServerFrame,
 };
-use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, INTERNAL_VERSION};
-use switchyard_protocol::{limits, CloseCode, ErrorCode, RoomId};
+use switchyard_protocol::internal::{
+    HistoryReply, HistoryRequest, RoomCommand, RoomEvent, UserCommand, INTERNAL_VERSION,
+};
+use switchyard_protocol::{limits, subjects, CloseCode, ErrorCode, RoomId, UserId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// Ops waiting behind the one in flight; more than this is answered `rate_limited`.
 const MAX_QUEUED_OPS: usize = 64;
+/// Most users one `presence`, `watch` or `unwatch` names.
+const MAX_USERS_PER_OP: usize = 100;
+/// Most users one session watches.
+const MAX_WATCHED: usize = 1_000;
+/// A session relays at most one typing signal per room in this interval (router shards throttle fleet-wide too).
+const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 
-/// A session's view of one room it is subscribed to.
+/// A session's view of one room it receives.
 enum RoomDelivery {
     /// A join is in flight: live events are held until its `ok` says where delivery starts.
     Joining { held: Vec<Arc<LiveEvent>> },
@@ -43,7 +53,18 @@ enum Completion {
     Joined {
         rid: Option<u64>,
         room: RoomId,
-        result: Result<u64, UpstreamError>,
+        /// The events missed since the client's `since`, to write before the `ok`.
+        result: Result<(u64, Vec<RoomEvent>), UpstreamError>,
+    },
+    Left {
+        rid: Option<u64>,
+        room: RoomId,
+        result: Result<(), UpstreamError>,
+    },
+    Watched {
+        rid: Option<u64>,
+        users: Vec<UserId>,
+        result: Result<(), UpstreamError>,
     },
 }
 
@@ -68,9 +89,7 @@ impl OpBudget {
     /// Take one op's token, or say how long until one is available.
     fn take(&mut self) -> Result<(), Duration> {
         let now = Instant::now();
-        self.tokens = (self.tokens
-            + now.duration_since(self.refilled_at).as_secs_f64() * self.per_sec)
-            .min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.refilled_at).as_secs_f64() * self.per_sec).min(self.burst);
         self.refilled_at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -93,12 +112,18 @@ struct Session {
     identity: Identity,
     format: Format,
     sink: SplitSink<WebSocket, Message>,
-    /// How the hub reaches this session; cloned into every room it joins.
+    /// How the hub reaches this session; cloned into every subscription.
     tx: SessionTx,
     /// Live events from the hub.
     events: mpsc::Receiver<Arc<LiveEvent>>,
-    /// Rooms this session is subscribed to.
+    /// Rooms this session receives, with the delivery point of each.
     rooms: HashMap<RoomId, RoomDelivery>,
+    /// Live subjects this session is subscribed to in the hub.
+    subscribed: HashSet<String>,
+    /// Users whose presence this session watches.
+    watched: HashSet<UserId>,
+    /// When this session last relayed a typing signal, per room.
+    typing_sent: HashMap<RoomId, Instant>,
     /// The op being executed, if any. Ops run one at a time so a client's ops take effect in the order sent.
     in_flight: Option<BoxFuture<'static, Completion>>,
     /// Ops waiting for the one in flight.
@@ -139,18 +164,31 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         tx,
         events,
         rooms: HashMap::new(),
+        subscribed: HashSet::new(),
+        watched: HashSet::new(),
+        typing_sent: HashMap::new(),
         in_flight: None,
         queued: VecDeque::new(),
         last_heard: Instant::now(),
     };
     metrics::gauge!("switchyard_gateway_sessions").increment(1.0);
-    let close = session.serve(stream).await;
-    for room in session.rooms.keys() {
-        session
-            .gw
-            .hub
-            .unsubscribe(&session.identity.tenant, room, session.tx.id);
+    let (tenant, user) = (session.identity.tenant.clone(), session.identity.user.clone());
+    session.gw.presence.opened(&tenant, &user).await;
+    let inbox = subjects::user_inbox(&tenant, &user);
+    let close = match session.gw.hub.subscribe(&inbox, session.tx.clone()).await {
+        Ok(()) => {
+            session.subscribed.insert(inbox);
+            session.serve(stream).await
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot subscribe the session's inbox");
+            Some(Close { code: CloseCode::Draining, reason: "gateway cannot serve this session now" })
+        }
+    };
+    for subject in &session.subscribed {
+        session.gw.hub.unsubscribe(subject, session.tx.id);
     }
+    session.gw.presence.closed(&tenant, &user).await;
     if let Some(close) = close {
         let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
     }
@@ -177,12 +215,9 @@ async fn first_frame_auth(
             Message::Close(_) => return Err("socket closed before authentication".into()),
         };
         return match decode_client_frame(&bytes, format) {
-            Ok(ClientRequest {
-                op: ClientOp::Auth { token },
-                ..
-            }) => authenticate(gw, &token)
-                .await
-                .map_err(|e| format!("authentication failed: {}", e.message)),
+            Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => {
+                authenticate(gw, &token).await.map_err(|e| format!("authentication failed: {}", e.message))
+            }
             Ok(_) => Err("the first frame must be an auth op".into()),
             Err(e) => Err(format!("the first frame must be an auth op: {}", e.message)),
         };
@@ -195,33 +230,19 @@ async fn send_close(
     code: CloseCode,
     reason: &str,
 ) -> Result<(), axum::Error> {
-    let reconnect_after_ms =
-        (code == CloseCode::Draining).then(|| 500 + u64::from(rand_jitter()) % 4_500);
-    let bye = ServerFrame::Bye {
-        code: code.code(),
-        reason: reason.to_owned(),
-        reconnect_after_ms,
-    };
+    let reconnect_after_ms = (code == CloseCode::Draining).then(|| 500 + u64::from(rand_jitter()) % 4_500);
+    let bye = ServerFrame::Bye { code: code.code(), reason: reason.to_owned(), reconnect_after_ms };
     let write = async {
         sink.send(frame_message(&bye, format)).await?;
-        sink.send(Message::Close(Some(CloseFrame {
-            code: code.code(),
-            reason: reason.to_owned().into(),
-        })))
-        .await
+        sink.send(Message::Close(Some(CloseFrame { code: code.code(), reason: reason.to_owned().into() }))).await
     };
-    tokio::time::timeout(Duration::from_secs(1), write)
-        .await
-        .unwrap_or(Ok(()))
+    tokio::time::timeout(Duration::from_secs(1), write).await.unwrap_or(Ok(()))
 }
 
 fn rand_jitter() -> u16 {
     // Sub-second clock noise is jitter enough to spread reconnects.
-    (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-        % 65_521) as u16
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 65_521)
+        as u16
 }
 
 fn frame_message(frame: &ServerFrame, format: Format) -> Message {
@@ -236,12 +257,7 @@ fn frame_message(frame: &ServerFrame, format: Format) -> Message {
 }
 
 fn err_frame(rid: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-    ServerFrame::Err {
-        rid,
-        code,
-        message: message.into(),
-        retry_after_ms: None,
-    }
+    ServerFrame::Err { rid, code, message: message.into(), retry_after_ms: None }
 }
 
 impl Session {
@@ -317,25 +333,15 @@ impl Session {
         let bytes = match frame {
             Message::Text(text) => {
                 if self.format != Format::Json {
-                    return self
-                        .reply_now(err_frame(
-                            None,
-                            ErrorCode::BadRequest,
-                            "this session speaks MessagePack: send binary frames",
-                        ))
-                        .await;
+                    let message = "this session speaks MessagePack: send binary frames";
+                    return self.reply_now(err_frame(None, ErrorCode::BadRequest, message)).await;
                 }
                 text.as_bytes().to_vec()
             }
             Message::Binary(bytes) => {
                 if self.format != Format::MsgPack {
-                    return self
-                        .reply_now(err_frame(
-                            None,
-                            ErrorCode::BadRequest,
-                            "this session speaks JSON: send text frames",
-                        ))
-                        .await;
+                    let message = "this session speaks JSON: send text frames";
+                    return self.reply_now(err_frame(None, ErrorCode::BadRequest, message)).await;
                 }
                 bytes.to_vec()
             }
@@ -343,21 +349,17 @@ impl Session {
             Message::Close(_) => return Some(None),
         };
         if bytes.len() > self.gw.config.max_frame_bytes {
-            return Some(Some(Close {
-                code: CloseCode::FrameTooBig,
-                reason: "frame too big",
-            }));
+            return Some(Some(Close { code: CloseCode::FrameTooBig, reason: "frame too big" }));
         }
         let request = match decode_client_frame(&bytes, self.format) {
             Ok(request) => request,
-            Err(error) => {
-                return self
-                    .reply_now(err_frame(error.rid, error.code, error.message))
-                    .await
-            }
+            Err(error) => return self.reply_now(err_frame(error.rid, error.code, error.message)).await,
         };
         if let Err(wait) = self.budget.take() {
             metrics::counter!("switchyard_gateway_rate_limited_total").increment(1);
+            if matches!(request.op, ClientOp::Typing { .. }) {
+                return None;
+            }
             let frame = ServerFrame::Err {
                 rid: request.rid,
                 code: ErrorCode::RateLimited,
@@ -366,33 +368,23 @@ impl Session {
             };
             return self.reply_now(frame).await;
         }
-        if let Err(message) = self.check_limits(&request.op) {
-            return self
-                .reply_now(err_frame(request.rid, ErrorCode::TooLarge, message))
-                .await;
+        if let Err((code, message)) = self.check_op(&request.op) {
+            if matches!(request.op, ClientOp::Typing { .. }) {
+                return None;
+            }
+            return self.reply_now(err_frame(request.rid, code, message)).await;
         }
         match request.op {
             ClientOp::Ping => self.reply_now(ServerFrame::Pong { rid: request.rid }).await,
             ClientOp::Auth { .. } => {
-                self.reply_now(err_frame(
-                    request.rid,
-                    ErrorCode::BadRequest,
-                    "this session is already authenticated",
-                ))
-                .await
-            }
-            // Typing indicators are not relayed by this version; the op is accepted and has no effect.
-            ClientOp::Typing { .. } => None,
-            ClientOp::Join { since: Some(_), .. } => {
-                let message =
-                    "join with since is not supported by this server version; join without it";
-                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message))
+                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, "this session is already authenticated"))
                     .await
             }
-            ClientOp::Create { .. }
-            | ClientOp::Join { .. }
-            | ClientOp::Send { .. }
-            | ClientOp::History { .. } => {
+            ClientOp::Typing { room } => {
+                self.typing(room).await;
+                None
+            }
+            _ => {
                 if self.queued.len() >= MAX_QUEUED_OPS {
                     let frame = ServerFrame::Err {
                         rid: request.rid,
@@ -406,14 +398,6 @@ impl Session {
                 self.start_next();
                 None
             }
-            other => {
-                let message = format!(
-                    "op {:?} is not supported by this server version",
-                    other.name()
-                );
-                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message))
-                    .await
-            }
         }
     }
 
@@ -424,43 +408,64 @@ impl Session {
         }
     }
 
-    /// Limits that depend on configuration; the id rules were checked while parsing.
-    fn check_limits(&self, op: &ClientOp) -> Result<(), String> {
+    /// Checks that need the configuration or the session's state; the id rules were checked while parsing.
+    fn check_op(&self, op: &ClientOp) -> Result<(), (ErrorCode, String)> {
         let config = &self.gw.config;
+        let too_large = |message: String| Err((ErrorCode::TooLarge, message));
+        let bad = |message: &str| Err((ErrorCode::BadRequest, message.to_owned()));
         let (body, attrs, cmid) = match op {
-            ClientOp::Send {
-                body, attrs, cmid, ..
+            ClientOp::Send { body, attrs, cmid, .. } | ClientOp::Dm { body, attrs, cmid, .. } => {
+                (Some(body), attrs.as_ref(), cmid.as_ref())
             }
-            | ClientOp::Dm {
-                body, attrs, cmid, ..
-            } => (Some(body), attrs.as_ref(), cmid.as_ref()),
             ClientOp::Edit { body, .. } => (Some(body), None, None),
             _ => (None, None, None),
         };
         if body.is_some_and(|b| b.len() > config.max_body_bytes) {
-            return Err(format!("body exceeds {} bytes", config.max_body_bytes));
+            return too_large(format!("body exceeds {} bytes", config.max_body_bytes));
         }
         if let Some(attrs) = attrs {
             if !attrs.is_object() {
-                return Err("attrs must be a JSON object".into());
+                return bad("attrs must be a JSON object");
             }
-            let size = serde_json::to_vec(attrs)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
             if size > config.max_attrs_bytes {
-                return Err(format!(
-                    "attrs exceed {} bytes of JSON",
-                    config.max_attrs_bytes
-                ));
+                return too_large(format!("attrs exceed {} bytes of JSON", config.max_attrs_bytes));
             }
         }
         if cmid.is_some_and(|c| c.chars().count() > limits::MAX_CMID_CHARS || c.is_empty()) {
-            return Err(format!(
-                "cmid must be 1 to {} characters",
-                limits::MAX_CMID_CHARS
-            ));
+            return too_large(format!("cmid must be 1 to {} characters", limits::MAX_CMID_CHARS));
         }
-        Ok(())
+        match op {
+            ClientOp::React { emoji, .. } if !limits::EMOJI_BYTES.contains(&emoji.len()) => {
+                bad("emoji must be 1 to 32 bytes")
+            }
+            ClientOp::Dm { to, .. } if to == &self.identity.user => bad("a direct message needs another user"),
+            ClientOp::Presence { users } | ClientOp::Watch { users } | ClientOp::Unwatch { users }
+                if users.len() > MAX_USERS_PER_OP =>
+            {
+                bad("at most 100 users per op")
+            }
+            ClientOp::Watch { users } if self.watched.len() + users.len() > MAX_WATCHED => {
+                bad("a session watches at most 1000 users")
+            }
+            ClientOp::History { limit: Some(limit), .. } if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) => {
+                bad("limit must be 1 to 100")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Relay a typing signal for a room this session receives, at most once per interval.
+    async fn typing(&mut self, room: RoomId) {
+        if !matches!(self.rooms.get(&room), Some(RoomDelivery::Live { .. })) {
+            return;
+        }
+        let now = Instant::now();
+        if self.typing_sent.get(&room).is_some_and(|at| now.duration_since(*at) < TYPING_INTERVAL) {
+            return;
+        }
+        self.typing_sent.insert(room.clone(), now);
+        upstream::notify(&self.gw, &self.identity.tenant, &self.identity.user, RoomCommand::Typing { room }).await;
     }
 
     /// Start the next queued op if none is in flight.
@@ -468,95 +473,112 @@ impl Session {
         if self.in_flight.is_some() {
             return;
         }
-        let Some(request) = self.queued.pop_front() else {
-            return;
-        };
+        let Some(request) = self.queued.pop_front() else { return };
         let gw = self.gw.clone();
         let identity = self.identity.clone();
         let rid = request.rid;
+        let command = |command: RoomCommand| run_command(gw.clone(), identity.clone(), rid, command).boxed();
         let future: BoxFuture<'static, Completion> = match request.op {
-            ClientOp::Join { room, since: _ } => {
+            ClientOp::Join { room, since } => {
+                // Direct-message rooms arrive through the user's inbox, which every session subscribes to.
+                let subscribe = match (self.rooms.contains_key(&room), room.is_dm()) {
+                    (false, false) => Some((subjects::room_live(&identity.tenant, &room), self.tx.clone())),
+                    _ => None,
+                };
                 if !self.rooms.contains_key(&room) {
-                    self.rooms
-                        .insert(room.clone(), RoomDelivery::Joining { held: Vec::new() });
-                    let hub = gw.hub.clone();
-                    let tx = self.tx.clone();
-                    async move {
-                        if let Err(error) = hub.subscribe(&identity.tenant, &room, tx).await {
-                            let result = Err(UpstreamError {
-                                code: ErrorCode::Unavailable,
-                                message: error.to_string(),
-                            });
-                            return Completion::Joined { rid, room, result };
-                        }
-                        let command = RoomCommand::Join {
-                            room: room.clone(),
-                            grants: identity.grants.clone(),
-                        };
-                        let result =
-                            upstream::command(&gw, &identity.tenant, &identity.user, command).await;
-                        Completion::Joined {
-                            rid,
-                            room,
-                            result: result.map(|ok| ok_seq(&ok)),
-                        }
-                    }
-                    .boxed()
-                } else {
-                    async move {
-                        let command = RoomCommand::Join {
-                            room: room.clone(),
-                            grants: identity.grants.clone(),
-                        };
-                        let result =
-                            upstream::command(&gw, &identity.tenant, &identity.user, command).await;
-                        Completion::Joined {
-                            rid,
-                            room,
-                            result: result.map(|ok| ok_seq(&ok)),
-                        }
-                    }
-                    .boxed()
+                    self.rooms.insert(room.clone(), RoomDelivery::Joining { held: Vec::new() });
                 }
+                if let Some((subject, _)) = &subscribe {
+                    self.subscribed.insert(subject.clone());
+                }
+                run_join(gw, identity, rid, room, since, subscribe).boxed()
             }
-            ClientOp::Create {
-                room,
-                private,
-                title,
-            } => {
-                let command = RoomCommand::Create {
-                    room,
-                    private,
-                    title,
-                };
-                run_command(gw, identity, rid, command).boxed()
+            ClientOp::Leave { room } => {
+                let leave = RoomCommand::Leave { room: room.clone() };
+                async move {
+                    let result =
+                        upstream::command(&gw, &identity.tenant, Some(&identity.user), leave).await.map(|_| ());
+                    Completion::Left { rid, room, result }
+                }
+                .boxed()
             }
-            ClientOp::Send {
-                room,
-                body,
-                attrs,
-                reply_to,
-                cmid,
-            } => {
-                let command = RoomCommand::Send {
-                    room,
-                    body,
-                    attrs,
-                    reply_to,
-                    cmid,
-                };
-                run_command(gw, identity, rid, command).boxed()
+            ClientOp::Create { room, private, title } => command(RoomCommand::Create { room, private, title }),
+            ClientOp::Send { room, body, attrs, reply_to, cmid } => {
+                command(RoomCommand::Send { room, body, attrs, reply_to, cmid })
             }
-            ClientOp::History {
-                room,
-                before,
-                after,
-                limit,
-            } => run_history(gw, identity, rid, room, before, after, limit).boxed(),
+            ClientOp::Dm { to, body, attrs, cmid } => match RoomId::dm(&identity.user, &to) {
+                Some(room) => command(RoomCommand::Send { room, body, attrs, reply_to: None, cmid }),
+                None => async move {
+                    Completion::Reply(err_frame(rid, ErrorCode::BadRequest, "a direct message needs another user"))
+                }
+                .boxed(),
+            },
+            ClientOp::Invite { room, user } => command(RoomCommand::Invite { room, user }),
+            ClientOp::Kick { room, user } => command(RoomCommand::Kick { room, user }),
+            ClientOp::Read { room, seq } => command(RoomCommand::Read { room, seq }),
+            ClientOp::React { room, seq, emoji, remove } => {
+                command(RoomCommand::React { room, target: seq, emoji, remove })
+            }
+            ClientOp::Edit { room, seq, body } => command(RoomCommand::Edit { room, target: seq, body }),
+            ClientOp::Delete { room, seq } => command(RoomCommand::Delete { room, target: seq }),
+            ClientOp::Members { room } => async move {
+                Completion::Reply(match members_with_presence(&gw, &identity, room).await {
+                    Ok(result) => ServerFrame::Ok { rid, result },
+                    Err(error) => err_frame(rid, error.code, error.message),
+                })
+            }
+            .boxed(),
+            ClientOp::Rooms => async move {
+                let result = upstream::user_request(&gw, &identity.tenant, &identity.user, UserCommand::Rooms).await;
+                Completion::Reply(match result {
+                    Ok(result) => ServerFrame::Ok { rid, result },
+                    Err(error) => err_frame(rid, error.code, error.message),
+                })
+            }
+            .boxed(),
+            ClientOp::Presence { users } => async move {
+                Completion::Reply(match upstream::presence(&gw, &identity.tenant, &users).await {
+                    Ok(users) => ServerFrame::Ok { rid, result: OkResult::Presence { users } },
+                    Err(error) => err_frame(rid, error.code, error.message),
+                })
+            }
+            .boxed(),
+            ClientOp::Watch { users } => {
+                let hub = gw.hub.clone();
+                let tx = self.tx.clone();
+                let subjects: Vec<String> = users
+                    .iter()
+                    .filter(|user| !self.watched.contains(*user))
+                    .map(|user| subjects::presence_events(&identity.tenant, user))
+                    .collect();
+                self.subscribed.extend(subjects.iter().cloned());
+                async move {
+                    for subject in &subjects {
+                        if let Err(error) = hub.subscribe(subject, tx.clone()).await {
+                            let error = UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() };
+                            return Completion::Watched { rid, users, result: Err(error) };
+                        }
+                    }
+                    Completion::Watched { rid, users, result: Ok(()) }
+                }
+                .boxed()
+            }
+            ClientOp::Unwatch { users } => {
+                for user in &users {
+                    if self.watched.remove(user) {
+                        let subject = subjects::presence_events(&identity.tenant, user);
+                        self.gw.hub.unsubscribe(&subject, self.tx.id);
+                        self.subscribed.remove(&subject);
+                    }
+                }
+                async move { Completion::Reply(ServerFrame::Ok { rid, result: OkResult::Empty {} }) }.boxed()
+            }
+            ClientOp::History { room, before, after, limit } => {
+                run_history(gw, identity, rid, room, before, after, limit).boxed()
+            }
             other => {
                 let message = format!("op {:?} cannot be queued", other.name());
-                async move { Completion::Reply(err_frame(rid, ErrorCode::Internal, message)) }
-                    .boxed()
+                async move { Completion::Reply(err_frame(rid, ErrorCode::Internal, message)) }.boxed()
             }
         };
         self.in_flight = Some(future);
@@ -566,20 +588,18 @@ impl Session {
         match completion {
             Completion::Reply(frame) => self.write(&frame).await,
             Completion::Joined { rid, room, result } => match result {
-                Ok(seq) => {
+                Ok((seq, missed)) => {
                     let previous = self.rooms.remove(&room);
                     // A repeated join keeps the delivery point already reached.
                     let point = match &previous {
                         Some(RoomDelivery::Live { last_seq }) => (*last_seq).max(seq),
                         _ => seq,
                     };
-                    self.rooms
-                        .insert(room.clone(), RoomDelivery::Live { last_seq: point });
-                    self.write(&ServerFrame::Ok {
-                        rid,
-                        result: OkResult::RoomSeq { room, seq },
-                    })
-                    .await?;
+                    for event in missed {
+                        self.sink.send(LiveEvent::replayed(event).message(self.format)).await?;
+                    }
+                    self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point });
+                    self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
                     if let Some(RoomDelivery::Joining { held }) = previous {
                         for event in held {
                             self.deliver(event).await?;
@@ -589,10 +609,28 @@ impl Session {
                 }
                 Err(error) => {
                     if matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { .. })) {
-                        self.rooms.remove(&room);
-                        self.gw
-                            .hub
-                            .unsubscribe(&self.identity.tenant, &room, self.tx.id);
+                        self.stop_receiving(&room);
+                    }
+                    self.write(&err_frame(rid, error.code, error.message)).await
+                }
+            },
+            Completion::Left { rid, room, result } => match result {
+                Ok(()) => {
+                    self.stop_receiving(&room);
+                    self.write(&ServerFrame::Ok { rid, result: OkResult::Room { room } }).await
+                }
+                Err(error) => self.write(&err_frame(rid, error.code, error.message)).await,
+            },
+            Completion::Watched { rid, users, result } => match result {
+                Ok(()) => {
+                    self.watched.extend(users);
+                    self.write(&ServerFrame::Ok { rid, result: OkResult::Empty {} }).await
+                }
+                Err(error) => {
+                    for user in users.iter().filter(|user| !self.watched.contains(*user)) {
+                        let subject = subjects::presence_events(&self.identity.tenant, user);
+                        self.gw.hub.unsubscribe(&subject, self.tx.id);
+                        self.subscribed.remove(&subject);
                     }
                     self.write(&err_frame(rid, error.code, error.message)).await
                 }
@@ -600,10 +638,37 @@ impl Session {
         }
     }
 
-    /// Write a live event if it is the session's next one for its room; hold it while the room's join is pending.
+    /// Stop receiving a room: forget its delivery state and drop its live subscription.
+    fn stop_receiving(&mut self, room: &RoomId) {
+        self.rooms.remove(room);
+        self.typing_sent.remove(room);
+        if !room.is_dm() {
+            let subject = subjects::room_live(&self.identity.tenant, room);
+            if self.subscribed.remove(&subject) {
+                self.gw.hub.unsubscribe(&subject, self.tx.id);
+            }
+        }
+    }
+
+    /// Write a live message if the session should see it: a room event when it is the room's next one (held while
+    /// the room's join is pending), a room signal when the session receives the room, presence always.
     async fn deliver(&mut self, event: Arc<LiveEvent>) -> Result<(), axum::Error> {
         let limit = self.gw.config.outbound_queue_frames;
-        match self.rooms.get_mut(&event.room) {
+        let Some(room) = event.room.clone() else {
+            return self.sink.send(event.message(self.format)).await;
+        };
+        let Some(seq) = event.seq else {
+            let receiving = matches!(self.rooms.get(&room), Some(RoomDelivery::Live { .. }));
+            if receiving && event.typing_user.as_ref() != Some(&self.identity.user) {
+                return self.sink.send(event.message(self.format)).await;
+            }
+            return Ok(());
+        };
+        if room.is_dm() && !self.rooms.contains_key(&room) {
+            // Direct messages reach every session of both users without a join.
+            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: seq - 1 });
+        }
+        match self.rooms.get_mut(&room) {
             None => Ok(()),
             Some(RoomDelivery::Joining { held }) => {
                 if held.len() >= limit {
@@ -614,15 +679,19 @@ impl Session {
                 Ok(())
             }
             Some(RoomDelivery::Live { last_seq }) => {
-                if event.seq <= *last_seq {
+                if seq <= *last_seq {
                     return Ok(());
                 }
-                if event.seq != *last_seq + 1 {
+                if seq != *last_seq + 1 {
                     metrics::counter!("switchyard_gateway_live_gaps_total").increment(1);
-                    tracing::warn!(room = %event.room, expected = *last_seq + 1, got = event.seq, "gap in live events");
+                    tracing::warn!(%room, expected = *last_seq + 1, got = seq, "gap in live events");
                 }
-                *last_seq = event.seq;
-                self.sink.send(event.message(self.format)).await
+                *last_seq = seq;
+                self.sink.send(event.message(self.format)).await?;
+                if event.left_user.as_ref() == Some(&self.identity.user) {
+                    self.stop_receiving(&room);
+                }
+                Ok(())
             }
         }
     }
@@ -635,18 +704,67 @@ fn ok_seq(result: &OkResult) -> u64 {
     }
 }
 
-async fn run_command(
+async fn run_command(gw: Arc<Gateway>, identity: Identity, rid: Option<u64>, command: RoomCommand) -> Completion {
+    Completion::Reply(match upstream::command(&gw, &identity.tenant, Some(&identity.user), command).await {
+        Ok(result) => ServerFrame::Ok { rid, result },
+        Err(error) => err_frame(rid, error.code, error.message),
+    })
+}
+
+/// Subscribe (when asked) before joining, so no event after the join point can be missed; then read what the
+/// client missed since `since`.
+async fn run_join(
     gw: Arc<Gateway>,
     identity: Identity,
     rid: Option<u64>,
-    command: RoomCommand,
+    room: RoomId,
+    since: Option<u64>,
+    subscribe: Option<(String, SessionTx)>,
 ) -> Completion {
-    Completion::Reply(
-        match upstream::command(&gw, &identity.tenant, &identity.user, command).await {
-            Ok(result) => ServerFrame::Ok { rid, result },
-            Err(error) => err_frame(rid, error.code, error.message),
-        },
-    )
+    let result = async {
+        if let Some((subject, tx)) = subscribe {
+            gw.hub
+                .subscribe(&subject, tx)
+                .await
+                .map_err(|error| UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() })?;
+        }
+        let join = RoomCommand::Join { room: room.clone(), grants: identity.grants.clone() };
+        let seq = ok_seq(&upstream::command(&gw, &identity.tenant, Some(&identity.user), join).await?);
+        let missed = match since {
+            Some(since) if since < seq => resume::missed_events(&gw, &identity.tenant, &room, since, seq).await?,
+            _ => Vec::new(),
+        };
+        Ok((seq, missed))
+    }
+    .await;
+    Completion::Joined { rid, room, result }
+}
+
+/// A room's members, with `online` from their presence owners.
+async fn members_with_presence(gw: &Gateway, identity: &Identity, room: RoomId) -> Result<OkResult, UpstreamError> {
+    let command = RoomCommand::Members { room };
+    members_online(gw, &identity.tenant, upstream::command(gw, &identity.tenant, Some(&identity.user), command).await?)
+        .await
+}
+
+/// Fill in `online` for a members list.
+pub async fn members_online(
+    gw: &Gateway,
+    tenant: &switchyard_protocol::ProjectId,
+    result: OkResult,
+) -> Result<OkResult, UpstreamError> {
+    let OkResult::Members { mut members } = result else {
+        return Err(UpstreamError { code: ErrorCode::Internal, message: "unexpected members reply".into() });
+    };
+    let users: Vec<UserId> = members.iter().map(|m| m.user.clone()).collect();
+    let mut states = std::collections::BTreeMap::new();
+    for chunk in users.chunks(MAX_USERS_PER_OP) {
+        states.extend(upstream::presence(gw, tenant, chunk).await?);
+    }
+    for member in &mut members {
+        member.online = states.get(member.user.as_str()).is_some_and(|state| state.online);
+    }
+    Ok(OkResult::Members { members })
 }
 
 async fn run_history(
@@ -659,26 +777,10 @@ async fn run_history(
     limit: Option<u32>,
 ) -> Completion {
     let limit = limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
-    if !(1..=limits::HISTORY_MAX_LIMIT).contains(&limit) {
-        return Completion::Reply(err_frame(
-            rid,
-            ErrorCode::BadRequest,
-            "limit must be 1 to 100",
-        ));
-    }
-    Completion::Reply(
-        match read_history(&gw, &identity, &room, before, after, limit).await {
-            Ok((messages, more)) => ServerFrame::Ok {
-                rid,
-                result: OkResult::History {
-                    room,
-                    messages,
-                    more,
-                },
-            },
-            Err(error) => err_frame(rid, error.code, error.message),
-        },
-    )
+    Completion::Reply(match read_history(&gw, &identity, &room, before, after, limit).await {
+        Ok((messages, more)) => ServerFrame::Ok { rid, result: OkResult::History { room, messages, more } },
+        Err(error) => err_frame(rid, error.code, error.message),
+    })
 }
 
 /// Authorise a history read with the room's router shard, then read the page from a persistor.
@@ -689,12 +791,9 @@ pub async fn read_history(
     before: Option<u64>,
     after: Option<u64>,
     limit: u32,
-) -> Result<(Vec<switchyard_protocol::client::Message>, bool), UpstreamError> {
-    let command = RoomCommand::CanRead {
-        room: room.clone(),
-        grants: identity.grants.clone(),
-    };
-    let allowed = upstream::command(gw, &identity.tenant, &identity.user, command).await?;
+) -> Result<(Vec<HistoryMessage>, bool), UpstreamError> {
+    let command = RoomCommand::CanRead { room: room.clone(), grants: identity.grants.clone() };
+    let allowed = upstream::command(gw, &identity.tenant, Some(&identity.user), command).await?;
     let request = HistoryRequest {
         v: INTERNAL_VERSION,
         tenant: identity.tenant.clone(),

@@ -57,9 +57,8 @@ pub enum StoreKind {
 
 /// The Cassandra of this test run, as `host:port`.
 pub fn cql_node() -> String {
-    std::env::var("SWITCHYARD_CQL").expect(
-        "SWITCHYARD_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra",
-    )
+    std::env::var("SWITCHYARD_CQL")
+        .expect("SWITCHYARD_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra")
 }
 
 pub struct Tenant {
@@ -73,11 +72,7 @@ impl Fleet {
     }
 
     /// Start a fleet, letting the test adjust the gateways' configuration.
-    pub async fn start_with(
-        gateways: usize,
-        routers: usize,
-        adjust: impl Fn(&mut GatewayConfig),
-    ) -> Fleet {
+    pub async fn start_with(gateways: usize, routers: usize, adjust: impl Fn(&mut GatewayConfig)) -> Fleet {
         Self::start_on(StoreKind::Embedded, gateways, routers, adjust).await
     }
 
@@ -89,10 +84,7 @@ impl Fleet {
         adjust: impl Fn(&mut GatewayConfig),
     ) -> Fleet {
         let turn = ONE_FLEET_AT_A_TIME.lock().await;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("warn")
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
         let shutdown = CancellationToken::new();
         let dir = tempfile::tempdir().expect("temp dir");
         let admin_token = format!("admin-{}", switchyard_protocol::ids::random_base62(24));
@@ -101,10 +93,7 @@ impl Fleet {
         for i in 0..routers {
             let config = RouterConfig {
                 nats_url: nats_url(),
-                router_id: format!(
-                    "test-router-{i}-{}",
-                    switchyard_protocol::ids::random_base62(6)
-                ),
+                router_id: format!("test-router-{i}-{}", switchyard_protocol::ids::random_base62(6)),
                 ..RouterConfig::default()
             };
             config.validate().expect("router config");
@@ -117,25 +106,18 @@ impl Fleet {
         }
 
         let store = Arc::new(match store {
-            StoreKind::Embedded => AnyStore::Embedded(
-                EmbeddedStore::open(&dir.path().join("history.redb")).expect("open embedded store"),
-            ),
-            StoreKind::Cql => AnyStore::Cql(
-                CqlStore::connect(&[cql_node()], "switchyard_e2e")
-                    .await
-                    .expect("connect to Cassandra"),
-            ),
+            StoreKind::Embedded => {
+                AnyStore::Embedded(EmbeddedStore::open(&dir.path().join("history.redb")).expect("open embedded store"))
+            }
+            StoreKind::Cql => {
+                AnyStore::Cql(CqlStore::connect(&[cql_node()], "switchyard_e2e").await.expect("connect to Cassandra"))
+            }
         });
-        let persistor_config = PersistorConfig {
-            nats_url: nats_url(),
-            ..PersistorConfig::default()
-        };
+        let persistor_config = PersistorConfig { nats_url: nats_url(), ..PersistorConfig::default() };
         {
             let (store, shutdown) = (store.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
-                if let Err(error) =
-                    switchyard_persistor::run_with_store(persistor_config, store, shutdown).await
-                {
+                if let Err(error) = switchyard_persistor::run_with_store(persistor_config, store, shutdown).await {
                     panic!("persistor failed: {error}");
                 }
             }));
@@ -152,9 +134,7 @@ impl Fleet {
             };
             adjust(&mut config);
             config.validate().expect("gateway config");
-            let bound = switchyard_gateway::bind(config, shutdown.clone())
-                .await
-                .expect("bind gateway");
+            let bound = switchyard_gateway::bind(config, shutdown.clone()).await.expect("bind gateway");
             urls.push(format!("http://{}", bound.local_addr()));
             tasks.push(tokio::spawn(async move {
                 if let Err(error) = bound.serve().await {
@@ -175,10 +155,7 @@ impl Fleet {
     }
 
     pub fn ws_url(&self, gateway: usize) -> String {
-        format!(
-            "{}/v1/ws",
-            self.gateways[gateway].replacen("http://", "ws://", 1)
-        )
+        format!("{}/v1/ws", self.gateways[gateway].replacen("http://", "ws://", 1))
     }
 
     pub async fn create_tenant(&self) -> Tenant {
@@ -190,12 +167,7 @@ impl Fleet {
             .send()
             .await
             .expect("create tenant");
-        assert_eq!(
-            response.status(),
-            201,
-            "create tenant: {:?}",
-            response.text().await
-        );
+        assert_eq!(response.status(), 201, "create tenant: {:?}", response.text().await);
         let body: Value = response.json().await.expect("tenant body");
         Tenant {
             project_id: body["project_id"].as_str().expect("project_id").to_owned(),
@@ -212,19 +184,13 @@ impl Fleet {
             .send()
             .await
             .expect("create token");
-        assert_eq!(
-            response.status(),
-            201,
-            "create token: {:?}",
-            response.text().await
-        );
+        assert_eq!(response.status(), 201, "create token: {:?}", response.text().await);
         let body: Value = response.json().await.expect("token body");
         body["token"].as_str().expect("token").to_owned()
     }
 
     pub async fn connect(&self, gateway: usize, token: &str, format: Format) -> Client {
-        let options = ConnectOptions::new(self.ws_url(gateway), Auth::Header(token.to_owned()))
-            .with_format(format);
+        let options = ConnectOptions::new(self.ws_url(gateway), Auth::Header(token.to_owned())).with_format(format);
         Client::connect(options).await.expect("connect")
     }
 

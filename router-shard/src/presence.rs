@@ -1,0 +1,171 @@
+//! Presence and user-level requests for the users of one shard: which users have sessions on which gateways,
+//! online/offline events on the first open and the last close anywhere in the fleet, `last_seen`, and a user's room
+//! list.
+//!
+//! Gateways report changes (a user's first session opened or last one closed on that gateway) and send periodic
+//! snapshots; a gateway that stops sending them is presumed dead and its users' sessions expire. A new owner of the
+//! shard rebuilds the table from snapshots and stays quiet (sends no events) while it does. This module does not
+//! track sessions themselves; gateways do.
+
+use crate::context::RouterContext;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchyard_protocol::client::{OkResult, PresenceState, RoomSummary};
+use switchyard_protocol::internal::{
+    CommandReply, LiveMessage, PresenceSnapshot, RoomEvent, UserCommand, UserRequest, UserRooms,
+};
+use switchyard_protocol::shard::shard_of_room;
+use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, UserId};
+
+/// How long a gateway's report of a user lasts without a refresh.
+pub(crate) const PRESENCE_EXPIRY: Duration = Duration::from_secs(15);
+/// How long a new owner waits for snapshots before it reports changes.
+const REBUILD_QUIET: Duration = Duration::from_secs(6);
+
+/// One user's presence.
+#[derive(Default)]
+struct UserPresence {
+    /// Gateways with at least one session of the user, and when each last said so.
+    gateways: HashMap<String, Instant>,
+}
+
+/// The presence table of one shard.
+pub(crate) struct PresenceTable {
+    ctx: Arc<RouterContext>,
+    users: HashMap<(ProjectId, UserId), UserPresence>,
+    /// Until then, changes are recorded but not announced (the table is being rebuilt).
+    quiet_until: Instant,
+}
+
+fn now_ms() -> u64 {
+    crate::room::now_us() / 1000
+}
+
+impl PresenceTable {
+    pub fn new(ctx: Arc<RouterContext>) -> Self {
+        PresenceTable { ctx, users: HashMap::new(), quiet_until: Instant::now() + REBUILD_QUIET }
+    }
+
+    /// Serve one user request; `None` for requests that are not answered.
+    pub async fn handle(&mut self, request: UserRequest) -> Option<CommandReply> {
+        let key = (request.tenant.clone(), request.user.clone());
+        match request.command {
+            UserCommand::SessionsChanged { gateway, online } => {
+                if online {
+                    self.seen_on(key, gateway).await;
+                } else {
+                    self.gone_from(&key, &gateway).await;
+                }
+                None
+            }
+            UserCommand::Presence { users } => {
+                let mut states = std::collections::BTreeMap::new();
+                for user in users {
+                    let online = self.users.contains_key(&(request.tenant.clone(), user.clone()));
+                    let last_seen = if online { None } else { self.last_seen(&request.tenant, &user).await };
+                    states.insert(user.to_string(), PresenceState { online, last_seen });
+                }
+                Some(CommandReply::Ok { result: OkResult::Presence { users: states } })
+            }
+            UserCommand::Rooms => Some(match self.rooms(&request.tenant, &request.user).await {
+                Ok(rooms) => CommandReply::Ok { result: OkResult::Rooms { rooms } },
+                Err(message) => CommandReply::err(ErrorCode::Unavailable, message),
+            }),
+        }
+    }
+
+    /// Apply a gateway's snapshot: every listed user is present there; every other user it had is not.
+    pub async fn snapshot(&mut self, snapshot: PresenceSnapshot) {
+        let listed: std::collections::HashSet<(ProjectId, UserId)> = snapshot.users.into_iter().collect();
+        let stale: Vec<(ProjectId, UserId)> = self
+            .users
+            .iter()
+            .filter(|(key, presence)| presence.gateways.contains_key(&snapshot.gateway) && !listed.contains(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            self.gone_from(&key, &snapshot.gateway).await;
+        }
+        for key in listed {
+            self.seen_on(key, snapshot.gateway.clone()).await;
+        }
+    }
+
+    /// Forget gateways that stopped reporting.
+    pub async fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<((ProjectId, UserId), String)> = self
+            .users
+            .iter()
+            .flat_map(|(key, presence)| {
+                presence
+                    .gateways
+                    .iter()
+                    .filter(|(_, at)| now.duration_since(**at) > PRESENCE_EXPIRY)
+                    .map(move |(gateway, _)| (key.clone(), gateway.clone()))
+            })
+            .collect();
+        for (key, gateway) in expired {
+            self.gone_from(&key, &gateway).await;
+        }
+    }
+
+    async fn seen_on(&mut self, key: (ProjectId, UserId), gateway: String) {
+        let presence = self.users.entry(key.clone()).or_default();
+        let was_online = !presence.gateways.is_empty();
+        presence.gateways.insert(gateway, Instant::now());
+        if !was_online {
+            self.announce(&key, true).await;
+        }
+    }
+
+    async fn gone_from(&mut self, key: &(ProjectId, UserId), gateway: &str) {
+        let Some(presence) = self.users.get_mut(key) else { return };
+        if presence.gateways.remove(gateway).is_none() || !presence.gateways.is_empty() {
+            return;
+        }
+        self.users.remove(key);
+        let seen = now_ms();
+        if let Err(error) = self.ctx.rooms.put(subjects::last_seen_key(&key.0, &key.1), seen.to_string().into()).await {
+            tracing::warn!(%error, "cannot store last_seen");
+        }
+        self.announce(key, false).await;
+    }
+
+    async fn announce(&self, key: &(ProjectId, UserId), online: bool) {
+        if Instant::now() < self.quiet_until {
+            return;
+        }
+        let message = LiveMessage::Presence { user: key.1.clone(), online, ts: now_ms() };
+        if let Ok(payload) = codec::encode(&message) {
+            let _ = self.ctx.nats.publish(subjects::presence_events(&key.0, &key.1), payload).await;
+        }
+    }
+
+    async fn last_seen(&self, tenant: &ProjectId, user: &UserId) -> Option<u64> {
+        let bytes = self.ctx.rooms.get(subjects::last_seen_key(tenant, user)).await.ok()??;
+        std::str::from_utf8(&bytes).ok()?.parse().ok()
+    }
+
+    /// The user's rooms, each with its last seq and the user's read marker.
+    async fn rooms(&self, tenant: &ProjectId, user: &UserId) -> Result<Vec<RoomSummary>, String> {
+        let record = match self.ctx.rooms.get(subjects::user_rooms_key(tenant, user)).await {
+            Ok(Some(bytes)) => codec::decode::<UserRooms>(&bytes).map_err(|e| e.to_string())?,
+            Ok(None) => UserRooms::default(),
+            Err(e) => return Err(format!("cannot read the user's rooms: {e}")),
+        };
+        let mut rooms = Vec::with_capacity(record.rooms.len());
+        for (room, entry) in record.rooms {
+            let shard = shard_of_room(tenant, &room, self.ctx.config.shard_count);
+            let seq =
+                match self.ctx.events.get_last_raw_message_by_subject(&subjects::event_log(shard, tenant, &room)).await
+                {
+                    Ok(message) => codec::decode::<RoomEvent>(&message.payload).map(|e| e.seq).unwrap_or(0),
+                    Err(_) => 0,
+                };
+            rooms.push(RoomSummary { room, role: entry.role, seq, read: entry.read });
+        }
+        Ok(rooms)
+    }
+}
