@@ -4,9 +4,9 @@
 //!
 //! It does not decide who is online fleet-wide; router shards do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
-use switchyard_protocol::internal::{PresenceSnapshot, UserCommand, UserRequest, INTERNAL_VERSION};
+use switchyard_protocol::internal::{PresenceResync, PresenceSnapshot, UserCommand, UserRequest, INTERNAL_VERSION};
 use switchyard_protocol::shard::shard_of_user;
 use switchyard_protocol::{codec, subjects, ProjectId, ShardId, UserId};
 use tokio::sync::mpsc;
@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How often snapshots are sent; owners expire a gateway after three missed ones.
 pub const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
+/// How soon a shard whose owner missed a change gets a snapshot.
+const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A session opened (`true`) or closed (`false`).
 pub struct SessionChange {
@@ -57,6 +59,17 @@ async fn run(
     // Local sessions per user.
     let mut sessions: HashMap<(ProjectId, UserId), u32> = HashMap::new();
     let mut snapshots = tokio::time::interval(SNAPSHOT_INTERVAL);
+    // Shards whose owner did not acknowledge a change: they get a snapshot soon, which carries the whole truth.
+    let (unacknowledged_tx, mut unacknowledged) = mpsc::channel::<ShardId>(1024);
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    let mut to_resend: BTreeSet<ShardId> = BTreeSet::new();
+    let mut resyncs = match nats.subscribe(subjects::PRESENCE_RESYNC).await {
+        Ok(subscription) => Some(subscription),
+        Err(error) => {
+            tracing::warn!(%error, "cannot subscribe to presence resync requests; relying on periodic snapshots");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -83,22 +96,66 @@ async fn run(
                         command: UserCommand::SessionsChanged { gateway: gateway.clone(), online: change.opened },
                     };
                     if let Ok(payload) = codec::encode(&request) {
-                        let _ = nats.publish(subjects::user_command(shard), payload).await;
+                        let (nats, unacknowledged_tx) = (nats.clone(), unacknowledged_tx.clone());
+                        tokio::spawn(async move {
+                            let asked = tokio::time::timeout(RETRY_INTERVAL * 4, nats.request(subjects::user_command(shard), payload));
+                            if !matches!(asked.await, Ok(Ok(_))) {
+                                let _ = unacknowledged_tx.send(shard).await;
+                            }
+                        });
                     }
                 }
+            }
+            Some(shard) = unacknowledged.recv() => {
+                to_resend.insert(shard);
+            }
+            Some(message) = next_resync(&mut resyncs) => {
+                if let Ok(resync) = codec::decode::<PresenceResync>(&message.payload) {
+                    to_resend.insert(resync.shard);
+                }
+            }
+            _ = retry.tick(), if !to_resend.is_empty() => {
+                let shards = std::mem::take(&mut to_resend);
+                send_snapshots(&nats, &gateway, shard_count, &sessions, Some(&shards)).await;
             }
             _ = snapshots.tick() => {
-                let mut by_shard: BTreeMap<ShardId, Vec<(ProjectId, UserId)>> = BTreeMap::new();
-                for (tenant, user) in sessions.keys() {
-                    by_shard.entry(shard_of_user(tenant, user, shard_count)).or_default().push((tenant.clone(), user.clone()));
-                }
-                for (shard, users) in by_shard {
-                    let snapshot = PresenceSnapshot { v: INTERNAL_VERSION, gateway: gateway.clone(), users };
-                    if let Ok(payload) = codec::encode(&snapshot) {
-                        let _ = nats.publish(subjects::presence_snapshot(shard), payload).await;
-                    }
-                }
+                send_snapshots(&nats, &gateway, shard_count, &sessions, None).await;
             }
+        }
+    }
+}
+
+async fn next_resync(resyncs: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match resyncs {
+        Some(subscription) => futures::StreamExt::next(subscription).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Send snapshots of this gateway's users: to every shard that has some, and to each of `also` even when empty.
+async fn send_snapshots(
+    nats: &async_nats::Client,
+    gateway: &str,
+    shard_count: u16,
+    sessions: &HashMap<(ProjectId, UserId), u32>,
+    only: Option<&BTreeSet<ShardId>>,
+) {
+    let mut by_shard: BTreeMap<ShardId, Vec<(ProjectId, UserId)>> = BTreeMap::new();
+    if let Some(shards) = only {
+        for shard in shards {
+            by_shard.insert(*shard, Vec::new());
+        }
+    }
+    for (tenant, user) in sessions.keys() {
+        let shard = shard_of_user(tenant, user, shard_count);
+        if only.is_none_or(|shards| shards.contains(&shard)) {
+            by_shard.entry(shard).or_default().push((tenant.clone(), user.clone()));
+        }
+    }
+    for (shard, users) in by_shard {
+        let snapshot = PresenceSnapshot { v: INTERNAL_VERSION, gateway: gateway.to_owned(), users };
+        if let Ok(payload) = codec::encode(&snapshot) {
+            let _ = nats.publish(subjects::presence_snapshot(shard), payload).await;
         }
     }
 }

@@ -95,8 +95,19 @@ pub enum UserCommand {
     Rooms,
     /// Presence of `users`, all owned by this shard (`OkResult::Presence`).
     Presence { users: Vec<UserId> },
-    /// A gateway's sessions of this user went from none to some (`online`) or from some to none. Not answered.
+    /// A gateway's sessions of this user went from none to some (`online`) or from some to none. Answered with an
+    /// empty `ok` when asked as a request.
     SessionsChanged { gateway: String, online: bool },
+}
+
+/// A user's presence as last announced, in the rooms KV bucket: lets a new owner of the user's shard tell a real
+/// change from a rebuild.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    pub v: u8,
+    pub online: bool,
+    /// When the user's last session closed (unix ms).
+    pub last_seen: Option<u64>,
 }
 
 /// A gateway's periodic list of the users it has sessions for, per presence shard. Not answered. A user missing
@@ -106,6 +117,13 @@ pub struct PresenceSnapshot {
     pub v: u8,
     pub gateway: String,
     pub users: Vec<(ProjectId, UserId)>,
+}
+
+/// A new shard owner's request that every gateway send it that shard's presence snapshot now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceResync {
+    pub v: u8,
+    pub shard: crate::ShardId,
 }
 
 /// What travels on a room's live subject and on a user's inbox: sequenced events and ephemeral signals.

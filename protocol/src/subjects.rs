@@ -75,9 +75,9 @@ pub fn user_rooms_key(tenant: &ProjectId, user: &UserId) -> String {
     format!("urooms.{tenant}.{user}")
 }
 
-/// KV key of a user's last-seen time.
-pub fn last_seen_key(tenant: &ProjectId, user: &UserId) -> String {
-    format!("seen.{tenant}.{user}")
+/// KV key of a user's presence record (online, last seen).
+pub fn presence_key(tenant: &ProjectId, user: &UserId) -> String {
+    format!("presence.{tenant}.{user}")
 }
 
 /// Where the router shard that owns a user's shard takes requests about that user.
@@ -89,6 +89,9 @@ pub fn user_command(shard: ShardId) -> String {
 pub fn presence_snapshot(shard: ShardId) -> String {
     format!("sy.psnap.{}", shard.0)
 }
+
+/// Where a new owner of a shard asks every gateway for that shard's presence snapshot at once.
+pub const PRESENCE_RESYNC: &str = "sy.psync";
 
 /// A user's inbox: direct-message room events for every session of the user, on every gateway.
 pub fn user_inbox(tenant: &ProjectId, user: &UserId) -> String {

@@ -3,9 +3,9 @@
 //! list.
 //!
 //! Gateways report changes (a user's first session opened or last one closed on that gateway) and send periodic
-//! snapshots; a gateway that stops sending them is presumed dead and its users' sessions expire. A new owner of the
-//! shard rebuilds the table from snapshots and stays quiet (sends no events) while it does. This module does not
-//! track sessions themselves; gateways do.
+//! snapshots; a gateway that stops sending them is presumed dead and its users' sessions expire. Each user's
+//! announced state is kept in a presence record, so a new owner rebuilding the table from snapshots announces only
+//! real changes. This module does not track sessions themselves; gateways do.
 
 use crate::context::RouterContext;
 use std::collections::HashMap;
@@ -13,29 +13,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_protocol::client::{OkResult, PresenceState, RoomSummary};
 use switchyard_protocol::internal::{
-    CommandReply, LiveMessage, PresenceSnapshot, RoomEvent, UserCommand, UserRequest, UserRooms,
+    CommandReply, LiveMessage, PresenceRecord, PresenceSnapshot, RoomEvent, UserCommand, UserRequest, UserRooms,
+    INTERNAL_VERSION,
 };
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, UserId};
 
 /// How long a gateway's report of a user lasts without a refresh.
 pub(crate) const PRESENCE_EXPIRY: Duration = Duration::from_secs(15);
-/// How long a new owner waits for snapshots before it reports changes.
-const REBUILD_QUIET: Duration = Duration::from_secs(6);
+/// How long a user with no session left stays online before going offline: absorbs reconnects, and reports from
+/// two gateways that cross each other.
+const OFFLINE_GRACE: Duration = Duration::from_millis(1500);
 
 /// One user's presence.
 #[derive(Default)]
 struct UserPresence {
     /// Gateways with at least one session of the user, and when each last said so.
     gateways: HashMap<String, Instant>,
+    /// When the last gateway went away; the user goes offline once the grace has passed.
+    leaving_since: Option<Instant>,
 }
 
 /// The presence table of one shard.
 pub(crate) struct PresenceTable {
     ctx: Arc<RouterContext>,
     users: HashMap<(ProjectId, UserId), UserPresence>,
-    /// Until then, changes are recorded but not announced (the table is being rebuilt).
-    quiet_until: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -44,7 +46,7 @@ fn now_ms() -> u64 {
 
 impl PresenceTable {
     pub fn new(ctx: Arc<RouterContext>) -> Self {
-        PresenceTable { ctx, users: HashMap::new(), quiet_until: Instant::now() + REBUILD_QUIET }
+        PresenceTable { ctx, users: HashMap::new() }
     }
 
     /// Serve one user request; `None` for requests that are not answered.
@@ -57,13 +59,13 @@ impl PresenceTable {
                 } else {
                     self.gone_from(&key, &gateway).await;
                 }
-                None
+                Some(CommandReply::Ok { result: OkResult::Empty {} })
             }
             UserCommand::Presence { users } => {
                 let mut states = std::collections::BTreeMap::new();
                 for user in users {
                     let online = self.users.contains_key(&(request.tenant.clone(), user.clone()));
-                    let last_seen = if online { None } else { self.last_seen(&request.tenant, &user).await };
+                    let last_seen = if online { None } else { self.record(&request.tenant, &user).await.last_seen };
                     states.insert(user.to_string(), PresenceState { online, last_seen });
                 }
                 Some(CommandReply::Ok { result: OkResult::Presence { users: states } })
@@ -92,9 +94,23 @@ impl PresenceTable {
         }
     }
 
-    /// Forget gateways that stopped reporting.
+    /// Forget gateways that stopped reporting, and take users whose grace has passed offline.
     pub async fn expire(&mut self) {
         let now = Instant::now();
+        let leaving: Vec<(ProjectId, UserId)> = self
+            .users
+            .iter()
+            .filter(|(_, presence)| {
+                presence.leaving_since.is_some_and(|since| now.duration_since(since) >= OFFLINE_GRACE)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in leaving {
+            self.users.remove(&key);
+            let record = PresenceRecord { v: INTERNAL_VERSION, online: false, last_seen: Some(now_ms()) };
+            self.store(&key, &record).await;
+            self.announce(&key, false).await;
+        }
         let expired: Vec<((ProjectId, UserId), String)> = self
             .users
             .iter()
@@ -113,39 +129,49 @@ impl PresenceTable {
 
     async fn seen_on(&mut self, key: (ProjectId, UserId), gateway: String) {
         let presence = self.users.entry(key.clone()).or_default();
-        let was_online = !presence.gateways.is_empty();
+        // Present in the table means announced online (or leaving, still online until its grace ends).
+        let was_online = !presence.gateways.is_empty() || presence.leaving_since.is_some();
         presence.gateways.insert(gateway, Instant::now());
-        if !was_online {
-            self.announce(&key, true).await;
+        presence.leaving_since = None;
+        if was_online {
+            return;
         }
+        let mut record = self.record(&key.0, &key.1).await;
+        if record.online {
+            // Already announced, by this owner or a previous one: a rebuild, not a change.
+            return;
+        }
+        record.online = true;
+        self.store(&key, &record).await;
+        self.announce(&key, true).await;
     }
 
     async fn gone_from(&mut self, key: &(ProjectId, UserId), gateway: &str) {
         let Some(presence) = self.users.get_mut(key) else { return };
-        if presence.gateways.remove(gateway).is_none() || !presence.gateways.is_empty() {
-            return;
+        if presence.gateways.remove(gateway).is_some() && presence.gateways.is_empty() {
+            presence.leaving_since = Some(Instant::now());
         }
-        self.users.remove(key);
-        let seen = now_ms();
-        if let Err(error) = self.ctx.rooms.put(subjects::last_seen_key(&key.0, &key.1), seen.to_string().into()).await {
-            tracing::warn!(%error, "cannot store last_seen");
-        }
-        self.announce(key, false).await;
     }
 
     async fn announce(&self, key: &(ProjectId, UserId), online: bool) {
-        if Instant::now() < self.quiet_until {
-            return;
-        }
         let message = LiveMessage::Presence { user: key.1.clone(), online, ts: now_ms() };
         if let Ok(payload) = codec::encode(&message) {
             let _ = self.ctx.nats.publish(subjects::presence_events(&key.0, &key.1), payload).await;
         }
     }
 
-    async fn last_seen(&self, tenant: &ProjectId, user: &UserId) -> Option<u64> {
-        let bytes = self.ctx.rooms.get(subjects::last_seen_key(tenant, user)).await.ok()??;
-        std::str::from_utf8(&bytes).ok()?.parse().ok()
+    async fn record(&self, tenant: &ProjectId, user: &UserId) -> PresenceRecord {
+        match self.ctx.rooms.get(subjects::presence_key(tenant, user)).await {
+            Ok(Some(bytes)) => codec::decode(&bytes).unwrap_or_default(),
+            _ => PresenceRecord::default(),
+        }
+    }
+
+    async fn store(&self, key: &(ProjectId, UserId), record: &PresenceRecord) {
+        let Ok(payload) = codec::encode(record) else { return };
+        if let Err(error) = self.ctx.rooms.put(subjects::presence_key(&key.0, &key.1), payload).await {
+            tracing::warn!(%error, "cannot store a presence record");
+        }
     }
 
     /// The user's rooms, each with its last seq and the user's read marker.

@@ -178,6 +178,12 @@ impl RoomActor {
         match (command, user) {
             (RoomCommand::Create { private, title, .. }, user) => self.create(user, private, title).await,
             (RoomCommand::Members { .. }, None) => self.members().await,
+            (RoomCommand::CanRead { .. }, None) => {
+                if !self.room.is_dm() {
+                    self.require_record().await?;
+                }
+                Ok(OkResult::RoomSeq { room, seq: self.tail().await?.seq })
+            }
             (RoomCommand::SetMember { user: member, role, .. }, None) => {
                 self.require_named_room()?;
                 self.require_record().await?;

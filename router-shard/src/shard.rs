@@ -11,7 +11,9 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_protocol::internal::{CommandReply, CommandRequest, PresenceSnapshot, UserRequest, INTERNAL_VERSION};
+use switchyard_protocol::internal::{
+    CommandReply, CommandRequest, PresenceResync, PresenceSnapshot, UserRequest, INTERNAL_VERSION,
+};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, RoomId, ShardId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -40,6 +42,10 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
         }
     };
     tracing::info!(%shard, "serving shard");
+    // A new owner starts with an empty presence table: ask every gateway to report this shard's users now.
+    if let Ok(payload) = codec::encode(&PresenceResync { v: INTERNAL_VERSION, shard }) {
+        let _ = ctx.nats.publish(subjects::PRESENCE_RESYNC, payload).await;
+    }
     // The queue of each active room's actor.
     let mut rooms: HashMap<(ProjectId, RoomId), mpsc::Sender<RoomJob>> = HashMap::new();
     let mut actors = JoinSet::new();

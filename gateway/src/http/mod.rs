@@ -226,7 +226,20 @@ async fn get_messages(
     if !(1..=limits::HISTORY_MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 100"));
     }
-    // The tenant's backend may read any of its rooms; there is no user to authorise.
+    // The tenant's backend may read any of its rooms; asking the room's owner gives its last seq, so the page
+    // includes the backend's own writes.
+    let allowed = upstream::command(
+        &gw,
+        &tenant.project_id,
+        None,
+        RoomCommand::CanRead { room: room.clone(), grants: Vec::new() },
+    )
+    .await
+    .map_err(|e| ApiError::new(e.code, e.message))?;
+    let min_seq = match allowed {
+        OkResult::RoomSeq { seq, .. } => seq,
+        _ => 0,
+    };
     let request = HistoryRequest {
         v: INTERNAL_VERSION,
         tenant: tenant.project_id,
@@ -234,7 +247,7 @@ async fn get_messages(
         before: page.before,
         after: page.after,
         limit,
-        min_seq: 0,
+        min_seq,
     };
     match upstream::history(&gw, request).await {
         Ok(HistoryReply::Ok { messages, more }) => Ok(Json(json!({"messages": messages, "more": more}))),

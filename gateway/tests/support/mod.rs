@@ -90,12 +90,14 @@ impl Fleet {
         let admin_token = format!("admin-{}", switchyard_protocol::ids::random_base62(24));
         let mut tasks = Vec::new();
 
+        let mut router_ids = Vec::new();
         for i in 0..routers {
             let config = RouterConfig {
                 nats_url: nats_url(),
                 router_id: format!("test-router-{i}-{}", switchyard_protocol::ids::random_base62(6)),
                 ..RouterConfig::default()
             };
+            router_ids.push(config.router_id.clone());
             config.validate().expect("router config");
             let shutdown = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -104,6 +106,8 @@ impl Fleet {
                 }
             }));
         }
+
+        wait_for_balanced_shards(&router_ids).await;
 
         let store = Arc::new(match store {
             StoreKind::Embedded => {
@@ -199,6 +203,35 @@ impl Fleet {
         self.shutdown.cancel();
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// Wait until every shard is held by one of `routers`, each holding its fair share, so tests do not start while
+/// shards are still moving between the fleet's router shards.
+async fn wait_for_balanced_shards(routers: &[String]) {
+    if routers.is_empty() {
+        return;
+    }
+    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(nats);
+    let shard_count = usize::from(switchyard_protocol::limits::DEFAULT_SHARD_COUNT);
+    let fair_share = shard_count.div_ceil(routers.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "router shards did not settle shard ownership in 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(leases) = js.get_key_value(switchyard_protocol::subjects::LEASES_BUCKET).await else { continue };
+        let mut held = std::collections::HashMap::<String, usize>::new();
+        for shard in 0..shard_count {
+            let key = switchyard_protocol::subjects::lease_key(switchyard_protocol::ShardId(shard as u16));
+            if let Ok(Some(owner)) = leases.get(key).await {
+                *held.entry(String::from_utf8_lossy(&owner).into_owned()).or_default() += 1;
+            }
+        }
+        let ours: usize = routers.iter().map(|r| held.get(r).copied().unwrap_or(0)).sum();
+        if ours == shard_count && routers.iter().all(|r| held.get(r).copied().unwrap_or(0) <= fair_share) {
+            return;
         }
     }
 }
