@@ -17,9 +17,13 @@ macro_rules! say {
 }
 pub(crate) use say;
 
-/// The repository root (the folder holding the workspace `Cargo.toml`).
+/// The repository root (the folder holding the workspace `Cargo.toml`). `cargo run` names the xtask's manifest
+/// folder at run time; the compile-time value is only a fallback, since a binary built from another checkout into
+/// the same target folder would carry that checkout's path.
 pub fn repo_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 
