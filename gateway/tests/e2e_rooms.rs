@@ -208,3 +208,69 @@ async fn oversize_bodies_and_non_members_are_refused_clearly() {
     client.ping().await.expect("still open");
     fleet.stop().await;
 }
+
+/// A router shard that dies between the append and the live publish leaves a hole in live delivery; sessions fill
+/// it from the events stream. The hole is made for real: an event appended to the room's log, never published live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_live_publish_is_filled_from_the_log() {
+    use async_nats::jetstream::message::PublishMessage;
+    use switchyard_protocol::internal::{EventBody, RoomEvent, INTERNAL_VERSION};
+    use switchyard_protocol::{codec, shard::shard_of_room, subjects, MessageId, UserId};
+
+    let fleet = Fleet::start(1, 1).await;
+    let tenant = fleet.create_tenant().await;
+    let alice = fleet.connect(0, &fleet.token(&tenant, "alice").await, Format::Json).await;
+    let bob = fleet.connect(0, &fleet.token(&tenant, "bob").await, Format::MsgPack).await;
+    alice.join("holes", None).await.unwrap();
+    bob.join("holes", None).await.unwrap();
+    let first = alice.send("holes", "before").await.unwrap();
+    for client in [&alice, &bob] {
+        while let Some(event) = client.next_event_timeout(Duration::from_millis(300)).await {
+            let _ = event;
+        }
+    }
+
+    let tenant_id = ProjectId::parse(&tenant.project_id).unwrap();
+    let room = RoomId::parse("holes").unwrap();
+    let subject = subjects::event_log(shard_of_room(&tenant_id, &room, 64), &tenant_id, &room);
+    let js = async_nats::jetstream::new(async_nats::connect(support::nats_url()).await.unwrap());
+    let stream = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    let last = stream.get_last_raw_message_by_subject(&subject).await.unwrap();
+    let previous: RoomEvent = codec::decode(&last.payload).unwrap();
+    assert_eq!(previous.seq, first.seq);
+    let lost = RoomEvent {
+        v: INTERNAL_VERSION,
+        tenant: tenant_id.clone(),
+        room: room.clone(),
+        seq: first.seq + 1,
+        ts_us: previous.ts_us + 1,
+        body: EventBody::Msg {
+            id: MessageId::generate(previous.ts_us / 1000),
+            from: UserId::parse("alice").unwrap(),
+            body: "appended, never published live".into(),
+            attrs: None,
+            reply_to: None,
+        },
+    };
+    let publish =
+        PublishMessage::build().payload(codec::encode(&lost).unwrap()).expected_last_subject_sequence(last.sequence);
+    js.send_publish(subject, publish).await.unwrap().await.expect("appended like a router shard would");
+
+    let after = alice.send("holes", "after").await.unwrap();
+    assert_eq!(after.seq, first.seq + 2, "the router shard continued after the appended event");
+    for client in [&alice, &bob] {
+        let mut bodies = Vec::new();
+        while bodies.len() < 2 {
+            match client.next_event_timeout(WAIT).await {
+                Some(ServerEvent::Msg { seq, body, .. }) => bodies.push((seq, body)),
+                Some(_) => {}
+                None => panic!("stalled after {bodies:?}"),
+            }
+        }
+        assert_eq!(
+            bodies,
+            vec![(first.seq + 1, "appended, never published live".to_owned()), (after.seq, "after".to_owned())]
+        );
+    }
+    fleet.stop().await;
+}

@@ -650,6 +650,19 @@ impl Session {
         }
     }
 
+    /// Write the room's events with `after < seq <= upto` from the events stream.
+    async fn fill_gap(&mut self, room: &RoomId, after: u64, upto: u64) -> Result<(), axum::Error> {
+        match resume::missed_events(&self.gw, &self.identity.tenant, room, after, upto).await {
+            Ok(events) => {
+                for event in events {
+                    self.sink.send(LiveEvent::replayed(event).message(self.format)).await?;
+                }
+            }
+            Err(error) => tracing::warn!(%room, after, upto, %error, "cannot fill a gap in live events"),
+        }
+        Ok(())
+    }
+
     /// Write a live message if the session should see it: a room event when it is the room's next one (held while
     /// the room's join is pending), a room signal when the session receives the room, presence always.
     async fn deliver(&mut self, event: Arc<LiveEvent>) -> Result<(), axum::Error> {
@@ -682,11 +695,13 @@ impl Session {
                 if seq <= *last_seq {
                     return Ok(());
                 }
-                if seq != *last_seq + 1 {
-                    metrics::counter!("switchyard_gateway_live_gaps_total").increment(1);
-                    tracing::warn!(%room, expected = *last_seq + 1, got = seq, "gap in live events");
-                }
+                let expected = *last_seq + 1;
                 *last_seq = seq;
+                if seq != expected {
+                    // A live publish was lost (its router shard died after the append): fill the gap from the log.
+                    metrics::counter!("switchyard_gateway_live_gaps_total").increment(1);
+                    self.fill_gap(&room, expected - 1, seq - 1).await?;
+                }
                 self.sink.send(event.message(self.format)).await?;
                 if event.left_user.as_ref() == Some(&self.identity.user) {
                     self.stop_receiving(&room);
