@@ -51,7 +51,14 @@ pub async fn missed_events(
         return Ok(Vec::new());
     }
     if upto - since > gw.config.resume_max_events {
-        return Err(gap(since));
+        return Err(UpstreamError {
+            code: ErrorCode::ResumeGap,
+            message: format!(
+                "{} events since seq {since} is more than one join replays ({}); read history and join without since",
+                upto - since,
+                gw.config.resume_max_events
+            ),
+        });
     }
     let stream = gw.events_stream().await.map_err(unavailable)?;
     let subject = subjects::event_log(shard_of_room(tenant, room, gw.config.shard_count), tenant, room);

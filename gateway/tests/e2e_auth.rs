@@ -86,6 +86,20 @@ async fn http_apis_refuse_wrong_credentials_and_bad_bodies() {
         .json(&json!({"user_id": "a", "ttl_secs": 86_401}));
     assert_eq!(status(long_ttl.send().await.unwrap()), 400);
 
+    let unknown = http.get(format!("{base}/v1/nothing-here")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: serde_json::Value = unknown.json().await.expect("a JSON error body");
+    assert_eq!(body["code"], "not_found");
+    let bad_query = http
+        .get(format!("{base}/v1/rooms/general/messages?limit=abc"))
+        .bearer_auth(&tenant.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_query.status(), 400);
+    let body: serde_json::Value = bad_query.json().await.expect("a JSON error body");
+    assert_eq!(body["code"], "bad_request");
+
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200, "ready with NATS and Redis up");
     let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();

@@ -268,6 +268,34 @@ async fn message_lifecycle(format: Format) {
     assert_eq!(once, again);
     let (latest, _) = bob.history("general", None, None, Some(1)).await.unwrap();
     assert_eq!(latest[0].body.as_deref(), Some("idempotent"));
+    // The same cmid in another room is still the first send: its ok names the first room, nothing new is created.
+    alice.join("elsewhere", None).await.unwrap();
+    let elsewhere = ok(
+        &alice,
+        ClientOp::Send {
+            room: room("elsewhere"),
+            body: "x".into(),
+            attrs: None,
+            reply_to: None,
+            cmid: Some("c-1".into()),
+        },
+    )
+    .await;
+    assert_eq!(elsewhere, once);
+    let (nothing, _) = alice.history("elsewhere", None, None, None).await.unwrap();
+    assert!(nothing.is_empty(), "{nothing:?}");
+    refused(
+        &alice,
+        ClientOp::Send {
+            room: room("general"),
+            body: "x".into(),
+            attrs: None,
+            reply_to: None,
+            cmid: Some(String::new()),
+        },
+        ErrorCode::BadRequest,
+    )
+    .await;
     fleet.stop().await;
 }
 
@@ -359,6 +387,8 @@ async fn typing_read_and_presence(format: Format) {
         other => panic!("{other:?}"),
     }
     assert_eq!(ok(&bob, read(1)).await["seq"], json!(sent.seq), "a marker never moves back");
+    assert_eq!(ok(&bob, read(sent.seq)).await["seq"], json!(sent.seq));
+    none_where(&alice, "a read event for a marker that did not move", |e| matches!(e, ServerEvent::Read { .. })).await;
     refused(&bob, read(sent.seq + 100), ErrorCode::BadRequest).await;
     let rooms = ok(&bob, ClientOp::Rooms).await;
     assert_eq!(rooms["rooms"][0]["read"], json!(sent.seq));

@@ -413,8 +413,9 @@ impl RoomActor {
         let appended = self.append(msg, dedupe).await?;
         let event = appended.event();
         match &event.body {
+            // A repeated cmid answers the first ok, which names the room the first send went to.
             EventBody::Msg { id, .. } => {
-                Ok(OkResult::Sent { room: self.room.clone(), id: id.clone(), seq: event.seq, ts: event.ts_ms() })
+                Ok(OkResult::Sent { room: event.room.clone(), id: id.clone(), seq: event.seq, ts: event.ts_ms() })
             }
             _ => Err(refused(ErrorCode::Conflict, "cmid was already used for another kind of op")),
         }
@@ -441,15 +442,16 @@ impl RoomActor {
             return Err(refused(ErrorCode::BadRequest, format!("seq {seq} is past the room's last seq {}", tail.seq)));
         }
         let room = self.room.clone();
-        let mut marker = 0;
+        let (mut marker, mut moved) = (0, false);
         let role = self.role_of(user).await?.unwrap_or(Role::Member);
         self.update_user_rooms(user, |rooms| {
             let entry = rooms.rooms.entry(room.clone()).or_insert(UserRoom { role, read: 0 });
+            moved = seq > entry.read;
             entry.read = entry.read.max(seq);
             marker = entry.read;
         })
         .await?;
-        if marker == seq {
+        if moved {
             self.publish_live(&LiveMessage::Read { room: room.clone(), user: user.clone(), seq }).await;
         }
         Ok(OkResult::RoomSeq { room, seq: marker })

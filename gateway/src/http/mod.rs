@@ -34,6 +34,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/rooms/{room}/members/{user_id}", put(set_member).delete(remove_member))
         .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
         .route("/v1/ws", get(ws_handler))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(gw)
 }
@@ -189,12 +190,15 @@ async fn post_message(
         return Err(ApiError::new(ErrorCode::TooLarge, format!("body exceeds {} bytes", gw.config.max_body_bytes)));
     }
     if let Some(attrs) = &request.attrs {
+        if !attrs.is_object() {
+            return Err(ApiError::bad_request("attrs must be a JSON object"));
+        }
         let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
-        if !attrs.is_object() || size > gw.config.max_attrs_bytes {
-            return Err(ApiError::bad_request(format!(
-                "attrs must be a JSON object of at most {} bytes",
-                gw.config.max_attrs_bytes
-            )));
+        if size > gw.config.max_attrs_bytes {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!("attrs exceed {} bytes of JSON", gw.config.max_attrs_bytes),
+            ));
         }
     }
     let command = RoomCommand::Send { room, body: request.body, attrs: request.attrs, reply_to: None, cmid: None };
@@ -218,8 +222,9 @@ async fn get_messages(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Path(room): Path<String>,
-    Query(page): Query<PageQuery>,
+    page: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(page) = page.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let tenant = tenant_of_request(&gw, &headers).await?;
     let room = parse_room(&room)?;
     let limit = page.limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);

@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// Ops waiting behind the one in flight; more than this is answered `rate_limited`.
 const MAX_QUEUED_OPS: usize = 64;
+/// Longest room title, in bytes.
+const MAX_TITLE_BYTES: usize = 200;
 /// Most users one `presence`, `watch` or `unwatch` names.
 const MAX_USERS_PER_OP: usize = 100;
 /// Most users one session watches.
@@ -189,8 +191,14 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         session.gw.hub.unsubscribe(subject, session.tx.id);
     }
     session.gw.presence.closed(&tenant, &user).await;
-    if let Some(close) = close {
-        let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
+    match close {
+        Some(close) => {
+            let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
+        }
+        // The client closed (or vanished): flush the answer to its close frame, if it sent one.
+        None => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), session.sink.close()).await;
+        }
     }
     metrics::gauge!("switchyard_gateway_sessions").decrement(1.0);
 }
@@ -432,10 +440,16 @@ impl Session {
                 return too_large(format!("attrs exceed {} bytes of JSON", config.max_attrs_bytes));
             }
         }
-        if cmid.is_some_and(|c| c.chars().count() > limits::MAX_CMID_CHARS || c.is_empty()) {
-            return too_large(format!("cmid must be 1 to {} characters", limits::MAX_CMID_CHARS));
+        if cmid.is_some_and(|c| c.is_empty()) {
+            return bad("cmid must not be empty");
+        }
+        if cmid.is_some_and(|c| c.chars().count() > limits::MAX_CMID_CHARS) {
+            return too_large(format!("cmid must be at most {} characters", limits::MAX_CMID_CHARS));
         }
         match op {
+            ClientOp::Create { title: Some(title), .. } if title.len() > MAX_TITLE_BYTES => {
+                bad("title must be at most 200 bytes")
+            }
             ClientOp::React { emoji, .. } if !limits::EMOJI_BYTES.contains(&emoji.len()) => {
                 bad("emoji must be 1 to 32 bytes")
             }
