@@ -9,6 +9,10 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod jwt;
+pub mod limits;
+pub mod revocation;
+pub mod serve;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
@@ -50,6 +54,10 @@ pub struct Gateway {
     pub nats: async_nats::Client,
     pub tenants: tenants::TenantDirectory,
     pub tokens: tokens::TokenStore,
+    /// This gateway's live sessions, for revocation and connection caps.
+    pub sessions: Arc<revocation::SessionRegistry>,
+    /// The fleet-wide per-tenant message rate.
+    pub tenant_rate: limits::TenantRateLimiter,
     pub hub: Arc<ws::hub::Hub>,
     /// Fires when the gateway stops: sessions close with 1001.
     pub shutdown: CancellationToken,
@@ -80,7 +88,12 @@ pub async fn bind(
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+        .map_err(|e| {
+            GatewayError::Nats(format!(
+                "connect to {}: {e}",
+                config::redact_url(&config.nats_url)
+            ))
+        })?;
     let js = jetstream::new(nats.clone());
     let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET).await?;
 
@@ -101,7 +114,7 @@ pub async fn bind(
         .await
         .is_err()
     {
-        tracing::warn!(url = %config.redis_url, "Redis not reachable yet; opaque tokens fail until it is");
+        tracing::warn!(url = %config::redact_url(&config.redis_url), "Redis not reachable yet; opaque tokens fail until it is");
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -110,10 +123,19 @@ pub async fn bind(
             addr: config.listen,
             source,
         })?;
+    let sessions = revocation::SessionRegistry::new();
+    // Revocations and tenant changes are heard before the first request is served.
+    revocation::listen(nats.clone(), sessions.clone(), shutdown.clone())
+        .await
+        .map_err(|e| GatewayError::Nats(format!("subscribe to revocations: {e}")))?;
+    let tenants = tenants::TenantDirectory::new(tenants_kv);
+    tenants.spawn_watch(sessions.clone(), shutdown.clone());
     let gateway = Arc::new(Gateway {
         hub: ws::hub::Hub::new(nats.clone()),
-        tenants: tenants::TenantDirectory::new(tenants_kv),
+        tenants,
+        tenant_rate: limits::TenantRateLimiter::new(redis.clone()),
         tokens: tokens::TokenStore::new(redis),
+        sessions,
         nats,
         config,
         shutdown,
@@ -136,11 +158,13 @@ impl BoundGateway {
         tracing::info!(addr = %self.local_addr(), "gateway listening");
         let app = http::router(gateway.clone());
         let shutdown = gateway.shutdown.clone();
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-            })
-            .await;
+        let result = serve::serve(
+            self.listener,
+            app,
+            gateway.config.header_read_timeout(),
+            shutdown,
+        )
+        .await;
         gateway.draining.store(true, Ordering::Relaxed);
         let _ = gateway.nats.flush().await;
         result.map_err(GatewayError::Serve)

@@ -6,6 +6,8 @@
 //! anything (router shards do) and never blocks other sessions: a session that cannot keep up is closed with 4009.
 
 use crate::auth::{authenticate, Identity};
+use crate::limits::{tenant_rate_refusal, AbuseCounter};
+use crate::revocation::{self, CloseSignal};
 use crate::upstream::{self, UpstreamError};
 use crate::ws::hub::{LiveEvent, SessionTx};
 use crate::Gateway;
@@ -106,6 +108,8 @@ struct Session {
     budget: OpBudget,
     /// When the client was last heard from (any frame, including pongs).
     last_heard: Instant,
+    /// Rate-limited ops in the recent past; too many closes the session with 4008.
+    abuse: AbuseCounter,
 }
 
 /// Serve one upgraded socket until it closes.
@@ -115,11 +119,19 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         Some(identity) => identity,
         None => match first_frame_auth(&gw, &mut stream, format).await {
             Ok(identity) => identity,
-            Err(reason) => {
-                let _ = send_close(&mut sink, format, CloseCode::Unauthenticated, &reason).await;
+            Err((code, reason)) => {
+                let _ = send_close(&mut sink, format, code, &reason).await;
                 return;
             }
         },
+    };
+    // Registered for revocation until this function returns (the registration deregisters on drop).
+    let registration = match revocation::register(&gw, &identity) {
+        Ok(registration) => registration,
+        Err(refused) => {
+            let _ = send_close(&mut sink, format, refused.code, refused.reason).await;
+            return;
+        }
     };
     let (events_tx, events) = mpsc::channel(gw.config.outbound_queue_frames);
     let tx = SessionTx {
@@ -130,6 +142,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         max_queued_bytes: gw.config.outbound_queue_bytes,
         overflow: CancellationToken::new(),
     };
+    let gw_abuse = (gw.config.abuse_limit, gw.config.abuse_window());
     let mut session = Session {
         budget: OpBudget::new(gw.config.ops_per_sec, gw.config.ops_burst),
         gw,
@@ -142,9 +155,10 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         in_flight: None,
         queued: VecDeque::new(),
         last_heard: Instant::now(),
+        abuse: AbuseCounter::new(gw_abuse.0, gw_abuse.1),
     };
     metrics::gauge!("switchyard_gateway_sessions").increment(1.0);
-    let close = session.serve(stream).await;
+    let close = session.serve(stream, registration.signal()).await;
     for room in session.rooms.keys() {
         session
             .gw
@@ -155,6 +169,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
     }
     metrics::gauge!("switchyard_gateway_sessions").decrement(1.0);
+    drop(registration);
 }
 
 /// Wait for `{"op": "auth"}` as the first frame.
@@ -162,29 +177,43 @@ async fn first_frame_auth(
     gw: &Arc<Gateway>,
     stream: &mut SplitStream<WebSocket>,
     format: Format,
-) -> Result<Identity, String> {
+) -> Result<Identity, (CloseCode, String)> {
+    let unauthenticated = |reason: &str| (CloseCode::Unauthenticated, reason.to_owned());
     let deadline = tokio::time::Instant::now() + gw.config.auth_timeout();
     loop {
         let frame = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err("no authentication within the time allowed".into()),
-            Ok(None) | Ok(Some(Err(_))) => return Err("socket closed before authentication".into()),
+            Err(_) => return Err(unauthenticated("no authentication within the time allowed")),
+            Ok(None) | Ok(Some(Err(_))) => {
+                return Err(unauthenticated("socket closed before authentication"))
+            }
             Ok(Some(Ok(frame))) => frame,
         };
         let bytes = match frame {
             Message::Text(text) => text.as_bytes().to_vec(),
             Message::Binary(bytes) => bytes.to_vec(),
             Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Close(_) => return Err("socket closed before authentication".into()),
+            Message::Close(_) => {
+                return Err(unauthenticated("socket closed before authentication"))
+            }
         };
         return match decode_client_frame(&bytes, format) {
             Ok(ClientRequest {
                 op: ClientOp::Auth { token },
                 ..
-            }) => authenticate(gw, &token)
-                .await
-                .map_err(|e| format!("authentication failed: {}", e.message)),
-            Ok(_) => Err("the first frame must be an auth op".into()),
-            Err(e) => Err(format!("the first frame must be an auth op: {}", e.message)),
+            }) => authenticate(gw, &token).await.map_err(|e| {
+                // A token store outage is no verdict on the token: the client may retry (1013).
+                let code = if e.code == ErrorCode::Unavailable {
+                    CloseCode::TryAgainLater
+                } else {
+                    CloseCode::Unauthenticated
+                };
+                (code, format!("authentication failed: {}", e.message))
+            }),
+            Ok(_) => Err(unauthenticated("the first frame must be an auth op")),
+            Err(e) => Err((
+                CloseCode::Unauthenticated,
+                format!("the first frame must be an auth op: {}", e.message),
+            )),
         };
     }
 }
@@ -246,7 +275,11 @@ fn err_frame(rid: Option<u64>, code: ErrorCode, message: impl Into<String>) -> S
 
 impl Session {
     /// The session loop. Returns how the server wants to close, or `None` when the client went away.
-    async fn serve(&mut self, mut stream: SplitStream<WebSocket>) -> Option<Close> {
+    async fn serve(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        revoked: CloseSignal,
+    ) -> Option<Close> {
         let hello = ServerFrame::Hello {
             session: format!("ss_{}", switchyard_protocol::ids::random_base62(16)),
             user: self.identity.user.clone(),
@@ -269,6 +302,7 @@ impl Session {
                 _ = shutdown.cancelled() => {
                     return Some(Close { code: CloseCode::Draining, reason: "gateway is draining" });
                 }
+                (code, reason) = revoked.fired() => return Some(Close { code, reason }),
                 completion = async { self.in_flight.as_mut().expect("guarded by the select condition").await },
                     if self.in_flight.is_some() => {
                     self.in_flight = None;
@@ -358,6 +392,13 @@ impl Session {
         };
         if let Err(wait) = self.budget.take() {
             metrics::counter!("switchyard_gateway_rate_limited_total").increment(1);
+            if self.abuse.record(wait) {
+                let reason = "too many rate-limited ops";
+                return Some(Some(Close {
+                    code: CloseCode::RateLimitAbuse,
+                    reason,
+                }));
+            }
             let frame = ServerFrame::Err {
                 rid: request.rid,
                 code: ErrorCode::RateLimited,
@@ -370,6 +411,11 @@ impl Session {
             return self
                 .reply_now(err_frame(request.rid, ErrorCode::TooLarge, message))
                 .await;
+        }
+        let tenant = &self.identity.tenant;
+        if let Some(refusal) = tenant_rate_refusal(&self.gw, tenant, request.rid, &request.op).await
+        {
+            return self.reply_now(refusal).await;
         }
         match request.op {
             ClientOp::Ping => self.reply_now(ServerFrame::Pong { rid: request.rid }).await,
