@@ -119,6 +119,7 @@ impl TokenStore {
 
     /// Issue a token for the grant's user, living `ttl_secs`.
     pub async fn issue(&self, grant: &TokenGrant, ttl_secs: u64) -> Result<String, ApiError> {
+        self.ensure_connected()?;
         let token = opaque_token::generate();
         let hash = sha256_hex(&token);
         let value =
@@ -143,6 +144,7 @@ impl TokenStore {
         if !opaque_token::is_well_formed(token) {
             return Ok(None);
         }
+        self.ensure_connected()?;
         let value: Option<String> = self
             .redis
             .get(token_key(&sha256_hex(token)))
@@ -156,6 +158,7 @@ impl TokenStore {
         if !opaque_token::is_well_formed(token) {
             return Ok(Revoked::Unknown);
         }
+        self.ensure_connected()?;
         let found: i64 = self
             .revoke_token
             .evalsha_with_reload(
@@ -175,6 +178,7 @@ impl TokenStore {
 
     /// Delete every opaque token of a user; how many there were.
     pub async fn revoke_user(&self, tenant: &ProjectId, user: &UserId) -> Result<u64, ApiError> {
+        self.ensure_connected()?;
         let count: i64 = self
             .revoke_user
             .evalsha_with_reload(
@@ -199,6 +203,7 @@ impl TokenStore {
         if ttl_ms == 0 {
             return Ok(());
         }
+        self.ensure_connected()?;
         self.redis
             .set::<(), _, _>(
                 revoked_key(tenant, credential_id),
@@ -228,5 +233,16 @@ impl TokenStore {
     /// Is Redis reachable right now?
     pub fn is_connected(&self) -> bool {
         self.redis.is_connected()
+    }
+
+    /// Fail fast while Redis is known to be down, rather than queueing the command until it times out.
+    fn ensure_connected(&self) -> Result<(), ApiError> {
+        if self.redis.is_connected() {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable(
+                "token store unavailable (Redis is not connected); retry later",
+            ))
+        }
     }
 }
