@@ -19,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a revocation is remembered for sessions that were authenticating while it happened.
 const RECENT_WINDOW: Duration = Duration::from_secs(10);
-/// Bound of the local revoked-credential cache; expired entries are pruned first, then the soonest-expiring.
-const MAX_REVOKED_CREDENTIALS: usize = 100_000;
+/// Bound of one tenant's entries in the local revoked-credential cache (JWTs only: opaque tokens are checked in
+/// Redis). Expired entries are pruned first, then the soonest-expiring, so a tenant can only crowd out its own.
+const MAX_REVOKED_PER_TENANT: usize = 10_000;
+/// Bound of the recent-revocations window, whatever the rate of revocations.
+const MAX_RECENT: usize = 10_000;
 
 /// Tells one session to close, with the code and reason to close with.
 #[derive(Clone, Default)]
@@ -70,8 +73,8 @@ struct Inner {
     by_user: HashMap<(ProjectId, UserId), HashSet<u64>>,
     by_credential: HashMap<(ProjectId, String), HashSet<u64>>,
     recent: VecDeque<Recent>,
-    /// Revoked credentials and when they expire anyway (unix ms).
-    revoked: HashMap<(ProjectId, String), u64>,
+    /// Revoked JWT credentials per tenant, and when they expire anyway (unix ms).
+    revoked: HashMap<ProjectId, HashMap<String, u64>>,
 }
 
 fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<u64>>, key: K, id: u64) {
@@ -105,22 +108,28 @@ impl Inner {
         }
     }
 
-    fn prune_revoked(&mut self, now_ms: u64) {
-        if self.revoked.len() < MAX_REVOKED_CREDENTIALS {
-            return;
+    fn remember_revoked(&mut self, tenant: &ProjectId, id: &str, until_ms: u64, now_ms: u64) {
+        let revoked = self.revoked.entry(tenant.clone()).or_default();
+        if revoked.len() >= MAX_REVOKED_PER_TENANT {
+            revoked.retain(|_, until| *until > now_ms);
         }
-        self.revoked.retain(|_, until| *until > now_ms);
-        while self.revoked.len() >= MAX_REVOKED_CREDENTIALS {
-            let Some(soonest) = self
-                .revoked
+        if revoked.len() >= MAX_REVOKED_PER_TENANT {
+            if let Some(soonest) = revoked
                 .iter()
                 .min_by_key(|(_, until)| **until)
                 .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            self.revoked.remove(&soonest);
+            {
+                revoked.remove(&soonest);
+            }
         }
+        revoked.insert(id.to_owned(), until_ms);
+    }
+
+    fn is_revoked(&self, tenant: &ProjectId, id: &str, now_ms: u64) -> bool {
+        self.revoked
+            .get(tenant)
+            .and_then(|revoked| revoked.get(id))
+            .is_some_and(|until| *until > now_ms)
     }
 }
 
@@ -212,11 +221,7 @@ impl SessionRegistry {
                     RevocationTarget::Token { id, .. } => *id == credential,
                 }
         });
-        if revoked_meanwhile
-            || inner
-                .revoked
-                .contains_key(&(tenant.clone(), credential.clone()))
-        {
+        if revoked_meanwhile || inner.is_revoked(&tenant, &credential, now_ms()) {
             signal.fire(CloseCode::Revoked, "credentials revoked");
         }
         inner
@@ -280,18 +285,19 @@ impl SessionRegistry {
             }
         }
         inner.prune_recent();
+        if inner.recent.len() >= MAX_RECENT {
+            inner.recent.pop_front();
+        }
         inner.recent.push_back(Recent {
             at: Instant::now(),
             tenant: tenant.clone(),
             target: target.clone(),
         });
+        // Opaque tokens need no local entry: a deleted token is refused by Redis, and Redis is needed to accept one.
         if let RevocationTarget::Token { id, until_ms } = target {
             let now = now_ms();
-            if *until_ms > now {
-                inner.prune_revoked(now);
-                inner
-                    .revoked
-                    .insert((tenant.clone(), id.clone()), *until_ms);
+            if *until_ms > now && !id.starts_with("t:") {
+                inner.remember_revoked(tenant, id, *until_ms, now);
             }
         }
         drop(inner);
@@ -304,11 +310,7 @@ impl SessionRegistry {
 
     /// Is this credential in the local revocation cache?
     pub fn is_token_revoked(&self, tenant: &ProjectId, id: &str) -> bool {
-        let inner = self.lock();
-        inner
-            .revoked
-            .get(&(tenant.clone(), id.to_owned()))
-            .is_some_and(|until| *until > now_ms())
+        self.lock().is_revoked(tenant, id, now_ms())
     }
 }
 
@@ -439,8 +441,15 @@ mod tests {
         assert_eq!(registry.revoke(&a, &token, 0), 1);
         assert!(a_alice.signal().is_fired());
         assert!(!a_bob.signal().is_fired() && !b_alice.signal().is_fired());
-        assert!(registry.is_token_revoked(&a, "t:1"));
-        assert!(!registry.is_token_revoked(&b, "t:1"));
+        // Only JWT credentials are cached (opaque tokens are refused by Redis once deleted).
+        assert!(!registry.is_token_revoked(&a, "t:1"));
+        let jwt = RevocationTarget::Token {
+            id: "j:x".into(),
+            until_ms: u64::MAX,
+        };
+        registry.revoke(&a, &jwt, 0);
+        assert!(registry.is_token_revoked(&a, "j:x"));
+        assert!(!registry.is_token_revoked(&b, "j:x"));
 
         let user = RevocationTarget::User {
             user: UserId::parse("bob").unwrap(),
