@@ -122,7 +122,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
                         },
                         1 => ClientOp::Create {
                             room: room(&format!("{name}-{}", rng.next() % 8)),
-                            private: rng.next() % 2 == 0,
+                            private: rng.next() & 1 == 0,
                             title: None,
                         },
                         2 | 3 => ClientOp::Send {
@@ -141,7 +141,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
                         _ => {
                             // Over HTTP: post or read as the tenant's backend.
                             let path = format!("/v1/rooms/{name}/messages");
-                            let answer = if rng.next() % 2 == 0 {
+                            let answer = if rng.next() & 1 == 0 {
                                 let body =
                                     json!({"from": USERS[i], "body": format!("A:http:{i}:{n}")});
                                 fleet
