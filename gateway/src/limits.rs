@@ -99,17 +99,19 @@ pub fn counts_as_message(op: &ClientOp) -> bool {
     )
 }
 
-/// The tenant's message rate and burst: its own limits, else the gateway's defaults. `None`: unlimited.
+/// The tenant's message rate and burst: its own limits (burst defaulting to twice its rate), else the gateway's
+/// defaults. `None`: unlimited (a rate of 0).
 fn tenant_rate(gw: &Gateway, tenant: &ProjectId) -> Option<(u32, u32)> {
     let own = gw.tenants.cached(tenant).map(|e| e.record.limits.clone());
-    let per_sec = own
-        .as_ref()
-        .and_then(|l| l.msgs_per_sec)
-        .unwrap_or(gw.config.tenant_msgs_per_sec);
-    let burst = own
-        .as_ref()
-        .and_then(|l| l.msgs_burst)
-        .unwrap_or(gw.config.tenant_msgs_burst.max(per_sec));
+    let (per_sec, burst) = match own.as_ref().and_then(|l| l.msgs_per_sec) {
+        Some(per_sec) => (
+            per_sec,
+            own.as_ref()
+                .and_then(|l| l.msgs_burst)
+                .unwrap_or(per_sec.saturating_mul(2)),
+        ),
+        None => (gw.config.tenant_msgs_per_sec, gw.config.tenant_msgs_burst),
+    };
     (per_sec > 0).then_some((per_sec, burst.max(1)))
 }
 

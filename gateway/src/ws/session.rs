@@ -158,18 +158,32 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         abuse: AbuseCounter::new(gw_abuse.0, gw_abuse.1),
     };
     metrics::gauge!("switchyard_gateway_sessions").increment(1.0);
-    let close = session.serve(stream, registration.signal()).await;
+    let close = session.serve(&mut stream, registration.signal()).await;
     for room in session.rooms.keys() {
         session
             .gw
             .hub
             .unsubscribe(&session.identity.tenant, room, session.tx.id);
     }
-    if let Some(close) = close {
-        let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
-    }
     metrics::gauge!("switchyard_gateway_sessions").decrement(1.0);
     drop(registration);
+    if let Some(close) = close {
+        let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
+        linger(&mut stream).await;
+    }
+}
+
+/// After a server-initiated close, read and drop what the client still sends until its close frame (or a second),
+/// so that closing the socket with client frames unread cannot reset the connection and lose `bye` and the close.
+async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(frame)) = stream.next().await {
+            if matches!(frame, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Wait for `{"op": "auth"}` as the first frame.
@@ -277,7 +291,7 @@ impl Session {
     /// The session loop. Returns how the server wants to close, or `None` when the client went away.
     async fn serve(
         &mut self,
-        mut stream: SplitStream<WebSocket>,
+        stream: &mut SplitStream<WebSocket>,
         revoked: CloseSignal,
     ) -> Option<Close> {
         let hello = ServerFrame::Hello {
