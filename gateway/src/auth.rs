@@ -75,19 +75,13 @@ pub async fn authenticate(gw: &Gateway, token: &str) -> Result<Identity, ApiErro
     } else if jwt::looks_like_jwt(token) {
         authenticate_jwt(gw, token, verified_at).await?
     } else {
-        return Err(ApiError::unauthorized(
-            "token is neither a sytok_ token nor a JWT",
-        ));
+        return Err(ApiError::unauthorized("token is neither a sytok_ token nor a JWT"));
     };
     metrics::counter!("switchyard_gateway_authentications_total").increment(1);
     Ok(identity)
 }
 
-async fn authenticate_opaque(
-    gw: &Gateway,
-    token: &str,
-    verified_at: Instant,
-) -> Result<Identity, ApiError> {
+async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, ApiError> {
     let grant = gw
         .tokens
         .resolve(token)
@@ -98,25 +92,18 @@ async fn authenticate_opaque(
         tenant: grant.project_id,
         user: grant.user_id,
         grants: Vec::new(),
-        credential: Credential {
-            id: opaque_token_id(token),
-            expires_at_ms: grant.expires_at_ms,
-            verified_at,
-        },
+        credential: Credential { id: opaque_token_id(token), expires_at_ms: grant.expires_at_ms, verified_at },
     })
 }
 
-async fn authenticate_jwt(
-    gw: &Gateway,
-    token: &str,
-    verified_at: Instant,
-) -> Result<Identity, ApiError> {
+async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, ApiError> {
     // The tenant (and so the key) is found from the unverified `pid`; the signature check below then proves it.
     let project_id = jwt::unverified_project(token)?;
     let tenant = require_enabled_tenant(gw, &project_id).await?;
-    let key = tenant.jwt.as_ref().ok_or_else(|| {
-        ApiError::unauthorized("this project accepts no JWTs (no key configured)")
-    })?;
+    let key = tenant
+        .jwt
+        .as_ref()
+        .ok_or_else(|| ApiError::unauthorized("this project accepts no JWTs (no key configured)"))?;
     let claims = jwt::verify(token, key, &project_id, true)?;
     let id = jwt::credential_id(token, claims.jti.as_deref());
     if is_revoked(gw, &project_id, &id).await {
@@ -126,11 +113,7 @@ async fn authenticate_jwt(
         tenant: project_id,
         user: claims.sub,
         grants: claims.rooms,
-        credential: Credential {
-            id,
-            expires_at_ms: claims.exp.saturating_mul(1000),
-            verified_at,
-        },
+        credential: Credential { id, expires_at_ms: claims.exp.saturating_mul(1000), verified_at },
     })
 }
 
@@ -159,11 +142,7 @@ async fn require_enabled_tenant(
     gw: &Gateway,
     project_id: &ProjectId,
 ) -> Result<std::sync::Arc<crate::tenants::TenantEntry>, ApiError> {
-    let tenant = gw
-        .tenants
-        .lookup(project_id)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("unknown project"))?;
+    let tenant = gw.tenants.lookup(project_id).await?.ok_or_else(|| ApiError::unauthorized("unknown project"))?;
     if tenant.record.disabled {
         return Err(ApiError::new(ErrorCode::Forbidden, "tenant is disabled"));
     }
@@ -173,7 +152,5 @@ async fn require_enabled_tenant(
 /// The token in an `Authorization: Bearer ...` header value.
 pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }

@@ -78,10 +78,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("ops_burst", &self.ops_burst)
             .field("allowed_origins", &self.allowed_origins)
             .field("tenant_msgs_per_sec", &self.tenant_msgs_per_sec)
-            .field(
-                "max_connections_per_tenant",
-                &self.max_connections_per_tenant,
-            )
+            .field("max_connections_per_tenant", &self.max_connections_per_tenant)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .finish_non_exhaustive()
     }
@@ -136,24 +133,15 @@ impl Default for GatewayConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
 }
 
 fn parsed<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError> {
-    value.trim().parse().map_err(|_| ConfigError::Invalid {
-        name,
-        message: format!("cannot parse {value:?}"),
-    })
+    value.trim().parse().map_err(|_| ConfigError::Invalid { name, message: format!("cannot parse {value:?}") })
 }
 
 impl GatewayConfig {
@@ -161,10 +149,8 @@ impl GatewayConfig {
     pub fn load() -> Result<Self, ConfigError> {
         let mut config = match std::env::var("SWITCHYARD_CONFIG") {
             Ok(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
             }
             Err(_) => GatewayConfig::default(),
@@ -198,53 +184,30 @@ impl GatewayConfig {
             self.tenant_msgs_burst = parsed("SWITCHYARD_TENANT_MSGS_BURST", &v)?;
         }
         if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
-            self.max_connections_per_tenant =
-                Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
+            self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
         }
         if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
-            self.allowed_origins = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
+            self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
         Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |name, message: &str| {
-            Err(ConfigError::Invalid {
-                name,
-                message: message.to_owned(),
-            })
-        };
+        let invalid = |name, message: &str| Err(ConfigError::Invalid { name, message: message.to_owned() });
         if self.admin_token.len() < 16 {
-            return invalid(
-                "admin_token",
-                "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long",
-            );
+            return invalid("admin_token", "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long");
         }
         if self.shard_count == 0 || self.shard_count > 4096 {
             return invalid("shard_count", "must be 1..=4096");
         }
         if self.max_frame_bytes < 1024 || self.max_body_bytes == 0 || self.max_attrs_bytes == 0 {
-            return invalid(
-                "max_frame_bytes",
-                "frame limit must be at least 1 KiB and body/attrs limits positive",
-            );
+            return invalid("max_frame_bytes", "frame limit must be at least 1 KiB and body/attrs limits positive");
         }
         if self.outbound_queue_frames == 0 || self.outbound_queue_bytes == 0 {
-            return invalid(
-                "outbound_queue_frames",
-                "outbound queue bounds must be positive",
-            );
+            return invalid("outbound_queue_frames", "outbound queue bounds must be positive");
         }
         if self.heartbeat_ms < 100 || self.auth_timeout_ms == 0 || self.command_timeout_ms == 0 {
-            return invalid(
-                "heartbeat_ms",
-                "heartbeat must be at least 100 ms and timeouts positive",
-            );
+            return invalid("heartbeat_ms", "heartbeat must be at least 100 ms and timeouts positive");
         }
         if self.ops_per_sec == 0 || self.ops_burst == 0 {
             return invalid("ops_per_sec", "op rate and burst must be positive");
@@ -253,10 +216,7 @@ impl GatewayConfig {
             return invalid("abuse_limit", "abuse limit and window must be positive");
         }
         if self.header_read_timeout_ms < 100 || self.request_timeout_ms < 100 {
-            return invalid(
-                "header_read_timeout_ms",
-                "header-read and request timeouts must be at least 100 ms",
-            );
+            return invalid("header_read_timeout_ms", "header-read and request timeouts must be at least 100 ms");
         }
         if self.max_http_body_bytes < 1024 {
             return invalid("max_http_body_bytes", "must be at least 1 KiB");
@@ -301,9 +261,7 @@ mod tests {
             .unwrap();
         config.validate().unwrap();
         assert_eq!(config.listen.port(), 0);
-        assert!(config
-            .apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into()))
-            .is_err());
+        assert!(config.apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into())).is_err());
     }
 
     #[test]
@@ -315,9 +273,7 @@ mod tests {
             ..GatewayConfig::default()
         };
         let text = format!("{config:?}");
-        assert!(
-            !text.contains("super-secret") && !text.contains("hunter2") && !text.contains("a:b@")
-        );
+        assert!(!text.contains("super-secret") && !text.contains("hunter2") && !text.contains("a:b@"));
         assert!(text.contains("127.0.0.1:6379") && text.contains("nats://n2:4222"));
     }
 }

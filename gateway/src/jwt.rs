@@ -33,9 +33,7 @@ pub struct PreparedKey {
 impl std::fmt::Debug for PreparedKey {
     /// Only the algorithm: key material stays out of debug output.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreparedKey")
-            .field("alg", &self.alg_name())
-            .finish_non_exhaustive()
+        f.debug_struct("PreparedKey").field("alg", &self.alg_name()).finish_non_exhaustive()
     }
 }
 
@@ -70,47 +68,31 @@ pub fn prepare(key: &JwtKey) -> Result<PreparedKey, String> {
     match key {
         JwtKey::HS256 { secret } => {
             if secret.len() < MIN_HMAC_SECRET_BYTES {
-                return Err(format!(
-                    "an HS256 secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"
-                ));
+                return Err(format!("an HS256 secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"));
             }
             if secret.len() > MAX_KEY_BYTES {
-                return Err(format!(
-                    "an HS256 secret must be at most {MAX_KEY_BYTES} bytes"
-                ));
+                return Err(format!("an HS256 secret must be at most {MAX_KEY_BYTES} bytes"));
             }
-            Ok(PreparedKey {
-                alg: Algorithm::HS256,
-                key: DecodingKey::from_secret(secret.as_bytes()),
-            })
+            Ok(PreparedKey { alg: Algorithm::HS256, key: DecodingKey::from_secret(secret.as_bytes()) })
         }
         JwtKey::RS256 { public_key_pem } => {
             check_public_pem(public_key_pem)?;
             let bits = rsa_bits(public_key_pem)?;
             if bits < MIN_RSA_BITS {
-                return Err(format!(
-                    "the RSA key has {bits} bits; at least {MIN_RSA_BITS} are required"
-                ));
+                return Err(format!("the RSA key has {bits} bits; at least {MIN_RSA_BITS} are required"));
             }
             let key = DecodingKey::from_rsa_pem(public_key_pem.as_bytes())
                 .map_err(|e| format!("not a usable RSA public key: {e}"))?;
-            Ok(PreparedKey {
-                alg: Algorithm::RS256,
-                key,
-            })
+            Ok(PreparedKey { alg: Algorithm::RS256, key })
         }
         JwtKey::ES256 { public_key_pem } => {
             check_public_pem(public_key_pem)?;
             use p256::pkcs8::DecodePublicKey;
-            p256::PublicKey::from_public_key_pem(public_key_pem.trim()).map_err(|_| {
-                "not a P-256 (ES256) public key in PEM (SubjectPublicKeyInfo)".to_owned()
-            })?;
+            p256::PublicKey::from_public_key_pem(public_key_pem.trim())
+                .map_err(|_| "not a P-256 (ES256) public key in PEM (SubjectPublicKeyInfo)".to_owned())?;
             let key = DecodingKey::from_ec_pem(public_key_pem.as_bytes())
                 .map_err(|e| format!("not a usable EC public key: {e}"))?;
-            Ok(PreparedKey {
-                alg: Algorithm::ES256,
-                key,
-            })
+            Ok(PreparedKey { alg: Algorithm::ES256, key })
         }
     }
 }
@@ -120,10 +102,7 @@ fn check_public_pem(pem: &str) -> Result<(), String> {
         return Err(format!("the PEM must be at most {MAX_KEY_BYTES} bytes"));
     }
     if pem.contains("PRIVATE KEY") {
-        return Err(
-            "this is a private key: upload only the public key, and treat this one as leaked"
-                .into(),
-        );
+        return Err("this is a private key: upload only the public key, and treat this one as leaked".into());
     }
     if !pem.contains("-----BEGIN") {
         return Err("public_key_pem must be a PEM block".into());
@@ -145,9 +124,7 @@ fn rsa_bits(pem: &str) -> Result<usize, String> {
 /// Is `token` shaped like a JWT (three base64url segments)? Says nothing about its validity.
 pub fn looks_like_jwt(token: &str) -> bool {
     token.bytes().filter(|b| *b == b'.').count() == 2
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
 }
 
 /// The `pid` claim, read without verification, to find the tenant whose key verifies the token.
@@ -188,12 +165,7 @@ struct RawClaims {
 
 /// Verify `token` with the tenant's key: the header's `alg` must be the key's, the signature must hold, `exp` must
 /// be in the future (unless `check_exp` is false, for revoking an expired token), and `pid` must be `tenant`.
-pub fn verify(
-    token: &str,
-    key: &PreparedKey,
-    tenant: &ProjectId,
-    check_exp: bool,
-) -> Result<Claims, ApiError> {
+pub fn verify(token: &str, key: &PreparedKey, tenant: &ProjectId, check_exp: bool) -> Result<Claims, ApiError> {
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| ApiError::unauthorized("JWT header is invalid or its alg is not supported"))?;
     if header.alg != key.alg {
@@ -227,21 +199,16 @@ pub fn verify(
     if raw.pid != tenant.as_str() {
         return Err(ApiError::unauthorized("JWT pid is not the signing project"));
     }
-    let sub = UserId::parse(&raw.sub).map_err(|_| {
-        ApiError::unauthorized("JWT sub is not a valid user id (^[A-Za-z0-9_-]{1,64}$)")
-    })?;
+    let sub = UserId::parse(&raw.sub)
+        .map_err(|_| ApiError::unauthorized("JWT sub is not a valid user id (^[A-Za-z0-9_-]{1,64}$)"))?;
     if let Some(jti) = &raw.jti {
         if !valid_jti(jti) {
-            return Err(ApiError::unauthorized(
-                "JWT jti must be 1 to 128 printable ASCII characters",
-            ));
+            return Err(ApiError::unauthorized("JWT jti must be 1 to 128 printable ASCII characters"));
         }
     }
     let rooms = raw.rooms.unwrap_or_default();
     if rooms.len() > MAX_GRANTS {
-        return Err(ApiError::unauthorized(format!(
-            "JWT carries more than {MAX_GRANTS} rooms grants"
-        )));
+        return Err(ApiError::unauthorized(format!("JWT carries more than {MAX_GRANTS} rooms grants")));
     }
     if let Some(bad) = rooms.iter().find(|grant| !valid_grant(grant)) {
         return Err(ApiError::new(
@@ -249,12 +216,7 @@ pub fn verify(
             format!("JWT rooms grant {bad:?} is neither a room id nor a prefix ending in *"),
         ));
     }
-    Ok(Claims {
-        sub,
-        exp: raw.exp,
-        jti: raw.jti,
-        rooms,
-    })
+    Ok(Claims { sub, exp: raw.exp, jti: raw.jti, rooms })
 }
 
 fn valid_jti(jti: &str) -> bool {
@@ -266,10 +228,7 @@ fn valid_grant(grant: &str) -> bool {
     match grant.strip_suffix('*') {
         None => RoomId::parse(grant).is_ok(),
         Some(prefix) => {
-            prefix.len() <= 130
-                && prefix
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'))
+            prefix.len() <= 130 && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'))
         }
     }
 }
@@ -289,21 +248,12 @@ mod tests {
 
     #[test]
     fn key_material_is_checked() {
-        assert!(prepare(&JwtKey::HS256 {
-            secret: "short".into()
-        })
-        .is_err());
-        assert!(prepare(&JwtKey::HS256 {
-            secret: "x".repeat(32)
-        })
-        .is_ok());
-        let not_pem = JwtKey::RS256 {
-            public_key_pem: "hello".into(),
-        };
+        assert!(prepare(&JwtKey::HS256 { secret: "short".into() }).is_err());
+        assert!(prepare(&JwtKey::HS256 { secret: "x".repeat(32) }).is_ok());
+        let not_pem = JwtKey::RS256 { public_key_pem: "hello".into() };
         assert!(prepare(&not_pem).is_err());
-        let private = JwtKey::ES256 {
-            public_key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----".into(),
-        };
+        let private =
+            JwtKey::ES256 { public_key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----".into() };
         assert!(prepare(&private).unwrap_err().contains("private key"));
     }
 

@@ -39,10 +39,7 @@ pub enum GatewayError {
     #[error("Redis: {0}")]
     Redis(String),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -79,26 +76,17 @@ pub struct BoundGateway {
 }
 
 /// Connect to NATS and Redis and bind the listener.
-pub async fn bind(
-    config: GatewayConfig,
-    shutdown: CancellationToken,
-) -> Result<BoundGateway, GatewayError> {
+pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
     let nats = async_nats::ConnectOptions::new()
         .name("switchyard-gateway")
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| {
-            GatewayError::Nats(format!(
-                "connect to {}: {e}",
-                config::redact_url(&config.nats_url)
-            ))
-        })?;
+        .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config::redact_url(&config.nats_url))))?;
     let js = jetstream::new(nats.clone());
     let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET).await?;
 
-    let redis_config =
-        Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
+    let redis_config = Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
     let redis = Builder::from_config(redis_config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
@@ -110,19 +98,13 @@ pub async fn bind(
         .map_err(|e| GatewayError::Redis(e.to_string()))?;
     // Connect in the background: without Redis the gateway still serves existing sockets and reports not ready.
     let _connection = redis.connect();
-    if tokio::time::timeout(Duration::from_secs(5), redis.wait_for_connect())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), redis.wait_for_connect()).await.is_err() {
         tracing::warn!(url = %config::redact_url(&config.redis_url), "Redis not reachable yet; opaque tokens fail until it is");
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| GatewayError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
     let sessions = revocation::SessionRegistry::new();
     // Revocations and tenant changes are heard before the first request is served.
     revocation::listen(nats.clone(), sessions.clone(), shutdown.clone())
@@ -147,9 +129,7 @@ pub async fn bind(
 
 impl BoundGateway {
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.gateway.config.listen)
+        self.listener.local_addr().unwrap_or(self.gateway.config.listen)
     }
 
     /// Serve until the shutdown token fires; then stop accepting, close sessions with 1001 and return.
@@ -158,13 +138,7 @@ impl BoundGateway {
         tracing::info!(addr = %self.local_addr(), "gateway listening");
         let app = http::router(gateway.clone());
         let shutdown = gateway.shutdown.clone();
-        let result = serve::serve(
-            self.listener,
-            app,
-            gateway.config.header_read_timeout(),
-            shutdown,
-        )
-        .await;
+        let result = serve::serve(self.listener, app, gateway.config.header_read_timeout(), shutdown).await;
         gateway.draining.store(true, Ordering::Relaxed);
         let _ = gateway.nats.flush().await;
         result.map_err(GatewayError::Serve)
@@ -180,15 +154,12 @@ async fn ensure_kv(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, G
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    let config = kv::Config {
-        bucket: bucket.to_owned(),
-        history: 1,
-        ..Default::default()
-    };
+    let config = kv::Config { bucket: bucket.to_owned(), history: 1, ..Default::default() };
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        Err(create_error) => js.get_key_value(bucket).await.map_err(|e| {
-            GatewayError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))
-        }),
+        Err(create_error) => js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| GatewayError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))),
     }
 }

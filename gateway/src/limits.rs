@@ -56,10 +56,7 @@ pub struct TenantRateLimiter {
 
 impl TenantRateLimiter {
     pub fn new(redis: fred::clients::Client) -> Self {
-        TenantRateLimiter {
-            redis,
-            take: Arc::new(Script::from_lua(TAKE)),
-        }
+        TenantRateLimiter { redis, take: Arc::new(Script::from_lua(TAKE)) }
     }
 
     /// Take one message from the tenant's bucket: `Err(retry_after)` when the tenant is over its rate. Fails open.
@@ -104,12 +101,7 @@ pub fn counts_as_message(op: &ClientOp) -> bool {
 fn tenant_rate(gw: &Gateway, tenant: &ProjectId) -> Option<(u32, u32)> {
     let own = gw.tenants.cached(tenant).map(|e| e.record.limits.clone());
     let (per_sec, burst) = match own.as_ref().and_then(|l| l.msgs_per_sec) {
-        Some(per_sec) => (
-            per_sec,
-            own.as_ref()
-                .and_then(|l| l.msgs_burst)
-                .unwrap_or(per_sec.saturating_mul(2)),
-        ),
+        Some(per_sec) => (per_sec, own.as_ref().and_then(|l| l.msgs_burst).unwrap_or(per_sec.saturating_mul(2))),
         None => (gw.config.tenant_msgs_per_sec, gw.config.tenant_msgs_burst),
     };
     (per_sec > 0).then_some((per_sec, burst.max(1)))
@@ -160,12 +152,7 @@ pub struct AbuseCounter {
 
 impl AbuseCounter {
     pub fn new(limit: u32, window: Duration) -> Self {
-        AbuseCounter {
-            hits: VecDeque::new(),
-            limit: limit.max(1) as usize,
-            window,
-            retry_not_before: None,
-        }
+        AbuseCounter { hits: VecDeque::new(), limit: limit.max(1) as usize, window, retry_not_before: None }
     }
 
     /// Record one rate-limited op, answered with `retry_after`; true when the connection has now ignored its
@@ -177,11 +164,7 @@ impl AbuseCounter {
         if !ignored {
             return false;
         }
-        while self
-            .hits
-            .front()
-            .is_some_and(|at| now.duration_since(*at) > self.window)
-        {
+        while self.hits.front().is_some_and(|at| now.duration_since(*at) > self.window) {
             self.hits.pop_front();
         }
         self.hits.push_back(now);

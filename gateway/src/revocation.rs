@@ -42,10 +42,7 @@ impl CloseSignal {
     /// Resolves once fired, with the code and reason. Can be awaited again after it resolved.
     pub async fn fired(&self) -> (CloseCode, &'static str) {
         self.token.cancelled().await;
-        self.why
-            .get()
-            .copied()
-            .unwrap_or((CloseCode::Revoked, "revoked"))
+        self.why.get().copied().unwrap_or((CloseCode::Revoked, "revoked"))
     }
 
     pub fn is_fired(&self) -> bool {
@@ -91,19 +88,13 @@ impl Inner {
         let set = match target {
             RevocationTarget::Tenant => self.by_tenant.get(tenant),
             RevocationTarget::User { user } => self.by_user.get(&(tenant.clone(), user.clone())),
-            RevocationTarget::Token { id, .. } => {
-                self.by_credential.get(&(tenant.clone(), id.clone()))
-            }
+            RevocationTarget::Token { id, .. } => self.by_credential.get(&(tenant.clone(), id.clone())),
         };
         set.map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
     fn prune_recent(&mut self) {
-        while self
-            .recent
-            .front()
-            .is_some_and(|r| r.at.elapsed() > RECENT_WINDOW)
-        {
+        while self.recent.front().is_some_and(|r| r.at.elapsed() > RECENT_WINDOW) {
             self.recent.pop_front();
         }
     }
@@ -114,11 +105,7 @@ impl Inner {
             revoked.retain(|_, until| *until > now_ms);
         }
         if revoked.len() >= MAX_REVOKED_PER_TENANT {
-            if let Some(soonest) = revoked
-                .iter()
-                .min_by_key(|(_, until)| **until)
-                .map(|(k, _)| k.clone())
-            {
+            if let Some(soonest) = revoked.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone()) {
                 revoked.remove(&soonest);
             }
         }
@@ -126,10 +113,7 @@ impl Inner {
     }
 
     fn is_revoked(&self, tenant: &ProjectId, id: &str, now_ms: u64) -> bool {
-        self.revoked
-            .get(tenant)
-            .and_then(|revoked| revoked.get(id))
-            .is_some_and(|until| *until > now_ms)
+        self.revoked.get(tenant).and_then(|revoked| revoked.get(id)).is_some_and(|until| *until > now_ms)
     }
 }
 
@@ -168,10 +152,7 @@ impl Drop for Registration {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl SessionRegistry {
@@ -224,36 +205,12 @@ impl SessionRegistry {
         if revoked_meanwhile || inner.is_revoked(&tenant, &credential, now_ms()) {
             signal.fire(CloseCode::Revoked, "credentials revoked");
         }
-        inner
-            .by_tenant
-            .entry(tenant.clone())
-            .or_default()
-            .insert(id);
-        inner
-            .by_user
-            .entry((tenant.clone(), identity.user.clone()))
-            .or_default()
-            .insert(id);
-        inner
-            .by_credential
-            .entry((tenant.clone(), credential.clone()))
-            .or_default()
-            .insert(id);
-        inner.sessions.insert(
-            id,
-            Entry {
-                tenant,
-                user: identity.user.clone(),
-                credential,
-                signal: signal.clone(),
-            },
-        );
+        inner.by_tenant.entry(tenant.clone()).or_default().insert(id);
+        inner.by_user.entry((tenant.clone(), identity.user.clone())).or_default().insert(id);
+        inner.by_credential.entry((tenant.clone(), credential.clone())).or_default().insert(id);
+        inner.sessions.insert(id, Entry { tenant, user: identity.user.clone(), credential, signal: signal.clone() });
         drop(inner);
-        Ok(Registration {
-            registry: self.clone(),
-            id,
-            signal,
-        })
+        Ok(Registration { registry: self.clone(), id, signal })
     }
 
     fn deregister(&self, id: u64) {
@@ -261,11 +218,7 @@ impl SessionRegistry {
         if let Some(entry) = inner.sessions.remove(&id) {
             remove_from(&mut inner.by_tenant, entry.tenant.clone(), id);
             remove_from(&mut inner.by_user, (entry.tenant.clone(), entry.user), id);
-            remove_from(
-                &mut inner.by_credential,
-                (entry.tenant, entry.credential),
-                id,
-            );
+            remove_from(&mut inner.by_credential, (entry.tenant, entry.credential), id);
         }
     }
 
@@ -288,11 +241,7 @@ impl SessionRegistry {
         if inner.recent.len() >= MAX_RECENT {
             inner.recent.pop_front();
         }
-        inner.recent.push_back(Recent {
-            at: Instant::now(),
-            tenant: tenant.clone(),
-            target: target.clone(),
-        });
+        inner.recent.push_back(Recent { at: Instant::now(), tenant: tenant.clone(), target: target.clone() });
         // Opaque tokens need no local entry: a deleted token is refused by Redis, and Redis is needed to accept one.
         if let RevocationTarget::Token { id, until_ms } = target {
             let now = now_ms();
@@ -302,8 +251,7 @@ impl SessionRegistry {
         }
         drop(inner);
         if !ids.is_empty() {
-            metrics::counter!("switchyard_gateway_revoked_sessions_total")
-                .increment(ids.len() as u64);
+            metrics::counter!("switchyard_gateway_revoked_sessions_total").increment(ids.len() as u64);
         }
         ids.len()
     }
@@ -316,8 +264,7 @@ impl SessionRegistry {
 
 /// Register a session with the tenant's connection cap (the tenant's own, else the gateway's default).
 pub fn register(gw: &Gateway, identity: &Identity) -> Result<Registration, Refused> {
-    gw.sessions
-        .register(identity, max_connections(gw, &identity.tenant))
+    gw.sessions.register(identity, max_connections(gw, &identity.tenant))
 }
 
 /// The connection cap of a tenant on this gateway, if any.
@@ -330,8 +277,7 @@ pub fn max_connections(gw: &Gateway, tenant: &ProjectId) -> Option<u32> {
 
 /// Is the tenant at its connection cap on this gateway (checked before an upgrade)?
 pub fn at_capacity(gw: &Gateway, tenant: &ProjectId) -> bool {
-    max_connections(gw, tenant)
-        .is_some_and(|max| gw.sessions.tenant_sessions(tenant) >= max as usize)
+    max_connections(gw, tenant).is_some_and(|max| gw.sessions.tenant_sessions(tenant) >= max as usize)
 }
 
 /// Why a revocation could not be broadcast.
@@ -342,28 +288,13 @@ pub enum BroadcastError {
 }
 
 /// Apply a revocation here and broadcast it to every gateway (this one hears it too; applying twice is harmless).
-pub async fn broadcast(
-    gw: &Gateway,
-    tenant: &ProjectId,
-    target: RevocationTarget,
-) -> Result<(), BroadcastError> {
+pub async fn broadcast(gw: &Gateway, tenant: &ProjectId, target: RevocationTarget) -> Result<(), BroadcastError> {
     let at_ms = now_ms();
     gw.sessions.revoke(tenant, &target, at_ms);
-    let message = Revocation {
-        v: INTERNAL_VERSION,
-        tenant: tenant.clone(),
-        target,
-        at_ms,
-    };
+    let message = Revocation { v: INTERNAL_VERSION, tenant: tenant.clone(), target, at_ms };
     let payload = codec::encode(&message).map_err(|e| BroadcastError::Nats(e.to_string()))?;
-    gw.nats
-        .publish(subjects::revocations(tenant), payload)
-        .await
-        .map_err(|e| BroadcastError::Nats(e.to_string()))?;
-    gw.nats
-        .flush()
-        .await
-        .map_err(|e| BroadcastError::Nats(e.to_string()))
+    gw.nats.publish(subjects::revocations(tenant), payload).await.map_err(|e| BroadcastError::Nats(e.to_string()))?;
+    gw.nats.flush().await.map_err(|e| BroadcastError::Nats(e.to_string()))
 }
 
 /// Subscribe to every tenant's revocations (before the gateway serves) and apply them until `shutdown`.
@@ -411,11 +342,7 @@ mod tests {
             tenant: tenant.clone(),
             user: UserId::parse(user).unwrap(),
             grants: Vec::new(),
-            credential: Credential {
-                id: credential.into(),
-                expires_at_ms: u64::MAX,
-                verified_at: Instant::now(),
-            },
+            credential: Credential { id: credential.into(), expires_at_ms: u64::MAX, verified_at: Instant::now() },
         }
     }
 
@@ -424,36 +351,22 @@ mod tests {
         let registry = SessionRegistry::new();
         let a = ProjectId::generate();
         let b = ProjectId::generate();
-        let a_alice = registry
-            .register(&identity(&a, "alice", "t:1"), None)
-            .unwrap();
-        let a_bob = registry
-            .register(&identity(&a, "bob", "t:2"), None)
-            .unwrap();
-        let b_alice = registry
-            .register(&identity(&b, "alice", "t:1"), None)
-            .unwrap();
+        let a_alice = registry.register(&identity(&a, "alice", "t:1"), None).unwrap();
+        let a_bob = registry.register(&identity(&a, "bob", "t:2"), None).unwrap();
+        let b_alice = registry.register(&identity(&b, "alice", "t:1"), None).unwrap();
 
-        let token = RevocationTarget::Token {
-            id: "t:1".into(),
-            until_ms: u64::MAX,
-        };
+        let token = RevocationTarget::Token { id: "t:1".into(), until_ms: u64::MAX };
         assert_eq!(registry.revoke(&a, &token, 0), 1);
         assert!(a_alice.signal().is_fired());
         assert!(!a_bob.signal().is_fired() && !b_alice.signal().is_fired());
         // Only JWT credentials are cached (opaque tokens are refused by Redis once deleted).
         assert!(!registry.is_token_revoked(&a, "t:1"));
-        let jwt = RevocationTarget::Token {
-            id: "j:x".into(),
-            until_ms: u64::MAX,
-        };
+        let jwt = RevocationTarget::Token { id: "j:x".into(), until_ms: u64::MAX };
         registry.revoke(&a, &jwt, 0);
         assert!(registry.is_token_revoked(&a, "j:x"));
         assert!(!registry.is_token_revoked(&b, "j:x"));
 
-        let user = RevocationTarget::User {
-            user: UserId::parse("bob").unwrap(),
-        };
+        let user = RevocationTarget::User { user: UserId::parse("bob").unwrap() };
         assert_eq!(registry.revoke(&a, &user, 0), 1);
         assert!(a_bob.signal().is_fired() && !b_alice.signal().is_fired());
         assert_eq!(registry.revoke(&b, &RevocationTarget::Tenant, 0), 1);
@@ -469,20 +382,12 @@ mod tests {
         let registry = SessionRegistry::new();
         let a = ProjectId::generate();
         let early = identity(&a, "carol", "t:9");
-        registry.revoke(
-            &a,
-            &RevocationTarget::User {
-                user: UserId::parse("carol").unwrap(),
-            },
-            0,
-        );
+        registry.revoke(&a, &RevocationTarget::User { user: UserId::parse("carol").unwrap() }, 0);
         assert!(registry.register(&early, None).unwrap().signal().is_fired());
         // Verified after the revocation: not affected.
         let later = identity(&a, "carol", "t:10");
         let kept = registry.register(&later, Some(1)).unwrap();
         assert!(!kept.signal().is_fired());
-        assert!(registry
-            .register(&identity(&a, "dan", "t:11"), Some(1))
-            .is_err());
+        assert!(registry.register(&identity(&a, "dan", "t:11"), Some(1)).is_err());
     }
 }

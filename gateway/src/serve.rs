@@ -51,13 +51,10 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service =
-            TowerToHyperService::new(app.clone().map_request(
-                |request: hyper::Request<Incoming>| request.map(axum::body::Body::new),
-            ));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let service = TowerToHyperService::new(
+            app.clone().map_request(|request: hyper::Request<Incoming>| request.map(axum::body::Body::new)),
+        );
+        let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);

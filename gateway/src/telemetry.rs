@@ -24,7 +24,6 @@ pub fn prometheus() -> PrometheusHandle {
 
 /// Log to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
 }

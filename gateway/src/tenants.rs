@@ -16,9 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use switchyard_protocol::ids::api_key;
-use switchyard_protocol::internal::{
-    JwtKey, RevocationTarget, TenantLimits, TenantRecord, INTERNAL_VERSION,
-};
+use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits, TenantRecord, INTERNAL_VERSION};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId};
 use tokio_util::sync::CancellationToken;
 
@@ -46,11 +44,7 @@ impl TenantEntry {
                 None
             }
         });
-        TenantEntry {
-            record,
-            revision,
-            jwt,
-        }
+        TenantEntry { record, revision, jwt }
     }
 }
 
@@ -74,12 +68,7 @@ pub(crate) fn sha256_hex(text: &str) -> String {
 }
 
 fn decode_record(bytes: &[u8]) -> Result<TenantRecord, ApiError> {
-    codec::decode(bytes).map_err(|e| {
-        ApiError::new(
-            ErrorCode::Internal,
-            format!("unreadable tenant record: {e}"),
-        )
-    })
+    codec::decode(bytes).map_err(|e| ApiError::new(ErrorCode::Internal, format!("unreadable tenant record: {e}")))
 }
 
 fn not_found() -> ApiError {
@@ -88,10 +77,7 @@ fn not_found() -> ApiError {
 
 impl TenantDirectory {
     pub fn new(kv: kv::Store) -> Self {
-        TenantDirectory {
-            kv,
-            cache: Arc::new(RwLock::new(Cache::default())),
-        }
+        TenantDirectory { kv, cache: Arc::new(RwLock::new(Cache::default())) }
     }
 
     /// Keep the cache current from a watch of the whole bucket, and close the sockets of tenants that get disabled,
@@ -117,11 +103,7 @@ impl TenantDirectory {
     }
 
     async fn watch_once(&self, sessions: &SessionRegistry) -> Result<(), String> {
-        let mut watch = self
-            .kv
-            .watch_with_history(">")
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut watch = self.kv.watch_with_history(">").await.map_err(|e| e.to_string())?;
         while let Some(entry) = watch.next().await {
             let entry = entry.map_err(|e| e.to_string())?;
             let Ok(project_id) = ProjectId::parse(&entry.key) else {
@@ -175,19 +157,12 @@ impl TenantDirectory {
     }
 
     /// The tenant (enabled or not) from the cache, or from the bucket on a miss.
-    pub async fn lookup(
-        &self,
-        project_id: &ProjectId,
-    ) -> Result<Option<Arc<TenantEntry>>, ApiError> {
+    pub async fn lookup(&self, project_id: &ProjectId) -> Result<Option<Arc<TenantEntry>>, ApiError> {
         if let Ok(cache) = self.cache.read() {
             if let Some(entry) = cache.tenants.get(project_id) {
                 return Ok(Some(entry.clone()));
             }
-            if cache
-                .missing
-                .get(project_id)
-                .is_some_and(|at| at.elapsed() < NEGATIVE_TTL)
-            {
+            if cache.missing.get(project_id).is_some_and(|at| at.elapsed() < NEGATIVE_TTL) {
                 return Ok(None);
             }
         }
@@ -221,11 +196,7 @@ impl TenantDirectory {
     }
 
     /// Create a tenant; returns its record and its API key, which is never shown again.
-    pub async fn create(
-        &self,
-        name: &str,
-        now_ms: u64,
-    ) -> Result<(TenantRecord, String), ApiError> {
+    pub async fn create(&self, name: &str, now_ms: u64) -> Result<(TenantRecord, String), ApiError> {
         let project_id = ProjectId::generate();
         let key = api_key::generate(&project_id);
         let record = TenantRecord {
@@ -238,8 +209,7 @@ impl TenantDirectory {
             disabled: false,
             limits: TenantLimits::default(),
         };
-        let payload = codec::encode(&record)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
         let revision = self
             .kv
             .create(subjects::tenant_key(&project_id), payload)
@@ -251,11 +221,7 @@ impl TenantDirectory {
 
     /// The tenant's record, if it exists and is enabled (a disabled tenant is gone as far as the API is concerned).
     pub async fn get(&self, project_id: &ProjectId) -> Result<Option<TenantRecord>, ApiError> {
-        Ok(self
-            .read(project_id)
-            .await?
-            .map(|(record, _)| record)
-            .filter(|record| !record.disabled))
+        Ok(self.read(project_id).await?.map(|(record, _)| record).filter(|record| !record.disabled))
     }
 
     /// Change an enabled tenant's record with compare-and-set on its revision, retrying on conflict.
@@ -270,55 +236,35 @@ impl TenantDirectory {
                 return Err(not_found());
             }
             change(&mut record);
-            let payload = codec::encode(&record)
-                .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-            match self
-                .kv
-                .update(subjects::tenant_key(project_id), payload, revision)
-                .await
-            {
+            let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            match self.kv.update(subjects::tenant_key(project_id), payload, revision).await {
                 Ok(new_revision) => {
                     self.remember(record.clone(), new_revision);
                     return Ok(record);
                 }
                 Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(error) => {
-                    return Err(ApiError::unavailable(format!(
-                        "cannot store tenant: {error}"
-                    )))
-                }
+                Err(error) => return Err(ApiError::unavailable(format!("cannot store tenant: {error}"))),
             }
         }
-        Err(ApiError::unavailable(
-            "the tenant record kept changing; retry",
-        ))
+        Err(ApiError::unavailable("the tenant record kept changing; retry"))
     }
 
     /// Set the tenant's JWT verification key (already checked by `jwt::prepare`).
     pub async fn set_jwt(&self, project_id: &ProjectId, key: JwtKey) -> Result<(), ApiError> {
-        self.update(project_id, |record| record.jwt = Some(key.clone()))
-            .await
-            .map(drop)
+        self.update(project_id, |record| record.jwt = Some(key.clone())).await.map(drop)
     }
 
     /// Replace the tenant's API key; the old one stops working at once. Returns the new key.
     pub async fn rotate_key(&self, project_id: &ProjectId) -> Result<String, ApiError> {
         let key = api_key::generate(project_id);
         let hash = sha256_hex(&key);
-        self.update(project_id, |record| record.api_key_sha256 = hash.clone())
-            .await?;
+        self.update(project_id, |record| record.api_key_sha256 = hash.clone()).await?;
         Ok(key)
     }
 
     /// Set (replace) the tenant's limits.
-    pub async fn set_limits(
-        &self,
-        project_id: &ProjectId,
-        limits: TenantLimits,
-    ) -> Result<(), ApiError> {
-        self.update(project_id, |record| record.limits = limits.clone())
-            .await
-            .map(drop)
+    pub async fn set_limits(&self, project_id: &ProjectId, limits: TenantLimits) -> Result<(), ApiError> {
+        self.update(project_id, |record| record.limits = limits.clone()).await.map(drop)
     }
 
     /// Disable the tenant. Idempotent: disabling a disabled tenant succeeds; an unknown one is `not_found`.
@@ -329,28 +275,17 @@ impl TenantDirectory {
                 return Ok(());
             }
             record.disabled = true;
-            let payload = codec::encode(&record)
-                .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-            match self
-                .kv
-                .update(subjects::tenant_key(project_id), payload, revision)
-                .await
-            {
+            let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            match self.kv.update(subjects::tenant_key(project_id), payload, revision).await {
                 Ok(new_revision) => {
                     self.remember(record, new_revision);
                     return Ok(());
                 }
                 Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(error) => {
-                    return Err(ApiError::unavailable(format!(
-                        "cannot store tenant: {error}"
-                    )))
-                }
+                Err(error) => return Err(ApiError::unavailable(format!("cannot store tenant: {error}"))),
             }
         }
-        Err(ApiError::unavailable(
-            "the tenant record kept changing; retry",
-        ))
+        Err(ApiError::unavailable("the tenant record kept changing; retry"))
     }
 
     /// The enabled tenant an API key belongs to, or `unauthorized`. Reads the bucket, so a rotated key or a disabled
@@ -360,11 +295,7 @@ impl TenantDirectory {
         let project_id = api_key::project_of(key).ok_or_else(refused)?;
         let (record, revision) = self.read(&project_id).await?.ok_or_else(refused)?;
         let presented = sha256_hex(key);
-        let same: bool = record
-            .api_key_sha256
-            .as_bytes()
-            .ct_eq(presented.as_bytes())
-            .into();
+        let same: bool = record.api_key_sha256.as_bytes().ct_eq(presented.as_bytes()).into();
         if !same {
             return Err(refused());
         }

@@ -122,16 +122,12 @@ impl TokenStore {
         self.ensure_connected()?;
         let token = opaque_token::generate();
         let hash = sha256_hex(&token);
-        let value =
-            serde_json::to_string(grant).map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let value = serde_json::to_string(grant).map_err(|e| ApiError::unavailable(e.to_string()))?;
         let ttl = ttl_secs.clamp(1, limits::TOKEN_TTL_MAX_SECS) as i64;
         self.issue
             .evalsha_with_reload::<i64, _, _>(
                 &self.redis,
-                vec![
-                    token_key(&hash),
-                    user_index_key(&grant.project_id, &grant.user_id),
-                ],
+                vec![token_key(&hash), user_index_key(&grant.project_id, &grant.user_id)],
                 vec![value, ttl.to_string(), hash],
             )
             .await
@@ -145,11 +141,7 @@ impl TokenStore {
             return Ok(None);
         }
         self.ensure_connected()?;
-        let value: Option<String> = self
-            .redis
-            .get(token_key(&sha256_hex(token)))
-            .await
-            .map_err(unavailable)?;
+        let value: Option<String> = self.redis.get(token_key(&sha256_hex(token))).await.map_err(unavailable)?;
         Ok(value.and_then(|text| serde_json::from_str(&text).ok()))
     }
 
@@ -161,17 +153,11 @@ impl TokenStore {
         self.ensure_connected()?;
         let found: i64 = self
             .revoke_token
-            .evalsha_with_reload(
-                &self.redis,
-                vec![token_key(&sha256_hex(token))],
-                vec![tenant.to_string()],
-            )
+            .evalsha_with_reload(&self.redis, vec![token_key(&sha256_hex(token))], vec![tenant.to_string()])
             .await
             .map_err(unavailable)?;
         Ok(match found {
-            n if n > 0 => Revoked::Deleted {
-                expires_at_ms: n as u64,
-            },
+            n if n > 0 => Revoked::Deleted { expires_at_ms: n as u64 },
             _ => Revoked::Unknown,
         })
     }
@@ -181,11 +167,7 @@ impl TokenStore {
         self.ensure_connected()?;
         let count: i64 = self
             .revoke_user
-            .evalsha_with_reload(
-                &self.redis,
-                vec![user_index_key(tenant, user)],
-                vec![TOKEN_PREFIX.to_owned()],
-            )
+            .evalsha_with_reload(&self.redis, vec![user_index_key(tenant, user)], vec![TOKEN_PREFIX.to_owned()])
             .await
             .map_err(unavailable)?;
         Ok(count.max(0) as u64)
@@ -205,28 +187,14 @@ impl TokenStore {
         }
         self.ensure_connected()?;
         self.redis
-            .set::<(), _, _>(
-                revoked_key(tenant, credential_id),
-                "1",
-                Some(Expiration::PX(ttl_ms as i64)),
-                None,
-                false,
-            )
+            .set::<(), _, _>(revoked_key(tenant, credential_id), "1", Some(Expiration::PX(ttl_ms as i64)), None, false)
             .await
             .map_err(unavailable)
     }
 
     /// Is a JWT credential marked revoked?
-    pub async fn is_revoked(
-        &self,
-        tenant: &ProjectId,
-        credential_id: &str,
-    ) -> Result<bool, ApiError> {
-        let count: i64 = self
-            .redis
-            .exists(revoked_key(tenant, credential_id))
-            .await
-            .map_err(unavailable)?;
+    pub async fn is_revoked(&self, tenant: &ProjectId, credential_id: &str) -> Result<bool, ApiError> {
+        let count: i64 = self.redis.exists(revoked_key(tenant, credential_id)).await.map_err(unavailable)?;
         Ok(count > 0)
     }
 
@@ -240,9 +208,7 @@ impl TokenStore {
         if self.redis.is_connected() {
             Ok(())
         } else {
-            Err(ApiError::unavailable(
-                "token store unavailable (Redis is not connected); retry later",
-            ))
+            Err(ApiError::unavailable("token store unavailable (Redis is not connected); retry later"))
         }
     }
 }

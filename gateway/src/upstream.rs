@@ -24,10 +24,7 @@ pub struct UpstreamError {
 }
 
 fn upstream_error(code: ErrorCode, message: impl Into<String>) -> UpstreamError {
-    UpstreamError {
-        code,
-        message: message.into(),
-    }
+    UpstreamError { code, message: message.into() }
 }
 
 /// Ask the router shard that owns the room to run `command` for `user`.
@@ -38,42 +35,22 @@ pub async fn command(
     command: RoomCommand,
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
-    let request = CommandRequest {
-        v: INTERNAL_VERSION,
-        tenant: tenant.clone(),
-        user: user.clone(),
-        command,
-    };
-    let payload =
-        codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
+    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
     let reply = request_with_retry(gw, subjects::command(shard), payload, "router shard").await?;
     match codec::decode::<CommandReply>(&reply) {
         Ok(CommandReply::Ok { result }) => Ok(result),
         Ok(CommandReply::Err { code, message }) => Err(upstream_error(code, message)),
-        Err(e) => Err(upstream_error(
-            ErrorCode::Internal,
-            format!("unreadable router reply: {e}"),
-        )),
+        Err(e) => Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }
 }
 
 /// Ask a persistor for a page of history.
 pub async fn history(gw: &Gateway, request: HistoryRequest) -> Result<HistoryReply, UpstreamError> {
-    let payload =
-        codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(
-        gw,
-        subjects::HISTORY_SUBJECT.to_owned(),
-        payload,
-        "persistor",
-    )
-    .await?;
-    codec::decode::<HistoryReply>(&reply).map_err(|e| {
-        upstream_error(
-            ErrorCode::Internal,
-            format!("unreadable persistor reply: {e}"),
-        )
-    })
+    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let reply = request_with_retry(gw, subjects::HISTORY_SUBJECT.to_owned(), payload, "persistor").await?;
+    codec::decode::<HistoryReply>(&reply)
+        .map_err(|e| upstream_error(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
 }
 
 async fn request_with_retry(
@@ -87,14 +64,9 @@ async fn request_with_retry(
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() {
-            return Err(upstream_error(
-                ErrorCode::Unavailable,
-                format!("no {who} answered in time; retry later"),
-            ));
+            return Err(upstream_error(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
         }
-        let request = async_nats::Request::new()
-            .payload(payload.clone())
-            .timeout(Some(remaining));
+        let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(remaining));
         match gw.nats.send_request(subject.clone(), request).await {
             Ok(message) => return Ok(message.payload),
             Err(e) if e.kind() == RequestErrorKind::NoResponders => {
@@ -102,17 +74,9 @@ async fn request_with_retry(
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
             Err(e) if e.kind() == RequestErrorKind::TimedOut => {
-                return Err(upstream_error(
-                    ErrorCode::Unavailable,
-                    format!("the {who} did not answer in time"),
-                ));
+                return Err(upstream_error(ErrorCode::Unavailable, format!("the {who} did not answer in time")));
             }
-            Err(e) => {
-                return Err(upstream_error(
-                    ErrorCode::Unavailable,
-                    format!("cannot reach a {who}: {e}"),
-                ))
-            }
+            Err(e) => return Err(upstream_error(ErrorCode::Unavailable, format!("cannot reach a {who}: {e}"))),
         }
     }
 }

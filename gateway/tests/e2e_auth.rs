@@ -20,23 +20,14 @@ async fn every_token_path_works_and_bad_tokens_are_refused() {
     let tenant = fleet.create_tenant().await;
     let token = fleet.token(&tenant, "dave").await;
 
-    for auth in [
-        Auth::Header(token.clone()),
-        Auth::Query(token.clone()),
-        Auth::FirstFrame(token.clone()),
-    ] {
-        let client = Client::connect(options(&fleet, auth).with_format(Format::MsgPack))
-            .await
-            .expect("connect");
+    for auth in [Auth::Header(token.clone()), Auth::Query(token.clone()), Auth::FirstFrame(token.clone())] {
+        let client = Client::connect(options(&fleet, auth).with_format(Format::MsgPack)).await.expect("connect");
         assert_eq!(client.hello().user.as_str(), "dave");
         client.ping().await.expect("ping");
     }
 
     let unknown = switchyard_protocol::ids::opaque_token::generate();
-    for auth in [
-        Auth::Header(unknown.clone()),
-        Auth::Query("sytok_nonsense".into()),
-    ] {
+    for auth in [Auth::Header(unknown.clone()), Auth::Query("sytok_nonsense".into())] {
         match Client::connect(options(&fleet, auth)).await {
             Err(ClientError::Http { status: 401, body }) => {
                 assert!(body.contains("unauthorized"), "{body}")
@@ -72,38 +63,22 @@ async fn http_apis_refuse_wrong_credentials_and_bad_bodies() {
     let http = &fleet.http;
     let status = |response: reqwest::Response| response.status().as_u16();
 
-    let wrong_admin = http
-        .post(format!("{base}/v1/admin/tenants"))
-        .bearer_auth("not-the-admin-token")
-        .json(&json!({"name": "x"}));
+    let wrong_admin =
+        http.post(format!("{base}/v1/admin/tenants")).bearer_auth("not-the-admin-token").json(&json!({"name": "x"}));
     assert_eq!(status(wrong_admin.send().await.unwrap()), 401);
-    let bad_body = http
-        .post(format!("{base}/v1/admin/tenants"))
-        .bearer_auth(&fleet.admin_token)
-        .body("{nope");
+    let bad_body = http.post(format!("{base}/v1/admin/tenants")).bearer_auth(&fleet.admin_token).body("{nope");
     assert_eq!(status(bad_body.send().await.unwrap()), 400);
 
     let tenant = fleet.create_tenant().await;
-    let shown = http
-        .get(format!("{base}/v1/admin/tenants/{}", tenant.project_id))
-        .bearer_auth(&fleet.admin_token);
+    let shown = http.get(format!("{base}/v1/admin/tenants/{}", tenant.project_id)).bearer_auth(&fleet.admin_token);
     let shown: serde_json::Value = shown.send().await.unwrap().json().await.unwrap();
     assert_eq!(shown["project_id"], tenant.project_id.as_str());
-    assert!(
-        shown.get("api_key").is_none() && !shown.to_string().contains(&tenant.api_key),
-        "no secrets: {shown}"
-    );
+    assert!(shown.get("api_key").is_none() && !shown.to_string().contains(&tenant.api_key), "no secrets: {shown}");
 
     let forged_key = format!("sk_{}_{}", tenant.project_id, "A".repeat(32));
-    let forged = http
-        .post(format!("{base}/v1/tokens"))
-        .bearer_auth(forged_key)
-        .json(&json!({"user_id": "eve"}));
+    let forged = http.post(format!("{base}/v1/tokens")).bearer_auth(forged_key).json(&json!({"user_id": "eve"}));
     assert_eq!(status(forged.send().await.unwrap()), 401);
-    let bad_user = http
-        .post(format!("{base}/v1/tokens"))
-        .bearer_auth(&tenant.api_key)
-        .json(&json!({"user_id": "a.b"}));
+    let bad_user = http.post(format!("{base}/v1/tokens")).bearer_auth(&tenant.api_key).json(&json!({"user_id": "a.b"}));
     assert_eq!(status(bad_user.send().await.unwrap()), 400);
     let long_ttl = http
         .post(format!("{base}/v1/tokens"))
@@ -113,17 +88,7 @@ async fn http_apis_refuse_wrong_credentials_and_bad_bodies() {
 
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200, "ready with NATS and Redis up");
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("switchyard_gateway"),
-        "metrics are exported: {metrics}"
-    );
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("switchyard_gateway"), "metrics are exported: {metrics}");
     fleet.stop().await;
 }

@@ -56,10 +56,7 @@ fn bodies(value: &Value, out: &mut Vec<String>) {
 
 fn assert_all_marked(where_: &str, found: &[String], marker: &str) {
     for body in found {
-        assert!(
-            body.starts_with(marker),
-            "{where_}: {body:?} does not belong here"
-        );
+        assert!(body.starts_with(marker), "{where_}: {body:?} does not belong here");
     }
 }
 
@@ -78,9 +75,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
     // Tenant B: the same users in the same rooms, on both gateways; a few messages of its own.
     let mut b_clients = Vec::new();
     for (i, user) in USERS.iter().enumerate() {
-        let client = fleet
-            .connect(i % 2, &fleet.token(&b, user).await, Format::Json)
-            .await;
+        let client = fleet.connect(i % 2, &fleet.token(&b, user).await, Format::Json).await;
         for name in ROOMS {
             client.join(name, None).await.expect("B joins");
         }
@@ -89,10 +84,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
     let mut b_sent = 0;
     for (i, client) in b_clients.iter().enumerate() {
         for name in ROOMS {
-            client
-                .send(name, format!("B:{i}:{name}"))
-                .await
-                .expect("B sends");
+            client.send(name, format!("B:{i}:{name}")).await.expect("B sends");
             b_sent += 1;
         }
     }
@@ -103,11 +95,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
     for (i, user) in USERS.iter().enumerate() {
         for gateway in 0..2 {
             let token = fleet.token(&a, user).await;
-            let format = if gateway == 0 {
-                Format::Json
-            } else {
-                Format::MsgPack
-            };
+            let format = if gateway == 0 { Format::Json } else { Format::MsgPack };
             let client = fleet.connect(gateway, &token, format).await;
             let (fleet, api_key) = (fleet.clone(), a.api_key.clone());
             tasks.push(tokio::spawn(async move {
@@ -116,10 +104,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
                 for n in 0..OPS_PER_CLIENT {
                     let name = rng.pick(&ROOMS);
                     let op = match rng.next() % 6 {
-                        0 => ClientOp::Join {
-                            room: room(name),
-                            since: None,
-                        },
+                        0 => ClientOp::Join { room: room(name), since: None },
                         1 => ClientOp::Create {
                             room: room(&format!("{name}-{}", rng.next() % 8)),
                             private: rng.next() & 1 == 0,
@@ -132,31 +117,15 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
                             reply_to: None,
                             cmid: None,
                         },
-                        4 => ClientOp::History {
-                            room: room(name),
-                            before: None,
-                            after: None,
-                            limit: Some(100),
-                        },
+                        4 => ClientOp::History { room: room(name), before: None, after: None, limit: Some(100) },
                         _ => {
                             // Over HTTP: post or read as the tenant's backend.
                             let path = format!("/v1/rooms/{name}/messages");
                             let answer = if rng.next() & 1 == 0 {
-                                let body =
-                                    json!({"from": USERS[i], "body": format!("A:http:{i}:{n}")});
-                                fleet
-                                    .call(gateway, Method::POST, &path, &api_key, Some(body))
-                                    .await
+                                let body = json!({"from": USERS[i], "body": format!("A:http:{i}:{n}")});
+                                fleet.call(gateway, Method::POST, &path, &api_key, Some(body)).await
                             } else {
-                                fleet
-                                    .call(
-                                        gateway,
-                                        Method::GET,
-                                        &format!("{path}?limit=100"),
-                                        &api_key,
-                                        None,
-                                    )
-                                    .await
+                                fleet.call(gateway, Method::GET, &format!("{path}?limit=100"), &api_key, None).await
                             };
                             bodies(&answer.body, &mut found);
                             continue;
@@ -170,8 +139,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
                         bodies(&serde_json::to_value(&event).unwrap(), &mut found);
                     }
                 }
-                while let Some(event) = client.next_event_timeout(Duration::from_millis(200)).await
-                {
+                while let Some(event) = client.next_event_timeout(Duration::from_millis(200)).await {
                     bodies(&serde_json::to_value(&event).unwrap(), &mut found);
                 }
                 found
@@ -184,10 +152,7 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
         assert_all_marked("a reply or event of tenant A", &found, "A:");
         a_found += found.len();
     }
-    assert!(
-        a_found > 1_000,
-        "A's clients saw their own traffic ({a_found} bodies)"
-    );
+    assert!(a_found > 1_000, "A's clients saw their own traffic ({a_found} bodies)");
 
     // B saw nothing of A: only B's bodies, and B's rooms did not move.
     for (i, client) in b_clients.iter().enumerate() {
@@ -199,23 +164,12 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
         }
         assert_all_marked(&format!("an event of B's client {i}"), &found, "B:");
     }
-    assert_eq!(
-        b_clients[1].join("general", None).await.unwrap(),
-        b_last_seq,
-        "A's ops did not advance B's room seq"
-    );
+    assert_eq!(b_clients[1].join("general", None).await.unwrap(), b_last_seq, "A's ops did not advance B's room seq");
     for name in ROOMS {
-        let (messages, _) = b_clients[2]
-            .history(name, None, None, Some(100))
-            .await
-            .unwrap();
+        let (messages, _) = b_clients[2].history(name, None, None, Some(100)).await.unwrap();
         let found: Vec<String> = messages.iter().filter_map(|m| m.body.clone()).collect();
         assert_all_marked("B's history", &found, "B:");
-        assert_eq!(
-            found.len(),
-            USERS.len(),
-            "B's room {name} holds B's messages only"
-        );
+        assert_eq!(found.len(), USERS.len(), "B's room {name} holds B's messages only");
     }
     // And the store: B's rows are B's alone.
     let b_id = ProjectId::parse(&b.project_id).unwrap();
@@ -223,20 +177,10 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
     for name in ROOMS {
         let page = fleet
             .store
-            .history(&HistoryQuery {
-                tenant: b_id.clone(),
-                room: room(name),
-                before: None,
-                after: None,
-                limit: 100,
-            })
+            .history(&HistoryQuery { tenant: b_id.clone(), room: room(name), before: None, after: None, limit: 100 })
             .await
             .expect("store page");
-        let found: Vec<String> = page
-            .messages
-            .iter()
-            .filter_map(|m| m.body.clone())
-            .collect();
+        let found: Vec<String> = page.messages.iter().filter_map(|m| m.body.clone()).collect();
         assert_all_marked("a history row of B", &found, "B:");
         rows += found.len();
     }

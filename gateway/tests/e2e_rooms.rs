@@ -16,21 +16,14 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn a_message_travels_the_whole_path_in_both_formats() {
     let fleet = Fleet::start(1, 2).await;
     let tenant = fleet.create_tenant().await;
-    let alice = fleet
-        .connect(0, &fleet.token(&tenant, "alice").await, Format::Json)
-        .await;
-    let bob = fleet
-        .connect(0, &fleet.token(&tenant, "bob").await, Format::MsgPack)
-        .await;
+    let alice = fleet.connect(0, &fleet.token(&tenant, "alice").await, Format::Json).await;
+    let bob = fleet.connect(0, &fleet.token(&tenant, "bob").await, Format::MsgPack).await;
     assert_eq!(alice.hello().user.as_str(), "alice");
     assert_eq!(bob.hello().project_id.as_str(), tenant.project_id);
     assert_eq!(bob.format(), Format::MsgPack);
 
     let alice_joined_at = alice.join("general", None).await.expect("alice joins");
-    assert_eq!(
-        alice_joined_at, 1,
-        "the first join creates the room and its first event"
-    );
+    assert_eq!(alice_joined_at, 1, "the first join creates the room and its first event");
     let bob_joined_at = bob.join("general", None).await.expect("bob joins");
     assert_eq!(bob_joined_at, 2);
     // Alice sees Bob join; Bob does not see his own join (it is at his join point).
@@ -43,26 +36,14 @@ async fn a_message_travels_the_whole_path_in_both_formats() {
     assert_eq!(sent.seq, 3);
     for client in [&alice, &bob] {
         match client.next_event_timeout(WAIT).await {
-            Some(ServerEvent::Msg {
-                seq,
-                id,
-                from,
-                body,
-                ..
-            }) => {
-                assert_eq!(
-                    (seq, from.as_str(), body.as_str()),
-                    (3, "alice", "hello, bob")
-                );
+            Some(ServerEvent::Msg { seq, id, from, body, .. }) => {
+                assert_eq!((seq, from.as_str(), body.as_str()), (3, "alice", "hello, bob"));
                 assert_eq!(id, sent.id);
             }
             other => panic!("expected the message, got {other:?}"),
         }
     }
-    let (messages, more) = bob
-        .history("general", None, None, None)
-        .await
-        .expect("history");
+    let (messages, more) = bob.history("general", None, None, None).await.expect("history");
     assert!(!more);
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].seq, 3);
@@ -78,11 +59,7 @@ async fn a_thousand_messages_from_ten_clients_through_two_gateways() {
     let mut clients = Vec::new();
     for i in 0..10 {
         let token = fleet.token(&tenant, &format!("user{i}")).await;
-        let format = if i % 2 == 0 {
-            Format::Json
-        } else {
-            Format::MsgPack
-        };
+        let format = if i % 2 == 0 { Format::Json } else { Format::MsgPack };
         clients.push(fleet.connect(i % 2, &token, format).await);
     }
     let mut join_points = Vec::new();
@@ -99,9 +76,7 @@ async fn a_thousand_messages_from_ten_clients_through_two_gateways() {
         senders.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for n in 0..100 {
-                seqs.push(
-                    send_paced(&clients[i], "crowd", format!("message {n} from user{i}")).await,
-                );
+                seqs.push(send_paced(&clients[i], "crowd", format!("message {n} from user{i}")).await);
             }
             seqs
         }));
@@ -111,21 +86,15 @@ async fn a_thousand_messages_from_ten_clients_through_two_gateways() {
         acked.extend(sender.await.expect("sender task"));
     }
     acked.sort_unstable();
-    assert_eq!(
-        acked,
-        (last_join + 1..=last_join + 1000).collect::<Vec<_>>(),
-        "acked seqs are gap-free"
-    );
+    assert_eq!(acked, (last_join + 1..=last_join + 1000).collect::<Vec<_>>(), "acked seqs are gap-free");
 
     for (i, client) in clients.iter().enumerate() {
         let mut next = join_points[i] + 1;
         let mut messages = 0;
         let mut per_sender: HashMap<String, usize> = HashMap::new();
         while next <= last_join + 1000 {
-            let event = client
-                .next_event_timeout(WAIT)
-                .await
-                .unwrap_or_else(|| panic!("client {i} stalled at seq {next}"));
+            let event =
+                client.next_event_timeout(WAIT).await.unwrap_or_else(|| panic!("client {i} stalled at seq {next}"));
             let seq = match &event {
                 ServerEvent::Msg { seq, from, .. } => {
                     messages += 1;
@@ -135,24 +104,12 @@ async fn a_thousand_messages_from_ten_clients_through_two_gateways() {
                 ServerEvent::Joined { seq, .. } => *seq,
                 other => panic!("client {i}: unexpected event {other:?}"),
             };
-            assert_eq!(
-                seq, next,
-                "client {i}: events in seq order with no gap and no duplicate"
-            );
+            assert_eq!(seq, next, "client {i}: events in seq order with no gap and no duplicate");
             next += 1;
         }
         assert_eq!(messages, 1000, "client {i} got every message");
-        assert!(
-            per_sender.values().all(|&n| n == 100),
-            "client {i}: 100 from each sender: {per_sender:?}"
-        );
-        assert!(
-            client
-                .next_event_timeout(Duration::from_millis(200))
-                .await
-                .is_none(),
-            "client {i}: no extra event"
-        );
+        assert!(per_sender.values().all(|&n| n == 100), "client {i}: 100 from each sender: {per_sender:?}");
+        assert!(client.next_event_timeout(Duration::from_millis(200)).await.is_none(), "client {i}: no extra event");
     }
 
     // The store holds exactly the thousand messages, once each.
@@ -160,22 +117,13 @@ async fn a_thousand_messages_from_ten_clients_through_two_gateways() {
     let room = RoomId::parse("crowd").unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     while fleet.store.last_seq(&tenant_id, &room).await.unwrap() < last_join + 1000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "persistor did not catch up"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "persistor did not catch up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut stored = Vec::new();
     let mut after = Some(0);
     loop {
-        let query = HistoryQuery {
-            tenant: tenant_id.clone(),
-            room: room.clone(),
-            before: None,
-            after,
-            limit: 100,
-        };
+        let query = HistoryQuery { tenant: tenant_id.clone(), room: room.clone(), before: None, after, limit: 100 };
         let page = fleet.store.history(&query).await.expect("store page");
         stored.extend(page.messages.iter().map(|m| m.seq));
         after = page.messages.last().map(|m| m.seq);
@@ -183,16 +131,9 @@ async fn a_thousand_messages_from_ten_clients_through_two_gateways() {
             break;
         }
     }
-    assert_eq!(
-        stored,
-        (last_join + 1..=last_join + 1000).collect::<Vec<_>>(),
-        "the store holds exactly 1,000 rows"
-    );
+    assert_eq!(stored, (last_join + 1..=last_join + 1000).collect::<Vec<_>>(), "the store holds exactly 1,000 rows");
 
-    let (latest, more) = clients[3]
-        .history("crowd", None, None, Some(100))
-        .await
-        .expect("history");
+    let (latest, more) = clients[3].history("crowd", None, None, Some(100)).await.expect("history");
     assert!(more);
     assert_eq!(latest.first().map(|m| m.seq), Some(last_join + 901));
     assert_eq!(latest.last().map(|m| m.seq), Some(last_join + 1000));
@@ -211,11 +152,7 @@ async fn send_paced(client: &switchyard_client::Client, room: &str, body: String
         };
         match client.request(op).await.expect("send") {
             Reply::Ok(fields) => return fields["seq"].as_u64().expect("seq in ok"),
-            Reply::Err {
-                code: ErrorCode::RateLimited,
-                retry_after_ms,
-                ..
-            } => {
+            Reply::Err { code: ErrorCode::RateLimited, retry_after_ms, .. } => {
                 let wait = retry_after_ms.expect("rate_limited carries retry_after_ms");
                 tokio::time::sleep(Duration::from_millis(wait)).await;
             }
@@ -228,39 +165,21 @@ async fn send_paced(client: &switchyard_client::Client, room: &str, body: String
 async fn malformed_frames_get_bad_request_and_the_session_stays_open() {
     let fleet = Fleet::start(1, 1).await;
     let tenant = fleet.create_tenant().await;
-    let client = fleet
-        .connect(0, &fleet.token(&tenant, "mallory").await, Format::Json)
-        .await;
+    let client = fleet.connect(0, &fleet.token(&tenant, "mallory").await, Format::Json).await;
     let cases = [
         ("not json at all", None),
         (r#"{"op":"teleport","rid":11}"#, Some(11)),
-        (
-            r#"{"op":"send","rid":12,"room":"general","body":17}"#,
-            Some(12),
-        ),
+        (r#"{"op":"send","rid":12,"room":"general","body":17}"#, Some(12)),
         (r#"{"op":"join","rid":13,"room":"bad.room>"}"#, Some(13)),
-        (
-            r#"{"op":"join","rid":14,"room":"x","since":"yesterday"}"#,
-            Some(14),
-        ),
+        (r#"{"op":"join","rid":14,"room":"x","since":"yesterday"}"#, Some(14)),
         (r#"[1,2,3]"#, None),
     ];
     for (frame, rid) in cases {
-        client
-            .send_raw_text(frame.to_owned())
-            .await
-            .expect("send raw");
-        let reply = client
-            .next_unmatched_timeout(WAIT)
-            .await
-            .unwrap_or_else(|| panic!("no reply to {frame}"));
+        client.send_raw_text(frame.to_owned()).await.expect("send raw");
+        let reply = client.next_unmatched_timeout(WAIT).await.unwrap_or_else(|| panic!("no reply to {frame}"));
         assert_eq!(reply.op, "err", "{frame}");
         assert_eq!(reply.rid, rid, "{frame}");
-        assert_eq!(
-            reply.reply.error_code(),
-            Some(ErrorCode::BadRequest),
-            "{frame}"
-        );
+        assert_eq!(reply.reply.error_code(), Some(ErrorCode::BadRequest), "{frame}");
     }
     client.ping().await.expect("the session is still open");
     let seq = client.join("general", None).await.expect("and still works");
@@ -272,9 +191,7 @@ async fn malformed_frames_get_bad_request_and_the_session_stays_open() {
 async fn oversize_bodies_and_non_members_are_refused_clearly() {
     let fleet = Fleet::start(1, 1).await;
     let tenant = fleet.create_tenant().await;
-    let client = fleet
-        .connect(0, &fleet.token(&tenant, "carol").await, Format::Json)
-        .await;
+    let client = fleet.connect(0, &fleet.token(&tenant, "carol").await, Format::Json).await;
     let reply = client
         .request(ClientOp::Send {
             room: RoomId::parse("lobby").unwrap(),
@@ -286,10 +203,7 @@ async fn oversize_bodies_and_non_members_are_refused_clearly() {
         .await
         .expect("reply");
     assert_eq!(reply.error_code(), Some(ErrorCode::TooLarge));
-    let error = client
-        .send("lobby", "not a member yet")
-        .await
-        .expect_err("non-members cannot send");
+    let error = client.send("lobby", "not a member yet").await.expect_err("non-members cannot send");
     assert_eq!(error.code(), Some(ErrorCode::Forbidden));
     client.ping().await.expect("still open");
     fleet.stop().await;

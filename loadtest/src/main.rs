@@ -34,9 +34,7 @@ fn parse_args() -> Result<Params> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut pairs = args.chunks(2);
     for pair in &mut pairs {
-        let [name, value] = pair else {
-            bail!("every option needs a value: {pair:?}")
-        };
+        let [name, value] = pair else { bail!("every option needs a value: {pair:?}") };
         match name.as_str() {
             "--fleet" => params.fleet = value.clone(),
             "--subscribers" => params.subscribers = value.parse()?,
@@ -50,7 +48,9 @@ fn parse_args() -> Result<Params> {
                 }
             }
             "--deadline-secs" => params.deadline = Duration::from_secs(value.parse()?),
-            other => bail!("unknown option {other}; options: --fleet --subscribers --senders --messages --format --deadline-secs"),
+            other => bail!(
+                "unknown option {other}; options: --fleet --subscribers --senders --messages --format --deadline-secs"
+            ),
         }
     }
     if params.senders == 0 || params.subscribers == 0 || params.messages == 0 {
@@ -64,17 +64,8 @@ fn parse_args() -> Result<Params> {
 
 /// Refuse any target that is not on this machine's loopback.
 fn require_loopback(url: &str) -> Result<()> {
-    let host = url
-        .split("://")
-        .nth(1)
-        .unwrap_or("")
-        .split(['/', ':'])
-        .next()
-        .unwrap_or("");
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    let host = url.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("");
+    let loopback = host == "localhost" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback {
         bail!("refusing to load {url}: only loopback (127.0.0.0/8, localhost) targets are allowed");
     }
@@ -88,18 +79,9 @@ async fn main() -> Result<()> {
         &std::fs::read_to_string(&params.fleet)
             .with_context(|| format!("read {} (run `cargo xtask up`)", params.fleet))?,
     )?;
-    let http = fleet["http"]
-        .as_str()
-        .context("fleet file has no http")?
-        .to_owned();
-    let ws = fleet["ws"]
-        .as_str()
-        .context("fleet file has no ws")?
-        .to_owned();
-    let api_key = fleet["api_key"]
-        .as_str()
-        .context("fleet file has no api_key")?
-        .to_owned();
+    let http = fleet["http"].as_str().context("fleet file has no http")?.to_owned();
+    let ws = fleet["ws"].as_str().context("fleet file has no ws")?.to_owned();
+    let api_key = fleet["api_key"].as_str().context("fleet file has no api_key")?.to_owned();
     require_loopback(&http)?;
     require_loopback(&ws)?;
     tokio::time::timeout(params.deadline, run(&params, &http, &ws, &api_key))
@@ -115,10 +97,7 @@ async fn token(http: &reqwest::Client, base: &str, api_key: &str, user: &str) ->
         .send()
         .await?;
     let body: Value = response.json().await?;
-    Ok(body["token"]
-        .as_str()
-        .with_context(|| format!("no token in {body}"))?
-        .to_owned())
+    Ok(body["token"].as_str().with_context(|| format!("no token in {body}"))?.to_owned())
 }
 
 async fn connect(ws: &str, token: String, format: Format) -> Result<Client> {
@@ -133,33 +112,21 @@ async fn run(params: &Params, http_base: &str, ws: &str, api_key: &str) -> Resul
 
     let mut subscribers = Vec::new();
     for i in 0..params.subscribers {
-        let client = connect(
-            ws,
-            token(&http, http_base, api_key, &format!("sub{i}-{run_id}")).await?,
-            params.format,
-        )
-        .await?;
+        let client =
+            connect(ws, token(&http, http_base, api_key, &format!("sub{i}-{run_id}")).await?, params.format).await?;
         client.join(&room, None).await?;
         subscribers.push(client);
     }
     let mut senders = Vec::new();
     for i in 0..params.senders {
-        let client = connect(
-            ws,
-            token(&http, http_base, api_key, &format!("snd{i}-{run_id}")).await?,
-            params.format,
-        )
-        .await?;
+        let client =
+            connect(ws, token(&http, http_base, api_key, &format!("snd{i}-{run_id}")).await?, params.format).await?;
         client.join(&room, None).await?;
         senders.push(Arc::new(client));
     }
     // Joins of later clients are events too: drain them so only messages are counted.
     for client in &subscribers {
-        while client
-            .next_event_timeout(Duration::from_millis(50))
-            .await
-            .is_some()
-        {}
+        while client.next_event_timeout(Duration::from_millis(50)).await.is_some() {}
     }
 
     let receivers: Vec<_> = subscribers
@@ -178,13 +145,8 @@ async fn run(params: &Params, http_base: &str, ws: &str, api_key: &str) -> Resul
                                 continue;
                             }
                             last_seq = seq;
-                            let sent_us: u64 = body
-                                .split(' ')
-                                .next()
-                                .and_then(|t| t.parse().ok())
-                                .unwrap_or(0);
-                            latencies
-                                .push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
+                            let sent_us: u64 = body.split(' ').next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                            latencies.push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
                         }
                         Some(_) => {}
                         None => break,
@@ -206,22 +168,11 @@ async fn run(params: &Params, http_base: &str, ws: &str, api_key: &str) -> Resul
             for _ in 0..count {
                 loop {
                     let body = format!("{} payload", epoch.elapsed().as_micros());
-                    let op = ClientOp::Send {
-                        room: room.clone(),
-                        body,
-                        attrs: None,
-                        reply_to: None,
-                        cmid: None,
-                    };
+                    let op = ClientOp::Send { room: room.clone(), body, attrs: None, reply_to: None, cmid: None };
                     match client.request(op).await? {
                         Reply::Ok(_) => break,
-                        Reply::Err {
-                            code: ErrorCode::RateLimited,
-                            retry_after_ms,
-                            ..
-                        } => {
-                            tokio::time::sleep(Duration::from_millis(retry_after_ms.unwrap_or(50)))
-                                .await;
+                        Reply::Err { code: ErrorCode::RateLimited, retry_after_ms, .. } => {
+                            tokio::time::sleep(Duration::from_millis(retry_after_ms.unwrap_or(50))).await;
                         }
                         Reply::Err { code, message, .. } => bail!("send failed: {code}: {message}"),
                     }
@@ -278,19 +229,10 @@ mod tests {
 
     #[test]
     fn only_loopback_targets_are_allowed() {
-        for ok in [
-            "http://127.0.0.1:8080",
-            "ws://127.3.2.1:1/v1/ws",
-            "http://localhost:9",
-        ] {
+        for ok in ["http://127.0.0.1:8080", "ws://127.3.2.1:1/v1/ws", "http://localhost:9"] {
             assert!(require_loopback(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "http://10.0.0.1:80",
-            "ws://192.168.1.2/v1/ws",
-            "http://example.com",
-            "http://8.8.8.8",
-        ] {
+        for bad in ["http://10.0.0.1:80", "ws://192.168.1.2/v1/ws", "http://example.com", "http://8.8.8.8"] {
             assert!(require_loopback(bad).is_err(), "{bad}");
         }
     }

@@ -48,15 +48,9 @@ pub enum StoreChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
 }
@@ -66,10 +60,8 @@ impl PersistorConfig {
     pub fn load() -> Result<Self, ConfigError> {
         let mut config = match std::env::var("SWITCHYARD_CONFIG") {
             Ok(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
             }
             Err(_) => PersistorConfig::default(),
@@ -102,35 +94,20 @@ impl PersistorConfig {
     /// The configured store, validated.
     pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
         if self.batch_max == 0 {
-            return Err(ConfigError::Invalid {
-                name: "batch_max",
-                message: "must be positive".into(),
-            });
+            return Err(ConfigError::Invalid { name: "batch_max", message: "must be positive".into() });
         }
-        let invalid = |message: &str| ConfigError::Invalid {
-            name: "store",
-            message: message.to_owned(),
-        };
+        let invalid = |message: &str| ConfigError::Invalid { name: "store", message: message.to_owned() };
         match self.store.split_once(':') {
-            Some(("embedded", path)) if !path.is_empty() => {
-                Ok(StoreChoice::Embedded(PathBuf::from(path)))
-            }
+            Some(("embedded", path)) if !path.is_empty() => Ok(StoreChoice::Embedded(PathBuf::from(path))),
             Some(("cql", nodes)) => {
-                let nodes: Vec<String> = nodes
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(String::from)
-                    .collect();
+                let nodes: Vec<String> =
+                    nodes.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
                 if nodes.is_empty() {
                     return Err(invalid("cql: needs at least one host:port"));
                 }
                 Ok(StoreChoice::Cql(nodes))
             }
-            _ => Err(invalid(&format!(
-                "{:?} must be embedded:<path> or cql:<host:port>[,...]",
-                self.store
-            ))),
+            _ => Err(invalid(&format!("{:?} must be embedded:<path> or cql:<host:port>[,...]", self.store))),
         }
     }
 }
@@ -141,19 +118,14 @@ mod tests {
 
     #[test]
     fn store_choices() {
-        let mut config = PersistorConfig {
-            store: "cql:127.0.0.1:9042, 127.0.0.2:9042".into(),
-            ..PersistorConfig::default()
-        };
+        let mut config =
+            PersistorConfig { store: "cql:127.0.0.1:9042, 127.0.0.2:9042".into(), ..PersistorConfig::default() };
         assert_eq!(
             config.store_choice().unwrap(),
             StoreChoice::Cql(vec!["127.0.0.1:9042".into(), "127.0.0.2:9042".into()])
         );
         config.store = "embedded:/tmp/x.redb".into();
-        assert_eq!(
-            config.store_choice().unwrap(),
-            StoreChoice::Embedded("/tmp/x.redb".into())
-        );
+        assert_eq!(config.store_choice().unwrap(), StoreChoice::Embedded("/tmp/x.redb".into()));
         for bad in ["", "cql:", "embedded:", "mongo:x"] {
             config.store = bad.into();
             assert!(config.store_choice().is_err(), "{bad:?}");

@@ -68,9 +68,7 @@ async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) 
         loop {
             match store.last_seq(&request.tenant, &request.room).await {
                 Ok(seq) if seq >= request.min_seq => break,
-                Ok(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
+                Ok(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
                 Ok(_) => break,
                 Err(error) => return err(ErrorCode::Unavailable, error.to_string()),
             }
@@ -84,10 +82,7 @@ async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) 
         limit: request.limit,
     };
     match store.history(&query).await {
-        Ok(page) => HistoryReply::Ok {
-            messages: page.messages,
-            more: page.more,
-        },
+        Ok(page) => HistoryReply::Ok { messages: page.messages, more: page.more },
         Err(crate::store::StoreError::InvalidQuery(message)) => err(ErrorCode::BadRequest, message),
         Err(error) => err(ErrorCode::Unavailable, error.to_string()),
     }

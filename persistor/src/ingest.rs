@@ -57,10 +57,7 @@ pub async fn run<S: HistoryStore>(
     batch_max: usize,
     shutdown: CancellationToken,
 ) -> Result<(), PersistorError> {
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| PersistorError::Nats(format!("pull: {e}")))?;
+    let messages = consumer.messages().await.map_err(|e| PersistorError::Nats(format!("pull: {e}")))?;
     let mut batches = messages.ready_chunks(batch_max);
     loop {
         let batch = tokio::select! {
@@ -88,10 +85,7 @@ pub async fn run<S: HistoryStore>(
                 Err(error) => {
                     tracing::error!(%error, subject = %message.subject, "undecodable event sent to dead letters");
                     metrics::counter!("switchyard_persistor_dead_letters_total").increment(1);
-                    if let Err(error) = nats
-                        .publish(subjects::DEAD_LETTER_SUBJECT, message.payload.clone())
-                        .await
-                    {
+                    if let Err(error) = nats.publish(subjects::DEAD_LETTER_SUBJECT, message.payload.clone()).await {
                         tracing::error!(%error, "cannot publish a dead letter; leaving the event for redelivery");
                         continue;
                     }
@@ -125,7 +119,6 @@ pub async fn run<S: HistoryStore>(
                 tracing::warn!(%error, "ack failed; the event will be redelivered and rewritten");
             }
         }
-        metrics::counter!("switchyard_persistor_events_written_total")
-            .increment(events.len() as u64);
+        metrics::counter!("switchyard_persistor_events_written_total").increment(events.len() as u64);
     }
 }

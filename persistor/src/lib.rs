@@ -43,9 +43,7 @@ impl AnyStore {
             StoreChoice::Embedded(path) => AnyStore::Embedded(EmbeddedStore::open(&path)?),
             StoreChoice::Cql(nodes) => {
                 let mut cql = CqlConfig::new(&nodes, &config.cql_keyspace);
-                cql.replication = store::cql::Replication::Simple {
-                    replication_factor: config.cql_replication_factor,
-                };
+                cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
                 AnyStore::Cql(CqlStore::connect_with(cql).await?)
             }
         })
@@ -76,10 +74,7 @@ impl HistoryStore for AnyStore {
 }
 
 /// Run a persistor on the configured store until `shutdown` fires.
-pub async fn run(
-    config: PersistorConfig,
-    shutdown: CancellationToken,
-) -> Result<(), PersistorError> {
+pub async fn run(config: PersistorConfig, shutdown: CancellationToken) -> Result<(), PersistorError> {
     let store = Arc::new(AnyStore::open(&config).await?);
     run_with_store(config, store, shutdown).await
 }
@@ -104,16 +99,7 @@ pub async fn run_with_store<S: HistoryStore>(
         shutdown.clone(),
     ));
     let result = match ingest::open_consumer(&js, &shutdown).await? {
-        Some(consumer) => {
-            ingest::run(
-                nats.clone(),
-                consumer,
-                &*store,
-                config.batch_max,
-                shutdown.clone(),
-            )
-            .await
-        }
+        Some(consumer) => ingest::run(nats.clone(), consumer, &*store, config.batch_max, shutdown.clone()).await,
         None => Ok(()),
     };
     shutdown.cancel();

@@ -12,11 +12,7 @@ const DEFAULT_KEYSPACE: &str = "switchyard_test";
 
 fn server() -> (Vec<String>, String) {
     let nodes = match std::env::var("SWITCHYARD_CQL") {
-        Ok(v) if !v.trim().is_empty() => v
-            .split(',')
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect(),
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
         _ => panic!(
             "SWITCHYARD_CQL is not set: these tests need a real Cassandra/ScyllaDB server. \
              Run `cargo xtask test` (it starts one and sets SWITCHYARD_CQL=host:port), \
@@ -51,9 +47,7 @@ async fn cql_store_reconnects_to_existing_schema() {
     conformance::joined_left_advance_last_seq(&first).await;
     // A second connect finds the keyspace and tables in place and sees the same data.
     let mut config = CqlConfig::new(&nodes, &keyspace);
-    config.replication = Replication::Simple {
-        replication_factor: 1,
-    };
+    config.replication = Replication::Simple { replication_factor: 1 };
     let second = CqlStore::connect_with(config).await.unwrap();
     let tenant = ProjectId::generate();
     let room = RoomId::parse("reconnect").unwrap();

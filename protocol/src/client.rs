@@ -169,8 +169,8 @@ impl ClientOp {
 
 /// The names of every op, for telling an unknown op from a malformed known one.
 pub const OP_NAMES: &[&str] = &[
-    "auth", "ping", "create", "join", "leave", "invite", "kick", "send", "dm", "typing", "read",
-    "react", "edit", "delete", "history", "members", "rooms", "presence", "watch", "unwatch",
+    "auth", "ping", "create", "join", "leave", "invite", "kick", "send", "dm", "typing", "read", "react", "edit",
+    "delete", "history", "members", "rooms", "presence", "watch", "unwatch",
 ];
 
 /// A parsed client frame: its op and the request id to echo.
@@ -191,11 +191,7 @@ pub struct FrameError {
 
 impl FrameError {
     pub fn bad_request(rid: Option<u64>, message: impl Into<String>) -> Self {
-        FrameError {
-            rid,
-            code: ErrorCode::BadRequest,
-            message: message.into(),
-        }
+        FrameError { rid, code: ErrorCode::BadRequest, message: message.into() }
     }
 }
 
@@ -204,33 +200,19 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
     let value: Value = match format {
         Format::Json => serde_json::from_slice(bytes)
             .map_err(|e| FrameError::bad_request(None, format!("frame is not valid JSON: {e}")))?,
-        Format::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| {
-            FrameError::bad_request(None, format!("frame is not valid MessagePack: {e}"))
-        })?,
+        Format::MsgPack => rmp_serde::from_slice(bytes)
+            .map_err(|e| FrameError::bad_request(None, format!("frame is not valid MessagePack: {e}")))?,
     };
     let Value::Object(mut map) = value else {
-        return Err(FrameError::bad_request(
-            None,
-            "frame must be an object with an \"op\" field",
-        ));
+        return Err(FrameError::bad_request(None, "frame must be an object with an \"op\" field"));
     };
     let rid = match map.remove("rid") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_u64() {
             Some(rid) => Some(rid),
-            None => {
-                return Err(FrameError::bad_request(
-                    None,
-                    "\"rid\" must be an unsigned 64-bit integer",
-                ))
-            }
+            None => return Err(FrameError::bad_request(None, "\"rid\" must be an unsigned 64-bit integer")),
         },
-        Some(_) => {
-            return Err(FrameError::bad_request(
-                None,
-                "\"rid\" must be an unsigned 64-bit integer",
-            ))
-        }
+        Some(_) => return Err(FrameError::bad_request(None, "\"rid\" must be an unsigned 64-bit integer")),
     };
     let op_name = match map.get("op") {
         Some(Value::String(op)) => op.clone(),
@@ -238,10 +220,7 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
         None => return Err(FrameError::bad_request(rid, "frame has no \"op\" field")),
     };
     if !OP_NAMES.contains(&op_name.as_str()) {
-        return Err(FrameError::bad_request(
-            rid,
-            format!("unknown op {op_name:?}"),
-        ));
+        return Err(FrameError::bad_request(rid, format!("unknown op {op_name:?}")));
     }
     let op: ClientOp = serde_json::from_value(Value::Object(map))
         .map_err(|e| FrameError::bad_request(rid, format!("invalid {op_name:?} frame: {e}")))?;
@@ -253,9 +232,7 @@ pub fn encode_frame<T: Serialize>(frame: &T, format: Format) -> Vec<u8> {
     match format {
         // Serialising our own types to JSON cannot fail: every map key is a string.
         Format::Json => serde_json::to_vec(frame).expect("server frames serialise to JSON"),
-        Format::MsgPack => {
-            rmp_serde::to_vec_named(frame).expect("server frames serialise to MessagePack")
-        }
+        Format::MsgPack => rmp_serde::to_vec_named(frame).expect("server frames serialise to MessagePack"),
     }
 }
 
@@ -301,33 +278,13 @@ pub enum ServerFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OkResult {
-    Sent {
-        room: RoomId,
-        id: MessageId,
-        seq: u64,
-        ts: u64,
-    },
-    History {
-        room: RoomId,
-        messages: Vec<Message>,
-        more: bool,
-    },
-    RoomSeq {
-        room: RoomId,
-        seq: u64,
-    },
-    Room {
-        room: RoomId,
-    },
-    Members {
-        members: Vec<Member>,
-    },
-    Rooms {
-        rooms: Vec<RoomSummary>,
-    },
-    Presence {
-        users: BTreeMap<String, PresenceState>,
-    },
+    Sent { room: RoomId, id: MessageId, seq: u64, ts: u64 },
+    History { room: RoomId, messages: Vec<Message>, more: bool },
+    RoomSeq { room: RoomId, seq: u64 },
+    Room { room: RoomId },
+    Members { members: Vec<Member> },
+    Rooms { rooms: Vec<RoomSummary> },
+    Presence { users: BTreeMap<String, PresenceState> },
     Empty {},
 }
 
@@ -464,12 +421,7 @@ mod tests {
         let json = br#"{"op":"send","rid":7,"room":"general","body":"hi","attrs":{"k":1}}"#;
         let req = decode_client_frame(json, Format::Json).unwrap();
         assert_eq!(req.rid, Some(7));
-        let ClientOp::Send {
-            room, body, attrs, ..
-        } = &req.op
-        else {
-            panic!("not a send: {req:?}")
-        };
+        let ClientOp::Send { room, body, attrs, .. } = &req.op else { panic!("not a send: {req:?}") };
         assert_eq!(room.as_str(), "general");
         assert_eq!(body, "hi");
         assert_eq!(attrs.as_ref().unwrap()["k"], 1);
@@ -491,28 +443,16 @@ mod tests {
             (b"[1,2]", None, "must be an object"),
             (br#"{"rid":3}"#, Some(3), "no \"op\""),
             (br#"{"op":"fly","rid":4}"#, Some(4), "unknown op"),
-            (
-                br#"{"op":"send","rid":5,"room":"general","body":42}"#,
-                Some(5),
-                "invalid \"send\"",
-            ),
+            (br#"{"op":"send","rid":5,"room":"general","body":42}"#, Some(5), "invalid \"send\""),
             (br#"{"op":"join","rid":6,"room":"a.b"}"#, Some(6), "room id"),
             (br#"{"op":"join","rid":"x","room":"a"}"#, None, "rid"),
-            (
-                br#"{"op":"join","room":"a","extra":1}"#,
-                None,
-                "unknown field",
-            ),
+            (br#"{"op":"join","room":"a","extra":1}"#, None, "unknown field"),
         ];
         for (frame, rid, needle) in cases {
             let err = decode_client_frame(frame, Format::Json).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadRequest);
             assert_eq!(err.rid, *rid, "{}", String::from_utf8_lossy(frame));
-            assert!(
-                err.message.contains(needle),
-                "{:?} should mention {needle:?}",
-                err.message
-            );
+            assert!(err.message.contains(needle), "{:?} should mention {needle:?}", err.message);
         }
     }
 
@@ -520,30 +460,18 @@ mod tests {
     fn ok_frames_flatten_their_result() {
         let frame = ServerFrame::Ok {
             rid: Some(1),
-            result: OkResult::RoomSeq {
-                room: RoomId::parse("general").unwrap(),
-                seq: 3,
-            },
+            result: OkResult::RoomSeq { room: RoomId::parse("general").unwrap(), seq: 3 },
         };
         let json: Value = serde_json::from_slice(&encode_frame(&frame, Format::Json)).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"op": "ok", "rid": 1, "room": "general", "seq": 3})
-        );
+        assert_eq!(json, serde_json::json!({"op": "ok", "rid": 1, "room": "general", "seq": 3}));
         let packed: Value = rmp_serde::from_slice(&encode_frame(&frame, Format::MsgPack)).unwrap();
         assert_eq!(packed, json);
     }
 
     #[test]
     fn ok_results_round_trip_by_shape() {
-        let sent = OkResult::Sent {
-            room: RoomId::parse("r").unwrap(),
-            id: MessageId::generate(5),
-            seq: 9,
-            ts: 5,
-        };
-        let back: OkResult =
-            rmp_serde::from_slice(&rmp_serde::to_vec_named(&sent).unwrap()).unwrap();
+        let sent = OkResult::Sent { room: RoomId::parse("r").unwrap(), id: MessageId::generate(5), seq: 9, ts: 5 };
+        let back: OkResult = rmp_serde::from_slice(&rmp_serde::to_vec_named(&sent).unwrap()).unwrap();
         assert_eq!(back, sent);
     }
 }

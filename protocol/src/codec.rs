@@ -67,9 +67,7 @@ mod tests {
             name: "acme".into(),
             created_at_ms: 1,
             api_key_sha256: "00".into(),
-            jwt: Some(JwtKey::HS256 {
-                secret: "s3cret-s3cret".into(),
-            }),
+            jwt: Some(JwtKey::HS256 { secret: "s3cret-s3cret".into() }),
             disabled: false,
         };
         let record: TenantRecord = decode(&encode(&old).unwrap()).unwrap();
@@ -78,15 +76,10 @@ mod tests {
         let revocation = Revocation {
             v: 1,
             tenant: record.project_id.clone(),
-            target: RevocationTarget::User {
-                user: UserId::parse("alice").unwrap(),
-            },
+            target: RevocationTarget::User { user: UserId::parse("alice").unwrap() },
             at_ms: 5,
         };
-        assert_eq!(
-            decode::<Revocation>(&encode(&revocation).unwrap()).unwrap(),
-            revocation
-        );
+        assert_eq!(decode::<Revocation>(&encode(&revocation).unwrap()).unwrap(), revocation);
     }
 
     #[test]

@@ -11,20 +11,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error("invalid {kind} {value:?}: {rule}")]
-    Invalid {
-        kind: &'static str,
-        value: String,
-        rule: &'static str,
-    },
+    Invalid { kind: &'static str, value: String, rule: &'static str },
 }
 
 const NAME_RULE: &str = "must match ^[A-Za-z0-9_-]{1,64}$";
 
 fn is_name(value: &str) -> bool {
-    (1..=64).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 const ALNUM_LOWER: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -33,9 +26,7 @@ const BASE62: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 /// `len` random characters drawn from `alphabet`, from the thread's CSPRNG.
 pub fn random_string(alphabet: &[u8], len: usize) -> String {
     let mut rng = rand::rng();
-    (0..len)
-        .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
-        .collect()
+    (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())] as char).collect()
 }
 
 /// `len` random base62 characters, for secrets and tokens.
@@ -83,9 +74,7 @@ impl ProjectId {
     pub fn parse(value: &str) -> Result<Self, IdError> {
         let ok = value.len() == 23
             && value.starts_with("pj_")
-            && value[3..]
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && value[3..].bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if ok {
             Ok(ProjectId(value.to_owned()))
         } else {
@@ -112,11 +101,7 @@ impl UserId {
         if is_name(value) {
             Ok(UserId(value.to_owned()))
         } else {
-            Err(IdError::Invalid {
-                kind: "user id",
-                value: value.to_owned(),
-                rule: NAME_RULE,
-            })
+            Err(IdError::Invalid { kind: "user id", value: value.to_owned(), rule: NAME_RULE })
         }
     }
 }
@@ -179,13 +164,11 @@ string_id!(MessageId);
 
 impl MessageId {
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        ulid::Ulid::from_string(value)
-            .map(|u| MessageId(u.to_string()))
-            .map_err(|_| IdError::Invalid {
-                kind: "message id",
-                value: value.to_owned(),
-                rule: "must be a ULID",
-            })
+        ulid::Ulid::from_string(value).map(|u| MessageId(u.to_string())).map_err(|_| IdError::Invalid {
+            kind: "message id",
+            value: value.to_owned(),
+            rule: "must be a ULID",
+        })
     }
 
     /// A fresh id stamped with `unix_ms`.
@@ -201,18 +184,7 @@ mod tests {
 
     #[test]
     fn names_refuse_subject_syntax() {
-        for bad in [
-            "",
-            "a.b",
-            "a*",
-            ">",
-            "a b",
-            "ü",
-            "dm:b:a",
-            "dm:a:a",
-            "dm:a",
-            &"x".repeat(65),
-        ] {
+        for bad in ["", "a.b", "a*", ">", "a b", "ü", "dm:b:a", "dm:a:a", "dm:a", &"x".repeat(65)] {
             assert!(RoomId::parse(bad).is_err(), "{bad:?} should be refused");
         }
         for bad in ["", "a.b", "*", "a>", "a:b"] {
@@ -296,10 +268,7 @@ mod secret_tests {
         let token = opaque_token::generate();
         assert!(opaque_token::is_well_formed(&token));
         assert!(!opaque_token::is_well_formed("sytok_short"));
-        assert!(!opaque_token::is_well_formed(&format!(
-            "{}*",
-            &token[..token.len() - 1]
-        )));
+        assert!(!opaque_token::is_well_formed(&format!("{}*", &token[..token.len() - 1])));
         let project = ProjectId::generate();
         let key = api_key::generate(&project);
         assert_eq!(api_key::project_of(&key), Some(project));

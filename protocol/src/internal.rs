@@ -27,21 +27,11 @@ pub struct CommandRequest {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RoomCommand {
     /// Create a room; the caller becomes its admin.
-    Create {
-        room: RoomId,
-        private: bool,
-        title: Option<String>,
-    },
+    Create { room: RoomId, private: bool, title: Option<String> },
     /// Become a member (when allowed) and learn the room's last seq. `grants` are the token's `rooms` claims.
     Join { room: RoomId, grants: Vec<String> },
     /// Append a message.
-    Send {
-        room: RoomId,
-        body: String,
-        attrs: Option<Value>,
-        reply_to: Option<u64>,
-        cmid: Option<String>,
-    },
+    Send { room: RoomId, body: String, attrs: Option<Value>, reply_to: Option<u64>, cmid: Option<String> },
     /// May the user read the room's history? Answered with the room's last seq (`OkResult::RoomSeq`).
     CanRead { room: RoomId, grants: Vec<String> },
 }
@@ -67,10 +57,7 @@ pub enum CommandReply {
 
 impl CommandReply {
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
-        CommandReply::Err {
-            code,
-            message: message.into(),
-        }
+        CommandReply::Err { code, message: message.into() }
     }
 }
 
@@ -92,35 +79,12 @@ pub struct RoomEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventBody {
-    Msg {
-        id: MessageId,
-        from: UserId,
-        body: String,
-        attrs: Option<Value>,
-        reply_to: Option<u64>,
-    },
-    Edit {
-        target: u64,
-        from: UserId,
-        body: String,
-    },
-    Delete {
-        target: u64,
-        by: UserId,
-    },
-    Reaction {
-        target: u64,
-        user: UserId,
-        emoji: String,
-        removed: bool,
-    },
-    Joined {
-        user: UserId,
-    },
-    Left {
-        user: UserId,
-        by: Option<UserId>,
-    },
+    Msg { id: MessageId, from: UserId, body: String, attrs: Option<Value>, reply_to: Option<u64> },
+    Edit { target: u64, from: UserId, body: String },
+    Delete { target: u64, by: UserId },
+    Reaction { target: u64, user: UserId, emoji: String, removed: bool },
+    Joined { user: UserId },
+    Left { user: UserId, by: Option<UserId> },
 }
 
 impl RoomEvent {
@@ -135,13 +99,7 @@ impl RoomEvent {
         let seq = self.seq;
         let ts = self.ts_ms();
         match &self.body {
-            EventBody::Msg {
-                id,
-                from,
-                body,
-                attrs,
-                reply_to,
-            } => ServerEvent::Msg {
+            EventBody::Msg { id, from, body, attrs, reply_to } => ServerEvent::Msg {
                 room,
                 seq,
                 id: id.clone(),
@@ -151,27 +109,11 @@ impl RoomEvent {
                 reply_to: *reply_to,
                 ts,
             },
-            EventBody::Edit { target, from, body } => ServerEvent::Edit {
-                room,
-                seq,
-                target: *target,
-                from: from.clone(),
-                body: body.clone(),
-                ts,
-            },
-            EventBody::Delete { target, by } => ServerEvent::Delete {
-                room,
-                seq,
-                target: *target,
-                by: by.clone(),
-                ts,
-            },
-            EventBody::Reaction {
-                target,
-                user,
-                emoji,
-                removed,
-            } => ServerEvent::Reaction {
+            EventBody::Edit { target, from, body } => {
+                ServerEvent::Edit { room, seq, target: *target, from: from.clone(), body: body.clone(), ts }
+            }
+            EventBody::Delete { target, by } => ServerEvent::Delete { room, seq, target: *target, by: by.clone(), ts },
+            EventBody::Reaction { target, user, emoji, removed } => ServerEvent::Reaction {
                 room,
                 seq,
                 target: *target,
@@ -180,19 +122,8 @@ impl RoomEvent {
                 removed: *removed,
                 ts,
             },
-            EventBody::Joined { user } => ServerEvent::Joined {
-                room,
-                seq,
-                user: user.clone(),
-                ts,
-            },
-            EventBody::Left { user, by } => ServerEvent::Left {
-                room,
-                seq,
-                user: user.clone(),
-                by: by.clone(),
-                ts,
-            },
+            EventBody::Joined { user } => ServerEvent::Joined { room, seq, user: user.clone(), ts },
+            EventBody::Left { user, by } => ServerEvent::Left { room, seq, user: user.clone(), by: by.clone(), ts },
         }
     }
 }
@@ -290,9 +221,7 @@ impl std::fmt::Debug for JwtKey {
             JwtKey::RS256 { .. } => "RS256",
             JwtKey::ES256 { .. } => "ES256",
         };
-        f.debug_struct("JwtKey")
-            .field("alg", &alg)
-            .finish_non_exhaustive()
+        f.debug_struct("JwtKey").field("alg", &alg).finish_non_exhaustive()
     }
 }
 

@@ -50,10 +50,7 @@ mod tests {
         assert_eq!(a, b);
         assert!(a.0 < 64);
         // Pinned value: changing the hash would move every room to another shard.
-        assert_eq!(
-            a,
-            ShardId((fnv1a(&[b"pj_abcdefghij0123456789", b"general"]) % 64) as u16)
-        );
+        assert_eq!(a, ShardId((fnv1a(&[b"pj_abcdefghij0123456789", b"general"]) % 64) as u16));
     }
 
     #[test]

@@ -81,9 +81,7 @@ pub fn member_key(tenant: &ProjectId, room: &RoomId, user: &crate::UserId) -> St
 pub fn valid_router_id(router_id: &str) -> bool {
     !router_id.is_empty()
         && router_id.len() <= 64
-        && router_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && router_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -94,10 +92,7 @@ mod tests {
     fn subjects_have_fixed_token_counts() {
         let tenant = ProjectId::parse("pj_abcdefghij0123456789").unwrap();
         let room = RoomId::parse("dm:alice:bob").unwrap();
-        assert_eq!(
-            event_log(ShardId(3), &tenant, &room),
-            "sy.log.3.pj_abcdefghij0123456789.dm=alice=bob"
-        );
+        assert_eq!(event_log(ShardId(3), &tenant, &room), "sy.log.3.pj_abcdefghij0123456789.dm=alice=bob");
         assert_eq!(room_live(&tenant, &room).split('.').count(), 4);
         assert_eq!(command(ShardId(63)), "sy.cmd.63");
         assert!(!valid_router_id("a.b"));

@@ -44,15 +44,9 @@ impl Default for RouterConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
 }
@@ -62,10 +56,8 @@ impl RouterConfig {
     pub fn load() -> Result<Self, ConfigError> {
         let mut config = match std::env::var("SWITCHYARD_CONFIG") {
             Ok(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
             }
             Err(_) => RouterConfig::default(),
@@ -81,10 +73,7 @@ impl RouterConfig {
     /// Override fields from environment variables, read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
-            value.parse().map_err(|_| ConfigError::Invalid {
-                name,
-                message: format!("{value:?} is not a number"),
-            })
+            value.parse().map_err(|_| ConfigError::Invalid { name, message: format!("{value:?} is not a number") })
         }
         if let Some(v) = get("SWITCHYARD_NATS_URL") {
             self.nats_url = v;
@@ -112,10 +101,7 @@ impl RouterConfig {
             });
         }
         if self.shard_count == 0 || self.shard_count > 4096 {
-            return Err(ConfigError::Invalid {
-                name: "shard_count",
-                message: "must be 1..=4096".into(),
-            });
+            return Err(ConfigError::Invalid { name: "shard_count", message: "must be 1..=4096".into() });
         }
         if self.lease_tick_ms == 0 || self.lease_ttl_ms < 3 * self.lease_tick_ms {
             return Err(ConfigError::Invalid {
@@ -124,10 +110,7 @@ impl RouterConfig {
             });
         }
         if self.nats_url.trim().is_empty() {
-            return Err(ConfigError::Invalid {
-                name: "nats_url",
-                message: "must not be empty".into(),
-            });
+            return Err(ConfigError::Invalid { name: "nats_url", message: "must not be empty".into() });
         }
         Ok(())
     }
@@ -147,10 +130,7 @@ mod tests {
 
     #[test]
     fn env_overrides_and_validation() {
-        let mut config = RouterConfig {
-            router_id: "r1".into(),
-            ..RouterConfig::default()
-        };
+        let mut config = RouterConfig { router_id: "r1".into(), ..RouterConfig::default() };
         config
             .apply_env(|name| match name {
                 "SWITCHYARD_SHARD_COUNT" => Some("8".into()),

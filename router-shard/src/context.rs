@@ -46,15 +46,9 @@ impl RouterContext {
             })
             .await
             .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
-        let rooms = ensure_kv(
-            &js,
-            kv::Config {
-                bucket: subjects::ROOMS_BUCKET.to_owned(),
-                history: 1,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let rooms =
+            ensure_kv(&js, kv::Config { bucket: subjects::ROOMS_BUCKET.to_owned(), history: 1, ..Default::default() })
+                .await?;
         let leases = ensure_kv(
             &js,
             kv::Config {
@@ -66,30 +60,21 @@ impl RouterContext {
             },
         )
         .await?;
-        Ok(RouterContext {
-            nats,
-            js,
-            events,
-            rooms,
-            leases,
-            config,
-        })
+        Ok(RouterContext { nats, js, events, rooms, leases, config })
     }
 }
 
 /// Open a KV bucket, creating it if it does not exist yet (two processes may race to create it).
-pub(crate) async fn ensure_kv(
-    js: &jetstream::Context,
-    config: kv::Config,
-) -> Result<kv::Store, RouterError> {
+pub(crate) async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, RouterError> {
     if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
         return Ok(store);
     }
     let bucket = config.bucket.clone();
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        Err(create_error) => js.get_key_value(bucket.clone()).await.map_err(|e| {
-            RouterError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))
-        }),
+        Err(create_error) => js
+            .get_key_value(bucket.clone())
+            .await
+            .map_err(|e| RouterError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))),
     }
 }

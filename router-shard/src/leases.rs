@@ -37,10 +37,7 @@ pub(crate) struct LeaseKeeper {
 
 impl LeaseKeeper {
     pub fn new(ctx: Arc<RouterContext>) -> Self {
-        LeaseKeeper {
-            ctx,
-            held: BTreeMap::new(),
-        }
+        LeaseKeeper { ctx, held: BTreeMap::new() }
     }
 
     /// Keep leases until `shutdown`, then stop every worker and release every lease so others take over at once.
@@ -61,11 +58,7 @@ impl LeaseKeeper {
         for shard in shards {
             self.release(shard).await;
         }
-        let _ = self
-            .ctx
-            .leases
-            .delete(subjects::router_alive_key(&self.ctx.config.router_id))
-            .await;
+        let _ = self.ctx.leases.delete(subjects::router_alive_key(&self.ctx.config.router_id)).await;
     }
 
     async fn tick(&mut self) -> Result<(), String> {
@@ -78,17 +71,10 @@ impl LeaseKeeper {
         self.renew().await;
 
         let keys: Vec<String> = match self.ctx.leases.keys().await {
-            Ok(keys) => keys
-                .try_collect()
-                .await
-                .map_err(|e| format!("list leases: {e}"))?,
+            Ok(keys) => keys.try_collect().await.map_err(|e| format!("list leases: {e}"))?,
             Err(e) => return Err(format!("list leases: {e}")),
         };
-        let routers = keys
-            .iter()
-            .filter(|k| k.starts_with(subjects::ROUTER_ALIVE_PREFIX))
-            .count()
-            .max(1);
+        let routers = keys.iter().filter(|k| k.starts_with(subjects::ROUTER_ALIVE_PREFIX)).count().max(1);
         let taken: BTreeSet<String> = keys.into_iter().collect();
         let shard_count = self.ctx.config.shard_count;
         let fair_share = usize::from(shard_count).div_ceil(routers);
@@ -110,12 +96,7 @@ impl LeaseKeeper {
             if self.held.contains_key(&shard) || taken.contains(&subjects::lease_key(shard)) {
                 continue;
             }
-            match self
-                .ctx
-                .leases
-                .create(subjects::lease_key(shard), me.clone().into())
-                .await
-            {
+            match self.ctx.leases.create(subjects::lease_key(shard), me.clone().into()).await {
                 Ok(revision) => self.start(shard, revision),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => tracing::warn!(%shard, error = %e, "cannot claim shard"),
@@ -130,16 +111,7 @@ impl LeaseKeeper {
         let me = self.ctx.config.router_id.clone();
         let mut lost = Vec::new();
         for (shard, held) in self.held.iter_mut() {
-            match self
-                .ctx
-                .leases
-                .update(
-                    subjects::lease_key(*shard),
-                    me.clone().into(),
-                    held.revision,
-                )
-                .await
-            {
+            match self.ctx.leases.update(subjects::lease_key(*shard), me.clone().into(), held.revision).await {
                 Ok(revision) => {
                     held.revision = revision;
                     held.renewed_at = Instant::now();
@@ -166,15 +138,7 @@ impl LeaseKeeper {
     fn start(&mut self, shard: ShardId, revision: u64) {
         let stop = CancellationToken::new();
         let worker = tokio::spawn(serve_shard(self.ctx.clone(), shard, stop.clone()));
-        self.held.insert(
-            shard,
-            HeldShard {
-                revision,
-                renewed_at: Instant::now(),
-                stop,
-                worker,
-            },
-        );
+        self.held.insert(shard, HeldShard { revision, renewed_at: Instant::now(), stop, worker });
     }
 
     /// Stop serving `shard`, then delete its lease so another router shard can claim it at once.
@@ -182,11 +146,7 @@ impl LeaseKeeper {
         if let Some(held) = self.held.remove(&shard) {
             let revision = held.revision;
             stop_worker(shard, held).await;
-            if let Err(error) = self
-                .ctx
-                .leases
-                .delete_expect_revision(subjects::lease_key(shard), Some(revision))
-                .await
+            if let Err(error) = self.ctx.leases.delete_expect_revision(subjects::lease_key(shard), Some(revision)).await
             {
                 tracing::warn!(%shard, %error, "cannot release lease; it will expire");
             }
@@ -202,7 +162,5 @@ async fn stop_worker(shard: ShardId, held: HeldShard) {
 }
 
 fn fnv(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -40,9 +40,7 @@ impl RoomError {
     fn reply(&self) -> CommandReply {
         match self {
             RoomError::Refused(code, message) => CommandReply::err(*code, message.clone()),
-            RoomError::Unavailable(message) => {
-                CommandReply::err(ErrorCode::Unavailable, message.clone())
-            }
+            RoomError::Unavailable(message) => CommandReply::err(ErrorCode::Unavailable, message.clone()),
         }
     }
 }
@@ -79,10 +77,7 @@ impl Appended {
 }
 
 pub(crate) fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// A room's actor state. Everything here is a cache of what the stream and the rooms bucket hold, rebuilt on demand.
@@ -157,29 +152,14 @@ impl RoomActor {
 
     async fn handle(&mut self, user: &UserId, command: RoomCommand) -> Result<OkResult, RoomError> {
         match command {
-            RoomCommand::Create {
-                room: _,
-                private,
-                title,
-            } => self.create(user, private, title).await,
+            RoomCommand::Create { room: _, private, title } => self.create(user, private, title).await,
             RoomCommand::Join { room: _, grants } => self.join(user, &grants).await,
             RoomCommand::CanRead { room: _, grants } => self.can_read(user, &grants).await,
-            RoomCommand::Send {
-                room: _,
-                body,
-                attrs,
-                reply_to,
-                cmid,
-            } => {
+            RoomCommand::Send { room: _, body, attrs, reply_to, cmid } => {
                 self.require_member(user).await?;
                 let ts_hint = now_us() / 1000;
-                let msg = EventBody::Msg {
-                    id: MessageId::generate(ts_hint),
-                    from: user.clone(),
-                    body,
-                    attrs,
-                    reply_to,
-                };
+                let msg =
+                    EventBody::Msg { id: MessageId::generate(ts_hint), from: user.clone(), body, attrs, reply_to };
                 let dedupe = cmid.map(|cmid| format!("{}:{}:{}", self.tenant, user, cmid));
                 let appended = self.append(msg, dedupe).await?;
                 let event = appended.event();
@@ -199,12 +179,7 @@ impl RoomActor {
         }
     }
 
-    async fn create(
-        &mut self,
-        user: &UserId,
-        private: bool,
-        title: Option<String>,
-    ) -> Result<OkResult, RoomError> {
+    async fn create(&mut self, user: &UserId, private: bool, title: Option<String>) -> Result<OkResult, RoomError> {
         if self.room.is_dm() {
             return Err(RoomError::Refused(
                 ErrorCode::BadRequest,
@@ -219,43 +194,27 @@ impl RoomActor {
             created_at_ms: now_us() / 1000,
         };
         let payload = codec::encode(&record).map_err(|e| unavailable("encode room", e))?;
-        match self
-            .ctx
-            .rooms
-            .create(subjects::room_key(&self.tenant, &self.room), payload)
-            .await
-        {
+        match self.ctx.rooms.create(subjects::room_key(&self.tenant, &self.room), payload).await {
             Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                return Err(RoomError::Refused(
-                    ErrorCode::Conflict,
-                    format!("room {} already exists", self.room),
-                ));
+                return Err(RoomError::Refused(ErrorCode::Conflict, format!("room {} already exists", self.room)));
             }
             Err(e) => return Err(unavailable("create room", e)),
         }
         self.record = Some(Some(record));
         self.add_member(user, Role::Admin).await?;
-        Ok(OkResult::Room {
-            room: self.room.clone(),
-        })
+        Ok(OkResult::Room { room: self.room.clone() })
     }
 
     async fn join(&mut self, user: &UserId, grants: &[String]) -> Result<OkResult, RoomError> {
         if self.room.is_dm() {
             self.require_member(user).await?;
             let tail = self.tail().await?;
-            return Ok(OkResult::RoomSeq {
-                room: self.room.clone(),
-                seq: tail.seq,
-            });
+            return Ok(OkResult::RoomSeq { room: self.room.clone(), seq: tail.seq });
         }
         if self.role_of(user).await?.is_some() {
             let tail = self.tail().await?;
-            return Ok(OkResult::RoomSeq {
-                room: self.room.clone(),
-                seq: tail.seq,
-            });
+            return Ok(OkResult::RoomSeq { room: self.room.clone(), seq: tail.seq });
         }
         let seq = match self.load_record().await? {
             None => {
@@ -281,10 +240,7 @@ impl RoomActor {
                 self.add_member(user, Role::Member).await?
             }
         };
-        Ok(OkResult::RoomSeq {
-            room: self.room.clone(),
-            seq,
-        })
+        Ok(OkResult::RoomSeq { room: self.room.clone(), seq })
     }
 
     /// Members may read a room, and so may anyone of the tenant when the room is public (or granted).
@@ -294,50 +250,29 @@ impl RoomActor {
         } else {
             match self.load_record().await? {
                 None => {
-                    return Err(RoomError::Refused(
-                        ErrorCode::NotFound,
-                        format!("room {} does not exist", self.room),
-                    ))
+                    return Err(RoomError::Refused(ErrorCode::NotFound, format!("room {} does not exist", self.room)))
                 }
-                Some(record) => {
-                    !record.private
-                        || granted(grants, &self.room)
-                        || self.role_of(user).await?.is_some()
-                }
+                Some(record) => !record.private || granted(grants, &self.room) || self.role_of(user).await?.is_some(),
             }
         };
         if !allowed {
-            return Err(RoomError::Refused(
-                ErrorCode::Forbidden,
-                format!("{user} may not read room {}", self.room),
-            ));
+            return Err(RoomError::Refused(ErrorCode::Forbidden, format!("{user} may not read room {}", self.room)));
         }
         let tail = self.tail().await?;
-        Ok(OkResult::RoomSeq {
-            room: self.room.clone(),
-            seq: tail.seq,
-        })
+        Ok(OkResult::RoomSeq { room: self.room.clone(), seq: tail.seq })
     }
 
     /// Record a membership and sequence its `joined` event; returns that event's seq.
     async fn add_member(&mut self, user: &UserId, role: Role) -> Result<u64, RoomError> {
-        let record = MemberRecord {
-            v: INTERNAL_VERSION,
-            role,
-        };
+        let record = MemberRecord { v: INTERNAL_VERSION, role };
         let payload = codec::encode(&record).map_err(|e| unavailable("encode member", e))?;
         self.ctx
             .rooms
-            .put(
-                subjects::member_key(&self.tenant, &self.room, user),
-                payload,
-            )
+            .put(subjects::member_key(&self.tenant, &self.room, user), payload)
             .await
             .map_err(|e| unavailable("store membership", e))?;
         self.members.insert(user.clone(), Some(role));
-        let appended = self
-            .append(EventBody::Joined { user: user.clone() }, None)
-            .await?;
+        let appended = self.append(EventBody::Joined { user: user.clone() }, None).await?;
         Ok(appended.event().seq)
     }
 
@@ -345,15 +280,8 @@ impl RoomActor {
         if let Some(record) = &self.record {
             return Ok(record.clone());
         }
-        let record = match self
-            .ctx
-            .rooms
-            .get(subjects::room_key(&self.tenant, &self.room))
-            .await
-        {
-            Ok(Some(bytes)) => Some(
-                codec::decode::<RoomRecord>(&bytes).map_err(|e| unavailable("room record", e))?,
-            ),
+        let record = match self.ctx.rooms.get(subjects::room_key(&self.tenant, &self.room)).await {
+            Ok(Some(bytes)) => Some(codec::decode::<RoomRecord>(&bytes).map_err(|e| unavailable("room record", e))?),
             Ok(None) => None,
             Err(e) => return Err(unavailable("read room", e)),
         };
@@ -368,17 +296,10 @@ impl RoomActor {
         if let Some(role) = self.members.get(user) {
             return Ok(*role);
         }
-        let role = match self
-            .ctx
-            .rooms
-            .get(subjects::member_key(&self.tenant, &self.room, user))
-            .await
-        {
-            Ok(Some(bytes)) => Some(
-                codec::decode::<MemberRecord>(&bytes)
-                    .map_err(|e| unavailable("membership", e))?
-                    .role,
-            ),
+        let role = match self.ctx.rooms.get(subjects::member_key(&self.tenant, &self.room, user)).await {
+            Ok(Some(bytes)) => {
+                Some(codec::decode::<MemberRecord>(&bytes).map_err(|e| unavailable("membership", e))?.role)
+            }
             Ok(None) => None,
             Err(e) => return Err(unavailable("read membership", e)),
         };
@@ -388,10 +309,7 @@ impl RoomActor {
 
     async fn require_member(&mut self, user: &UserId) -> Result<Role, RoomError> {
         self.role_of(user).await?.ok_or_else(|| {
-            RoomError::Refused(
-                ErrorCode::Forbidden,
-                format!("{user} is not a member of room {}", self.room),
-            )
+            RoomError::Refused(ErrorCode::Forbidden, format!("{user} is not a member of room {}", self.room))
         })
     }
 
@@ -400,30 +318,13 @@ impl RoomActor {
         if let Some(tail) = self.tail {
             return Ok(tail);
         }
-        let tail = match self
-            .ctx
-            .events
-            .get_last_raw_message_by_subject(&self.log_subject)
-            .await
-        {
+        let tail = match self.ctx.events.get_last_raw_message_by_subject(&self.log_subject).await {
             Ok(message) => {
-                let event: RoomEvent =
-                    codec::decode(&message.payload).map_err(|e| unavailable("last event", e))?;
-                Tail {
-                    seq: event.seq,
-                    stream_seq: message.sequence,
-                    ts_us: event.ts_us,
-                }
+                let event: RoomEvent = codec::decode(&message.payload).map_err(|e| unavailable("last event", e))?;
+                Tail { seq: event.seq, stream_seq: message.sequence, ts_us: event.ts_us }
             }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Tail {
-                    seq: 0,
-                    stream_seq: 0,
-                    ts_us: 0,
-                }
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Tail { seq: 0, stream_seq: 0, ts_us: 0 }
             }
             Err(e) => return Err(unavailable("read the room's last event", e)),
         };
@@ -434,11 +335,7 @@ impl RoomActor {
     /// Sequence `body` as the room's next event: append it to the stream, fenced on the room's last stream
     /// sequence, and publish it live once acknowledged. A fence failure means another writer appended first; the
     /// tail is reloaded and the append retried with the next seq.
-    async fn append(
-        &mut self,
-        body: EventBody,
-        dedupe_id: Option<String>,
-    ) -> Result<Appended, RoomError> {
+    async fn append(&mut self, body: EventBody, dedupe_id: Option<String>) -> Result<Appended, RoomError> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let tail = self.tail().await?;
@@ -451,18 +348,12 @@ impl RoomActor {
                 body: body.clone(),
             };
             let payload = codec::encode(&event).map_err(|e| unavailable("encode event", e))?;
-            let mut publish = PublishMessage::build()
-                .payload(payload.clone())
-                .expected_last_subject_sequence(tail.stream_seq);
+            let mut publish =
+                PublishMessage::build().payload(payload.clone()).expected_last_subject_sequence(tail.stream_seq);
             if let Some(id) = &dedupe_id {
                 publish = publish.message_id(id);
             }
-            let ack = match self
-                .ctx
-                .js
-                .send_publish(self.log_subject.clone(), publish)
-                .await
-            {
+            let ack = match self.ctx.js.send_publish(self.log_subject.clone(), publish).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             };
@@ -474,23 +365,14 @@ impl RoomActor {
                         .get_raw_message(ack.sequence)
                         .await
                         .map_err(|e| unavailable("read the original of a repeated cmid", e))?;
-                    let original: RoomEvent = codec::decode(&original.payload)
-                        .map_err(|e| unavailable("decode original", e))?;
+                    let original: RoomEvent =
+                        codec::decode(&original.payload).map_err(|e| unavailable("decode original", e))?;
                     return Ok(Appended::Duplicate(original));
                 }
                 Ok(ack) => {
-                    self.tail = Some(Tail {
-                        seq: event.seq,
-                        stream_seq: ack.sequence,
-                        ts_us: event.ts_us,
-                    });
+                    self.tail = Some(Tail { seq: event.seq, stream_seq: ack.sequence, ts_us: event.ts_us });
                     metrics::counter!("switchyard_router_events_appended_total").increment(1);
-                    if let Err(error) = self
-                        .ctx
-                        .nats
-                        .publish(self.live_subject.clone(), payload)
-                        .await
-                    {
+                    if let Err(error) = self.ctx.nats.publish(self.live_subject.clone(), payload).await {
                         // The event is durable; gateways that miss it live recover it from the stream.
                         tracing::warn!(%error, "cannot publish a live event");
                     }
@@ -508,9 +390,7 @@ impl RoomActor {
                 }
             }
         }
-        Err(RoomError::Unavailable(
-            "the room is being written by another router shard; retry".into(),
-        ))
+        Err(RoomError::Unavailable("the room is being written by another router shard; retry".into()))
     }
 }
 

@@ -25,11 +25,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serve `shard` until `stop` fires or the subscription ends.
 pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: CancellationToken) {
-    let mut commands = match ctx
-        .nats
-        .queue_subscribe(subjects::command(shard), COMMAND_QUEUE.into())
-        .await
-    {
+    let mut commands = match ctx.nats.queue_subscribe(subjects::command(shard), COMMAND_QUEUE.into()).await {
         Ok(subscription) => subscription,
         Err(error) => {
             tracing::error!(%shard, %error, "cannot subscribe to the shard's commands");
@@ -58,23 +54,13 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
         let request: CommandRequest = match codec::decode(&message.payload) {
             Ok(request) if request_version_ok(&request) => request,
             Ok(_) | Err(_) => {
-                reply_error(
-                    &ctx,
-                    reply_to,
-                    ErrorCode::BadRequest,
-                    "undecodable or unsupported command",
-                )
-                .await;
+                reply_error(&ctx, reply_to, ErrorCode::BadRequest, "undecodable or unsupported command").await;
                 continue;
             }
         };
         let room = request.command.room().clone();
         let key = (request.tenant.clone(), room.clone());
-        let mut job = RoomJob {
-            user: request.user,
-            command: request.command,
-            reply_to,
-        };
+        let mut job = RoomJob { user: request.user, command: request.command, reply_to };
         // An actor that went idle has closed its queue; start a new one and hand the job over.
         loop {
             let sender = rooms.entry(key.clone()).or_insert_with(|| {
@@ -95,10 +81,7 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
     }
     let _ = commands.unsubscribe().await;
     drop(rooms);
-    if tokio::time::timeout(DRAIN, async { while actors.join_next().await.is_some() {} })
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN, async { while actors.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(%shard, "room actors did not finish in time; aborting them");
         actors.abort_all();
     }
@@ -109,12 +92,7 @@ fn request_version_ok(request: &CommandRequest) -> bool {
     request.v == INTERNAL_VERSION
 }
 
-async fn reply_error(
-    ctx: &RouterContext,
-    reply_to: async_nats::Subject,
-    code: ErrorCode,
-    message: &str,
-) {
+async fn reply_error(ctx: &RouterContext, reply_to: async_nats::Subject, code: ErrorCode, message: &str) {
     if let Ok(payload) = codec::encode(&CommandReply::err(code, message)) {
         let _ = ctx.nats.publish(reply_to, payload).await;
     }

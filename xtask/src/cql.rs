@@ -24,8 +24,7 @@ const FLAG_WARNING: u8 = 0x08;
 /// Connects to `addr`, completes the OPTIONS/STARTUP handshake and runs
 /// `SELECT release_version FROM system.local`; returns the release version.
 pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
@@ -70,26 +69,18 @@ fn send(s: &mut TcpStream, stream: i16, opcode: u8, body: &[u8]) -> Result<()> {
 
 fn recv(s: &mut TcpStream, stream: i16) -> Result<(u8, Vec<u8>)> {
     let mut header = [0u8; 9];
-    s.read_exact(&mut header)
-        .context("reading a CQL frame header")?;
+    s.read_exact(&mut header).context("reading a CQL frame header")?;
     ensure!(
         header[0] == 0x80 | VERSION_REQUEST,
         "unexpected protocol version byte 0x{:02x} in the response",
         header[0]
     );
     let got_stream = i16::from_be_bytes([header[2], header[3]]);
-    ensure!(
-        got_stream == stream,
-        "response for stream {got_stream}, expected {stream}"
-    );
+    ensure!(got_stream == stream, "response for stream {got_stream}, expected {stream}");
     let len = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) as usize;
-    ensure!(
-        len <= 16 * 1024 * 1024,
-        "response frame of {len} bytes is too large"
-    );
+    ensure!(len <= 16 * 1024 * 1024, "response frame of {len} bytes is too large");
     let mut body = vec![0u8; len];
-    s.read_exact(&mut body)
-        .context("reading a CQL frame body")?;
+    s.read_exact(&mut body).context("reading a CQL frame body")?;
 
     // Strip the optional prefixes the flags announce, so callers see the message body only.
     let flags = header[1];
@@ -150,10 +141,7 @@ fn release_version(body: &[u8]) -> Result<String> {
             }
             r.string()?;
             let type_id = r.u16()?;
-            ensure!(
-                type_id != 0 && type_id < 0x0020,
-                "unexpected column type 0x{type_id:04x}"
-            );
+            ensure!(type_id != 0 && type_id < 0x0020, "unexpected column type 0x{type_id:04x}");
         }
     }
     let rows = r.i32()?;

@@ -48,11 +48,7 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
     say!("nats-server:  {}", tools.nats_server.display());
     say!("redis-server: {}", tools.redis_server.display());
     if let Some(c) = &tools.cassandra {
-        say!(
-            "cassandra:    {} (java: {})",
-            c.lib.display(),
-            c.java.display()
-        );
+        say!("cassandra:    {} (java: {})", c.lib.display(), c.java.display());
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -63,16 +59,8 @@ pub fn ensure(root: &Path, with_cassandra: bool) -> Result<Tools> {
     std::fs::create_dir_all(&deps).with_context(|| format!("creating {}", deps.display()))?;
     let nats_server = ensure_nats(&deps)?;
     let redis_server = ensure_redis()?;
-    let cassandra = if with_cassandra {
-        Some(ensure_cassandra(&deps)?)
-    } else {
-        None
-    };
-    Ok(Tools {
-        nats_server,
-        redis_server,
-        cassandra,
-    })
+    let cassandra = if with_cassandra { Some(ensure_cassandra(&deps)?) } else { None };
+    Ok(Tools { nats_server, redis_server, cassandra })
 }
 
 fn ensure_nats(deps: &Path) -> Result<PathBuf> {
@@ -80,12 +68,10 @@ fn ensure_nats(deps: &Path) -> Result<PathBuf> {
     if nats_version_ok(&bin) {
         return Ok(bin);
     }
-    let go = which("go")
-        .or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|p| is_executable(p)))
-        .context(
-            "the Go toolchain (`go`) is not on PATH; it is needed to build nats-server. \
+    let go = which("go").or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|p| is_executable(p))).context(
+        "the Go toolchain (`go`) is not on PATH; it is needed to build nats-server. \
              Install Go 1.24 or newer (https://go.dev/doc/install) and run again",
-        )?;
+    )?;
     say!("installing nats-server {NATS_VERSION} with go install (first run only)");
     let started = Instant::now();
     let go_dir = deps.join("go");
@@ -100,10 +86,7 @@ fn ensure_nats(deps: &Path) -> Result<PathBuf> {
         .env("CGO_ENABLED", "0");
     proc::run_ok(cmd, "go install nats-server")?;
     if !nats_version_ok(&bin) {
-        bail!(
-            "go install finished but {} does not report version {NATS_VERSION}",
-            bin.display()
-        );
+        bail!("go install finished but {} does not report version {NATS_VERSION}", bin.display());
     }
     say!("nats-server installed in {}", secs(started.elapsed()));
     Ok(bin)
@@ -116,11 +99,7 @@ fn nats_version_ok(bin: &Path) -> bool {
             .stdin(Stdio::null())
             .output()
             .map(|o| {
-                let text = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                );
+                let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
                 text.contains(NATS_VERSION)
             })
             .unwrap_or(false)
@@ -128,10 +107,7 @@ fn nats_version_ok(bin: &Path) -> bool {
 
 fn find_redis() -> Option<PathBuf> {
     which("redis-server").or_else(|| {
-        ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| is_executable(p))
+        ["/usr/bin/redis-server", "/usr/sbin/redis-server"].iter().map(PathBuf::from).find(|p| is_executable(p))
     })
 }
 
@@ -157,8 +133,7 @@ fn apt_install(packages: &[&str], needed_for: &str) -> Result<()> {
     if !APT_UPDATED.swap(true, Ordering::SeqCst) {
         say!("apt-get update");
         let mut cmd = Command::new("apt-get");
-        cmd.args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd.args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive");
         proc::run_ok(cmd, "apt-get update")?;
     }
     say!("apt-get install {list}");
@@ -178,13 +153,8 @@ fn find_java() -> Option<PathBuf> {
 
 /// The major version `java -version` reports (8 for "1.8.0_x", 17 for "17.0.15").
 fn java_major(java: &Path) -> Option<u32> {
-    let out = Command::new(java)
-        .arg("-version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let out = Command::new(java).arg("-version").stdin(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     let version = text.split('"').nth(1)?;
     let mut parts = version.split(['.', '-', '+', '_']);
     let first: u32 = parts.next()?.parse().ok()?;
@@ -233,8 +203,7 @@ fn ensure_cassandra(deps: &Path) -> Result<CassandraDist> {
     // Fetch into a side folder and swap it in, so a running Cassandra never sees a half-filled lib/.
     let partial = home.join("lib.partial");
     if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .with_context(|| format!("removing the incomplete {}", partial.display()))?;
+        std::fs::remove_dir_all(&partial).with_context(|| format!("removing the incomplete {}", partial.display()))?;
     }
     let pom = home.join("pom.xml");
     std::fs::write(&pom, pom_xml()).with_context(|| format!("writing {}", pom.display()))?;
@@ -251,27 +220,18 @@ fn ensure_cassandra(deps: &Path) -> Result<CassandraDist> {
     cmd.stdout(out.try_clone()?).stderr(out);
     let status = proc::run(cmd, "mvn dependency:copy-dependencies (Cassandra)")?;
     if !status.success() {
-        bail!(
-            "Maven could not fetch Cassandra ({status}); last lines of {}:\n{}",
-            log.display(),
-            tail(&log, 30)
-        );
+        bail!("Maven could not fetch Cassandra ({status}); last lines of {}:\n{}", log.display(), tail(&log, 30));
     }
     let main_jar = partial.join(format!("cassandra-all-{CASSANDRA_VERSION}.jar"));
     if !main_jar.exists() {
         bail!("Maven finished but {} is missing", main_jar.display());
     }
     if lib.exists() {
-        std::fs::remove_dir_all(&lib)
-            .with_context(|| format!("removing the old {}", lib.display()))?;
+        std::fs::remove_dir_all(&lib).with_context(|| format!("removing the old {}", lib.display()))?;
     }
-    std::fs::rename(&partial, &lib)
-        .with_context(|| format!("renaming {} to {}", partial.display(), lib.display()))?;
+    std::fs::rename(&partial, &lib).with_context(|| format!("renaming {} to {}", partial.display(), lib.display()))?;
     std::fs::write(&marker, "")?;
-    say!(
-        "Cassandra {CASSANDRA_VERSION} fetched in {}",
-        secs(started.elapsed())
-    );
+    say!("Cassandra {CASSANDRA_VERSION} fetched in {}", secs(started.elapsed()));
     Ok(CassandraDist { java, lib })
 }
 

@@ -16,11 +16,7 @@ use crate::proc::{self, ManagedChild};
 use crate::services::{Nats, Redis};
 use crate::util::{cargo, free_port, random_hex, repo_root, say, secs, tail};
 
-const PACKAGES: [&str; 3] = [
-    "switchyard-gateway",
-    "switchyard-router-shard",
-    "switchyard-persistor",
-];
+const PACKAGES: [&str; 3] = ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"];
 const SHARD_COUNT: &str = "64";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -65,9 +61,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             bail!("{} is missing after the build", path.display());
         }
         let mut cmd = proc::command(&path);
-        cmd.current_dir(&root)
-            .env("SWITCHYARD_NATS_URL", nats.url())
-            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT);
+        cmd.current_dir(&root).env("SWITCHYARD_NATS_URL", nats.url()).env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -76,30 +70,13 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        ManagedChild::spawn(
-            name,
-            cmd,
-            &logs.join(format!("{name}.log")),
-            Duration::from_secs(10),
-        )
+        ManagedChild::spawn(name, cmd, &logs.join(format!("{name}.log")), Duration::from_secs(10))
     };
     // Stopped in reverse order of this list, before Redis and NATS.
     let mut fleet = Fleet(vec![
-        spawn(
-            "router-1",
-            "switchyard-router-shard",
-            &[("SWITCHYARD_ROUTER_ID", "router-1")],
-        )?,
-        spawn(
-            "router-2",
-            "switchyard-router-shard",
-            &[("SWITCHYARD_ROUTER_ID", "router-2")],
-        )?,
-        spawn(
-            "persistor",
-            "switchyard-persistor",
-            &[("SWITCHYARD_STORE", store.as_str())],
-        )?,
+        spawn("router-1", "switchyard-router-shard", &[("SWITCHYARD_ROUTER_ID", "router-1")])?,
+        spawn("router-2", "switchyard-router-shard", &[("SWITCHYARD_ROUTER_ID", "router-2")])?,
+        spawn("persistor", "switchyard-persistor", &[("SWITCHYARD_STORE", store.as_str())])?,
         spawn(
             "gateway",
             "switchyard-gateway",
@@ -114,22 +91,13 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let agent = http_agent();
     fleet.wait_ready(&agent, &format!("{http}/readyz"))?;
 
-    let tenant = post_json(
-        &agent,
-        &format!("{http}/v1/admin/tenants"),
-        &admin_token,
-        &json!({"name": "demo"}),
-    )
-    .context("creating the demo tenant")?;
+    let tenant = post_json(&agent, &format!("{http}/v1/admin/tenants"), &admin_token, &json!({"name": "demo"}))
+        .context("creating the demo tenant")?;
     let project_id = field(&tenant, "project_id")?;
     let api_key = field(&tenant, "api_key")?;
-    let token_reply = post_json(
-        &agent,
-        &format!("{http}/v1/tokens"),
-        &api_key,
-        &json!({"user_id": "demo", "ttl_secs": 86400}),
-    )
-    .context("issuing a token for user demo")?;
+    let token_reply =
+        post_json(&agent, &format!("{http}/v1/tokens"), &api_key, &json!({"user_id": "demo", "ttl_secs": 86400}))
+            .context("issuing a token for user demo")?;
     let token = field(&token_reply, "token")?;
 
     let ws = format!("ws://{listen}/v1/ws");
@@ -158,21 +126,13 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     println!("  api key      {api_key}");
     println!("  token        {token}   (user demo, 24 h)");
     println!("  NATS         {}   Redis {}", nats.url(), redis.url());
-    println!(
-        "  details in {}, logs in {}",
-        fleet_json.display(),
-        logs.display()
-    );
+    println!("  details in {}, logs in {}", fleet_json.display(), logs.display());
     println!("Ctrl-C stops the fleet.");
     let _ = std::io::stdout().flush();
 
     let mut reported: Vec<String> = Vec::new();
     while !proc::interrupted() {
-        for c in fleet
-            .0
-            .iter_mut()
-            .chain([&mut redis.child, &mut nats.child])
-        {
+        for c in fleet.0.iter_mut().chain([&mut redis.child, &mut nats.child]) {
             if let Some(status) = c.exit_status() {
                 if !reported.iter().any(|n| n == c.name()) {
                     say!(
@@ -209,10 +169,10 @@ impl Fleet {
         let start = Instant::now();
         loop {
             proc::check_interrupted()?;
-            let exited = self.0.iter_mut().find_map(|c| {
-                c.exit_status()
-                    .map(|s| format!("{} exited during start-up ({s})", c.name()))
-            });
+            let exited = self
+                .0
+                .iter_mut()
+                .find_map(|c| c.exit_status().map(|s| format!("{} exited during start-up ({s})", c.name())));
             if let Some(exited) = exited {
                 bail!("{exited}.\n{}", self.log_tails());
             }
@@ -238,13 +198,7 @@ impl Fleet {
     fn log_tails(&self) -> String {
         self.0
             .iter()
-            .map(|c| {
-                format!(
-                    "last lines of {}:\n{}",
-                    c.log().display(),
-                    tail(c.log(), 20)
-                )
-            })
+            .map(|c| format!("last lines of {}:\n{}", c.log().display(), tail(c.log(), 20)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -278,8 +232,7 @@ fn post_json(agent: &ureq::Agent, url: &str, bearer: &str, body: &Value) -> Resu
     if status != 201 {
         bail!("POST {url} answered {status} (expected 201): {text}");
     }
-    serde_json::from_str(&text)
-        .with_context(|| format!("POST {url} answered 201 with a body that is not JSON: {text}"))
+    serde_json::from_str(&text).with_context(|| format!("POST {url} answered 201 with a body that is not JSON: {text}"))
 }
 
 fn field(v: &Value, name: &str) -> Result<String> {
@@ -293,13 +246,7 @@ fn field(v: &Value, name: &str) -> Result<String> {
 fn target_dir(root: &Path) -> Result<PathBuf> {
     let out = Command::new(cargo())
         .current_dir(root)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -336,16 +283,12 @@ impl PidFile {
                             path.with_file_name("fleet.json").display()
                         );
                     }
-                    std::fs::remove_file(path)
-                        .with_context(|| format!("removing the stale {}", path.display()))?;
+                    std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
                 }
                 Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
             }
         }
-        bail!(
-            "could not take {} (another `up` is starting?)",
-            path.display()
-        )
+        bail!("could not take {} (another `up` is starting?)", path.display())
     }
 }
 
@@ -359,9 +302,8 @@ fn is_live_xtask(pid: &str) -> bool {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let ours = std::fs::read_to_string(&self.0)
-            .map(|s| s.trim() == std::process::id().to_string())
-            .unwrap_or(false);
+        let ours =
+            std::fs::read_to_string(&self.0).map(|s| s.trim() == std::process::id().to_string()).unwrap_or(false);
         if ours {
             let _ = std::fs::remove_file(&self.0);
         }

@@ -125,11 +125,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 /// The program a `command()` runs, for messages (skips the `setpriv` wrapper).
 fn program_of(cmd: &Command) -> String {
     let program = cmd.get_program();
-    let shown = if program == "setpriv" {
-        cmd.get_args().nth(3).unwrap_or(program)
-    } else {
-        program
-    };
+    let shown = if program == "setpriv" { cmd.get_args().nth(3).unwrap_or(program) } else { program };
     shown.to_string_lossy().into_owned()
 }
 
@@ -150,9 +146,7 @@ impl ManagedChild {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", program_of(&cmd)))?;
+        let child = cmd.spawn().with_context(|| format!("starting {name} ({})", program_of(&cmd)))?;
         track(child.id());
         Ok(Self {
             name: name.to_string(),
@@ -217,11 +211,7 @@ impl ManagedChild {
         let deadline = Instant::now() + self.grace;
         while self.exit_status().is_none() {
             if Instant::now() >= deadline {
-                say!(
-                    "{} did not stop within {}s of SIGTERM; killing it",
-                    self.name,
-                    self.grace.as_secs()
-                );
+                say!("{} did not stop within {}s of SIGTERM; killing it", self.name, self.grace.as_secs());
                 let _ = self.child.kill();
                 if let Ok(status) = self.child.wait() {
                     self.reaped = Some(status);
@@ -273,27 +263,17 @@ pub fn run_ok(cmd: Command, what: &str) -> Result<()> {
 
 /// Like `run`, but passes the child's stdout through line by line and also returns the lines for which `keep`
 /// is true.
-pub fn run_keeping_lines(
-    cmd: Command,
-    what: &str,
-    keep: fn(&str) -> bool,
-) -> Result<(ExitStatus, Vec<String>)> {
+pub fn run_keeping_lines(cmd: Command, what: &str, keep: fn(&str) -> bool) -> Result<(ExitStatus, Vec<String>)> {
     run_inner(cmd, what, Some(keep))
 }
 
-fn run_inner(
-    mut cmd: Command,
-    what: &str,
-    keep: Option<fn(&str) -> bool>,
-) -> Result<(ExitStatus, Vec<String>)> {
+fn run_inner(mut cmd: Command, what: &str, keep: Option<fn(&str) -> bool>) -> Result<(ExitStatus, Vec<String>)> {
     check_interrupted()?;
     cmd.stdin(Stdio::null());
     if keep.is_some() {
         cmd.stdout(Stdio::piped());
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("{what}: cannot start {}", program_of(&cmd)))?;
+    let mut child = cmd.spawn().with_context(|| format!("{what}: cannot start {}", program_of(&cmd)))?;
     let pid = child.id();
     track(pid);
     let reader = match (keep, child.stdout.take()) {

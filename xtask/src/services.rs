@@ -42,11 +42,7 @@ impl Nats {
             &monitor_port.to_string(),
         ]);
         let child = ManagedChild::spawn("nats-server", cmd, log, Duration::from_secs(10))?;
-        Ok(Self {
-            child,
-            port,
-            monitor_port,
-        })
+        Ok(Self { child, port, monitor_port })
     }
 
     pub fn url(&self) -> String {
@@ -81,17 +77,10 @@ impl Redis {
         std::fs::create_dir_all(dir)?;
         let port = free_ports(1)?[0];
         let mut cmd = proc::command(&tools.redis_server);
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", if persist { "yes" } else { "no" }])
-        .arg("--dir")
-        .arg(dir);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", if persist { "yes" } else { "no" }])
+            .arg("--dir")
+            .arg(dir);
         let child = ManagedChild::spawn("redis-server", cmd, log, Duration::from_secs(10))?;
         Ok(Self { child, port })
     }
@@ -130,15 +119,7 @@ impl Cassandra {
     /// Writes a single-node configuration into `dir` (data, logs and all) and starts Cassandra in the foreground
     /// of a child JVM; does not wait for it.
     pub fn start(dist: &CassandraDist, dir: &Path) -> Result<Self> {
-        for sub in [
-            "data",
-            "commitlog",
-            "saved_caches",
-            "hints",
-            "cdc_raw",
-            "logs",
-            "triggers",
-        ] {
+        for sub in ["data", "commitlog", "saved_caches", "hints", "cdc_raw", "logs", "triggers"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         let ports = free_ports(2)?;
@@ -149,20 +130,9 @@ impl Cassandra {
         std::fs::write(&logback, LOGBACK_XML)?;
 
         let mut cmd = proc::command(&dist.java);
-        cmd.current_dir(dir)
-            .args(jvm_args(dist, dir, &yaml, &logback)?);
-        let child = ManagedChild::spawn(
-            "cassandra",
-            cmd,
-            &dir.join("cassandra.log"),
-            Duration::from_secs(20),
-        )?;
-        Ok(Self {
-            child,
-            native_port,
-            dir: dir.to_path_buf(),
-            started: Instant::now(),
-        })
+        cmd.current_dir(dir).args(jvm_args(dist, dir, &yaml, &logback)?);
+        let child = ManagedChild::spawn("cassandra", cmd, &dir.join("cassandra.log"), Duration::from_secs(20))?;
+        Ok(Self { child, native_port, dir: dir.to_path_buf(), started: Instant::now() })
     }
 
     pub fn addr(&self) -> String {
@@ -177,21 +147,13 @@ impl Cassandra {
             version = cql::probe(addr, Duration::from_secs(5))?;
             Ok(())
         })?;
-        say!(
-            "Cassandra {version} serves CQL on {} ({} after its start)",
-            self.addr(),
-            secs(self.started.elapsed())
-        );
+        say!("Cassandra {version} serves CQL on {} ({} after its start)", self.addr(), secs(self.started.elapsed()));
         Ok(version)
     }
 }
 
 /// Polls `probe` every 250 ms until it succeeds, the child exits, a signal arrives or `timeout` passes.
-fn wait_until(
-    child: &mut ManagedChild,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<()>,
-) -> Result<()> {
+fn wait_until(child: &mut ManagedChild, timeout: Duration, mut probe: impl FnMut() -> Result<()>) -> Result<()> {
     let start = Instant::now();
     loop {
         proc::check_interrupted()?;
@@ -217,10 +179,7 @@ fn wait_until(
 /// 16 tokens spread evenly over Murmur3's range, so a fresh single node needs no token allocation.
 fn initial_tokens(n: i128) -> String {
     let span = 1i128 << 64;
-    (0..n)
-        .map(|i| (i128::from(i64::MIN) + i * (span / n)).to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    (0..n).map(|i| (i128::from(i64::MIN) + i * (span / n)).to_string()).collect::<Vec<_>>().join(",")
 }
 
 fn cassandra_yaml(dir: &Path, native_port: u16, storage_port: u16) -> String {
@@ -276,11 +235,7 @@ const LOGBACK_XML: &str = r#"<configuration>
 fn jvm_args(dist: &CassandraDist, dir: &Path, yaml: &Path, logback: &Path) -> Result<Vec<String>> {
     let jamm = std::fs::read_dir(&dist.lib)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("jamm-") && n.ends_with(".jar"))
-        })
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("jamm-") && n.ends_with(".jar")))
         .with_context(|| format!("no jamm jar in {}", dist.lib.display()))?;
     let mut a: Vec<String> = [
         "-Xms1G",
@@ -363,14 +318,8 @@ fn jvm_args(dist: &CassandraDist, dir: &Path, yaml: &Path, logback: &Path) -> Re
     a.push(format!("-Dcassandra.config=file://{}", yaml.display()));
     a.push(format!("-Dcassandra.storagedir={}", dir.display()));
     a.push(format!("-Dcassandra.logdir={}", dir.join("logs").display()));
-    a.push(format!(
-        "-Dcassandra.triggers_dir={}",
-        dir.join("triggers").display()
-    ));
-    a.push(format!(
-        "-Dlogback.configurationFile=file://{}",
-        logback.display()
-    ));
+    a.push(format!("-Dcassandra.triggers_dir={}", dir.join("triggers").display()));
+    a.push(format!("-Dlogback.configurationFile=file://{}", logback.display()));
     a.push(format!("-Djava.io.tmpdir={}", dir.display()));
     a.push("-cp".to_string());
     a.push(format!("{}/*", dist.lib.display()));
@@ -388,15 +337,9 @@ fn remove_stale_run_dirs() {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_run_dir = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(RUN_DIR_PREFIX));
+        let is_run_dir = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(RUN_DIR_PREFIX));
         let owner = std::fs::read_to_string(path.join(OWNER_FILE)).ok();
-        let owner_alive = owner
-            .as_deref()
-            .map(str::trim)
-            .is_some_and(|pid| Path::new("/proc").join(pid).exists());
+        let owner_alive = owner.as_deref().map(str::trim).is_some_and(|pid| Path::new("/proc").join(pid).exists());
         if is_run_dir && owner.is_some() && !owner_alive {
             let _ = std::fs::remove_dir_all(&path);
         }
@@ -414,10 +357,7 @@ pub struct TestServices {
 impl TestServices {
     /// Starts Cassandra first (the slowest), then NATS and Redis; does not wait for readiness.
     pub fn start(tools: &Tools) -> Result<Self> {
-        let dist = tools
-            .cassandra
-            .as_ref()
-            .context("Cassandra is not installed (run `cargo xtask deps`)")?;
+        let dist = tools.cassandra.as_ref().context("Cassandra is not installed (run `cargo xtask deps`)")?;
         remove_stale_run_dirs();
         let dir = tempfile::Builder::new()
             .prefix(RUN_DIR_PREFIX)
@@ -427,17 +367,8 @@ impl TestServices {
         let mut cassandra = Cassandra::start(dist, &dir.path().join("cassandra"))?;
         // Its data is thrown away: a graceful drain would only cost seconds.
         cassandra.child.stop_with_sigkill();
-        let nats = Nats::start(
-            tools,
-            &dir.path().join("nats"),
-            &dir.path().join("nats.log"),
-        )?;
-        let redis = Redis::start(
-            tools,
-            &dir.path().join("redis"),
-            &dir.path().join("redis.log"),
-            false,
-        )?;
+        let nats = Nats::start(tools, &dir.path().join("nats"), &dir.path().join("nats.log"))?;
+        let redis = Redis::start(tools, &dir.path().join("redis"), &dir.path().join("redis.log"), false)?;
         say!(
             "started cassandra (pid {}), nats-server (pid {}), redis-server (pid {}); logs in {}",
             cassandra.child.pid(),
@@ -445,12 +376,7 @@ impl TestServices {
             redis.child.pid(),
             dir.path().display()
         );
-        Ok(Self {
-            cassandra,
-            nats,
-            redis,
-            dir: Some(dir),
-        })
+        Ok(Self { cassandra, nats, redis, dir: Some(dir) })
     }
 
     /// Waits for all three; if Cassandra fails to come up, restarts it once with fresh ports and data.
@@ -464,10 +390,7 @@ impl TestServices {
             say!("Cassandra did not start: {e:#}");
             say!("retrying Cassandra once with fresh ports and data");
             self.cassandra.child.stop();
-            let dist = tools
-                .cassandra
-                .as_ref()
-                .context("Cassandra is not installed")?;
+            let dist = tools.cassandra.as_ref().context("Cassandra is not installed")?;
             let dir = self.cassandra.dir.with_file_name("cassandra-retry");
             self.cassandra = Cassandra::start(dist, &dir)?;
             self.cassandra.child.stop_with_sigkill();
@@ -493,11 +416,7 @@ impl TestServices {
     }
 
     pub fn stop(&mut self) {
-        proc::stop_all([
-            &mut self.cassandra.child,
-            &mut self.nats.child,
-            &mut self.redis.child,
-        ]);
+        proc::stop_all([&mut self.cassandra.child, &mut self.nats.child, &mut self.redis.child]);
         if let Some(dir) = self.dir.take() {
             let path = dir.path().to_path_buf();
             if let Err(e) = dir.close() {

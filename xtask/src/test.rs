@@ -20,18 +20,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     };
     // Arguments for cargo itself (before a second `--`), which the build step also gets.
     let cargo_args: Vec<String> = extra.iter().take_while(|a| *a != "--").cloned().collect();
-    let selects_packages = cargo_args.iter().any(|a| {
-        a == "-p"
-            || a.starts_with("--package")
-            || a.starts_with("-p")
-            || a == "--workspace"
-            || a == "--all"
-    });
-    let scope: Vec<String> = if selects_packages {
-        Vec::new()
-    } else {
-        vec!["--workspace".to_string()]
-    };
+    let selects_packages = cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p") || a == "--workspace" || a == "--all");
+    let scope: Vec<String> = if selects_packages { Vec::new() } else { vec!["--workspace".to_string()] };
 
     let root = repo_root();
     let mut timings: Vec<(&str, Duration)> = Vec::new();
@@ -48,12 +40,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let t = Instant::now();
     say!("building the tests while the servers start");
     let mut build = proc::command(cargo());
-    build
-        .current_dir(&root)
-        .arg("test")
-        .args(&scope)
-        .arg("--no-run")
-        .args(&cargo_args);
+    build.current_dir(&root).arg("test").args(&scope).arg("--no-run").args(&cargo_args);
     let built = proc::run(build, "cargo test --no-run")?;
     timings.push(("build tests", t.elapsed()));
     if !built.success() {
@@ -73,8 +60,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         say!("{k}={v}");
         test.env(k, v);
     }
-    let (status, results) =
-        proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
+    let (status, results) = proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
     timings.push(("run tests", t.elapsed()));
 
     // A dead server explains failures better than the failures do.
@@ -96,11 +82,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         say!("cargo test failed ({status})");
     }
     println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn print_timings(timings: &[(&str, Duration)], total: Duration) {

@@ -27,14 +27,9 @@ pub fn repo_root() -> PathBuf {
 /// chosen, so the ports differ from each other.
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     let listeners = (0..n)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")
-        })
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port"))
         .collect::<Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 pub fn free_port() -> Result<u16> {
@@ -44,16 +39,12 @@ pub fn free_port() -> Result<u16> {
 /// The full path of `program` if it is an executable file in one of PATH's folders.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| is_executable(candidate))
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| is_executable(candidate))
 }
 
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// Whether this process runs with effective uid 0.
@@ -86,11 +77,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
             if all.is_empty() {
                 "    (the log is empty)".to_string()
             } else {
-                all[start..]
-                    .iter()
-                    .map(|l| format!("    {l}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                all[start..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
             }
         }
         Err(e) => format!("    (cannot read {}: {e})", path.display()),
@@ -104,15 +91,11 @@ pub fn secs(d: Duration) -> String {
 /// `n` random bytes from the kernel, hex encoded.
 pub fn random_hex(n: usize) -> Result<String> {
     let mut buf = vec![0u8; n];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .context("reading /dev/urandom")?;
+    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).context("reading /dev/urandom")?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The `cargo` that started xtask, so nested builds use the same toolchain.
 pub fn cargo() -> PathBuf {
-    std::env::var_os("CARGO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("cargo"))
+    std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("cargo"))
 }

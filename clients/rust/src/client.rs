@@ -137,8 +137,7 @@ impl Client {
             let tcp = TcpStream::connect(&address)
                 .await
                 .map_err(|e| ClientError::WebSocket(Box::new(tungstenite::Error::Io(e))))?;
-            tcp.set_nodelay(true)
-                .map_err(|e| ClientError::WebSocket(Box::new(tungstenite::Error::Io(e))))?;
+            tcp.set_nodelay(true).map_err(|e| ClientError::WebSocket(Box::new(tungstenite::Error::Io(e))))?;
             Client::handshake(&opts, request, tcp).await
         })
         .await
@@ -146,17 +145,11 @@ impl Client {
     }
 
     /// Upgrade over an established stream, then authenticate and wait for `hello`.
-    pub(crate) async fn handshake<S>(
-        opts: &ConnectOptions,
-        request: Request,
-        stream: S,
-    ) -> Result<Client, ClientError>
+    pub(crate) async fn handshake<S>(opts: &ConnectOptions, request: Request, stream: S) -> Result<Client, ClientError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (ws, response) = tokio_tungstenite::client_async(request, stream)
-            .await
-            .map_err(upgrade_error)?;
+        let (ws, response) = tokio_tungstenite::client_async(request, stream).await.map_err(upgrade_error)?;
         let format = negotiated_format(&response)?;
 
         let (commands_tx, commands_rx) = mpsc::channel(OUTGOING_QUEUE);
@@ -177,9 +170,7 @@ impl Client {
         ));
 
         if let Auth::FirstFrame(token) = &opts.auth {
-            let op = ClientOp::Auth {
-                token: token.clone(),
-            };
+            let op = ClientOp::Auth { token: token.clone() };
             let frame = task::to_message(encode_op(None, &op, format), format);
             // A send error means the task ended; the hello wait below reports the close.
             let _ = commands_tx.send(Command::Send(frame)).await;
@@ -220,35 +211,20 @@ impl Client {
     }
 
     async fn enqueue(&self, command: Command) -> Result<(), ClientError> {
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| self.closed_error())
+        self.commands.send(command).await.map_err(|_| self.closed_error())
     }
 
-    async fn exchange(
-        &self,
-        rid: u64,
-        payload: Vec<u8>,
-        limit: Duration,
-    ) -> Result<Reply, ClientError> {
+    async fn exchange(&self, rid: u64, payload: Vec<u8>, limit: Duration) -> Result<Reply, ClientError> {
         let frame = task::to_message(payload, self.format);
         let (reply_tx, reply_rx) = oneshot::channel();
         let exchange = async {
-            self.enqueue(Command::Request {
-                rid,
-                frame,
-                reply: reply_tx,
-            })
-            .await?;
+            self.enqueue(Command::Request { rid, frame, reply: reply_tx }).await?;
             match reply_rx.await {
                 Ok(result) => result,
                 Err(_) => Err(self.closed_error()),
             }
         };
-        tokio::time::timeout(limit, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout("reply"))?
+        tokio::time::timeout(limit, exchange).await.map_err(|_| ClientError::Timeout("reply"))?
     }
 
     /// Send `op` with a fresh `rid` and wait (up to the request timeout) for the `ok`/`err` (or `pong`) carrying
@@ -258,26 +234,16 @@ impl Client {
     }
 
     /// [`Client::request`] with its own timeout.
-    pub async fn request_with_timeout(
-        &self,
-        op: ClientOp,
-        limit: Duration,
-    ) -> Result<Reply, ClientError> {
+    pub async fn request_with_timeout(&self, op: ClientOp, limit: Duration) -> Result<Reply, ClientError> {
         let rid = self.next_rid();
-        self.exchange(rid, encode_op(Some(rid), &op, self.format), limit)
-            .await
+        self.exchange(rid, encode_op(Some(rid), &op, self.format), limit).await
     }
 
     /// Send an arbitrary frame, given as a JSON object, with a fresh `rid` (replacing any in the map), and wait for
     /// its reply. For ops or fields that [`ClientOp`] cannot express, such as unknown ops or invalid ids.
     pub async fn request_map(&self, frame: Map<String, Value>) -> Result<Reply, ClientError> {
         let rid = self.next_rid();
-        self.exchange(
-            rid,
-            encode_map(Some(rid), frame, self.format),
-            self.request_timeout,
-        )
-        .await
+        self.exchange(rid, encode_map(Some(rid), frame, self.format), self.request_timeout).await
     }
 
     /// Send `op` without a `rid` and without waiting for a reply (for `typing`); any reply it earns goes to
@@ -304,10 +270,7 @@ impl Client {
 
     /// The next event within `limit`; `None` on timeout or once closed and drained (see [`Client::close_info`]).
     pub async fn next_event_timeout(&self, limit: Duration) -> Option<ServerEvent> {
-        tokio::time::timeout(limit, self.next_event())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(limit, self.next_event()).await.ok().flatten()
     }
 
     /// An event that has already arrived, without waiting (`None` as well while another task waits in
@@ -324,10 +287,7 @@ impl Client {
 
     /// [`Client::next_unmatched`] within `limit`; `None` on timeout.
     pub async fn next_unmatched_timeout(&self, limit: Duration) -> Option<UnmatchedReply> {
-        tokio::time::timeout(limit, self.next_unmatched())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(limit, self.next_unmatched()).await.ok().flatten()
     }
 
     /// How the socket closed (code, reason and any `bye`), once it has.
@@ -361,8 +321,7 @@ impl Client {
         if !self.is_closed() {
             let _ = self.commands.send(Command::Close).await;
         }
-        self.wait_closed(task::CLOSE_GRACE + Duration::from_secs(1))
-            .await
+        self.wait_closed(task::CLOSE_GRACE + Duration::from_secs(1)).await
     }
 
     /// `ping`: wait for the `pong` and return the round-trip time.
@@ -374,57 +333,34 @@ impl Client {
 
     /// `create`: create a room; an `err` (e.g. `conflict`) becomes [`ClientError::Server`].
     pub async fn create(&self, room: &str, private: bool) -> Result<(), ClientError> {
-        let op = ClientOp::Create {
-            room: RoomId::parse(room)?,
-            private,
-            title: None,
-        };
+        let op = ClientOp::Create { room: RoomId::parse(room)?, private, title: None };
         self.request(op).await?.into_result().map(drop)
     }
 
     /// `join`: join and subscribe, replaying events after `since` first; the room's seq at subscription.
     pub async fn join(&self, room: &str, since: Option<u64>) -> Result<u64, ClientError> {
-        let op = ClientOp::Join {
-            room: RoomId::parse(room)?,
-            since,
-        };
+        let op = ClientOp::Join { room: RoomId::parse(room)?, since };
         let fields = self.request(op).await?.into_result()?;
         field_u64(&fields, "seq")
     }
 
     /// `leave`: end membership and this user's subscriptions.
     pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
-        let op = ClientOp::Leave {
-            room: RoomId::parse(room)?,
-        };
+        let op = ClientOp::Leave { room: RoomId::parse(room)? };
         self.request(op).await?.into_result().map(drop)
     }
 
     /// `send`: post a message to a room.
     pub async fn send(&self, room: &str, body: impl Into<String>) -> Result<Sent, ClientError> {
-        let op = ClientOp::Send {
-            room: RoomId::parse(room)?,
-            body: body.into(),
-            attrs: None,
-            reply_to: None,
-            cmid: None,
-        };
+        let op =
+            ClientOp::Send { room: RoomId::parse(room)?, body: body.into(), attrs: None, reply_to: None, cmid: None };
         let fields = self.request(op).await?.into_result()?;
         from_fields(fields)
     }
 
     /// `dm`: post a direct message; the `dm:<a>:<b>` room and the sent message.
-    pub async fn dm(
-        &self,
-        to: &str,
-        body: impl Into<String>,
-    ) -> Result<(RoomId, Sent), ClientError> {
-        let op = ClientOp::Dm {
-            to: UserId::parse(to)?,
-            body: body.into(),
-            attrs: None,
-            cmid: None,
-        };
+    pub async fn dm(&self, to: &str, body: impl Into<String>) -> Result<(RoomId, Sent), ClientError> {
+        let op = ClientOp::Dm { to: UserId::parse(to)?, body: body.into(), attrs: None, cmid: None };
         let fields = self.request(op).await?.into_result()?;
         let DmSent { room, sent } = from_fields(fields)?;
         Ok((room, sent))
@@ -432,10 +368,7 @@ impl Client {
 
     /// `typing`: sent without a `rid`; the server does not answer it.
     pub async fn typing(&self, room: &str) -> Result<(), ClientError> {
-        self.send_op(ClientOp::Typing {
-            room: RoomId::parse(room)?,
-        })
-        .await
+        self.send_op(ClientOp::Typing { room: RoomId::parse(room)? }).await
     }
 
     /// `history`: a page of messages in ascending seq, and whether there are more.
@@ -446,12 +379,7 @@ impl Client {
         after: Option<u64>,
         limit: Option<u32>,
     ) -> Result<(Vec<Message>, bool), ClientError> {
-        let op = ClientOp::History {
-            room: RoomId::parse(room)?,
-            before,
-            after,
-            limit,
-        };
+        let op = ClientOp::History { room: RoomId::parse(room)?, before, after, limit };
         let fields = self.request(op).await?.into_result()?;
         let page: HistoryPage = from_fields(fields)?;
         Ok((page.messages, page.more))
@@ -465,11 +393,8 @@ fn field_u64(fields: &Map<String, Value>, name: &str) -> Result<u64, ClientError
         .ok_or_else(|| ClientError::UnexpectedReply(format!("no unsigned {name:?} in {fields:?}")))
 }
 
-fn from_fields<T: serde::de::DeserializeOwned>(
-    fields: Map<String, Value>,
-) -> Result<T, ClientError> {
-    serde_json::from_value(Value::Object(fields))
-        .map_err(|e| ClientError::UnexpectedReply(e.to_string()))
+fn from_fields<T: serde::de::DeserializeOwned>(fields: Map<String, Value>) -> Result<T, ClientError> {
+    serde_json::from_value(Value::Object(fields)).map_err(|e| ClientError::UnexpectedReply(e.to_string()))
 }
 
 /// Percent-encode everything but RFC 3986 unreserved characters.
@@ -500,8 +425,7 @@ fn with_query_token(url: &str, token: &str) -> String {
 }
 
 fn header_value(name: &HeaderName, value: &str) -> Result<HeaderValue, ClientError> {
-    HeaderValue::from_str(value)
-        .map_err(|e| ClientError::Handshake(format!("invalid {name} header: {e}")))
+    HeaderValue::from_str(value).map_err(|e| ClientError::Handshake(format!("invalid {name} header: {e}")))
 }
 
 /// The upgrade request for `opts`: URL (with the query token), Authorization, subprotocols and Origin.
@@ -510,34 +434,24 @@ pub(crate) fn build_request(opts: &ConnectOptions) -> Result<Request, ClientErro
         Auth::Query(token) => with_query_token(&opts.url, token),
         _ => opts.url.clone(),
     };
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| ClientError::Handshake(format!("invalid URL {url:?}: {e}")))?;
+    let mut request =
+        url.as_str().into_client_request().map_err(|e| ClientError::Handshake(format!("invalid URL {url:?}: {e}")))?;
     match request.uri().scheme_str() {
         Some("ws") => {}
         other => {
-            return Err(ClientError::Handshake(format!(
-                "unsupported URL scheme {other:?} (only ws:// is supported)"
-            )))
+            return Err(ClientError::Handshake(format!("unsupported URL scheme {other:?} (only ws:// is supported)")))
         }
     }
     let headers = request.headers_mut();
     if let Auth::Header(token) = &opts.auth {
-        headers.insert(
-            AUTHORIZATION,
-            header_value(&AUTHORIZATION, &format!("Bearer {token}"))?,
-        );
+        headers.insert(AUTHORIZATION, header_value(&AUTHORIZATION, &format!("Bearer {token}"))?);
     }
     let subprotocols = match &opts.subprotocols {
         Some(list) => list.join(", "),
         None => opts.format.subprotocol().to_owned(),
     };
     if !subprotocols.is_empty() {
-        headers.insert(
-            SEC_WEBSOCKET_PROTOCOL,
-            header_value(&SEC_WEBSOCKET_PROTOCOL, &subprotocols)?,
-        );
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, header_value(&SEC_WEBSOCKET_PROTOCOL, &subprotocols)?);
     }
     if let Some(origin) = &opts.origin {
         headers.insert(ORIGIN, header_value(&ORIGIN, origin)?);
@@ -548,9 +462,7 @@ pub(crate) fn build_request(opts: &ConnectOptions) -> Result<Request, ClientErro
 /// `host:port` to dial for a `ws://` request.
 fn tcp_address(request: &Request) -> Result<String, ClientError> {
     let uri = request.uri();
-    let host = uri
-        .host()
-        .ok_or_else(|| ClientError::Handshake(format!("no host in {uri}")))?;
+    let host = uri.host().ok_or_else(|| ClientError::Handshake(format!("no host in {uri}")))?;
     let port = uri.port_u16().unwrap_or(80);
     Ok(format!("{host}:{port}"))
 }
@@ -560,27 +472,16 @@ fn negotiated_format(response: &Response) -> Result<Format, ClientError> {
     let Some(value) = response.headers().get(SEC_WEBSOCKET_PROTOCOL) else {
         return Ok(Format::Json);
     };
-    let name = value
-        .to_str()
-        .map_err(|e| ClientError::Handshake(format!("unreadable subprotocol header: {e}")))?;
-    Format::from_subprotocol(name).ok_or_else(|| {
-        ClientError::Handshake(format!("server selected unknown subprotocol {name:?}"))
-    })
+    let name = value.to_str().map_err(|e| ClientError::Handshake(format!("unreadable subprotocol header: {e}")))?;
+    Format::from_subprotocol(name)
+        .ok_or_else(|| ClientError::Handshake(format!("server selected unknown subprotocol {name:?}")))
 }
 
 fn upgrade_error(err: tungstenite::Error) -> ClientError {
     match err {
         tungstenite::Error::Http(response) => {
-            let body = response
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default()
-                .into_owned();
-            ClientError::Http {
-                status: response.status().as_u16(),
-                body,
-            }
+            let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+            ClientError::Http { status: response.status().as_u16(), body }
         }
         tungstenite::Error::Protocol(protocol) => ClientError::Handshake(protocol.to_string()),
         tungstenite::Error::Url(url) => ClientError::Handshake(url.to_string()),

@@ -122,10 +122,7 @@ pub struct DecodeError {
 
 impl DecodeError {
     fn new(rid: Option<u64>, message: impl Into<String>) -> Self {
-        DecodeError {
-            rid,
-            message: message.into(),
-        }
+        DecodeError { rid, message: message.into() }
     }
 }
 
@@ -193,8 +190,8 @@ fn parse_owned<T: DeserializeOwned>(bytes: &[u8], format: Format) -> Result<T, S
 
 /// Read one server frame: JSON for [`Format::Json`], a MessagePack map for [`Format::MsgPack`].
 pub fn decode_server_frame(bytes: &[u8], format: Format) -> Result<Incoming, DecodeError> {
-    let peek: Peek<'_> = parse(bytes, format)
-        .map_err(|e| DecodeError::new(None, format!("no readable \"op\" (and \"rid\"): {e}")))?;
+    let peek: Peek<'_> =
+        parse(bytes, format).map_err(|e| DecodeError::new(None, format!("no readable \"op\" (and \"rid\"): {e}")))?;
     let rid = peek.rid;
     match peek.op.as_ref() {
         "ok" | "pong" => {
@@ -202,23 +199,15 @@ pub fn decode_server_frame(bytes: &[u8], format: Format) -> Result<Incoming, Dec
                 .map_err(|e| DecodeError::new(rid, format!("unreadable {:?}: {e}", peek.op)))?;
             fields.remove("op");
             fields.remove("rid");
-            Ok(Incoming::Reply {
-                op: peek.op.into_owned(),
-                rid,
-                reply: Reply::Ok(fields),
-            })
+            Ok(Incoming::Reply { op: peek.op.into_owned(), rid, reply: Reply::Ok(fields) })
         }
         "err" => {
-            let err: ErrFields = parse_owned(bytes, format)
-                .map_err(|e| DecodeError::new(rid, format!("unreadable \"err\": {e}")))?;
+            let err: ErrFields =
+                parse_owned(bytes, format).map_err(|e| DecodeError::new(rid, format!("unreadable \"err\": {e}")))?;
             Ok(Incoming::Reply {
                 op: "err".to_owned(),
                 rid,
-                reply: Reply::Err {
-                    code: err.code,
-                    message: err.message,
-                    retry_after_ms: err.retry_after_ms,
-                },
+                reply: Reply::Err { code: err.code, message: err.message, retry_after_ms: err.retry_after_ms },
             })
         }
         "hello" => parse_owned(bytes, format)
@@ -283,12 +272,10 @@ mod tests {
     #[test]
     fn unit_ops_and_no_rid_encode() {
         for format in [Format::Json, Format::MsgPack] {
-            let req =
-                decode_client_frame(&encode_op(None, &ClientOp::Rooms, format), format).unwrap();
+            let req = decode_client_frame(&encode_op(None, &ClientOp::Rooms, format), format).unwrap();
             assert_eq!(req.rid, None);
             assert_eq!(req.op, ClientOp::Rooms);
-            let req =
-                decode_client_frame(&encode_op(Some(1), &ClientOp::Ping, format), format).unwrap();
+            let req = decode_client_frame(&encode_op(Some(1), &ClientOp::Ping, format), format).unwrap();
             assert_eq!(req.rid, Some(1));
             assert_eq!(req.op, ClientOp::Ping);
         }
@@ -317,25 +304,19 @@ mod tests {
     }
 
     fn both(value: &Value) -> [(Vec<u8>, Format); 2] {
-        [
-            (serde_json::to_vec(value).unwrap(), Format::Json),
-            (rmp_serde::to_vec_named(value).unwrap(), Format::MsgPack),
-        ]
+        [(serde_json::to_vec(value).unwrap(), Format::Json), (rmp_serde::to_vec_named(value).unwrap(), Format::MsgPack)]
     }
 
     #[test]
     fn replies_decode_in_both_formats() {
         let ok = json!({"op": "ok", "rid": 9, "room": "general", "seq": 3});
         for (bytes, format) in both(&ok) {
-            let Incoming::Reply { op, rid, reply } = decode_server_frame(&bytes, format).unwrap()
-            else {
+            let Incoming::Reply { op, rid, reply } = decode_server_frame(&bytes, format).unwrap() else {
                 panic!("not a reply")
             };
             assert_eq!(op, "ok");
             assert_eq!(rid, Some(9));
-            let Reply::Ok(fields) = reply else {
-                panic!("not ok")
-            };
+            let Reply::Ok(fields) = reply else { panic!("not ok") };
             assert_eq!(Value::Object(fields), json!({"room": "general", "seq": 3}));
         }
         let err = json!({"op": "err", "code": "rate_limited", "message": "slow down", "retry_after_ms": 250});
@@ -357,14 +338,7 @@ mod tests {
         let pong = json!({"op": "pong", "rid": 2});
         for (bytes, format) in both(&pong) {
             let decoded = decode_server_frame(&bytes, format).unwrap();
-            assert_eq!(
-                decoded,
-                Incoming::Reply {
-                    op: "pong".into(),
-                    rid: Some(2),
-                    reply: Reply::Ok(Map::new()),
-                }
-            );
+            assert_eq!(decoded, Incoming::Reply { op: "pong".into(), rid: Some(2), reply: Reply::Ok(Map::new()) });
         }
     }
 
@@ -378,33 +352,20 @@ mod tests {
             max_frame: 65_536,
         };
         for format in [Format::Json, Format::MsgPack] {
-            let Incoming::Hello(hello) =
-                decode_server_frame(&encode_frame(&frame, format), format).unwrap()
-            else {
+            let Incoming::Hello(hello) = decode_server_frame(&encode_frame(&frame, format), format).unwrap() else {
                 panic!("not hello")
             };
             assert_eq!(hello.user.as_str(), "alice");
             assert_eq!(hello.heartbeat_ms, 25_000);
             assert_eq!(hello.max_frame, 65_536);
 
-            let bye = ServerFrame::Bye {
-                code: 1001,
-                reason: "draining".into(),
-                reconnect_after_ms: Some(1500),
-            };
+            let bye = ServerFrame::Bye { code: 1001, reason: "draining".into(), reconnect_after_ms: Some(1500) };
             assert_eq!(
                 decode_server_frame(&encode_frame(&bye, format), format).unwrap(),
-                Incoming::Bye(Bye {
-                    code: 1001,
-                    reason: "draining".into(),
-                    reconnect_after_ms: Some(1500),
-                })
+                Incoming::Bye(Bye { code: 1001, reason: "draining".into(), reconnect_after_ms: Some(1500) })
             );
             let ping = serde_json::json!({"op": "ping"});
-            assert_eq!(
-                decode_server_frame(&encode_frame(&ping, format), format).unwrap(),
-                Incoming::Ping
-            );
+            assert_eq!(decode_server_frame(&encode_frame(&ping, format), format).unwrap(), Incoming::Ping);
         }
     }
 
@@ -435,11 +396,7 @@ mod tests {
             (br#"{"rid":1}"#, Format::Json, None),
             (br#"{"op":42}"#, Format::Json, None),
             (br#"{"op":"ok","rid":-1}"#, Format::Json, None),
-            (
-                br#"{"op":"err","rid":5,"code":"nope","message":"x"}"#,
-                Format::Json,
-                Some(5),
-            ),
+            (br#"{"op":"err","rid":5,"code":"nope","message":"x"}"#, Format::Json, Some(5)),
             (br#"{"op":"err","rid":6}"#, Format::Json, Some(6)),
             (br#"{"op":"hello","session":"s"}"#, Format::Json, None),
             (br#"{"op":"msg","room":"a.b"}"#, Format::Json, None),
@@ -455,11 +412,7 @@ mod tests {
 
     #[test]
     fn reply_into_result() {
-        let err = Reply::Err {
-            code: ErrorCode::Forbidden,
-            message: "no".into(),
-            retry_after_ms: None,
-        };
+        let err = Reply::Err { code: ErrorCode::Forbidden, message: "no".into(), retry_after_ms: None };
         assert_eq!(err.error_code(), Some(ErrorCode::Forbidden));
         match err.into_result() {
             Err(crate::ClientError::Server { code, message }) => {

@@ -27,10 +27,7 @@ mod error;
 pub mod frame;
 mod task;
 
-pub use client::{
-    Auth, Client, ConnectOptions, Sent, DEFAULT_TIMEOUT, EVENT_QUEUE, OUTGOING_QUEUE,
-    UNMATCHED_QUEUE,
-};
+pub use client::{Auth, Client, ConnectOptions, Sent, DEFAULT_TIMEOUT, EVENT_QUEUE, OUTGOING_QUEUE, UNMATCHED_QUEUE};
 pub use error::{ClientError, CloseInfo};
 pub use frame::{Bye, Hello, Incoming, Reply, UnmatchedReply};
 pub use switchyard_protocol::client::{ClientOp, Format, Message, ServerEvent};

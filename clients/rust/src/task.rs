@@ -33,11 +33,7 @@ pub(crate) type ReplySender = oneshot::Sender<Result<Reply, ClientError>>;
 /// Work for the task, sent by the [`crate::Client`].
 pub(crate) enum Command {
     /// Register `rid`, then write `frame`; the reply (or failure) goes to `reply`.
-    Request {
-        rid: u64,
-        frame: Message,
-        reply: ReplySender,
-    },
+    Request { rid: u64, frame: Message, reply: ReplySender },
     /// Write a frame that expects no tracked reply.
     Send(Message),
     /// Start the close handshake with 1000.
@@ -101,19 +97,14 @@ impl Router {
             self.pending.retain(|_, waiter| !waiter.is_closed());
         }
         if let Some(previous) = self.pending.insert(rid, reply) {
-            let _ = previous.send(Err(ClientError::UnexpectedReply(format!(
-                "rid {rid} was reused before its reply arrived"
-            ))));
+            let _ = previous
+                .send(Err(ClientError::UnexpectedReply(format!("rid {rid} was reused before its reply arrived"))));
         }
     }
 
     /// Route one data frame's payload. `binary` says which frame type carried it.
     pub(crate) async fn on_payload(&mut self, bytes: &[u8], binary: bool) -> Action {
-        let format = if binary {
-            Format::MsgPack
-        } else {
-            Format::Json
-        };
+        let format = if binary { Format::MsgPack } else { Format::Json };
         if format != self.format {
             tracing::debug!(?format, session = ?self.format, "server frame type does not match the session format");
         }
@@ -174,15 +165,8 @@ impl Router {
 
     /// How the socket closed, given why the read side ended when no close frame came.
     pub(crate) fn close_info(&mut self, ended: &str) -> CloseInfo {
-        let (code, reason) = self
-            .close_frame
-            .clone()
-            .unwrap_or_else(|| (ABNORMAL_CLOSURE, ended.to_owned()));
-        CloseInfo {
-            code,
-            reason,
-            bye: self.bye.take(),
-        }
+        let (code, reason) = self.close_frame.clone().unwrap_or_else(|| (ABNORMAL_CLOSURE, ended.to_owned()));
+        CloseInfo { code, reason, bye: self.bye.take() }
     }
 
     /// Fail every waiting request with the close.
@@ -227,10 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             return;
         }
         self.close_sent = true;
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        };
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
         if let Err(err) = self.sink.send(Message::Close(Some(frame))).await {
             tracing::debug!(error = %err, "sending the close frame failed");
             self.broken = true;
@@ -274,19 +255,9 @@ pub(crate) async fn run<S>(ws: WebSocketStream<S>, format: Format, channels: Cha
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Channels {
-        mut commands,
-        events,
-        unmatched,
-        hello,
-        closed,
-    } = channels;
+    let Channels { mut commands, events, unmatched, hello, closed } = channels;
     let (sink, mut stream): (Sink<S>, SplitStream<WebSocketStream<S>>) = ws.split();
-    let mut writer = Writer {
-        sink,
-        broken: false,
-        close_sent: false,
-    };
+    let mut writer = Writer { sink, broken: false, close_sent: false };
     let mut router = Router::new(format, events, unmatched, hello);
     let mut commands_open = true;
     // Set once the session is ending: the task stops at this instant even if the peer never finishes closing.
@@ -384,18 +355,10 @@ mod tests {
     use serde_json::{json, Map};
     use switchyard_protocol::ErrorCode;
 
-    fn router() -> (
-        Router,
-        mpsc::Receiver<ServerEvent>,
-        mpsc::Receiver<UnmatchedReply>,
-    ) {
+    fn router() -> (Router, mpsc::Receiver<ServerEvent>, mpsc::Receiver<UnmatchedReply>) {
         let (events_tx, events_rx) = mpsc::channel(16);
         let (unmatched_tx, unmatched_rx) = mpsc::channel(16);
-        (
-            Router::new(Format::Json, events_tx, unmatched_tx, None),
-            events_rx,
-            unmatched_rx,
-        )
+        (Router::new(Format::Json, events_tx, unmatched_tx, None), events_rx, unmatched_rx)
     }
 
     fn bytes(value: serde_json::Value) -> Vec<u8> {
@@ -409,45 +372,28 @@ mod tests {
         let (tx2, rx2) = oneshot::channel();
         router.register(1, tx1);
         router.register(2, tx2);
-        let action = router
-            .on_payload(&bytes(json!({"op": "ok", "rid": 2, "room": "r"})), false)
-            .await;
+        let action = router.on_payload(&bytes(json!({"op": "ok", "rid": 2, "room": "r"})), false).await;
         assert_eq!(action, Action::Nothing);
         let action = router
-            .on_payload(
-                &bytes(json!({"op": "err", "rid": 1, "code": "forbidden", "message": "no"})),
-                false,
-            )
+            .on_payload(&bytes(json!({"op": "err", "rid": 1, "code": "forbidden", "message": "no"})), false)
             .await;
         assert_eq!(action, Action::Nothing);
         let mut expected = Map::new();
         expected.insert("room".into(), "r".into());
         assert_eq!(rx2.await.unwrap().unwrap(), Reply::Ok(expected));
-        assert_eq!(
-            rx1.await.unwrap().unwrap().error_code(),
-            Some(ErrorCode::Forbidden)
-        );
+        assert_eq!(rx1.await.unwrap().unwrap().error_code(), Some(ErrorCode::Forbidden));
         assert!(unmatched.try_recv().is_err());
     }
 
     #[tokio::test]
     async fn unmatched_and_late_replies_are_kept() {
         let (mut router, _events, mut unmatched) = router();
-        router
-            .on_payload(
-                &bytes(json!({"op": "err", "code": "bad_request", "message": "not JSON"})),
-                false,
-            )
-            .await;
-        router
-            .on_payload(&bytes(json!({"op": "ok", "rid": 99})), false)
-            .await;
+        router.on_payload(&bytes(json!({"op": "err", "code": "bad_request", "message": "not JSON"})), false).await;
+        router.on_payload(&bytes(json!({"op": "ok", "rid": 99})), false).await;
         let (tx, rx) = oneshot::channel();
         router.register(5, tx);
         drop(rx); // the request timed out
-        router
-            .on_payload(&bytes(json!({"op": "pong", "rid": 5})), false)
-            .await;
+        router.on_payload(&bytes(json!({"op": "pong", "rid": 5})), false).await;
 
         let first = unmatched.try_recv().unwrap();
         assert_eq!(first.rid, None);
@@ -463,30 +409,16 @@ mod tests {
         let (mut router, mut events, _unmatched) = router();
         let (tx, rx) = oneshot::channel();
         router.register(3, tx);
-        router
-            .on_payload(br#"{"op":"err","rid":3,"code":"???","message":"x"}"#, false)
-            .await;
-        assert!(matches!(
-            rx.await.unwrap(),
-            Err(ClientError::UnexpectedReply(_))
-        ));
-        assert_eq!(
-            router.on_payload(b"\x00garbage", false).await,
-            Action::Nothing
-        );
-        assert_eq!(
-            router.on_payload(br#"{"op":"ping"}"#, false).await,
-            Action::SendPong
-        );
+        router.on_payload(br#"{"op":"err","rid":3,"code":"???","message":"x"}"#, false).await;
+        assert!(matches!(rx.await.unwrap(), Err(ClientError::UnexpectedReply(_))));
+        assert_eq!(router.on_payload(b"\x00garbage", false).await, Action::Nothing);
+        assert_eq!(router.on_payload(br#"{"op":"ping"}"#, false).await, Action::SendPong);
         let typing = json!({"op": "typing", "room": "r", "user": "u"});
         router.on_payload(&bytes(typing.clone()), false).await;
         let packed = rmp_serde::to_vec_named(&typing).unwrap();
         router.on_payload(&packed, true).await;
         for _ in 0..2 {
-            assert!(matches!(
-                events.try_recv().unwrap(),
-                ServerEvent::Typing { .. }
-            ));
+            assert!(matches!(events.try_recv().unwrap(), ServerEvent::Typing { .. }));
         }
     }
 
@@ -499,14 +431,8 @@ mod tests {
                 false,
             )
             .await;
-        router.on_close_frame(Some(CloseFrame {
-            code: CloseCode::Away,
-            reason: "draining".into(),
-        }));
-        router.on_close_frame(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        }));
+        router.on_close_frame(Some(CloseFrame { code: CloseCode::Away, reason: "draining".into() }));
+        router.on_close_frame(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }));
         let (tx, rx) = oneshot::channel();
         router.register(8, tx);
         let info = router.close_info("ignored");

@@ -22,11 +22,7 @@ use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits};
 use switchyard_protocol::{ErrorCode, ProjectId};
 
 fn require_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-        .unwrap_or("");
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
     // Compare digests, so neither the content nor the length of the token leaks through timing.
     let presented = crate::auth::sha256_hex(presented);
     let expected = crate::auth::sha256_hex(&gw.config.admin_token);
@@ -59,11 +55,7 @@ pub async fn create_tenant(
         return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
     }
     let (record, api_key) = gw.tenants.create(name, now_ms()).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"project_id": record.project_id, "api_key": api_key})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!({"project_id": record.project_id, "api_key": api_key}))).into_response())
 }
 
 pub async fn get_tenant(
@@ -73,11 +65,8 @@ pub async fn get_tenant(
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&gw, &headers)?;
     let project_id = parse_project(&project_id)?;
-    let record = gw
-        .tenants
-        .get(&project_id)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
+    let record =
+        gw.tenants.get(&project_id).await?.ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
     Ok(Json(json!({
         "project_id": record.project_id,
         "name": record.name,
@@ -113,14 +102,10 @@ pub async fn set_jwt(
         ("RS256", None, Some(public_key_pem)) => JwtKey::RS256 { public_key_pem },
         ("ES256", None, Some(public_key_pem)) => JwtKey::ES256 { public_key_pem },
         ("HS256", _, _) => {
-            return Err(ApiError::bad_request(
-                "HS256 takes {\"alg\": \"HS256\", \"secret\"} and nothing else",
-            ))
+            return Err(ApiError::bad_request("HS256 takes {\"alg\": \"HS256\", \"secret\"} and nothing else"))
         }
         ("RS256" | "ES256", _, _) => {
-            return Err(ApiError::bad_request(
-                "RS256 and ES256 take {\"alg\", \"public_key_pem\"} and nothing else",
-            ))
+            return Err(ApiError::bad_request("RS256 and ES256 take {\"alg\", \"public_key_pem\"} and nothing else"))
         }
         _ => return Err(ApiError::bad_request("alg must be HS256, RS256 or ES256")),
     };

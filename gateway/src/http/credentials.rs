@@ -36,27 +36,15 @@ pub async fn create_token(
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
     let request: CreateToken = parse_body(&body)?;
-    let user_id =
-        UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let user_id = UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let ttl_secs = request.ttl_secs.unwrap_or(limits::TOKEN_TTL_DEFAULT_SECS);
     if ttl_secs == 0 || ttl_secs > limits::TOKEN_TTL_MAX_SECS {
-        return Err(ApiError::bad_request(format!(
-            "ttl_secs must be 1 to {}",
-            limits::TOKEN_TTL_MAX_SECS
-        )));
+        return Err(ApiError::bad_request(format!("ttl_secs must be 1 to {}", limits::TOKEN_TTL_MAX_SECS)));
     }
     let expires_at_ms = now_ms() + ttl_secs * 1000;
-    let grant = TokenGrant {
-        project_id: tenant.project_id,
-        user_id,
-        expires_at_ms,
-    };
+    let grant = TokenGrant { project_id: tenant.project_id, user_id, expires_at_ms };
     let token = gw.tokens.issue(&grant, ttl_secs).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"token": token, "expires_at": expires_at_ms})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!({"token": token, "expires_at": expires_at_ms}))).into_response())
 }
 
 /// Broadcast a revocation; a failure is `unavailable` (the caller should retry).
@@ -65,9 +53,7 @@ async fn broadcast(
     tenant: &switchyard_protocol::ProjectId,
     target: RevocationTarget,
 ) -> Result<(), ApiError> {
-    revocation::broadcast(gw, tenant, target)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))
+    revocation::broadcast(gw, tenant, target).await.map_err(|e| ApiError::unavailable(e.to_string()))
 }
 
 /// `DELETE /v1/tokens/{token}`: an opaque token is deleted from Redis; a JWT (which must verify with the tenant's
@@ -89,10 +75,7 @@ pub async fn revoke_token(
             _ => now_ms() + limits::TOKEN_TTL_MAX_SECS * 1000,
         };
         // Close live sockets even when Redis could not be reached; then report that the deletion did not happen.
-        let target = RevocationTarget::Token {
-            id: opaque_token_id(token),
-            until_ms,
-        };
+        let target = RevocationTarget::Token { id: opaque_token_id(token), until_ms };
         broadcast(&gw, &project_id, target).await?;
         stored?;
         return Ok(StatusCode::NO_CONTENT);
@@ -101,10 +84,7 @@ pub async fn revoke_token(
         return Err(ApiError::bad_request("not a sytok_ token or a JWT"));
     }
     if jwt::unverified_project(token).ok().as_ref() != Some(&project_id) {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            "this JWT does not belong to this project",
-        ));
+        return Err(ApiError::new(ErrorCode::NotFound, "this JWT does not belong to this project"));
     }
     let key = gw
         .tenants
@@ -116,10 +96,7 @@ pub async fn revoke_token(
         .map_err(|e| ApiError::bad_request(format!("cannot revoke: {}", e.message)))?;
     let id = jwt::credential_id(token, claims.jti.as_deref());
     let until_ms = (claims.exp + jwt::LEEWAY_SECS).saturating_mul(1000);
-    let stored = gw
-        .tokens
-        .mark_revoked(&project_id, &id, until_ms, now_ms())
-        .await;
+    let stored = gw.tokens.mark_revoked(&project_id, &id, until_ms, now_ms()).await;
     broadcast(&gw, &project_id, RevocationTarget::Token { id, until_ms }).await?;
     stored?;
     Ok(StatusCode::NO_CONTENT)

@@ -21,9 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use switchyard_protocol::client::OkResult;
-use switchyard_protocol::internal::{
-    HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION,
-};
+use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION};
 use switchyard_protocol::{limits, ErrorCode, RoomId, UserId};
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -32,37 +30,17 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/admin/tenants", post(admin::create_tenant))
-        .route(
-            "/v1/admin/tenants/{project_id}",
-            get(admin::get_tenant).delete(admin::delete_tenant),
-        )
+        .route("/v1/admin/tenants/{project_id}", get(admin::get_tenant).delete(admin::delete_tenant))
         .route("/v1/admin/tenants/{project_id}/jwt", put(admin::set_jwt))
-        .route(
-            "/v1/admin/tenants/{project_id}/rotate-key",
-            post(admin::rotate_key),
-        )
-        .route(
-            "/v1/admin/tenants/{project_id}/limits",
-            put(admin::set_limits),
-        )
+        .route("/v1/admin/tenants/{project_id}/rotate-key", post(admin::rotate_key))
+        .route("/v1/admin/tenants/{project_id}/limits", put(admin::set_limits))
         .route("/v1/tokens", post(credentials::create_token))
         .route("/v1/tokens/{token}", delete(credentials::revoke_token))
-        .route(
-            "/v1/users/{user_id}/sessions",
-            delete(credentials::revoke_user_sessions),
-        )
-        .route(
-            "/v1/rooms/{room}/messages",
-            post(post_message).get(get_messages),
-        )
+        .route("/v1/users/{user_id}/sessions", delete(credentials::revoke_user_sessions))
+        .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
         .route("/v1/ws", get(ws_handler))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            gw.config.max_http_body_bytes,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            gw.clone(),
-            bound_requests,
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(gw.config.max_http_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), bound_requests))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(gw)
 }
@@ -82,14 +60,9 @@ async fn bound_requests(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
-        return ApiError::new(
-            ErrorCode::TooLarge,
-            format!("request body exceeds {limit} bytes"),
-        )
-        .into_response();
+        return ApiError::new(ErrorCode::TooLarge, format!("request body exceeds {limit} bytes")).into_response();
     }
-    let response = match tokio::time::timeout(gw.config.request_timeout(), next.run(request)).await
-    {
+    let response = match tokio::time::timeout(gw.config.request_timeout(), next.run(request)).await {
         Ok(response) => response,
         Err(_) => return ApiError::unavailable("request took too long").into_response(),
     };
@@ -98,11 +71,7 @@ async fn bound_requests(
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
-        return ApiError::new(
-            ErrorCode::TooLarge,
-            format!("request body exceeds {limit} bytes"),
-        )
-        .into_response();
+        return ApiError::new(ErrorCode::TooLarge, format!("request body exceeds {limit} bytes")).into_response();
     }
     response
 }
@@ -123,15 +92,11 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
 
 /// The body of a JSON request, with a clear `bad_request` when it does not parse.
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
@@ -139,11 +104,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let redis = gw.tokens.is_connected();
     let draining = gw.is_draining();
     let body = json!({"nats": nats, "redis": redis, "draining": draining});
-    let status = if nats && redis && !draining {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if nats && redis && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
@@ -151,10 +112,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> String {
     gw.metrics.render()
 }
 
-pub(crate) async fn tenant_of_request(
-    gw: &Gateway,
-    headers: &HeaderMap,
-) -> Result<TenantRecord, ApiError> {
+pub(crate) async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
     let key = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -186,15 +144,10 @@ async fn post_message(
     let request: PostMessage = parse_body(&body)?;
     let from = UserId::parse(&request.from).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if request.body.len() > gw.config.max_body_bytes {
-        return Err(ApiError::new(
-            ErrorCode::TooLarge,
-            format!("body exceeds {} bytes", gw.config.max_body_bytes),
-        ));
+        return Err(ApiError::new(ErrorCode::TooLarge, format!("body exceeds {} bytes", gw.config.max_body_bytes)));
     }
     if let Some(attrs) = &request.attrs {
-        let size = serde_json::to_vec(attrs)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
         if !attrs.is_object() || size > gw.config.max_attrs_bytes {
             return Err(ApiError::bad_request(format!(
                 "attrs must be a JSON object of at most {} bytes",
@@ -203,28 +156,14 @@ async fn post_message(
         }
     }
     if let Err(wait) = crate::limits::take_tenant_message(&gw, &tenant.project_id).await {
-        return Err(ApiError::rate_limited(
-            "the project's message rate is exceeded",
-            wait,
-        ));
+        return Err(ApiError::rate_limited("the project's message rate is exceeded", wait));
     }
-    let command = RoomCommand::Send {
-        room,
-        body: request.body,
-        attrs: request.attrs,
-        reply_to: None,
-        cmid: None,
-    };
+    let command = RoomCommand::Send { room, body: request.body, attrs: request.attrs, reply_to: None, cmid: None };
     match upstream::command(&gw, &tenant.project_id, &from, command).await {
-        Ok(OkResult::Sent { id, seq, ts, .. }) => Ok((
-            StatusCode::CREATED,
-            Json(json!({"id": id, "seq": seq, "ts": ts})),
-        )
-            .into_response()),
-        Ok(_) => Err(ApiError::new(
-            ErrorCode::Internal,
-            "unexpected router reply",
-        )),
+        Ok(OkResult::Sent { id, seq, ts, .. }) => {
+            Ok((StatusCode::CREATED, Json(json!({"id": id, "seq": seq, "ts": ts}))).into_response())
+        }
+        Ok(_) => Err(ApiError::new(ErrorCode::Internal, "unexpected router reply")),
         Err(error) => Err(ApiError::new(error.code, error.message)),
     }
 }
@@ -259,10 +198,9 @@ async fn get_messages(
         min_seq: 0,
     };
     match upstream::history(&gw, request).await {
-        Ok(HistoryReply::Ok { messages, more }) => {
-            Ok(Json(json!({"messages": messages, "more": more})))
+        Ok(HistoryReply::Ok { messages, more }) => Ok(Json(json!({"messages": messages, "more": more}))),
+        Ok(HistoryReply::Err { code, message }) | Err(upstream::UpstreamError { code, message }) => {
+            Err(ApiError::new(code, message))
         }
-        Ok(HistoryReply::Err { code, message })
-        | Err(upstream::UpstreamError { code, message }) => Err(ApiError::new(code, message)),
     }
 }

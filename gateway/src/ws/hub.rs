@@ -66,8 +66,7 @@ impl LiveEvent {
     }
 
     fn msgpack(&self) -> &Bytes {
-        self.msgpack
-            .get_or_init(|| Bytes::from(encode_frame(&self.event, Format::MsgPack)))
+        self.msgpack.get_or_init(|| Bytes::from(encode_frame(&self.event, Format::MsgPack)))
     }
 }
 
@@ -121,13 +120,8 @@ pub enum HubError {
 }
 
 enum RoomControl {
-    Subscribe {
-        session: SessionTx,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    Unsubscribe {
-        session_id: u64,
-    },
+    Subscribe { session: SessionTx, done: oneshot::Sender<Result<(), String>> },
+    Unsubscribe { session_id: u64 },
 }
 
 /// A room task's entry in the registry.
@@ -147,11 +141,7 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(nats: async_nats::Client) -> Arc<Self> {
-        Arc::new(Hub {
-            nats,
-            rooms: Mutex::new(HashMap::new()),
-            next_generation: AtomicU64::new(1),
-        })
+        Arc::new(Hub { nats, rooms: Mutex::new(HashMap::new()), next_generation: AtomicU64::new(1) })
     }
 
     /// Subscribe a session to a room's live events. When this returns, the NATS subscription is in place ahead of
@@ -166,14 +156,7 @@ impl Hub {
         for _ in 0..5 {
             let (generation, control) = self.room_task(&subject);
             let (done, result) = oneshot::channel();
-            if control
-                .send(RoomControl::Subscribe {
-                    session: session.clone(),
-                    done,
-                })
-                .await
-                .is_err()
-            {
+            if control.send(RoomControl::Subscribe { session: session.clone(), done }).await.is_err() {
                 self.forget(&subject, generation);
                 continue;
             }
@@ -184,9 +167,7 @@ impl Hub {
                 Err(_) => self.forget(&subject, generation),
             }
         }
-        Err(HubError::Subscribe(
-            "the room's fan-out task kept stopping".into(),
-        ))
+        Err(HubError::Subscribe("the room's fan-out task kept stopping".into()))
     }
 
     /// Remove a session from a room. Never waits.
@@ -222,28 +203,14 @@ impl Hub {
         }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let (control, receiver) = mpsc::channel(ROOM_CONTROL_QUEUE);
-        rooms.insert(
-            subject.to_owned(),
-            RoomEntry {
-                generation,
-                control: control.clone(),
-            },
-        );
-        tokio::spawn(run_room(
-            self.clone(),
-            subject.to_owned(),
-            generation,
-            receiver,
-        ));
+        rooms.insert(subject.to_owned(), RoomEntry { generation, control: control.clone() });
+        tokio::spawn(run_room(self.clone(), subject.to_owned(), generation, receiver));
         (generation, control)
     }
 
     fn forget(&self, subject: &str, generation: u64) {
         if let Ok(mut rooms) = self.rooms.lock() {
-            if rooms
-                .get(subject)
-                .is_some_and(|entry| entry.generation == generation)
-            {
+            if rooms.get(subject).is_some_and(|entry| entry.generation == generation) {
                 rooms.remove(subject);
             }
         }
@@ -251,12 +218,7 @@ impl Hub {
 }
 
 /// One room's fan-out: owns the NATS subscription and the room's local sessions.
-async fn run_room(
-    hub: Arc<Hub>,
-    subject: String,
-    generation: u64,
-    mut control: mpsc::Receiver<RoomControl>,
-) {
+async fn run_room(hub: Arc<Hub>, subject: String, generation: u64, mut control: mpsc::Receiver<RoomControl>) {
     let mut live = match hub.nats.subscribe(subject.clone()).await {
         Ok(subscription) => subscription,
         Err(error) => {

@@ -42,11 +42,7 @@ enum RoomDelivery {
 /// What a finished op asks the session to do.
 enum Completion {
     Reply(ServerFrame),
-    Joined {
-        rid: Option<u64>,
-        room: RoomId,
-        result: Result<u64, UpstreamError>,
-    },
+    Joined { rid: Option<u64>, room: RoomId, result: Result<u64, UpstreamError> },
 }
 
 /// A token bucket for the per-connection op rate.
@@ -70,9 +66,7 @@ impl OpBudget {
     /// Take one op's token, or say how long until one is available.
     fn take(&mut self) -> Result<(), Duration> {
         let now = Instant::now();
-        self.tokens = (self.tokens
-            + now.duration_since(self.refilled_at).as_secs_f64() * self.per_sec)
-            .min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.refilled_at).as_secs_f64() * self.per_sec).min(self.burst);
         self.refilled_at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -160,10 +154,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
     metrics::gauge!("switchyard_gateway_sessions").increment(1.0);
     let close = session.serve(&mut stream, registration.signal()).await;
     for room in session.rooms.keys() {
-        session
-            .gw
-            .hub
-            .unsubscribe(&session.identity.tenant, room, session.tx.id);
+        session.gw.hub.unsubscribe(&session.identity.tenant, room, session.tx.id);
     }
     metrics::gauge!("switchyard_gateway_sessions").decrement(1.0);
     drop(registration);
@@ -197,24 +188,17 @@ async fn first_frame_auth(
     loop {
         let frame = match tokio::time::timeout_at(deadline, stream.next()).await {
             Err(_) => return Err(unauthenticated("no authentication within the time allowed")),
-            Ok(None) | Ok(Some(Err(_))) => {
-                return Err(unauthenticated("socket closed before authentication"))
-            }
+            Ok(None) | Ok(Some(Err(_))) => return Err(unauthenticated("socket closed before authentication")),
             Ok(Some(Ok(frame))) => frame,
         };
         let bytes = match frame {
             Message::Text(text) => text.as_bytes().to_vec(),
             Message::Binary(bytes) => bytes.to_vec(),
             Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Close(_) => {
-                return Err(unauthenticated("socket closed before authentication"))
-            }
+            Message::Close(_) => return Err(unauthenticated("socket closed before authentication")),
         };
         return match decode_client_frame(&bytes, format) {
-            Ok(ClientRequest {
-                op: ClientOp::Auth { token },
-                ..
-            }) => authenticate(gw, &token).await.map_err(|e| {
+            Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => authenticate(gw, &token).await.map_err(|e| {
                 // A token store outage is no verdict on the token: the client may retry (1013).
                 let code = if e.code == ErrorCode::Unavailable {
                     CloseCode::TryAgainLater
@@ -224,10 +208,7 @@ async fn first_frame_auth(
                 (code, format!("authentication failed: {}", e.message))
             }),
             Ok(_) => Err(unauthenticated("the first frame must be an auth op")),
-            Err(e) => Err((
-                CloseCode::Unauthenticated,
-                format!("the first frame must be an auth op: {}", e.message),
-            )),
+            Err(e) => Err((CloseCode::Unauthenticated, format!("the first frame must be an auth op: {}", e.message))),
         };
     }
 }
@@ -238,33 +219,19 @@ async fn send_close(
     code: CloseCode,
     reason: &str,
 ) -> Result<(), axum::Error> {
-    let reconnect_after_ms =
-        (code == CloseCode::Draining).then(|| 500 + u64::from(rand_jitter()) % 4_500);
-    let bye = ServerFrame::Bye {
-        code: code.code(),
-        reason: reason.to_owned(),
-        reconnect_after_ms,
-    };
+    let reconnect_after_ms = (code == CloseCode::Draining).then(|| 500 + u64::from(rand_jitter()) % 4_500);
+    let bye = ServerFrame::Bye { code: code.code(), reason: reason.to_owned(), reconnect_after_ms };
     let write = async {
         sink.send(frame_message(&bye, format)).await?;
-        sink.send(Message::Close(Some(CloseFrame {
-            code: code.code(),
-            reason: reason.to_owned().into(),
-        })))
-        .await
+        sink.send(Message::Close(Some(CloseFrame { code: code.code(), reason: reason.to_owned().into() }))).await
     };
-    tokio::time::timeout(Duration::from_secs(1), write)
-        .await
-        .unwrap_or(Ok(()))
+    tokio::time::timeout(Duration::from_secs(1), write).await.unwrap_or(Ok(()))
 }
 
 fn rand_jitter() -> u16 {
     // Sub-second clock noise is jitter enough to spread reconnects.
-    (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
-        % 65_521) as u16
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 65_521)
+        as u16
 }
 
 fn frame_message(frame: &ServerFrame, format: Format) -> Message {
@@ -279,21 +246,12 @@ fn frame_message(frame: &ServerFrame, format: Format) -> Message {
 }
 
 fn err_frame(rid: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-    ServerFrame::Err {
-        rid,
-        code,
-        message: message.into(),
-        retry_after_ms: None,
-    }
+    ServerFrame::Err { rid, code, message: message.into(), retry_after_ms: None }
 }
 
 impl Session {
     /// The session loop. Returns how the server wants to close, or `None` when the client went away.
-    async fn serve(
-        &mut self,
-        stream: &mut SplitStream<WebSocket>,
-        revoked: CloseSignal,
-    ) -> Option<Close> {
+    async fn serve(&mut self, stream: &mut SplitStream<WebSocket>, revoked: CloseSignal) -> Option<Close> {
         let hello = ServerFrame::Hello {
             session: format!("ss_{}", switchyard_protocol::ids::random_base62(16)),
             user: self.identity.user.clone(),
@@ -378,11 +336,7 @@ impl Session {
             Message::Binary(bytes) => {
                 if self.format != Format::MsgPack {
                     return self
-                        .reply_now(err_frame(
-                            None,
-                            ErrorCode::BadRequest,
-                            "this session speaks JSON: send text frames",
-                        ))
+                        .reply_now(err_frame(None, ErrorCode::BadRequest, "this session speaks JSON: send text frames"))
                         .await;
                 }
                 bytes.to_vec()
@@ -391,27 +345,17 @@ impl Session {
             Message::Close(_) => return Some(None),
         };
         if bytes.len() > self.gw.config.max_frame_bytes {
-            return Some(Some(Close {
-                code: CloseCode::FrameTooBig,
-                reason: "frame too big",
-            }));
+            return Some(Some(Close { code: CloseCode::FrameTooBig, reason: "frame too big" }));
         }
         let request = match decode_client_frame(&bytes, self.format) {
             Ok(request) => request,
-            Err(error) => {
-                return self
-                    .reply_now(err_frame(error.rid, error.code, error.message))
-                    .await
-            }
+            Err(error) => return self.reply_now(err_frame(error.rid, error.code, error.message)).await,
         };
         if let Err(wait) = self.budget.take() {
             metrics::counter!("switchyard_gateway_rate_limited_total").increment(1);
             if self.abuse.record(wait) {
                 let reason = "too many rate-limited ops";
-                return Some(Some(Close {
-                    code: CloseCode::RateLimitAbuse,
-                    reason,
-                }));
+                return Some(Some(Close { code: CloseCode::RateLimitAbuse, reason }));
             }
             let frame = ServerFrame::Err {
                 rid: request.rid,
@@ -422,37 +366,25 @@ impl Session {
             return self.reply_now(frame).await;
         }
         if let Err(message) = self.check_limits(&request.op) {
-            return self
-                .reply_now(err_frame(request.rid, ErrorCode::TooLarge, message))
-                .await;
+            return self.reply_now(err_frame(request.rid, ErrorCode::TooLarge, message)).await;
         }
         let tenant = &self.identity.tenant;
-        if let Some(refusal) = tenant_rate_refusal(&self.gw, tenant, request.rid, &request.op).await
-        {
+        if let Some(refusal) = tenant_rate_refusal(&self.gw, tenant, request.rid, &request.op).await {
             return self.reply_now(refusal).await;
         }
         match request.op {
             ClientOp::Ping => self.reply_now(ServerFrame::Pong { rid: request.rid }).await,
             ClientOp::Auth { .. } => {
-                self.reply_now(err_frame(
-                    request.rid,
-                    ErrorCode::BadRequest,
-                    "this session is already authenticated",
-                ))
-                .await
+                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, "this session is already authenticated"))
+                    .await
             }
             // Typing indicators are not relayed by this version; the op is accepted and has no effect.
             ClientOp::Typing { .. } => None,
             ClientOp::Join { since: Some(_), .. } => {
-                let message =
-                    "join with since is not supported by this server version; join without it";
-                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message))
-                    .await
+                let message = "join with since is not supported by this server version; join without it";
+                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message)).await
             }
-            ClientOp::Create { .. }
-            | ClientOp::Join { .. }
-            | ClientOp::Send { .. }
-            | ClientOp::History { .. } => {
+            ClientOp::Create { .. } | ClientOp::Join { .. } | ClientOp::Send { .. } | ClientOp::History { .. } => {
                 if self.queued.len() >= MAX_QUEUED_OPS {
                     let frame = ServerFrame::Err {
                         rid: request.rid,
@@ -467,12 +399,8 @@ impl Session {
                 None
             }
             other => {
-                let message = format!(
-                    "op {:?} is not supported by this server version",
-                    other.name()
-                );
-                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message))
-                    .await
+                let message = format!("op {:?} is not supported by this server version", other.name());
+                self.reply_now(err_frame(request.rid, ErrorCode::BadRequest, message)).await
             }
         }
     }
@@ -488,12 +416,9 @@ impl Session {
     fn check_limits(&self, op: &ClientOp) -> Result<(), String> {
         let config = &self.gw.config;
         let (body, attrs, cmid) = match op {
-            ClientOp::Send {
-                body, attrs, cmid, ..
+            ClientOp::Send { body, attrs, cmid, .. } | ClientOp::Dm { body, attrs, cmid, .. } => {
+                (Some(body), attrs.as_ref(), cmid.as_ref())
             }
-            | ClientOp::Dm {
-                body, attrs, cmid, ..
-            } => (Some(body), attrs.as_ref(), cmid.as_ref()),
             ClientOp::Edit { body, .. } => (Some(body), None, None),
             _ => (None, None, None),
         };
@@ -504,21 +429,13 @@ impl Session {
             if !attrs.is_object() {
                 return Err("attrs must be a JSON object".into());
             }
-            let size = serde_json::to_vec(attrs)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
             if size > config.max_attrs_bytes {
-                return Err(format!(
-                    "attrs exceed {} bytes of JSON",
-                    config.max_attrs_bytes
-                ));
+                return Err(format!("attrs exceed {} bytes of JSON", config.max_attrs_bytes));
             }
         }
         if cmid.is_some_and(|c| c.chars().count() > limits::MAX_CMID_CHARS || c.is_empty()) {
-            return Err(format!(
-                "cmid must be 1 to {} characters",
-                limits::MAX_CMID_CHARS
-            ));
+            return Err(format!("cmid must be 1 to {} characters", limits::MAX_CMID_CHARS));
         }
         Ok(())
     }
@@ -537,86 +454,43 @@ impl Session {
         let future: BoxFuture<'static, Completion> = match request.op {
             ClientOp::Join { room, since: _ } => {
                 if !self.rooms.contains_key(&room) {
-                    self.rooms
-                        .insert(room.clone(), RoomDelivery::Joining { held: Vec::new() });
+                    self.rooms.insert(room.clone(), RoomDelivery::Joining { held: Vec::new() });
                     let hub = gw.hub.clone();
                     let tx = self.tx.clone();
                     async move {
                         if let Err(error) = hub.subscribe(&identity.tenant, &room, tx).await {
-                            let result = Err(UpstreamError {
-                                code: ErrorCode::Unavailable,
-                                message: error.to_string(),
-                            });
+                            let result =
+                                Err(UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() });
                             return Completion::Joined { rid, room, result };
                         }
-                        let command = RoomCommand::Join {
-                            room: room.clone(),
-                            grants: identity.grants.clone(),
-                        };
-                        let result =
-                            upstream::command(&gw, &identity.tenant, &identity.user, command).await;
-                        Completion::Joined {
-                            rid,
-                            room,
-                            result: result.map(|ok| ok_seq(&ok)),
-                        }
+                        let command = RoomCommand::Join { room: room.clone(), grants: identity.grants.clone() };
+                        let result = upstream::command(&gw, &identity.tenant, &identity.user, command).await;
+                        Completion::Joined { rid, room, result: result.map(|ok| ok_seq(&ok)) }
                     }
                     .boxed()
                 } else {
                     async move {
-                        let command = RoomCommand::Join {
-                            room: room.clone(),
-                            grants: identity.grants.clone(),
-                        };
-                        let result =
-                            upstream::command(&gw, &identity.tenant, &identity.user, command).await;
-                        Completion::Joined {
-                            rid,
-                            room,
-                            result: result.map(|ok| ok_seq(&ok)),
-                        }
+                        let command = RoomCommand::Join { room: room.clone(), grants: identity.grants.clone() };
+                        let result = upstream::command(&gw, &identity.tenant, &identity.user, command).await;
+                        Completion::Joined { rid, room, result: result.map(|ok| ok_seq(&ok)) }
                     }
                     .boxed()
                 }
             }
-            ClientOp::Create {
-                room,
-                private,
-                title,
-            } => {
-                let command = RoomCommand::Create {
-                    room,
-                    private,
-                    title,
-                };
+            ClientOp::Create { room, private, title } => {
+                let command = RoomCommand::Create { room, private, title };
                 run_command(gw, identity, rid, command).boxed()
             }
-            ClientOp::Send {
-                room,
-                body,
-                attrs,
-                reply_to,
-                cmid,
-            } => {
-                let command = RoomCommand::Send {
-                    room,
-                    body,
-                    attrs,
-                    reply_to,
-                    cmid,
-                };
+            ClientOp::Send { room, body, attrs, reply_to, cmid } => {
+                let command = RoomCommand::Send { room, body, attrs, reply_to, cmid };
                 run_command(gw, identity, rid, command).boxed()
             }
-            ClientOp::History {
-                room,
-                before,
-                after,
-                limit,
-            } => run_history(gw, identity, rid, room, before, after, limit).boxed(),
+            ClientOp::History { room, before, after, limit } => {
+                run_history(gw, identity, rid, room, before, after, limit).boxed()
+            }
             other => {
                 let message = format!("op {:?} cannot be queued", other.name());
-                async move { Completion::Reply(err_frame(rid, ErrorCode::Internal, message)) }
-                    .boxed()
+                async move { Completion::Reply(err_frame(rid, ErrorCode::Internal, message)) }.boxed()
             }
         };
         self.in_flight = Some(future);
@@ -633,13 +507,8 @@ impl Session {
                         Some(RoomDelivery::Live { last_seq }) => (*last_seq).max(seq),
                         _ => seq,
                     };
-                    self.rooms
-                        .insert(room.clone(), RoomDelivery::Live { last_seq: point });
-                    self.write(&ServerFrame::Ok {
-                        rid,
-                        result: OkResult::RoomSeq { room, seq },
-                    })
-                    .await?;
+                    self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point });
+                    self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
                     if let Some(RoomDelivery::Joining { held }) = previous {
                         for event in held {
                             self.deliver(event).await?;
@@ -650,9 +519,7 @@ impl Session {
                 Err(error) => {
                     if matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { .. })) {
                         self.rooms.remove(&room);
-                        self.gw
-                            .hub
-                            .unsubscribe(&self.identity.tenant, &room, self.tx.id);
+                        self.gw.hub.unsubscribe(&self.identity.tenant, &room, self.tx.id);
                     }
                     self.write(&err_frame(rid, error.code, error.message)).await
                 }
@@ -695,18 +562,11 @@ fn ok_seq(result: &OkResult) -> u64 {
     }
 }
 
-async fn run_command(
-    gw: Arc<Gateway>,
-    identity: Identity,
-    rid: Option<u64>,
-    command: RoomCommand,
-) -> Completion {
-    Completion::Reply(
-        match upstream::command(&gw, &identity.tenant, &identity.user, command).await {
-            Ok(result) => ServerFrame::Ok { rid, result },
-            Err(error) => err_frame(rid, error.code, error.message),
-        },
-    )
+async fn run_command(gw: Arc<Gateway>, identity: Identity, rid: Option<u64>, command: RoomCommand) -> Completion {
+    Completion::Reply(match upstream::command(&gw, &identity.tenant, &identity.user, command).await {
+        Ok(result) => ServerFrame::Ok { rid, result },
+        Err(error) => err_frame(rid, error.code, error.message),
+    })
 }
 
 async fn run_history(
@@ -720,25 +580,12 @@ async fn run_history(
 ) -> Completion {
     let limit = limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
     if !(1..=limits::HISTORY_MAX_LIMIT).contains(&limit) {
-        return Completion::Reply(err_frame(
-            rid,
-            ErrorCode::BadRequest,
-            "limit must be 1 to 100",
-        ));
+        return Completion::Reply(err_frame(rid, ErrorCode::BadRequest, "limit must be 1 to 100"));
     }
-    Completion::Reply(
-        match read_history(&gw, &identity, &room, before, after, limit).await {
-            Ok((messages, more)) => ServerFrame::Ok {
-                rid,
-                result: OkResult::History {
-                    room,
-                    messages,
-                    more,
-                },
-            },
-            Err(error) => err_frame(rid, error.code, error.message),
-        },
-    )
+    Completion::Reply(match read_history(&gw, &identity, &room, before, after, limit).await {
+        Ok((messages, more)) => ServerFrame::Ok { rid, result: OkResult::History { room, messages, more } },
+        Err(error) => err_frame(rid, error.code, error.message),
+    })
 }
 
 /// Authorise a history read with the room's router shard, then read the page from a persistor.
@@ -750,10 +597,7 @@ pub async fn read_history(
     after: Option<u64>,
     limit: u32,
 ) -> Result<(Vec<switchyard_protocol::client::Message>, bool), UpstreamError> {
-    let command = RoomCommand::CanRead {
-        room: room.clone(),
-        grants: identity.grants.clone(),
-    };
+    let command = RoomCommand::CanRead { room: room.clone(), grants: identity.grants.clone() };
     let allowed = upstream::command(gw, &identity.tenant, &identity.user, command).await?;
     let request = HistoryRequest {
         v: INTERNAL_VERSION,

@@ -37,10 +37,11 @@ pub fn choose_format(headers: &HeaderMap) -> Result<Format, ApiError> {
     if requested.is_empty() {
         return Ok(Format::Json);
     }
-    requested
-        .iter()
-        .find_map(|name| Format::from_subprotocol(name))
-        .ok_or_else(|| ApiError::bad_request("none of the requested subprotocols is supported: use switchyard.v1.json or switchyard.v1.msgpack"))
+    requested.iter().find_map(|name| Format::from_subprotocol(name)).ok_or_else(|| {
+        ApiError::bad_request(
+            "none of the requested subprotocols is supported: use switchyard.v1.json or switchyard.v1.msgpack",
+        )
+    })
 }
 
 pub async fn ws_handler(
@@ -50,16 +51,8 @@ pub async fn ws_handler(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if !gw.config.allowed_origins.is_empty() {
-        let origin = headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !gw
-            .config
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed == origin)
-        {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !gw.config.allowed_origins.iter().any(|allowed| allowed == origin) {
             return ApiError::new(ErrorCode::Forbidden, "origin not allowed").into_response();
         }
     }
@@ -70,10 +63,7 @@ pub async fn ws_handler(
         Ok(format) => format,
         Err(error) => return error.into_response(),
     };
-    let header_token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer);
+    let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
     let token = header_token.map(str::to_owned).or(query.token);
     let identity = match token {
         Some(token) => match authenticate(&gw, &token).await {
@@ -101,7 +91,5 @@ pub async fn ws_handler(
     if headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
         upgrade = upgrade.protocols([format.subprotocol()]);
     }
-    upgrade
-        .on_upgrade(move |socket| session::run(gw, socket, format, identity))
-        .into_response()
+    upgrade.on_upgrade(move |socket| session::run(gw, socket, format, identity)).into_response()
 }

@@ -58,9 +58,8 @@ pub enum StoreKind {
 
 /// The Cassandra of this test run, as `host:port`.
 pub fn cql_node() -> String {
-    std::env::var("SWITCHYARD_CQL").expect(
-        "SWITCHYARD_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra",
-    )
+    std::env::var("SWITCHYARD_CQL")
+        .expect("SWITCHYARD_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra")
 }
 
 pub struct Tenant {
@@ -74,11 +73,7 @@ impl Fleet {
     }
 
     /// Start a fleet, letting the test adjust the gateways' configuration.
-    pub async fn start_with(
-        gateways: usize,
-        routers: usize,
-        adjust: impl Fn(&mut GatewayConfig),
-    ) -> Fleet {
+    pub async fn start_with(gateways: usize, routers: usize, adjust: impl Fn(&mut GatewayConfig)) -> Fleet {
         Self::start_on(StoreKind::Embedded, gateways, routers, adjust).await
     }
 
@@ -90,10 +85,7 @@ impl Fleet {
         adjust: impl Fn(&mut GatewayConfig),
     ) -> Fleet {
         let turn = ONE_FLEET_AT_A_TIME.lock().await;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("warn")
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
         let shutdown = CancellationToken::new();
         let dir = tempfile::tempdir().expect("temp dir");
         let admin_token = format!("admin-{}", switchyard_protocol::ids::random_base62(24));
@@ -102,10 +94,7 @@ impl Fleet {
         for i in 0..routers {
             let config = RouterConfig {
                 nats_url: nats_url(),
-                router_id: format!(
-                    "test-router-{i}-{}",
-                    switchyard_protocol::ids::random_base62(6)
-                ),
+                router_id: format!("test-router-{i}-{}", switchyard_protocol::ids::random_base62(6)),
                 ..RouterConfig::default()
             };
             config.validate().expect("router config");
@@ -118,25 +107,18 @@ impl Fleet {
         }
 
         let store = Arc::new(match store {
-            StoreKind::Embedded => AnyStore::Embedded(
-                EmbeddedStore::open(&dir.path().join("history.redb")).expect("open embedded store"),
-            ),
-            StoreKind::Cql => AnyStore::Cql(
-                CqlStore::connect(&[cql_node()], "switchyard_e2e")
-                    .await
-                    .expect("connect to Cassandra"),
-            ),
+            StoreKind::Embedded => {
+                AnyStore::Embedded(EmbeddedStore::open(&dir.path().join("history.redb")).expect("open embedded store"))
+            }
+            StoreKind::Cql => {
+                AnyStore::Cql(CqlStore::connect(&[cql_node()], "switchyard_e2e").await.expect("connect to Cassandra"))
+            }
         });
-        let persistor_config = PersistorConfig {
-            nats_url: nats_url(),
-            ..PersistorConfig::default()
-        };
+        let persistor_config = PersistorConfig { nats_url: nats_url(), ..PersistorConfig::default() };
         {
             let (store, shutdown) = (store.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
-                if let Err(error) =
-                    switchyard_persistor::run_with_store(persistor_config, store, shutdown).await
-                {
+                if let Err(error) = switchyard_persistor::run_with_store(persistor_config, store, shutdown).await {
                     panic!("persistor failed: {error}");
                 }
             }));
@@ -153,9 +135,7 @@ impl Fleet {
             };
             adjust(&mut config);
             config.validate().expect("gateway config");
-            let bound = switchyard_gateway::bind(config, shutdown.clone())
-                .await
-                .expect("bind gateway");
+            let bound = switchyard_gateway::bind(config, shutdown.clone()).await.expect("bind gateway");
             urls.push(format!("http://{}", bound.local_addr()));
             tasks.push(tokio::spawn(async move {
                 if let Err(error) = bound.serve().await {
@@ -176,10 +156,7 @@ impl Fleet {
     }
 
     pub fn ws_url(&self, gateway: usize) -> String {
-        format!(
-            "{}/v1/ws",
-            self.gateways[gateway].replacen("http://", "ws://", 1)
-        )
+        format!("{}/v1/ws", self.gateways[gateway].replacen("http://", "ws://", 1))
     }
 
     pub async fn create_tenant(&self) -> Tenant {
@@ -191,12 +168,7 @@ impl Fleet {
             .send()
             .await
             .expect("create tenant");
-        assert_eq!(
-            response.status(),
-            201,
-            "create tenant: {:?}",
-            response.text().await
-        );
+        assert_eq!(response.status(), 201, "create tenant: {:?}", response.text().await);
         let body: Value = response.json().await.expect("tenant body");
         Tenant {
             project_id: body["project_id"].as_str().expect("project_id").to_owned(),
@@ -213,19 +185,13 @@ impl Fleet {
             .send()
             .await
             .expect("create token");
-        assert_eq!(
-            response.status(),
-            201,
-            "create token: {:?}",
-            response.text().await
-        );
+        assert_eq!(response.status(), 201, "create token: {:?}", response.text().await);
         let body: Value = response.json().await.expect("token body");
         body["token"].as_str().expect("token").to_owned()
     }
 
     pub async fn connect(&self, gateway: usize, token: &str, format: Format) -> Client {
-        let options = ConnectOptions::new(self.ws_url(gateway), Auth::Header(token.to_owned()))
-            .with_format(format);
+        let options = ConnectOptions::new(self.ws_url(gateway), Auth::Header(token.to_owned())).with_format(format);
         Client::connect(options).await.expect("connect")
     }
 
@@ -260,13 +226,10 @@ impl JwtSigner {
         use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
         let private = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits).expect("RSA key");
         let private_pem = private.to_pkcs8_pem(LineEnding::LF).expect("RSA PEM");
-        let public_pem = rsa::RsaPublicKey::from(&private)
-            .to_public_key_pem(LineEnding::LF)
-            .expect("RSA public PEM");
+        let public_pem = rsa::RsaPublicKey::from(&private).to_public_key_pem(LineEnding::LF).expect("RSA public PEM");
         let signer = JwtSigner {
             alg: jsonwebtoken::Algorithm::RS256,
-            encoding: jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes())
-                .expect("RSA encoding key"),
+            encoding: jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes()).expect("RSA encoding key"),
             registration: json!({"alg": "RS256", "public_key_pem": public_pem}),
         };
         (signer, public_pem)
@@ -277,14 +240,10 @@ impl JwtSigner {
         use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
         let private = p256::SecretKey::random(&mut rand_core::OsRng);
         let private_pem = private.to_pkcs8_pem(LineEnding::LF).expect("EC PEM");
-        let public_pem = private
-            .public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .expect("EC public PEM");
+        let public_pem = private.public_key().to_public_key_pem(LineEnding::LF).expect("EC public PEM");
         let signer = JwtSigner {
             alg: jsonwebtoken::Algorithm::ES256,
-            encoding: jsonwebtoken::EncodingKey::from_ec_pem(private_pem.as_bytes())
-                .expect("EC encoding key"),
+            encoding: jsonwebtoken::EncodingKey::from_ec_pem(private_pem.as_bytes()).expect("EC encoding key"),
             registration: json!({"alg": "ES256", "public_key_pem": public_pem}),
         };
         (signer, private_pem.to_string())
@@ -292,14 +251,12 @@ impl JwtSigner {
 
     /// Sign `claims` as they are.
     pub fn sign(&self, claims: &Value) -> String {
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.alg), claims, &self.encoding)
-            .expect("sign JWT")
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.alg), claims, &self.encoding).expect("sign JWT")
     }
 
     /// A token for `user` of `tenant`, valid for `ttl_secs` (negative: already expired), with extra claims.
     pub fn token(&self, tenant: &Tenant, user: &str, ttl_secs: i64, extra: Value) -> String {
-        let mut claims =
-            json!({"sub": user, "pid": tenant.project_id, "exp": unix_secs() + ttl_secs});
+        let mut claims = json!({"sub": user, "pid": tenant.project_id, "exp": unix_secs() + ttl_secs});
         if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
             for (k, v) in extra {
                 claims.insert(k.clone(), v.clone());
@@ -310,23 +267,14 @@ impl JwtSigner {
 }
 
 pub fn unix_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64
 }
 
 /// An unsigned token with `alg: none`.
 pub fn alg_none_token(claims: &Value) -> String {
     use base64::Engine;
-    let b64 = |v: &Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
-    };
-    format!(
-        "{}.{}.",
-        b64(&json!({"alg": "none", "typ": "JWT"})),
-        b64(claims)
-    )
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(claims))
 }
 
 /// An HTTP answer: status and JSON body (`Null` when there is none).
@@ -345,58 +293,33 @@ impl Fleet {
         bearer: &str,
         body: Option<Value>,
     ) -> Answer {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.gateways[gateway]))
-            .bearer_auth(bearer);
+        let mut request = self.http.request(method, format!("{}{path}", self.gateways[gateway])).bearer_auth(bearer);
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.expect("HTTP request");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        Answer {
-            status,
-            body: serde_json::from_str(&text).unwrap_or(Value::Null),
-        }
+        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null) }
     }
 
     /// `PUT /v1/admin/tenants/{id}/jwt`, expecting 204.
     pub async fn set_jwt(&self, tenant: &Tenant, signer: &JwtSigner) {
         let path = format!("/v1/admin/tenants/{}/jwt", tenant.project_id);
-        let answer = self
-            .call(
-                0,
-                reqwest::Method::PUT,
-                &path,
-                &self.admin_token,
-                Some(signer.registration.clone()),
-            )
-            .await;
+        let answer =
+            self.call(0, reqwest::Method::PUT, &path, &self.admin_token, Some(signer.registration.clone())).await;
         assert_eq!(answer.status, 204, "set JWT key: {}", answer.body);
     }
 
     /// `PUT /v1/admin/tenants/{id}/limits`, expecting 204.
     pub async fn set_limits(&self, tenant: &Tenant, limits: Value) {
         let path = format!("/v1/admin/tenants/{}/limits", tenant.project_id);
-        let answer = self
-            .call(
-                0,
-                reqwest::Method::PUT,
-                &path,
-                &self.admin_token,
-                Some(limits),
-            )
-            .await;
+        let answer = self.call(0, reqwest::Method::PUT, &path, &self.admin_token, Some(limits)).await;
         assert_eq!(answer.status, 204, "set limits: {}", answer.body);
     }
 
     /// Connect without panicking: the client, or how the attempt failed.
-    pub async fn try_connect(
-        &self,
-        gateway: usize,
-        auth: Auth,
-    ) -> Result<Client, switchyard_client::ClientError> {
+    pub async fn try_connect(&self, gateway: usize, auth: Auth) -> Result<Client, switchyard_client::ClientError> {
         let mut options = ConnectOptions::new(self.ws_url(gateway), auth);
         options.connect_timeout = Duration::from_secs(15);
         Client::connect(options).await
@@ -408,9 +331,7 @@ pub fn refusal(result: Result<Client, switchyard_client::ClientError>) -> u16 {
     match result {
         Ok(client) => panic!("admitted as {:?}", client.hello()),
         Err(switchyard_client::ClientError::Http { status, .. }) => status,
-        Err(error) => error
-            .close_code()
-            .unwrap_or_else(|| panic!("refused without a status or close code: {error:?}")),
+        Err(error) => error.close_code().unwrap_or_else(|| panic!("refused without a status or close code: {error:?}")),
     }
 }
 
@@ -422,10 +343,7 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let mut redis = OwnRedis { port, child: None };
         redis.restart();
         redis
@@ -464,10 +382,7 @@ impl OwnRedis {
                     return;
                 }
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

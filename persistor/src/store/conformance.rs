@@ -55,10 +55,7 @@ struct Room {
 
 impl Room {
     fn new(tenant: &ProjectId, room: &str) -> Self {
-        Room {
-            tenant: tenant.clone(),
-            room: room_id(room),
-        }
+        Room { tenant: tenant.clone(), room: room_id(room) }
     }
 
     fn fresh(room: &str) -> Self {
@@ -101,36 +98,15 @@ impl Room {
     }
 
     fn edit(&self, seq: u64, target: u64, from: &str, body: &str) -> RoomEvent {
-        self.event(
-            seq,
-            EventBody::Edit {
-                target,
-                from: user(from),
-                body: body.to_owned(),
-            },
-        )
+        self.event(seq, EventBody::Edit { target, from: user(from), body: body.to_owned() })
     }
 
     fn delete(&self, seq: u64, target: u64, by: &str) -> RoomEvent {
-        self.event(
-            seq,
-            EventBody::Delete {
-                target,
-                by: user(by),
-            },
-        )
+        self.event(seq, EventBody::Delete { target, by: user(by) })
     }
 
     fn react(&self, seq: u64, target: u64, who: &str, emoji: &str, removed: bool) -> RoomEvent {
-        self.event(
-            seq,
-            EventBody::Reaction {
-                target,
-                user: user(who),
-                emoji: emoji.to_owned(),
-                removed,
-            },
-        )
+        self.event(seq, EventBody::Reaction { target, user: user(who), emoji: emoji.to_owned(), removed })
     }
 
     fn joined(&self, seq: u64, who: &str) -> RoomEvent {
@@ -138,33 +114,16 @@ impl Room {
     }
 
     fn left(&self, seq: u64, who: &str, by: Option<&str>) -> RoomEvent {
-        self.event(
-            seq,
-            EventBody::Left {
-                user: user(who),
-                by: by.map(user),
-            },
-        )
+        self.event(seq, EventBody::Left { user: user(who), by: by.map(user) })
     }
 
     fn query(&self, before: Option<u64>, after: Option<u64>, limit: u32) -> HistoryQuery {
-        HistoryQuery {
-            tenant: self.tenant.clone(),
-            room: self.room.clone(),
-            before,
-            after,
-            limit,
-        }
+        HistoryQuery { tenant: self.tenant.clone(), room: self.room.clone(), before, after, limit }
     }
 
     async fn apply<S: HistoryStore>(&self, store: &S, events: &[RoomEvent]) {
         if let Err(e) = store.apply(events).await {
-            panic!(
-                "apply of {} events to {}/{} failed: {e}",
-                events.len(),
-                self.tenant,
-                self.room
-            );
+            panic!("apply of {} events to {}/{} failed: {e}", events.len(), self.tenant, self.room);
         }
     }
 
@@ -199,13 +158,7 @@ impl Room {
 /// The message a `msg` event creates, before any edit, delete or reaction.
 fn created(event: &RoomEvent) -> Message {
     match &event.body {
-        EventBody::Msg {
-            id,
-            from,
-            body,
-            attrs,
-            reply_to,
-        } => Message {
+        EventBody::Msg { id, from, body, attrs, reply_to } => Message {
             seq: event.seq,
             id: id.clone(),
             from: from.clone(),
@@ -226,37 +179,21 @@ fn seqs(page: &HistoryPage) -> Vec<u64> {
 }
 
 fn reactions(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<UserId>> {
-    pairs
-        .iter()
-        .map(|(emoji, users)| ((*emoji).to_owned(), users.iter().map(|u| user(u)).collect()))
-        .collect()
+    pairs.iter().map(|(emoji, users)| ((*emoji).to_owned(), users.iter().map(|u| user(u)).collect())).collect()
 }
 
 /// What a store must answer for `query` when the room holds exactly `all` (ascending by seq).
-fn reference_page(
-    all: &[Message],
-    before: Option<u64>,
-    after: Option<u64>,
-    limit: u32,
-) -> HistoryPage {
+fn reference_page(all: &[Message], before: Option<u64>, after: Option<u64>, limit: u32) -> HistoryPage {
     let limit = limit as usize;
-    let in_range: Vec<&Message> = all
-        .iter()
-        .filter(|m| after.is_none_or(|a| m.seq > a) && before.is_none_or(|b| m.seq < b))
-        .collect();
+    let in_range: Vec<&Message> =
+        all.iter().filter(|m| after.is_none_or(|a| m.seq > a) && before.is_none_or(|b| m.seq < b)).collect();
     let (picked, more): (Vec<&Message>, bool) = if after.is_some() {
-        (
-            in_range.iter().take(limit).copied().collect(),
-            in_range.len() > limit,
-        )
+        (in_range.iter().take(limit).copied().collect(), in_range.len() > limit)
     } else {
         let skip = in_range.len().saturating_sub(limit);
         (in_range[skip..].to_vec(), skip > 0)
     };
-    HistoryPage {
-        messages: picked.into_iter().cloned().collect(),
-        more,
-    }
+    HistoryPage { messages: picked.into_iter().cloned().collect(), more }
 }
 
 /// A small xorshift generator, so the suite needs no extra dependency; the seed is printed on failure.
@@ -302,17 +239,9 @@ impl Rng {
 /// A room with no events: an empty page without `more`, whatever the bounds, and last seq 0.
 pub async fn empty_room<S: HistoryStore>(store: &S) {
     let room = Room::fresh("empty");
-    for (before, after) in [
-        (None, None),
-        (Some(10), None),
-        (None, Some(0)),
-        (Some(10), Some(2)),
-    ] {
+    for (before, after) in [(None, None), (Some(10), None), (None, Some(0)), (Some(10), Some(2))] {
         let page = room.page(store, before, after, 50).await;
-        assert!(
-            page.messages.is_empty() && !page.more,
-            "empty room, before={before:?} after={after:?}: got {page:?}"
-        );
+        assert!(page.messages.is_empty() && !page.more, "empty room, before={before:?} after={after:?}: got {page:?}");
     }
     assert_eq!(room.last_seq(store).await, 0, "empty room last_seq");
 }
@@ -355,10 +284,7 @@ pub async fn apply_and_history_order<S: HistoryStore>(store: &S) {
 
     let expected: Vec<Message> = events.iter().map(created).collect();
     let page = room.latest(store).await;
-    assert_eq!(
-        page.messages, expected,
-        "all ten messages, ascending, fields intact"
-    );
+    assert_eq!(page.messages, expected, "all ten messages, ascending, fields intact");
     assert!(!page.more, "ten messages fit a page of 100");
 
     let page = room.page(store, None, None, 3).await;
@@ -375,9 +301,7 @@ pub async fn apply_and_history_order<S: HistoryStore>(store: &S) {
 /// Bounds at and beyond the edges: before/after at the extremes, empty ranges, one-message ranges.
 pub async fn query_bounds<S: HistoryStore>(store: &S) {
     let room = Room::fresh("bounds");
-    let events: Vec<RoomEvent> = (1..=5)
-        .map(|s| room.msg(s, "alice", &format!("b{s}")))
-        .collect();
+    let events: Vec<RoomEvent> = (1..=5).map(|s| room.msg(s, "alice", &format!("b{s}"))).collect();
     room.apply(store, &events).await;
     let all: Vec<Message> = events.iter().map(created).collect();
 
@@ -400,10 +324,7 @@ pub async fn query_bounds<S: HistoryStore>(store: &S) {
     for (before, after, limit) in cases {
         let got = room.page(store, before, after, limit).await;
         let want = reference_page(&all, before, after, limit);
-        assert_eq!(
-            got, want,
-            "bounds: before={before:?} after={after:?} limit={limit}"
-        );
+        assert_eq!(got, want, "bounds: before={before:?} after={after:?} limit={limit}");
     }
 }
 
@@ -421,17 +342,9 @@ pub async fn joined_left_advance_last_seq<S: HistoryStore>(store: &S) {
         room.left(6, "dave", None),
     ];
     room.apply(store, &events[..5]).await;
-    assert_eq!(
-        room.last_seq(store).await,
-        5,
-        "a trailing joined counts for last_seq"
-    );
+    assert_eq!(room.last_seq(store).await, 5, "a trailing joined counts for last_seq");
     room.apply(store, &events[5..]).await;
-    assert_eq!(
-        room.last_seq(store).await,
-        6,
-        "a trailing left counts for last_seq"
-    );
+    assert_eq!(room.last_seq(store).await, 6, "a trailing left counts for last_seq");
 
     let page = room.latest(store).await;
     assert_eq!(page.messages, vec![created(&m1), created(&m4)]);
@@ -447,16 +360,11 @@ pub async fn joined_left_advance_last_seq<S: HistoryStore>(store: &S) {
     assert_eq!(seqs(&page), vec![4]);
     assert!(!page.more, "only joins and lefts after seq 4");
     let page = room.page(store, None, Some(4), 10).await;
-    assert!(
-        page.messages.is_empty() && !page.more,
-        "nothing after seq 4: {page:?}"
-    );
+    assert!(page.messages.is_empty() && !page.more, "nothing after seq 4: {page:?}");
 
     // A room with only membership events has a last seq but no history.
     let quiet = Room::fresh("quiet");
-    quiet
-        .apply(store, &[quiet.joined(1, "a"), quiet.joined(2, "b")])
-        .await;
+    quiet.apply(store, &[quiet.joined(1, "a"), quiet.joined(2, "b")]).await;
     assert_eq!(quiet.last_seq(store).await, 2);
     let page = quiet.latest(store).await;
     assert!(page.messages.is_empty() && !page.more, "{page:?}");
@@ -504,11 +412,7 @@ pub async fn edit_delete_reaction<S: HistoryStore>(store: &S) {
     e6.reactions = reactions(&[("❤", &["bob"]), ("👍", &["Zed", "alice"])]);
 
     let page = room.latest(store).await;
-    assert_eq!(
-        page.messages,
-        vec![e1, e4, e6],
-        "edits, tombstone and reactions folded in"
-    );
+    assert_eq!(page.messages, vec![e1, e4, e6], "edits, tombstone and reactions folded in");
     assert!(!page.more);
     assert_eq!(room.last_seq(store).await, 16);
 }
@@ -521,10 +425,7 @@ pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
     let m1 = room.msg(1, "alice", "original");
     room.apply(store, &[room.edit(3, 1, "alice", "v3")]).await;
     let page = room.latest(store).await;
-    assert!(
-        page.messages.is_empty() && !page.more,
-        "an edit alone is not a message: {page:?}"
-    );
+    assert!(page.messages.is_empty() && !page.more, "an edit alone is not a message: {page:?}");
     assert_eq!(room.last_seq(store).await, 3);
     room.apply(store, std::slice::from_ref(&m1)).await;
     room.apply(store, &[room.edit(2, 1, "alice", "v2")]).await;
@@ -532,17 +433,9 @@ pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
     want.body = Some("v3".into());
     want.edited_ts = Some(ts_us_of(3) / 1000);
     let page = room.latest(store).await;
-    assert_eq!(
-        page.messages,
-        vec![want.clone()],
-        "create after edit keeps the edit; older edit loses"
-    );
+    assert_eq!(page.messages, vec![want.clone()], "create after edit keeps the edit; older edit loses");
     room.apply(store, &[m1.clone(), m1.clone()]).await;
-    assert_eq!(
-        room.latest(store).await.messages,
-        vec![want],
-        "replayed create changes nothing"
-    );
+    assert_eq!(room.latest(store).await.messages, vec![want], "replayed create changes nothing");
 
     // Delete before create: the message arrives already a tombstone.
     let room = Room::fresh("early-delete");
@@ -555,28 +448,16 @@ pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
     want.deleted = true;
     assert_eq!(room.latest(store).await.messages, vec![want.clone()]);
     // An edit after the delete (the router refuses these, but a store must stay sane) leaves a bodiless tombstone.
-    room.apply(store, &[room.edit(3, 1, "bob", "late edit"), m1.clone()])
-        .await;
+    room.apply(store, &[room.edit(3, 1, "bob", "late edit"), m1.clone()]).await;
     let page = room.latest(store).await;
     assert_eq!(page.messages.len(), 1);
-    assert!(
-        page.messages[0].deleted && page.messages[0].body.is_none(),
-        "{page:?}"
-    );
+    assert!(page.messages[0].deleted && page.messages[0].body.is_none(), "{page:?}");
 
     // Reactions before create, and remove before add.
     let room = Room::fresh("early-react");
     let m1 = room.msg(1, "carol", "react early");
-    room.apply(
-        store,
-        &[
-            room.react(3, 1, "dave", "🔥", true),
-            room.react(4, 1, "erin", "🔥", false),
-        ],
-    )
-    .await;
-    room.apply(store, &[room.react(2, 1, "dave", "🔥", false)])
-        .await;
+    room.apply(store, &[room.react(3, 1, "dave", "🔥", true), room.react(4, 1, "erin", "🔥", false)]).await;
+    room.apply(store, &[room.react(2, 1, "dave", "🔥", false)]).await;
     assert!(room.latest(store).await.messages.is_empty());
     room.apply(store, std::slice::from_ref(&m1)).await;
     let mut want = created(&m1);
@@ -590,15 +471,7 @@ pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
     // An invisible row must not count towards `more`.
     let room = Room::fresh("ghost");
     let m1 = room.msg(1, "alice", "only one");
-    room.apply(
-        store,
-        &[
-            m1.clone(),
-            room.edit(6, 5, "bob", "ghost edit"),
-            room.react(7, 5, "bob", "x", false),
-        ],
-    )
-    .await;
+    room.apply(store, &[m1.clone(), room.edit(6, 5, "bob", "ghost edit"), room.react(7, 5, "bob", "x", false)]).await;
     let page = room.page(store, None, None, 1).await;
     assert_eq!(page.messages, vec![created(&m1)]);
     assert!(!page.more, "the edit-only row at seq 5 is not a message");
@@ -643,14 +516,7 @@ fn busy_room_events(room: &Room, count: u64) -> Vec<RoomEvent> {
 
 /// The same room re-targeted to another tenant: same events, seqs, timestamps and ids.
 fn retarget(events: &[RoomEvent], to: &Room) -> Vec<RoomEvent> {
-    events
-        .iter()
-        .map(|e| RoomEvent {
-            tenant: to.tenant.clone(),
-            room: to.room.clone(),
-            ..e.clone()
-        })
-        .collect()
+    events.iter().map(|e| RoomEvent { tenant: to.tenant.clone(), room: to.room.clone(), ..e.clone() }).collect()
 }
 
 async fn all_pages_forward<S: HistoryStore>(room: &Room, store: &S, limit: u32) -> Vec<Message> {
@@ -688,11 +554,7 @@ pub async fn idempotent_out_of_order<S: HistoryStore>(store: &S) {
 
     // The whole stream again, in one batch: nothing changes.
     in_order.apply(store, &events).await;
-    assert_eq!(
-        all_pages_forward(&in_order, store, 100).await,
-        reference,
-        "re-apply changed history"
-    );
+    assert_eq!(all_pages_forward(&in_order, store, 100).await, reference, "re-apply changed history");
     assert_eq!(in_order.latest(store).await, reference_latest);
 
     // The same events shuffled, each delivered one to three times, in batches of random sizes.
@@ -717,22 +579,10 @@ pub async fn idempotent_out_of_order<S: HistoryStore>(store: &S) {
         reference,
         "shuffled, duplicated apply differs from in-order apply (shuffle seed {seed:#x})"
     );
-    assert_eq!(
-        shuffled.latest(store).await,
-        reference_latest,
-        "shuffle seed {seed:#x}"
-    );
-    assert_eq!(
-        shuffled.last_seq(store).await,
-        160,
-        "shuffle seed {seed:#x}"
-    );
+    assert_eq!(shuffled.latest(store).await, reference_latest, "shuffle seed {seed:#x}");
+    assert_eq!(shuffled.last_seq(store).await, 160, "shuffle seed {seed:#x}");
     // Small pages walk the same sequence.
-    assert_eq!(
-        all_pages_forward(&shuffled, store, 7).await,
-        reference,
-        "paging by 7 (shuffle seed {seed:#x})"
-    );
+    assert_eq!(all_pages_forward(&shuffled, store, 7).await, reference, "paging by 7 (shuffle seed {seed:#x})");
 }
 
 /// The same room name in two tenants holds two separate histories, reactions and last seqs.
@@ -740,11 +590,8 @@ pub async fn tenant_isolation<S: HistoryStore>(store: &S) {
     let a = Room::fresh("general");
     let b = Room::fresh("general");
     assert_ne!(a.tenant, b.tenant);
-    let a_events = [
-        a.msg(1, "alice", "tenant a one"),
-        a.msg(2, "alice", "tenant a two"),
-        a.msg(3, "alice", "tenant a three"),
-    ];
+    let a_events =
+        [a.msg(1, "alice", "tenant a one"), a.msg(2, "alice", "tenant a two"), a.msg(3, "alice", "tenant a three")];
     let b_events = [
         b.msg(1, "mallory", "tenant b one"),
         b.react(2, 1, "mallory", "😈", false),
@@ -757,11 +604,7 @@ pub async fn tenant_isolation<S: HistoryStore>(store: &S) {
     a.apply(store, &mixed).await;
 
     let page = a.latest(store).await;
-    assert_eq!(
-        page.messages,
-        a_events.iter().map(created).collect::<Vec<_>>(),
-        "tenant a"
-    );
+    assert_eq!(page.messages, a_events.iter().map(created).collect::<Vec<_>>(), "tenant a");
     let page = b.latest(store).await;
     let mut b1 = created(&b_events[0]);
     b1.reactions = reactions(&[("😈", &["mallory"])]);
@@ -833,19 +676,9 @@ pub async fn paging_across_buckets<S: HistoryStore>(store: &S) {
 
     let check = |before: Option<u64>, after: Option<u64>, limit: u32, got: &HistoryPage| {
         let want = reference_page(&all, before, after, limit);
-        assert_eq!(
-            seqs(got),
-            seqs(&want),
-            "seqs for before={before:?} after={after:?} limit={limit}"
-        );
-        assert_eq!(
-            got.more, want.more,
-            "more for before={before:?} after={after:?} limit={limit}"
-        );
-        assert_eq!(
-            got, &want,
-            "page for before={before:?} after={after:?} limit={limit}"
-        );
+        assert_eq!(seqs(got), seqs(&want), "seqs for before={before:?} after={after:?} limit={limit}");
+        assert_eq!(got.more, want.more, "more for before={before:?} after={after:?} limit={limit}");
+        assert_eq!(got, &want, "page for before={before:?} after={after:?} limit={limit}");
     };
 
     // Latest pages.
@@ -946,9 +779,6 @@ pub async fn paging_across_buckets<S: HistoryStore>(store: &S) {
     for (before, after, limit) in cases {
         let got = room.page(store, before, after, limit).await;
         let want = reference_page(&all, before, after, limit);
-        assert_eq!(
-            got, want,
-            "before={before:?} after={after:?} limit={limit} (random seed {seed:#x})"
-        );
+        assert_eq!(got, want, "before={before:?} after={after:?} limit={limit} (random seed {seed:#x})");
     }
 }

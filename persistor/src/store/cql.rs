@@ -54,9 +54,7 @@ pub enum Replication {
 
 impl Default for Replication {
     fn default() -> Self {
-        Replication::Simple {
-            replication_factor: 1,
-        }
+        Replication::Simple { replication_factor: 1 }
     }
 }
 
@@ -129,9 +127,7 @@ pub struct CqlStore {
 
 impl fmt::Debug for CqlStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CqlStore")
-            .field("keyspace", &self.keyspace)
-            .finish_non_exhaustive()
+        f.debug_struct("CqlStore").field("keyspace", &self.keyspace).finish_non_exhaustive()
     }
 }
 
@@ -148,23 +144,19 @@ fn corrupt(what: &str, err: impl fmt::Display) -> StoreError {
 fn check_name(kind: &str, name: &str, allow_dash: bool) -> Result<(), StoreError> {
     let ok = (1..=48).contains(&name.len())
         && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (allow_dash && b == b'-'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || (allow_dash && b == b'-'));
     if ok {
         Ok(())
     } else {
-        Err(StoreError::InvalidQuery(format!(
-            "invalid {kind} name {name:?}"
-        )))
+        Err(StoreError::InvalidQuery(format!("invalid {kind} name {name:?}")))
     }
 }
 
 fn replication_clause(replication: &Replication) -> Result<String, StoreError> {
     match replication {
-        Replication::Simple { replication_factor } => Ok(format!(
-            "{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}"
-        )),
+        Replication::Simple { replication_factor } => {
+            Ok(format!("{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}"))
+        }
         Replication::NetworkTopology { datacenters } => {
             if datacenters.is_empty() {
                 return Err(StoreError::InvalidQuery(
@@ -183,14 +175,12 @@ fn replication_clause(replication: &Replication) -> Result<String, StoreError> {
 
 /// A u64 the store writes as a CQL bigint; larger values are refused as bad data.
 fn to_bigint(what: &str, value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value)
-        .map_err(|_| StoreError::Corrupt(format!("{what} {value} does not fit a CQL bigint")))
+    i64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value} does not fit a CQL bigint")))
 }
 
 /// A bigint read back from the store that must be a non-negative u64.
 fn from_bigint(what: &str, value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value)
-        .map_err(|_| StoreError::Corrupt(format!("negative {what} {value} in store")))
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value} in store")))
 }
 
 /// One write, with its values, bound for one partition.
@@ -221,10 +211,7 @@ impl CqlStore {
         let ks = config.keyspace.to_ascii_lowercase();
         let replication = replication_clause(&config.replication)?;
 
-        let profile = ExecutionProfile::builder()
-            .request_timeout(Some(config.request_timeout))
-            .build()
-            .into_handle();
+        let profile = ExecutionProfile::builder().request_timeout(Some(config.request_timeout)).build().into_handle();
         let session = SessionBuilder::new()
             .known_nodes(&config.nodes)
             .connection_timeout(config.connect_timeout)
@@ -234,9 +221,7 @@ impl CqlStore {
             .map_err(|e| unavailable("cannot connect to the CQL cluster", e))?;
 
         let ddl = [
-            format!(
-                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication} AND durable_writes = true"
-            ),
+            format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication} AND durable_writes = true"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.messages (\
                  tenant text, room text, bucket bigint, seq bigint, \
@@ -273,19 +258,13 @@ impl CqlStore {
                 "INSERT INTO {ks}.messages (tenant, room, bucket, seq, id, sender, body, attrs, reply_to, ts_us) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ),
-            format!(
-                "UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited_us = ? WHERE {key} AND seq = ?"
-            ),
-            format!(
-                "UPDATE {ks}.messages USING TIMESTAMP ? SET deleted = true, body = null WHERE {key} AND seq = ?"
-            ),
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited_us = ? WHERE {key} AND seq = ?"),
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET deleted = true, body = null WHERE {key} AND seq = ?"),
             format!(
                 "UPDATE {ks}.reactions USING TIMESTAMP ? SET removed = ? \
                  WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
             ),
-            format!(
-                "UPDATE {ks}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"
-            ),
+            format!("UPDATE {ks}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"),
             format!("SELECT last_seq FROM {ks}.room_progress WHERE tenant = ? AND room = ?"),
             format!(
                 "SELECT {columns} FROM {ks}.messages WHERE {key} AND seq > ? AND seq < ? \
@@ -302,19 +281,14 @@ impl CqlStore {
         ];
         let mut prepared = Vec::with_capacity(texts.len());
         for text in texts {
-            let mut statement = session
-                .prepare(text)
-                .await
-                .map_err(|e| unavailable("cannot prepare a history statement", e))?;
+            let mut statement =
+                session.prepare(text).await.map_err(|e| unavailable("cannot prepare a history statement", e))?;
             // Every statement is a read or a timestamped write, so a retry after a timeout is harmless.
             statement.set_is_idempotent(true);
             prepared.push(statement);
         }
         let mut it = prepared.into_iter();
-        let mut next = || {
-            it.next()
-                .ok_or_else(|| StoreError::Unavailable("statement list exhausted".into()))
-        };
+        let mut next = || it.next().ok_or_else(|| StoreError::Unavailable("statement list exhausted".into()));
         let statements = Statements {
             insert_msg: next()?,
             edit: next()?,
@@ -348,13 +322,7 @@ impl CqlStore {
         let seq = to_bigint("seq", event.seq)?;
         let key_bytes = tenant.len() + room.len() + 32;
         let write = match &event.body {
-            EventBody::Msg {
-                id,
-                from,
-                body,
-                attrs,
-                reply_to,
-            } => {
+            EventBody::Msg { id, from, body, attrs, reply_to } => {
                 let attrs = attrs
                     .as_ref()
                     .map(serde_json::to_string)
@@ -382,57 +350,27 @@ impl CqlStore {
                 );
                 Some((
                     ("messages", tenant, room, bucket),
-                    Write {
-                        statement: st.insert_msg.clone(),
-                        values: Box::new(values),
-                        bytes,
-                    },
+                    Write { statement: st.insert_msg.clone(), values: Box::new(values), bytes },
                 ))
             }
             EventBody::Edit { target, body, .. } => {
                 let bucket = bucket_of(*target);
-                let values = (
-                    ts,
-                    body.clone(),
-                    ts,
-                    tenant.clone(),
-                    room.clone(),
-                    bucket as i64,
-                    to_bigint("target", *target)?,
-                );
+                let values =
+                    (ts, body.clone(), ts, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
                 Some((
                     ("messages", tenant, room, bucket),
-                    Write {
-                        statement: st.edit.clone(),
-                        values: Box::new(values),
-                        bytes: key_bytes + body.len(),
-                    },
+                    Write { statement: st.edit.clone(), values: Box::new(values), bytes: key_bytes + body.len() },
                 ))
             }
             EventBody::Delete { target, .. } => {
                 let bucket = bucket_of(*target);
-                let values = (
-                    ts,
-                    tenant.clone(),
-                    room.clone(),
-                    bucket as i64,
-                    to_bigint("target", *target)?,
-                );
+                let values = (ts, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
                 Some((
                     ("messages", tenant, room, bucket),
-                    Write {
-                        statement: st.delete.clone(),
-                        values: Box::new(values),
-                        bytes: key_bytes,
-                    },
+                    Write { statement: st.delete.clone(), values: Box::new(values), bytes: key_bytes },
                 ))
             }
-            EventBody::Reaction {
-                target,
-                user,
-                emoji,
-                removed,
-            } => {
+            EventBody::Reaction { target, user, emoji, removed } => {
                 let bucket = bucket_of(*target);
                 let values = (
                     ts,
@@ -476,10 +414,7 @@ impl CqlStore {
             batch.append_statement(write.statement);
             values.push(write.values);
         }
-        self.session
-            .batch(&batch, values)
-            .await
-            .map_err(|e| unavailable("history batch write failed", e))?;
+        self.session.batch(&batch, values).await.map_err(|e| unavailable("history batch write failed", e))?;
         Ok(())
     }
 
@@ -498,12 +433,8 @@ impl CqlStore {
             .execute_unpaged(&self.statements.select_progress, (tenant, room))
             .await
             .map_err(|e| unavailable("last seq read failed", e))?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| corrupt("last seq read returned no rows result", e))?;
-        let row = rows
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| corrupt("undecodable room progress row", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("last seq read returned no rows result", e))?;
+        let row = rows.maybe_first_row::<(Option<i64>,)>().map_err(|e| corrupt("undecodable room progress row", e))?;
         match row {
             Some((Some(seq),)) => from_bigint("last_seq", seq),
             _ => Ok(0),
@@ -520,23 +451,15 @@ impl CqlStore {
         want: usize,
         ascending: bool,
     ) -> Result<Vec<MessageRow>, StoreError> {
-        let statement = if ascending {
-            &self.statements.select_asc
-        } else {
-            &self.statements.select_desc
-        };
+        let statement = if ascending { &self.statements.select_asc } else { &self.statements.select_desc };
         let limit = i32::try_from(want).unwrap_or(i32::MAX);
         let result = self
             .session
             .execute_unpaged(statement, (tenant, room, bucket as i64, lo, hi, limit))
             .await
             .map_err(|e| unavailable("history read failed", e))?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| corrupt("history read returned no rows result", e))?;
-        let iter = rows
-            .rows::<RawMessageRow>()
-            .map_err(|e| corrupt("history rows have unexpected types", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("history read returned no rows result", e))?;
+        let iter = rows.rows::<RawMessageRow>().map_err(|e| corrupt("history rows have unexpected types", e))?;
         let mut out = Vec::with_capacity(want);
         for row in iter {
             let row = row.map_err(|e| corrupt("undecodable history row", e))?;
@@ -556,10 +479,7 @@ impl CqlStore {
     ) -> Result<HashMap<u64, BTreeMap<String, Vec<UserId>>>, StoreError> {
         let pager = self
             .session
-            .execute_iter(
-                self.statements.select_reactions.clone(),
-                (tenant, room, bucket as i64, first, last),
-            )
+            .execute_iter(self.statements.select_reactions.clone(), (tenant, room, bucket as i64, first, last))
             .await
             .map_err(|e| unavailable("reactions read failed", e))?;
         let mut stream = pager
@@ -568,9 +488,7 @@ impl CqlStore {
         let mut out: HashMap<u64, BTreeMap<String, Vec<UserId>>> = HashMap::new();
         while let Some(row) = stream.next().await {
             let (target, emoji, reactor, removed) = row.map_err(|e| match e {
-                scylla::errors::NextRowError::NextPageError(e) => {
-                    unavailable("reactions read failed", e)
-                }
+                scylla::errors::NextRowError::NextPageError(e) => unavailable("reactions read failed", e),
                 other => corrupt("undecodable reaction row", other),
             })?;
             if removed.unwrap_or(true) {
@@ -578,11 +496,7 @@ impl CqlStore {
             }
             let target = from_bigint("reaction target", target)?;
             let user = UserId::parse(&reactor).map_err(|e| corrupt("reaction user", e))?;
-            out.entry(target)
-                .or_default()
-                .entry(emoji)
-                .or_default()
-                .push(user);
+            out.entry(target).or_default().entry(emoji).or_default().push(user);
         }
         for users in out.values_mut().flat_map(|m| m.values_mut()) {
             users.sort();
@@ -595,10 +509,7 @@ impl CqlStore {
         let tenant = query.tenant.as_str();
         let room = query.room.as_str();
         let limit = query.limit as usize;
-        let empty = HistoryPage {
-            messages: Vec::new(),
-            more: false,
-        };
+        let empty = HistoryPage { messages: Vec::new(), more: false };
 
         // Inclusive seq range [first, last] the query covers, bounded by the room's last seq.
         let first = match query.after {
@@ -634,9 +545,7 @@ impl CqlStore {
             let (mut lo_b, mut hi_b) = (lo, hi);
             loop {
                 let want = limit + 1 - picked.len();
-                let rows = self
-                    .scan(tenant, room, bucket, (lo_b, hi_b), want, ascending)
-                    .await?;
+                let rows = self.scan(tenant, room, bucket, (lo_b, hi_b), want, ascending).await?;
                 let exhausted = rows.len() < want;
                 for row in rows {
                     if ascending {
@@ -671,9 +580,7 @@ impl CqlStore {
             while j + 1 < picked.len() && bucket_of(picked[j + 1].seq) == bucket {
                 j += 1;
             }
-            let folded = self
-                .reactions(tenant, room, bucket, picked[i].seq_i64, picked[j].seq_i64)
-                .await?;
+            let folded = self.reactions(tenant, room, bucket, picked[i].seq_i64, picked[j].seq_i64).await?;
             reactions.extend(folded);
             i = j + 1;
         }
@@ -748,9 +655,7 @@ impl MessageRow {
                 reply_to: reply_to.map(|r| from_bigint("reply_to", r)).transpose()?,
             }),
             (Some(_), _, _) => {
-                return Err(StoreError::Corrupt(format!(
-                    "message at seq {seq} has an id but no sender or time"
-                )))
+                return Err(StoreError::Corrupt(format!("message at seq {seq} has an id but no sender or time")))
             }
         };
         Ok(MessageRow {
@@ -763,10 +668,7 @@ impl MessageRow {
         })
     }
 
-    fn into_message(
-        self,
-        reactions: BTreeMap<String, Vec<UserId>>,
-    ) -> Result<Option<Message>, StoreError> {
+    fn into_message(self, reactions: BTreeMap<String, Vec<UserId>>) -> Result<Option<Message>, StoreError> {
         let Some(create) = self.create else {
             return Ok(None);
         };
@@ -777,10 +679,7 @@ impl MessageRow {
             .transpose()
             .map_err(|e| corrupt(&format!("undecodable attrs at seq {}", self.seq), e))?;
         if !self.deleted && self.body.is_none() {
-            return Err(StoreError::Corrupt(format!(
-                "message at seq {} has no body and is not deleted",
-                self.seq
-            )));
+            return Err(StoreError::Corrupt(format!("message at seq {} has no body and is not deleted", self.seq)));
         }
         Ok(Some(Message {
             seq: self.seq,
@@ -807,9 +706,7 @@ impl HistoryStore for CqlStore {
         for event in events {
             let seq = to_bigint("seq", event.seq)?;
             let ts = to_bigint("ts_us", event.ts_us)?;
-            let newest = progress
-                .entry((event.tenant.to_string(), event.room.to_string()))
-                .or_insert((seq, ts));
+            let newest = progress.entry((event.tenant.to_string(), event.room.to_string())).or_insert((seq, ts));
             if seq > newest.0 {
                 *newest = (seq, ts);
             }
@@ -832,8 +729,7 @@ impl HistoryStore for CqlStore {
             let mut bytes = 0;
             for write in writes {
                 if !current.is_empty()
-                    && (current.len() >= MAX_BATCH_STATEMENTS
-                        || bytes + write.bytes > MAX_BATCH_BYTES)
+                    && (current.len() >= MAX_BATCH_STATEMENTS || bytes + write.bytes > MAX_BATCH_BYTES)
                 {
                     groups.push(std::mem::take(&mut current));
                     bytes = 0;

@@ -75,11 +75,10 @@ struct StoredRow {
 impl StoredRow {
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.split_first() {
-            Some((&ROW_FORMAT, rest)) => rmp_serde::from_slice(rest)
-                .map_err(|e| StoreError::Corrupt(format!("undecodable message row: {e}"))),
-            Some((other, _)) => Err(StoreError::Corrupt(format!(
-                "message row in unknown format {other}"
-            ))),
+            Some((&ROW_FORMAT, rest)) => {
+                rmp_serde::from_slice(rest).map_err(|e| StoreError::Corrupt(format!("undecodable message row: {e}")))
+            }
+            Some((other, _)) => Err(StoreError::Corrupt(format!("message row in unknown format {other}"))),
             None => Err(StoreError::Corrupt("empty message row".into())),
         }
     }
@@ -95,13 +94,7 @@ impl StoredRow {
     fn absorb(&mut self, event: &RoomEvent) -> Result<bool, StoreError> {
         let ts = event.ts_us;
         match &event.body {
-            EventBody::Msg {
-                id,
-                from,
-                body,
-                attrs,
-                reply_to,
-            } => {
+            EventBody::Msg { id, from, body, attrs, reply_to } => {
                 if self.create.as_ref().is_some_and(|c| c.ts_us >= ts) {
                     return Ok(false);
                 }
@@ -124,10 +117,7 @@ impl StoredRow {
                 if self.edit.as_ref().is_some_and(|e| e.ts_us >= ts) {
                     return Ok(false);
                 }
-                self.edit = Some(StoredEdit {
-                    ts_us: ts,
-                    body: body.clone(),
-                });
+                self.edit = Some(StoredEdit { ts_us: ts, body: body.clone() });
                 Ok(true)
             }
             EventBody::Delete { .. } => {
@@ -137,18 +127,12 @@ impl StoredRow {
                 self.delete_ts_us = Some(ts);
                 Ok(true)
             }
-            EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => {
-                Ok(false)
-            }
+            EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => Ok(false),
         }
     }
 
     /// The message as history shows it, or `None` while the creating `msg` is missing.
-    fn to_message(
-        &self,
-        seq: u64,
-        reactions: BTreeMap<String, Vec<UserId>>,
-    ) -> Result<Option<Message>, StoreError> {
+    fn to_message(&self, seq: u64, reactions: BTreeMap<String, Vec<UserId>>) -> Result<Option<Message>, StoreError> {
         let Some(create) = &self.create else {
             return Ok(None);
         };
@@ -186,9 +170,7 @@ impl StoredRow {
 fn db_err(err: impl Into<redb::Error>) -> StoreError {
     match err.into() {
         redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
-        redb::Error::UpgradeRequired(v) => {
-            StoreError::Corrupt(format!("database file format {v} needs an upgrade"))
-        }
+        redb::Error::UpgradeRequired(v) => StoreError::Corrupt(format!("database file format {v} needs an upgrade")),
         other => StoreError::Unavailable(other.to_string()),
     }
 }
@@ -204,9 +186,7 @@ pub struct EmbeddedStore {
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("EmbeddedStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -214,15 +194,10 @@ impl EmbeddedStore {
     /// Open (creating when missing) the database at `path`. When `path` is an existing directory, the file
     /// [`DEFAULT_FILE_NAME`] inside it is used. Blocks while redb opens (and, after a crash, repairs) the file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let file = if path.is_dir() {
-            path.join(DEFAULT_FILE_NAME)
-        } else {
-            path.to_path_buf()
-        };
+        let file = if path.is_dir() { path.join(DEFAULT_FILE_NAME) } else { path.to_path_buf() };
         if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
         }
         let db = Database::create(&file).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
@@ -230,10 +205,7 @@ impl EmbeddedStore {
         txn.open_table(REACTIONS).map_err(db_err)?;
         txn.open_table(ROOMS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
-        Ok(EmbeddedStore {
-            db: Arc::new(db),
-            path: file,
-        })
+        Ok(EmbeddedStore { db: Arc::new(db), path: file })
     }
 
     /// The database file in use.
@@ -263,11 +235,7 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
             let tenant = event.tenant.as_str();
             let room = event.room.as_str();
 
-            let last = rooms
-                .get((tenant, room))
-                .map_err(db_err)?
-                .map(|g| g.value())
-                .unwrap_or(0);
+            let last = rooms.get((tenant, room)).map_err(db_err)?.map(|g| g.value()).unwrap_or(0);
             if event.seq > last {
                 rooms.insert((tenant, room), event.seq).map_err(db_err)?;
             }
@@ -275,26 +243,17 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
             let row_seq = match &event.body {
                 EventBody::Msg { .. } => Some(event.seq),
                 EventBody::Edit { target, .. } | EventBody::Delete { target, .. } => Some(*target),
-                EventBody::Reaction {
-                    target,
-                    user,
-                    emoji,
-                    removed,
-                } => {
+                EventBody::Reaction { target, user, emoji, removed } => {
                     let key = (tenant, room, *target, emoji.as_str(), user.as_str());
                     let current = reactions.get(key).map_err(db_err)?.map(|g| g.value());
                     // Later event wins; on an equal timestamp (the same event again) removal wins, which keeps the
                     // outcome independent of order and matches Cassandra's tie-break on the larger value.
                     let wins = match current {
                         None => true,
-                        Some((ts, was_removed)) => {
-                            event.ts_us > ts || (event.ts_us == ts && *removed && !was_removed)
-                        }
+                        Some((ts, was_removed)) => event.ts_us > ts || (event.ts_us == ts && *removed && !was_removed),
                     };
                     if wins {
-                        reactions
-                            .insert(key, (event.ts_us, *removed))
-                            .map_err(db_err)?;
+                        reactions.insert(key, (event.ts_us, *removed)).map_err(db_err)?;
                     }
                     None
                 }
@@ -343,11 +302,7 @@ fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, 
 
     // Walk from the end the query starts at, skipping rows that are not messages yet, until one past the page.
     let ascending = query.after.is_some();
-    let rows: Box<dyn Iterator<Item = _>> = if ascending {
-        Box::new(range)
-    } else {
-        Box::new(range.rev())
-    };
+    let rows: Box<dyn Iterator<Item = _>> = if ascending { Box::new(range) } else { Box::new(range.rev()) };
     let mut picked: Vec<(u64, StoredRow)> = Vec::with_capacity(limit);
     let mut more = false;
     for entry in rows {
@@ -373,10 +328,7 @@ fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, 
             out.push(message);
         }
     }
-    Ok(HistoryPage {
-        messages: out,
-        more,
-    })
+    Ok(HistoryPage { messages: out, more })
 }
 
 /// The users currently reacting to one message, by emoji, users sorted; emojis with nobody left are omitted.
@@ -398,8 +350,7 @@ fn reactions_of(
         if removed {
             continue;
         }
-        let user = UserId::parse(user)
-            .map_err(|e| StoreError::Corrupt(format!("reaction user at seq {seq}: {e}")))?;
+        let user = UserId::parse(user).map_err(|e| StoreError::Corrupt(format!("reaction user at seq {seq}: {e}")))?;
         out.entry(emoji.to_owned()).or_default().push(user);
     }
     // Keys are ordered by (emoji, user) within a message, so every user list is already sorted.
@@ -407,20 +358,13 @@ fn reactions_of(
 }
 
 fn empty_page() -> HistoryPage {
-    HistoryPage {
-        messages: Vec::new(),
-        more: false,
-    }
+    HistoryPage { messages: Vec::new(), more: false }
 }
 
 fn last_seq_blocking(db: &Database, tenant: &str, room: &str) -> Result<u64, StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
     let rooms = txn.open_table(ROOMS).map_err(db_err)?;
-    Ok(rooms
-        .get((tenant, room))
-        .map_err(db_err)?
-        .map(|g| g.value())
-        .unwrap_or(0))
+    Ok(rooms.get((tenant, room)).map_err(db_err)?.map(|g| g.value()).unwrap_or(0))
 }
 
 impl HistoryStore for EmbeddedStore {
@@ -441,7 +385,6 @@ impl HistoryStore for EmbeddedStore {
     async fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> Result<u64, StoreError> {
         let tenant = tenant.to_string();
         let room = room.to_string();
-        self.blocking(move |db| last_seq_blocking(db, &tenant, &room))
-            .await
+        self.blocking(move |db| last_seq_blocking(db, &tenant, &room)).await
     }
 }

@@ -58,17 +58,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     fn apply(&self, events: &[RoomEvent]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// One page of a room's messages (events of kind `msg`, with their edits, deletes and reactions folded in).
-    fn history(
-        &self,
-        query: &HistoryQuery,
-    ) -> impl Future<Output = Result<HistoryPage, StoreError>> + Send;
+    fn history(&self, query: &HistoryQuery) -> impl Future<Output = Result<HistoryPage, StoreError>> + Send;
 
     /// The highest seq of any event applied for the room, 0 when none.
-    fn last_seq(
-        &self,
-        tenant: &ProjectId,
-        room: &RoomId,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// Refuse a page size outside 1..=100, before any backend work.
@@ -76,8 +69,6 @@ pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     if (1..=100).contains(&limit) {
         Ok(())
     } else {
-        Err(StoreError::InvalidQuery(format!(
-            "limit {limit} is outside 1..=100"
-        )))
+        Err(StoreError::InvalidQuery(format!("limit {limit} is outside 1..=100")))
     }
 }

@@ -33,28 +33,16 @@ impl Fake {
         let seen = Arc::new(StdMutex::new(None));
         let seen_in_callback = Arc::clone(&seen);
         let callback = move |request: &ServerRequest, mut response: ServerResponse| {
-            *seen_in_callback.lock().unwrap() =
-                Some((request.uri().to_string(), request.headers().clone()));
+            *seen_in_callback.lock().unwrap() = Some((request.uri().to_string(), request.headers().clone()));
             if let Some(protocol) = selected {
-                response
-                    .headers_mut()
-                    .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+                response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
             }
             Ok::<_, ErrorResponse>(response)
         };
-        let ws = tokio_tungstenite::accept_hdr_async(io, callback)
-            .await
-            .unwrap();
+        let ws = tokio_tungstenite::accept_hdr_async(io, callback).await.unwrap();
         let (uri, headers) = seen.lock().unwrap().take().unwrap();
-        let format = selected
-            .and_then(Format::from_subprotocol)
-            .unwrap_or(Format::Json);
-        Fake {
-            ws,
-            format,
-            uri,
-            headers,
-        }
+        let format = selected.and_then(Format::from_subprotocol).unwrap_or(Format::Json);
+        Fake { ws, format, uri, headers }
     }
 
     async fn send(&mut self, frame: Value) {
@@ -95,23 +83,16 @@ impl Fake {
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
         self.ws.close(Some(frame)).await.unwrap();
     }
 
     /// Read until the client's close frame; its code.
     async fn expect_close(&mut self) -> u16 {
         loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a close from the client");
+            let message = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a close from the client");
             match message {
-                Some(Ok(WsMessage::Close(frame))) => {
-                    return frame.map(|f| u16::from(f.code)).unwrap_or(1005)
-                }
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)).unwrap_or(1005),
                 Some(Ok(_)) => continue,
                 other => panic!("no close frame: {other:?}"),
             }
@@ -138,18 +119,9 @@ fn opts(auth: Auth) -> ConnectOptions {
 
 #[test]
 fn query_tokens_are_appended_and_encoded() {
-    assert_eq!(
-        with_query_token("ws://h/v1/ws", "sytok_abc"),
-        "ws://h/v1/ws?token=sytok_abc"
-    );
-    assert_eq!(
-        with_query_token("ws://h/v1/ws?x=1", "a b/c+d"),
-        "ws://h/v1/ws?x=1&token=a%20b%2Fc%2Bd"
-    );
-    assert_eq!(
-        with_query_token("ws://h/v1/ws?", "t.u-v_w~"),
-        "ws://h/v1/ws?token=t.u-v_w~"
-    );
+    assert_eq!(with_query_token("ws://h/v1/ws", "sytok_abc"), "ws://h/v1/ws?token=sytok_abc");
+    assert_eq!(with_query_token("ws://h/v1/ws?x=1", "a b/c+d"), "ws://h/v1/ws?x=1&token=a%20b%2Fc%2Bd");
+    assert_eq!(with_query_token("ws://h/v1/ws?", "t.u-v_w~"), "ws://h/v1/ws?token=t.u-v_w~");
     assert_eq!(with_query_token("ws://h/p#f", "t"), "ws://h/p?token=t#f");
 }
 
@@ -159,10 +131,7 @@ fn requests_carry_auth_subprotocols_and_origin() {
     options.origin = Some("https://app.example".into());
     let request = build_request(&options).unwrap();
     assert_eq!(request.headers()[AUTHORIZATION], "Bearer tok");
-    assert_eq!(
-        request.headers()[SEC_WEBSOCKET_PROTOCOL],
-        SUBPROTOCOL_MSGPACK
-    );
+    assert_eq!(request.headers()[SEC_WEBSOCKET_PROTOCOL], SUBPROTOCOL_MSGPACK);
     assert_eq!(request.headers()[ORIGIN], "https://app.example");
     assert_eq!(tcp_address(&request).unwrap(), "gateway.test:8080");
 
@@ -178,15 +147,9 @@ fn requests_carry_auth_subprotocols_and_origin() {
     assert!(request.headers().get(SEC_WEBSOCKET_PROTOCOL).is_none());
 
     let wss = ConnectOptions::new("wss://h/v1/ws", Auth::None);
-    assert!(matches!(
-        build_request(&wss),
-        Err(ClientError::Handshake(_))
-    ));
+    assert!(matches!(build_request(&wss), Err(ClientError::Handshake(_))));
     let bad = ConnectOptions::new("ws://h/v1/ws", Auth::Header("a\nb".into()));
-    assert!(matches!(
-        build_request(&bad),
-        Err(ClientError::Handshake(_))
-    ));
+    assert!(matches!(build_request(&bad), Err(ClientError::Handshake(_))));
 }
 
 #[tokio::test]
@@ -204,16 +167,11 @@ async fn json_session_requests_events_and_hello() {
 
     let server = async {
         let (rid, op) = fake.recv_op().await;
-        assert!(
-            matches!(op, ClientOp::Join { ref room, since: Some(3) } if room.as_str() == "general")
-        );
-        fake.send(
-            json!({"op": "msg", "room": "general", "seq": 4, "id": "01HZZZZZZZZZZZZZZZZZZZZZZZ",
-                         "from": "bob", "body": "replayed", "ts": 10}),
-        )
-        .await;
-        fake.send(json!({"op": "ok", "rid": rid, "room": "general", "seq": 4}))
+        assert!(matches!(op, ClientOp::Join { ref room, since: Some(3) } if room.as_str() == "general"));
+        fake.send(json!({"op": "msg", "room": "general", "seq": 4, "id": "01HZZZZZZZZZZZZZZZZZZZZZZZ",
+                         "from": "bob", "body": "replayed", "ts": 10}))
             .await;
+        fake.send(json!({"op": "ok", "rid": rid, "room": "general", "seq": 4})).await;
     };
     let (joined, ()) = tokio::join!(client.join("general", Some(3)), server);
     assert_eq!(joined.unwrap(), 4);
@@ -229,15 +187,11 @@ async fn json_session_requests_events_and_hello() {
         let (rid_a, _) = fake.recv_op().await;
         let (rid_b, _) = fake.recv_op().await;
         assert_ne!(rid_a, rid_b);
-        fake.send(json!({"op": "ok", "rid": rid_b, "rooms": []}))
-            .await;
-        fake.send(json!({"op": "err", "rid": rid_a, "code": "not_found", "message": "no room"}))
-            .await;
+        fake.send(json!({"op": "ok", "rid": rid_b, "rooms": []})).await;
+        fake.send(json!({"op": "err", "rid": rid_a, "code": "not_found", "message": "no room"})).await;
     };
     let (a, b, ()) = tokio::join!(
-        client.request(ClientOp::Members {
-            room: RoomId::parse("general").unwrap()
-        }),
+        client.request(ClientOp::Members { room: RoomId::parse("general").unwrap() }),
         async {
             // Make sure the first request is queued first.
             tokio::task::yield_now().await;
@@ -246,9 +200,7 @@ async fn json_session_requests_events_and_hello() {
         server
     );
     assert_eq!(a.unwrap().error_code(), Some(ErrorCode::NotFound));
-    let Reply::Ok(fields) = b.unwrap() else {
-        panic!("rooms failed")
-    };
+    let Reply::Ok(fields) = b.unwrap() else { panic!("rooms failed") };
     assert_eq!(fields["rooms"], json!([]));
 }
 
@@ -263,32 +215,20 @@ async fn msgpack_session_uses_binary_frames() {
     let server = async {
         let (rid, op) = fake.recv_op().await;
         assert!(matches!(op, ClientOp::Send { ref body, .. } if body == "hi"));
-        fake.send(
-            json!({"op": "ok", "rid": rid, "room": "general", "id": "01HZZZZZZZZZZZZZZZZZZZZZZZ",
-                         "seq": 7, "ts": 1234}),
-        )
-        .await;
-        let (rid, op) = fake.recv_op().await;
-        assert!(matches!(op, ClientOp::Create { private: true, .. }));
-        fake.send(json!({"op": "err", "rid": rid, "code": "conflict", "message": "exists"}))
+        fake.send(json!({"op": "ok", "rid": rid, "room": "general", "id": "01HZZZZZZZZZZZZZZZZZZZZZZZ",
+                         "seq": 7, "ts": 1234}))
             .await;
         let (rid, op) = fake.recv_op().await;
-        assert!(matches!(
-            op,
-            ClientOp::History {
-                limit: Some(2),
-                after: Some(1),
-                before: None,
-                ..
-            }
-        ));
+        assert!(matches!(op, ClientOp::Create { private: true, .. }));
+        fake.send(json!({"op": "err", "rid": rid, "code": "conflict", "message": "exists"})).await;
+        let (rid, op) = fake.recv_op().await;
+        assert!(matches!(op, ClientOp::History { limit: Some(2), after: Some(1), before: None, .. }));
         fake.send(json!({"op": "ok", "rid": rid, "room": "general", "more": true, "messages": [
             {"seq": 2, "id": "01HZZZZZZZZZZZZZZZZZZZZZZZ", "from": "bob", "body": "x", "ts": 5},
             {"seq": 3, "id": "01HZZZZZZZZZZZZZZZZZZZZZZY", "from": "bob", "ts": 6, "deleted": true},
         ]}))
         .await;
-        fake.send(json!({"op": "typing", "room": "general", "user": "bob"}))
-            .await;
+        fake.send(json!({"op": "typing", "room": "general", "user": "bob"})).await;
     };
     let client_side = async {
         let sent = client.send("general", "hi").await.unwrap();
@@ -299,19 +239,13 @@ async fn msgpack_session_uses_binary_frames() {
             }
             other => panic!("expected conflict, got {other:?}"),
         }
-        let (messages, more) = client
-            .history("general", None, Some(1), Some(2))
-            .await
-            .unwrap();
+        let (messages, more) = client.history("general", None, Some(1), Some(2)).await.unwrap();
         assert!(more);
         assert_eq!(messages.len(), 2);
         assert!(messages[1].deleted && messages[1].body.is_none());
     };
     tokio::join!(client_side, server);
-    assert!(matches!(
-        client.next_event_timeout(WAIT).await,
-        Some(ServerEvent::Typing { .. })
-    ));
+    assert!(matches!(client.next_event_timeout(WAIT).await, Some(ServerEvent::Typing { .. })));
 }
 
 #[tokio::test]
@@ -328,17 +262,10 @@ async fn query_and_first_frame_auth() {
         first
     });
     let options = opts(Auth::FirstFrame("tok".into())).with_format(Format::MsgPack);
-    let client = Client::handshake(&options, build_request(&options).unwrap(), client_io)
-        .await
-        .unwrap();
+    let client = Client::handshake(&options, build_request(&options).unwrap(), client_io).await.unwrap();
     let (rid, op) = server.await.unwrap();
     assert_eq!(rid, None);
-    assert_eq!(
-        op,
-        ClientOp::Auth {
-            token: "tok".into()
-        }
-    );
+    assert_eq!(op, ClientOp::Auth { token: "tok".into() });
     assert_eq!(client.hello().user.as_str(), "alice");
 }
 
@@ -389,8 +316,7 @@ async fn close_before_hello_is_reported() {
     let server = tokio::spawn(async move {
         let mut fake = Fake::accept(server_io, Some(SUBPROTOCOL_JSON)).await;
         let _auth = fake.recv_op().await;
-        fake.send(json!({"op": "err", "code": "unauthorized", "message": "bad token"}))
-            .await;
+        fake.send(json!({"op": "err", "code": "unauthorized", "message": "bad token"})).await;
         fake.close(4001, "unauthenticated").await;
         // Keep the stream alive until the client answers the close.
         while let Some(Ok(_)) = fake.ws.next().await {}
@@ -408,16 +334,11 @@ async fn close_before_hello_is_reported() {
 async fn unmatched_replies_malformed_frames_and_pings() {
     let (client, mut fake) = session(opts(Auth::None), Some(SUBPROTOCOL_JSON)).await;
     fake.ws.send(WsMessage::text("{not json")).await.unwrap();
-    fake.ws
-        .send(WsMessage::binary(vec![0xc1, 0xff]))
-        .await
-        .unwrap();
-    fake.send(json!({"op": "err", "code": "bad_request", "message": "frame is not valid JSON"}))
-        .await;
+    fake.ws.send(WsMessage::binary(vec![0xc1, 0xff])).await.unwrap();
+    fake.send(json!({"op": "err", "code": "bad_request", "message": "frame is not valid JSON"})).await;
     fake.send(json!({"op": "ok", "rid": 424242})).await;
     fake.send(json!({"op": "ping"})).await;
-    fake.send(json!({"op": "read", "room": "r", "user": "bob", "seq": 2}))
-        .await;
+    fake.send(json!({"op": "read", "room": "r", "user": "bob", "seq": 2})).await;
 
     let orphan = client.next_unmatched_timeout(WAIT).await.unwrap();
     assert_eq!(orphan.op, "err");
@@ -428,10 +349,7 @@ async fn unmatched_replies_malformed_frames_and_pings() {
 
     let pong: Value = serde_json::from_slice(&fake.recv_bytes().await).unwrap();
     assert_eq!(pong, json!({"op": "pong"}));
-    assert!(matches!(
-        client.next_event_timeout(WAIT).await,
-        Some(ServerEvent::Read { seq: 2, .. })
-    ));
+    assert!(matches!(client.next_event_timeout(WAIT).await, Some(ServerEvent::Read { seq: 2, .. })));
 
     // Raw frames go out untouched.
     client.send_raw_text("garbage".into()).await.unwrap();
@@ -446,8 +364,7 @@ async fn unmatched_replies_malformed_frames_and_pings() {
         let bytes = fake.recv_bytes().await;
         let value: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value["op"], "fly");
-        fake.send(json!({"op": "err", "rid": value["rid"], "code": "bad_request", "message": "unknown op"}))
-            .await;
+        fake.send(json!({"op": "err", "rid": value["rid"], "code": "bad_request", "message": "unknown op"})).await;
     });
     assert_eq!(reply.unwrap().error_code(), Some(ErrorCode::BadRequest));
 }
@@ -455,9 +372,7 @@ async fn unmatched_replies_malformed_frames_and_pings() {
 #[tokio::test]
 async fn late_replies_become_unmatched() {
     let (client, mut fake) = session(opts(Auth::None), Some(SUBPROTOCOL_JSON)).await;
-    let result = client
-        .request_with_timeout(ClientOp::Ping, Duration::from_millis(50))
-        .await;
+    let result = client.request_with_timeout(ClientOp::Ping, Duration::from_millis(50)).await;
     assert!(matches!(result, Err(ClientError::Timeout(_))));
     let (rid, op) = fake.recv_op().await;
     assert_eq!(op, ClientOp::Ping);
@@ -478,10 +393,8 @@ async fn bye_and_server_close_are_recorded() {
     let server = async {
         let (rid, _) = fake.recv_op().await;
         assert!(rid.is_some());
-        fake.send(json!({"op": "presence", "user": "bob", "online": true, "ts": 1}))
-            .await;
-        fake.send(json!({"op": "bye", "code": 4009, "reason": "slow consumer"}))
-            .await;
+        fake.send(json!({"op": "presence", "user": "bob", "online": true, "ts": 1})).await;
+        fake.send(json!({"op": "bye", "code": 4009, "reason": "slow consumer"})).await;
         fake.close(4009, "slow consumer").await;
         while let Some(Ok(_)) = fake.ws.next().await {}
     };
@@ -495,19 +408,9 @@ async fn bye_and_server_close_are_recorded() {
     assert_eq!(info.bye.unwrap().code, 4009);
     assert!(client.is_closed());
     // Events that arrived before the close are still delivered, then the stream ends.
-    assert!(matches!(
-        client.next_event().await,
-        Some(ServerEvent::Presence { online: true, .. })
-    ));
+    assert!(matches!(client.next_event().await, Some(ServerEvent::Presence { online: true, .. })));
     assert_eq!(client.next_event().await, None);
-    assert_eq!(
-        client
-            .request(ClientOp::Rooms)
-            .await
-            .unwrap_err()
-            .close_code(),
-        Some(4009)
-    );
+    assert_eq!(client.request(ClientOp::Rooms).await.unwrap_err().close_code(), Some(4009));
 }
 
 #[tokio::test]
