@@ -9,7 +9,7 @@ use std::time::Duration;
 use switchyard_protocol::limits;
 
 /// Everything a gateway needs to start.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Where to listen for HTTP and WebSocket; port 0 picks a free port.
@@ -44,6 +44,60 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Most events one `join {since}` replays; a longer gap is answered `resume_gap`.
     pub resume_max_events: u64,
+    /// Rate-limited ops a connection may run into within `abuse_window_ms` before it is closed with 4008.
+    pub abuse_limit: u32,
+    pub abuse_window_ms: u64,
+    /// Default fleet-wide message rate (and burst) per tenant, counted in Redis; 0 disables it. Tenants may have
+    /// their own (admin API).
+    pub tenant_msgs_per_sec: u32,
+    pub tenant_msgs_burst: u32,
+    /// Default cap on one tenant's live sockets on one gateway; none when unset. Tenants may have their own.
+    pub max_connections_per_tenant: Option<u32>,
+    /// How long a client may take to send a request's headers (from connecting, or from the previous response)
+    /// before the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest time an HTTP API request may take, reading its body included.
+    pub request_timeout_ms: u64,
+    /// Largest HTTP request body, in bytes.
+    pub max_http_body_bytes: usize,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    /// Secrets stay out of debug output: the admin token is never shown, URLs lose their credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("listen", &self.listen)
+            .field("nats_url", &redact_url(&self.nats_url))
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("admin_token", &"<redacted>")
+            .field("shard_count", &self.shard_count)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_attrs_bytes", &self.max_attrs_bytes)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("auth_timeout_ms", &self.auth_timeout_ms)
+            .field("ops_per_sec", &self.ops_per_sec)
+            .field("ops_burst", &self.ops_burst)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("tenant_msgs_per_sec", &self.tenant_msgs_per_sec)
+            .field("max_connections_per_tenant", &self.max_connections_per_tenant)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}://<redacted>@{}", &one[..scheme_end], &one[at + 1..])
+            }
+            (None, Some(at)) => format!("<redacted>@{}", &one[at + 1..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +120,14 @@ impl Default for GatewayConfig {
             ops_burst: 40,
             allowed_origins: Vec::new(),
             resume_max_events: 10_000,
+            abuse_limit: 40,
+            abuse_window_ms: 10_000,
+            tenant_msgs_per_sec: 1_000,
+            tenant_msgs_burst: 2_000,
+            max_connections_per_tenant: None,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_http_body_bytes: 64 * 1024,
         }
     }
 }
@@ -118,6 +180,15 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_SHARD_COUNT") {
             self.shard_count = parsed("SWITCHYARD_SHARD_COUNT", &v)?;
         }
+        if let Some(v) = get("SWITCHYARD_TENANT_MSGS_PER_SEC") {
+            self.tenant_msgs_per_sec = parsed("SWITCHYARD_TENANT_MSGS_PER_SEC", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_TENANT_MSGS_BURST") {
+            self.tenant_msgs_burst = parsed("SWITCHYARD_TENANT_MSGS_BURST", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
+            self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
+        }
         if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
             self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
@@ -144,6 +215,15 @@ impl GatewayConfig {
         if self.ops_per_sec == 0 || self.ops_burst == 0 {
             return invalid("ops_per_sec", "op rate and burst must be positive");
         }
+        if self.abuse_limit == 0 || self.abuse_window_ms == 0 {
+            return invalid("abuse_limit", "abuse limit and window must be positive");
+        }
+        if self.header_read_timeout_ms < 100 || self.request_timeout_ms < 100 {
+            return invalid("header_read_timeout_ms", "header-read and request timeouts must be at least 100 ms");
+        }
+        if self.max_http_body_bytes < 1024 {
+            return invalid("max_http_body_bytes", "must be at least 1 KiB");
+        }
         Ok(())
     }
 
@@ -155,6 +235,15 @@ impl GatewayConfig {
     }
     pub fn command_timeout(&self) -> Duration {
         Duration::from_millis(self.command_timeout_ms)
+    }
+    pub fn abuse_window(&self) -> Duration {
+        Duration::from_millis(self.abuse_window_ms)
+    }
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
     }
 }
 
@@ -176,5 +265,18 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.listen.port(), 0);
         assert!(config.apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into())).is_err());
+    }
+
+    #[test]
+    fn debug_output_holds_no_secrets() {
+        let config = GatewayConfig {
+            admin_token: "super-secret-admin-token".into(),
+            redis_url: "redis://user:hunter2@127.0.0.1:6379".into(),
+            nats_url: "nats://a:b@n1:4222,nats://n2:4222".into(),
+            ..GatewayConfig::default()
+        };
+        let text = format!("{config:?}");
+        assert!(!text.contains("super-secret") && !text.contains("hunter2") && !text.contains("a:b@"));
+        assert!(text.contains("127.0.0.1:6379") && text.contains("nats://n2:4222"));
     }
 }

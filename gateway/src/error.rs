@@ -13,11 +13,19 @@ use switchyard_protocol::ErrorCode;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`: when to retry; sent as `retry_after_ms` and a `Retry-After` header.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        ApiError { code, message: message.into(), retry_after_ms: None }
+    }
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        ApiError {
+            retry_after_ms: Some(retry_after.as_millis() as u64 + 1),
+            ..ApiError::new(ErrorCode::RateLimited, message)
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(ErrorCode::BadRequest, message)
@@ -33,6 +41,20 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(serde_json::json!({"code": self.code, "message": self.message}))).into_response()
+        let mut body = serde_json::json!({"code": self.code, "message": self.message});
+        let mut response = match self.retry_after_ms {
+            Some(ms) => {
+                body["retry_after_ms"] = ms.into();
+                let secs = ms.div_ceil(1000).max(1);
+                (status, [(axum::http::header::RETRY_AFTER, secs.to_string())], Json(body)).into_response()
+            }
+            None => (status, Json(body)).into_response(),
+        };
+        if self.code == ErrorCode::Unauthorized {
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }

@@ -9,8 +9,12 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod jwt;
+pub mod limits;
 pub mod presence;
 pub mod resume;
+pub mod revocation;
+pub mod serve;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
@@ -49,6 +53,10 @@ pub struct Gateway {
     pub nats: async_nats::Client,
     pub tenants: tenants::TenantDirectory,
     pub tokens: tokens::TokenStore,
+    /// This gateway's live sessions, for revocation and connection caps.
+    pub sessions: Arc<revocation::SessionRegistry>,
+    /// The fleet-wide per-tenant message rate.
+    pub tenant_rate: limits::TenantRateLimiter,
     pub hub: Arc<ws::hub::Hub>,
     /// Reports this gateway's users to their presence owners.
     pub presence: presence::PresenceReporter,
@@ -90,7 +98,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+        .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config::redact_url(&config.nats_url))))?;
     let js = jetstream::new(nats.clone());
     let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET).await?;
 
@@ -107,20 +115,29 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
     // Connect in the background: without Redis the gateway still serves existing sockets and reports not ready.
     let _connection = redis.connect();
     if tokio::time::timeout(Duration::from_secs(5), redis.wait_for_connect()).await.is_err() {
-        tracing::warn!(url = %config.redis_url, "Redis not reachable yet; opaque tokens fail until it is");
+        tracing::warn!(url = %config::redact_url(&config.redis_url), "Redis not reachable yet; opaque tokens fail until it is");
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
+    let sessions = revocation::SessionRegistry::new();
+    // Revocations and tenant changes are heard before the first request is served.
+    revocation::listen(nats.clone(), sessions.clone(), shutdown.clone())
+        .await
+        .map_err(|e| GatewayError::Nats(format!("subscribe to revocations: {e}")))?;
+    let tenants = tenants::TenantDirectory::new(tenants_kv);
+    tenants.spawn_watch(sessions.clone(), shutdown.clone());
     let gateway_id = format!("gw-{}", switchyard_protocol::ids::random_base62(10));
     let gateway = Arc::new(Gateway {
         hub: ws::hub::Hub::new(nats.clone()),
         presence: presence::PresenceReporter::start(nats.clone(), gateway_id, config.shard_count, shutdown.clone()),
         js,
         events: tokio::sync::OnceCell::new(),
-        tenants: tenants::TenantDirectory::new(tenants_kv),
+        tenants,
+        tenant_rate: limits::TenantRateLimiter::new(redis.clone()),
         tokens: tokens::TokenStore::new(redis),
+        sessions,
         nats,
         config,
         shutdown,
@@ -141,11 +158,7 @@ impl BoundGateway {
         tracing::info!(addr = %self.local_addr(), "gateway listening");
         let app = http::router(gateway.clone());
         let shutdown = gateway.shutdown.clone();
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-            })
-            .await;
+        let result = serve::serve(self.listener, app, gateway.config.header_read_timeout(), shutdown).await;
         gateway.draining.store(true, Ordering::Relaxed);
         let _ = gateway.nats.flush().await;
         result.map_err(GatewayError::Serve)

@@ -1,13 +1,19 @@
-//! Opaque client tokens (`sytok_...`), kept in Redis with their expiry as the key's TTL.
+//! Opaque client tokens (`sytok_...`) in Redis, with their expiry as the key's TTL, and the durable side of
+//! revocation: deleting a token, deleting every token of a user, and revocation markers for JWTs (by `jti` or by
+//! hash) that live until the token would have expired.
 //!
-//! This module issues and resolves tokens; it does not decide who may have one (the tenant API does) and does not
-//! verify JWTs. When Redis is down, resolving fails with `unavailable`: a token is never admitted unchecked.
+//! Tokens are stored under their SHA-256, never in clear, and each user's token hashes are indexed so they can be
+//! revoked together. This module does not decide who may have a token (the tenant API does) and does not verify
+//! JWTs. When Redis is down, resolving fails with `unavailable`: a token is never admitted unchecked.
 
+use crate::auth::sha256_hex;
 use crate::error::ApiError;
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use switchyard_protocol::ids::opaque_token;
-use switchyard_protocol::{ProjectId, UserId};
+use switchyard_protocol::{limits, ProjectId, UserId};
 
 /// What an opaque token grants, as stored in Redis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,47 +24,191 @@ pub struct TokenGrant {
     pub expires_at_ms: u64,
 }
 
-/// Issues and resolves opaque tokens.
+/// Store the token and index it under its user; the index lives as long as the user's longest-lived token.
+const ISSUE: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"#;
+
+/// Delete a token if it belongs to the tenant ARGV[1]: its expiry (ms) when deleted, 0 when unknown, -1 when it
+/// belongs to another tenant (then it is left alone).
+const REVOKE_TOKEN: &str = r#"
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local ok, grant = pcall(cjson.decode, value)
+if not ok or grant['project_id'] ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+return grant['expires_at_ms']
+"#;
+
+/// Delete every token in a user's index (ARGV[1] is the token key prefix), then the index; how many there were.
+const REVOKE_USER: &str = r#"
+local hashes = redis.call('SMEMBERS', KEYS[1])
+for _, hash in ipairs(hashes) do
+  redis.call('DEL', ARGV[1] .. hash)
+end
+redis.call('DEL', KEYS[1])
+return #hashes
+"#;
+
+const TOKEN_PREFIX: &str = "sy:tok:";
+
+fn token_key(hash: &str) -> String {
+    format!("{TOKEN_PREFIX}{hash}")
+}
+
+fn user_index_key(tenant: &ProjectId, user: &UserId) -> String {
+    format!("sy:utok:{tenant}:{user}")
+}
+
+fn revoked_key(tenant: &ProjectId, credential_id: &str) -> String {
+    format!("sy:rev:{tenant}:{credential_id}")
+}
+
+fn unavailable(error: fred::error::Error) -> ApiError {
+    ApiError::unavailable(format!("token store unavailable: {}", error.kind_str()))
+}
+
+trait KindStr {
+    fn kind_str(&self) -> String;
+}
+
+impl KindStr for fred::error::Error {
+    /// The error without its details, which could quote a command's arguments.
+    fn kind_str(&self) -> String {
+        format!("{:?}", self.kind())
+    }
+}
+
+/// What revoking an opaque token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// Deleted; it would have expired at this unix ms.
+    Deleted { expires_at_ms: u64 },
+    /// No such live token in this tenant.
+    Unknown,
+}
+
+/// Issues, resolves and revokes tokens.
 #[derive(Clone)]
 pub struct TokenStore {
     redis: fred::clients::Client,
-}
-
-fn redis_key(token: &str) -> String {
-    format!("sy:tok:{token}")
+    issue: Arc<Script>,
+    revoke_token: Arc<Script>,
+    revoke_user: Arc<Script>,
 }
 
 impl TokenStore {
     pub fn new(redis: fred::clients::Client) -> Self {
-        TokenStore { redis }
+        TokenStore {
+            redis,
+            issue: Arc::new(Script::from_lua(ISSUE)),
+            revoke_token: Arc::new(Script::from_lua(REVOKE_TOKEN)),
+            revoke_user: Arc::new(Script::from_lua(REVOKE_USER)),
+        }
     }
 
-    /// Issue a token for `user_id` living `ttl_secs`.
+    /// The Redis client, shared with the fleet-wide rate limiter.
+    pub fn redis(&self) -> &fred::clients::Client {
+        &self.redis
+    }
+
+    /// Issue a token for the grant's user, living `ttl_secs`.
     pub async fn issue(&self, grant: &TokenGrant, ttl_secs: u64) -> Result<String, ApiError> {
+        self.ensure_connected()?;
         let token = opaque_token::generate();
+        let hash = sha256_hex(&token);
         let value = serde_json::to_string(grant).map_err(|e| ApiError::unavailable(e.to_string()))?;
-        self.redis
-            .set::<(), _, _>(redis_key(&token), value, Some(Expiration::EX(ttl_secs as i64)), None, false)
+        let ttl = ttl_secs.clamp(1, limits::TOKEN_TTL_MAX_SECS) as i64;
+        self.issue
+            .evalsha_with_reload::<i64, _, _>(
+                &self.redis,
+                vec![token_key(&hash), user_index_key(&grant.project_id, &grant.user_id)],
+                vec![value, ttl.to_string(), hash],
+            )
             .await
-            .map_err(|e| ApiError::unavailable(format!("token store unavailable: {e}")))?;
+            .map_err(unavailable)?;
         Ok(token)
     }
 
-    /// The grant of a live token; `None` for an unknown, expired or malformed token.
+    /// The grant of a live token; `None` for an unknown, expired, revoked or malformed token.
     pub async fn resolve(&self, token: &str) -> Result<Option<TokenGrant>, ApiError> {
         if !opaque_token::is_well_formed(token) {
             return Ok(None);
         }
-        let value: Option<String> = self
-            .redis
-            .get(redis_key(token))
-            .await
-            .map_err(|e| ApiError::unavailable(format!("token store unavailable: {e}")))?;
+        self.ensure_connected()?;
+        let value: Option<String> = self.redis.get(token_key(&sha256_hex(token))).await.map_err(unavailable)?;
         Ok(value.and_then(|text| serde_json::from_str(&text).ok()))
+    }
+
+    /// Delete `token` if it is a live token of `tenant`.
+    pub async fn revoke(&self, tenant: &ProjectId, token: &str) -> Result<Revoked, ApiError> {
+        if !opaque_token::is_well_formed(token) {
+            return Ok(Revoked::Unknown);
+        }
+        self.ensure_connected()?;
+        let found: i64 = self
+            .revoke_token
+            .evalsha_with_reload(&self.redis, vec![token_key(&sha256_hex(token))], vec![tenant.to_string()])
+            .await
+            .map_err(unavailable)?;
+        Ok(match found {
+            n if n > 0 => Revoked::Deleted { expires_at_ms: n as u64 },
+            _ => Revoked::Unknown,
+        })
+    }
+
+    /// Delete every opaque token of a user; how many there were.
+    pub async fn revoke_user(&self, tenant: &ProjectId, user: &UserId) -> Result<u64, ApiError> {
+        self.ensure_connected()?;
+        let count: i64 = self
+            .revoke_user
+            .evalsha_with_reload(&self.redis, vec![user_index_key(tenant, user)], vec![TOKEN_PREFIX.to_owned()])
+            .await
+            .map_err(unavailable)?;
+        Ok(count.max(0) as u64)
+    }
+
+    /// Remember a revoked JWT credential until `until_ms` (unix ms).
+    pub async fn mark_revoked(
+        &self,
+        tenant: &ProjectId,
+        credential_id: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), ApiError> {
+        let ttl_ms = until_ms.saturating_sub(now_ms);
+        if ttl_ms == 0 {
+            return Ok(());
+        }
+        self.ensure_connected()?;
+        self.redis
+            .set::<(), _, _>(revoked_key(tenant, credential_id), "1", Some(Expiration::PX(ttl_ms as i64)), None, false)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Is a JWT credential marked revoked?
+    pub async fn is_revoked(&self, tenant: &ProjectId, credential_id: &str) -> Result<bool, ApiError> {
+        let count: i64 = self.redis.exists(revoked_key(tenant, credential_id)).await.map_err(unavailable)?;
+        Ok(count > 0)
     }
 
     /// Is Redis reachable right now?
     pub fn is_connected(&self) -> bool {
         self.redis.is_connected()
+    }
+
+    /// Fail fast while Redis is known to be down, rather than queueing the command until it times out.
+    fn ensure_connected(&self) -> Result<(), ApiError> {
+        if self.redis.is_connected() {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable("token store unavailable (Redis is not connected); retry later"))
+        }
     }
 }

@@ -50,6 +50,39 @@ mod tests {
     }
 
     #[test]
+    fn tenant_records_without_limits_still_decode_and_hide_secrets() {
+        #[derive(serde::Serialize)]
+        struct OldRecord {
+            v: u8,
+            project_id: ProjectId,
+            name: String,
+            created_at_ms: u64,
+            api_key_sha256: String,
+            jwt: Option<JwtKey>,
+            disabled: bool,
+        }
+        let old = OldRecord {
+            v: 1,
+            project_id: ProjectId::generate(),
+            name: "acme".into(),
+            created_at_ms: 1,
+            api_key_sha256: "00".into(),
+            jwt: Some(JwtKey::HS256 { secret: "s3cret-s3cret".into() }),
+            disabled: false,
+        };
+        let record: TenantRecord = decode(&encode(&old).unwrap()).unwrap();
+        assert_eq!(record.limits, TenantLimits::default());
+        assert!(!format!("{record:?}").contains("s3cret"));
+        let revocation = Revocation {
+            v: 1,
+            tenant: record.project_id.clone(),
+            target: RevocationTarget::User { user: UserId::parse("alice").unwrap() },
+            at_ms: 5,
+        };
+        assert_eq!(decode::<Revocation>(&encode(&revocation).unwrap()).unwrap(), revocation);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode::<RoomEvent>(b"\xc1\xff\x00").is_err());
         assert!(decode::<CommandRequest>(&[]).is_err());

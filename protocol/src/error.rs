@@ -66,6 +66,8 @@ pub enum CloseCode {
     Normal = 1000,
     Draining = 1001,
     FrameTooBig = 1009,
+    /// A dependency needed to authenticate (the token store) is unavailable: retry later.
+    TryAgainLater = 1013,
     Unauthenticated = 4001,
     Revoked = 4003,
     RateLimitAbuse = 4008,

@@ -272,13 +272,62 @@ pub struct UserRooms {
     pub rooms: std::collections::BTreeMap<RoomId, UserRoom>,
 }
 
-/// How a tenant's JWTs are verified.
+/// A revocation, broadcast by the gateway that took it to every gateway (see `subjects::revocations`), which closes
+/// the matching live sessions of that tenant with 4003.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub target: RevocationTarget,
+    /// Unix milliseconds when it was taken.
+    pub at_ms: u64,
+}
+
+/// What a revocation applies to, always within its tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RevocationTarget {
+    /// One credential: `id` is a token id (see the gateway's `auth::token_id`), never the token itself.
+    /// `until_ms` is when the credential would have expired anyway: revocation markers live until then.
+    Token { id: String, until_ms: u64 },
+    /// Every session of one user.
+    User { user: UserId },
+    /// Every session of the tenant (it was disabled).
+    Tenant,
+}
+
+/// Per-tenant limits set by the admin API; `None` means the gateway's configured default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantLimits {
+    /// Fleet-wide sustained message rate (messages per second) and burst.
+    #[serde(default)]
+    pub msgs_per_sec: Option<u32>,
+    #[serde(default)]
+    pub msgs_burst: Option<u32>,
+    /// Live sockets of the tenant allowed on one gateway.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+/// How a tenant's JWTs are verified.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "alg")]
 pub enum JwtKey {
     HS256 { secret: String },
     RS256 { public_key_pem: String },
     ES256 { public_key_pem: String },
+}
+
+impl std::fmt::Debug for JwtKey {
+    /// The algorithm only: an HMAC secret must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let alg = match self {
+            JwtKey::HS256 { .. } => "HS256",
+            JwtKey::RS256 { .. } => "RS256",
+            JwtKey::ES256 { .. } => "ES256",
+        };
+        f.debug_struct("JwtKey").field("alg", &alg).finish_non_exhaustive()
+    }
 }
 
 /// A tenant's record in the tenants KV bucket. Holds the API key's hash, never the key.
@@ -293,4 +342,7 @@ pub struct TenantRecord {
     pub jwt: Option<JwtKey>,
     /// A disabled tenant is refused everywhere.
     pub disabled: bool,
+    /// Limits that override the gateways' defaults for this tenant.
+    #[serde(default)]
+    pub limits: TenantLimits,
 }

@@ -20,6 +20,13 @@ pub const DEAD_LETTER_SUBJECT: &str = "sy.dead.events";
 pub const HISTORY_SUBJECT: &str = "sy.hist";
 pub const HISTORY_QUEUE: &str = "persistors";
 
+/// Revocations (a token, a user's sessions, a whole tenant), broadcast on core NATS to every gateway.
+pub fn revocations(tenant: &ProjectId) -> String {
+    format!("sy.revoke.{tenant}")
+}
+/// What every gateway subscribes to, to hear every tenant's revocations.
+pub const REVOCATIONS_ALL: &str = "sy.revoke.*";
+
 /// KV bucket of tenants, keyed by project id.
 pub const TENANTS_BUCKET: &str = "sy_tenants";
 /// KV bucket of shard leases and router-shard liveness.
@@ -123,5 +130,6 @@ mod tests {
         assert_eq!(command(ShardId(63)), "sy.cmd.63");
         assert!(!valid_router_id("a.b"));
         assert!(valid_router_id("router-1"));
+        assert_eq!(revocations(&tenant), "sy.revoke.pj_abcdefghij0123456789");
     }
 }

@@ -1,42 +1,83 @@
-//! The gateway's HTTP API: health, readiness and metrics; the admin API (tenants); the tenant backend API (tokens,
-//! room messages); and the route to the WebSocket upgrade.
+//! The gateway's HTTP API: health, readiness and metrics; the admin API (tenants, in `admin`); the tenant backend
+//! API (tokens and revocation in `credentials`, room messages here); and the route to the WebSocket upgrade. Every
+//! request is bounded in time and body size.
 //!
 //! Handlers authenticate their caller and translate between JSON bodies and the fleet's requests; they hold no state.
 
+mod admin;
+mod credentials;
+
 use crate::auth::bearer;
 use crate::error::ApiError;
-use crate::tokens::TokenGrant;
 use crate::upstream;
 use crate::ws::upgrade::ws_handler;
 use crate::Gateway;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use switchyard_protocol::client::{OkResult, Role};
 use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION};
-use switchyard_protocol::{limits, ErrorCode, ProjectId, RoomId, UserId};
+use switchyard_protocol::{limits, ErrorCode, RoomId, UserId};
 
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/admin/tenants", post(create_tenant))
-        .route("/v1/admin/tenants/{project_id}", get(get_tenant))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/admin/tenants", post(admin::create_tenant))
+        .route("/v1/admin/tenants/{project_id}", get(admin::get_tenant).delete(admin::delete_tenant))
+        .route("/v1/admin/tenants/{project_id}/jwt", put(admin::set_jwt))
+        .route("/v1/admin/tenants/{project_id}/rotate-key", post(admin::rotate_key))
+        .route("/v1/admin/tenants/{project_id}/limits", put(admin::set_limits))
+        .route("/v1/tokens", post(credentials::create_token))
+        .route("/v1/tokens/{token}", delete(credentials::revoke_token))
+        .route("/v1/users/{user_id}/sessions", delete(credentials::revoke_user_sessions))
         .route("/v1/rooms", post(create_room))
         .route("/v1/rooms/{room}/members", get(list_members))
         .route("/v1/rooms/{room}/members/{user_id}", put(set_member).delete(remove_member))
         .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
         .route("/v1/ws", get(ws_handler))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(gw.config.max_http_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), bound_requests))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(gw)
+}
+
+/// Bound every request: a declared body over the limit is refused with `too_large` before it is read, a request
+/// that takes longer than the request timeout (a slow body, say) gets `unavailable`, and the body-limit rejection of
+/// an undeclared body gets the same JSON error shape as everything else.
+async fn bound_requests(
+    State(gw): State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = gw.config.max_http_body_bytes;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return ApiError::new(ErrorCode::TooLarge, format!("request body exceeds {limit} bytes")).into_response();
+    }
+    let response = match tokio::time::timeout(gw.config.request_timeout(), next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => return ApiError::unavailable("request took too long").into_response(),
+    };
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        return ApiError::new(ErrorCode::TooLarge, format!("request body exceeds {limit} bytes")).into_response();
+    }
+    response
 }
 
 /// Count HTTP requests by status class.
@@ -54,11 +95,11 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
 }
 
 /// The body of a JSON request, with a clear `bad_request` when it does not parse.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -75,93 +116,13 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> String {
     gw.metrics.render()
 }
 
-fn require_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
-    let expected = gw.config.admin_token.as_bytes();
-    let same = presented.len() == expected.len()
-        && presented.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if same {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("admin token required"))
-    }
-}
-
-async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
+pub(crate) async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
     let key = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
         .ok_or_else(|| ApiError::unauthorized("API key required as a bearer token"))?;
     gw.tenants.authenticate_key(key).await
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateTenant {
-    name: String,
-}
-
-async fn create_tenant(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    require_admin(&gw, &headers)?;
-    let request: CreateTenant = parse_body(&body)?;
-    let name = request.name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
-    }
-    let (record, api_key) = gw.tenants.create(name, now_ms()).await?;
-    Ok((StatusCode::CREATED, Json(json!({"project_id": record.project_id, "api_key": api_key}))).into_response())
-}
-
-async fn get_tenant(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    Path(project_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    require_admin(&gw, &headers)?;
-    let project_id = ProjectId::parse(&project_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let record =
-        gw.tenants.get(&project_id).await?.ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
-    let jwt_alg = record.jwt.as_ref().map(|key| match key {
-        switchyard_protocol::internal::JwtKey::HS256 { .. } => "HS256",
-        switchyard_protocol::internal::JwtKey::RS256 { .. } => "RS256",
-        switchyard_protocol::internal::JwtKey::ES256 { .. } => "ES256",
-    });
-    Ok(Json(json!({
-        "project_id": record.project_id,
-        "name": record.name,
-        "created_at": record.created_at_ms,
-        "jwt_alg": jwt_alg,
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateToken {
-    user_id: String,
-    ttl_secs: Option<u64>,
-}
-
-async fn create_token(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let tenant = tenant_of_request(&gw, &headers).await?;
-    let request: CreateToken = parse_body(&body)?;
-    let user_id = UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let ttl_secs = request.ttl_secs.unwrap_or(limits::TOKEN_TTL_DEFAULT_SECS);
-    if ttl_secs == 0 || ttl_secs > limits::TOKEN_TTL_MAX_SECS {
-        return Err(ApiError::bad_request(format!("ttl_secs must be 1 to {}", limits::TOKEN_TTL_MAX_SECS)));
-    }
-    let expires_at_ms = now_ms() + ttl_secs * 1000;
-    let grant = TokenGrant { project_id: tenant.project_id, user_id, expires_at_ms };
-    let token = gw.tokens.issue(&grant, ttl_secs).await?;
-    Ok((StatusCode::CREATED, Json(json!({"token": token, "expires_at": expires_at_ms}))).into_response())
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ApiError> {
@@ -200,6 +161,9 @@ async fn post_message(
                 format!("attrs exceed {} bytes of JSON", gw.config.max_attrs_bytes),
             ));
         }
+    }
+    if let Err(wait) = crate::limits::take_tenant_message(&gw, &tenant.project_id).await {
+        return Err(ApiError::rate_limited("the project's message rate is exceeded", wait));
     }
     let command = RoomCommand::Send { room, body: request.body, attrs: request.attrs, reply_to: None, cmid: None };
     match upstream::command(&gw, &tenant.project_id, Some(&from), command).await {

@@ -120,20 +120,25 @@ impl SessionTx {
     /// Queue `event` without waiting. Returns false when the session must be dropped from the room.
     fn offer(&self, event: &Arc<LiveEvent>) -> bool {
         let len = event.encoded_len(self.format);
-        if self.queued_bytes.load(Ordering::Relaxed) + len > self.max_queued_bytes {
+        // Count the bytes before the event can be taken: the session subtracts them as soon as it takes it, and
+        // counting after the send let that subtraction come first and wrap the counter.
+        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if queued.saturating_add(len) > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.overflow.cancel();
             return false;
         }
         match self.events.try_send(event.clone()) {
-            Ok(()) => {
-                self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-                true
-            }
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
                 self.overflow.cancel();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                false
+            }
         }
     }
 }

@@ -6,7 +6,9 @@
 //! anything (router shards do) and never blocks other sessions: a session that cannot keep up is closed with 4009.
 
 use crate::auth::{authenticate, Identity};
+use crate::limits::{tenant_rate_refusal, AbuseCounter};
 use crate::resume;
+use crate::revocation::{self, CloseSignal};
 use crate::upstream::{self, UpstreamError};
 use crate::ws::hub::{LiveEvent, SessionTx};
 use crate::Gateway;
@@ -133,6 +135,8 @@ struct Session {
     budget: OpBudget,
     /// When the client was last heard from (any frame, including pongs).
     last_heard: Instant,
+    /// Rate-limited ops in the recent past; too many closes the session with 4008.
+    abuse: AbuseCounter,
 }
 
 /// Serve one upgraded socket until it closes.
@@ -142,11 +146,19 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         Some(identity) => identity,
         None => match first_frame_auth(&gw, &mut stream, format).await {
             Ok(identity) => identity,
-            Err(reason) => {
-                let _ = send_close(&mut sink, format, CloseCode::Unauthenticated, &reason).await;
+            Err((code, reason)) => {
+                let _ = send_close(&mut sink, format, code, &reason).await;
                 return;
             }
         },
+    };
+    // Registered for revocation until this function returns (the registration deregisters on drop).
+    let registration = match revocation::register(&gw, &identity) {
+        Ok(registration) => registration,
+        Err(refused) => {
+            let _ = send_close(&mut sink, format, refused.code, refused.reason).await;
+            return;
+        }
     };
     let (events_tx, events) = mpsc::channel(gw.config.outbound_queue_frames);
     let tx = SessionTx {
@@ -157,7 +169,9 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         max_queued_bytes: gw.config.outbound_queue_bytes,
         overflow: CancellationToken::new(),
     };
+    let abuse = AbuseCounter::new(gw.config.abuse_limit, gw.config.abuse_window());
     let mut session = Session {
+        abuse,
         budget: OpBudget::new(gw.config.ops_per_sec, gw.config.ops_burst),
         gw,
         identity,
@@ -180,7 +194,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
     let close = match session.gw.hub.subscribe(&inbox, session.tx.clone()).await {
         Ok(()) => {
             session.subscribed.insert(inbox);
-            session.serve(stream).await
+            session.serve(&mut stream, registration.signal()).await
         }
         Err(error) => {
             tracing::warn!(%error, "cannot subscribe the session's inbox");
@@ -191,9 +205,11 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         session.gw.hub.unsubscribe(subject, session.tx.id);
     }
     session.gw.presence.closed(&tenant, &user).await;
+    drop(registration);
     match close {
         Some(close) => {
             let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
+            linger(&mut stream).await;
         }
         // The client closed (or vanished): flush the answer to its close frame, if it sent one.
         None => {
@@ -203,31 +219,51 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
     metrics::gauge!("switchyard_gateway_sessions").decrement(1.0);
 }
 
+/// After a server-initiated close, read and drop what the client still sends until its close frame (or a second),
+/// so that closing the socket with client frames unread cannot reset the connection and lose `bye` and the close.
+async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(frame)) = stream.next().await {
+            if matches!(frame, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Wait for `{"op": "auth"}` as the first frame.
 async fn first_frame_auth(
     gw: &Arc<Gateway>,
     stream: &mut SplitStream<WebSocket>,
     format: Format,
-) -> Result<Identity, String> {
+) -> Result<Identity, (CloseCode, String)> {
+    let unauthenticated = |reason: &str| (CloseCode::Unauthenticated, reason.to_owned());
     let deadline = tokio::time::Instant::now() + gw.config.auth_timeout();
     loop {
         let frame = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err("no authentication within the time allowed".into()),
-            Ok(None) | Ok(Some(Err(_))) => return Err("socket closed before authentication".into()),
+            Err(_) => return Err(unauthenticated("no authentication within the time allowed")),
+            Ok(None) | Ok(Some(Err(_))) => return Err(unauthenticated("socket closed before authentication")),
             Ok(Some(Ok(frame))) => frame,
         };
         let bytes = match frame {
             Message::Text(text) => text.as_bytes().to_vec(),
             Message::Binary(bytes) => bytes.to_vec(),
             Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Close(_) => return Err("socket closed before authentication".into()),
+            Message::Close(_) => return Err(unauthenticated("socket closed before authentication")),
         };
         return match decode_client_frame(&bytes, format) {
-            Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => {
-                authenticate(gw, &token).await.map_err(|e| format!("authentication failed: {}", e.message))
-            }
-            Ok(_) => Err("the first frame must be an auth op".into()),
-            Err(e) => Err(format!("the first frame must be an auth op: {}", e.message)),
+            Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => authenticate(gw, &token).await.map_err(|e| {
+                // A token store outage is no verdict on the token: the client may retry (1013).
+                let code = if e.code == ErrorCode::Unavailable {
+                    CloseCode::TryAgainLater
+                } else {
+                    CloseCode::Unauthenticated
+                };
+                (code, format!("authentication failed: {}", e.message))
+            }),
+            Ok(_) => Err(unauthenticated("the first frame must be an auth op")),
+            Err(e) => Err((CloseCode::Unauthenticated, format!("the first frame must be an auth op: {}", e.message))),
         };
     }
 }
@@ -270,7 +306,7 @@ fn err_frame(rid: Option<u64>, code: ErrorCode, message: impl Into<String>) -> S
 
 impl Session {
     /// The session loop. Returns how the server wants to close, or `None` when the client went away.
-    async fn serve(&mut self, mut stream: SplitStream<WebSocket>) -> Option<Close> {
+    async fn serve(&mut self, stream: &mut SplitStream<WebSocket>, revoked: CloseSignal) -> Option<Close> {
         let hello = ServerFrame::Hello {
             session: format!("ss_{}", switchyard_protocol::ids::random_base62(16)),
             user: self.identity.user.clone(),
@@ -293,6 +329,7 @@ impl Session {
                 _ = shutdown.cancelled() => {
                     return Some(Close { code: CloseCode::Draining, reason: "gateway is draining" });
                 }
+                (code, reason) = revoked.fired() => return Some(Close { code, reason }),
                 completion = async { self.in_flight.as_mut().expect("guarded by the select condition").await },
                     if self.in_flight.is_some() => {
                     self.in_flight = None;
@@ -365,6 +402,9 @@ impl Session {
         };
         if let Err(wait) = self.budget.take() {
             metrics::counter!("switchyard_gateway_rate_limited_total").increment(1);
+            if self.abuse.record(wait) {
+                return Some(Some(Close { code: CloseCode::RateLimitAbuse, reason: "too many rate-limited ops" }));
+            }
             if matches!(request.op, ClientOp::Typing { .. }) {
                 return None;
             }
@@ -381,6 +421,10 @@ impl Session {
                 return None;
             }
             return self.reply_now(err_frame(request.rid, code, message)).await;
+        }
+        let tenant = &self.identity.tenant;
+        if let Some(refusal) = tenant_rate_refusal(&self.gw, tenant, request.rid, &request.op).await {
+            return self.reply_now(refusal).await;
         }
         match request.op {
             ClientOp::Ping => self.reply_now(ServerFrame::Pong { rid: request.rid }).await,

@@ -1,10 +1,12 @@
 //! The WebSocket upgrade: origin check, subprotocol choice, and authentication from the `Authorization` header or
-//! the `token` query parameter, all before the upgrade so failures get plain HTTP errors (403, 400, 401).
+//! the `token` query parameter, all before the upgrade so failures get plain HTTP errors (403, 400, 401; 503 when
+//! the token store is down; 429 when the tenant is at its connection cap).
 //!
 //! Without a token the upgrade proceeds and the session waits for a first-frame `auth`.
 
 use crate::auth::{authenticate, bearer};
 use crate::error::ApiError;
+use crate::revocation;
 use crate::ws::session;
 use crate::Gateway;
 use axum::extract::ws::WebSocketUpgrade;
@@ -70,6 +72,15 @@ pub async fn ws_handler(
         },
         None => None,
     };
+    if let Some(identity) = &identity {
+        if revocation::at_capacity(&gw, &identity.tenant) {
+            return ApiError::rate_limited(
+                "the project's connection limit on this gateway is reached",
+                std::time::Duration::from_secs(1),
+            )
+            .into_response();
+        }
+    }
     let max_frame = gw.config.max_frame_bytes;
     let mut upgrade = upgrade
         // Frames a little over the limit are read and refused with 1009; far larger ones fail the read.

@@ -2,7 +2,8 @@
 //! process with the same `run` functions the binaries call, against the NATS and Redis that `cargo xtask test`
 //! started. Nothing here stands in for a server.
 //!
-//! Fleets share one NATS, so the tests of a binary run their fleets one at a time.
+//! Fleets share one NATS, so the tests of a binary run their fleets one at a time. Also here: helpers for the admin
+//! and tenant HTTP APIs, JWT minting with freshly generated keys, and a private `redis-server` for outage tests.
 
 #![allow(dead_code)]
 
@@ -233,6 +234,204 @@ async fn wait_for_balanced_shards(routers: &[String]) {
         if ours == shard_count && routers.iter().all(|r| held.get(r).copied().unwrap_or(0) <= fair_share) {
             return;
         }
+    }
+}
+
+/// A JWT signing key and the verification key a tenant registers for it.
+pub struct JwtSigner {
+    pub alg: jsonwebtoken::Algorithm,
+    pub encoding: jsonwebtoken::EncodingKey,
+    /// The body of `PUT /v1/admin/tenants/{id}/jwt`.
+    pub registration: Value,
+}
+
+impl JwtSigner {
+    pub fn hs256(secret: &str) -> JwtSigner {
+        JwtSigner {
+            alg: jsonwebtoken::Algorithm::HS256,
+            encoding: jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            registration: json!({"alg": "HS256", "secret": secret}),
+        }
+    }
+
+    /// A fresh RSA key pair of `bits`; also returns the public PEM.
+    pub fn rs256(bits: usize) -> (JwtSigner, String) {
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let private = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits).expect("RSA key");
+        let private_pem = private.to_pkcs8_pem(LineEnding::LF).expect("RSA PEM");
+        let public_pem = rsa::RsaPublicKey::from(&private).to_public_key_pem(LineEnding::LF).expect("RSA public PEM");
+        let signer = JwtSigner {
+            alg: jsonwebtoken::Algorithm::RS256,
+            encoding: jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes()).expect("RSA encoding key"),
+            registration: json!({"alg": "RS256", "public_key_pem": public_pem}),
+        };
+        (signer, public_pem)
+    }
+
+    /// A fresh P-256 key pair; also returns the private PEM (to check it is refused as a public key).
+    pub fn es256() -> (JwtSigner, String) {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let private = p256::SecretKey::random(&mut rand_core::OsRng);
+        let private_pem = private.to_pkcs8_pem(LineEnding::LF).expect("EC PEM");
+        let public_pem = private.public_key().to_public_key_pem(LineEnding::LF).expect("EC public PEM");
+        let signer = JwtSigner {
+            alg: jsonwebtoken::Algorithm::ES256,
+            encoding: jsonwebtoken::EncodingKey::from_ec_pem(private_pem.as_bytes()).expect("EC encoding key"),
+            registration: json!({"alg": "ES256", "public_key_pem": public_pem}),
+        };
+        (signer, private_pem.to_string())
+    }
+
+    /// Sign `claims` as they are.
+    pub fn sign(&self, claims: &Value) -> String {
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.alg), claims, &self.encoding).expect("sign JWT")
+    }
+
+    /// A token for `user` of `tenant`, valid for `ttl_secs` (negative: already expired), with extra claims.
+    pub fn token(&self, tenant: &Tenant, user: &str, ttl_secs: i64, extra: Value) -> String {
+        let mut claims = json!({"sub": user, "pid": tenant.project_id, "exp": unix_secs() + ttl_secs});
+        if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                claims.insert(k.clone(), v.clone());
+            }
+        }
+        self.sign(&claims)
+    }
+}
+
+pub fn unix_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64
+}
+
+/// An unsigned token with `alg: none`.
+pub fn alg_none_token(claims: &Value) -> String {
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(claims))
+}
+
+/// An HTTP answer: status and JSON body (`Null` when there is none).
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Fleet {
+    /// Call the HTTP API of `gateway` with a bearer token and an optional JSON body.
+    pub async fn call(
+        &self,
+        gateway: usize,
+        method: reqwest::Method,
+        path: &str,
+        bearer: &str,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut request = self.http.request(method, format!("{}{path}", self.gateways[gateway])).bearer_auth(bearer);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null) }
+    }
+
+    /// `PUT /v1/admin/tenants/{id}/jwt`, expecting 204.
+    pub async fn set_jwt(&self, tenant: &Tenant, signer: &JwtSigner) {
+        let path = format!("/v1/admin/tenants/{}/jwt", tenant.project_id);
+        let answer =
+            self.call(0, reqwest::Method::PUT, &path, &self.admin_token, Some(signer.registration.clone())).await;
+        assert_eq!(answer.status, 204, "set JWT key: {}", answer.body);
+    }
+
+    /// `PUT /v1/admin/tenants/{id}/limits`, expecting 204.
+    pub async fn set_limits(&self, tenant: &Tenant, limits: Value) {
+        let path = format!("/v1/admin/tenants/{}/limits", tenant.project_id);
+        let answer = self.call(0, reqwest::Method::PUT, &path, &self.admin_token, Some(limits)).await;
+        assert_eq!(answer.status, 204, "set limits: {}", answer.body);
+    }
+
+    /// Connect without panicking: the client, or how the attempt failed.
+    pub async fn try_connect(&self, gateway: usize, auth: Auth) -> Result<Client, switchyard_client::ClientError> {
+        let mut options = ConnectOptions::new(self.ws_url(gateway), auth);
+        options.connect_timeout = Duration::from_secs(15);
+        Client::connect(options).await
+    }
+}
+
+/// The HTTP status of a refused upgrade, or the close code of a refused first-frame auth; panics when admitted.
+pub fn refusal(result: Result<Client, switchyard_client::ClientError>) -> u16 {
+    match result {
+        Ok(client) => panic!("admitted as {:?}", client.hello()),
+        Err(switchyard_client::ClientError::Http { status, .. }) => status,
+        Err(error) => error.close_code().unwrap_or_else(|| panic!("refused without a status or close code: {error:?}")),
+    }
+}
+
+/// A `redis-server` of the test's own, on a free port, killed when dropped (also when the test panics).
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let mut redis = OwnRedis { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port, and wait until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server is already running");
+        let binary = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+            .map(|dir| dir.join("redis-server"))
+            .find(|path| path.is_file())
+            .expect("redis-server on PATH");
+        let child = std::process::Command::new(binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let mut reply = [0u8; 7];
+                if stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read_exact(&mut reply).is_ok()
+                    && &reply == b"+PONG\r\n"
+                {
+                    return;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill it (SIGKILL) and wait until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

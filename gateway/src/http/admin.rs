@@ -1,0 +1,170 @@
+//! The admin API (`Authorization: Bearer <admin token>`): create, show, configure (JWT key, limits), rotate the API
+//! key of, and disable tenants.
+//!
+//! Handlers check the admin token in constant time, validate input and key material, and leave storage to
+//! `tenants`. No secret is ever returned except a freshly generated API key, once.
+
+use super::{now_ms, parse_body};
+use crate::auth::bearer;
+use crate::error::ApiError;
+use crate::jwt;
+use crate::revocation;
+use crate::Gateway;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits};
+use switchyard_protocol::{ErrorCode, ProjectId};
+
+fn require_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
+    // Compare digests, so neither the content nor the length of the token leaks through timing.
+    let presented = crate::auth::sha256_hex(presented);
+    let expected = crate::auth::sha256_hex(&gw.config.admin_token);
+    if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("admin token required"))
+    }
+}
+
+fn parse_project(project_id: &str) -> Result<ProjectId, ApiError> {
+    ProjectId::parse(project_id).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+}
+
+pub async fn create_tenant(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    require_admin(&gw, &headers)?;
+    let request: CreateTenant = parse_body(&body)?;
+    let name = request.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
+    }
+    let (record, api_key) = gw.tenants.create(name, now_ms()).await?;
+    Ok((StatusCode::CREATED, Json(json!({"project_id": record.project_id, "api_key": api_key}))).into_response())
+}
+
+pub async fn get_tenant(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(project_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&gw, &headers)?;
+    let project_id = parse_project(&project_id)?;
+    let record =
+        gw.tenants.get(&project_id).await?.ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such tenant"))?;
+    Ok(Json(json!({
+        "project_id": record.project_id,
+        "name": record.name,
+        "created_at": record.created_at_ms,
+        "jwt_alg": record.jwt.as_ref().map(jwt::key_alg_name),
+        "limits": {
+            "msgs_per_sec": record.limits.msgs_per_sec,
+            "msgs_burst": record.limits.msgs_burst,
+            "max_connections": record.limits.max_connections,
+        },
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetJwt {
+    alg: String,
+    secret: Option<String>,
+    public_key_pem: Option<String>,
+}
+
+pub async fn set_jwt(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(project_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&gw, &headers)?;
+    let project_id = parse_project(&project_id)?;
+    let request: SetJwt = parse_body(&body)?;
+    let key = match (request.alg.as_str(), request.secret, request.public_key_pem) {
+        ("HS256", Some(secret), None) => JwtKey::HS256 { secret },
+        ("RS256", None, Some(public_key_pem)) => JwtKey::RS256 { public_key_pem },
+        ("ES256", None, Some(public_key_pem)) => JwtKey::ES256 { public_key_pem },
+        ("HS256", _, _) => {
+            return Err(ApiError::bad_request("HS256 takes {\"alg\": \"HS256\", \"secret\"} and nothing else"))
+        }
+        ("RS256" | "ES256", _, _) => {
+            return Err(ApiError::bad_request("RS256 and ES256 take {\"alg\", \"public_key_pem\"} and nothing else"))
+        }
+        _ => return Err(ApiError::bad_request("alg must be HS256, RS256 or ES256")),
+    };
+    jwt::prepare(&key).map_err(ApiError::bad_request)?;
+    gw.tenants.set_jwt(&project_id, key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn rotate_key(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(project_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&gw, &headers)?;
+    let project_id = parse_project(&project_id)?;
+    let api_key = gw.tenants.rotate_key(&project_id).await?;
+    Ok(Json(json!({ "api_key": api_key })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLimits {
+    msgs_per_sec: Option<u32>,
+    msgs_burst: Option<u32>,
+    max_connections: Option<u32>,
+}
+
+pub async fn set_limits(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(project_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&gw, &headers)?;
+    let project_id = parse_project(&project_id)?;
+    let request: SetLimits = parse_body(&body)?;
+    if request.msgs_burst.is_some() && request.msgs_per_sec.is_none() {
+        return Err(ApiError::bad_request("msgs_burst needs msgs_per_sec"));
+    }
+    let limits = TenantLimits {
+        msgs_per_sec: request.msgs_per_sec,
+        msgs_burst: request.msgs_burst,
+        max_connections: request.max_connections,
+    };
+    gw.tenants.set_limits(&project_id, limits).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_tenant(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(project_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require_admin(&gw, &headers)?;
+    let project_id = parse_project(&project_id)?;
+    gw.tenants.disable(&project_id).await?;
+    // Every gateway's tenant watch closes the tenant's sockets; the broadcast gets there first.
+    if let Err(error) = revocation::broadcast(&gw, &project_id, RevocationTarget::Tenant).await {
+        tracing::warn!(tenant = %project_id, %error, "tenant disabled; relying on the tenant watch");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

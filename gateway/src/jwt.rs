@@ -1,0 +1,272 @@
+//! JWT verification with the tenant's key (HS256, RS256 or ES256, exactly the one configured), the claims the
+//! contract defines (`sub`, `pid`, `exp` required; `jti` and `rooms` optional), and the checks on key material a
+//! tenant uploads.
+//!
+//! This module does no I/O: finding the tenant, and revocation, are `auth`'s job. `alg: none`, any algorithm but the
+//! tenant's, a `pid` of another tenant, and an expired token are all refused.
+
+use crate::error::ApiError;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use switchyard_protocol::internal::JwtKey;
+use switchyard_protocol::{ErrorCode, ProjectId, RoomId, UserId};
+
+/// Shortest HS256 secret accepted, in bytes (the hash's output size, as RFC 7518 asks).
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+/// Longest key material accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 16 * 1024;
+/// Smallest RSA modulus accepted, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
+/// Most `rooms` grants one token may carry.
+pub const MAX_GRANTS: usize = 256;
+/// Clock skew allowed on `exp` (and `nbf` when present), in seconds.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// A tenant's verification key, parsed once when the tenant record is loaded.
+#[derive(Clone)]
+pub struct PreparedKey {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for PreparedKey {
+    /// Only the algorithm: key material stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedKey").field("alg", &self.alg_name()).finish_non_exhaustive()
+    }
+}
+
+impl PreparedKey {
+    /// The algorithm name, as the admin API shows it.
+    pub fn alg_name(&self) -> &'static str {
+        alg_name(&self.alg)
+    }
+}
+
+fn alg_name(alg: &Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::RS256 => "RS256",
+        Algorithm::ES256 => "ES256",
+        _ => "unsupported",
+    }
+}
+
+/// The name of a stored key's algorithm.
+pub fn key_alg_name(key: &JwtKey) -> &'static str {
+    match key {
+        JwtKey::HS256 { .. } => "HS256",
+        JwtKey::RS256 { .. } => "RS256",
+        JwtKey::ES256 { .. } => "ES256",
+    }
+}
+
+/// Check key material and parse it for verification. The message of an error says what is wrong with it (never
+/// echoing it).
+pub fn prepare(key: &JwtKey) -> Result<PreparedKey, String> {
+    match key {
+        JwtKey::HS256 { secret } => {
+            if secret.len() < MIN_HMAC_SECRET_BYTES {
+                return Err(format!("an HS256 secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"));
+            }
+            if secret.len() > MAX_KEY_BYTES {
+                return Err(format!("an HS256 secret must be at most {MAX_KEY_BYTES} bytes"));
+            }
+            Ok(PreparedKey { alg: Algorithm::HS256, key: DecodingKey::from_secret(secret.as_bytes()) })
+        }
+        JwtKey::RS256 { public_key_pem } => {
+            check_public_pem(public_key_pem)?;
+            let bits = rsa_bits(public_key_pem)?;
+            if bits < MIN_RSA_BITS {
+                return Err(format!("the RSA key has {bits} bits; at least {MIN_RSA_BITS} are required"));
+            }
+            let key = DecodingKey::from_rsa_pem(public_key_pem.as_bytes())
+                .map_err(|e| format!("not a usable RSA public key: {e}"))?;
+            Ok(PreparedKey { alg: Algorithm::RS256, key })
+        }
+        JwtKey::ES256 { public_key_pem } => {
+            check_public_pem(public_key_pem)?;
+            use p256::pkcs8::DecodePublicKey;
+            p256::PublicKey::from_public_key_pem(public_key_pem.trim())
+                .map_err(|_| "not a P-256 (ES256) public key in PEM (SubjectPublicKeyInfo)".to_owned())?;
+            let key = DecodingKey::from_ec_pem(public_key_pem.as_bytes())
+                .map_err(|e| format!("not a usable EC public key: {e}"))?;
+            Ok(PreparedKey { alg: Algorithm::ES256, key })
+        }
+    }
+}
+
+fn check_public_pem(pem: &str) -> Result<(), String> {
+    if pem.len() > MAX_KEY_BYTES {
+        return Err(format!("the PEM must be at most {MAX_KEY_BYTES} bytes"));
+    }
+    if pem.contains("PRIVATE KEY") {
+        return Err("this is a private key: upload only the public key, and treat this one as leaked".into());
+    }
+    if !pem.contains("-----BEGIN") {
+        return Err("public_key_pem must be a PEM block".into());
+    }
+    Ok(())
+}
+
+fn rsa_bits(pem: &str) -> Result<usize, String> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    let pem = pem.trim();
+    let key = rsa::RsaPublicKey::from_public_key_pem(pem)
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
+        .map_err(|_| "not an RSA public key in PEM".to_owned())?;
+    Ok(key.size() * 8)
+}
+
+/// Is `token` shaped like a JWT (three base64url segments)? Says nothing about its validity.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+}
+
+/// The `pid` claim, read without verification, to find the tenant whose key verifies the token.
+pub fn unverified_project(token: &str) -> Result<ProjectId, ApiError> {
+    #[derive(Deserialize)]
+    struct Pid {
+        pid: String,
+    }
+    let refused = || ApiError::unauthorized("JWT has no valid pid claim");
+    let payload = token.split('.').nth(1).ok_or_else(refused)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| refused())?;
+    let pid: Pid = serde_json::from_slice(&bytes).map_err(|_| refused())?;
+    ProjectId::parse(&pid.pid).map_err(|_| refused())
+}
+
+/// The verified claims of a token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claims {
+    pub sub: UserId,
+    /// Unix seconds.
+    pub exp: u64,
+    pub jti: Option<String>,
+    pub rooms: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RawClaims {
+    sub: String,
+    pid: String,
+    exp: u64,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
+}
+
+/// Verify `token` with the tenant's key: the header's `alg` must be the key's, the signature must hold, `exp` must
+/// be in the future (unless `check_exp` is false, for revoking an expired token), and `pid` must be `tenant`.
+pub fn verify(token: &str, key: &PreparedKey, tenant: &ProjectId, check_exp: bool) -> Result<Claims, ApiError> {
+    let header = jsonwebtoken::decode_header(token)
+        .map_err(|_| ApiError::unauthorized("JWT header is invalid or its alg is not supported"))?;
+    if header.alg != key.alg {
+        return Err(ApiError::unauthorized(format!(
+            "JWT alg {} is not this project's ({})",
+            alg_name(&header.alg),
+            key.alg_name()
+        )));
+    }
+    let mut validation = Validation::new(key.alg);
+    validation.algorithms = vec![key.alg];
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.leeway = LEEWAY_SECS;
+    validation.validate_exp = check_exp;
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation).map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        let why = match e.kind() {
+            ErrorKind::ExpiredSignature => "JWT is expired",
+            ErrorKind::ImmatureSignature => "JWT is not valid yet (nbf)",
+            ErrorKind::InvalidSignature => "JWT signature does not verify",
+            ErrorKind::InvalidAlgorithm => "JWT alg is not this project's",
+            ErrorKind::MissingRequiredClaim(_) => "JWT lacks a required claim (sub, pid, exp)",
+            ErrorKind::Json(_) => "JWT claims are malformed (sub, pid, exp are required)",
+            _ => "JWT is invalid",
+        };
+        ApiError::unauthorized(why)
+    })?;
+    let raw = data.claims;
+    if raw.pid != tenant.as_str() {
+        return Err(ApiError::unauthorized("JWT pid is not the signing project"));
+    }
+    let sub = UserId::parse(&raw.sub)
+        .map_err(|_| ApiError::unauthorized("JWT sub is not a valid user id (^[A-Za-z0-9_-]{1,64}$)"))?;
+    if let Some(jti) = &raw.jti {
+        if !valid_jti(jti) {
+            return Err(ApiError::unauthorized("JWT jti must be 1 to 128 printable ASCII characters"));
+        }
+    }
+    let rooms = raw.rooms.unwrap_or_default();
+    if rooms.len() > MAX_GRANTS {
+        return Err(ApiError::unauthorized(format!("JWT carries more than {MAX_GRANTS} rooms grants")));
+    }
+    if let Some(bad) = rooms.iter().find(|grant| !valid_grant(grant)) {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!("JWT rooms grant {bad:?} is neither a room id nor a prefix ending in *"),
+        ));
+    }
+    Ok(Claims { sub, exp: raw.exp, jti: raw.jti, rooms })
+}
+
+fn valid_jti(jti: &str) -> bool {
+    (1..=128).contains(&jti.len()) && jti.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A grant is a room id, or a prefix of one followed by `*`.
+fn valid_grant(grant: &str) -> bool {
+    match grant.strip_suffix('*') {
+        None => RoomId::parse(grant).is_ok(),
+        Some(prefix) => {
+            prefix.len() <= 130 && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'))
+        }
+    }
+}
+
+/// The id a JWT is revoked under: its `jti` when it has one (revoking every token with that jti), otherwise the
+/// hash of the token itself.
+pub fn credential_id(token: &str, jti: Option<&str>) -> String {
+    match jti {
+        Some(jti) => format!("j:{jti}"),
+        None => format!("h:{}", crate::auth::sha256_hex(token)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_material_is_checked() {
+        assert!(prepare(&JwtKey::HS256 { secret: "short".into() }).is_err());
+        assert!(prepare(&JwtKey::HS256 { secret: "x".repeat(32) }).is_ok());
+        let not_pem = JwtKey::RS256 { public_key_pem: "hello".into() };
+        assert!(prepare(&not_pem).is_err());
+        let private =
+            JwtKey::ES256 { public_key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----".into() };
+        assert!(prepare(&private).unwrap_err().contains("private key"));
+    }
+
+    #[test]
+    fn shapes_and_grants() {
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+        assert!(!looks_like_jwt("sytok_abc"));
+        assert!(!looks_like_jwt("a.b.c.d"));
+        assert!(valid_grant("general"));
+        assert!(valid_grant("team-*"));
+        assert!(valid_grant("*"));
+        assert!(!valid_grant("a.b"));
+        assert!(!valid_grant("a>*"));
+        assert!(unverified_project("a.b.c").is_err());
+    }
+}

@@ -1,0 +1,393 @@
+//! Revocation at the edge: the registry of this gateway's live sessions (by tenant, by user and by credential), the
+//! close signal each session selects on, the local cache of revoked credentials, and the revocation broadcast on
+//! core NATS that carries a revocation taken on any gateway to every gateway.
+//!
+//! A revocation closes matching sessions with 4003 (after `bye`) and is remembered for a few seconds, so a session
+//! whose authentication was in flight when it arrived is closed as soon as it registers. This module does not decide
+//! who may revoke what (the HTTP API does) and does not store revocations durably (Redis does, see `tokens`).
+
+use crate::auth::Identity;
+use crate::Gateway;
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use switchyard_protocol::internal::{Revocation, RevocationTarget, INTERNAL_VERSION};
+use switchyard_protocol::{codec, subjects, CloseCode, ProjectId, UserId};
+use tokio_util::sync::CancellationToken;
+
+/// How long a revocation is remembered for sessions that were authenticating while it happened.
+const RECENT_WINDOW: Duration = Duration::from_secs(10);
+/// Bound of one tenant's entries in the local revoked-credential cache (JWTs only: opaque tokens are checked in
+/// Redis). Expired entries are pruned first, then the soonest-expiring, so a tenant can only crowd out its own.
+const MAX_REVOKED_PER_TENANT: usize = 10_000;
+/// Bound of the recent-revocations window, whatever the rate of revocations.
+const MAX_RECENT: usize = 10_000;
+
+/// Tells one session to close, with the code and reason to close with.
+#[derive(Clone, Default)]
+pub struct CloseSignal {
+    token: CancellationToken,
+    why: Arc<OnceLock<(CloseCode, &'static str)>>,
+}
+
+impl CloseSignal {
+    /// Ask the session to close; the first reason given wins.
+    pub fn fire(&self, code: CloseCode, reason: &'static str) {
+        let _ = self.why.set((code, reason));
+        self.token.cancel();
+    }
+
+    /// Resolves once fired, with the code and reason. Can be awaited again after it resolved.
+    pub async fn fired(&self) -> (CloseCode, &'static str) {
+        self.token.cancelled().await;
+        self.why.get().copied().unwrap_or((CloseCode::Revoked, "revoked"))
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+struct Entry {
+    tenant: ProjectId,
+    user: UserId,
+    credential: String,
+    signal: CloseSignal,
+}
+
+struct Recent {
+    at: Instant,
+    tenant: ProjectId,
+    target: RevocationTarget,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<u64, Entry>,
+    by_tenant: HashMap<ProjectId, HashSet<u64>>,
+    by_user: HashMap<(ProjectId, UserId), HashSet<u64>>,
+    by_credential: HashMap<(ProjectId, String), HashSet<u64>>,
+    recent: VecDeque<Recent>,
+    /// Revoked JWT credentials per tenant, and when they expire anyway (unix ms).
+    revoked: HashMap<ProjectId, HashMap<String, u64>>,
+}
+
+fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<u64>>, key: K, id: u64) {
+    if let Some(set) = map.get_mut(&key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Inner {
+    fn matching(&self, tenant: &ProjectId, target: &RevocationTarget) -> Vec<u64> {
+        let set = match target {
+            RevocationTarget::Tenant => self.by_tenant.get(tenant),
+            RevocationTarget::User { user } => self.by_user.get(&(tenant.clone(), user.clone())),
+            RevocationTarget::Token { id, .. } => self.by_credential.get(&(tenant.clone(), id.clone())),
+        };
+        set.map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    fn prune_recent(&mut self) {
+        while self.recent.front().is_some_and(|r| r.at.elapsed() > RECENT_WINDOW) {
+            self.recent.pop_front();
+        }
+    }
+
+    fn remember_revoked(&mut self, tenant: &ProjectId, id: &str, until_ms: u64, now_ms: u64) {
+        let revoked = self.revoked.entry(tenant.clone()).or_default();
+        if revoked.len() >= MAX_REVOKED_PER_TENANT {
+            revoked.retain(|_, until| *until > now_ms);
+        }
+        if revoked.len() >= MAX_REVOKED_PER_TENANT {
+            if let Some(soonest) = revoked.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone()) {
+                revoked.remove(&soonest);
+            }
+        }
+        revoked.insert(id.to_owned(), until_ms);
+    }
+
+    fn is_revoked(&self, tenant: &ProjectId, id: &str, now_ms: u64) -> bool {
+        self.revoked.get(tenant).and_then(|revoked| revoked.get(id)).is_some_and(|until| *until > now_ms)
+    }
+}
+
+/// Why a session may not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+/// This gateway's live sessions, indexed for revocation. A plain mutex, held only for map updates.
+#[derive(Default)]
+pub struct SessionRegistry {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+}
+
+/// A registered session; deregisters itself when dropped.
+pub struct Registration {
+    registry: Arc<SessionRegistry>,
+    id: u64,
+    signal: CloseSignal,
+}
+
+impl Registration {
+    /// The signal the session closes on.
+    pub fn signal(&self) -> CloseSignal {
+        self.signal.clone()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.deregister(self.id);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl SessionRegistry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(SessionRegistry::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(inner) => inner,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Live sessions of a tenant on this gateway.
+    pub fn tenant_sessions(&self, tenant: &ProjectId) -> usize {
+        self.lock().by_tenant.get(tenant).map_or(0, HashSet::len)
+    }
+
+    /// Register a session, refusing it when its tenant is at `max_connections` on this gateway. A session whose
+    /// credential, user or tenant was revoked after its verification began is registered already fired.
+    pub fn register(
+        self: &Arc<Self>,
+        identity: &Identity,
+        max_connections: Option<u32>,
+    ) -> Result<Registration, Refused> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let signal = CloseSignal::default();
+        let tenant = identity.tenant.clone();
+        let credential = identity.credential.id.clone();
+        let mut inner = self.lock();
+        if let Some(max) = max_connections {
+            if inner.by_tenant.get(&tenant).map_or(0, HashSet::len) >= max as usize {
+                return Err(Refused {
+                    code: CloseCode::RateLimitAbuse,
+                    reason: "the project's connection limit on this gateway is reached",
+                });
+            }
+        }
+        inner.prune_recent();
+        let revoked_meanwhile = inner.recent.iter().any(|r| {
+            r.at >= identity.credential.verified_at
+                && r.tenant == tenant
+                && match &r.target {
+                    RevocationTarget::Tenant => true,
+                    RevocationTarget::User { user } => *user == identity.user,
+                    RevocationTarget::Token { id, .. } => *id == credential,
+                }
+        });
+        if revoked_meanwhile || inner.is_revoked(&tenant, &credential, now_ms()) {
+            signal.fire(CloseCode::Revoked, "credentials revoked");
+        }
+        inner.by_tenant.entry(tenant.clone()).or_default().insert(id);
+        inner.by_user.entry((tenant.clone(), identity.user.clone())).or_default().insert(id);
+        inner.by_credential.entry((tenant.clone(), credential.clone())).or_default().insert(id);
+        inner.sessions.insert(id, Entry { tenant, user: identity.user.clone(), credential, signal: signal.clone() });
+        drop(inner);
+        Ok(Registration { registry: self.clone(), id, signal })
+    }
+
+    fn deregister(&self, id: u64) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.sessions.remove(&id) {
+            remove_from(&mut inner.by_tenant, entry.tenant.clone(), id);
+            remove_from(&mut inner.by_user, (entry.tenant.clone(), entry.user), id);
+            remove_from(&mut inner.by_credential, (entry.tenant, entry.credential), id);
+        }
+    }
+
+    /// Apply a revocation on this gateway: close the matching sessions with 4003 and remember it. Returns how many
+    /// sessions were told to close.
+    pub fn revoke(&self, tenant: &ProjectId, target: &RevocationTarget, _at_ms: u64) -> usize {
+        let reason = match target {
+            RevocationTarget::Tenant => "tenant disabled",
+            RevocationTarget::User { .. } => "user sessions revoked",
+            RevocationTarget::Token { .. } => "token revoked",
+        };
+        let mut inner = self.lock();
+        let ids = inner.matching(tenant, target);
+        for id in &ids {
+            if let Some(entry) = inner.sessions.get(id) {
+                entry.signal.fire(CloseCode::Revoked, reason);
+            }
+        }
+        inner.prune_recent();
+        if inner.recent.len() >= MAX_RECENT {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back(Recent { at: Instant::now(), tenant: tenant.clone(), target: target.clone() });
+        // Opaque tokens need no local entry: a deleted token is refused by Redis, and Redis is needed to accept one.
+        if let RevocationTarget::Token { id, until_ms } = target {
+            let now = now_ms();
+            if *until_ms > now && !id.starts_with("t:") {
+                inner.remember_revoked(tenant, id, *until_ms, now);
+            }
+        }
+        drop(inner);
+        if !ids.is_empty() {
+            metrics::counter!("switchyard_gateway_revoked_sessions_total").increment(ids.len() as u64);
+        }
+        ids.len()
+    }
+
+    /// Is this credential in the local revocation cache?
+    pub fn is_token_revoked(&self, tenant: &ProjectId, id: &str) -> bool {
+        self.lock().is_revoked(tenant, id, now_ms())
+    }
+}
+
+/// Register a session with the tenant's connection cap (the tenant's own, else the gateway's default).
+pub fn register(gw: &Gateway, identity: &Identity) -> Result<Registration, Refused> {
+    gw.sessions.register(identity, max_connections(gw, &identity.tenant))
+}
+
+/// The connection cap of a tenant on this gateway, if any.
+pub fn max_connections(gw: &Gateway, tenant: &ProjectId) -> Option<u32> {
+    gw.tenants
+        .cached(tenant)
+        .and_then(|entry| entry.record.limits.max_connections)
+        .or(gw.config.max_connections_per_tenant)
+}
+
+/// Is the tenant at its connection cap on this gateway (checked before an upgrade)?
+pub fn at_capacity(gw: &Gateway, tenant: &ProjectId) -> bool {
+    max_connections(gw, tenant).is_some_and(|max| gw.sessions.tenant_sessions(tenant) >= max as usize)
+}
+
+/// Why a revocation could not be broadcast.
+#[derive(Debug, thiserror::Error)]
+pub enum BroadcastError {
+    #[error("cannot broadcast the revocation: {0}")]
+    Nats(String),
+}
+
+/// Apply a revocation here and broadcast it to every gateway (this one hears it too; applying twice is harmless).
+pub async fn broadcast(gw: &Gateway, tenant: &ProjectId, target: RevocationTarget) -> Result<(), BroadcastError> {
+    let at_ms = now_ms();
+    gw.sessions.revoke(tenant, &target, at_ms);
+    let message = Revocation { v: INTERNAL_VERSION, tenant: tenant.clone(), target, at_ms };
+    let payload = codec::encode(&message).map_err(|e| BroadcastError::Nats(e.to_string()))?;
+    gw.nats.publish(subjects::revocations(tenant), payload).await.map_err(|e| BroadcastError::Nats(e.to_string()))?;
+    gw.nats.flush().await.map_err(|e| BroadcastError::Nats(e.to_string()))
+}
+
+/// Subscribe to every tenant's revocations (before the gateway serves) and apply them until `shutdown`.
+pub async fn listen(
+    nats: async_nats::Client,
+    sessions: Arc<SessionRegistry>,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut subscription = nats.subscribe(subjects::REVOCATIONS_ALL).await?;
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = subscription.next() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+            };
+            let revocation: Revocation = match codec::decode(&message.payload) {
+                Ok(revocation) => revocation,
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable revocation dropped");
+                    continue;
+                }
+            };
+            // A revocation only ever applies within the tenant its subject names.
+            if message.subject.as_str() != subjects::revocations(&revocation.tenant) {
+                tracing::warn!(subject = %message.subject, "revocation on the wrong subject dropped");
+                continue;
+            }
+            sessions.revoke(&revocation.tenant, &revocation.target, revocation.at_ms);
+        }
+        let _ = subscription.unsubscribe().await;
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Credential;
+
+    fn identity(tenant: &ProjectId, user: &str, credential: &str) -> Identity {
+        Identity {
+            tenant: tenant.clone(),
+            user: UserId::parse(user).unwrap(),
+            grants: Vec::new(),
+            credential: Credential { id: credential.into(), expires_at_ms: u64::MAX, verified_at: Instant::now() },
+        }
+    }
+
+    #[test]
+    fn revocations_hit_only_their_targets() {
+        let registry = SessionRegistry::new();
+        let a = ProjectId::generate();
+        let b = ProjectId::generate();
+        let a_alice = registry.register(&identity(&a, "alice", "t:1"), None).unwrap();
+        let a_bob = registry.register(&identity(&a, "bob", "t:2"), None).unwrap();
+        let b_alice = registry.register(&identity(&b, "alice", "t:1"), None).unwrap();
+
+        let token = RevocationTarget::Token { id: "t:1".into(), until_ms: u64::MAX };
+        assert_eq!(registry.revoke(&a, &token, 0), 1);
+        assert!(a_alice.signal().is_fired());
+        assert!(!a_bob.signal().is_fired() && !b_alice.signal().is_fired());
+        // Only JWT credentials are cached (opaque tokens are refused by Redis once deleted).
+        assert!(!registry.is_token_revoked(&a, "t:1"));
+        let jwt = RevocationTarget::Token { id: "j:x".into(), until_ms: u64::MAX };
+        registry.revoke(&a, &jwt, 0);
+        assert!(registry.is_token_revoked(&a, "j:x"));
+        assert!(!registry.is_token_revoked(&b, "j:x"));
+
+        let user = RevocationTarget::User { user: UserId::parse("bob").unwrap() };
+        assert_eq!(registry.revoke(&a, &user, 0), 1);
+        assert!(a_bob.signal().is_fired() && !b_alice.signal().is_fired());
+        assert_eq!(registry.revoke(&b, &RevocationTarget::Tenant, 0), 1);
+        assert!(b_alice.signal().is_fired());
+
+        drop((a_alice, a_bob, b_alice));
+        assert_eq!(registry.tenant_sessions(&a), 0);
+        assert!(registry.lock().by_credential.is_empty());
+    }
+
+    #[test]
+    fn a_revocation_during_authentication_still_closes_and_caps_hold() {
+        let registry = SessionRegistry::new();
+        let a = ProjectId::generate();
+        let early = identity(&a, "carol", "t:9");
+        registry.revoke(&a, &RevocationTarget::User { user: UserId::parse("carol").unwrap() }, 0);
+        assert!(registry.register(&early, None).unwrap().signal().is_fired());
+        // Verified after the revocation: not affected.
+        let later = identity(&a, "carol", "t:10");
+        let kept = registry.register(&later, Some(1)).unwrap();
+        assert!(!kept.signal().is_fired());
+        assert!(registry.register(&identity(&a, "dan", "t:11"), Some(1)).is_err());
+    }
+}
