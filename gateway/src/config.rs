@@ -132,32 +132,14 @@ impl Default for GatewayConfig {
     }
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
-    #[error("invalid value for {name}: {message}")]
-    Invalid { name: &'static str, message: String },
-}
+pub use switchyard_service::ConfigError;
 
-fn parsed<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError> {
-    value.trim().parse().map_err(|_| ConfigError::Invalid { name, message: format!("cannot parse {value:?}") })
-}
+use switchyard_service::parse_env as parsed;
 
 impl GatewayConfig {
     /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
     pub fn load() -> Result<Self, ConfigError> {
-        let mut config = match std::env::var("SWITCHYARD_CONFIG") {
-            Ok(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
-            }
-            Err(_) => GatewayConfig::default(),
-        };
+        let mut config: GatewayConfig = switchyard_service::from_file()?;
         config.apply_env(|name| std::env::var(name).ok())?;
         config.validate()?;
         Ok(config)

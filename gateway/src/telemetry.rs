@@ -1,4 +1,4 @@
-//! Logging and the Prometheus recorder. The recorder is process-wide, so it is installed once and shared by every
+//! The Prometheus recorder. It is process-wide, so it is installed once and shared by every
 //! gateway started in the process (tests start several).
 //!
 //! This module does not define metrics; each module records its own.
@@ -20,10 +20,4 @@ pub fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
-}
-
-/// Log to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
 }

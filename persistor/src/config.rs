@@ -44,28 +44,12 @@ pub enum StoreChoice {
     Cql(Vec<String>),
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
-    #[error("invalid value for {name}: {message}")]
-    Invalid { name: &'static str, message: String },
-}
+pub use switchyard_service::ConfigError;
 
 impl PersistorConfig {
     /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
     pub fn load() -> Result<Self, ConfigError> {
-        let mut config = match std::env::var("SWITCHYARD_CONFIG") {
-            Ok(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
-            }
-            Err(_) => PersistorConfig::default(),
-        };
+        let mut config: PersistorConfig = switchyard_service::from_file()?;
         config.apply_env(|name| std::env::var(name).ok())?;
         config.store_choice()?;
         Ok(config)
@@ -83,10 +67,7 @@ impl PersistorConfig {
             self.cql_keyspace = v;
         }
         if let Some(v) = get("SWITCHYARD_BATCH_MAX") {
-            self.batch_max = v.parse().map_err(|_| ConfigError::Invalid {
-                name: "SWITCHYARD_BATCH_MAX",
-                message: format!("{v:?} is not a number"),
-            })?;
+            self.batch_max = switchyard_service::parse_env("SWITCHYARD_BATCH_MAX", &v)?;
         }
         Ok(())
     }

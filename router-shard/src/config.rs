@@ -40,28 +40,12 @@ impl Default for RouterConfig {
     }
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
-    #[error("invalid value for {name}: {message}")]
-    Invalid { name: &'static str, message: String },
-}
+pub use switchyard_service::ConfigError;
 
 impl RouterConfig {
     /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
     pub fn load() -> Result<Self, ConfigError> {
-        let mut config = match std::env::var("SWITCHYARD_CONFIG") {
-            Ok(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?
-            }
-            Err(_) => RouterConfig::default(),
-        };
+        let mut config: RouterConfig = switchyard_service::from_file()?;
         config.apply_env(|name| std::env::var(name).ok())?;
         if config.router_id.is_empty() {
             config.router_id = format!("router-{}", switchyard_protocol::ids::random_base62(8));
@@ -73,7 +57,7 @@ impl RouterConfig {
     /// Override fields from environment variables, read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
-            value.parse().map_err(|_| ConfigError::Invalid { name, message: format!("{value:?} is not a number") })
+            switchyard_service::parse_env(name, &value)
         }
         if let Some(v) = get("SWITCHYARD_NATS_URL") {
             self.nats_url = v;
