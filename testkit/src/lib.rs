@@ -1,11 +1,11 @@
-//! Test support: a real fleet (gateways, router shards, a persistor on an embedded store) started inside the test
-//! process with the same `run` functions the binaries call, against the NATS and Redis that `cargo xtask test`
-//! started. Nothing here stands in for a server.
+//! Test support shared by Switchyard's integration tests: a real fleet (gateways, router shards, a persistor on an
+//! embedded or CQL store) started inside the test process with the same `run` functions the binaries call, against
+//! the NATS, Redis and Cassandra that `cargo xtask test` started. Nothing here stands in for a server.
 //!
 //! Fleets share one NATS, so the tests of a binary run their fleets one at a time. Also here: helpers for the admin
-//! and tenant HTTP APIs, JWT minting with freshly generated keys, and a private `redis-server` for outage tests.
-
-#![allow(dead_code)]
+//! and tenant HTTP APIs, JWT minting with freshly generated keys, a private `redis-server` for outage tests, and
+//! [`wait_for_balanced_shards`] for tests that run router shards as processes of their own. It does not start
+//! router-shard processes (tests that need them own their lifecycle) and is never part of a release.
 
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -68,6 +68,8 @@ pub struct Tenant {
 }
 
 impl Fleet {
+    /// Start `gateways` gateways and `routers` in-process router shards (0: the test runs its own) on the embedded
+    /// store.
     pub async fn start(gateways: usize, routers: usize) -> Fleet {
         Self::start_with(gateways, routers, |_| {}).await
     }
@@ -210,7 +212,7 @@ impl Fleet {
 
 /// Wait until every shard is held by one of `routers`, each holding its fair share, so tests do not start while
 /// shards are still moving between the fleet's router shards.
-async fn wait_for_balanced_shards(routers: &[String]) {
+pub async fn wait_for_balanced_shards(routers: &[String]) {
     if routers.is_empty() {
         return;
     }

@@ -1,0 +1,538 @@
+//! Router shards as real processes, under crashes, pauses and scale-out: SIGKILL, SIGSTOP past the lease TTL, and
+//! going from one process to three and back, each while clients keep sending. Every acked message must reach every
+//! subscribed session exactly once and in seq order, each room's seq must stay gap-free in the events stream, and
+//! the history store must hold every acked message exactly once.
+//!
+//! Gateways and the persistor run in-process (`switchyard-testkit`); router shards run as child processes of the
+//! `switchyard-router-shard` binary, killed by a drop guard also when a test panics. This file does not test what
+//! a single process does (the gateway's end-to-end tests do that).
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use switchyard_client::{Client, ClientError, ClientOp, ErrorCode, Format, Reply, ServerEvent};
+use switchyard_persistor::store::{HistoryQuery, HistoryStore};
+use switchyard_protocol::internal::{EventBody, RoomEvent};
+use switchyard_protocol::shard::shard_of_room;
+use switchyard_protocol::{codec, subjects, ProjectId, RoomId, ShardId};
+use switchyard_testkit::{nats_url, wait_for_balanced_shards, Fleet, Tenant};
+use tokio::task::JoinHandle;
+
+const SHARDS: u16 = switchyard_protocol::limits::DEFAULT_SHARD_COUNT;
+/// How long one attempt of a send may take at the client; the gateway answers `unavailable` before that.
+const ATTEMPT: Duration = Duration::from_secs(15);
+/// How long a single message may keep failing before the test calls it lost.
+const GIVE_UP: Duration = Duration::from_secs(45);
+
+/// Router-shard child processes, each with its log in the guard's directory. Dropping the guard resumes and kills
+/// every process still running, so none outlives the test, also when it panics.
+struct Routers {
+    dir: tempfile::TempDir,
+    procs: Vec<(String, Option<Child>)>,
+}
+
+#[allow(dead_code)]
+impl Routers {
+    fn new() -> Routers {
+        Routers { dir: tempfile::tempdir().expect("temp dir"), procs: Vec::new() }
+    }
+
+    /// Start one more router shard; its index.
+    fn spawn(&mut self) -> usize {
+        let index = self.procs.len();
+        let id = format!("proc-router-{index}-{}", switchyard_protocol::ids::random_base62(6));
+        let log = |suffix: &str| {
+            std::fs::File::create(self.dir.path().join(format!("{id}.{suffix}"))).expect("router shard log file")
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard-router-shard"))
+            .env_remove("SWITCHYARD_CONFIG")
+            .env("SWITCHYARD_NATS_URL", nats_url())
+            .env("SWITCHYARD_ROUTER_ID", &id)
+            .env("SWITCHYARD_SHARD_COUNT", SHARDS.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log("stdout"))
+            .stderr(log("stderr"))
+            .spawn()
+            .expect("start switchyard-router-shard");
+        self.procs.push((id, Some(child)));
+        index
+    }
+
+    fn id(&self, index: usize) -> &str {
+        &self.procs[index].0
+    }
+
+    fn index_of(&self, id: &str) -> usize {
+        self.procs.iter().position(|(p, _)| p == id).unwrap_or_else(|| panic!("{id} is not one of ours"))
+    }
+
+    /// Ids of the processes still running.
+    fn live(&self) -> Vec<String> {
+        self.procs.iter().filter(|(_, c)| c.is_some()).map(|(id, _)| id.clone()).collect()
+    }
+
+    fn signal(&self, index: usize, signal: Signal) {
+        let child = self.procs[index].1.as_ref().expect("router shard is running");
+        kill(Pid::from_raw(child.id() as i32), signal).expect("signal router shard");
+    }
+
+    /// SIGKILL, and reap it.
+    fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.procs[index].1.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit (it releases its leases first).
+    async fn terminate(&mut self, index: usize) {
+        self.signal(index, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let child = self.procs[index].1.as_mut().expect("router shard is running");
+            if let Some(status) = child.try_wait().expect("wait for router shard") {
+                self.procs[index].1 = None;
+                assert!(status.success(), "router shard exited with {status} after SIGTERM: {}", self.logs(index));
+                return;
+            }
+            assert!(Instant::now() < deadline, "router shard did not stop within 30 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn logs(&self, index: usize) -> String {
+        let id = &self.procs[index].0;
+        let read =
+            |suffix: &str| std::fs::read_to_string(self.dir.path().join(format!("{id}.{suffix}"))).unwrap_or_default();
+        format!("{}{}", read("stdout"), read("stderr"))
+    }
+}
+
+impl Drop for Routers {
+    fn drop(&mut self) {
+        for index in 0..self.procs.len() {
+            self.kill(index);
+        }
+    }
+}
+
+/// The router shard holding `shard`'s lease now, if any.
+async fn owner_of(shard: ShardId) -> Option<String> {
+    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let leases = async_nats::jetstream::new(nats).get_key_value(subjects::LEASES_BUCKET).await.expect("leases bucket");
+    let owner = leases.get(subjects::lease_key(shard)).await.expect("read lease")?;
+    Some(String::from_utf8_lossy(&owner).into_owned())
+}
+
+/// Wait until `routers` hold every shard, balanced, and the previous holders' liveness keys are gone or expired.
+async fn settle(routers: &[String]) {
+    wait_for_balanced_shards(routers).await;
+}
+
+/// A gateway fleet (no in-process router shards) whose per-session and per-tenant limits do not get in the way.
+async fn gateways(command_timeout_ms: u64) -> Fleet {
+    Fleet::start_with(2, 0, |config| {
+        config.ops_per_sec = 100_000;
+        config.ops_burst = 100_000;
+        config.tenant_msgs_per_sec = 1_000_000;
+        config.tenant_msgs_burst = 1_000_000;
+        config.command_timeout_ms = command_timeout_ms;
+    })
+    .await
+}
+
+/// One acknowledged message.
+#[derive(Debug, Clone)]
+struct Ack {
+    room: usize,
+    seq: u64,
+    body: String,
+    /// When the successful attempt started and ended.
+    started: Instant,
+    ended: Instant,
+}
+
+/// A sequenced event one session received: its seq, and the body when it is a message.
+type Seen = (u64, Option<String>);
+
+/// How the clients send.
+#[derive(Clone, Copy)]
+struct Pace {
+    /// Messages per client, at most.
+    per_client: usize,
+    /// Pause between two sends of one client.
+    gap: Duration,
+}
+
+/// Clients in rooms, each sending messages with a unique `cmid` and retrying the same op until it is acked.
+#[allow(dead_code)]
+struct Traffic {
+    tenant: ProjectId,
+    rooms: Vec<RoomId>,
+    /// Per session: its room and what it received.
+    sessions: Vec<(usize, Arc<Mutex<Vec<Seen>>>)>,
+    clients: Vec<Arc<Client>>,
+    readers: Vec<JoinHandle<()>>,
+    senders: Vec<JoinHandle<Result<(), String>>>,
+    acked: Arc<Mutex<Vec<Ack>>>,
+    progress: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    /// Attempts that failed and were retried.
+    retries: Arc<AtomicUsize>,
+}
+
+impl Traffic {
+    /// Connect `clients` sessions (alternating gateways, and formats every second client) spread over `rooms`
+    /// rooms, join them, then start sending.
+    async fn start(fleet: &Fleet, tenant: &Tenant, clients: usize, rooms: usize, pace: Pace) -> Traffic {
+        let room_ids: Vec<RoomId> = (0..rooms).map(|r| RoomId::parse(&format!("room-{r}")).expect("room id")).collect();
+        let mut sessions = Vec::new();
+        let mut connected = Vec::new();
+        let mut readers = Vec::new();
+        for i in 0..clients {
+            let format = if (i / 2) % 2 == 0 { Format::Json } else { Format::MsgPack };
+            let token = fleet.token(tenant, &format!("user-{i}")).await;
+            let client = Arc::new(fleet.connect(i % 2, &token, format).await);
+            let room = i % rooms;
+            client.join(room_ids[room].as_str(), None).await.expect("join");
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (reader_client, reader_seen, room_id) = (client.clone(), seen.clone(), room_ids[room].clone());
+            readers.push(tokio::spawn(async move {
+                while let Some(event) = reader_client.next_event().await {
+                    if let Some((event_room, seq, body)) = sequenced(event) {
+                        if event_room == room_id {
+                            reader_seen.lock().unwrap().push((seq, body));
+                        }
+                    }
+                }
+            }));
+            sessions.push((room, seen));
+            connected.push(client);
+        }
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let progress = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let retries = Arc::new(AtomicUsize::new(0));
+        let mut senders = Vec::new();
+        for (i, client) in connected.iter().enumerate() {
+            let (client, acked, progress, stop, retries) =
+                (client.clone(), acked.clone(), progress.clone(), stop.clone(), retries.clone());
+            let (room, room_id) = (i % rooms, room_ids[i % rooms].clone());
+            senders.push(tokio::spawn(async move {
+                for k in 0..pace.per_client {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let body = format!("user-{i}/{k}");
+                    let op = ClientOp::Send {
+                        room: room_id.clone(),
+                        body: body.clone(),
+                        attrs: None,
+                        reply_to: None,
+                        cmid: Some(format!("c{i}-{k}")),
+                    };
+                    let (seq, started, ended) = send_until_acked(&client, op, &retries).await?;
+                    acked.lock().unwrap().push(Ack { room, seq, body, started, ended });
+                    progress.fetch_add(1, Ordering::Relaxed);
+                    if !pace.gap.is_zero() {
+                        tokio::time::sleep(pace.gap).await;
+                    }
+                }
+                Ok(())
+            }));
+        }
+        Traffic {
+            tenant: ProjectId::parse(&tenant.project_id).expect("project id"),
+            rooms: room_ids,
+            sessions,
+            clients: connected,
+            readers,
+            senders,
+            acked,
+            progress,
+            stop,
+            retries,
+        }
+    }
+
+    fn acked_count(&self) -> usize {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// Wait until at least `count` messages were acked.
+    async fn wait_for_acks(&self, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.acked_count() < count {
+            assert!(Instant::now() < deadline, "only {} of {count} messages acked in {limit:?}", self.acked_count());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait for every sender; panics on a message that could not be sent.
+    async fn finish_sending(&mut self) {
+        for sender in self.senders.drain(..) {
+            if let Err(error) = sender.await.expect("sender task") {
+                panic!("a message failed for good: {error}");
+            }
+        }
+    }
+
+    /// The shard of room `room`.
+    fn shard(&self, room: usize) -> ShardId {
+        shard_of_room(&self.tenant, &self.rooms[room], SHARDS)
+    }
+
+    /// Check sessions, the events stream and the store against what was acked; returns the number of acks.
+    async fn verify(&mut self, fleet: &Fleet) -> usize {
+        let acked = self.acked.lock().unwrap().clone();
+        // Per room, seq -> body, and no two acks for one seq or one body.
+        let mut by_room: Vec<BTreeMap<u64, String>> = vec![BTreeMap::new(); self.rooms.len()];
+        for ack in &acked {
+            if let Some(other) = by_room[ack.room].insert(ack.seq, ack.body.clone()) {
+                panic!("room {} seq {} acked for both {other:?} and {:?}", ack.room, ack.seq, ack.body);
+            }
+        }
+        assert_eq!(by_room.iter().map(BTreeMap::len).sum::<usize>(), acked.len(), "a message was acked twice");
+
+        // Every session: gap-free, in order, every acked message exactly once.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (index, (room, seen)) in self.sessions.iter().enumerate() {
+            let last = by_room[*room].keys().next_back().copied().unwrap_or(0);
+            loop {
+                let got = seen.lock().unwrap().last().map(|(seq, _)| *seq).unwrap_or(0);
+                if got >= last {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "session {index} has seq {got} of room {room}, expected {last}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let seen = seen.lock().unwrap().clone();
+            for pair in seen.windows(2) {
+                assert_eq!(pair[1].0, pair[0].0 + 1, "session {index}: seq {} followed by {}", pair[0].0, pair[1].0);
+            }
+            let first = seen.first().map(|(seq, _)| *seq).unwrap_or(1);
+            for (seq, body) in &by_room[*room] {
+                if *seq < first {
+                    continue; // sent before this session joined its room
+                }
+                let delivered = &seen[(seq - first) as usize];
+                assert_eq!(delivered.1.as_ref(), Some(body), "session {index}: seq {seq} is not the acked message");
+            }
+        }
+
+        // The events stream: each room's seqs 1..=n, consecutive, each acked message exactly once.
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.expect("connect to NATS"));
+        for (room, expected) in by_room.iter().enumerate() {
+            let events = room_events(&js, self.shard(room), &self.tenant, &self.rooms[room]).await;
+            for (i, event) in events.iter().enumerate() {
+                assert_eq!(event.seq, i as u64 + 1, "room {room}: stream event {i} has seq {}", event.seq);
+            }
+            let mut bodies: HashMap<&str, u64> = HashMap::new();
+            for event in &events {
+                if let EventBody::Msg { body, .. } = &event.body {
+                    assert!(
+                        bodies.insert(body, event.seq).is_none(),
+                        "room {room}: {body:?} stored twice in the stream"
+                    );
+                }
+            }
+            for (seq, body) in expected {
+                assert_eq!(bodies.get(body.as_str()), Some(seq), "room {room}: acked {body:?} not at seq {seq}");
+            }
+        }
+
+        // The history store: every acked message exactly once, at its seq (the persistor may lag a little).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (room, expected) in by_room.iter().enumerate() {
+            loop {
+                let stored = stored_messages(fleet, &self.tenant, &self.rooms[room]).await;
+                let mut counts: HashMap<&str, (usize, u64)> = HashMap::new();
+                for (seq, body) in &stored {
+                    let entry = counts.entry(body.as_str()).or_insert((0, *seq));
+                    entry.0 += 1;
+                }
+                assert!(counts.values().all(|(n, _)| *n == 1), "room {room}: a message is stored twice");
+                let missing = expected.iter().filter(|(seq, body)| counts.get(body.as_str()) != Some(&(1, **seq)));
+                let missing = missing.count();
+                if missing == 0 && stored.len() == expected.len() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "room {room}: {missing} acked messages not in the store, {} stored, {} acked",
+                    stored.len(),
+                    expected.len()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        acked.len()
+    }
+
+    /// Close the sessions and stop the readers.
+    async fn close(self) {
+        for client in &self.clients {
+            let _ = client.close().await;
+        }
+        for reader in self.readers {
+            reader.abort();
+        }
+    }
+}
+
+/// Send `op` until it is acked, repeating the same op (same cmid) after `unavailable` or a timeout; the acked seq
+/// and when the successful attempt started and ended.
+async fn send_until_acked(
+    client: &Client,
+    op: ClientOp,
+    retries: &AtomicUsize,
+) -> Result<(u64, Instant, Instant), String> {
+    let give_up = Instant::now() + GIVE_UP;
+    loop {
+        let started = Instant::now();
+        let failure = match client.request_with_timeout(op.clone(), ATTEMPT).await {
+            Ok(Reply::Ok(fields)) => {
+                let seq = fields.get("seq").and_then(|v| v.as_u64()).ok_or("ok without seq")?;
+                return Ok((seq, started, Instant::now()));
+            }
+            Ok(Reply::Err { code: ErrorCode::Unavailable, message, .. }) => format!("unavailable: {message}"),
+            Ok(Reply::Err { code, message, .. }) => return Err(format!("{op:?} refused: {code:?} {message}")),
+            Err(ClientError::Timeout(what)) => format!("timeout waiting for the {what}"),
+            Err(error) => return Err(format!("{op:?} failed: {error}")),
+        };
+        retries.fetch_add(1, Ordering::Relaxed);
+        if Instant::now() > give_up {
+            return Err(format!("{op:?} still failing after {GIVE_UP:?}: {failure}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A room event's room, seq and, for a message, its body; `None` for what is not sequenced.
+fn sequenced(event: ServerEvent) -> Option<(RoomId, u64, Option<String>)> {
+    match event {
+        ServerEvent::Msg { room, seq, body, .. } => Some((room, seq, Some(body))),
+        ServerEvent::Edit { room, seq, .. }
+        | ServerEvent::Delete { room, seq, .. }
+        | ServerEvent::Reaction { room, seq, .. }
+        | ServerEvent::Joined { room, seq, .. }
+        | ServerEvent::Left { room, seq, .. } => Some((room, seq, None)),
+        _ => None,
+    }
+}
+
+/// Every event of a room in the events stream, in stream order, read with an ordered consumer on its subject.
+async fn room_events(
+    js: &async_nats::jetstream::Context,
+    shard: ShardId,
+    tenant: &ProjectId,
+    room: &RoomId,
+) -> Vec<RoomEvent> {
+    use futures::StreamExt;
+    let subject = subjects::event_log(shard, tenant, room);
+    let stream = js.get_stream(subjects::EVENTS_STREAM).await.expect("events stream");
+    let last = match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => codec::decode::<RoomEvent>(&message.payload).expect("decode last event").seq,
+        Err(_) => return Vec::new(),
+    };
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("consume room events");
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events.last().map(|e: &RoomEvent| e.seq) != Some(last) || events.len() < last as usize {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(remaining, messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("read only {} of {last} events of {subject}", events.len()))
+            .expect("events end")
+            .expect("event message");
+        events.push(codec::decode::<RoomEvent>(&message.payload).expect("decode event"));
+        if events.len() > 2 * last as usize + 10 {
+            panic!("{subject} holds more events than its last seq {last}");
+        }
+    }
+    events
+}
+
+/// Every message of a room in the history store: (seq, body).
+async fn stored_messages(fleet: &Fleet, tenant: &ProjectId, room: &RoomId) -> Vec<(u64, String)> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let query =
+            HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: Some(after), limit: 100 };
+        let page = fleet.store.history(&query).await.expect("history page");
+        for message in &page.messages {
+            all.push((message.seq, message.body.clone().unwrap_or_default()));
+            after = after.max(message.seq);
+        }
+        if !page.more || page.messages.is_empty() {
+            return all;
+        }
+    }
+}
+
+/// The time from `since` until every room in `rooms` had a send that started after `since` acked.
+fn recovery(acked: &[Ack], rooms: &[usize], since: Instant) -> Option<Duration> {
+    rooms
+        .iter()
+        .map(|room| {
+            acked.iter().filter(|a| a.room == *room && a.started >= since).map(|a| a.ended.duration_since(since)).min()
+        })
+        .try_fold(Duration::ZERO, |worst, room| room.map(|d| worst.max(d)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_a_router_shard_loses_nothing() {
+    let test_started = Instant::now();
+    let mut routers = Routers::new();
+    for _ in 0..3 {
+        routers.spawn();
+    }
+    settle(&routers.live()).await;
+    let fleet = gateways(10_000).await;
+    let tenant = fleet.create_tenant().await;
+    let mut traffic = Traffic::start(&fleet, &tenant, 100, 10, Pace { per_client: 100, gap: Duration::ZERO }).await;
+
+    // The victim owns room 0's shard, so some of the traffic depends on it.
+    let victim = routers.index_of(&owner_of(traffic.shard(0)).await.expect("room 0's shard has an owner"));
+    let mut victim_rooms = Vec::new();
+    for room in 0..traffic.rooms.len() {
+        if owner_of(traffic.shard(room)).await.as_deref() == Some(routers.id(victim)) {
+            victim_rooms.push(room);
+        }
+    }
+    traffic.wait_for_acks(3_000, Duration::from_secs(60)).await;
+    let killed_at = Instant::now();
+    routers.kill(victim);
+    let acked_at_kill = traffic.acked_count();
+
+    traffic.finish_sending().await;
+    let failover = recovery(&traffic.acked.lock().unwrap(), &victim_rooms, killed_at)
+        .expect("a room of the killed router shard never served a send started after the kill");
+    let total = traffic.verify(&fleet).await;
+    assert_eq!(total, 10_000);
+    println!(
+        "SIGKILL failover: the killed router shard's rooms {victim_rooms:?} served again {:.2} s after the kill \
+         ({acked_at_kill} acked before it, {} retried attempts, {total} messages, test ran {:.1} s)",
+        failover.as_secs_f64(),
+        traffic.retries.load(Ordering::Relaxed),
+        test_started.elapsed().as_secs_f64()
+    );
+    assert!(failover < Duration::from_secs(10), "failover took {failover:?}");
+    traffic.close().await;
+    fleet.stop().await;
+    drop(routers);
+}
