@@ -28,6 +28,9 @@ const ATTEMPT: Duration = Duration::from_secs(15);
 /// How long a single message may keep failing before the test calls it lost.
 const GIVE_UP: Duration = Duration::from_secs(45);
 
+/// The tests share one NATS and its leases bucket: one cluster at a time, router shards included.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Router-shard child processes, each with its log in the guard's directory. Dropping the guard resumes and kills
 /// every process still running, so none outlives the test, also when it panics.
 struct Routers {
@@ -35,14 +38,18 @@ struct Routers {
     procs: Vec<(String, Option<Child>)>,
 }
 
-#[allow(dead_code)]
 impl Routers {
     fn new() -> Routers {
         Routers { dir: tempfile::tempdir().expect("temp dir"), procs: Vec::new() }
     }
 
-    /// Start one more router shard; its index.
+    /// Start one more router shard logging warnings; its index.
     fn spawn(&mut self) -> usize {
+        self.spawn_logging("warn")
+    }
+
+    /// Start one more router shard with `RUST_LOG` set to `filter`; its index.
+    fn spawn_logging(&mut self, filter: &str) -> usize {
         let index = self.procs.len();
         let id = format!("proc-router-{index}-{}", switchyard_protocol::ids::random_base62(6));
         let log = |suffix: &str| {
@@ -53,7 +60,7 @@ impl Routers {
             .env("SWITCHYARD_NATS_URL", nats_url())
             .env("SWITCHYARD_ROUTER_ID", &id)
             .env("SWITCHYARD_SHARD_COUNT", SHARDS.to_string())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(log("stdout"))
             .stderr(log("stderr"))
@@ -103,6 +110,15 @@ impl Routers {
             }
             assert!(Instant::now() < deadline, "router shard did not stop within 30 s of SIGTERM");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM every process still running, so their leases are free at once for the next test.
+    async fn shutdown(mut self) {
+        for index in 0..self.procs.len() {
+            if self.procs[index].1.is_some() {
+                self.terminate(index).await;
+            }
         }
     }
 
@@ -171,7 +187,6 @@ struct Pace {
 }
 
 /// Clients in rooms, each sending messages with a unique `cmid` and retrying the same op until it is acked.
-#[allow(dead_code)]
 struct Traffic {
     tenant: ProjectId,
     rooms: Vec<RoomId>,
@@ -272,6 +287,36 @@ impl Traffic {
             assert!(Instant::now() < deadline, "only {} of {count} messages acked in {limit:?}", self.acked_count());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Send `count` messages to `room` at once, each from one of the room's sessions in turn, each retried until
+    /// acked like the steady traffic; they are awaited with it.
+    fn burst(&mut self, room: usize, count: usize) {
+        let members: Vec<usize> = (0..self.clients.len()).filter(|i| i % self.rooms.len() == room).collect();
+        for j in 0..count {
+            let i = members[j % members.len()];
+            let (client, acked, progress, retries) =
+                (self.clients[i].clone(), self.acked.clone(), self.progress.clone(), self.retries.clone());
+            let body = format!("burst-{j}");
+            let op = ClientOp::Send {
+                room: self.rooms[room].clone(),
+                body: body.clone(),
+                attrs: None,
+                reply_to: None,
+                cmid: Some(format!("b{j}")),
+            };
+            self.senders.push(tokio::spawn(async move {
+                let (seq, started, ended) = send_until_acked(&client, op, &retries).await?;
+                acked.lock().unwrap().push(Ack { room, seq, body, started, ended });
+                progress.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }));
+        }
+    }
+
+    /// Ask the steady senders to stop after their current message.
+    fn stop_sending(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Wait for every sender; panics on a message that could not be sent.
@@ -496,6 +541,7 @@ fn recovery(acked: &[Ack], rooms: &[usize], since: Instant) -> Option<Duration> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_a_router_shard_loses_nothing() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     let test_started = Instant::now();
     let mut routers = Routers::new();
     for _ in 0..3 {
@@ -534,5 +580,119 @@ async fn sigkill_of_a_router_shard_loses_nothing() {
     assert!(failover < Duration::from_secs(10), "failover took {failover:?}");
     traffic.close().await;
     fleet.stop().await;
-    drop(routers);
+    routers.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_owner_cannot_break_room_order() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let test_started = Instant::now();
+    let mut routers = Routers::new();
+    for _ in 0..3 {
+        // The room actor reports each fenced append at info level: the evidence that the fence did the work.
+        routers.spawn_logging("warn,switchyard_router_shard::room=info");
+    }
+    settle(&routers.live()).await;
+    let fleet = gateways(10_000).await;
+    let tenant = fleet.create_tenant().await;
+    let pace = Pace { per_client: 100_000, gap: Duration::from_millis(20) };
+    let mut traffic = Traffic::start(&fleet, &tenant, 24, 3, pace).await;
+    let paused = routers.index_of(&owner_of(traffic.shard(0)).await.expect("room 0's shard has an owner"));
+    traffic.wait_for_acks(300, Duration::from_secs(30)).await;
+
+    // A burst right before the pause, so the owner holds commands (in its socket, its subscription or its room
+    // actor's queue) that it will only get to after another owner took the room over.
+    traffic.burst(0, 60);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    routers.signal(paused, Signal::SIGSTOP);
+    let paused_at = Instant::now();
+    let before_pause = traffic.acked_count();
+    // Past the lease TTL (6 s) and a claim tick: someone else must own the shard now.
+    let deadline = paused_at + Duration::from_secs(20);
+    loop {
+        let owner = owner_of(traffic.shard(0)).await;
+        if owner.as_deref().is_some_and(|o| o != routers.id(paused)) && paused_at.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no other router shard took room 0's shard while its owner was paused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let taken_over = paused_at.elapsed();
+    // Keep the old owner paused a little longer while the new one serves. NATS still counts the paused process in
+    // the shard's queue group, so part of the commands wait for it; those are answered (fenced) after it resumes,
+    // or time out and are retried by their clients.
+    let acked_room0 = |traffic: &Traffic| traffic.acked.lock().unwrap().iter().filter(|a| a.room == 0).count();
+    let room0_before = acked_room0(&traffic);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let room0_while_paused = acked_room0(&traffic) - room0_before;
+    routers.signal(paused, Signal::SIGCONT);
+    let paused_for = paused_at.elapsed();
+    // Let the resumed process run into its fences and lose its leases under traffic.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    traffic.stop_sending();
+    traffic.finish_sending().await;
+    let total = traffic.verify(&fleet).await;
+    let log = routers.logs(paused);
+    println!(
+        "SIGSTOP: owner paused {:.1} s, shard taken over after {:.1} s; {total} messages acked ({before_pause} before \
+         the pause, {room0_while_paused} in the paused owner's room during the takeover), {} retried attempts; the resumed owner logged a lost lease: {}, and {} fenced appends; test ran {:.1} s",
+        paused_for.as_secs_f64(),
+        taken_over.as_secs_f64(),
+        traffic.retries.load(Ordering::Relaxed),
+        log.contains("lease taken over"),
+        log.matches("fenced: another writer appended").count(),
+        test_started.elapsed().as_secs_f64()
+    );
+    assert!(log.contains("lease taken over"), "the resumed owner did not notice it lost its lease: {log}");
+    traffic.close().await;
+    fleet.stop().await;
+    routers.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaling_one_to_three_and_back_loses_nothing() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let test_started = Instant::now();
+    let mut routers = Routers::new();
+    let first = routers.spawn();
+    settle(&routers.live()).await;
+    let fleet = gateways(10_000).await;
+    let tenant = fleet.create_tenant().await;
+    let pace = Pace { per_client: 100_000, gap: Duration::from_millis(30) };
+    let mut traffic = Traffic::start(&fleet, &tenant, 40, 8, pace).await;
+    traffic.wait_for_acks(200, Duration::from_secs(30)).await;
+
+    let scale_started = Instant::now();
+    let second = routers.spawn();
+    let third = routers.spawn();
+    settle(&routers.live()).await;
+    let scaled_out = scale_started.elapsed();
+    let at_three = traffic.acked_count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(traffic.acked_count() > at_three, "no traffic served with three router shards");
+
+    let scale_started = Instant::now();
+    routers.terminate(second).await;
+    routers.terminate(third).await;
+    settle(&routers.live()).await;
+    let scaled_in = scale_started.elapsed();
+    let at_one = traffic.acked_count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(traffic.acked_count() > at_one, "no traffic served after going back to one router shard");
+    assert_eq!(routers.live(), vec![routers.id(first).to_owned()]);
+
+    traffic.stop_sending();
+    traffic.finish_sending().await;
+    let total = traffic.verify(&fleet).await;
+    println!(
+        "scaling: 1 -> 3 settled in {:.1} s, 3 -> 1 (SIGTERM) in {:.1} s; {total} messages, {} retried attempts, \
+         test ran {:.1} s",
+        scaled_out.as_secs_f64(),
+        scaled_in.as_secs_f64(),
+        traffic.retries.load(Ordering::Relaxed),
+        test_started.elapsed().as_secs_f64()
+    );
+    traffic.close().await;
+    fleet.stop().await;
+    routers.shutdown().await;
 }
