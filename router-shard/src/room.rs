@@ -111,8 +111,10 @@ pub(crate) struct RoomActor {
     tail: Option<Tail>,
     /// The room's record once loaded; `Some(None)` means the room does not exist. Direct-message rooms have none.
     record: Option<Option<RoomRecord>>,
-    /// The room's roster once loaded. This actor is its only writer, so the copy stays true while it lives.
-    roster: Option<Roster>,
+    /// The room's roster once loaded, with the revision of its entry (`None`: no entry yet). Normally this actor is
+    /// its only writer; a stale owner (paused past its lease) may not be, so every write is a compare-and-set on
+    /// that revision, and a refusal re-reads the roster before it is final.
+    roster: Option<(Roster, Option<u64>)>,
     /// When each user last had a typing signal relayed.
     typing: HashMap<UserId, Instant>,
     /// Authors and deletion state of recent messages, by seq.
@@ -504,26 +506,62 @@ impl RoomActor {
     }
 
     async fn roster(&mut self) -> Result<Roster, RoomError> {
-        if let Some(roster) = &self.roster {
+        if let Some((roster, _)) = &self.roster {
             return Ok(roster.clone());
         }
-        let roster = match self.ctx.rooms.get(subjects::roster_key(&self.tenant, &self.room)).await {
-            Ok(Some(bytes)) => codec::decode::<Roster>(&bytes).map_err(|e| unavailable("roster", e))?,
-            Ok(None) => Roster { v: INTERNAL_VERSION, ..Roster::default() },
+        let (roster, revision) = match self.ctx.rooms.entry(subjects::roster_key(&self.tenant, &self.room)).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                (codec::decode::<Roster>(&entry.value).map_err(|e| unavailable("roster", e))?, Some(entry.revision))
+            }
+            Ok(Some(entry)) => (Roster { v: INTERNAL_VERSION, ..Roster::default() }, Some(entry.revision)),
+            Ok(None) => (Roster { v: INTERNAL_VERSION, ..Roster::default() }, None),
             Err(e) => return Err(unavailable("read roster", e)),
         };
-        self.roster = Some(roster.clone());
+        self.roster = Some((roster.clone(), revision));
         Ok(roster)
     }
 
+    /// Store `roster` by compare-and-set on the revision it was read at. A conflict means another router shard
+    /// wrote the room meanwhile (this one was paused past its lease, or is the new owner of a paused one): nothing
+    /// was written, every cached fact of the room is dropped, and the command answers `unavailable` so its client
+    /// repeats it against the room's true state.
     async fn save_roster(&mut self, roster: Roster) -> Result<(), RoomError> {
         let payload = codec::encode(&roster).map_err(|e| unavailable("encode roster", e))?;
-        if let Err(error) = self.ctx.rooms.put(subjects::roster_key(&self.tenant, &self.room), payload).await {
-            self.roster = None;
-            return Err(unavailable("store roster", error));
+        let key = subjects::roster_key(&self.tenant, &self.room);
+        let revision = self.roster.as_ref().and_then(|(_, revision)| *revision);
+        let written = match revision {
+            Some(revision) => self.ctx.rooms.update(key, payload, revision).await.map_err(|e| {
+                let conflict = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+                (conflict, e.to_string())
+            }),
+            None => self.ctx.rooms.create(key, payload).await.map_err(|e| {
+                let conflict = e.kind() == kv::CreateErrorKind::AlreadyExists;
+                (conflict, e.to_string())
+            }),
+        };
+        match written {
+            Ok(revision) => {
+                self.roster = Some((roster, Some(revision)));
+                Ok(())
+            }
+            Err((conflict, error)) => {
+                self.forget();
+                if conflict {
+                    metrics::counter!("switchyard_router_roster_conflicts_total").increment(1);
+                    tracing::info!(tenant = %self.tenant, room = %self.room, "roster changed by another writer");
+                    return Err(RoomError::Unavailable("the room's members changed meanwhile; retry".into()));
+                }
+                Err(unavailable("store roster", error))
+            }
         }
-        self.roster = Some(roster);
-        Ok(())
+    }
+
+    /// Drop every cached fact of the room; the next command reads them again.
+    fn forget(&mut self) {
+        self.tail = None;
+        self.record = None;
+        self.roster = None;
+        self.messages.clear();
     }
 
     /// Change a user's rooms record by compare-and-set: other rooms' actors write the same record.
@@ -558,6 +596,12 @@ impl RoomActor {
         if let Some((a, b)) = self.room.dm_participants() {
             return Ok((user == &a || user == &b).then_some(Role::Member));
         }
+        if let Some(role) = self.roster().await?.members.get(user).copied() {
+            return Ok(Some(role));
+        }
+        // Not a member by the cached roster; it may be stale if another router shard wrote the room (a paused
+        // owner that resumed), so read it again before answering.
+        self.roster = None;
         Ok(self.roster().await?.members.get(user).copied())
     }
 
@@ -724,7 +768,12 @@ impl RoomActor {
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     tracing::info!(tenant = %self.tenant, room = %self.room, "fenced: another writer appended; reloading");
                     metrics::counter!("switchyard_router_fenced_total").increment(1);
-                    self.tail = None;
+                    // Another writer may also have changed the members: what this actor checked is stale. Read
+                    // everything again, and append for a user only if the user is still a member.
+                    self.forget();
+                    if let Some(author) = author(&body) {
+                        self.require_member(&author).await?;
+                    }
                 }
                 Err(e) => {
                     // The append may or may not have been stored: reload before the next one.
@@ -734,6 +783,16 @@ impl RoomActor {
             }
         }
         Err(RoomError::Unavailable("the room is being written by another router shard; retry".into()))
+    }
+}
+
+/// The user an event is written for, when it needs that user to be a member.
+fn author(body: &EventBody) -> Option<UserId> {
+    match body {
+        EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from.clone()),
+        EventBody::Reaction { user, .. } => Some(user.clone()),
+        EventBody::Delete { by, .. } => Some(by.clone()),
+        _ => None,
     }
 }
 

@@ -696,3 +696,96 @@ async fn scaling_one_to_three_and_back_loses_nothing() {
     fleet.stop().await;
     routers.shutdown().await;
 }
+
+/// Join `room` until acked, repeating after `unavailable` or a timeout.
+async fn join_until_acked(client: Arc<Client>, room: RoomId) -> Result<(), String> {
+    let give_up = Instant::now() + GIVE_UP;
+    loop {
+        match client.request_with_timeout(ClientOp::Join { room: room.clone(), since: None }, ATTEMPT).await {
+            Ok(Reply::Ok(_)) => return Ok(()),
+            Ok(Reply::Err { code: ErrorCode::Unavailable, .. }) | Err(ClientError::Timeout(_)) => {}
+            Ok(Reply::Err { code, message, .. }) => return Err(format!("join refused: {code:?} {message}")),
+            Err(error) => return Err(format!("join failed: {error}")),
+        }
+        if Instant::now() > give_up {
+            return Err(format!("join of {room} still failing after {GIVE_UP:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_owner_cannot_undo_membership_changes() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut routers = Routers::new();
+    for _ in 0..2 {
+        routers.spawn();
+    }
+    settle(&routers.live()).await;
+    let fleet = gateways(10_000).await;
+    let tenant = fleet.create_tenant().await;
+    let project = ProjectId::parse(&tenant.project_id).expect("project id");
+    let room = RoomId::parse("members").expect("room id");
+    let shard = shard_of_room(&project, &room, SHARDS);
+    let mut clients = Vec::new();
+    for i in 0..16 {
+        let token = fleet.token(&tenant, &format!("user-{i}")).await;
+        clients.push(Arc::new(fleet.connect(i % 2, &token, Format::Json).await));
+    }
+    // user-0 creates the room: its owner now has the roster cached.
+    clients[0].join(room.as_str(), None).await.expect("first join");
+    let paused = routers.index_of(&owner_of(shard).await.expect("the room's shard has an owner"));
+
+    // Joins the owner holds when it is paused, and joins the next owner serves while it is.
+    let mut joins = Vec::new();
+    for client in &clients[1..8] {
+        joins.push(tokio::spawn(join_until_acked(client.clone(), room.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    routers.signal(paused, Signal::SIGSTOP);
+    let paused_at = Instant::now();
+    loop {
+        if owner_of(shard).await.as_deref().is_some_and(|o| o != routers.id(paused)) {
+            break;
+        }
+        assert!(paused_at.elapsed() < Duration::from_secs(20), "nobody took the paused owner's shard over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for client in &clients[8..] {
+        joins.push(tokio::spawn(join_until_acked(client.clone(), room.clone())));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    routers.signal(paused, Signal::SIGCONT);
+    for join in joins {
+        join.await.expect("join task").expect("join");
+    }
+
+    // Every member whose join was acked is in the stored roster and may send.
+    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let rooms = async_nats::jetstream::new(nats).get_key_value(subjects::ROOMS_BUCKET).await.expect("rooms bucket");
+    let stored = rooms.get(subjects::roster_key(&project, &room)).await.expect("read roster").expect("roster");
+    let roster: switchyard_protocol::internal::Roster = codec::decode(&stored).expect("decode roster");
+    let missing: Vec<usize> =
+        (0..clients.len()).filter(|i| !roster.members.keys().any(|u| u.as_str() == format!("user-{i}"))).collect();
+    let retries = AtomicUsize::new(0);
+    let mut refused = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        let op = ClientOp::Send {
+            room: room.clone(),
+            body: format!("hello from {i}"),
+            attrs: None,
+            reply_to: None,
+            cmid: Some(format!("hello-{i}")),
+        };
+        if let Err(error) = send_until_acked(client, op, &retries).await {
+            refused.push((i, error));
+        }
+    }
+    assert!(missing.is_empty(), "acked joins missing from the stored roster: users {missing:?}");
+    assert!(refused.is_empty(), "members whose join was acked cannot send: {refused:?}");
+    for client in &clients {
+        let _ = client.close().await;
+    }
+    fleet.stop().await;
+    routers.shutdown().await;
+}
