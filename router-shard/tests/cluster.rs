@@ -146,7 +146,8 @@ async fn owner_of(shard: ShardId) -> Option<String> {
     Some(String::from_utf8_lossy(&owner).into_owned())
 }
 
-/// Wait until `routers` hold every shard, balanced, and the previous holders' liveness keys are gone or expired.
+/// Wait until `routers` hold every shard between them, none more than its fair share (a killed process's leases
+/// must have expired first).
 async fn settle(routers: &[String]) {
     wait_for_balanced_shards(routers).await;
 }
