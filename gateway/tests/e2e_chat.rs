@@ -672,3 +672,47 @@ async fn resume_gap_when_since_is_older_than_what_is_kept() {
     assert!(bob.next_event_timeout(Duration::from_millis(300)).await.is_none());
     fleet.stop().await;
 }
+
+/// A gateway that dies sends nothing more: its users' presence must lapse by itself, within 15 s. The dead gateway is
+/// played through its NATS messages alone: it reports a user online, then falls silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_gateways_users_go_offline_within_fifteen_seconds() {
+    use switchyard_protocol::internal::{UserCommand, UserRequest, INTERNAL_VERSION};
+    use switchyard_protocol::{codec, shard::shard_of_user, subjects, ProjectId};
+
+    let fleet = fleet().await;
+    let tenant = fleet.create_tenant().await;
+    let watcher = connect(&fleet, &tenant, "watcher", 0, Format::Json).await;
+    ok(&watcher, ClientOp::Watch { users: vec![user("ghost")] }).await;
+
+    let tenant_id = ProjectId::parse(&tenant.project_id).unwrap();
+    let nats = async_nats::connect(support::nats_url()).await.unwrap();
+    let report = UserRequest {
+        v: INTERNAL_VERSION,
+        tenant: tenant_id.clone(),
+        user: user("ghost"),
+        command: UserCommand::SessionsChanged { gateway: "gw-doomed".into(), online: true },
+    };
+    let shard = shard_of_user(&tenant_id, &user("ghost"), 64);
+    nats.request(subjects::user_command(shard), codec::encode(&report).unwrap()).await.expect("reported");
+    let reported = Instant::now();
+    match next_where(&watcher, "ghost online", |e| matches!(e, ServerEvent::Presence { .. })).await {
+        ServerEvent::Presence { online, .. } => assert!(online),
+        other => panic!("{other:?}"),
+    }
+    // The gateway is gone: no snapshot, no close. The watcher must hear of it within 15 s.
+    let deadline = reported + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match watcher.next_event_timeout(left).await {
+            Some(ServerEvent::Presence { user, online: false, .. }) => {
+                assert_eq!(user.as_str(), "ghost");
+                println!("offline {:.1} s after the dead gateway's last report", reported.elapsed().as_secs_f64());
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("no offline event within 15 s of the gateway's last report"),
+        }
+    }
+    fleet.stop().await;
+}

@@ -19,8 +19,9 @@ use switchyard_protocol::internal::{
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, UserId};
 
-/// How long a gateway's report of a user lasts without a refresh.
-pub(crate) const PRESENCE_EXPIRY: Duration = Duration::from_secs(15);
+/// How long a gateway's report of a user lasts without a refresh: two missed snapshots. With the expiry tick and
+/// the offline grace, a dead gateway's users go offline within 15 s.
+pub(crate) const PRESENCE_EXPIRY: Duration = Duration::from_secs(10);
 /// How long a user with no session left stays online before going offline: absorbs reconnects, and reports from
 /// two gateways that cross each other.
 const OFFLINE_GRACE: Duration = Duration::from_millis(1500);
