@@ -77,47 +77,64 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
             }
             message = commands.next() => {
                 let Some(message) = message else { break };
-                let request: CommandRequest = match codec::decode(&message.payload) {
-                    Ok(request) if request_version_ok(&request) => request,
-                    Ok(_) | Err(_) => {
-                        if let Some(reply_to) = message.reply {
-                            let reply = CommandReply::err(ErrorCode::BadRequest, "undecodable or unsupported command");
-                            send_reply(&ctx, reply_to, &reply).await;
-                        }
-                        continue;
-                    }
-                };
-                let key = (request.tenant.clone(), request.command.room().clone());
-                let mut job = RoomJob { user: request.user, command: request.command, reply_to: message.reply };
-                // An actor that went idle has closed its queue; start a new one and hand the job over.
-                loop {
-                    let sender = rooms.entry(key.clone()).or_insert_with(|| {
-                        let (sender, receiver) = mpsc::channel(ROOM_QUEUE);
-                        let actor = RoomActor::new(ctx.clone(), shard, key.0.clone(), key.1.clone());
-                        actors.spawn(actor.run(receiver, idle));
-                        sender
-                    });
-                    match sender.send(job).await {
-                        Ok(()) => break,
-                        Err(mpsc::error::SendError(returned)) => {
-                            rooms.remove(&key);
-                            job = returned;
-                        }
-                    }
-                }
-                rooms.retain(|_, sender| !sender.is_closed());
+                route_command(&ctx, shard, &mut rooms, &mut actors, idle, message).await;
             }
         }
     }
     let _ = commands.unsubscribe().await;
     let _ = user_requests.unsubscribe().await;
     let _ = snapshots.unsubscribe().await;
+    // Commands already delivered to this process are served, not dropped: the lease is released only after this
+    // returns, so this process is still the shard's owner while it does.
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), commands.next()).await {
+        route_command(&ctx, shard, &mut rooms, &mut actors, idle, message).await;
+    }
     drop(rooms);
     if tokio::time::timeout(DRAIN, async { while actors.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(%shard, "room actors did not finish in time; aborting them");
         actors.abort_all();
     }
     tracing::info!(%shard, "stopped serving shard");
+}
+
+/// Hand one command to its room's actor, starting the actor when the room has none (or its actor went idle).
+async fn route_command(
+    ctx: &Arc<RouterContext>,
+    shard: ShardId,
+    rooms: &mut HashMap<(ProjectId, RoomId), mpsc::Sender<RoomJob>>,
+    actors: &mut JoinSet<()>,
+    idle: Duration,
+    message: async_nats::Message,
+) {
+    let request: CommandRequest = match codec::decode(&message.payload) {
+        Ok(request) if request_version_ok(&request) => request,
+        Ok(_) | Err(_) => {
+            if let Some(reply_to) = message.reply {
+                let reply = CommandReply::err(ErrorCode::BadRequest, "undecodable or unsupported command");
+                send_reply(ctx, reply_to, &reply).await;
+            }
+            return;
+        }
+    };
+    let key = (request.tenant.clone(), request.command.room().clone());
+    let mut job = RoomJob { user: request.user, command: request.command, reply_to: message.reply };
+    // An actor that went idle has closed its queue; start a new one and hand the job over.
+    loop {
+        let sender = rooms.entry(key.clone()).or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(ROOM_QUEUE);
+            let actor = RoomActor::new(ctx.clone(), shard, key.0.clone(), key.1.clone());
+            actors.spawn(actor.run(receiver, idle));
+            sender
+        });
+        match sender.send(job).await {
+            Ok(()) => break,
+            Err(mpsc::error::SendError(returned)) => {
+                rooms.remove(&key);
+                job = returned;
+            }
+        }
+    }
+    rooms.retain(|_, sender| !sender.is_closed());
 }
 
 fn request_version_ok(request: &CommandRequest) -> bool {
