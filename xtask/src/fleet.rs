@@ -22,9 +22,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `cargo xtask up`
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    if let Some(a) = args.first() {
-        bail!("up: unknown argument {a:?} (it takes none)");
-    }
+    // `--release` builds and runs optimised binaries, for benchmarks.
+    let release = match args {
+        [] => false,
+        [flag] if flag == "--release" => true,
+        [other, ..] => bail!("up: unknown argument {other:?} (it takes only --release)"),
+    };
     let started = Instant::now();
     let root = repo_root();
     let dev = root.join(".dev");
@@ -41,11 +44,14 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     say!("building the services");
     let mut build = proc::command(cargo());
     build.current_dir(&root).args(["build", "--bins"]);
+    if release {
+        build.arg("--release");
+    }
     for p in PACKAGES {
         build.args(["-p", p]);
     }
     proc::run_ok(build, "building the services (cargo build --bins)")?;
-    let bin_dir = target_dir(&root)?.join("debug");
+    let bin_dir = target_dir(&root)?.join(if release { "release" } else { "debug" });
 
     nats.wait_ready(Duration::from_secs(30))?;
     redis.wait_ready(Duration::from_secs(30))?;

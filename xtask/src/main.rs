@@ -23,8 +23,9 @@ commands:
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
   test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them,
                           then run deploy-check
-  up                      start a local fleet (NATS, Redis, gateway, two router shards, persistor)
-                          on the embedded store; details in .dev/fleet.json, logs in .dev/logs/
+  up [--release]          start a local fleet (NATS, Redis, gateway, two router shards, persistor)
+                          on the embedded store; details in .dev/fleet.json, logs in .dev/logs/;
+                          --release runs optimised builds (for the load tester)
 ";
 
 fn main() -> ExitCode {

@@ -63,6 +63,9 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// How long [`Client::request`] waits for a reply.
     pub request_timeout: Duration,
+    /// The local address to connect from, e.g. one of several 127.0.0.x addresses to go past one source address's
+    /// ephemeral ports; `None` lets the system choose.
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 impl ConnectOptions {
@@ -76,6 +79,7 @@ impl ConnectOptions {
             origin: None,
             connect_timeout: DEFAULT_TIMEOUT,
             request_timeout: DEFAULT_TIMEOUT,
+            bind_ip: None,
         }
     }
 
@@ -134,7 +138,7 @@ impl Client {
         tokio::time::timeout(limit, async move {
             let request = build_request(&opts)?;
             let address = tcp_address(&request)?;
-            let tcp = TcpStream::connect(&address)
+            let tcp = dial(&address, opts.bind_ip)
                 .await
                 .map_err(|e| ClientError::WebSocket(Box::new(tungstenite::Error::Io(e))))?;
             tcp.set_nodelay(true).map_err(|e| ClientError::WebSocket(Box::new(tungstenite::Error::Io(e))))?;
@@ -395,6 +399,26 @@ fn field_u64(fields: &Map<String, Value>, name: &str) -> Result<u64, ClientError
 
 fn from_fields<T: serde::de::DeserializeOwned>(fields: Map<String, Value>) -> Result<T, ClientError> {
     serde_json::from_value(Value::Object(fields)).map_err(|e| ClientError::UnexpectedReply(e.to_string()))
+}
+
+/// A TCP connection to `address` (`host:port`), from `bind_ip` when one is given.
+async fn dial(address: &str, bind_ip: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind_ip else { return TcpStream::connect(address).await };
+    let mut last_error = None;
+    for target in tokio::net::lookup_host(address).await? {
+        if target.is_ipv4() != ip.is_ipv4() {
+            continue;
+        }
+        let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, format!("no address of {address} matches {ip}"))
+    }))
 }
 
 /// Percent-encode everything but RFC 3986 unreserved characters.
