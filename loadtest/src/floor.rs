@@ -38,9 +38,19 @@ type Rooms = Arc<Mutex<HashMap<RoomId, Room>>>;
 pub async fn serve(listen: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(listen).await?;
     println!("listening {}", listener.local_addr()?);
+    let stdin_closed = async {
+        let mut stdin = tokio::io::stdin();
+        let mut byte = [0u8; 1];
+        while matches!(stdin.read(&mut byte).await, Ok(n) if n > 0) {}
+    };
+    serve_until(listener, stdin_closed).await;
+    Ok(())
+}
+
+/// Accept and serve connections until `stop` completes.
+async fn serve_until(listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
     let rooms: Rooms = Arc::default();
-    let mut stdin = tokio::io::stdin();
-    let mut byte = [0u8; 1];
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -48,11 +58,7 @@ pub async fn serve(listen: SocketAddr) -> Result<()> {
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(connection(stream, rooms.clone()));
             }
-            read = stdin.read(&mut byte) => {
-                if matches!(read, Ok(0) | Err(_)) {
-                    return Ok(());
-                }
-            }
+            _ = &mut stop => return,
         }
     }
 }
@@ -209,5 +215,40 @@ impl Floor {
             bail!("the floor did not say where it listens: {line:?}");
         };
         Ok(Floor { ws: format!("ws://{address}/"), pid, _child: child })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_client::{Auth, Client, ConnectOptions};
+
+    #[tokio::test]
+    async fn members_get_each_message_once_in_order_in_both_formats() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_until(listener, async move {
+            let _ = stop_rx.await;
+        }));
+        let json = Client::connect(ConnectOptions::new(&url, Auth::None)).await.unwrap();
+        let packed = Client::connect(ConnectOptions::new(&url, Auth::None).with_format(Format::MsgPack)).await.unwrap();
+        assert_eq!(packed.format(), Format::MsgPack);
+        json.join("r", None).await.unwrap();
+        packed.join("r", None).await.unwrap();
+        for i in 1..=3u64 {
+            assert_eq!(json.send("r", format!("m{i}")).await.unwrap().seq, i);
+        }
+        assert!(json.send("elsewhere", "x").await.is_err(), "sending to a room one has not joined is refused");
+        for client in [&json, &packed] {
+            for i in 1..=3u64 {
+                match client.next_event_timeout(std::time::Duration::from_secs(5)).await {
+                    Some(ServerEvent::Msg { seq, body, .. }) => assert_eq!((seq, body), (i, format!("m{i}"))),
+                    other => panic!("expected message {i}, got {other:?}"),
+                }
+            }
+        }
+        let _ = stop_tx.send(());
+        server.await.unwrap();
     }
 }
