@@ -73,10 +73,24 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         ManagedChild::spawn(name, cmd, &logs.join(format!("{name}.log")), Duration::from_secs(10))
     };
     // Stopped in reverse order of this list, before Redis and NATS.
+    // Router shards and the persistor serve /metrics on ports of their own.
+    let metrics: Vec<String> = (0..3).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_>>()?;
     let mut fleet = Fleet(vec![
-        spawn("router-1", "switchyard-router-shard", &[("SWITCHYARD_ROUTER_ID", "router-1")])?,
-        spawn("router-2", "switchyard-router-shard", &[("SWITCHYARD_ROUTER_ID", "router-2")])?,
-        spawn("persistor", "switchyard-persistor", &[("SWITCHYARD_STORE", store.as_str())])?,
+        spawn(
+            "router-1",
+            "switchyard-router-shard",
+            &[("SWITCHYARD_ROUTER_ID", "router-1"), ("SWITCHYARD_METRICS_ADDR", metrics[0].as_str())],
+        )?,
+        spawn(
+            "router-2",
+            "switchyard-router-shard",
+            &[("SWITCHYARD_ROUTER_ID", "router-2"), ("SWITCHYARD_METRICS_ADDR", metrics[1].as_str())],
+        )?,
+        spawn(
+            "persistor",
+            "switchyard-persistor",
+            &[("SWITCHYARD_STORE", store.as_str()), ("SWITCHYARD_METRICS_ADDR", metrics[2].as_str())],
+        )?,
         spawn(
             "gateway",
             "switchyard-gateway",
@@ -125,6 +139,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     println!("  project id   {project_id}");
     println!("  api key      {api_key}");
     println!("  token        {token}   (user demo, 24 h)");
+    println!("  metrics      {http}/metrics (gateway), http://{}/metrics, http://{}/metrics (router shards), http://{}/metrics (persistor)", metrics[0], metrics[1], metrics[2]);
     println!("  NATS         {}   Redis {}", nats.url(), redis.url());
     println!("  details in {}, logs in {}", fleet_json.display(), logs.display());
     println!("Ctrl-C stops the fleet.");
