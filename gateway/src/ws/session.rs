@@ -464,7 +464,20 @@ impl Session {
                             .record(self.events.len() as f64);
                     }
                     self.taken += 1;
-                    self.deliver(event).await.ok()?;
+                    // A client that stops reading blocks this write once its socket buffers are full; the hub then
+                    // overflows the queue, and the session must not wait for the write to close it.
+                    let overflowed = tokio::select! {
+                        biased;
+                        written = self.deliver(event) => {
+                            written.ok()?;
+                            false
+                        }
+                        _ = overflow.cancelled() => true,
+                    };
+                    if overflowed {
+                        metrics::counter!("switchyard_gateway_slow_consumer_closes_total").increment(1);
+                        return Some(Close { code: CloseCode::SlowConsumer, reason: "outbound queue full" });
+                    }
                 }
                 frame = stream.next() => {
                     let frame = match frame {
