@@ -95,18 +95,7 @@ impl std::fmt::Debug for GatewayConfig {
 }
 
 /// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| match (one.find("://"), one.rfind('@')) {
-            (Some(scheme_end), Some(at)) if at > scheme_end => {
-                format!("{}://<redacted>@{}", &one[..scheme_end], &one[at + 1..])
-            }
-            (None, Some(at)) => format!("<redacted>@{}", &one[at + 1..]),
-            _ => one.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub use switchyard_service::redact_url;
 
 impl Default for GatewayConfig {
     fn default() -> Self {

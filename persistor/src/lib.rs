@@ -147,7 +147,9 @@ async fn consume<S: HistoryStore>(
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| PersistorError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+        .map_err(|e| {
+            PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
+        })?;
     let _ = connected.set(nats.clone());
     let js = async_nats::jetstream::new(nats.clone());
     let responder = tokio::spawn(history::serve(

@@ -89,6 +89,20 @@ pub fn init_logging() {
     }
 }
 
+/// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}://<redacted>@{}", &one[..scheme_end], &one[at + 1..])
+            }
+            (None, Some(at)) => format!("<redacted>@{}", &one[at + 1..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A token that fires on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> CancellationToken {
     let shutdown = CancellationToken::new();
@@ -120,6 +134,12 @@ mod tests {
         assert_eq!(parse_env::<u16>("SWITCHYARD_X", " 42 ").unwrap(), 42);
         let error = parse_env::<u16>("SWITCHYARD_X", "many").unwrap_err();
         assert!(error.to_string().contains("SWITCHYARD_X"), "{error}");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact_url("nats://a:b@n1:4222,nats://n2:4222"), "nats://<redacted>@n1:4222,nats://n2:4222");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 
     #[test]

@@ -48,7 +48,7 @@ const MAX_USERS_PER_OP: usize = 100;
 const MAX_WATCHED: usize = 1_000;
 /// A session relays at most one typing signal per room in this interval (router shards throttle fleet-wide too).
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
-/// The outbound queue depth is sampled on every this many events a session takes from it.
+/// The outbound queue depth is sampled on every this many events a session takes from it (a power of two).
 const QUEUE_DEPTH_SAMPLE_EVERY: u64 = 32;
 
 /// A session's view of one room it receives.
@@ -459,7 +459,7 @@ impl Session {
                 event = self.events.recv() => {
                     let event = event?;
                     self.tx.queued_bytes.fetch_sub(event.encoded_len(self.format), Ordering::Relaxed);
-                    if self.taken % QUEUE_DEPTH_SAMPLE_EVERY == 0 {
+                    if self.taken & (QUEUE_DEPTH_SAMPLE_EVERY - 1) == 0 {
                         metrics::histogram!("switchyard_gateway_outbound_queue_depth_frames")
                             .record(self.events.len() as f64);
                     }
