@@ -65,8 +65,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        // The logs are files: no terminal colour codes in them.
+        // The logs are files: no terminal colour codes in them, and readable lines rather than the JSON a
+        // process writes by default when its output is not a terminal.
         cmd.env("NO_COLOR", "1");
+        if std::env::var_os("SWITCHYARD_LOG_FORMAT").is_none() {
+            cmd.env("SWITCHYARD_LOG_FORMAT", "pretty");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -139,7 +143,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     println!("  project id   {project_id}");
     println!("  api key      {api_key}");
     println!("  token        {token}   (user demo, 24 h)");
-    println!("  metrics      {http}/metrics (gateway), http://{}/metrics, http://{}/metrics (router shards), http://{}/metrics (persistor)", metrics[0], metrics[1], metrics[2]);
+    println!("  metrics      {http}/metrics (gateway)");
+    println!("               http://{}/metrics, http://{}/metrics (router shards)", metrics[0], metrics[1]);
+    println!("               http://{}/metrics (persistor)", metrics[2]);
     println!("  NATS         {}   Redis {}", nats.url(), redis.url());
     println!("  details in {}, logs in {}", fleet_json.display(), logs.display());
     println!("Ctrl-C stops the fleet.");
