@@ -60,33 +60,50 @@ pub fn opaque_token_id(token: &str) -> String {
     format!("t:{}", sha256_hex(token))
 }
 
-/// Turn a presented token into an identity.
+/// Turn a presented token into an identity. Refusals are counted in `switchyard_gateway_auth_failures_total` by
+/// reason.
 pub async fn authenticate(gw: &Gateway, token: &str) -> Result<Identity, ApiError> {
+    match verify_token(gw, token).await {
+        Ok(identity) => {
+            metrics::counter!("switchyard_gateway_authentications_total").increment(1);
+            Ok(identity)
+        }
+        Err((reason, error)) => {
+            let reason = if error.code == ErrorCode::Unavailable { "unavailable" } else { reason };
+            crate::telemetry::auth_failure(reason);
+            Err(error)
+        }
+    }
+}
+
+/// A refusal and its reason for the failure counter.
+type Refusal = (&'static str, ApiError);
+
+fn because<T>(reason: &'static str, result: Result<T, ApiError>) -> Result<T, Refusal> {
+    result.map_err(|error| (reason, error))
+}
+
+async fn verify_token(gw: &Gateway, token: &str) -> Result<Identity, Refusal> {
     let verified_at = Instant::now();
     let token = token.trim();
     if token.is_empty() {
-        return Err(ApiError::unauthorized("a token is required"));
+        return Err(("missing", ApiError::unauthorized("a token is required")));
     }
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(ApiError::unauthorized("token is too long"));
+        return Err(("malformed", ApiError::unauthorized("token is too long")));
     }
-    let identity = if opaque_token::is_well_formed(token) {
-        authenticate_opaque(gw, token, verified_at).await?
+    if opaque_token::is_well_formed(token) {
+        authenticate_opaque(gw, token, verified_at).await
     } else if jwt::looks_like_jwt(token) {
-        authenticate_jwt(gw, token, verified_at).await?
+        authenticate_jwt(gw, token, verified_at).await
     } else {
-        return Err(ApiError::unauthorized("token is neither a sytok_ token nor a JWT"));
-    };
-    metrics::counter!("switchyard_gateway_authentications_total").increment(1);
-    Ok(identity)
+        Err(("malformed", ApiError::unauthorized("token is neither a sytok_ token nor a JWT")))
+    }
 }
 
-async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, ApiError> {
-    let grant = gw
-        .tokens
-        .resolve(token)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("token is unknown, expired or revoked"))?;
+async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, Refusal> {
+    let grant = because("unknown_token", gw.tokens.resolve(token).await)?
+        .ok_or_else(|| ("unknown_token", ApiError::unauthorized("token is unknown, expired or revoked")))?;
     require_enabled_tenant(gw, &grant.project_id).await?;
     Ok(Identity {
         tenant: grant.project_id,
@@ -96,18 +113,18 @@ async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) ->
     })
 }
 
-async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, ApiError> {
+async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, Refusal> {
     // The tenant (and so the key) is found from the unverified `pid`; the signature check below then proves it.
-    let project_id = jwt::unverified_project(token)?;
+    let project_id = because("malformed", jwt::unverified_project(token))?;
     let tenant = require_enabled_tenant(gw, &project_id).await?;
     let key = tenant
         .jwt
         .as_ref()
-        .ok_or_else(|| ApiError::unauthorized("this project accepts no JWTs (no key configured)"))?;
-    let claims = jwt::verify(token, key, &project_id, true)?;
+        .ok_or_else(|| ("no_jwt_key", ApiError::unauthorized("this project accepts no JWTs (no key configured)")))?;
+    let claims = because("invalid_jwt", jwt::verify(token, key, &project_id, true))?;
     let id = jwt::credential_id(token, claims.jti.as_deref());
     if is_revoked(gw, &project_id, &id).await {
-        return Err(ApiError::unauthorized("token is revoked"));
+        return Err(("revoked", ApiError::unauthorized("token is revoked")));
     }
     Ok(Identity {
         tenant: project_id,
@@ -141,10 +158,11 @@ async fn is_revoked(gw: &Gateway, tenant: &ProjectId, id: &str) -> bool {
 async fn require_enabled_tenant(
     gw: &Gateway,
     project_id: &ProjectId,
-) -> Result<std::sync::Arc<crate::tenants::TenantEntry>, ApiError> {
-    let tenant = gw.tenants.lookup(project_id).await?.ok_or_else(|| ApiError::unauthorized("unknown project"))?;
+) -> Result<std::sync::Arc<crate::tenants::TenantEntry>, Refusal> {
+    let tenant = because("unknown_project", gw.tenants.lookup(project_id).await)?
+        .ok_or_else(|| ("unknown_project", ApiError::unauthorized("unknown project")))?;
     if tenant.record.disabled {
-        return Err(ApiError::new(ErrorCode::Forbidden, "tenant is disabled"));
+        return Err(("tenant_disabled", ApiError::new(ErrorCode::Forbidden, "tenant is disabled")));
     }
     Ok(tenant)
 }

@@ -60,6 +60,12 @@ pub struct GatewayConfig {
     pub request_timeout_ms: u64,
     /// Largest HTTP request body, in bytes.
     pub max_http_body_bytes: usize,
+    /// Draining (SIGTERM): each socket's `bye` carries a `reconnect_after_ms` drawn uniformly from
+    /// `[0, drain_reconnect_window_ms)`, so the clients of a drained gateway do not all reconnect at once.
+    pub drain_reconnect_window_ms: u64,
+    /// Draining: how long after SIGTERM the process may take to finish in-flight ops, say `bye`, close every socket
+    /// and exit. Must be shorter than the pod's termination grace period minus its preStop sleep.
+    pub drain_grace_ms: u64,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -82,23 +88,14 @@ impl std::fmt::Debug for GatewayConfig {
             .field("tenant_msgs_per_sec", &self.tenant_msgs_per_sec)
             .field("max_connections_per_tenant", &self.max_connections_per_tenant)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("drain_reconnect_window_ms", &self.drain_reconnect_window_ms)
+            .field("drain_grace_ms", &self.drain_grace_ms)
             .finish_non_exhaustive()
     }
 }
 
 /// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| match (one.find("://"), one.rfind('@')) {
-            (Some(scheme_end), Some(at)) if at > scheme_end => {
-                format!("{}://<redacted>@{}", &one[..scheme_end], &one[at + 1..])
-            }
-            (None, Some(at)) => format!("<redacted>@{}", &one[at + 1..]),
-            _ => one.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub use switchyard_service::redact_url;
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -128,6 +125,8 @@ impl Default for GatewayConfig {
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             max_http_body_bytes: 64 * 1024,
+            drain_reconnect_window_ms: 10_000,
+            drain_grace_ms: 15_000,
         }
     }
 }
@@ -171,6 +170,12 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
             self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
         }
+        if let Some(v) = get("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS") {
+            self.drain_reconnect_window_ms = parsed("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_DRAIN_GRACE_MS") {
+            self.drain_grace_ms = parsed("SWITCHYARD_DRAIN_GRACE_MS", &v)?;
+        }
         if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
             self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
@@ -206,6 +211,18 @@ impl GatewayConfig {
         if self.max_http_body_bytes < 1024 {
             return invalid("max_http_body_bytes", "must be at least 1 KiB");
         }
+        if self.drain_reconnect_window_ms == 0 || self.drain_reconnect_window_ms > 600_000 {
+            return invalid("drain_reconnect_window_ms", "must be 1..=600000 (at most 10 minutes)");
+        }
+        if self.drain_grace_ms < 1_000 || self.drain_grace_ms > 3_600_000 {
+            return invalid("drain_grace_ms", "must be 1000..=3600000");
+        }
+        if self.drain_grace_ms <= self.command_timeout_ms {
+            return invalid(
+                "drain_grace_ms",
+                "must be longer than command_timeout_ms, so an op in flight at SIGTERM can finish before the exit",
+            );
+        }
         Ok(())
     }
 
@@ -227,6 +244,9 @@ impl GatewayConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_millis(self.drain_grace_ms)
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +267,27 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.listen.port(), 0);
         assert!(config.apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into())).is_err());
+    }
+
+    #[test]
+    fn drain_timings_are_validated() {
+        let mut config = GatewayConfig { admin_token: "0123456789abcdef".into(), ..GatewayConfig::default() };
+        config.validate().unwrap();
+        config
+            .apply_env(|name| match name {
+                "SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS" => Some("3000".into()),
+                "SWITCHYARD_DRAIN_GRACE_MS" => Some("12000".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!((config.drain_reconnect_window_ms, config.drain_grace_ms), (3_000, 12_000));
+        config.validate().unwrap();
+        config.drain_reconnect_window_ms = 0;
+        assert!(config.validate().is_err());
+        config.drain_reconnect_window_ms = 3_000;
+        config.drain_grace_ms = config.command_timeout_ms;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("drain_grace_ms"), "{error}");
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //!
 //! Start one with [`bind`] and [`BoundGateway::serve`], or [`run`]. A gateway sequences nothing and stores no
 //! history; losing one loses no acknowledged message.
+//!
+//! Draining: when the shutdown token fires (SIGTERM), the gateway keeps its listener open but answers `/readyz`
+//! and new upgrades with 503; every session finishes the op it has in flight (its `ok` is written), refuses the
+//! rest with `unavailable`, says `bye` with a `reconnect_after_ms` spread over `drain_reconnect_window_ms`, and
+//! closes with 1001. Once every session is gone (or `drain_grace_ms` is nearly up) the listener closes, the
+//! background tasks stop and `serve` returns, within `drain_grace_ms` of the signal.
 
 pub mod auth;
 pub mod config;
@@ -29,9 +35,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 use switchyard_protocol::subjects;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What the gateway keeps of its drain grace for closing the listener and flushing NATS after the sessions.
+const DRAIN_TAIL: Duration = Duration::from_secs(1);
 
 /// Why a gateway could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -64,16 +75,31 @@ pub struct Gateway {
     js: jetstream::Context,
     /// The events stream, opened on first use (router shards create it).
     events: tokio::sync::OnceCell<jetstream::stream::Stream>,
-    /// Fires when the gateway stops: sessions close with 1001.
+    /// Fires when the gateway starts draining (SIGTERM): sessions finish their op in flight, say `bye` and close
+    /// with 1001.
     pub shutdown: CancellationToken,
+    /// Fires once the drain is over: the background tasks (revocations, tenant watch, presence) stop.
+    stopped: CancellationToken,
     /// Set once shutdown begins: `/readyz` answers 503 and new upgrades are refused.
     draining: AtomicBool,
+    /// When sessions must have closed, set when the drain begins.
+    drain_deadline: OnceLock<tokio::time::Instant>,
+    /// Every session task, so the drain can wait for them.
+    pub session_tasks: TaskTracker,
     metrics: PrometheusHandle,
 }
 
 impl Gateway {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
+    }
+
+    /// When a draining session must be closed at the latest: the drain grace minus the time the gateway needs to
+    /// close its listener afterwards. Set on first use after the drain began.
+    pub fn drain_deadline(&self) -> tokio::time::Instant {
+        *self.drain_deadline.get_or_init(|| {
+            tokio::time::Instant::now() + self.config.drain_grace().saturating_sub(DRAIN_TAIL + DRAIN_TAIL)
+        })
     }
 
     /// The events stream.
@@ -122,16 +148,18 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         .await
         .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
     let sessions = revocation::SessionRegistry::new();
+    // Background tasks run until the drain is over, so sessions still draining keep revocation and presence.
+    let stopped = CancellationToken::new();
     // Revocations and tenant changes are heard before the first request is served.
-    revocation::listen(nats.clone(), sessions.clone(), shutdown.clone())
+    revocation::listen(nats.clone(), sessions.clone(), stopped.clone())
         .await
         .map_err(|e| GatewayError::Nats(format!("subscribe to revocations: {e}")))?;
     let tenants = tenants::TenantDirectory::new(tenants_kv);
-    tenants.spawn_watch(sessions.clone(), shutdown.clone());
+    tenants.spawn_watch(sessions.clone(), stopped.clone());
     let gateway_id = format!("gw-{}", switchyard_protocol::ids::random_base62(10));
     let gateway = Arc::new(Gateway {
         hub: ws::hub::Hub::new(nats.clone()),
-        presence: presence::PresenceReporter::start(nats.clone(), gateway_id, config.shard_count, shutdown.clone()),
+        presence: presence::PresenceReporter::start(nats.clone(), gateway_id, config.shard_count, stopped.clone()),
         js,
         events: tokio::sync::OnceCell::new(),
         tenants,
@@ -141,7 +169,10 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         nats,
         config,
         shutdown,
+        stopped,
         draining: AtomicBool::new(false),
+        drain_deadline: OnceLock::new(),
+        session_tasks: TaskTracker::new(),
         metrics: telemetry::prometheus(),
     });
     Ok(BoundGateway { listener, gateway })
@@ -152,16 +183,62 @@ impl BoundGateway {
         self.listener.local_addr().unwrap_or(self.gateway.config.listen)
     }
 
-    /// Serve until the shutdown token fires; then stop accepting, close sessions with 1001 and return.
+    /// Serve until the shutdown token fires; then drain (see the module documentation) and return within
+    /// `drain_grace_ms`.
     pub async fn serve(self) -> Result<(), GatewayError> {
         let gateway = self.gateway.clone();
         tracing::info!(addr = %self.local_addr(), "gateway listening");
         let app = http::router(gateway.clone());
-        let shutdown = gateway.shutdown.clone();
-        let result = serve::serve(self.listener, app, gateway.config.header_read_timeout(), shutdown).await;
+        let stop_accepting = CancellationToken::new();
+        let mut server = tokio::spawn(serve::serve(
+            self.listener,
+            app,
+            gateway.config.header_read_timeout(),
+            stop_accepting.clone(),
+        ));
+        let early = tokio::select! {
+            _ = gateway.shutdown.cancelled() => None,
+            result = &mut server => Some(result),
+        };
+        let result = match early {
+            Some(result) => result,
+            None => {
+                let started = tokio::time::Instant::now();
+                let exit_by = started + gateway.config.drain_grace();
+                gateway.draining.store(true, Ordering::Relaxed);
+                let sessions_by = gateway.drain_deadline();
+                tracing::info!(
+                    sockets = gateway.session_tasks.len(),
+                    grace_ms = gateway.config.drain_grace_ms,
+                    reconnect_window_ms = gateway.config.drain_reconnect_window_ms,
+                    "draining"
+                );
+                // Sessions see the shutdown token themselves; wait until they are all gone.
+                gateway.session_tasks.close();
+                let closed = tokio::time::timeout_at(sessions_by + DRAIN_TAIL, gateway.session_tasks.wait()).await;
+                if closed.is_err() {
+                    tracing::warn!(left = gateway.session_tasks.len(), "sessions still open at the drain deadline");
+                }
+                stop_accepting.cancel();
+                let result = match tokio::time::timeout_at(exit_by - DRAIN_TAIL / 2, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                };
+                tracing::info!(took_ms = started.elapsed().as_millis() as u64, "drained");
+                result
+            }
+        };
+        stop_accepting.cancel();
         gateway.draining.store(true, Ordering::Relaxed);
-        let _ = gateway.nats.flush().await;
-        result.map_err(GatewayError::Serve)
+        gateway.stopped.cancel();
+        let _ = tokio::time::timeout(DRAIN_TAIL / 2, gateway.nats.flush()).await;
+        match result {
+            Ok(served) => served.map_err(GatewayError::Serve),
+            Err(join) => Err(GatewayError::Serve(std::io::Error::other(join.to_string()))),
+        }
     }
 }
 

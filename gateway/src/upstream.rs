@@ -4,6 +4,8 @@
 //! While a shard changes hands nobody answers its subject for a moment; commands are retried on "no responders"
 //! until the command timeout. A command that timed out may have been executed, so it is not retried: the client
 //! gets `unavailable` and may repeat it (with a `cmid`, safely).
+//!
+//! Every attempt is timed in `switchyard_gateway_nats_request_duration_seconds{target, outcome}`.
 
 use crate::Gateway;
 use async_nats::RequestErrorKind;
@@ -38,8 +40,31 @@ pub async fn command(
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::command(shard), payload, "router shard").await?;
+    let reply = request_with_retry(gw, subjects::command(shard), payload, Target::Router).await?;
     decode_reply(&reply)
+}
+
+/// Who answers a request: the `target` label of the latency histogram.
+#[derive(Clone, Copy)]
+enum Target {
+    Router,
+    Persistor,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Router => "router",
+            Target::Persistor => "persistor",
+        }
+    }
+
+    fn who(self) -> &'static str {
+        match self {
+            Target::Router => "router shard",
+            Target::Persistor => "persistor",
+        }
+    }
 }
 
 /// Send a command that is never answered (typing signals). Lost when its shard is moving, which is acceptable for
@@ -62,7 +87,7 @@ pub async fn user_request(
     let shard = shard_of_user(tenant, user, gw.config.shard_count);
     let request = UserRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::user_command(shard), payload, "router shard").await?;
+    let reply = request_with_retry(gw, subjects::user_command(shard), payload, Target::Router).await?;
     decode_reply(&reply)
 }
 
@@ -101,7 +126,7 @@ fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
 /// Ask a persistor for a page of history.
 pub async fn history(gw: &Gateway, request: HistoryRequest) -> Result<HistoryReply, UpstreamError> {
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::HISTORY_SUBJECT.to_owned(), payload, "persistor").await?;
+    let reply = request_with_retry(gw, subjects::HISTORY_SUBJECT.to_owned(), payload, Target::Persistor).await?;
     codec::decode::<HistoryReply>(&reply)
         .map_err(|e| upstream_error(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
 }
@@ -110,8 +135,9 @@ async fn request_with_retry(
     gw: &Gateway,
     subject: String,
     payload: bytes::Bytes,
-    who: &str,
+    target: Target,
 ) -> Result<bytes::Bytes, UpstreamError> {
+    let who = target.who();
     let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -120,7 +146,21 @@ async fn request_with_retry(
             return Err(upstream_error(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
         }
         let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(remaining));
-        match gw.nats.send_request(subject.clone(), request).await {
+        let started = std::time::Instant::now();
+        let result = gw.nats.send_request(subject.clone(), request).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => "no_responders",
+            Err(e) if e.kind() == RequestErrorKind::TimedOut => "timeout",
+            Err(_) => "error",
+        };
+        metrics::histogram!(
+            "switchyard_gateway_nats_request_duration_seconds",
+            "target" => target.label(),
+            "outcome" => outcome
+        )
+        .record(started.elapsed().as_secs_f64());
+        match result {
             Ok(message) => return Ok(message.payload),
             Err(e) if e.kind() == RequestErrorKind::NoResponders => {
                 tokio::time::sleep(backoff.min(remaining)).await;

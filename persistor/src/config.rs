@@ -4,6 +4,7 @@
 //! This module does not open the store.
 
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Everything a persistor needs to start.
@@ -22,6 +23,8 @@ pub struct PersistorConfig {
     pub batch_max: usize,
     /// How long a history request waits for this persistor to catch up to the room's last seq.
     pub history_catch_up_ms: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
+    pub metrics_addr: SocketAddr,
 }
 
 impl Default for PersistorConfig {
@@ -33,6 +36,7 @@ impl Default for PersistorConfig {
             cql_replication_factor: 1,
             batch_max: 512,
             history_catch_up_ms: 2_000,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
         }
     }
 }
@@ -51,7 +55,7 @@ impl PersistorConfig {
     pub fn load() -> Result<Self, ConfigError> {
         let mut config: PersistorConfig = switchyard_service::from_file()?;
         config.apply_env(|name| std::env::var(name).ok())?;
-        config.store_choice()?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -69,7 +73,16 @@ impl PersistorConfig {
         if let Some(v) = get("SWITCHYARD_BATCH_MAX") {
             self.batch_max = switchyard_service::parse_env("SWITCHYARD_BATCH_MAX", &v)?;
         }
+        if let Some(v) = get("SWITCHYARD_METRICS_ADDR") {
+            self.metrics_addr = switchyard_service::parse_env("SWITCHYARD_METRICS_ADDR", &v)?;
+        }
         Ok(())
+    }
+
+    /// Check every field: the store choice (see [`Self::store_choice`]) and the metrics address.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store_choice()?;
+        switchyard_service::ops::validate_metrics_addr(self.metrics_addr)
     }
 
     /// The configured store, validated.
@@ -111,5 +124,17 @@ mod tests {
             config.store = bad.into();
             assert!(config.store_choice().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn metrics_address_from_env_and_validated() {
+        let mut config = PersistorConfig::default();
+        config.validate().unwrap();
+        config.apply_env(|name| (name == "SWITCHYARD_METRICS_ADDR").then(|| "0.0.0.0:9191".into())).unwrap();
+        assert_eq!(config.metrics_addr.port(), 9191);
+        config.validate().unwrap();
+        assert!(config.apply_env(|name| (name == "SWITCHYARD_METRICS_ADDR").then(|| "nowhere".into())).is_err());
+        config.metrics_addr = "0.0.0.0:80".parse().unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("metrics_addr"));
     }
 }

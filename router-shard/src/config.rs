@@ -4,6 +4,7 @@
 //! This module does not connect to anything.
 
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Everything a router shard needs to start.
@@ -24,6 +25,8 @@ pub struct RouterConfig {
     pub room_idle_ms: u64,
     /// Events stream retention, in seconds.
     pub stream_max_age_secs: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
+    pub metrics_addr: SocketAddr,
 }
 
 impl Default for RouterConfig {
@@ -36,6 +39,7 @@ impl Default for RouterConfig {
             lease_tick_ms: 1_000,
             room_idle_ms: 120_000,
             stream_max_age_secs: 7 * 24 * 3600,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
         }
     }
 }
@@ -74,6 +78,9 @@ impl RouterConfig {
         if let Some(v) = get("SWITCHYARD_LEASE_TICK_MS") {
             self.lease_tick_ms = num("SWITCHYARD_LEASE_TICK_MS", v)?;
         }
+        if let Some(v) = get("SWITCHYARD_METRICS_ADDR") {
+            self.metrics_addr = num("SWITCHYARD_METRICS_ADDR", v)?;
+        }
         Ok(())
     }
 
@@ -96,6 +103,7 @@ impl RouterConfig {
         if self.nats_url.trim().is_empty() {
             return Err(ConfigError::Invalid { name: "nats_url", message: "must not be empty".into() });
         }
+        switchyard_service::ops::validate_metrics_addr(self.metrics_addr)?;
         Ok(())
     }
 
@@ -118,10 +126,16 @@ mod tests {
         config
             .apply_env(|name| match name {
                 "SWITCHYARD_SHARD_COUNT" => Some("8".into()),
+                "SWITCHYARD_METRICS_ADDR" => Some("0.0.0.0:9100".into()),
                 _ => None,
             })
             .unwrap();
         assert_eq!(config.shard_count, 8);
+        assert_eq!(config.metrics_addr.port(), 9100);
+        config.validate().unwrap();
+        config.metrics_addr = "0.0.0.0:22".parse().unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("metrics_addr"));
+        config.metrics_addr = "127.0.0.1:0".parse().unwrap();
         config.validate().unwrap();
         config.router_id = "bad.id".into();
         assert!(config.validate().is_err());

@@ -31,7 +31,9 @@ impl RouterContext {
             .retry_on_initial_connect()
             .connect(config.nats_url.as_str())
             .await
-            .map_err(|e| RouterError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+            .map_err(|e| {
+                RouterError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
+            })?;
         let js = jetstream::new(nats.clone());
         let events = js
             .get_or_create_stream(stream::Config {

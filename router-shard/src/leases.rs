@@ -5,6 +5,10 @@
 //! A lease that is not renewed expires with the bucket's `max_age`, so a dead router shard's shards are claimed by
 //! others within one TTL plus one tick. Ownership alone never makes an append safe: the room actor's fence on the
 //! stream does that. This module does not serve commands.
+//!
+//! Metrics: `switchyard_router_owned_shards` (leases held now) and `switchyard_router_shard_handoffs_total` by
+//! `direction`: `acquired` (claimed), `released` (given back: fair share or shutdown), `lost` (taken over or
+//! expired while this process could not renew).
 
 use crate::context::RouterContext;
 use crate::shard::serve_shard;
@@ -102,7 +106,6 @@ impl LeaseKeeper {
                 Err(e) => tracing::warn!(%shard, error = %e, "cannot claim shard"),
             }
         }
-        metrics::gauge!("switchyard_router_shards_held").set(self.held.len() as f64);
         Ok(())
     }
 
@@ -130,6 +133,8 @@ impl LeaseKeeper {
         }
         for shard in lost {
             if let Some(held) = self.held.remove(&shard) {
+                metrics::counter!("switchyard_router_shard_handoffs_total", "direction" => "lost").increment(1);
+                metrics::gauge!("switchyard_router_owned_shards").decrement(1.0);
                 stop_worker(shard, held).await;
             }
         }
@@ -139,11 +144,16 @@ impl LeaseKeeper {
         let stop = CancellationToken::new();
         let worker = tokio::spawn(serve_shard(self.ctx.clone(), shard, stop.clone()));
         self.held.insert(shard, HeldShard { revision, renewed_at: Instant::now(), stop, worker });
+        metrics::counter!("switchyard_router_shard_handoffs_total", "direction" => "acquired").increment(1);
+        // Counted up and down rather than set, so router shards sharing a process (tests) add up.
+        metrics::gauge!("switchyard_router_owned_shards").increment(1.0);
     }
 
     /// Stop serving `shard`, then delete its lease so another router shard can claim it at once.
     async fn release(&mut self, shard: ShardId) {
         if let Some(held) = self.held.remove(&shard) {
+            metrics::counter!("switchyard_router_shard_handoffs_total", "direction" => "released").increment(1);
+            metrics::gauge!("switchyard_router_owned_shards").decrement(1.0);
             let revision = held.revision;
             stop_worker(shard, held).await;
             if let Err(error) = self.ctx.leases.delete_expect_revision(subjects::lease_key(shard), Some(revision)).await

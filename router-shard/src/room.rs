@@ -732,10 +732,19 @@ impl RoomActor {
             if let Some(id) = &dedupe_id {
                 publish = publish.message_id(id);
             }
+            let started = std::time::Instant::now();
             let ack = match self.ctx.js.send_publish(self.log_subject.clone(), publish).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             };
+            let outcome = match &ack {
+                Ok(ack) if ack.duplicate => "duplicate",
+                Ok(_) => "ok",
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => "fenced",
+                Err(_) => "error",
+            };
+            metrics::histogram!("switchyard_router_publish_ack_duration_seconds", "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
             match ack {
                 Ok(ack) if ack.duplicate => {
                     let original = self

@@ -60,6 +60,7 @@ impl Routers {
             .env("SWITCHYARD_NATS_URL", nats_url())
             .env("SWITCHYARD_ROUTER_ID", &id)
             .env("SWITCHYARD_SHARD_COUNT", SHARDS.to_string())
+            .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(log("stdout"))

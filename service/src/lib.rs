@@ -1,9 +1,15 @@
 //! What every Switchyard binary does alike: load its typed configuration (a TOML file named by `SWITCHYARD_CONFIG`,
-//! then `SWITCHYARD_*` environment overrides), start logging, and turn SIGINT or SIGTERM into a shutdown token.
+//! then `SWITCHYARD_*` environment overrides), start logging (JSON or human-readable), record metrics into the
+//! process-wide Prometheus recorder (`telemetry`), serve `/healthz`, `/readyz` and `/metrics` on an address of its
+//! own (`ops`), and turn SIGINT or SIGTERM into a shutdown token.
 //!
 //! It knows no service's fields: each binary's config type says which variables it reads and what is valid.
 
+pub mod ops;
+pub mod telemetry;
+
 use serde::de::DeserializeOwned;
+use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
 
 /// A configuration that cannot be used.
@@ -34,10 +40,67 @@ pub fn parse_env<T: std::str::FromStr>(name: &'static str, value: &str) -> Resul
     value.trim().parse().map_err(|_| ConfigError::Invalid { name, message: format!("cannot parse {value:?}") })
 }
 
-/// Log to stderr, filtered by `RUST_LOG` (default `info`).
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, with the fields of every enclosing span (`spans`): for log collectors.
+    Json,
+    /// Human-readable lines with colours: for a terminal.
+    Pretty,
+}
+
+impl LogFormat {
+    /// `SWITCHYARD_LOG_FORMAT` (`json` or `pretty`); unset: pretty when stdout is a terminal, JSON otherwise (a
+    /// container's stdout is not a terminal, so production logs are JSON without configuration).
+    pub fn choose(value: Option<&str>, stdout_is_terminal: bool) -> Result<LogFormat, ConfigError> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") => Ok(if stdout_is_terminal { LogFormat::Pretty } else { LogFormat::Json }),
+            Some("json") => Ok(LogFormat::Json),
+            Some("pretty") | Some("text") => Ok(LogFormat::Pretty),
+            Some(other) => Err(ConfigError::Invalid {
+                name: "SWITCHYARD_LOG_FORMAT",
+                message: format!("{other:?} must be json or pretty"),
+            }),
+        }
+    }
+}
+
+/// Log to stdout, filtered by `RUST_LOG` (default `info`), in the format `SWITCHYARD_LOG_FORMAT` chooses (see
+/// [`LogFormat::choose`]). An unknown format is reported and the default used, so logging always starts.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let requested = std::env::var("SWITCHYARD_LOG_FORMAT").ok();
+    let terminal = std::io::stdout().is_terminal();
+    let (format, problem) = match LogFormat::choose(requested.as_deref(), terminal) {
+        Ok(format) => (format, None),
+        Err(error) => (LogFormat::choose(None, terminal).unwrap_or(LogFormat::Json), Some(error)),
+    };
+    let _ = match format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+        LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).try_init(),
+    };
+    if let Some(error) = problem {
+        tracing::warn!(%error, ?format, "using the default log format");
+    }
+}
+
+/// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}://<redacted>@{}", &one[..scheme_end], &one[at + 1..])
+            }
+            (None, Some(at)) => format!("<redacted>@{}", &one[at + 1..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A token that fires on SIGINT or SIGTERM.
@@ -71,5 +134,21 @@ mod tests {
         assert_eq!(parse_env::<u16>("SWITCHYARD_X", " 42 ").unwrap(), 42);
         let error = parse_env::<u16>("SWITCHYARD_X", "many").unwrap_err();
         assert!(error.to_string().contains("SWITCHYARD_X"), "{error}");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact_url("nats://a:b@n1:4222,nats://n2:4222"), "nats://<redacted>@n1:4222,nats://n2:4222");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn log_format_defaults_to_json_off_a_terminal() {
+        assert_eq!(LogFormat::choose(None, false).unwrap(), LogFormat::Json);
+        assert_eq!(LogFormat::choose(None, true).unwrap(), LogFormat::Pretty);
+        assert_eq!(LogFormat::choose(Some("JSON"), true).unwrap(), LogFormat::Json);
+        assert_eq!(LogFormat::choose(Some("pretty"), false).unwrap(), LogFormat::Pretty);
+        let error = LogFormat::choose(Some("xml"), false).unwrap_err();
+        assert!(error.to_string().contains("SWITCHYARD_LOG_FORMAT"), "{error}");
     }
 }

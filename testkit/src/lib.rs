@@ -35,8 +35,12 @@ pub fn redis_url() -> String {
 }
 
 pub struct Fleet {
-    /// Base HTTP URL of each gateway.
+    /// Base HTTP URL of each gateway (which serves its own `/metrics`).
     pub gateways: Vec<String>,
+    /// Base HTTP URL of each in-process router shard's metrics listener.
+    pub router_metrics: Vec<String>,
+    /// Base HTTP URL of the persistor's metrics listener.
+    pub persistor_metrics: String,
     pub admin_token: String,
     /// The persistor's store, shared with the test for inspection.
     pub store: Arc<AnyStore>,
@@ -94,17 +98,20 @@ impl Fleet {
         let mut tasks = Vec::new();
 
         let mut router_ids = Vec::new();
+        let mut router_metrics = Vec::new();
         for i in 0..routers {
             let config = RouterConfig {
                 nats_url: nats_url(),
                 router_id: format!("test-router-{i}-{}", switchyard_protocol::ids::random_base62(6)),
+                metrics_addr: "127.0.0.1:0".parse().expect("addr"),
                 ..RouterConfig::default()
             };
             router_ids.push(config.router_id.clone());
             config.validate().expect("router config");
-            let shutdown = shutdown.clone();
+            let bound = switchyard_router_shard::bind(config, shutdown.clone()).await.expect("bind router shard");
+            router_metrics.push(format!("http://{}", bound.metrics_addr()));
             tasks.push(tokio::spawn(async move {
-                if let Err(error) = switchyard_router_shard::run(config, shutdown).await {
+                if let Err(error) = bound.serve().await {
                     panic!("router shard failed: {error}");
                 }
             }));
@@ -120,15 +127,20 @@ impl Fleet {
                 AnyStore::Cql(CqlStore::connect(&[cql_node()], "switchyard_e2e").await.expect("connect to Cassandra"))
             }
         });
-        let persistor_config = PersistorConfig { nats_url: nats_url(), ..PersistorConfig::default() };
-        {
-            let (store, shutdown) = (store.clone(), shutdown.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(error) = switchyard_persistor::run_with_store(persistor_config, store, shutdown).await {
-                    panic!("persistor failed: {error}");
-                }
-            }));
-        }
+        let persistor_config = PersistorConfig {
+            nats_url: nats_url(),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            ..PersistorConfig::default()
+        };
+        let persistor = switchyard_persistor::bind_with_store(persistor_config, store.clone(), shutdown.clone())
+            .await
+            .expect("bind persistor");
+        let persistor_metrics = format!("http://{}", persistor.metrics_addr());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = persistor.serve().await {
+                panic!("persistor failed: {error}");
+            }
+        }));
 
         let mut urls = Vec::new();
         for _ in 0..gateways {
@@ -151,6 +163,8 @@ impl Fleet {
         }
         Fleet {
             gateways: urls,
+            router_metrics,
+            persistor_metrics,
             admin_token,
             store,
             http: reqwest::Client::new(),

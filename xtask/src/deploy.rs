@@ -417,8 +417,16 @@ fn check_chart(
                 ("PodMonitor", 0),
                 ("ScaledObject", 0),
             ],
-            // The drain: preStop sleep 10 s, then 20 s after SIGTERM.
-            contains: &["terminationGracePeriodSeconds: 30", "sleep:\n                seconds: 10"],
+            // The drain: preStop sleep 10 s, then 20 s after SIGTERM, of which the gateway takes at most 15 s.
+            contains: &[
+                "terminationGracePeriodSeconds: 30",
+                "sleep:\n                seconds: 10",
+                "SWITCHYARD_DRAIN_GRACE_MS: \"15000\"",
+                "SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS: \"10000\"",
+                "SWITCHYARD_METRICS_ADDR: \"0.0.0.0:9090\"",
+                "SWITCHYARD_LOG_FORMAT: \"json\"",
+                "path: /readyz\n              port: metrics",
+            ],
         },
         RenderCase {
             name: "default+monitoring-api",
@@ -430,7 +438,7 @@ fn check_chart(
                 "--set",
                 "gateway.settings.heartbeat_ms=20000",
             ]),
-            kinds: &[("ServiceMonitor", 1), ("PodMonitor", 0), ("PersistentVolumeClaim", 1)],
+            kinds: &[("ServiceMonitor", 1), ("PodMonitor", 2), ("PersistentVolumeClaim", 1)],
             // Settings go to TOML as integers (Helm reads YAML numbers as floats).
             contains: &["heartbeat_ms = 20000\n", "SWITCHYARD_CONFIG"],
         },
@@ -447,7 +455,8 @@ fn check_chart(
             ],
             contains: &[
                 "terminationGracePeriodSeconds: 45",
-                "name: switchyard_gateway_sessions",
+                "SWITCHYARD_DRAIN_GRACE_MS: \"25000\"",
+                "name: switchyard_gateway_open_sockets",
                 "SWITCHYARD_STORE: \"cql:",
                 "requiredDuringSchedulingIgnoredDuringExecution",
             ],
@@ -514,6 +523,11 @@ fn check_chart(
             name: "two persistors on the embedded store",
             args: &["--set", "persistor.replicas=2"],
             error: "store.type=embedded",
+        },
+        RefuseCase {
+            name: "a gateway drain grace not shorter than the time Kubernetes gives after SIGTERM",
+            args: &["--set", "gateway.drain.graceSeconds=20"],
+            error: "graceSeconds",
         },
         RefuseCase {
             name: "KEDA without a NATS monitoring endpoint",

@@ -71,18 +71,36 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        // The logs are files: no terminal colour codes in them.
+        // The logs are files: no terminal colour codes in them, and readable lines rather than the JSON a
+        // process writes by default when its output is not a terminal.
         cmd.env("NO_COLOR", "1");
+        if std::env::var_os("SWITCHYARD_LOG_FORMAT").is_none() {
+            cmd.env("SWITCHYARD_LOG_FORMAT", "pretty");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
         ManagedChild::spawn(name, cmd, &logs.join(format!("{name}.log")), Duration::from_secs(10))
     };
     // Stopped in reverse order of this list, before Redis and NATS.
+    // Router shards and the persistor serve /metrics on ports of their own.
+    let metrics: Vec<String> = (0..3).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_>>()?;
     let mut fleet = Fleet(vec![
-        spawn("router-1", "switchyard-router-shard", &[("SWITCHYARD_ROUTER_ID", "router-1")])?,
-        spawn("router-2", "switchyard-router-shard", &[("SWITCHYARD_ROUTER_ID", "router-2")])?,
-        spawn("persistor", "switchyard-persistor", &[("SWITCHYARD_STORE", store.as_str())])?,
+        spawn(
+            "router-1",
+            "switchyard-router-shard",
+            &[("SWITCHYARD_ROUTER_ID", "router-1"), ("SWITCHYARD_METRICS_ADDR", metrics[0].as_str())],
+        )?,
+        spawn(
+            "router-2",
+            "switchyard-router-shard",
+            &[("SWITCHYARD_ROUTER_ID", "router-2"), ("SWITCHYARD_METRICS_ADDR", metrics[1].as_str())],
+        )?,
+        spawn(
+            "persistor",
+            "switchyard-persistor",
+            &[("SWITCHYARD_STORE", store.as_str()), ("SWITCHYARD_METRICS_ADDR", metrics[2].as_str())],
+        )?,
         spawn(
             "gateway",
             "switchyard-gateway",
@@ -131,6 +149,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     println!("  project id   {project_id}");
     println!("  api key      {api_key}");
     println!("  token        {token}   (user demo, 24 h)");
+    println!("  metrics      {http}/metrics (gateway)");
+    println!("               http://{}/metrics, http://{}/metrics (router shards)", metrics[0], metrics[1]);
+    println!("               http://{}/metrics (persistor)", metrics[2]);
     println!("  NATS         {}   Redis {}", nats.url(), redis.url());
     println!("  details in {}, logs in {}", fleet_json.display(), logs.display());
     println!("Ctrl-C stops the fleet.");

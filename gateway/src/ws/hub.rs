@@ -31,6 +31,8 @@ pub struct LiveEvent {
     pub typing_user: Option<UserId>,
     /// Who a `left` event takes out of the room; their sessions stop receiving the room after it.
     pub left_user: Option<UserId>,
+    /// The event's op name, for the frame counters.
+    pub op: &'static str,
     event: ServerEvent,
     json: OnceLock<Utf8Bytes>,
     msgpack: OnceLock<Bytes>,
@@ -64,7 +66,8 @@ impl LiveEvent {
                 (None, None, None, None, ServerEvent::Presence { user: user.clone(), online: *online, ts: *ts })
             }
         };
-        LiveEvent { room, seq, typing_user, left_user, event, json: OnceLock::new(), msgpack: OnceLock::new() }
+        let op = crate::telemetry::server_event_op(&event);
+        LiveEvent { room, seq, typing_user, left_user, op, event, json: OnceLock::new(), msgpack: OnceLock::new() }
     }
 
     /// A replayed room event (from the stream, not from a live subject).

@@ -4,11 +4,16 @@
 //!
 //! It owns all of its state; the hub reaches it only through its bounded outbound queue. It does not sequence
 //! anything (router shards do) and never blocks other sessions: a session that cannot keep up is closed with 4009.
+//!
+//! Everything a session does runs inside a `session` tracing span carrying its session id, tenant and user (never
+//! its token). When the gateway drains, the session finishes the op in flight (its `ok` is written), answers every
+//! other op `unavailable`, says `bye` with a jittered `reconnect_after_ms` and closes with 1001.
 
 use crate::auth::{authenticate, Identity};
 use crate::limits::{tenant_rate_refusal, AbuseCounter};
 use crate::resume;
 use crate::revocation::{self, CloseSignal};
+use crate::telemetry;
 use crate::upstream::{self, UpstreamError};
 use crate::ws::hub::{LiveEvent, SessionTx};
 use crate::Gateway;
@@ -30,6 +35,7 @@ use switchyard_protocol::internal::{
 use switchyard_protocol::{limits, subjects, CloseCode, ErrorCode, RoomId, UserId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// Ops waiting behind the one in flight; more than this is answered `rate_limited`.
@@ -42,6 +48,8 @@ const MAX_USERS_PER_OP: usize = 100;
 const MAX_WATCHED: usize = 1_000;
 /// A session relays at most one typing signal per room in this interval (router shards throttle fleet-wide too).
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
+/// The outbound queue depth is sampled on every this many events a session takes from it (a power of two).
+const QUEUE_DEPTH_SAMPLE_EVERY: u64 = 32;
 
 /// A session's view of one room it receives.
 enum RoomDelivery {
@@ -110,9 +118,45 @@ struct Close {
     reason: &'static str,
 }
 
+impl Close {
+    fn draining() -> Close {
+        Close { code: CloseCode::Draining, reason: "gateway is draining" }
+    }
+}
+
+/// An open socket, counted in `switchyard_gateway_open_sockets` from the upgrade until the task ends.
+struct OpenSocket {
+    subprotocol: &'static str,
+}
+
+impl OpenSocket {
+    fn new(format: Format) -> Self {
+        let subprotocol = telemetry::subprotocol_label(format);
+        metrics::gauge!("switchyard_gateway_open_sockets", "subprotocol" => subprotocol).increment(1.0);
+        OpenSocket { subprotocol }
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        metrics::gauge!("switchyard_gateway_open_sockets", "subprotocol" => self.subprotocol).decrement(1.0);
+    }
+}
+
+/// Count how a socket ended: the server's close code, or `client` when the client closed or vanished.
+fn count_close(code: Option<CloseCode>) {
+    let label = match code {
+        Some(code) => code.code().to_string(),
+        None => "client".to_owned(),
+    };
+    metrics::counter!("switchyard_gateway_closes_total", "code" => label).increment(1);
+}
+
 /// One WebSocket session.
 struct Session {
     gw: Arc<Gateway>,
+    /// The id `hello` announces, also on every log line of the session.
+    session_id: String,
     identity: Identity,
     format: Format,
     sink: SplitSink<WebSocket, Message>,
@@ -137,17 +181,52 @@ struct Session {
     last_heard: Instant,
     /// Rate-limited ops in the recent past; too many closes the session with 4008.
     abuse: AbuseCounter,
+    /// Set when the gateway drains: no new op starts, the one in flight finishes, then `bye` and 1001.
+    draining: bool,
+    /// Events taken from the outbound queue, for sampling its depth.
+    taken: u64,
 }
 
 /// Serve one upgraded socket until it closes.
 pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: Option<Identity>) {
+    let _open = OpenSocket::new(format);
+    let session_id = format!("ss_{}", switchyard_protocol::ids::random_base62(16));
+    let span = tracing::info_span!(
+        "session",
+        session = %session_id,
+        tenant = tracing::field::Empty,
+        user = tracing::field::Empty,
+        subprotocol = telemetry::subprotocol_label(format),
+    );
+    if let Some(identity) = &identity {
+        span.record("tenant", identity.tenant.as_str());
+        span.record("user", identity.user.as_str());
+    }
+    run_session(gw, socket, format, identity, session_id).instrument(span).await;
+}
+
+async fn run_session(
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    format: Format,
+    identity: Option<Identity>,
+    session_id: String,
+) {
     let (mut sink, mut stream) = socket.split();
+    let window = gw.config.drain_reconnect_window_ms;
     let identity = match identity {
         Some(identity) => identity,
         None => match first_frame_auth(&gw, &mut stream, format).await {
-            Ok(identity) => identity,
+            Ok(identity) => {
+                let span = tracing::Span::current();
+                span.record("tenant", identity.tenant.as_str());
+                span.record("user", identity.user.as_str());
+                identity
+            }
             Err((code, reason)) => {
-                let _ = send_close(&mut sink, format, code, &reason).await;
+                tracing::debug!(code = code.code(), %reason, "closing before authentication");
+                count_close(Some(code));
+                let _ = send_close(&mut sink, format, code, &reason, window).await;
                 return;
             }
         },
@@ -156,7 +235,8 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
     let registration = match revocation::register(&gw, &identity) {
         Ok(registration) => registration,
         Err(refused) => {
-            let _ = send_close(&mut sink, format, refused.code, refused.reason).await;
+            count_close(Some(refused.code));
+            let _ = send_close(&mut sink, format, refused.code, refused.reason, window).await;
             return;
         }
     };
@@ -174,6 +254,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         abuse,
         budget: OpBudget::new(gw.config.ops_per_sec, gw.config.ops_burst),
         gw,
+        session_id,
         identity,
         format,
         sink,
@@ -186,8 +267,10 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         in_flight: None,
         queued: VecDeque::new(),
         last_heard: Instant::now(),
+        draining: false,
+        taken: 0,
     };
-    metrics::gauge!("switchyard_gateway_sessions").increment(1.0);
+    tracing::debug!("session open");
     let (tenant, user) = (session.identity.tenant.clone(), session.identity.user.clone());
     session.gw.presence.opened(&tenant, &user).await;
     let inbox = subjects::user_inbox(&tenant, &user);
@@ -206,17 +289,19 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
     }
     session.gw.presence.closed(&tenant, &user).await;
     drop(registration);
+    count_close(close.as_ref().map(|close| close.code));
     match close {
         Some(close) => {
-            let _ = send_close(&mut session.sink, format, close.code, close.reason).await;
+            tracing::debug!(code = close.code.code(), reason = close.reason, "server closes the session");
+            let _ = send_close(&mut session.sink, format, close.code, close.reason, window).await;
             linger(&mut stream).await;
         }
         // The client closed (or vanished): flush the answer to its close frame, if it sent one.
         None => {
+            tracing::debug!("client closed the session");
             let _ = tokio::time::timeout(Duration::from_secs(1), session.sink.close()).await;
         }
     }
-    metrics::gauge!("switchyard_gateway_sessions").decrement(1.0);
 }
 
 /// After a server-initiated close, read and drop what the client still sends until its close frame (or a second),
@@ -241,8 +326,15 @@ async fn first_frame_auth(
     let unauthenticated = |reason: &str| (CloseCode::Unauthenticated, reason.to_owned());
     let deadline = tokio::time::Instant::now() + gw.config.auth_timeout();
     loop {
-        let frame = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err(unauthenticated("no authentication within the time allowed")),
+        let next = tokio::select! {
+            _ = gw.shutdown.cancelled() => return Err((CloseCode::Draining, "gateway is draining".to_owned())),
+            next = tokio::time::timeout_at(deadline, stream.next()) => next,
+        };
+        let frame = match next {
+            Err(_) => {
+                telemetry::auth_failure("timeout");
+                return Err(unauthenticated("no authentication within the time allowed"));
+            }
             Ok(None) | Ok(Some(Err(_))) => return Err(unauthenticated("socket closed before authentication")),
             Ok(Some(Ok(frame))) => frame,
         };
@@ -252,7 +344,9 @@ async fn first_frame_auth(
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(_) => return Err(unauthenticated("socket closed before authentication")),
         };
-        return match decode_client_frame(&bytes, format) {
+        let decoded = decode_client_frame(&bytes, format);
+        telemetry::frame_received(decoded.as_ref().ok().map(|request| request.op.name()));
+        return match decoded {
             Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => authenticate(gw, &token).await.map_err(|e| {
                 // A token store outage is no verdict on the token: the client may retry (1013).
                 let code = if e.code == ErrorCode::Unavailable {
@@ -262,31 +356,36 @@ async fn first_frame_auth(
                 };
                 (code, format!("authentication failed: {}", e.message))
             }),
-            Ok(_) => Err(unauthenticated("the first frame must be an auth op")),
-            Err(e) => Err((CloseCode::Unauthenticated, format!("the first frame must be an auth op: {}", e.message))),
+            Ok(_) => {
+                telemetry::auth_failure("no_auth_frame");
+                Err(unauthenticated("the first frame must be an auth op"))
+            }
+            Err(e) => {
+                telemetry::auth_failure("no_auth_frame");
+                Err((CloseCode::Unauthenticated, format!("the first frame must be an auth op: {}", e.message)))
+            }
         };
     }
 }
 
+/// Say `bye` and close with `code`. A draining close (1001) tells the client when to reconnect: a delay drawn
+/// uniformly from `[0, reconnect_window_ms)`, so the clients of a drained gateway come back spread over the window
+/// rather than all at once.
 async fn send_close(
     sink: &mut SplitSink<WebSocket, Message>,
     format: Format,
     code: CloseCode,
     reason: &str,
+    reconnect_window_ms: u64,
 ) -> Result<(), axum::Error> {
-    let reconnect_after_ms = (code == CloseCode::Draining).then(|| 500 + u64::from(rand_jitter()) % 4_500);
+    let reconnect_after_ms = (code == CloseCode::Draining).then(|| rand::random_range(0..reconnect_window_ms.max(1)));
     let bye = ServerFrame::Bye { code: code.code(), reason: reason.to_owned(), reconnect_after_ms };
     let write = async {
         sink.send(frame_message(&bye, format)).await?;
+        telemetry::frame_sent("bye");
         sink.send(Message::Close(Some(CloseFrame { code: code.code(), reason: reason.to_owned().into() }))).await
     };
     tokio::time::timeout(Duration::from_secs(1), write).await.unwrap_or(Ok(()))
-}
-
-fn rand_jitter() -> u16 {
-    // Sub-second clock noise is jitter enough to spread reconnects.
-    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 65_521)
-        as u16
 }
 
 fn frame_message(frame: &ServerFrame, format: Format) -> Message {
@@ -304,11 +403,17 @@ fn err_frame(rid: Option<u64>, code: ErrorCode, message: impl Into<String>) -> S
     ServerFrame::Err { rid, code, message: message.into(), retry_after_ms: None }
 }
 
+/// The answer to an op that arrives (or waits) while the gateway drains: it was not executed; retry it after
+/// reconnecting (to another gateway).
+fn draining_refusal(rid: Option<u64>) -> ServerFrame {
+    err_frame(rid, ErrorCode::Unavailable, "gateway is draining; reconnect and retry")
+}
+
 impl Session {
     /// The session loop. Returns how the server wants to close, or `None` when the client went away.
     async fn serve(&mut self, stream: &mut SplitStream<WebSocket>, revoked: CloseSignal) -> Option<Close> {
         let hello = ServerFrame::Hello {
-            session: format!("ss_{}", switchyard_protocol::ids::random_base62(16)),
+            session: self.session_id.clone(),
             user: self.identity.user.clone(),
             project_id: self.identity.tenant.clone(),
             heartbeat_ms: self.gw.config.heartbeat_ms,
@@ -319,27 +424,60 @@ impl Session {
         heartbeat.tick().await;
         let overflow = self.tx.overflow.clone();
         let shutdown = self.gw.shutdown.clone();
+        // Set when the drain begins: the op in flight must be done by then.
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
+            let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 biased;
                 _ = overflow.cancelled() => {
                     metrics::counter!("switchyard_gateway_slow_consumer_closes_total").increment(1);
                     return Some(Close { code: CloseCode::SlowConsumer, reason: "outbound queue full" });
                 }
-                _ = shutdown.cancelled() => {
-                    return Some(Close { code: CloseCode::Draining, reason: "gateway is draining" });
+                _ = shutdown.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    drain_deadline = Some(self.gw.drain_deadline());
+                    self.refuse_queued().await.ok()?;
+                    if self.in_flight.is_none() {
+                        return Some(Close::draining());
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
+                    tracing::warn!("op still in flight at the drain deadline; closing without its reply");
+                    return Some(Close::draining());
                 }
                 (code, reason) = revoked.fired() => return Some(Close { code, reason }),
                 completion = async { self.in_flight.as_mut().expect("guarded by the select condition").await },
                     if self.in_flight.is_some() => {
                     self.in_flight = None;
                     self.complete(completion).await.ok()?;
+                    if self.draining {
+                        return Some(Close::draining());
+                    }
                     self.start_next();
                 }
                 event = self.events.recv() => {
                     let event = event?;
                     self.tx.queued_bytes.fetch_sub(event.encoded_len(self.format), Ordering::Relaxed);
-                    self.deliver(event).await.ok()?;
+                    if self.taken & (QUEUE_DEPTH_SAMPLE_EVERY - 1) == 0 {
+                        metrics::histogram!("switchyard_gateway_outbound_queue_depth_frames")
+                            .record(self.events.len() as f64);
+                    }
+                    self.taken += 1;
+                    // A client that stops reading blocks this write once its socket buffers are full; the hub then
+                    // overflows the queue, and the session must not wait for the write to close it.
+                    let overflowed = tokio::select! {
+                        biased;
+                        written = self.deliver(event) => {
+                            written.ok()?;
+                            false
+                        }
+                        _ = overflow.cancelled() => true,
+                    };
+                    if overflowed {
+                        metrics::counter!("switchyard_gateway_slow_consumer_closes_total").increment(1);
+                        return Some(Close { code: CloseCode::SlowConsumer, reason: "outbound queue full" });
+                    }
                 }
                 frame = stream.next() => {
                     let frame = match frame {
@@ -370,7 +508,24 @@ impl Session {
     }
 
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), axum::Error> {
-        self.sink.send(frame_message(frame, self.format)).await
+        self.sink.send(frame_message(frame, self.format)).await?;
+        telemetry::frame_sent(telemetry::server_frame_op(frame));
+        Ok(())
+    }
+
+    /// Write a room event or signal.
+    async fn send_event(&mut self, event: &LiveEvent) -> Result<(), axum::Error> {
+        self.sink.send(event.message(self.format)).await?;
+        telemetry::frame_sent(event.op);
+        Ok(())
+    }
+
+    /// Answer every queued op `unavailable`: the gateway is draining and starts no new op.
+    async fn refuse_queued(&mut self) -> Result<(), axum::Error> {
+        while let Some(request) = self.queued.pop_front() {
+            self.write(&draining_refusal(request.rid)).await?;
+        }
+        Ok(())
     }
 
     /// Handle one client frame. `Some(close)` ends the session (`Some(None)`: the client closed).
@@ -398,8 +553,12 @@ impl Session {
         }
         let request = match decode_client_frame(&bytes, self.format) {
             Ok(request) => request,
-            Err(error) => return self.reply_now(err_frame(error.rid, error.code, error.message)).await,
+            Err(error) => {
+                telemetry::frame_received(None);
+                return self.reply_now(err_frame(error.rid, error.code, error.message)).await;
+            }
         };
+        telemetry::frame_received(Some(request.op.name()));
         if let Err(wait) = self.budget.take() {
             metrics::counter!("switchyard_gateway_rate_limited_total").increment(1);
             if self.abuse.record(wait) {
@@ -436,6 +595,7 @@ impl Session {
                 self.typing(room).await;
                 None
             }
+            _ if self.draining => self.reply_now(draining_refusal(request.rid)).await,
             _ => {
                 if self.queued.len() >= MAX_QUEUED_OPS {
                     let frame = ServerFrame::Err {
@@ -654,7 +814,7 @@ impl Session {
                         _ => seq,
                     };
                     for event in missed {
-                        self.sink.send(LiveEvent::replayed(event).message(self.format)).await?;
+                        self.send_event(&LiveEvent::replayed(event)).await?;
                     }
                     self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point });
                     self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
@@ -713,7 +873,7 @@ impl Session {
         match resume::missed_events(&self.gw, &self.identity.tenant, room, after, upto).await {
             Ok(events) => {
                 for event in events {
-                    self.sink.send(LiveEvent::replayed(event).message(self.format)).await?;
+                    self.send_event(&LiveEvent::replayed(event)).await?;
                 }
             }
             Err(error) => tracing::warn!(%room, after, upto, %error, "cannot fill a gap in live events"),
@@ -726,12 +886,12 @@ impl Session {
     async fn deliver(&mut self, event: Arc<LiveEvent>) -> Result<(), axum::Error> {
         let limit = self.gw.config.outbound_queue_frames;
         let Some(room) = event.room.clone() else {
-            return self.sink.send(event.message(self.format)).await;
+            return self.send_event(&event).await;
         };
         let Some(seq) = event.seq else {
             let receiving = matches!(self.rooms.get(&room), Some(RoomDelivery::Live { .. }));
             if receiving && event.typing_user.as_ref() != Some(&self.identity.user) {
-                return self.sink.send(event.message(self.format)).await;
+                return self.send_event(&event).await;
             }
             return Ok(());
         };
@@ -760,7 +920,7 @@ impl Session {
                     metrics::counter!("switchyard_gateway_live_gaps_total").increment(1);
                     self.fill_gap(&room, expected - 1, seq - 1).await?;
                 }
-                self.sink.send(event.message(self.format)).await?;
+                self.send_event(&event).await?;
                 if event.left_user.as_ref() == Some(&self.identity.user) {
                     self.stop_receiving(&room);
                 }

@@ -91,5 +91,12 @@ pub async fn ws_handler(
     if headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
         upgrade = upgrade.protocols([format.subprotocol()]);
     }
-    upgrade.on_upgrade(move |socket| session::run(gw, socket, format, identity)).into_response()
+    // Tracked so the drain can wait for every session to say `bye` and close.
+    let tracked = gw.session_tasks.token();
+    upgrade
+        .on_upgrade(move |socket| async move {
+            session::run(gw, socket, format, identity).await;
+            drop(tracked);
+        })
+        .into_response()
 }
