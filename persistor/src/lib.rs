@@ -13,7 +13,7 @@ pub use config::{PersistorConfig, StoreChoice};
 
 use std::sync::Arc;
 use std::time::Duration;
-use store::cql::{CqlConfig, CqlStore};
+use store::cql::{CqlConfig, CqlStore, MigrationOutcome, SchemaPolicy};
 use store::embedded::EmbeddedStore;
 use store::{HistoryPage, HistoryQuery, HistoryStore, StoreError};
 use switchyard_protocol::internal::RoomEvent;
@@ -41,13 +41,28 @@ impl AnyStore {
     pub async fn open(config: &PersistorConfig) -> Result<Self, PersistorError> {
         Ok(match config.store_choice()? {
             StoreChoice::Embedded(path) => AnyStore::Embedded(EmbeddedStore::open(&path)?),
-            StoreChoice::Cql(nodes) => {
-                let mut cql = CqlConfig::new(&nodes, &config.cql_keyspace);
-                cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
-                AnyStore::Cql(CqlStore::connect_with(cql).await?)
-            }
+            StoreChoice::Cql(_) => AnyStore::Cql(CqlStore::connect_with(cql_config(config)?).await?),
         })
     }
+}
+
+/// The CQL store's settings from the persistor's configuration.
+fn cql_config(config: &PersistorConfig) -> Result<CqlConfig, PersistorError> {
+    let StoreChoice::Cql(nodes) = config.store_choice()? else {
+        return Err(PersistorError::Config(config::ConfigError::Invalid {
+            name: "store",
+            message: "migrate needs a cql: store (the embedded store needs no migration)".into(),
+        }));
+    };
+    let mut cql = CqlConfig::new(&nodes, &config.cql_keyspace);
+    cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
+    cql.schema = if config.cql_migrate_on_start { SchemaPolicy::Migrate } else { SchemaPolicy::Require };
+    Ok(cql)
+}
+
+/// `switchyard-persistor migrate`: create or upgrade the CQL schema to this release's version. Idempotent.
+pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
+    Ok(CqlStore::migrate(&cql_config(config)?).await?)
 }
 
 impl HistoryStore for AnyStore {
@@ -98,8 +113,9 @@ pub async fn run_with_store<S: HistoryStore>(
         Duration::from_millis(config.history_catch_up_ms),
         shutdown.clone(),
     ));
-    let result = match ingest::open_consumer(&js, &shutdown).await? {
-        Some(consumer) => ingest::run(nats.clone(), consumer, &*store, config.batch_max, shutdown.clone()).await,
+    let settings = config.ingest()?;
+    let result = match ingest::open_consumer(&js, &settings, &shutdown).await? {
+        Some(consumer) => ingest::run(js.clone(), consumer, &*store, &settings, shutdown.clone()).await,
         None => Ok(()),
     };
     shutdown.cancel();

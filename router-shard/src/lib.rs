@@ -12,6 +12,7 @@ mod room;
 mod shard;
 
 pub use config::RouterConfig;
+pub use context::events_stream_config;
 
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
