@@ -153,6 +153,7 @@ impl Persistors {
             ("SWITCHYARD_ACK_WAIT_MS".into(), "3000".into()),
             ("SWITCHYARD_OUTAGE_RETRY_MAX_MS".into(), "1000".into()),
             ("RUST_LOG".into(), "warn,switchyard_persistor=info".into()),
+            ("NO_COLOR".into(), "1".into()),
         ];
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Persistors { dir: tempfile::tempdir().expect("temp dir"), env, started: 0, child: None }
@@ -200,12 +201,27 @@ impl Persistors {
         }
     }
 
-    /// Every incarnation's output, in order.
+    /// Every incarnation's output, in order, without terminal colour codes.
     fn logs(&self) -> String {
-        (0..self.started)
+        let text = (0..self.started)
             .map(|i| std::fs::read_to_string(self.dir.path().join(format!("persistor-{i}.log"))).unwrap_or_default())
             .collect::<Vec<_>>()
-            .join("\n")
+            .join("\n");
+        let mut plain = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // Skip `ESC [ ... letter`.
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
     }
 }
 
