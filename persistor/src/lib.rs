@@ -17,7 +17,7 @@ use store::cql::{CqlConfig, CqlStore, MigrationOutcome, SchemaPolicy};
 use store::embedded::EmbeddedStore;
 use store::{HistoryPage, HistoryQuery, HistoryStore, StoreError};
 use switchyard_protocol::internal::RoomEvent;
-use switchyard_protocol::{ProjectId, RoomId};
+use switchyard_protocol::{subjects, ProjectId, RoomId};
 use tokio_util::sync::CancellationToken;
 
 /// Why a persistor could not run.
@@ -60,9 +60,59 @@ fn cql_config(config: &PersistorConfig) -> Result<CqlConfig, PersistorError> {
     Ok(cql)
 }
 
+/// How long a migration lock lives if its holder dies without releasing it.
+const MIGRATION_LOCK_TTL: Duration = Duration::from_secs(120);
+
 /// `switchyard-persistor migrate`: create or upgrade the CQL schema to this release's version. Idempotent.
+///
+/// Several persistors may run it at once (every pod of a rollout does, as an init container): a lock in NATS KV
+/// lets one migrate while the others wait, then find the schema current. Concurrent DDL on Apache Cassandra can
+/// leave nodes disagreeing on a table's id, so it is never run concurrently.
 pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
-    Ok(CqlStore::migrate(&cql_config(config)?).await?)
+    let cql = cql_config(config)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name("switchyard-persistor migrate")
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| PersistorError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let bucket = async_nats::jetstream::kv::Config {
+        bucket: subjects::LOCKS_BUCKET.to_owned(),
+        history: 1,
+        max_age: MIGRATION_LOCK_TTL,
+        ..Default::default()
+    };
+    let locks = match js.get_key_value(subjects::LOCKS_BUCKET).await {
+        Ok(locks) => locks,
+        Err(_) => match js.create_key_value(bucket).await {
+            Ok(locks) => locks,
+            Err(create) => js
+                .get_key_value(subjects::LOCKS_BUCKET)
+                .await
+                .map_err(|e| PersistorError::Nats(format!("locks bucket: {create}; then {e}")))?,
+        },
+    };
+    let holder = format!("migrate-{}", switchyard_protocol::ids::random_base62(12));
+    let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_TTL * 3;
+    loop {
+        match locks.create(subjects::SCHEMA_MIGRATION_LOCK, holder.clone().into()).await {
+            Ok(_) => break,
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(PersistorError::Nats("another migration held the schema lock for too long".into()));
+                }
+                tracing::info!("another persistor is migrating the schema; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(PersistorError::Nats(format!("schema migration lock: {e}"))),
+        }
+    }
+    let outcome = CqlStore::migrate(&cql).await;
+    if let Err(error) = locks.purge(subjects::SCHEMA_MIGRATION_LOCK).await {
+        tracing::warn!(%error, "cannot release the schema migration lock; it expires on its own");
+    }
+    let _ = nats.flush().await;
+    Ok(outcome?)
 }
 
 impl HistoryStore for AnyStore {

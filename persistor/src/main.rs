@@ -12,7 +12,10 @@ async fn main() -> anyhow::Result<()> {
         None => run(config, switchyard_service::shutdown_on_signals()).await?,
         Some("migrate") => {
             let outcome = migrate(&config).await.context("migration failed")?;
-            println!("history schema of keyspace {} at version {} (was {})", config.cql_keyspace, outcome.to, outcome.from);
+            println!(
+                "history schema of keyspace {} at version {} (was {})",
+                config.cql_keyspace, outcome.to, outcome.from
+            );
         }
         Some(other) => bail!("unknown argument {other:?}: run without arguments, or `migrate`"),
     }

@@ -123,7 +123,8 @@ async fn stored<S: HistoryStore>(store: &S, tenant: &ProjectId, room: &RoomId) -
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let query = HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: Some(after), limit: 100 };
+        let query =
+            HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: Some(after), limit: 100 };
         let page = store.history(&query).await.expect("history page");
         out.extend(page.messages.iter().map(|m| (m.seq, m.body.clone())));
         match page.messages.last() {
@@ -251,8 +252,10 @@ async fn sigkill_five_times_loses_and_duplicates_nothing() {
     let tenant = ProjectId::generate();
     let rooms: Vec<RoomId> = (0..ROOMS).map(|r| room(&format!("kill-{r}"))).collect();
     // Interleave the rooms, each in seq order, as router shards append them.
-    let events: Vec<RoomEvent> =
-        (1..=PER_ROOM).flat_map(|seq| rooms.iter().map(move |r| (r.clone(), seq))).map(|(r, seq)| msg(&tenant, &r, seq)).collect();
+    let events: Vec<RoomEvent> = (1..=PER_ROOM)
+        .flat_map(|seq| rooms.iter().map(move |r| (r.clone(), seq)))
+        .map(|(r, seq)| msg(&tenant, &r, seq))
+        .collect();
     assert_eq!(events.len(), 100_000);
 
     let started = Instant::now();
@@ -419,7 +422,10 @@ async fn poison_event_is_dead_lettered_while_traffic_flows() {
                         b"\xc1 not msgpack".to_vec()
                     };
                     assert_eq!(letter.payload.to_vec(), want, "a dead letter carries the event's own bytes");
-                    found.insert(stream_seq, (header(dead_letter_headers::DELIVERIES), header(dead_letter_headers::REASON)));
+                    found.insert(
+                        stream_seq,
+                        (header(dead_letter_headers::DELIVERIES), header(dead_letter_headers::REASON)),
+                    );
                     if stream_seq == poison_seq {
                         steady_when_dead = store.last_seq(&tenant, &steady).await.expect("last seq");
                     }
@@ -517,8 +523,13 @@ async fn cassandra_outage_keeps_live_delivery_and_loses_nothing() {
             eprintln!("Cassandra resumed at {now:?} with {backlog_at_resume:?} (pending, unacked) in JetStream");
         }
         let body = if now >= Duration::from_secs(36) { "last".to_owned() } else { format!("m{k}") };
-        let op =
-            ClientOp::Send { room: r.clone(), body: body.clone(), attrs: None, reply_to: None, cmid: Some(format!("c{k}")) };
+        let op = ClientOp::Send {
+            room: r.clone(),
+            body: body.clone(),
+            attrs: None,
+            reply_to: None,
+            cmid: Some(format!("c{k}")),
+        };
         let sent = Instant::now();
         match sender.request_with_timeout(op, Duration::from_secs(10)).await {
             Ok(Reply::Ok(fields)) => {
@@ -574,3 +585,37 @@ fn redelivery_lines_are_counted() {
     assert_eq!(redeliveries_logged(logs), 15);
 }
 
+/// `switchyard-persistor migrate` run by three pods at once: one migrates under the NATS lock, the others wait and
+/// find the schema current; then a persistor that requires the schema starts on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_take_turns() {
+    use switchyard_persistor::store::cql::SCHEMA_VERSION;
+    let keyspace = format!("sy_migrate_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
+    let config = PersistorConfig {
+        nats_url: nats_url(),
+        store: format!("cql:{}", cql_node()),
+        cql_keyspace: keyspace,
+        ..PersistorConfig::default()
+    };
+    // Before any migration a persistor refuses to open the store.
+    match AnyStore::open(&config).await {
+        Err(error) => assert!(error.to_string().contains("switchyard-persistor migrate"), "{error}"),
+        Ok(_) => panic!("a persistor must refuse a keyspace with no schema"),
+    }
+    let (a, b, c) = tokio::join!(
+        switchyard_persistor::migrate(&config),
+        switchyard_persistor::migrate(&config),
+        switchyard_persistor::migrate(&config)
+    );
+    let mut froms: Vec<i32> = [a, b, c]
+        .into_iter()
+        .map(|r| r.expect("migrate"))
+        .map(|o| {
+            assert_eq!(o.to, SCHEMA_VERSION);
+            o.from
+        })
+        .collect();
+    froms.sort();
+    assert_eq!(froms, vec![0, SCHEMA_VERSION, SCHEMA_VERSION], "exactly one run found no schema");
+    AnyStore::open(&config).await.expect("a persistor starts on the migrated schema");
+}

@@ -40,6 +40,10 @@ pub const TENANTS_BUCKET: &str = "sy_tenants";
 pub const LEASES_BUCKET: &str = "sy_leases";
 /// KV bucket of rooms and memberships.
 pub const ROOMS_BUCKET: &str = "sy_rooms";
+/// KV bucket of short-lived operational locks (entries expire on their own if a holder dies).
+pub const LOCKS_BUCKET: &str = "sy_locks";
+/// Lock key held while one persistor migrates the history schema, so pods starting together never race on DDL.
+pub const SCHEMA_MIGRATION_LOCK: &str = "history-schema-migration";
 
 /// Where the router shard that owns `shard` takes commands.
 pub fn command(shard: ShardId) -> String {
