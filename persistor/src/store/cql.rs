@@ -3,8 +3,12 @@
 //! Messages live in partitions of (tenant, room, bucket = seq / [`BUCKET_SIZE`]) clustered by seq; every cell is
 //! written `USING TIMESTAMP` the event's `ts_us`, so the database's own last-write-wins makes apply idempotent and
 //! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
-//! a per-room progress row holds the last seq. This module creates its keyspace and tables when missing but never
-//! alters or drops them, and it does not expire history.
+//! a per-room progress row holds the last seq. No null is ever written (absent fields stay unset, a delete erases
+//! the body with an empty string), so writes make no tombstones.
+//!
+//! The schema is versioned (`schema_version` table): [`CqlStore::migrate`] creates or upgrades it idempotently, and
+//! [`SchemaPolicy::Require`] refuses to run on a schema that is not current. This module never drops anything and
+//! does not expire history.
 
 use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
 use futures::{StreamExt, TryStreamExt};
