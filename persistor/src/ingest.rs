@@ -221,7 +221,8 @@ impl<S: HistoryStore> Ingest<'_, S> {
         metrics::histogram!("switchyard_persistor_batch_size_events").record(events.len() as f64);
 
         // Parts still to write: a rejected part is split in two until the rejected event stands alone.
-        let mut parts: Vec<Range<usize>> = vec![0..events.len()];
+        let mut parts: Vec<Range<usize>> = Vec::with_capacity(8);
+        parts.push(0..events.len());
         while let Some(part) = parts.pop() {
             match self.write(&events[part.clone()], &messages[part.clone()]).await {
                 Written::Yes => {
@@ -267,7 +268,7 @@ impl<S: HistoryStore> Ingest<'_, S> {
             metrics::counter!("switchyard_persistor_store_errors_total").increment(1);
             failures += 1;
             // One line for the first failure, then one every ten, so an outage does not flood the log.
-            if failures == 1 || failures % 10 == 0 {
+            if failures == 1 || failures.is_multiple_of(10) {
                 tracing::warn!(%error, failures, events = events.len(), retry_in = ?backoff, "store write failed; holding the batch and retrying");
             }
             // Keep JetStream from redelivering events this persistor is still trying to write.

@@ -99,7 +99,7 @@ fn msg(tenant: &ProjectId, room: &RoomId, seq: u64) -> RoomEvent {
 async fn append(js: &async_nats::jetstream::Context, event: &RoomEvent) -> u64 {
     let subject = subjects::event_log(shard_of_room(&event.tenant, &event.room, 64), &event.tenant, &event.room);
     let payload = codec::encode(event).expect("encode event");
-    js.publish(subject, payload.into()).await.expect("publish").await.expect("stream ack").sequence
+    js.publish(subject, payload).await.expect("publish").await.expect("stream ack").sequence
 }
 
 /// Append many events, a thousand acks in flight at a time.
@@ -110,7 +110,7 @@ async fn append_all(js: &async_nats::jetstream::Context, events: &[RoomEvent]) {
             let subject =
                 subjects::event_log(shard_of_room(&event.tenant, &event.room, 64), &event.tenant, &event.room);
             let payload = codec::encode(event).expect("encode event");
-            acks.push(js.publish(subject, payload.into()).await.expect("publish"));
+            acks.push(js.publish(subject, payload).await.expect("publish"));
         }
         for ack in acks {
             ack.await.expect("stream ack");

@@ -171,7 +171,7 @@ async fn bench(params: &Params, js: &async_nats::jetstream::Context, kind: &str,
                 },
             };
             let subject = subjects::event_log(shard_of_room(&tenant, room, 64), &tenant, room);
-            acks.push(js.publish(subject, codec::encode(&event)?.into()).await.context("publish")?);
+            acks.push(js.publish(subject, codec::encode(&event)?).await.context("publish")?);
             if acks.len() == 1_000 {
                 for ack in acks.drain(..) {
                     ack.await.context("stream ack")?;
