@@ -589,6 +589,7 @@ fn redelivery_lines_are_counted() {
 /// find the schema current; then a persistor that requires the schema starts on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_take_turns() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     use switchyard_persistor::store::cql::SCHEMA_VERSION;
     let keyspace = format!("sy_migrate_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
     let config = PersistorConfig {
