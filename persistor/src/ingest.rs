@@ -8,7 +8,9 @@
 //!   JetStream buffers the rest;
 //! - the store **rejects** a write (a value it cannot hold): the batch is split until the rejected event is alone;
 //!   the rest is written and acked, and the rejected event is nak'ed with a growing delay. When it has been delivered
-//!   `max_deliver` times and is still rejected, it goes to the dead-letter stream and is terminated;
+//!   `max_deliver` times and is still rejected, it goes to the dead-letter stream and is terminated. A lone event is
+//!   only blamed while the store is taking other writes (one succeeded within the ack wait); when every write is
+//!   rejected (a dropped table, say) it is held like an outage, so healthy events are never dead-lettered;
 //! - an event that cannot even be decoded goes to the dead-letter stream at once.
 //!
 //! Writes are idempotent, so redeliveries after a crash are harmless. This module does not serve reads.
@@ -129,6 +131,8 @@ struct Ingest<'a, S> {
     store: &'a S,
     settings: &'a IngestSettings,
     shutdown: CancellationToken,
+    /// When a store write last succeeded (a plain mutex, never held across an await).
+    last_write_ok: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Consume until `shutdown`, then finish the batches being written (acking what was written) and return. Events
@@ -140,7 +144,7 @@ pub async fn run<S: HistoryStore>(
     settings: &IngestSettings,
     shutdown: CancellationToken,
 ) -> Result<(), PersistorError> {
-    let ingest = Ingest { js, store, settings, shutdown: shutdown.clone() };
+    let ingest = Ingest { js, store, settings, shutdown: shutdown.clone(), last_write_ok: std::sync::Mutex::new(None) };
     let mut in_flight = FuturesUnordered::new();
     'pull: while !shutdown.is_cancelled() {
         let messages = match consumer.messages().await {
@@ -254,15 +258,23 @@ impl<S: HistoryStore> Ingest<'_, S> {
             metrics::histogram!("switchyard_persistor_write_duration_seconds").record(started.elapsed().as_secs_f64());
             let error = match result {
                 Ok(()) => {
+                    if let Ok(mut last) = self.last_write_ok.lock() {
+                        *last = Some(Instant::now());
+                    }
                     if failures > 0 {
                         tracing::info!(failures, events = events.len(), "store write succeeded again");
                     }
                     return Written::Yes;
                 }
-                Err(error @ (StoreError::Rejected(_) | StoreError::InvalidQuery(_))) => {
+                Err(error @ (StoreError::Rejected(_) | StoreError::InvalidQuery(_)))
+                    if events.len() > 1 || self.store_accepts_writes() =>
+                {
                     metrics::counter!("switchyard_persistor_store_errors_total").increment(1);
                     return Written::Rejected(error.to_string());
                 }
+                // A lone event rejected while no write has succeeded lately: the store may be refusing everything
+                // (a dropped table, a broken schema). Hold it like an outage rather than dead-letter healthy events;
+                // once other writes succeed again, its next rejection counts as its own fault.
                 Err(error) => error,
             };
             metrics::counter!("switchyard_persistor_store_errors_total").increment(1);
@@ -281,6 +293,13 @@ impl<S: HistoryStore> Ingest<'_, S> {
             }
             backoff = (backoff * 2).min(self.settings.outage_retry_max);
         }
+    }
+
+    /// Whether a store write succeeded within the ack wait: the store is taking writes, so a rejection is the
+    /// event's fault.
+    fn store_accepts_writes(&self) -> bool {
+        let last = self.last_write_ok.lock().ok().and_then(|last| *last);
+        last.is_some_and(|at| at.elapsed() < self.settings.ack_wait)
     }
 
     /// The store rejected this event alone: nak it for a later attempt, or dead-letter it after `max_deliver`.
