@@ -620,3 +620,65 @@ async fn concurrent_migrations_take_turns() {
     assert_eq!(froms, vec![0, SCHEMA_VERSION, SCHEMA_VERSION], "exactly one run found no schema");
     AnyStore::open(&config).await.expect("a persistor starts on the migrated schema");
 }
+
+/// When the store refuses every write (here: its `messages` table dropped under a running persistor), nothing is
+/// dead-lettered: the events are held like an outage and all written once the table is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_everything_dead_letters_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let js = jetstream().await;
+    let keyspace = format!("sy_refusing_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
+    let store = Arc::new(AnyStore::Cql(CqlStore::connect(&[cql_node()], &keyspace).await.expect("connect")));
+    let shutdown = CancellationToken::new();
+    let config = PersistorConfig {
+        nats_url: nats_url(),
+        max_deliver: 2,
+        redelivery_backoff_ms: vec![100],
+        outage_retry_max_ms: 500,
+        ..PersistorConfig::default()
+    };
+    let persistor = {
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move { switchyard_persistor::run_with_store(config, store, shutdown).await })
+    };
+    wait_drained(&js, Duration::from_secs(30), "before the test").await;
+    let dead = js.get_stream(subjects::DEAD_LETTER_STREAM).await.expect("dead-letter stream");
+    let dead_before = dead.get_info().await.expect("dead-letter info").state.last_sequence;
+
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(cql_node())
+        .build()
+        .await
+        .expect("CQL session");
+    session.query_unpaged(format!("DROP TABLE {keyspace}.messages"), ()).await.expect("drop messages");
+
+    let tenant = ProjectId::generate();
+    let r = room("refused");
+    for seq in 1..=5 {
+        append(&js, &msg(&tenant, &r, seq)).await;
+    }
+    // Well past max_deliver deliveries at the nak backoff: still nothing dead-lettered, the events are held.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (pending, ack_pending) = backlog(&js).await;
+    assert!(pending + ack_pending as u64 > 0, "the events must be held while every write is refused");
+    let dead_now = dead.get_info().await.expect("dead-letter info").state.last_sequence;
+    assert_eq!(dead_now, dead_before, "no healthy event may be dead-lettered when the store refuses everything");
+
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {keyspace}.messages (tenant text, room text, bucket bigint, seq bigint, id text, \
+                 sender text, body text, attrs text, reply_to bigint, ts_us bigint, edited_us bigint, \
+                 deleted boolean, PRIMARY KEY ((tenant, room, bucket), seq)) WITH CLUSTERING ORDER BY (seq ASC)"
+            ),
+            (),
+        )
+        .await
+        .expect("recreate messages");
+    wait_drained(&js, Duration::from_secs(60), "after the table is back").await;
+    let rows = stored(&*store, &tenant, &r).await;
+    assert_eq!(rows.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(dead.get_info().await.expect("dead-letter info").state.last_sequence, dead_before);
+    shutdown.cancel();
+    persistor.await.expect("persistor task").expect("persistor");
+}
