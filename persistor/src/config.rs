@@ -6,6 +6,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Everything a persistor needs to start.
 #[derive(Debug, Clone, Deserialize)]
@@ -19,8 +20,24 @@ pub struct PersistorConfig {
     pub cql_keyspace: String,
     /// Replication factor used when the CQL keyspace is created.
     pub cql_replication_factor: u32,
+    /// At start, bring the CQL schema to this release's version (`true`), or refuse to start when it is behind
+    /// (`false`, the default: run `switchyard-persistor migrate` once per upgrade instead, so many persistors
+    /// starting together never race on schema changes).
+    pub cql_migrate_on_start: bool,
     /// Most events written in one store batch.
     pub batch_max: usize,
+    /// Most batches being written at once.
+    pub batches_in_flight: usize,
+    /// How long JetStream waits for an ack before redelivering an event, in milliseconds.
+    pub ack_wait_ms: u64,
+    /// Most events delivered and not yet acked over all persistors.
+    pub max_ack_pending: i64,
+    /// Deliveries after which an event the store still rejects goes to the dead-letter stream.
+    pub max_deliver: u32,
+    /// Delays before the next attempt at a rejected event, in milliseconds (the last repeats).
+    pub redelivery_backoff_ms: Vec<u64>,
+    /// Longest pause between two write attempts while the store is unavailable, in milliseconds.
+    pub outage_retry_max_ms: u64,
     /// How long a history request waits for this persistor to catch up to the room's last seq.
     pub history_catch_up_ms: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
@@ -34,7 +51,14 @@ impl Default for PersistorConfig {
             store: "embedded:switchyard-history.redb".into(),
             cql_keyspace: "switchyard".into(),
             cql_replication_factor: 1,
+            cql_migrate_on_start: false,
             batch_max: 512,
+            batches_in_flight: 4,
+            ack_wait_ms: 30_000,
+            max_ack_pending: 20_000,
+            max_deliver: 5,
+            redelivery_backoff_ms: vec![1_000, 5_000, 15_000],
+            outage_retry_max_ms: 5_000,
             history_catch_up_ms: 2_000,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
         }
@@ -70,8 +94,32 @@ impl PersistorConfig {
         if let Some(v) = get("SWITCHYARD_CQL_KEYSPACE") {
             self.cql_keyspace = v;
         }
+        fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
+            switchyard_service::parse_env(name, &value)
+        }
+        if let Some(v) = get("SWITCHYARD_CQL_MIGRATE_ON_START") {
+            self.cql_migrate_on_start = num("SWITCHYARD_CQL_MIGRATE_ON_START", v)?;
+        }
         if let Some(v) = get("SWITCHYARD_BATCH_MAX") {
-            self.batch_max = switchyard_service::parse_env("SWITCHYARD_BATCH_MAX", &v)?;
+            self.batch_max = num("SWITCHYARD_BATCH_MAX", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_BATCHES_IN_FLIGHT") {
+            self.batches_in_flight = num("SWITCHYARD_BATCHES_IN_FLIGHT", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_ACK_WAIT_MS") {
+            self.ack_wait_ms = num("SWITCHYARD_ACK_WAIT_MS", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_MAX_DELIVER") {
+            self.max_deliver = num("SWITCHYARD_MAX_DELIVER", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_REDELIVERY_BACKOFF_MS") {
+            self.redelivery_backoff_ms = v
+                .split(',')
+                .map(|part| switchyard_service::parse_env("SWITCHYARD_REDELIVERY_BACKOFF_MS", part.trim()))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = get("SWITCHYARD_OUTAGE_RETRY_MAX_MS") {
+            self.outage_retry_max_ms = num("SWITCHYARD_OUTAGE_RETRY_MAX_MS", v)?;
         }
         if let Some(v) = get("SWITCHYARD_METRICS_ADDR") {
             self.metrics_addr = switchyard_service::parse_env("SWITCHYARD_METRICS_ADDR", &v)?;
@@ -79,10 +127,45 @@ impl PersistorConfig {
         Ok(())
     }
 
-    /// Check every field: the store choice (see [`Self::store_choice`]) and the metrics address.
+    /// Check every field: the store choice (see [`Self::store_choice`]), the ingest settings (see
+    /// [`Self::ingest`]) and the metrics address.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store_choice()?;
+        self.ingest()?;
         switchyard_service::ops::validate_metrics_addr(self.metrics_addr)
+    }
+
+    /// The ingest settings, validated.
+    pub fn ingest(&self) -> Result<crate::ingest::IngestSettings, ConfigError> {
+        let invalid = |name: &'static str, message: &str| ConfigError::Invalid { name, message: message.to_owned() };
+        if self.batches_in_flight == 0 {
+            return Err(invalid("batches_in_flight", "must be positive"));
+        }
+        if self.ack_wait_ms < 1_000 {
+            return Err(invalid("ack_wait_ms", "must be at least 1000"));
+        }
+        if self.max_ack_pending < self.batch_max as i64 {
+            return Err(invalid("max_ack_pending", "must be at least batch_max"));
+        }
+        if self.max_deliver == 0 {
+            return Err(invalid("max_deliver", "must be positive"));
+        }
+        if self.redelivery_backoff_ms.is_empty() || self.redelivery_backoff_ms.contains(&0) {
+            return Err(invalid("redelivery_backoff_ms", "needs at least one positive delay"));
+        }
+        // Progress acks go out once per retry, so a retry must come well within the ack wait.
+        if self.outage_retry_max_ms == 0 || self.outage_retry_max_ms * 2 > self.ack_wait_ms {
+            return Err(invalid("outage_retry_max_ms", "must be positive and at most half of ack_wait_ms"));
+        }
+        Ok(crate::ingest::IngestSettings {
+            batch_max: self.batch_max,
+            batches_in_flight: self.batches_in_flight,
+            ack_wait: Duration::from_millis(self.ack_wait_ms),
+            max_ack_pending: self.max_ack_pending,
+            max_deliver: self.max_deliver,
+            backoff: self.redelivery_backoff_ms.iter().map(|ms| Duration::from_millis(*ms)).collect(),
+            outage_retry_max: Duration::from_millis(self.outage_retry_max_ms),
+        })
     }
 
     /// The configured store, validated.
@@ -120,6 +203,28 @@ mod tests {
         );
         config.store = "embedded:/tmp/x.redb".into();
         assert_eq!(config.store_choice().unwrap(), StoreChoice::Embedded("/tmp/x.redb".into()));
+        config.ingest().unwrap();
+        config
+            .apply_env(|name| match name {
+                "SWITCHYARD_REDELIVERY_BACKOFF_MS" => Some("100, 2000".into()),
+                "SWITCHYARD_MAX_DELIVER" => Some("3".into()),
+                "SWITCHYARD_CQL_MIGRATE_ON_START" => Some("true".into()),
+                _ => None,
+            })
+            .unwrap();
+        let settings = config.ingest().unwrap();
+        assert_eq!(settings.backoff, vec![Duration::from_millis(100), Duration::from_secs(2)]);
+        assert_eq!(settings.max_deliver, 3);
+        assert!(config.cql_migrate_on_start);
+        assert!(config.apply_env(|n| (n == "SWITCHYARD_REDELIVERY_BACKOFF_MS").then(|| "1,x".into())).is_err());
+        for bad in [
+            PersistorConfig { max_deliver: 0, ..PersistorConfig::default() },
+            PersistorConfig { redelivery_backoff_ms: vec![], ..PersistorConfig::default() },
+            PersistorConfig { outage_retry_max_ms: 20_000, ..PersistorConfig::default() },
+            PersistorConfig { batches_in_flight: 0, ..PersistorConfig::default() },
+        ] {
+            assert!(bad.ingest().is_err(), "{bad:?}");
+        }
         for bad in ["", "cql:", "embedded:", "mongo:x"] {
             config.store = bad.into();
             assert!(config.store_choice().is_err(), "{bad:?}");

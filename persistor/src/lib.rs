@@ -15,11 +15,11 @@ pub use config::{PersistorConfig, StoreChoice};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use store::cql::{CqlConfig, CqlStore};
+use store::cql::{CqlConfig, CqlStore, MigrationOutcome, SchemaPolicy};
 use store::embedded::EmbeddedStore;
 use store::{HistoryPage, HistoryQuery, HistoryStore, StoreError};
 use switchyard_protocol::internal::RoomEvent;
-use switchyard_protocol::{ProjectId, RoomId};
+use switchyard_protocol::{subjects, ProjectId, RoomId};
 use tokio_util::sync::CancellationToken;
 
 /// Why a persistor could not run.
@@ -45,13 +45,78 @@ impl AnyStore {
     pub async fn open(config: &PersistorConfig) -> Result<Self, PersistorError> {
         Ok(match config.store_choice()? {
             StoreChoice::Embedded(path) => AnyStore::Embedded(EmbeddedStore::open(&path)?),
-            StoreChoice::Cql(nodes) => {
-                let mut cql = CqlConfig::new(&nodes, &config.cql_keyspace);
-                cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
-                AnyStore::Cql(CqlStore::connect_with(cql).await?)
-            }
+            StoreChoice::Cql(_) => AnyStore::Cql(CqlStore::connect_with(cql_config(config)?).await?),
         })
     }
+}
+
+/// The CQL store's settings from the persistor's configuration.
+fn cql_config(config: &PersistorConfig) -> Result<CqlConfig, PersistorError> {
+    let StoreChoice::Cql(nodes) = config.store_choice()? else {
+        return Err(PersistorError::Config(config::ConfigError::Invalid {
+            name: "store",
+            message: "migrate needs a cql: store (the embedded store needs no migration)".into(),
+        }));
+    };
+    let mut cql = CqlConfig::new(&nodes, &config.cql_keyspace);
+    cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
+    cql.schema = if config.cql_migrate_on_start { SchemaPolicy::Migrate } else { SchemaPolicy::Require };
+    Ok(cql)
+}
+
+/// How long a migration lock lives if its holder dies without releasing it.
+const MIGRATION_LOCK_TTL: Duration = Duration::from_secs(120);
+
+/// `switchyard-persistor migrate`: create or upgrade the CQL schema to this release's version. Idempotent.
+///
+/// Several persistors may run it at once (every pod of a rollout does, as an init container): a lock in NATS KV
+/// lets one migrate while the others wait, then find the schema current. Concurrent DDL on Apache Cassandra can
+/// leave nodes disagreeing on a table's id, so it is never run concurrently.
+pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
+    let cql = cql_config(config)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name("switchyard-persistor migrate")
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| PersistorError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let bucket = async_nats::jetstream::kv::Config {
+        bucket: subjects::LOCKS_BUCKET.to_owned(),
+        history: 1,
+        max_age: MIGRATION_LOCK_TTL,
+        ..Default::default()
+    };
+    let locks = match js.get_key_value(subjects::LOCKS_BUCKET).await {
+        Ok(locks) => locks,
+        Err(_) => match js.create_key_value(bucket).await {
+            Ok(locks) => locks,
+            Err(create) => js
+                .get_key_value(subjects::LOCKS_BUCKET)
+                .await
+                .map_err(|e| PersistorError::Nats(format!("locks bucket: {create}; then {e}")))?,
+        },
+    };
+    let holder = format!("migrate-{}", switchyard_protocol::ids::random_base62(12));
+    let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_TTL * 3;
+    loop {
+        match locks.create(subjects::SCHEMA_MIGRATION_LOCK, holder.clone().into()).await {
+            Ok(_) => break,
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(PersistorError::Nats("another migration held the schema lock for too long".into()));
+                }
+                tracing::info!("another persistor is migrating the schema; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(PersistorError::Nats(format!("schema migration lock: {e}"))),
+        }
+    }
+    let outcome = CqlStore::migrate(&cql).await;
+    if let Err(error) = locks.purge(subjects::SCHEMA_MIGRATION_LOCK).await {
+        tracing::warn!(%error, "cannot release the schema migration lock; it expires on its own");
+    }
+    let _ = nats.flush().await;
+    Ok(outcome?)
 }
 
 impl HistoryStore for AnyStore {
@@ -158,8 +223,9 @@ async fn consume<S: HistoryStore>(
         Duration::from_millis(config.history_catch_up_ms),
         shutdown.clone(),
     ));
-    let result = match ingest::open_consumer(&js, &shutdown).await? {
-        Some(consumer) => ingest::run(nats.clone(), consumer, &*store, config.batch_max, shutdown.clone()).await,
+    let settings = config.ingest()?;
+    let result = match ingest::open_consumer(&js, &settings, &shutdown).await? {
+        Some(consumer) => ingest::run(js.clone(), consumer, &*store, &settings, shutdown.clone()).await,
         None => Ok(()),
     };
     shutdown.cancel();

@@ -75,7 +75,7 @@ async fn cql_store_refuses_bad_config_and_values() {
         },
     };
     match store.apply(&[event]).await {
-        Err(StoreError::Corrupt(_)) => {}
+        Err(StoreError::Rejected(_)) => {}
         other => panic!("seq u64::MAX must be refused, got {other:?}"),
     }
 }
@@ -89,4 +89,34 @@ async fn cql_store_unreachable_is_unavailable() {
         Err(StoreError::Unavailable(_)) => {}
         other => panic!("an unreachable cluster must be Unavailable, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_schema_is_migrated_idempotently_and_required() {
+    use switchyard_persistor::store::cql::{MigrationOutcome, SchemaPolicy, SCHEMA_VERSION};
+    let (nodes, _) = server();
+    let keyspace = format!("sy_migrate_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
+    let mut config = CqlConfig::new(&nodes, &keyspace);
+    config.schema = SchemaPolicy::Require;
+
+    // No schema yet: a persistor that requires it refuses, naming the command that fixes it.
+    assert_eq!(CqlStore::schema_version_of(&config).await.unwrap(), 0);
+    match CqlStore::connect_with(config.clone()).await {
+        Err(StoreError::Unavailable(message)) => {
+            assert!(message.contains("switchyard-persistor migrate"), "{message}")
+        }
+        other => panic!("a missing schema must be refused, got {other:?}"),
+    }
+
+    // Migrate from nothing, then again: the second run finds the schema current and changes nothing.
+    assert_eq!(CqlStore::migrate(&config).await.unwrap(), MigrationOutcome { from: 0, to: SCHEMA_VERSION });
+    assert_eq!(
+        CqlStore::migrate(&config).await.unwrap(),
+        MigrationOutcome { from: SCHEMA_VERSION, to: SCHEMA_VERSION }
+    );
+    assert_eq!(CqlStore::schema_version_of(&config).await.unwrap(), SCHEMA_VERSION);
+
+    // Now the same configuration connects and the store works.
+    let store = CqlStore::connect_with(config.clone()).await.expect("connect to a current schema");
+    conformance::apply_and_history_order(&store).await;
 }

@@ -11,10 +11,17 @@ use crate::shard::ShardId;
 pub const EVENTS_STREAM: &str = "SY_EVENTS";
 /// The subjects the events stream captures.
 pub const EVENTS_STREAM_SUBJECTS: &str = "sy.log.>";
-/// The persistors' durable consumer on the events stream.
+/// How long the events stream recognises a repeated `Nats-Msg-Id` (the `cmid` promise: a repeated send within
+/// 10 minutes is recognised).
+pub const EVENTS_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// The persistors' durable consumer on the events stream, shared by every persistor.
 pub const PERSISTOR_CONSUMER: &str = "persistor";
-/// Where persistors send events that failed too often.
+/// Where persistors send events the store rejected on every attempt, or that could not be decoded.
 pub const DEAD_LETTER_SUBJECT: &str = "sy.dead.events";
+/// The stream that keeps dead letters until an operator looks at them.
+pub const DEAD_LETTER_STREAM: &str = "SY_DEAD";
+/// How long dead letters are kept.
+pub const DEAD_LETTER_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// History requests, answered by any persistor (queue group `HISTORY_QUEUE`).
 pub const HISTORY_SUBJECT: &str = "sy.hist";
@@ -33,6 +40,10 @@ pub const TENANTS_BUCKET: &str = "sy_tenants";
 pub const LEASES_BUCKET: &str = "sy_leases";
 /// KV bucket of rooms and memberships.
 pub const ROOMS_BUCKET: &str = "sy_rooms";
+/// KV bucket of short-lived operational locks (entries expire on their own if a holder dies).
+pub const LOCKS_BUCKET: &str = "sy_locks";
+/// Lock key held while one persistor migrates the history schema, so pods starting together never race on DDL.
+pub const SCHEMA_MIGRATION_LOCK: &str = "history-schema-migration";
 
 /// Where the router shard that owns `shard` takes commands.
 pub fn command(shard: ShardId) -> String {

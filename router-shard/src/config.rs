@@ -23,10 +23,13 @@ pub struct RouterConfig {
     pub lease_tick_ms: u64,
     /// How long an idle room actor stays in memory, in milliseconds.
     pub room_idle_ms: u64,
-    /// Events stream retention, in seconds.
+    /// Events stream retention, in seconds; bounds how far back `join {since}` reaches.
     pub stream_max_age_secs: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
     pub metrics_addr: SocketAddr,
+    /// Replicas of the events stream when a router shard creates it (3 in production; 1 for one NATS server). An
+    /// existing stream keeps its settings.
+    pub stream_replicas: usize,
 }
 
 impl Default for RouterConfig {
@@ -40,6 +43,7 @@ impl Default for RouterConfig {
             room_idle_ms: 120_000,
             stream_max_age_secs: 7 * 24 * 3600,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            stream_replicas: 1,
         }
     }
 }
@@ -81,6 +85,12 @@ impl RouterConfig {
         if let Some(v) = get("SWITCHYARD_METRICS_ADDR") {
             self.metrics_addr = num("SWITCHYARD_METRICS_ADDR", v)?;
         }
+        if let Some(v) = get("SWITCHYARD_STREAM_MAX_AGE_SECS") {
+            self.stream_max_age_secs = num("SWITCHYARD_STREAM_MAX_AGE_SECS", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_STREAM_REPLICAS") {
+            self.stream_replicas = num("SWITCHYARD_STREAM_REPLICAS", v)?;
+        }
         Ok(())
     }
 
@@ -99,6 +109,12 @@ impl RouterConfig {
                 name: "lease_ttl_ms",
                 message: "must be at least three lease ticks, and the tick must be positive".into(),
             });
+        }
+        if !(1..=5).contains(&self.stream_replicas) {
+            return Err(ConfigError::Invalid { name: "stream_replicas", message: "must be 1..=5".into() });
+        }
+        if self.stream_max_age_secs == 0 {
+            return Err(ConfigError::Invalid { name: "stream_max_age_secs", message: "must be positive".into() });
         }
         if self.nats_url.trim().is_empty() {
             return Err(ConfigError::Invalid { name: "nats_url", message: "must not be empty".into() });

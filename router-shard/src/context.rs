@@ -36,16 +36,7 @@ impl RouterContext {
             })?;
         let js = jetstream::new(nats.clone());
         let events = js
-            .get_or_create_stream(stream::Config {
-                name: subjects::EVENTS_STREAM.to_owned(),
-                subjects: vec![subjects::EVENTS_STREAM_SUBJECTS.to_owned()],
-                storage: stream::StorageType::File,
-                max_age: Duration::from_secs(config.stream_max_age_secs),
-                // Covers the `cmid` promise: a repeated send within 10 minutes is recognised.
-                duplicate_window: Duration::from_secs(600),
-                allow_direct: true,
-                ..Default::default()
-            })
+            .get_or_create_stream(events_stream_config(&config))
             .await
             .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
         let rooms =
@@ -63,6 +54,21 @@ impl RouterContext {
         )
         .await?;
         Ok(RouterContext { nats, js, events, rooms, leases, config })
+    }
+}
+
+/// The events stream's settings, as a router shard creates it (an existing stream keeps its own).
+pub fn events_stream_config(config: &RouterConfig) -> stream::Config {
+    stream::Config {
+        name: subjects::EVENTS_STREAM.to_owned(),
+        subjects: vec![subjects::EVENTS_STREAM_SUBJECTS.to_owned()],
+        storage: stream::StorageType::File,
+        // Bounds `join {since}`: older events answer `resume_gap` (history still has them).
+        max_age: Duration::from_secs(config.stream_max_age_secs),
+        duplicate_window: subjects::EVENTS_DUPLICATE_WINDOW,
+        num_replicas: config.stream_replicas,
+        allow_direct: true,
+        ..Default::default()
     }
 }
 

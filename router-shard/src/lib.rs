@@ -13,6 +13,7 @@ mod room;
 mod shard;
 
 pub use config::RouterConfig;
+pub use context::events_stream_config;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};

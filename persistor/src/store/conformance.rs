@@ -29,6 +29,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     tenant_isolation(store).await;
     room_isolation(store).await;
     paging_across_buckets(store).await;
+    rejects_out_of_range_values(store).await;
 }
 
 /// The `ts_us` of seq `seq` in the suite's rooms: strictly increasing, a distinct millisecond per seq.
@@ -480,6 +481,31 @@ pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
     let page = room.page(store, Some(7), Some(0), 1).await;
     assert_eq!(seqs(&page), vec![1]);
     assert!(!page.more);
+}
+
+/// An event with a number beyond a signed 64-bit integer is `Rejected` (the same on every attempt), and the batch
+/// holding it writes nothing, so the caller can isolate it; the same events without it apply normally.
+pub async fn rejects_out_of_range_values<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("poison");
+    let good = room.msg(1, "alice", "fine");
+    let huge_target = room.edit(2, u64::MAX, "alice", "nowhere");
+    let mut huge_seq = room.joined(3, "bob");
+    huge_seq.seq = i64::MAX as u64 + 1;
+    let mut huge_reply = room.msg_full(4, "bob", "reply", None, Some(u64::MAX));
+    huge_reply.ts_us = ts_us_of(4);
+    let mut huge_ts = room.msg(5, "bob", "late");
+    huge_ts.ts_us = u64::MAX;
+    for poison in [huge_target, huge_seq, huge_reply, huge_ts] {
+        for attempt in 0..2 {
+            match store.apply(&[good.clone(), poison.clone()]).await {
+                Err(StoreError::Rejected(_)) => {}
+                other => panic!("attempt {attempt}: {poison:?} must be rejected, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(room.last_seq(store).await, 0, "a rejected batch writes nothing");
+    room.apply(store, std::slice::from_ref(&good)).await;
+    assert_eq!(room.latest(store).await.messages, vec![created(&good)]);
 }
 
 /// A fixed, busy room: messages, edits, deletes, reactions, joins and lefts, with targets among earlier messages.

@@ -3,14 +3,19 @@
 //! Messages live in partitions of (tenant, room, bucket = seq / [`BUCKET_SIZE`]) clustered by seq; every cell is
 //! written `USING TIMESTAMP` the event's `ts_us`, so the database's own last-write-wins makes apply idempotent and
 //! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
-//! a per-room progress row holds the last seq. This module creates its keyspace and tables when missing but never
-//! alters or drops them, and it does not expire history.
+//! a per-room progress row holds the last seq. No null is ever written (absent fields stay unset, a delete erases
+//! the body with an empty string), so writes make no tombstones.
+//!
+//! The schema is versioned (`schema_version` table): [`CqlStore::migrate`] creates or upgrades it idempotently, and
+//! [`SchemaPolicy::Require`] refuses to run on a schema that is not current. This module never drops anything and
+//! does not expire history.
 
-use super::{check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -73,6 +78,8 @@ pub struct CqlConfig {
     pub connect_timeout: Duration,
     /// Most requests one `apply` keeps in flight.
     pub write_concurrency: usize,
+    /// Whether connecting migrates the schema or requires it current.
+    pub schema: SchemaPolicy,
 }
 
 impl CqlConfig {
@@ -85,8 +92,163 @@ impl CqlConfig {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             write_concurrency: 32,
+            schema: SchemaPolicy::Migrate,
         }
     }
+}
+
+/// What [`CqlStore::connect_with`] does about the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaPolicy {
+    /// Create or upgrade the keyspace and tables to [`SCHEMA_VERSION`] first (what `persistor migrate` does).
+    Migrate,
+    /// Refuse to start, with a message naming `switchyard-persistor migrate`, unless the schema is exactly at
+    /// [`SCHEMA_VERSION`].
+    Require,
+}
+
+/// The schema version this code reads and writes. Every change to the tables adds a step to [`migrations`] and
+/// raises this number.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The row of `schema_version` that holds the history schema's version.
+const SCHEMA_COMPONENT: &str = "history";
+
+/// One schema step: the version it brings the keyspace to, what it does, and its statements (each idempotent, so
+/// a step interrupted half-way, or run twice by two processes, is simply run again).
+struct Migration {
+    version: i32,
+    description: &'static str,
+    statements: Vec<String>,
+}
+
+/// Every schema step, oldest first.
+fn migrations(ks: &str) -> Vec<Migration> {
+    vec![Migration {
+        version: 1,
+        description: "messages, reactions and room progress",
+        statements: vec![
+            // Messages: one partition per (tenant, room, bucket of BUCKET_SIZE seqs), so a partition stays small
+            // (at most BUCKET_SIZE rows) however long a room lives; clustered by seq for range pages.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.messages (\
+                 tenant text, room text, bucket bigint, seq bigint, \
+                 id text, sender text, body text, attrs text, reply_to bigint, ts_us bigint, \
+                 edited_us bigint, deleted boolean, \
+                 PRIMARY KEY ((tenant, room, bucket), seq)\
+                 ) WITH CLUSTERING ORDER BY (seq ASC)"
+            ),
+            // Reactions: in the bucket of the message they target; one row per (message, emoji, user) so an add and
+            // a remove of the same reaction settle by timestamp.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.reactions (\
+                 tenant text, room text, bucket bigint, target bigint, emoji text, reactor text, \
+                 removed boolean, \
+                 PRIMARY KEY ((tenant, room, bucket), target, emoji, reactor)\
+                 )"
+            ),
+            // A room's highest applied seq: bounds history scans and tells a history request the store caught up.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.room_progress (\
+                 tenant text, room text, last_seq bigint, \
+                 PRIMARY KEY ((tenant, room))\
+                 )"
+            ),
+        ],
+    }]
+}
+
+/// What a migration found and left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationOutcome {
+    /// The schema version before (0: no schema, or tables from before versioning).
+    pub from: i32,
+    /// The schema version now ([`SCHEMA_VERSION`]).
+    pub to: i32,
+}
+
+/// The keyspace's recorded schema version; 0 when the keyspace or the version table does not exist yet.
+async fn schema_version(session: &Session, ks: &str) -> Result<i32, StoreError> {
+    let tables = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'schema_version'",
+            (ks,),
+        )
+        .await
+        .map_err(|e| unavailable("cannot read the schema catalogue", e))?
+        .into_rows_result()
+        .map_err(|e| corrupt("schema catalogue read returned no rows result", e))?;
+    if tables.rows_num() == 0 {
+        return Ok(0);
+    }
+    let rows = session
+        .query_unpaged(format!("SELECT version FROM {ks}.schema_version WHERE component = ?"), (SCHEMA_COMPONENT,))
+        .await
+        .map_err(|e| unavailable("cannot read the schema version", e))?
+        .into_rows_result()
+        .map_err(|e| corrupt("schema version read returned no rows result", e))?;
+    let row = rows.maybe_first_row::<(Option<i32>,)>().map_err(|e| corrupt("undecodable schema version", e))?;
+    Ok(row.and_then(|(v,)| v).unwrap_or(0))
+}
+
+/// Refuse a schema that is not exactly the one this code knows, saying what to do.
+fn check_current(ks: &str, found: i32) -> Result<(), StoreError> {
+    if found == SCHEMA_VERSION {
+        Ok(())
+    } else if found < SCHEMA_VERSION {
+        Err(StoreError::Unavailable(format!(
+            "the history schema in keyspace {ks} is at version {found}, this persistor needs {SCHEMA_VERSION}: \
+             run `switchyard-persistor migrate` (or set cql_migrate_on_start = true)"
+        )))
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "the history schema in keyspace {ks} is at version {found}, newer than this persistor's \
+             {SCHEMA_VERSION}: run a persistor release that knows it"
+        )))
+    }
+}
+
+/// Create the keyspace when missing and apply every schema step above its recorded version, recording each.
+async fn migrate_session(session: &Session, ks: &str, replication: &str) -> Result<MigrationOutcome, StoreError> {
+    let ddl = |what: &'static str| move |e| unavailable(what, e);
+    session
+        .query_unpaged(
+            format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication} AND durable_writes = true"),
+            (),
+        )
+        .await
+        .map_err(ddl("cannot create the keyspace"))?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.schema_version (\
+                 component text PRIMARY KEY, version int, description text, applied_at timestamp)"
+            ),
+            (),
+        )
+        .await
+        .map_err(ddl("cannot create the schema version table"))?;
+    let from = schema_version(session, ks).await?;
+    if from > SCHEMA_VERSION {
+        check_current(ks, from)?;
+    }
+    for step in migrations(ks).into_iter().filter(|m| m.version > from) {
+        for statement in step.statements {
+            session.query_unpaged(statement, ()).await.map_err(ddl("cannot apply a schema step"))?;
+        }
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.schema_version (component, version, description, applied_at) \
+                     VALUES (?, ?, ?, toTimestamp(now()))"
+                ),
+                (SCHEMA_COMPONENT, step.version, step.description),
+            )
+            .await
+            .map_err(ddl("cannot record the schema version"))?;
+        tracing::info!(keyspace = ks, version = step.version, step = step.description, "history schema step applied");
+    }
+    Ok(MigrationOutcome { from, to: SCHEMA_VERSION.max(from) })
 }
 
 /// The prepared statements, one per kind of read or write.
@@ -135,6 +297,29 @@ fn unavailable(what: &str, err: impl fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{what}: {err}"))
 }
 
+/// A failed write: refused by the server or the driver as invalid (the same write would be refused again) is
+/// `Rejected`; anything else (timeouts, broken connections, overload, too few replicas) is `Unavailable`.
+fn write_failed(what: &str, err: ExecutionError) -> StoreError {
+    let rejected = match &err {
+        ExecutionError::BadQuery(_) => true,
+        ExecutionError::LastAttemptError(attempt) => matches!(
+            attempt,
+            RequestAttemptError::SerializationError(_)
+                | RequestAttemptError::CqlRequestSerialization(_)
+                | RequestAttemptError::DbError(
+                    DbError::Invalid | DbError::SyntaxError | DbError::FunctionFailure { .. },
+                    _
+                )
+        ),
+        _ => false,
+    };
+    if rejected {
+        StoreError::Rejected(format!("{what}: {err}"))
+    } else {
+        unavailable(what, err)
+    }
+}
+
 fn corrupt(what: &str, err: impl fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {err}"))
 }
@@ -175,7 +360,7 @@ fn replication_clause(replication: &Replication) -> Result<String, StoreError> {
 
 /// A u64 the store writes as a CQL bigint; larger values are refused as bad data.
 fn to_bigint(what: &str, value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value} does not fit a CQL bigint")))
+    i64::try_from(value).map_err(|_| StoreError::Rejected(format!("{what} {value} does not fit a CQL bigint")))
 }
 
 /// A bigint read back from the store that must be a non-negative u64.
@@ -202,15 +387,26 @@ impl CqlStore {
         Self::connect_with(CqlConfig::new(nodes, keyspace)).await
     }
 
-    /// Connect, create the keyspace and tables when missing, and prepare every statement.
-    pub async fn connect_with(config: CqlConfig) -> Result<Self, StoreError> {
+    /// Create the keyspace when missing and bring its schema to [`SCHEMA_VERSION`]; idempotent, and safe to run
+    /// again after an interruption. What `switchyard-persistor migrate` runs.
+    pub async fn migrate(config: &CqlConfig) -> Result<MigrationOutcome, StoreError> {
+        let (session, ks, replication) = Self::session(config).await?;
+        migrate_session(&session, &ks, &replication).await
+    }
+
+    /// The keyspace's recorded schema version (0 when there is none).
+    pub async fn schema_version_of(config: &CqlConfig) -> Result<i32, StoreError> {
+        let (session, ks, _) = Self::session(config).await?;
+        schema_version(&session, &ks).await
+    }
+
+    async fn session(config: &CqlConfig) -> Result<(Session, String, String), StoreError> {
         check_name("keyspace", &config.keyspace, false)?;
         if config.nodes.is_empty() {
             return Err(StoreError::InvalidQuery("no CQL nodes configured".into()));
         }
         let ks = config.keyspace.to_ascii_lowercase();
         let replication = replication_clause(&config.replication)?;
-
         let profile = ExecutionProfile::builder().request_timeout(Some(config.request_timeout)).build().into_handle();
         let session = SessionBuilder::new()
             .known_nodes(&config.nodes)
@@ -219,36 +415,21 @@ impl CqlStore {
             .build()
             .await
             .map_err(|e| unavailable("cannot connect to the CQL cluster", e))?;
+        Ok((session, ks, replication))
+    }
 
-        let ddl = [
-            format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication} AND durable_writes = true"),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.messages (\
-                 tenant text, room text, bucket bigint, seq bigint, \
-                 id text, sender text, body text, attrs text, reply_to bigint, ts_us bigint, \
-                 edited_us bigint, deleted boolean, \
-                 PRIMARY KEY ((tenant, room, bucket), seq)\
-                 ) WITH CLUSTERING ORDER BY (seq ASC)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.reactions (\
-                 tenant text, room text, bucket bigint, target bigint, emoji text, reactor text, \
-                 removed boolean, \
-                 PRIMARY KEY ((tenant, room, bucket), target, emoji, reactor)\
-                 )"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.room_progress (\
-                 tenant text, room text, last_seq bigint, \
-                 PRIMARY KEY ((tenant, room))\
-                 )"
-            ),
-        ];
-        for statement in ddl {
-            session
-                .query_unpaged(statement, ())
-                .await
-                .map_err(|e| unavailable("cannot create the history schema", e))?;
+    /// Connect, migrate or check the schema as `config.schema` says, and prepare every statement.
+    pub async fn connect_with(config: CqlConfig) -> Result<Self, StoreError> {
+        let (session, ks, replication) = Self::session(&config).await?;
+
+        match config.schema {
+            SchemaPolicy::Migrate => {
+                migrate_session(&session, &ks, &replication).await?;
+            }
+            SchemaPolicy::Require => {
+                let found = schema_version(&session, &ks).await?;
+                check_current(&ks, found)?;
+            }
         }
 
         let key = "tenant = ? AND room = ? AND bucket = ?";
@@ -259,7 +440,9 @@ impl CqlStore {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ),
             format!("UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited_us = ? WHERE {key} AND seq = ?"),
-            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET deleted = true, body = null WHERE {key} AND seq = ?"),
+            // The body is erased with an empty string, not a null: no tombstone, and the delete's later timestamp still
+            // wins over the create and every earlier edit.
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET deleted = true, body = '' WHERE {key} AND seq = ?"),
             format!(
                 "UPDATE {ks}.reactions USING TIMESTAMP ? SET removed = ? \
                  WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
@@ -403,7 +586,7 @@ impl CqlStore {
                 self.session
                     .execute_unpaged(&write.statement, &write.values)
                     .await
-                    .map_err(|e| unavailable("history write failed", e))?;
+                    .map_err(|e| write_failed("history write failed", e))?;
             }
             return Ok(());
         }
@@ -414,7 +597,7 @@ impl CqlStore {
             batch.append_statement(write.statement);
             values.push(write.values);
         }
-        self.session.batch(&batch, values).await.map_err(|e| unavailable("history batch write failed", e))?;
+        self.session.batch(&batch, values).await.map_err(|e| write_failed("history batch write failed", e))?;
         Ok(())
     }
 
@@ -698,6 +881,7 @@ impl MessageRow {
 
 impl HistoryStore for CqlStore {
     async fn apply(&self, events: &[RoomEvent]) -> Result<(), StoreError> {
+        events.iter().try_for_each(check_event)?;
         // Group the writes by partition, keeping arrival order inside each group.
         let mut order: Vec<PartitionKey> = Vec::new();
         let mut by_partition: HashMap<PartitionKey, Vec<Write>> = HashMap::new();

@@ -5,7 +5,7 @@
 //! events may arrive in any order and any number of times. It does not replicate, shard, expire or compact
 //! history, and it does not check who may read a room.
 
-use super::{check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -372,6 +372,7 @@ impl HistoryStore for EmbeddedStore {
         if events.is_empty() {
             return Ok(());
         }
+        events.iter().try_for_each(check_event)?;
         let events = events.to_vec();
         self.blocking(move |db| apply_blocking(db, &events)).await
     }

@@ -10,14 +10,18 @@ pub mod embedded;
 
 use std::future::Future;
 use switchyard_protocol::client::Message;
-use switchyard_protocol::internal::RoomEvent;
+use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::{ProjectId, RoomId};
 
-/// A store failure. `Unavailable` is worth retrying (the backend is down or timing out); `Corrupt` is not.
+/// A store failure. `Unavailable` is worth retrying (the backend is down, timing out or overloaded, and the same
+/// write may succeed later); `Rejected` is the event's own fault (the store refused a value it cannot hold, and
+/// will refuse it on every attempt); `Corrupt` means stored data cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("history store unavailable: {0}")]
     Unavailable(String),
+    #[error("history store rejected the write: {0}")]
+    Rejected(String),
     #[error("history store holds data it cannot read: {0}")]
     Corrupt(String),
     #[error("invalid history query: {0}")]
@@ -62,6 +66,30 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// The highest seq of any event applied for the room, 0 when none.
     fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Refuse an event carrying a number no store holds: every stored seq, target, reply and time must fit a signed
+/// 64-bit integer (CQL's `bigint`), so both backends reject exactly the same events, before writing any of a batch.
+pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
+    let fits = |what: &str, value: u64| {
+        if value <= i64::MAX as u64 {
+            Ok(())
+        } else {
+            Err(StoreError::Rejected(format!(
+                "{what} {value} of the event at seq {} in room {} is beyond what the store holds",
+                event.seq, event.room
+            )))
+        }
+    };
+    fits("seq", event.seq)?;
+    fits("ts_us", event.ts_us)?;
+    match &event.body {
+        EventBody::Msg { reply_to: Some(reply_to), .. } => fits("reply_to", *reply_to),
+        EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Reaction { target, .. } => {
+            fits("target", *target)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Refuse a page size outside 1..=100, before any backend work.
