@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     pub request_timeout_ms: u64,
     /// Largest HTTP request body, in bytes.
     pub max_http_body_bytes: usize,
+    /// The tenant of the demo chat page. When set, the gateway serves the page at `/` and `POST /demo/v1/session`,
+    /// which hands a token for ANY user of this tenant to anyone who asks: for local trials only, never in
+    /// production. Unset (the default) turns the demo off.
+    pub demo_project_id: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("tenant_msgs_per_sec", &self.tenant_msgs_per_sec)
             .field("max_connections_per_tenant", &self.max_connections_per_tenant)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("demo_project_id", &self.demo_project_id)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +133,7 @@ impl Default for GatewayConfig {
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             max_http_body_bytes: 64 * 1024,
+            demo_project_id: None,
         }
     }
 }
@@ -171,6 +177,9 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
             self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
         }
+        if let Some(v) = get("SWITCHYARD_DEMO_PROJECT_ID") {
+            self.demo_project_id = Some(v).filter(|v| !v.is_empty());
+        }
         if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
             self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
@@ -205,6 +214,11 @@ impl GatewayConfig {
         }
         if self.max_http_body_bytes < 1024 {
             return invalid("max_http_body_bytes", "must be at least 1 KiB");
+        }
+        if let Some(project) = &self.demo_project_id {
+            if switchyard_protocol::ProjectId::parse(project).is_err() {
+                return invalid("demo_project_id", "must be a project id (pj_ and 20 lowercase alphanumerics)");
+            }
         }
         Ok(())
     }
