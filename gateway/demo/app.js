@@ -217,7 +217,10 @@ function renderRooms() {
       badge.setAttribute('aria-label', `${badge.textContent} unread`);
       button.append(badge);
     }
-    button.addEventListener('click', () => openRoom(room));
+    button.addEventListener('click', () => {
+      closeDrawer();
+      openRoom(room);
+    });
     li.append(button);
     list.append(li);
   }
@@ -269,6 +272,7 @@ $('join-form').addEventListener('submit', async (ev) => {
     return;
   }
   try {
+    closeDrawer();
     await joinRoom(room);
     $('join-room').value = '';
   } catch (err) {
@@ -286,6 +290,7 @@ $('dm-form').addEventListener('submit', async (ev) => {
   }
   const room = state.me < user ? `dm:${state.me}:${user}` : `dm:${user}:${state.me}`;
   $('dm-user').value = '';
+  closeDrawer();
   roomState(room);
   await watchUsers([user]);
   renderRooms();
@@ -297,8 +302,6 @@ $('dm-form').addEventListener('submit', async (ev) => {
 async function openRoom(room) {
   state.current = room;
   history.replaceState(null, '', `#${encodeURIComponent(room)}`);
-  document.body.classList.remove('rooms-open');
-  $('show-rooms').setAttribute('aria-expanded', 'false');
   $('room-title').textContent = roomLabel(room);
   $('messages').replaceChildren();
   $('typing').textContent = '';
@@ -369,6 +372,8 @@ async function loadOlder(room, first = false) {
     rs.loading = false;
     $('history-state').textContent = rs.more ? '' : 'Start of the conversation';
   }
+  // A page too short to scroll could never ask for the next one.
+  if (room === state.current && rs.more && scroller.scrollHeight <= scroller.clientHeight) loadOlder(room);
 }
 
 $('scroller').addEventListener('scroll', () => {
@@ -442,7 +447,7 @@ function renderMessage(m) {
 function startEdit(li, m) {
   const form = document.createElement('form');
   form.className = 'edit-form';
-  const label = Object.assign(document.createElement('label'), { textContent: 'Edit message', className: 'visually-hidden' });
+  const label = Object.assign(document.createElement('label'), { textContent: 'New text', className: 'visually-hidden' });
   const input = document.createElement('textarea');
   input.id = `edit-${m.seq}`;
   label.htmlFor = input.id;
@@ -670,6 +675,12 @@ $('composer').addEventListener('submit', async (ev) => {
     markRead();
   });
 });
+
+/** On a phone the room list is a drawer over the conversation; choosing a room closes it. */
+function closeDrawer() {
+  document.body.classList.remove('rooms-open');
+  $('show-rooms').setAttribute('aria-expanded', 'false');
+}
 
 $('show-rooms').addEventListener('click', () => {
   const open = document.body.classList.toggle('rooms-open');

@@ -125,6 +125,7 @@ export class SwitchyardClient {
     this._closedByUser = false;
     this._firstHello = null;
     this._bye = null;
+    this._generation = 0;
   }
 
   // ---- listeners ----
@@ -226,9 +227,11 @@ export class SwitchyardClient {
 
   _open() {
     if (this.state === 'idle') this._setState('connecting', { attempt: 0 });
+    // Only the latest attempt may open a socket (reconnectNow can start one while another awaits its token).
+    const attempt = ++this._generation;
     this._resolveToken().then(
       (token) => {
-        if (this.state === 'closed') return;
+        if (this.state === 'closed' || attempt !== this._generation) return;
         let ws;
         try {
           ws = new this._WebSocket(this.url, SUBPROTOCOL);
@@ -248,7 +251,7 @@ export class SwitchyardClient {
         };
       },
       (err) => {
-        if (this.state === 'closed') return;
+        if (this.state === 'closed' || attempt !== this._generation) return;
         this._emit('error', err);
         this._scheduleReconnect({ code: 4001, reason: err.message, bye: null });
       },
@@ -387,8 +390,11 @@ export class SwitchyardClient {
         }
       },
       (err) => {
-        // The socket dropped during the resume; the reconnect that follows resumes again.
-        if (err?.code !== 'connection_lost' && err?.code !== 'closed') this._emit('error', err);
+        // The socket dropped during the resume: the reconnect that follows resumes again. Any other failure
+        // (a join refused with `unavailable`, a timeout) drops this socket and tries again the same way.
+        if (err?.code === 'connection_lost' || err?.code === 'closed') return;
+        this._emit('error', err);
+        if (this._ws === ws) this._dropSocket(ws, { code: 4000, reason: `resume failed: ${err?.message}`, bye: null });
       },
     );
   }

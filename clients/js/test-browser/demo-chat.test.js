@@ -8,10 +8,13 @@ import path from 'node:path';
 import { chromium } from 'playwright-core';
 
 const HTTP = process.env.SWITCHYARD_TEST_HTTP;
+const API_KEY = process.env.SWITCHYARD_TEST_API_KEY;
 const EXECUTABLE = process.env.SWITCHYARD_CHROMIUM;
 const ARTIFACTS = process.env.SWITCHYARD_ARTIFACTS;
-if (!HTTP || !EXECUTABLE || !ARTIFACTS) {
-  throw new Error('SWITCHYARD_TEST_HTTP, SWITCHYARD_CHROMIUM and SWITCHYARD_ARTIFACTS must be set: run with `cargo xtask test`');
+if (!HTTP || !API_KEY || !EXECUTABLE || !ARTIFACTS) {
+  throw new Error(
+    'SWITCHYARD_TEST_HTTP, SWITCHYARD_TEST_API_KEY, SWITCHYARD_CHROMIUM and SWITCHYARD_ARTIFACTS must be set: run with `cargo xtask test`',
+  );
 }
 const WAIT = 15_000;
 const stamp = Date.now().toString(36);
@@ -34,6 +37,7 @@ async function shot(page, name) {
 async function signIn(context, user) {
   const page = await context.newPage();
   page.on('pageerror', (err) => console.error(`[${user}] page error:`, err));
+  page.on('console', (msg) => console.log(`[${user}] console.${msg.type()}: ${msg.text()}`));
   await page.goto(HTTP);
   await page.getByLabel('User name').fill(user);
   await page.getByRole('button', { name: 'Sign in' }).click();
@@ -74,13 +78,14 @@ test('two users chat, one goes offline and comes back to every message once, in 
     // Live messages both ways.
     await say(alice, 'hello from alice');
     await message(bob, 'hello from alice').waitFor({ timeout: WAIT });
-    await say(bob, 'hi alice');
-    await message(alice, 'hi alice').waitFor({ timeout: WAIT });
-
-    // Typing.
-    await bob.getByLabel('Message', { exact: true }).pressSequentially('typing…');
+    // Typing (the server passes on one typing signal per user and room every 2 s: this is bob's first).
+    await bob.getByLabel('Message', { exact: true }).pressSequentially('hi');
     await alice.locator('#typing', { hasText: `${BOB} is typing` }).waitFor({ timeout: WAIT });
     await bob.getByLabel('Message', { exact: true }).fill('');
+    await say(bob, 'hi alice');
+    // The message clears the typing line.
+    await alice.locator('#typing', { hasText: /^$/ }).waitFor({ timeout: WAIT });
+    await message(alice, 'hi alice').waitFor({ timeout: WAIT });
 
     // A reaction from bob shows on alice's message for both.
     await message(bob, 'hello from alice').getByRole('button', { name: /^👍 reaction/ }).click();
@@ -88,7 +93,7 @@ test('two users chat, one goes offline and comes back to every message once, in 
 
     // Alice edits her message.
     await message(alice, 'hello from alice').getByRole('button', { name: /^Edit message/ }).click();
-    const editor = alice.getByLabel('Edit message');
+    const editor = alice.getByLabel('New text', { exact: true });
     await editor.fill('hello from alice (edited here)');
     await editor.press('Enter');
     await message(bob, 'hello from alice (edited here)').locator('.edited').waitFor({ timeout: WAIT });
@@ -156,6 +161,7 @@ test('the page works on a phone-sized screen and by keyboard', async () => {
     await page.keyboard.type(`carol-${stamp}`);
     await page.keyboard.press('Enter');
     await page.locator('#conn[data-state="open"]').waitFor({ timeout: WAIT });
+    await page.locator('#room-title', { hasText: '#general' }).waitFor({ timeout: WAIT });
     await page.getByRole('button', { name: 'Rooms' }).click();
     await page.getByLabel('Join or create a room').fill(ROOM);
     await page.getByLabel('Join or create a room').press('Enter');
@@ -170,6 +176,45 @@ test('the page works on a phone-sized screen and by keyboard', async () => {
     await page.getByRole('button', { name: 'Rooms' }).click();
     await page.locator('#rooms').waitFor({ state: 'visible' });
     await shot(page, 'phone-rooms');
+  } finally {
+    await context.close();
+  }
+});
+
+test('older messages load as the conversation scrolls up', async () => {
+  // 70 messages posted by the tenant's backend: more than the page's first history page of 50.
+  const room = `archive-${stamp}`;
+  const backend = (method, path, body) =>
+    fetch(`${HTTP}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+  let response = await backend('POST', '/v1/rooms', { room });
+  assert.equal(response.status, 201, await response.text());
+  response = await backend('PUT', `/v1/rooms/${room}/members/archivist`, { role: 'member' });
+  assert.equal(response.status, 204, await response.text());
+  for (let i = 1; i <= 70; i += 1) {
+    response = await backend('POST', `/v1/rooms/${room}/messages`, { from: 'archivist', body: `archived ${i}` });
+    assert.equal(response.status, 201, await response.text());
+  }
+  const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  try {
+    const page = await signIn(context, `dave-${stamp}`);
+    await joinRoom(page, room);
+    await message(page, 'archived 70').waitFor({ timeout: WAIT });
+    assert.equal(await page.locator('#messages li.msg').count(), 50, 'the latest page first');
+    await page.locator('#scroller').evaluate((el) => {
+      el.scrollTop = 0;
+    });
+    await message(page, 'archived 1').first().waitFor({ timeout: WAIT });
+    await page.locator('#history-state', { hasText: 'Start of the conversation' }).waitFor({ timeout: WAIT });
+    const bodies = (await onScreen(page)).map((m) => m.body);
+    assert.deepEqual(
+      bodies,
+      Array.from({ length: 70 }, (_, i) => `archived ${i + 1}`),
+      'every message once, in order',
+    );
   } finally {
     await context.close();
   }

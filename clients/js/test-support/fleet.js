@@ -49,15 +49,20 @@ after(() => {
 
 /** A client for `user` that records every event it delivers; closed after the test file. */
 export function makeClient(user, options = {}) {
+  let calls = 0;
   const client = new SwitchyardClient({
     url: WS,
-    token: () => token(user),
+    token: () => {
+      calls += 1;
+      return token(user);
+    },
     WebSocket,
     backoffBaseMs: 100,
     backoffCapMs: 1_000,
     requestTimeoutMs: 10_000,
     ...options,
   });
+  client.tokenCalls = () => calls;
   client.events = [];
   client.states = [];
   client.on('event', (e) => client.events.push(e));

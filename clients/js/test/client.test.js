@@ -166,6 +166,7 @@ test('after a dropped socket every room resumes with no gap and no duplicate', a
   const reconnecting = bob.states.find((s) => s.state === 'reconnecting');
   assert.ok(reconnecting.delayMs >= 1_000 && reconnecting.delayMs < 1_500, `jittered delay ${reconnecting.delayMs}`);
   assert.equal(bob.state, 'open');
+  assert.ok(bob.tokenCalls() >= 2, 'the token function is asked again for the reconnect');
 });
 
 test('a send whose socket drops before the reply is retried with its cmid and posts exactly once', async () => {
@@ -283,7 +284,7 @@ test('a revoked session ends for good: no reconnect, waiting ops fail with close
   assert.equal(client.states.at(-1).state, 'closed', 'no reconnect after 4003');
 });
 
-test('a static token that stops working is final (4001), a token function gets a fresh one', async () => {
+test('a fixed token that stops working ends the session: 4003 on revocation, 4001 on connect', async () => {
   const user = unique('tok');
   const stale = await token(user);
   // Revoke the token itself; the client, holding only that string, cannot authenticate again.
