@@ -7,7 +7,8 @@
 //!   (Maven's repository in `.deps/m2`); run later with the machine's Java 17.
 //! - For the JavaScript client's tests and the demo page's browser test ([`ensure_js`]): Node.js (apt-get `nodejs`
 //!   and `npm` when missing), the npm packages of `clients/js/package-lock.json` (`npm ci` into the git-ignored
-//!   `clients/js/node_modules`, npm's cache in `.deps/npm`), and Debian's `chromium` (apt-get when missing).
+//!   `clients/js/node_modules`, npm's cache in `.deps/npm`), and Debian's `chromium` with an emoji font (apt-get
+//!   when missing).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -146,7 +147,8 @@ pub fn ensure_js(root: &Path) -> Result<JsTools> {
     let chromium = match find_chromium() {
         Some(c) => c,
         None => {
-            apt_install(&["chromium"], "Chromium (for the demo page's browser test)")?;
+            // The emoji font makes the reactions in the test's screenshots legible.
+            apt_install(&["chromium", "fonts-noto-color-emoji"], "Chromium (for the demo page's browser test)")?;
             find_chromium().context("apt-get installed chromium, but no `chromium` binary was found")?
         }
     };

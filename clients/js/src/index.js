@@ -48,11 +48,16 @@ export function backoffDelay(attempt, baseMs, capMs, random = Math.random) {
   return Math.floor(random() * ceiling);
 }
 
-/** A fresh client message id (22 base62 characters from a cryptographic source). */
+/** A fresh client message id: 22 random base62 characters. */
 export function newCmid() {
   const alphabet = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
   const bytes = new Uint8Array(22);
-  globalThis.crypto.getRandomValues(bytes);
+  if (globalThis.crypto?.getRandomValues) {
+    globalThis.crypto.getRandomValues(bytes);
+  } else {
+    // Node 18 has no global Web Crypto; a cmid needs uniqueness per user for minutes, not secrecy.
+    for (let i = 0; i < bytes.length; i += 1) bytes[i] = Math.floor(Math.random() * 256);
+  }
   let out = '';
   for (const b of bytes) out += alphabet[b % 62];
   return out;

@@ -26,7 +26,16 @@ use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, T
 use switchyard_protocol::{limits, ErrorCode, RoomId, UserId};
 
 pub fn router(gw: Arc<Gateway>) -> Router {
-    let demo = if gw.config.demo_project_id.is_some() { demo::routes() } else { Router::new() };
+    let demo = match &gw.config.demo_project_id {
+        Some(project) => {
+            tracing::warn!(
+                project = %project,
+                "the demo chat page is enabled: anyone can sign in as any user of this tenant; never in production"
+            );
+            demo::routes()
+        }
+        None => Router::new(),
+    };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
