@@ -299,3 +299,59 @@ async fn a_send_cut_off_before_its_reply_posts_exactly_once() {
     drop(relay);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_typed_helpers_work_through_the_reconnecting_client() {
+    let fleet = fleet().await;
+    let tenant = fleet.create_tenant().await;
+    let connect = |user: &'static str| {
+        let fleet = &fleet;
+        let tenant = &tenant;
+        async move {
+            let token = fleet.token(tenant, user).await;
+            ReconnectingClient::connect(ConnectOptions::new(fleet.ws_url(0), Auth::Header(token)), fast_reconnect())
+                .await
+                .expect("connect")
+        }
+    };
+    let erin = connect("erin").await;
+    let frank = connect("frank").await;
+    erin.join("west", None).await.expect("join");
+    frank.join("west", None).await.expect("join");
+    erin.watch(&["frank"]).await.expect("watch");
+    let sent = erin.send("west", "first").await.expect("send");
+    let reaction = frank.react("west", sent.seq, "🎉", false).await.expect("react");
+    let edit = erin.edit("west", sent.seq, "first, edited").await.expect("edit");
+    assert!(matches!(frank.edit("west", sent.seq, "not mine").await, Err(ClientError::Server { .. })));
+    let marker = frank.read("west", edit).await.expect("read");
+    assert_eq!(marker, edit);
+    let deleted = erin.delete("west", sent.seq).await.expect("delete");
+    assert_eq!((reaction, edit, deleted), (sent.seq + 1, sent.seq + 2, sent.seq + 3));
+    let (dm_room, _) = frank.dm("erin", "psst").await.expect("dm");
+
+    let mut seen = Vec::new();
+    collect_until(&erin, &mut seen, "the dm", |s| {
+        s.iter().any(|e| matches!(e, SessionEvent::Event(ServerEvent::Msg { room, .. }) if *room == dm_room))
+    })
+    .await;
+    let ops: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Event(
+                ServerEvent::Reaction { seq, .. } | ServerEvent::Edit { seq, .. } | ServerEvent::Delete { seq, .. },
+            ) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ops, vec![reaction, edit, deleted]);
+    let (page, more) = frank.history("west", None, None, Some(10)).await.expect("history");
+    assert!(!more);
+    assert!(page.iter().any(|m| m.seq == sent.seq && m.deleted), "{page:?}");
+    frank.close().await;
+    collect_until(&erin, &mut seen, "frank going offline", |s| {
+        s.iter().any(|e| matches!(e, SessionEvent::Event(ServerEvent::Presence { online: false, .. })))
+    })
+    .await;
+    erin.close().await;
+    fleet.stop().await;
+}

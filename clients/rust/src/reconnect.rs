@@ -303,10 +303,7 @@ impl ReconnectingClient {
                 return Err(error);
             }
         };
-        let seq = fields
-            .get("seq")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| ClientError::UnexpectedReply(format!("no seq in {fields:?}")))?;
+        let seq = seq_of(&fields)?;
         self.tell(Command::Advance { room: room_id, seq }).await?;
         Ok(seq)
     }
@@ -365,6 +362,30 @@ impl ReconnectingClient {
             Box::pin(async move { client.history(room.as_str(), before, after, limit).await })
         })
         .await
+    }
+
+    /// `read`: move this user's read marker forward; the marker.
+    pub async fn read(&self, room: &str, seq: u64) -> Result<u64, ClientError> {
+        let fields = self.request(ClientOp::Read { room: RoomId::parse(room)?, seq }).await?.into_result()?;
+        seq_of(&fields)
+    }
+
+    /// `react` (or remove a reaction); the seq of the reaction event. Not repeated after a drop (its effect is
+    /// unknown then: the error is [`ClientError::Closed`]).
+    pub async fn react(&self, room: &str, seq: u64, emoji: &str, remove: bool) -> Result<u64, ClientError> {
+        let op = ClientOp::React { room: RoomId::parse(room)?, seq, emoji: emoji.to_owned(), remove };
+        seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// `edit` one's own message; the seq of the edit event.
+    pub async fn edit(&self, room: &str, seq: u64, body: impl Into<String>) -> Result<u64, ClientError> {
+        let op = ClientOp::Edit { room: RoomId::parse(room)?, seq, body: body.into() };
+        seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// `delete` a message; the seq of the delete event.
+    pub async fn delete(&self, room: &str, seq: u64) -> Result<u64, ClientError> {
+        seq_of(&self.request(ClientOp::Delete { room: RoomId::parse(room)?, seq }).await?.into_result()?)
     }
 
     /// `typing`, on the current connection only (a typing signal is not worth keeping while reconnecting).
@@ -650,6 +671,13 @@ impl Actor {
         }
         Ok(())
     }
+}
+
+fn seq_of(fields: &serde_json::Map<String, serde_json::Value>) -> Result<u64, ClientError> {
+    fields
+        .get("seq")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| ClientError::UnexpectedReply(format!("no seq in {fields:?}")))
 }
 
 /// The room and seq of a sequenced event.
