@@ -35,7 +35,7 @@ fn which(name: &str) -> Option<PathBuf> {
 /// `node`, or a failure saying how to get it.
 fn node() -> PathBuf {
     let node = which("node").unwrap_or_else(|| {
-        panic!("`node` (Node.js 18 or newer) is not on PATH; install it (e.g. `apt-get install nodejs`) and run again")
+        panic!("`node` (Node.js 20 or newer) is not on PATH; run `cargo xtask deps`, or install it, and run again")
     });
     for package in ["ws", "playwright-core"] {
         let dir = js_dir().join("node_modules").join(package);

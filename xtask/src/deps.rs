@@ -143,6 +143,15 @@ pub fn ensure_js(root: &Path) -> Result<JsTools> {
             which("node").context("apt-get installed nodejs, but no `node` is on PATH")?
         }
     };
+    match node_major(&node) {
+        Some(major) if major >= MIN_NODE => {}
+        found => bail!(
+            "{} is Node.js {}; the JavaScript tests need {MIN_NODE} or newer (playwright-core requires it). \
+             Install a newer Node.js (e.g. from https://nodejs.org or NodeSource) and run again",
+            node.display(),
+            found.map_or("of unknown version".to_string(), |v| v.to_string())
+        ),
+    }
     let node_modules = ensure_npm_packages(root, &node)?;
     let chromium = match find_chromium() {
         Some(c) => c,
@@ -153,6 +162,15 @@ pub fn ensure_js(root: &Path) -> Result<JsTools> {
         }
     };
     Ok(JsTools { node, node_modules, chromium })
+}
+
+/// The oldest Node.js the JavaScript tests run on.
+const MIN_NODE: u32 = 20;
+
+/// The major version `node --version` reports ("v20.11.1" -> 20).
+fn node_major(node: &Path) -> Option<u32> {
+    let out = Command::new(node).arg("--version").stdin(Stdio::null()).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().trim_start_matches('v').split('.').next()?.parse().ok()
 }
 
 fn find_chromium() -> Option<PathBuf> {
