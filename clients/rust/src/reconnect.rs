@@ -128,7 +128,8 @@ enum Command {
 }
 
 /// A session that reconnects and resumes on its own. Methods take `&self`; share it in an `Arc` between a task
-/// that sends and one that reads events. Requests issued while reconnecting wait for the resumed session.
+/// that sends and one that reads events. Requests issued while reconnecting wait for the resumed session (wrap
+/// them in a timeout to bound that). Dropping the last handle closes the session.
 pub struct ReconnectingClient {
     conn: watch::Receiver<Conn>,
     commands: mpsc::Sender<Command>,
@@ -225,7 +226,8 @@ impl ReconnectingClient {
         matches!(*self.conn.borrow(), Conn::Open(_))
     }
 
-    /// The current connection, for ops the typed helpers do not cover; `None` while reconnecting or ended.
+    /// The current connection, for ops the typed helpers do not cover; `None` while reconnecting or ended. Its
+    /// events belong to this session: take them from [`ReconnectingClient::next_event`], not from the `Client`.
     pub fn current(&self) -> Option<Arc<Client>> {
         match &*self.conn.borrow() {
             Conn::Open(client) => Some(client.clone()),
