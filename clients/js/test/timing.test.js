@@ -2,7 +2,7 @@
 // send a `bye` with `reconnect_after_ms`, go silent, or close with chosen codes. What a real fleet does is covered
 // by client.test.js; this file covers the decisions the client makes from those frames.
 
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SwitchyardClient } from '../src/index.js';
 
@@ -38,19 +38,33 @@ class ScriptedSocket {
 
 const tick = (ms = 5) => new Promise((r) => setTimeout(r, ms));
 
+/** Wait until socket `n` exists and has sent its auth frame (timers run late on a busy machine). */
+async function opened(n = 0) {
+  const deadline = Date.now() + 5_000;
+  while (!(ScriptedSocket.all[n]?.sent.length > 0)) {
+    if (Date.now() > deadline) throw new Error(`socket ${n} never opened`);
+    await tick(2);
+  }
+  return ScriptedSocket.all[n];
+}
+
+const made = [];
+// A client left open (a failed assertion) would keep its timers, and the test process, alive.
+after(() => made.forEach((c) => c.close()));
+
 function client(options = {}) {
   ScriptedSocket.all = [];
   const c = new SwitchyardClient({ url: 'ws://test/v1/ws', token: 'tok', WebSocket: ScriptedSocket, ...options });
   c.states = [];
   c.on('state', (s) => c.states.push(s));
+  made.push(c);
   return c;
 }
 
 test('authenticates with a first frame and the JSON subprotocol', async () => {
   const c = client();
   const connected = c.connect();
-  await tick();
-  const socket = ScriptedSocket.all[0];
+  const socket = await opened();
   assert.equal(socket.protocol, 'switchyard.v1.json');
   assert.deepEqual(socket.sent[0], { op: 'auth', token: 'tok' });
   socket.hello();
@@ -63,8 +77,7 @@ test('authenticates with a first frame and the JSON subprotocol', async () => {
 test("a draining gateway's bye.reconnect_after_ms sets the wait, then full jitter takes over", async () => {
   const c = client({ backoffBaseMs: 1_000, backoffCapMs: 8_000, random: () => 0.5 });
   const connected = c.connect();
-  await tick();
-  ScriptedSocket.all[0].hello();
+  (await opened()).hello();
   await connected;
   const first = ScriptedSocket.all[0];
   first.frame({ op: 'bye', code: 1001, reason: 'draining', reconnect_after_ms: 1_234 });
@@ -77,8 +90,7 @@ test("a draining gateway's bye.reconnect_after_ms sets the wait, then full jitte
 
   const d = client({ backoffBaseMs: 1_000, backoffCapMs: 8_000, random: () => 0.5 });
   const ready = d.connect();
-  await tick();
-  ScriptedSocket.all[0].hello();
+  (await opened()).hello();
   await ready;
   ScriptedSocket.all[0].serverClose(1006);
   assert.equal(d.states.at(-1).delayMs, 500, 'attempt 0: half of 1 s');
@@ -88,8 +100,7 @@ test("a draining gateway's bye.reconnect_after_ms sets the wait, then full jitte
 test('a silent socket is declared dead after two heartbeats (plus 5 s) and replaced', async () => {
   const c = client({ backoffBaseMs: 10, backoffCapMs: 10 });
   const connected = c.connect();
-  await tick();
-  ScriptedSocket.all[0].hello(100); // silence allowed: 2 x 100 ms + 5 s
+  (await opened()).hello(100); // silence allowed: 2 x 100 ms + 5 s
   await connected;
   await tick(4_500);
   assert.equal(c.state, 'open', 'still trusted before the limit');
@@ -98,8 +109,7 @@ test('a silent socket is declared dead after two heartbeats (plus 5 s) and repla
   assert.ok(dropped, 'declared dead');
   assert.equal(dropped.close.code, 4010);
   assert.ok(ScriptedSocket.all[0].closed, 'the dead socket is closed');
-  await tick(50);
-  assert.equal(ScriptedSocket.all.length, 2, 'a new socket replaces it');
+  await opened(1); // a new socket replaces it
   c.close();
 });
 
@@ -112,8 +122,7 @@ test('4003 ends the session for good; other closes reconnect and resend what can
   ]) {
     const c = client({ backoffBaseMs: 20, backoffCapMs: 20 });
     const connected = c.connect();
-    await tick();
-    ScriptedSocket.all[0].hello();
+    (await opened()).hello();
     await connected;
     const edit = c.request({ op: 'edit', room: 'r', seq: 1, body: 'x' });
     const rooms = c.request({ op: 'rooms' });
@@ -127,9 +136,7 @@ test('4003 ends the session for good; other closes reconnect and resend what can
       assert.equal(ScriptedSocket.all.length, 1, 'no reconnect');
     } else {
       assert.equal(c.state, 'reconnecting', `close ${code}`);
-      await tick(50);
-      const next = ScriptedSocket.all[1];
-      assert.ok(next, `close ${code}: reconnected`);
+      const next = await opened(1);
       next.hello();
       await tick();
       const resent = next.sent.find((f) => f.op === 'rooms');
