@@ -66,6 +66,10 @@ pub struct GatewayConfig {
     /// Draining: how long after SIGTERM the process may take to finish in-flight ops, say `bye`, close every socket
     /// and exit. Must be shorter than the pod's termination grace period minus its preStop sleep.
     pub drain_grace_ms: u64,
+    /// The tenant of the demo chat page. When set, the gateway serves the page at `/` and `POST /demo/v1/session`,
+    /// which hands a token for ANY user of this tenant to anyone who asks: for local trials only, never in
+    /// production. Unset (the default) turns the demo off.
+    pub demo_project_id: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -90,6 +94,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("drain_reconnect_window_ms", &self.drain_reconnect_window_ms)
             .field("drain_grace_ms", &self.drain_grace_ms)
+            .field("demo_project_id", &self.demo_project_id)
             .finish_non_exhaustive()
     }
 }
@@ -127,6 +132,7 @@ impl Default for GatewayConfig {
             max_http_body_bytes: 64 * 1024,
             drain_reconnect_window_ms: 10_000,
             drain_grace_ms: 15_000,
+            demo_project_id: None,
         }
     }
 }
@@ -176,6 +182,9 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_DRAIN_GRACE_MS") {
             self.drain_grace_ms = parsed("SWITCHYARD_DRAIN_GRACE_MS", &v)?;
         }
+        if let Some(v) = get("SWITCHYARD_DEMO_PROJECT_ID") {
+            self.demo_project_id = Some(v).filter(|v| !v.is_empty());
+        }
         if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
             self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
@@ -222,6 +231,11 @@ impl GatewayConfig {
                 "drain_grace_ms",
                 "must be longer than command_timeout_ms, so an op in flight at SIGTERM can finish before the exit",
             );
+        }
+        if let Some(project) = &self.demo_project_id {
+            if switchyard_protocol::ProjectId::parse(project).is_err() {
+                return invalid("demo_project_id", "must be a project id (pj_ and 20 lowercase alphanumerics)");
+            }
         }
         Ok(())
     }

@@ -144,22 +144,9 @@ impl Fleet {
 
         let mut urls = Vec::new();
         for _ in 0..gateways {
-            let mut config = GatewayConfig {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                nats_url: nats_url(),
-                redis_url: redis_url(),
-                admin_token: admin_token.clone(),
-                ..GatewayConfig::default()
-            };
-            adjust(&mut config);
-            config.validate().expect("gateway config");
-            let bound = switchyard_gateway::bind(config, shutdown.clone()).await.expect("bind gateway");
-            urls.push(format!("http://{}", bound.local_addr()));
-            tasks.push(tokio::spawn(async move {
-                if let Err(error) = bound.serve().await {
-                    panic!("gateway failed: {error}");
-                }
-            }));
+            let (url, task) = start_gateway(&admin_token, &shutdown, &adjust).await;
+            urls.push(url);
+            tasks.push(task);
         }
         Fleet {
             gateways: urls,
@@ -173,6 +160,15 @@ impl Fleet {
             _dir: dir,
             _turn: turn,
         }
+    }
+
+    /// Start one more gateway, configured by `adjust` (for instance with the demo enabled for a tenant created
+    /// after the fleet started); its index in `gateways`. It stops with the fleet.
+    pub async fn add_gateway(&mut self, adjust: impl Fn(&mut GatewayConfig)) -> usize {
+        let (url, task) = start_gateway(&self.admin_token, &self.shutdown, &adjust).await;
+        self.gateways.push(url);
+        self.tasks.push(task);
+        self.gateways.len() - 1
     }
 
     pub fn ws_url(&self, gateway: usize) -> String {
@@ -222,6 +218,31 @@ impl Fleet {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     }
+}
+
+/// Bind a gateway on a free port of 127.0.0.1 and serve it until `shutdown`; its base URL and task.
+async fn start_gateway(
+    admin_token: &str,
+    shutdown: &CancellationToken,
+    adjust: &impl Fn(&mut GatewayConfig),
+) -> (String, JoinHandle<()>) {
+    let mut config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        nats_url: nats_url(),
+        redis_url: redis_url(),
+        admin_token: admin_token.to_owned(),
+        ..GatewayConfig::default()
+    };
+    adjust(&mut config);
+    config.validate().expect("gateway config");
+    let bound = switchyard_gateway::bind(config, shutdown.clone()).await.expect("bind gateway");
+    let url = format!("http://{}", bound.local_addr());
+    let task = tokio::spawn(async move {
+        if let Err(error) = bound.serve().await {
+            panic!("gateway failed: {error}");
+        }
+    });
+    (url, task)
 }
 
 /// Wait until every shard is held by one of `routers`, each holding its fair share, so tests do not start while

@@ -5,6 +5,10 @@
 //! - redis-server: taken from PATH; installed with apt-get when missing and running as root.
 //! - Cassandra: `cassandra-all` and its runtime dependencies copied from Maven Central into `.deps/cassandra/lib`
 //!   (Maven's repository in `.deps/m2`); run later with the machine's Java 17.
+//! - For the JavaScript client's tests and the demo page's browser test ([`ensure_js`]): Node.js (apt-get `nodejs`
+//!   and `npm` when missing), the npm packages of `clients/js/package-lock.json` (`npm ci` into the git-ignored
+//!   `clients/js/node_modules`, npm's cache in `.deps/npm`), and Debian's `chromium` with an emoji font (apt-get
+//!   when missing).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,7 +49,10 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
         }
     }
     let tools = ensure(&repo_root(), cassandra)?;
+    let js = ensure_js(&repo_root())?;
     say!("nats-server:  {}", tools.nats_server.display());
+    say!("node:         {} (packages in {})", js.node.display(), js.node_modules.display());
+    say!("chromium:     {}", js.chromium.display());
     say!("redis-server: {}", tools.redis_server.display());
     if let Some(c) = &tools.cassandra {
         say!("cassandra:    {} (java: {})", c.lib.display(), c.java.display());
@@ -117,6 +124,87 @@ fn ensure_redis() -> Result<PathBuf> {
     }
     apt_install(&["redis-server"], "redis-server")?;
     find_redis().context("apt-get installed redis-server, but no redis-server binary was found")
+}
+
+/// What the JavaScript tests need.
+#[derive(Debug, Clone)]
+pub struct JsTools {
+    pub node: PathBuf,
+    pub node_modules: PathBuf,
+    pub chromium: PathBuf,
+}
+
+/// Node.js, the client's npm packages and Chromium, installed when missing.
+pub fn ensure_js(root: &Path) -> Result<JsTools> {
+    let node = match which("node") {
+        Some(node) => node,
+        None => {
+            apt_install(&["nodejs", "npm"], "Node.js (for the JavaScript client's tests)")?;
+            which("node").context("apt-get installed nodejs, but no `node` is on PATH")?
+        }
+    };
+    match node_major(&node) {
+        Some(major) if major >= MIN_NODE => {}
+        found => bail!(
+            "{} is Node.js {}; the JavaScript tests need {MIN_NODE} or newer (playwright-core requires it). \
+             Install a newer Node.js (e.g. from https://nodejs.org or NodeSource) and run again",
+            node.display(),
+            found.map_or("of unknown version".to_string(), |v| v.to_string())
+        ),
+    }
+    let node_modules = ensure_npm_packages(root, &node)?;
+    let chromium = match find_chromium() {
+        Some(c) => c,
+        None => {
+            // The emoji font makes the reactions in the test's screenshots legible.
+            apt_install(&["chromium", "fonts-noto-color-emoji"], "Chromium (for the demo page's browser test)")?;
+            find_chromium().context("apt-get installed chromium, but no `chromium` binary was found")?
+        }
+    };
+    Ok(JsTools { node, node_modules, chromium })
+}
+
+/// The oldest Node.js the JavaScript tests run on.
+const MIN_NODE: u32 = 20;
+
+/// The major version `node --version` reports ("v20.11.1" -> 20).
+fn node_major(node: &Path) -> Option<u32> {
+    let out = Command::new(node).arg("--version").stdin(Stdio::null()).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().trim_start_matches('v').split('.').next()?.parse().ok()
+}
+
+fn find_chromium() -> Option<PathBuf> {
+    std::env::var_os("SWITCHYARD_CHROMIUM")
+        .map(PathBuf::from)
+        .filter(|p| is_executable(p))
+        .or_else(|| which("chromium"))
+}
+
+/// `npm ci` in clients/js when its node_modules is missing or older than package-lock.json.
+fn ensure_npm_packages(root: &Path, node: &Path) -> Result<PathBuf> {
+    let js = root.join("clients").join("js");
+    let lock = js.join("package-lock.json");
+    let node_modules = js.join("node_modules");
+    // npm writes this file last, so its age tells whether the install matches the lock file.
+    let installed = node_modules.join(".package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(done), Some(wanted)) = (modified(&installed), modified(&lock)) {
+        if done >= wanted {
+            return Ok(node_modules);
+        }
+    }
+    let npm = which("npm")
+        .or_else(|| node.parent().map(|dir| dir.join("npm")).filter(|p| is_executable(p)))
+        .context("`npm` is not on PATH (it comes with Node.js); install it and run again")?;
+    say!("installing the JavaScript client's test packages (npm ci in {})", js.display());
+    let started = Instant::now();
+    let mut cmd = Command::new(npm);
+    cmd.current_dir(&js)
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error", "--cache"])
+        .arg(root.join(".deps").join("npm").join("cache"));
+    proc::run_ok(cmd, "npm ci (clients/js)")?;
+    say!("npm packages installed in {}", secs(started.elapsed()));
+    Ok(node_modules)
 }
 
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);

@@ -1,5 +1,7 @@
 //! `cargo xtask up`: a local fleet on the embedded store (NATS with JetStream in .dev/nats, Redis in .dev/redis,
-//! one gateway, two router shards, one persistor), a demo tenant and a client token, until Ctrl-C.
+//! one gateway, two router shards, one persistor), a demo tenant and a client token, until Ctrl-C. The gateway
+//! serves the demo chat page for the demo tenant (it is restarted with `SWITCHYARD_DEMO_PROJECT_ID` once the tenant
+//! exists), so the printed URL opens a chat in a browser.
 //! Logs go to .dev/logs/<name>.log; connection details to .dev/fleet.json. Does not start Cassandra or run tests.
 
 use std::fs::OpenOptions;
@@ -119,6 +121,23 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         .context("creating the demo tenant")?;
     let project_id = field(&tenant, "project_id")?;
     let api_key = field(&tenant, "api_key")?;
+
+    // The demo page needs the tenant's id in the gateway's configuration, and the tenant exists only now.
+    say!("restarting the gateway with the demo chat page for the demo tenant");
+    if let Some(mut plain) = fleet.0.pop() {
+        proc::stop_all([&mut plain]);
+    }
+    fleet.0.push(spawn(
+        "gateway",
+        "switchyard-gateway",
+        &[
+            ("SWITCHYARD_LISTEN", listen.as_str()),
+            ("SWITCHYARD_REDIS_URL", redis.url().as_str()),
+            ("SWITCHYARD_ADMIN_TOKEN", admin_token.as_str()),
+            ("SWITCHYARD_DEMO_PROJECT_ID", project_id.as_str()),
+        ],
+    )?);
+    fleet.wait_ready(&agent, &format!("{http}/readyz"))?;
     let token_reply =
         post_json(&agent, &format!("{http}/v1/tokens"), &api_key, &json!({"user_id": "demo", "ttl_secs": 86400}))
             .context("issuing a token for user demo")?;
@@ -126,7 +145,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
     let ws = format!("ws://{listen}/v1/ws");
     // Written by hand to keep the keys in this order.
+    let demo = format!("{http}/");
     let details = [
+        ("demo", &demo),
         ("http", &http),
         ("ws", &ws),
         ("admin_token", &admin_token),
@@ -143,6 +164,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
     println!();
     println!("Switchyard fleet is up ({}):", secs(started.elapsed()));
+    println!("  Demo chat    {demo}   (open it in two tabs; anyone can sign in as anyone: local use only)");
     println!("  WebSocket    {ws}");
     println!("  HTTP         {http}");
     println!("  admin token  {admin_token}");

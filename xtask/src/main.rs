@@ -18,14 +18,15 @@ usage: cargo xtask <command>
 commands:
   deploy-check            validate the Helm chart and the k8s/ manifests offline (helm lint and template,
                           kubectl kustomize, kubernetes-validate against Kubernetes 1.30; tools cached in .deps/)
-  deps [--no-cassandra]   install nats-server, redis-server and Cassandra (cached in .deps/)
+  deps [--no-cassandra]   install nats-server, redis-server and Cassandra (cached in .deps/), and Node.js,
+                          the JavaScript client's npm packages and Chromium for its tests
   services                start NATS, Redis and Cassandra on free ports, print their addresses as
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
   test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them,
                           then run deploy-check
   up [--release]          start a local fleet (NATS, Redis, gateway, two router shards, persistor)
-                          on the embedded store; details in .dev/fleet.json, logs in .dev/logs/;
-                          --release runs optimised builds (for the load tester)
+                          on the embedded store, with the demo chat page; details in .dev/fleet.json,
+                          logs in .dev/logs/; --release runs optimised builds (for the load tester)
 ";
 
 fn main() -> ExitCode {

@@ -1,5 +1,5 @@
-//! `cargo xtask test`: installs the servers, starts NATS, Redis and Cassandra (as `services` does), builds the
-//! tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
+//! `cargo xtask test`: installs the servers and the JavaScript test tools (Node packages, Chromium), starts NATS,
+//! Redis and Cassandra (as `services` does), builds the tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
 //! It does not choose which tests need which server: tests read the `SWITCHYARD_*` variables themselves.
 //! Afterwards it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server.
 
@@ -33,6 +33,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
     let t = Instant::now();
     let tools = deps::ensure(&root, true)?;
+    let js = deps::ensure_js(&root)?;
     timings.push(("deps", t.elapsed()));
 
     let t = Instant::now();
@@ -62,6 +63,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         say!("{k}={v}");
         test.env(k, v);
     }
+    // The browser test drives the Chromium that deps found (or installed).
+    test.env("SWITCHYARD_CHROMIUM", &js.chromium);
     let (status, results) = proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
     timings.push(("run tests", t.elapsed()));
 

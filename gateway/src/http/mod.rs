@@ -1,11 +1,12 @@
 //! The gateway's HTTP API: health, readiness and metrics; the admin API (tenants, in `admin`); the tenant backend
-//! API (tokens and revocation in `credentials`, room messages here); and the route to the WebSocket upgrade. Every
-//! request is bounded in time and body size.
+//! API (tokens and revocation in `credentials`, room messages here); the route to the WebSocket upgrade; and, only
+//! when configured, the demo chat page (`demo`). Every request is bounded in time and body size.
 //!
 //! Handlers authenticate their caller and translate between JSON bodies and the fleet's requests; they hold no state.
 
 mod admin;
 mod credentials;
+mod demo;
 
 use crate::auth::bearer;
 use crate::error::ApiError;
@@ -25,6 +26,16 @@ use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, T
 use switchyard_protocol::{limits, ErrorCode, RoomId, UserId};
 
 pub fn router(gw: Arc<Gateway>) -> Router {
+    let demo = match &gw.config.demo_project_id {
+        Some(project) => {
+            tracing::warn!(
+                project = %project,
+                "the demo chat page is enabled: anyone can sign in as any user of this tenant; never in production"
+            );
+            demo::routes()
+        }
+        None => Router::new(),
+    };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -42,6 +53,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/rooms/{room}/members/{user_id}", put(set_member).delete(remove_member))
         .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
         .route("/v1/ws", get(ws_handler))
+        .merge(demo)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(gw.config.max_http_body_bytes))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), bound_requests))
