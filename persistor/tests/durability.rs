@@ -155,6 +155,8 @@ impl Persistors {
             ("SWITCHYARD_OUTAGE_RETRY_MAX_MS".into(), "1000".into()),
             ("RUST_LOG".into(), "warn,switchyard_persistor=info".into()),
             ("NO_COLOR".into(), "1".into()),
+            // The redelivery count is read from the readable lines (`redelivered=N`).
+            ("SWITCHYARD_LOG_FORMAT".into(), "pretty".into()),
         ];
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Persistors { dir: tempfile::tempdir().expect("temp dir"), env, started: 0, child: None }
