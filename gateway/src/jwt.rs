@@ -233,6 +233,12 @@ fn valid_grant(grant: &str) -> bool {
     }
 }
 
+/// How long a revocation of a token with these claims is kept (unix ms): until the token would have expired anyway,
+/// leeway included.
+pub fn revocation_until_ms(claims: &Claims) -> u64 {
+    (claims.exp + LEEWAY_SECS).saturating_mul(1000)
+}
+
 /// The id a JWT is revoked under: its `jti` when it has one (revoking every token with that jti), otherwise the
 /// hash of the token itself.
 pub fn credential_id(token: &str, jti: Option<&str>) -> String {
