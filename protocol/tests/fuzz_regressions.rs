@@ -125,3 +125,30 @@ fn internal_messages_refuse_excessive_nesting_and_keep_client_depth() {
     let result = on_task_stack(move || codec::decode::<RoomEvent>(&bytes).map(|_| ()).map_err(|e| e.to_string()));
     assert!(result.unwrap_err().contains("depth"));
 }
+
+/// serde_json's default float parsing is not always correctly rounded. `client_frame_json` found this frame: its
+/// number re-encodes as `2.2222222222222224e48`, which parsed back one unit off, so the frame did not decode to
+/// itself again, and a client sending that number had it delivered to every other client changed in its last
+/// digit. Parsing is exact now (serde_json's `float_roundtrip`).
+#[test]
+fn json_numbers_parse_exactly_and_survive_re_encoding() {
+    let number = "2222222222222222222222222222222222222222222222221.22";
+    let frame = format!(r#"{{"op":"send","rid":6,"room":"general","body":"x","attrs":[{number}]}}"#);
+    let request = decode_client_frame(frame.as_bytes(), Format::Json).unwrap();
+    let switchyard_protocol::client::ClientOp::Send { attrs: Some(attrs), .. } = &request.op else {
+        panic!("not a send with attrs: {request:?}")
+    };
+    // The standard library's parser is correctly rounded.
+    assert_eq!(attrs[0].as_f64(), Some(number.parse::<f64>().unwrap()));
+    let shortest: f64 = "2.2222222222222224e48".parse().unwrap();
+    let sent = br#"{"op":"send","room":"general","body":"x","attrs":[2.2222222222222224e48]}"#;
+    let received = decode_client_frame(sent, Format::Json).unwrap();
+    let switchyard_protocol::client::ClientOp::Send { attrs: Some(attrs), .. } = &received.op else { unreachable!() };
+    assert_eq!(attrs[0].as_f64(), Some(shortest));
+    for format in [Format::Json, Format::MsgPack] {
+        let mut value = serde_json::to_value(&request.op).unwrap();
+        value["rid"] = 6.into();
+        let again = decode_client_frame(&switchyard_protocol::client::encode_frame(&value, format), format);
+        assert_eq!(again.as_ref(), Ok(&request), "{format:?}");
+    }
+}
