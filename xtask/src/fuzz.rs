@@ -176,6 +176,18 @@ fn fuzz_command(root: &Path, cargo_fuzz: &Path) -> Command {
     cmd.current_dir(root).args(["run", TOOLCHAIN, "cargo", "fuzz"]);
     // xtask runs under the stable cargo, which exported itself; the nested build must use nightly's.
     cmd.env_remove("CARGO").env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC").env_remove("RUSTDOC");
+    // `cargo run` also exported xtask's own package variables. Some build scripts (ring's) rerun when those change,
+    // so leaving them would make every build depend on how xtask was started, and a plain `cargo fuzz` rebuild.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let from_cargo_run =
+            ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_", "CARGO_CRATE_"].iter().any(|p| name.starts_with(p))
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_RUSTC_CURRENT_DIR";
+        if from_cargo_run {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     let bin = cargo_fuzz.parent().map(Path::to_path_buf).unwrap_or_default();
     let path = std::env::var_os("PATH").unwrap_or_default();
     let joined =
