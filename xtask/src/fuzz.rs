@@ -23,8 +23,8 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const TOOLCHAIN: &str = "nightly";
 /// Seconds per target when `--secs` is not given.
 pub const DEFAULT_SECS: u64 = 60;
-/// Seconds per target in `cargo xtask test`: enough to replay the seeds and catch a shallow regression (100 000 to
-/// 500 000 runs per target on a CI machine); the build takes longer than all the runs together.
+/// Seconds per target in `cargo xtask test`: enough to replay the seeds and catch a shallow regression (from about
+/// 100 000 to a million runs per target on a 2-core machine); the build takes longer than all the runs together.
 pub const CI_SECS: u64 = 5;
 
 /// Every target in `fuzz/fuzz_targets/`, in the order they run.
