@@ -233,6 +233,12 @@ fn valid_grant(grant: &str) -> bool {
     }
 }
 
+/// How long a revocation of a token with these claims is kept (unix ms): until the token would have expired anyway,
+/// leeway included. Saturates: a token whose `exp` is near `u64::MAX` is revoked for good.
+pub fn revocation_until_ms(claims: &Claims) -> u64 {
+    claims.exp.saturating_add(LEEWAY_SECS).saturating_mul(1000)
+}
+
 /// The id a JWT is revoked under: its `jti` when it has one (revoking every token with that jti), otherwise the
 /// hash of the token itself.
 pub fn credential_id(token: &str, jti: Option<&str>) -> String {
@@ -255,6 +261,17 @@ mod tests {
         let private =
             JwtKey::ES256 { public_key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----".into() };
         assert!(prepare(&private).unwrap_err().contains("private key"));
+    }
+
+    /// `exp` is any u64 the tenant signs. `(exp + leeway) * 1000` overflowed for `exp` near `u64::MAX`: a panic in
+    /// a debug build, and in a release build a deadline wrapped into the past, so revoking such a token did not hold.
+    #[test]
+    fn revocation_deadline_saturates() {
+        let claims = |exp| Claims { sub: UserId::parse("alice").unwrap(), exp, jti: None, rooms: Vec::new() };
+        assert_eq!(revocation_until_ms(&claims(1_700_000_000)), 1_700_000_005_000);
+        for exp in [u64::MAX, u64::MAX - LEEWAY_SECS, u64::MAX / 1000, u64::MAX / 1000 - LEEWAY_SECS + 1] {
+            assert_eq!(revocation_until_ms(&claims(exp)), u64::MAX, "exp {exp}");
+        }
     }
 
     #[test]

@@ -181,13 +181,12 @@ impl TokenStore {
         until_ms: u64,
         now_ms: u64,
     ) -> Result<(), ApiError> {
-        let ttl_ms = until_ms.saturating_sub(now_ms);
-        if ttl_ms == 0 {
+        let Some(ttl_ms) = marker_ttl_ms(until_ms, now_ms) else {
             return Ok(());
-        }
+        };
         self.ensure_connected()?;
         self.redis
-            .set::<(), _, _>(revoked_key(tenant, credential_id), "1", Some(Expiration::PX(ttl_ms as i64)), None, false)
+            .set::<(), _, _>(revoked_key(tenant, credential_id), "1", Some(Expiration::PX(ttl_ms)), None, false)
             .await
             .map_err(unavailable)
     }
@@ -210,5 +209,31 @@ impl TokenStore {
         } else {
             Err(ApiError::unavailable("token store unavailable (Redis is not connected); retry later"))
         }
+    }
+}
+
+/// Longest expiry given to a revocation marker: about 73 million years, which is forever, and far enough below
+/// `i64::MAX` that Redis accepts it (it refuses an expiry that overflows its clock).
+const MAX_MARKER_TTL_MS: i64 = i64::MAX / 4;
+
+/// The Redis expiry of a marker kept until `until_ms`, or `None` when that has passed. A JWT's `exp` can be any
+/// u64, so the deadline can be centuries away: `as i64` turned those into negative expiries Redis refused.
+fn marker_ttl_ms(until_ms: u64, now_ms: u64) -> Option<i64> {
+    let ttl_ms = until_ms.saturating_sub(now_ms);
+    (ttl_ms > 0).then(|| i64::try_from(ttl_ms).unwrap_or(i64::MAX).min(MAX_MARKER_TTL_MS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_expiry_is_positive_and_bounded() {
+        assert_eq!(marker_ttl_ms(5_000, 1_000), Some(4_000));
+        assert_eq!(marker_ttl_ms(1_000, 1_000), None);
+        assert_eq!(marker_ttl_ms(1_000, 5_000), None);
+        // A JWT with exp near u64::MAX: its deadline saturates at u64::MAX (see jwt::revocation_until_ms).
+        assert_eq!(marker_ttl_ms(u64::MAX, 1_700_000_000_000), Some(MAX_MARKER_TTL_MS));
+        assert_eq!(marker_ttl_ms(i64::MAX as u64 + 1, 0), Some(MAX_MARKER_TTL_MS));
     }
 }

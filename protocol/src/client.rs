@@ -200,7 +200,7 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
     let value: Value = match format {
         Format::Json => serde_json::from_slice(bytes)
             .map_err(|e| FrameError::bad_request(None, format!("frame is not valid JSON: {e}")))?,
-        Format::MsgPack => rmp_serde::from_slice(bytes)
+        Format::MsgPack => decode_msgpack_value(bytes)
             .map_err(|e| FrameError::bad_request(None, format!("frame is not valid MessagePack: {e}")))?,
     };
     let Value::Object(mut map) = value else {
@@ -225,6 +225,25 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
     let op: ClientOp = serde_json::from_value(Value::Object(map))
         .map_err(|e| FrameError::bad_request(rid, format!("invalid {op_name:?} frame: {e}")))?;
     Ok(ClientRequest { rid, op })
+}
+
+/// Deepest nesting of maps and arrays a client frame may hold, counting the frame itself: serde_json's own
+/// recursion limit, applied to MessagePack too so both formats accept the same frames. Deeper values are refused
+/// before they are built, since building, checking and dropping them recurses once per level: without a bound, a
+/// 2 KiB MessagePack frame of nested arrays overflows a task's stack and aborts the process.
+pub const MAX_FRAME_DEPTH: usize = 128;
+
+/// One MessagePack value, nested at most `MAX_FRAME_DEPTH` deep and followed by nothing (as in JSON, where trailing
+/// characters are an error too).
+fn decode_msgpack_value(bytes: &[u8]) -> Result<Value, String> {
+    let mut de = rmp_serde::Deserializer::new(bytes);
+    de.set_max_depth(MAX_FRAME_DEPTH);
+    let value = Value::deserialize(&mut de).map_err(|e| e.to_string())?;
+    let rest = de.get_ref().len();
+    if rest > 0 {
+        return Err(format!("{rest} bytes follow the first value"));
+    }
+    Ok(value)
 }
 
 /// Encode a frame (any serialisable shape: server frames, or a client's own frames) in a session's format: JSON text or a MessagePack map with field names.

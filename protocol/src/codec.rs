@@ -18,8 +18,15 @@ pub fn encode<T: Serialize>(value: &T) -> Result<bytes::Bytes, CodecError> {
     Ok(rmp_serde::to_vec_named(value)?.into())
 }
 
+/// Deepest nesting of maps and arrays an internal message may hold. Client input reaches internal messages only
+/// within `client::MAX_FRAME_DEPTH` levels, plus the few of the message around it, so this refuses only malformed
+/// messages, before their recursion could exhaust a task's stack.
+pub const MAX_DEPTH: usize = 256;
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    Ok(rmp_serde::from_slice(bytes)?)
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    Ok(T::deserialize(&mut de)?)
 }
 
 #[cfg(test)]

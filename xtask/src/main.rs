@@ -5,6 +5,7 @@ mod cql;
 mod deploy;
 mod deps;
 mod fleet;
+mod fuzz;
 mod proc;
 mod services;
 mod test;
@@ -20,10 +21,13 @@ commands:
                           kubectl kustomize, kubernetes-validate against Kubernetes 1.30; tools cached in .deps/)
   deps [--no-cassandra]   install nats-server, redis-server and Cassandra (cached in .deps/), and Node.js,
                           the JavaScript client's npm packages and Chromium for its tests
+  fuzz [--secs N] [TARGET...]
+                          run the fuzz targets in fuzz/ (all, or those named) for N seconds each (default 60);
+                          needs the nightly toolchain; installs cargo-fuzz into .deps/ (see docs/fuzzing.md)
   services                start NATS, Redis and Cassandra on free ports, print their addresses as
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
   test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them,
-                          then run deploy-check
+                          then run deploy-check and every fuzz target briefly
   up [--release]          start a local fleet (NATS, Redis, gateway, two router shards, persistor)
                           on the embedded store, with the demo chat page; details in .dev/fleet.json,
                           logs in .dev/logs/; --release runs optimised builds (for the load tester)
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("deploy-check") => deploy::run(rest),
         Some("deps") => deps::run(rest),
+        Some("fuzz") => fuzz::run(rest),
         Some("services") => services::run(rest),
         Some("test") => test::run(rest),
         Some("up") => fleet::run(rest),

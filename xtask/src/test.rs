@@ -1,7 +1,8 @@
 //! `cargo xtask test`: installs the servers and the JavaScript test tools (Node packages, Chromium), starts NATS,
 //! Redis and Cassandra (as `services` does), builds the tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
 //! It does not choose which tests need which server: tests read the `SWITCHYARD_*` variables themselves.
-//! Afterwards it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server.
+//! Afterwards it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server, and every
+//! fuzz target for a few seconds (see `fuzz`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use anyhow::Result;
 
 use crate::deploy;
 use crate::deps;
+use crate::fuzz;
 use crate::proc;
 use crate::services::TestServices;
 use crate::util::{cargo, repo_root, say, secs};
@@ -90,6 +92,17 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     };
     timings.push(("deploy check", t.elapsed()));
 
+    let t = Instant::now();
+    let fuzzed = match fuzz::run_targets(&root, fuzz::TARGETS, Duration::from_secs(fuzz::CI_SECS)) {
+        Ok(report) => report,
+        Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => return Err(e),
+        Err(e) => {
+            say!("fuzzing could not run: {e:#}");
+            fuzz::Report { failed: vec!["fuzz build".into()], ..Default::default() }
+        }
+    };
+    timings.push(("fuzz", t.elapsed()));
+
     print_timings(&timings, total.elapsed());
     let (passed, failed, ignored) = count(&results);
     if status.success() {
@@ -98,9 +111,11 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         say!("cargo test failed ({status})");
     }
     say!("deploy-check {}", if deployed.ok() { "passed" } else { "failed" });
+    say!("fuzzing {}", if fuzzed.ok() { "passed" } else { "failed" });
     let (passed, failed, ignored) = (passed + deployed.passed, failed + deployed.failed, ignored + deployed.skipped);
+    let (passed, failed) = (passed + fuzzed.passed.len() as u64, failed + fuzzed.failed.len() as u64);
     println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
-    Ok(if status.success() && deployed.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status.success() && deployed.ok() && fuzzed.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn print_timings(timings: &[(&str, Duration)], total: Duration) {

@@ -43,18 +43,24 @@ struct CreateTenant {
     name: String,
 }
 
+/// The body of `POST /v1/admin/tenants`, checked: the tenant's name, trimmed.
+pub fn parse_create_tenant(body: &[u8]) -> Result<String, ApiError> {
+    let request: CreateTenant = parse_body(body)?;
+    let name = request.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
+    }
+    Ok(name.to_owned())
+}
+
 pub async fn create_tenant(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     require_admin(&gw, &headers)?;
-    let request: CreateTenant = parse_body(&body)?;
-    let name = request.name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::bad_request("name must be 1 to 200 bytes"));
-    }
-    let (record, api_key) = gw.tenants.create(name, now_ms()).await?;
+    let name = parse_create_tenant(&body)?;
+    let (record, api_key) = gw.tenants.create(&name, now_ms()).await?;
     Ok((StatusCode::CREATED, Json(json!({"project_id": record.project_id, "api_key": api_key}))).into_response())
 }
 
@@ -96,7 +102,14 @@ pub async fn set_jwt(
 ) -> Result<StatusCode, ApiError> {
     require_admin(&gw, &headers)?;
     let project_id = parse_project(&project_id)?;
-    let request: SetJwt = parse_body(&body)?;
+    let key = parse_set_jwt(&body)?;
+    gw.tenants.set_jwt(&project_id, key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body of `PUT /v1/admin/tenants/{id}/jwt`, checked: a key whose material `jwt::prepare` accepts.
+pub fn parse_set_jwt(body: &[u8]) -> Result<JwtKey, ApiError> {
+    let request: SetJwt = parse_body(body)?;
     let key = match (request.alg.as_str(), request.secret, request.public_key_pem) {
         ("HS256", Some(secret), None) => JwtKey::HS256 { secret },
         ("RS256", None, Some(public_key_pem)) => JwtKey::RS256 { public_key_pem },
@@ -110,8 +123,7 @@ pub async fn set_jwt(
         _ => return Err(ApiError::bad_request("alg must be HS256, RS256 or ES256")),
     };
     jwt::prepare(&key).map_err(ApiError::bad_request)?;
-    gw.tenants.set_jwt(&project_id, key).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(key)
 }
 
 pub async fn rotate_key(
@@ -141,17 +153,22 @@ pub async fn set_limits(
 ) -> Result<StatusCode, ApiError> {
     require_admin(&gw, &headers)?;
     let project_id = parse_project(&project_id)?;
-    let request: SetLimits = parse_body(&body)?;
+    let limits = parse_set_limits(&body)?;
+    gw.tenants.set_limits(&project_id, limits).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body of `PUT /v1/admin/tenants/{id}/limits`, checked.
+pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
+    let request: SetLimits = parse_body(body)?;
     if request.msgs_burst.is_some() && request.msgs_per_sec.is_none() {
         return Err(ApiError::bad_request("msgs_burst needs msgs_per_sec"));
     }
-    let limits = TenantLimits {
+    Ok(TenantLimits {
         msgs_per_sec: request.msgs_per_sec,
         msgs_burst: request.msgs_burst,
         max_connections: request.max_connections,
-    };
-    gw.tenants.set_limits(&project_id, limits).await?;
-    Ok(StatusCode::NO_CONTENT)
+    })
 }
 
 pub async fn delete_tenant(

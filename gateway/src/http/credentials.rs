@@ -29,18 +29,24 @@ struct CreateToken {
     ttl_secs: Option<u64>,
 }
 
+/// The body of `POST /v1/tokens`, checked: the user and the token's lifetime in seconds.
+pub fn parse_create_token(body: &[u8]) -> Result<(UserId, u64), ApiError> {
+    let request: CreateToken = parse_body(body)?;
+    let user_id = UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ttl_secs = request.ttl_secs.unwrap_or(limits::TOKEN_TTL_DEFAULT_SECS);
+    if ttl_secs == 0 || ttl_secs > limits::TOKEN_TTL_MAX_SECS {
+        return Err(ApiError::bad_request(format!("ttl_secs must be 1 to {}", limits::TOKEN_TTL_MAX_SECS)));
+    }
+    Ok((user_id, ttl_secs))
+}
+
 pub async fn create_token(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
-    let request: CreateToken = parse_body(&body)?;
-    let user_id = UserId::parse(&request.user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let ttl_secs = request.ttl_secs.unwrap_or(limits::TOKEN_TTL_DEFAULT_SECS);
-    if ttl_secs == 0 || ttl_secs > limits::TOKEN_TTL_MAX_SECS {
-        return Err(ApiError::bad_request(format!("ttl_secs must be 1 to {}", limits::TOKEN_TTL_MAX_SECS)));
-    }
+    let (user_id, ttl_secs) = parse_create_token(&body)?;
     let expires_at_ms = now_ms() + ttl_secs * 1000;
     let grant = TokenGrant { project_id: tenant.project_id, user_id, expires_at_ms };
     let token = gw.tokens.issue(&grant, ttl_secs).await?;
@@ -95,7 +101,7 @@ pub async fn revoke_token(
     let claims = jwt::verify(token, &key, &project_id, false)
         .map_err(|e| ApiError::bad_request(format!("cannot revoke: {}", e.message)))?;
     let id = jwt::credential_id(token, claims.jti.as_deref());
-    let until_ms = (claims.exp + jwt::LEEWAY_SECS).saturating_mul(1000);
+    let until_ms = jwt::revocation_until_ms(&claims);
     let stored = gw.tokens.mark_revoked(&project_id, &id, until_ms, now_ms()).await;
     broadcast(&gw, &project_id, RevocationTarget::Token { id, until_ms }).await?;
     stored?;

@@ -8,6 +8,10 @@ mod admin;
 mod credentials;
 mod demo;
 
+// The request-body decoders, public so they can be fuzzed on their own (see docs/fuzzing.md).
+pub use admin::{parse_create_tenant, parse_set_jwt, parse_set_limits};
+pub use credentials::parse_create_token;
+
 use crate::auth::bearer;
 use crate::error::ApiError;
 use crate::upstream;
@@ -149,6 +153,32 @@ struct PostMessage {
     attrs: Option<Value>,
 }
 
+/// The body of `POST /v1/rooms/{room}/messages`, checked against the body and attrs limits: the sender and the
+/// `send` command.
+pub fn parse_post_message(
+    room: RoomId,
+    body: &[u8],
+    max_body_bytes: usize,
+    max_attrs_bytes: usize,
+) -> Result<(UserId, RoomCommand), ApiError> {
+    let request: PostMessage = parse_body(body)?;
+    let from = UserId::parse(&request.from).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if request.body.len() > max_body_bytes {
+        return Err(ApiError::new(ErrorCode::TooLarge, format!("body exceeds {max_body_bytes} bytes")));
+    }
+    if let Some(attrs) = &request.attrs {
+        if !attrs.is_object() {
+            return Err(ApiError::bad_request("attrs must be a JSON object"));
+        }
+        let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > max_attrs_bytes {
+            return Err(ApiError::new(ErrorCode::TooLarge, format!("attrs exceed {max_attrs_bytes} bytes of JSON")));
+        }
+    }
+    let command = RoomCommand::Send { room, body: request.body, attrs: request.attrs, reply_to: None, cmid: None };
+    Ok((from, command))
+}
+
 async fn post_message(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
@@ -157,27 +187,10 @@ async fn post_message(
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
     let room = parse_room(&room)?;
-    let request: PostMessage = parse_body(&body)?;
-    let from = UserId::parse(&request.from).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if request.body.len() > gw.config.max_body_bytes {
-        return Err(ApiError::new(ErrorCode::TooLarge, format!("body exceeds {} bytes", gw.config.max_body_bytes)));
-    }
-    if let Some(attrs) = &request.attrs {
-        if !attrs.is_object() {
-            return Err(ApiError::bad_request("attrs must be a JSON object"));
-        }
-        let size = serde_json::to_vec(attrs).map(|v| v.len()).unwrap_or(usize::MAX);
-        if size > gw.config.max_attrs_bytes {
-            return Err(ApiError::new(
-                ErrorCode::TooLarge,
-                format!("attrs exceed {} bytes of JSON", gw.config.max_attrs_bytes),
-            ));
-        }
-    }
+    let (from, command) = parse_post_message(room, &body, gw.config.max_body_bytes, gw.config.max_attrs_bytes)?;
     if let Err(wait) = crate::limits::take_tenant_message(&gw, &tenant.project_id).await {
         return Err(ApiError::rate_limited("the project's message rate is exceeded", wait));
     }
-    let command = RoomCommand::Send { room, body: request.body, attrs: request.attrs, reply_to: None, cmid: None };
     match upstream::command(&gw, &tenant.project_id, Some(&from), command).await {
         Ok(OkResult::Sent { id, seq, ts, .. }) => {
             Ok((StatusCode::CREATED, Json(json!({"id": id, "seq": seq, "ts": ts}))).into_response())
@@ -247,18 +260,24 @@ struct CreateRoom {
     title: Option<String>,
 }
 
+/// The body of `POST /v1/rooms`, checked: the `create` command.
+pub fn parse_create_room(body: &[u8]) -> Result<RoomCommand, ApiError> {
+    let request: CreateRoom = parse_body(body)?;
+    let room = parse_room(&request.room)?;
+    if request.title.as_ref().is_some_and(|t| t.len() > 200) {
+        return Err(ApiError::bad_request("title must be at most 200 bytes"));
+    }
+    Ok(RoomCommand::Create { room, private: request.private, title: request.title })
+}
+
 async fn create_room(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
-    let request: CreateRoom = parse_body(&body)?;
-    let room = parse_room(&request.room)?;
-    if request.title.as_ref().is_some_and(|t| t.len() > 200) {
-        return Err(ApiError::bad_request("title must be at most 200 bytes"));
-    }
-    let command = RoomCommand::Create { room: room.clone(), private: request.private, title: request.title };
+    let command = parse_create_room(&body)?;
+    let room = command.room().clone();
     upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
     Ok((StatusCode::CREATED, Json(json!({"room": room}))).into_response())
 }
@@ -267,6 +286,12 @@ async fn create_room(
 #[serde(deny_unknown_fields)]
 struct SetMember {
     role: Role,
+}
+
+/// The body of `PUT /v1/rooms/{room}/members/{user}`: the member's role.
+pub fn parse_set_member(body: &[u8]) -> Result<Role, ApiError> {
+    let request: SetMember = parse_body(body)?;
+    Ok(request.role)
 }
 
 async fn set_member(
@@ -278,8 +303,8 @@ async fn set_member(
     let tenant = tenant_of_request(&gw, &headers).await?;
     let room = parse_room(&room)?;
     let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let request: SetMember = parse_body(&body)?;
-    let command = RoomCommand::SetMember { room, user, role: request.role };
+    let role = parse_set_member(&body)?;
+    let command = RoomCommand::SetMember { room, user, role };
     upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
     Ok(StatusCode::NO_CONTENT)
 }
