@@ -147,18 +147,16 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-pub use report_helpers::*;
-
-mod report_helpers {
-    use crate::report::Report;
-    use std::collections::BTreeMap;
-
-    /// Add per-process CPU seconds to a report and return the named process's share.
-    pub fn record_cpu(report: &mut Report, label: &str, by_process: BTreeMap<String, f64>, server: &str) -> f64 {
-        let server_secs = by_process.iter().filter(|(n, _)| n.starts_with(server)).map(|(_, s)| s).sum();
-        report.cpu(label, by_process);
-        server_secs
-    }
+/// Add per-process CPU seconds to a report and return the CPU seconds of the processes named `server...`.
+pub fn record_cpu(
+    report: &mut Report,
+    label: &str,
+    by_process: std::collections::BTreeMap<String, f64>,
+    server: &str,
+) -> f64 {
+    let server_secs = by_process.iter().filter(|(n, _)| n.starts_with(server)).map(|(_, s)| s).sum();
+    report.cpu(label, by_process);
+    server_secs
 }
 
 /// A report with the run's parameters.
