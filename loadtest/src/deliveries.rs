@@ -19,19 +19,6 @@ pub fn stamped_body(epoch: Instant, tag: &str) -> String {
     format!("{} {tag}", epoch.elapsed().as_micros())
 }
 
-/// The room and seq of a sequenced event.
-pub fn sequenced(event: &ServerEvent) -> Option<(&RoomId, u64)> {
-    match event {
-        ServerEvent::Msg { room, seq, .. }
-        | ServerEvent::Edit { room, seq, .. }
-        | ServerEvent::Delete { room, seq, .. }
-        | ServerEvent::Reaction { room, seq, .. }
-        | ServerEvent::Joined { room, seq, .. }
-        | ServerEvent::Left { room, seq, .. } => Some((room, *seq)),
-        _ => None,
-    }
-}
-
 /// What one socket received.
 #[derive(Debug)]
 pub struct Tally {
@@ -60,7 +47,7 @@ impl Default for Tally {
 
 impl Tally {
     pub fn record(&mut self, event: &ServerEvent, epoch: Instant) {
-        let Some((room, seq)) = sequenced(event) else { return };
+        let Some((room, seq)) = event.room_seq() else { return };
         let last_any = self.last_any.entry(room.clone()).or_insert(0);
         *last_any = (*last_any).max(seq);
         let ServerEvent::Msg { body, .. } = event else { return };

@@ -431,6 +431,22 @@ pub enum ServerEvent {
     },
 }
 
+impl ServerEvent {
+    /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `joined`, `left`); `None` for
+    /// signals (`typing`, `read`, `presence`), which carry no room seq of their own.
+    pub fn room_seq(&self) -> Option<(&RoomId, u64)> {
+        match self {
+            ServerEvent::Msg { room, seq, .. }
+            | ServerEvent::Edit { room, seq, .. }
+            | ServerEvent::Delete { room, seq, .. }
+            | ServerEvent::Reaction { room, seq, .. }
+            | ServerEvent::Joined { room, seq, .. }
+            | ServerEvent::Left { room, seq, .. } => Some((room, *seq)),
+            ServerEvent::Typing { .. } | ServerEvent::Read { .. } | ServerEvent::Presence { .. } => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

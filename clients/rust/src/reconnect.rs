@@ -563,7 +563,7 @@ impl Actor {
 
     /// Pass an event on unless it was delivered already (seq at or below the room's last).
     async fn deliver(&mut self, event: ServerEvent) {
-        if let Some((room, seq)) = sequenced(&event) {
+        if let Some((room, seq)) = event.room_seq() {
             // A room first seen here (a DM, or events that overtook their join's reply) is tracked from now on.
             let state = self.rooms.entry(room.clone()).or_default();
             if state.last.is_some_and(|last| seq <= last) {
@@ -682,19 +682,6 @@ fn seq_of(fields: &serde_json::Map<String, serde_json::Value>) -> Result<u64, Cl
         .ok_or_else(|| ClientError::UnexpectedReply(format!("no seq in {fields:?}")))
 }
 
-/// The room and seq of a sequenced event.
-fn sequenced(event: &ServerEvent) -> Option<(&RoomId, u64)> {
-    match event {
-        ServerEvent::Msg { room, seq, .. }
-        | ServerEvent::Edit { room, seq, .. }
-        | ServerEvent::Delete { room, seq, .. }
-        | ServerEvent::Reaction { room, seq, .. }
-        | ServerEvent::Joined { room, seq, .. }
-        | ServerEvent::Left { room, seq, .. } => Some((room, *seq)),
-        ServerEvent::Typing { .. } | ServerEvent::Read { .. } | ServerEvent::Presence { .. } => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,8 +755,8 @@ mod tests {
         let room = RoomId::parse("r").unwrap();
         let user = UserId::parse("u").unwrap();
         let typing = ServerEvent::Typing { room: room.clone(), user: user.clone() };
-        assert_eq!(sequenced(&typing), None);
+        assert_eq!(typing.room_seq(), None);
         let joined = ServerEvent::Joined { room: room.clone(), seq: 7, user, ts: 1 };
-        assert_eq!(sequenced(&joined), Some((&room, 7)));
+        assert_eq!(joined.room_seq(), Some((&room, 7)));
     }
 }

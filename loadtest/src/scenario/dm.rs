@@ -4,7 +4,7 @@
 //!
 //! Conversations are created by their first message; their setup events are not counted.
 
-use super::{new_report, Setup};
+use super::{cancel_after, new_report, Setup};
 use crate::conn;
 use crate::deliveries::{histogram, stamped_body, Tally, Verdict};
 use crate::measure::{self, CpuSnapshot};
@@ -83,13 +83,7 @@ pub async fn run(setup: &Setup) -> Result<Report> {
     }
     let expected: Vec<u64> = involved.iter().map(|a| a.load(Ordering::Relaxed)).collect();
     let _ = expected_tx.send(Some(Arc::new(expected.clone())));
-    let stopper = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DRAIN_LIMIT).await;
-            stop.cancel();
-        })
-    };
+    let stopper = cancel_after(&stop, DRAIN_LIMIT);
     let mut verdict = Verdict::default();
     for (i, reader) in readers.into_iter().enumerate() {
         let tally = reader.await?;

@@ -5,7 +5,7 @@
 //!
 //! Deliveries per second follow the offered rate; capacity is read as deliveries per CPU-second of the server.
 
-use super::{mib, new_report, record_cpu, wait_until, Setup};
+use super::{cancel_after, mib, new_report, record_cpu, wait_until, Setup};
 use crate::conn::{self, Dialer};
 use crate::deliveries::{histogram, stamped_body, Tally, Verdict};
 use crate::floor::Floor;
@@ -186,13 +186,7 @@ async fn measure_one(setup: &Setup, endpoint: &Endpoint<'_>) -> Result<Measured>
     }
     let expected: Vec<u64> = acked.iter().map(|a| a.load(Ordering::Relaxed)).collect();
     let _ = expected_tx.send(Some(Arc::new(expected.clone())));
-    let stopper = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DRAIN_LIMIT).await;
-            stop.cancel();
-        })
-    };
+    let stopper = cancel_after(&stop, DRAIN_LIMIT);
     let mut verdict = Verdict::default();
     for (i, reader) in readers.into_iter().enumerate() {
         let tally = reader.await?;

@@ -142,6 +142,16 @@ pub async fn wait_until(limit: Duration, what: &str, ready: impl Fn() -> bool) -
     Ok(start.elapsed())
 }
 
+/// Cancel `token` after `limit`, unless the returned task is aborted first: the bound on waiting for the last
+/// deliveries once sending stopped.
+pub fn cancel_after(token: &tokio_util::sync::CancellationToken, limit: Duration) -> tokio::task::JoinHandle<()> {
+    let token = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(limit).await;
+        token.cancel();
+    })
+}
+
 /// Gateway RSS in MiB, for a report.
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)

@@ -5,7 +5,7 @@
 //!
 //! The senders' sockets are not dropped, so traffic continues through the storm.
 
-use super::{new_report, wait_until, Setup};
+use super::{cancel_after, new_report, wait_until, Setup};
 use crate::conn::{self, full_jitter, Dialer};
 use crate::deliveries::{histogram, stamped_body, Tally, Verdict};
 use crate::measure::{self, CpuSnapshot};
@@ -125,13 +125,7 @@ pub async fn run(setup: &Setup) -> Result<Report> {
     }
     let expected: Vec<u64> = acked.iter().map(|a| a.load(Ordering::Relaxed)).collect();
     let _ = expected_tx.send(Some(Arc::new(expected.clone())));
-    let stopper = {
-        let stop = shared.stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DRAIN_LIMIT).await;
-            stop.cancel();
-        })
-    };
+    let stopper = cancel_after(&shared.stop, DRAIN_LIMIT);
     let mut verdict = Verdict::default();
     let mut reconnect = histogram();
     let mut attempts = 0u64;
