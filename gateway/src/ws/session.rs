@@ -50,6 +50,9 @@ const MAX_WATCHED: usize = 1_000;
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 /// The outbound queue depth is sampled on every this many events a session takes from it (a power of two).
 const QUEUE_DEPTH_SAMPLE_EVERY: u64 = 32;
+/// At most this many queued events are written between two flushes of the socket, so other work (ops, pings, the
+/// drain) is not starved by a steady stream of events.
+const DELIVERY_BATCH: usize = 64;
 
 /// A session's view of one room it receives.
 enum RoomDelivery {
@@ -458,17 +461,11 @@ impl Session {
                 }
                 event = self.events.recv() => {
                     let event = event?;
-                    self.tx.queued_bytes.fetch_sub(event.encoded_len(self.format), Ordering::Relaxed);
-                    if self.taken & (QUEUE_DEPTH_SAMPLE_EVERY - 1) == 0 {
-                        metrics::histogram!("switchyard_gateway_outbound_queue_depth_frames")
-                            .record(self.events.len() as f64);
-                    }
-                    self.taken += 1;
-                    // A client that stops reading blocks this write once its socket buffers are full; the hub then
-                    // overflows the queue, and the session must not wait for the write to close it.
+                    // A client that stops reading blocks these writes once its socket buffers are full; the hub then
+                    // overflows the queue, and the session must not wait for the writes to close it.
                     let overflowed = tokio::select! {
                         biased;
-                        written = self.deliver(event) => {
+                        written = self.deliver_batch(event) => {
                             written.ok()?;
                             false
                         }
@@ -513,11 +510,35 @@ impl Session {
         Ok(())
     }
 
-    /// Write a room event or signal.
+    /// Buffer a room event or signal for the socket; the next flush (or `write`) sends it.
     async fn send_event(&mut self, event: &LiveEvent) -> Result<(), axum::Error> {
-        self.sink.send(event.message(self.format)).await?;
+        self.sink.feed(event.message(self.format)).await?;
         telemetry::frame_sent(event.op);
         Ok(())
+    }
+
+    /// Deliver `first` and whatever else is already queued (up to `DELIVERY_BATCH` events), then flush once: a
+    /// busy session pays one socket write for a batch of events instead of one per event.
+    async fn deliver_batch(&mut self, first: Arc<LiveEvent>) -> Result<(), axum::Error> {
+        let mut event = first;
+        let mut delivered = 0;
+        loop {
+            self.tx.queued_bytes.fetch_sub(event.encoded_len(self.format), Ordering::Relaxed);
+            if self.taken & (QUEUE_DEPTH_SAMPLE_EVERY - 1) == 0 {
+                metrics::histogram!("switchyard_gateway_outbound_queue_depth_frames").record(self.events.len() as f64);
+            }
+            self.taken += 1;
+            self.deliver(event).await?;
+            delivered += 1;
+            if delivered == DELIVERY_BATCH {
+                break;
+            }
+            match self.events.try_recv() {
+                Ok(next) => event = next,
+                Err(_) => break,
+            }
+        }
+        self.sink.flush().await
     }
 
     /// Answer every queued op `unavailable`: the gateway is draining and starts no new op.
@@ -822,6 +843,7 @@ impl Session {
                         for event in held {
                             self.deliver(event).await?;
                         }
+                        self.sink.flush().await?;
                     }
                     Ok(())
                 }

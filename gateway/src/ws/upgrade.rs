@@ -18,6 +18,9 @@ use std::sync::Arc;
 use switchyard_protocol::client::Format;
 use switchyard_protocol::ErrorCode;
 
+/// Bytes of fed frames the socket's writer collects before it writes them out without waiting for a flush.
+const WRITE_BATCH_BYTES: usize = 16 * 1024;
+
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
     token: Option<String>,
@@ -87,7 +90,8 @@ pub async fn ws_handler(
         .max_message_size(max_frame * 2)
         .max_frame_size(max_frame * 2)
         .read_buffer_size(4096)
-        .write_buffer_size(0);
+        // Events are fed in batches and flushed once per batch; the buffer only grows for a session that receives.
+        .write_buffer_size(WRITE_BATCH_BYTES);
     if headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
         upgrade = upgrade.protocols([format.subprotocol()]);
     }
