@@ -7,7 +7,7 @@
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::deps;
 use crate::proc::{self, ManagedChild};
 use crate::services::{Nats, Redis};
-use crate::util::{cargo, free_port, random_hex, repo_root, say, secs, tail};
+use crate::util::{cargo, free_port, random_hex, repo_root, say, secs, tail, target_dir};
 
 const PACKAGES: [&str; 3] = ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"];
 const SHARD_COUNT: &str = "64";
@@ -289,25 +289,6 @@ fn field(v: &Value, name: &str) -> Result<String> {
         .and_then(Value::as_str)
         .map(str::to_string)
         .with_context(|| format!("the reply has no string field {name:?}: {v}"))
-}
-
-/// Cargo's target folder for this workspace (honours CARGO_TARGET_DIR and config).
-fn target_dir(root: &Path) -> Result<PathBuf> {
-    let out = Command::new(cargo())
-        .current_dir(root)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo metadata")?;
-    if !out.status.success() {
-        bail!("cargo metadata failed ({})", out.status);
-    }
-    let meta: Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
-    meta.get("target_directory")
-        .and_then(Value::as_str)
-        .map(PathBuf::from)
-        .context("cargo metadata has no target_directory")
 }
 
 /// `.dev/fleet.pid`: held while a fleet runs, so a second `up` refuses to start.

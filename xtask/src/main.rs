@@ -1,6 +1,7 @@
 //! Entry point of `cargo xtask`: parses the command line and dispatches to a command module.
 //! Holds no logic of its own.
 
+mod chaos;
 mod cql;
 mod deploy;
 mod deps;
@@ -17,6 +18,10 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  chaos [--release] [--short] [--only a,b] [--keep-logs] [--json FILE] [--list]
+                          start the servers, build the services, and run the fault suite (chaos/): kills,
+                          pauses, outages, floods and idle sockets under counted traffic; --short runs the
+                          variants `test` runs; exits non-zero when a guarantee broke (see docs/chaos.md)
   deploy-check            validate the Helm chart and the k8s/ manifests offline (helm lint and template,
                           kubectl kustomize, kubernetes-validate against Kubernetes 1.30; tools cached in .deps/)
   deps [--no-cassandra]   install nats-server, redis-server and Cassandra (cached in .deps/), and Node.js,
@@ -26,8 +31,8 @@ commands:
                           needs the nightly toolchain; installs cargo-fuzz into .deps/ (see docs/fuzzing.md)
   services                start NATS, Redis and Cassandra on free ports, print their addresses as
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
-  test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them, stop them,
-                          then run deploy-check and every fuzz target briefly
+  test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them and the short
+                          fault suite, stop them, then run deploy-check and every fuzz target briefly
   up [--release]          start a local fleet (NATS, Redis, gateway, two router shards, persistor)
                           on the embedded store, with the demo chat page; details in .dev/fleet.json,
                           logs in .dev/logs/; --release runs optimised builds (for the load tester)
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
+        Some("chaos") => chaos::run(rest),
         Some("deploy-check") => deploy::run(rest),
         Some("deps") => deps::run(rest),
         Some("fuzz") => fuzz::run(rest),

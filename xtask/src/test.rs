@@ -1,14 +1,16 @@
 //! `cargo xtask test`: installs the servers and the JavaScript test tools (Node packages, Chromium), starts NATS,
 //! Redis and Cassandra (as `services` does), builds the tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
 //! It does not choose which tests need which server: tests read the `SWITCHYARD_*` variables themselves.
-//! Afterwards it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server, and every
-//! fuzz target for a few seconds (see `fuzz`).
+//! While the servers still run it builds and runs the short variants of the fault suite (see `chaos`). Afterwards
+//! it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server, and every fuzz target
+//! for a few seconds (see `fuzz`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::chaos;
 use crate::deploy;
 use crate::deps;
 use crate::fuzz;
@@ -77,6 +79,25 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         }
     }
 
+    // The short fault scenarios, on the same servers; only for a whole-workspace run.
+    let t = Instant::now();
+    let chaos = if extra.is_empty() {
+        match chaos::build(&root, false)
+            .and_then(|()| chaos::run_suite(&root, &tools, &services, false, &["--short".into()]))
+        {
+            Ok(verdict) => Some(verdict),
+            Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => return Err(e),
+            Err(e) => {
+                say!("the fault suite could not run: {e:#}");
+                Some(chaos::Verdict { failed: 1, ..Default::default() })
+            }
+        }
+    } else {
+        say!("not running the fault suite: arguments select part of the tests");
+        None
+    };
+    timings.push(("fault suite", t.elapsed()));
+
     let t = Instant::now();
     services.stop();
     timings.push(("stop servers", t.elapsed()));
@@ -112,10 +133,17 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
     say!("deploy-check {}", if deployed.ok() { "passed" } else { "failed" });
     say!("fuzzing {}", if fuzzed.ok() { "passed" } else { "failed" });
+    let chaos_ok = chaos.as_ref().is_none_or(chaos::Verdict::ok);
+    if chaos.is_some() {
+        say!("fault suite {}", if chaos_ok { "passed" } else { "failed" });
+    }
+    let (chaos_passed, chaos_failed) = chaos.as_ref().map(|v| (v.passed, v.failed)).unwrap_or((0, 0));
     let (passed, failed, ignored) = (passed + deployed.passed, failed + deployed.failed, ignored + deployed.skipped);
     let (passed, failed) = (passed + fuzzed.passed.len() as u64, failed + fuzzed.failed.len() as u64);
+    let (passed, failed) = (passed + chaos_passed, failed + chaos_failed);
     println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
-    Ok(if status.success() && deployed.ok() && fuzzed.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let all_ok = status.success() && deployed.ok() && fuzzed.ok() && chaos_ok;
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn print_timings(timings: &[(&str, Duration)], total: Duration) {

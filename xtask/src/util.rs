@@ -1,13 +1,15 @@
-//! Small shared helpers: repository paths, free ports, program lookup, log tails and messages.
-//! Starts no processes and installs nothing.
+//! Small shared helpers: repository paths and cargo's target folder, free ports, program lookup, log tails and
+//! messages. Starts no process but `cargo metadata`, and installs nothing.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 /// Prints one progress line on stderr, prefixed so it stands out from the output of the tools xtask runs.
 macro_rules! say {
@@ -102,4 +104,23 @@ pub fn random_hex(n: usize) -> Result<String> {
 /// The `cargo` that started xtask, so nested builds use the same toolchain.
 pub fn cargo() -> PathBuf {
     std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("cargo"))
+}
+
+/// Cargo's target folder for this workspace (honours CARGO_TARGET_DIR and config).
+pub fn target_dir(root: &Path) -> Result<PathBuf> {
+    let out = Command::new(cargo())
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    meta.get("target_directory")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
 }

@@ -1,0 +1,115 @@
+//! A TCP balancer in front of the gateways, as a Kubernetes service or load balancer would be: each new connection
+//! goes to the next gateway that accepts it, so the clients of a killed gateway reconnect to another. It can also
+//! cut every connection it carries at once (a network blip that drops thousands of sockets) without touching the
+//! gateways.
+//!
+//! It does not look inside the bytes, and it only listens on and forwards to 127.0.0.1.
+
+use anyhow::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// What the accept loop and the connection tasks share.
+struct Shared {
+    /// Gateway ports, tried round-robin.
+    backends: Mutex<Vec<u16>>,
+    next: AtomicUsize,
+    /// Cancelled to cut every connection open now; replaced by a fresh token for the connections after.
+    cut: Mutex<CancellationToken>,
+    /// Connections being carried now.
+    open: AtomicUsize,
+}
+
+pub struct Balancer {
+    pub port: u16,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Balancer {
+    pub async fn start(backends: Vec<u16>) -> Result<Balancer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let shared = Arc::new(Shared {
+            backends: Mutex::new(backends),
+            next: AtomicUsize::new(0),
+            cut: Mutex::new(CancellationToken::new()),
+            open: AtomicUsize::new(0),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+        Ok(Balancer { port, shared, stop })
+    }
+
+    pub fn set_backends(&self, ports: Vec<u16>) {
+        *self.shared.backends.lock().unwrap_or_else(|p| p.into_inner()) = ports;
+    }
+
+    /// Drop every connection carried now, both ways at once.
+    pub fn cut_all(&self) {
+        let mut cut = self.shared.cut.lock().unwrap_or_else(|p| p.into_inner());
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
+    /// Connections carried now.
+    pub fn open(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+        self.cut_all();
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((client, _)) = accepted else { continue };
+        let cut = shared.cut.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tokio::spawn(carry(client, shared.clone(), cut));
+    }
+}
+
+/// Connect to the next gateway that accepts (each is tried once), then copy both ways until either side closes or
+/// the connection is cut.
+async fn carry(mut client: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
+    let backends = shared.backends.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut upstream = None;
+    for _ in 0..backends.len() {
+        let port = backends[shared.next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await {
+            upstream = Some(stream);
+            break;
+        }
+    }
+    let Some(mut upstream) = upstream else { return };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    tokio::select! {
+        _ = cut.cancelled() => {
+            // An abrupt drop (a reset), as a network failure looks to both ends. A zero linger resets at once and
+            // never blocks, which is what the deprecation warns about.
+            #[allow(deprecated)]
+            {
+                let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                let _ = upstream.set_linger(Some(std::time::Duration::ZERO));
+            }
+        }
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+    }
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+}

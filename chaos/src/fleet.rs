@@ -1,0 +1,288 @@
+//! One scenario's fleet: its own NATS and Redis, router shards, persistors (on the shared Cassandra, in the
+//! suite's keyspace) and gateways, each a process of the real binaries, with a TCP balancer in front of the
+//! gateways as a load balancer would be. Also the admin calls a scenario needs: a tenant with an HS256 key (so
+//! tokens are signed here and connects keep working while Redis is down), its limits, and reading `/metrics`.
+//!
+//! It does not inject faults (scenarios do, through the handles here) and it does not judge deliveries
+//! (`traffic` does).
+
+use crate::balancer::Balancer;
+use crate::procs::{free_port, wait_for_port, OwnNats, OwnRedis, Proc};
+use crate::Config;
+use anyhow::{bail, Context, Result};
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Virtual shards of every fleet the suite starts (fewer than production's 64: faster lease balancing).
+const SHARD_COUNT: &str = "16";
+
+/// How a scenario wants its fleet.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub gateways: usize,
+    pub routers: usize,
+    pub persistors: usize,
+    /// Lines added to every gateway's TOML configuration.
+    pub gateway_toml: String,
+}
+
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape { gateways: 2, routers: 2, persistors: 2, gateway_toml: String::new() }
+    }
+}
+
+/// A gateway process and the port it listens on.
+pub struct Gateway {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Gateway {
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub nats: OwnNats,
+    pub redis: OwnRedis,
+    pub routers: Vec<Proc>,
+    pub persistors: Vec<Proc>,
+    pub gateways: Vec<Gateway>,
+    /// Clients connect here; it forwards each connection to a gateway that accepts it.
+    pub balancer: Balancer,
+    admin_token: String,
+    config: Config,
+    shape: Shape,
+    http: reqwest::Client,
+    spawned: usize,
+}
+
+impl Fleet {
+    pub async fn start(config: &Config, shape: Shape) -> Result<Fleet> {
+        let dir = tempfile::Builder::new().prefix("switchyard-chaos-").tempdir()?;
+        let nats = OwnNats::start(&config.nats_server, dir.path()).await?;
+        let redis = OwnRedis::start(&config.redis_server, dir.path()).await?;
+        let mut fleet = Fleet {
+            dir,
+            nats,
+            redis,
+            routers: Vec::new(),
+            persistors: Vec::new(),
+            gateways: Vec::new(),
+            balancer: Balancer::start(Vec::new()).await?,
+            admin_token: hex::encode(rand::random::<[u8; 16]>()),
+            config: config.clone(),
+            shape: shape.clone(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
+            spawned: 0,
+        };
+        for _ in 0..shape.routers {
+            fleet.add_router()?;
+        }
+        for _ in 0..shape.persistors {
+            fleet.add_persistor()?;
+        }
+        for _ in 0..shape.gateways {
+            fleet.add_gateway().await?;
+        }
+        fleet.balancer.set_backends(fleet.gateways.iter().map(|g| g.port).collect());
+        for gateway in &fleet.gateways {
+            fleet.wait_ready(&gateway.http(), Duration::from_secs(60)).await?;
+        }
+        Ok(fleet)
+    }
+
+    fn command(&mut self, binary: &str) -> (Command, String) {
+        self.spawned += 1;
+        let mut command = Command::new(self.config.bin_dir.join(binary));
+        command
+            .env_remove("SWITCHYARD_CONFIG")
+            .env("SWITCHYARD_NATS_URL", self.nats.url())
+            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT)
+            .env("SWITCHYARD_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info");
+        (command, format!("{}-{}", binary.trim_start_matches("switchyard-"), self.spawned))
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    pub fn add_router(&mut self) -> Result<usize> {
+        let (mut command, name) = self.command("switchyard-router-shard");
+        command.env("SWITCHYARD_ROUTER_ID", &name).env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
+        let proc = Proc::spawn(&name, command, &self.log(&name))?;
+        self.routers.push(proc);
+        Ok(self.routers.len() - 1)
+    }
+
+    pub fn add_persistor(&mut self) -> Result<usize> {
+        let (mut command, name) = self.command("switchyard-persistor");
+        command
+            .env("SWITCHYARD_STORE", format!("cql:{}", self.config.cql_node))
+            .env("SWITCHYARD_CQL_KEYSPACE", &self.config.keyspace)
+            .env("SWITCHYARD_CQL_MIGRATE_ON_START", "true")
+            .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
+        let proc = Proc::spawn(&name, command, &self.log(&name))?;
+        self.persistors.push(proc);
+        Ok(self.persistors.len() - 1)
+    }
+
+    /// Start one more gateway (not yet behind the balancer: `balance_all` does that); its index.
+    pub async fn add_gateway(&mut self) -> Result<usize> {
+        let port = free_port()?;
+        self.start_gateway_on(port).await?;
+        Ok(self.gateways.len() - 1)
+    }
+
+    /// Start a gateway on `port` (again, after it was killed) and wait until it listens.
+    async fn start_gateway_on(&mut self, port: u16) -> Result<()> {
+        let (mut command, name) = self.command("switchyard-gateway");
+        let toml = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&toml, &self.shape.gateway_toml)?;
+        command
+            .env("SWITCHYARD_CONFIG", &toml)
+            .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SWITCHYARD_REDIS_URL", self.redis.url())
+            .env("SWITCHYARD_ADMIN_TOKEN", &self.admin_token);
+        let proc = Proc::spawn(&name, command, &self.log(&name))?;
+        self.gateways.push(Gateway { port, proc });
+        wait_for_port(port, Duration::from_secs(30)).await
+    }
+
+    /// Wait until `{http}/readyz` answers 200.
+    pub async fn wait_ready(&self, http: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(response) = self.http.get(format!("{http}/readyz")).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{http}/readyz is not ready after {limit:?}; logs in {}", self.dir.path().display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The clients' WebSocket URL: the balancer.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/ws", self.balancer.port)
+    }
+
+    /// The WebSocket URL of one gateway, bypassing the balancer.
+    pub fn gateway_ws_url(&self, gateway: usize) -> String {
+        format!("ws://127.0.0.1:{}/v1/ws", self.gateways[gateway].port)
+    }
+
+    /// A tenant with an HS256 key and no fleet-wide message cap unless `limits` says otherwise.
+    pub async fn create_tenant(&self, limits: Value) -> Result<Tenant> {
+        let http = self.gateways[0].http();
+        let created =
+            self.admin(self.http.post(format!("{http}/v1/admin/tenants")).json(&json!({"name": "chaos"}))).await?;
+        let created: Value = created.json().await?;
+        let project_id = created["project_id"].as_str().context("no project_id in the created tenant")?.to_owned();
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let jwt = json!({"alg": "HS256", "secret": secret});
+        self.admin(self.http.put(format!("{http}/v1/admin/tenants/{project_id}/jwt")).json(&jwt)).await?;
+        self.admin(self.http.put(format!("{http}/v1/admin/tenants/{project_id}/limits")).json(&limits)).await?;
+        // Every gateway learns tenants through a KV watch; give the others a moment to see this one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Tenant { project_id, key: EncodingKey::from_secret(secret.as_bytes()) })
+    }
+
+    async fn admin(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request.bearer_auth(&self.admin_token).send().await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            bail!("admin API answered {status}: {}", response.text().await.unwrap_or_default());
+        }
+        Ok(response)
+    }
+
+    /// The sum of every sample of `metric` (all label sets) on one gateway's `/metrics`.
+    pub async fn gateway_metric(&self, gateway: usize, metric: &str) -> Result<f64> {
+        let text = self.http.get(format!("{}/metrics", self.gateways[gateway].http())).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Resident memory of a gateway process, in bytes, from /proc.
+    pub fn gateway_rss(&self, gateway: usize) -> Result<u64> {
+        let pid = self.gateways[gateway].proc.pid().context("gateway is not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")?;
+        Ok(kib * 1024)
+    }
+
+    /// SIGKILL a gateway, then start a new one on the same port (as a restarted pod behind the same service).
+    pub async fn replace_gateway(&mut self, gateway: usize) -> Result<()> {
+        let old = self.gateways.remove(gateway);
+        let port = old.port;
+        drop(old);
+        self.start_gateway_on(port).await?;
+        let new = self.gateways.pop().context("the new gateway")?;
+        self.gateways.insert(gateway, new);
+        self.wait_ready(&self.gateways[gateway].http(), Duration::from_secs(60)).await
+    }
+
+    /// A process that exited by itself (not one a scenario killed): the first found, with its log's tail.
+    pub fn crashed(&mut self) -> Option<String> {
+        let procs = self
+            .routers
+            .iter_mut()
+            .chain(self.persistors.iter_mut())
+            .chain(self.gateways.iter_mut().map(|g| &mut g.proc));
+        for proc in procs {
+            if let Some(status) = proc.exited() {
+                return Some(format!("{} exited ({status}):\n{}", proc.name, proc.tail(20)));
+            }
+        }
+        None
+    }
+
+    /// Stop everything; services first (gracefully, so router shards hand back leases and persistors finish their
+    /// batches), then Redis and NATS. When `keep_logs` is set the folder is kept and its path returned.
+    pub fn stop(mut self, keep_logs: bool) -> Option<PathBuf> {
+        for gateway in &mut self.gateways {
+            gateway.proc.terminate(Duration::from_secs(5));
+        }
+        for proc in self.routers.iter_mut().chain(self.persistors.iter_mut()) {
+            proc.terminate(Duration::from_secs(5));
+        }
+        self.balancer.stop();
+        self.redis.kill();
+        self.nats.kill();
+        keep_logs.then(|| self.dir.keep())
+    }
+}
+
+/// A scenario's tenant and the key its tokens are signed with.
+#[derive(Clone)]
+pub struct Tenant {
+    pub project_id: String,
+    key: EncodingKey,
+}
+
+impl Tenant {
+    /// A JWT for `user`, valid for two hours.
+    pub fn token(&self, user: &str) -> String {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let claims = json!({"sub": user, "pid": self.project_id, "exp": now + 7200});
+        jsonwebtoken::encode(&Header::default(), &claims, &self.key).expect("HS256 signing does not fail")
+    }
+}

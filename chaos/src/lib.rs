@@ -1,0 +1,99 @@
+//! Switchyard's fault suite. Each scenario starts a fleet of real processes (gateways behind a TCP balancer,
+//! router shards, persistors on the shared Cassandra) on NATS and Redis of its own, runs traffic whose every ack
+//! is counted, injects one fault (kill, pause, outage, flood, a client that stops reading, sockets that never
+//! speak), and judges: nothing acked lost or duplicated, order kept, recovery inside its bound.
+//!
+//! `cargo xtask chaos` installs and starts the servers, builds the binaries and runs this; `cargo xtask test`
+//! runs the short variants. Nothing here is part of a deployment, and all traffic stays on 127.0.0.1.
+
+pub mod balancer;
+pub mod fleet;
+pub mod procs;
+pub mod report;
+pub mod scenario;
+pub mod traffic;
+
+use anyhow::{bail, Context, Result};
+use report::Row;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where the suite finds its parts; read from the environment `cargo xtask chaos` sets.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Folder with the `switchyard-gateway`, `switchyard-router-shard` and `switchyard-persistor` binaries.
+    pub bin_dir: PathBuf,
+    pub nats_server: PathBuf,
+    pub redis_server: PathBuf,
+    /// A Cassandra contact point, `host:port`.
+    pub cql_node: String,
+    /// The Cassandra process, paused by the store-outage scenario.
+    pub cql_pid: i32,
+    /// The keyspace every persistor of the run writes to.
+    pub keyspace: String,
+    /// Short variants (for CI) instead of the full sizes and durations.
+    pub short: bool,
+    /// Run only these scenarios (all when empty).
+    pub only: Vec<String>,
+    /// Keep every fleet's logs, not only those of failed scenarios.
+    pub keep_logs: bool,
+}
+
+impl Config {
+    /// From `SWITCHYARD_CHAOS_BIN_DIR`, `SWITCHYARD_CHAOS_NATS_SERVER`, `SWITCHYARD_CHAOS_REDIS_SERVER`,
+    /// `SWITCHYARD_CQL` and `SWITCHYARD_TEST_CQL_PID`.
+    pub fn from_env(short: bool, only: Vec<String>, keep_logs: bool) -> Result<Config> {
+        let var = |name: &str| {
+            std::env::var(name).with_context(|| format!("{name} is not set: run the suite with `cargo xtask chaos`"))
+        };
+        let config = Config {
+            bin_dir: var("SWITCHYARD_CHAOS_BIN_DIR")?.into(),
+            nats_server: var("SWITCHYARD_CHAOS_NATS_SERVER")?.into(),
+            redis_server: var("SWITCHYARD_CHAOS_REDIS_SERVER")?.into(),
+            cql_node: var("SWITCHYARD_CQL")?,
+            cql_pid: var("SWITCHYARD_TEST_CQL_PID")?.parse().context("SWITCHYARD_TEST_CQL_PID is not a pid")?,
+            keyspace: format!("chaos_{}", hex::encode(rand::random::<[u8; 4]>())),
+            short,
+            only,
+            keep_logs,
+        };
+        for binary in ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"] {
+            if !config.bin_dir.join(binary).is_file() {
+                bail!("{} is missing from {}", binary, config.bin_dir.display());
+            }
+        }
+        for unknown in config.only.iter().filter(|o| !scenario::NAMES.contains(&o.as_str())) {
+            bail!("no scenario {unknown:?}; there are: {}", scenario::NAMES.join(", "));
+        }
+        Ok(config)
+    }
+}
+
+/// Run the chosen scenarios one after the other; a scenario that could not run at all is a failed row.
+pub async fn run(config: &Config) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for name in scenario::NAMES {
+        if !config.only.is_empty() && !config.only.iter().any(|o| o == name) {
+            continue;
+        }
+        println!("chaos: {name} ...");
+        let started = Instant::now();
+        let mut row = match scenario::run(name, config).await {
+            Ok(row) => row,
+            Err(error) => {
+                let mut row = Row::new(name, "(did not run)");
+                row.fail(format!("{error:#}"));
+                row
+            }
+        };
+        row.took = started.elapsed();
+        println!(
+            "chaos: {name} {} in {:.0}s{}",
+            if row.passed() { "passed" } else { "FAILED" },
+            row.took.as_secs_f64(),
+            row.failures.iter().map(|f| format!("\n  {f}")).collect::<String>()
+        );
+        rows.push(row);
+    }
+    rows
+}

@@ -1,0 +1,490 @@
+//! The workload every fault runs under, and its ledger: receivers (reconnecting clients, each in one room) and
+//! senders (reconnecting clients posting numbered messages with a `cmid`, retried until acked), then the verdict:
+//! every acked message delivered to every receiver of its room exactly once and in seq order, and stored in the
+//! history exactly once.
+//!
+//! It injects nothing; a scenario does that while the traffic runs, marking the moment with [`Traffic::inject`].
+//! Latencies here are end to end on one clock (this process sends and receives), so they need no clock sync.
+
+use crate::fleet::Tenant;
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use switchyard_client::{Auth, ClientError, ConnectOptions, ReconnectOptions, ReconnectingClient, SessionEvent};
+use switchyard_protocol::client::ServerEvent;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long one attempt of a send may take before it is tried again with the same `cmid`.
+const ATTEMPT: Duration = Duration::from_secs(12);
+/// How long a message may keep failing before its sender gives up on it (it is then "unacked", not lost).
+const GIVE_UP: Duration = Duration::from_secs(60);
+/// Longest wait, after the senders stopped, for every receiver to hold every acked message.
+const SETTLE: Duration = Duration::from_secs(60);
+/// Longest wait for the history store to hold every acked message.
+const STORE_SETTLE: Duration = Duration::from_secs(90);
+/// Sockets opened at once while setting up.
+const CONNECT_CONCURRENCY: usize = 64;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub rooms: usize,
+    /// Receivers in all; receiver `i` joins room `i % rooms`.
+    pub receivers: usize,
+    pub senders_per_room: usize,
+    /// Messages per second per sender.
+    pub rate_per_sender: f64,
+}
+
+/// One acked message.
+#[derive(Debug, Clone)]
+struct Acked {
+    body: String,
+}
+
+/// What a receiver saw, kept by its task.
+#[derive(Default)]
+struct Seen {
+    /// seq -> times delivered, for `msg` events.
+    msgs: BTreeMap<u64, u32>,
+    /// body -> seqs it was delivered at (one, unless a retry posted twice).
+    bodies: HashMap<String, BTreeSet<u64>>,
+    /// Sequenced events that arrived at or below the last seq seen.
+    out_of_order: u64,
+    last_seq: u64,
+    /// `gap` events: a resume that could not replay what was missed.
+    gaps: u64,
+    /// Reconnects, and when each completed (ms since start).
+    reconnects: u64,
+    reconnected_ms: Vec<u64>,
+    /// Milliseconds since start at which the first message sent after the injection arrived.
+    first_after_injection_ms: Option<u64>,
+}
+
+struct Receiver {
+    room: usize,
+    client: Arc<ReconnectingClient>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// State shared by every task of the traffic.
+struct Shared {
+    start: Instant,
+    /// Milliseconds since start of the injection; `u64::MAX` until then.
+    injected_ms: AtomicU64,
+    /// room -> seq -> the acked message.
+    acked: Mutex<Vec<BTreeMap<u64, Acked>>>,
+    sent: AtomicUsize,
+    gave_up: AtomicUsize,
+    /// Latency of deliveries (ms) of messages sent before / after the injection.
+    latency_before: Mutex<Histogram<u64>>,
+    latency_after: Mutex<Histogram<u64>>,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+}
+
+pub struct Traffic {
+    spec: Spec,
+    url: String,
+    tenant: Arc<Tenant>,
+    room_names: Vec<String>,
+    receivers: Vec<Receiver>,
+    readers: JoinSet<()>,
+    senders: JoinSet<()>,
+    stop_sending: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+/// The verdict of one run.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub sent: usize,
+    pub acked: usize,
+    pub gave_up: usize,
+    /// Deliveries of acked messages to receivers (each receiver counts once per message).
+    pub delivered: usize,
+    pub expected_deliveries: usize,
+    /// Acked messages found in the history store with their body.
+    pub stored: usize,
+    /// Distinct acked messages missing from some receiver or from the store.
+    pub lost: usize,
+    /// Deliveries of a seq already delivered, plus messages posted at two seqs (live or stored).
+    pub duplicated: usize,
+    pub out_of_order: u64,
+    pub gaps: u64,
+    pub reconnects: u64,
+    /// From the injection until every receiver had a message sent after it.
+    pub recovery: Option<Duration>,
+    pub p99_before_ms: u64,
+    pub p99_after_ms: u64,
+    /// A few examples of what went wrong, for the log.
+    pub notes: Vec<String>,
+}
+
+/// A message body: `<sender>:<n>:<sent_ms>`; unique per run.
+fn body(sender: usize, n: u64, sent_ms: u64) -> String {
+    format!("s{sender}:{n}:{sent_ms}")
+}
+
+fn sent_ms_of(body: &str) -> Option<u64> {
+    body.rsplit(':').next()?.parse().ok()
+}
+
+/// Connect a reconnecting client for `user` through `url`, with the client library's default backoff.
+pub async fn connect(url: &str, token: String) -> Result<ReconnectingClient, ClientError> {
+    let mut options = ConnectOptions::new(url, Auth::Header(token));
+    options.connect_timeout = Duration::from_secs(20);
+    options.request_timeout = ATTEMPT;
+    ReconnectingClient::connect(options, ReconnectOptions::default()).await
+}
+
+impl Traffic {
+    /// Connect and join every receiver and sender, then start sending.
+    pub async fn start(url: &str, tenant: &Tenant, spec: Spec) -> Result<Traffic> {
+        let run = hex::encode(rand::random::<[u8; 3]>());
+        let room_names: Vec<String> = (0..spec.rooms).map(|r| format!("chaos-{run}-{r}")).collect();
+        let hist = || Histogram::<u64>::new_with_bounds(1, 600_000, 3).expect("valid histogram bounds");
+        let shared = Arc::new(Shared {
+            start: Instant::now(),
+            injected_ms: AtomicU64::new(u64::MAX),
+            acked: Mutex::new(vec![BTreeMap::new(); spec.rooms]),
+            sent: AtomicUsize::new(0),
+            gave_up: AtomicUsize::new(0),
+            latency_before: Mutex::new(hist()),
+            latency_after: Mutex::new(hist()),
+        });
+        let mut traffic = Traffic {
+            spec: spec.clone(),
+            url: url.to_owned(),
+            tenant: Arc::new(tenant.clone()),
+            room_names,
+            receivers: Vec::new(),
+            readers: JoinSet::new(),
+            senders: JoinSet::new(),
+            stop_sending: CancellationToken::new(),
+            shared,
+        };
+        traffic.connect_receivers().await?;
+        traffic.start_senders().await?;
+        Ok(traffic)
+    }
+
+    async fn connect_receivers(&mut self) -> Result<()> {
+        let (url, rooms) = (self.url.clone(), self.room_names.clone());
+        let tenant = self.tenant.clone();
+        let joined: Vec<Result<(usize, ReconnectingClient)>> =
+            futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+                futures::stream::iter((0..self.spec.receivers).map(|i| {
+                    let (url, rooms, tenant) = (url.clone(), rooms.clone(), tenant.clone());
+                    async move {
+                        let room = i % rooms.len();
+                        let client = connect(&url, tenant.token(&format!("r{i}")))
+                            .await
+                            .with_context(|| format!("receiver {i} connecting"))?;
+                        client.join(&rooms[room], None).await.with_context(|| format!("receiver {i} joining"))?;
+                        Ok((room, client))
+                    }
+                })),
+                CONNECT_CONCURRENCY,
+            ))
+            .await;
+        for result in joined {
+            let (room, client) = result?;
+            let client = Arc::new(client);
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            self.readers.spawn(read_events(client.clone(), room, seen.clone(), self.shared.clone()));
+            self.receivers.push(Receiver { room, client, seen });
+        }
+        Ok(())
+    }
+
+    async fn start_senders(&mut self) -> Result<()> {
+        let period = Duration::from_secs_f64(1.0 / self.spec.rate_per_sender.max(0.01));
+        for room in 0..self.spec.rooms {
+            for k in 0..self.spec.senders_per_room {
+                let index = room * self.spec.senders_per_room + k;
+                let client = Arc::new(
+                    connect(&self.url, self.tenant.token(&format!("s{index}")))
+                        .await
+                        .with_context(|| format!("sender {index} connecting"))?,
+                );
+                let name = self.room_names[room].clone();
+                client.join(&name, None).await.with_context(|| format!("sender {index} joining"))?;
+                // A sender's own events are read and dropped, so its event queue never fills.
+                let drain = client.clone();
+                let stop = self.stop_sending.clone();
+                self.readers.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            event = drain.next_event() => if matches!(event, None | Some(SessionEvent::Ended(_))) { return },
+                        }
+                    }
+                });
+                let (shared, stop) = (self.shared.clone(), self.stop_sending.clone());
+                self.senders.spawn(send_loop(client, index, room, name, period, shared, stop));
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark now as the injection; messages sent from now on count as "after".
+    pub fn inject(&self) -> Instant {
+        self.shared.injected_ms.store(self.shared.now_ms(), Ordering::Relaxed);
+        Instant::now()
+    }
+
+    /// The name of room `index`.
+    pub fn room_name(&self, index: usize) -> &str {
+        &self.room_names[index]
+    }
+
+    /// A token of this traffic's tenant for `user`.
+    pub fn token(&self, user: &str) -> String {
+        self.tenant.token(user)
+    }
+
+    /// When receivers completed a reconnect after `since`, in ms after it.
+    pub fn reconnect_times_ms(&self, since: Instant) -> Vec<u64> {
+        let since_ms = since.saturating_duration_since(self.shared.start).as_millis() as u64;
+        self.receivers
+            .iter()
+            .flat_map(|r| {
+                let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.reconnected_ms.iter().filter(|t| **t >= since_ms).map(|t| t - since_ms).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Receivers connected now.
+    pub fn connected(&self) -> usize {
+        self.receivers.iter().filter(|r| r.client.is_connected()).count()
+    }
+
+    /// Acked messages so far.
+    pub fn acked(&self) -> usize {
+        self.shared.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(BTreeMap::len).sum()
+    }
+
+    /// Stop sending, wait for deliveries and for the store, and judge. `history_url` is where a fresh client reads
+    /// history from.
+    pub async fn finish(mut self, history_url: &str) -> Result<Outcome> {
+        self.stop_sending.cancel();
+        while self.senders.join_next().await.is_some() {}
+        let acked: Vec<BTreeMap<u64, Acked>> = self.shared.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+
+        // Wait until every receiver holds every acked message of its room, or nothing moves for a while.
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let missing: usize = self
+                .receivers
+                .iter()
+                .map(|r| {
+                    let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
+                    acked[r.room].keys().filter(|s| !seen.msgs.contains_key(s)).count()
+                })
+                .sum();
+            if missing == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        let mut out = Outcome {
+            sent: self.shared.sent.load(Ordering::Relaxed),
+            acked: acked.iter().map(BTreeMap::len).sum(),
+            gave_up: self.shared.gave_up.load(Ordering::Relaxed),
+            ..Outcome::default()
+        };
+        let mut lost: BTreeSet<(usize, u64)> = BTreeSet::new();
+        let injected_ms = self.shared.injected_ms.load(Ordering::Relaxed);
+        let mut recovery_ms: Option<u64> = Some(0);
+        for (i, r) in self.receivers.iter().enumerate() {
+            let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
+            out.expected_deliveries += acked[r.room].len();
+            for (seq, message) in &acked[r.room] {
+                if seen.msgs.contains_key(seq) {
+                    out.delivered += 1;
+                } else {
+                    if lost.insert((r.room, *seq)) && out.notes.len() < 5 {
+                        out.notes.push(format!("receiver {i} never got seq {seq} ({})", message.body));
+                    }
+                }
+            }
+            out.duplicated += seen.msgs.values().map(|n| (*n as usize).saturating_sub(1)).sum::<usize>();
+            out.duplicated += seen.bodies.values().map(|seqs| seqs.len().saturating_sub(1)).sum::<usize>();
+            out.out_of_order += seen.out_of_order;
+            out.gaps += seen.gaps;
+            out.reconnects += seen.reconnects;
+            if injected_ms != u64::MAX {
+                recovery_ms = match (recovery_ms, seen.first_after_injection_ms) {
+                    (Some(worst), Some(at)) => Some(worst.max(at.saturating_sub(injected_ms))),
+                    _ => None,
+                };
+            }
+        }
+        out.recovery = if injected_ms == u64::MAX { None } else { recovery_ms.map(Duration::from_millis) };
+
+        // The store: every acked message once, at its seq, with its body.
+        let reader = connect(history_url, self.tenant.token("auditor")).await.context("history reader connecting")?;
+        let deadline = Instant::now() + STORE_SETTLE;
+        let mut stored_sets: Vec<BTreeMap<u64, String>> = vec![BTreeMap::new(); acked.len()];
+        loop {
+            let mut complete = true;
+            for (room, expected) in acked.iter().enumerate() {
+                if expected.keys().all(|s| stored_sets[room].contains_key(s)) {
+                    continue;
+                }
+                stored_sets[room] = read_history(&reader, &self.room_names[room]).await?;
+                complete &= expected.keys().all(|s| stored_sets[room].contains_key(s));
+            }
+            if complete || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        reader.close().await;
+        for (room, expected) in acked.iter().enumerate() {
+            let mut bodies: HashMap<&str, usize> = HashMap::new();
+            for body in stored_sets[room].values() {
+                *bodies.entry(body.as_str()).or_default() += 1;
+            }
+            out.duplicated += bodies.values().map(|n| n.saturating_sub(1)).sum::<usize>();
+            for (seq, message) in expected {
+                if stored_sets[room].get(seq) == Some(&message.body) {
+                    out.stored += 1;
+                } else if lost.insert((room, *seq)) && out.notes.len() < 10 {
+                    out.notes.push(format!("seq {seq} of room {room} ({}) is not in the history store", message.body));
+                }
+            }
+        }
+        out.lost = lost.len();
+        out.p99_before_ms =
+            self.shared.latency_before.lock().unwrap_or_else(|p| p.into_inner()).value_at_quantile(0.99);
+        out.p99_after_ms = self.shared.latency_after.lock().unwrap_or_else(|p| p.into_inner()).value_at_quantile(0.99);
+
+        for r in &self.receivers {
+            r.client.close().await;
+        }
+        self.readers.abort_all();
+        Ok(out)
+    }
+}
+
+/// Read a room's whole history: seq -> body.
+async fn read_history(reader: &ReconnectingClient, room: &str) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let (page, more) = tokio::time::timeout(ATTEMPT, reader.history(room, None, after, Some(100)))
+            .await
+            .context("history timed out")?
+            .context("history")?;
+        for message in &page {
+            if let Some(body) = &message.body {
+                out.insert(message.seq, body.clone());
+            }
+        }
+        match page.last() {
+            Some(last) if more => after = Some(last.seq),
+            _ => return Ok(out),
+        }
+    }
+}
+
+async fn read_events(client: Arc<ReconnectingClient>, room: usize, seen: Arc<Mutex<Seen>>, shared: Arc<Shared>) {
+    let _ = room;
+    while let Some(event) = client.next_event().await {
+        let now = shared.now_ms();
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            SessionEvent::Event(event) => {
+                if let Some((_, seq)) = event.room_seq() {
+                    if seq <= seen.last_seq {
+                        seen.out_of_order += 1;
+                    }
+                    seen.last_seq = seen.last_seq.max(seq);
+                }
+                if let ServerEvent::Msg { seq, body, .. } = event {
+                    *seen.msgs.entry(seq).or_default() += 1;
+                    seen.bodies.entry(body.clone()).or_default().insert(seq);
+                    if let Some(sent_ms) = sent_ms_of(&body) {
+                        let latency = now.saturating_sub(sent_ms).max(1);
+                        let injected = shared.injected_ms.load(Ordering::Relaxed);
+                        let histogram =
+                            if sent_ms >= injected { &shared.latency_after } else { &shared.latency_before };
+                        let _ = histogram.lock().unwrap_or_else(|p| p.into_inner()).record(latency);
+                        if sent_ms >= injected && seen.first_after_injection_ms.is_none() {
+                            seen.first_after_injection_ms = Some(now);
+                        }
+                    }
+                }
+            }
+            SessionEvent::Gap { .. } => seen.gaps += 1,
+            SessionEvent::Reconnected(_) => {
+                seen.reconnects += 1;
+                seen.reconnected_ms.push(now);
+            }
+            SessionEvent::Ended(_) => return,
+            _ => {}
+        }
+    }
+}
+
+/// Send numbered messages at a fixed pace until stopped; each is retried with its `cmid` until acked or `GIVE_UP`.
+async fn send_loop(
+    client: Arc<ReconnectingClient>,
+    index: usize,
+    room: usize,
+    name: String,
+    period: Duration,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let sent_ms = shared.now_ms();
+        let text = body(index, n, sent_ms);
+        let cmid = switchyard_client::new_cmid();
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        let first = Instant::now();
+        loop {
+            match tokio::time::timeout(ATTEMPT, client.send_with_cmid(&name, text.clone(), cmid.clone())).await {
+                Ok(Ok(sent)) => {
+                    let mut acked = shared.acked.lock().unwrap_or_else(|p| p.into_inner());
+                    acked[room].insert(sent.seq, Acked { body: text });
+                    break;
+                }
+                // Refused (a shard changing hands, a draining gateway) or cut off: the same cmid again shortly.
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+            if first.elapsed() > GIVE_UP {
+                shared.gave_up.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+}
+
+/// Fail with the outcome's notes when `condition` does not hold.
+pub fn require(condition: bool, what: &str) -> Result<()> {
+    if !condition {
+        bail!("{what}");
+    }
+    Ok(())
+}
