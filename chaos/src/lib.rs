@@ -62,7 +62,7 @@ impl Config {
                 bail!("{} is missing from {}", binary, config.bin_dir.display());
             }
         }
-        for unknown in config.only.iter().filter(|o| !scenario::NAMES.contains(&o.as_str())) {
+        if let Some(unknown) = config.only.iter().find(|o| !scenario::NAMES.contains(&o.as_str())) {
             bail!("no scenario {unknown:?}; there are: {}", scenario::NAMES.join(", "));
         }
         Ok(config)

@@ -57,7 +57,7 @@ impl Row {
             self.details.push(note.clone());
         }
         if let Some(bound) = self.bound {
-            match outcome.recovery {
+            match self.recovery {
                 Some(recovery) => self.check(recovery <= bound, format!("recovery {recovery:?} is over {bound:?}")),
                 None => self.fail("some receiver never got a message sent after the injection".to_owned()),
             }

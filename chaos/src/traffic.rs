@@ -26,6 +26,8 @@ const GIVE_UP: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(60);
 /// Longest wait for the history store to hold every acked message.
 const STORE_SETTLE: Duration = Duration::from_secs(90);
+/// Messages sent in the first this many ms are left out of the "before" latencies.
+const WARMING: u64 = 1_000;
 /// Sockets opened at once while setting up.
 const CONNECT_CONCURRENCY: usize = 64;
 
@@ -134,8 +136,15 @@ fn body(sender: usize, n: u64, sent_ms: u64) -> String {
     format!("s{sender}:{n}:{sent_ms}")
 }
 
+/// The send time of a body `body` made; `None` for any other text.
 fn sent_ms_of(body: &str) -> Option<u64> {
-    body.rsplit(':').next()?.parse().ok()
+    let mut parts = body.strip_prefix('s')?.split(':');
+    let (_sender, _n, sent_ms) =
+        (parts.next()?.parse::<u64>().ok()?, parts.next()?.parse::<u64>().ok()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    sent_ms.parse().ok()
 }
 
 /// Connect a reconnecting client for `user` through `url`, with the client library's default backoff.
@@ -264,6 +273,15 @@ impl Traffic {
             .collect()
     }
 
+    /// Receivers that completed a reconnect (and resumed) after `since`.
+    pub fn reconnected_since(&self, since: Instant) -> usize {
+        let since_ms = since.saturating_duration_since(self.shared.start).as_millis() as u64;
+        self.receivers
+            .iter()
+            .filter(|r| r.seen.lock().unwrap_or_else(|p| p.into_inner()).reconnected_ms.iter().any(|t| *t >= since_ms))
+            .count()
+    }
+
     /// Receivers connected now.
     pub fn connected(&self) -> usize {
         self.receivers.iter().filter(|r| r.client.is_connected()).count()
@@ -354,7 +372,7 @@ impl Traffic {
         reader.close().await;
         for (room, expected) in acked.iter().enumerate() {
             let mut bodies: HashMap<&str, usize> = HashMap::new();
-            for body in stored_sets[room].values() {
+            for body in stored_sets[room].values().filter(|b| sent_ms_of(b).is_some()) {
                 *bodies.entry(body.as_str()).or_default() += 1;
             }
             out.duplicated += bodies.values().map(|n| n.saturating_sub(1)).sum::<usize>();
@@ -382,7 +400,8 @@ impl Traffic {
 /// Read a room's whole history: seq -> body.
 async fn read_history(reader: &ReconnectingClient, room: &str) -> Result<BTreeMap<u64, String>> {
     let mut out = BTreeMap::new();
-    let mut after = None;
+    // Without `after` the newest page comes back; from seq 0 pages go forward.
+    let mut after = Some(0);
     loop {
         let (page, more) = tokio::time::timeout(ATTEMPT, reader.history(room, None, after, Some(100)))
             .await
@@ -415,13 +434,20 @@ async fn read_events(client: Arc<ReconnectingClient>, room: usize, seen: Arc<Mut
                 }
                 if let ServerEvent::Msg { seq, body, .. } = event {
                     *seen.msgs.entry(seq).or_default() += 1;
-                    seen.bodies.entry(body.clone()).or_default().insert(seq);
+                    // Only the traffic's own messages: a scenario may post others (of its own format) in the room.
                     if let Some(sent_ms) = sent_ms_of(&body) {
+                        seen.bodies.entry(body.clone()).or_default().insert(seq);
                         let latency = now.saturating_sub(sent_ms).max(1);
                         let injected = shared.injected_ms.load(Ordering::Relaxed);
-                        let histogram =
-                            if sent_ms >= injected { &shared.latency_after } else { &shared.latency_before };
-                        let _ = histogram.lock().unwrap_or_else(|p| p.into_inner()).record(latency);
+                        // The first second's messages also pay for first subscriptions and connections warming up.
+                        let histogram = match sent_ms {
+                            _ if sent_ms >= injected => Some(&shared.latency_after),
+                            _ if sent_ms >= WARMING => Some(&shared.latency_before),
+                            _ => None,
+                        };
+                        if let Some(histogram) = histogram {
+                            let _ = histogram.lock().unwrap_or_else(|p| p.into_inner()).record(latency);
+                        }
                         if sent_ms >= injected && seen.first_after_injection_ms.is_none() {
                             seen.first_after_injection_ms = Some(now);
                         }
@@ -487,4 +513,17 @@ pub fn require(condition: bool, what: &str) -> Result<()> {
         bail!("{what}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_traffics_bodies_carry_a_send_time() {
+        assert_eq!(sent_ms_of(&body(3, 17, 12_345)), Some(12_345));
+        for other in ["filler 1 xxx", "s1:2", "s1:2:3:4", "sx:2:3", "flood 9", ""] {
+            assert_eq!(sent_ms_of(other), None, "{other}");
+        }
+    }
 }

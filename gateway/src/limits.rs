@@ -16,7 +16,7 @@ use switchyard_protocol::client::{ClientOp, ServerFrame};
 use switchyard_protocol::{ErrorCode, ProjectId};
 
 /// How long a rate check may wait for Redis before the message is let through.
-const RATE_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
+const RATE_CHECK_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A token bucket per key: ARGV rate (tokens/s) and burst. Returns {allowed (1/0), retry_after_ms}.
 const TAKE: &str = r#"
@@ -47,21 +47,62 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {allowed, wait}
 "#;
 
+/// After a rate check failed, checks are skipped (messages let through) this long, while one probe at a time asks
+/// Redis whether it is back: a Redis outage costs one check's timeout, not one per message.
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(2);
+
 /// The fleet-wide per-tenant message rate.
 #[derive(Clone)]
 pub struct TenantRateLimiter {
     redis: fred::clients::Client,
     take: Arc<Script>,
+    /// Checks are skipped until then (set when one failed); `None` while Redis answers.
+    skip_until: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// A probe of Redis is running.
+    probing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TenantRateLimiter {
     pub fn new(redis: fred::clients::Client) -> Self {
-        TenantRateLimiter { redis, take: Arc::new(Script::from_lua(TAKE)) }
+        TenantRateLimiter {
+            redis,
+            take: Arc::new(Script::from_lua(TAKE)),
+            skip_until: Arc::default(),
+            probing: Arc::default(),
+        }
+    }
+
+    /// Whether checks are being skipped after a failure; starts a probe when none runs.
+    fn skipping(&self) -> bool {
+        let skip_until = self.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *skip_until {
+            Some(until) if Instant::now() < until => {}
+            _ => return false,
+        }
+        drop(skip_until);
+        if !self.probing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let limiter = self.clone();
+            tokio::spawn(async move {
+                let answered = tokio::time::timeout(RATE_CHECK_TIMEOUT, limiter.redis.ping::<String>(None)).await;
+                let mut skip_until = limiter.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+                *skip_until = match answered {
+                    Ok(Ok(_)) => None,
+                    _ => Some(Instant::now() + SKIP_AFTER_FAILURE),
+                };
+                drop(skip_until);
+                limiter.probing.store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
+        true
+    }
+
+    fn failed(&self) {
+        *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + SKIP_AFTER_FAILURE);
     }
 
     /// Take one message from the tenant's bucket: `Err(retry_after)` when the tenant is over its rate. Fails open.
     pub async fn take(&self, tenant: &ProjectId, per_sec: u32, burst: u32) -> Result<(), Duration> {
-        if !self.redis.is_connected() {
+        if !self.redis.is_connected() || self.skipping() {
             metrics::counter!("switchyard_gateway_tenant_rate_unchecked_total").increment(1);
             return Ok(());
         }
@@ -77,6 +118,7 @@ impl TenantRateLimiter {
             }
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) | Err(_) => {
+                self.failed();
                 metrics::counter!("switchyard_gateway_tenant_rate_unchecked_total").increment(1);
                 Ok(())
             }

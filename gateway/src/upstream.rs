@@ -2,8 +2,12 @@
 //! shard, and history pages from the persistors.
 //!
 //! While a shard changes hands nobody answers its subject for a moment; commands are retried on "no responders"
-//! until the command timeout. A command that timed out may have been executed, so it is not retried: the client
-//! gets `unavailable` and may repeat it (with a `cmid`, safely).
+//! until the command timeout. A command that timed out may have been executed, so most are not retried: the client
+//! gets `unavailable` and may repeat it (with a `cmid`, safely). Commands that are safe to run twice (a `send` with a
+//! `cmid`, which the stream deduplicates; joins, membership and permission reads, read markers, typing; history
+//! pages) are tried in short attempts instead, each going to any member of the subject's queue group: a stalled
+//! router shard (paused, or cut off without its connection closing) keeps its place in the queue group until NATS
+//! notices, and short attempts reach the new owner instead of waiting out the command timeout on the stalled one.
 //!
 //! Every attempt is timed in `switchyard_gateway_nats_request_duration_seconds{target, outcome}`.
 
@@ -38,10 +42,28 @@ pub async fn command(
     command: RoomCommand,
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
+    let attempt = retry_safe_attempt(&command);
     let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::command(shard), payload, Target::Router).await?;
+    let reply = request_with_retry(gw, subjects::command(shard), payload, Target::Router, attempt).await?;
     decode_reply(&reply)
+}
+
+/// How long one attempt of a command that is safe to run twice may wait for its answer before it is sent again.
+const RETRY_SAFE_ATTEMPT: Duration = Duration::from_millis(400);
+
+/// The attempt length for `command`: `Some` when running it twice changes nothing.
+fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
+    let safe = match command {
+        RoomCommand::Send { cmid, .. } => cmid.is_some(),
+        RoomCommand::Join { .. }
+        | RoomCommand::CanRead { .. }
+        | RoomCommand::Members { .. }
+        | RoomCommand::Read { .. }
+        | RoomCommand::Typing { .. } => true,
+        _ => false,
+    };
+    safe.then_some(RETRY_SAFE_ATTEMPT)
 }
 
 /// Who answers a request: the `target` label of the latency histogram.
@@ -87,7 +109,7 @@ pub async fn user_request(
     let shard = shard_of_user(tenant, user, gw.config.shard_count);
     let request = UserRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::user_command(shard), payload, Target::Router).await?;
+    let reply = request_with_retry(gw, subjects::user_command(shard), payload, Target::Router, None).await?;
     decode_reply(&reply)
 }
 
@@ -126,7 +148,14 @@ fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
 /// Ask a persistor for a page of history.
 pub async fn history(gw: &Gateway, request: HistoryRequest) -> Result<HistoryReply, UpstreamError> {
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::HISTORY_SUBJECT.to_owned(), payload, Target::Persistor).await?;
+    let reply = request_with_retry(
+        gw,
+        subjects::HISTORY_SUBJECT.to_owned(),
+        payload,
+        Target::Persistor,
+        Some(RETRY_SAFE_ATTEMPT * 5),
+    )
+    .await?;
     codec::decode::<HistoryReply>(&reply)
         .map_err(|e| upstream_error(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
 }
@@ -136,6 +165,7 @@ async fn request_with_retry(
     subject: String,
     payload: bytes::Bytes,
     target: Target,
+    attempt: Option<Duration>,
 ) -> Result<bytes::Bytes, UpstreamError> {
     let who = target.who();
     let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
@@ -145,7 +175,8 @@ async fn request_with_retry(
         if remaining.is_zero() {
             return Err(upstream_error(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
         }
-        let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(remaining));
+        let this_attempt = attempt.map_or(remaining, |a| a.min(remaining));
+        let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(this_attempt));
         let started = std::time::Instant::now();
         let result = gw.nats.send_request(subject.clone(), request).await;
         let outcome = match &result {
@@ -166,6 +197,7 @@ async fn request_with_retry(
                 tokio::time::sleep(backoff.min(remaining)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
+            Err(e) if e.kind() == RequestErrorKind::TimedOut && attempt.is_some() && this_attempt < remaining => {}
             Err(e) if e.kind() == RequestErrorKind::TimedOut => {
                 return Err(upstream_error(ErrorCode::Unavailable, format!("the {who} did not answer in time")));
             }

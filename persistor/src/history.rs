@@ -42,8 +42,11 @@ pub async fn serve<S: HistoryStore>(
         };
         let (nats, store) = (nats.clone(), store.clone());
         tokio::spawn(async move {
+            let forward = codec::decode::<HistoryRequest>(&message.payload).is_ok_and(|r| r.after.is_some());
             let reply = answer(&*store, &message.payload, catch_up).await;
-            if let Ok(payload) = codec::encode(&reply) {
+            // Leave room for the reply's headers within the server's largest message.
+            let budget = nats.server_info().max_payload.saturating_sub(4 * 1024);
+            if let Some(payload) = encode_within(reply, forward, budget) {
                 let _ = nats.publish(reply_to, payload).await;
             }
             drop(permit);
@@ -51,6 +54,27 @@ pub async fn serve<S: HistoryStore>(
     }
     let _ = requests.unsubscribe().await;
     Ok(())
+}
+
+/// Encode `reply`, dropping messages from the far end of the page until it fits in `budget` bytes (a page of large
+/// messages can exceed what NATS carries); the page then says `more`. Forward pages (`after`) lose their last
+/// messages, backward pages their first, so paging on from the page's edge finds the dropped ones.
+fn encode_within(mut reply: HistoryReply, forward: bool, budget: usize) -> Option<bytes::Bytes> {
+    loop {
+        let payload = codec::encode(&reply).ok()?;
+        match &mut reply {
+            HistoryReply::Ok { messages, more } if payload.len() > budget && messages.len() > 1 => {
+                let drop = (messages.len() / 4).max(1);
+                if forward {
+                    messages.truncate(messages.len() - drop);
+                } else {
+                    messages.drain(..drop);
+                }
+                *more = true;
+            }
+            _ => return Some(payload),
+        }
+    }
 }
 
 async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) -> HistoryReply {
@@ -85,5 +109,55 @@ async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) 
         Ok(page) => HistoryReply::Ok { messages: page.messages, more: page.more },
         Err(crate::store::StoreError::InvalidQuery(message)) => err(ErrorCode::BadRequest, message),
         Err(error) => err(ErrorCode::Unavailable, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_protocol::client::Message;
+    use switchyard_protocol::{MessageId, UserId};
+
+    fn page(n: u64, body_len: usize) -> HistoryReply {
+        let messages = (1..=n)
+            .map(|seq| Message {
+                seq,
+                id: MessageId::generate(seq),
+                from: UserId::parse("alice").unwrap(),
+                body: Some("x".repeat(body_len)),
+                attrs: None,
+                reply_to: None,
+                ts: seq,
+                edited_ts: None,
+                deleted: false,
+                reactions: Default::default(),
+            })
+            .collect();
+        HistoryReply::Ok { messages, more: false }
+    }
+
+    fn seqs(payload: &[u8]) -> (Vec<u64>, bool) {
+        match codec::decode::<HistoryReply>(payload).unwrap() {
+            HistoryReply::Ok { messages, more } => (messages.iter().map(|m| m.seq).collect(), more),
+            HistoryReply::Err { .. } => panic!("not a page"),
+        }
+    }
+
+    #[test]
+    fn a_page_too_large_for_nats_loses_messages_at_its_far_end() {
+        let budget = 100 * 1024;
+        let forward = encode_within(page(100, 16 * 1024), true, budget).unwrap();
+        assert!(forward.len() <= budget);
+        let (kept, more) = seqs(&forward);
+        assert!(more && kept.len() < 100 && kept[0] == 1, "{kept:?}");
+        let backward = encode_within(page(100, 16 * 1024), false, budget).unwrap();
+        let (kept, more) = seqs(&backward);
+        assert!(more && kept.len() < 100 && *kept.last().unwrap() == 100, "{kept:?}");
+    }
+
+    #[test]
+    fn a_page_that_fits_is_unchanged() {
+        let (kept, more) = seqs(&encode_within(page(10, 100), true, 1 << 20).unwrap());
+        assert_eq!((kept.len(), more), (10, false));
     }
 }

@@ -53,6 +53,9 @@ const QUEUE_DEPTH_SAMPLE_EVERY: u64 = 32;
 /// At most this many queued events are written between two flushes of the socket, so other work (ops, pings, the
 /// drain) is not starved by a steady stream of events.
 const DELIVERY_BATCH: usize = 64;
+/// ... and at most about this many bytes: what a batch adds to the socket's write buffer, on top of the bounded
+/// outbound queue, while a client that stopped reading blocks the flush.
+const DELIVERY_BATCH_BYTES: usize = 64 * 1024;
 
 /// A session's view of one room it receives.
 enum RoomDelivery {
@@ -521,16 +524,18 @@ impl Session {
     /// busy session pays one socket write for a batch of events instead of one per event.
     async fn deliver_batch(&mut self, first: Arc<LiveEvent>) -> Result<(), axum::Error> {
         let mut event = first;
-        let mut delivered = 0;
+        let (mut delivered, mut fed_bytes) = (0, 0);
         loop {
-            self.tx.queued_bytes.fetch_sub(event.encoded_len(self.format), Ordering::Relaxed);
+            let len = event.encoded_len(self.format);
+            fed_bytes += len;
+            self.tx.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             if self.taken & (QUEUE_DEPTH_SAMPLE_EVERY - 1) == 0 {
                 metrics::histogram!("switchyard_gateway_outbound_queue_depth_frames").record(self.events.len() as f64);
             }
             self.taken += 1;
             self.deliver(event).await?;
             delivered += 1;
-            if delivered == DELIVERY_BATCH {
+            if delivered == DELIVERY_BATCH || fed_bytes >= DELIVERY_BATCH_BYTES {
                 break;
             }
             match self.events.try_recv() {
