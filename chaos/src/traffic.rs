@@ -209,7 +209,7 @@ impl Traffic {
             let (room, client) = result?;
             let client = Arc::new(client);
             let seen = Arc::new(Mutex::new(Seen::default()));
-            self.readers.spawn(read_events(client.clone(), room, seen.clone(), self.shared.clone()));
+            self.readers.spawn(read_events(client.clone(), seen.clone(), self.shared.clone()));
             self.receivers.push(Receiver { room, client, seen });
         }
         Ok(())
@@ -424,8 +424,7 @@ async fn read_history(reader: &ReconnectingClient, room: &str) -> Result<BTreeMa
     }
 }
 
-async fn read_events(client: Arc<ReconnectingClient>, room: usize, seen: Arc<Mutex<Seen>>, shared: Arc<Shared>) {
-    let _ = room;
+async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, shared: Arc<Shared>) {
     while let Some(event) = client.next_event().await {
         let now = shared.now_ms();
         let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
