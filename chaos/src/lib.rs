@@ -91,7 +91,7 @@ pub async fn run(config: &Config) -> Vec<Row> {
             "chaos: {name} {} in {:.0}s{}",
             if row.passed() { "passed" } else { "FAILED" },
             row.took.as_secs_f64(),
-            row.failures.iter().map(|f| format!("\n  {f}")).collect::<String>()
+            row.failures.iter().map(|f| format!("\n  broken: {f}")).collect::<String>()
         );
         rows.push(row);
     }

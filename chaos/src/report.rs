@@ -46,6 +46,14 @@ impl Row {
         self.details.push(format!("deliveries={}/{}", outcome.delivered, outcome.expected_deliveries));
         self.details.push(format!("p99_before_ms={}", outcome.p99_before_ms));
         self.details.push(format!("p99_after_ms={}", outcome.p99_after_ms));
+        if !outcome.slowest_after.is_empty() {
+            let slowest: Vec<String> = outcome
+                .slowest_after
+                .iter()
+                .map(|(latency, sent)| format!("{latency}ms@{:.1}s", *sent as f64 / 1000.0))
+                .collect();
+            self.details.push(format!("slowest_after={}", slowest.join(" ")));
+        }
         self.details.push(format!("reconnects={}", outcome.reconnects));
         self.check(outcome.lost == 0, format!("{} acked messages lost", outcome.lost));
         self.check(outcome.duplicated == 0, format!("{} duplicated", outcome.duplicated));

@@ -85,7 +85,13 @@ struct Shared {
     /// Latency of deliveries (ms) of messages sent before / after the injection.
     latency_before: Mutex<Histogram<u64>>,
     latency_after: Mutex<Histogram<u64>>,
+    /// The slowest deliveries of messages sent after the injection: (latency ms, sent ms after the injection),
+    /// one per message, the worst `SLOWEST_KEPT`; they say when during the fault the time was lost.
+    slowest_after: Mutex<Vec<(u64, u64)>>,
 }
+
+/// How many of the slowest deliveries after the injection are reported.
+const SLOWEST_KEPT: usize = 6;
 
 impl Shared {
     fn now_ms(&self) -> u64 {
@@ -127,6 +133,8 @@ pub struct Outcome {
     pub recovery: Option<Duration>,
     pub p99_before_ms: u64,
     pub p99_after_ms: u64,
+    /// The slowest deliveries after the injection: (latency ms, sent ms after the injection), slowest first.
+    pub slowest_after: Vec<(u64, u64)>,
     /// A few examples of what went wrong, for the log.
     pub notes: Vec<String>,
 }
@@ -169,6 +177,7 @@ impl Traffic {
             gave_up: AtomicUsize::new(0),
             latency_before: Mutex::new(hist()),
             latency_after: Mutex::new(hist()),
+            slowest_after: Mutex::new(Vec::new()),
         });
         let mut traffic = Traffic {
             spec: spec.clone(),
@@ -393,6 +402,7 @@ impl Traffic {
         out.p99_before_ms =
             self.shared.latency_before.lock().unwrap_or_else(|p| p.into_inner()).value_at_quantile(0.99);
         out.p99_after_ms = self.shared.latency_after.lock().unwrap_or_else(|p| p.into_inner()).value_at_quantile(0.99);
+        out.slowest_after = self.shared.slowest_after.lock().unwrap_or_else(|p| p.into_inner()).clone();
 
         for r in &self.receivers {
             r.client.close().await;
@@ -424,6 +434,21 @@ async fn read_history(reader: &ReconnectingClient, room: &str) -> Result<BTreeMa
     }
 }
 
+/// Keep `(latency, sent)` among the `SLOWEST_KEPT` slowest, one entry per sent time (a message reaches several
+/// receivers).
+fn keep_slowest(slowest: &Mutex<Vec<(u64, u64)>>, latency: u64, sent: u64) {
+    let mut slowest = slowest.lock().unwrap_or_else(|p| p.into_inner());
+    if slowest.len() == SLOWEST_KEPT && slowest.last().is_some_and(|&(worst_kept, _)| latency <= worst_kept) {
+        return;
+    }
+    match slowest.iter_mut().find(|(_, at)| *at == sent) {
+        Some(entry) => entry.0 = entry.0.max(latency),
+        None => slowest.push((latency, sent)),
+    }
+    slowest.sort_unstable_by(|a, b| b.cmp(a));
+    slowest.truncate(SLOWEST_KEPT);
+}
+
 async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, shared: Arc<Shared>) {
     while let Some(event) = client.next_event().await {
         let now = shared.now_ms();
@@ -451,6 +476,9 @@ async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, sh
                         };
                         if let Some(histogram) = histogram {
                             let _ = histogram.lock().unwrap_or_else(|p| p.into_inner()).record(latency);
+                        }
+                        if sent_ms >= injected {
+                            keep_slowest(&shared.slowest_after, latency, sent_ms - injected);
                         }
                         if sent_ms >= injected && seen.first_after_injection_ms.is_none() {
                             seen.first_after_injection_ms = Some(now);

@@ -58,6 +58,9 @@ pub struct Verdict {
     pub failed: u64,
     /// The suite's exit status was success.
     pub success: bool,
+    /// The suite's lines about failed scenarios (`chaos: NAME FAILED in ...` and the `  BROKEN: ...` under it),
+    /// repeated at the end of a long run where they would otherwise scroll away.
+    pub failures: Vec<String>,
 }
 
 impl Verdict {
@@ -86,11 +89,12 @@ pub fn run_suite(
         suite.env(k, v);
     }
     let (status, lines) =
-        proc::run_keeping_lines(suite, "switchyard-chaos", |l| l.starts_with("chaos: ") && l.contains(" scenarios, "))
-            .context("running the fault suite")?;
-    let mut verdict = Verdict { success: status.success(), ..Verdict::default() };
+        proc::run_keeping_lines(suite, "switchyard-chaos", is_verdict_line).context("running the fault suite")?;
+    let (totals, failures): (Vec<String>, Vec<String>) =
+        lines.into_iter().partition(|l| l.starts_with("chaos: ") && l.contains(" scenarios, "));
+    let mut verdict = Verdict { success: status.success(), failures, ..Verdict::default() };
     // `chaos: 11 scenarios, 10 passed, 1 failed`
-    if let Some(line) = lines.last() {
+    if let Some(line) = totals.last() {
         let words: Vec<&str> = line.split_whitespace().collect();
         for pair in words.windows(2) {
             let n: u64 = pair[0].parse().unwrap_or(0);
@@ -105,4 +109,11 @@ pub fn run_suite(
         verdict.failed = 1;
     }
     Ok(verdict)
+}
+
+/// The lines of the suite's output that say how it ended: the totals, and each failed scenario with its reasons.
+/// The reasons are printed twice (as the scenario ends, and again under the table); only the first are kept.
+fn is_verdict_line(line: &str) -> bool {
+    (line.starts_with("chaos: ") && (line.contains(" scenarios, ") || line.contains(" FAILED in ")))
+        || line.starts_with("  broken: ")
 }

@@ -136,6 +136,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let chaos_ok = chaos.as_ref().is_none_or(chaos::Verdict::ok);
     if chaos.is_some() {
         say!("fault suite {}", if chaos_ok { "passed" } else { "failed" });
+        for line in chaos.iter().flat_map(|v| &v.failures) {
+            println!("{line}");
+        }
     }
     let (chaos_passed, chaos_failed) = chaos.as_ref().map(|v| (v.passed, v.failed)).unwrap_or((0, 0));
     let (passed, failed, ignored) = (passed + deployed.passed, failed + deployed.failed, ignored + deployed.skipped);
