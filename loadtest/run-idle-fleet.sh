@@ -4,7 +4,9 @@
 # per gateway (SOCKETS each, from GATEWAYS source addresses 127.0.0.x), samples every gateway's open sockets and
 # RSS (from its /metrics and /proc) every two seconds while they run, and stops the fleet on exit, also on failure.
 #
-#   loadtest/run-idle-fleet.sh [OUTPUT_DIR] [GATEWAYS] [SOCKETS] [HOLD_SECS]    # default target/bench 6 16667 90
+#   loadtest/run-idle-fleet.sh [OUTPUT_DIR] [GATEWAYS] [SOCKETS] [HOLD_SECS] [CONCURRENCY]
+#                                                  # default target/bench 6 16667 90 32 (connects in flight each)
+#   NO_BUILD=1 skips building the load generator (when it is built already).
 #
 # Writes OUTPUT_DIR/idle-gw<N>.json (each generator's report) and OUTPUT_DIR/idle-fleet.tsv (the samples), and
 # prints the sample with the most sockets open at once, with each gateway's RSS then.
@@ -14,9 +16,12 @@ out=${1:-target/bench}
 gateways=${2:-6}
 sockets=${3:-16667}
 hold=${4:-90}
+# Connects in flight per generator: all generators and gateways share the machine's cores, and too many at once
+# make upgrades wait past the gateway's header-read timeout.
+concurrency=${5:-32}
 mkdir -p "$out"
 
-cargo build --release -p loadtest
+[ -n "${NO_BUILD:-}" ] || cargo build --release -p loadtest
 rm -f .dev/fleet.json .dev/fleet-*.json
 setsid cargo xtask up --release --gateways "$gateways" > "$out/fleet.log" 2>&1 &
 fleet=$!
@@ -51,7 +56,7 @@ lt=./target/release/switchyard-loadtest
 for i in "${!files[@]}"; do
     n=$((i + 1))
     $lt idle --fleet "${files[$i]}" --sockets "$sockets" --sources "$gateways" --duration-secs "$hold" \
-        --json "$out/idle-gw$n.json" > "$out/idle-gw$n.log" 2>&1 &
+        --connect-concurrency "$concurrency" --deadline-secs $((hold + 900)) --json "$out/idle-gw$n.json" > "$out/idle-gw$n.log" 2>&1 &
     generators+=($!)
 done
 
