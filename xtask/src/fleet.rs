@@ -425,3 +425,25 @@ impl Drop for PidFile {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn up_takes_release_and_a_bounded_gateway_count() {
+        let up = parse_args(&args("")).unwrap();
+        assert_eq!((up.release, up.gateways), (false, 1));
+        let up = parse_args(&args("--gateways 6 --release")).unwrap();
+        assert_eq!((up.release, up.gateways), (true, 6));
+        for bad in ["--gateways", "--gateways 0", "--gateways 9", "--gateways six", "--fast"] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(fleet_file(Path::new(".dev"), 1), Path::new(".dev/fleet.json"));
+        assert_eq!(fleet_file(Path::new(".dev"), 3), Path::new(".dev/fleet-3.json"));
+    }
+}
