@@ -97,7 +97,10 @@ impl TenantRateLimiter {
     }
 
     fn failed(&self) {
-        tracing::warn!(skip_ms = SKIP_AFTER_FAILURE.as_millis() as u64, "tenant rate check failed; letting messages through unchecked until Redis answers");
+        tracing::warn!(
+            skip_ms = SKIP_AFTER_FAILURE.as_millis() as u64,
+            "tenant rate check failed; letting messages through unchecked until Redis answers"
+        );
         *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + SKIP_AFTER_FAILURE);
     }
 

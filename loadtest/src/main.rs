@@ -10,6 +10,7 @@ mod args;
 mod conn;
 mod deliveries;
 mod floor;
+mod holder;
 mod measure;
 mod report;
 mod scenario;

@@ -3,6 +3,9 @@
 //! serves the demo chat page for the demo tenant (it is restarted with `SWITCHYARD_DEMO_PROJECT_ID` once the tenant
 //! exists), so the printed URL opens a chat in a browser.
 //! Logs go to .dev/logs/<name>.log; connection details to .dev/fleet.json. Does not start Cassandra or run tests.
+//!
+//! `--gateways N` starts N gateways on one NATS and Redis (for benchmarks that need more sockets than one process
+//! may open); the extra ones are `gateway-2` … `gateway-N`, with their details in .dev/fleet-2.json … .
 
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
@@ -21,15 +24,47 @@ use crate::util::{cargo, free_port, random_hex, repo_root, say, secs, tail, targ
 const PACKAGES: [&str; 3] = ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"];
 const SHARD_COUNT: &str = "64";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most gateways `--gateways` starts.
+const MAX_GATEWAYS: usize = 8;
+
+/// What `up` was asked for.
+struct UpArgs {
+    /// Optimised binaries, for benchmarks.
+    release: bool,
+    gateways: usize,
+}
+
+fn parse_args(args: &[String]) -> Result<UpArgs> {
+    let mut up = UpArgs { release: false, gateways: 1 };
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--release" => up.release = true,
+            "--gateways" => {
+                let value = rest.next().context("--gateways takes a number")?;
+                up.gateways =
+                    value.parse().ok().filter(|n| (1..=MAX_GATEWAYS).contains(n)).with_context(|| {
+                        format!("--gateways takes a number from 1 to {MAX_GATEWAYS}, not {value:?}")
+                    })?;
+            }
+            other => bail!("up: unknown argument {other:?} (it takes --release and --gateways N)"),
+        }
+    }
+    Ok(up)
+}
+
+/// The file with the details of gateway `n` (1 is the demo gateway of .dev/fleet.json).
+fn fleet_file(dev: &Path, n: usize) -> PathBuf {
+    if n == 1 {
+        dev.join("fleet.json")
+    } else {
+        dev.join(format!("fleet-{n}.json"))
+    }
+}
 
 /// `cargo xtask up`
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    // `--release` builds and runs optimised binaries, for benchmarks.
-    let release = match args {
-        [] => false,
-        [flag] if flag == "--release" => true,
-        [other, ..] => bail!("up: unknown argument {other:?} (it takes only --release)"),
-    };
+    let UpArgs { release, gateways } = parse_args(args)?;
     let started = Instant::now();
     let root = repo_root();
     let dev = root.join(".dev");
@@ -37,7 +72,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let _pid_file = PidFile::acquire(&dev.join("fleet.pid"))?;
     let fleet_json = dev.join("fleet.json");
-    let _ = std::fs::remove_file(&fleet_json);
+    for n in 1..=MAX_GATEWAYS {
+        let _ = std::fs::remove_file(fleet_file(&dev, n));
+    }
 
     let tools = deps::ensure(&root, false)?;
     let mut nats = Nats::start(&tools, &dev.join("nats"), &logs.join("nats.log"))?;
@@ -143,24 +180,48 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             .context("issuing a token for user demo")?;
     let token = field(&token_reply, "token")?;
 
+    // More gateways on the same NATS and Redis, without the demo page.
+    let mut extra = Vec::new();
+    for n in 2..=gateways {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        fleet.0.push(spawn(
+            &format!("gateway-{n}"),
+            "switchyard-gateway",
+            &[
+                ("SWITCHYARD_LISTEN", listen.as_str()),
+                ("SWITCHYARD_REDIS_URL", redis.url().as_str()),
+                ("SWITCHYARD_ADMIN_TOKEN", admin_token.as_str()),
+            ],
+        )?);
+        fleet.wait_ready(&agent, &format!("http://{listen}/readyz"))?;
+        extra.push(listen);
+    }
+
     let ws = format!("ws://{listen}/v1/ws");
-    // Written by hand to keep the keys in this order.
     let demo = format!("{http}/");
-    let details = [
-        ("demo", &demo),
-        ("http", &http),
-        ("ws", &ws),
-        ("admin_token", &admin_token),
-        ("project_id", &project_id),
-        ("api_key", &api_key),
-        ("token", &token),
-    ]
-    .iter()
-    .map(|(k, v)| format!("  {:?}: {}", k, Value::from(v.as_str())))
-    .collect::<Vec<_>>()
-    .join(",\n");
-    std::fs::write(&fleet_json, format!("{{\n{details}\n}}\n"))
-        .with_context(|| format!("writing {}", fleet_json.display()))?;
+    let write_details = |path: &Path, listen: &str| -> Result<()> {
+        let (http, ws) = (format!("http://{listen}"), format!("ws://{listen}/v1/ws"));
+        let demo = format!("{http}/");
+        // Written by hand to keep the keys in this order.
+        let details = [
+            ("demo", &demo),
+            ("http", &http),
+            ("ws", &ws),
+            ("admin_token", &admin_token),
+            ("project_id", &project_id),
+            ("api_key", &api_key),
+            ("token", &token),
+        ]
+        .iter()
+        .map(|(k, v)| format!("  {:?}: {}", k, Value::from(v.as_str())))
+        .collect::<Vec<_>>()
+        .join(",\n");
+        std::fs::write(path, format!("{{\n{details}\n}}\n")).with_context(|| format!("writing {}", path.display()))
+    };
+    write_details(&fleet_json, &listen)?;
+    for (i, listen) in extra.iter().enumerate() {
+        write_details(&fleet_file(&dev, i + 2), listen)?;
+    }
 
     println!();
     println!("Switchyard fleet is up ({}):", secs(started.elapsed()));
@@ -172,6 +233,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     println!("  api key      {api_key}");
     println!("  token        {token}   (user demo, 24 h)");
     println!("  metrics      {http}/metrics (gateway)");
+    for (i, listen) in extra.iter().enumerate() {
+        let n = i + 2;
+        println!("  gateway-{n}    ws://{listen}/v1/ws   (details in {})", fleet_file(&dev, n).display());
+    }
     println!("               http://{}/metrics, http://{}/metrics (router shards)", metrics[0], metrics[1]);
     println!("               http://{}/metrics (persistor)", metrics[2]);
     println!("  NATS         {}   Redis {}", nats.url(), redis.url());
@@ -200,7 +265,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     say!("stopping the fleet");
     fleet.stop();
     proc::stop_all([&mut redis.child, &mut nats.child]);
-    let _ = std::fs::remove_file(&fleet_json);
+    for n in 1..=gateways {
+        let _ = std::fs::remove_file(fleet_file(&dev, n));
+    }
     say!("fleet stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -337,5 +404,27 @@ impl Drop for PidFile {
         if ours {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn up_takes_release_and_a_bounded_gateway_count() {
+        let up = parse_args(&args("")).unwrap();
+        assert_eq!((up.release, up.gateways), (false, 1));
+        let up = parse_args(&args("--gateways 6 --release")).unwrap();
+        assert_eq!((up.release, up.gateways), (true, 6));
+        for bad in ["--gateways", "--gateways 0", "--gateways 9", "--gateways six", "--fast"] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(fleet_file(Path::new(".dev"), 1), Path::new(".dev/fleet.json"));
+        assert_eq!(fleet_file(Path::new(".dev"), 3), Path::new(".dev/fleet-3.json"));
     }
 }

@@ -33,9 +33,11 @@ commands:
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
   test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them and the short
                           fault suite, stop them, then run deploy-check and every fuzz target briefly
-  up [--release]          start a local fleet (NATS, Redis, gateway, two router shards, persistor)
+  up [--release] [--gateways N]
+                          start a local fleet (NATS, Redis, gateway, two router shards, persistor)
                           on the embedded store, with the demo chat page; details in .dev/fleet.json,
-                          logs in .dev/logs/; --release runs optimised builds (for the load tester)
+                          logs in .dev/logs/; --release runs optimised builds (for the load tester);
+                          --gateways N starts N gateways on the same NATS and Redis
 ";
 
 fn main() -> ExitCode {

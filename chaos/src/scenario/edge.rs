@@ -139,9 +139,8 @@ pub async fn flood(config: &Config) -> Result<Row> {
         // first 200 messages at the flood's full 1,000/s) only measures the fleet's capacity, which debug builds
         // on two cores lack for a fraction of a second.
         let (tenant_rate, tenant_burst) = (100, 20);
-        let abuser = fleet
-            .create_tenant(serde_json::json!({"msgs_per_sec": tenant_rate, "msgs_burst": tenant_burst}))
-            .await?;
+        let abuser =
+            fleet.create_tenant(serde_json::json!({"msgs_per_sec": tenant_rate, "msgs_burst": tenant_burst})).await?;
         // Each flooding connection sends to a room of its own: what the tenant is allowed through then costs one
         // delivery, so the scenario measures what refusing the excess costs the others, not the tenant's fan-out.
         let single = plain_client(fleet.gateway_ws_url(0), abuser.token("single")).await?;

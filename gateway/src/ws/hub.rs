@@ -154,8 +154,15 @@ pub enum HubError {
 }
 
 enum RoomControl {
-    Subscribe { session: SessionTx, done: oneshot::Sender<Result<(), String>> },
-    Unsubscribe { session_id: u64 },
+    /// Boxed so the control queue's slots stay small: every subject with a local session (each user's inbox
+    /// among them) allocates a block of them up front.
+    Subscribe {
+        session: Box<SessionTx>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Unsubscribe {
+        session_id: u64,
+    },
 }
 
 /// A room task's entry in the registry.
@@ -185,7 +192,7 @@ impl Hub {
         for _ in 0..5 {
             let (generation, control) = self.room_task(&subject);
             let (done, result) = oneshot::channel();
-            if control.send(RoomControl::Subscribe { session: session.clone(), done }).await.is_err() {
+            if control.send(RoomControl::Subscribe { session: Box::new(session.clone()), done }).await.is_err() {
                 self.forget(&subject, generation);
                 continue;
             }
@@ -268,7 +275,7 @@ async fn run_room(hub: Arc<Hub>, subject: String, generation: u64, mut control: 
             message = control.recv() => match message {
                 Some(RoomControl::Subscribe { session, done }) => {
                     sessions.retain(|s| s.id != session.id);
-                    sessions.push(session);
+                    sessions.push(*session);
                     let _ = done.send(Ok(()));
                 }
                 Some(RoomControl::Unsubscribe { session_id }) => {

@@ -5,6 +5,10 @@
 //! It owns all of its state; the hub reaches it only through its bounded outbound queue. It does not sequence
 //! anything (router shards do) and never blocks other sessions: a session that cannot keep up is closed with 4009.
 //!
+//! A session is idle most of its life, and its task holds inline the largest future it can await. So work that
+//! runs rarely or briefly (first-frame auth, a client frame, an op's completion, a gap fill, the close) is boxed:
+//! it costs memory only while it runs, and an idle session stays small (see the test at the end).
+//!
 //! Everything a session does runs inside a `session` tracing span carrying its session id, tenant and user (never
 //! its token). When the gateway drains, the session finishes the op in flight (its `ok` is written), answers every
 //! other op `unavailable`, says `bye` with a jittered `reconnect_after_ms` and closes with 1001.
@@ -222,7 +226,7 @@ async fn run_session(
     let window = gw.config.drain_reconnect_window_ms;
     let identity = match identity {
         Some(identity) => identity,
-        None => match first_frame_auth(&gw, &mut stream, format).await {
+        None => match Box::pin(first_frame_auth(&gw, &mut stream, format)).await {
             Ok(identity) => {
                 let span = tracing::Span::current();
                 span.record("tenant", identity.tenant.as_str());
@@ -232,7 +236,7 @@ async fn run_session(
             Err((code, reason)) => {
                 tracing::debug!(code = code.code(), %reason, "closing before authentication");
                 count_close(Some(code));
-                let _ = send_close(&mut sink, format, code, &reason, window).await;
+                let _ = Box::pin(send_close(&mut sink, format, code, &reason, window)).await;
                 return;
             }
         },
@@ -242,7 +246,7 @@ async fn run_session(
         Ok(registration) => registration,
         Err(refused) => {
             count_close(Some(refused.code));
-            let _ = send_close(&mut sink, format, refused.code, refused.reason, window).await;
+            let _ = Box::pin(send_close(&mut sink, format, refused.code, refused.reason, window)).await;
             return;
         }
     };
@@ -280,7 +284,7 @@ async fn run_session(
     let (tenant, user) = (session.identity.tenant.clone(), session.identity.user.clone());
     session.gw.presence.opened(&tenant, &user).await;
     let inbox = subjects::user_inbox(&tenant, &user);
-    let close = match session.gw.hub.subscribe(&inbox, session.tx.clone()).await {
+    let close = match Box::pin(session.gw.hub.subscribe(&inbox, session.tx.clone())).await {
         Ok(()) => {
             session.subscribed.insert(inbox);
             session.serve(&mut stream, registration.signal()).await
@@ -299,8 +303,8 @@ async fn run_session(
     match close {
         Some(close) => {
             tracing::debug!(code = close.code.code(), reason = close.reason, "server closes the session");
-            let _ = send_close(&mut session.sink, format, close.code, close.reason, window).await;
-            linger(&mut stream).await;
+            let _ = Box::pin(send_close(&mut session.sink, format, close.code, close.reason, window)).await;
+            Box::pin(linger(&mut stream)).await;
         }
         // The client closed (or vanished): flush the answer to its close frame, if it sent one.
         None => {
@@ -456,7 +460,7 @@ impl Session {
                 completion = async { self.in_flight.as_mut().expect("guarded by the select condition").await },
                     if self.in_flight.is_some() => {
                     self.in_flight = None;
-                    self.complete(completion).await.ok()?;
+                    Box::pin(self.complete(completion)).await.ok()?;
                     if self.draining {
                         return Some(Close::draining());
                     }
@@ -493,7 +497,7 @@ impl Session {
                         }
                     };
                     self.last_heard = Instant::now();
-                    if let Some(close) = self.on_frame(frame).await {
+                    if let Some(close) = Box::pin(self.on_frame(frame)).await {
                         return close;
                     }
                 }
@@ -945,7 +949,7 @@ impl Session {
                 if seq != expected {
                     // A live publish was lost (its router shard died after the append): fill the gap from the log.
                     metrics::counter!("switchyard_gateway_live_gaps_total").increment(1);
-                    self.fill_gap(&room, expected - 1, seq - 1).await?;
+                    Box::pin(self.fill_gap(&room, expected - 1, seq - 1)).await?;
                 }
                 self.send_event(&event).await?;
                 if event.left_user.as_ref() == Some(&self.identity.user) {
@@ -1066,5 +1070,27 @@ pub async fn read_history(
     match upstream::history(gw, request).await? {
         HistoryReply::Ok { messages, more } => Ok((messages, more)),
         HistoryReply::Err { code, message } => Err(UpstreamError { code, message }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<F, A, B, C, D, Fut>(_: &F) -> usize
+    where
+        F: Fn(A, B, C, D) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open socket holds its session's future for as long as it is open: rarely-run work must stay boxed.
+    #[test]
+    fn an_idle_session_future_stays_small() {
+        let size = future_size(&run);
+        println!("session future: {size} bytes");
+        // Unoptimised builds lay futures out larger than release builds; this bound holds for both.
+        assert!(size <= 4096, "the session future grew to {size} bytes; box the big, rarely-run awaits");
     }
 }

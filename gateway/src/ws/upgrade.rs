@@ -18,6 +18,8 @@ use std::sync::Arc;
 use switchyard_protocol::client::Format;
 use switchyard_protocol::ErrorCode;
 
+/// Bytes the socket reads at a time.
+const READ_BUFFER_BYTES: usize = 1024;
 /// Bytes of fed frames the socket's writer collects before it writes them out without waiting for a flush.
 const WRITE_BATCH_BYTES: usize = 16 * 1024;
 
@@ -89,7 +91,9 @@ pub async fn ws_handler(
         // Frames a little over the limit are read and refused with 1009; far larger ones fail the read.
         .max_message_size(max_frame * 2)
         .max_frame_size(max_frame * 2)
-        .read_buffer_size(4096)
+        // Allocated up front for every socket, idle or not: client frames are small ops, and a larger frame grows
+        // the buffer (it is read in several calls).
+        .read_buffer_size(READ_BUFFER_BYTES)
         // Events are fed in batches and flushed once per batch; the buffer only grows for a session that receives.
         .write_buffer_size(WRITE_BATCH_BYTES);
     if headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
