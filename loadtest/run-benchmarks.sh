@@ -30,9 +30,11 @@ grep -q '"token"' .dev/fleet.json || { echo "the fleet was not up within 15 minu
 lt=./target/release/switchyard-loadtest
 for s in $scenarios; do
     case $s in
-        idle)   $lt idle --sockets 19000 --sources 2 --duration-secs 30 --json "$out/idle.json" ;;
-        fanout) $lt fanout --rooms 20 --members 250 --rate 400 --duration-secs 30 \
-                    --json "$out/fanout.json" --plot "$out/fanout.svg" ;;
+        idle)   $lt idle --sockets 19000 --sources 2 --duration-secs 30 --json "$out/idle.json" ;;  # see run-idle-fleet.sh
+        fanout) $lt fanout --rooms 20 --members 250 --rate 100 --duration-secs 20 \
+                    --json "$out/fanout-100.json" --plot "$out/fanout-100.svg"
+                $lt fanout --rooms 20 --members 250 --rate 400 --duration-secs 30 \
+                    --json "$out/fanout-400.json" --plot "$out/fanout-400.svg" ;;
         dm)     $lt dm --users 1000 --rate 1000 --duration-secs 30 --json "$out/dm.json" ;;
         churn)  $lt churn --sockets 2000 --rate 200 --duration-secs 30 --json "$out/churn.json" ;;
         storm)  $lt storm --sockets 5000 --rooms 50 --rate 200 --duration-secs 30 --json "$out/storm.json" ;;

@@ -9,7 +9,9 @@
 //   VUS=400 ROOMS=8 SEND_EVERY_MS=500 k6 run loadtest/k6/fanout.js
 //
 // Environment: SWITCHYARD_FLEET (default .dev/fleet.json, as written by `cargo xtask up`), VUS, ROOMS,
-// SEND_EVERY_MS, DURATION_S. Thresholds fail the run on any error, duplicate or reordering, and on p99 > 25 ms.
+// SEND_EVERY_MS, DURATION_S, P99_MS. Thresholds fail the run on any error, duplicate or reordering, and on a
+// delivery p99 above P99_MS (default 25, the design target). k6 runs JavaScript per message: past a few thousand
+// deliveries/s on two cores, k6 itself is the bottleneck and its latency is its own queue (see BENCHMARKS.md).
 
 import http from 'k6/http';
 import { check } from 'k6';
@@ -22,6 +24,7 @@ const VUS = parseInt(__ENV.VUS || '100', 10);
 const ROOMS = parseInt(__ENV.ROOMS || '4', 10);
 const SEND_EVERY_MS = parseInt(__ENV.SEND_EVERY_MS || '1000', 10);
 const DURATION_S = parseInt(__ENV.DURATION_S || '30', 10);
+const P99_MS = parseInt(__ENV.P99_MS || '25', 10);
 
 for (const url of [fleet.http, fleet.ws]) {
   const host = url.split('://')[1].split(/[/:]/)[0];
@@ -42,7 +45,7 @@ export const options = {
     fanout: { executor: 'per-vu-iterations', vus: VUS, iterations: 1, maxDuration: `${DURATION_S + 60}s` },
   },
   thresholds: {
-    switchyard_delivery_ms: ['p(99)<25'],
+    switchyard_delivery_ms: [`p(99)<${P99_MS}`],
     switchyard_errors: ['count==0'],
     switchyard_duplicated_or_out_of_order: ['count==0'],
   },
@@ -56,7 +59,7 @@ export function setup() {
     const res = http.post(`${fleet.http}/v1/tokens`, JSON.stringify({ user_id: `k6-${runId}-${i}`, ttl_secs: 3600 }), {
       headers: { Authorization: `Bearer ${fleet.api_key}`, 'Content-Type': 'application/json' },
     });
-    check(res, { 'token minted': (r) => r.status === 200 });
+    check(res, { 'token minted': (r) => r.status === 201 });
     tokens.push(res.json('token'));
   }
   return { runId, tokens };
@@ -69,6 +72,7 @@ export default function (data) {
   let rid = 0;
   let joinRid = 0;
   let lastSeq = 0;
+  let starter = null;
   let sender = null;
   const sentAt = {};
 
@@ -83,11 +87,16 @@ export default function (data) {
         if (frame.rid === joinRid) {
           // Members that joined later are `joined` events with higher seqs; messages come after them.
           lastSeq = frame.seq;
-          sender = setInterval(() => {
-            const r = ++rid;
-            sentAt[r] = Date.now();
-            ws.send(JSON.stringify({ op: 'send', rid: r, room, body: `${Date.now()} k6`, cmid: `k6-${me}-${r}` }));
-          }, SEND_EVERY_MS);
+          // Each user starts at a random point of the period, so the load is even rather than every user
+          // sending in the same millisecond (which measures a burst's queue, not the latency of a steady rate).
+          starter = setTimeout(() => {
+            starter = null;
+            sender = setInterval(() => {
+              const r = ++rid;
+              sentAt[r] = Date.now();
+              ws.send(JSON.stringify({ op: 'send', rid: r, room, body: `${Date.now()} k6`, cmid: `k6-${me}-${r}` }));
+            }, SEND_EVERY_MS);
+          }, Math.random() * SEND_EVERY_MS);
         } else if (sentAt[frame.rid] !== undefined) {
           acked.add(1);
           ackMs.add(Date.now() - sentAt[frame.rid]);
@@ -119,6 +128,9 @@ export default function (data) {
   ws.onerror = () => errors.add(1, { code: 'socket' });
 
   setTimeout(() => {
+    if (starter !== null) {
+      clearTimeout(starter);
+    }
     if (sender !== null) {
       clearInterval(sender);
     }

@@ -153,6 +153,9 @@ pub fn parse(args: Vec<String>) -> Result<Command> {
         json: None,
         plot: None,
     };
+    if args[1..].iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
     let mut deadline = None;
     for pair in args[1..].chunks(2) {
         let [name, value] = pair else { bail!("option {:?} needs a value\n\n{USAGE}", pair[0]) };
@@ -243,6 +246,12 @@ mod tests {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn help_after_a_scenario_is_help() {
+        assert!(matches!(parse(args("fanout --help")), Ok(Command::Help)));
+        assert!(matches!(parse(args("idle --sockets 10 -h")), Ok(Command::Help)));
     }
 
     #[test]
