@@ -23,8 +23,11 @@ pub struct RouterConfig {
     pub lease_tick_ms: u64,
     /// How long an idle room actor stays in memory, in milliseconds.
     pub room_idle_ms: u64,
-    /// Events stream retention, in seconds; bounds how far back `join {since}` reaches.
+    /// Events stream retention, in seconds; bounds how far back `join {since}` reaches. At least the duplicate
+    /// window.
     pub stream_max_age_secs: u64,
+    /// How long the events stream recognises a repeated `cmid`, in seconds (the stream's duplicate window).
+    pub stream_duplicate_window_secs: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
     pub metrics_addr: SocketAddr,
     /// Replicas of the events stream when a router shard creates it (3 in production; 1 for one NATS server). An
@@ -42,6 +45,7 @@ impl Default for RouterConfig {
             lease_tick_ms: 1_000,
             room_idle_ms: 120_000,
             stream_max_age_secs: 7 * 24 * 3600,
+            stream_duplicate_window_secs: switchyard_protocol::subjects::EVENTS_DUPLICATE_WINDOW.as_secs(),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
             stream_replicas: 1,
         }
@@ -88,6 +92,9 @@ impl RouterConfig {
         if let Some(v) = get("SWITCHYARD_STREAM_MAX_AGE_SECS") {
             self.stream_max_age_secs = num("SWITCHYARD_STREAM_MAX_AGE_SECS", v)?;
         }
+        if let Some(v) = get("SWITCHYARD_STREAM_DUPLICATE_WINDOW_SECS") {
+            self.stream_duplicate_window_secs = num("SWITCHYARD_STREAM_DUPLICATE_WINDOW_SECS", v)?;
+        }
         if let Some(v) = get("SWITCHYARD_STREAM_REPLICAS") {
             self.stream_replicas = num("SWITCHYARD_STREAM_REPLICAS", v)?;
         }
@@ -115,6 +122,22 @@ impl RouterConfig {
         }
         if self.stream_max_age_secs == 0 {
             return Err(ConfigError::Invalid { name: "stream_max_age_secs", message: "must be positive".into() });
+        }
+        if self.stream_duplicate_window_secs == 0 {
+            return Err(ConfigError::Invalid {
+                name: "stream_duplicate_window_secs",
+                message: "must be positive".into(),
+            });
+        }
+        if self.stream_max_age_secs < self.stream_duplicate_window_secs {
+            return Err(ConfigError::Invalid {
+                name: "stream_max_age_secs",
+                message: format!(
+                    "{} s is shorter than the duplicate window ({} s, stream_duplicate_window_secs); JetStream \
+                     refuses a stream that forgets events before their duplicates",
+                    self.stream_max_age_secs, self.stream_duplicate_window_secs
+                ),
+            });
         }
         if self.nats_url.trim().is_empty() {
             return Err(ConfigError::Invalid { name: "nats_url", message: "must not be empty".into() });
@@ -155,6 +178,12 @@ mod tests {
         config.validate().unwrap();
         config.router_id = "bad.id".into();
         assert!(config.validate().is_err());
+        config.router_id = "r1".into();
+        config.stream_max_age_secs = 60;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("stream_max_age_secs") && err.contains("duplicate window") && !err.contains('\n'), "{err}");
+        config.stream_duplicate_window_secs = 30;
+        config.validate().unwrap();
         let err = config.apply_env(|_| Some("x".into())).unwrap_err();
         assert!(err.to_string().contains("SWITCHYARD_"), "{err}");
     }

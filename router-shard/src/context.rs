@@ -65,7 +65,7 @@ pub fn events_stream_config(config: &RouterConfig) -> stream::Config {
         storage: stream::StorageType::File,
         // Bounds `join {since}`: older events answer `resume_gap` (history still has them).
         max_age: Duration::from_secs(config.stream_max_age_secs),
-        duplicate_window: subjects::EVENTS_DUPLICATE_WINDOW,
+        duplicate_window: Duration::from_secs(config.stream_duplicate_window_secs),
         num_replicas: config.stream_replicas,
         allow_direct: true,
         ..Default::default()

@@ -23,6 +23,18 @@ pub enum ConfigError {
     Invalid { name: &'static str, message: String },
 }
 
+/// The loaded configuration, or, when it cannot be used, one line on standard error naming the binary and what is
+/// wrong, and exit code 2: a configuration mistake is the operator's to fix, not a crash to debug.
+pub fn config_or_exit<T>(binary: &str, loaded: Result<T, ConfigError>) -> T {
+    match loaded {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{binary}: invalid configuration: {error}");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// The configuration file named by `SWITCHYARD_CONFIG`, or the defaults when none is named.
 pub fn from_file<T: DeserializeOwned + Default>() -> Result<T, ConfigError> {
     match std::env::var("SWITCHYARD_CONFIG") {
