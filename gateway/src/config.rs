@@ -44,6 +44,12 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Most events one `join {since}` replays; a longer gap is answered `resume_gap`.
     pub resume_max_events: u64,
+    /// Most replays (`join {since}`) this gateway runs at once; more wait their turn. Bounds the memory replays
+    /// take: each holds one batch of events besides its session's outbound queue.
+    pub resume_concurrency: usize,
+    /// How long a replay may wait for its client to read (its outbound queue to make room) before the session is
+    /// closed as a slow consumer (4009), in milliseconds.
+    pub resume_stall_ms: u64,
     /// Rate-limited ops a connection may run into within `abuse_window_ms` before it is closed with 4008.
     pub abuse_limit: u32,
     pub abuse_window_ms: u64,
@@ -122,6 +128,8 @@ impl Default for GatewayConfig {
             ops_burst: 40,
             allowed_origins: Vec::new(),
             resume_max_events: 10_000,
+            resume_concurrency: 32,
+            resume_stall_ms: 5_000,
             abuse_limit: 40,
             abuse_window_ms: 10_000,
             tenant_msgs_per_sec: 1_000,
@@ -204,6 +212,9 @@ impl GatewayConfig {
         }
         if self.outbound_queue_frames == 0 || self.outbound_queue_bytes == 0 {
             return invalid("outbound_queue_frames", "outbound queue bounds must be positive");
+        }
+        if self.resume_concurrency == 0 || self.resume_stall_ms == 0 {
+            return invalid("resume_concurrency", "replay concurrency and stall limit must be positive");
         }
         if self.heartbeat_ms < 100 || self.auth_timeout_ms == 0 || self.command_timeout_ms == 0 {
             return invalid("heartbeat_ms", "heartbeat must be at least 100 ms and timeouts positive");

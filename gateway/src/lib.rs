@@ -75,6 +75,8 @@ pub struct Gateway {
     js: jetstream::Context,
     /// The events stream, opened on first use (router shards create it).
     events: tokio::sync::OnceCell<jetstream::stream::Stream>,
+    /// Turns to run a replay (`join {since}`), `resume_concurrency` at once.
+    pub replays: Arc<tokio::sync::Semaphore>,
     /// Fires when the gateway starts draining (SIGTERM): sessions finish their op in flight, say `bye` and close
     /// with 1001.
     pub shutdown: CancellationToken,
@@ -162,6 +164,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         presence: presence::PresenceReporter::start(nats.clone(), gateway_id, config.shard_count, stopped.clone()),
         js,
         events: tokio::sync::OnceCell::new(),
+        replays: Arc::new(tokio::sync::Semaphore::new(config.resume_concurrency)),
         tenants,
         tenant_rate: limits::TenantRateLimiter::new(redis.clone()),
         tokens: tokens::TokenStore::new(redis),

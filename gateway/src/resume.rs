@@ -1,15 +1,30 @@
-//! Resume: the events a client missed in a room, read from the events stream (the authoritative log), for
-//! `join {since}`. Finds the first missed event by binary search over the room's stream subject, then reads
-//! forward to the join point.
+//! Resume: the events a client missed in a room, read from the events stream (the authoritative log) in batches
+//! (JetStream's batched direct get: one request returns up to [`BATCH_EVENTS`] events of the room's subject), for
+//! `join {since}` and to fill a hole in live delivery. Finds the first missed event by binary search over the
+//! room's stream subject, then reads forward batch by batch to the join point, holding one batch at a time.
 //!
-//! It does not deliver anything (the session does) and never reads the history store, which may lag.
+//! [`replay_into`] queues a join's missed events on the session's outbound queue, waiting for the client to read
+//! (bounded by `resume_stall_ms`, then the session is a slow consumer), at most `resume_concurrency` replays at
+//! once per gateway. It never reads the history store, which may lag: events older than the stream answer
+//! `resume_gap`.
 
 use crate::upstream::UpstreamError;
+use crate::ws::hub::{LiveEvent, SessionTx};
 use crate::Gateway;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
-use switchyard_protocol::internal::RoomEvent;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::shard::shard_of_room;
-use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, RoomId};
+use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, RoomId, UserId};
+
+/// Most events one batched read returns.
+const BATCH_EVENTS: u64 = 256;
+/// Most payload bytes one batched read returns (the server stops the batch before it would exceed them).
+const BATCH_BYTES: usize = 256 * 1024;
+/// How long one batched read may take.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn unavailable(error: impl std::fmt::Display) -> UpstreamError {
     UpstreamError { code: ErrorCode::Unavailable, message: format!("cannot read the room's events: {error}") }
@@ -38,8 +53,146 @@ async fn event_at_or_after(
     }
 }
 
-/// The room's events with `since < seq <= upto`, in order. `resume_gap` when some of them are no longer kept or
-/// when more than `max_events` are asked for.
+/// A batched direct-get request (JetStream's `$JS.API.DIRECT.GET.<stream>` with `batch`).
+#[derive(serde::Serialize)]
+struct BatchRequest<'a> {
+    seq: u64,
+    next_by_subj: &'a str,
+    batch: u64,
+    max_bytes: usize,
+}
+
+/// A forward reader of one room's events with `since < seq <= upto`, a batch at a time, each checked to follow the
+/// one before it with no gap.
+pub struct RoomLog {
+    nats: async_nats::Client,
+    subject: String,
+    /// Where this reader's batches are answered.
+    inbox: async_nats::Subscriber,
+    inbox_subject: async_nats::Subject,
+    /// The stream sequence to read from next.
+    next_sequence: u64,
+    /// The seq of the last event handed out (`since` at first).
+    last_seq: u64,
+    /// The last seq to hand out.
+    upto: u64,
+}
+
+impl RoomLog {
+    /// Position a reader on the first event after `since`. `resume_gap` when the stream no longer holds it, or
+    /// when more than `resume_max_events` are asked for.
+    pub async fn open(
+        gw: &Gateway,
+        tenant: &ProjectId,
+        room: &RoomId,
+        since: u64,
+        upto: u64,
+    ) -> Result<RoomLog, UpstreamError> {
+        if upto.saturating_sub(since) > gw.config.resume_max_events {
+            return Err(UpstreamError {
+                code: ErrorCode::ResumeGap,
+                message: format!(
+                    "{} events since seq {since} is more than one join replays ({}); read history and join without \
+                     since",
+                    upto - since,
+                    gw.config.resume_max_events
+                ),
+            });
+        }
+        let stream = gw.events_stream().await.map_err(unavailable)?;
+        let subject = subjects::event_log(shard_of_room(tenant, room, gw.config.shard_count), tenant, room);
+        let inbox_subject = async_nats::Subject::from(gw.nats.new_inbox());
+        let inbox = gw.nats.subscribe(inbox_subject.clone()).await.map_err(unavailable)?;
+        let mut log =
+            RoomLog { nats: gw.nats.clone(), subject, inbox, inbox_subject, next_sequence: 1, last_seq: since, upto };
+        if since >= upto {
+            return Ok(log);
+        }
+        let Some((first_sequence, first)) = event_at_or_after(&stream, &log.subject, 1).await? else {
+            return Err(gap(since));
+        };
+        if first.seq > since + 1 {
+            return Err(gap(since));
+        }
+        let last_sequence = match stream.get_last_raw_message_by_subject(&log.subject).await {
+            Ok(message) => message.sequence,
+            Err(e) => return Err(unavailable(e)),
+        };
+        // The smallest stream sequence holding an event of seq > since.
+        let (mut low, mut high) = (first_sequence, last_sequence);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match event_at_or_after(&stream, &log.subject, middle).await? {
+                Some((_, event)) if event.seq > since => high = middle,
+                Some((found, _)) => low = found + 1,
+                None => return Err(unavailable("the room's log ended during the search")),
+            }
+        }
+        log.next_sequence = low;
+        Ok(log)
+    }
+
+    /// The next events in seq order; empty once `upto` was handed out. `resume_gap` when an event is missing.
+    pub async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
+        if self.last_seq >= self.upto {
+            return Ok(Vec::new());
+        }
+        let request = BatchRequest {
+            seq: self.next_sequence,
+            next_by_subj: &self.subject,
+            batch: (self.upto - self.last_seq).min(BATCH_EVENTS),
+            max_bytes: BATCH_BYTES,
+        };
+        let payload = serde_json::to_vec(&request).map_err(unavailable)?;
+        self.nats
+            .publish_with_reply(subjects::EVENTS_DIRECT_GET, self.inbox_subject.clone(), payload.into())
+            .await
+            .map_err(unavailable)?;
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+        loop {
+            let message = match tokio::time::timeout_at(deadline, self.inbox.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(unavailable("the reply subscription ended")),
+                Err(_) => return Err(unavailable("no answer from the events stream in time")),
+            };
+            if let Some(status) = message.status {
+                match status.as_u16() {
+                    // End of the batch, or nothing (more) on the subject.
+                    204 | 404 => break,
+                    code => return Err(unavailable(format!("direct get answered {code}: {:?}", message.description))),
+                }
+            }
+            let headers = message.headers.as_ref();
+            let sequence = headers
+                .and_then(|h| h.get("Nats-Sequence"))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .ok_or_else(|| unavailable("a direct-get answer without its stream sequence"))?;
+            // A server without batched reads answers one message and no end-of-batch marker.
+            let batched = headers.is_some_and(|h| h.get("Nats-Num-Pending").is_some());
+            self.next_sequence = sequence + 1;
+            let event = codec::decode::<RoomEvent>(&message.payload).map_err(unavailable)?;
+            if event.seq > self.last_seq && event.seq <= self.upto {
+                if event.seq != self.last_seq + 1 {
+                    return Err(gap(self.last_seq));
+                }
+                self.last_seq = event.seq;
+                events.push(event);
+            }
+            if !batched {
+                break;
+            }
+        }
+        if events.is_empty() && self.last_seq < self.upto {
+            // The batch ended before `upto`: the events after `last_seq` are gone.
+            return Err(gap(self.last_seq));
+        }
+        Ok(events)
+    }
+}
+
+/// The room's events with `since < seq <= upto`, in order, read in batches. For filling a hole in live delivery,
+/// which is short (a lost live publish); joins stream theirs with [`replay_into`].
 pub async fn missed_events(
     gw: &Gateway,
     tenant: &ProjectId,
@@ -47,57 +200,59 @@ pub async fn missed_events(
     since: u64,
     upto: u64,
 ) -> Result<Vec<RoomEvent>, UpstreamError> {
-    if since >= upto {
-        return Ok(Vec::new());
+    let mut log = RoomLog::open(gw, tenant, room, since, upto).await?;
+    let mut events = Vec::new();
+    loop {
+        let batch = log.next_batch().await?;
+        if batch.is_empty() {
+            return Ok(events);
+        }
+        events.extend(batch);
     }
-    if upto - since > gw.config.resume_max_events {
-        return Err(UpstreamError {
-            code: ErrorCode::ResumeGap,
-            message: format!(
-                "{} events since seq {since} is more than one join replays ({}); read history and join without since",
-                upto - since,
-                gw.config.resume_max_events
-            ),
-        });
-    }
-    let stream = gw.events_stream().await.map_err(unavailable)?;
-    let subject = subjects::event_log(shard_of_room(tenant, room, gw.config.shard_count), tenant, room);
-    let Some((first_sequence, first)) = event_at_or_after(&stream, &subject, 1).await? else {
-        return Err(gap(since));
-    };
-    if first.seq > since + 1 {
-        return Err(gap(since));
-    }
-    let last_sequence = match stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(message) => message.sequence,
-        Err(e) => return Err(unavailable(e)),
-    };
-    // The smallest stream sequence holding an event of seq > since.
-    let (mut low, mut high) = (first_sequence, last_sequence);
-    while low < high {
-        let middle = low + (high - low) / 2;
-        match event_at_or_after(&stream, &subject, middle).await? {
-            Some((_, event)) if event.seq > since => high = middle,
-            Some((found, _)) => low = found + 1,
-            None => return Err(unavailable("the room's log ended during the search")),
+}
+
+/// Queue the events of `room` with `since < seq <= upto` on a session's outbound queue, as `user` may see them:
+/// after the user's own `left` nothing until their next `joined`. Returns the seq of the last event queued
+/// (`None` when none was). Waits for a replay turn, and for the client to read when its queue is half full; a
+/// client that reads nothing for `resume_stall_ms` is closed as a slow consumer.
+pub async fn replay_into(
+    gw: &Gateway,
+    tx: &SessionTx,
+    tenant: &ProjectId,
+    user: &UserId,
+    room: &RoomId,
+    since: u64,
+    upto: u64,
+) -> Result<Option<u64>, UpstreamError> {
+    let _turn = gw.replays.clone().acquire_owned().await.map_err(unavailable)?;
+    let stall = Duration::from_millis(gw.config.resume_stall_ms);
+    let mut log = RoomLog::open(gw, tenant, room, since, upto).await?;
+    let (mut member, mut last_queued) = (true, None);
+    loop {
+        let batch = log.next_batch().await?;
+        if batch.is_empty() {
+            return Ok(last_queued);
+        }
+        for event in batch {
+            let visible = match &event.body {
+                EventBody::Left { user: left, .. } if left == user => std::mem::replace(&mut member, false),
+                EventBody::Joined { user: joined } if joined == user => {
+                    member = true;
+                    true
+                }
+                _ => member,
+            };
+            if !visible {
+                continue;
+            }
+            let seq = event.seq;
+            if !tx.offer_replayed(Arc::new(LiveEvent::replayed(event)), stall).await {
+                return Err(UpstreamError {
+                    code: ErrorCode::Unavailable,
+                    message: "the client does not read its replay".into(),
+                });
+            }
+            last_queued = Some(seq);
         }
     }
-    let mut events = Vec::with_capacity((upto - since) as usize);
-    let mut next = low;
-    while let Some((found, event)) = event_at_or_after(&stream, &subject, next).await? {
-        if event.seq > upto {
-            break;
-        }
-        if event.seq > since {
-            events.push(event);
-        }
-        next = found + 1;
-    }
-    let complete = events.first().is_none_or(|e| e.seq == since + 1)
-        && events.windows(2).all(|pair| pair[1].seq == pair[0].seq + 1)
-        && events.last().is_none_or(|e| e.seq == upto);
-    if !complete {
-        return Err(gap(since));
-    }
-    Ok(events)
 }

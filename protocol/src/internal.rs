@@ -239,6 +239,30 @@ pub enum HistoryReply {
     Err { code: ErrorCode, message: String },
 }
 
+/// A router shard's question to the persistors: what is the last event of this room the history store holds? Asked
+/// when the events stream holds none of the room's events (they aged out), so the room's seq continues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomHeadRequest {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub room: RoomId,
+}
+
+/// A persistor's answer to a room-head request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RoomHeadReply {
+    /// The room's last stored event: its seq and `ts_us` (both 0 when the store has none).
+    Ok {
+        last_seq: u64,
+        last_ts_us: u64,
+    },
+    Err {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
 /// A room's record in the rooms KV bucket. Direct-message rooms have none: they exist implicitly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoomRecord {

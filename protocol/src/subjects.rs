@@ -11,9 +11,11 @@ use crate::shard::ShardId;
 pub const EVENTS_STREAM: &str = "SY_EVENTS";
 /// The subjects the events stream captures.
 pub const EVENTS_STREAM_SUBJECTS: &str = "sy.log.>";
-/// How long the events stream recognises a repeated `Nats-Msg-Id` (the `cmid` promise: a repeated send within
-/// 10 minutes is recognised).
+/// How long the events stream recognises a repeated `Nats-Msg-Id` by default (the `cmid` promise: a repeated send
+/// within 10 minutes is recognised). Router shards make it configurable; it may not exceed the stream's retention.
 pub const EVENTS_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// JetStream's direct-get API for the events stream: batched reads of a room's subject without a consumer.
+pub const EVENTS_DIRECT_GET: &str = "$JS.API.DIRECT.GET.SY_EVENTS";
 /// The persistors' durable consumer on the events stream, shared by every persistor.
 pub const PERSISTOR_CONSUMER: &str = "persistor";
 /// Where persistors send events the store rejected on every attempt, or that could not be decoded.
@@ -26,6 +28,9 @@ pub const DEAD_LETTER_MAX_AGE: std::time::Duration = std::time::Duration::from_s
 /// History requests, answered by any persistor (queue group `HISTORY_QUEUE`).
 pub const HISTORY_SUBJECT: &str = "sy.hist";
 pub const HISTORY_QUEUE: &str = "persistors";
+/// Room-head requests (a room's last seq and time as the history store holds them), answered by any persistor in the
+/// same queue group. A router shard asks when the events stream no longer holds any of a room's events.
+pub const ROOM_HEAD_SUBJECT: &str = "sy.head";
 
 /// Revocations (a token, a user's sessions, a whole tenant), broadcast on core NATS to every gateway.
 pub fn revocations(tenant: &ProjectId) -> String {
@@ -58,6 +63,18 @@ pub fn event_log(shard: ShardId, tenant: &ProjectId, room: &RoomId) -> String {
 /// The subject a room's events are published live on, after the stream has acknowledged them.
 pub fn room_live(tenant: &ProjectId, room: &RoomId) -> String {
     format!("sy.live.{}.{}", tenant, room.token())
+}
+
+/// The `Nats-Msg-Id` of a send with a client message id: a repeat within the duplicate window is the same append.
+pub fn cmid_dedupe_id(tenant: &ProjectId, user: &UserId, cmid: &str) -> String {
+    format!("{tenant}:{user}:{cmid}")
+}
+
+/// The `Nats-Msg-Id` of the `left` event that ends `user`'s membership as the roster stood at `roster_revision`: a
+/// kick or leave repeated after a half-done attempt appends the same event once. `|` appears in no id, so this
+/// never equals a send's id.
+pub fn left_dedupe_id(tenant: &ProjectId, room: &RoomId, user: &UserId, roster_revision: u64) -> String {
+    format!("left|{tenant}|{}|{user}|{roster_revision}", room.token())
 }
 
 /// KV key of a tenant record.

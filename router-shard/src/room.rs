@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchyard_protocol::client::{Member, OkResult, Role};
 use switchyard_protocol::codec;
 use switchyard_protocol::internal::{
-    CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomRecord, Roster,
-    UserRoom, UserRooms, INTERNAL_VERSION,
+    CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomHeadReply,
+    RoomHeadRequest, RoomRecord, Roster, UserRoom, UserRooms, INTERNAL_VERSION,
 };
 use switchyard_protocol::{subjects, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use tokio::sync::mpsc;
@@ -411,7 +411,7 @@ impl RoomActor {
         }
         let msg =
             EventBody::Msg { id: MessageId::generate(now_us() / 1000), from: user.clone(), body, attrs, reply_to };
-        let dedupe = cmid.map(|cmid| format!("{}:{}:{}", self.tenant, user, cmid));
+        let dedupe = cmid.map(|cmid| subjects::cmid_dedupe_id(&self.tenant, user, &cmid));
         let appended = self.append(msg, dedupe).await?;
         let event = appended.event();
         match &event.body {
@@ -477,18 +477,29 @@ impl RoomActor {
     }
 
     /// End `user`'s membership; sequenced as `left` (with `by` for a kick).
+    ///
+    /// The event comes first: once `left` is in the stream every session of the user stops receiving the room at
+    /// it, whatever fails afterwards. Then the user's rooms record, then the roster. A step that fails answers
+    /// `unavailable` with the user still on the roster, so the client's retry runs the whole change again; the
+    /// `left` is appended with an id derived from the roster's revision, so the retry finds the first `left` in the
+    /// stream's duplicate window instead of appending a second one.
     async fn remove_member(&mut self, user: &UserId, by: Option<UserId>) -> Result<(), RoomError> {
-        let mut roster = self.roster().await?;
-        if roster.members.remove(user).is_none() {
+        if !self.roster().await?.members.contains_key(user) {
             return Err(refused(ErrorCode::NotFound, format!("{user} is not a member of room {}", self.room)));
         }
-        self.save_roster(roster).await?;
+        let revision = self.roster.as_ref().and_then(|(_, revision)| *revision).unwrap_or(0);
+        let dedupe = subjects::left_dedupe_id(&self.tenant, &self.room, user, revision);
+        self.append(EventBody::Left { user: user.clone(), by }, Some(dedupe)).await?;
         let room = self.room.clone();
         self.update_user_rooms(user, |rooms| {
             rooms.rooms.remove(&room);
         })
         .await?;
-        self.append(EventBody::Left { user: user.clone(), by }, None).await?;
+        // A fenced append drops the cached roster: remove the user from the roster as it is now.
+        let mut roster = self.roster().await?;
+        if roster.members.remove(user).is_some() {
+            self.save_roster(roster).await?;
+        }
         Ok(())
     }
 
@@ -665,6 +676,27 @@ impl RoomActor {
         }
     }
 
+    /// Ask the persistors for the room's last stored event: (seq, ts_us), (0, 0) for a room that never had one.
+    async fn ask_head(&self) -> Result<(u64, u64), RoomError> {
+        let request = RoomHeadRequest { v: INTERNAL_VERSION, tenant: self.tenant.clone(), room: self.room.clone() };
+        let payload = codec::encode(&request).map_err(|e| unavailable("encode room head request", e))?;
+        let reply =
+            tokio::time::timeout(Duration::from_secs(5), self.ctx.nats.request(subjects::ROOM_HEAD_SUBJECT, payload))
+                .await
+                .map_err(|_| unavailable("room head", "no persistor answered in time"))?
+                .map_err(|e| unavailable("room head", e))?;
+        match codec::decode::<RoomHeadReply>(&reply.payload).map_err(|e| unavailable("room head reply", e))? {
+            RoomHeadReply::Ok { last_seq, last_ts_us } => {
+                if last_seq > 0 {
+                    metrics::counter!("switchyard_router_heads_from_store_total").increment(1);
+                    tracing::info!(tenant = %self.tenant, room = %self.room, last_seq, "room continued from the history store");
+                }
+                Ok((last_seq, last_ts_us))
+            }
+            RoomHeadReply::Err { message, .. } => Err(unavailable("room head", message)),
+        }
+    }
+
     fn remember(&mut self, seq: u64, facts: MessageFacts) {
         if self.messages.len() >= MESSAGE_FACTS_KEPT {
             self.messages.clear();
@@ -682,8 +714,12 @@ impl RoomActor {
                 let event: RoomEvent = codec::decode(&message.payload).map_err(|e| unavailable("last event", e))?;
                 Tail { seq: event.seq, stream_seq: message.sequence, ts_us: event.ts_us }
             }
+            // The stream holds none of the room's events: the room is new, or its events aged out of the stream
+            // (or were purged). The history store keeps the room's head for good; the fence is "no event on the
+            // room's subject", so two writers that both find it empty still cannot both append.
             Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                Tail { seq: 0, stream_seq: 0, ts_us: 0 }
+                let (seq, ts_us) = self.ask_head().await?;
+                Tail { seq, stream_seq: 0, ts_us }
             }
             Err(e) => return Err(unavailable("read the room's last event", e)),
         };

@@ -33,6 +33,8 @@ pub struct LiveEvent {
     pub left_user: Option<UserId>,
     /// The event's op name, for the frame counters.
     pub op: &'static str,
+    /// Read from the events stream for one session's `join {since}`, not received live.
+    pub replayed: bool,
     event: ServerEvent,
     json: OnceLock<Utf8Bytes>,
     msgpack: OnceLock<Bytes>,
@@ -67,12 +69,22 @@ impl LiveEvent {
             }
         };
         let op = crate::telemetry::server_event_op(&event);
-        LiveEvent { room, seq, typing_user, left_user, op, event, json: OnceLock::new(), msgpack: OnceLock::new() }
+        LiveEvent {
+            room,
+            seq,
+            typing_user,
+            left_user,
+            op,
+            replayed: false,
+            event,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
     }
 
     /// A replayed room event (from the stream, not from a live subject).
     pub fn replayed(event: RoomEvent) -> Self {
-        LiveEvent::new(&LiveMessage::Event(event))
+        LiveEvent { replayed: true, ..LiveEvent::new(&LiveMessage::Event(event)) }
     }
 
     /// The event as a WebSocket message in `format`; the bytes are shared, not copied.
@@ -120,6 +132,29 @@ pub struct SessionTx {
 }
 
 impl SessionTx {
+    /// Queue a replayed event, waiting while the queue is half full (in frames or bytes) so live events always
+    /// find room behind it. Returns false, after firing `overflow`, when the queue made no room for `stall`, or
+    /// when the session is already overflowing or gone.
+    pub async fn offer_replayed(&self, event: Arc<LiveEvent>, stall: std::time::Duration) -> bool {
+        let len = event.encoded_len(self.format);
+        let deadline = tokio::time::Instant::now() + stall;
+        loop {
+            if self.overflow.is_cancelled() || self.events.is_closed() {
+                return false;
+            }
+            let queued = self.queued_bytes.load(Ordering::Relaxed);
+            let frames_free = self.events.capacity() * 2 > self.events.max_capacity();
+            if frames_free && (queued == 0 || queued.saturating_add(len) <= self.max_queued_bytes / 2) {
+                return self.offer(&event);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.overflow.cancel();
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// Queue `event` without waiting. Returns false when the session must be dropped from the room.
     fn offer(&self, event: &Arc<LiveEvent>) -> bool {
         let len = event.encoded_len(self.format);

@@ -34,7 +34,7 @@ use switchyard_protocol::client::{
     ServerFrame,
 };
 use switchyard_protocol::internal::{
-    HistoryReply, HistoryRequest, RoomCommand, RoomEvent, UserCommand, INTERNAL_VERSION,
+    EventBody, HistoryReply, HistoryRequest, RoomCommand, UserCommand, INTERNAL_VERSION,
 };
 use switchyard_protocol::{limits, subjects, CloseCode, ErrorCode, RoomId, UserId};
 use tokio::sync::mpsc;
@@ -63,8 +63,10 @@ const DELIVERY_BATCH_BYTES: usize = 64 * 1024;
 
 /// A session's view of one room it receives.
 enum RoomDelivery {
-    /// A join is in flight: live events are held until its `ok` says where delivery starts.
-    Joining { held: Vec<Arc<LiveEvent>> },
+    /// A join is in flight: live events are held until its `ok` says where delivery starts; the events its
+    /// `since` replays are written as they come (`replayed`: the last of them written so far). `previous` is the
+    /// delivery point a repeated join started from.
+    Joining { held: Vec<Arc<LiveEvent>>, previous: Option<u64>, replayed: u64 },
     /// Delivering; `last_seq` is the last seq written (or the join point).
     Live { last_seq: u64 },
 }
@@ -75,8 +77,8 @@ enum Completion {
     Joined {
         rid: Option<u64>,
         room: RoomId,
-        /// The events missed since the client's `since`, to write before the `ok`.
-        result: Result<(u64, Vec<RoomEvent>), UpstreamError>,
+        /// The join point, and the seq of the last missed event the join queued for replay (`None`: none).
+        result: Result<(u64, Option<u64>), UpstreamError>,
     },
     Left {
         rid: Option<u64>,
@@ -88,6 +90,17 @@ enum Completion {
         users: Vec<UserId>,
         result: Result<(), UpstreamError>,
     },
+}
+
+/// A join whose `ok` waits for its replayed events to be written: they are queued, the session writes them in
+/// turn, and the `ok` follows the last of them. No other op starts meanwhile.
+struct PendingJoin {
+    rid: Option<u64>,
+    room: RoomId,
+    /// The join point.
+    seq: u64,
+    /// The seq of the last replayed event; the `ok` is written right after it.
+    last_replayed: u64,
 }
 
 /// A token bucket for the per-connection op rate.
@@ -186,6 +199,8 @@ struct Session {
     in_flight: Option<BoxFuture<'static, Completion>>,
     /// Ops waiting for the one in flight.
     queued: VecDeque<ClientRequest>,
+    /// A join whose replay is still being written; its `ok` comes after it, and the next op after that.
+    pending_join: Option<PendingJoin>,
     budget: OpBudget,
     /// When the client was last heard from (any frame, including pongs).
     last_heard: Instant,
@@ -276,6 +291,7 @@ async fn run_session(
         typing_sent: HashMap::new(),
         in_flight: None,
         queued: VecDeque::new(),
+        pending_join: None,
         last_heard: Instant::now(),
         draining: false,
         taken: 0,
@@ -460,7 +476,9 @@ impl Session {
                 completion = async { self.in_flight.as_mut().expect("guarded by the select condition").await },
                     if self.in_flight.is_some() => {
                     self.in_flight = None;
-                    Box::pin(self.complete(completion)).await.ok()?;
+                    if let Err(error) = Box::pin(self.complete(completion)).await {
+                        return closing_after(error);
+                    }
                     if self.draining {
                         return Some(Close::draining());
                     }
@@ -473,7 +491,9 @@ impl Session {
                     let overflowed = tokio::select! {
                         biased;
                         written = self.deliver_batch(event) => {
-                            written.ok()?;
+                            if let Err(error) = written {
+                                return closing_after(error);
+                            }
                             false
                         }
                         _ = overflow.cancelled() => true,
@@ -718,7 +738,7 @@ impl Session {
 
     /// Start the next queued op if none is in flight.
     fn start_next(&mut self) {
-        if self.in_flight.is_some() {
+        if self.in_flight.is_some() || self.pending_join.is_some() {
             return;
         }
         let Some(request) = self.queued.pop_front() else { return };
@@ -733,13 +753,18 @@ impl Session {
                     (false, false) => Some((subjects::room_live(&identity.tenant, &room), self.tx.clone())),
                     _ => None,
                 };
-                if !self.rooms.contains_key(&room) {
-                    self.rooms.insert(room.clone(), RoomDelivery::Joining { held: Vec::new() });
-                }
+                // Live events are held from here until the join's `ok`; a repeated join keeps the point reached.
+                let previous = match self.rooms.remove(&room) {
+                    Some(RoomDelivery::Live { last_seq }) => Some(last_seq),
+                    Some(RoomDelivery::Joining { previous, .. }) => previous,
+                    None => None,
+                };
+                self.rooms.insert(room.clone(), RoomDelivery::Joining { held: Vec::new(), previous, replayed: 0 });
                 if let Some((subject, _)) = &subscribe {
                     self.subscribed.insert(subject.clone());
                 }
-                run_join(gw, identity, rid, room, since, subscribe).boxed()
+                let replay_to = self.tx.clone();
+                run_join(gw, identity, rid, room, since, subscribe, replay_to).boxed()
             }
             ClientOp::Leave { room } => {
                 let leave = RoomCommand::Leave { room: room.clone() };
@@ -836,29 +861,24 @@ impl Session {
         match completion {
             Completion::Reply(frame) => self.write(&frame).await,
             Completion::Joined { rid, room, result } => match result {
-                Ok((seq, missed)) => {
-                    let previous = self.rooms.remove(&room);
-                    // A repeated join keeps the delivery point already reached.
-                    let point = match &previous {
-                        Some(RoomDelivery::Live { last_seq }) => (*last_seq).max(seq),
-                        _ => seq,
-                    };
-                    for event in missed {
-                        self.send_event(&LiveEvent::replayed(event)).await?;
-                    }
-                    self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point });
-                    self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
-                    if let Some(RoomDelivery::Joining { held }) = previous {
-                        for event in held {
-                            self.deliver(event).await?;
-                        }
-                        self.sink.flush().await?;
-                    }
+                Ok((seq, Some(last_replayed))) if matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { replayed, .. }) if *replayed < last_replayed) =>
+                {
+                    // The replayed events are queued; the `ok` follows the last of them (see `deliver`).
+                    self.pending_join = Some(PendingJoin { rid, room, seq, last_replayed });
                     Ok(())
                 }
+                Ok((seq, _)) => self.finish_join(rid, room, seq).await,
                 Err(error) => {
-                    if matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { .. })) {
-                        self.stop_receiving(&room);
+                    match self.rooms.remove(&room) {
+                        // A repeated join that failed leaves the room as it was received.
+                        Some(RoomDelivery::Joining { held, previous: Some(last_seq), .. }) => {
+                            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq });
+                            self.release_held(held).await?;
+                        }
+                        Some(RoomDelivery::Joining { .. }) | None => self.stop_receiving(&room),
+                        Some(live) => {
+                            self.rooms.insert(room.clone(), live);
+                        }
                     }
                     self.write(&err_frame(rid, error.code, error.message)).await
                 }
@@ -887,6 +907,33 @@ impl Session {
         }
     }
 
+    /// Write a join's `ok` (after its replay) and start live delivery of the room at the join point (or the point a
+    /// repeated join had reached), delivering what was held meanwhile.
+    async fn finish_join(&mut self, rid: Option<u64>, room: RoomId, seq: u64) -> Result<(), axum::Error> {
+        let (held, point) = match self.rooms.remove(&room) {
+            Some(RoomDelivery::Joining { held, previous, .. }) => (held, previous.map_or(seq, |p| p.max(seq))),
+            Some(RoomDelivery::Live { last_seq }) => (Vec::new(), last_seq.max(seq)),
+            None => {
+                // The replay ended with the user's own `left` and the room was stopped; the join still took effect.
+                return self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await;
+            }
+        };
+        self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point });
+        self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
+        self.release_held(held).await
+    }
+
+    /// Deliver live events held while a join was in flight, now that the room is live again.
+    async fn release_held(&mut self, held: Vec<Arc<LiveEvent>>) -> Result<(), axum::Error> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        for event in held {
+            self.deliver(event).await?;
+        }
+        self.sink.flush().await
+    }
+
     /// Stop receiving a room: forget its delivery state and drop its live subscription.
     fn stop_receiving(&mut self, room: &RoomId) {
         self.rooms.remove(room);
@@ -899,15 +946,24 @@ impl Session {
         }
     }
 
-    /// Write the room's events with `after < seq <= upto` from the events stream.
+    /// Write the room's events with `after < seq <= upto` from the events stream, up to the session's own `left`
+    /// (which stops the room). A hole that cannot be filled is never skipped: the session ends (1013), and the
+    /// client's resume (`join {since}`) replays the events or says `resume_gap`.
     async fn fill_gap(&mut self, room: &RoomId, after: u64, upto: u64) -> Result<(), axum::Error> {
-        match resume::missed_events(&self.gw, &self.identity.tenant, room, after, upto).await {
-            Ok(events) => {
-                for event in events {
-                    self.send_event(&LiveEvent::replayed(event)).await?;
-                }
+        let events = match resume::missed_events(&self.gw, &self.identity.tenant, room, after, upto).await {
+            Ok(events) => events,
+            Err(error) => {
+                tracing::warn!(%room, after, upto, %error, "cannot fill a gap in live events; closing");
+                return Err(axum::Error::new(UnfilledGap));
             }
-            Err(error) => tracing::warn!(%room, after, upto, %error, "cannot fill a gap in live events"),
+        };
+        for event in events {
+            let left = matches!(&event.body, EventBody::Left { user, .. } if user == &self.identity.user);
+            self.send_event(&LiveEvent::replayed(event)).await?;
+            if left {
+                self.stop_receiving(room);
+                break;
+            }
         }
         Ok(())
     }
@@ -930,9 +986,12 @@ impl Session {
             // Direct messages reach every session of both users without a join.
             self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: seq - 1 });
         }
+        if event.replayed {
+            return Box::pin(self.deliver_replayed(&room, seq, &event)).await;
+        }
         match self.rooms.get_mut(&room) {
             None => Ok(()),
-            Some(RoomDelivery::Joining { held }) => {
+            Some(RoomDelivery::Joining { held, .. }) => {
                 if held.len() >= limit {
                     self.tx.overflow.cancel();
                 } else {
@@ -950,6 +1009,10 @@ impl Session {
                     // A live publish was lost (its router shard died after the append): fill the gap from the log.
                     metrics::counter!("switchyard_gateway_live_gaps_total").increment(1);
                     Box::pin(self.fill_gap(&room, expected - 1, seq - 1)).await?;
+                    if !self.rooms.contains_key(&room) {
+                        // The hole held the session's own `left`: nothing after it is for this session.
+                        return Ok(());
+                    }
                 }
                 self.send_event(&event).await?;
                 if event.left_user.as_ref() == Some(&self.identity.user) {
@@ -959,6 +1022,40 @@ impl Session {
             }
         }
     }
+}
+
+impl Session {
+    /// Write an event a join replays, while that join is in flight or its `ok` waits for the replay; the `ok`
+    /// follows the last replayed event.
+    async fn deliver_replayed(&mut self, room: &RoomId, seq: u64, event: &LiveEvent) -> Result<(), axum::Error> {
+        let Some(RoomDelivery::Joining { replayed, .. }) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        *replayed = seq;
+        self.send_event(event).await?;
+        let finished = self.pending_join.as_ref().is_some_and(|p| &p.room == room && p.last_replayed <= seq);
+        if finished {
+            if let Some(PendingJoin { rid, room, seq, .. }) = self.pending_join.take() {
+                self.finish_join(rid, room, seq).await?;
+                self.start_next();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A hole in a room's live events that could not be filled from the events stream.
+#[derive(Debug, thiserror::Error)]
+#[error("a hole in live events could not be filled")]
+struct UnfilledGap;
+
+/// How the session ends after a failed write: a hole it could not fill closes it with 1013 (the client resumes
+/// elsewhere or later); any other error is the socket's, and the client is gone.
+fn closing_after(error: axum::Error) -> Option<Close> {
+    let source = error.into_inner();
+    source
+        .downcast_ref::<UnfilledGap>()
+        .map(|_| Close { code: CloseCode::TryAgainLater, reason: "cannot fill a gap in live events; resume" })
 }
 
 fn ok_seq(result: &OkResult) -> u64 {
@@ -984,6 +1081,7 @@ async fn run_join(
     room: RoomId,
     since: Option<u64>,
     subscribe: Option<(String, SessionTx)>,
+    replay_to: SessionTx,
 ) -> Completion {
     let result = async {
         if let Some((subject, tx)) = subscribe {
@@ -994,11 +1092,23 @@ async fn run_join(
         }
         let join = RoomCommand::Join { room: room.clone(), grants: identity.grants.clone() };
         let seq = ok_seq(&upstream::command(&gw, &identity.tenant, Some(&identity.user), join).await?);
-        let missed = match since {
-            Some(since) if since < seq => resume::missed_events(&gw, &identity.tenant, &room, since, seq).await?,
-            _ => Vec::new(),
+        let replayed = match since {
+            Some(since) if since < seq => {
+                // The replay runs beside the session: it must keep its own deadline while the session's writes
+                // wait for a client that stopped reading. Dropping the join (the session ended) stops it.
+                let (gw, tenant, user, room) =
+                    (gw.clone(), identity.tenant.clone(), identity.user.clone(), room.clone());
+                let replay = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                    resume::replay_into(&gw, &replay_to, &tenant, &user, &room, since, seq).await
+                }));
+                replay.await.map_err(|error| UpstreamError {
+                    code: ErrorCode::Unavailable,
+                    message: format!("the replay stopped: {error}"),
+                })??
+            }
+            _ => None,
         };
-        Ok((seq, missed))
+        Ok((seq, replayed))
     }
     .await;
     Completion::Joined { rid, room, result }
