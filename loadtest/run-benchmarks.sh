@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
 shift || true
-scenarios=${*:-idle fanout dm churn storm}
+scenarios=${*:-idle fanout dm churn storm resume}
 mkdir -p "$out"
 
 cargo build --release -p loadtest
@@ -38,6 +38,7 @@ for s in $scenarios; do
         dm)     $lt dm --users 1000 --rate 1000 --duration-secs 30 --json "$out/dm.json" ;;
         churn)  $lt churn --sockets 2000 --rate 200 --duration-secs 30 --json "$out/churn.json" ;;
         storm)  $lt storm --sockets 5000 --rooms 50 --rate 200 --duration-secs 30 --json "$out/storm.json" ;;
+        resume) $lt resume --events 10000 --body-bytes 1000 --clients 50 --json "$out/resume.json" ;;
         *) echo "unknown scenario $s" >&2; exit 2 ;;
     esac
 done

@@ -20,6 +20,8 @@ scenarios (each against the fleet in --fleet, default .dev/fleet.json written by
   churn    --rate connects/s (and as many closes) around --sockets open sockets, for --duration-secs
   storm    --sockets members of --rooms rooms receive --rate messages/s; every socket is dropped at once and
            reconnects with full-jitter backoff (--max-backoff-ms) and resumes with join {since}
+  resume   a room gets --events messages of --body-bytes; one client resumes them all with join {since}, then
+           --clients clients at once; time to the last event and the gateway's RSS growth
 
 options:
   --fleet PATH               fleet file (http, ws, admin_token)            [.dev/fleet.json]
@@ -34,6 +36,8 @@ options:
   --sources N                127.0.0.x source addresses to connect from    [1 per 20,000 sockets]
   --connect-concurrency N    connects in flight                            [256]
   --max-backoff-ms N         storm: cap of the reconnect backoff           [5000]
+  --events N --body-bytes N  resume: missed events and their body size     [10000, 1000]
+  --clients N                resume: clients resuming at once              [50]
   --floor yes|no             fanout: also run against the floor           [yes]
   --gateway-pid PID          the gateway to measure                        [found by its port]
   --json PATH                also write the report as JSON
@@ -58,6 +62,7 @@ pub enum Scenario {
     Dm,
     Churn,
     Storm,
+    Resume,
 }
 
 impl Scenario {
@@ -68,6 +73,7 @@ impl Scenario {
             Scenario::Dm => "dm",
             Scenario::Churn => "churn",
             Scenario::Storm => "storm",
+            Scenario::Resume => "resume",
         }
     }
 }
@@ -92,6 +98,10 @@ pub struct RunArgs {
     pub sources: usize,
     pub connect_concurrency: usize,
     pub max_backoff: Duration,
+    /// Resume: events missed, the size of each body, and the clients resuming at once.
+    pub events: usize,
+    pub body_bytes: usize,
+    pub clients: usize,
     pub floor: bool,
     pub gateway_pid: Option<u32>,
     pub json: Option<PathBuf>,
@@ -125,6 +135,7 @@ pub fn parse(args: Vec<String>) -> Result<Command> {
         "dm" => Scenario::Dm,
         "churn" => Scenario::Churn,
         "storm" => Scenario::Storm,
+        "resume" => Scenario::Resume,
         other => bail!("unknown scenario {other:?}\n\n{USAGE}"),
     };
     let mut run = RunArgs {
@@ -143,11 +154,14 @@ pub fn parse(args: Vec<String>) -> Result<Command> {
             Scenario::Dm => 200.0,
             Scenario::Storm => 100.0,
             Scenario::Churn => 50.0,
-            Scenario::Idle => 0.0,
+            Scenario::Idle | Scenario::Resume => 0.0,
         },
         sources: 0,
         connect_concurrency: 256,
         max_backoff: Duration::from_millis(5000),
+        events: 10_000,
+        body_bytes: 1_000,
+        clients: 50,
         floor: true,
         gateway_pid: None,
         json: None,
@@ -180,6 +194,9 @@ pub fn parse(args: Vec<String>) -> Result<Command> {
             "--sources" => run.sources = number()? as usize,
             "--connect-concurrency" => run.connect_concurrency = number()? as usize,
             "--max-backoff-ms" => run.max_backoff = Duration::from_millis(number()?),
+            "--events" => run.events = number()? as usize,
+            "--body-bytes" => run.body_bytes = number()? as usize,
+            "--clients" => run.clients = number()? as usize,
             "--floor" => {
                 run.floor = match value.as_str() {
                     "yes" => true,
@@ -203,8 +220,14 @@ pub fn parse(args: Vec<String>) -> Result<Command> {
     let sockets = match scenario {
         Scenario::Fanout => run.rooms * run.members,
         Scenario::Dm => run.users,
+        Scenario::Resume => run.clients + 2,
         _ => run.sockets,
     };
+    if scenario == Scenario::Resume
+        && (!(1..=100_000).contains(&run.events) || !(1..=60_000).contains(&run.body_bytes) || run.clients > 10_000)
+    {
+        bail!("resume takes 1..=100000 --events of 1..=60000 --body-bytes and at most 10000 --clients");
+    }
     if sockets == 0 || sockets > MAX_SOCKETS {
         bail!("a run opens between 1 and {MAX_SOCKETS} sockets, not {sockets}");
     }

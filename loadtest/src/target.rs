@@ -48,6 +48,7 @@ impl Fleet {
             .json()
             .await?;
         let project_id = created["project_id"].as_str().context("no project_id in the created tenant")?.to_owned();
+        let api_key = created["api_key"].as_str().context("no api_key in the created tenant")?.to_owned();
         let secret = hex::encode(rand::random::<[u8; 32]>());
         self.admin(
             http.put(format!("{}/v1/admin/tenants/{project_id}/jwt", self.http))
@@ -59,7 +60,7 @@ impl Fleet {
                 .json(&json!({"msgs_per_sec": 10_000_000u32, "msgs_burst": 10_000_000u32})),
         )
         .await?;
-        Ok(Tenant { project_id, key: EncodingKey::from_secret(secret.as_bytes()) })
+        Ok(Tenant { project_id, api_key, key: EncodingKey::from_secret(secret.as_bytes()) })
     }
 
     /// Delete a run's tenant; its history goes with it.
@@ -81,6 +82,8 @@ impl Fleet {
 /// A run's tenant and the key its tokens are signed with.
 pub struct Tenant {
     pub project_id: String,
+    /// The tenant's API key, for its backend's HTTP API.
+    pub api_key: String,
     key: EncodingKey,
 }
 

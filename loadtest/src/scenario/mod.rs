@@ -7,6 +7,7 @@ mod churn;
 mod dm;
 mod fanout;
 mod idle;
+mod resume;
 mod storm;
 
 use crate::args::{RunArgs, Scenario};
@@ -49,6 +50,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Scenario::Fanout => args.rooms * args.members,
         Scenario::Dm => args.users,
         Scenario::Churn => args.sockets + (args.rate as usize) * 2,
+        Scenario::Resume => args.clients + 2,
         _ => args.sockets,
     };
     // Each socket is a file here; the floor is another process with the same limit.
@@ -84,6 +86,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Scenario::Dm => dm::run(&setup).await,
             Scenario::Churn => churn::run(&setup).await,
             Scenario::Storm => storm::run(&setup).await,
+            Scenario::Resume => resume::run(&setup).await,
         }
     })
     .await;
@@ -123,6 +126,7 @@ pub fn params(args: &RunArgs) -> serde_json::Value {
         Scenario::Churn => json!({"sockets": args.sockets, "rate": args.rate}),
         Scenario::Storm => json!({"sockets": args.sockets, "rooms": args.rooms, "rate": args.rate,
                                   "max_backoff_ms": args.max_backoff.as_millis() as u64}),
+        Scenario::Resume => json!({"events": args.events, "body_bytes": args.body_bytes, "clients": args.clients}),
     };
     if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
         p.extend(extra.clone());
