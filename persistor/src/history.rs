@@ -1,5 +1,7 @@
 //! The history responder: answers history requests from gateways (a NATS queue group shared by every persistor)
-//! with pages read from the store, after waiting briefly for the store to catch up to the room's last seq.
+//! with pages read from the store, after waiting briefly for the store to catch up to the room's last seq; and
+//! room-head requests from router shards (a room's last stored seq and time, for a room whose events have left
+//! the events stream).
 //!
 //! It does not authorise the reader: the gateway asked the room's router shard first.
 
@@ -7,7 +9,7 @@ use crate::store::{HistoryQuery, HistoryStore};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_protocol::internal::{HistoryReply, HistoryRequest, INTERNAL_VERSION};
+use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomHeadReply, RoomHeadRequest, INTERNAL_VERSION};
 use switchyard_protocol::{codec, limits, subjects, ErrorCode};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -21,10 +23,15 @@ pub async fn serve<S: HistoryStore>(
     catch_up: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), crate::PersistorError> {
-    let mut requests = nats
+    let pages = nats
         .queue_subscribe(subjects::HISTORY_SUBJECT, subjects::HISTORY_QUEUE.into())
         .await
         .map_err(|e| crate::PersistorError::Nats(format!("history subscription: {e}")))?;
+    let heads = nats
+        .queue_subscribe(subjects::ROOM_HEAD_SUBJECT, subjects::HISTORY_QUEUE.into())
+        .await
+        .map_err(|e| crate::PersistorError::Nats(format!("room head subscription: {e}")))?;
+    let mut requests = futures::stream::select(pages, heads);
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         let message = tokio::select! {
@@ -42,6 +49,13 @@ pub async fn serve<S: HistoryStore>(
         };
         let (nats, store) = (nats.clone(), store.clone());
         tokio::spawn(async move {
+            if message.subject.as_str() == subjects::ROOM_HEAD_SUBJECT {
+                if let Ok(payload) = codec::encode(&answer_head(&*store, &message.payload).await) {
+                    let _ = nats.publish(reply_to, payload).await;
+                }
+                drop(permit);
+                return;
+            }
             let forward = codec::decode::<HistoryRequest>(&message.payload).is_ok_and(|r| r.after.is_some());
             let reply = answer(&*store, &message.payload, catch_up).await;
             // Leave room for the reply's headers within the server's largest message.
@@ -52,7 +66,8 @@ pub async fn serve<S: HistoryStore>(
             drop(permit);
         });
     }
-    let _ = requests.unsubscribe().await;
+    let (mut pages, mut heads) = requests.into_inner();
+    let (_, _) = tokio::join!(pages.unsubscribe(), heads.unsubscribe());
     Ok(())
 }
 
@@ -74,6 +89,20 @@ fn encode_within(mut reply: HistoryReply, forward: bool, budget: usize) -> Optio
             }
             _ => return Some(payload),
         }
+    }
+}
+
+/// The room's last stored event, as a router shard asks for it.
+async fn answer_head<S: HistoryStore>(store: &S, payload: &[u8]) -> RoomHeadReply {
+    let request = match codec::decode::<RoomHeadRequest>(payload) {
+        Ok(request) if request.v == INTERNAL_VERSION => request,
+        _ => {
+            return RoomHeadReply::Err { code: ErrorCode::BadRequest, message: "undecodable room head request".into() }
+        }
+    };
+    match store.head(&request.tenant, &request.room).await {
+        Ok(head) => RoomHeadReply::Ok { last_seq: head.last_seq, last_ts_us: head.last_ts_us },
+        Err(error) => RoomHeadReply::Err { code: ErrorCode::Unavailable, message: error.to_string() },
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use store::cql::{CqlConfig, CqlStore, MigrationOutcome, SchemaPolicy};
 use store::embedded::EmbeddedStore;
-use store::{HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use store::{HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
 use switchyard_protocol::internal::RoomEvent;
 use switchyard_protocol::{subjects, ProjectId, RoomId};
 use tokio_util::sync::CancellationToken;
@@ -134,10 +134,10 @@ impl HistoryStore for AnyStore {
         }
     }
 
-    async fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> Result<u64, StoreError> {
+    async fn head(&self, tenant: &ProjectId, room: &RoomId) -> Result<RoomHead, StoreError> {
         match self {
-            AnyStore::Embedded(store) => store.last_seq(tenant, room).await,
-            AnyStore::Cql(store) => store.last_seq(tenant, room).await,
+            AnyStore::Embedded(store) => store.head(tenant, room).await,
+            AnyStore::Cql(store) => store.head(tenant, room).await,
         }
     }
 }

@@ -7,7 +7,7 @@ use switchyard_persistor::{migrate, run, PersistorConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     switchyard_service::init_logging();
-    let config = PersistorConfig::load().context("invalid persistor configuration")?;
+    let config = switchyard_service::config_or_exit("switchyard-persistor", PersistorConfig::load());
     match std::env::args().nth(1).as_deref() {
         None => run(config, switchyard_service::shutdown_on_signals()).await?,
         Some("migrate") => {

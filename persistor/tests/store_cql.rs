@@ -120,3 +120,144 @@ async fn cql_schema_is_migrated_idempotently_and_required() {
     let store = CqlStore::connect_with(config.clone()).await.expect("connect to a current schema");
     conformance::apply_and_history_order(&store).await;
 }
+
+/// A keyspace as a schema-1 release left it (messages, reactions and progress rows, no bucket index): `migrate`
+/// brings it to the current version, and the messages written before, however far apart, are still in history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_migration_indexes_messages_written_before_the_bucket_index() {
+    use futures::StreamExt;
+    use scylla::client::session_builder::SessionBuilder;
+    use switchyard_persistor::store::cql::{MigrationOutcome, SchemaPolicy, SCHEMA_VERSION};
+    use switchyard_persistor::store::{HistoryQuery, RoomHead};
+    use switchyard_protocol::MessageId;
+
+    let (nodes, _) = server();
+    let keyspace = format!("sy_legacy_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
+    let mut config = CqlConfig::new(&nodes, &keyspace);
+    assert_eq!(CqlStore::migrate_to(&config, 1).await.unwrap(), MigrationOutcome { from: 0, to: 1 });
+
+    // Rows in the schema-1 layout, written directly: one room with messages in buckets 0, 1 and 5,000,000 and a
+    // reaction, and more single-message rooms than one page of the backfill's partition scan.
+    let session = SessionBuilder::new().known_nodes(&nodes).build().await.unwrap();
+    let insert = session
+        .prepare(format!(
+            "INSERT INTO {keyspace}.messages (tenant, room, bucket, seq, id, sender, body, ts_us) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await
+        .unwrap();
+    let react = session
+        .prepare(format!(
+            "UPDATE {keyspace}.reactions USING TIMESTAMP ? SET removed = false \
+             WHERE tenant = ? AND room = ? AND bucket = ? AND target = ? AND emoji = ? AND reactor = ?"
+        ))
+        .await
+        .unwrap();
+    let progress = session
+        .prepare(format!(
+            "UPDATE {keyspace}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"
+        ))
+        .await
+        .unwrap();
+    let tenant = ProjectId::generate();
+    let ts = |seq: u64| conformance::ts_us_of(seq) as i64;
+    let message = |room: &str, seq: u64| {
+        let id = MessageId::generate(conformance::ts_us_of(seq) / 1000).to_string();
+        let values = (
+            tenant.to_string(),
+            room.to_owned(),
+            (seq / 1000) as i64,
+            seq as i64,
+            id,
+            "alice".to_owned(),
+            format!("{room} #{seq}"),
+            ts(seq),
+            ts(seq),
+        );
+        let insert = insert.clone();
+        let session = &session;
+        async move { session.execute_unpaged(&insert, values).await.map(|_| ()) }
+    };
+    let seqs = [1_u64, 2, 1_500, 5_000_000_000];
+    for seq in seqs {
+        message("legacy", seq).await.unwrap();
+    }
+    session
+        .execute_unpaged(&react, (ts(5_000_000_001), tenant.to_string(), "legacy", 1_i64, 1_500_i64, "👍", "bob"))
+        .await
+        .unwrap();
+    session
+        .execute_unpaged(&progress, (ts(5_000_000_001), 5_000_000_001_i64, tenant.to_string(), "legacy"))
+        .await
+        .unwrap();
+    let others = 1_100;
+    futures::stream::iter((0..others).map(|i| message(&format!("other-{i}"), 7)))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()
+        .unwrap();
+    for i in 0..others {
+        session.execute_unpaged(&progress, (ts(7), 7_i64, tenant.to_string(), format!("other-{i}"))).await.unwrap();
+    }
+
+    // This release refuses the old schema until it is migrated.
+    config.schema = SchemaPolicy::Require;
+    match CqlStore::connect_with(config.clone()).await {
+        Err(StoreError::Unavailable(message)) => {
+            assert!(message.contains("switchyard-persistor migrate"), "{message}")
+        }
+        other => panic!("a schema-1 keyspace must be refused, got {other:?}"),
+    }
+    assert_eq!(CqlStore::migrate(&config).await.unwrap(), MigrationOutcome { from: 1, to: SCHEMA_VERSION });
+    let store = CqlStore::connect_with(config.clone()).await.expect("connect to the migrated schema");
+    // Every bucket holding messages was indexed, across more than one page of the partition scan.
+    let (indexed,) = session
+        .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.room_buckets"), ())
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(i64,)>()
+        .unwrap();
+    assert_eq!(indexed, 3 + others as i64, "one index row per bucket holding messages");
+
+    // History finds every message written before the migration, in every direction.
+    let room = RoomId::parse("legacy").unwrap();
+    let page = |before: Option<u64>, after: Option<u64>, limit: u32| {
+        let query = HistoryQuery { tenant: tenant.clone(), room: room.clone(), before, after, limit };
+        let store = &store;
+        async move { store.history(&query).await.unwrap() }
+    };
+    let got = |p: &switchyard_persistor::store::HistoryPage| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let latest = page(None, None, 100).await;
+    assert_eq!(got(&latest), seqs.to_vec(), "latest page");
+    assert!(!latest.more);
+    assert_eq!(latest.messages[2].body.as_deref(), Some("legacy #1500"));
+    assert_eq!(latest.messages[2].reactions.get("👍").map(Vec::len), Some(1), "the reaction is folded in");
+    let forward = page(None, Some(0), 3).await;
+    assert_eq!((got(&forward), forward.more), (vec![1, 2, 1_500], true), "forward from the start");
+    let backward = page(Some(5_000_000_000), None, 2).await;
+    assert_eq!((got(&backward), backward.more), (vec![2, 1_500], true), "backward from the far message");
+    let both = page(Some(5_000_000_001), Some(1_500), 10).await;
+    assert_eq!((got(&both), both.more), (vec![5_000_000_000], false), "between the last two");
+    assert_eq!(
+        store.head(&tenant, &room).await.unwrap(),
+        RoomHead { last_seq: 5_000_000_001, last_ts_us: conformance::ts_us_of(5_000_000_001) },
+        "the head of a room written before the migration"
+    );
+    for i in [0, others / 2, others - 1] {
+        let query = HistoryQuery {
+            tenant: tenant.clone(),
+            room: RoomId::parse(&format!("other-{i}")).unwrap(),
+            before: None,
+            after: None,
+            limit: 10,
+        };
+        assert_eq!(got(&store.history(&query).await.unwrap()), vec![7], "room other-{i}");
+    }
+
+    // New writes after the migration go on from there.
+    conformance::apply_and_history_order(&store).await;
+}

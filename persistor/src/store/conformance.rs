@@ -1,11 +1,12 @@
 //! The conformance suite every `HistoryStore` backend must pass: ordering, paging with exact `more` across
-//! buckets, idempotent and order-insensitive apply, edit/delete/reaction folding, and tenant and room isolation.
+//! buckets (including messages millions of seqs apart), idempotent and order-insensitive apply, edit/delete/reaction
+//! folding, the room head, and tenant and room isolation.
 //!
 //! Each case works in fresh random tenants, so the suite can run again and again against the same database. Cases
 //! panic on the first mismatch (they are meant to be called from tests); they do not clean up what they wrote and
 //! do not test backend-specific failure modes such as outages.
 
-use super::{HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use super::{HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -23,12 +24,14 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     apply_and_history_order(store).await;
     query_bounds(store).await;
     joined_left_advance_last_seq(store).await;
+    room_head(store).await;
     edit_delete_reaction(store).await;
     early_edit_delete_reaction(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
     paging_across_buckets(store).await;
+    messages_far_apart(store).await;
     rejects_out_of_range_values(store).await;
 }
 
@@ -146,6 +149,13 @@ impl Room {
 
     async fn latest<S: HistoryStore>(&self, store: &S) -> HistoryPage {
         self.page(store, None, None, 100).await
+    }
+
+    async fn head<S: HistoryStore>(&self, store: &S) -> RoomHead {
+        match store.head(&self.tenant, &self.room).await {
+            Ok(head) => head,
+            Err(e) => panic!("head of {}/{} failed: {e}", self.tenant, self.room),
+        }
     }
 
     async fn last_seq<S: HistoryStore>(&self, store: &S) -> u64 {
@@ -369,6 +379,59 @@ pub async fn joined_left_advance_last_seq<S: HistoryStore>(store: &S) {
     assert_eq!(quiet.last_seq(store).await, 2);
     let page = quiet.latest(store).await;
     assert!(page.messages.is_empty() && !page.more, "{page:?}");
+}
+
+/// The head of a room is the highest seq of any event applied and that event's time: (0, 0) for an unknown room;
+/// events applied out of order and again leave the highest; a join, a leave, a reaction, an edit or a delete
+/// advances it as a message does.
+pub async fn room_head<S: HistoryStore>(store: &S) {
+    let head = |event: &RoomEvent| RoomHead { last_seq: event.seq, last_ts_us: event.ts_us };
+    let room = Room::fresh("head");
+    assert_eq!(room.head(store).await, RoomHead { last_seq: 0, last_ts_us: 0 }, "unknown room");
+
+    let early = [
+        room.msg(1, "alice", "one"),
+        room.msg(2, "bob", "two"),
+        room.joined(3, "carol"),
+        room.msg(4, "carol", "four"),
+        room.msg(5, "alice", "five"),
+    ];
+    // Out of order, the newest in the middle of its batch.
+    room.apply(store, &[early[1].clone(), early[4].clone(), early[0].clone()]).await;
+    assert_eq!(room.head(store).await, head(&early[4]), "the highest seq of a shuffled batch");
+    // Older events, one repeated, after the newest: nothing moves back.
+    room.apply(store, &[early[3].clone(), early[2].clone(), early[4].clone(), early[1].clone()]).await;
+    assert_eq!(room.head(store).await, head(&early[4]), "older and repeated events keep the head");
+
+    // Every kind of event advances it, one batch each.
+    let later = [
+        room.joined(6, "dave"),
+        room.left(7, "dave", Some("alice")),
+        room.react(8, 1, "bob", "👍", false),
+        room.edit(9, 1, "alice", "one, edited"),
+        room.delete(10, 2, "bob"),
+        room.react(11, 4, "bob", "👍", true),
+        room.msg(12, "carol", "twelve"),
+    ];
+    for event in &later {
+        room.apply(store, std::slice::from_ref(event)).await;
+        assert_eq!(room.head(store).await, head(event), "after {:?}", event.body);
+        assert_eq!(room.last_seq(store).await, event.seq);
+    }
+
+    // Everything again, newest first and twice over: the head stays.
+    let mut replay: Vec<RoomEvent> = early.iter().chain(later.iter()).cloned().collect();
+    replay.reverse();
+    room.apply(store, &replay).await;
+    room.apply(store, &replay).await;
+    assert_eq!(room.head(store).await, head(&later[6]), "replay keeps the head");
+
+    // A room that only ever saw non-message events has a head all the same; its neighbour has none.
+    let quiet = Room::new(&room.tenant, "head-quiet");
+    let quiet_events = [quiet.left(4, "erin", None), quiet.joined(3, "erin")];
+    quiet.apply(store, &quiet_events).await;
+    assert_eq!(quiet.head(store).await, head(&quiet_events[0]), "a trailing left is the head");
+    assert_eq!(Room::new(&room.tenant, "head-none").head(store).await, RoomHead::default());
 }
 
 /// Edits replace the body (the latest edit wins), deletes leave a tombstone, reactions are last-writer-wins per
@@ -806,5 +869,79 @@ pub async fn paging_across_buckets<S: HistoryStore>(store: &S) {
         let got = room.page(store, before, after, limit).await;
         let want = reference_page(&all, before, after, limit);
         assert_eq!(got, want, "before={before:?} after={after:?} limit={limit} (random seed {seed:#x})");
+    }
+}
+
+/// Two messages five billion seqs apart (millions of storage buckets between them), with joins, leaves, an edit
+/// and reactions around them and in the stretch between: every kind of page (after, before, both, neither) returns
+/// the right messages and `more`, without walking the empty stretch.
+pub async fn messages_far_apart<S: HistoryStore>(store: &S) {
+    const FAR: u64 = 5_000_000_000;
+    let room = Room::fresh("sparse");
+    let first = room.msg(1, "alice", "first");
+    let far = room.msg(FAR, "bob", "far away");
+    let mut near = vec![first.clone()];
+    for seq in 2..=300 {
+        near.push(match seq % 3 {
+            0 => room.joined(seq, "j"),
+            1 => room.left(seq, "j", None),
+            _ => room.react(seq, 1, &format!("r{}", seq % 7), "👍", seq % 5 == 0),
+        });
+    }
+    let between = [
+        room.joined(1_234_567, "k"),
+        room.edit(2_500_000_000, 1, "alice", "first, edited"),
+        room.react(4_999_999_999, 1, "zoe", "🎉", false),
+    ];
+    // The reaction on the far message arrives before the message itself.
+    let around_far =
+        [room.react(FAR + 2, FAR, "carol", "❤", false), room.left(FAR + 1, "k", None), room.joined(FAR - 1, "k")];
+
+    room.apply(store, &around_far).await;
+    room.apply(store, &between).await;
+    room.apply(store, &near).await;
+    room.apply(store, std::slice::from_ref(&far)).await;
+    assert_eq!(room.head(store).await, RoomHead { last_seq: FAR + 2, last_ts_us: ts_us_of(FAR + 2) });
+
+    let mut want_first = created(&first);
+    want_first.body = Some("first, edited".into());
+    want_first.edited_ts = Some(ts_us_of(2_500_000_000) / 1000);
+    // Reactions at seqs 2..=300 with seq % 3 == 2, by r(seq % 7), removed when seq % 5 == 0; the latest per user wins.
+    let mut latest: BTreeMap<String, bool> = BTreeMap::new();
+    for seq in (2..=300).filter(|s| s % 3 == 2) {
+        latest.insert(format!("r{}", seq % 7), seq % 5 == 0);
+    }
+    let thumbs: Vec<&str> = latest.iter().filter(|(_, removed)| !**removed).map(|(u, _)| u.as_str()).collect();
+    want_first.reactions = reactions(&[("👍", &thumbs), ("🎉", &["zoe"])]);
+    let mut want_far = created(&far);
+    want_far.reactions = reactions(&[("❤", &["carol"])]);
+    let all = vec![want_first, want_far];
+
+    let cases: [(Option<u64>, Option<u64>, u32); 20] = [
+        (None, None, 1),
+        (None, None, 2),
+        (None, None, 100),
+        (Some(FAR), None, 1),
+        (Some(FAR + 1), None, 1),
+        (Some(FAR + 1), None, 2),
+        (Some(FAR + 3), None, 100),
+        (Some(2), None, 1),
+        (None, Some(0), 1),
+        (None, Some(0), 2),
+        (None, Some(1), 1),
+        (None, Some(1), 100),
+        (None, Some(FAR), 5),
+        (None, Some(FAR - 1), 1),
+        (Some(FAR + 1), Some(0), 1),
+        (Some(FAR + 1), Some(0), 2),
+        (Some(FAR + 1), Some(1), 1),
+        (Some(FAR), Some(1), 10),
+        (Some(FAR), Some(0), 10),
+        (Some(u64::MAX), Some(0), 1),
+    ];
+    for (before, after, limit) in cases {
+        let got = room.page(store, before, after, limit).await;
+        let want = reference_page(&all, before, after, limit);
+        assert_eq!(got, want, "far apart: before={before:?} after={after:?} limit={limit}");
     }
 }

@@ -3,14 +3,20 @@
 //! Messages live in partitions of (tenant, room, bucket = seq / [`BUCKET_SIZE`]) clustered by seq; every cell is
 //! written `USING TIMESTAMP` the event's `ts_us`, so the database's own last-write-wins makes apply idempotent and
 //! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
-//! a per-room progress row holds the last seq. No null is ever written (absent fields stay unset, a delete erases
-//! the body with an empty string), so writes make no tombstones.
+//! a per-room progress row holds the last seq (its write time is that event's `ts_us`, which makes the room's
+//! head). No null is ever written (absent fields stay unset, a delete erases the body with an empty string), so
+//! writes make no tombstones.
 //!
-//! The schema is versioned (`schema_version` table): [`CqlStore::migrate`] creates or upgrades it idempotently, and
-//! [`SchemaPolicy::Require`] refuses to run on a schema that is not current. This module never drops anything and
-//! does not expire history.
+//! A per-room index, `room_buckets`, lists the buckets that hold messages (a row written with every `msg`). A
+//! history page reads the index and scans only those buckets, so its cost does not grow with the stretches of
+//! joins, leaves and reactions between messages: a page of `limit` messages scans at most `limit + 1` buckets
+//! holding messages (plus at most the two at the ends of its range), whatever lies between them.
+//!
+//! The schema is versioned (`schema_version` table): [`CqlStore::migrate`] creates or upgrades it idempotently
+//! (a step may backfill what it adds from the rows already stored), and [`SchemaPolicy::Require`] refuses to run on
+//! a schema that is not current. This module never drops anything and does not expire history.
 
-use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -19,8 +25,9 @@ use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Statement;
 use scylla::value::MaybeUnset;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +43,14 @@ const MAX_BATCH_STATEMENTS: usize = 100;
 
 /// Rough cap on the bound values of one batch, in bytes; a batch is cut before it grows past this.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Buckets read from `room_buckets` per index query while a page is assembled. A dense room's page needs one or
+/// two buckets, so the first index query almost always suffices; a sparse room's page reads a few more.
+const INDEX_PAGE: usize = 16;
+
+/// Rows per page while a migration reads existing rows, and writes it keeps in flight.
+const BACKFILL_PAGE: i32 = 1_000;
+const BACKFILL_CONCURRENCY: usize = 32;
 
 /// The bucket (partition) a seq belongs to.
 pub fn bucket_of(seq: u64) -> u64 {
@@ -109,53 +124,124 @@ pub enum SchemaPolicy {
 
 /// The schema version this code reads and writes. Every change to the tables adds a step to [`migrations`] and
 /// raises this number.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The row of `schema_version` that holds the history schema's version.
 const SCHEMA_COMPONENT: &str = "history";
 
-/// One schema step: the version it brings the keyspace to, what it does, and its statements (each idempotent, so
-/// a step interrupted half-way, or run twice by two processes, is simply run again).
+/// One schema step: the version it brings the keyspace to, what it does, its statements, then the backfill of
+/// what they added from the rows already stored, if any. Statements and backfill are each idempotent, so a step
+/// interrupted half-way, or run twice by two processes, is simply run again; the version is recorded only after
+/// both.
 struct Migration {
     version: i32,
     description: &'static str,
     statements: Vec<String>,
+    backfill: Option<Backfill>,
+}
+
+/// Work on existing rows that a schema step does after its statements.
+#[derive(Debug, Clone, Copy)]
+enum Backfill {
+    /// Write a `room_buckets` row for every bucket of `messages` (version 2).
+    RoomBuckets,
+}
+
+impl Backfill {
+    async fn run(self, session: &Session, ks: &str) -> Result<(), StoreError> {
+        match self {
+            Backfill::RoomBuckets => backfill_room_buckets(session, ks).await,
+        }
+    }
+}
+
+/// Index every bucket `messages` holds: its partition keys, read in pages, each written to `room_buckets`. A
+/// bucket holding only rows of edits, deletes or reactions whose message never arrived is indexed too; that costs
+/// a page one scan that finds nothing, never a wrong answer.
+async fn backfill_room_buckets(session: &Session, ks: &str) -> Result<(), StoreError> {
+    let mut insert = session
+        .prepare(format!("INSERT INTO {ks}.room_buckets (tenant, room, bucket) VALUES (?, ?, ?)"))
+        .await
+        .map_err(|e| unavailable("cannot prepare the bucket index backfill", e))?;
+    insert.set_is_idempotent(true);
+    let mut select = Statement::new(format!("SELECT DISTINCT tenant, room, bucket FROM {ks}.messages"));
+    select.set_page_size(BACKFILL_PAGE);
+    select.set_is_idempotent(true);
+    let pager =
+        session.query_iter(select, ()).await.map_err(|e| unavailable("cannot read the message partitions", e))?;
+    let rows = pager
+        .rows_stream::<(String, String, i64)>()
+        .map_err(|e| corrupt("message partition keys have unexpected types", e))?;
+    let insert = &insert;
+    rows.map(|row| async move {
+        let (tenant, room, bucket) = row.map_err(|e| match e {
+            scylla::errors::NextRowError::NextPageError(e) => unavailable("cannot read the message partitions", e),
+            other => corrupt("undecodable message partition key", other),
+        })?;
+        session
+            .execute_unpaged(insert, (tenant, room, bucket))
+            .await
+            .map_err(|e| unavailable("cannot write the bucket index", e))?;
+        Ok::<(), StoreError>(())
+    })
+    .buffer_unordered(BACKFILL_CONCURRENCY)
+    .try_collect::<()>()
+    .await
 }
 
 /// Every schema step, oldest first.
 fn migrations(ks: &str) -> Vec<Migration> {
-    vec![Migration {
-        version: 1,
-        description: "messages, reactions and room progress",
-        statements: vec![
-            // Messages: one partition per (tenant, room, bucket of BUCKET_SIZE seqs), so a partition stays small
-            // (at most BUCKET_SIZE rows) however long a room lives; clustered by seq for range pages.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.messages (\
-                 tenant text, room text, bucket bigint, seq bigint, \
-                 id text, sender text, body text, attrs text, reply_to bigint, ts_us bigint, \
-                 edited_us bigint, deleted boolean, \
-                 PRIMARY KEY ((tenant, room, bucket), seq)\
-                 ) WITH CLUSTERING ORDER BY (seq ASC)"
-            ),
-            // Reactions: in the bucket of the message they target; one row per (message, emoji, user) so an add and
-            // a remove of the same reaction settle by timestamp.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.reactions (\
-                 tenant text, room text, bucket bigint, target bigint, emoji text, reactor text, \
-                 removed boolean, \
-                 PRIMARY KEY ((tenant, room, bucket), target, emoji, reactor)\
-                 )"
-            ),
-            // A room's highest applied seq: bounds history scans and tells a history request the store caught up.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.room_progress (\
-                 tenant text, room text, last_seq bigint, \
-                 PRIMARY KEY ((tenant, room))\
-                 )"
-            ),
-        ],
-    }]
+    vec![
+        Migration {
+            version: 1,
+            description: "messages, reactions and room progress",
+            statements: vec![
+                // Messages: one partition per (tenant, room, bucket of BUCKET_SIZE seqs), so a partition stays
+                // small (at most BUCKET_SIZE rows) however long a room lives; clustered by seq for range pages.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.messages (\
+                     tenant text, room text, bucket bigint, seq bigint, \
+                     id text, sender text, body text, attrs text, reply_to bigint, ts_us bigint, \
+                     edited_us bigint, deleted boolean, \
+                     PRIMARY KEY ((tenant, room, bucket), seq)\
+                     ) WITH CLUSTERING ORDER BY (seq ASC)"
+                ),
+                // Reactions: in the bucket of the message they target; one row per (message, emoji, user) so an
+                // add and a remove of the same reaction settle by timestamp.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.reactions (\
+                     tenant text, room text, bucket bigint, target bigint, emoji text, reactor text, \
+                     removed boolean, \
+                     PRIMARY KEY ((tenant, room, bucket), target, emoji, reactor)\
+                     )"
+                ),
+                // A room's highest applied seq (its write time is that event's ts_us): bounds history scans, tells
+                // a history request the store caught up, and is the room's head.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.room_progress (\
+                     tenant text, room text, last_seq bigint, \
+                     PRIMARY KEY ((tenant, room))\
+                     )"
+                ),
+            ],
+            backfill: None,
+        },
+        Migration {
+            version: 2,
+            description: "room_buckets: the buckets of each room that hold messages",
+            statements: vec![
+                // The buckets holding messages, per room: a history page scans only these, however many buckets of
+                // joins, leaves and reactions lie between them.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.room_buckets (\
+                     tenant text, room text, bucket bigint, \
+                     PRIMARY KEY ((tenant, room), bucket)\
+                     ) WITH CLUSTERING ORDER BY (bucket ASC)"
+                ),
+            ],
+            backfill: Some(Backfill::RoomBuckets),
+        },
+    ]
 }
 
 /// What a migration found and left.
@@ -208,8 +294,14 @@ fn check_current(ks: &str, found: i32) -> Result<(), StoreError> {
     }
 }
 
-/// Create the keyspace when missing and apply every schema step above its recorded version, recording each.
-async fn migrate_session(session: &Session, ks: &str, replication: &str) -> Result<MigrationOutcome, StoreError> {
+/// Create the keyspace when missing and apply every schema step above its recorded version up to `target`,
+/// recording each.
+async fn migrate_session(
+    session: &Session,
+    ks: &str,
+    replication: &str,
+    target: i32,
+) -> Result<MigrationOutcome, StoreError> {
     let ddl = |what: &'static str| move |e| unavailable(what, e);
     session
         .query_unpaged(
@@ -232,9 +324,12 @@ async fn migrate_session(session: &Session, ks: &str, replication: &str) -> Resu
     if from > SCHEMA_VERSION {
         check_current(ks, from)?;
     }
-    for step in migrations(ks).into_iter().filter(|m| m.version > from) {
+    for step in migrations(ks).into_iter().filter(|m| m.version > from && m.version <= target) {
         for statement in step.statements {
             session.query_unpaged(statement, ()).await.map_err(ddl("cannot apply a schema step"))?;
+        }
+        if let Some(backfill) = step.backfill {
+            backfill.run(session, ks).await?;
         }
         session
             .query_unpaged(
@@ -248,7 +343,7 @@ async fn migrate_session(session: &Session, ks: &str, replication: &str) -> Resu
             .map_err(ddl("cannot record the schema version"))?;
         tracing::info!(keyspace = ks, version = step.version, step = step.description, "history schema step applied");
     }
-    Ok(MigrationOutcome { from, to: SCHEMA_VERSION.max(from) })
+    Ok(MigrationOutcome { from, to: target.max(from) })
 }
 
 /// The prepared statements, one per kind of read or write.
@@ -262,10 +357,16 @@ struct Statements {
     delete: PreparedStatement,
     /// A reaction add or remove.
     react: PreparedStatement,
+    /// Index the bucket of a `msg`.
+    index_bucket: PreparedStatement,
     /// The room's last seq.
     progress: PreparedStatement,
-    /// Read the room's last seq.
+    /// Read the room's last seq and its write time (the `ts_us` of that event).
     select_progress: PreparedStatement,
+    /// Indexed buckets of a room between two inclusive buckets, ascending, limited.
+    select_buckets_asc: PreparedStatement,
+    /// The same, descending.
+    select_buckets_desc: PreparedStatement,
     /// Messages of one bucket between two exclusive seqs, ascending, limited.
     select_asc: PreparedStatement,
     /// The same, descending.
@@ -378,7 +479,7 @@ struct Write {
     bytes: usize,
 }
 
-/// The partition a write lands in: (table, tenant, room, bucket).
+/// The partition a write lands in: (table, tenant, room, bucket); the bucket is 0 for tables partitioned by room.
 type PartitionKey = (&'static str, String, String, u64);
 
 impl CqlStore {
@@ -390,8 +491,17 @@ impl CqlStore {
     /// Create the keyspace when missing and bring its schema to [`SCHEMA_VERSION`]; idempotent, and safe to run
     /// again after an interruption. What `switchyard-persistor migrate` runs.
     pub async fn migrate(config: &CqlConfig) -> Result<MigrationOutcome, StoreError> {
+        Self::migrate_to(config, SCHEMA_VERSION).await
+    }
+
+    /// [`CqlStore::migrate`], stopping at schema version `target` (1..=[`SCHEMA_VERSION`]): how the tests build a
+    /// keyspace as an earlier release left it. A schema already at or beyond `target` is left as it is.
+    pub async fn migrate_to(config: &CqlConfig, target: i32) -> Result<MigrationOutcome, StoreError> {
+        if !(1..=SCHEMA_VERSION).contains(&target) {
+            return Err(StoreError::InvalidQuery(format!("schema version {target} is outside 1..={SCHEMA_VERSION}")));
+        }
         let (session, ks, replication) = Self::session(config).await?;
-        migrate_session(&session, &ks, &replication).await
+        migrate_session(&session, &ks, &replication, target).await
     }
 
     /// The keyspace's recorded schema version (0 when there is none).
@@ -424,7 +534,7 @@ impl CqlStore {
 
         match config.schema {
             SchemaPolicy::Migrate => {
-                migrate_session(&session, &ks, &replication).await?;
+                migrate_session(&session, &ks, &replication, SCHEMA_VERSION).await?;
             }
             SchemaPolicy::Require => {
                 let found = schema_version(&session, &ks).await?;
@@ -447,8 +557,17 @@ impl CqlStore {
                 "UPDATE {ks}.reactions USING TIMESTAMP ? SET removed = ? \
                  WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
             ),
+            format!("INSERT INTO {ks}.room_buckets (tenant, room, bucket) VALUES (?, ?, ?) USING TIMESTAMP ?"),
             format!("UPDATE {ks}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"),
-            format!("SELECT last_seq FROM {ks}.room_progress WHERE tenant = ? AND room = ?"),
+            format!("SELECT last_seq, WRITETIME(last_seq) FROM {ks}.room_progress WHERE tenant = ? AND room = ?"),
+            format!(
+                "SELECT bucket FROM {ks}.room_buckets WHERE tenant = ? AND room = ? AND bucket >= ? AND bucket <= ? \
+                 ORDER BY bucket ASC LIMIT ?"
+            ),
+            format!(
+                "SELECT bucket FROM {ks}.room_buckets WHERE tenant = ? AND room = ? AND bucket >= ? AND bucket <= ? \
+                 ORDER BY bucket DESC LIMIT ?"
+            ),
             format!(
                 "SELECT {columns} FROM {ks}.messages WHERE {key} AND seq > ? AND seq < ? \
                  ORDER BY seq ASC LIMIT ?"
@@ -477,8 +596,11 @@ impl CqlStore {
             edit: next()?,
             delete: next()?,
             react: next()?,
+            index_bucket: next()?,
             progress: next()?,
             select_progress: next()?,
+            select_buckets_asc: next()?,
+            select_buckets_desc: next()?,
             select_asc: next()?,
             select_desc: next()?,
             select_reactions: next()?,
@@ -579,6 +701,19 @@ impl CqlStore {
         Ok(write)
     }
 
+    /// The index row of a message's bucket. It is part of the message's writes (one per bucket per `apply`), and
+    /// only a `msg` writes one: edits, deletes and reactions live in the bucket of their target, and one that
+    /// arrives before its message is invisible to history until the message, and its index row, arrive.
+    fn index_write(&self, event: &RoomEvent, bucket: u64, ts: i64) -> (PartitionKey, Write) {
+        let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
+        let bytes = tenant.len() + room.len() + 16;
+        let values = (tenant.clone(), room.clone(), bucket as i64, ts);
+        (
+            ("room_buckets", tenant, room, 0),
+            Write { statement: self.statements.index_bucket.clone(), values: Box::new(values), bytes },
+        )
+    }
+
     /// Run one group of writes for a single partition: alone, or as one unlogged batch.
     async fn run_group(&self, mut group: Vec<Write>) -> Result<(), StoreError> {
         if group.len() == 1 {
@@ -610,18 +745,52 @@ impl CqlStore {
             .map(|_| ())
     }
 
-    async fn fetch_last_seq(&self, tenant: &str, room: &str) -> Result<u64, StoreError> {
+    /// The room's progress row: its last seq, and the write time of that cell, which is the `ts_us` of the event
+    /// that wrote it. Every event of a room is newer than those before it, so the cell that wins by timestamp is
+    /// the one of the highest seq.
+    async fn fetch_head(&self, tenant: &str, room: &str) -> Result<RoomHead, StoreError> {
         let result = self
             .session
             .execute_unpaged(&self.statements.select_progress, (tenant, room))
             .await
-            .map_err(|e| unavailable("last seq read failed", e))?;
-        let rows = result.into_rows_result().map_err(|e| corrupt("last seq read returned no rows result", e))?;
-        let row = rows.maybe_first_row::<(Option<i64>,)>().map_err(|e| corrupt("undecodable room progress row", e))?;
+            .map_err(|e| unavailable("room head read failed", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("room head read returned no rows result", e))?;
+        let row = rows
+            .maybe_first_row::<(Option<i64>, Option<i64>)>()
+            .map_err(|e| corrupt("undecodable room progress row", e))?;
         match row {
-            Some((Some(seq),)) => from_bigint("last_seq", seq),
-            _ => Ok(0),
+            Some((Some(seq), ts)) => Ok(RoomHead {
+                last_seq: from_bigint("last_seq", seq)?,
+                last_ts_us: ts.map(|ts| from_bigint("last_seq write time", ts)).transpose()?.unwrap_or(0),
+            }),
+            _ => Ok(RoomHead::default()),
         }
+    }
+
+    /// Up to [`INDEX_PAGE`] buckets of the room's index within `[first, last]`, in the given direction.
+    async fn indexed_buckets(
+        &self,
+        tenant: &str,
+        room: &str,
+        (first, last): (u64, u64),
+        ascending: bool,
+    ) -> Result<Vec<u64>, StoreError> {
+        let statement =
+            if ascending { &self.statements.select_buckets_asc } else { &self.statements.select_buckets_desc };
+        let limit = INDEX_PAGE as i32;
+        let result = self
+            .session
+            .execute_unpaged(statement, (tenant, room, to_bigint("bucket", first)?, to_bigint("bucket", last)?, limit))
+            .await
+            .map_err(|e| unavailable("bucket index read failed", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("bucket index read returned no rows result", e))?;
+        let iter = rows.rows::<(i64,)>().map_err(|e| corrupt("bucket index rows have unexpected types", e))?;
+        let mut out = Vec::with_capacity(INDEX_PAGE);
+        for row in iter {
+            let (bucket,) = row.map_err(|e| corrupt("undecodable bucket index row", e))?;
+            out.push(from_bigint("bucket", bucket)?);
+        }
+        Ok(out)
     }
 
     /// Up to `want` rows of one bucket strictly between the two `bounds`, in the given direction.
@@ -702,7 +871,7 @@ impl CqlStore {
             },
             None => 1,
         };
-        let last_seq = self.fetch_last_seq(tenant, room).await?;
+        let last_seq = self.fetch_head(tenant, room).await?.last_seq;
         let last = match query.before {
             Some(0) => return Ok(empty),
             Some(before) => (before - 1).min(last_seq),
@@ -716,36 +885,49 @@ impl CqlStore {
         let hi = to_bigint("seq", last)?.saturating_add(1);
 
         let ascending = query.after.is_some();
-        let buckets: Box<dyn Iterator<Item = u64> + Send> = if ascending {
-            Box::new(bucket_of(first)..=bucket_of(last))
-        } else {
-            Box::new((bucket_of(first)..=bucket_of(last)).rev())
-        };
 
-        // Walk buckets from the end the query starts at until one message past the page is found.
+        // Walk the buckets that hold messages, from the end the query starts at, until one message past the page
+        // is found. The index is read a few buckets at a time; `(from, to)` is the part of the range not read yet.
         let mut picked: Vec<MessageRow> = Vec::with_capacity(limit + 1);
-        'buckets: for bucket in buckets {
-            let (mut lo_b, mut hi_b) = (lo, hi);
-            loop {
-                let want = limit + 1 - picked.len();
-                let rows = self.scan(tenant, room, bucket, (lo_b, hi_b), want, ascending).await?;
-                let exhausted = rows.len() < want;
-                for row in rows {
-                    if ascending {
-                        lo_b = row.seq_i64;
+        let (mut from, mut to) = (bucket_of(first), bucket_of(last));
+        'index: loop {
+            let buckets = self.indexed_buckets(tenant, room, (from, to), ascending).await?;
+            for &bucket in &buckets {
+                let (mut lo_b, mut hi_b) = (lo, hi);
+                loop {
+                    let want = limit + 1 - picked.len();
+                    let rows = self.scan(tenant, room, bucket, (lo_b, hi_b), want, ascending).await?;
+                    let exhausted = rows.len() < want;
+                    for row in rows {
+                        if ascending {
+                            lo_b = row.seq_i64;
+                        } else {
+                            hi_b = row.seq_i64;
+                        }
+                        if row.create.is_some() {
+                            picked.push(row);
+                        }
+                    }
+                    if picked.len() > limit {
+                        break 'index;
+                    }
+                    if exhausted {
+                        break;
+                    }
+                }
+            }
+            // A short index page was the last one; otherwise the next starts past the last bucket read.
+            match buckets.last() {
+                Some(&bucket) if buckets.len() == INDEX_PAGE => {
+                    if ascending && bucket < to {
+                        from = bucket + 1;
+                    } else if !ascending && bucket > from {
+                        to = bucket - 1;
                     } else {
-                        hi_b = row.seq_i64;
-                    }
-                    if row.create.is_some() {
-                        picked.push(row);
+                        break;
                     }
                 }
-                if picked.len() > limit {
-                    break 'buckets;
-                }
-                if exhausted {
-                    break;
-                }
+                _ => break,
             }
         }
         let more = picked.len() > limit;
@@ -887,6 +1069,8 @@ impl HistoryStore for CqlStore {
         let mut by_partition: HashMap<PartitionKey, Vec<Write>> = HashMap::new();
         // Per room, the (seq, ts_us) of its newest event in this call.
         let mut progress: HashMap<(String, String), (i64, i64)> = HashMap::new();
+        // The buckets of this call's messages already given an index write.
+        let mut indexed: HashSet<(&str, &str, u64)> = HashSet::new();
         for event in events {
             let seq = to_bigint("seq", event.seq)?;
             let ts = to_bigint("ts_us", event.ts_us)?;
@@ -894,7 +1078,15 @@ impl HistoryStore for CqlStore {
             if seq > newest.0 {
                 *newest = (seq, ts);
             }
-            if let Some((key, write)) = self.writes_of(event)? {
+            let index = match &event.body {
+                EventBody::Msg { .. } => {
+                    let bucket = bucket_of(event.seq);
+                    let first_of_bucket = indexed.insert((event.tenant.as_str(), event.room.as_str(), bucket));
+                    first_of_bucket.then(|| self.index_write(event, bucket, ts))
+                }
+                _ => None,
+            };
+            for (key, write) in self.writes_of(event)?.into_iter().chain(index) {
                 let group = by_partition.entry(key.clone()).or_default();
                 if group.is_empty() {
                     order.push(key);
@@ -946,7 +1138,7 @@ impl HistoryStore for CqlStore {
         self.page(query).await
     }
 
-    async fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> Result<u64, StoreError> {
-        self.fetch_last_seq(tenant.as_str(), room.as_str()).await
+    async fn head(&self, tenant: &ProjectId, room: &RoomId) -> Result<RoomHead, StoreError> {
+        self.fetch_head(tenant.as_str(), room.as_str()).await
     }
 }

@@ -4,11 +4,15 @@
 //! It folds room events into per-message rows whose fields carry the `ts_us` of the event that wrote them, so
 //! events may arrive in any order and any number of times. It does not replicate, shard, expire or compact
 //! history, and it does not check who may read a room.
+//!
+//! A room's head (its highest seq and that event's time) is kept in `room_head`, written in the same transaction
+//! as the events. `room_last_seq`, the seq alone, is still written beside it, so a file stays readable by earlier
+//! releases, and is the fallback for rooms whose events were all written before `room_head` existed.
 
-use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, StoreError};
+use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +34,9 @@ const REACTIONS: TableDefinition<ReactionKey, (u64, bool)> = TableDefinition::ne
 
 /// (tenant, room) -> the highest seq of any applied event.
 const ROOMS: TableDefinition<(&str, &str), u64> = TableDefinition::new("room_last_seq");
+
+/// (tenant, room) -> (the highest seq of any applied event, that event's `ts_us`).
+const HEADS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("room_head");
 
 /// The first byte of every encoded row; a different byte means a format this code cannot read.
 const ROW_FORMAT: u8 = 1;
@@ -204,6 +211,7 @@ impl EmbeddedStore {
         txn.open_table(MESSAGES).map_err(db_err)?;
         txn.open_table(REACTIONS).map_err(db_err)?;
         txn.open_table(ROOMS).map_err(db_err)?;
+        txn.open_table(HEADS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(EmbeddedStore { db: Arc::new(db), path: file })
     }
@@ -231,13 +239,16 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
         let mut messages = txn.open_table(MESSAGES).map_err(db_err)?;
         let mut reactions = txn.open_table(REACTIONS).map_err(db_err)?;
         let mut rooms = txn.open_table(ROOMS).map_err(db_err)?;
+        let mut heads = txn.open_table(HEADS).map_err(db_err)?;
+        // Per room, the newest event of this batch: (seq, ts_us).
+        let mut newest: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         for event in events {
             let tenant = event.tenant.as_str();
             let room = event.room.as_str();
 
-            let last = rooms.get((tenant, room)).map_err(db_err)?.map(|g| g.value()).unwrap_or(0);
-            if event.seq > last {
-                rooms.insert((tenant, room), event.seq).map_err(db_err)?;
+            let top = newest.entry((tenant, room)).or_insert((event.seq, event.ts_us));
+            if event.seq > top.0 {
+                *top = (event.seq, event.ts_us);
             }
 
             let row_seq = match &event.body {
@@ -272,8 +283,36 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 }
             }
         }
+        for ((tenant, room), (seq, ts_us)) in newest {
+            if seq > head_of(&rooms, &heads, &messages, tenant, room)?.last_seq {
+                heads.insert((tenant, room), (seq, ts_us)).map_err(db_err)?;
+                rooms.insert((tenant, room), seq).map_err(db_err)?;
+            }
+        }
     }
     txn.commit().map_err(db_err)
+}
+
+/// A room's head: from `room_head`, unless `room_last_seq` is ahead of it (the room's newest events were written
+/// by a release before `room_head`); then its seq, with the time of the message at that seq when it is one, else 0.
+fn head_of(
+    rooms: &impl ReadableTable<(&'static str, &'static str), u64>,
+    heads: &impl ReadableTable<(&'static str, &'static str), (u64, u64)>,
+    messages: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
+    tenant: &str,
+    room: &str,
+) -> Result<RoomHead, StoreError> {
+    let last_seq = rooms.get((tenant, room)).map_err(db_err)?.map(|g| g.value()).unwrap_or(0);
+    if let Some((seq, ts_us)) = heads.get((tenant, room)).map_err(db_err)?.map(|g| g.value()) {
+        if seq >= last_seq {
+            return Ok(RoomHead { last_seq: seq, last_ts_us: ts_us });
+        }
+    }
+    let last_ts_us = match messages.get((tenant, room, last_seq)).map_err(db_err)? {
+        Some(bytes) if last_seq > 0 => StoredRow::decode(bytes.value())?.create.map_or(0, |c| c.ts_us),
+        _ => 0,
+    };
+    Ok(RoomHead { last_seq, last_ts_us })
 }
 
 fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
@@ -361,10 +400,12 @@ fn empty_page() -> HistoryPage {
     HistoryPage { messages: Vec::new(), more: false }
 }
 
-fn last_seq_blocking(db: &Database, tenant: &str, room: &str) -> Result<u64, StoreError> {
+fn head_blocking(db: &Database, tenant: &str, room: &str) -> Result<RoomHead, StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
     let rooms = txn.open_table(ROOMS).map_err(db_err)?;
-    Ok(rooms.get((tenant, room)).map_err(db_err)?.map(|g| g.value()).unwrap_or(0))
+    let heads = txn.open_table(HEADS).map_err(db_err)?;
+    let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+    head_of(&rooms, &heads, &messages, tenant, room)
 }
 
 impl HistoryStore for EmbeddedStore {
@@ -383,9 +424,57 @@ impl HistoryStore for EmbeddedStore {
         self.blocking(move |db| history_blocking(db, &query)).await
     }
 
-    async fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> Result<u64, StoreError> {
+    async fn head(&self, tenant: &ProjectId, room: &RoomId) -> Result<RoomHead, StoreError> {
         let tenant = tenant.to_string();
         let room = room.to_string();
-        self.blocking(move |db| last_seq_blocking(db, &tenant, &room)).await
+        self.blocking(move |db| head_blocking(db, &tenant, &room)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_protocol::internal::INTERNAL_VERSION;
+
+    fn event(tenant: &ProjectId, room: &RoomId, seq: u64, body: EventBody) -> RoomEvent {
+        RoomEvent { v: INTERNAL_VERSION, tenant: tenant.clone(), room: room.clone(), seq, ts_us: 1_000_000 + seq, body }
+    }
+
+    /// A file written before `room_head` existed holds only `room_last_seq`: the head falls back to it (with the
+    /// time of the message at that seq, when it is one), and the next newer event records the head in full.
+    #[test]
+    fn head_falls_back_to_the_seq_only_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let (tenant, room) = (ProjectId::generate(), RoomId::parse("old").unwrap());
+        let user = UserId::parse("alice").unwrap();
+        let msg = |seq| {
+            let id = MessageId::generate(seq);
+            event(
+                &tenant,
+                &room,
+                seq,
+                EventBody::Msg { id, from: user.clone(), body: "b".into(), attrs: None, reply_to: None },
+            )
+        };
+        let joined = |seq| event(&tenant, &room, seq, EventBody::Joined { user: user.clone() });
+        let forget_heads = || {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(HEADS).unwrap().remove((tenant.as_str(), room.as_str())).unwrap();
+            txn.commit().unwrap();
+        };
+        let head = || head_blocking(&store.db, tenant.as_str(), room.as_str()).unwrap();
+
+        apply_blocking(&store.db, &[joined(1), msg(2)]).unwrap();
+        forget_heads();
+        assert_eq!(head(), RoomHead { last_seq: 2, last_ts_us: 1_000_002 }, "a message's own time");
+
+        apply_blocking(&store.db, &[joined(3)]).unwrap();
+        forget_heads();
+        assert_eq!(head(), RoomHead { last_seq: 3, last_ts_us: 0 }, "a join's time is not kept in the old table");
+        apply_blocking(&store.db, &[msg(2), joined(1)]).unwrap();
+        assert_eq!(head(), RoomHead { last_seq: 3, last_ts_us: 0 }, "older events do not move the head back");
+        apply_blocking(&store.db, &[joined(4)]).unwrap();
+        assert_eq!(head(), RoomHead { last_seq: 4, last_ts_us: 1_000_004 }, "a newer event records the head");
     }
 }

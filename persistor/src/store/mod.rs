@@ -1,8 +1,9 @@
 //! The history store: the trait every backend implements, the query and page types, and the backends themselves
 //! (`cql` for ScyllaDB/Cassandra, `embedded` for single-machine mode on redb).
 //!
-//! A store applies sequenced room events idempotently and answers history pages. It does not consume JetStream,
-//! decide what is acknowledged, or check who may read a room.
+//! A store applies sequenced room events idempotently, answers history pages and tells a room's head (its highest
+//! seq and that event's time). It does not consume JetStream, decide what is acknowledged, or check who may read a
+//! room.
 
 pub mod conformance;
 pub mod cql;
@@ -44,6 +45,15 @@ pub struct HistoryQuery {
     pub limit: u32,
 }
 
+/// The newest event a store holds for a room: the highest seq of any event applied for it, and that event's
+/// `ts_us`. Both 0 when the store has nothing for the room. Router shards continue a room's seq (and keep its
+/// timestamps increasing) from it once the room's events have left the events stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomHead {
+    pub last_seq: u64,
+    pub last_ts_us: u64,
+}
+
 /// One page of messages, ascending by seq.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryPage {
@@ -64,8 +74,14 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// One page of a room's messages (events of kind `msg`, with their edits, deletes and reactions folded in).
     fn history(&self, query: &HistoryQuery) -> impl Future<Output = Result<HistoryPage, StoreError>> + Send;
 
+    /// The room's head: the highest seq of any event applied for the room (of any kind: a join, a leave or a
+    /// reaction counts as much as a message) and that event's `ts_us`; both 0 when none.
+    fn head(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<RoomHead, StoreError>> + Send;
+
     /// The highest seq of any event applied for the room, 0 when none.
-    fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async move { Ok(self.head(tenant, room).await?.last_seq) }
+    }
 }
 
 /// Refuse an event carrying a number no store holds: every stored seq, target, reply and time must fit a signed
