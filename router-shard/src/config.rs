@@ -181,7 +181,10 @@ mod tests {
         config.router_id = "r1".into();
         config.stream_max_age_secs = 60;
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("stream_max_age_secs") && err.contains("duplicate window") && !err.contains('\n'), "{err}");
+        assert!(
+            err.contains("stream_max_age_secs") && err.contains("duplicate window") && !err.contains('\n'),
+            "{err}"
+        );
         config.stream_duplicate_window_secs = 30;
         config.validate().unwrap();
         let err = config.apply_env(|_| Some("x".into())).unwrap_err();

@@ -19,7 +19,7 @@ use switchyard_persistor::store::{HistoryQuery, HistoryStore};
 use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ProjectId, RoomId, ShardId};
-use switchyard_testkit::{nats_url, wait_for_balanced_shards, Fleet, Tenant};
+use switchyard_testkit::{nats_url, wait_for_balanced_shards, Fleet, StoreKind, Tenant};
 use tokio::task::JoinHandle;
 
 const SHARDS: u16 = switchyard_protocol::limits::DEFAULT_SHARD_COUNT;
@@ -790,4 +790,131 @@ async fn a_resumed_owner_cannot_undo_membership_changes() {
     }
     fleet.stop().await;
     routers.shutdown().await;
+}
+
+/// A room's history as the store holds it: (seq, body, deleted, edited).
+async fn history_rows(fleet: &Fleet, tenant: &ProjectId, room: &RoomId) -> Vec<(u64, Option<String>, bool, bool)> {
+    let query = HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: None, limit: 100 };
+    let page = fleet.store.history(&query).await.expect("history page");
+    page.messages.into_iter().map(|m| (m.seq, m.body, m.deleted, m.edited_ts.is_some())).collect()
+}
+
+/// A room whose events all left the events stream, served by router shards that lost every cached fact of it
+/// (SIGKILLed and replaced), continues its seq after the last event it ever had; its history keeps every message,
+/// edit and delete; `join {since}` across the missing range answers `resume_gap`, and replays what the stream holds.
+async fn a_room_outlives_its_events_in_the_stream(store: StoreKind) {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut routers = Routers::new();
+    for _ in 0..2 {
+        routers.spawn();
+    }
+    settle(&routers.live()).await;
+    let fleet = Fleet::start_on(store, 1, 0, |config| {
+        config.ops_per_sec = 1_000;
+        config.ops_burst = 1_000;
+    })
+    .await;
+    let tenant = fleet.create_tenant().await;
+    let project = ProjectId::parse(&tenant.project_id).expect("project id");
+    let room = RoomId::parse(&format!("years-{}", switchyard_protocol::ids::random_base62(6))).expect("room id");
+    let alice = fleet.connect(0, &fleet.token(&tenant, "alice").await, Format::Json).await;
+    assert_eq!(alice.join(room.as_str(), None).await.expect("join"), 1);
+    assert_eq!(alice.send(room.as_str(), "first").await.expect("send").seq, 2);
+    assert_eq!(alice.send(room.as_str(), "second").await.expect("send").seq, 3);
+    let edit = ClientOp::Edit { room: room.clone(), seq: 2, body: "first, edited".into() };
+    assert!(matches!(alice.request(edit).await.expect("edit"), Reply::Ok(_)));
+    let delete = ClientOp::Delete { room: room.clone(), seq: 3 };
+    assert!(matches!(alice.request(delete).await.expect("delete"), Reply::Ok(_)));
+    let last_seq = 5;
+
+    // Wait until the store holds the room's last event, then drop the room's events from the stream.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fleet.store.last_seq(&project, &room).await.expect("last seq") < last_seq {
+        assert!(Instant::now() < deadline, "the store never caught up with the room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = history_rows(&fleet, &project, &room).await;
+    assert_eq!(
+        before,
+        vec![(2, Some("first, edited".into()), false, true), (3, None, true, false)],
+        "history before the purge"
+    );
+    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(nats);
+    let shard = shard_of_room(&project, &room, SHARDS);
+    let subject = subjects::event_log(shard, &project, &room);
+    let purged = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("events stream")
+        .purge()
+        .filter(subject.clone())
+        .await
+        .expect("purge the room's subject");
+    assert_eq!(purged.purged, last_seq, "the stream held the room's events");
+
+    // Every router shard loses what it knew of the room.
+    for index in 0..2 {
+        routers.kill(index);
+    }
+    for _ in 0..2 {
+        routers.spawn();
+    }
+    settle(&routers.live()).await;
+
+    let retries = AtomicUsize::new(0);
+    let op = ClientOp::Send {
+        room: room.clone(),
+        body: "third".into(),
+        attrs: None,
+        reply_to: None,
+        cmid: Some("c3".into()),
+    };
+    let (seq, _, _) = send_until_acked(&alice, op, &retries).await.expect("send after the purge");
+    assert_eq!(seq, last_seq + 1, "the room's seq restarted after its events left the stream");
+    let after = history_rows(&fleet, &project, &room).await;
+    let mut expected = before.clone();
+    expected.push((last_seq + 1, Some("third".into()), false, false));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut after = after;
+    while after != expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = history_rows(&fleet, &project, &room).await;
+    }
+    assert_eq!(after, expected, "history after the room continued");
+
+    // Resume: from before the purged range is a gap; from inside what the stream holds, an exact replay.
+    let bob = fleet.connect(0, &fleet.token(&tenant, "bob").await, Format::MsgPack).await;
+    match bob.request(ClientOp::Join { room: room.clone(), since: Some(1) }).await.expect("join since 1") {
+        Reply::Err { code, .. } => assert_eq!(code, ErrorCode::ResumeGap),
+        Reply::Ok(fields) => panic!("a join since a purged seq replayed nothing and said ok: {fields:?}"),
+    }
+    let join_point = bob.join(room.as_str(), Some(last_seq)).await.expect("join since the last purged seq");
+    let mut replayed = Vec::new();
+    while let Some(event) = bob.next_event_timeout(Duration::from_millis(500)).await {
+        if let Some((_, seq, _)) = sequenced(event) {
+            replayed.push(seq);
+        }
+    }
+    // The refused resume still made bob a member (seq last + 2): the replay holds the new message and that join.
+    assert_eq!(join_point, last_seq + 2, "bob's own joined follows the new message");
+    assert_eq!(replayed, vec![last_seq + 1, last_seq + 2], "the replay after the purged range");
+    println!(
+        "room continued at seq {seq} after its {purged} events left the stream; history kept",
+        purged = purged.purged
+    );
+    let _ = alice.close().await;
+    let _ = bob.close().await;
+    fleet.stop().await;
+    routers.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_outlives_its_events_in_the_stream_on_the_embedded_store() {
+    a_room_outlives_its_events_in_the_stream(StoreKind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_outlives_its_events_in_the_stream_on_cql() {
+    a_room_outlives_its_events_in_the_stream(StoreKind::Cql).await;
 }
