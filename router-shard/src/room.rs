@@ -97,6 +97,8 @@ pub(crate) fn now_us() -> u64 {
 
 /// Most message facts kept per room; older ones are asked of the persistors again.
 const MESSAGE_FACTS_KEPT: usize = 4096;
+/// How long a room actor waits for a persistor to answer its room-head question (see `ask_head`).
+const HEAD_PATIENCE: Duration = Duration::from_secs(6);
 /// At most one typing signal per user per room in this interval.
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -111,6 +113,9 @@ pub(crate) struct RoomActor {
     tail: Option<Tail>,
     /// The room's record once loaded; `Some(None)` means the room does not exist. Direct-message rooms have none.
     record: Option<Option<RoomRecord>>,
+    /// This actor created the room's record (rooms are never deleted, so the room never had an event): an empty
+    /// stream subject needs no question to the history store.
+    created_here: bool,
     /// The room's roster once loaded, with the revision of its entry (`None`: no entry yet). Normally this actor is
     /// its only writer; a stale owner (paused past its lease) may not be, so every write is a compare-and-set on
     /// that revision, and a refusal re-reads the roster before it is final.
@@ -130,6 +135,7 @@ impl RoomActor {
             room,
             tail: None,
             record: None,
+            created_here: false,
             roster: None,
             typing: HashMap::new(),
             messages: HashMap::new(),
@@ -308,6 +314,7 @@ impl RoomActor {
             Err(e) => return Err(unavailable("create room", e)),
         }
         self.record = Some(Some(record));
+        self.created_here = true;
         if let Some(user) = user {
             self.set_member(user, Role::Admin).await?;
         }
@@ -677,14 +684,30 @@ impl RoomActor {
     }
 
     /// Ask the persistors for the room's last stored event: (seq, ts_us), (0, 0) for a room that never had one.
+    /// While no persistor listens (they are starting or restarting) the question is repeated, with backoff, for up
+    /// to [`HEAD_PATIENCE`]; then the command answers `unavailable`: a room never restarts at seq 1 by guessing.
     async fn ask_head(&self) -> Result<(u64, u64), RoomError> {
         let request = RoomHeadRequest { v: INTERNAL_VERSION, tenant: self.tenant.clone(), room: self.room.clone() };
         let payload = codec::encode(&request).map_err(|e| unavailable("encode room head request", e))?;
-        let reply =
-            tokio::time::timeout(Duration::from_secs(5), self.ctx.nats.request(subjects::ROOM_HEAD_SUBJECT, payload))
-                .await
-                .map_err(|_| unavailable("room head", "no persistor answered in time"))?
-                .map_err(|e| unavailable("room head", e))?;
+        let deadline = tokio::time::Instant::now() + HEAD_PATIENCE;
+        let mut backoff = Duration::from_millis(50);
+        let reply = loop {
+            let asked =
+                tokio::time::timeout_at(deadline, self.ctx.nats.request(subjects::ROOM_HEAD_SUBJECT, payload.clone()))
+                    .await
+                    .map_err(|_| unavailable("room head", "no persistor answered in time"))?;
+            match asked {
+                Ok(reply) => break reply,
+                Err(e)
+                    if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(unavailable("room head", e)),
+            }
+        };
         match codec::decode::<RoomHeadReply>(&reply.payload).map_err(|e| unavailable("room head reply", e))? {
             RoomHeadReply::Ok { last_seq, last_ts_us } => {
                 if last_seq > 0 {
@@ -718,7 +741,7 @@ impl RoomActor {
             // (or were purged). The history store keeps the room's head for good; the fence is "no event on the
             // room's subject", so two writers that both find it empty still cannot both append.
             Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                let (seq, ts_us) = self.ask_head().await?;
+                let (seq, ts_us) = if self.created_here { (0, 0) } else { self.ask_head().await? };
                 Tail { seq, stream_seq: 0, ts_us }
             }
             Err(e) => return Err(unavailable("read the room's last event", e)),
