@@ -42,6 +42,32 @@ async fn origins_subprotocols_and_sizes_are_enforced() {
     assert!(matches!(reply, Reply::Err { code: ErrorCode::TooLarge, .. }), "{reply:?}");
     client.ping().await.expect("still open");
 
+    // A cmid with a control character would become a NATS header with a line break in it: refused at once as
+    // `bad_request`, and the next send works.
+    for (i, cmid) in ["a\rb", "a\nb", "a\0b", "a\tb"].into_iter().enumerate() {
+        let started = Instant::now();
+        let op = ClientOp::Send {
+            room: RoomId::parse("big").unwrap(),
+            body: "x".into(),
+            attrs: None,
+            reply_to: None,
+            cmid: Some(cmid.into()),
+        };
+        let reply = client.request(op).await.unwrap();
+        let took = started.elapsed();
+        assert!(matches!(reply, Reply::Err { code: ErrorCode::BadRequest, .. }), "cmid {cmid:?}: {reply:?}");
+        assert!(took < Duration::from_secs(1), "cmid {cmid:?} took {took:?} to be refused");
+        let next = ClientOp::Send {
+            room: RoomId::parse("big").unwrap(),
+            body: "after".into(),
+            attrs: None,
+            reply_to: None,
+            cmid: Some(format!("ok-{i}")),
+        };
+        let reply = client.request(next).await.unwrap();
+        assert!(matches!(reply, Reply::Ok(_)), "the send after cmid {cmid:?}: {reply:?}");
+    }
+
     // Over HTTP: a body field over 16 KiB, and a request body over the HTTP limit, are 413 `too_large`.
     let path = "/v1/rooms/big/messages";
     let long = fleet
@@ -187,5 +213,27 @@ async fn silent_and_stalling_connections_are_closed() {
     let client = fleet.connect(0, &token, Format::Json).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     client.ping().await.expect("an upgraded socket is not subject to the header timeout");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_watches_cannot_pass_the_watch_cap_together() {
+    let fleet = Fleet::start(1, 1).await;
+    let tenant = fleet.create_tenant().await;
+    let client = fleet.connect(0, &fleet.token(&tenant, "wanda").await, Format::Json).await;
+    // Eleven watches of 100 new users each, sent at once: each fits the cap of 1,000 alone, all of them do not.
+    let watches = (0..11).map(|batch| {
+        let users = (0..100).map(|i| switchyard_protocol::UserId::parse(&format!("u{batch}-{i}")).unwrap()).collect();
+        client.request(ClientOp::Watch { users })
+    });
+    let replies = futures::future::join_all(watches).await;
+    let refused = replies
+        .iter()
+        .filter(
+            |r| matches!(r, Ok(Reply::Err { code: ErrorCode::BadRequest, message, .. }) if message.contains("1000")),
+        )
+        .count();
+    let accepted = replies.iter().filter(|r| matches!(r, Ok(Reply::Ok(_)))).count();
+    assert_eq!((accepted, refused), (10, 1), "{replies:?}");
     fleet.stop().await;
 }

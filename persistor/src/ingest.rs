@@ -336,14 +336,15 @@ impl<S: HistoryStore> Ingest<'_, S> {
         let stream_seq = info.as_ref().map_or(0, |i| i.stream_sequence);
         let delivered = info.as_ref().map_or(0, |i| i.delivered);
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(dead_letter_headers::REASON, one_line(reason).as_str());
-        headers.insert(dead_letter_headers::SUBJECT, message.subject.as_str());
-        headers.insert(dead_letter_headers::STREAM_SEQ, stream_seq.to_string().as_str());
-        headers.insert(dead_letter_headers::DELIVERIES, delivered.to_string().as_str());
-        let publish = PublishMessage::build()
-            .payload(message.payload.clone())
-            .headers(headers)
-            .message_id(format!("{}-{stream_seq}", subjects::EVENTS_STREAM));
+        headers.insert(dead_letter_headers::REASON, header_value(reason));
+        headers.insert(dead_letter_headers::SUBJECT, header_value(message.subject.as_str()));
+        headers.insert(dead_letter_headers::STREAM_SEQ, header_value(&stream_seq.to_string()));
+        headers.insert(dead_letter_headers::DELIVERIES, header_value(&delivered.to_string()));
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            header_value(&format!("{}-{stream_seq}", subjects::EVENTS_STREAM)),
+        );
+        let publish = PublishMessage::build().payload(message.payload.clone()).headers(headers);
         let stored = match self.js.send_publish(subjects::DEAD_LETTER_SUBJECT, publish).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(error) => Err(error.to_string()),
@@ -378,6 +379,12 @@ enum Written {
 }
 
 /// A header value: one line, bounded.
+/// `text` as a header value, through the fallible constructor: control characters become spaces first, so it
+/// always succeeds, and an empty value stands in if it ever did not.
+fn header_value(text: &str) -> async_nats::HeaderValue {
+    std::str::FromStr::from_str(&one_line(text)).unwrap_or_default()
+}
+
 fn one_line(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(512).collect()
 }

@@ -1,8 +1,9 @@
-//! Identifier rules: project ids, user ids, room ids (including direct-message rooms) and message ids.
+//! Identifier rules: project ids, user ids, room ids (including direct-message rooms), message ids and client
+//! message ids (`cmid`).
 //!
-//! Every id that reaches a NATS subject, a KV key or a storage key passes through a constructor here, so no user
-//! input can form a wildcard (`*`, `>`), an extra subject token (`.`) or whitespace. This module does not check
-//! whether an id exists or who may use it.
+//! Every id that reaches a NATS subject, a NATS header, a KV key or a storage key passes through a constructor
+//! here, so no user input can form a wildcard (`*`, `>`), an extra subject token (`.`), whitespace or a control
+//! character. This module does not check whether an id exists or who may use it.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -178,6 +179,39 @@ impl MessageId {
     }
 }
 
+/// A client message id (`cmid`): 1 to 64 visible ASCII characters (`!` to `~`), so it can become a NATS header
+/// value (`Nats-Msg-Id`) as it is: no control character (CR, LF, NUL, TAB), no space, nothing outside ASCII.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientMessageId(String);
+string_id!(ClientMessageId);
+
+/// Why a `cmid` was refused: empty or holding a character it may not hold (the contract answers `bad_request`),
+/// or too long (`too_large`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientMessageIdError {
+    #[error("cmid must not be empty")]
+    Empty,
+    #[error("cmid must be at most {max} characters", max = crate::limits::MAX_CMID_CHARS)]
+    TooLong,
+    #[error("cmid may hold only visible ASCII characters (! to ~): no control characters, spaces or non-ASCII")]
+    Character,
+}
+
+impl ClientMessageId {
+    pub fn parse(value: &str) -> Result<Self, ClientMessageIdError> {
+        if value.is_empty() {
+            return Err(ClientMessageIdError::Empty);
+        }
+        if value.chars().count() > crate::limits::MAX_CMID_CHARS {
+            return Err(ClientMessageIdError::TooLong);
+        }
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientMessageIdError::Character);
+        }
+        Ok(ClientMessageId(value.to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +226,20 @@ mod tests {
         }
         assert!(RoomId::parse("general_2-x").is_ok());
         assert!(RoomId::parse("dm:alice:bob").is_ok());
+    }
+
+    #[test]
+    fn client_message_ids_are_visible_ascii_of_bounded_length() {
+        for bad in ["a\nb", "a\rb", "a\0b", "a\tb", "a b", "ü", "\u{7f}"] {
+            assert_eq!(ClientMessageId::parse(bad), Err(ClientMessageIdError::Character), "{bad:?}");
+        }
+        assert_eq!(ClientMessageId::parse(""), Err(ClientMessageIdError::Empty));
+        assert_eq!(ClientMessageId::parse(&"x".repeat(65)), Err(ClientMessageIdError::TooLong));
+        // Length is counted in characters, and checked first: 65 non-ASCII characters are too long.
+        assert_eq!(ClientMessageId::parse(&"ü".repeat(65)), Err(ClientMessageIdError::TooLong));
+        for good in ["c-7f3a", "!", "~", &"x".repeat(64), "a:b|c.d*>"] {
+            assert_eq!(ClientMessageId::parse(good).map(|c| c.to_string()).as_deref(), Ok(good));
+        }
     }
 
     #[test]

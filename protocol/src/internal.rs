@@ -6,7 +6,7 @@
 
 use crate::client::{Message, OkResult, ServerEvent};
 use crate::error::ErrorCode;
-use crate::ids::{MessageId, ProjectId, RoomId, UserId};
+use crate::ids::{ClientMessageId, MessageId, ProjectId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -32,7 +32,7 @@ pub enum RoomCommand {
     /// Become a member (when allowed) and learn the room's last seq. `grants` are the token's `rooms` claims.
     Join { room: RoomId, grants: Vec<String> },
     /// Append a message. In a direct-message room only its two participants may send.
-    Send { room: RoomId, body: String, attrs: Option<Value>, reply_to: Option<u64>, cmid: Option<String> },
+    Send { room: RoomId, body: String, attrs: Option<Value>, reply_to: Option<u64>, cmid: Option<ClientMessageId> },
     /// May the user read the room's history? Answered with the room's last seq (`OkResult::RoomSeq`).
     CanRead { room: RoomId, grants: Vec<String> },
     /// End the caller's membership.

@@ -14,5 +14,5 @@ pub mod shard;
 pub mod subjects;
 
 pub use error::{CloseCode, ErrorCode};
-pub use ids::{IdError, MessageId, ProjectId, RoomId, UserId};
+pub use ids::{ClientMessageId, ClientMessageIdError, IdError, MessageId, ProjectId, RoomId, UserId};
 pub use shard::ShardId;

@@ -4,7 +4,7 @@
 //! Every token that comes from outside is an already validated id (see `ids`), so no subject built here can hold a
 //! wildcard or an extra token. This module does not publish or subscribe.
 
-use crate::ids::{ProjectId, RoomId, UserId};
+use crate::ids::{ClientMessageId, ProjectId, RoomId, UserId};
 use crate::shard::ShardId;
 
 /// The stream that holds every sequenced room event.
@@ -66,13 +66,13 @@ pub fn room_live(tenant: &ProjectId, room: &RoomId) -> String {
 }
 
 /// The `Nats-Msg-Id` of a send with a client message id: a repeat within the duplicate window is the same append.
-pub fn cmid_dedupe_id(tenant: &ProjectId, user: &UserId, cmid: &str) -> String {
+pub fn cmid_dedupe_id(tenant: &ProjectId, user: &UserId, cmid: &ClientMessageId) -> String {
     format!("{tenant}:{user}:{cmid}")
 }
 
 /// The `Nats-Msg-Id` of the `left` event that ends `user`'s membership as the roster stood at `roster_revision`: a
-/// kick or leave repeated after a half-done attempt appends the same event once. `|` appears in no id, so this
-/// never equals a send's id.
+/// kick or leave repeated after a half-done attempt appends the same event once. A send's id starts with its
+/// tenant id (`pj_`), so this never equals one.
 pub fn left_dedupe_id(tenant: &ProjectId, room: &RoomId, user: &UserId, roster_revision: u64) -> String {
     format!("left|{tenant}|{}|{user}|{roster_revision}", room.token())
 }

@@ -12,6 +12,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::Subject;
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchyard_protocol::client::{Member, OkResult, Role};
@@ -20,7 +21,7 @@ use switchyard_protocol::internal::{
     CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomHeadReply,
     RoomHeadRequest, RoomRecord, Roster, UserRoom, UserRooms, INTERNAL_VERSION,
 };
-use switchyard_protocol::{subjects, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
+use switchyard_protocol::{subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use tokio::sync::mpsc;
 
 /// One command for a room, with where to send the answer (`None` for commands that are never answered).
@@ -398,7 +399,7 @@ impl RoomActor {
         body: String,
         attrs: Option<serde_json::Value>,
         reply_to: Option<u64>,
-        cmid: Option<String>,
+        cmid: Option<ClientMessageId>,
     ) -> Result<OkResult, RoomError> {
         self.require_member(user).await?;
         let tail = self.tail().await?;
@@ -789,7 +790,10 @@ impl RoomActor {
             let payload = codec::encode(&event).map_err(|e| unavailable("encode event", e))?;
             let mut publish = PublishMessage::build().payload(payload).expected_last_subject_sequence(tail.stream_seq);
             if let Some(id) = &dedupe_id {
-                publish = publish.message_id(id);
+                // Ids are validated types, so this cannot fail; if it did, the op is refused, nothing panics.
+                let id = async_nats::HeaderValue::from_str(id)
+                    .map_err(|e| refused(ErrorCode::BadRequest, format!("the op's id cannot be a header: {e}")))?;
+                publish = publish.header(async_nats::header::NATS_MESSAGE_ID, id);
             }
             let started = std::time::Instant::now();
             let ack = match self.ctx.js.send_publish(self.log_subject.clone(), publish).await {

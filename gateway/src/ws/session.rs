@@ -36,7 +36,9 @@ use switchyard_protocol::client::{
 use switchyard_protocol::internal::{
     EventBody, HistoryReply, HistoryRequest, RoomCommand, UserCommand, INTERNAL_VERSION,
 };
-use switchyard_protocol::{limits, subjects, CloseCode, ErrorCode, RoomId, UserId};
+use switchyard_protocol::{
+    limits, subjects, ClientMessageId, ClientMessageIdError, CloseCode, ErrorCode, RoomId, UserId,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -429,6 +431,23 @@ fn err_frame(rid: Option<u64>, code: ErrorCode, message: impl Into<String>) -> S
     ServerFrame::Err { rid, code, message: message.into(), retry_after_ms: None }
 }
 
+/// The contract's answer to a refused `cmid`: `too_large` when it is too long, `bad_request` otherwise.
+fn cmid_refusal(error: ClientMessageIdError) -> (ErrorCode, String) {
+    let code = match error {
+        ClientMessageIdError::TooLong => ErrorCode::TooLarge,
+        ClientMessageIdError::Empty | ClientMessageIdError::Character => ErrorCode::BadRequest,
+    };
+    (code, error.to_string())
+}
+
+/// A send's `cmid` as the validated id the router shard gets (checked already when the op was queued).
+fn parse_cmid(rid: Option<u64>, cmid: Option<String>) -> Result<Option<ClientMessageId>, ServerFrame> {
+    cmid.map(|c| ClientMessageId::parse(&c)).transpose().map_err(|error| {
+        let (code, message) = cmid_refusal(error);
+        err_frame(rid, code, message)
+    })
+}
+
 /// The answer to an op that arrives (or waits) while the gateway drains: it was not executed; retry it after
 /// reconnecting (to another gateway).
 fn draining_refusal(rid: Option<u64>) -> ServerFrame {
@@ -694,11 +713,8 @@ impl Session {
                 return too_large(format!("attrs exceed {} bytes of JSON", config.max_attrs_bytes));
             }
         }
-        if cmid.is_some_and(|c| c.is_empty()) {
-            return bad("cmid must not be empty");
-        }
-        if cmid.is_some_and(|c| c.chars().count() > limits::MAX_CMID_CHARS) {
-            return too_large(format!("cmid must be at most {} characters", limits::MAX_CMID_CHARS));
+        if let Some(Err(error)) = cmid.map(|c| ClientMessageId::parse(c)) {
+            return Err(cmid_refusal(error));
         }
         match op {
             ClientOp::Create { title: Some(title), .. } if title.len() > MAX_TITLE_BYTES => {
@@ -776,12 +792,14 @@ impl Session {
                 .boxed()
             }
             ClientOp::Create { room, private, title } => command(RoomCommand::Create { room, private, title }),
-            ClientOp::Send { room, body, attrs, reply_to, cmid } => {
-                command(RoomCommand::Send { room, body, attrs, reply_to, cmid })
-            }
-            ClientOp::Dm { to, body, attrs, cmid } => match RoomId::dm(&identity.user, &to) {
-                Some(room) => command(RoomCommand::Send { room, body, attrs, reply_to: None, cmid }),
-                None => async move {
+            ClientOp::Send { room, body, attrs, reply_to, cmid } => match parse_cmid(rid, cmid) {
+                Ok(cmid) => command(RoomCommand::Send { room, body, attrs, reply_to, cmid }),
+                Err(refusal) => async move { Completion::Reply(refusal) }.boxed(),
+            },
+            ClientOp::Dm { to, body, attrs, cmid } => match (RoomId::dm(&identity.user, &to), parse_cmid(rid, cmid)) {
+                (_, Err(refusal)) => async move { Completion::Reply(refusal) }.boxed(),
+                (Some(room), Ok(cmid)) => command(RoomCommand::Send { room, body, attrs, reply_to: None, cmid }),
+                (None, Ok(_)) => async move {
                     Completion::Reply(err_frame(rid, ErrorCode::BadRequest, "a direct message needs another user"))
                 }
                 .boxed(),
@@ -824,17 +842,24 @@ impl Session {
                     .filter(|user| !self.watched.contains(*user))
                     .map(|user| subjects::presence_events(&identity.tenant, user))
                     .collect();
-                self.subscribed.extend(subjects.iter().cloned());
-                async move {
-                    for subject in &subjects {
-                        if let Err(error) = hub.subscribe(subject, tx.clone()).await {
-                            let error = UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() };
-                            return Completion::Watched { rid, users, result: Err(error) };
+                // Checked again as the op starts: watches queued behind each other were each checked against the
+                // users watched when they arrived, not against those the ones before them added.
+                if self.watched.len() + subjects.len() > MAX_WATCHED {
+                    let refusal = err_frame(rid, ErrorCode::BadRequest, "a session watches at most 1000 users");
+                    async move { Completion::Reply(refusal) }.boxed()
+                } else {
+                    self.subscribed.extend(subjects.iter().cloned());
+                    async move {
+                        for subject in &subjects {
+                            if let Err(error) = hub.subscribe(subject, tx.clone()).await {
+                                let error = UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() };
+                                return Completion::Watched { rid, users, result: Err(error) };
+                            }
                         }
+                        Completion::Watched { rid, users, result: Ok(()) }
                     }
-                    Completion::Watched { rid, users, result: Ok(()) }
+                    .boxed()
                 }
-                .boxed()
             }
             ClientOp::Unwatch { users } => {
                 for user in &users {
