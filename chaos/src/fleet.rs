@@ -255,6 +255,25 @@ impl Fleet {
         None
     }
 
+    /// A line for every service process whose log shows a panic (`name: line`). A panic is a bug even when the
+    /// process lived on and the scenario's checks passed.
+    pub fn panics(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let service = ["gateway-", "router-shard-", "persistor-"].iter().any(|p| name.starts_with(p));
+            if !service {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("panicked at")) {
+                found.push(format!("{name}: {line}"));
+            }
+        }
+        found
+    }
+
     /// Stop everything; services first (gracefully, so router shards hand back leases and persistors finish their
     /// batches), then Redis and NATS. When `keep_logs` is set the folder is kept and its path returned.
     pub fn stop(mut self, keep_logs: bool) -> Option<PathBuf> {

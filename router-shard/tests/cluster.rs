@@ -114,12 +114,17 @@ impl Routers {
         }
     }
 
-    /// SIGTERM every process still running, so their leases are free at once for the next test.
+    /// SIGTERM every process still running, so their leases are free at once for the next test; then fail the test
+    /// if any of them, killed ones included, panicked (a panic is a bug even when the test's checks pass).
     async fn shutdown(mut self) {
         for index in 0..self.procs.len() {
             if self.procs[index].1.is_some() {
                 self.terminate(index).await;
             }
+        }
+        for index in 0..self.procs.len() {
+            let logs = self.logs(index);
+            assert!(!logs.contains("panicked at"), "router shard {} panicked:\n{logs}", self.procs[index].0);
         }
     }
 

@@ -99,6 +99,7 @@ pub fn init_logging() {
     if let Some(error) = problem {
         tracing::warn!(%error, ?format, "using the default log format");
     }
+    telemetry::count_panics();
 }
 
 /// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.

@@ -11,6 +11,34 @@ use std::time::Duration;
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Panics in any thread or task of the process (see [`count_panics`]).
+pub const PANICS_TOTAL: &str = "switchyard_panics_total";
+
+/// The same count, readable without the recorder (tests fail on any increase).
+static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many panics [`count_panics`]'s hook has seen in this process.
+pub fn panics_seen() -> u64 {
+    PANICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Count every panic in [`PANICS_TOTAL`] and log it as an error (with its location) before the default hook
+/// prints it. A panic is always a bug: a task that panics takes whatever it was doing with it, even though the
+/// process goes on. Installed once per process, by [`crate::init_logging`].
+pub fn count_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!(PANICS_TOTAL).increment(1);
+            let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+            tracing::error!(%location, "panicked");
+            default(info);
+        }));
+    });
+}
+
 /// Buckets of latency histograms (`*_seconds`): 0.5 ms to 10 s.
 pub const SECONDS_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -33,6 +61,8 @@ pub fn prometheus() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
+            // Shown from the start, so an alert can fire on its first increase.
+            metrics::counter!(PANICS_TOTAL).absolute(0);
             let upkeep = handle.clone();
             // A thread rather than a task: the recorder outlives any one runtime (tests start several).
             let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
@@ -71,5 +101,22 @@ mod tests {
         let text = handle.render();
         assert!(text.contains("switchyard_test_latency_seconds_bucket{le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("switchyard_test_depth_frames_bucket{le=\"8\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn panics_in_other_threads_are_counted() {
+        let handle = prometheus();
+        count_panics();
+        let panics = || {
+            let text = handle.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix("switchyard_panics_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {PANICS_TOTAL} in {text}"))
+        };
+        let before = panics();
+        let joined = std::thread::spawn(|| panic!("a panic the hook must count")).join();
+        assert!(joined.is_err());
+        assert_eq!(panics(), before + 1);
     }
 }

@@ -47,6 +47,8 @@ pub struct Fleet {
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Panics in this process before the fleet started: [`Fleet::stop`] fails the test on any more.
+    panics_at_start: u64,
     _dir: tempfile::TempDir,
     _turn: MutexGuard<'static, ()>,
 }
@@ -92,6 +94,8 @@ impl Fleet {
     ) -> Fleet {
         let turn = ONE_FLEET_AT_A_TIME.lock().await;
         let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+        switchyard_service::telemetry::count_panics();
+        let panics_at_start = switchyard_service::telemetry::panics_seen();
         let shutdown = CancellationToken::new();
         let dir = tempfile::tempdir().expect("temp dir");
         let admin_token = format!("admin-{}", switchyard_protocol::ids::random_base62(24));
@@ -157,6 +161,7 @@ impl Fleet {
             http: reqwest::Client::new(),
             shutdown,
             tasks,
+            panics_at_start,
             _dir: dir,
             _turn: turn,
         }
@@ -212,11 +217,18 @@ impl Fleet {
     }
 
     /// Stop everything and wait for it, so router shards hand their leases back.
+    /// Stop every service of the fleet, and fail the test if any thread or task of the process panicked while the
+    /// fleet ran (a panic in a gateway, router shard or persistor task is a bug even when the test's checks pass).
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+        let panics = switchyard_service::telemetry::panics_seen() - self.panics_at_start;
+        assert_eq!(
+            panics, 0,
+            "{panics} panic(s) in the fleet's tasks during this test; see \"panicked at\" in its output"
+        );
     }
 }
 

@@ -109,6 +109,9 @@ async fn with_traffic(
     if let Err(error) = result {
         row.fail(format!("{error:#}"));
     }
+    for panic in fleet.panics() {
+        row.fail(format!("a process panicked: {panic}"));
+    }
     if let Some(logs) = fleet.stop(config.keep_logs || !row.passed()) {
         row.details.push(format!("logs in {}", logs.display()));
     }
