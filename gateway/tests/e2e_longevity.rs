@@ -265,3 +265,61 @@ async fn a_client_that_stops_reading_during_a_replay_is_closed_4009() {
     }
     fleet.stop().await;
 }
+
+/// A router shard's metric, from its metrics listener.
+async fn router_metric(fleet: &Fleet, name: &str) -> Option<f64> {
+    let text = fleet.http.get(format!("{}/metrics", fleet.router_metrics[0])).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_events_stream_refuses_sends_and_its_fill_level_is_reported() {
+    let fleet = fleet(|_| {}).await;
+    let tenant = fleet.create_tenant().await;
+    let alice = fleet.connect(0, &fleet.token(&tenant, "alice").await, Format::Json).await;
+    alice.join("full", None).await.expect("join");
+
+    // Bound the stream a little above what it holds, as a stream created with stream_max_bytes is.
+    let (js, mut stream) = events_stream().await;
+    let info = stream.info().await.expect("stream info").clone();
+    let original = info.config.clone();
+    let bound = info.state.bytes as i64 + 32 * 1024;
+    let mut bounded = original.clone();
+    bounded.max_bytes = bound;
+    bounded.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    js.update_stream(bounded).await.expect("bound the events stream");
+
+    let body = "f".repeat(1_000);
+    let (mut stored, mut refusal) = (0, None);
+    for _ in 0..200 {
+        let op = ClientOp::Send { room: room("full"), body: body.clone(), attrs: None, reply_to: None, cmid: None };
+        match alice.request(op).await.expect("send") {
+            Reply::Ok(_) => stored += 1,
+            Reply::Err { code, message, .. } => {
+                refusal = Some((code, message));
+                break;
+            }
+        }
+    }
+    let reported = async {
+        loop {
+            if router_metric(&fleet, "switchyard_router_events_stream_max_bytes").await == Some(bound as f64) {
+                return router_metric(&fleet, "switchyard_router_events_stream_bytes").await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(40), reported).await;
+    js.update_stream(original).await.expect("lift the bound");
+
+    let (code, message) = refusal.expect("the full stream refused a send");
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(stored > 0, "the stream refused every send, not only those past its bound");
+    let bytes = bytes.expect("the router shard reported the stream's bound within 40 s").expect("its bytes too");
+    assert!(bytes > 0.0 && bytes <= bound as f64, "reported {bytes} bytes for a bound of {bound}");
+    println!("{stored} sends stored, then refused ({message}); reported {bytes} of {bound} bytes");
+    // With the bound lifted, sends are stored again and nothing stored before was lost.
+    let seq = alice.send("full", "after the bound").await.expect("send after the bound is lifted").seq;
+    assert_eq!(seq, 1 + stored + 1, "seqs continue after the refused sends");
+    fleet.stop().await;
+}

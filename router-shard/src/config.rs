@@ -28,6 +28,9 @@ pub struct RouterConfig {
     pub stream_max_age_secs: u64,
     /// How long the events stream recognises a repeated `cmid`, in seconds (the stream's duplicate window).
     pub stream_duplicate_window_secs: u64,
+    /// Most bytes the events stream may hold when a router shard creates it; 0 for no bound. A full stream
+    /// refuses appends (they answer `unavailable`) rather than dropping events the store may not have yet.
+    pub stream_max_bytes: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
     pub metrics_addr: SocketAddr,
     /// Replicas of the events stream when a router shard creates it (3 in production; 1 for one NATS server). An
@@ -46,6 +49,7 @@ impl Default for RouterConfig {
             room_idle_ms: 120_000,
             stream_max_age_secs: 7 * 24 * 3600,
             stream_duplicate_window_secs: switchyard_protocol::subjects::EVENTS_DUPLICATE_WINDOW.as_secs(),
+            stream_max_bytes: 0,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
             stream_replicas: 1,
         }
@@ -95,6 +99,9 @@ impl RouterConfig {
         if let Some(v) = get("SWITCHYARD_STREAM_DUPLICATE_WINDOW_SECS") {
             self.stream_duplicate_window_secs = num("SWITCHYARD_STREAM_DUPLICATE_WINDOW_SECS", v)?;
         }
+        if let Some(v) = get("SWITCHYARD_STREAM_MAX_BYTES") {
+            self.stream_max_bytes = num("SWITCHYARD_STREAM_MAX_BYTES", v)?;
+        }
         if let Some(v) = get("SWITCHYARD_STREAM_REPLICAS") {
             self.stream_replicas = num("SWITCHYARD_STREAM_REPLICAS", v)?;
         }
@@ -122,6 +129,12 @@ impl RouterConfig {
         }
         if self.stream_max_age_secs == 0 {
             return Err(ConfigError::Invalid { name: "stream_max_age_secs", message: "must be positive".into() });
+        }
+        if self.stream_max_bytes > i64::MAX as u64 {
+            return Err(ConfigError::Invalid {
+                name: "stream_max_bytes",
+                message: "is beyond what JetStream holds".into(),
+            });
         }
         if self.stream_duplicate_window_secs == 0 {
             return Err(ConfigError::Invalid {

@@ -68,6 +68,12 @@ pub fn events_stream_config(config: &RouterConfig) -> stream::Config {
         duplicate_window: Duration::from_secs(config.stream_duplicate_window_secs),
         num_replicas: config.stream_replicas,
         allow_direct: true,
+        // A full stream refuses new appends: dropping its oldest events could drop some the store lacks.
+        max_bytes: match config.stream_max_bytes {
+            0 => -1,
+            bound => i64::try_from(bound).unwrap_or(i64::MAX),
+        },
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
 }
@@ -84,5 +90,25 @@ pub(crate) async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Re
             .get_key_value(bucket.clone())
             .await
             .map_err(|e| RouterError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_stream_is_bounded_only_when_asked_and_refuses_rather_than_drops() {
+        let mut config = RouterConfig::default();
+        let unbounded = events_stream_config(&config);
+        assert_eq!(unbounded.max_bytes, -1);
+        assert_eq!(unbounded.discard, stream::DiscardPolicy::New);
+        config.stream_max_bytes = 8 << 30;
+        config.stream_max_age_secs = 3_600;
+        config.stream_duplicate_window_secs = 60;
+        let bounded = events_stream_config(&config);
+        assert_eq!(bounded.max_bytes, 8 << 30);
+        assert_eq!(bounded.discard, stream::DiscardPolicy::New);
+        assert_eq!((bounded.max_age, bounded.duplicate_window), (Duration::from_secs(3_600), Duration::from_secs(60)));
     }
 }

@@ -11,6 +11,7 @@ mod leases;
 mod presence;
 mod room;
 mod shard;
+mod stream_usage;
 
 pub use config::RouterConfig;
 pub use context::events_stream_config;
@@ -76,7 +77,9 @@ async fn serve(
     let ctx = Arc::new(context::RouterContext::connect(config).await?);
     let _ = nats.set(ctx.nats.clone());
     tracing::info!(router_id = %ctx.config.router_id, shards = ctx.config.shard_count, "router shard started");
+    let usage = tokio::spawn(stream_usage::report(ctx.clone(), shutdown.clone()));
     leases::LeaseKeeper::new(ctx.clone()).run(shutdown).await;
+    usage.abort();
     if let Err(error) = ctx.nats.flush().await {
         tracing::warn!(%error, "cannot flush NATS on shutdown");
     }
