@@ -78,7 +78,9 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
         .name("switchyard-persistor migrate")
         .connect(config.nats_url.as_str())
         .await
-        .map_err(|e| PersistorError::Nats(format!("connect to {}: {e}", config.nats_url)))?;
+        .map_err(|e| {
+            PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
+        })?;
     let js = async_nats::jetstream::new(nats.clone());
     let bucket = async_nats::jetstream::kv::Config {
         bucket: subjects::LOCKS_BUCKET.to_owned(),
@@ -236,4 +238,22 @@ async fn consume<S: HistoryStore>(
     }
     let _ = nats.flush().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn migrate_never_shows_the_nats_credentials() {
+        // Nothing listens on port 1: the connect fails, and its error names the server without its password.
+        let config = PersistorConfig {
+            nats_url: "nats://operator:s3cret-pw@127.0.0.1:1".into(),
+            store: "cql:127.0.0.1:1".into(),
+            ..PersistorConfig::default()
+        };
+        let error = migrate(&config).await.expect_err("nothing to connect to").to_string();
+        assert!(error.contains("127.0.0.1:1"), "{error}");
+        assert!(!error.contains("s3cret-pw") && !error.contains("operator"), "{error}");
+    }
 }
