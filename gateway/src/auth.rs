@@ -33,7 +33,7 @@ pub struct Identity {
 /// The credential behind an identity. Holds an id derived from the token, never the token.
 #[derive(Clone, PartialEq)]
 pub struct Credential {
-    /// `t:<sha256 of an opaque token>`, `j:<jti>` for a JWT with a `jti`, or `h:<sha256 of the JWT>`.
+    /// `t:<sha256 of an opaque token>`, `j:<jti>` for a JWT with a `jti`, or `s:<sha256 of the JWT's signed part>`.
     pub id: String,
     /// When the credential expires, unix milliseconds.
     pub expires_at_ms: u64,

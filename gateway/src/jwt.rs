@@ -240,11 +240,16 @@ pub fn revocation_until_ms(claims: &Claims) -> u64 {
 }
 
 /// The id a JWT is revoked under: its `jti` when it has one (revoking every token with that jti), otherwise the
-/// hash of the token itself.
+/// hash of its signed part (`header.claims`). Never the signature: a signature is not unique to what it signs (an
+/// ECDSA signature (r, s) verifies as (r, n - s) too, and any holder of the key can sign again), so an id that
+/// includes it could be dodged by re-encoding a revoked token.
 pub fn credential_id(token: &str, jti: Option<&str>) -> String {
     match jti {
         Some(jti) => format!("j:{jti}"),
-        None => format!("h:{}", crate::auth::sha256_hex(token)),
+        None => {
+            let signed = token.rsplit_once('.').map_or(token, |(signed, _signature)| signed);
+            format!("s:{}", crate::auth::sha256_hex(signed))
+        }
     }
 }
 

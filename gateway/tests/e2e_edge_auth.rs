@@ -112,6 +112,17 @@ async fn jwts_of_every_algorithm_connect_and_bad_ones_are_refused() {
         assert_eq!(refusal(header(revoked).await), 401, "a revoked JWT");
     }
     fleet.try_connect(0, Auth::Header(other)).await.expect("an unrevoked JWT of the same user still connects");
+
+    // An ES256 JWT without a jti, revoked, then presented with its signature re-encoded as (r, n - s): a valid
+    // signature of the same token, and still revoked.
+    let revoked_es = es.token(&ec_tenant, "eve", 300, json!({}));
+    let twin = with_high_s_twin(&revoked_es);
+    assert_ne!(twin, revoked_es);
+    fleet.try_connect(0, Auth::Header(twin.clone())).await.expect("the twin signature verifies before the revocation");
+    let path = format!("/v1/tokens/{revoked_es}");
+    assert_eq!(fleet.call(0, Method::DELETE, &path, &ec_tenant.api_key, None).await.status, 204);
+    assert_eq!(refusal(header(revoked_es).await), 401, "the revoked ES256 JWT");
+    assert_eq!(refusal(header(twin).await), 401, "the revoked ES256 JWT with its signature's twin");
     // Another tenant cannot revoke this tenant's JWT.
     let victim = hs_a.token(&a, "carol", 300, json!({"jti": "carol-1"}));
     let answer = fleet.call(0, Method::DELETE, &format!("/v1/tokens/{victim}"), &b.api_key, None).await;
@@ -244,4 +255,30 @@ async fn the_admin_api_validates_keys_rotates_and_disables() {
         404
     );
     fleet.stop().await;
+}
+
+/// The same ES256 JWT with its signature (r, s) replaced by (r, n - s), which verifies just as well (ECDSA
+/// signatures are malleable), n being the order of P-256.
+fn with_high_s_twin(token: &str) -> String {
+    use base64::Engine;
+    const N: [u8; 32] = [
+        0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xBC, 0xE6,
+        0xFA, 0xAD, 0xA7, 0x17, 0x9E, 0x84, 0xF3, 0xB9, 0xCA, 0xC2, 0xFC, 0x63, 0x25, 0x51,
+    ];
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (signed, signature) = token.rsplit_once('.').expect("a JWT");
+    let mut signature = b64.decode(signature).expect("base64url signature");
+    assert_eq!(signature.len(), 64, "an ES256 signature is r and s of 32 bytes each");
+    // s := n - s, big-endian with borrow.
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut digit = i16::from(N[i]) - i16::from(signature[32 + i]) - borrow;
+        borrow = i16::from(digit < 0);
+        if digit < 0 {
+            digit += 256;
+        }
+        signature[32 + i] = digit as u8;
+    }
+    assert_eq!(borrow, 0, "s is below n");
+    format!("{signed}.{}", b64.encode(signature))
 }
