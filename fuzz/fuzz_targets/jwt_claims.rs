@@ -69,7 +69,12 @@ fuzz_target!(|data: &[u8]| {
         assert!((1..=128).contains(&jti.len()) && jti.bytes().all(|b| b.is_ascii_graphic()), "{jti:?}");
     }
     let id = jwt::credential_id(&token, claims.jti.as_deref());
-    assert!(id.starts_with(if claims.jti.is_some() { "j:" } else { "h:" }));
+    assert!(id.starts_with(if claims.jti.is_some() { "j:" } else { "s:" }));
+    if claims.jti.is_none() {
+        // Without a jti the id covers the signed part only: another signature of the same token has the same id.
+        let signed = token.rsplit_once('.').map_or(token.as_str(), |(signed, _)| signed);
+        assert_eq!(jwt::credential_id(&format!("{signed}.AAAA"), None), id);
+    }
     let until_ms = jwt::revocation_until_ms(&claims);
     assert!(until_ms >= claims.exp.saturating_mul(1000), "revocation ends before the token: {until_ms}");
 });

@@ -11,10 +11,7 @@ use std::time::Duration;
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Panics in any thread or task of the process (see [`count_panics`]).
-pub const PANICS_TOTAL: &str = "switchyard_panics_total";
-
-/// The same count, readable without the recorder (tests fail on any increase).
+/// Panics the hook of [`count_panics`] has seen, readable without the recorder (tests fail on any increase).
 static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many panics [`count_panics`]'s hook has seen in this process.
@@ -22,7 +19,7 @@ pub fn panics_seen() -> u64 {
     PANICS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Count every panic in [`PANICS_TOTAL`] and log it as an error (with its location) before the default hook
+/// Count every panic in `switchyard_panics_total` and log it as an error (with its location) before the default hook
 /// prints it. A panic is always a bug: a task that panics takes whatever it was doing with it, even though the
 /// process goes on. Installed once per process, by [`crate::init_logging`].
 pub fn count_panics() {
@@ -31,7 +28,7 @@ pub fn count_panics() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            metrics::counter!(PANICS_TOTAL).increment(1);
+            metrics::counter!("switchyard_panics_total").increment(1);
             let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
             tracing::error!(%location, "panicked");
             default(info);
@@ -62,7 +59,7 @@ pub fn prometheus() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             // Shown from the start, so an alert can fire on its first increase.
-            metrics::counter!(PANICS_TOTAL).absolute(0);
+            metrics::counter!("switchyard_panics_total").absolute(0);
             let upkeep = handle.clone();
             // A thread rather than a task: the recorder outlives any one runtime (tests start several).
             let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
@@ -112,7 +109,7 @@ mod tests {
             text.lines()
                 .find_map(|l| l.strip_prefix("switchyard_panics_total "))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("no {PANICS_TOTAL} in {text}"))
+                .unwrap_or_else(|| panic!("no switchyard_panics_total in {text}"))
         };
         let before = panics();
         let joined = std::thread::spawn(|| panic!("a panic the hook must count")).join();

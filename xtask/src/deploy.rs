@@ -826,7 +826,7 @@ sys.exit(1 if problems or count == 0 else 0)
 /// Every `switchyard_*` metric the deployment files name must be one the services record.
 fn check_metric_names(root: &Path, report: &mut Report) -> Result<()> {
     let mut recorded = BTreeSet::new();
-    for crate_dir in ["gateway", "router-shard", "persistor"] {
+    for crate_dir in ["gateway", "router-shard", "persistor", "service"] {
         for file in walk(&root.join(crate_dir).join("src"))? {
             if file.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&file)?;
