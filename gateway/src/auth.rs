@@ -123,7 +123,13 @@ async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Re
         .ok_or_else(|| ("no_jwt_key", ApiError::unauthorized("this project accepts no JWTs (no key configured)")))?;
     let claims = because("invalid_jwt", jwt::verify(token, key, &project_id, true))?;
     let id = jwt::credential_id(token, claims.jti.as_deref());
-    if is_revoked(gw, &project_id, &id).await {
+    let legacy = jwt::legacy_credential_id(token, claims.jti.as_deref());
+    if is_revoked(gw, &project_id, &id).await
+        || match &legacy {
+            Some(legacy) => is_revoked(gw, &project_id, legacy).await,
+            None => false,
+        }
+    {
         return Err(("revoked", ApiError::unauthorized("token is revoked")));
     }
     Ok(Identity {

@@ -253,6 +253,12 @@ pub fn credential_id(token: &str, jti: Option<&str>) -> String {
     }
 }
 
+/// The id earlier releases revoked a JWT without `jti` under: the hash of the whole token. Checked and written
+/// beside [`credential_id`] so revocations hold across a rolling upgrade in both directions.
+pub fn legacy_credential_id(token: &str, jti: Option<&str>) -> Option<String> {
+    jti.is_none().then(|| format!("h:{}", crate::auth::sha256_hex(token)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

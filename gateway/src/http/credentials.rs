@@ -100,11 +100,14 @@ pub async fn revoke_token(
         .ok_or_else(|| ApiError::bad_request("this project has no JWT key configured"))?;
     let claims = jwt::verify(token, &key, &project_id, false)
         .map_err(|e| ApiError::bad_request(format!("cannot revoke: {}", e.message)))?;
-    let id = jwt::credential_id(token, claims.jti.as_deref());
     let until_ms = jwt::revocation_until_ms(&claims);
-    let stored = gw.tokens.mark_revoked(&project_id, &id, until_ms, now_ms()).await;
-    broadcast(&gw, &project_id, RevocationTarget::Token { id, until_ms }).await?;
-    stored?;
+    let ids = std::iter::once(jwt::credential_id(token, claims.jti.as_deref()))
+        .chain(jwt::legacy_credential_id(token, claims.jti.as_deref()));
+    for id in ids {
+        let stored = gw.tokens.mark_revoked(&project_id, &id, until_ms, now_ms()).await;
+        broadcast(&gw, &project_id, RevocationTarget::Token { id, until_ms }).await?;
+        stored?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
