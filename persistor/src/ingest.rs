@@ -9,7 +9,7 @@
 //! - the store **rejects** a write (a value it cannot hold): the batch is split until the rejected event is alone;
 //!   the rest is written and acked, and the rejected event is nak'ed with a growing delay. When it has been delivered
 //!   `max_deliver` times and is still rejected, it goes to the dead-letter stream and is terminated. A lone event is
-//!   only blamed while the store is taking other writes (one succeeded within the ack wait); when every write is
+//!   only blamed while the store is taking other writes (one succeeded after its batch was pulled); when every write is
 //!   rejected (a dropped table, say) it is held like an outage, so healthy events are never dead-lettered;
 //! - an event that cannot even be decoded goes to the dead-letter stream at once.
 //!
@@ -186,6 +186,7 @@ pub async fn run<S: HistoryStore>(
 impl<S: HistoryStore> Ingest<'_, S> {
     /// Decode, write and acknowledge one pulled batch.
     async fn batch(&self, batch: Vec<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>) {
+        let pulled_at = Instant::now();
         let mut events = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         let mut redelivered = 0u64;
@@ -228,7 +229,7 @@ impl<S: HistoryStore> Ingest<'_, S> {
         let mut parts: Vec<Range<usize>> = Vec::with_capacity(8);
         parts.push(0..events.len());
         while let Some(part) = parts.pop() {
-            match self.write(&events[part.clone()], &messages[part.clone()]).await {
+            match self.write(&events[part.clone()], &messages[part.clone()], pulled_at).await {
                 Written::Yes => {
                     for message in &messages[part.clone()] {
                         if let Err(error) = message.ack().await {
@@ -248,8 +249,9 @@ impl<S: HistoryStore> Ingest<'_, S> {
         }
     }
 
-    /// Write `events`, retrying with backoff for as long as the store is unavailable.
-    async fn write(&self, events: &[RoomEvent], messages: &[Message]) -> Written {
+    /// Write `events`, retrying with backoff for as long as the store is unavailable. `pulled_at` is when their batch
+    /// was pulled: a lone event's rejection is its own fault only if some write succeeded after that.
+    async fn write(&self, events: &[RoomEvent], messages: &[Message], pulled_at: Instant) -> Written {
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u64;
         loop {
@@ -267,7 +269,7 @@ impl<S: HistoryStore> Ingest<'_, S> {
                     return Written::Yes;
                 }
                 Err(error @ (StoreError::Rejected(_) | StoreError::InvalidQuery(_)))
-                    if events.len() > 1 || self.store_accepts_writes() =>
+                    if events.len() > 1 || self.store_accepted_a_write_since(pulled_at) =>
                 {
                     metrics::counter!("switchyard_persistor_store_errors_total").increment(1);
                     return Written::Rejected(error.to_string());
@@ -295,11 +297,11 @@ impl<S: HistoryStore> Ingest<'_, S> {
         }
     }
 
-    /// Whether a store write succeeded within the ack wait: the store is taking writes, so a rejection is the
-    /// event's fault.
-    fn store_accepts_writes(&self) -> bool {
+    /// Whether a store write succeeded at or after `since`: the store is taking writes, so a rejection is the event's
+    /// fault. A success from before the batch was pulled proves nothing: the table may have been dropped since.
+    fn store_accepted_a_write_since(&self, since: Instant) -> bool {
         let last = self.last_write_ok.lock().ok().and_then(|last| *last);
-        last.is_some_and(|at| at.elapsed() < self.settings.ack_wait)
+        last.is_some_and(|at| at >= since)
     }
 
     /// The store rejected this event alone: nak it for a later attempt, or dead-letter it after `max_deliver`.

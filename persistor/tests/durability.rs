@@ -644,6 +644,10 @@ async fn a_store_refusing_everything_dead_letters_nothing() {
         tokio::spawn(async move { switchyard_persistor::run_with_store(config, store, shutdown).await })
     };
     wait_drained(&js, Duration::from_secs(30), "before the test").await;
+    // A write the store took just before it starts refusing: it must not make the refused events look like poison.
+    let tenant = ProjectId::generate();
+    append(&js, &msg(&tenant, &room("written-before"), 1)).await;
+    wait_drained(&js, Duration::from_secs(30), "the write before the table is dropped").await;
     let dead = js.get_stream(subjects::DEAD_LETTER_STREAM).await.expect("dead-letter stream");
     let dead_before = dead.get_info().await.expect("dead-letter info").state.last_sequence;
 
@@ -654,7 +658,6 @@ async fn a_store_refusing_everything_dead_letters_nothing() {
         .expect("CQL session");
     session.query_unpaged(format!("DROP TABLE {keyspace}.messages"), ()).await.expect("drop messages");
 
-    let tenant = ProjectId::generate();
     let r = room("refused");
     for seq in 1..=5 {
         append(&js, &msg(&tenant, &r, seq)).await;
