@@ -165,6 +165,32 @@ impl ClientOp {
             ClientOp::Unwatch { .. } => "unwatch",
         }
     }
+
+    /// Whether the op has no fields of its own. Serde cannot refuse unknown fields on such variants of an
+    /// internally tagged enum, so the decoder does.
+    fn is_fieldless(&self) -> bool {
+        match self {
+            ClientOp::Ping | ClientOp::Rooms => true,
+            ClientOp::Auth { .. }
+            | ClientOp::Create { .. }
+            | ClientOp::Join { .. }
+            | ClientOp::Leave { .. }
+            | ClientOp::Invite { .. }
+            | ClientOp::Kick { .. }
+            | ClientOp::Send { .. }
+            | ClientOp::Dm { .. }
+            | ClientOp::Typing { .. }
+            | ClientOp::Read { .. }
+            | ClientOp::React { .. }
+            | ClientOp::Edit { .. }
+            | ClientOp::Delete { .. }
+            | ClientOp::History { .. }
+            | ClientOp::Members { .. }
+            | ClientOp::Presence { .. }
+            | ClientOp::Watch { .. }
+            | ClientOp::Unwatch { .. } => false,
+        }
+    }
 }
 
 /// The names of every op, for telling an unknown op from a malformed known one.
@@ -222,8 +248,12 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
     if !OP_NAMES.contains(&op_name.as_str()) {
         return Err(FrameError::bad_request(rid, format!("unknown op {op_name:?}")));
     }
+    let unknown = map.keys().find(|key| key.as_str() != "op").cloned();
     let op: ClientOp = serde_json::from_value(Value::Object(map))
         .map_err(|e| FrameError::bad_request(rid, format!("invalid {op_name:?} frame: {e}")))?;
+    if let (true, Some(field)) = (op.is_fieldless(), unknown) {
+        return Err(FrameError::bad_request(rid, format!("invalid {op_name:?} frame: unknown field `{field}`")));
+    }
     Ok(ClientRequest { rid, op })
 }
 
@@ -482,6 +512,8 @@ mod tests {
             (br#"{"op":"join","rid":6,"room":"a.b"}"#, Some(6), "room id"),
             (br#"{"op":"join","rid":"x","room":"a"}"#, None, "rid"),
             (br#"{"op":"join","room":"a","extra":1}"#, None, "unknown field"),
+            (br#"{"op":"rooms","rid":7,"room":"a"}"#, Some(7), "unknown field `room`"),
+            (br#"{"op":"ping","rid":8,"x":null}"#, Some(8), "unknown field `x`"),
         ];
         for (frame, rid, needle) in cases {
             let err = decode_client_frame(frame, Format::Json).unwrap_err();
