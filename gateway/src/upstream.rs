@@ -15,7 +15,7 @@ use crate::Gateway;
 use async_nats::RequestErrorKind;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use switchyard_protocol::client::{OkResult, PresenceState};
+use switchyard_protocol::client::{OkResult, PresenceState, RoomSummary};
 use switchyard_protocol::internal::{
     CommandReply, CommandRequest, HistoryReply, HistoryRequest, RoomCommand, UserCommand, UserRequest, INTERNAL_VERSION,
 };
@@ -137,10 +137,43 @@ pub async fn presence(
     Ok(states)
 }
 
+/// Every membership of `user`, read a page at a time from the router shard that owns the user's shard (each page
+/// is one NATS message, whatever the user's room count).
+pub async fn rooms(gw: &Gateway, tenant: &ProjectId, user: &UserId) -> Result<Vec<RoomSummary>, UpstreamError> {
+    let shard = shard_of_user(tenant, user, gw.config.shard_count);
+    // By room: a membership changed during the listing can show up on two pages; the later page is newer.
+    let mut rooms = BTreeMap::new();
+    let mut after = 0;
+    // A cursor only moves forward; the bound stops a router that would answer the same page forever.
+    for _ in 0..MAX_ROOMS_PAGES {
+        let command = UserCommand::RoomsPage { after };
+        let request = UserRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
+        let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+        let reply = request_with_retry(gw, subjects::user_command(shard), payload, Target::Router, None).await?;
+        match codec::decode::<CommandReply>(&reply) {
+            Ok(CommandReply::RoomsPage { rooms: page, next }) => {
+                rooms.extend(page.into_iter().map(|summary| (summary.room.clone(), summary)));
+                match next {
+                    Some(next) if next > after => after = next,
+                    _ => return Ok(rooms.into_values().collect()),
+                }
+            }
+            Ok(CommandReply::Err { code, message }) => return Err(upstream_error(code, message)),
+            Ok(CommandReply::Ok { .. }) => return Err(upstream_error(ErrorCode::Internal, "unexpected rooms reply")),
+            Err(e) => return Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
+        }
+    }
+    Err(upstream_error(ErrorCode::Unavailable, "the user's room list did not end; retry"))
+}
+
+/// More pages than any user's rooms can fill (rooms per user is capped well below this times a page).
+const MAX_ROOMS_PAGES: usize = 1_000;
+
 fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
     match codec::decode::<CommandReply>(reply) {
         Ok(CommandReply::Ok { result }) => Ok(result),
         Ok(CommandReply::Err { code, message }) => Err(upstream_error(code, message)),
+        Ok(CommandReply::RoomsPage { .. }) => Err(upstream_error(ErrorCode::Internal, "unexpected rooms page")),
         Err(e) => Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }
 }

@@ -156,6 +156,11 @@ impl RoomId {
     pub fn token(&self) -> String {
         self.0.replace(':', "=")
     }
+
+    /// The room a [`RoomId::token`] stands for; `None` for a string no room's token can be.
+    pub fn from_token(token: &str) -> Option<Self> {
+        RoomId::parse(&token.replace('=', ":")).ok()
+    }
 }
 
 /// A message id: a ULID, unique per tenant and ordered by creation time.

@@ -91,8 +91,12 @@ pub struct UserRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum UserCommand {
-    /// The user's memberships with last seq and read marker (`OkResult::Rooms`).
+    /// The user's memberships with last seq and read marker, all in one reply (`OkResult::Rooms`). Kept for
+    /// gateways of earlier releases; its reply grows with the user's rooms.
     Rooms,
+    /// One page of the user's memberships with last seq and read marker (`CommandReply::RoomsPage`), starting at
+    /// the cursor `after` (0 for the first page). Each page fits one NATS message whatever the user's room count.
+    RoomsPage { after: u64 },
     /// Presence of `users`, all owned by this shard (`OkResult::Presence`).
     Presence { users: Vec<UserId> },
     /// A gateway's sessions of this user went from none to some (`online`) or from some to none. Answered with an
@@ -142,6 +146,9 @@ pub enum LiveMessage {
 pub enum CommandReply {
     Ok { result: OkResult },
     Err { code: ErrorCode, message: String },
+    /// A page of a user's rooms (`UserCommand::RoomsPage`); `next` is the cursor of the next page, `None` after the
+    /// last.
+    RoomsPage { rooms: Vec<crate::client::RoomSummary>, next: Option<u64> },
 }
 
 impl CommandReply {

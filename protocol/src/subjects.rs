@@ -105,9 +105,42 @@ pub fn roster_key(tenant: &ProjectId, room: &RoomId) -> String {
     format!("roster.{}.{}", tenant, room.token())
 }
 
-/// KV key of a user's rooms and read markers.
+/// KV key of a user's rooms and read markers as one record, as releases before per-room membership keys wrote it.
+/// Read to migrate it, never written.
 pub fn user_rooms_key(tenant: &ProjectId, user: &UserId) -> String {
     format!("urooms.{tenant}.{user}")
+}
+
+/// The stream behind the rooms bucket.
+pub const ROOMS_BUCKET_STREAM: &str = "KV_sy_rooms";
+/// JetStream's direct-get API for the rooms bucket's stream: batched reads of many keys in one request.
+pub const ROOMS_DIRECT_GET: &str = "$JS.API.DIRECT.GET.KV_sy_rooms";
+
+/// KV key of one membership of a user (role and read marker in one room). Each room's actor writes only its own
+/// rooms' keys, so a user's memberships in many rooms change at once without contending.
+pub fn user_room_key(tenant: &ProjectId, user: &UserId, room: &RoomId) -> String {
+    format!("uroom.{tenant}.{user}.{}", room.token())
+}
+
+/// The rooms bucket's stream subject of a KV key.
+pub fn rooms_bucket_subject(key: &str) -> String {
+    format!("$KV.{ROOMS_BUCKET}.{key}")
+}
+
+/// The stream subjects of every membership key of a user, for listing and counting them.
+pub fn user_room_subjects(tenant: &ProjectId, user: &UserId) -> String {
+    format!("$KV.{ROOMS_BUCKET}.uroom.{tenant}.{user}.*")
+}
+
+/// The room of a membership key's stream subject (see [`user_room_subjects`]); `None` for any other subject.
+pub fn room_of_user_room_subject(subject: &str) -> Option<RoomId> {
+    let rest = subject.strip_prefix("$KV.")?.strip_prefix(ROOMS_BUCKET)?.strip_prefix(".uroom.")?;
+    let mut tokens = rest.split('.');
+    let (_tenant, _user, room, extra) = (tokens.next()?, tokens.next()?, tokens.next()?, tokens.next());
+    if extra.is_some() {
+        return None;
+    }
+    RoomId::from_token(room)
 }
 
 /// KV key of a user's presence record (online, last seen).
@@ -159,5 +192,27 @@ mod tests {
         assert!(!valid_router_id("a.b"));
         assert!(valid_router_id("router-1"));
         assert_eq!(revocations(&tenant), "sy.revoke.pj_abcdefghij0123456789");
+    }
+
+    #[test]
+    fn a_membership_subject_names_its_room_and_nothing_else_does() {
+        let tenant = ProjectId::parse("pj_abcdefghij0123456789").unwrap();
+        let user = UserId::parse("alice").unwrap();
+        for room in ["general", "dm:alice:bob", "a-b_c"] {
+            let room = RoomId::parse(room).unwrap();
+            let subject = rooms_bucket_subject(&user_room_key(&tenant, &user, &room));
+            assert_eq!(room_of_user_room_subject(&subject), Some(room));
+            let filter = user_room_subjects(&tenant, &user);
+            assert_eq!(subject.rsplit_once('.').unwrap().0, filter.rsplit_once('.').unwrap().0);
+        }
+        for other in [
+            "$KV.sy_rooms.room.pj_abcdefghij0123456789.general",
+            "$KV.sy_rooms.uroom.pj_abcdefghij0123456789.alice.general.x",
+            "$KV.sy_rooms.uroom.pj_abcdefghij0123456789.alice.dm=bob=alice",
+            "$KV.sy_rooms.uroom.pj_abcdefghij0123456789.alice",
+            "$KV.sy_other.uroom.pj_abcdefghij0123456789.alice.general",
+        ] {
+            assert_eq!(room_of_user_room_subject(other), None, "{other}");
+        }
     }
 }

@@ -7,11 +7,14 @@
 
 pub mod config;
 mod context;
+mod direct;
 mod leases;
+mod memberships;
 mod presence;
 mod room;
 mod shard;
 mod stream_usage;
+mod user_reads;
 
 pub use config::RouterConfig;
 pub use context::events_stream_config;

@@ -1,6 +1,5 @@
-//! Presence and user-level requests for the users of one shard: which users have sessions on which gateways,
-//! online/offline events on the first open and the last close anywhere in the fleet, `last_seen`, and a user's room
-//! list.
+//! Presence for the users of one shard: which users have sessions on which gateways,
+//! online/offline events on the first open and the last close anywhere in the fleet, and `last_seen`.
 //!
 //! Gateways report changes (a user's first session opened or last one closed on that gateway) and send periodic
 //! snapshots; a gateway that stops sending them is presumed dead and its users' sessions expire. Each user's
@@ -11,13 +10,8 @@ use crate::context::RouterContext;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchyard_protocol::client::{OkResult, PresenceState, RoomSummary};
-use switchyard_protocol::internal::{
-    CommandReply, LiveMessage, PresenceRecord, PresenceSnapshot, RoomEvent, UserCommand, UserRequest, UserRooms,
-    INTERNAL_VERSION,
-};
-use switchyard_protocol::shard::shard_of_room;
-use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, UserId};
+use switchyard_protocol::internal::{LiveMessage, PresenceRecord, PresenceSnapshot, INTERNAL_VERSION};
+use switchyard_protocol::{codec, subjects, ProjectId, UserId};
 
 /// How long a gateway's report of a user lasts without a refresh: two missed snapshots. With the expiry tick and
 /// the offline grace, a dead gateway's users go offline within 15 s.
@@ -50,32 +44,26 @@ impl PresenceTable {
         PresenceTable { ctx, users: HashMap::new() }
     }
 
-    /// Serve one user request; `None` for requests that are not answered.
-    pub async fn handle(&mut self, request: UserRequest) -> Option<CommandReply> {
-        let key = (request.tenant.clone(), request.user.clone());
-        match request.command {
-            UserCommand::SessionsChanged { gateway, online } => {
-                if online {
-                    self.seen_on(key, gateway).await;
-                } else {
-                    self.gone_from(&key, &gateway).await;
-                }
-                Some(CommandReply::Ok { result: OkResult::Empty {} })
-            }
-            UserCommand::Presence { users } => {
-                let mut states = std::collections::BTreeMap::new();
-                for user in users {
-                    let online = self.users.contains_key(&(request.tenant.clone(), user.clone()));
-                    let last_seen = if online { None } else { self.record(&request.tenant, &user).await.last_seen };
-                    states.insert(user.to_string(), PresenceState { online, last_seen });
-                }
-                Some(CommandReply::Ok { result: OkResult::Presence { users: states } })
-            }
-            UserCommand::Rooms => Some(match self.rooms(&request.tenant, &request.user).await {
-                Ok(rooms) => CommandReply::Ok { result: OkResult::Rooms { rooms } },
-                Err(message) => CommandReply::err(ErrorCode::Unavailable, message),
-            }),
+    /// A gateway's sessions of a user opened or closed.
+    pub async fn sessions_changed(&mut self, tenant: ProjectId, user: UserId, gateway: String, online: bool) {
+        let key = (tenant, user);
+        if online {
+            self.seen_on(key, gateway).await;
+        } else {
+            self.gone_from(&key, &gateway).await;
         }
+    }
+
+    /// Whether each of `users` is online now (in the table), without reading anything.
+    pub fn online(&self, tenant: &ProjectId, users: Vec<UserId>) -> Vec<(UserId, bool)> {
+        users
+            .into_iter()
+            .map(|user| {
+                let key = (tenant.clone(), user);
+                let online = self.users.contains_key(&key);
+                (key.1, online)
+            })
+            .collect()
     }
 
     /// Apply a gateway's snapshot: every listed user is present there; every other user it had is not.
@@ -173,26 +161,5 @@ impl PresenceTable {
         if let Err(error) = self.ctx.rooms.put(subjects::presence_key(&key.0, &key.1), payload).await {
             tracing::warn!(%error, "cannot store a presence record");
         }
-    }
-
-    /// The user's rooms, each with its last seq and the user's read marker.
-    async fn rooms(&self, tenant: &ProjectId, user: &UserId) -> Result<Vec<RoomSummary>, String> {
-        let record = match self.ctx.rooms.get(subjects::user_rooms_key(tenant, user)).await {
-            Ok(Some(bytes)) => codec::decode::<UserRooms>(&bytes).map_err(|e| e.to_string())?,
-            Ok(None) => UserRooms::default(),
-            Err(e) => return Err(format!("cannot read the user's rooms: {e}")),
-        };
-        let mut rooms = Vec::with_capacity(record.rooms.len());
-        for (room, entry) in record.rooms {
-            let shard = shard_of_room(tenant, &room, self.ctx.config.shard_count);
-            let seq =
-                match self.ctx.events.get_last_raw_message_by_subject(&subjects::event_log(shard, tenant, &room)).await
-                {
-                    Ok(message) => codec::decode::<RoomEvent>(&message.payload).map(|e| e.seq).unwrap_or(0),
-                    Err(_) => 0,
-                };
-            rooms.push(RoomSummary { room, role: entry.role, seq, read: entry.read });
-        }
-        Ok(rooms)
     }
 }

@@ -7,6 +7,7 @@
 //! history (persistors do; it asks them about earlier messages).
 
 use crate::context::RouterContext;
+use crate::memberships;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
@@ -19,7 +20,7 @@ use switchyard_protocol::client::{Member, OkResult, Role};
 use switchyard_protocol::codec;
 use switchyard_protocol::internal::{
     CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomHeadReply,
-    RoomHeadRequest, RoomRecord, Roster, UserRoom, UserRooms, INTERNAL_VERSION,
+    RoomHeadRequest, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
 };
 use switchyard_protocol::{subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use tokio::sync::mpsc;
@@ -410,10 +411,9 @@ impl RoomActor {
             // The conversation's first message: list it among both participants' rooms.
             if let Some((a, b)) = self.room.dm_participants() {
                 for participant in [a, b] {
-                    self.update_user_rooms(&participant, |rooms| {
-                        rooms.rooms.entry(self.room.clone()).or_insert(UserRoom { role: Role::Member, read: 0 });
-                    })
-                    .await?;
+                    if self.membership(&participant).await?.is_none() {
+                        self.put_membership(&participant, UserRoom { role: Role::Member, read: 0 }).await?;
+                    }
                 }
             }
         }
@@ -452,15 +452,14 @@ impl RoomActor {
             return Err(refused(ErrorCode::BadRequest, format!("seq {seq} is past the room's last seq {}", tail.seq)));
         }
         let room = self.room.clone();
-        let (mut marker, mut moved) = (0, false);
         let role = self.role_of(user).await?.unwrap_or(Role::Member);
-        self.update_user_rooms(user, |rooms| {
-            let entry = rooms.rooms.entry(room.clone()).or_insert(UserRoom { role, read: 0 });
-            moved = seq > entry.read;
-            entry.read = entry.read.max(seq);
-            marker = entry.read;
-        })
-        .await?;
+        let mut entry = self.membership(user).await?.unwrap_or(UserRoom { role, read: 0 });
+        let moved = seq > entry.read;
+        if moved {
+            entry.read = seq;
+            self.put_membership(user, entry).await?;
+        }
+        let marker = entry.read;
         if moved {
             self.publish_live(&LiveMessage::Read { room: room.clone(), user: user.clone(), seq }).await;
         }
@@ -473,11 +472,8 @@ impl RoomActor {
         let mut roster = self.roster().await?;
         let new_member = roster.members.insert(user.clone(), role).is_none();
         self.save_roster(roster).await?;
-        let room = self.room.clone();
-        self.update_user_rooms(user, |rooms| {
-            rooms.rooms.entry(room.clone()).or_insert(UserRoom { role, read: 0 }).role = role;
-        })
-        .await?;
+        let read = self.membership(user).await?.map_or(0, |entry| entry.read);
+        self.put_membership(user, UserRoom { role, read }).await?;
         if new_member {
             return Ok(self.append(EventBody::Joined { user: user.clone() }, None).await?.event().seq);
         }
@@ -498,11 +494,9 @@ impl RoomActor {
         let revision = self.roster.as_ref().and_then(|(_, revision)| *revision).unwrap_or(0);
         let dedupe = subjects::left_dedupe_id(&self.tenant, &self.room, user, revision);
         self.append(EventBody::Left { user: user.clone(), by }, Some(dedupe)).await?;
-        let room = self.room.clone();
-        self.update_user_rooms(user, |rooms| {
-            rooms.rooms.remove(&room);
-        })
-        .await?;
+        memberships::remove(&self.ctx, &self.tenant, user, &self.room)
+            .await
+            .map_err(|e| RoomError::Unavailable(e.to_string()))?;
         // A fenced append drops the cached roster: remove the user from the roster as it is now.
         let mut roster = self.roster().await?;
         if roster.members.remove(user).is_some() {
@@ -583,32 +577,13 @@ impl RoomActor {
         self.messages.clear();
     }
 
-    /// Change a user's rooms record by compare-and-set: other rooms' actors write the same record.
-    async fn update_user_rooms(&self, user: &UserId, mut change: impl FnMut(&mut UserRooms)) -> Result<(), RoomError> {
-        let key = subjects::user_rooms_key(&self.tenant, user);
-        for _ in 0..16 {
-            let entry = self.ctx.rooms.entry(key.clone()).await.map_err(|e| unavailable("read user rooms", e))?;
-            let (mut rooms, revision) = match entry {
-                Some(entry) if entry.operation == kv::Operation::Put => (
-                    codec::decode::<UserRooms>(&entry.value).map_err(|e| unavailable("user rooms", e))?,
-                    Some(entry.revision),
-                ),
-                _ => (UserRooms { v: INTERNAL_VERSION, ..UserRooms::default() }, None),
-            };
-            change(&mut rooms);
-            let payload = codec::encode(&rooms).map_err(|e| unavailable("encode user rooms", e))?;
-            let written = match revision {
-                Some(revision) => {
-                    self.ctx.rooms.update(key.clone(), payload, revision).await.map(|_| ()).map_err(|e| e.to_string())
-                }
-                None => self.ctx.rooms.create(key.clone(), payload).await.map(|_| ()).map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                Err(error) => tracing::debug!(%error, "user rooms changed concurrently; retrying"),
-            }
-        }
-        Err(RoomError::Unavailable("user rooms record is too contended; retry".into()))
+    /// The user's membership entry in this room (role and read marker), as listed by `rooms`.
+    async fn membership(&self, user: &UserId) -> Result<Option<UserRoom>, RoomError> {
+        memberships::get(&self.ctx, &self.tenant, user, &self.room).await.map_err(RoomError::Unavailable)
+    }
+
+    async fn put_membership(&self, user: &UserId, entry: UserRoom) -> Result<(), RoomError> {
+        memberships::put(&self.ctx, &self.tenant, user, &self.room, entry).await.map_err(RoomError::Unavailable)
     }
 
     async fn role_of(&mut self, user: &UserId) -> Result<Option<Role>, RoomError> {

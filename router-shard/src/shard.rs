@@ -7,12 +7,14 @@
 use crate::context::RouterContext;
 use crate::presence::PresenceTable;
 use crate::room::{RoomActor, RoomJob};
-use futures::StreamExt;
+use crate::user_reads;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_protocol::client::OkResult;
 use switchyard_protocol::internal::{
-    CommandReply, CommandRequest, PresenceResync, PresenceSnapshot, UserRequest, INTERNAL_VERSION,
+    CommandReply, CommandRequest, PresenceResync, PresenceSnapshot, UserCommand, UserRequest, INTERNAL_VERSION,
 };
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, RoomId, ShardId};
 use tokio::sync::mpsc;
@@ -48,15 +50,23 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
     }
     // The queue of each active room's actor.
     let mut rooms: HashMap<(ProjectId, RoomId), mpsc::Sender<RoomJob>> = HashMap::new();
-    let mut actors = JoinSet::new();
+    let mut actors: JoinSet<(ProjectId, RoomId)> = JoinSet::new();
+    // The user requests being read, one per user at a time (see `user_reads`).
+    let mut reads = user_reads::ReadQueue::default();
     let mut presence = PresenceTable::new(ctx.clone());
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let idle = Duration::from_millis(ctx.config.room_idle_ms);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            // Reap finished actors so the set does not grow.
-            Some(_) = actors.join_next(), if !actors.is_empty() => {}
+            // Reap finished actors so neither the set nor the map of queues grows.
+            Some(finished) = actors.join_next(), if !actors.is_empty() => {
+                if let Ok(key) = finished {
+                    if rooms.get(&key).is_some_and(|sender| sender.is_closed()) {
+                        rooms.remove(&key);
+                    }
+                }
+            }
             _ = expiry.tick() => presence.expire().await,
             message = snapshots.next() => {
                 let Some(message) = message else { break };
@@ -65,15 +75,11 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
                     _ => tracing::warn!(%shard, "undecodable presence snapshot dropped"),
                 }
             }
+            // Reap finished reads.
+            () = reads.reap() => {}
             message = user_requests.next() => {
                 let Some(message) = message else { break };
-                let reply = match codec::decode::<UserRequest>(&message.payload) {
-                    Ok(request) if request.v == INTERNAL_VERSION => presence.handle(request).await,
-                    _ => Some(CommandReply::err(ErrorCode::BadRequest, "undecodable or unsupported user request")),
-                };
-                if let (Some(reply), Some(reply_to)) = (reply, message.reply) {
-                    send_reply(&ctx, reply_to, &reply).await;
-                }
+                serve_user_request(&ctx, &mut presence, &mut reads, message).await;
             }
             message = commands.next() => {
                 let Some(message) = message else { break };
@@ -81,6 +87,7 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
             }
         }
     }
+    reads.abort_all();
     let _ = commands.unsubscribe().await;
     let _ = user_requests.unsubscribe().await;
     let _ = snapshots.unsubscribe().await;
@@ -97,12 +104,13 @@ pub(crate) async fn serve_shard(ctx: Arc<RouterContext>, shard: ShardId, stop: C
     tracing::info!(%shard, "stopped serving shard");
 }
 
-/// Hand one command to its room's actor, starting the actor when the room has none (or its actor went idle).
+/// Hand one command to its room's actor, starting the actor when the room has none (or its actor went idle). Never
+/// waits: a room whose queue is full answers `unavailable` itself, and the shard goes on with the next command.
 async fn route_command(
     ctx: &Arc<RouterContext>,
     shard: ShardId,
     rooms: &mut HashMap<(ProjectId, RoomId), mpsc::Sender<RoomJob>>,
-    actors: &mut JoinSet<()>,
+    actors: &mut JoinSet<(ProjectId, RoomId)>,
     idle: Duration,
     message: async_nats::Message,
 ) {
@@ -118,23 +126,92 @@ async fn route_command(
     };
     let key = (request.tenant.clone(), request.command.room().clone());
     let mut job = RoomJob { user: request.user, command: request.command, reply_to: message.reply };
-    // An actor that went idle has closed its queue; start a new one and hand the job over.
-    loop {
+    // An actor that went idle has closed its queue; start a new one and hand the job over (once: a new queue is
+    // open and empty).
+    for _ in 0..2 {
         let sender = rooms.entry(key.clone()).or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(ROOM_QUEUE);
             let actor = RoomActor::new(ctx.clone(), shard, key.0.clone(), key.1.clone());
-            actors.spawn(actor.run(receiver, idle));
+            let key = key.clone();
+            actors.spawn(async move {
+                actor.run(receiver, idle).await;
+                key
+            });
             sender
         });
-        match sender.send(job).await {
-            Ok(()) => break,
-            Err(mpsc::error::SendError(returned)) => {
+        match sender.try_send(job) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(refused)) => {
+                metrics::counter!("switchyard_router_room_queue_full_total").increment(1);
+                if let Some(reply_to) = refused.reply_to {
+                    let reply = CommandReply::err(
+                        ErrorCode::Unavailable,
+                        format!("room {} has too many commands waiting; retry", key.1),
+                    );
+                    send_reply(ctx, reply_to, &reply).await;
+                }
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(returned)) => {
                 rooms.remove(&key);
                 job = returned;
             }
         }
     }
-    rooms.retain(|_, sender| !sender.is_closed());
+}
+
+/// Serve one user request: presence changes at once (they are the loop's own state), reads in a task of their own.
+/// A user's reads run one at a time; past the queue's bounds a read answers `unavailable` rather than wait.
+async fn serve_user_request(
+    ctx: &Arc<RouterContext>,
+    presence: &mut PresenceTable,
+    reads: &mut user_reads::ReadQueue,
+    message: async_nats::Message,
+) {
+    let request = match codec::decode::<UserRequest>(&message.payload) {
+        Ok(request) if request.v == INTERNAL_VERSION => request,
+        _ => {
+            if let Some(reply_to) = message.reply {
+                let reply = CommandReply::err(ErrorCode::BadRequest, "undecodable or unsupported user request");
+                send_reply(ctx, reply_to, &reply).await;
+            }
+            return;
+        }
+    };
+    let UserRequest { tenant, user, command, .. } = request;
+    let read = match command {
+        UserCommand::SessionsChanged { gateway, online } => {
+            presence.sessions_changed(tenant, user, gateway, online).await;
+            if let Some(reply_to) = message.reply {
+                send_reply(ctx, reply_to, &CommandReply::Ok { result: OkResult::Empty {} }).await;
+            }
+            return;
+        }
+        UserCommand::Presence { users } => {
+            let online = presence.online(&tenant, users);
+            user_reads::presence(ctx.clone(), tenant.clone(), online).boxed()
+        }
+        UserCommand::Rooms => user_reads::all_rooms(ctx.clone(), tenant.clone(), user.clone()).boxed(),
+        UserCommand::RoomsPage { after } => {
+            user_reads::rooms_page(ctx.clone(), tenant.clone(), user.clone(), after).boxed()
+        }
+    };
+    let Some(reply_to) = message.reply else { return };
+    let answer = {
+        let (ctx, reply_to) = (ctx.clone(), reply_to.clone());
+        async move {
+            let reply = read.await;
+            send_reply(&ctx, reply_to, &reply).await;
+        }
+        .boxed()
+    };
+    let refused = match reads.offer(tenant, user, answer) {
+        Ok(()) => return,
+        Err(user_reads::Refused::ShardBusy) => "too many users' requests in flight on this shard; retry",
+        Err(user_reads::Refused::UserBusy) => "too many of this user's requests are waiting; retry",
+    };
+    metrics::counter!("switchyard_router_user_reads_refused_total").increment(1);
+    send_reply(ctx, reply_to, &CommandReply::err(ErrorCode::Unavailable, refused)).await;
 }
 
 fn request_version_ok(request: &CommandRequest) -> bool {

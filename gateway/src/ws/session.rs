@@ -34,7 +34,7 @@ use switchyard_protocol::client::{
     ServerFrame,
 };
 use switchyard_protocol::internal::{
-    EventBody, HistoryReply, HistoryRequest, RoomCommand, UserCommand, INTERNAL_VERSION,
+    EventBody, HistoryReply, HistoryRequest, RoomCommand, INTERNAL_VERSION,
 };
 use switchyard_protocol::{
     limits, subjects, ClientMessageId, ClientMessageIdError, CloseCode, ErrorCode, RoomId, UserId,
@@ -820,9 +820,9 @@ impl Session {
             }
             .boxed(),
             ClientOp::Rooms => async move {
-                let result = upstream::user_request(&gw, &identity.tenant, &identity.user, UserCommand::Rooms).await;
+                let result = upstream::rooms(&gw, &identity.tenant, &identity.user).await;
                 Completion::Reply(match result {
-                    Ok(result) => ServerFrame::Ok { rid, result },
+                    Ok(rooms) => ServerFrame::Ok { rid, result: OkResult::Rooms { rooms } },
                     Err(error) => err_frame(rid, error.code, error.message),
                 })
             }

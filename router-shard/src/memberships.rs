@@ -1,0 +1,152 @@
+//! A user's memberships as the rooms bucket keeps them: one key per user and room (role and read marker), written
+//! only by that room's actor, so joins in many rooms at once never contend on one value and no value grows with the
+//! user's room count. Listed a page at a time and counted with batched direct gets on the bucket's stream.
+//!
+//! An ended membership is purged from the stream (not deleted with a marker), so nothing accumulates for rooms a
+//! user has left. The one-record-per-user layout of earlier releases is read as a fallback and migrated to per-room
+//! keys when the user's rooms are listed. This module decides nothing about who may join what.
+
+use crate::context::RouterContext;
+use crate::direct::{self, Ask};
+use async_nats::jetstream::kv;
+use switchyard_protocol::client::RoomSummary;
+use switchyard_protocol::internal::{RoomEvent, UserRoom, UserRooms};
+use switchyard_protocol::shard::shard_of_room;
+use switchyard_protocol::{codec, subjects, ProjectId, RoomId, UserId};
+
+/// Memberships per page of a user's rooms: one page is one NATS message (a room summary is at most about 180 bytes).
+pub(crate) const ROOMS_PAGE: usize = 1_000;
+/// Rooms whose last event one request reads.
+const LAST_EVENTS_PER_REQUEST: usize = 64;
+
+/// The user's membership in `room`: `None` when they are not a member.
+pub(crate) async fn get(
+    ctx: &RouterContext,
+    tenant: &ProjectId,
+    user: &UserId,
+    room: &RoomId,
+) -> Result<Option<UserRoom>, String> {
+    let key = subjects::user_room_key(tenant, user, room);
+    match ctx.rooms.entry(key).await.map_err(|e| format!("read a membership: {e}"))? {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            codec::decode::<UserRoom>(&entry.value).map(Some).map_err(|e| format!("a membership: {e}"))
+        }
+        _ => Ok(legacy(ctx, tenant, user).await?.and_then(|(rooms, _)| rooms.rooms.get(room).copied())),
+    }
+}
+
+/// Record the user's membership in `room` (its role and read marker).
+pub(crate) async fn put(
+    ctx: &RouterContext,
+    tenant: &ProjectId,
+    user: &UserId,
+    room: &RoomId,
+    entry: UserRoom,
+) -> Result<(), String> {
+    let payload = codec::encode(&entry).map_err(|e| e.to_string())?;
+    ctx.rooms
+        .put(subjects::user_room_key(tenant, user, room), payload)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("write a membership: {e}"))
+}
+
+/// End the user's membership in `room`: its key leaves the stream, and the room leaves an earlier release's record.
+pub(crate) async fn remove(ctx: &RouterContext, tenant: &ProjectId, user: &UserId, room: &RoomId) -> Result<(), String> {
+    let subject = subjects::rooms_bucket_subject(&subjects::user_room_key(tenant, user, room));
+    ctx.rooms.stream.purge().filter(subject).await.map_err(|e| format!("remove a membership: {e}"))?;
+    for _ in 0..16 {
+        let Some((mut rooms, revision)) = legacy(ctx, tenant, user).await? else { return Ok(()) };
+        if rooms.rooms.remove(room).is_none() {
+            return Ok(());
+        }
+        let payload = codec::encode(&rooms).map_err(|e| e.to_string())?;
+        if ctx.rooms.update(subjects::user_rooms_key(tenant, user), payload, revision).await.is_ok() {
+            return Ok(());
+        }
+    }
+    Err("the user's earlier rooms record is too contended; retry".into())
+}
+
+/// How many rooms the user is a member of, in one request (and, once, the migration of an earlier record).
+pub(crate) async fn count(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<u64, String> {
+    migrate(ctx, tenant, user).await?;
+    let filter = subjects::user_room_subjects(tenant, user);
+    let first = direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, Ask::Matching { filter: &filter, from: 1, batch: 1 })
+        .await?;
+    Ok(match first.first() {
+        Some(got) => got.pending + 1,
+        None => 0,
+    })
+}
+
+/// A page of the user's rooms from the cursor `after` (0 first), each with the room's last seq; with the cursor of
+/// the next page when there is one.
+pub(crate) async fn page(
+    ctx: &RouterContext,
+    tenant: &ProjectId,
+    user: &UserId,
+    after: u64,
+) -> Result<(Vec<RoomSummary>, Option<u64>), String> {
+    if after == 0 {
+        migrate(ctx, tenant, user).await?;
+    }
+    let filter = subjects::user_room_subjects(tenant, user);
+    let ask = Ask::Matching { filter: &filter, from: after.saturating_add(1), batch: ROOMS_PAGE };
+    let got = direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, ask).await?;
+    let next = got.last().filter(|last| last.pending > 0).map(|last| last.sequence);
+    let mut memberships = Vec::with_capacity(got.len());
+    for got in got.into_iter().filter(|got| !got.removed) {
+        let (Some(room), Ok(entry)) =
+            (subjects::room_of_user_room_subject(&got.subject), codec::decode::<UserRoom>(&got.payload))
+        else {
+            tracing::warn!(subject = %got.subject, "an unreadable membership key skipped");
+            continue;
+        };
+        memberships.push((room, entry));
+    }
+    let mut rooms = Vec::with_capacity(memberships.len());
+    for chunk in memberships.chunks(LAST_EVENTS_PER_REQUEST) {
+        let logs: Vec<String> = chunk
+            .iter()
+            .map(|(room, _)| subjects::event_log(shard_of_room(tenant, room, ctx.config.shard_count), tenant, room))
+            .collect();
+        let last = direct::batch(&ctx.nats, subjects::EVENTS_DIRECT_GET, Ask::LastOf { subjects: &logs }).await?;
+        let seqs: std::collections::HashMap<String, u64> = last
+            .into_iter()
+            .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event.seq)))
+            .collect();
+        for ((room, entry), log) in chunk.iter().zip(&logs) {
+            let seq = seqs.get(log).copied().unwrap_or(0);
+            rooms.push(RoomSummary { room: room.clone(), role: entry.role, seq, read: entry.read });
+        }
+    }
+    Ok((rooms, next))
+}
+
+/// The record of an earlier release, with its revision, when the user has one.
+async fn legacy(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<Option<(UserRooms, u64)>, String> {
+    match ctx.rooms.entry(subjects::user_rooms_key(tenant, user)).await.map_err(|e| format!("read user rooms: {e}"))? {
+        Some(entry) if entry.operation == kv::Operation::Put => codec::decode::<UserRooms>(&entry.value)
+            .map(|rooms| Some((rooms, entry.revision)))
+            .map_err(|e| format!("user rooms: {e}")),
+        _ => Ok(None),
+    }
+}
+
+/// Move an earlier release's record to per-room keys. A per-room key that exists is newer and is kept.
+async fn migrate(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<(), String> {
+    let Some((rooms, _)) = legacy(ctx, tenant, user).await? else { return Ok(()) };
+    for (room, entry) in &rooms.rooms {
+        let payload = codec::encode(entry).map_err(|e| e.to_string())?;
+        if let Err(error) = ctx.rooms.create(subjects::user_room_key(tenant, user, room), payload).await {
+            if error.kind() != kv::CreateErrorKind::AlreadyExists {
+                return Err(format!("migrate a membership: {error}"));
+            }
+        }
+    }
+    let subject = subjects::rooms_bucket_subject(&subjects::user_rooms_key(tenant, user));
+    ctx.rooms.stream.purge().filter(subject).await.map_err(|e| format!("remove user rooms: {e}"))?;
+    tracing::info!(%tenant, %user, rooms = rooms.rooms.len(), "a user's rooms moved to per-room keys");
+    Ok(())
+}
