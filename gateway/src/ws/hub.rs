@@ -31,6 +31,8 @@ pub struct LiveEvent {
     pub typing_user: Option<UserId>,
     /// Who a `left` event takes out of the room; their sessions stop receiving the room after it.
     pub left_user: Option<UserId>,
+    /// Who a `joined` event makes a member: the join point of their own join, which their sessions skip.
+    pub joined_user: Option<UserId>,
     /// The event's op name, for the frame counters.
     pub op: &'static str,
     /// Read from the events stream for one session's `join {since}`, not received live.
@@ -42,12 +44,16 @@ pub struct LiveEvent {
 
 impl LiveEvent {
     pub fn new(message: &LiveMessage) -> Self {
+        let mut joined_user = None;
         let (room, seq, typing_user, left_user, event) = match message {
             LiveMessage::Event(event) => {
                 let left_user = match &event.body {
                     EventBody::Left { user, .. } => Some(user.clone()),
                     _ => None,
                 };
+                if let EventBody::Joined { user } = &event.body {
+                    joined_user = Some(user.clone());
+                }
                 (Some(event.room.clone()), Some(event.seq), None, left_user, event.to_server_event())
             }
             LiveMessage::Typing { room, user } => (
@@ -74,6 +80,7 @@ impl LiveEvent {
             seq,
             typing_user,
             left_user,
+            joined_user,
             op,
             replayed: false,
             event,

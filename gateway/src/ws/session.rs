@@ -67,10 +67,12 @@ const DELIVERY_BATCH_BYTES: usize = 64 * 1024;
 enum RoomDelivery {
     /// A join is in flight: live events are held until its `ok` says where delivery starts; the events its
     /// `since` replays are written as they come (`replayed`: the last of them written so far). `previous` is the
-    /// delivery point a repeated join started from.
-    Joining { held: Vec<Arc<LiveEvent>>, previous: Option<u64>, replayed: u64 },
-    /// Delivering; `last_seq` is the last seq written (or the join point).
-    Live { last_seq: u64 },
+    /// delivery (`last_seq`, `joined_at`) a repeated join started from.
+    Joining { held: Vec<Arc<LiveEvent>>, previous: Option<(u64, u64)>, replayed: u64 },
+    /// Delivering; `last_seq` is the last seq written (or the join point). `joined_at` is the point of the latest
+    /// join: the user's own `left` before it ended an earlier membership (a kick the join raced) and does not stop
+    /// delivery.
+    Live { last_seq: u64, joined_at: u64 },
 }
 
 /// What a finished op asks the session to do.
@@ -771,7 +773,7 @@ impl Session {
                 };
                 // Live events are held from here until the join's `ok`; a repeated join keeps the point reached.
                 let previous = match self.rooms.remove(&room) {
-                    Some(RoomDelivery::Live { last_seq }) => Some(last_seq),
+                    Some(RoomDelivery::Live { last_seq, joined_at }) => Some((last_seq, joined_at)),
                     Some(RoomDelivery::Joining { previous, .. }) => previous,
                     None => None,
                 };
@@ -896,8 +898,8 @@ impl Session {
                 Err(error) => {
                     match self.rooms.remove(&room) {
                         // A repeated join that failed leaves the room as it was received.
-                        Some(RoomDelivery::Joining { held, previous: Some(last_seq), .. }) => {
-                            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq });
+                        Some(RoomDelivery::Joining { held, previous: Some((last_seq, joined_at)), .. }) => {
+                            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq, joined_at });
                             self.release_held(held).await?;
                         }
                         Some(RoomDelivery::Joining { .. }) | None => self.stop_receiving(&room),
@@ -932,18 +934,21 @@ impl Session {
         }
     }
 
-    /// Write a join's `ok` (after its replay) and start live delivery of the room at the join point (or the point a
-    /// repeated join had reached), delivering what was held meanwhile.
+    /// Write a join's `ok` (after its replay) and start live delivery of the room at the join point, delivering what
+    /// was held meanwhile. A repeated join keeps the point delivery had reached (or its replay reached): the events
+    /// up to its own seq that were still in flight are delivered, not skipped.
     async fn finish_join(&mut self, rid: Option<u64>, room: RoomId, seq: u64) -> Result<(), axum::Error> {
         let (held, point) = match self.rooms.remove(&room) {
-            Some(RoomDelivery::Joining { held, previous, .. }) => (held, previous.map_or(seq, |p| p.max(seq))),
-            Some(RoomDelivery::Live { last_seq }) => (Vec::new(), last_seq.max(seq)),
+            Some(RoomDelivery::Joining { held, previous, replayed }) => {
+                (held, previous.map_or(seq, |(last_seq, _)| last_seq.max(replayed)))
+            }
+            Some(RoomDelivery::Live { last_seq, .. }) => (Vec::new(), last_seq.max(seq)),
             None => {
                 // The replay ended with the user's own `left` and the room was stopped; the join still took effect.
                 return self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await;
             }
         };
-        self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point });
+        self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point, joined_at: seq });
         self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
         self.release_held(held).await
     }
@@ -983,7 +988,15 @@ impl Session {
             }
         };
         for event in events {
-            let left = matches!(&event.body, EventBody::Left { user, .. } if user == &self.identity.user);
+            let joined_at = match self.rooms.get(room) {
+                Some(RoomDelivery::Live { joined_at, .. }) => *joined_at,
+                _ => 0,
+            };
+            let mine = |user: &UserId| user == &self.identity.user;
+            let left = event.seq > joined_at && matches!(&event.body, EventBody::Left { user, .. } if mine(user));
+            if event.seq == joined_at && matches!(&event.body, EventBody::Joined { user } if mine(user)) {
+                continue;
+            }
             self.send_event(&LiveEvent::replayed(event)).await?;
             if left {
                 self.stop_receiving(room);
@@ -1009,7 +1022,7 @@ impl Session {
         };
         if room.is_dm() && !self.rooms.contains_key(&room) {
             // Direct messages reach every session of both users without a join.
-            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: seq - 1 });
+            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: seq - 1, joined_at: 0 });
         }
         if event.replayed {
             return Box::pin(self.deliver_replayed(&room, seq, &event)).await;
@@ -1024,10 +1037,14 @@ impl Session {
                 }
                 Ok(())
             }
-            Some(RoomDelivery::Live { last_seq }) => {
+            Some(RoomDelivery::Live { last_seq, joined_at }) => {
+                let joined_at = *joined_at;
                 if seq <= *last_seq {
                     return Ok(());
                 }
+                // The user's own `joined` at a repeated join's point (the join raced a kick and made them a member
+                // again) is the join point itself: not delivered, as for a first join.
+                let own_join = seq == joined_at && event.joined_user.as_ref() == Some(&self.identity.user);
                 let expected = *last_seq + 1;
                 *last_seq = seq;
                 if seq != expected {
@@ -1039,8 +1056,11 @@ impl Session {
                         return Ok(());
                     }
                 }
+                if own_join {
+                    return Ok(());
+                }
                 self.send_event(&event).await?;
-                if event.left_user.as_ref() == Some(&self.identity.user) {
+                if seq > joined_at && event.left_user.as_ref() == Some(&self.identity.user) {
                     self.stop_receiving(&room);
                 }
                 Ok(())
