@@ -8,6 +8,7 @@
 
 pub mod balancer;
 pub mod fleet;
+pub mod hostile;
 pub mod procs;
 pub mod report;
 pub mod scenario;
@@ -37,12 +38,14 @@ pub struct Config {
     pub only: Vec<String>,
     /// Keep every fleet's logs, not only those of failed scenarios.
     pub keep_logs: bool,
+    /// Run only this seed of `hostile-clients` (its replay).
+    pub seed: Option<u64>,
 }
 
 impl Config {
     /// From `SWITCHYARD_CHAOS_BIN_DIR`, `SWITCHYARD_CHAOS_NATS_SERVER`, `SWITCHYARD_CHAOS_REDIS_SERVER`,
     /// `SWITCHYARD_CQL` and `SWITCHYARD_TEST_CQL_PID`.
-    pub fn from_env(short: bool, only: Vec<String>, keep_logs: bool) -> Result<Config> {
+    pub fn from_env(short: bool, only: Vec<String>, keep_logs: bool, seed: Option<u64>) -> Result<Config> {
         let var = |name: &str| {
             std::env::var(name).with_context(|| format!("{name} is not set: run the suite with `cargo xtask chaos`"))
         };
@@ -56,6 +59,7 @@ impl Config {
             short,
             only,
             keep_logs,
+            seed,
         };
         for binary in ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"] {
             if !config.bin_dir.join(binary).is_file() {

@@ -7,6 +7,7 @@
 
 mod edge;
 mod faults;
+mod hostile;
 
 use crate::fleet::{Fleet, Shape};
 use crate::report::Row;
@@ -28,6 +29,7 @@ pub const NAMES: &[&str] = &[
     "mass-drop",
     "flood",
     "idle-sockets",
+    "hostile-clients",
 ];
 
 pub async fn run(name: &str, config: &Config) -> Result<Row> {
@@ -43,6 +45,7 @@ pub async fn run(name: &str, config: &Config) -> Result<Row> {
         "mass-drop" => edge::mass_drop(config).await,
         "flood" => edge::flood(config).await,
         "idle-sockets" => edge::idle_sockets(config).await,
+        "hostile-clients" => hostile::hostile_clients(config).await,
         other => anyhow::bail!("no scenario {other:?}"),
     }
 }
