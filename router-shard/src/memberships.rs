@@ -9,6 +9,7 @@
 use crate::context::RouterContext;
 use crate::direct::{self, Ask};
 use async_nats::jetstream::kv;
+use futures::{StreamExt, TryStreamExt};
 use switchyard_protocol::client::RoomSummary;
 use switchyard_protocol::internal::{RoomEvent, UserRoom, UserRooms};
 use switchyard_protocol::shard::shard_of_room;
@@ -18,6 +19,9 @@ use switchyard_protocol::{codec, subjects, ProjectId, RoomId, UserId};
 pub(crate) const ROOMS_PAGE: usize = 1_000;
 /// Rooms whose last event one request reads.
 const LAST_EVENTS_PER_REQUEST: usize = 64;
+/// Requests for last events one page has in flight at once: one, so that one user's listing costs the NATS server
+/// and the shard one request's worth of work at a time (more made other tenants' acks slower on a loaded server).
+const LAST_EVENT_REQUESTS_AT_ONCE: usize = 1;
 
 /// The user's membership in `room`: `None` when they are not a member.
 pub(crate) async fn get(
@@ -105,23 +109,41 @@ pub(crate) async fn page(
         };
         memberships.push((room, entry));
     }
-    let mut rooms = Vec::with_capacity(memberships.len());
-    for chunk in memberships.chunks(LAST_EVENTS_PER_REQUEST) {
-        let logs: Vec<String> = chunk
-            .iter()
-            .map(|(room, _)| subjects::event_log(shard_of_room(tenant, room, ctx.config.shard_count), tenant, room))
-            .collect();
-        let last = direct::batch(&ctx.nats, subjects::EVENTS_DIRECT_GET, Ask::LastOf { subjects: &logs }).await?;
-        let seqs: std::collections::HashMap<String, u64> = last
-            .into_iter()
-            .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event.seq)))
-            .collect();
-        for ((room, entry), log) in chunk.iter().zip(&logs) {
-            let seq = seqs.get(log).copied().unwrap_or(0);
-            rooms.push(RoomSummary { room: room.clone(), role: entry.role, seq, read: entry.read });
-        }
-    }
+    // The rooms' last events, a few requests at a time, answers kept in the order of the memberships.
+    let lasts: Vec<Vec<RoomSummary>> = futures::stream::iter(memberships.chunks(LAST_EVENTS_PER_REQUEST).map(<[_]>::to_vec))
+        .map(|chunk| last_seqs(ctx, tenant, chunk))
+        .buffered(LAST_EVENT_REQUESTS_AT_ONCE)
+        .try_collect()
+        .await?;
+    let rooms = lasts.into_iter().flatten().collect();
     Ok((rooms, next))
+}
+
+/// Summaries of `chunk`'s memberships, each with its room's last seq (0 for a room whose events all aged out).
+async fn last_seqs(
+    ctx: &RouterContext,
+    tenant: &ProjectId,
+    chunk: Vec<(RoomId, UserRoom)>,
+) -> Result<Vec<RoomSummary>, String> {
+    let logs: Vec<String> = chunk
+        .iter()
+        .map(|(room, _)| subjects::event_log(shard_of_room(tenant, room, ctx.config.shard_count), tenant, room))
+        .collect();
+    let last = direct::batch(&ctx.nats, subjects::EVENTS_DIRECT_GET, Ask::LastOf { subjects: &logs }).await?;
+    let seqs: std::collections::HashMap<String, u64> = last
+        .into_iter()
+        .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event.seq)))
+        .collect();
+    Ok(chunk
+        .into_iter()
+        .zip(&logs)
+        .map(|((room, entry), log)| RoomSummary {
+            room,
+            role: entry.role,
+            seq: seqs.get(log).copied().unwrap_or(0),
+            read: entry.read,
+        })
+        .collect())
 }
 
 /// The record of an earlier release, with its revision, when the user has one.
