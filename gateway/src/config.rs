@@ -59,6 +59,11 @@ pub struct GatewayConfig {
     pub tenant_msgs_burst: u32,
     /// Default cap on one tenant's live sockets on one gateway; none when unset. Tenants may have their own.
     pub max_connections_per_tenant: Option<u32>,
+    /// Default quotas of every tenant (each may have its own): members per room, rooms per user (both at most
+    /// 10,000), and whether only the tenant's backend creates rooms.
+    pub max_members_per_room: u32,
+    pub max_rooms_per_user: u32,
+    pub backend_creates_rooms: bool,
     /// How long a client may take to send a request's headers (from connecting, or from the previous response)
     /// before the connection is closed.
     pub header_read_timeout_ms: u64,
@@ -97,6 +102,9 @@ impl std::fmt::Debug for GatewayConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("tenant_msgs_per_sec", &self.tenant_msgs_per_sec)
             .field("max_connections_per_tenant", &self.max_connections_per_tenant)
+            .field("max_members_per_room", &self.max_members_per_room)
+            .field("max_rooms_per_user", &self.max_rooms_per_user)
+            .field("backend_creates_rooms", &self.backend_creates_rooms)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("drain_reconnect_window_ms", &self.drain_reconnect_window_ms)
             .field("drain_grace_ms", &self.drain_grace_ms)
@@ -135,6 +143,9 @@ impl Default for GatewayConfig {
             tenant_msgs_per_sec: 1_000,
             tenant_msgs_burst: 2_000,
             max_connections_per_tenant: None,
+            max_members_per_room: limits::MAX_MEMBERS_PER_ROOM,
+            max_rooms_per_user: limits::MAX_ROOMS_PER_USER,
+            backend_creates_rooms: false,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             max_http_body_bytes: 64 * 1024,
@@ -184,6 +195,15 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
             self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
         }
+        if let Some(v) = get("SWITCHYARD_MAX_MEMBERS_PER_ROOM") {
+            self.max_members_per_room = parsed("SWITCHYARD_MAX_MEMBERS_PER_ROOM", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_MAX_ROOMS_PER_USER") {
+            self.max_rooms_per_user = parsed("SWITCHYARD_MAX_ROOMS_PER_USER", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_BACKEND_CREATES_ROOMS") {
+            self.backend_creates_rooms = parsed("SWITCHYARD_BACKEND_CREATES_ROOMS", &v)?;
+        }
         if let Some(v) = get("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS") {
             self.drain_reconnect_window_ms = parsed("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS", &v)?;
         }
@@ -227,6 +247,12 @@ impl GatewayConfig {
         }
         if self.header_read_timeout_ms < 100 || self.request_timeout_ms < 100 {
             return invalid("header_read_timeout_ms", "header-read and request timeouts must be at least 100 ms");
+        }
+        if !(1..=limits::MAX_MEMBERS_PER_ROOM).contains(&self.max_members_per_room) {
+            return invalid("max_members_per_room", "must be 1..=10000");
+        }
+        if !(1..=limits::MAX_ROOMS_PER_USER).contains(&self.max_rooms_per_user) {
+            return invalid("max_rooms_per_user", "must be 1..=10000");
         }
         if self.max_http_body_bytes < 1024 {
             return invalid("max_http_body_bytes", "must be at least 1 KiB");

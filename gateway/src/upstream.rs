@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use switchyard_protocol::client::{OkResult, PresenceState, RoomSummary};
 use switchyard_protocol::internal::{
-    CommandReply, CommandRequest, HistoryReply, HistoryRequest, RoomCommand, UserCommand, UserRequest, INTERNAL_VERSION,
+    CommandReply, CommandRequest, HistoryReply, HistoryRequest, RoomCommand, RoomQuotas, UserCommand, UserRequest,
+    INTERNAL_VERSION,
 };
 use switchyard_protocol::shard::{shard_of_room, shard_of_user};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, ShardId, UserId};
@@ -43,10 +44,22 @@ pub async fn command(
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let attempt = retry_safe_attempt(&command);
-    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command };
+    let quotas = room_quotas(gw, tenant);
+    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command, quotas };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
     let reply = request_with_retry(gw, subjects::command(shard), payload, Target::Router, attempt).await?;
     decode_reply(&reply)
+}
+
+/// The tenant's quotas on rooms: its own limits where it has them, else the gateway's defaults.
+fn room_quotas(gw: &Gateway, tenant: &ProjectId) -> RoomQuotas {
+    let own = gw.tenants.cached(tenant).map(|entry| entry.record.limits.clone()).unwrap_or_default();
+    let config = &gw.config;
+    RoomQuotas {
+        members_per_room: Some(own.max_members_per_room.unwrap_or(config.max_members_per_room)),
+        rooms_per_user: Some(own.max_rooms_per_user.unwrap_or(config.max_rooms_per_user)),
+        backend_creates_rooms: own.backend_creates_rooms.unwrap_or(config.backend_creates_rooms),
+    }
 }
 
 /// How long one attempt of a command that is safe to run twice may wait for its answer before it is sent again.
@@ -93,7 +106,8 @@ impl Target {
 /// what it carries.
 pub async fn notify(gw: &Gateway, tenant: &ProjectId, user: &UserId, command: RoomCommand) {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
-    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command };
+    let quotas = room_quotas(gw, tenant);
+    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command, quotas };
     if let Ok(payload) = codec::encode(&request) {
         let _ = gw.nats.publish(subjects::command(shard), payload).await;
     }

@@ -21,6 +21,26 @@ pub struct CommandRequest {
     pub tenant: ProjectId,
     pub user: Option<UserId>,
     pub command: RoomCommand,
+    /// The tenant's quotas on rooms and memberships, resolved by the gateway; absent from gateways of earlier
+    /// releases (no quota).
+    #[serde(default)]
+    pub quotas: RoomQuotas,
+}
+
+/// The quotas a room actor enforces, as the gateway resolved them for the tenant (its own limits, else the
+/// fleet's defaults). `None` is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomQuotas {
+    /// Members one room may have.
+    #[serde(default)]
+    pub members_per_room: Option<u32>,
+    /// Rooms one user may be a member of (invites and the backend's additions count too).
+    #[serde(default)]
+    pub rooms_per_user: Option<u32>,
+    /// Only the tenant's backend creates rooms: a client's `create`, or its `join` of a missing room, is
+    /// `forbidden`.
+    #[serde(default)]
+    pub backend_creates_rooms: bool,
 }
 
 /// What a router shard is asked to do in one room.
@@ -338,6 +358,14 @@ pub struct TenantLimits {
     /// Live sockets of the tenant allowed on one gateway.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Members per room and rooms per user (see [`RoomQuotas`]).
+    #[serde(default)]
+    pub max_members_per_room: Option<u32>,
+    #[serde(default)]
+    pub max_rooms_per_user: Option<u32>,
+    /// Only the tenant's backend creates rooms.
+    #[serde(default)]
+    pub backend_creates_rooms: Option<bool>,
 }
 
 /// How a tenant's JWTs are verified.

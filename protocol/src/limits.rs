@@ -25,3 +25,9 @@ pub const TOKEN_TTL_DEFAULT_SECS: u64 = 600;
 pub const TOKEN_TTL_MAX_SECS: u64 = 86_400;
 /// Number of virtual shards when a cluster does not configure its own.
 pub const DEFAULT_SHARD_COUNT: u16 = 64;
+
+/// Members one room may have at most, whatever a tenant's quota says: the roster is one KV value, and this many
+/// members of the longest user ids fit one NATS message (1 MiB) with room to spare.
+pub const MAX_MEMBERS_PER_ROOM: u32 = 10_000;
+/// Rooms one user may be a member of at most, whatever a tenant's quota says: the user's `rooms` reply lists them all.
+pub const MAX_ROOMS_PER_USER: u32 = 10_000;

@@ -20,9 +20,9 @@ use switchyard_protocol::client::{Member, OkResult, Role};
 use switchyard_protocol::codec;
 use switchyard_protocol::internal::{
     CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomHeadReply,
-    RoomHeadRequest, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
+    RoomHeadRequest, RoomQuotas, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
 };
-use switchyard_protocol::{subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
+use switchyard_protocol::{limits, subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use tokio::sync::mpsc;
 
 /// One command for a room, with where to send the answer (`None` for commands that are never answered).
@@ -30,6 +30,8 @@ pub(crate) struct RoomJob {
     /// The acting user; `None` for the tenant's backend.
     pub user: Option<UserId>,
     pub command: RoomCommand,
+    /// The tenant's quotas, as the gateway resolved them.
+    pub quotas: RoomQuotas,
     pub reply_to: Option<Subject>,
 }
 
@@ -163,7 +165,7 @@ impl RoomActor {
     }
 
     async fn serve(&mut self, job: RoomJob) {
-        let reply = match self.handle(job.user.as_ref(), job.command).await {
+        let reply = match self.handle(job.user.as_ref(), job.command, &job.quotas).await {
             Ok(result) => CommandReply::Ok { result },
             Err(error) => {
                 if matches!(error, RoomError::Unavailable(_)) {
@@ -183,10 +185,15 @@ impl RoomActor {
         }
     }
 
-    async fn handle(&mut self, user: Option<&UserId>, command: RoomCommand) -> Result<OkResult, RoomError> {
+    async fn handle(
+        &mut self,
+        user: Option<&UserId>,
+        command: RoomCommand,
+        quotas: &RoomQuotas,
+    ) -> Result<OkResult, RoomError> {
         let room = self.room.clone();
         match (command, user) {
-            (RoomCommand::Create { private, title, .. }, user) => self.create(user, private, title).await,
+            (RoomCommand::Create { private, title, .. }, user) => self.create(user, private, title, quotas).await,
             (RoomCommand::Members { .. }, None) => self.members().await,
             (RoomCommand::CanRead { .. }, None) => {
                 if !self.room.is_dm() {
@@ -197,7 +204,7 @@ impl RoomActor {
             (RoomCommand::SetMember { user: member, role, .. }, None) => {
                 self.require_named_room()?;
                 self.require_record().await?;
-                self.set_member(&member, role).await?;
+                self.set_member(&member, role, quotas).await?;
                 Ok(OkResult::Room { room })
             }
             (RoomCommand::Kick { user: member, .. }, None) => {
@@ -207,7 +214,7 @@ impl RoomActor {
                 Ok(OkResult::Room { room })
             }
             (_, None) => Err(refused(ErrorCode::Forbidden, "this operation needs a user")),
-            (RoomCommand::Join { grants, .. }, Some(user)) => self.join(user, &grants).await,
+            (RoomCommand::Join { grants, .. }, Some(user)) => self.join(user, &grants, quotas).await,
             (RoomCommand::CanRead { grants, .. }, Some(user)) => {
                 self.require_reader(user, &grants).await?;
                 Ok(OkResult::RoomSeq { room, seq: self.tail().await?.seq })
@@ -231,7 +238,7 @@ impl RoomActor {
                 self.require_named_room()?;
                 self.require_admin(user).await?;
                 if self.role_of(&member).await?.is_none() {
-                    self.set_member(&member, Role::Member).await?;
+                    self.set_member(&member, Role::Member, quotas).await?;
                 }
                 Ok(OkResult::Room { room })
             }
@@ -298,8 +305,16 @@ impl RoomActor {
         user: Option<&UserId>,
         private: bool,
         title: Option<String>,
+        quotas: &RoomQuotas,
     ) -> Result<OkResult, RoomError> {
         self.require_named_room()?;
+        if let Some(user) = user {
+            if quotas.backend_creates_rooms {
+                return Err(refused(ErrorCode::Forbidden, "rooms of this tenant are created by its backend"));
+            }
+            // The creator becomes a member: refuse before the room exists rather than leave it without an admin.
+            self.admit(user, quotas).await?;
+        }
         let record = RoomRecord {
             v: INTERNAL_VERSION,
             private,
@@ -318,12 +333,12 @@ impl RoomActor {
         self.record = Some(Some(record));
         self.created_here = true;
         if let Some(user) = user {
-            self.set_member(user, Role::Admin).await?;
+            self.set_member(user, Role::Admin, quotas).await?;
         }
         Ok(OkResult::Room { room: self.room.clone() })
     }
 
-    async fn join(&mut self, user: &UserId, grants: &[String]) -> Result<OkResult, RoomError> {
+    async fn join(&mut self, user: &UserId, grants: &[String], quotas: &RoomQuotas) -> Result<OkResult, RoomError> {
         let room = self.room.clone();
         if self.role_of(user).await?.is_some() {
             return Ok(OkResult::RoomSeq { room, seq: self.tail().await?.seq });
@@ -334,12 +349,12 @@ impl RoomActor {
         let seq = match self.load_record().await? {
             None => {
                 // A missing room is created public by its first joiner, who becomes its admin.
-                match self.create(Some(user), false, None).await {
+                match self.create(Some(user), false, None, quotas).await {
                     Ok(_) => self.tail().await?.seq,
                     // Created concurrently through another path: join it as it is.
                     Err(RoomError::Refused(ErrorCode::Conflict, _)) => {
                         self.record = None;
-                        return Box::pin(self.join(user, grants)).await;
+                        return Box::pin(self.join(user, grants, quotas)).await;
                     }
                     Err(e) => return Err(e),
                 }
@@ -351,7 +366,7 @@ impl RoomActor {
                         format!("room {room} is private and {user} is not a member"),
                     ));
                 }
-                self.set_member(user, Role::Member).await?
+                self.set_member(user, Role::Member, quotas).await?
             }
         };
         Ok(OkResult::RoomSeq { room, seq })
@@ -468,8 +483,11 @@ impl RoomActor {
 
     /// Make `user` a member with `role` (or change the role); a new membership is sequenced as `joined`. Returns
     /// the room's last seq afterwards.
-    async fn set_member(&mut self, user: &UserId, role: Role) -> Result<u64, RoomError> {
+    async fn set_member(&mut self, user: &UserId, role: Role, quotas: &RoomQuotas) -> Result<u64, RoomError> {
         let mut roster = self.roster().await?;
+        if !roster.members.contains_key(user) {
+            self.admit(user, quotas).await?;
+        }
         let new_member = roster.members.insert(user.clone(), role).is_none();
         self.save_roster(roster).await?;
         let read = self.membership(user).await?.map_or(0, |entry| entry.read);
@@ -478,6 +496,16 @@ impl RoomActor {
             return Ok(self.append(EventBody::Joined { user: user.clone() }, None).await?.event().seq);
         }
         Ok(self.tail().await?.seq)
+    }
+
+    /// May `user` become a member, within the room's and the user's quotas? Counts the user's rooms (one request).
+    async fn admit(&mut self, user: &UserId, quotas: &RoomQuotas) -> Result<(), RoomError> {
+        let members = self.roster().await?.members.len();
+        let rooms = memberships::count(&self.ctx, &self.tenant, user).await.map_err(RoomError::Unavailable)?;
+        match quota_refusal(members, rooms, quotas) {
+            Some(message) => Err(refused(ErrorCode::Forbidden, format!("{user} cannot join room {}: {message}", self.room))),
+            None => Ok(()),
+        }
     }
 
     /// End `user`'s membership; sequenced as `left` (with `by` for a kick).
@@ -844,6 +872,21 @@ fn author(body: &EventBody) -> Option<UserId> {
 }
 
 /// Does a token's `rooms` claim allow `room`? Entries are room ids or prefixes ending in `*`.
+/// Why a new member would exceed a quota, given the room's members and the user's rooms before the join; `None`
+/// when the join fits. The protocol's ceilings hold whatever the quotas say (a gateway of an earlier release sends
+/// none).
+fn quota_refusal(members: usize, user_rooms: u64, quotas: &RoomQuotas) -> Option<String> {
+    let members_cap = quotas.members_per_room.unwrap_or(limits::MAX_MEMBERS_PER_ROOM).min(limits::MAX_MEMBERS_PER_ROOM);
+    let rooms_cap = quotas.rooms_per_user.unwrap_or(limits::MAX_ROOMS_PER_USER).min(limits::MAX_ROOMS_PER_USER);
+    if members >= members_cap as usize {
+        return Some(format!("the room has its quota of {members_cap} members"));
+    }
+    if user_rooms >= u64::from(rooms_cap) {
+        return Some(format!("the user is in their quota of {rooms_cap} rooms"));
+    }
+    None
+}
+
 fn granted(grants: &[String], room: &RoomId) -> bool {
     grants.iter().any(|grant| match grant.strip_suffix('*') {
         Some(prefix) => room.as_str().starts_with(prefix),
@@ -862,5 +905,19 @@ mod tests {
         assert!(granted(&["team-red".into()], &room));
         assert!(!granted(&["team-re".into(), "blue*".into()], &room));
         assert!(!granted(&[], &room));
+    }
+
+    #[test]
+    fn quotas_refuse_the_member_past_them_and_ceilings_hold_without_quotas() {
+        let quotas = RoomQuotas { members_per_room: Some(3), rooms_per_user: Some(2), backend_creates_rooms: false };
+        assert_eq!(quota_refusal(2, 1, &quotas), None);
+        assert!(quota_refusal(3, 0, &quotas).is_some_and(|m| m.contains("3 members")));
+        assert!(quota_refusal(0, 2, &quotas).is_some_and(|m| m.contains("2 rooms")));
+        let none = RoomQuotas::default();
+        assert_eq!(quota_refusal(0, 0, &none), None);
+        assert!(quota_refusal(limits::MAX_MEMBERS_PER_ROOM as usize, 0, &none).is_some());
+        assert!(quota_refusal(0, u64::from(limits::MAX_ROOMS_PER_USER), &none).is_some());
+        let above = RoomQuotas { members_per_room: Some(u32::MAX), rooms_per_user: Some(u32::MAX), ..quotas };
+        assert!(quota_refusal(limits::MAX_MEMBERS_PER_ROOM as usize, 0, &above).is_some());
     }
 }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits};
-use switchyard_protocol::{ErrorCode, ProjectId};
+use switchyard_protocol::{limits, ErrorCode, ProjectId};
 
 fn require_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
@@ -82,6 +82,9 @@ pub async fn get_tenant(
             "msgs_per_sec": record.limits.msgs_per_sec,
             "msgs_burst": record.limits.msgs_burst,
             "max_connections": record.limits.max_connections,
+            "max_members_per_room": record.limits.max_members_per_room,
+            "max_rooms_per_user": record.limits.max_rooms_per_user,
+            "backend_creates_rooms": record.limits.backend_creates_rooms,
         },
     })))
 }
@@ -143,6 +146,9 @@ struct SetLimits {
     msgs_per_sec: Option<u32>,
     msgs_burst: Option<u32>,
     max_connections: Option<u32>,
+    max_members_per_room: Option<u32>,
+    max_rooms_per_user: Option<u32>,
+    backend_creates_rooms: Option<bool>,
 }
 
 pub async fn set_limits(
@@ -164,10 +170,19 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
     if request.msgs_burst.is_some() && request.msgs_per_sec.is_none() {
         return Err(ApiError::bad_request("msgs_burst needs msgs_per_sec"));
     }
+    if request.max_members_per_room.is_some_and(|n| !(1..=limits::MAX_MEMBERS_PER_ROOM).contains(&n)) {
+        return Err(ApiError::bad_request("max_members_per_room must be 1..=10000"));
+    }
+    if request.max_rooms_per_user.is_some_and(|n| !(1..=limits::MAX_ROOMS_PER_USER).contains(&n)) {
+        return Err(ApiError::bad_request("max_rooms_per_user must be 1..=10000"));
+    }
     Ok(TenantLimits {
         msgs_per_sec: request.msgs_per_sec,
         msgs_burst: request.msgs_burst,
         max_connections: request.max_connections,
+        max_members_per_room: request.max_members_per_room,
+        max_rooms_per_user: request.max_rooms_per_user,
+        backend_creates_rooms: request.backend_creates_rooms,
     })
 }
 
