@@ -64,6 +64,9 @@ pub struct GatewayConfig {
     pub max_members_per_room: u32,
     pub max_rooms_per_user: u32,
     pub backend_creates_rooms: bool,
+    /// Sockets on this gateway that have upgraded without a token and not yet sent their first-frame `auth`; past
+    /// it, an upgrade without a token is refused with 503.
+    pub max_unauthenticated: usize,
     /// How long a client may take to send a request's headers (from connecting, or from the previous response)
     /// before the connection is closed.
     pub header_read_timeout_ms: u64,
@@ -105,6 +108,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_members_per_room", &self.max_members_per_room)
             .field("max_rooms_per_user", &self.max_rooms_per_user)
             .field("backend_creates_rooms", &self.backend_creates_rooms)
+            .field("max_unauthenticated", &self.max_unauthenticated)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("drain_reconnect_window_ms", &self.drain_reconnect_window_ms)
             .field("drain_grace_ms", &self.drain_grace_ms)
@@ -146,6 +150,7 @@ impl Default for GatewayConfig {
             max_members_per_room: limits::MAX_MEMBERS_PER_ROOM,
             max_rooms_per_user: limits::MAX_ROOMS_PER_USER,
             backend_creates_rooms: false,
+            max_unauthenticated: 10_000,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             max_http_body_bytes: 64 * 1024,
@@ -204,6 +209,9 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_BACKEND_CREATES_ROOMS") {
             self.backend_creates_rooms = parsed("SWITCHYARD_BACKEND_CREATES_ROOMS", &v)?;
         }
+        if let Some(v) = get("SWITCHYARD_MAX_UNAUTHENTICATED") {
+            self.max_unauthenticated = parsed("SWITCHYARD_MAX_UNAUTHENTICATED", &v)?;
+        }
         if let Some(v) = get("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS") {
             self.drain_reconnect_window_ms = parsed("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS", &v)?;
         }
@@ -253,6 +261,9 @@ impl GatewayConfig {
         }
         if !(1..=limits::MAX_ROOMS_PER_USER).contains(&self.max_rooms_per_user) {
             return invalid("max_rooms_per_user", "must be 1..=10000");
+        }
+        if self.max_unauthenticated == 0 {
+            return invalid("max_unauthenticated", "must be positive");
         }
         if self.max_http_body_bytes < 1024 {
             return invalid("max_http_body_bytes", "must be at least 1 KiB");

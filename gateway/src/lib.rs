@@ -86,6 +86,8 @@ pub struct Gateway {
     draining: AtomicBool,
     /// When sessions must have closed, set when the drain begins.
     drain_deadline: OnceLock<tokio::time::Instant>,
+    /// Sockets upgraded without a token that have not authenticated yet (see `ws::upgrade::Unauthenticated`).
+    unauthenticated: std::sync::atomic::AtomicUsize,
     /// Every session task, so the drain can wait for them.
     pub session_tasks: TaskTracker,
     metrics: PrometheusHandle,
@@ -175,6 +177,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         stopped,
         draining: AtomicBool::new(false),
         drain_deadline: OnceLock::new(),
+        unauthenticated: std::sync::atomic::AtomicUsize::new(0),
         session_tasks: TaskTracker::new(),
         metrics: telemetry::prometheus(),
     });

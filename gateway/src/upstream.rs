@@ -107,7 +107,8 @@ impl Target {
 pub async fn notify(gw: &Gateway, tenant: &ProjectId, user: &UserId, command: RoomCommand) {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let quotas = room_quotas(gw, tenant);
-    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command, quotas };
+    let request =
+        CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command, quotas };
     if let Ok(payload) = codec::encode(&request) {
         let _ = gw.nats.publish(subjects::command(shard), payload).await;
     }

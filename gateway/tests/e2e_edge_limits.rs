@@ -1,7 +1,8 @@
 //! The edge's limits, each with its exact status, error or close code, through real NATS and Redis: origin
 //! allow-list (403), subprotocols (400), frame size (1009), message body and HTTP body size (`too_large`), floods on
 //! one connection (`rate_limited`, then 4008), the fleet-wide per-tenant message rate (`rate_limited` and 429 across
-//! two gateways), the per-tenant connection cap, and connections that send nothing or stall in their headers.
+//! two gateways), the per-tenant connection cap, connections that send nothing or stall in their headers, and the
+//! cap on sockets waiting to authenticate.
 
 mod support;
 
@@ -235,5 +236,51 @@ async fn queued_watches_cannot_pass_the_watch_cap_together() {
         .count();
     let accepted = replies.iter().filter(|r| matches!(r, Ok(Reply::Ok(_)))).count();
     assert_eq!((accepted, refused), (10, 1), "{replies:?}");
+    fleet.stop().await;
+}
+
+/// Upgrade to a WebSocket over a raw TCP connection without a token, and send nothing more; the status line's code.
+fn upgrade_without_token(addr: &str) -> (std::net::TcpStream, u16) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .write_all(
+            b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    let status = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    (stream, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sockets_waiting_to_authenticate_are_capped_per_gateway() {
+    let fleet = Fleet::start_with(1, 1, |c| c.max_unauthenticated = 2).await;
+    let tenant = fleet.create_tenant().await;
+    let addr = fleet.gateways[0].trim_start_matches("http://").to_owned();
+    let first = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || (upgrade_without_token(&addr), upgrade_without_token(&addr), upgrade_without_token(&addr))
+    });
+    let ((one, s1), (_two, s2), (_three, s3)) = first.await.unwrap();
+    assert_eq!((s1, s2, s3), (101, 101, 503), "two sockets may wait to authenticate, the third is refused");
+    // A socket with a token does not wait, and is admitted.
+    let token = fleet.token(&tenant, "tokened").await;
+    let client = fleet.connect(0, &token, Format::Json).await;
+    client.ping().await.expect("a socket with a token is not capped");
+    // A waiting socket that goes away frees its place.
+    drop(one);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let addr = addr.clone();
+        let (_socket, status) = tokio::task::spawn_blocking(move || upgrade_without_token(&addr)).await.unwrap();
+        if status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place was never usable (last status {status})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     fleet.stop().await;
 }

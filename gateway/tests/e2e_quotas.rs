@@ -126,7 +126,8 @@ async fn the_admin_api_refuses_quotas_past_the_ceilings() {
         assert_eq!(answer.status, 400, "{body}: {}", answer.body);
     }
     fleet.set_limits(&tenant, json!({"max_members_per_room": 10_000, "backend_creates_rooms": false})).await;
-    let shown = fleet.call(0, Method::GET, &format!("/v1/admin/tenants/{}", tenant.project_id), &fleet.admin_token, None).await;
+    let shown =
+        fleet.call(0, Method::GET, &format!("/v1/admin/tenants/{}", tenant.project_id), &fleet.admin_token, None).await;
     assert_eq!(shown.body["limits"]["max_members_per_room"], 10_000, "{}", shown.body);
     assert_eq!(shown.body["limits"]["backend_creates_rooms"], false, "{}", shown.body);
     fleet.stop().await;

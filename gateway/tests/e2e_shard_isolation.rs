@@ -121,7 +121,11 @@ async fn a_user_with_ten_thousand_rooms_does_not_slow_another_tenants_sends() {
                         assert_eq!(result["users"].as_object().map(|users| users.len()), Some(100))
                     }
                     Reply::Ok(result) => {
-                        assert_eq!(result["rooms"].as_array().map(Vec::len), Some(10_000), "every membership is listed");
+                        assert_eq!(
+                            result["rooms"].as_array().map(Vec::len),
+                            Some(10_000),
+                            "every membership is listed"
+                        );
                         listed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     other => panic!("a read answered {other:?}"),

@@ -20,6 +20,7 @@ use crate::revocation::{self, CloseSignal};
 use crate::telemetry;
 use crate::upstream::{self, UpstreamError};
 use crate::ws::hub::{LiveEvent, SessionTx};
+use crate::ws::upgrade::Unauthenticated;
 use crate::Gateway;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::future::BoxFuture;
@@ -33,9 +34,7 @@ use switchyard_protocol::client::{
     decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, Message as HistoryMessage, OkResult,
     ServerFrame,
 };
-use switchyard_protocol::internal::{
-    EventBody, HistoryReply, HistoryRequest, RoomCommand, INTERNAL_VERSION,
-};
+use switchyard_protocol::internal::{EventBody, HistoryReply, HistoryRequest, RoomCommand, INTERNAL_VERSION};
 use switchyard_protocol::{
     limits, subjects, ClientMessageId, ClientMessageIdError, CloseCode, ErrorCode, RoomId, UserId,
 };
@@ -217,7 +216,15 @@ struct Session {
 }
 
 /// Serve one upgraded socket until it closes.
-pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: Option<Identity>) {
+/// `waiting` is the socket's place among those not authenticated yet (with `identity` `None`), freed once the
+/// first-frame `auth` is decided.
+pub async fn run(
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    format: Format,
+    identity: Option<Identity>,
+    waiting: Option<Unauthenticated>,
+) {
     let _open = OpenSocket::new(format);
     let session_id = format!("ss_{}", switchyard_protocol::ids::random_base62(16));
     let span = tracing::info_span!(
@@ -231,7 +238,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, format: Format, identity: 
         span.record("tenant", identity.tenant.as_str());
         span.record("user", identity.user.as_str());
     }
-    run_session(gw, socket, format, identity, session_id).instrument(span).await;
+    run_session(gw, socket, format, identity, waiting, session_id).instrument(span).await;
 }
 
 async fn run_session(
@@ -239,13 +246,19 @@ async fn run_session(
     socket: WebSocket,
     format: Format,
     identity: Option<Identity>,
+    waiting: Option<Unauthenticated>,
     session_id: String,
 ) {
     let (mut sink, mut stream) = socket.split();
     let window = gw.config.drain_reconnect_window_ms;
     let identity = match identity {
         Some(identity) => identity,
-        None => match Box::pin(first_frame_auth(&gw, &mut stream, format)).await {
+        None => match {
+            let decided = Box::pin(first_frame_auth(&gw, &mut stream, format)).await;
+            // Authenticated or refused: the socket no longer waits to authenticate.
+            drop(waiting);
+            decided
+        } {
             Ok(identity) => {
                 let span = tracing::Span::current();
                 span.record("tenant", identity.tenant.as_str());

@@ -2,7 +2,8 @@
 //! the `token` query parameter, all before the upgrade so failures get plain HTTP errors (403, 400, 401; 503 when
 //! the token store is down; 429 when the tenant is at its connection cap).
 //!
-//! Without a token the upgrade proceeds and the session waits for a first-frame `auth`.
+//! Without a token the upgrade proceeds and the session waits for a first-frame `auth`; at most
+//! `max_unauthenticated` sockets of a gateway wait so at once (503 past it).
 
 use crate::auth::{authenticate, bearer};
 use crate::error::ApiError;
@@ -14,6 +15,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use switchyard_protocol::client::Format;
 use switchyard_protocol::ErrorCode;
@@ -22,6 +24,27 @@ use switchyard_protocol::ErrorCode;
 const READ_BUFFER_BYTES: usize = 1024;
 /// Bytes of fed frames the socket's writer collects before it writes them out without waiting for a flush.
 const WRITE_BATCH_BYTES: usize = 16 * 1024;
+
+/// A socket that upgraded without a token and has not authenticated yet, counted against the gateway's
+/// `max_unauthenticated`; dropping it (authenticated, refused or gone) frees its place.
+pub struct Unauthenticated(Arc<Gateway>);
+
+impl Unauthenticated {
+    /// A place among the gateway's unauthenticated sockets; `None` when all are taken.
+    fn take(gw: &Arc<Gateway>) -> Option<Self> {
+        let max = gw.config.max_unauthenticated;
+        gw.unauthenticated
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Unauthenticated(gw.clone()))
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -86,6 +109,17 @@ pub async fn ws_handler(
             .into_response();
         }
     }
+    let waiting = match identity {
+        Some(_) => None,
+        None => match Unauthenticated::take(&gw) {
+            Some(place) => Some(place),
+            None => {
+                metrics::counter!("switchyard_gateway_unauthenticated_refused_total").increment(1);
+                return ApiError::unavailable("too many connections are waiting to authenticate on this gateway")
+                    .into_response();
+            }
+        },
+    };
     let max_frame = gw.config.max_frame_bytes;
     let mut upgrade = upgrade
         // Frames a little over the limit are read and refused with 1009; far larger ones fail the read.
@@ -103,7 +137,7 @@ pub async fn ws_handler(
     let tracked = gw.session_tasks.token();
     upgrade
         .on_upgrade(move |socket| async move {
-            session::run(gw, socket, format, identity).await;
+            session::run(gw, socket, format, identity, waiting).await;
             drop(tracked);
         })
         .into_response()
