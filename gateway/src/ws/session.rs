@@ -251,27 +251,25 @@ async fn run_session(
 ) {
     let (mut sink, mut stream) = socket.split();
     let window = gw.config.drain_reconnect_window_ms;
-    let identity = match identity {
-        Some(identity) => identity,
-        None => match {
-            let decided = Box::pin(first_frame_auth(&gw, &mut stream, format)).await;
-            // Authenticated or refused: the socket no longer waits to authenticate.
-            drop(waiting);
-            decided
-        } {
-            Ok(identity) => {
-                let span = tracing::Span::current();
-                span.record("tenant", identity.tenant.as_str());
-                span.record("user", identity.user.as_str());
-                identity
-            }
-            Err((code, reason)) => {
-                tracing::debug!(code = code.code(), %reason, "closing before authentication");
-                count_close(Some(code));
-                let _ = Box::pin(send_close(&mut sink, format, code, &reason, window)).await;
-                return;
-            }
-        },
+    let decided = match identity {
+        Some(identity) => Ok(identity),
+        None => Box::pin(first_frame_auth(&gw, &mut stream, format)).await,
+    };
+    // Authenticated or refused: the socket no longer waits to authenticate.
+    drop(waiting);
+    let identity = match decided {
+        Ok(identity) => {
+            let span = tracing::Span::current();
+            span.record("tenant", identity.tenant.as_str());
+            span.record("user", identity.user.as_str());
+            identity
+        }
+        Err((code, reason)) => {
+            tracing::debug!(code = code.code(), %reason, "closing before authentication");
+            count_close(Some(code));
+            let _ = Box::pin(send_close(&mut sink, format, code, &reason, window)).await;
+            return;
+        }
     };
     // Registered for revocation until this function returns (the registration deregisters on drop).
     let registration = match revocation::register(&gw, &identity) {
@@ -1246,9 +1244,9 @@ mod tests {
     use super::*;
 
     /// The size of the future an async fn returns, without calling it.
-    fn future_size<F, A, B, C, D, Fut>(_: &F) -> usize
+    fn future_size<F, A, B, C, D, E, Fut>(_: &F) -> usize
     where
-        F: Fn(A, B, C, D) -> Fut,
+        F: Fn(A, B, C, D, E) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
