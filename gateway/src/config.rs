@@ -67,6 +67,8 @@ pub struct GatewayConfig {
     /// Sockets on this gateway that have upgraded without a token and not yet sent their first-frame `auth`; past
     /// it, an upgrade without a token is refused with 503.
     pub max_unauthenticated: usize,
+    /// Default quota of rooms per tenant (each may have its own); none when unset.
+    pub max_rooms_per_tenant: Option<u64>,
     /// How long a client may take to send a request's headers (from connecting, or from the previous response)
     /// before the connection is closed.
     pub header_read_timeout_ms: u64,
@@ -109,6 +111,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_rooms_per_user", &self.max_rooms_per_user)
             .field("backend_creates_rooms", &self.backend_creates_rooms)
             .field("max_unauthenticated", &self.max_unauthenticated)
+            .field("max_rooms_per_tenant", &self.max_rooms_per_tenant)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("drain_reconnect_window_ms", &self.drain_reconnect_window_ms)
             .field("drain_grace_ms", &self.drain_grace_ms)
@@ -151,6 +154,7 @@ impl Default for GatewayConfig {
             max_rooms_per_user: limits::MAX_ROOMS_PER_USER,
             backend_creates_rooms: false,
             max_unauthenticated: 10_000,
+            max_rooms_per_tenant: None,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             max_http_body_bytes: 64 * 1024,
@@ -208,6 +212,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("SWITCHYARD_BACKEND_CREATES_ROOMS") {
             self.backend_creates_rooms = parsed("SWITCHYARD_BACKEND_CREATES_ROOMS", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_MAX_ROOMS_PER_TENANT") {
+            self.max_rooms_per_tenant = Some(parsed("SWITCHYARD_MAX_ROOMS_PER_TENANT", &v)?);
         }
         if let Some(v) = get("SWITCHYARD_MAX_UNAUTHENTICATED") {
             self.max_unauthenticated = parsed("SWITCHYARD_MAX_UNAUTHENTICATED", &v)?;

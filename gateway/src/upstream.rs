@@ -59,6 +59,7 @@ fn room_quotas(gw: &Gateway, tenant: &ProjectId) -> RoomQuotas {
         members_per_room: Some(own.max_members_per_room.unwrap_or(config.max_members_per_room)),
         rooms_per_user: Some(own.max_rooms_per_user.unwrap_or(config.max_rooms_per_user)),
         backend_creates_rooms: own.backend_creates_rooms.unwrap_or(config.backend_creates_rooms),
+        rooms_per_tenant: own.max_rooms.or(config.max_rooms_per_tenant),
     }
 }
 

@@ -1,5 +1,5 @@
-//! The tenant quotas on rooms, through a real fleet: members per room, rooms per user (invites and the backend's
-//! additions count too), and the option that only the tenant's backend creates rooms, each as a fleet default and
+//! The tenant quotas on rooms, through a real fleet: rooms per tenant, members per room, rooms per user (invites and
+//! the backend's additions count too), and the option that only the tenant's backend creates rooms, each as a fleet default and
 //! as a tenant's own value set through the admin limits API. Each refusal is `forbidden` (HTTP 403) with a message
 //! naming the quota, and changes nothing.
 
@@ -108,6 +108,29 @@ async fn a_tenant_can_let_only_its_backend_create_rooms() {
     // Another tenant's clients still create rooms.
     let free = fleet.connect(0, &fleet.token(&open, "ann").await, Format::Json).await;
     free.create("lobby", false).await.expect("the option is the tenant's own");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rooms_per_tenant_bounds_every_way_a_room_is_created() {
+    let fleet = Fleet::start_with(1, 1, |config| config.max_rooms_per_tenant = Some(5)).await;
+    let tenant = fleet.create_tenant().await;
+    let other = fleet.create_tenant().await;
+    fleet.set_limits(&tenant, json!({"max_rooms": 2})).await;
+    let ann = fleet.connect(0, &fleet.token(&tenant, "ann").await, Format::Json).await;
+    ann.create("one", false).await.expect("the first room");
+    ann.join("two", None).await.expect("a join that creates the second room");
+    assert_quota_refusal(ann.create("three", false).await, "quota of 2 rooms");
+    assert_quota_refusal(ann.join("three", None).await, "quota of 2 rooms");
+    let created = fleet.call(0, Method::POST, "/v1/rooms", &tenant.api_key, Some(json!({"room": "three"}))).await;
+    assert_eq!((created.status, created.body["code"].as_str()), (403, Some("forbidden")), "{}", created.body);
+    ann.join("one", None).await.expect("existing rooms are joined as usual");
+    // Another tenant has the fleet's default of five.
+    let free = fleet.connect(0, &fleet.token(&other, "ann").await, Format::Json).await;
+    for room in ["a", "b", "c", "d", "e"] {
+        free.create(room, false).await.expect("five rooms fit the default");
+    }
+    assert_quota_refusal(free.create("f", false).await, "quota of 5 rooms");
     fleet.stop().await;
 }
 

@@ -41,6 +41,9 @@ pub struct RoomQuotas {
     /// `forbidden`.
     #[serde(default)]
     pub backend_creates_rooms: bool,
+    /// Rooms the tenant may have (rooms are never deleted, so this bounds what it keeps).
+    #[serde(default)]
+    pub rooms_per_tenant: Option<u64>,
 }
 
 /// What a router shard is asked to do in one room.
@@ -164,11 +167,19 @@ pub enum LiveMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandReply {
-    Ok { result: OkResult },
-    Err { code: ErrorCode, message: String },
+    Ok {
+        result: OkResult,
+    },
+    Err {
+        code: ErrorCode,
+        message: String,
+    },
     /// A page of a user's rooms (`UserCommand::RoomsPage`); `next` is the cursor of the next page, `None` after the
     /// last.
-    RoomsPage { rooms: Vec<crate::client::RoomSummary>, next: Option<u64> },
+    RoomsPage {
+        rooms: Vec<crate::client::RoomSummary>,
+        next: Option<u64>,
+    },
 }
 
 impl CommandReply {
@@ -366,6 +377,9 @@ pub struct TenantLimits {
     /// Only the tenant's backend creates rooms.
     #[serde(default)]
     pub backend_creates_rooms: Option<bool>,
+    /// Rooms the tenant may have.
+    #[serde(default)]
+    pub max_rooms: Option<u64>,
 }
 
 /// How a tenant's JWTs are verified.

@@ -132,6 +132,11 @@ pub fn user_room_subjects(tenant: &ProjectId, user: &UserId) -> String {
     format!("$KV.{ROOMS_BUCKET}.uroom.{tenant}.{user}.*")
 }
 
+/// The stream subjects of every room record of a tenant, for counting its rooms.
+pub fn tenant_room_subjects(tenant: &ProjectId) -> String {
+    format!("$KV.{ROOMS_BUCKET}.room.{tenant}.*")
+}
+
 /// The room of a membership key's stream subject (see [`user_room_subjects`]); `None` for any other subject.
 pub fn room_of_user_room_subject(subject: &str) -> Option<RoomId> {
     let rest = subject.strip_prefix("$KV.")?.strip_prefix(ROOMS_BUCKET)?.strip_prefix(".uroom.")?;

@@ -60,7 +60,13 @@ pub(crate) async fn batch(nats: &async_nats::Client, api: &str, ask: Ask<'_>) ->
             if subjects.is_empty() {
                 return Ok(Vec::new());
             }
-            Request { seq: None, next_by_subj: None, multi_last: Some(subjects), batch: subjects.len(), max_bytes: BATCH_BYTES }
+            Request {
+                seq: None,
+                next_by_subj: None,
+                multi_last: Some(subjects),
+                batch: subjects.len(),
+                max_bytes: BATCH_BYTES,
+            }
         }
     };
     let payload = serde_json::to_vec(&request).map_err(|e| e.to_string())?;

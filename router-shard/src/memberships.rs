@@ -56,7 +56,12 @@ pub(crate) async fn put(
 }
 
 /// End the user's membership in `room`: its key leaves the stream, and the room leaves an earlier release's record.
-pub(crate) async fn remove(ctx: &RouterContext, tenant: &ProjectId, user: &UserId, room: &RoomId) -> Result<(), String> {
+pub(crate) async fn remove(
+    ctx: &RouterContext,
+    tenant: &ProjectId,
+    user: &UserId,
+    room: &RoomId,
+) -> Result<(), String> {
     let subject = subjects::rooms_bucket_subject(&subjects::user_room_key(tenant, user, room));
     ctx.rooms.stream.purge().filter(subject).await.map_err(|e| format!("remove a membership: {e}"))?;
     for _ in 0..16 {
@@ -76,12 +81,22 @@ pub(crate) async fn remove(ctx: &RouterContext, tenant: &ProjectId, user: &UserI
 pub(crate) async fn count(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<u64, String> {
     migrate(ctx, tenant, user).await?;
     let filter = subjects::user_room_subjects(tenant, user);
-    let first = direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, Ask::Matching { filter: &filter, from: 1, batch: 1 })
-        .await?;
+    let first =
+        direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, Ask::Matching { filter: &filter, from: 1, batch: 1 })
+            .await?;
     Ok(match first.first() {
         Some(got) => got.pending + 1,
         None => 0,
     })
+}
+
+/// How many rooms the tenant has, in one request.
+pub(crate) async fn tenant_rooms(ctx: &RouterContext, tenant: &ProjectId) -> Result<u64, String> {
+    let filter = subjects::tenant_room_subjects(tenant);
+    let first =
+        direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, Ask::Matching { filter: &filter, from: 1, batch: 1 })
+            .await?;
+    Ok(first.first().map_or(0, |got| got.pending + 1))
 }
 
 /// A page of the user's rooms from the cursor `after` (0 first), each with the room's last seq; with the cursor of
@@ -110,11 +125,12 @@ pub(crate) async fn page(
         memberships.push((room, entry));
     }
     // The rooms' last events, a few requests at a time, answers kept in the order of the memberships.
-    let lasts: Vec<Vec<RoomSummary>> = futures::stream::iter(memberships.chunks(LAST_EVENTS_PER_REQUEST).map(<[_]>::to_vec))
-        .map(|chunk| last_seqs(ctx, tenant, chunk))
-        .buffered(LAST_EVENT_REQUESTS_AT_ONCE)
-        .try_collect()
-        .await?;
+    let lasts: Vec<Vec<RoomSummary>> =
+        futures::stream::iter(memberships.chunks(LAST_EVENTS_PER_REQUEST).map(<[_]>::to_vec))
+            .map(|chunk| last_seqs(ctx, tenant, chunk))
+            .buffered(LAST_EVENT_REQUESTS_AT_ONCE)
+            .try_collect()
+            .await?;
     let rooms = lasts.into_iter().flatten().collect();
     Ok((rooms, next))
 }

@@ -22,7 +22,9 @@ use switchyard_protocol::internal::{
     CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomHeadReply,
     RoomHeadRequest, RoomQuotas, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
 };
-use switchyard_protocol::{limits, subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
+use switchyard_protocol::{
+    limits, subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId,
+};
 use tokio::sync::mpsc;
 
 /// One command for a room, with where to send the answer (`None` for commands that are never answered).
@@ -315,6 +317,13 @@ impl RoomActor {
             // The creator becomes a member: refuse before the room exists rather than leave it without an admin.
             self.admit(user, quotas).await?;
         }
+        if let Some(cap) = quotas.rooms_per_tenant {
+            let rooms = memberships::tenant_rooms(&self.ctx, &self.tenant).await.map_err(RoomError::Unavailable)?;
+            if rooms >= cap {
+                let message = format!("room {} cannot be created: the tenant has its quota of {cap} rooms", self.room);
+                return Err(refused(ErrorCode::Forbidden, message));
+            }
+        }
         let record = RoomRecord {
             v: INTERNAL_VERSION,
             private,
@@ -503,7 +512,9 @@ impl RoomActor {
         let members = self.roster().await?.members.len();
         let rooms = memberships::count(&self.ctx, &self.tenant, user).await.map_err(RoomError::Unavailable)?;
         match quota_refusal(members, rooms, quotas) {
-            Some(message) => Err(refused(ErrorCode::Forbidden, format!("{user} cannot join room {}: {message}", self.room))),
+            Some(message) => {
+                Err(refused(ErrorCode::Forbidden, format!("{user} cannot join room {}: {message}", self.room)))
+            }
             None => Ok(()),
         }
     }
@@ -909,7 +920,7 @@ mod tests {
 
     #[test]
     fn quotas_refuse_the_member_past_them_and_ceilings_hold_without_quotas() {
-        let quotas = RoomQuotas { members_per_room: Some(3), rooms_per_user: Some(2), backend_creates_rooms: false };
+        let quotas = RoomQuotas { members_per_room: Some(3), rooms_per_user: Some(2), ..RoomQuotas::default() };
         assert_eq!(quota_refusal(2, 1, &quotas), None);
         assert!(quota_refusal(3, 0, &quotas).is_some_and(|m| m.contains("3 members")));
         assert!(quota_refusal(0, 2, &quotas).is_some_and(|m| m.contains("2 rooms")));

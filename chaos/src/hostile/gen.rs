@@ -1212,7 +1212,9 @@ impl Gen {
             8 => refused(with_rid(json!({})), r),
             9 => refused(with_rid(json!({"op": "send", "room": "lobby", "body": "x", "extra": 1})), r),
             10 => refused(
-                with_rid(self.rng.pick(&[json!({"op": "rooms", "room": "lobby"}), json!({"op": "ping", "x": 1})]).clone()),
+                with_rid(
+                    self.rng.pick(&[json!({"op": "rooms", "room": "lobby"}), json!({"op": "ping", "x": 1})]).clone(),
+                ),
                 r,
             ),
             11 => refused(with_rid(json!({"op": "presence", "users": [1, 2]})), r),

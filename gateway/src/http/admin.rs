@@ -85,6 +85,7 @@ pub async fn get_tenant(
             "max_members_per_room": record.limits.max_members_per_room,
             "max_rooms_per_user": record.limits.max_rooms_per_user,
             "backend_creates_rooms": record.limits.backend_creates_rooms,
+            "max_rooms": record.limits.max_rooms,
         },
     })))
 }
@@ -149,6 +150,7 @@ struct SetLimits {
     max_members_per_room: Option<u32>,
     max_rooms_per_user: Option<u32>,
     backend_creates_rooms: Option<bool>,
+    max_rooms: Option<u64>,
 }
 
 pub async fn set_limits(
@@ -183,6 +185,7 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
         max_members_per_room: request.max_members_per_room,
         max_rooms_per_user: request.max_rooms_per_user,
         backend_creates_rooms: request.backend_creates_rooms,
+        max_rooms: request.max_rooms,
     })
 }
 
