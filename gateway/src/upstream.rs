@@ -44,7 +44,7 @@ pub async fn command(
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let attempt = retry_safe_attempt(&command);
-    let quotas = room_quotas(gw, tenant);
+    let quotas = if command.is_bounded_by_quotas() { room_quotas(gw, tenant) } else { RoomQuotas::default() };
     let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command, quotas };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
     let reply = request_with_retry(gw, subjects::command(shard), payload, Target::Router, attempt).await?;
@@ -107,7 +107,8 @@ impl Target {
 /// what it carries.
 pub async fn notify(gw: &Gateway, tenant: &ProjectId, user: &UserId, command: RoomCommand) {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
-    let quotas = room_quotas(gw, tenant);
+    // Signals never create rooms or members: no quotas to resolve.
+    let quotas = RoomQuotas::default();
     let request =
         CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command, quotas };
     if let Ok(payload) = codec::encode(&request) {

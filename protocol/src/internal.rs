@@ -21,9 +21,9 @@ pub struct CommandRequest {
     pub tenant: ProjectId,
     pub user: Option<UserId>,
     pub command: RoomCommand,
-    /// The tenant's quotas on rooms and memberships, resolved by the gateway; absent from gateways of earlier
-    /// releases (no quota).
-    #[serde(default)]
+    /// The tenant's quotas on rooms and memberships, resolved by the gateway for the commands they bound (see
+    /// [`RoomCommand::is_bounded_by_quotas`]); absent from other commands and from gateways of earlier releases.
+    #[serde(default, skip_serializing_if = "RoomQuotas::is_unset")]
     pub quotas: RoomQuotas,
 }
 
@@ -44,6 +44,13 @@ pub struct RoomQuotas {
     /// Rooms the tenant may have (rooms are never deleted, so this bounds what it keeps).
     #[serde(default)]
     pub rooms_per_tenant: Option<u64>,
+}
+
+impl RoomQuotas {
+    /// No quota at all (the protocol's ceilings still hold).
+    pub fn is_unset(&self) -> bool {
+        self == &RoomQuotas::default()
+    }
 }
 
 /// What a router shard is asked to do in one room.
@@ -97,6 +104,26 @@ impl RoomCommand {
             | RoomCommand::React { room, .. }
             | RoomCommand::Edit { room, .. }
             | RoomCommand::Delete { room, .. } => room,
+        }
+    }
+
+    /// Whether the command may create a room or add a member, the only commands the room quotas bound.
+    pub fn is_bounded_by_quotas(&self) -> bool {
+        match self {
+            RoomCommand::Create { .. }
+            | RoomCommand::Join { .. }
+            | RoomCommand::Invite { .. }
+            | RoomCommand::SetMember { .. } => true,
+            RoomCommand::Send { .. }
+            | RoomCommand::CanRead { .. }
+            | RoomCommand::Leave { .. }
+            | RoomCommand::Kick { .. }
+            | RoomCommand::Members { .. }
+            | RoomCommand::Typing { .. }
+            | RoomCommand::Read { .. }
+            | RoomCommand::React { .. }
+            | RoomCommand::Edit { .. }
+            | RoomCommand::Delete { .. } => false,
         }
     }
 }

@@ -9,7 +9,6 @@
 use crate::context::RouterContext;
 use crate::direct::{self, Ask};
 use async_nats::jetstream::kv;
-use futures::{StreamExt, TryStreamExt};
 use switchyard_protocol::client::RoomSummary;
 use switchyard_protocol::internal::{RoomEvent, UserRoom, UserRooms};
 use switchyard_protocol::shard::shard_of_room;
@@ -19,9 +18,6 @@ use switchyard_protocol::{codec, subjects, ProjectId, RoomId, UserId};
 pub(crate) const ROOMS_PAGE: usize = 1_000;
 /// Rooms whose last event one request reads.
 const LAST_EVENTS_PER_REQUEST: usize = 64;
-/// Requests for last events one page has in flight at once: one, so that one user's listing costs the NATS server
-/// and the shard one request's worth of work at a time (more made other tenants' acks slower on a loaded server).
-const LAST_EVENT_REQUESTS_AT_ONCE: usize = 1;
 
 /// The user's membership in `room`: `None` when they are not a member.
 pub(crate) async fn get(
@@ -80,22 +76,18 @@ pub(crate) async fn remove(
 /// How many rooms the user is a member of, in one request (and, once, the migration of an earlier record).
 pub(crate) async fn count(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<u64, String> {
     migrate(ctx, tenant, user).await?;
-    let filter = subjects::user_room_subjects(tenant, user);
-    let first =
-        direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, Ask::Matching { filter: &filter, from: 1, batch: 1 })
-            .await?;
-    Ok(match first.first() {
-        Some(got) => got.pending + 1,
-        None => 0,
-    })
+    count_matching(ctx, &subjects::user_room_subjects(tenant, user)).await
 }
 
 /// How many rooms the tenant has, in one request.
 pub(crate) async fn tenant_rooms(ctx: &RouterContext, tenant: &ProjectId) -> Result<u64, String> {
-    let filter = subjects::tenant_room_subjects(tenant);
-    let first =
-        direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, Ask::Matching { filter: &filter, from: 1, batch: 1 })
-            .await?;
+    count_matching(ctx, &subjects::tenant_room_subjects(tenant)).await
+}
+
+/// How many keys of the rooms bucket match `filter`: the first match and the server's count of those after it.
+async fn count_matching(ctx: &RouterContext, filter: &str) -> Result<u64, String> {
+    let ask = Ask::Matching { filter, from: 1, batch: 1 };
+    let first = direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, ask).await?;
     Ok(first.first().map_or(0, |got| got.pending + 1))
 }
 
@@ -124,14 +116,12 @@ pub(crate) async fn page(
         };
         memberships.push((room, entry));
     }
-    // The rooms' last events, a few requests at a time, answers kept in the order of the memberships.
-    let lasts: Vec<Vec<RoomSummary>> =
-        futures::stream::iter(memberships.chunks(LAST_EVENTS_PER_REQUEST).map(<[_]>::to_vec))
-            .map(|chunk| last_seqs(ctx, tenant, chunk))
-            .buffered(LAST_EVENT_REQUESTS_AT_ONCE)
-            .try_collect()
-            .await?;
-    let rooms = lasts.into_iter().flatten().collect();
+    // The rooms' last events, one request at a time, so one user's listing costs the NATS server and the shard one
+    // request's worth of work at a time (requests in parallel made other tenants' acks slower on a loaded server).
+    let mut rooms = Vec::with_capacity(memberships.len());
+    for chunk in memberships.chunks(LAST_EVENTS_PER_REQUEST) {
+        rooms.extend(last_seqs(ctx, tenant, chunk).await?);
+    }
     Ok((rooms, next))
 }
 
@@ -139,7 +129,7 @@ pub(crate) async fn page(
 async fn last_seqs(
     ctx: &RouterContext,
     tenant: &ProjectId,
-    chunk: Vec<(RoomId, UserRoom)>,
+    chunk: &[(RoomId, UserRoom)],
 ) -> Result<Vec<RoomSummary>, String> {
     let logs: Vec<String> = chunk
         .iter()
@@ -151,10 +141,10 @@ async fn last_seqs(
         .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event.seq)))
         .collect();
     Ok(chunk
-        .into_iter()
+        .iter()
         .zip(&logs)
         .map(|((room, entry), log)| RoomSummary {
-            room,
+            room: room.clone(),
             role: entry.role,
             seq: seqs.get(log).copied().unwrap_or(0),
             read: entry.read,
