@@ -57,8 +57,10 @@ pub struct GatewayConfig {
     /// their own (admin API).
     pub tenant_msgs_per_sec: u32,
     pub tenant_msgs_burst: u32,
-    /// Default cap on one tenant's live sockets on one gateway; none when unset. Tenants may have their own.
+    /// Default quotas of live sockets across the fleet, per tenant (none when unset) and per user (100; none when
+    /// unset). Tenants may have their own.
     pub max_connections_per_tenant: Option<u32>,
+    pub max_connections_per_user: Option<u32>,
     /// Default quotas of every tenant (each may have its own): members per room, rooms per user (both at most
     /// 10,000), and whether only the tenant's backend creates rooms.
     pub max_members_per_room: u32,
@@ -107,6 +109,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("tenant_msgs_per_sec", &self.tenant_msgs_per_sec)
             .field("max_connections_per_tenant", &self.max_connections_per_tenant)
+            .field("max_connections_per_user", &self.max_connections_per_user)
             .field("max_members_per_room", &self.max_members_per_room)
             .field("max_rooms_per_user", &self.max_rooms_per_user)
             .field("backend_creates_rooms", &self.backend_creates_rooms)
@@ -150,6 +153,7 @@ impl Default for GatewayConfig {
             tenant_msgs_per_sec: 1_000,
             tenant_msgs_burst: 2_000,
             max_connections_per_tenant: None,
+            max_connections_per_user: Some(limits::MAX_CONNECTIONS_PER_USER),
             max_members_per_room: limits::MAX_MEMBERS_PER_ROOM,
             max_rooms_per_user: limits::MAX_ROOMS_PER_USER,
             backend_creates_rooms: false,
@@ -203,6 +207,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
             self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
+        }
+        if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_USER") {
+            self.max_connections_per_user = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_USER", &v)?);
         }
         if let Some(v) = get("SWITCHYARD_MAX_MEMBERS_PER_ROOM") {
             self.max_members_per_room = parsed("SWITCHYARD_MAX_MEMBERS_PER_ROOM", &v)?;

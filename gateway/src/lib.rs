@@ -21,6 +21,7 @@ pub mod presence;
 pub mod resume;
 pub mod revocation;
 pub mod serve;
+pub mod sockets;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
@@ -64,8 +65,10 @@ pub struct Gateway {
     pub nats: async_nats::Client,
     pub tenants: tenants::TenantDirectory,
     pub tokens: tokens::TokenStore,
-    /// This gateway's live sessions, for revocation and connection caps.
+    /// This gateway's live sessions, for revocation.
     pub sessions: Arc<revocation::SessionRegistry>,
+    /// The fleet-wide socket quotas: this gateway's counts, copied to Redis.
+    pub sockets: Arc<sockets::SocketQuota>,
     /// The fleet-wide per-tenant message rate.
     pub tenant_rate: limits::TenantRateLimiter,
     pub hub: Arc<ws::hub::Hub>,
@@ -119,6 +122,8 @@ impl Gateway {
 pub struct BoundGateway {
     listener: tokio::net::TcpListener,
     gateway: Arc<Gateway>,
+    /// Copies the socket counts to Redis; it writes the last ones once the drain is over.
+    socket_counts: tokio::task::JoinHandle<()>,
 }
 
 /// Connect to NATS and Redis and bind the listener.
@@ -163,12 +168,18 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
     let gateway_id = format!("gw-{}", switchyard_protocol::ids::random_base62(10));
     let gateway = Arc::new(Gateway {
         hub: ws::hub::Hub::new(nats.clone()),
-        presence: presence::PresenceReporter::start(nats.clone(), gateway_id, config.shard_count, stopped.clone()),
+        presence: presence::PresenceReporter::start(
+            nats.clone(),
+            gateway_id.clone(),
+            config.shard_count,
+            stopped.clone(),
+        ),
         js,
         events: tokio::sync::OnceCell::new(),
         replays: Arc::new(tokio::sync::Semaphore::new(config.resume_concurrency)),
         tenants,
         tenant_rate: limits::TenantRateLimiter::new(redis.clone()),
+        sockets: sockets::SocketQuota::new(redis.clone(), &gateway_id),
         tokens: tokens::TokenStore::new(redis),
         sessions,
         nats,
@@ -181,7 +192,8 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         session_tasks: TaskTracker::new(),
         metrics: telemetry::prometheus(),
     });
-    Ok(BoundGateway { listener, gateway })
+    let socket_counts = gateway.sockets.spawn_writer(gateway.stopped.clone());
+    Ok(BoundGateway { listener, gateway, socket_counts })
 }
 
 impl BoundGateway {
@@ -241,6 +253,7 @@ impl BoundGateway {
         gateway.draining.store(true, Ordering::Relaxed);
         gateway.stopped.cancel();
         let _ = tokio::time::timeout(DRAIN_TAIL / 2, gateway.nats.flush()).await;
+        let _ = tokio::time::timeout(DRAIN_TAIL, self.socket_counts).await;
         match result {
             Ok(served) => served.map_err(GatewayError::Serve),
             Err(join) => Err(GatewayError::Serve(std::io::Error::other(join.to_string()))),

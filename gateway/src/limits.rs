@@ -2,8 +2,8 @@
 //! atomically by a Lua script on Redis's clock, shared by every gateway), and the per-connection abuse counter that
 //! closes a socket with 4008 when it keeps running into its rate limit.
 //!
-//! The fleet-wide rate fails OPEN: when Redis is down or slow, messages are not counted (and a metric says so). This
-//! is the only check that fails open; authentication never does. The per-connection token bucket itself lives in
+//! The fleet-wide rate fails OPEN: when Redis is down or slow, messages are not counted (and a metric says so). Only
+//! this check and the socket quotas (`sockets`) fail open; authentication never does. The per-connection token bucket itself lives in
 //! the session.
 
 use crate::Gateway;
@@ -112,7 +112,7 @@ impl TenantRateLimiter {
         }
         let call = self.take.evalsha_with_reload::<Vec<i64>, _, _>(
             &self.redis,
-            vec![format!("sy:rate:{tenant}")],
+            vec![switchyard_protocol::redis_keys::tenant_rate(tenant)],
             vec![per_sec.to_string(), burst.max(1).to_string()],
         );
         match tokio::time::timeout(RATE_CHECK_TIMEOUT, call).await {

@@ -117,13 +117,6 @@ impl Inner {
     }
 }
 
-/// Why a session may not start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
-    pub code: CloseCode,
-    pub reason: &'static str,
-}
-
 /// This gateway's live sessions, indexed for revocation. A plain mutex, held only for map updates.
 #[derive(Default)]
 pub struct SessionRegistry {
@@ -167,31 +160,14 @@ impl SessionRegistry {
         }
     }
 
-    /// Live sessions of a tenant on this gateway.
-    pub fn tenant_sessions(&self, tenant: &ProjectId) -> usize {
-        self.lock().by_tenant.get(tenant).map_or(0, HashSet::len)
-    }
-
-    /// Register a session, refusing it when its tenant is at `max_connections` on this gateway. A session whose
-    /// credential, user or tenant was revoked after its verification began is registered already fired.
-    pub fn register(
-        self: &Arc<Self>,
-        identity: &Identity,
-        max_connections: Option<u32>,
-    ) -> Result<Registration, Refused> {
+    /// Register a session. A session whose credential, user or tenant was revoked after its verification began is
+    /// registered already fired.
+    pub fn register(self: &Arc<Self>, identity: &Identity) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = CloseSignal::default();
         let tenant = identity.tenant.clone();
         let credential = identity.credential.id.clone();
         let mut inner = self.lock();
-        if let Some(max) = max_connections {
-            if inner.by_tenant.get(&tenant).map_or(0, HashSet::len) >= max as usize {
-                return Err(Refused {
-                    code: CloseCode::RateLimitAbuse,
-                    reason: "the project's connection limit on this gateway is reached",
-                });
-            }
-        }
         inner.prune_recent();
         let revoked_meanwhile = inner.recent.iter().any(|r| {
             r.at >= identity.credential.verified_at
@@ -210,7 +186,7 @@ impl SessionRegistry {
         inner.by_credential.entry((tenant.clone(), credential.clone())).or_default().insert(id);
         inner.sessions.insert(id, Entry { tenant, user: identity.user.clone(), credential, signal: signal.clone() });
         drop(inner);
-        Ok(Registration { registry: self.clone(), id, signal })
+        Registration { registry: self.clone(), id, signal }
     }
 
     fn deregister(&self, id: u64) {
@@ -260,24 +236,6 @@ impl SessionRegistry {
     pub fn is_token_revoked(&self, tenant: &ProjectId, id: &str) -> bool {
         self.lock().is_revoked(tenant, id, now_ms())
     }
-}
-
-/// Register a session with the tenant's connection cap (the tenant's own, else the gateway's default).
-pub fn register(gw: &Gateway, identity: &Identity) -> Result<Registration, Refused> {
-    gw.sessions.register(identity, max_connections(gw, &identity.tenant))
-}
-
-/// The connection cap of a tenant on this gateway, if any.
-pub fn max_connections(gw: &Gateway, tenant: &ProjectId) -> Option<u32> {
-    gw.tenants
-        .cached(tenant)
-        .and_then(|entry| entry.record.limits.max_connections)
-        .or(gw.config.max_connections_per_tenant)
-}
-
-/// Is the tenant at its connection cap on this gateway (checked before an upgrade)?
-pub fn at_capacity(gw: &Gateway, tenant: &ProjectId) -> bool {
-    max_connections(gw, tenant).is_some_and(|max| gw.sessions.tenant_sessions(tenant) >= max as usize)
 }
 
 /// Why a revocation could not be broadcast.
@@ -351,9 +309,9 @@ mod tests {
         let registry = SessionRegistry::new();
         let a = ProjectId::generate();
         let b = ProjectId::generate();
-        let a_alice = registry.register(&identity(&a, "alice", "t:1"), None).unwrap();
-        let a_bob = registry.register(&identity(&a, "bob", "t:2"), None).unwrap();
-        let b_alice = registry.register(&identity(&b, "alice", "t:1"), None).unwrap();
+        let a_alice = registry.register(&identity(&a, "alice", "t:1"));
+        let a_bob = registry.register(&identity(&a, "bob", "t:2"));
+        let b_alice = registry.register(&identity(&b, "alice", "t:1"));
 
         let token = RevocationTarget::Token { id: "t:1".into(), until_ms: u64::MAX };
         assert_eq!(registry.revoke(&a, &token, 0), 1);
@@ -373,21 +331,20 @@ mod tests {
         assert!(b_alice.signal().is_fired());
 
         drop((a_alice, a_bob, b_alice));
-        assert_eq!(registry.tenant_sessions(&a), 0);
+        assert!(registry.lock().by_tenant.is_empty());
         assert!(registry.lock().by_credential.is_empty());
     }
 
     #[test]
-    fn a_revocation_during_authentication_still_closes_and_caps_hold() {
+    fn a_revocation_during_authentication_still_closes() {
         let registry = SessionRegistry::new();
         let a = ProjectId::generate();
         let early = identity(&a, "carol", "t:9");
         registry.revoke(&a, &RevocationTarget::User { user: UserId::parse("carol").unwrap() }, 0);
-        assert!(registry.register(&early, None).unwrap().signal().is_fired());
+        assert!(registry.register(&early).signal().is_fired());
         // Verified after the revocation: not affected.
         let later = identity(&a, "carol", "t:10");
-        let kept = registry.register(&later, Some(1)).unwrap();
+        let kept = registry.register(&later);
         assert!(!kept.signal().is_fired());
-        assert!(registry.register(&identity(&a, "dan", "t:11"), Some(1)).is_err());
     }
 }

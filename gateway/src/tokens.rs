@@ -55,19 +55,9 @@ redis.call('DEL', KEYS[1])
 return #hashes
 "#;
 
-const TOKEN_PREFIX: &str = "sy:tok:";
-
-fn token_key(hash: &str) -> String {
-    format!("{TOKEN_PREFIX}{hash}")
-}
-
-fn user_index_key(tenant: &ProjectId, user: &UserId) -> String {
-    format!("sy:utok:{tenant}:{user}")
-}
-
-fn revoked_key(tenant: &ProjectId, credential_id: &str) -> String {
-    format!("sy:rev:{tenant}:{credential_id}")
-}
+use switchyard_protocol::redis_keys::{
+    revoked as revoked_key, token as token_key, user_tokens as user_index_key, TOKEN_PREFIX,
+};
 
 fn unavailable(error: fred::error::Error) -> ApiError {
     ApiError::unavailable(format!("token store unavailable: {}", error.kind_str()))

@@ -1,8 +1,8 @@
 //! The edge's limits, each with its exact status, error or close code, through real NATS and Redis: origin
 //! allow-list (403), subprotocols (400), frame size (1009), message body and HTTP body size (`too_large`), floods on
 //! one connection (`rate_limited`, then 4008), the fleet-wide per-tenant message rate (`rate_limited` and 429 across
-//! two gateways), the per-tenant connection cap, connections that send nothing or stall in their headers, and the
-//! cap on sockets waiting to authenticate.
+//! two gateways), the per-tenant connection quota across two gateways, connections that send nothing or stall in
+//! their headers, and the cap on sockets waiting to authenticate. Sockets per user: `e2e_socket_quotas.rs`.
 
 mod support;
 
@@ -117,11 +117,11 @@ async fn a_flooding_connection_is_rate_limited_then_closed_with_4008() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_tenant_message_rate_is_fleet_wide_and_the_connection_cap_holds() {
+async fn the_tenant_message_rate_and_the_connection_quota_are_fleet_wide() {
     let fleet = Fleet::start(2, 1).await;
     let limited = fleet.create_tenant().await;
     let other = fleet.create_tenant().await;
-    fleet.set_limits(&limited, json!({"msgs_per_sec": 2, "msgs_burst": 6, "max_connections": 2})).await;
+    fleet.set_limits(&limited, json!({"msgs_per_sec": 2, "msgs_burst": 6, "max_connections": 4})).await;
     let on_0 = fleet.connect(0, &fleet.token(&limited, "a").await, Format::Json).await;
     let on_1 = fleet.connect(1, &fleet.token(&limited, "b").await, Format::MsgPack).await;
     on_0.join("room", None).await.unwrap();
@@ -160,10 +160,13 @@ async fn the_tenant_message_rate_is_fleet_wide_and_the_connection_cap_holds() {
         free.send("room", format!("free {i}")).await.expect("other tenant sends freely");
     }
 
-    // The connection cap (2 per gateway): a third socket on gateway 0 is refused, before or after the upgrade.
+    // The connection quota (4 across the fleet): with two sockets on each gateway, a fifth is refused on either,
+    // before or after the upgrade, though neither gateway holds more than two.
     let second = fleet.connect(0, &fleet.token(&limited, "c").await, Format::Json).await;
+    let _fourth = fleet.connect(1, &fleet.token(&limited, "e").await, Format::Json).await;
     let third = fleet.token(&limited, "d").await;
     assert_eq!(refusal(fleet.try_connect(0, Auth::Header(third.clone())).await), 429);
+    assert_eq!(refusal(fleet.try_connect(1, Auth::Header(third.clone())).await), 429);
     assert_eq!(refusal(fleet.try_connect(0, Auth::FirstFrame(third.clone())).await), 4008);
     drop(second);
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -393,9 +393,11 @@ pub struct TenantLimits {
     pub msgs_per_sec: Option<u32>,
     #[serde(default)]
     pub msgs_burst: Option<u32>,
-    /// Live sockets of the tenant allowed on one gateway.
+    /// Live sockets of the tenant, and of one of its users, across the fleet.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_connections_per_user: Option<u32>,
     /// Members per room and rooms per user (see [`RoomQuotas`]).
     #[serde(default)]
     pub max_members_per_room: Option<u32>,

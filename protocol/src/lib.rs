@@ -10,6 +10,7 @@ pub mod error;
 pub mod ids;
 pub mod internal;
 pub mod limits;
+pub mod redis_keys;
 pub mod shard;
 pub mod subjects;
 

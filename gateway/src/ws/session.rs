@@ -16,7 +16,8 @@
 use crate::auth::{authenticate, Identity};
 use crate::limits::{tenant_rate_refusal, AbuseCounter};
 use crate::resume;
-use crate::revocation::{self, CloseSignal};
+use crate::revocation::CloseSignal;
+use crate::sockets::{self, SocketSlot};
 use crate::telemetry;
 use crate::upstream::{self, UpstreamError};
 use crate::ws::hub::{LiveEvent, SessionTx};
@@ -216,13 +217,14 @@ struct Session {
 }
 
 /// Serve one upgraded socket until it closes.
-/// `waiting` is the socket's place among those not authenticated yet (with `identity` `None`), freed once the
+/// `admitted` is the identity of a socket authenticated before the upgrade, with its place in the socket quotas.
+/// `waiting` is the socket's place among those not authenticated yet (with `admitted` `None`), freed once the
 /// first-frame `auth` is decided.
 pub async fn run(
     gw: Arc<Gateway>,
     socket: WebSocket,
     format: Format,
-    identity: Option<Identity>,
+    admitted: Option<(Identity, SocketSlot)>,
     waiting: Option<Unauthenticated>,
 ) {
     let _open = OpenSocket::new(format);
@@ -234,35 +236,36 @@ pub async fn run(
         user = tracing::field::Empty,
         subprotocol = telemetry::subprotocol_label(format),
     );
-    if let Some(identity) = &identity {
+    if let Some((identity, _)) = &admitted {
         span.record("tenant", identity.tenant.as_str());
         span.record("user", identity.user.as_str());
     }
-    run_session(gw, socket, format, identity, waiting, session_id).instrument(span).await;
+    run_session(gw, socket, format, admitted, waiting, session_id).instrument(span).await;
 }
 
 async fn run_session(
     gw: Arc<Gateway>,
     socket: WebSocket,
     format: Format,
-    identity: Option<Identity>,
+    admitted: Option<(Identity, SocketSlot)>,
     waiting: Option<Unauthenticated>,
     session_id: String,
 ) {
     let (mut sink, mut stream) = socket.split();
     let window = gw.config.drain_reconnect_window_ms;
-    let decided = match identity {
-        Some(identity) => Ok(identity),
-        None => Box::pin(first_frame_auth(&gw, &mut stream, format)).await,
+    let decided = match admitted {
+        Some(admitted) => Ok(admitted),
+        None => Box::pin(first_frame_admission(&gw, &mut stream, format)).await,
     };
     // Authenticated or refused: the socket no longer waits to authenticate.
     drop(waiting);
-    let identity = match decided {
-        Ok(identity) => {
+    // The slot keeps the socket counted in its quotas until this function returns.
+    let (identity, _slot) = match decided {
+        Ok((identity, slot)) => {
             let span = tracing::Span::current();
             span.record("tenant", identity.tenant.as_str());
             span.record("user", identity.user.as_str());
-            identity
+            (identity, slot)
         }
         Err((code, reason)) => {
             tracing::debug!(code = code.code(), %reason, "closing before authentication");
@@ -272,14 +275,7 @@ async fn run_session(
         }
     };
     // Registered for revocation until this function returns (the registration deregisters on drop).
-    let registration = match revocation::register(&gw, &identity) {
-        Ok(registration) => registration,
-        Err(refused) => {
-            count_close(Some(refused.code));
-            let _ = Box::pin(send_close(&mut sink, format, refused.code, refused.reason, window)).await;
-            return;
-        }
-    };
+    let registration = gw.sessions.register(&identity);
     let (events_tx, events) = mpsc::channel(gw.config.outbound_queue_frames);
     let tx = SessionTx {
         id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
@@ -359,6 +355,19 @@ async fn linger(stream: &mut SplitStream<WebSocket>) {
 }
 
 /// Wait for `{"op": "auth"}` as the first frame.
+/// Authenticate by a first-frame `auth`, then count the socket in its quotas (over one: close 4008).
+async fn first_frame_admission(
+    gw: &Arc<Gateway>,
+    stream: &mut SplitStream<WebSocket>,
+    format: Format,
+) -> Result<(Identity, SocketSlot), (CloseCode, String)> {
+    let identity = first_frame_auth(gw, stream, format).await?;
+    match sockets::admit(gw, &identity.tenant, &identity.user).await {
+        Ok(slot) => Ok((identity, slot)),
+        Err(over) => Err((CloseCode::RateLimitAbuse, over.reason().to_owned())),
+    }
+}
+
 async fn first_frame_auth(
     gw: &Arc<Gateway>,
     stream: &mut SplitStream<WebSocket>,

@@ -1,13 +1,13 @@
 //! The WebSocket upgrade: origin check, subprotocol choice, and authentication from the `Authorization` header or
 //! the `token` query parameter, all before the upgrade so failures get plain HTTP errors (403, 400, 401; 503 when
-//! the token store is down; 429 when the tenant is at its connection cap).
+//! the token store is down; 429 when the tenant or the user is at its fleet-wide socket quota).
 //!
 //! Without a token the upgrade proceeds and the session waits for a first-frame `auth`; at most
 //! `max_unauthenticated` sockets of a gateway wait so at once (503 past it).
 
 use crate::auth::{authenticate, bearer};
 use crate::error::ApiError;
-use crate::revocation;
+use crate::sockets;
 use crate::ws::session;
 use crate::Gateway;
 use axum::extract::ws::WebSocketUpgrade;
@@ -100,16 +100,16 @@ pub async fn ws_handler(
         },
         None => None,
     };
-    if let Some(identity) = &identity {
-        if revocation::at_capacity(&gw, &identity.tenant) {
-            return ApiError::rate_limited(
-                "the project's connection limit on this gateway is reached",
-                std::time::Duration::from_secs(1),
-            )
-            .into_response();
-        }
-    }
-    let waiting = match identity {
+    let admitted = match identity {
+        Some(identity) => match sockets::admit(&gw, &identity.tenant, &identity.user).await {
+            Ok(slot) => Some((identity, slot)),
+            Err(over) => {
+                return ApiError::rate_limited(over.reason(), std::time::Duration::from_secs(1)).into_response();
+            }
+        },
+        None => None,
+    };
+    let waiting = match admitted {
         Some(_) => None,
         None => match Unauthenticated::take(&gw) {
             Some(place) => Some(place),
@@ -137,7 +137,7 @@ pub async fn ws_handler(
     let tracked = gw.session_tasks.token();
     upgrade
         .on_upgrade(move |socket| async move {
-            session::run(gw, socket, format, identity, waiting).await;
+            session::run(gw, socket, format, admitted, waiting).await;
             drop(tracked);
         })
         .into_response()
