@@ -66,6 +66,8 @@ pub struct GatewayConfig {
     pub max_members_per_room: u32,
     pub max_rooms_per_user: u32,
     pub backend_creates_rooms: bool,
+    /// Default number of users one session may watch (at most 10,000); tenants may have their own.
+    pub max_watched_per_session: u32,
     /// Sockets on this gateway that have upgraded without a token and not yet sent their first-frame `auth`; past
     /// it, an upgrade without a token is refused with 503.
     pub max_unauthenticated: usize,
@@ -113,6 +115,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_members_per_room", &self.max_members_per_room)
             .field("max_rooms_per_user", &self.max_rooms_per_user)
             .field("backend_creates_rooms", &self.backend_creates_rooms)
+            .field("max_watched_per_session", &self.max_watched_per_session)
             .field("max_unauthenticated", &self.max_unauthenticated)
             .field("max_rooms_per_tenant", &self.max_rooms_per_tenant)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
@@ -157,6 +160,7 @@ impl Default for GatewayConfig {
             max_members_per_room: limits::MAX_MEMBERS_PER_ROOM,
             max_rooms_per_user: limits::MAX_ROOMS_PER_USER,
             backend_creates_rooms: false,
+            max_watched_per_session: limits::WATCHED_PER_SESSION,
             max_unauthenticated: 10_000,
             max_rooms_per_tenant: None,
             header_read_timeout_ms: 10_000,
@@ -213,6 +217,9 @@ impl GatewayConfig {
         }
         if let Some(v) = get("SWITCHYARD_MAX_MEMBERS_PER_ROOM") {
             self.max_members_per_room = parsed("SWITCHYARD_MAX_MEMBERS_PER_ROOM", &v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_MAX_WATCHED_PER_SESSION") {
+            self.max_watched_per_session = parsed("SWITCHYARD_MAX_WATCHED_PER_SESSION", &v)?;
         }
         if let Some(v) = get("SWITCHYARD_MAX_ROOMS_PER_USER") {
             self.max_rooms_per_user = parsed("SWITCHYARD_MAX_ROOMS_PER_USER", &v)?;
@@ -275,6 +282,9 @@ impl GatewayConfig {
         }
         if !(1..=limits::MAX_ROOMS_PER_USER).contains(&self.max_rooms_per_user) {
             return invalid("max_rooms_per_user", "must be 1..=10000");
+        }
+        if !(1..=limits::MAX_WATCHED_PER_SESSION).contains(&self.max_watched_per_session) {
+            return invalid("max_watched_per_session", "must be 1..=10000");
         }
         if self.max_unauthenticated == 0 {
             return invalid("max_unauthenticated", "must be positive");

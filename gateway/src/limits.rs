@@ -153,6 +153,14 @@ fn tenant_rate(gw: &Gateway, tenant: &ProjectId) -> Option<(u32, u32)> {
     (per_sec > 0).then_some((per_sec, burst.max(1)))
 }
 
+/// Users one session of the tenant may watch: its own quota, else the gateway's default.
+pub fn max_watched(gw: &Gateway, tenant: &ProjectId) -> usize {
+    gw.tenants
+        .cached(tenant)
+        .and_then(|entry| entry.record.limits.max_watched_per_session)
+        .unwrap_or(gw.config.max_watched_per_session) as usize
+}
+
 /// Check one message against the tenant's fleet-wide rate: `Err(retry_after)` when over it.
 pub async fn take_tenant_message(gw: &Gateway, tenant: &ProjectId) -> Result<(), Duration> {
     match tenant_rate(gw, tenant) {

@@ -287,3 +287,33 @@ async fn sockets_waiting_to_authenticate_are_capped_per_gateway() {
     }
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_sets_how_many_users_a_session_watches() {
+    let fleet = Fleet::start(1, 1).await;
+    let small = fleet.create_tenant().await;
+    let other = fleet.create_tenant().await;
+    fleet.set_limits(&small, json!({"max_watched_per_session": 5})).await;
+    let users = |from: usize, to: usize| -> Vec<switchyard_protocol::UserId> {
+        (from..to).map(|i| switchyard_protocol::UserId::parse(&format!("w{i}")).unwrap()).collect()
+    };
+    let watcher = fleet.connect(0, &fleet.token(&small, "watcher").await, Format::Json).await;
+    assert!(matches!(watcher.request(ClientOp::Watch { users: users(0, 4) }).await, Ok(Reply::Ok(_))));
+    match watcher.request(ClientOp::Watch { users: users(4, 6) }).await {
+        Ok(Reply::Err { code: ErrorCode::BadRequest, message, .. }) => {
+            assert!(message.contains("at most 5 users"), "{message}")
+        }
+        other => panic!("a sixth watched user is refused: {other:?}"),
+    }
+    // Users watched already do not count twice, and the fifth still fits.
+    assert!(matches!(watcher.request(ClientOp::Watch { users: users(0, 5) }).await, Ok(Reply::Ok(_))));
+    // Another tenant keeps the default of 1,000.
+    let free = fleet.connect(0, &fleet.token(&other, "watcher").await, Format::Json).await;
+    assert!(matches!(free.request(ClientOp::Watch { users: users(0, 100) }).await, Ok(Reply::Ok(_))));
+    // The quota is checked by the admin API.
+    let path = format!("/v1/admin/tenants/{}/limits", small.project_id);
+    let too_many = json!({"max_watched_per_session": 10_001});
+    let answer = fleet.call(0, Method::PUT, &path, &fleet.admin_token, Some(too_many)).await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    fleet.stop().await;
+}

@@ -409,6 +409,9 @@ pub struct TenantLimits {
     /// Rooms the tenant may have.
     #[serde(default)]
     pub max_rooms: Option<u64>,
+    /// Users one session may watch.
+    #[serde(default)]
+    pub max_watched_per_session: Option<u32>,
 }
 
 /// How a tenant's JWTs are verified.

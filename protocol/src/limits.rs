@@ -31,6 +31,10 @@ pub const DEFAULT_SHARD_COUNT: u16 = 64;
 pub const MAX_MEMBERS_PER_ROOM: u32 = 10_000;
 /// Rooms one user may be a member of at most, whatever a tenant's quota says: the user's `rooms` reply lists them all.
 pub const MAX_ROOMS_PER_USER: u32 = 10_000;
+/// Users one session may watch when neither the tenant nor the gateway says otherwise, and the most any quota allows:
+/// each watched user is a NATS subscription of the gateway.
+pub const WATCHED_PER_SESSION: u32 = 1_000;
+pub const MAX_WATCHED_PER_SESSION: u32 = 10_000;
 /// Live sockets one user may have across the fleet when neither the tenant nor the gateway sets a quota: enough for
 /// every device and tab a person uses, far below what one stolen token could open.
 pub const MAX_CONNECTIONS_PER_USER: u32 = 100;

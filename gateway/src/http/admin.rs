@@ -87,6 +87,7 @@ pub async fn get_tenant(
             "max_rooms_per_user": record.limits.max_rooms_per_user,
             "backend_creates_rooms": record.limits.backend_creates_rooms,
             "max_rooms": record.limits.max_rooms,
+            "max_watched_per_session": record.limits.max_watched_per_session,
         },
     })))
 }
@@ -153,6 +154,7 @@ struct SetLimits {
     max_rooms_per_user: Option<u32>,
     backend_creates_rooms: Option<bool>,
     max_rooms: Option<u64>,
+    max_watched_per_session: Option<u32>,
 }
 
 pub async fn set_limits(
@@ -180,6 +182,9 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
     if request.max_rooms_per_user.is_some_and(|n| !(1..=limits::MAX_ROOMS_PER_USER).contains(&n)) {
         return Err(ApiError::bad_request("max_rooms_per_user must be 1..=10000"));
     }
+    if request.max_watched_per_session.is_some_and(|n| !(1..=limits::MAX_WATCHED_PER_SESSION).contains(&n)) {
+        return Err(ApiError::bad_request("max_watched_per_session must be 1..=10000"));
+    }
     Ok(TenantLimits {
         msgs_per_sec: request.msgs_per_sec,
         msgs_burst: request.msgs_burst,
@@ -189,6 +194,7 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
         max_rooms_per_user: request.max_rooms_per_user,
         backend_creates_rooms: request.backend_creates_rooms,
         max_rooms: request.max_rooms,
+        max_watched_per_session: request.max_watched_per_session,
     })
 }
 

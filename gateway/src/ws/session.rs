@@ -50,8 +50,6 @@ const MAX_QUEUED_OPS: usize = 64;
 const MAX_TITLE_BYTES: usize = 200;
 /// Most users one `presence`, `watch` or `unwatch` names.
 const MAX_USERS_PER_OP: usize = 100;
-/// Most users one session watches.
-const MAX_WATCHED: usize = 1_000;
 /// A session relays at most one typing signal per room in this interval (router shards throttle fleet-wide too).
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 /// The outbound queue depth is sampled on every this many events a session takes from it (a power of two).
@@ -712,6 +710,15 @@ impl Session {
     }
 
     /// Checks that need the configuration or the session's state; the id rules were checked while parsing.
+    /// Users this session may watch (its tenant's quota).
+    fn max_watched(&self) -> usize {
+        crate::limits::max_watched(&self.gw, &self.identity.tenant)
+    }
+
+    fn too_many_watched(&self) -> (ErrorCode, String) {
+        (ErrorCode::BadRequest, format!("a session watches at most {} users", self.max_watched()))
+    }
+
     fn check_op(&self, op: &ClientOp) -> Result<(), (ErrorCode, String)> {
         let config = &self.gw.config;
         let too_large = |message: String| Err((ErrorCode::TooLarge, message));
@@ -751,8 +758,11 @@ impl Session {
             {
                 bad("at most 100 users per op")
             }
-            ClientOp::Watch { users } if self.watched.len() + users.len() > MAX_WATCHED => {
-                bad("a session watches at most 1000 users")
+            ClientOp::Watch { users }
+                if self.watched.len() + users.iter().filter(|user| !self.watched.contains(*user)).count()
+                    > self.max_watched() =>
+            {
+                Err(self.too_many_watched())
             }
             ClientOp::History { limit: Some(limit), .. } if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) => {
                 bad("limit must be 1 to 100")
@@ -866,8 +876,9 @@ impl Session {
                     .collect();
                 // Checked again as the op starts: watches queued behind each other were each checked against the
                 // users watched when they arrived, not against those the ones before them added.
-                if self.watched.len() + subjects.len() > MAX_WATCHED {
-                    let refusal = err_frame(rid, ErrorCode::BadRequest, "a session watches at most 1000 users");
+                if self.watched.len() + subjects.len() > self.max_watched() {
+                    let (code, message) = self.too_many_watched();
+                    let refusal = err_frame(rid, code, &message);
                     async move { Completion::Reply(refusal) }.boxed()
                 } else {
                     self.subscribed.extend(subjects.iter().cloned());
