@@ -16,6 +16,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// Replicas of the tenants bucket when a gateway creates it (3 on a NATS cluster, 1 for one server).
+    pub nats_replicas: usize,
     /// Redis URL, e.g. `redis://127.0.0.1:6379`.
     pub redis_url: String,
     /// Bearer token of the admin API. Required.
@@ -98,6 +100,7 @@ impl std::fmt::Debug for GatewayConfig {
         f.debug_struct("GatewayConfig")
             .field("listen", &self.listen)
             .field("nats_url", &redact_url(&self.nats_url))
+            .field("nats_replicas", &self.nats_replicas)
             .field("redis_url", &redact_url(&self.redis_url))
             .field("admin_token", &"<redacted>")
             .field("shard_count", &self.shard_count)
@@ -134,6 +137,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_replicas: 1,
             redis_url: "redis://127.0.0.1:6379".into(),
             admin_token: String::new(),
             shard_count: limits::DEFAULT_SHARD_COUNT,
@@ -194,6 +198,9 @@ impl GatewayConfig {
         if let Some(v) = get("SWITCHYARD_NATS_URL") {
             self.nats_url = v;
         }
+        if let Some(v) = get("SWITCHYARD_NATS_REPLICAS") {
+            self.nats_replicas = parsed("SWITCHYARD_NATS_REPLICAS", &v)?;
+        }
         if let Some(v) = get("SWITCHYARD_REDIS_URL") {
             self.redis_url = v;
         }
@@ -253,6 +260,8 @@ impl GatewayConfig {
         if self.admin_token.len() < 16 {
             return invalid("admin_token", "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long");
         }
+        switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
+        switchyard_service::nats::server_addrs(&self.nats_url)?;
         if self.shard_count == 0 || self.shard_count > 4096 {
             return invalid("shard_count", "must be 1..=4096");
         }

@@ -128,14 +128,16 @@ pub struct BoundGateway {
 
 /// Connect to NATS and Redis and bind the listener.
 pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
+    let servers =
+        switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| GatewayError::Nats(e.to_string()))?;
     let nats = async_nats::ConnectOptions::new()
         .name("switchyard-gateway")
         .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
+        .connect(servers)
         .await
         .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config::redact_url(&config.nats_url))))?;
     let js = jetstream::new(nats.clone());
-    let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET).await?;
+    let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET, config.nats_replicas).await?;
 
     let redis_config = Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
     let redis = Builder::from_config(redis_config)
@@ -266,16 +268,7 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     bind(config, shutdown).await?.serve().await
 }
 
-async fn ensure_kv(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, GatewayError> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    let config = kv::Config { bucket: bucket.to_owned(), history: 1, ..Default::default() };
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        Err(create_error) => js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| GatewayError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))),
-    }
+async fn ensure_kv(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<kv::Store, GatewayError> {
+    let config = kv::Config { bucket: bucket.to_owned(), history: 1, num_replicas: replicas, ..Default::default() };
+    switchyard_service::nats::ensure_kv(js, config).await.map_err(|e| GatewayError::Nats(e.to_string()))
 }

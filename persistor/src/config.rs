@@ -14,6 +14,9 @@ use std::time::Duration;
 pub struct PersistorConfig {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// Replicas of the schema-migration lock bucket when a persistor creates it (3 on a NATS cluster, 1 for one
+    /// server). The dead-letter stream takes the events stream's replicas.
+    pub nats_replicas: usize,
     /// `embedded:<path of the redb file>` or `cql:<host:port>[,<host:port>...]`.
     pub store: String,
     /// Keyspace of the CQL store.
@@ -48,6 +51,7 @@ impl Default for PersistorConfig {
     fn default() -> Self {
         PersistorConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_replicas: 1,
             store: "embedded:switchyard-history.redb".into(),
             cql_keyspace: "switchyard".into(),
             cql_replication_factor: 1,
@@ -87,6 +91,9 @@ impl PersistorConfig {
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = get("SWITCHYARD_NATS_URL") {
             self.nats_url = v;
+        }
+        if let Some(v) = get("SWITCHYARD_NATS_REPLICAS") {
+            self.nats_replicas = switchyard_service::parse_env("SWITCHYARD_NATS_REPLICAS", &v)?;
         }
         if let Some(v) = get("SWITCHYARD_STORE") {
             self.store = v;
@@ -132,6 +139,8 @@ impl PersistorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store_choice()?;
         self.ingest()?;
+        switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
+        switchyard_service::nats::server_addrs(&self.nats_url)?;
         switchyard_service::ops::validate_metrics_addr(self.metrics_addr)
     }
 

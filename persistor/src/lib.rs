@@ -74,11 +74,10 @@ const MIGRATION_LOCK_TTL: Duration = Duration::from_secs(120);
 /// leave nodes disagreeing on a table's id, so it is never run concurrently.
 pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
     let cql = cql_config(config)?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("switchyard-persistor migrate")
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| {
+    let servers =
+        switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| PersistorError::Nats(e.to_string()))?;
+    let nats =
+        async_nats::ConnectOptions::new().name("switchyard-persistor migrate").connect(servers).await.map_err(|e| {
             PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
         })?;
     let js = async_nats::jetstream::new(nats.clone());
@@ -86,18 +85,11 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
         bucket: subjects::LOCKS_BUCKET.to_owned(),
         history: 1,
         max_age: MIGRATION_LOCK_TTL,
+        num_replicas: config.nats_replicas,
         ..Default::default()
     };
-    let locks = match js.get_key_value(subjects::LOCKS_BUCKET).await {
-        Ok(locks) => locks,
-        Err(_) => match js.create_key_value(bucket).await {
-            Ok(locks) => locks,
-            Err(create) => js
-                .get_key_value(subjects::LOCKS_BUCKET)
-                .await
-                .map_err(|e| PersistorError::Nats(format!("locks bucket: {create}; then {e}")))?,
-        },
-    };
+    let locks =
+        switchyard_service::nats::ensure_kv(&js, bucket).await.map_err(|e| PersistorError::Nats(e.to_string()))?;
     let holder = format!("migrate-{}", switchyard_protocol::ids::random_base62(12));
     let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_TTL * 3;
     loop {
@@ -110,7 +102,15 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
                 tracing::info!("another persistor is migrating the schema; waiting");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(PersistorError::Nats(format!("schema migration lock: {e}"))),
+            // On a NATS cluster a bucket just created, or one whose leader is being elected, answers for a few
+            // seconds with errors that pass: wait for it as for another migration.
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(PersistorError::Nats(format!("schema migration lock: {e}")))
+            }
+            Err(error) => {
+                tracing::info!(%error, "the schema migration lock cannot be taken yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
     }
     let outcome = CqlStore::migrate(&cql).await;
@@ -209,10 +209,12 @@ async fn consume<S: HistoryStore>(
     connected: Arc<OnceLock<async_nats::Client>>,
     shutdown: CancellationToken,
 ) -> Result<(), PersistorError> {
+    let servers =
+        switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| PersistorError::Nats(e.to_string()))?;
     let nats = async_nats::ConnectOptions::new()
         .name("switchyard-persistor")
         .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
+        .connect(servers)
         .await
         .map_err(|e| {
             PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))

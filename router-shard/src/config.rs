@@ -33,9 +33,11 @@ pub struct RouterConfig {
     pub stream_max_bytes: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; port 0 picks a free port.
     pub metrics_addr: SocketAddr,
-    /// Replicas of the events stream when a router shard creates it (3 in production; 1 for one NATS server). An
-    /// existing stream keeps its settings.
-    pub stream_replicas: usize,
+    /// Replicas of the events stream and of the rooms and leases buckets when a router shard creates them (3 on a
+    /// NATS cluster, as in production; 1 for one NATS server). An existing stream or bucket keeps its settings.
+    /// `stream_replicas` is its older name.
+    #[serde(alias = "stream_replicas")]
+    pub nats_replicas: usize,
 }
 
 impl Default for RouterConfig {
@@ -51,7 +53,7 @@ impl Default for RouterConfig {
             stream_duplicate_window_secs: switchyard_protocol::subjects::EVENTS_DUPLICATE_WINDOW.as_secs(),
             stream_max_bytes: 0,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            stream_replicas: 1,
+            nats_replicas: 1,
         }
     }
 }
@@ -102,8 +104,12 @@ impl RouterConfig {
         if let Some(v) = get("SWITCHYARD_STREAM_MAX_BYTES") {
             self.stream_max_bytes = num("SWITCHYARD_STREAM_MAX_BYTES", v)?;
         }
+        // The older name first, so that the newer one wins when both are set.
         if let Some(v) = get("SWITCHYARD_STREAM_REPLICAS") {
-            self.stream_replicas = num("SWITCHYARD_STREAM_REPLICAS", v)?;
+            self.nats_replicas = num("SWITCHYARD_STREAM_REPLICAS", v)?;
+        }
+        if let Some(v) = get("SWITCHYARD_NATS_REPLICAS") {
+            self.nats_replicas = num("SWITCHYARD_NATS_REPLICAS", v)?;
         }
         Ok(())
     }
@@ -124,9 +130,8 @@ impl RouterConfig {
                 message: "must be at least three lease ticks, and the tick must be positive".into(),
             });
         }
-        if !(1..=5).contains(&self.stream_replicas) {
-            return Err(ConfigError::Invalid { name: "stream_replicas", message: "must be 1..=5".into() });
-        }
+        switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
+        switchyard_service::nats::server_addrs(&self.nats_url)?;
         if self.stream_max_age_secs == 0 {
             return Err(ConfigError::Invalid { name: "stream_max_age_secs", message: "must be positive".into() });
         }

@@ -26,10 +26,12 @@ pub(crate) struct RouterContext {
 
 impl RouterContext {
     pub async fn connect(config: RouterConfig) -> Result<Self, RouterError> {
+        let servers =
+            switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| RouterError::Nats(e.to_string()))?;
         let nats = async_nats::ConnectOptions::new()
             .name(format!("switchyard-router-shard {}", config.router_id))
             .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| {
                 RouterError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
@@ -39,9 +41,16 @@ impl RouterContext {
             .get_or_create_stream(events_stream_config(&config))
             .await
             .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
-        let rooms =
-            ensure_kv(&js, kv::Config { bucket: subjects::ROOMS_BUCKET.to_owned(), history: 1, ..Default::default() })
-                .await?;
+        let rooms = ensure_kv(
+            &js,
+            kv::Config {
+                bucket: subjects::ROOMS_BUCKET.to_owned(),
+                history: 1,
+                num_replicas: config.nats_replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         let leases = ensure_kv(
             &js,
             kv::Config {
@@ -49,6 +58,7 @@ impl RouterContext {
                 history: 1,
                 max_age: config.lease_ttl(),
                 storage: stream::StorageType::Memory,
+                num_replicas: config.nats_replicas,
                 ..Default::default()
             },
         )
@@ -66,7 +76,7 @@ pub fn events_stream_config(config: &RouterConfig) -> stream::Config {
         // Bounds `join {since}`: older events answer `resume_gap` (history still has them).
         max_age: Duration::from_secs(config.stream_max_age_secs),
         duplicate_window: Duration::from_secs(config.stream_duplicate_window_secs),
-        num_replicas: config.stream_replicas,
+        num_replicas: config.nats_replicas,
         allow_direct: true,
         // A full stream refuses new appends: dropping its oldest events could drop some the store lacks.
         max_bytes: match config.stream_max_bytes {
@@ -78,19 +88,9 @@ pub fn events_stream_config(config: &RouterConfig) -> stream::Config {
     }
 }
 
-/// Open a KV bucket, creating it if it does not exist yet (two processes may race to create it).
-pub(crate) async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, RouterError> {
-    if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
-        return Ok(store);
-    }
-    let bucket = config.bucket.clone();
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        Err(create_error) => js
-            .get_key_value(bucket.clone())
-            .await
-            .map_err(|e| RouterError::Nats(format!("KV bucket {bucket}: {create_error}; then {e}"))),
-    }
+/// Open a KV bucket, creating it if it does not exist yet.
+async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, RouterError> {
+    switchyard_service::nats::ensure_kv(js, config).await.map_err(|e| RouterError::Nats(e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! What every Switchyard binary does alike: load its typed configuration (a TOML file named by `SWITCHYARD_CONFIG`,
 //! then `SWITCHYARD_*` environment overrides), start logging (JSON or human-readable), record metrics into the
 //! process-wide Prometheus recorder (`telemetry`), serve `/healthz`, `/readyz` and `/metrics` on an address of its
-//! own (`ops`), and turn SIGINT or SIGTERM into a shutdown token.
+//! own (`ops`), turn SIGINT or SIGTERM into a shutdown token, and connect to NATS and open or create JetStream buckets (`nats`).
 //!
 //! It knows no service's fields: each binary's config type says which variables it reads and what is valid.
 
+pub mod nats;
 pub mod ops;
 pub mod telemetry;
 

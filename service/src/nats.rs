@@ -1,0 +1,77 @@
+//! NATS plumbing every service shares: the list of servers a `nats_url` names (one URL or a comma-separated list of
+//! a cluster's nodes, so a client reconnects to another node when its own dies), opening a KV bucket or creating it
+//! when it does not exist yet (several processes may race to), and the rule for how many replicas the streams and
+//! buckets a service creates get.
+//!
+//! It chooses no bucket's settings (each service does) and never changes an existing bucket: a bucket keeps the
+//! replicas it was created with until an operator moves it (see `docs/operations.md`).
+
+use async_nats::jetstream::{self, kv};
+use async_nats::ServerAddr;
+
+/// The servers of a `nats_url`: one URL, or several separated by commas (blanks around them are ignored).
+pub fn server_addrs(nats_url: &str) -> Result<Vec<ServerAddr>, crate::ConfigError> {
+    let invalid = |message: String| crate::ConfigError::Invalid { name: "nats_url", message };
+    let addrs = nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| url.parse::<ServerAddr>().map_err(|e| invalid(format!("{}: {e}", crate::redact_url(url)))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(invalid("names no server".into()));
+    }
+    Ok(addrs)
+}
+
+/// Replicas a stream or bucket may have: one NATS server, or a cluster of up to five.
+pub const REPLICAS: std::ops::RangeInclusive<usize> = 1..=5;
+
+/// A KV bucket that could neither be opened nor created.
+#[derive(Debug, thiserror::Error)]
+#[error("KV bucket {bucket}: cannot create it ({create}), nor open it")]
+pub struct EnsureKvError {
+    pub bucket: String,
+    pub create: jetstream::context::CreateKeyValueError,
+    #[source]
+    pub open: jetstream::context::KeyValueError,
+}
+
+/// Open the bucket `config` names, creating it with `config` when it does not exist.
+pub async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, EnsureKvError> {
+    if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another process may have created it in between.
+        Err(create) => js.get_key_value(bucket.clone()).await.map_err(|open| EnsureKvError { bucket, create, open }),
+    }
+}
+
+/// Check a configured replica count.
+pub fn check_replicas(name: &'static str, replicas: usize) -> Result<(), crate::ConfigError> {
+    if REPLICAS.contains(&replicas) {
+        Ok(())
+    } else {
+        Err(crate::ConfigError::Invalid { name, message: "must be 1..=5".into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nats_url_names_one_server_or_a_cluster() {
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        let cluster = server_addrs("nats://a:4222, nats://b:4223,nats://c:4224").unwrap();
+        let ports: Vec<u16> = cluster.iter().map(ServerAddr::port).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+        assert!(server_addrs("").is_err());
+        assert!(server_addrs(" , ").is_err());
+        let refused = server_addrs("nats://u:secret@a:4222,http://b:1").unwrap_err().to_string();
+        assert!(!refused.contains("secret"), "{refused}");
+    }
+}
