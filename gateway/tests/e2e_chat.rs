@@ -690,7 +690,7 @@ async fn a_dead_gateways_users_go_offline_within_fifteen_seconds() {
     ok(&watcher, ClientOp::Watch { users: vec![user("ghost")] }).await;
 
     let tenant_id = ProjectId::parse(&tenant.project_id).unwrap();
-    let nats = async_nats::connect(support::nats_url()).await.unwrap();
+    let nats = async_nats::connect(support::nats_servers()).await.unwrap();
     let report = UserRequest {
         v: INTERNAL_VERSION,
         tenant: tenant_id.clone(),

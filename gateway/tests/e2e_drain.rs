@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{nats_url, redis_url, Fleet, JwtSigner};
+use support::{nats_replicas, nats_url, redis_url, Fleet, JwtSigner};
 use switchyard_client::{Auth, Client, ClientError, ClientOp, ConnectOptions, ErrorCode, Format, Reply};
 use switchyard_persistor::store::{HistoryQuery, HistoryStore};
 use switchyard_protocol::{ProjectId, RoomId};
@@ -50,6 +50,7 @@ impl GatewayProcess {
             .env("SWITCHYARD_CONFIG", &config)
             .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{port}"))
             .env("SWITCHYARD_NATS_URL", nats_url())
+            .env("SWITCHYARD_NATS_REPLICAS", nats_replicas().to_string())
             .env("SWITCHYARD_REDIS_URL", redis_url())
             .env("SWITCHYARD_ADMIN_TOKEN", admin_token)
             .env("SWITCHYARD_TENANT_MSGS_PER_SEC", "1000000")

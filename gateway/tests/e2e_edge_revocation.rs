@@ -119,7 +119,7 @@ async fn a_tenant_disabled_in_the_bucket_is_closed_by_every_gateways_watch() {
     let bystander = fleet.connect(1, &fleet.token(&bystander_tenant, "a").await, Format::Json).await;
 
     // Change the record directly, as another tool would: no broadcast, only the bucket changes.
-    let nats = async_nats::connect(support::nats_url()).await.unwrap();
+    let nats = async_nats::connect(support::nats_servers()).await.unwrap();
     let kv = jetstream::new(nats).get_key_value(subjects::TENANTS_BUCKET).await.unwrap();
     let key = subjects::tenant_key(&ProjectId::parse(&tenant.project_id).unwrap());
     let entry = kv.entry(&key).await.unwrap().expect("tenant record");

@@ -29,7 +29,7 @@ async fn fleet(adjust: impl Fn(&mut switchyard_gateway::GatewayConfig)) -> Fleet
 
 /// The events stream, for fault injection and direct reads.
 async fn events_stream() -> (async_nats::jetstream::Context, async_nats::jetstream::stream::Stream) {
-    let nats = async_nats::connect(support::nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(support::nats_servers()).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(nats);
     let stream = js.get_stream(subjects::EVENTS_STREAM).await.expect("events stream");
     (js, stream)
@@ -124,7 +124,7 @@ async fn a_left_lost_from_live_delivery_stops_the_room_where_the_hole_is_filled(
         ts_us: last_event.ts_us + 1,
         body: EventBody::Left { user: user("bob"), by: Some(user("alice")) },
     };
-    let nats = async_nats::connect(support::nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(support::nats_servers()).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(nats);
     let publish = async_nats::jetstream::message::PublishMessage::build()
         .payload(codec::encode(&left).expect("encode"))

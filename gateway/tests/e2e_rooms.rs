@@ -233,7 +233,7 @@ async fn a_lost_live_publish_is_filled_from_the_log() {
     let tenant_id = ProjectId::parse(&tenant.project_id).unwrap();
     let room = RoomId::parse("holes").unwrap();
     let subject = subjects::event_log(shard_of_room(&tenant_id, &room, 64), &tenant_id, &room);
-    let js = async_nats::jetstream::new(async_nats::connect(support::nats_url()).await.unwrap());
+    let js = async_nats::jetstream::new(async_nats::connect(support::nats_servers()).await.unwrap());
     let stream = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
     let last = stream.get_last_raw_message_by_subject(&subject).await.unwrap();
     let previous: RoomEvent = codec::decode(&last.payload).unwrap();

@@ -24,7 +24,7 @@ use switchyard_persistor::{AnyStore, PersistorConfig};
 use switchyard_protocol::internal::{EventBody, RoomEvent, INTERNAL_VERSION};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, MessageId, ProjectId, RoomId, UserId};
-use switchyard_testkit::{cql_node, nats_url, Fleet, StoreKind};
+use switchyard_testkit::{cql_node, nats_replicas, nats_servers, nats_url, Fleet, StoreKind};
 use tokio_util::sync::CancellationToken;
 
 /// The keyspace these tests write to.
@@ -34,7 +34,7 @@ const KEYSPACE: &str = "switchyard_durability";
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn jetstream() -> async_nats::jetstream::Context {
-    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(nats_servers()).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(nats);
     // Router shards create the stream; these tests run none, so create it the same way when it is missing.
     js.get_or_create_stream(switchyard_router_shard::events_stream_config(
@@ -147,6 +147,7 @@ impl Persistors {
     fn new(extra: &[(&str, &str)]) -> Persistors {
         let mut env: Vec<(String, String)> = vec![
             ("SWITCHYARD_NATS_URL".into(), nats_url()),
+            ("SWITCHYARD_NATS_REPLICAS".into(), nats_replicas().to_string()),
             ("SWITCHYARD_STORE".into(), format!("cql:{}", cql_node())),
             ("SWITCHYARD_CQL_KEYSPACE".into(), KEYSPACE.into()),
             ("SWITCHYARD_CQL_MIGRATE_ON_START".into(), "true".into()),
@@ -321,7 +322,8 @@ async fn create_redelivered_after_edit_and_delete_changes_nothing() {
         let shutdown = CancellationToken::new();
         let persistor = {
             let (store, shutdown) = (store.clone(), shutdown.clone());
-            let config = PersistorConfig { nats_url: nats_url(), ..PersistorConfig::default() };
+            let config =
+                PersistorConfig { nats_url: nats_url(), nats_replicas: nats_replicas(), ..PersistorConfig::default() };
             tokio::spawn(async move { switchyard_persistor::run_with_store(config, store, shutdown).await })
         };
         let tenant = ProjectId::generate();
@@ -596,6 +598,7 @@ async fn concurrent_migrations_take_turns() {
     let keyspace = format!("sy_migrate_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
     let config = PersistorConfig {
         nats_url: nats_url(),
+        nats_replicas: nats_replicas(),
         store: format!("cql:{}", cql_node()),
         cql_keyspace: keyspace,
         ..PersistorConfig::default()
@@ -634,6 +637,7 @@ async fn a_store_refusing_everything_dead_letters_nothing() {
     let shutdown = CancellationToken::new();
     let config = PersistorConfig {
         nats_url: nats_url(),
+        nats_replicas: nats_replicas(),
         max_deliver: 2,
         redelivery_backoff_ms: vec![100],
         outage_retry_max_ms: 500,

@@ -19,7 +19,7 @@ use switchyard_persistor::store::{HistoryQuery, HistoryStore};
 use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ProjectId, RoomId, ShardId};
-use switchyard_testkit::{nats_url, wait_for_balanced_shards, Fleet, StoreKind, Tenant};
+use switchyard_testkit::{nats_replicas, nats_servers, nats_url, wait_for_balanced_shards, Fleet, StoreKind, Tenant};
 use tokio::task::JoinHandle;
 
 const SHARDS: u16 = switchyard_protocol::limits::DEFAULT_SHARD_COUNT;
@@ -58,6 +58,7 @@ impl Routers {
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard-router-shard"))
             .env_remove("SWITCHYARD_CONFIG")
             .env("SWITCHYARD_NATS_URL", nats_url())
+            .env("SWITCHYARD_NATS_REPLICAS", nats_replicas().to_string())
             .env("SWITCHYARD_ROUTER_ID", &id)
             .env("SWITCHYARD_SHARD_COUNT", SHARDS.to_string())
             .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0")
@@ -146,7 +147,7 @@ impl Drop for Routers {
 
 /// The router shard holding `shard`'s lease now, if any.
 async fn owner_of(shard: ShardId) -> Option<String> {
-    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(nats_servers()).await.expect("connect to NATS");
     let leases = async_nats::jetstream::new(nats).get_key_value(subjects::LEASES_BUCKET).await.expect("leases bucket");
     let owner = leases.get(subjects::lease_key(shard)).await.expect("read lease")?;
     Some(String::from_utf8_lossy(&owner).into_owned())
@@ -379,7 +380,7 @@ impl Traffic {
         }
 
         // The events stream: each room's seqs 1..=n, consecutive, each acked message exactly once.
-        let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.expect("connect to NATS"));
+        let js = async_nats::jetstream::new(async_nats::connect(nats_servers()).await.expect("connect to NATS"));
         for (room, expected) in by_room.iter().enumerate() {
             let events = room_events(&js, self.shard(room), &self.tenant, &self.rooms[room]).await;
             for (i, event) in events.iter().enumerate() {
@@ -768,7 +769,7 @@ async fn a_resumed_owner_cannot_undo_membership_changes() {
     }
 
     // Every member whose join was acked is in the stored roster and may send.
-    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(nats_servers()).await.expect("connect to NATS");
     let rooms = async_nats::jetstream::new(nats).get_key_value(subjects::ROOMS_BUCKET).await.expect("rooms bucket");
     let stored = rooms.get(subjects::roster_key(&project, &room)).await.expect("read roster").expect("roster");
     let roster: switchyard_protocol::internal::Roster = codec::decode(&stored).expect("decode roster");
@@ -844,7 +845,7 @@ async fn a_room_outlives_its_events_in_the_stream(store: StoreKind) {
         vec![(2, Some("first, edited".into()), false, true), (3, None, true, false)],
         "history before the purge"
     );
-    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(nats_servers()).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(nats);
     let shard = shard_of_room(&project, &room, SHARDS);
     let subject = subjects::event_log(shard, &project, &room);

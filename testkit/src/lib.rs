@@ -28,6 +28,21 @@ pub fn nats_url() -> String {
         .expect("SWITCHYARD_TEST_NATS_URL is not set: run the tests with `cargo xtask test`, which starts NATS")
 }
 
+/// The NATS servers of this test run, one per node (`SWITCHYARD_TEST_NATS_URL` may list a cluster's nodes, comma
+/// separated): what a test's own NATS client connects to, so it reconnects to another node when one dies.
+pub fn nats_servers() -> Vec<String> {
+    nats_url().split(',').map(|url| url.trim().to_owned()).filter(|url| !url.is_empty()).collect()
+}
+
+/// Replicas of every stream and bucket the fleet creates: `SWITCHYARD_TEST_NATS_REPLICAS` (3 when the tests run
+/// against a NATS cluster), else 1.
+pub fn nats_replicas() -> usize {
+    match std::env::var("SWITCHYARD_TEST_NATS_REPLICAS") {
+        Ok(value) => value.trim().parse().expect("SWITCHYARD_TEST_NATS_REPLICAS is a number"),
+        Err(_) => 1,
+    }
+}
+
 /// The Redis server of this test run.
 pub fn redis_url() -> String {
     std::env::var("SWITCHYARD_TEST_REDIS_URL")
@@ -106,6 +121,7 @@ impl Fleet {
         for i in 0..routers {
             let config = RouterConfig {
                 nats_url: nats_url(),
+                nats_replicas: nats_replicas(),
                 router_id: format!("test-router-{i}-{}", switchyard_protocol::ids::random_base62(6)),
                 metrics_addr: "127.0.0.1:0".parse().expect("addr"),
                 ..RouterConfig::default()
@@ -133,6 +149,7 @@ impl Fleet {
         });
         let persistor_config = PersistorConfig {
             nats_url: nats_url(),
+            nats_replicas: nats_replicas(),
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             ..PersistorConfig::default()
         };
@@ -241,6 +258,7 @@ async fn start_gateway(
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         nats_url: nats_url(),
+        nats_replicas: nats_replicas(),
         redis_url: redis_url(),
         admin_token: admin_token.to_owned(),
         ..GatewayConfig::default()
@@ -263,7 +281,7 @@ pub async fn wait_for_balanced_shards(routers: &[String]) {
     if routers.is_empty() {
         return;
     }
-    let nats = async_nats::connect(nats_url()).await.expect("connect to NATS");
+    let nats = async_nats::connect(nats_servers()).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(nats);
     let shard_count = usize::from(switchyard_protocol::limits::DEFAULT_SHARD_COUNT);
     let fair_share = shard_count.div_ceil(routers.len());

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use crate::proc;
 use crate::util::{is_executable, is_root, repo_root, say, secs, tail, which};
 
-pub const NATS_VERSION: &str = "v2.11.17";
+pub const NATS_VERSION: &str = "v2.15.3";
 pub const CASSANDRA_VERSION: &str = "5.0.9";
 const MAVEN_DEPENDENCY_PLUGIN: &str = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1";
 

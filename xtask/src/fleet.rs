@@ -4,6 +4,9 @@
 //! exists), so the printed URL opens a chat in a browser.
 //! Logs go to .dev/logs/<name>.log; connection details to .dev/fleet.json. Does not start Cassandra or run tests.
 //!
+//! `--cluster` runs NATS as a three-node cluster (in .dev/nats-cluster) with every stream and bucket at three
+//! replicas, as in production.
+//!
 //! `--gateways N` starts N gateways on one NATS and Redis (for benchmarks that need more sockets than one process
 //! may open); the extra ones are `gateway-2` … `gateway-N`, with their details in .dev/fleet-2.json … .
 
@@ -18,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::deps;
 use crate::proc::{self, ManagedChild};
-use crate::services::{Nats, Redis};
+use crate::services::{Nats, NatsCluster, Redis, CLUSTER_NODES};
 use crate::util::{cargo, free_port, random_hex, repo_root, say, secs, tail, target_dir};
 
 const PACKAGES: [&str; 3] = ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"];
@@ -32,14 +35,17 @@ struct UpArgs {
     /// Optimised binaries, for benchmarks.
     release: bool,
     gateways: usize,
+    /// NATS as a three-node cluster.
+    cluster: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<UpArgs> {
-    let mut up = UpArgs { release: false, gateways: 1 };
+    let mut up = UpArgs { release: false, gateways: 1, cluster: false };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--release" => up.release = true,
+            "--cluster" => up.cluster = true,
             "--gateways" => {
                 let value = rest.next().context("--gateways takes a number")?;
                 up.gateways =
@@ -47,7 +53,7 @@ fn parse_args(args: &[String]) -> Result<UpArgs> {
                         format!("--gateways takes a number from 1 to {MAX_GATEWAYS}, not {value:?}")
                     })?;
             }
-            other => bail!("up: unknown argument {other:?} (it takes --release and --gateways N)"),
+            other => bail!("up: unknown argument {other:?} (it takes --release, --cluster and --gateways N)"),
         }
     }
     Ok(up)
@@ -64,7 +70,7 @@ fn fleet_file(dev: &Path, n: usize) -> PathBuf {
 
 /// `cargo xtask up`
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let UpArgs { release, gateways } = parse_args(args)?;
+    let UpArgs { release, gateways, cluster } = parse_args(args)?;
     let started = Instant::now();
     let root = repo_root();
     let dev = root.join(".dev");
@@ -77,7 +83,11 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
 
     let tools = deps::ensure(&root, false)?;
-    let mut nats = Nats::start(&tools, &dev.join("nats"), &logs.join("nats.log"))?;
+    let mut nats = if cluster {
+        NatsCluster::start(&tools, &dev.join("nats-cluster"), &logs, CLUSTER_NODES)?
+    } else {
+        NatsCluster::single(Nats::start(&tools, &dev.join("nats"), &logs.join("nats.log"))?)
+    };
     let mut redis = Redis::start(&tools, &dev.join("redis"), &logs.join("redis.log"), true)?;
 
     say!("building the services");
@@ -93,6 +103,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let bin_dir = target_dir(&root)?.join(if release { "release" } else { "debug" });
 
     nats.wait_ready(Duration::from_secs(30))?;
+    let replicas = nats.replicas().to_string();
     redis.wait_ready(Duration::from_secs(30))?;
 
     let listen = format!("127.0.0.1:{}", free_port()?);
@@ -106,7 +117,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             bail!("{} is missing after the build", path.display());
         }
         let mut cmd = proc::command(&path);
-        cmd.current_dir(&root).env("SWITCHYARD_NATS_URL", nats.url()).env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT);
+        cmd.current_dir(&root)
+            .env("SWITCHYARD_NATS_URL", nats.url())
+            .env("SWITCHYARD_NATS_REPLICAS", &replicas)
+            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -246,7 +260,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
     let mut reported: Vec<String> = Vec::new();
     while !proc::interrupted() {
-        for c in fleet.0.iter_mut().chain([&mut redis.child, &mut nats.child]) {
+        let servers = std::iter::once(&mut redis.child).chain(nats.nodes.iter_mut().map(|node| &mut node.child));
+        for c in fleet.0.iter_mut().chain(servers) {
             if let Some(status) = c.exit_status() {
                 if !reported.iter().any(|n| n == c.name()) {
                     say!(
@@ -264,7 +279,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
     say!("stopping the fleet");
     fleet.stop();
-    proc::stop_all([&mut redis.child, &mut nats.child]);
+    proc::stop_all([&mut redis.child]);
+    nats.stop();
     for n in 1..=gateways {
         let _ = std::fs::remove_file(fleet_file(&dev, n));
     }

@@ -45,6 +45,23 @@ impl Nats {
         Ok(Self { child, port, monitor_port })
     }
 
+    /// Ready when the monitoring port's `/healthz` answers 200 (JetStream is current on this node).
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor_port));
+        wait_until(&mut self.child, timeout, || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+                Ok(())
+            } else {
+                bail!("/healthz answered {:?}", answer.lines().last().unwrap_or(""))
+            }
+        })
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -64,6 +81,84 @@ impl Nats {
             }
         })
     }
+}
+
+/// Nodes of the NATS cluster `test`, `services --cluster` and `up --cluster` start, and the replicas its streams and
+/// buckets get.
+pub const CLUSTER_NODES: usize = 3;
+
+/// A NATS cluster on loopback: every node has its own client, route and monitoring port and its own store
+/// directory, and routes to the others. Each node is started from a config file kept beside its store.
+pub struct NatsCluster {
+    pub nodes: Vec<Nats>,
+}
+
+impl NatsCluster {
+    /// Starts `nodes` nodes with their stores under `dir` and their logs in `log_dir` as `nats-<i>.log`; does not
+    /// wait for them.
+    pub fn start(tools: &Tools, dir: &Path, log_dir: &Path, nodes: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ports = free_ports(3 * nodes)?;
+        let routes: Vec<String> =
+            (0..nodes).map(|i| format!("\"nats-route://127.0.0.1:{}\"", ports[3 * i + 1])).collect();
+        let mut started = Vec::with_capacity(nodes);
+        for i in 0..nodes {
+            let (port, route_port, monitor_port) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+            let store = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(&store)?;
+            let config = format!(
+                "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
+                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 1GB\n  max_file_store: 20GB\n}}\n\
+                 cluster {{\n  name: \"switchyard-test\"\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
+                routes.join(", "),
+            );
+            let config_path = dir.join(format!("n{i}.conf"));
+            std::fs::write(&config_path, config)?;
+            let log = log_dir.join(format!("nats-{i}.log"));
+            let child = spawn_from_config(tools, &config_path, &log)?;
+            started.push(Nats { child, port, monitor_port });
+        }
+        Ok(Self { nodes: started })
+    }
+
+    /// One nats-server seen as a cluster of one node.
+    pub fn single(nats: Nats) -> Self {
+        Self { nodes: vec![nats] }
+    }
+
+    /// The replicas the services give their streams and buckets on it.
+    pub fn replicas(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Every node's client URL, comma-separated, as services take it.
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(Nats::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Ready when every node serves clients with JetStream and its `/healthz` says JetStream is current (the
+    /// cluster has a meta leader).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        for node in &mut self.nodes {
+            node.wait_ready(timeout)?;
+            node.wait_healthy(timeout)?;
+        }
+        Ok(())
+    }
+
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.nodes.iter_mut().try_for_each(|node| node.child.ensure_running())
+    }
+
+    pub fn stop(&mut self) {
+        proc::stop_all(self.nodes.iter_mut().map(|node| &mut node.child));
+    }
+}
+
+fn spawn_from_config(tools: &Tools, config: &Path, log: &Path) -> Result<ManagedChild> {
+    let mut cmd = proc::command(&tools.nats_server);
+    cmd.arg("-c").arg(config);
+    ManagedChild::spawn("nats-server", cmd, log, Duration::from_secs(10))
 }
 
 pub struct Redis {
@@ -351,6 +446,8 @@ pub struct TestServices {
     pub cassandra: Cassandra,
     pub nats: Nats,
     pub redis: Redis,
+    /// A three-node NATS cluster beside the single node, once `start_cluster` started it.
+    pub cluster: Option<NatsCluster>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -376,7 +473,33 @@ impl TestServices {
             redis.child.pid(),
             dir.path().display()
         );
-        Ok(Self { cassandra, nats, redis, dir: Some(dir) })
+        Ok(Self { cassandra, nats, redis, cluster: None, dir: Some(dir) })
+    }
+
+    /// Start a three-node NATS cluster beside the single node (its stores and logs in the same temporary folder)
+    /// and wait until it is ready.
+    pub fn start_cluster(&mut self, tools: &Tools) -> Result<()> {
+        let dir = self.dir.as_ref().context("the servers were stopped")?.path().to_path_buf();
+        let mut cluster = NatsCluster::start(tools, &dir.join("nats-cluster"), &dir, CLUSTER_NODES)?;
+        let pids: Vec<String> = cluster.nodes.iter().map(|n| n.child.pid().to_string()).collect();
+        say!("started a {CLUSTER_NODES}-node NATS cluster (pids {})", pids.join(", "));
+        cluster.wait_ready(QUICK_READY_TIMEOUT)?;
+        self.cluster = Some(cluster);
+        Ok(())
+    }
+
+    /// The variables tests read to find the servers, with NATS being the cluster and every stream and bucket
+    /// created with three replicas; `None` before `start_cluster`.
+    pub fn cluster_env(&self) -> Option<Vec<(&'static str, String)>> {
+        let cluster = self.cluster.as_ref()?;
+        let mut env = self.env();
+        for (name, value) in &mut env {
+            if *name == "SWITCHYARD_TEST_NATS_URL" {
+                *value = cluster.url();
+            }
+        }
+        env.push(("SWITCHYARD_TEST_NATS_REPLICAS", CLUSTER_NODES.to_string()));
+        Some(env)
     }
 
     /// Waits for all three; if Cassandra fails to come up, restarts it once with fresh ports and data.
@@ -403,6 +526,9 @@ impl TestServices {
     pub fn ensure_running(&mut self) -> Result<()> {
         self.cassandra.child.ensure_running()?;
         self.nats.child.ensure_running()?;
+        if let Some(cluster) = &mut self.cluster {
+            cluster.ensure_running()?;
+        }
         self.redis.child.ensure_running()
     }
 
@@ -419,6 +545,9 @@ impl TestServices {
 
     pub fn stop(&mut self) {
         proc::stop_all([&mut self.cassandra.child, &mut self.nats.child, &mut self.redis.child]);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.stop();
+        }
         if let Some(dir) = self.dir.take() {
             let path = dir.path().to_path_buf();
             if let Err(e) = dir.close() {
@@ -434,23 +563,29 @@ impl Drop for TestServices {
     }
 }
 
-/// `cargo xtask services`: start the three servers, print their addresses as `export` lines, stay in the
-/// foreground until Ctrl-C or SIGTERM, then stop them.
+/// `cargo xtask services [--cluster]`: start the three servers, print their addresses as `export` lines, stay in
+/// the foreground until Ctrl-C or SIGTERM, then stop them. With `--cluster`, NATS is a three-node cluster and the
+/// tests create every stream and bucket with three replicas.
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    if let Some(a) = args.first() {
-        bail!("services: unknown argument {a:?} (it takes none)");
-    }
+    let cluster = match args.first().map(String::as_str) {
+        None => false,
+        Some("--cluster") if args.len() == 1 => true,
+        Some(a) => bail!("services: unknown argument {a:?} (it takes only --cluster)"),
+    };
     let tools = deps::ensure(&repo_root(), true)?;
     let started = Instant::now();
     let mut services = TestServices::start(&tools)?;
     services.wait_ready(&tools)?;
+    if cluster {
+        services.start_cluster(&tools)?;
+    }
     say!(
         "all servers ready in {} (NATS monitoring: http://127.0.0.1:{})",
         secs(started.elapsed()),
         services.nats.monitor_port
     );
     let mut out = std::io::stdout().lock();
-    for (k, v) in services.env() {
+    for (k, v) in services.cluster_env().unwrap_or_else(|| services.env()) {
         writeln!(out, "export {k}={v}")?;
     }
     out.flush()?;

@@ -1,6 +1,8 @@
 //! `cargo xtask test`: installs the servers and the JavaScript test tools (Node packages, Chromium), starts NATS,
 //! Redis and Cassandra (as `services` does), builds the tests while Cassandra boots, runs `cargo test --workspace` against the servers and always stops them.
 //! It does not choose which tests need which server: tests read the `SWITCHYARD_*` variables themselves.
+//! Then it runs the chat end-to-end, router-cluster and persistor-durability tests once more against a three-node
+//! NATS cluster with every stream and bucket at three replicas (`CLUSTER_TESTS`).
 //! While the servers still run it builds and runs the short variants of the fault suite (see `chaos`). Afterwards
 //! it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server, and every fuzz target
 //! for a few seconds (see `fuzz`).
@@ -17,6 +19,10 @@ use crate::fuzz;
 use crate::proc;
 use crate::services::TestServices;
 use crate::util::{cargo, repo_root, say, secs};
+
+/// The test targets that run a second time against the NATS cluster: the gateway's chat end-to-end tests, the
+/// router-shard cluster tests and the persistor's durability tests.
+const CLUSTER_TESTS: [&str; 3] = ["e2e_chat", "cluster", "durability"];
 
 /// `cargo xtask test [-- <cargo test args>]`
 pub fn run(args: &[String]) -> Result<ExitCode> {
@@ -79,6 +85,26 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         }
     }
 
+    // The same fleet on a replicated NATS; only for a whole-workspace run.
+    let t = Instant::now();
+    let mut cluster_results = Vec::new();
+    let cluster_status = if extra.is_empty() {
+        match run_on_cluster(&root, &tools, &mut services, &js.chromium) {
+            Ok((status, results)) => {
+                cluster_results = results;
+                Some(status.success())
+            }
+            Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => return Err(e),
+            Err(e) => {
+                say!("the tests on the NATS cluster could not run: {e:#}");
+                Some(false)
+            }
+        }
+    } else {
+        None
+    };
+    timings.push(("tests on cluster", t.elapsed()));
+
     // The short fault scenarios, on the same servers; only for a whole-workspace run.
     let t = Instant::now();
     let chaos = if extra.is_empty() {
@@ -131,6 +157,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     } else {
         say!("cargo test failed ({status})");
     }
+    let (cluster_passed, cluster_failed, _) = count(&cluster_results);
+    if let Some(ok) = cluster_status {
+        say!("tests on the NATS cluster {}", if ok { "passed" } else { "failed" });
+    }
+    let (passed, failed) =
+        (passed + cluster_passed, failed + cluster_failed + u64::from(cluster_status == Some(false)));
     say!("deploy-check {}", if deployed.ok() { "passed" } else { "failed" });
     say!("fuzzing {}", if fuzzed.ok() { "passed" } else { "failed" });
     let chaos_ok = chaos.as_ref().is_none_or(chaos::Verdict::ok);
@@ -145,8 +177,35 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let (passed, failed) = (passed + fuzzed.passed.len() as u64, failed + fuzzed.failed.len() as u64);
     let (passed, failed) = (passed + chaos_passed, failed + chaos_failed);
     println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
-    let all_ok = status.success() && deployed.ok() && fuzzed.ok() && chaos_ok;
+    let all_ok = status.success() && cluster_status != Some(false) && deployed.ok() && fuzzed.ok() && chaos_ok;
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Start the NATS cluster and run `CLUSTER_TESTS` against it; stops the cluster afterwards.
+fn run_on_cluster(
+    root: &std::path::Path,
+    tools: &deps::Tools,
+    services: &mut TestServices,
+    chromium: &std::path::Path,
+) -> Result<(std::process::ExitStatus, Vec<String>)> {
+    services.start_cluster(tools)?;
+    let mut test = proc::command(cargo());
+    // The whole workspace with only these targets: the same features as the first run, so nothing is rebuilt.
+    test.current_dir(root).args(["test", "--workspace"]);
+    for target in CLUSTER_TESTS {
+        test.args(["--test", target]);
+    }
+    for (k, v) in services.cluster_env().unwrap_or_default() {
+        say!("on the cluster: {k}={v}");
+        test.env(k, v);
+    }
+    test.env("SWITCHYARD_CHROMIUM", chromium);
+    let ran = proc::run_keeping_lines(test, "cargo test on the NATS cluster", |l| l.starts_with("test result:"));
+    if let Some(cluster) = &mut services.cluster {
+        cluster.stop();
+    }
+    services.cluster = None;
+    ran
 }
 
 fn print_timings(timings: &[(&str, Duration)], total: Duration) {
