@@ -23,6 +23,9 @@ pub struct PersistorConfig {
     pub cql_keyspace: String,
     /// Replication factor used when the CQL keyspace is created.
     pub cql_replication_factor: u32,
+    /// Consistency level of every CQL read and write: `local_quorum` (the default), `quorum`, `each_quorum`,
+    /// `all`, `one` or `local_one`. Below a quorum an acked write may be missing from a history read until repair.
+    pub cql_consistency: String,
     /// At start, bring the CQL schema to this release's version (`true`), or refuse to start when it is behind
     /// (`false`, the default: run `switchyard-persistor migrate` once per upgrade instead, so many persistors
     /// starting together never race on schema changes).
@@ -55,6 +58,7 @@ impl Default for PersistorConfig {
             store: "embedded:switchyard-history.redb".into(),
             cql_keyspace: "switchyard".into(),
             cql_replication_factor: 1,
+            cql_consistency: "local_quorum".into(),
             cql_migrate_on_start: false,
             batch_max: 512,
             batches_in_flight: 4,
@@ -101,6 +105,9 @@ impl PersistorConfig {
         if let Some(v) = get("SWITCHYARD_CQL_KEYSPACE") {
             self.cql_keyspace = v;
         }
+        if let Some(v) = get("SWITCHYARD_CQL_CONSISTENCY") {
+            self.cql_consistency = v;
+        }
         fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
             switchyard_service::parse_env(name, &value)
         }
@@ -138,6 +145,7 @@ impl PersistorConfig {
     /// [`Self::ingest`]) and the metrics address.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store_choice()?;
+        self.cql_consistency()?;
         self.ingest()?;
         switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
         switchyard_service::nats::server_addrs(&self.nats_url)?;
@@ -178,6 +186,25 @@ impl PersistorConfig {
     }
 
     /// The configured store, validated.
+    /// The CQL consistency level `cql_consistency` names.
+    pub fn cql_consistency(&self) -> Result<scylla::statement::Consistency, ConfigError> {
+        use scylla::statement::Consistency;
+        Ok(match self.cql_consistency.trim().to_ascii_lowercase().as_str() {
+            "local_quorum" => Consistency::LocalQuorum,
+            "quorum" => Consistency::Quorum,
+            "each_quorum" => Consistency::EachQuorum,
+            "all" => Consistency::All,
+            "one" => Consistency::One,
+            "local_one" => Consistency::LocalOne,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "cql_consistency",
+                    message: "must be local_quorum, quorum, each_quorum, all, one or local_one".into(),
+                })
+            }
+        })
+    }
+
     pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
         if self.batch_max == 0 {
             return Err(ConfigError::Invalid { name: "batch_max", message: "must be positive".into() });
@@ -201,6 +228,17 @@ impl PersistorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cql_consistency_is_local_quorum_unless_set() {
+        use scylla::statement::Consistency;
+        let mut config = PersistorConfig::default();
+        assert_eq!(config.cql_consistency().unwrap(), Consistency::LocalQuorum);
+        config.apply_env(|name| (name == "SWITCHYARD_CQL_CONSISTENCY").then(|| "QUORUM".into())).unwrap();
+        assert_eq!(config.cql_consistency().unwrap(), Consistency::Quorum);
+        config.cql_consistency = "two".into();
+        assert!(config.validate().is_err());
+    }
 
     #[test]
     fn store_choices() {

@@ -95,6 +95,9 @@ pub struct CqlConfig {
     pub write_concurrency: usize,
     /// Whether connecting migrates the schema or requires it current.
     pub schema: SchemaPolicy,
+    /// Consistency of every read and write (`LOCAL_QUORUM` by default: with replication factor 3, one node of each
+    /// data center may be down and every acked write is still read back).
+    pub consistency: scylla::statement::Consistency,
 }
 
 impl CqlConfig {
@@ -108,6 +111,7 @@ impl CqlConfig {
             connect_timeout: Duration::from_secs(10),
             write_concurrency: 32,
             schema: SchemaPolicy::Migrate,
+            consistency: scylla::statement::Consistency::LocalQuorum,
         }
     }
 }
@@ -517,7 +521,11 @@ impl CqlStore {
         }
         let ks = config.keyspace.to_ascii_lowercase();
         let replication = replication_clause(&config.replication)?;
-        let profile = ExecutionProfile::builder().request_timeout(Some(config.request_timeout)).build().into_handle();
+        let profile = ExecutionProfile::builder()
+            .request_timeout(Some(config.request_timeout))
+            .consistency(config.consistency)
+            .build()
+            .into_handle();
         let session = SessionBuilder::new()
             .known_nodes(&config.nodes)
             .connection_timeout(config.connect_timeout)
