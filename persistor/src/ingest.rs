@@ -89,24 +89,33 @@ pub fn consumer_config(settings: &IngestSettings) -> consumer::pull::Config {
 }
 
 /// Open the persistors' durable consumer (creating it, or updating its settings, so every persistor of a release
-/// agrees), waiting for the events stream to exist; and make sure the dead-letter stream exists.
+/// agrees), waiting for the events stream to exist; and make sure the dead-letter stream exists. Errors that pass
+/// (a NATS node restarting, a stream leader being elected) are retried until `shutdown`.
 pub async fn open_consumer(
     js: &jetstream::Context,
     settings: &IngestSettings,
     shutdown: &CancellationToken,
 ) -> Result<Option<consumer::PullConsumer>, PersistorError> {
-    let stream = loop {
-        match js.get_stream(subjects::EVENTS_STREAM).await {
-            Ok(stream) => break stream,
-            Err(error) => {
-                tracing::info!(%error, "waiting for the events stream (router shards create it)");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
+    loop {
+        match try_open_consumer(js, settings).await {
+            Ok(consumer) => return Ok(Some(consumer)),
+            Err(error) => tracing::info!(%error, "the persistor's consumer is not ready yet; retrying"),
         }
-    };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn try_open_consumer(
+    js: &jetstream::Context,
+    settings: &IngestSettings,
+) -> Result<consumer::PullConsumer, PersistorError> {
+    let stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .map_err(|e| PersistorError::Nats(format!("waiting for the events stream (router shards create it): {e}")))?;
     js.get_or_create_stream(stream::Config {
         name: subjects::DEAD_LETTER_STREAM.to_owned(),
         subjects: vec![subjects::DEAD_LETTER_SUBJECT.to_owned()],
@@ -118,11 +127,10 @@ pub async fn open_consumer(
     })
     .await
     .map_err(|e| PersistorError::Nats(format!("dead-letter stream: {e}")))?;
-    let consumer = stream
+    stream
         .create_consumer(consumer_config(settings))
         .await
-        .map_err(|e| PersistorError::Nats(format!("persistor consumer: {e}")))?;
-    Ok(Some(consumer))
+        .map_err(|e| PersistorError::Nats(format!("persistor consumer: {e}")))
 }
 
 /// What every batch shares.
