@@ -130,8 +130,7 @@ pub struct BoundGateway {
 pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
     let servers =
         switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| GatewayError::Nats(e.to_string()))?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("switchyard-gateway")
+    let nats = switchyard_service::nats::connect_options("switchyard-gateway")
         .retry_on_initial_connect()
         .connect(servers)
         .await

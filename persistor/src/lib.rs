@@ -61,6 +61,7 @@ fn cql_config(config: &PersistorConfig) -> Result<CqlConfig, PersistorError> {
     let mut cql = CqlConfig::new(&nodes, &config.cql_keyspace);
     cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
     cql.schema = if config.cql_migrate_on_start { SchemaPolicy::Migrate } else { SchemaPolicy::Require };
+    cql.consistency = config.cql_consistency()?;
     Ok(cql)
 }
 
@@ -77,9 +78,9 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
     let servers =
         switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| PersistorError::Nats(e.to_string()))?;
     let nats =
-        async_nats::ConnectOptions::new().name("switchyard-persistor migrate").connect(servers).await.map_err(|e| {
-            PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
-        })?;
+        switchyard_service::nats::connect_options("switchyard-persistor migrate").connect(servers).await.map_err(
+            |e| PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url))),
+        )?;
     let js = async_nats::jetstream::new(nats.clone());
     let bucket = async_nats::jetstream::kv::Config {
         bucket: subjects::LOCKS_BUCKET.to_owned(),
@@ -211,8 +212,7 @@ async fn consume<S: HistoryStore>(
 ) -> Result<(), PersistorError> {
     let servers =
         switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| PersistorError::Nats(e.to_string()))?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("switchyard-persistor")
+    let nats = switchyard_service::nats::connect_options("switchyard-persistor")
         .retry_on_initial_connect()
         .connect(servers)
         .await

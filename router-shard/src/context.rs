@@ -28,8 +28,7 @@ impl RouterContext {
     pub async fn connect(config: RouterConfig) -> Result<Self, RouterError> {
         let servers =
             switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| RouterError::Nats(e.to_string()))?;
-        let nats = async_nats::ConnectOptions::new()
-            .name(format!("switchyard-router-shard {}", config.router_id))
+        let nats = switchyard_service::nats::connect_options(format!("switchyard-router-shard {}", config.router_id))
             .retry_on_initial_connect()
             .connect(servers)
             .await
