@@ -1,4 +1,4 @@
-//! One scenario's fleet: its own NATS and Redis, router shards, persistors (on the shared Cassandra, in the
+//! One scenario's fleet: its own NATS (one server or a cluster) and Redis, router shards, persistors (on the shared Cassandra, in the
 //! suite's keyspace) and gateways, each a process of the real binaries, with a TCP balancer in front of the
 //! gateways as a load balancer would be. Also the admin calls a scenario needs: a tenant with an HS256 key (so
 //! tokens are signed here and connects keep working while Redis is down), its limits, and reading `/metrics`.
@@ -27,11 +27,13 @@ pub struct Shape {
     pub persistors: usize,
     /// Lines added to every gateway's TOML configuration.
     pub gateway_toml: String,
+    /// NATS nodes: 1, or a cluster (every stream and bucket then gets three replicas).
+    pub nats_nodes: usize,
 }
 
 impl Default for Shape {
     fn default() -> Shape {
-        Shape { gateways: 2, routers: 2, persistors: 2, gateway_toml: String::new() }
+        Shape { gateways: 2, routers: 2, persistors: 2, gateway_toml: String::new(), nats_nodes: 1 }
     }
 }
 
@@ -66,8 +68,13 @@ pub struct Fleet {
 impl Fleet {
     pub async fn start(config: &Config, shape: Shape) -> Result<Fleet> {
         let dir = tempfile::Builder::new().prefix("switchyard-chaos-").tempdir()?;
-        let nats = OwnNats::start(&config.nats_server, dir.path()).await?;
+        let nats = OwnNats::start(&config.nats_server, dir.path(), shape.nats_nodes).await?;
         let redis = OwnRedis::start(&config.redis_server, dir.path()).await?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        // A cluster serves JetStream once it has elected its meta leader.
+        for node in 0..nats.nodes() {
+            nats.wait_healthy(&http, node, Duration::from_secs(30)).await?;
+        }
         let mut fleet = Fleet {
             dir,
             nats,
@@ -79,7 +86,7 @@ impl Fleet {
             admin_token: hex::encode(rand::random::<[u8; 16]>()),
             config: config.clone(),
             shape: shape.clone(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
+            http,
             spawned: 0,
         };
         for _ in 0..shape.routers {
@@ -104,6 +111,7 @@ impl Fleet {
         command
             .env_remove("SWITCHYARD_CONFIG")
             .env("SWITCHYARD_NATS_URL", self.nats.url())
+            .env("SWITCHYARD_NATS_REPLICAS", self.nats.replicas().to_string())
             .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT)
             .env("SWITCHYARD_LOG_FORMAT", "json")
             .env("RUST_LOG", "info");
@@ -173,6 +181,16 @@ impl Fleet {
     }
 
     /// The clients' WebSocket URL: the balancer.
+    /// The NATS node that leads `stream` (a stream, or `KV_<bucket>` for a KV bucket).
+    pub async fn nats_leader(&self, stream: &str) -> Result<usize> {
+        self.nats.leader_of(&self.http, stream).await
+    }
+
+    /// Wait until a NATS node says JetStream is current on it.
+    pub async fn nats_healthy(&self, node: usize, limit: Duration) -> Result<()> {
+        self.nats.wait_healthy(&self.http, node, limit).await
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v1/ws", self.balancer.port)
     }

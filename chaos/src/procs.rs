@@ -134,48 +134,149 @@ fn with_parent_death_signal(command: Command) -> Command {
     wrapped
 }
 
-/// The suite's own `nats-server` with JetStream, restartable on the same port and store folder.
-pub struct OwnNats {
-    binary: PathBuf,
-    pub port: u16,
-    store: PathBuf,
-    log_dir: PathBuf,
+/// One node of the suite's NATS: its ports, its config file (store folder and, in a cluster, routes) and process.
+struct NatsNode {
+    port: u16,
+    monitor_port: u16,
+    config: PathBuf,
     starts: usize,
     proc: Option<Proc>,
 }
 
+/// The suite's own NATS with JetStream: one `nats-server`, or a cluster of nodes on loopback that route to each
+/// other. Every node restarts on the same ports and store folder, and can be killed, paused or restarted alone.
+pub struct OwnNats {
+    binary: PathBuf,
+    log_dir: PathBuf,
+    nodes: Vec<NatsNode>,
+}
+
+/// How long a node may take to accept connections after it starts.
+const NATS_START: Duration = Duration::from_secs(20);
+
 impl OwnNats {
-    pub async fn start(binary: &Path, dir: &Path) -> Result<OwnNats> {
-        let mut nats = OwnNats {
-            binary: binary.to_owned(),
-            port: free_port()?,
-            store: dir.join("nats-store"),
-            log_dir: dir.to_owned(),
-            starts: 0,
-            proc: None,
-        };
-        nats.restart().await?;
-        Ok(nats)
+    /// Start `nodes` nodes (1: a single server; more: a cluster named `chaos`) with their stores under `dir`.
+    pub async fn start(binary: &Path, dir: &Path, nodes: usize) -> Result<OwnNats> {
+        let ports: Vec<[u16; 3]> =
+            (0..nodes).map(|_| Ok([free_port()?, free_port()?, free_port()?])).collect::<Result<_>>()?;
+        let routes: Vec<String> =
+            ports.iter().map(|[_, route, _]| format!("\"nats-route://127.0.0.1:{route}\"")).collect();
+        let mut own = OwnNats { binary: binary.to_owned(), log_dir: dir.to_owned(), nodes: Vec::new() };
+        for (i, [port, route, monitor_port]) in ports.into_iter().enumerate() {
+            let store = dir.join(format!("nats-store-{i}"));
+            let mut config = format!(
+                "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
+                 jetstream {{\n  store_dir: {store:?}\n}}\n"
+            );
+            if nodes > 1 {
+                config.push_str(&format!(
+                    "cluster {{\n  name: \"chaos\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                ));
+            }
+            let path = dir.join(format!("nats-{i}.conf"));
+            std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+            own.nodes.push(NatsNode { port, monitor_port, config: path, starts: 0, proc: None });
+        }
+        own.restart().await?;
+        Ok(own)
     }
 
+    /// Every node's URL, comma-separated, as the services take it.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.nodes.iter().map(|node| format!("nats://127.0.0.1:{}", node.port)).collect::<Vec<_>>().join(",")
     }
 
-    /// Start it (again) with the same port and JetStream store, and wait until it accepts connections.
+    /// Replicas of the streams and buckets the fleet creates on it.
+    pub fn replicas(&self) -> usize {
+        self.nodes.len().min(3)
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Start every node that is not running (again), and wait until each accepts connections.
     pub async fn restart(&mut self) -> Result<()> {
-        self.starts += 1;
-        let mut command = Command::new(&self.binary);
-        command.arg("-js").arg("-sd").arg(&self.store).args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
-        let log = self.log_dir.join(format!("nats-{}.log", self.starts));
-        self.proc = Some(Proc::spawn("nats-server", command, &log)?);
-        wait_for_port(self.port, Duration::from_secs(20)).await
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].proc.is_none() {
+                self.restart_node(node).await?;
+            }
+        }
+        Ok(())
     }
 
-    /// Stop it the hard way (SIGKILL): JetStream must recover from its store on the next start.
+    /// Start one node again with its ports and store, and wait until it accepts connections.
+    pub async fn restart_node(&mut self, node: usize) -> Result<()> {
+        let n = &mut self.nodes[node];
+        n.starts += 1;
+        let mut command = Command::new(&self.binary);
+        command.arg("-c").arg(&n.config);
+        let log = self.log_dir.join(format!("nats-{node}-{}.log", n.starts));
+        n.proc = Some(Proc::spawn("nats-server", command, &log)?);
+        wait_for_port(n.port, NATS_START).await
+    }
+
+    /// Stop every node the hard way (SIGKILL): JetStream must recover from its store on the next start.
     pub fn kill(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
+        for node in 0..self.nodes.len() {
+            self.kill_node(node);
+        }
+    }
+
+    pub fn kill_node(&mut self, node: usize) {
+        if let Some(mut proc) = self.nodes[node].proc.take() {
             proc.kill();
+        }
+    }
+
+    /// SIGTERM one node (a graceful shutdown: it hands its leaderships over), SIGKILL after `grace`.
+    pub fn terminate_node(&mut self, node: usize, grace: Duration) {
+        if let Some(mut proc) = self.nodes[node].proc.take() {
+            proc.terminate(grace);
+        }
+    }
+
+    pub fn node_pid(&self, node: usize) -> Option<Pid> {
+        self.nodes[node].proc.as_ref().and_then(Proc::pid)
+    }
+
+    /// The node that leads `stream` (a stream, or `KV_<bucket>`), asked of every running node in turn.
+    pub async fn leader_of(&self, http: &reqwest::Client, stream: &str) -> Result<usize> {
+        for node in self.nodes.iter().filter(|n| n.proc.is_some()) {
+            let url = format!("http://127.0.0.1:{}/jsz?streams=true", node.monitor_port);
+            let Ok(answer) = http.get(&url).timeout(Duration::from_secs(2)).send().await else { continue };
+            let Ok(jsz) = answer.json::<serde_json::Value>().await else { continue };
+            let streams = jsz["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+            for detail in streams.filter(|d| d["name"] == stream) {
+                let leader = detail["cluster"]["leader"].as_str().unwrap_or("");
+                if let Some(index) = leader.strip_prefix('n').and_then(|i| i.parse::<usize>().ok()) {
+                    if index < self.nodes.len() {
+                        return Ok(index);
+                    }
+                }
+            }
+        }
+        bail!("no running NATS node names a leader of {stream}")
+    }
+
+    /// Wait until one node's `/healthz` answers 200 (JetStream is current on it).
+    pub async fn wait_healthy(&self, http: &reqwest::Client, node: usize, limit: Duration) -> Result<()> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.nodes[node].monitor_port);
+        let deadline = Instant::now() + limit;
+        loop {
+            let answer = http.get(&url).timeout(Duration::from_secs(2)).send().await;
+            if answer.is_ok_and(|a| a.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("NATS node {node} is not healthy after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

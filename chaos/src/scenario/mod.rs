@@ -5,6 +5,7 @@
 //! design brief's where it gives one (a dead router shard's shards serve again within 10 s) and the suite's own
 //! elsewhere; `docs/chaos.md` lists them.
 
+mod cluster;
 mod edge;
 mod faults;
 mod hostile;
@@ -23,6 +24,10 @@ pub const NAMES: &[&str] = &[
     "router-stop",
     "persistor-kill",
     "nats-restart",
+    "nats-leader-kill",
+    "nats-kv-leader-kill",
+    "nats-node-pause",
+    "nats-rolling-restart",
     "redis-stop",
     "cassandra-stop",
     "slow-reader",
@@ -39,6 +44,10 @@ pub async fn run(name: &str, config: &Config) -> Result<Row> {
         "router-stop" => faults::router_stop(config).await,
         "persistor-kill" => faults::persistor_kill(config).await,
         "nats-restart" => faults::nats_restart(config).await,
+        "nats-leader-kill" => cluster::nats_leader_kill(config).await,
+        "nats-kv-leader-kill" => cluster::nats_kv_leader_kill(config).await,
+        "nats-node-pause" => cluster::nats_node_pause(config).await,
+        "nats-rolling-restart" => cluster::nats_rolling_restart(config).await,
         "redis-stop" => faults::redis_stop(config).await,
         "cassandra-stop" => faults::cassandra_stop(config).await,
         "slow-reader" => edge::slow_reader(config).await,
