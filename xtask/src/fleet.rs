@@ -5,7 +5,7 @@
 //! Logs go to .dev/logs/<name>.log; connection details to .dev/fleet.json. Does not start Cassandra or run tests.
 //!
 //! `--cluster` runs NATS as a three-node cluster (in .dev/nats-cluster) with every stream and bucket at three
-//! replicas, as in production.
+//! replicas, as in production; `--sync-always` adds `sync_interval: always` to its nodes.
 //!
 //! `--gateways N` starts N gateways on one NATS and Redis (for benchmarks that need more sockets than one process
 //! may open); the extra ones are `gateway-2` … `gateway-N`, with their details in .dev/fleet-2.json … .
@@ -37,15 +37,18 @@ struct UpArgs {
     gateways: usize,
     /// NATS as a three-node cluster.
     cluster: bool,
+    /// Its nodes fsync every write (`sync_interval: always`).
+    sync_always: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<UpArgs> {
-    let mut up = UpArgs { release: false, gateways: 1, cluster: false };
+    let mut up = UpArgs { release: false, gateways: 1, cluster: false, sync_always: false };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--release" => up.release = true,
             "--cluster" => up.cluster = true,
+            "--sync-always" => up.sync_always = true,
             "--gateways" => {
                 let value = rest.next().context("--gateways takes a number")?;
                 up.gateways =
@@ -53,8 +56,13 @@ fn parse_args(args: &[String]) -> Result<UpArgs> {
                         format!("--gateways takes a number from 1 to {MAX_GATEWAYS}, not {value:?}")
                     })?;
             }
-            other => bail!("up: unknown argument {other:?} (it takes --release, --cluster and --gateways N)"),
+            other => {
+                bail!("up: unknown argument {other:?} (it takes --release, --cluster, --sync-always and --gateways N)")
+            }
         }
+    }
+    if up.sync_always && !up.cluster {
+        bail!("up: --sync-always needs --cluster");
     }
     Ok(up)
 }
@@ -70,7 +78,7 @@ fn fleet_file(dev: &Path, n: usize) -> PathBuf {
 
 /// `cargo xtask up`
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let UpArgs { release, gateways, cluster } = parse_args(args)?;
+    let UpArgs { release, gateways, cluster, sync_always } = parse_args(args)?;
     let started = Instant::now();
     let root = repo_root();
     let dev = root.join(".dev");
@@ -84,7 +92,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
     let tools = deps::ensure(&root, false)?;
     let mut nats = if cluster {
-        NatsCluster::start(&tools, &dev.join("nats-cluster"), &logs, CLUSTER_NODES)?
+        NatsCluster::start(&tools, &dev.join("nats-cluster"), &logs, CLUSTER_NODES, sync_always)?
     } else {
         NatsCluster::single(Nats::start(&tools, &dev.join("nats"), &logs.join("nats.log"))?)
     };

@@ -95,12 +95,14 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts `nodes` nodes with their stores under `dir` and their logs in `log_dir` as `nats-<i>.log`; does not
-    /// wait for them.
-    pub fn start(tools: &Tools, dir: &Path, log_dir: &Path, nodes: usize) -> Result<Self> {
+    /// wait for them. `sync_always` makes every node fsync each write before acking it (`sync_interval: always`)
+    /// instead of every 2 minutes.
+    pub fn start(tools: &Tools, dir: &Path, log_dir: &Path, nodes: usize, sync_always: bool) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let ports = free_ports(3 * nodes)?;
         let routes: Vec<String> =
             (0..nodes).map(|i| format!("\"nats-route://127.0.0.1:{}\"", ports[3 * i + 1])).collect();
+        let sync = if sync_always { "  sync_interval: always\n" } else { "" };
         let mut started = Vec::with_capacity(nodes);
         for i in 0..nodes {
             let (port, route_port, monitor_port) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
@@ -108,7 +110,7 @@ impl NatsCluster {
             std::fs::create_dir_all(&store)?;
             let config = format!(
                 "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
-                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 1GB\n  max_file_store: 20GB\n}}\n\
+                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 1GB\n  max_file_store: 20GB\n{sync}}}\n\
                  cluster {{\n  name: \"switchyard-test\"\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
                 routes.join(", "),
             );
@@ -478,9 +480,9 @@ impl TestServices {
 
     /// Start a three-node NATS cluster beside the single node (its stores and logs in the same temporary folder)
     /// and wait until it is ready.
-    pub fn start_cluster(&mut self, tools: &Tools) -> Result<()> {
+    pub fn start_cluster(&mut self, tools: &Tools, sync_always: bool) -> Result<()> {
         let dir = self.dir.as_ref().context("the servers were stopped")?.path().to_path_buf();
-        let mut cluster = NatsCluster::start(tools, &dir.join("nats-cluster"), &dir, CLUSTER_NODES)?;
+        let mut cluster = NatsCluster::start(tools, &dir.join("nats-cluster"), &dir, CLUSTER_NODES, sync_always)?;
         let pids: Vec<String> = cluster.nodes.iter().map(|n| n.child.pid().to_string()).collect();
         say!("started a {CLUSTER_NODES}-node NATS cluster (pids {})", pids.join(", "));
         cluster.wait_ready(QUICK_READY_TIMEOUT)?;
@@ -563,21 +565,28 @@ impl Drop for TestServices {
     }
 }
 
-/// `cargo xtask services [--cluster]`: start the three servers, print their addresses as `export` lines, stay in
-/// the foreground until Ctrl-C or SIGTERM, then stop them. With `--cluster`, NATS is a three-node cluster and the
-/// tests create every stream and bucket with three replicas.
+/// `cargo xtask services [--cluster [--sync-always]]`: start the three servers, print their addresses as `export`
+/// lines, stay in the foreground until Ctrl-C or SIGTERM, then stop them. With `--cluster`, NATS is a three-node
+/// cluster and the tests create every stream and bucket with three replicas; `--sync-always` makes its nodes fsync
+/// every write (for measuring what that costs).
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let cluster = match args.first().map(String::as_str) {
-        None => false,
-        Some("--cluster") if args.len() == 1 => true,
-        Some(a) => bail!("services: unknown argument {a:?} (it takes only --cluster)"),
-    };
+    let (mut cluster, mut sync_always) = (false, false);
+    for arg in args {
+        match arg.as_str() {
+            "--cluster" => cluster = true,
+            "--sync-always" => sync_always = true,
+            a => bail!("services: unknown argument {a:?} (it takes --cluster and --sync-always)"),
+        }
+    }
+    if sync_always && !cluster {
+        bail!("services: --sync-always needs --cluster");
+    }
     let tools = deps::ensure(&repo_root(), true)?;
     let started = Instant::now();
     let mut services = TestServices::start(&tools)?;
     services.wait_ready(&tools)?;
     if cluster {
-        services.start_cluster(&tools)?;
+        services.start_cluster(&tools, sync_always)?;
     }
     say!(
         "all servers ready in {} (NATS monitoring: http://127.0.0.1:{})",

@@ -188,7 +188,7 @@ fn run_on_cluster(
     services: &mut TestServices,
     chromium: &std::path::Path,
 ) -> Result<(std::process::ExitStatus, Vec<String>)> {
-    services.start_cluster(tools)?;
+    services.start_cluster(tools, false)?;
     let mut test = proc::command(cargo());
     // The whole workspace with only these targets: the same features as the first run, so nothing is rebuilt.
     test.current_dir(root).args(["test", "--workspace"]);

@@ -29,6 +29,8 @@ struct Params {
     body_bytes: usize,
     batch_max: usize,
     in_flight: usize,
+    /// Replicas of the events stream when the benchmark creates it (3 on a NATS cluster).
+    replicas: usize,
 }
 
 fn parse_args() -> Result<Params> {
@@ -41,6 +43,7 @@ fn parse_args() -> Result<Params> {
         body_bytes: 100,
         batch_max: PersistorConfig::default().batch_max,
         in_flight: PersistorConfig::default().batches_in_flight,
+        replicas: std::env::var("SWITCHYARD_TEST_NATS_REPLICAS").ok().and_then(|r| r.parse().ok()).unwrap_or(1),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -60,16 +63,22 @@ fn parse_args() -> Result<Params> {
             "--body-bytes" => params.body_bytes = value.parse()?,
             "--batch-max" => params.batch_max = value.parse()?,
             "--in-flight" => params.in_flight = value.parse()?,
+            "--replicas" => params.replicas = value.parse()?,
             other => bail!(
                 "unknown option {other}; options: --nats --cql --store --events --rooms --body-bytes --batch-max \
-                 --in-flight"
+                 --in-flight --replicas"
             ),
         }
     }
     if params.events == 0 || params.rooms == 0 || params.events > 5_000_000 || params.body_bytes > 60_000 {
         bail!("events (1..=5,000,000) and rooms must be positive, body at most 60,000 bytes");
     }
-    require_loopback(&params.nats)?;
+    if !(1..=5).contains(&params.replicas) {
+        bail!("--replicas is 1..=5");
+    }
+    for url in params.nats.split(',') {
+        require_loopback(url.trim())?;
+    }
     if let Some(cql) = &params.cql {
         require_loopback(&format!("cql://{cql}"))?;
     }
@@ -101,6 +110,7 @@ struct Running {
 fn start(params: &Params, store: Arc<AnyStore>) -> Running {
     let config = PersistorConfig {
         nats_url: params.nats.clone(),
+        nats_replicas: params.replicas,
         batch_max: params.batch_max,
         batches_in_flight: params.in_flight,
         ..PersistorConfig::default()
@@ -217,11 +227,13 @@ async fn bench(params: &Params, js: &async_nats::jetstream::Context, kind: &str,
 #[tokio::main]
 async fn main() -> Result<()> {
     let params = parse_args()?;
-    let nats = async_nats::connect(params.nats.as_str()).await.context("connect to NATS")?;
+    let servers: Vec<&str> = params.nats.split(',').map(str::trim).collect();
+    let nats = async_nats::connect(servers).await.context("connect to NATS")?;
     let js = async_nats::jetstream::new(nats);
-    js.get_or_create_stream(switchyard_router_shard::events_stream_config(
-        &switchyard_router_shard::RouterConfig::default(),
-    ))
+    js.get_or_create_stream(switchyard_router_shard::events_stream_config(&switchyard_router_shard::RouterConfig {
+        nats_replicas: params.replicas,
+        ..switchyard_router_shard::RouterConfig::default()
+    }))
     .await
     .context("events stream")?;
     let dir = tempfile::tempdir()?;
