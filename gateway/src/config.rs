@@ -59,8 +59,8 @@ pub struct GatewayConfig {
     /// their own (admin API).
     pub tenant_msgs_per_sec: u32,
     pub tenant_msgs_burst: u32,
-    /// Default quotas of live sockets across the fleet, per tenant (none when unset) and per user (100; none when
-    /// unset). Tenants may have their own.
+    /// Default quotas of live sockets across the fleet, per tenant (none by default) and per user (100 by
+    /// default; `None` for none). Tenants may have their own.
     pub max_connections_per_tenant: Option<u32>,
     pub max_connections_per_user: Option<u32>,
     /// Default quotas of every tenant (each may have its own): members per room, rooms per user (both at most

@@ -253,8 +253,11 @@ impl BoundGateway {
         stop_accepting.cancel();
         gateway.draining.store(true, Ordering::Relaxed);
         gateway.stopped.cancel();
-        let _ = tokio::time::timeout(DRAIN_TAIL / 2, gateway.nats.flush()).await;
-        let _ = tokio::time::timeout(DRAIN_TAIL, self.socket_counts).await;
+        // Both within what the drain kept for its tail.
+        let _ = tokio::join!(
+            tokio::time::timeout(DRAIN_TAIL / 2, gateway.nats.flush()),
+            tokio::time::timeout(DRAIN_TAIL / 2, self.socket_counts),
+        );
         match result {
             Ok(served) => served.map_err(GatewayError::Serve),
             Err(join) => Err(GatewayError::Serve(std::io::Error::other(join.to_string()))),

@@ -18,6 +18,7 @@ use crate::Gateway;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_protocol::{redis_keys, ProjectId, UserId};
@@ -37,11 +38,12 @@ const CHECK_TIMEOUT: Duration = Duration::from_millis(200);
 /// Counts written by one script call.
 const WRITE_BATCH: usize = 256;
 /// How long the last write at shutdown may take.
-const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_millis(400);
 
 /// Would one more socket fit? KEYS: the gateways set, the tenant's hash, the user's hash. ARGV: this gateway's id,
 /// its tenant and user counts with the new socket, the tenant and user quotas (-1: none). Returns 0 (fits), 1 (the
-/// tenant is at its quota) or 2 (the user is). Deletes the fields of gateways whose lease ran out.
+/// tenant is at its quota) or 2 (the user is). Deletes the fields of gateways whose lease ran out from the hashes it
+/// reads (only those with a quota).
 const ADMIT: &str = r#"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -62,10 +64,8 @@ local function others(key)
 end
 local tenant_max = tonumber(ARGV[4])
 local user_max = tonumber(ARGV[5])
-local tenant = others(KEYS[2]) + tonumber(ARGV[2])
-local user = others(KEYS[3]) + tonumber(ARGV[3])
-if tenant_max >= 0 and tenant > tenant_max then return 1 end
-if user_max >= 0 and user > user_max then return 2 end
+if tenant_max >= 0 and others(KEYS[2]) + tonumber(ARGV[2]) > tenant_max then return 1 end
+if user_max >= 0 and others(KEYS[3]) + tonumber(ARGV[3]) > user_max then return 2 end
 return 0
 "#;
 
@@ -113,24 +113,61 @@ impl Counted {
     }
 }
 
+/// Most counts waiting to be written while Redis does not answer. Past it a count that fell to zero is not
+/// remembered: its stale field in Redis expires with its hash (`COUNT_TTL`) instead.
+const MAX_DIRTY: usize = 200_000;
+
 /// This gateway's live sockets, the truth its Redis counts are copied from.
 #[derive(Default)]
 struct Local {
+    /// Admitted sockets.
     counts: HashMap<Counted, u32>,
+    /// Sockets whose admission is being checked: this gateway's own checks count them, Redis never sees them.
+    pending: HashMap<Counted, u32>,
     /// Counts changed since they were last written to Redis.
     dirty: HashSet<Counted>,
 }
 
+fn step(map: &mut HashMap<Counted, u32>, counted: &Counted, up: bool) -> u32 {
+    let count = map.entry(counted.clone()).or_default();
+    *count = if up { count.saturating_add(1) } else { count.saturating_sub(1) };
+    let now = *count;
+    if now == 0 {
+        map.remove(counted);
+    }
+    now
+}
+
 impl Local {
+    /// One admitted socket more or less; the new count.
     fn change(&mut self, counted: Counted, up: bool) -> u32 {
-        let count = self.counts.entry(counted.clone()).or_default();
-        *count = if up { count.saturating_add(1) } else { count.saturating_sub(1) };
-        let now = *count;
-        if now == 0 {
-            self.counts.remove(&counted);
+        let now = step(&mut self.counts, &counted, up);
+        if now > 0 || self.dirty.len() < MAX_DIRTY {
+            self.dirty.insert(counted);
         }
-        self.dirty.insert(counted);
         now
+    }
+
+    /// One socket more or less being checked; the admitted and pending count together.
+    fn reserve(&mut self, counted: &Counted, up: bool) -> u32 {
+        let pending = step(&mut self.pending, counted, up);
+        pending.saturating_add(self.counts.get(counted).copied().unwrap_or(0))
+    }
+}
+
+/// A socket being checked against its quotas; its reservation is given back when dropped (checked, refused, or
+/// the upgrade abandoned half-way).
+struct Reservation<'a> {
+    quota: &'a SocketQuota,
+    tenant: Counted,
+    user: Counted,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut local = self.quota.lock();
+        local.reserve(&self.tenant, false);
+        local.reserve(&self.user, false);
     }
 }
 
@@ -168,6 +205,8 @@ pub struct SocketQuota {
     local: Mutex<Local>,
     /// Wakes the writer when a count changed.
     changed: Notify,
+    /// Admissions are going unchecked (Redis failed); warned once until a check succeeds.
+    unchecked: AtomicBool,
 }
 
 /// A socket counted against its tenant's and user's quotas; uncounted when dropped.
@@ -197,6 +236,7 @@ impl SocketQuota {
             renew: Script::from_lua(RENEW),
             local: Mutex::default(),
             changed: Notify::new(),
+            unchecked: AtomicBool::new(false),
         })
     }
 
@@ -211,19 +251,39 @@ impl SocketQuota {
         user: &UserId,
         limits: SocketLimits,
     ) -> Result<SocketSlot, OverQuota> {
-        // Counted here first, so sockets opening at once on this gateway each see the others.
+        let reservation = Reservation {
+            quota: self,
+            tenant: Counted::Tenant(tenant.clone()),
+            user: Counted::User(tenant.clone(), user.clone()),
+        };
+        // Reserved here first, so sockets being checked at once on this gateway each see the others; only admitted
+        // ones reach Redis, so a user retrying past a quota never inflates the counts other gateways see.
         let (tenant_count, user_count) = {
             let mut local = self.lock();
-            (
-                local.change(Counted::Tenant(tenant.clone()), true),
-                local.change(Counted::User(tenant.clone(), user.clone()), true),
-            )
+            (local.reserve(&reservation.tenant, true), local.reserve(&reservation.user, true))
         };
-        let slot = SocketSlot { quota: self.clone(), tenant: tenant.clone(), user: user.clone() };
-        if limits.per_tenant.is_none() && limits.per_user.is_none() {
-            self.changed.notify_one();
-            return Ok(slot);
+        if limits.per_tenant.is_some() || limits.per_user.is_some() {
+            self.check(tenant, user, tenant_count, user_count, limits).await?;
         }
+        {
+            let mut local = self.lock();
+            local.change(reservation.tenant.clone(), true);
+            local.change(reservation.user.clone(), true);
+        }
+        drop(reservation);
+        self.changed.notify_one();
+        Ok(SocketSlot { quota: self.clone(), tenant: tenant.clone(), user: user.clone() })
+    }
+
+    /// Ask Redis whether the socket fits; fails open when Redis does not answer.
+    async fn check(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        tenant_count: u32,
+        user_count: u32,
+        limits: SocketLimits,
+    ) -> Result<(), OverQuota> {
         let limit = |max: Option<u32>| max.map_or(-1, i64::from).to_string();
         let call = self.admit.evalsha_with_reload::<i64, _, _>(
             &self.redis,
@@ -245,24 +305,26 @@ impl SocketQuota {
         } else {
             Ok(Err(fred::error::Error::new(fred::error::ErrorKind::IO, "not connected")))
         };
-        match verdict {
-            Ok(Ok(0)) => {}
+        let failure = match verdict {
+            Ok(Ok(0)) => None,
             Ok(Ok(over)) => {
                 metrics::counter!("switchyard_gateway_socket_quota_refused_total").increment(1);
-                // Dropping the slot uncounts the socket.
                 return Err(if over == 1 { OverQuota::Tenant } else { OverQuota::User });
             }
-            Ok(Err(error)) => {
-                tracing::warn!(error = %error, "socket quota not checked: Redis failed");
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some("Redis did not answer in time".to_owned()),
+        };
+        match failure {
+            Some(error) => {
                 metrics::counter!("switchyard_gateway_socket_quota_unchecked_total").increment(1);
+                // Once per outage, not once per socket.
+                if !self.unchecked.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%error, "socket quotas not checked until Redis answers");
+                }
             }
-            Err(_) => {
-                tracing::warn!("socket quota not checked: Redis did not answer in time");
-                metrics::counter!("switchyard_gateway_socket_quota_unchecked_total").increment(1);
-            }
+            None => self.unchecked.store(false, Ordering::Relaxed),
         }
-        self.changed.notify_one();
-        Ok(slot)
+        Ok(())
     }
 
     /// Copy the changed counts (or all of them) to Redis. On failure they stay marked for the next attempt.
@@ -316,18 +378,22 @@ impl SocketQuota {
             rewrite_all.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             rewrite_all.tick().await;
             let mut failing = false;
+            // A renewal failed (or its answer was lost): the lease may have lapsed unheard, so the next renewal
+            // that succeeds rewrites every count.
+            let mut unsure = false;
             loop {
                 let all = tokio::select! {
                     _ = stopped.cancelled() => break,
-                    _ = quota.changed.notified() => false,
+                    // While Redis fails, changes wait for the next renewal instead of retrying at once.
+                    _ = quota.changed.notified(), if !failing => false,
                     _ = rewrite_all.tick() => true,
                     _ = renew.tick() => match quota.renew_lease().await {
-                        Ok(lapsed) => lapsed,
+                        Ok(lapsed) => std::mem::take(&mut unsure) || lapsed,
                         Err(error) => {
                             if !failing {
                                 tracing::warn!(%error, "cannot renew the socket-count lease in Redis");
                             }
-                            failing = true;
+                            (failing, unsure) = (true, true);
                             continue;
                         }
                     },
@@ -339,18 +405,13 @@ impl SocketQuota {
                             tracing::warn!(%error, "cannot write socket counts to Redis; retrying");
                         }
                         failing = true;
-                        // Retried with the next renewal, not in a tight loop.
-                        tokio::select! {
-                            _ = stopped.cancelled() => break,
-                            _ = renew.tick() => {}
-                        }
-                        quota.changed.notify_one();
                     }
                 }
             }
+            // The lease first: one call, so other gateways stop counting this one even if the last write is cut.
             let last = async {
-                let _ = quota.write_counts(false).await;
                 let _: Result<i64, _> = quota.redis.zrem(redis_keys::GATEWAYS, quota.gateway_id.to_string()).await;
+                let _ = quota.write_counts(false).await;
             };
             let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, last).await;
         })
@@ -386,6 +447,21 @@ mod tests {
         assert_eq!(local.change(Counted::User(tenant.clone(), user.clone()), false), 0);
         assert!(local.counts.is_empty(), "a count of zero is dropped");
         assert!(local.dirty.contains(&Counted::User(tenant.clone(), user)), "a dropped count is still written");
-        assert_eq!(local.change(Counted::Tenant(tenant), false), 0, "never below zero");
+        assert_eq!(local.change(Counted::Tenant(tenant.clone()), false), 0, "never below zero");
+    }
+
+    #[test]
+    fn a_socket_being_checked_counts_here_but_is_never_written() {
+        let tenant = Counted::Tenant(ProjectId::parse("pj_00000000000000000000").unwrap());
+        let mut local = Local::default();
+        local.change(tenant.clone(), true);
+        local.dirty.clear();
+        assert_eq!(local.reserve(&tenant, true), 2, "one admitted and one being checked");
+        assert_eq!(local.reserve(&tenant, true), 3);
+        assert!(local.dirty.is_empty(), "a reservation is not written to Redis");
+        assert_eq!(local.counts.get(&tenant), Some(&1));
+        local.reserve(&tenant, false);
+        local.reserve(&tenant, false);
+        assert!(local.pending.is_empty());
     }
 }

@@ -709,7 +709,6 @@ impl Session {
         }
     }
 
-    /// Checks that need the configuration or the session's state; the id rules were checked while parsing.
     /// Users this session may watch (its tenant's quota).
     fn max_watched(&self) -> usize {
         crate::limits::max_watched(&self.gw, &self.identity.tenant)
@@ -719,6 +718,15 @@ impl Session {
         (ErrorCode::BadRequest, format!("a session watches at most {} users", self.max_watched()))
     }
 
+    /// Users of a `watch` this session does not watch yet, each once.
+    fn newly_watched<'u>(&self, users: &'u [UserId]) -> Vec<&'u UserId> {
+        let mut new: Vec<&UserId> = users.iter().filter(|user| !self.watched.contains(*user)).collect();
+        new.sort();
+        new.dedup();
+        new
+    }
+
+    /// Checks that need the configuration or the session's state; the id rules were checked while parsing.
     fn check_op(&self, op: &ClientOp) -> Result<(), (ErrorCode, String)> {
         let config = &self.gw.config;
         let too_large = |message: String| Err((ErrorCode::TooLarge, message));
@@ -758,10 +766,7 @@ impl Session {
             {
                 bad("at most 100 users per op")
             }
-            ClientOp::Watch { users }
-                if self.watched.len() + users.iter().filter(|user| !self.watched.contains(*user)).count()
-                    > self.max_watched() =>
-            {
+            ClientOp::Watch { users } if self.watched.len() + self.newly_watched(users).len() > self.max_watched() => {
                 Err(self.too_many_watched())
             }
             ClientOp::History { limit: Some(limit), .. } if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) => {
@@ -869,9 +874,9 @@ impl Session {
             ClientOp::Watch { users } => {
                 let hub = gw.hub.clone();
                 let tx = self.tx.clone();
-                let subjects: Vec<String> = users
-                    .iter()
-                    .filter(|user| !self.watched.contains(*user))
+                let subjects: Vec<String> = self
+                    .newly_watched(&users)
+                    .into_iter()
                     .map(|user| subjects::presence_events(&identity.tenant, user))
                     .collect();
                 // Checked again as the op starts: watches queued behind each other were each checked against the
