@@ -47,9 +47,22 @@ pub async fn command(
     let quotas = if command.is_bounded_by_quotas() { room_quotas(gw, tenant) } else { RoomQuotas::default() };
     let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command, quotas };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
-    let reply = request_with_retry(gw, subjects::command(shard), payload, Target::Router, attempt).await?;
-    decode_reply(&reply)
+    let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
+    let mut backoff = NOT_TAKEN_BACKOFF;
+    loop {
+        let reply = request_with_retry(gw, subjects::command(shard), payload.clone(), Target::Router, attempt).await?;
+        // A room whose queue was full took nothing of the command: send it again while the command may wait.
+        let not_taken = codec::decode::<CommandReply>(&reply).is_ok_and(|r| r.was_not_taken());
+        if !not_taken || tokio::time::Instant::now() + backoff >= deadline {
+            return decode_reply(&reply);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(400));
+    }
 }
+
+/// The first wait before a command its room's full queue did not take is sent again; it doubles up to 400 ms.
+const NOT_TAKEN_BACKOFF: Duration = Duration::from_millis(25);
 
 /// The tenant's quotas on rooms: its own limits where it has them, else the gateway's defaults.
 fn room_quotas(gw: &Gateway, tenant: &ProjectId) -> RoomQuotas {
@@ -175,7 +188,7 @@ pub async fn rooms(gw: &Gateway, tenant: &ProjectId, user: &UserId) -> Result<Ve
                     _ => return Ok(rooms.into_values().collect()),
                 }
             }
-            Ok(CommandReply::Err { code, message }) => return Err(upstream_error(code, message)),
+            Ok(CommandReply::Err { code, message, .. }) => return Err(upstream_error(code, message)),
             Ok(CommandReply::Ok { .. }) => return Err(upstream_error(ErrorCode::Internal, "unexpected rooms reply")),
             Err(e) => return Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
         }
@@ -189,7 +202,7 @@ const MAX_ROOMS_PAGES: usize = 1_000;
 fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
     match codec::decode::<CommandReply>(reply) {
         Ok(CommandReply::Ok { result }) => Ok(result),
-        Ok(CommandReply::Err { code, message }) => Err(upstream_error(code, message)),
+        Ok(CommandReply::Err { code, message, .. }) => Err(upstream_error(code, message)),
         Ok(CommandReply::RoomsPage { .. }) => Err(upstream_error(ErrorCode::Internal, "unexpected rooms page")),
         Err(e) => Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }

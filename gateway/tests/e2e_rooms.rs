@@ -274,3 +274,31 @@ async fn a_lost_live_publish_is_filled_from_the_log() {
     }
     fleet.stop().await;
 }
+
+/// A room's first 400 members join at the same moment (a class starting): its command queue (256) overflows, and
+/// every join still succeeds, because the gateway sends again what a full queue did not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_storm_on_one_room_succeeds_for_everyone() {
+    const MEMBERS: usize = 400;
+    let fleet = Fleet::start(1, 1).await;
+    let tenant = fleet.create_tenant().await;
+    let mut clients = Vec::with_capacity(MEMBERS);
+    for i in 0..MEMBERS {
+        let token = fleet.token(&tenant, &format!("student{i}")).await;
+        clients.push(fleet.connect(0, &token, Format::MsgPack).await);
+    }
+    let joins = clients.iter().map(|client| client.join("lecture", None));
+    let results = futures::future::join_all(joins).await;
+    let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| format!("{e:?}"))).collect();
+    assert!(failed.is_empty(), "{} of {MEMBERS} joins failed, e.g. {:?}", failed.len(), failed.first());
+    // Every student is a member: the roster lists them all.
+    let members = clients[0].request(ClientOp::Members { room: RoomId::parse("lecture").unwrap() }).await.unwrap();
+    let listed = format!("{members:?}");
+    let missing: Vec<usize> = (0..MEMBERS).filter(|i| !listed.contains(&format!("\"student{i}\""))).collect();
+    assert!(missing.is_empty(), "{} students are not members, e.g. student{:?}", missing.len(), missing.first());
+    let metrics = reqwest::get(format!("{}/metrics", fleet.router_metrics[0])).await.unwrap().text().await.unwrap();
+    let full = metrics.lines().find(|l| l.starts_with("switchyard_router_room_queue_full_total")).unwrap_or("none");
+    println!("room queue full: {full}");
+    drop(clients);
+    fleet.stop().await;
+}

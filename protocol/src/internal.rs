@@ -200,6 +200,10 @@ pub enum CommandReply {
     Err {
         code: ErrorCode,
         message: String,
+        /// The command was refused before anything of it ran (its room's queue was full): sending it again is safe
+        /// whatever the command. Absent (false) from older router shards.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        not_taken: bool,
     },
     /// A page of a user's rooms (`UserCommand::RoomsPage`); `next` is the cursor of the next page, `None` after the
     /// last.
@@ -211,7 +215,17 @@ pub enum CommandReply {
 
 impl CommandReply {
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
-        CommandReply::Err { code, message: message.into() }
+        CommandReply::Err { code, message: message.into(), not_taken: false }
+    }
+
+    /// `unavailable` for a command refused before anything of it ran; the gateway sends it again.
+    pub fn not_taken(message: impl Into<String>) -> Self {
+        CommandReply::Err { code: ErrorCode::Unavailable, message: message.into(), not_taken: true }
+    }
+
+    /// Whether this answer says the command was refused before anything of it ran.
+    pub fn was_not_taken(&self) -> bool {
+        matches!(self, CommandReply::Err { not_taken: true, .. })
     }
 }
 
@@ -450,4 +464,21 @@ pub struct TenantRecord {
     /// Limits that override the gateways' defaults for this tenant.
     #[serde(default)]
     pub limits: TenantLimits,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_not_taken_refusal_travels_and_older_refusals_read_as_taken() {
+        let refused = CommandReply::not_taken("room r has too many commands waiting; retry");
+        let decoded: CommandReply = crate::codec::decode(&crate::codec::encode(&refused).unwrap()).unwrap();
+        assert!(decoded.was_not_taken());
+        let plain = CommandReply::err(ErrorCode::Forbidden, "not a member");
+        let bytes = crate::codec::encode(&plain).unwrap();
+        let decoded: CommandReply = crate::codec::decode(&bytes).unwrap();
+        assert!(!decoded.was_not_taken());
+        assert_eq!(decoded, plain);
+    }
 }

@@ -145,10 +145,7 @@ async fn route_command(
             Err(mpsc::error::TrySendError::Full(refused)) => {
                 metrics::counter!("switchyard_router_room_queue_full_total").increment(1);
                 if let Some(reply_to) = refused.reply_to {
-                    let reply = CommandReply::err(
-                        ErrorCode::Unavailable,
-                        format!("room {} has too many commands waiting; retry", key.1),
-                    );
+                    let reply = CommandReply::not_taken(format!("room {} has too many commands waiting; retry", key.1));
                     send_reply(ctx, reply_to, &reply).await;
                 }
                 return;
