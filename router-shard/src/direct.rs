@@ -19,7 +19,8 @@ pub(crate) struct Got {
     pub subject: String,
     /// Its stream sequence.
     pub sequence: u64,
-    /// How many more messages match the request after this one (the server's `Nats-Num-Pending` counts this one too).
+    /// How many more messages match the request after this one: the server's `Nats-Num-Pending`. nats-server 2.11
+    /// counted the message itself too (one more); the pinned release and later do not.
     pub pending: u64,
     /// A KV delete or purge marker rather than a value.
     pub removed: bool,
@@ -95,8 +96,7 @@ pub(crate) async fn batch(nats: &async_nats::Client, api: &str, ask: Ask<'_>) ->
         let subject = header("Nats-Subject").ok_or("a direct-get answer without its subject")?;
         let pending = header("Nats-Num-Pending").and_then(|v| v.parse::<u64>().ok());
         let removed = header("KV-Operation").is_some_and(|op| op == "DEL" || op == "PURGE");
-        let after_this = pending.unwrap_or(0).saturating_sub(1);
-        got.push(Got { subject, sequence, pending: after_this, removed, payload: message.payload });
+        got.push(Got { subject, sequence, pending: pending.unwrap_or(0), removed, payload: message.payload });
         // A server without batched reads answers one message and no end-of-batch marker.
         if pending.is_none() {
             break;
