@@ -136,7 +136,10 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         .await
         .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config::redact_url(&config.nats_url))))?;
     let js = jetstream::new(nats.clone());
-    let tenants_kv = ensure_kv(&js, subjects::TENANTS_BUCKET, config.nats_replicas).await?;
+    let tenants_kv = switchyard_service::nats::retry_at_start("the tenants bucket", || {
+        ensure_kv(&js, subjects::TENANTS_BUCKET, config.nats_replicas)
+    })
+    .await?;
 
     let redis_config = Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
     let redis = Builder::from_config(redis_config)

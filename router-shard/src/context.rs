@@ -36,32 +36,31 @@ impl RouterContext {
                 RouterError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
             })?;
         let js = jetstream::new(nats.clone());
-        let events = js
-            .get_or_create_stream(events_stream_config(&config))
-            .await
-            .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
-        let rooms = ensure_kv(
-            &js,
-            kv::Config {
-                bucket: subjects::ROOMS_BUCKET.to_owned(),
-                history: 1,
-                num_replicas: config.nats_replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let leases = ensure_kv(
-            &js,
-            kv::Config {
-                bucket: subjects::LEASES_BUCKET.to_owned(),
-                history: 1,
-                max_age: config.lease_ttl(),
-                storage: stream::StorageType::Memory,
-                num_replicas: config.nats_replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let events = switchyard_service::nats::retry_at_start("the events stream", || {
+            js.get_or_create_stream(events_stream_config(&config))
+        })
+        .await
+        .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
+        let rooms_bucket = kv::Config {
+            bucket: subjects::ROOMS_BUCKET.to_owned(),
+            history: 1,
+            num_replicas: config.nats_replicas,
+            ..Default::default()
+        };
+        let rooms =
+            switchyard_service::nats::retry_at_start("the rooms bucket", || ensure_kv(&js, rooms_bucket.clone()))
+                .await?;
+        let leases_bucket = kv::Config {
+            bucket: subjects::LEASES_BUCKET.to_owned(),
+            history: 1,
+            max_age: config.lease_ttl(),
+            storage: stream::StorageType::Memory,
+            num_replicas: config.nats_replicas,
+            ..Default::default()
+        };
+        let leases =
+            switchyard_service::nats::retry_at_start("the leases bucket", || ensure_kv(&js, leases_bucket.clone()))
+                .await?;
         Ok(RouterContext { nats, js, events, rooms, leases, config })
     }
 }

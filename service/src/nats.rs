@@ -60,6 +60,30 @@ pub async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv
     }
 }
 
+/// How long a service keeps trying to open its streams and buckets at start.
+pub const START_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Run `attempt` until it succeeds or `START_RETRY` has passed: at start, a NATS cluster that is electing leaders
+/// (a node just restarted, or the cluster just formed) answers JetStream requests with errors that pass.
+pub async fn retry_at_start<T, E, F, Fut>(what: &str, mut attempt: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + START_RETRY;
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(%error, "{what} is not ready yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Check a configured replica count.
 pub fn check_replicas(name: &'static str, replicas: usize) -> Result<(), crate::ConfigError> {
     if REPLICAS.contains(&replicas) {

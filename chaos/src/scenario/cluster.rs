@@ -40,12 +40,18 @@ fn kv_stream(bucket: &str) -> String {
     format!("KV_{bucket}")
 }
 
-/// Wait until more than a few acks arrive after `at` (at most `limit`); records how long that took.
+/// How long traffic keeps running after acks flow again: the sends that were stuck on the dead leader take up to
+/// about 10 s, and every room must get a message sent after the fault before the traffic is judged.
+const AFTER_RECOVERY: Duration = Duration::from_secs(6);
+
+/// Wait until more than a few acks arrive after `at` (at most `limit`), then `AFTER_RECOVERY`; records how long
+/// the acks took.
 async fn acks_resume(traffic: &Traffic, at: Instant, limit: Duration, row: &mut Row) {
     let acked = traffic.acked();
     let flowing = wait_until(limit, || traffic.acked() > acked + 10).await;
     row.details.push(format!("acks_again_after_s={:.1}", at.elapsed().as_secs_f64()));
     row.check(flowing, format!("no acks within {limit:?} of the fault"));
+    tokio::time::sleep(AFTER_RECOVERY).await;
 }
 
 /// Start a stopped node again and wait until it is current.
