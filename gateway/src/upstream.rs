@@ -50,11 +50,13 @@ pub async fn command(
     let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
     let mut backoff = NOT_TAKEN_BACKOFF;
     loop {
-        let reply = request_with_retry(gw, subjects::command(shard), payload.clone(), Target::Router, attempt).await?;
+        let subject = subjects::command(shard);
+        let reply = request_until(gw, subject, payload.clone(), Target::Router, attempt, deadline).await?;
+        let reply = codec::decode::<CommandReply>(&reply);
         // A room whose queue was full took nothing of the command: send it again while the command may wait.
-        let not_taken = codec::decode::<CommandReply>(&reply).is_ok_and(|r| r.was_not_taken());
+        let not_taken = reply.as_ref().is_ok_and(CommandReply::was_not_taken);
         if !not_taken || tokio::time::Instant::now() + backoff >= deadline {
-            return decode_reply(&reply);
+            return command_result(reply);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(400));
@@ -200,7 +202,11 @@ pub async fn rooms(gw: &Gateway, tenant: &ProjectId, user: &UserId) -> Result<Ve
 const MAX_ROOMS_PAGES: usize = 1_000;
 
 fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
-    match codec::decode::<CommandReply>(reply) {
+    command_result(codec::decode::<CommandReply>(reply))
+}
+
+fn command_result(reply: Result<CommandReply, codec::CodecError>) -> Result<OkResult, UpstreamError> {
+    match reply {
         Ok(CommandReply::Ok { result }) => Ok(result),
         Ok(CommandReply::Err { code, message, .. }) => Err(upstream_error(code, message)),
         Ok(CommandReply::RoomsPage { .. }) => Err(upstream_error(ErrorCode::Internal, "unexpected rooms page")),
@@ -230,8 +236,20 @@ async fn request_with_retry(
     target: Target,
     attempt: Option<Duration>,
 ) -> Result<bytes::Bytes, UpstreamError> {
-    let who = target.who();
     let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
+    request_until(gw, subject, payload, target, attempt, deadline).await
+}
+
+/// `request_with_retry` within a deadline the caller chose.
+async fn request_until(
+    gw: &Gateway,
+    subject: String,
+    payload: bytes::Bytes,
+    target: Target,
+    attempt: Option<Duration>,
+    deadline: tokio::time::Instant,
+) -> Result<bytes::Bytes, UpstreamError> {
+    let who = target.who();
     let mut backoff = Duration::from_millis(50);
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());

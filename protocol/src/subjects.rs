@@ -113,6 +113,8 @@ pub fn user_rooms_key(tenant: &ProjectId, user: &UserId) -> String {
 
 /// The stream behind the rooms bucket.
 pub const ROOMS_BUCKET_STREAM: &str = "KV_sy_rooms";
+/// The stream behind the leases bucket.
+pub const LEASES_BUCKET_STREAM: &str = "KV_sy_leases";
 /// JetStream's direct-get API for the rooms bucket's stream: batched reads of many keys in one request.
 pub const ROOMS_DIRECT_GET: &str = "$JS.API.DIRECT.GET.KV_sy_rooms";
 

@@ -35,11 +35,6 @@ fn cluster() -> Shape {
     Shape { nats_nodes: 3, ..Shape::default() }
 }
 
-/// The name of the stream behind a KV bucket, as NATS reports it.
-fn kv_stream(bucket: &str) -> String {
-    format!("KV_{bucket}")
-}
-
 /// How long traffic keeps running after acks flow again: the sends that were stuck on the dead leader take up to
 /// about 10 s, and every room must get a message sent after the fault before the traffic is judged.
 const AFTER_RECOVERY: Duration = Duration::from_secs(6);
@@ -60,6 +55,16 @@ async fn rejoin(fleet: &mut Fleet, node: usize) -> Result<()> {
     fleet.nats_healthy(node, REJOIN).await
 }
 
+/// SIGKILL `node`, start it again 5 s later, and wait for acks to flow.
+async fn kill_and_rejoin(fleet: &mut Fleet, traffic: &Traffic, node: usize, row: &mut Row) -> Result<()> {
+    let at = traffic.inject();
+    fleet.nats.kill_node(node);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    rejoin(fleet, node).await?;
+    acks_resume(traffic, at, NODE_LOSS_RECOVERY, row).await;
+    Ok(())
+}
+
 pub async fn nats_leader_kill(config: &Config) -> Result<Row> {
     let mut row =
         Row::new("nats-leader-kill", "SIGKILL the NATS node leading the events stream (of 3, R3), restart it 5s later");
@@ -67,11 +72,7 @@ pub async fn nats_leader_kill(config: &Config) -> Result<Row> {
     with_traffic(config, row, cluster(), spec(config), Latency::MayRise, async |fleet, traffic, row| {
         let leader = fleet.nats_leader(subjects::EVENTS_STREAM).await?;
         row.details.push(format!("killed=n{leader}"));
-        let at = traffic.inject();
-        fleet.nats.kill_node(leader);
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        rejoin(fleet, leader).await?;
-        acks_resume(traffic, at, NODE_LOSS_RECOVERY, row).await;
+        kill_and_rejoin(fleet, traffic, leader, row).await?;
         let now = fleet.nats_leader(subjects::EVENTS_STREAM).await?;
         row.details.push(format!("events_leader_after=n{now}"));
         Ok(())
@@ -86,15 +87,11 @@ pub async fn nats_kv_leader_kill(config: &Config) -> Result<Row> {
     );
     row.bound = Some(NODE_LOSS_RECOVERY);
     with_traffic(config, row, cluster(), spec(config), Latency::MayRise, async |fleet, traffic, row| {
-        let leader = fleet.nats_leader(&kv_stream(subjects::LEASES_BUCKET)).await?;
-        let rooms = fleet.nats_leader(&kv_stream(subjects::ROOMS_BUCKET)).await?;
+        let leader = fleet.nats_leader(subjects::LEASES_BUCKET_STREAM).await?;
+        let rooms = fleet.nats_leader(subjects::ROOMS_BUCKET_STREAM).await?;
         let events = fleet.nats_leader(subjects::EVENTS_STREAM).await?;
         row.details.push(format!("killed=n{leader} (rooms bucket led by n{rooms}, events stream by n{events})"));
-        let at = traffic.inject();
-        fleet.nats.kill_node(leader);
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        rejoin(fleet, leader).await?;
-        acks_resume(traffic, at, NODE_LOSS_RECOVERY, row).await;
+        kill_and_rejoin(fleet, traffic, leader, row).await?;
         Ok(())
     })
     .await
