@@ -135,6 +135,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         .connect(servers)
         .await
         .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config::redact_url(&config.nats_url))))?;
+    switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = jetstream::new(nats.clone());
     let tenants_kv = switchyard_service::nats::retry_at_start("the tenants bucket", || {
         ensure_kv(&js, subjects::TENANTS_BUCKET, config.nats_replicas)

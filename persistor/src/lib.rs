@@ -220,6 +220,7 @@ async fn consume<S: HistoryStore>(
             PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
         })?;
     let _ = connected.set(nats.clone());
+    switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = async_nats::jetstream::new(nats.clone());
     let responder = tokio::spawn(history::serve(
         nats.clone(),

@@ -79,6 +79,7 @@ async fn serve(
 ) -> Result<(), RouterError> {
     let ctx = Arc::new(context::RouterContext::connect(config).await?);
     let _ = nats.set(ctx.nats.clone());
+    switchyard_service::nats::spawn_cluster_watch(&ctx.nats, &ctx.config.nats_url, &shutdown);
     tracing::info!(router_id = %ctx.config.router_id, shards = ctx.config.shard_count, "router shard started");
     let usage = tokio::spawn(stream_usage::report(ctx.clone(), shutdown.clone()));
     leases::LeaseKeeper::new(ctx.clone()).run(shutdown).await;

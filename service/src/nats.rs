@@ -1,7 +1,7 @@
 //! NATS plumbing every service shares: the list of servers a `nats_url` names (one URL or a comma-separated list of
 //! a cluster's nodes, so a client reconnects to another node when its own dies), opening a KV bucket or creating it
 //! when it does not exist yet (several processes may race to), and the rule for how many replicas the streams and
-//! buckets a service creates get.
+//! buckets a service creates get. Also the watch that moves a service off a node that lost its cluster.
 //!
 //! It chooses no bucket's settings (each service does) and never changes an existing bucket: a bucket keeps the
 //! replicas it was created with until an operator moves it (see `docs/operations.md`).
@@ -32,6 +32,61 @@ pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2)
 /// The options every service connects with: its name, and the ping interval above.
 pub fn connect_options(name: impl ToString) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new().name(name).ping_interval(PING_INTERVAL)
+}
+
+/// How often the cluster watch asks the connected node for the account's JetStream state.
+pub const CLUSTER_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the connected node may fail to answer for JetStream before the watch moves to another node: longer
+/// than an election of the cluster's meta leader (a few seconds), so a node loss elsewhere moves nobody.
+pub const CLUSTER_WATCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reconnect to another node when the connected one stops answering JetStream requests for `CLUSTER_WATCH_LIMIT`
+/// while the connection itself stays up: a node cut off from the rest of its cluster still answers pings, so its
+/// clients would otherwise stay on a side that can append nothing and sees none of the others' messages.
+/// Runs until `shutdown` fires.
+///
+/// It does not judge a single NATS server (one that answers) nor a connection that is down (the client reconnects
+/// by itself), and a reconnect may land on the same node; the next round tries again.
+pub async fn watch_cluster(client: async_nats::Client, shutdown: tokio_util::sync::CancellationToken) {
+    let js = jetstream::new(client.clone());
+    let mut last_answer = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CLUSTER_WATCH_INTERVAL) => {}
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            last_answer = tokio::time::Instant::now();
+            continue;
+        }
+        let answer = tokio::time::timeout(CLUSTER_WATCH_INTERVAL, js.query_account()).await;
+        if matches!(answer, Ok(Ok(_))) {
+            last_answer = tokio::time::Instant::now();
+            continue;
+        }
+        if last_answer.elapsed() >= CLUSTER_WATCH_LIMIT {
+            let server = client.server_info().port;
+            tracing::warn!(
+                server_port = server,
+                "the NATS node has not answered for JetStream in {CLUSTER_WATCH_LIMIT:?}; moving to another node"
+            );
+            if let Err(error) = client.force_reconnect().await {
+                tracing::warn!(%error, "cannot reconnect to NATS");
+            }
+            last_answer = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Start `watch_cluster` for `client` when `nats_url` names a cluster (more than one node).
+pub fn spawn_cluster_watch(
+    client: &async_nats::Client,
+    nats_url: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    if server_addrs(nats_url).is_ok_and(|servers| servers.len() > 1) {
+        tokio::spawn(watch_cluster(client.clone(), shutdown.clone()));
+    }
 }
 
 /// Replicas a stream or bucket may have: one NATS server, or a cluster of up to five.
