@@ -1,12 +1,13 @@
 //! A TCP balancer in front of the gateways, as a Kubernetes service or load balancer would be: each new connection
 //! goes to the next gateway that accepts it, so the clients of a killed gateway reconnect to another. It can also
 //! cut every connection it carries at once (a network blip that drops thousands of sockets) without touching the
-//! gateways.
+//! gateways, and block (a partition: what it carries is cut and every new connection is reset until unblocked).
+//! With one backend it is the link between two NATS nodes that a partition cuts.
 //!
 //! It does not look inside the bytes, and it only listens on and forwards to 127.0.0.1.
 
 use anyhow::Result;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,8 @@ struct Shared {
     cut: Mutex<CancellationToken>,
     /// Connections being carried now.
     open: AtomicUsize,
+    /// While set, new connections are reset as soon as they are accepted.
+    blocked: AtomicBool,
 }
 
 pub struct Balancer {
@@ -37,6 +40,7 @@ impl Balancer {
             next: AtomicUsize::new(0),
             cut: Mutex::new(CancellationToken::new()),
             open: AtomicUsize::new(0),
+            blocked: AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
@@ -52,6 +56,14 @@ impl Balancer {
         let mut cut = self.shared.cut.lock().unwrap_or_else(|p| p.into_inner());
         cut.cancel();
         *cut = CancellationToken::new();
+    }
+
+    /// Block (cut what is carried now and reset every new connection) or let connections through again.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.shared.blocked.store(blocked, Ordering::SeqCst);
+        if blocked {
+            self.cut_all();
+        }
     }
 
     /// Connections carried now.
@@ -78,6 +90,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
             accepted = listener.accept() => accepted,
         };
         let Ok((client, _)) = accepted else { continue };
+        if shared.blocked.load(Ordering::SeqCst) {
+            reset(&client);
+            continue;
+        }
         let cut = shared.cut.lock().unwrap_or_else(|p| p.into_inner()).clone();
         tokio::spawn(carry(client, shared.clone(), cut));
     }
@@ -101,15 +117,17 @@ async fn carry(mut client: TcpStream, shared: Arc<Shared>, cut: CancellationToke
     shared.open.fetch_add(1, Ordering::Relaxed);
     tokio::select! {
         _ = cut.cancelled() => {
-            // An abrupt drop (a reset), as a network failure looks to both ends. A zero linger resets at once and
-            // never blocks, which is what the deprecation warns about.
-            #[allow(deprecated)]
-            {
-                let _ = client.set_linger(Some(std::time::Duration::ZERO));
-                let _ = upstream.set_linger(Some(std::time::Duration::ZERO));
-            }
+            reset(&client);
+            reset(&upstream);
         }
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
     }
     shared.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Make dropping `stream` an abrupt reset, as a network failure looks to both ends. A zero linger resets at once
+/// and never blocks, which is what the deprecation warns about.
+fn reset(stream: &TcpStream) {
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(std::time::Duration::ZERO));
 }

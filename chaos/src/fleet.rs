@@ -29,11 +29,23 @@ pub struct Shape {
     pub gateway_toml: String,
     /// NATS nodes: 1, or a cluster (every stream and bucket then gets three replicas).
     pub nats_nodes: usize,
+    /// Where the persistors store: the shared Cassandra and the run's keyspace when `None`.
+    pub store: Option<CqlStore>,
+}
+
+/// A CQL store other than the shared one.
+#[derive(Debug, Clone)]
+pub struct CqlStore {
+    /// Contact points, `host:port`, comma-separated.
+    pub nodes: String,
+    pub keyspace: String,
+    /// Replication factor of the keyspace the persistors create.
+    pub replication_factor: u32,
 }
 
 impl Default for Shape {
     fn default() -> Shape {
-        Shape { gateways: 2, routers: 2, persistors: 2, gateway_toml: String::new(), nats_nodes: 1 }
+        Shape { gateways: 2, routers: 2, persistors: 2, gateway_toml: String::new(), nats_nodes: 1, store: None }
     }
 }
 
@@ -132,9 +144,15 @@ impl Fleet {
 
     pub fn add_persistor(&mut self) -> Result<usize> {
         let (mut command, name) = self.command("switchyard-persistor");
+        let store = self.shape.store.clone().unwrap_or_else(|| CqlStore {
+            nodes: self.config.cql_node.clone(),
+            keyspace: self.config.keyspace.clone(),
+            replication_factor: 1,
+        });
         command
-            .env("SWITCHYARD_STORE", format!("cql:{}", self.config.cql_node))
-            .env("SWITCHYARD_CQL_KEYSPACE", &self.config.keyspace)
+            .env("SWITCHYARD_STORE", format!("cql:{}", store.nodes))
+            .env("SWITCHYARD_CQL_KEYSPACE", &store.keyspace)
+            .env("SWITCHYARD_CQL_REPLICATION_FACTOR", store.replication_factor.to_string())
             .env("SWITCHYARD_CQL_MIGRATE_ON_START", "true")
             .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
         let proc = Proc::spawn(&name, command, &self.log(&name))?;
@@ -180,10 +198,17 @@ impl Fleet {
         }
     }
 
-    /// The clients' WebSocket URL: the balancer.
     /// The NATS node that leads `stream` (a stream, or `KV_<bucket>` for a KV bucket).
     pub async fn nats_leader(&self, stream: &str) -> Result<usize> {
         self.nats.leader_of(&self.http, stream).await
+    }
+
+    /// The leader of `stream` as NATS node `node` sees it (a node cut off may see another than the rest).
+    pub async fn nats_leader_seen_by(&self, stream: &str, node: usize) -> Result<usize> {
+        self.nats
+            .leader_seen_by(&self.http, stream, node)
+            .await?
+            .with_context(|| format!("n{node} names no leader of {stream}"))
     }
 
     /// Wait until a NATS node says JetStream is current on it.
@@ -191,6 +216,7 @@ impl Fleet {
         self.nats.wait_healthy(&self.http, node, limit).await
     }
 
+    /// The clients' WebSocket URL: the balancer.
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v1/ws", self.balancer.port)
     }

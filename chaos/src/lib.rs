@@ -40,11 +40,22 @@ pub struct Config {
     pub keep_logs: bool,
     /// Run only this seed of `hostile-clients` (its replay).
     pub seed: Option<u64>,
+    /// A Cassandra cluster of its own for `cassandra-node-kill`, when `cargo xtask chaos` started one.
+    pub cql_cluster: Option<CqlCluster>,
+}
+
+/// A Cassandra cluster the suite may kill a node of: its contact points and each node's pid, in the same order.
+#[derive(Debug, Clone)]
+pub struct CqlCluster {
+    /// `host:port` of every node, comma-separated.
+    pub nodes: String,
+    pub pids: Vec<i32>,
 }
 
 impl Config {
     /// From `SWITCHYARD_CHAOS_BIN_DIR`, `SWITCHYARD_CHAOS_NATS_SERVER`, `SWITCHYARD_CHAOS_REDIS_SERVER`,
-    /// `SWITCHYARD_CQL` and `SWITCHYARD_TEST_CQL_PID`.
+    /// `SWITCHYARD_CQL` and `SWITCHYARD_TEST_CQL_PID`; the Cassandra cluster from `SWITCHYARD_CHAOS_CQL_CLUSTER` and
+    /// `SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS` when they are set.
     pub fn from_env(short: bool, only: Vec<String>, keep_logs: bool, seed: Option<u64>) -> Result<Config> {
         let var = |name: &str| {
             std::env::var(name).with_context(|| format!("{name} is not set: run the suite with `cargo xtask chaos`"))
@@ -60,6 +71,7 @@ impl Config {
             only,
             keep_logs,
             seed,
+            cql_cluster: cql_cluster_from_env()?,
         };
         for binary in ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"] {
             if !config.bin_dir.join(binary).is_file() {
@@ -73,11 +85,31 @@ impl Config {
     }
 }
 
-/// Run the chosen scenarios one after the other; a scenario that could not run at all is a failed row.
+fn cql_cluster_from_env() -> Result<Option<CqlCluster>> {
+    let (Ok(nodes), Ok(pids)) =
+        (std::env::var("SWITCHYARD_CHAOS_CQL_CLUSTER"), std::env::var("SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS"))
+    else {
+        return Ok(None);
+    };
+    let pids = pids
+        .split(',')
+        .map(|p| {
+            p.trim().parse::<i32>().with_context(|| format!("SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS: {p:?} is not a pid"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if pids.len() != nodes.split(',').count() {
+        bail!("SWITCHYARD_CHAOS_CQL_CLUSTER and SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS name different numbers of nodes");
+    }
+    Ok(Some(CqlCluster { nodes, pids }))
+}
+
+/// Run the chosen scenarios one after the other; a scenario that could not run at all is a failed row. The short
+/// variants leave out the scenarios that only run full-size (`scenario::FULL_ONLY`) unless `--only` names them.
 pub async fn run(config: &Config) -> Vec<Row> {
     let mut rows = Vec::new();
     for name in scenario::NAMES {
-        if !config.only.is_empty() && !config.only.iter().any(|o| o == name) {
+        let named = config.only.iter().any(|o| o == name);
+        if (!config.only.is_empty() && !named) || (config.short && !named && scenario::FULL_ONLY.contains(name)) {
             continue;
         }
         println!("chaos: {name} ...");

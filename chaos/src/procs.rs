@@ -2,9 +2,12 @@
 //! (also when the suite fails), and the suite's own `nats-server` and `redis-server`, which it can stop and start
 //! again on the same port and data folder.
 //!
+//! A cluster's nodes reach each other through links a scenario can cut (a partition).
+//!
 //! It does not start the Switchyard services (`fleet` does) and it never touches a process it did not start,
-//! except Cassandra, which it only pauses and resumes by pid.
+//! except Cassandra, which it only pauses and resumes by pid (and, of a Cassandra cluster of its own, kills a node).
 
+use crate::balancer::Balancer;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -144,11 +147,20 @@ struct NatsNode {
 }
 
 /// The suite's own NATS with JetStream: one `nats-server`, or a cluster of nodes on loopback that route to each
-/// other. Every node restarts on the same ports and store folder, and can be killed, paused or restarted alone.
+/// other. Every node restarts on the same ports and store folder, and can be killed, paused, restarted or cut off
+/// from the others alone.
+///
+/// In a cluster each node reaches each other node only through a link of its own (a one-backend balancer), so a
+/// partition is cutting links. Nodes advertise a route address that resets every connection: the routes a node
+/// learns by gossip could otherwise bypass the links.
 pub struct OwnNats {
     binary: PathBuf,
     log_dir: PathBuf,
     nodes: Vec<NatsNode>,
+    /// `(from, to, link)`: the route from node `from` to node `to` goes through `link`.
+    links: Vec<(usize, usize, Balancer)>,
+    /// The address every node advertises to the others; it resets every connection.
+    _nowhere: Option<Balancer>,
 }
 
 /// How long a node may take to accept connections after it starts.
@@ -159,18 +171,32 @@ impl OwnNats {
     pub async fn start(binary: &Path, dir: &Path, nodes: usize) -> Result<OwnNats> {
         let ports: Vec<[u16; 3]> =
             (0..nodes).map(|_| Ok([free_port()?, free_port()?, free_port()?])).collect::<Result<_>>()?;
-        let routes: Vec<String> =
-            ports.iter().map(|[_, route, _]| format!("\"nats-route://127.0.0.1:{route}\"")).collect();
-        let mut own = OwnNats { binary: binary.to_owned(), log_dir: dir.to_owned(), nodes: Vec::new() };
+        let mut links = Vec::new();
+        let nowhere = if nodes > 1 { Some(Balancer::start(Vec::new()).await?) } else { None };
+        for from in 0..nodes {
+            for (to, [_, route, _]) in ports.iter().enumerate().filter(|(to, _)| *to != from) {
+                links.push((from, to, Balancer::start(vec![*route]).await?));
+            }
+        }
+        let mut own =
+            OwnNats { binary: binary.to_owned(), log_dir: dir.to_owned(), nodes: Vec::new(), links, _nowhere: None };
         for (i, [port, route, monitor_port]) in ports.into_iter().enumerate() {
             let store = dir.join(format!("nats-store-{i}"));
             let mut config = format!(
                 "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
                  jetstream {{\n  store_dir: {store:?}\n}}\n"
             );
-            if nodes > 1 {
+            if let Some(nowhere) = &nowhere {
+                let routes: Vec<String> = own
+                    .links
+                    .iter()
+                    .filter(|(from, _, _)| *from == i)
+                    .map(|(_, _, link)| format!("\"nats-route://127.0.0.1:{}\"", link.port))
+                    .collect();
                 config.push_str(&format!(
-                    "cluster {{\n  name: \"chaos\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                    "cluster {{\n  name: \"chaos\"\n  listen: \"127.0.0.1:{route}\"\n  \
+                     advertise: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                    nowhere.port,
                     routes.join(", ")
                 ));
             }
@@ -178,8 +204,17 @@ impl OwnNats {
             std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
             own.nodes.push(NatsNode { port, monitor_port, config: path, starts: 0, proc: None });
         }
+        own._nowhere = nowhere;
         own.restart().await?;
         Ok(own)
+    }
+
+    /// Cut `node` off from every other node (its links both ways reset and refuse connections), or join it again.
+    /// Its clients stay connected to it.
+    pub fn set_cut_off(&self, node: usize, cut: bool) {
+        for (_, _, link) in self.links.iter().filter(|(from, to, _)| *from == node || *to == node) {
+            link.set_blocked(cut);
+        }
     }
 
     /// Every node's URL, comma-separated, as the services take it.
@@ -243,25 +278,36 @@ impl OwnNats {
 
     /// The node that leads `stream` (a stream, or `KV_<bucket>`), asked of every running node in turn.
     pub async fn leader_of(&self, http: &reqwest::Client, stream: &str) -> Result<usize> {
-        for node in self.nodes.iter().filter(|n| n.proc.is_some()) {
-            let url = format!("http://127.0.0.1:{}/jsz?streams=true", node.monitor_port);
-            let Ok(answer) = http.get(&url).timeout(Duration::from_secs(2)).send().await else { continue };
-            let Ok(jsz) = answer.json::<serde_json::Value>().await else { continue };
-            let streams = jsz["account_details"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
-            for detail in streams.filter(|d| d["name"] == stream) {
-                let leader = detail["cluster"]["leader"].as_str().unwrap_or("");
-                if let Some(index) = leader.strip_prefix('n').and_then(|i| i.parse::<usize>().ok()) {
-                    if index < self.nodes.len() {
-                        return Ok(index);
-                    }
-                }
+        for node in 0..self.nodes.len() {
+            if let Ok(Some(leader)) = self.leader_seen_by(http, stream, node).await {
+                return Ok(leader);
             }
         }
         bail!("no running NATS node names a leader of {stream}")
+    }
+
+    /// The leader of `stream` that `node` names in its monitoring (`None` when it names none).
+    pub async fn leader_seen_by(&self, http: &reqwest::Client, stream: &str, node: usize) -> Result<Option<usize>> {
+        let n = &self.nodes[node];
+        if n.proc.is_none() {
+            bail!("NATS node {node} is not running");
+        }
+        let url = format!("http://127.0.0.1:{}/jsz?streams=true", n.monitor_port);
+        let jsz: serde_json::Value = http.get(&url).timeout(Duration::from_secs(2)).send().await?.json().await?;
+        let streams = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+        for detail in streams.filter(|d| d["name"] == stream) {
+            let leader = detail["cluster"]["leader"].as_str().unwrap_or("");
+            if let Some(index) = leader.strip_prefix('n').and_then(|i| i.parse::<usize>().ok()) {
+                if index < self.nodes.len() {
+                    return Ok(Some(index));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Wait until one node's `/healthz` answers 200 (JetStream is current on it).
@@ -330,6 +376,11 @@ impl OwnRedis {
 pub struct Paused(pub Pid);
 
 impl Paused {
+    /// SIGKILL a process the suite did not start (a node of its own Cassandra cluster), by pid.
+    pub fn kill(pid: i32) -> Result<()> {
+        kill(Pid::from_raw(pid), Signal::SIGKILL).with_context(|| format!("killing pid {pid}"))
+    }
+
     pub fn pause(pid: i32) -> Result<Paused> {
         let pid = Pid::from_raw(pid);
         kill(pid, Signal::SIGSTOP).with_context(|| format!("pausing pid {pid}"))?;

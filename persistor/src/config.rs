@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The largest replication factor a created keyspace may ask for (a copy on each of this many nodes).
+const CQL_REPLICATION_FACTOR_MAX: u32 = 9;
+
 /// Everything a persistor needs to start.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -111,6 +114,9 @@ impl PersistorConfig {
         fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
             switchyard_service::parse_env(name, &value)
         }
+        if let Some(v) = get("SWITCHYARD_CQL_REPLICATION_FACTOR") {
+            self.cql_replication_factor = num("SWITCHYARD_CQL_REPLICATION_FACTOR", v)?;
+        }
         if let Some(v) = get("SWITCHYARD_CQL_MIGRATE_ON_START") {
             self.cql_migrate_on_start = num("SWITCHYARD_CQL_MIGRATE_ON_START", v)?;
         }
@@ -146,6 +152,12 @@ impl PersistorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store_choice()?;
         self.cql_consistency()?;
+        if !(1..=CQL_REPLICATION_FACTOR_MAX).contains(&self.cql_replication_factor) {
+            return Err(ConfigError::Invalid {
+                name: "cql_replication_factor",
+                message: format!("must be 1..={CQL_REPLICATION_FACTOR_MAX}"),
+            });
+        }
         self.ingest()?;
         switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
         switchyard_service::nats::server_addrs(&self.nats_url)?;
@@ -238,6 +250,19 @@ mod tests {
         assert_eq!(config.cql_consistency().unwrap(), Consistency::Quorum);
         config.cql_consistency = "two".into();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_replication_factor_comes_from_the_environment_and_is_bounded() {
+        let mut config = PersistorConfig::default();
+        config.apply_env(|name| (name == "SWITCHYARD_CQL_REPLICATION_FACTOR").then(|| "3".into())).unwrap();
+        assert_eq!(config.cql_replication_factor, 3);
+        assert!(config.validate().is_ok());
+        for refused in [0, 10, u32::MAX] {
+            config.cql_replication_factor = refused;
+            assert!(config.validate().is_err(), "{refused}");
+        }
+        assert!(config.apply_env(|name| (name == "SWITCHYARD_CQL_REPLICATION_FACTOR").then(|| "-1".into())).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `cargo xtask chaos`: installs and starts NATS, Redis and Cassandra (as `test` does), builds the three services
 //! and the fault suite (`chaos/`), and runs it: every scenario, or the short variants with `--short`. The suite
 //! starts its own NATS and Redis per scenario (it restarts and stops them); the Cassandra started here is shared
-//! and paused by the store-outage scenario.
+//! and paused by the store-outage scenario. A full run that includes `cassandra-node-kill` also starts a
+//! three-node Cassandra cluster on 127.0.0.1-3 for it (the short variants leave that scenario out).
 //!
 //! It does not judge anything itself: the suite's exit status is the verdict.
 
@@ -13,7 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::deps::{self, Tools};
 use crate::proc;
-use crate::services::TestServices;
+use crate::services::{CassandraCluster, TestServices};
 use crate::util::{cargo, repo_root, say, secs, target_dir};
 
 /// The packages the suite runs: the services it starts and the suite itself.
@@ -30,11 +31,40 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let mut services = TestServices::start(&tools)?;
     build(&root, release)?;
     services.wait_ready(&tools)?;
-    let verdict = run_suite(&root, &tools, &services, release, &suite_args)?;
+    let mut cql_cluster = None;
+    if wants_cql_cluster(&suite_args) {
+        let dist = tools.cassandra.as_ref().context("Cassandra is not installed")?;
+        let started = Instant::now();
+        say!("starting a {CQL_CLUSTER_NODES}-node Cassandra cluster on 127.0.0.1-{CQL_CLUSTER_NODES}");
+        let cluster = CassandraCluster::start(dist, &services.dir()?.join("cassandra-cluster"), CQL_CLUSTER_NODES)?;
+        say!("Cassandra cluster {} (pids {}) ready in {}", cluster.addrs(), cluster.pids(), secs(started.elapsed()));
+        cql_cluster = Some(cluster);
+    }
+    let verdict = run_suite(&root, &tools, &services, cql_cluster.as_ref(), release, &suite_args)?;
+    if let Some(mut cluster) = cql_cluster {
+        cluster.stop();
+    }
     services.stop();
     let passed = verdict.ok();
     say!("chaos {} in {}", if passed { "passed" } else { "failed" }, secs(started.elapsed()));
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Nodes of the Cassandra cluster the full run starts.
+const CQL_CLUSTER_NODES: usize = 3;
+
+/// The scenario that needs the Cassandra cluster.
+const CQL_CLUSTER_SCENARIO: &str = "cassandra-node-kill";
+
+/// Whether the suite's arguments run `CQL_CLUSTER_SCENARIO`: a full run of every scenario, or one that names it.
+fn wants_cql_cluster(args: &[String]) -> bool {
+    if args.iter().any(|a| a == "--short" || a == "--list") {
+        return false;
+    }
+    match args.iter().position(|a| a == "--only") {
+        Some(at) => args.get(at + 1).is_some_and(|names| names.split(',').any(|n| n.trim() == CQL_CLUSTER_SCENARIO)),
+        None => true,
+    }
 }
 
 /// Build the services and the suite.
@@ -74,6 +104,7 @@ pub fn run_suite(
     root: &Path,
     tools: &Tools,
     services: &TestServices,
+    cql_cluster: Option<&CassandraCluster>,
     release: bool,
     args: &[String],
 ) -> Result<Verdict> {
@@ -87,6 +118,11 @@ pub fn run_suite(
         .env("SWITCHYARD_CHAOS_REDIS_SERVER", &tools.redis_server);
     for (k, v) in services.env() {
         suite.env(k, v);
+    }
+    if let Some(cluster) = cql_cluster {
+        suite
+            .env("SWITCHYARD_CHAOS_CQL_CLUSTER", cluster.addrs())
+            .env("SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS", cluster.pids());
     }
     let (status, lines) =
         proc::run_keeping_lines(suite, "switchyard-chaos", is_verdict_line).context("running the fault suite")?;

@@ -207,6 +207,8 @@ impl Redis {
 
 pub struct Cassandra {
     pub child: ManagedChild,
+    /// The loopback address it listens on (127.0.0.1 for the single node, one each in a cluster).
+    pub address: [u8; 4],
     pub native_port: u16,
     pub dir: PathBuf,
     started: Instant,
@@ -216,29 +218,40 @@ impl Cassandra {
     /// Writes a single-node configuration into `dir` (data, logs and all) and starts Cassandra in the foreground
     /// of a child JVM; does not wait for it.
     pub fn start(dist: &CassandraDist, dir: &Path) -> Result<Self> {
+        let ports = free_ports(2)?;
+        let node =
+            CassandraNode { address: [127, 0, 0, 1], native_port: ports[0], storage_port: ports[1], index: 0, of: 1 };
+        Self::start_node(dist, dir, &node)
+    }
+
+    fn start_node(dist: &CassandraDist, dir: &Path, node: &CassandraNode) -> Result<Self> {
         for sub in ["data", "commitlog", "saved_caches", "hints", "cdc_raw", "logs", "triggers"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        let ports = free_ports(2)?;
-        let (native_port, storage_port) = (ports[0], ports[1]);
         let yaml = dir.join("cassandra.yaml");
-        std::fs::write(&yaml, cassandra_yaml(dir, native_port, storage_port))?;
+        std::fs::write(&yaml, cassandra_yaml(dir, node))?;
         let logback = dir.join("logback.xml");
         std::fs::write(&logback, LOGBACK_XML)?;
 
         let mut cmd = proc::command(&dist.java);
         cmd.current_dir(dir).args(jvm_args(dist, dir, &yaml, &logback)?);
         let child = ManagedChild::spawn("cassandra", cmd, &dir.join("cassandra.log"), Duration::from_secs(20))?;
-        Ok(Self { child, native_port, dir: dir.to_path_buf(), started: Instant::now() })
+        Ok(Self {
+            child,
+            address: node.address,
+            native_port: node.native_port,
+            dir: dir.to_path_buf(),
+            started: Instant::now(),
+        })
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.native_port)
+        SocketAddr::from((self.address, self.native_port)).to_string()
     }
 
     /// Ready when a CQL connection completes STARTUP and reads `system.local`. Returns the release version.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<String> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.native_port));
+        let addr = SocketAddr::from((self.address, self.native_port));
         let mut version = String::new();
         wait_until(&mut self.child, timeout, || {
             version = cql::probe(addr, Duration::from_secs(5))?;
@@ -273,21 +286,95 @@ fn wait_until(child: &mut ManagedChild, timeout: Duration, mut probe: impl FnMut
     }
 }
 
-/// 16 tokens spread evenly over Murmur3's range, so a fresh single node needs no token allocation.
-fn initial_tokens(n: i128) -> String {
-    let span = 1i128 << 64;
-    (0..n).map(|i| (i128::from(i64::MIN) + i * (span / n)).to_string()).collect::<Vec<_>>().join(",")
+/// Where one Cassandra node listens and which share of the ring it owns: node `index` of `of`, all on the same
+/// ports, each on its own loopback address (127.0.0.1, .2, ...), the first being the seed.
+struct CassandraNode {
+    address: [u8; 4],
+    native_port: u16,
+    storage_port: u16,
+    index: usize,
+    of: usize,
 }
 
-fn cassandra_yaml(dir: &Path, native_port: u16, storage_port: u16) -> String {
+/// Tokens per node.
+const NUM_TOKENS: i128 = 16;
+
+/// Node `index`'s 16 tokens of `of` nodes', spread evenly over Murmur3's range and interleaved with the others',
+/// so a fresh cluster needs neither token allocation nor bootstrap.
+fn initial_tokens(index: usize, of: usize) -> String {
+    let all = NUM_TOKENS * of as i128;
+    let span = 1i128 << 64;
+    (0..NUM_TOKENS)
+        .map(|i| (i128::from(i64::MIN) + (i * of as i128 + index as i128) * (span / all)).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A Cassandra cluster of its own on loopback (for the fault suite's node-loss scenario): node 1 on 127.0.0.1 is
+/// the seed and starts first, the others join it.
+pub struct CassandraCluster {
+    pub nodes: Vec<Cassandra>,
+}
+
+impl CassandraCluster {
+    /// Start `of` nodes under `dir` and wait until each serves CQL.
+    pub fn start(dist: &CassandraDist, dir: &Path, of: usize) -> Result<Self> {
+        let ports = free_ports(2)?;
+        let mut cluster = CassandraCluster { nodes: Vec::new() };
+        for index in 0..of {
+            let node = CassandraNode {
+                address: [127, 0, 0, 1 + index as u8],
+                native_port: ports[0],
+                storage_port: ports[1],
+                index,
+                of,
+            };
+            let mut started = Cassandra::start_node(dist, &dir.join(format!("node-{}", index + 1)), &node)?;
+            started.child.stop_with_sigkill();
+            cluster.nodes.push(started);
+            // The seed first; the others may then join together.
+            if index == 0 {
+                cluster.nodes[0].wait_ready(CASSANDRA_READY_TIMEOUT)?;
+            }
+        }
+        for node in &mut cluster.nodes[1..] {
+            node.wait_ready(CASSANDRA_READY_TIMEOUT)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's `host:port`, comma-separated.
+    pub fn addrs(&self) -> String {
+        self.nodes.iter().map(Cassandra::addr).collect::<Vec<_>>().join(",")
+    }
+
+    /// Every node's pid, comma-separated.
+    pub fn pids(&self) -> String {
+        self.nodes.iter().map(|n| n.child.pid().to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn stop(&mut self) {
+        proc::stop_all(self.nodes.iter_mut().map(|n| &mut n.child));
+    }
+}
+
+impl Drop for CassandraCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn cassandra_yaml(dir: &Path, node: &CassandraNode) -> String {
     let d = dir.display();
-    let tokens = initial_tokens(16);
+    let tokens = initial_tokens(node.index, node.of);
+    let address = std::net::Ipv4Addr::from(node.address);
+    let (native_port, storage_port, index, of) = (node.native_port, node.storage_port, node.index + 1, node.of);
     let mut y = String::new();
     let _ = write!(
         y,
-        r#"# Generated by xtask for one throw-away single-node run.
+        r#"# Generated by xtask for one throw-away run (node {index} of {of}).
 cluster_name: switchyard-test
-num_tokens: 16
+num_tokens: {NUM_TOKENS}
 initial_token: "{tokens}"
 auto_bootstrap: false
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
@@ -295,8 +382,8 @@ seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
       - seeds: "127.0.0.1:{storage_port}"
-listen_address: 127.0.0.1
-rpc_address: 127.0.0.1
+listen_address: {address}
+rpc_address: {address}
 storage_port: {storage_port}
 native_transport_port: {native_port}
 start_native_transport: true
@@ -522,6 +609,11 @@ impl TestServices {
             self.cassandra.wait_ready(CASSANDRA_READY_TIMEOUT)?;
         }
         Ok(())
+    }
+
+    /// The temporary folder the servers keep their data and logs in.
+    pub fn dir(&self) -> Result<PathBuf> {
+        Ok(self.dir.as_ref().context("the servers were stopped")?.path().to_path_buf())
     }
 
     /// Err (with a log tail) if any server has exited.

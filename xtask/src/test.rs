@@ -109,7 +109,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let t = Instant::now();
     let chaos = if extra.is_empty() {
         match chaos::build(&root, false)
-            .and_then(|()| chaos::run_suite(&root, &tools, &services, false, &["--short".into()]))
+            .and_then(|()| chaos::run_suite(&root, &tools, &services, None, false, &["--short".into()]))
         {
             Ok(verdict) => Some(verdict),
             Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => return Err(e),

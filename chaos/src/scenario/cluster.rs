@@ -1,10 +1,11 @@
 //! Faults of a three-node NATS cluster under counted traffic, with every stream and bucket at three replicas:
 //! SIGKILL of the node leading the events stream, SIGKILL of the node leading the leases and rooms buckets, a node
-//! paused (SIGSTOP) and resumed, and a rolling restart of all three nodes.
+//! paused (SIGSTOP) and resumed, a rolling restart of all three nodes, and a partition that cuts one node off
+//! from the other two.
 //!
 //! Each injects, waits, heals, and leaves the judging to the common frame (`with_traffic`): every ack counted end
 //! to end, per-room seqs gap-free, and the time until every receiver has a message sent after the fault. It does not
-//! cut the network between nodes.
+//! cut the services off from NATS (the other scenarios do).
 
 use super::{pick, wait_until, with_traffic, Latency};
 use crate::fleet::{Fleet, Shape};
@@ -24,6 +25,10 @@ const NODE_LOSS_RECOVERY: Duration = Duration::from_secs(20);
 /// The same for a node that freezes without closing its connections: its clients first have to notice (three
 /// unanswered pings, 2 s apart) before they move to another node. Measured: 20 s with a 12 s pause.
 const FROZEN_NODE_RECOVERY: Duration = Duration::from_secs(30);
+/// The bound for every room to be served again while one node is cut off from the other two (its clients stay
+/// connected to it): the two elect new leaders for what it led, as after a node loss, and the services on the cut
+/// node leave it once JetStream has stopped answering there (`switchyard_service::nats` watches for that).
+const PARTITION_RECOVERY: Duration = Duration::from_secs(30);
 /// How long a node may take to rejoin the cluster and be current again.
 const REJOIN: Duration = Duration::from_secs(60);
 
@@ -133,6 +138,31 @@ pub async fn nats_rolling_restart(config: &Config) -> Result<Row> {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         acks_resume(traffic, at, NODE_LOSS_RECOVERY, row).await;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn nats_partition(config: &Config) -> Result<Row> {
+    let cut = pick(config, Duration::from_secs(12), Duration::from_secs(30));
+    let mut row = Row::new(
+        "nats-partition",
+        format!("cut the NATS node leading the events stream off from the other two for {}s", cut.as_secs()),
+    );
+    row.bound = Some(PARTITION_RECOVERY);
+    with_traffic(config, row, cluster(), spec(config), Latency::MayRise, async |fleet, traffic, row| {
+        let leader = fleet.nats_leader(subjects::EVENTS_STREAM).await?;
+        row.details.push(format!("cut_off=n{leader}"));
+        let at = traffic.inject();
+        fleet.nats.set_cut_off(leader, true);
+        acks_resume(traffic, at, PARTITION_RECOVERY, row).await;
+        tokio::time::sleep(cut.saturating_sub(at.elapsed())).await;
+        let now = fleet.nats_leader_seen_by(subjects::EVENTS_STREAM, (leader + 1) % fleet.nats.nodes()).await?;
+        row.details.push(format!("events_leader_during=n{now}"));
+        fleet.nats.set_cut_off(leader, false);
+        let healed = Instant::now();
+        fleet.nats_healthy(leader, REJOIN).await?;
+        row.details.push(format!("rejoined_after_s={:.1}", healed.elapsed().as_secs_f64()));
         Ok(())
     })
     .await

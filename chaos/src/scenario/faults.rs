@@ -1,10 +1,11 @@
 //! Faults of whole processes and dependencies under counted traffic: SIGKILL of a gateway, a router shard and a
-//! persistor; SIGSTOP of a router shard past its lease; a NATS restart; Redis down; Cassandra paused.
+//! persistor; SIGSTOP of a router shard past its lease; a NATS restart; Redis down; Cassandra paused; one node of a
+//! three-node Cassandra cluster killed.
 //!
 //! Each injects, waits, heals, and leaves the judging to the common frame (`with_traffic`).
 
 use super::{pick, wait_until, with_traffic, Latency};
-use crate::fleet::Shape;
+use crate::fleet::{CqlStore, Shape};
 use crate::procs::Paused;
 use crate::report::Row;
 use crate::traffic::Spec;
@@ -126,6 +127,39 @@ pub async fn redis_stop(config: &Config) -> Result<Row> {
         }
         tokio::time::sleep(outage / 2).await;
         fleet.redis.restart().await.context("restarting redis-server")?;
+        Ok(())
+    })
+    .await
+}
+
+/// How long traffic runs with one Cassandra node dead.
+const CQL_NODE_DOWN: Duration = Duration::from_secs(30);
+
+/// SIGKILL one node of a three-node Cassandra cluster (replication factor 3, LOCAL_QUORUM) under traffic and
+/// leave it dead: two replicas of three still make a quorum, so every message is stored and read back.
+pub async fn cassandra_node_kill(config: &Config) -> Result<Row> {
+    let cluster = config.cql_cluster.clone().context(
+        "cassandra-node-kill needs a Cassandra cluster of its own: run it with `cargo xtask chaos` (not --short)",
+    )?;
+    let mut row = Row::new(
+        "cassandra-node-kill",
+        format!(
+            "SIGKILL the seed of a {}-node Cassandra cluster (RF 3, LOCAL_QUORUM), run {}s without it",
+            cluster.pids.len(),
+            CQL_NODE_DOWN.as_secs()
+        ),
+    );
+    row.bound = Some(UNINTERRUPTED);
+    let store =
+        CqlStore { nodes: cluster.nodes.clone(), keyspace: format!("{}_rf3", config.keyspace), replication_factor: 3 };
+    let shape = Shape { store: Some(store), ..Shape::default() };
+    with_traffic(config, row, shape, spec(config), Latency::Kept, async |_fleet, traffic, row| {
+        // The first contact point: every persistor's driver holds its control connection there.
+        let victim = cluster.pids[0];
+        row.details.push(format!("killed=pid {victim} ({})", cluster.nodes.split(',').next().unwrap_or("")));
+        traffic.inject();
+        Paused::kill(victim)?;
+        tokio::time::sleep(CQL_NODE_DOWN).await;
         Ok(())
     })
     .await
