@@ -1027,3 +1027,21 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod production_nats {
+    use crate::deps::NATS_VERSION;
+    use crate::util::repo_root;
+
+    /// The production NATS runs the release every test runs, with its pods spread one per machine.
+    #[test]
+    fn the_production_nats_runs_the_pinned_release_one_pod_per_node() {
+        let values = std::fs::read_to_string(repo_root().join("helm/nats-values-production.yaml")).unwrap();
+        let tag = format!("tag: {}-alpine", NATS_VERSION.trim_start_matches('v'));
+        assert!(values.contains(&tag), "helm/nats-values-production.yaml does not pin {tag}");
+        assert!(values.contains("replicas: 3"));
+        let spread = values.split("topologySpreadConstraints:").nth(1).expect("no topologySpreadConstraints");
+        let hostname = spread.split("kubernetes.io/hostname:").nth(1).expect("no spread over kubernetes.io/hostname");
+        assert!(hostname.lines().take(3).any(|l| l.contains("whenUnsatisfiable: DoNotSchedule")));
+    }
+}
