@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use switchyard_protocol::ids::api_key;
 use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits, TenantRecord, INTERNAL_VERSION};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId};
+use switchyard_service::nats::latest_entry;
 use tokio_util::sync::CancellationToken;
 
 /// How long "no such tenant" is remembered, so made-up project ids do not each cost a bucket read.
@@ -182,9 +183,7 @@ impl TenantDirectory {
 
     /// The record and its revision, read from the bucket.
     async fn read(&self, project_id: &ProjectId) -> Result<Option<(TenantRecord, u64)>, ApiError> {
-        let entry = self
-            .kv
-            .entry(subjects::tenant_key(project_id))
+        let entry = latest_entry(&self.kv, &subjects::tenant_key(project_id))
             .await
             .map_err(|e| ApiError::unavailable(format!("cannot read tenant: {e}")))?;
         match entry {

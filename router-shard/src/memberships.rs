@@ -13,6 +13,7 @@ use switchyard_protocol::client::RoomSummary;
 use switchyard_protocol::internal::{RoomEvent, UserRoom, UserRooms};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ProjectId, RoomId, UserId};
+use switchyard_service::nats::latest_entry;
 
 /// Memberships per page of a user's rooms: one page is one NATS message (a room summary is at most about 180 bytes).
 pub(crate) const ROOMS_PAGE: usize = 1_000;
@@ -27,7 +28,7 @@ pub(crate) async fn get(
     room: &RoomId,
 ) -> Result<Option<UserRoom>, String> {
     let key = subjects::user_room_key(tenant, user, room);
-    match ctx.rooms.entry(key).await.map_err(|e| format!("read a membership: {e}"))? {
+    match latest_entry(&ctx.rooms, &key).await.map_err(|e| format!("read a membership: {e}"))? {
         Some(entry) if entry.operation == kv::Operation::Put => {
             codec::decode::<UserRoom>(&entry.value).map(Some).map_err(|e| format!("a membership: {e}"))
         }
@@ -154,7 +155,8 @@ async fn last_seqs(
 
 /// The record of an earlier release, with its revision, when the user has one.
 async fn legacy(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<Option<(UserRooms, u64)>, String> {
-    match ctx.rooms.entry(subjects::user_rooms_key(tenant, user)).await.map_err(|e| format!("read user rooms: {e}"))? {
+    let key = subjects::user_rooms_key(tenant, user);
+    match latest_entry(&ctx.rooms, &key).await.map_err(|e| format!("read user rooms: {e}"))? {
         Some(entry) if entry.operation == kv::Operation::Put => codec::decode::<UserRooms>(&entry.value)
             .map(|rooms| Some((rooms, entry.revision)))
             .map_err(|e| format!("user rooms: {e}")),

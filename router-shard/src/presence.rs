@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_protocol::internal::{LiveMessage, PresenceRecord, PresenceSnapshot, INTERNAL_VERSION};
 use switchyard_protocol::{codec, subjects, ProjectId, UserId};
+use switchyard_service::nats::latest_value;
 
 /// How long a gateway's report of a user lasts without a refresh: two missed snapshots. With the expiry tick and
 /// the offline grace, a dead gateway's users go offline within 15 s.
@@ -150,7 +151,7 @@ impl PresenceTable {
     }
 
     async fn record(&self, tenant: &ProjectId, user: &UserId) -> PresenceRecord {
-        match self.ctx.rooms.get(subjects::presence_key(tenant, user)).await {
+        match latest_value(&self.ctx.rooms, &subjects::presence_key(tenant, user)).await {
             Ok(Some(bytes)) => codec::decode(&bytes).unwrap_or_default(),
             _ => PresenceRecord::default(),
         }

@@ -25,6 +25,7 @@ use switchyard_protocol::internal::{
 use switchyard_protocol::{
     limits, subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId,
 };
+use switchyard_service::nats::{latest_entry, latest_value};
 use tokio::sync::mpsc;
 
 /// One command for a room, with where to send the answer (`None` for commands that are never answered).
@@ -548,7 +549,7 @@ impl RoomActor {
         if let Some(record) = &self.record {
             return Ok(record.clone());
         }
-        let record = match self.ctx.rooms.get(subjects::room_key(&self.tenant, &self.room)).await {
+        let record = match latest_value(&self.ctx.rooms, &subjects::room_key(&self.tenant, &self.room)).await {
             Ok(Some(bytes)) => Some(codec::decode::<RoomRecord>(&bytes).map_err(|e| unavailable("room record", e))?),
             Ok(None) => None,
             Err(e) => return Err(unavailable("read room", e)),
@@ -561,7 +562,8 @@ impl RoomActor {
         if let Some((roster, _)) = &self.roster {
             return Ok(roster.clone());
         }
-        let (roster, revision) = match self.ctx.rooms.entry(subjects::roster_key(&self.tenant, &self.room)).await {
+        let key = subjects::roster_key(&self.tenant, &self.room);
+        let (roster, revision) = match latest_entry(&self.ctx.rooms, &key).await {
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
                 (codec::decode::<Roster>(&entry.value).map_err(|e| unavailable("roster", e))?, Some(entry.revision))
             }

@@ -1,7 +1,8 @@
 //! NATS plumbing every service shares: the list of servers a `nats_url` names (one URL or a comma-separated list of
 //! a cluster's nodes, so a client reconnects to another node when its own dies), opening a KV bucket or creating it
 //! when it does not exist yet (several processes may race to), and the rule for how many replicas the streams and
-//! buckets a service creates get. Also the watch that moves a service off a node that lost its cluster.
+//! buckets a service creates get. Also the watch that moves a service off a node that lost its cluster, and the
+//! read of a key's latest value from the bucket's stream leader.
 //!
 //! It chooses no bucket's settings (each service does) and never changes an existing bucket: a bucket keeps the
 //! replicas it was created with until an operator moves it (see `docs/operations.md`).
@@ -89,6 +90,59 @@ pub fn spawn_cluster_watch(
     }
 }
 
+/// A leader read of a key that failed (no leader during an election, a timeout, a closed connection).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {key} from its bucket's leader")]
+pub struct LeaderReadError {
+    pub key: String,
+    #[source]
+    pub source: jetstream::stream::LastRawMessageError,
+}
+
+/// The key's latest entry (a put, or the delete or purge marker that ended it), read from the leader of the
+/// bucket's stream; `None` when the key was never written or its history was purged away.
+///
+/// `kv::Store::entry` reads through direct gets, which any replica of a replicated bucket answers, also one that has
+/// not applied the latest writes yet: a record written a millisecond before reads as missing or as its previous
+/// revision. Every single-key read that a decision depends on (an API key, a room's roster before it is updated,
+/// a membership) goes through here instead; only listings and counts read the followers.
+pub async fn latest_entry(store: &kv::Store, key: &str) -> Result<Option<kv::Entry>, LeaderReadError> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{}", store.prefix, key);
+    let message = match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(source) => return Err(LeaderReadError { key: key.to_owned(), source }),
+    };
+    Ok(Some(kv::Entry {
+        bucket: store.name.clone(),
+        key: key.to_owned(),
+        operation: kv_operation(&message.headers),
+        value: message.payload,
+        revision: message.sequence,
+        created: message.time,
+        delta: 0,
+        seen_current: false,
+    }))
+}
+
+/// The value of `key` if its latest entry is a put, read from the leader as `latest_entry` does.
+pub async fn latest_value(store: &kv::Store, key: &str) -> Result<Option<bytes::Bytes>, LeaderReadError> {
+    Ok(latest_entry(store, key).await?.filter(|entry| entry.operation == kv::Operation::Put).map(|entry| entry.value))
+}
+
+/// The operation a KV message records: its `KV-Operation` header, or a put when it has none. A marker the server
+/// left when it removed the key (`Nats-Marker-Reason`) reads as a purge.
+fn kv_operation(headers: &async_nats::HeaderMap) -> kv::Operation {
+    match headers.get("KV-Operation").map(|value| value.as_str()) {
+        Some("DEL") => kv::Operation::Delete,
+        Some("PURGE") => kv::Operation::Purge,
+        Some(_) => kv::Operation::Put,
+        None if headers.get("Nats-Marker-Reason").is_some() => kv::Operation::Purge,
+        None => kv::Operation::Put,
+    }
+}
+
 /// Replicas a stream or bucket may have: one NATS server, or a cluster of up to five.
 pub const REPLICAS: std::ops::RangeInclusive<usize> = 1..=5;
 
@@ -151,6 +205,19 @@ pub fn check_replicas(name: &'static str, replicas: usize) -> Result<(), crate::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kv_message_records_its_operation_in_a_header() {
+        let mut headers = async_nats::HeaderMap::new();
+        assert_eq!(kv_operation(&headers), kv::Operation::Put);
+        headers.insert("KV-Operation", "DEL");
+        assert_eq!(kv_operation(&headers), kv::Operation::Delete);
+        headers.insert("KV-Operation", "PURGE");
+        assert_eq!(kv_operation(&headers), kv::Operation::Purge);
+        let mut marker = async_nats::HeaderMap::new();
+        marker.insert("Nats-Marker-Reason", "MaxAge");
+        assert_eq!(kv_operation(&marker), kv::Operation::Purge);
+    }
 
     #[test]
     fn a_nats_url_names_one_server_or_a_cluster() {
