@@ -45,8 +45,27 @@ impl AnyStore {
     pub async fn open(config: &PersistorConfig) -> Result<Self, PersistorError> {
         Ok(match config.store_choice()? {
             StoreChoice::Embedded(path) => AnyStore::Embedded(EmbeddedStore::open(&path)?),
-            StoreChoice::Cql(_) => AnyStore::Cql(CqlStore::connect_with(cql_config(config)?).await?),
+            StoreChoice::Cql(_) => AnyStore::Cql(connect_cql(cql_config(config)?).await?),
         })
+    }
+}
+
+/// How long a starting persistor keeps trying to reach its CQL store.
+const STORE_START_RETRY: Duration = Duration::from_secs(60);
+
+/// Connect to the CQL store (and migrate it, when configured to), again and again while it answers `unavailable`
+/// and `STORE_START_RETRY` has not passed: a cluster whose node just died answers its first requests with timeouts until
+/// the others notice. Any other error (a schema that needs `migrate`, corrupt data) is returned at once.
+async fn connect_cql(config: CqlConfig) -> Result<CqlStore, StoreError> {
+    let deadline = tokio::time::Instant::now() + STORE_START_RETRY;
+    loop {
+        match CqlStore::connect_with(config.clone()).await {
+            Err(StoreError::Unavailable(error)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, "the history store is not available yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            result => return result,
+        }
     }
 }
 

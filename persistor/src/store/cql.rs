@@ -286,12 +286,12 @@ fn check_current(ks: &str, found: i32) -> Result<(), StoreError> {
     if found == SCHEMA_VERSION {
         Ok(())
     } else if found < SCHEMA_VERSION {
-        Err(StoreError::Unavailable(format!(
+        Err(StoreError::SchemaMismatch(format!(
             "the history schema in keyspace {ks} is at version {found}, this persistor needs {SCHEMA_VERSION}: \
              run `switchyard-persistor migrate` (or set cql_migrate_on_start = true)"
         )))
     } else {
-        Err(StoreError::Unavailable(format!(
+        Err(StoreError::SchemaMismatch(format!(
             "the history schema in keyspace {ks} is at version {found}, newer than this persistor's \
              {SCHEMA_VERSION}: run a persistor release that knows it"
         )))

@@ -27,6 +27,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("invalid history query: {0}")]
     InvalidQuery(String),
+    /// The keyspace's schema is not the one this release reads and writes; only a migration (or another release)
+    /// changes that, so a starting persistor does not wait for it.
+    #[error("history store schema: {0}")]
+    SchemaMismatch(String),
 }
 
 /// One page request. Pages are always returned in ascending seq.
