@@ -67,6 +67,8 @@ pub struct Fleet {
     pub redis: OwnRedis,
     pub routers: Vec<Proc>,
     pub persistors: Vec<Proc>,
+    /// The port of each persistor's `/readyz`, by index into `persistors`.
+    persistor_ops_ports: Vec<u16>,
     pub gateways: Vec<Gateway>,
     /// Clients connect here; it forwards each connection to a gateway that accepts it.
     pub balancer: Balancer,
@@ -93,6 +95,7 @@ impl Fleet {
             redis,
             routers: Vec::new(),
             persistors: Vec::new(),
+            persistor_ops_ports: Vec::new(),
             gateways: Vec::new(),
             balancer: Balancer::start(Vec::new()).await?,
             admin_token: hex::encode(rand::random::<[u8; 16]>()),
@@ -113,6 +116,11 @@ impl Fleet {
         fleet.balancer.set_backends(fleet.gateways.iter().map(|g| g.port).collect());
         for gateway in &fleet.gateways {
             fleet.wait_ready(&gateway.http(), Duration::from_secs(60)).await?;
+        }
+        // A persistor is ready once its store is open (and migrated) and NATS connected: a fault injected before
+        // that would hit its start-up, not the running fleet the scenario means to test.
+        for port in &fleet.persistor_ops_ports {
+            fleet.wait_ready(&format!("http://127.0.0.1:{port}"), Duration::from_secs(90)).await?;
         }
         Ok(fleet)
     }
@@ -144,6 +152,7 @@ impl Fleet {
 
     pub fn add_persistor(&mut self) -> Result<usize> {
         let (mut command, name) = self.command("switchyard-persistor");
+        let ops_port = free_port()?;
         let store = self.shape.store.clone().unwrap_or_else(|| CqlStore {
             nodes: self.config.cql_node.clone(),
             keyspace: self.config.keyspace.clone(),
@@ -154,9 +163,10 @@ impl Fleet {
             .env("SWITCHYARD_CQL_KEYSPACE", &store.keyspace)
             .env("SWITCHYARD_CQL_REPLICATION_FACTOR", store.replication_factor.to_string())
             .env("SWITCHYARD_CQL_MIGRATE_ON_START", "true")
-            .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
+            .env("SWITCHYARD_METRICS_ADDR", format!("127.0.0.1:{ops_port}"));
         let proc = Proc::spawn(&name, command, &self.log(&name))?;
         self.persistors.push(proc);
+        self.persistor_ops_ports.push(ops_port);
         Ok(self.persistors.len() - 1)
     }
 

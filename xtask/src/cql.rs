@@ -1,5 +1,5 @@
-//! A minimal CQL native-protocol v4 exchange (OPTIONS, STARTUP, one query) that tells whether a node serves CQL
-//! and which release it runs. Not a driver: no prepared statements, paging, authentication or compression.
+//! A minimal CQL native-protocol v4 exchange (OPTIONS, STARTUP, one query) that tells whether a node serves CQL,
+//! which release it runs and how many peers it knows. Not a driver: no prepared statements, paging, authentication or compression.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,6 +24,20 @@ const FLAG_WARNING: u8 = 0x08;
 /// Connects to `addr`, completes the OPTIONS/STARTUP handshake and runs
 /// `SELECT release_version FROM system.local`; returns the release version.
 pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let values = first_column(addr, timeout, "SELECT release_version FROM system.local")?;
+    let value = values.into_iter().next().context("system.local returned no rows")?;
+    let value = value.context("release_version is null")?;
+    Ok(String::from_utf8_lossy(&value).into_owned())
+}
+
+/// The other nodes `addr` counts as members of its ring (rows of `system.peers_v2`: a node is written there once
+/// it knows the peer's tokens).
+pub fn peers(addr: SocketAddr, timeout: Duration) -> Result<usize> {
+    Ok(first_column(addr, timeout, "SELECT peer FROM system.peers_v2")?.len())
+}
+
+/// The first column of every row `text` returns, on a connection of its own.
+fn first_column(addr: SocketAddr, timeout: Duration, text: &str) -> Result<Vec<Option<Vec<u8>>>> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -45,7 +59,7 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<String> {
     expect(op, OP_READY, &body, "STARTUP")?;
 
     let mut query = Vec::new();
-    let text = b"SELECT release_version FROM system.local";
+    let text = text.as_bytes();
     query.extend_from_slice(&(text.len() as u32).to_be_bytes());
     query.extend_from_slice(text);
     query.extend_from_slice(&0x0001u16.to_be_bytes()); // consistency ONE
@@ -53,7 +67,7 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<String> {
     send(&mut s, 3, OP_QUERY, &query)?;
     let (op, body) = recv(&mut s, 3)?;
     expect(op, OP_RESULT, &body, "QUERY")?;
-    release_version(&body)
+    rows_first_column(&body)
 }
 
 fn send(s: &mut TcpStream, stream: i16, opcode: u8, body: &[u8]) -> Result<()> {
@@ -118,7 +132,7 @@ fn expect(op: u8, want: u8, body: &[u8], request: &str) -> Result<()> {
     bail!("{request} answered with opcode 0x{op:02x}, expected 0x{want:02x}")
 }
 
-fn release_version(body: &[u8]) -> Result<String> {
+fn rows_first_column(body: &[u8]) -> Result<Vec<Option<Vec<u8>>>> {
     let mut r = Reader::new(body);
     let kind = r.i32()?;
     ensure!(kind == 0x0002, "query result of kind {kind}, expected rows");
@@ -145,9 +159,15 @@ fn release_version(body: &[u8]) -> Result<String> {
         }
     }
     let rows = r.i32()?;
-    ensure!(rows >= 1 && columns >= 1, "system.local returned no rows");
-    let value = r.bytes()?.context("release_version is null")?;
-    Ok(String::from_utf8_lossy(value).into_owned())
+    ensure!(columns >= 1, "the query returned no columns");
+    let mut values = Vec::new();
+    for _ in 0..rows {
+        values.push(r.bytes()?.map(<[u8]>::to_vec));
+        for _ in 1..columns {
+            r.bytes()?;
+        }
+    }
+    Ok(values)
 }
 
 struct Reader<'a> {
@@ -197,4 +217,37 @@ impl<'a> Reader<'a> {
 fn put_string(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
     buf.extend_from_slice(s.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(values: &[Option<&[u8]>], columns: i32) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&2i32.to_be_bytes()); // rows
+        body.extend_from_slice(&4i32.to_be_bytes()); // no metadata
+        body.extend_from_slice(&columns.to_be_bytes());
+        body.extend_from_slice(&(values.len() as i32).to_be_bytes());
+        for value in values {
+            for column in 0..columns {
+                match value.filter(|_| column == 0) {
+                    Some(v) => {
+                        body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        body.extend_from_slice(v);
+                    }
+                    None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+        }
+        body
+    }
+
+    #[test]
+    fn a_rows_result_gives_every_rows_first_column() {
+        let got = rows_first_column(&rows(&[Some(b"5.0.9"), None, Some(&[127, 0, 0, 2])], 2)).unwrap();
+        assert_eq!(got, vec![Some(b"5.0.9".to_vec()), None, Some(vec![127, 0, 0, 2])]);
+        assert_eq!(rows_first_column(&rows(&[], 1)).unwrap(), Vec::<Option<Vec<u8>>>::new());
+        assert!(rows_first_column(&rows(&[Some(b"x")], 1)[..20]).is_err(), "a truncated result is an error");
+    }
 }

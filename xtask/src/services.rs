@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::cql;
 use crate::deps::{self, CassandraDist, Tools};
@@ -260,6 +260,16 @@ impl Cassandra {
         say!("Cassandra {version} serves CQL on {} ({} after its start)", self.addr(), secs(self.started.elapsed()));
         Ok(version)
     }
+
+    /// Wait until the node counts `peers` other nodes in its ring.
+    fn wait_for_peers(&mut self, peers: usize, timeout: Duration) -> Result<()> {
+        let addr = SocketAddr::from((self.address, self.native_port));
+        wait_until(&mut self.child, timeout, || {
+            let known = cql::peers(addr, Duration::from_secs(5))?;
+            ensure!(known >= peers, "{addr} knows {known} of {peers} peers");
+            Ok(())
+        })
+    }
 }
 
 /// Polls `probe` every 250 ms until it succeeds, the child exits, a signal arrives or `timeout` passes.
@@ -339,6 +349,11 @@ impl CassandraCluster {
         }
         for node in &mut cluster.nodes[1..] {
             node.wait_ready(CASSANDRA_READY_TIMEOUT)?;
+        }
+        // Serving CQL is not being in the ring: a keyspace created before every node knows the others' tokens is
+        // replicated over fewer nodes than its factor says.
+        for node in &mut cluster.nodes {
+            node.wait_for_peers(of - 1, CASSANDRA_READY_TIMEOUT)?;
         }
         Ok(cluster)
     }
