@@ -102,7 +102,7 @@ async fn cql_schema_is_migrated_idempotently_and_required() {
     // No schema yet: a persistor that requires it refuses, naming the command that fixes it.
     assert_eq!(CqlStore::schema_version_of(&config).await.unwrap(), 0);
     match CqlStore::connect_with(config.clone()).await {
-        Err(StoreError::Unavailable(message)) => {
+        Err(StoreError::SchemaMismatch(message)) => {
             assert!(message.contains("switchyard-persistor migrate"), "{message}")
         }
         other => panic!("a missing schema must be refused, got {other:?}"),
@@ -205,7 +205,7 @@ async fn cql_migration_indexes_messages_written_before_the_bucket_index() {
     // This release refuses the old schema until it is migrated.
     config.schema = SchemaPolicy::Require;
     match CqlStore::connect_with(config.clone()).await {
-        Err(StoreError::Unavailable(message)) => {
+        Err(StoreError::SchemaMismatch(message)) => {
             assert!(message.contains("switchyard-persistor migrate"), "{message}")
         }
         other => panic!("a schema-1 keyspace must be refused, got {other:?}"),
