@@ -240,7 +240,12 @@ pub async fn replay_into(
                     member = true;
                     true
                 }
-                _ => member,
+                EventBody::Left { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Msg { .. }
+                | EventBody::Edit { .. }
+                | EventBody::Delete { .. }
+                | EventBody::Reaction { .. } => member,
             };
             if !visible {
                 continue;

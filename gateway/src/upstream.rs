@@ -90,7 +90,14 @@ fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
         | RoomCommand::Members { .. }
         | RoomCommand::Read { .. }
         | RoomCommand::Typing { .. } => true,
-        _ => false,
+        RoomCommand::Create { .. }
+        | RoomCommand::Leave { .. }
+        | RoomCommand::Invite { .. }
+        | RoomCommand::Kick { .. }
+        | RoomCommand::SetMember { .. }
+        | RoomCommand::React { .. }
+        | RoomCommand::Edit { .. }
+        | RoomCommand::Delete { .. } => false,
     };
     safe.then_some(RETRY_SAFE_ATTEMPT)
 }

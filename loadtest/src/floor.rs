@@ -126,7 +126,23 @@ async fn connection(stream: TcpStream, rooms: Rooms) {
                         None => not_member(rid),
                     },
                     ClientOp::Ping => ServerFrame::Pong { rid },
-                    other => ServerFrame::Err {
+                    other @ (ClientOp::Auth { .. }
+                    | ClientOp::Create { .. }
+                    | ClientOp::Leave { .. }
+                    | ClientOp::Invite { .. }
+                    | ClientOp::Kick { .. }
+                    | ClientOp::Dm { .. }
+                    | ClientOp::Typing { .. }
+                    | ClientOp::Read { .. }
+                    | ClientOp::React { .. }
+                    | ClientOp::Edit { .. }
+                    | ClientOp::Delete { .. }
+                    | ClientOp::History { .. }
+                    | ClientOp::Members { .. }
+                    | ClientOp::Rooms
+                    | ClientOp::Presence { .. }
+                    | ClientOp::Watch { .. }
+                    | ClientOp::Unwatch { .. }) => ServerFrame::Err {
                         rid,
                         code: ErrorCode::BadRequest,
                         message: format!("the floor does not serve {:?}", other.name()),

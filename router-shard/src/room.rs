@@ -452,7 +452,13 @@ impl RoomActor {
             EventBody::Msg { id, .. } => {
                 Ok(OkResult::Sent { room: event.room.clone(), id: id.clone(), seq: event.seq, ts: event.ts_ms() })
             }
-            _ => Err(refused(ErrorCode::Conflict, "cmid was already used for another kind of op")),
+            EventBody::Edit { .. }
+            | EventBody::Delete { .. }
+            | EventBody::Reaction { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. } => {
+                Err(refused(ErrorCode::Conflict, "cmid was already used for another kind of op"))
+            }
         }
     }
 
@@ -847,7 +853,10 @@ impl RoomActor {
                                 facts.deleted = true;
                             }
                         }
-                        _ => {}
+                        EventBody::Edit { .. }
+                        | EventBody::Reaction { .. }
+                        | EventBody::Joined { .. }
+                        | EventBody::Left { .. } => {}
                     }
                     metrics::counter!("switchyard_router_events_appended_total").increment(1);
                     self.publish_live(&LiveMessage::Event(event.clone())).await;
@@ -880,7 +889,7 @@ fn author(body: &EventBody) -> Option<UserId> {
         EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from.clone()),
         EventBody::Reaction { user, .. } => Some(user.clone()),
         EventBody::Delete { by, .. } => Some(by.clone()),
-        _ => None,
+        EventBody::Joined { .. } | EventBody::Left { .. } => None,
     }
 }
 

@@ -4,8 +4,8 @@
 //! Then it runs the chat end-to-end, router-cluster and persistor-durability tests once more against a three-node
 //! NATS cluster with every stream and bucket at three replicas (`CLUSTER_TESTS`).
 //! While the servers still run it builds and runs the short variants of the fault suite (see `chaos`). Afterwards
-//! it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server, and every fuzz target
-//! for a few seconds (see `fuzz`).
+//! it runs `deploy-check` (the offline validation of helm/ and k8s/), which needs no server, `lint` (the source
+//! rules the compiler cannot hold) and every fuzz target for a few seconds (see `fuzz`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use crate::chaos;
 use crate::deploy;
 use crate::deps;
 use crate::fuzz;
+use crate::lint;
 use crate::proc;
 use crate::services::TestServices;
 use crate::util::{cargo, repo_root, say, secs};
@@ -140,6 +141,16 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     timings.push(("deploy check", t.elapsed()));
 
     let t = Instant::now();
+    let linted = match lint::check(&root) {
+        Ok(findings) => findings,
+        Err(e) => vec![format!("lint could not run: {e:#}")],
+    };
+    for finding in &linted {
+        say!("lint: {finding}");
+    }
+    timings.push(("lint", t.elapsed()));
+
+    let t = Instant::now();
     let fuzzed = match fuzz::run_targets(&root, fuzz::TARGETS, Duration::from_secs(fuzz::CI_SECS)) {
         Ok(report) => report,
         Err(e) if e.downcast_ref::<proc::Interrupted>().is_some() => return Err(e),
@@ -165,6 +176,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         (passed + cluster_passed, failed + cluster_failed + u64::from(cluster_status == Some(false)));
     say!("deploy-check {}", if deployed.ok() { "passed" } else { "failed" });
     say!("fuzzing {}", if fuzzed.ok() { "passed" } else { "failed" });
+    say!("lint {}", if linted.is_empty() { "passed" } else { "failed" });
     let chaos_ok = chaos.as_ref().is_none_or(chaos::Verdict::ok);
     if chaos.is_some() {
         say!("fault suite {}", if chaos_ok { "passed" } else { "failed" });
@@ -176,8 +188,14 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let (passed, failed, ignored) = (passed + deployed.passed, failed + deployed.failed, ignored + deployed.skipped);
     let (passed, failed) = (passed + fuzzed.passed.len() as u64, failed + fuzzed.failed.len() as u64);
     let (passed, failed) = (passed + chaos_passed, failed + chaos_failed);
+    let (passed, failed) = if linted.is_empty() { (passed + 1, failed) } else { (passed, failed + 1) };
     println!("Tests: {passed} passed, {failed} failed, {ignored} skipped");
-    let all_ok = status.success() && cluster_status != Some(false) && deployed.ok() && fuzzed.ok() && chaos_ok;
+    let all_ok = status.success()
+        && cluster_status != Some(false)
+        && deployed.ok()
+        && fuzzed.ok()
+        && chaos_ok
+        && linted.is_empty();
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

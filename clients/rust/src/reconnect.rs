@@ -189,7 +189,15 @@ fn repeatable(op: &ClientOp) -> bool {
         | ClientOp::Read { .. }
         | ClientOp::Watch { .. }
         | ClientOp::Unwatch { .. } => true,
-        _ => false,
+        ClientOp::Auth { .. }
+        | ClientOp::Create { .. }
+        | ClientOp::Leave { .. }
+        | ClientOp::Invite { .. }
+        | ClientOp::Kick { .. }
+        | ClientOp::Typing { .. }
+        | ClientOp::React { .. }
+        | ClientOp::Edit { .. }
+        | ClientOp::Delete { .. } => false,
     }
 }
 

@@ -49,7 +49,11 @@ impl LiveEvent {
             LiveMessage::Event(event) => {
                 let left_user = match &event.body {
                     EventBody::Left { user, .. } => Some(user.clone()),
-                    _ => None,
+                    EventBody::Msg { .. }
+                    | EventBody::Edit { .. }
+                    | EventBody::Delete { .. }
+                    | EventBody::Reaction { .. }
+                    | EventBody::Joined { .. } => None,
                 };
                 if let EventBody::Joined { user } = &event.body {
                     joined_user = Some(user.clone());

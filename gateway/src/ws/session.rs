@@ -684,22 +684,44 @@ impl Session {
                 self.typing(room).await;
                 None
             }
-            _ if self.draining => self.reply_now(draining_refusal(request.rid)).await,
-            _ => {
-                if self.queued.len() >= MAX_QUEUED_OPS {
-                    let frame = ServerFrame::Err {
-                        rid: request.rid,
-                        code: ErrorCode::RateLimited,
-                        message: "too many ops waiting on this connection".into(),
-                        retry_after_ms: Some(100),
-                    };
-                    return self.reply_now(frame).await;
-                }
-                self.queued.push_back(request);
-                self.start_next();
-                None
-            }
+            ClientOp::Create { .. }
+            | ClientOp::Join { .. }
+            | ClientOp::Leave { .. }
+            | ClientOp::Invite { .. }
+            | ClientOp::Kick { .. }
+            | ClientOp::Send { .. }
+            | ClientOp::Dm { .. }
+            | ClientOp::Read { .. }
+            | ClientOp::React { .. }
+            | ClientOp::Edit { .. }
+            | ClientOp::Delete { .. }
+            | ClientOp::History { .. }
+            | ClientOp::Members { .. }
+            | ClientOp::Rooms
+            | ClientOp::Presence { .. }
+            | ClientOp::Watch { .. }
+            | ClientOp::Unwatch { .. } => self.queue(request).await,
         }
+    }
+
+    /// Queue an op that is answered in order with the others (`start_next` runs it), unless the session is
+    /// draining or its queue is full.
+    async fn queue(&mut self, request: ClientRequest) -> Option<Option<Close>> {
+        if self.draining {
+            return self.reply_now(draining_refusal(request.rid)).await;
+        }
+        if self.queued.len() >= MAX_QUEUED_OPS {
+            let frame = ServerFrame::Err {
+                rid: request.rid,
+                code: ErrorCode::RateLimited,
+                message: "too many ops waiting on this connection".into(),
+                retry_after_ms: Some(100),
+            };
+            return self.reply_now(frame).await;
+        }
+        self.queued.push_back(request);
+        self.start_next();
+        None
     }
 
     async fn reply_now(&mut self, frame: ServerFrame) -> Option<Option<Close>> {
@@ -736,7 +758,23 @@ impl Session {
                 (Some(body), attrs.as_ref(), cmid.as_ref())
             }
             ClientOp::Edit { body, .. } => (Some(body), None, None),
-            _ => (None, None, None),
+            ClientOp::Auth { .. }
+            | ClientOp::Ping
+            | ClientOp::Create { .. }
+            | ClientOp::Join { .. }
+            | ClientOp::Leave { .. }
+            | ClientOp::Invite { .. }
+            | ClientOp::Kick { .. }
+            | ClientOp::Typing { .. }
+            | ClientOp::Read { .. }
+            | ClientOp::React { .. }
+            | ClientOp::Delete { .. }
+            | ClientOp::History { .. }
+            | ClientOp::Members { .. }
+            | ClientOp::Rooms
+            | ClientOp::Presence { .. }
+            | ClientOp::Watch { .. }
+            | ClientOp::Unwatch { .. } => (None, None, None),
         };
         if body.is_some_and(|b| b.len() > config.max_body_bytes) {
             return too_large(format!("body exceeds {} bytes", config.max_body_bytes));
@@ -772,7 +810,26 @@ impl Session {
             ClientOp::History { limit: Some(limit), .. } if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) => {
                 bad("limit must be 1 to 100")
             }
-            _ => Ok(()),
+            ClientOp::Auth { .. }
+            | ClientOp::Ping
+            | ClientOp::Create { .. }
+            | ClientOp::Join { .. }
+            | ClientOp::Leave { .. }
+            | ClientOp::Invite { .. }
+            | ClientOp::Kick { .. }
+            | ClientOp::Send { .. }
+            | ClientOp::Dm { .. }
+            | ClientOp::Typing { .. }
+            | ClientOp::Read { .. }
+            | ClientOp::React { .. }
+            | ClientOp::Edit { .. }
+            | ClientOp::Delete { .. }
+            | ClientOp::History { .. }
+            | ClientOp::Members { .. }
+            | ClientOp::Rooms
+            | ClientOp::Presence { .. }
+            | ClientOp::Watch { .. }
+            | ClientOp::Unwatch { .. } => Ok(()),
         }
     }
 
@@ -912,7 +969,8 @@ impl Session {
             ClientOp::History { room, before, after, limit } => {
                 run_history(gw, identity, rid, room, before, after, limit).boxed()
             }
-            other => {
+            // Answered by `on_op` itself, never queued.
+            other @ (ClientOp::Auth { .. } | ClientOp::Ping | ClientOp::Typing { .. }) => {
                 let message = format!("op {:?} cannot be queued", other.name());
                 async move { Completion::Reply(err_frame(rid, ErrorCode::Internal, message)) }.boxed()
             }

@@ -181,7 +181,11 @@ fn created(event: &RoomEvent) -> Message {
             deleted: false,
             reactions: BTreeMap::new(),
         },
-        other => panic!("conformance bug: {other:?} is not a msg"),
+        other @ (EventBody::Edit { .. }
+        | EventBody::Delete { .. }
+        | EventBody::Reaction { .. }
+        | EventBody::Joined { .. }
+        | EventBody::Left { .. }) => panic!("conformance bug: {other:?} is not a msg"),
     }
 }
 

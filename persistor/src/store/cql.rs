@@ -1092,7 +1092,11 @@ impl HistoryStore for CqlStore {
                     let first_of_bucket = indexed.insert((event.tenant.as_str(), event.room.as_str(), bucket));
                     first_of_bucket.then(|| self.index_write(event, bucket, ts))
                 }
-                _ => None,
+                EventBody::Edit { .. }
+                | EventBody::Delete { .. }
+                | EventBody::Reaction { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. } => None,
             };
             for (key, write) in self.writes_of(event)?.into_iter().chain(index) {
                 let group = by_partition.entry(key.clone()).or_default();

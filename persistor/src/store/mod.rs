@@ -108,7 +108,7 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
         EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Reaction { target, .. } => {
             fits("target", *target)
         }
-        _ => Ok(()),
+        EventBody::Msg { reply_to: None, .. } | EventBody::Joined { .. } | EventBody::Left { .. } => Ok(()),
     }
 }
 
