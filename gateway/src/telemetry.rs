@@ -8,18 +8,12 @@
 use metrics::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::OnceLock;
-use switchyard_protocol::client::{Format, ServerEvent, ServerFrame, OP_NAMES};
+use switchyard_protocol::client::{Format, OP_NAMES, SERVER_EVENT_OPS, SERVER_FRAME_OPS};
 
 /// The process's Prometheus handle, installing the recorder on first use.
 pub fn prometheus() -> PrometheusHandle {
     switchyard_service::telemetry::prometheus()
 }
-
-/// Ops of the frames a server sends: replies, control frames and events.
-const SENT_OPS: &[&str] = &[
-    "hello", "ok", "err", "pong", "bye", "msg", "edit", "delete", "reaction", "joined", "left", "typing", "read",
-    "presence",
-];
 
 struct FrameCounters {
     received: Vec<(&'static str, Counter)>,
@@ -38,8 +32,9 @@ fn frame_counters() -> &'static FrameCounters {
                 .map(|op| (*op, metrics::counter!("switchyard_gateway_frames_received_total", "op" => *op)))
                 .collect(),
             received_invalid: metrics::counter!("switchyard_gateway_frames_received_total", "op" => "invalid"),
-            sent: SENT_OPS
+            sent: SERVER_FRAME_OPS
                 .iter()
+                .chain(SERVER_EVENT_OPS)
                 .map(|op| (*op, metrics::counter!("switchyard_gateway_frames_sent_total", "op" => *op)))
                 .collect(),
         }
@@ -67,32 +62,6 @@ pub fn auth_failure(reason: &'static str) {
     metrics::counter!("switchyard_gateway_auth_failures_total", "reason" => reason).increment(1);
 }
 
-/// The op name of a server frame.
-pub fn server_frame_op(frame: &ServerFrame) -> &'static str {
-    match frame {
-        ServerFrame::Hello { .. } => "hello",
-        ServerFrame::Ok { .. } => "ok",
-        ServerFrame::Err { .. } => "err",
-        ServerFrame::Pong { .. } => "pong",
-        ServerFrame::Bye { .. } => "bye",
-    }
-}
-
-/// The op name of a server event.
-pub fn server_event_op(event: &ServerEvent) -> &'static str {
-    match event {
-        ServerEvent::Msg { .. } => "msg",
-        ServerEvent::Edit { .. } => "edit",
-        ServerEvent::Delete { .. } => "delete",
-        ServerEvent::Reaction { .. } => "reaction",
-        ServerEvent::Joined { .. } => "joined",
-        ServerEvent::Left { .. } => "left",
-        ServerEvent::Typing { .. } => "typing",
-        ServerEvent::Read { .. } => "read",
-        ServerEvent::Presence { .. } => "presence",
-    }
-}
-
 /// The `subprotocol` label of a session's format.
 pub fn subprotocol_label(format: Format) -> &'static str {
     match format {
@@ -106,11 +75,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_server_op_has_a_counter() {
-        let bye = ServerFrame::Bye { code: 1001, reason: String::new(), reconnect_after_ms: None };
-        assert!(SENT_OPS.contains(&server_frame_op(&bye)));
-        for op in ["msg", "edit", "delete", "reaction", "joined", "left", "typing", "read", "presence"] {
-            assert!(SENT_OPS.contains(&op), "{op}");
+    fn every_op_has_a_counter_of_its_own() {
+        let counters = frame_counters();
+        let received: Vec<&str> = counters.received.iter().map(|(op, _)| *op).collect();
+        assert_eq!(received, OP_NAMES);
+        let sent: Vec<&str> = counters.sent.iter().map(|(op, _)| *op).collect();
+        assert_eq!(sent.len(), SERVER_FRAME_OPS.len() + SERVER_EVENT_OPS.len());
+        // `typing`, `read` and `presence` are both ops and events; each list has them once.
+        let mut distinct = sent.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), sent.len(), "{sent:?}");
+        for op in SERVER_FRAME_OPS.iter().chain(SERVER_EVENT_OPS) {
+            frame_sent(op);
+        }
+        let rendered = prometheus().render();
+        for op in SERVER_FRAME_OPS.iter().chain(SERVER_EVENT_OPS) {
+            let line = format!("switchyard_gateway_frames_sent_total{{op=\"{op}\"}}");
+            assert!(rendered.contains(&line), "{line} missing");
         }
     }
 }

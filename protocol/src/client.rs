@@ -44,8 +44,9 @@ impl Format {
 }
 
 /// One client op with its fields. Ids are validated while parsing.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, strum::VariantNames, strum::IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[strum(serialize_all = "snake_case")]
 pub enum ClientOp {
     Auth {
         token: String,
@@ -142,28 +143,7 @@ pub enum ClientOp {
 impl ClientOp {
     /// The op's wire name.
     pub fn name(&self) -> &'static str {
-        match self {
-            ClientOp::Auth { .. } => "auth",
-            ClientOp::Ping => "ping",
-            ClientOp::Create { .. } => "create",
-            ClientOp::Join { .. } => "join",
-            ClientOp::Leave { .. } => "leave",
-            ClientOp::Invite { .. } => "invite",
-            ClientOp::Kick { .. } => "kick",
-            ClientOp::Send { .. } => "send",
-            ClientOp::Dm { .. } => "dm",
-            ClientOp::Typing { .. } => "typing",
-            ClientOp::Read { .. } => "read",
-            ClientOp::React { .. } => "react",
-            ClientOp::Edit { .. } => "edit",
-            ClientOp::Delete { .. } => "delete",
-            ClientOp::History { .. } => "history",
-            ClientOp::Members { .. } => "members",
-            ClientOp::Rooms => "rooms",
-            ClientOp::Presence { .. } => "presence",
-            ClientOp::Watch { .. } => "watch",
-            ClientOp::Unwatch { .. } => "unwatch",
-        }
+        self.into()
     }
 
     /// Whether the op has no fields of its own. Serde cannot refuse unknown fields on such variants of an
@@ -194,10 +174,7 @@ impl ClientOp {
 }
 
 /// The names of every op, for telling an unknown op from a malformed known one.
-pub const OP_NAMES: &[&str] = &[
-    "auth", "ping", "create", "join", "leave", "invite", "kick", "send", "dm", "typing", "read", "react", "edit",
-    "delete", "history", "members", "rooms", "presence", "watch", "unwatch",
-];
+pub const OP_NAMES: &[&str] = <ClientOp as strum::VariantNames>::VARIANTS;
 
 /// A parsed client frame: its op and the request id to echo.
 #[derive(Debug, Clone, PartialEq)]
@@ -286,8 +263,9 @@ pub fn encode_frame<T: Serialize>(frame: &T, format: Format) -> Vec<u8> {
 }
 
 /// A server reply or control frame.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, strum::VariantNames, strum::IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ServerFrame {
     Hello {
         session: String,
@@ -392,8 +370,9 @@ pub struct Message {
 }
 
 /// A server event delivered to subscribed sessions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::VariantNames, strum::IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ServerEvent {
     Msg {
         room: RoomId,
@@ -461,7 +440,24 @@ pub enum ServerEvent {
     },
 }
 
+/// The op names of every server frame that is not an event (replies and control frames).
+pub const SERVER_FRAME_OPS: &[&str] = <ServerFrame as strum::VariantNames>::VARIANTS;
+/// The op names of every event.
+pub const SERVER_EVENT_OPS: &[&str] = <ServerEvent as strum::VariantNames>::VARIANTS;
+
+impl ServerFrame {
+    /// The frame's wire name (its `op`).
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+}
+
 impl ServerEvent {
+    /// The event's wire name (its `op`).
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+
     /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `joined`, `left`); `None` for
     /// signals (`typing`, `read`, `presence`), which carry no room seq of their own.
     pub fn room_seq(&self) -> Option<(&RoomId, u64)> {
@@ -480,6 +476,37 @@ impl ServerEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The derived name lists say what serde reads and writes: every name is a variant serde knows (a frame of
+    /// that op alone is at most missing fields), and a name serde does not know is refused as unknown.
+    #[test]
+    fn the_name_lists_are_the_wire_names() {
+        fn known_to_serde<T: serde::de::DeserializeOwned>(name: &str) -> bool {
+            match serde_json::from_value::<T>(serde_json::json!({ "op": name })) {
+                Ok(_) => true,
+                Err(error) => !error.to_string().contains("unknown variant"),
+            }
+        }
+        for name in OP_NAMES {
+            assert!(known_to_serde::<ClientOp>(name), "{name}");
+        }
+        for name in SERVER_EVENT_OPS {
+            assert!(known_to_serde::<ServerEvent>(name), "{name}");
+        }
+        assert!(!known_to_serde::<ClientOp>("pin") && !known_to_serde::<ServerEvent>("pinned"));
+        let frames = [
+            ServerFrame::Pong { rid: Some(1) },
+            ServerFrame::Bye { code: 1001, reason: String::new(), reconnect_after_ms: None },
+            ServerFrame::Ok { rid: None, result: OkResult::Empty {} },
+        ];
+        for frame in frames {
+            let op = serde_json::to_value(&frame).unwrap()["op"].as_str().unwrap().to_owned();
+            assert_eq!(frame.name(), op);
+            assert!(SERVER_FRAME_OPS.contains(&op.as_str()), "{op}");
+        }
+        assert_eq!(ClientOp::Rooms.name(), "rooms");
+        assert_eq!(SERVER_FRAME_OPS, ["hello", "ok", "err", "pong", "bye"]);
+    }
 
     #[test]
     fn parses_send_in_both_formats() {

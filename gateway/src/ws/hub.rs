@@ -78,7 +78,7 @@ impl LiveEvent {
                 (None, None, None, None, ServerEvent::Presence { user: user.clone(), online: *online, ts: *ts })
             }
         };
-        let op = crate::telemetry::server_event_op(&event);
+        let op = event.name();
         LiveEvent {
             room,
             seq,

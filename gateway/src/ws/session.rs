@@ -572,7 +572,7 @@ impl Session {
 
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), axum::Error> {
         self.sink.send(frame_message(frame, self.format)).await?;
-        telemetry::frame_sent(telemetry::server_frame_op(frame));
+        telemetry::frame_sent(frame.name());
         Ok(())
     }
 
