@@ -143,6 +143,16 @@ struct Close {
     reason: &'static str,
 }
 
+/// What a session does after it handled a client frame.
+enum AfterFrame {
+    /// Read the next frame.
+    Continue,
+    /// End without a close of its own: the client closed, or the socket failed under a write.
+    End,
+    /// End with this close.
+    Close(Close),
+}
+
 impl Close {
     fn draining() -> Close {
         Close { code: CloseCode::Draining, reason: "gateway is draining" }
@@ -556,8 +566,10 @@ impl Session {
                         }
                     };
                     self.last_heard = Instant::now();
-                    if let Some(close) = Box::pin(self.on_frame(frame)).await {
-                        return close;
+                    match Box::pin(self.on_frame(frame)).await {
+                        AfterFrame::Continue => {}
+                        AfterFrame::End => return None,
+                        AfterFrame::Close(close) => return Some(close),
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -617,8 +629,8 @@ impl Session {
         Ok(())
     }
 
-    /// Handle one client frame. `Some(close)` ends the session (`Some(None)`: the client closed).
-    async fn on_frame(&mut self, frame: Message) -> Option<Option<Close>> {
+    /// Handle one client frame.
+    async fn on_frame(&mut self, frame: Message) -> AfterFrame {
         let bytes = match frame {
             Message::Text(text) => {
                 if self.format != Format::Json {
@@ -634,11 +646,11 @@ impl Session {
                 }
                 bytes.to_vec()
             }
-            Message::Ping(_) | Message::Pong(_) => return None,
-            Message::Close(_) => return Some(None),
+            Message::Ping(_) | Message::Pong(_) => return AfterFrame::Continue,
+            Message::Close(_) => return AfterFrame::End,
         };
         if bytes.len() > self.gw.config.max_frame_bytes {
-            return Some(Some(Close { code: CloseCode::FrameTooBig, reason: "frame too big" }));
+            return AfterFrame::Close(Close { code: CloseCode::FrameTooBig, reason: "frame too big" });
         }
         let request = match decode_client_frame(&bytes, self.format) {
             Ok(request) => request,
@@ -651,10 +663,13 @@ impl Session {
         if let Err(wait) = self.budget.take() {
             metrics::counter!("switchyard_gateway_rate_limited_total").increment(1);
             if self.abuse.record(wait) {
-                return Some(Some(Close { code: CloseCode::RateLimitAbuse, reason: "too many rate-limited ops" }));
+                return AfterFrame::Close(Close {
+                    code: CloseCode::RateLimitAbuse,
+                    reason: "too many rate-limited ops",
+                });
             }
             if matches!(request.op, ClientOp::Typing { .. }) {
-                return None;
+                return AfterFrame::Continue;
             }
             let frame = ServerFrame::Err {
                 rid: request.rid,
@@ -666,7 +681,7 @@ impl Session {
         }
         if let Err((code, message)) = self.check_op(&request.op) {
             if matches!(request.op, ClientOp::Typing { .. }) {
-                return None;
+                return AfterFrame::Continue;
             }
             return self.reply_now(err_frame(request.rid, code, message)).await;
         }
@@ -682,7 +697,7 @@ impl Session {
             }
             ClientOp::Typing { room } => {
                 self.typing(room).await;
-                None
+                AfterFrame::Continue
             }
             ClientOp::Create { .. }
             | ClientOp::Join { .. }
@@ -706,7 +721,7 @@ impl Session {
 
     /// Queue an op that is answered in order with the others (`start_next` runs it), unless the session is
     /// draining or its queue is full.
-    async fn queue(&mut self, request: ClientRequest) -> Option<Option<Close>> {
+    async fn queue(&mut self, request: ClientRequest) -> AfterFrame {
         if self.draining {
             return self.reply_now(draining_refusal(request.rid)).await;
         }
@@ -721,13 +736,13 @@ impl Session {
         }
         self.queued.push_back(request);
         self.start_next();
-        None
+        AfterFrame::Continue
     }
 
-    async fn reply_now(&mut self, frame: ServerFrame) -> Option<Option<Close>> {
+    async fn reply_now(&mut self, frame: ServerFrame) -> AfterFrame {
         match self.write(&frame).await {
-            Ok(()) => None,
-            Err(_) => Some(None),
+            Ok(()) => AfterFrame::Continue,
+            Err(_) => AfterFrame::End,
         }
     }
 
