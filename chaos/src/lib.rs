@@ -94,7 +94,11 @@ fn cql_cluster_from_env() -> Result<Option<CqlCluster>> {
     let pids = pids
         .split(',')
         .map(|p| {
-            p.trim().parse::<i32>().with_context(|| format!("SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS: {p:?} is not a pid"))
+            // 0 and negative numbers name process groups to `kill`, never one node.
+            match p.trim().parse::<i32>() {
+                Ok(pid) if pid > 1 => Ok(pid),
+                _ => bail!("SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS: {p:?} is not a pid"),
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     if pids.len() != nodes.split(',').count() {

@@ -132,14 +132,14 @@ pub async fn latest_value(store: &kv::Store, key: &str) -> Result<Option<bytes::
 }
 
 /// The operation a KV message records: its `KV-Operation` header, or a put when it has none. A marker the server
-/// left when it removed the key (`Nats-Marker-Reason`) reads as a purge.
+/// left when it removed the key (`Nats-Marker-Reason`) reads as a delete (`Remove`) or a purge (an expiry or a
+/// purge), as `kv::Store::entry` reads it.
 fn kv_operation(headers: &async_nats::HeaderMap) -> kv::Operation {
-    match headers.get("KV-Operation").map(|value| value.as_str()) {
-        Some("DEL") => kv::Operation::Delete,
-        Some("PURGE") => kv::Operation::Purge,
-        Some(_) => kv::Operation::Put,
-        None if headers.get("Nats-Marker-Reason").is_some() => kv::Operation::Purge,
-        None => kv::Operation::Put,
+    let marker = headers.get("Nats-Marker-Reason").map(|value| value.as_str());
+    match (headers.get("KV-Operation").map(|value| value.as_str()), marker) {
+        (Some("DEL"), _) | (None, Some("Remove")) => kv::Operation::Delete,
+        (Some("PURGE"), _) | (None, Some(_)) => kv::Operation::Purge,
+        (Some(_), _) | (None, None) => kv::Operation::Put,
     }
 }
 
@@ -217,6 +217,8 @@ mod tests {
         let mut marker = async_nats::HeaderMap::new();
         marker.insert("Nats-Marker-Reason", "MaxAge");
         assert_eq!(kv_operation(&marker), kv::Operation::Purge);
+        marker.insert("Nats-Marker-Reason", "Remove");
+        assert_eq!(kv_operation(&marker), kv::Operation::Delete);
     }
 
     #[test]
