@@ -23,8 +23,13 @@ use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, RoomId, UserId}
 const BATCH_EVENTS: u64 = 256;
 /// Most payload bytes one batched read returns (the server stops the batch before it would exceed them).
 const BATCH_BYTES: usize = 256 * 1024;
-/// How long one batched read may take.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one replica may take to answer a batch before it is asked again (of any replica).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one batch may take over all its attempts: more than a client takes to notice that its NATS node froze
+/// and to move to another (three unanswered pings, 2 s apart), and more than a stream leader's election.
+const READ_BUDGET: Duration = Duration::from_secs(20);
+/// The pause between two attempts at a batch.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 fn unavailable(error: impl std::fmt::Display) -> UpstreamError {
     UpstreamError { code: ErrorCode::Unavailable, message: format!("cannot read the room's events: {error}") }
@@ -53,6 +58,33 @@ async fn event_at_or_after(
     }
 }
 
+/// `read` until it answers, retrying `unavailable` for up to [`READ_BUDGET`]: a leader read waits through the
+/// election that follows the loss of the stream's leader.
+async fn patiently<T, F, Fut>(mut read: F) -> Result<T, UpstreamError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+{
+    let budget = tokio::time::Instant::now() + READ_BUDGET;
+    loop {
+        match read().await {
+            Err(error) if error.code == ErrorCode::Unavailable && tokio::time::Instant::now() < budget => {
+                tracing::debug!(%error, "reading the room's events again");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// The stream sequence of a room's last event, from the stream leader.
+async fn last_sequence(stream: &Stream, subject: &str) -> Result<u64, UpstreamError> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(message.sequence),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 /// A batched direct-get request (JetStream's `$JS.API.DIRECT.GET.<stream>` with `batch`).
 #[derive(serde::Serialize)]
 struct BatchRequest<'a> {
@@ -62,12 +94,28 @@ struct BatchRequest<'a> {
     max_bytes: usize,
 }
 
+/// How one batched read ended.
+enum BatchEnd {
+    /// The replica said the batch is over (or answered one message, on a server without batched reads).
+    Answered,
+    /// The replica stopped answering, or answered with an error status: the batch may be cut short.
+    Unanswered(String),
+}
+
 /// A forward reader of one room's events with `since < seq <= upto`, a batch at a time, each checked to follow the
 /// one before it with no gap.
+///
+/// Batches are direct gets, which every replica of the stream answers (a queue group): one may be paused or cut
+/// off and never answer, one may lag behind the leader and end a batch early. So an unanswered batch is asked
+/// again on a fresh inbox (late answers of the silent replica land on the old one and are never read), and a batch
+/// that ends early with nothing new is settled by the stream leader: the next event from the leader, or
+/// `resume_gap` only when the leader has no next event either.
 pub struct RoomLog {
     nats: async_nats::Client,
+    /// The events stream, for the leader's reads.
+    stream: Stream,
     subject: String,
-    /// Where this reader's batches are answered.
+    /// Where this reader's batches are answered; replaced after an unanswered batch.
     inbox: async_nats::Subscriber,
     inbox_subject: async_nats::Subject,
     /// The stream sequence to read from next.
@@ -103,26 +151,32 @@ impl RoomLog {
         let subject = subjects::event_log(shard_of_room(tenant, room, gw.config.shard_count), tenant, room);
         let inbox_subject = async_nats::Subject::from(gw.nats.new_inbox());
         let inbox = gw.nats.subscribe(inbox_subject.clone()).await.map_err(unavailable)?;
-        let mut log =
-            RoomLog { nats: gw.nats.clone(), subject, inbox, inbox_subject, next_sequence: 1, last_seq: since, upto };
+        let mut log = RoomLog {
+            nats: gw.nats.clone(),
+            stream,
+            subject,
+            inbox,
+            inbox_subject,
+            next_sequence: 1,
+            last_seq: since,
+            upto,
+        };
         if since >= upto {
             return Ok(log);
         }
-        let Some((first_sequence, first)) = event_at_or_after(&stream, &log.subject, 1).await? else {
+        let (stream, subject) = (&log.stream, log.subject.as_str());
+        let Some((first_sequence, first)) = patiently(|| event_at_or_after(stream, subject, 1)).await? else {
             return Err(gap(since));
         };
         if first.seq > since + 1 {
             return Err(gap(since));
         }
-        let last_sequence = match stream.get_last_raw_message_by_subject(&log.subject).await {
-            Ok(message) => message.sequence,
-            Err(e) => return Err(unavailable(e)),
-        };
+        let last_sequence = patiently(|| last_sequence(stream, subject)).await?;
         // The smallest stream sequence holding an event of seq > since.
         let (mut low, mut high) = (first_sequence, last_sequence);
         while low < high {
             let middle = low + (high - low) / 2;
-            match event_at_or_after(&stream, &log.subject, middle).await? {
+            match patiently(|| event_at_or_after(stream, subject, middle)).await? {
                 Some((_, event)) if event.seq > since => high = middle,
                 Some((found, _)) => low = found + 1,
                 None => return Err(unavailable("the room's log ended during the search")),
@@ -132,11 +186,58 @@ impl RoomLog {
         Ok(log)
     }
 
-    /// The next events in seq order; empty once `upto` was handed out. `resume_gap` when an event is missing.
+    /// The next events in seq order; empty once `upto` was handed out. `resume_gap` when an event is missing;
+    /// `unavailable` when no replica and no leader answered within [`READ_BUDGET`].
     pub async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
         if self.last_seq >= self.upto {
             return Ok(Vec::new());
         }
+        let budget = tokio::time::Instant::now() + READ_BUDGET;
+        let mut events = Vec::new();
+        loop {
+            let attempt = (tokio::time::Instant::now() + ATTEMPT_TIMEOUT).min(budget);
+            let problem = match self.read_batch(&mut events, attempt).await? {
+                BatchEnd::Answered if !events.is_empty() || self.last_seq >= self.upto => return Ok(events),
+                BatchEnd::Unanswered(_) if !events.is_empty() => {
+                    self.renew_inbox().await?;
+                    return Ok(events);
+                }
+                BatchEnd::Unanswered(problem) => {
+                    self.renew_inbox().await?;
+                    problem
+                }
+                // Ended early with nothing new: a lagging replica, or events that are gone. The leader decides.
+                BatchEnd::Answered => match event_at_or_after(&self.stream, &self.subject, self.next_sequence).await {
+                    Ok(Some((sequence, event))) => {
+                        self.next_sequence = sequence + 1;
+                        if event.seq <= self.last_seq {
+                            continue;
+                        }
+                        if event.seq != self.last_seq + 1 {
+                            return Err(gap(self.last_seq));
+                        }
+                        self.last_seq = event.seq;
+                        return Ok(vec![event]);
+                    }
+                    // The room's log ends before `upto`: the events after `last_seq` are gone.
+                    Ok(None) => return Err(gap(self.last_seq)),
+                    Err(error) => error.message,
+                },
+            };
+            if tokio::time::Instant::now() >= budget {
+                return Err(unavailable(problem));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// One batched direct get from `next_sequence`, its in-order events appended to `events`, until the replica
+    /// ends the batch or `deadline`.
+    async fn read_batch(
+        &mut self,
+        events: &mut Vec<RoomEvent>,
+        deadline: tokio::time::Instant,
+    ) -> Result<BatchEnd, UpstreamError> {
         let request = BatchRequest {
             seq: self.next_sequence,
             next_by_subj: &self.subject,
@@ -144,24 +245,23 @@ impl RoomLog {
             max_bytes: BATCH_BYTES,
         };
         let payload = serde_json::to_vec(&request).map_err(unavailable)?;
-        self.nats
-            .publish_with_reply(subjects::EVENTS_DIRECT_GET, self.inbox_subject.clone(), payload.into())
-            .await
-            .map_err(unavailable)?;
-        let mut events = Vec::new();
-        let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+        if let Err(e) =
+            self.nats.publish_with_reply(subjects::EVENTS_DIRECT_GET, self.inbox_subject.clone(), payload.into()).await
+        {
+            return Ok(BatchEnd::Unanswered(format!("cannot ask the events stream: {e}")));
+        }
         loop {
             let message = match tokio::time::timeout_at(deadline, self.inbox.next()).await {
                 Ok(Some(message)) => message,
-                Ok(None) => return Err(unavailable("the reply subscription ended")),
-                Err(_) => return Err(unavailable("no answer from the events stream in time")),
+                Ok(None) => return Ok(BatchEnd::Unanswered("the reply subscription ended".into())),
+                Err(_) => return Ok(BatchEnd::Unanswered("no answer from the events stream in time".into())),
             };
             if let Some(status) = message.status {
-                match status.as_u16() {
+                return Ok(match status.as_u16() {
                     // End of the batch, or nothing (more) on the subject.
-                    204 | 404 => break,
-                    code => return Err(unavailable(format!("direct get answered {code}: {:?}", message.description))),
-                }
+                    204 | 404 => BatchEnd::Answered,
+                    code => BatchEnd::Unanswered(format!("direct get answered {code}: {:?}", message.description)),
+                });
             }
             let headers = message.headers.as_ref();
             let sequence = headers
@@ -180,14 +280,17 @@ impl RoomLog {
                 events.push(event);
             }
             if !batched {
-                break;
+                return Ok(BatchEnd::Answered);
             }
         }
-        if events.is_empty() && self.last_seq < self.upto {
-            // The batch ended before `upto`: the events after `last_seq` are gone.
-            return Err(gap(self.last_seq));
-        }
-        Ok(events)
+    }
+
+    /// Read the next batches on a new inbox, so the rest of an unanswered batch never mixes into them.
+    async fn renew_inbox(&mut self) -> Result<(), UpstreamError> {
+        let inbox_subject = async_nats::Subject::from(self.nats.new_inbox());
+        self.inbox = self.nats.subscribe(inbox_subject.clone()).await.map_err(unavailable)?;
+        self.inbox_subject = inbox_subject;
+        Ok(())
     }
 }
 
