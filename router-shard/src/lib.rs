@@ -12,6 +12,7 @@ mod leases;
 mod memberships;
 mod presence;
 mod room;
+mod room_core;
 mod shard;
 mod stream_usage;
 mod user_reads;

@@ -1,0 +1,677 @@
+//! The rules of a room, without I/O: from what the room's actor knows of its room (`RoomState`, the facts loaded
+//! for the command at hand in `CommandFacts`) and one command, [`decide`] answers the fact to load next, the
+//! refusal, or the decision: the changes to make (room record, roster, memberships and read markers, events to
+//! append, live signals) in order, and the reply. Every permission, quota, sequencing and validation rule of a room
+//! command lives here.
+//!
+//! It does not read, write or wait: the actor (`room.rs`) loads the facts it is asked for, performs the effects in
+//! order, and assigns each appended event its seq at the append (the fence decides the seq, not this module).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use switchyard_protocol::client::{Member, OkResult, Role};
+use switchyard_protocol::internal::{
+    EventBody, LiveMessage, RoomCommand, RoomEvent, RoomQuotas, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
+};
+use switchyard_protocol::{limits, subjects, ErrorCode, MessageId, ProjectId, RoomId, UserId};
+
+/// At most one typing signal per user per room in this interval.
+pub(crate) const TYPING_INTERVAL: Duration = Duration::from_secs(2);
+/// Most message facts kept per room; older ones are asked of the persistors again.
+const MESSAGE_FACTS_KEPT: usize = 4096;
+
+/// The room's last event in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tail {
+    /// The room's last seq (0 when the room has no events).
+    pub seq: u64,
+    /// The stream sequence of that event (0 when none): the fence for the next append.
+    pub stream_seq: u64,
+    /// That event's timestamp; the next one is strictly later.
+    pub ts_us: u64,
+}
+
+/// What is known about one message of the room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MessageFacts {
+    pub author: UserId,
+    pub deleted: bool,
+}
+
+/// What the actor keeps of its room between commands: a cache of what the stream and the rooms bucket hold,
+/// rebuilt on demand (`None` means "not loaded").
+#[derive(Debug, Default)]
+pub(crate) struct RoomState {
+    /// The room's record; `Some(None)` means the room does not exist. Direct-message rooms have none.
+    pub record: Option<Option<RoomRecord>>,
+    /// The roster with the revision of its entry (`None`: no entry yet), the base of the next compare-and-set.
+    pub roster: Option<(Roster, Option<u64>)>,
+    /// The room's last event.
+    pub tail: Option<Tail>,
+    /// Authors and deletion state of recent messages, by seq (at most [`MESSAGE_FACTS_KEPT`]).
+    pub messages: HashMap<u64, MessageFacts>,
+    /// When each user last had a typing signal relayed (entries older than [`TYPING_INTERVAL`] are dropped).
+    pub typing: HashMap<UserId, Instant>,
+}
+
+impl RoomState {
+    /// Drop every cached fact of the room (another writer changed it); the next command loads them again.
+    pub fn forget(&mut self) {
+        self.tail = None;
+        self.record = None;
+        self.roster = None;
+        self.messages.clear();
+    }
+
+    pub fn remember(&mut self, seq: u64, facts: MessageFacts) {
+        if self.messages.len() >= MESSAGE_FACTS_KEPT {
+            self.messages.clear();
+        }
+        self.messages.insert(seq, facts);
+    }
+
+    /// `event` was appended at stream sequence `stream_seq`: it is the new tail, and what it says of a message is
+    /// remembered.
+    pub fn appended(&mut self, event: &RoomEvent, stream_seq: u64) {
+        self.tail = Some(Tail { seq: event.seq, stream_seq, ts_us: event.ts_us });
+        match &event.body {
+            EventBody::Msg { from, .. } => {
+                self.remember(event.seq, MessageFacts { author: from.clone(), deleted: false })
+            }
+            EventBody::Delete { target, .. } => {
+                if let Some(facts) = self.messages.get_mut(target) {
+                    facts.deleted = true;
+                }
+            }
+            EventBody::Edit { .. } | EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => {
+            }
+        }
+    }
+
+    /// A typing signal of `user` was relayed `at`.
+    pub fn mark_typing(&mut self, user: UserId, at: Instant) {
+        self.typing.retain(|_, last| at.duration_since(*last) < TYPING_INTERVAL);
+        self.typing.insert(user, at);
+    }
+}
+
+/// Facts loaded for the command being decided, dropped after it.
+#[derive(Debug, Default)]
+pub(crate) struct CommandFacts {
+    /// The roster was read during this command: a user missing from it is not a member (one missing from an older
+    /// read may have been added since by another writer).
+    pub roster_fresh: bool,
+    /// Users' membership entries in this room (role and read marker); `None`: no entry.
+    pub memberships: HashMap<UserId, Option<UserRoom>>,
+    /// How many rooms each user is a member of.
+    pub user_rooms: HashMap<UserId, u64>,
+    /// How many rooms the tenant has.
+    pub tenant_rooms: Option<u64>,
+    /// Messages the history store does not hold.
+    pub missing_messages: HashSet<u64>,
+}
+
+/// A fact [`decide`] needs before it can decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fact {
+    /// The room's record (into `RoomState::record`).
+    Record,
+    /// The roster, when none is cached (into `RoomState::roster`; sets `CommandFacts::roster_fresh`).
+    Roster,
+    /// The roster read again: the cached one lacks a user and was read before this command.
+    FreshRoster,
+    /// The room's last event (into `RoomState::tail`).
+    Tail,
+    /// Who wrote message `seq` and whether it was deleted (into `RoomState::messages`, or
+    /// `CommandFacts::missing_messages`).
+    Message(u64),
+    /// The user's membership entry in this room (into `CommandFacts::memberships`).
+    Membership(UserId),
+    /// How many rooms the user is a member of (into `CommandFacts::user_rooms`).
+    UserRooms(UserId),
+    /// How many rooms the tenant has (into `CommandFacts::tenant_rooms`).
+    TenantRooms,
+}
+
+/// One command as the core decides it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Command<'a> {
+    pub tenant: &'a ProjectId,
+    pub room: &'a RoomId,
+    /// The acting user; `None` for the tenant's backend.
+    pub user: Option<&'a UserId>,
+    pub command: &'a RoomCommand,
+    /// The tenant's quotas, as the gateway resolved them.
+    pub quotas: &'a RoomQuotas,
+    pub now: Instant,
+    /// Unix time in microseconds, for records' creation times.
+    pub now_us: u64,
+    /// The id a message sent by this command gets.
+    pub message_id: &'a MessageId,
+}
+
+/// A change to make, in the order the decision lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Create the room's record. When it exists already: with `redecide` the command is decided again (the room
+    /// was created meanwhile), otherwise it is refused as a conflict.
+    CreateRecord { record: RoomRecord, redecide: bool },
+    /// Store the roster, by compare-and-set on the revision it was read at.
+    SaveRoster(Roster),
+    /// Take the user off the roster as it is now (read again if an append was fenced meanwhile).
+    DropFromRoster(UserId),
+    /// Write the user's membership entry (role and read marker).
+    PutMembership(UserId, UserRoom),
+    /// Remove the user's membership entry.
+    RemoveMembership(UserId),
+    /// Sequence an event: the room's next seq, fenced. `dedupe_id` makes a repeat of the same op find the first.
+    Append { body: EventBody, dedupe_id: Option<String> },
+    /// Note a relayed typing signal, for the throttle.
+    MarkTyping { user: UserId, at: Instant },
+    /// Publish to whoever listens live.
+    Publish(LiveMessage),
+}
+
+/// What the command answers once its effects are done.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reply {
+    /// `OkResult::Room`.
+    Room,
+    /// `OkResult::RoomSeq` with the room's last seq after the effects.
+    TailSeq,
+    /// `OkResult::RoomSeq` with this seq.
+    Seq(u64),
+    /// `OkResult::Sent` for the appended message (see [`sent`]).
+    Sent,
+    Members(Vec<Member>),
+    Empty,
+}
+
+/// What to do for a command.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Decision {
+    pub effects: Vec<Effect>,
+    pub reply: Reply,
+}
+
+/// A refused command: nothing of it is done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Why [`decide`] did not decide.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Stop {
+    /// Load this fact, then decide again.
+    Load(Fact),
+    /// The command is refused.
+    Refuse(Refusal),
+}
+
+impl From<Refusal> for Stop {
+    fn from(refusal: Refusal) -> Self {
+        Stop::Refuse(refusal)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Stop {
+    Stop::Refuse(Refusal { code, message: message.into() })
+}
+
+type Rule<T> = Result<T, Stop>;
+
+/// Decide `command` given what is known; see the module's documentation.
+pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<'_>) -> Result<Decision, Stop> {
+    let rules = Rules { state, facts, command };
+    let room = command.room;
+    let mut effects = Vec::new();
+    let reply = match (command.command, command.user) {
+        (RoomCommand::Create { private, title, .. }, user) => {
+            rules.create(user, *private, title.clone(), false, &mut effects)?;
+            Reply::Room
+        }
+        (RoomCommand::Members { .. }, None) => rules.members()?,
+        (RoomCommand::CanRead { .. }, None) => {
+            if !room.is_dm() {
+                rules.require_record()?;
+            }
+            Reply::Seq(rules.tail_seq()?)
+        }
+        (RoomCommand::SetMember { user: member, role, .. }, None) => {
+            rules.require_named_room()?;
+            rules.require_record()?;
+            rules.set_member(member, *role, &mut effects)?;
+            Reply::Room
+        }
+        (RoomCommand::Kick { user: member, .. }, None) => {
+            rules.require_named_room()?;
+            rules.require_record()?;
+            rules.remove_member(member, None, &mut effects)?;
+            Reply::Room
+        }
+        (
+            RoomCommand::Join { .. }
+            | RoomCommand::Send { .. }
+            | RoomCommand::Leave { .. }
+            | RoomCommand::Invite { .. }
+            | RoomCommand::Typing { .. }
+            | RoomCommand::Read { .. }
+            | RoomCommand::React { .. }
+            | RoomCommand::Edit { .. }
+            | RoomCommand::Delete { .. },
+            None,
+        ) => return Err(refuse(ErrorCode::Forbidden, "this operation needs a user")),
+        (RoomCommand::Join { grants, .. }, Some(user)) => rules.join(user, grants, &mut effects)?,
+        (RoomCommand::CanRead { grants, .. }, Some(user)) => {
+            rules.require_reader(user, grants)?;
+            Reply::Seq(rules.tail_seq()?)
+        }
+        (RoomCommand::Members { .. }, Some(user)) => {
+            rules.require_reader(user, &[])?;
+            rules.members()?
+        }
+        (RoomCommand::Send { body, attrs, reply_to, cmid, .. }, Some(user)) => {
+            rules.require_member(user)?;
+            let tail = rules.tail_seq()?;
+            if reply_to.is_some_and(|seq| seq == 0 || seq > tail) {
+                return Err(refuse(ErrorCode::BadRequest, "reply_to must be the seq of an earlier event of the room"));
+            }
+            if let (Some((a, b)), 0) = (room.dm_participants(), tail) {
+                // The conversation's first message: list it among both participants' rooms.
+                for participant in [a, b] {
+                    if rules.membership(&participant)?.is_none() {
+                        effects.push(Effect::PutMembership(participant, UserRoom { role: Role::Member, read: 0 }));
+                    }
+                }
+            }
+            let body = EventBody::Msg {
+                id: command.message_id.clone(),
+                from: user.clone(),
+                body: body.clone(),
+                attrs: attrs.clone(),
+                reply_to: *reply_to,
+            };
+            let dedupe_id = cmid.as_ref().map(|cmid| subjects::cmid_dedupe_id(command.tenant, user, cmid));
+            effects.push(Effect::Append { body, dedupe_id });
+            Reply::Sent
+        }
+        (RoomCommand::Leave { .. }, Some(user)) => {
+            rules.require_named_room()?;
+            if rules.role_of(user)?.is_none() {
+                return Err(refuse(ErrorCode::NotFound, format!("{user} is not a member of room {room}")));
+            }
+            rules.remove_member(user, None, &mut effects)?;
+            Reply::Room
+        }
+        (RoomCommand::Invite { user: member, .. }, Some(user)) => {
+            rules.require_named_room()?;
+            rules.require_admin(user)?;
+            if rules.role_of(member)?.is_none() {
+                rules.set_member(member, Role::Member, &mut effects)?;
+            }
+            Reply::Room
+        }
+        (RoomCommand::Kick { user: member, .. }, Some(user)) => {
+            rules.require_named_room()?;
+            rules.require_admin(user)?;
+            if rules.role_of(member)?.is_none() {
+                return Err(refuse(ErrorCode::NotFound, format!("{member} is not a member of room {room}")));
+            }
+            rules.remove_member(member, Some(user.clone()), &mut effects)?;
+            Reply::Room
+        }
+        (RoomCommand::SetMember { .. }, Some(_)) => {
+            return Err(refuse(ErrorCode::Forbidden, "roles are set by the tenant's backend"));
+        }
+        (RoomCommand::Typing { .. }, Some(user)) => {
+            let throttled = |last: &Instant| command.now.saturating_duration_since(*last) < TYPING_INTERVAL;
+            if rules.role_of(user)?.is_some() && !state.typing.get(user).is_some_and(throttled) {
+                effects.push(Effect::MarkTyping { user: user.clone(), at: command.now });
+                effects.push(Effect::Publish(LiveMessage::Typing { room: room.clone(), user: user.clone() }));
+            }
+            Reply::Empty
+        }
+        (RoomCommand::Read { seq, .. }, Some(user)) => {
+            let role = rules.require_member(user)?;
+            let tail = rules.tail_seq()?;
+            if *seq > tail {
+                return Err(refuse(ErrorCode::BadRequest, format!("seq {seq} is past the room's last seq {tail}")));
+            }
+            let mut entry = rules.membership(user)?.unwrap_or(UserRoom { role, read: 0 });
+            if *seq > entry.read {
+                entry.read = *seq;
+                effects.push(Effect::PutMembership(user.clone(), entry));
+                effects.push(Effect::Publish(LiveMessage::Read { room: room.clone(), user: user.clone(), seq: *seq }));
+            }
+            Reply::Seq(entry.read)
+        }
+        (RoomCommand::React { target, emoji, remove, .. }, Some(user)) => {
+            rules.require_member(user)?;
+            rules.require_message(*target)?;
+            let body =
+                EventBody::Reaction { target: *target, user: user.clone(), emoji: emoji.clone(), removed: *remove };
+            effects.push(Effect::Append { body, dedupe_id: None });
+            Reply::TailSeq
+        }
+        (RoomCommand::Edit { target, body, .. }, Some(user)) => {
+            rules.require_member(user)?;
+            if &rules.require_message(*target)?.author != user {
+                return Err(refuse(ErrorCode::Forbidden, "only a message's author may edit it"));
+            }
+            let body = EventBody::Edit { target: *target, from: user.clone(), body: body.clone() };
+            effects.push(Effect::Append { body, dedupe_id: None });
+            Reply::TailSeq
+        }
+        (RoomCommand::Delete { target, .. }, Some(user)) => {
+            let role = rules.require_member(user)?;
+            if &rules.require_message(*target)?.author != user && role != Role::Admin {
+                return Err(refuse(ErrorCode::Forbidden, "only a message's author or a room admin may delete it"));
+            }
+            effects.push(Effect::Append {
+                body: EventBody::Delete { target: *target, by: user.clone() },
+                dedupe_id: None,
+            });
+            Reply::TailSeq
+        }
+    };
+    Ok(Decision { effects, reply })
+}
+
+/// May `body` still be appended after another writer changed the room (a fenced append)? An event written for a
+/// user needs that user to be a member of the room as it is now.
+pub(crate) fn may_append(state: &RoomState, facts: &CommandFacts, command: &Command<'_>, body: &EventBody) -> Rule<()> {
+    match author(body) {
+        Some(author) => Rules { state, facts, command }.require_member(author).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// The answer to a `send`, from the event its append stored or found: a repeated cmid answers the first `ok`,
+/// which names the room the first send went to.
+pub(crate) fn sent(event: &RoomEvent) -> Result<OkResult, Refusal> {
+    match &event.body {
+        EventBody::Msg { id, .. } => {
+            Ok(OkResult::Sent { room: event.room.clone(), id: id.clone(), seq: event.seq, ts: event.ts_ms() })
+        }
+        EventBody::Edit { .. }
+        | EventBody::Delete { .. }
+        | EventBody::Reaction { .. }
+        | EventBody::Joined { .. }
+        | EventBody::Left { .. } => {
+            Err(Refusal { code: ErrorCode::Conflict, message: "cmid was already used for another kind of op".into() })
+        }
+    }
+}
+
+/// The user an event is written for, when it needs that user to be a member.
+fn author(body: &EventBody) -> Option<&UserId> {
+    match body {
+        EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
+        EventBody::Reaction { user, .. } => Some(user),
+        EventBody::Delete { by, .. } => Some(by),
+        EventBody::Joined { .. } | EventBody::Left { .. } => None,
+    }
+}
+
+/// The rules of one command, over what is known.
+struct Rules<'a> {
+    state: &'a RoomState,
+    facts: &'a CommandFacts,
+    command: &'a Command<'a>,
+}
+
+impl Rules<'_> {
+    fn room(&self) -> &RoomId {
+        self.command.room
+    }
+
+    fn record(&self) -> Rule<Option<&RoomRecord>> {
+        match &self.state.record {
+            Some(record) => Ok(record.as_ref()),
+            None => Err(Stop::Load(Fact::Record)),
+        }
+    }
+
+    fn require_record(&self) -> Rule<&RoomRecord> {
+        self.record()?.ok_or_else(|| refuse(ErrorCode::NotFound, format!("room {} does not exist", self.room())))
+    }
+
+    fn roster(&self) -> Rule<&Roster> {
+        self.state.roster.as_ref().map(|(roster, _)| roster).ok_or(Stop::Load(Fact::Roster))
+    }
+
+    fn tail_seq(&self) -> Rule<u64> {
+        self.state.tail.map(|tail| tail.seq).ok_or(Stop::Load(Fact::Tail))
+    }
+
+    fn membership(&self, user: &UserId) -> Rule<Option<UserRoom>> {
+        self.facts.memberships.get(user).copied().ok_or_else(|| Stop::Load(Fact::Membership(user.clone())))
+    }
+
+    fn require_named_room(&self) -> Rule<()> {
+        if self.room().is_dm() {
+            return Err(refuse(ErrorCode::BadRequest, "direct-message rooms have a fixed membership"));
+        }
+        Ok(())
+    }
+
+    /// The user's role: a direct-message room's participants are its members; in a named room, the roster's
+    /// (read again when it lacks the user and was read before this command).
+    fn role_of(&self, user: &UserId) -> Rule<Option<Role>> {
+        if let Some((a, b)) = self.room().dm_participants() {
+            return Ok((user == &a || user == &b).then_some(Role::Member));
+        }
+        match self.roster()?.members.get(user) {
+            Some(role) => Ok(Some(*role)),
+            None if !self.facts.roster_fresh => Err(Stop::Load(Fact::FreshRoster)),
+            None => Ok(None),
+        }
+    }
+
+    fn require_member(&self, user: &UserId) -> Rule<Role> {
+        self.role_of(user)?
+            .ok_or_else(|| refuse(ErrorCode::Forbidden, format!("{user} is not a member of room {}", self.room())))
+    }
+
+    fn require_admin(&self, user: &UserId) -> Rule<()> {
+        match self.role_of(user)? {
+            Some(Role::Admin) => Ok(()),
+            Some(Role::Member) | None => {
+                Err(refuse(ErrorCode::Forbidden, format!("only admins of room {} may do that", self.room())))
+            }
+        }
+    }
+
+    /// Members may read a room, and so may anyone of the tenant when the room is public (or granted).
+    fn require_reader(&self, user: &UserId, grants: &[String]) -> Rule<()> {
+        if self.role_of(user)?.is_some() {
+            return Ok(());
+        }
+        let allowed = match self.room().is_dm() {
+            true => false,
+            false => {
+                let record = self.require_record()?;
+                !record.private || granted(grants, self.room())
+            }
+        };
+        if !allowed {
+            return Err(refuse(ErrorCode::Forbidden, format!("{user} may not read room {}", self.room())));
+        }
+        Ok(())
+    }
+
+    /// The message `target` of this room, which must exist and not be deleted.
+    fn require_message(&self, target: u64) -> Rule<&MessageFacts> {
+        let tail = self.tail_seq()?;
+        let missing = || refuse(ErrorCode::NotFound, format!("no message with seq {target} in room {}", self.room()));
+        if target == 0 || target > tail || self.facts.missing_messages.contains(&target) {
+            return Err(missing());
+        }
+        let facts = self.state.messages.get(&target).ok_or(Stop::Load(Fact::Message(target)))?;
+        if facts.deleted {
+            return Err(refuse(ErrorCode::NotFound, format!("message {target} was deleted")));
+        }
+        Ok(facts)
+    }
+
+    fn members(&self) -> Rule<Reply> {
+        let members = match self.room().dm_participants() {
+            Some((a, b)) => vec![
+                Member { user: a, role: Role::Member, online: false },
+                Member { user: b, role: Role::Member, online: false },
+            ],
+            None => {
+                self.require_record()?;
+                let roster = self.roster()?;
+                roster
+                    .members
+                    .iter()
+                    .map(|(user, role)| Member { user: user.clone(), role: *role, online: false })
+                    .collect()
+            }
+        };
+        Ok(Reply::Members(members))
+    }
+
+    fn join(&self, user: &UserId, grants: &[String], effects: &mut Vec<Effect>) -> Rule<Reply> {
+        let room = self.room();
+        if self.role_of(user)?.is_some() {
+            return Ok(Reply::Seq(self.tail_seq()?));
+        }
+        if room.is_dm() {
+            return Err(refuse(ErrorCode::Forbidden, format!("{user} is not a participant of {room}")));
+        }
+        match self.record()? {
+            // A missing room is created public by its first joiner, who becomes its admin.
+            None => self.create(Some(user), false, None, true, effects)?,
+            Some(record) => {
+                if record.private && !granted(grants, room) {
+                    return Err(refuse(
+                        ErrorCode::Forbidden,
+                        format!("room {room} is private and {user} is not a member"),
+                    ));
+                }
+                self.set_member(user, Role::Member, effects)?;
+            }
+        }
+        Ok(Reply::TailSeq)
+    }
+
+    /// Create the room; a creating user becomes its admin. `redecide`: a room created meanwhile is joined instead
+    /// of refused.
+    fn create(
+        &self,
+        user: Option<&UserId>,
+        private: bool,
+        title: Option<String>,
+        redecide: bool,
+        effects: &mut Vec<Effect>,
+    ) -> Rule<()> {
+        self.require_named_room()?;
+        if let Some(user) = user {
+            if self.command.quotas.backend_creates_rooms {
+                return Err(refuse(ErrorCode::Forbidden, "rooms of this tenant are created by its backend"));
+            }
+            // The creator becomes a member: refuse before the room exists rather than leave it without an admin.
+            self.admit(user)?;
+        }
+        if let Some(cap) = self.command.quotas.rooms_per_tenant {
+            let rooms = self.facts.tenant_rooms.ok_or(Stop::Load(Fact::TenantRooms))?;
+            if rooms >= cap {
+                let message =
+                    format!("room {} cannot be created: the tenant has its quota of {cap} rooms", self.room());
+                return Err(refuse(ErrorCode::Forbidden, message));
+            }
+        }
+        let record = RoomRecord {
+            v: INTERNAL_VERSION,
+            private,
+            title,
+            created_by: user.cloned(),
+            created_at_ms: self.command.now_us / 1000,
+        };
+        effects.push(Effect::CreateRecord { record, redecide });
+        if let Some(user) = user {
+            self.set_member(user, Role::Admin, effects)?;
+        }
+        Ok(())
+    }
+
+    /// May `user` become a member, within the room's and the user's quotas?
+    fn admit(&self, user: &UserId) -> Rule<()> {
+        let members = self.roster()?.members.len();
+        let rooms = *self.facts.user_rooms.get(user).ok_or_else(|| Stop::Load(Fact::UserRooms(user.clone())))?;
+        match quota_refusal(members, rooms, self.command.quotas) {
+            Some(message) => {
+                Err(refuse(ErrorCode::Forbidden, format!("{user} cannot join room {}: {message}", self.room())))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Make `user` a member with `role` (or change the role); a new membership is sequenced as `joined`.
+    fn set_member(&self, user: &UserId, role: Role, effects: &mut Vec<Effect>) -> Rule<()> {
+        let roster = self.roster()?;
+        let new_member = !roster.members.contains_key(user);
+        if new_member {
+            self.admit(user)?;
+        }
+        let read = self.membership(user)?.map_or(0, |entry| entry.read);
+        let mut roster = roster.clone();
+        roster.members.insert(user.clone(), role);
+        effects.push(Effect::SaveRoster(roster));
+        effects.push(Effect::PutMembership(user.clone(), UserRoom { role, read }));
+        if new_member {
+            effects.push(Effect::Append { body: EventBody::Joined { user: user.clone() }, dedupe_id: None });
+        }
+        Ok(())
+    }
+
+    /// End `user`'s membership; sequenced as `left` (with `by` for a kick).
+    ///
+    /// The event comes first: once `left` is in the stream every session of the user stops receiving the room at
+    /// it, whatever fails afterwards. Then the user's membership entry, then the roster. A step that fails answers
+    /// `unavailable` with the user still on the roster, so the client's retry runs the whole change again; the
+    /// `left` carries an id derived from the roster's revision, so the retry finds the first `left` in the
+    /// stream's duplicate window instead of appending a second one.
+    fn remove_member(&self, user: &UserId, by: Option<UserId>, effects: &mut Vec<Effect>) -> Rule<()> {
+        if !self.roster()?.members.contains_key(user) {
+            return Err(refuse(ErrorCode::NotFound, format!("{user} is not a member of room {}", self.room())));
+        }
+        let revision = self.state.roster.as_ref().and_then(|(_, revision)| *revision).unwrap_or(0);
+        let dedupe_id = subjects::left_dedupe_id(self.command.tenant, self.room(), user, revision);
+        effects.push(Effect::Append { body: EventBody::Left { user: user.clone(), by }, dedupe_id: Some(dedupe_id) });
+        effects.push(Effect::RemoveMembership(user.clone()));
+        effects.push(Effect::DropFromRoster(user.clone()));
+        Ok(())
+    }
+}
+
+/// Why a new member would exceed a quota, given the room's members and the user's rooms before the join; `None`
+/// when the join fits. The protocol's ceilings hold whatever the quotas say (a gateway of an earlier release sends
+/// none).
+fn quota_refusal(members: usize, user_rooms: u64, quotas: &RoomQuotas) -> Option<String> {
+    let members_cap = quotas.members_per_room.unwrap_or(limits::MAX_MEMBERS_PER_ROOM).min(limits::MAX_MEMBERS_PER_ROOM);
+    let rooms_cap = quotas.rooms_per_user.unwrap_or(limits::MAX_ROOMS_PER_USER).min(limits::MAX_ROOMS_PER_USER);
+    if members >= members_cap as usize {
+        return Some(format!("the room has its quota of {members_cap} members"));
+    }
+    if user_rooms >= u64::from(rooms_cap) {
+        return Some(format!("the user is in their quota of {rooms_cap} rooms"));
+    }
+    None
+}
+
+/// Does a token's `rooms` claim allow `room`? Entries are room ids or prefixes ending in `*`.
+fn granted(grants: &[String], room: &RoomId) -> bool {
+    grants.iter().any(|grant| match grant.strip_suffix('*') {
+        Some(prefix) => room.as_str().starts_with(prefix),
+        None => grant == room.as_str(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

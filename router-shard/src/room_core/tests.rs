@@ -1,0 +1,753 @@
+//! The room's rules driven without a fleet: a table of the permission matrix, and random op sequences from several
+//! users checked against a small reference model of membership, authorship and seq.
+//!
+//! `World` plays the actor: it answers the facts `decide` asks for from in-memory records and performs the effects
+//! on them, checking on every append what must hold whatever the op (seqs gap-free, events written only for
+//! members, edits only by authors, kicks only by admins, nothing for a user after their `left`).
+//!
+//! The property test can fail: letting any member delete another's message (`role != Role::Admin` dropped from the
+//! `Delete` rule), letting members kick (`require_admin` skipped in `Kick`), or appending for a user who left
+//! (`require_member` skipped in `Send`) each makes `random_ops_follow_the_model` fail within its first cases.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use switchyard_protocol::ClientMessageId;
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("a valid user id")
+}
+
+fn room_id(name: &str) -> RoomId {
+    RoomId::parse(name).expect("a valid room id")
+}
+
+/// The records a room's actor reads and writes, in memory, and the actor's cache of them.
+struct World {
+    tenant: ProjectId,
+    room: RoomId,
+    record: Option<RoomRecord>,
+    roster: Roster,
+    roster_revision: Option<u64>,
+    memberships: BTreeMap<UserId, UserRoom>,
+    /// Rooms each user is a member of besides this one.
+    other_rooms: HashMap<UserId, u64>,
+    /// Rooms the tenant has besides this one.
+    other_tenant_rooms: u64,
+    events: Vec<RoomEvent>,
+    /// Dedupe ids seen, with the seq of the event that carried them.
+    dedupe: HashMap<String, u64>,
+    published: Vec<LiveMessage>,
+    state: RoomState,
+    /// What went wrong on an append: must stay empty.
+    violations: Vec<String>,
+    /// Users whose last membership event is `left` (they may see nothing until they join again).
+    gone: BTreeSet<UserId>,
+    now: Instant,
+}
+
+impl World {
+    fn new(room: &str) -> World {
+        World {
+            tenant: ProjectId::parse("pj_0123456789abcdefghij").expect("a valid project id"),
+            room: room_id(room),
+            record: None,
+            roster: Roster { v: INTERNAL_VERSION, ..Roster::default() },
+            roster_revision: None,
+            memberships: BTreeMap::new(),
+            other_rooms: HashMap::new(),
+            other_tenant_rooms: 0,
+            events: Vec::new(),
+            dedupe: HashMap::new(),
+            published: Vec::new(),
+            state: RoomState::default(),
+            violations: Vec::new(),
+            gone: BTreeSet::new(),
+            now: Instant::now(),
+        }
+    }
+
+    /// A room that exists, with `members` (`name`, admin?).
+    fn with_room(room: &str, private: bool, members: &[(&str, bool)]) -> World {
+        let mut world = World::new(room);
+        let created_by = None;
+        world.record = Some(RoomRecord { v: INTERNAL_VERSION, private, title: None, created_by, created_at_ms: 1 });
+        for (name, admin) in members {
+            let role = if *admin { Role::Admin } else { Role::Member };
+            world.roster.members.insert(user(name), role);
+            world.memberships.insert(user(name), UserRoom { role, read: 0 });
+            world.events.push(world.event(EventBody::Joined { user: user(name) }));
+        }
+        world.roster_revision = Some(1);
+        world
+    }
+
+    fn event(&self, body: EventBody) -> RoomEvent {
+        let seq = self.events.len() as u64 + 1;
+        RoomEvent { v: INTERNAL_VERSION, tenant: self.tenant.clone(), room: self.room.clone(), seq, ts_us: seq, body }
+    }
+
+    /// A message by `author` as the room's next event (written directly, as a setup step).
+    fn with_message(mut self, author: &str) -> World {
+        let id = MessageId::generate(1);
+        let body = EventBody::Msg { id, from: user(author), body: "hi".into(), attrs: None, reply_to: None };
+        self.events.push(self.event(body));
+        self
+    }
+
+    fn role(&self, who: &UserId) -> Option<Role> {
+        match self.room.dm_participants() {
+            Some((a, b)) => (who == &a || who == &b).then_some(Role::Member),
+            None => self.roster.members.get(who).copied(),
+        }
+    }
+
+    /// Run one command as the actor would, to its reply or refusal.
+    fn run(&mut self, who: Option<&str>, command: RoomCommand, quotas: &RoomQuotas) -> Result<OkResult, Refusal> {
+        let who = who.map(user);
+        let message_id = MessageId::generate(1);
+        let mut facts = CommandFacts::default();
+        let (tenant, room) = (self.tenant.clone(), self.room.clone());
+        self.now += Duration::from_millis(700);
+        'decide: for _ in 0..100 {
+            let input = Command {
+                tenant: &tenant,
+                room: &room,
+                user: who.as_ref(),
+                command: &command,
+                quotas,
+                now: self.now,
+                now_us: 1_000_000,
+                message_id: &message_id,
+            };
+            let decision = match decide(&self.state, &facts, &input) {
+                Ok(decision) => decision,
+                Err(Stop::Load(fact)) => {
+                    self.load(fact, &mut facts);
+                    continue;
+                }
+                Err(Stop::Refuse(refusal)) => return Err(refusal),
+            };
+            let mut appended = None;
+            for effect in decision.effects {
+                match effect {
+                    Effect::CreateRecord { record, redecide } => {
+                        if self.record.is_some() {
+                            if redecide {
+                                self.state.record = None;
+                                facts = CommandFacts::default();
+                                continue 'decide;
+                            }
+                            return Err(Refusal { code: ErrorCode::Conflict, message: "exists".into() });
+                        }
+                        self.record = Some(record.clone());
+                        self.state.record = Some(Some(record));
+                    }
+                    Effect::SaveRoster(roster) => self.save_roster(roster),
+                    Effect::DropFromRoster(gone) => {
+                        let mut roster = self.roster.clone();
+                        if roster.members.remove(&gone).is_some() {
+                            self.save_roster(roster);
+                        }
+                    }
+                    Effect::PutMembership(member, entry) => {
+                        self.memberships.insert(member, entry);
+                    }
+                    Effect::RemoveMembership(member) => {
+                        self.memberships.remove(&member);
+                    }
+                    Effect::Append { body, dedupe_id } => appended = Some(self.append(body, dedupe_id)),
+                    Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
+                    Effect::Publish(message) => self.published.push(message),
+                }
+            }
+            return match decision.reply {
+                Reply::Room => Ok(OkResult::Room { room }),
+                Reply::TailSeq => Ok(OkResult::RoomSeq { room, seq: self.events.len() as u64 }),
+                Reply::Seq(seq) => Ok(OkResult::RoomSeq { room, seq }),
+                Reply::Sent => sent(appended.as_ref().expect("a send appends")),
+                Reply::Members(members) => Ok(OkResult::Members { members }),
+                Reply::Empty => Ok(OkResult::Empty {}),
+            };
+        }
+        panic!("the command was never decided");
+    }
+
+    fn load(&mut self, fact: Fact, facts: &mut CommandFacts) {
+        match fact {
+            Fact::Record => self.state.record = Some(self.record.clone()),
+            Fact::Roster | Fact::FreshRoster => {
+                self.state.roster = Some((self.roster.clone(), self.roster_revision));
+                facts.roster_fresh = true;
+            }
+            Fact::Tail => {
+                let seq = self.events.len() as u64;
+                self.state.tail = Some(Tail { seq, stream_seq: seq, ts_us: seq });
+            }
+            Fact::Message(target) => {
+                let author = self.events.iter().find_map(|event| match &event.body {
+                    EventBody::Msg { from, .. } if event.seq == target => Some(from.clone()),
+                    _ => None,
+                });
+                let deleted = self.events.iter().any(
+                    |event| matches!(&event.body, EventBody::Delete { target: deleted, .. } if *deleted == target),
+                );
+                match author {
+                    Some(author) => self.state.remember(target, MessageFacts { author, deleted }),
+                    None => {
+                        facts.missing_messages.insert(target);
+                    }
+                }
+            }
+            Fact::Membership(member) => {
+                let entry = self.memberships.get(&member).copied();
+                facts.memberships.insert(member, entry);
+            }
+            Fact::UserRooms(member) => {
+                let here = u64::from(self.memberships.contains_key(&member));
+                let rooms = self.other_rooms.get(&member).copied().unwrap_or(0) + here;
+                facts.user_rooms.insert(member, rooms);
+            }
+            Fact::TenantRooms => {
+                facts.tenant_rooms = Some(self.other_tenant_rooms + u64::from(self.record.is_some()));
+            }
+        }
+    }
+
+    fn save_roster(&mut self, roster: Roster) {
+        let revision = self.roster_revision.unwrap_or(0) + 1;
+        self.roster = roster.clone();
+        self.roster_revision = Some(revision);
+        self.state.roster = Some((roster, Some(revision)));
+    }
+
+    /// Append as the stream would, checking what every event must satisfy.
+    fn append(&mut self, body: EventBody, dedupe_id: Option<String>) -> RoomEvent {
+        if let Some(seq) = dedupe_id.as_ref().and_then(|id| self.dedupe.get(id)) {
+            return self.events[*seq as usize - 1].clone();
+        }
+        if self.state.tail.is_none() {
+            // The actor reads the tail before an append it was not asked for.
+            let seq = self.events.len() as u64;
+            self.state.tail = Some(Tail { seq, stream_seq: seq, ts_us: seq });
+        }
+        let check = |ok: bool, what: String, violations: &mut Vec<String>| {
+            if !ok {
+                violations.push(what);
+            }
+        };
+        match &body {
+            EventBody::Msg { from, .. } | EventBody::Reaction { user: from, .. } => {
+                check(self.role(from).is_some(), format!("an event for {from}, not a member"), &mut self.violations);
+            }
+            EventBody::Edit { target, from, .. } => {
+                let author = self.author_of(*target);
+                check(
+                    author.as_ref() == Some(from),
+                    format!("{from} edited {target} of {author:?}"),
+                    &mut self.violations,
+                );
+            }
+            EventBody::Delete { target, by } => {
+                let author = self.author_of(*target);
+                let allowed = author.as_ref() == Some(by) || self.role(by) == Some(Role::Admin);
+                check(allowed, format!("{by} deleted {target} of {author:?}"), &mut self.violations);
+            }
+            EventBody::Left { user: left, by } => {
+                check(self.role(left).is_some(), format!("{left} left but was no member"), &mut self.violations);
+                if let Some(by) = by {
+                    let admin = self.role(by) == Some(Role::Admin);
+                    check(admin, format!("{by} kicked {left} without being an admin"), &mut self.violations);
+                }
+                self.gone.insert(left.clone());
+            }
+            EventBody::Joined { user: joined } => {
+                self.gone.remove(joined);
+            }
+        }
+        if let Some(author) = written_for(&body) {
+            check(!self.gone.contains(author), format!("an event for {author} after their left"), &mut self.violations);
+        }
+        let event = self.event(body);
+        if event.seq != self.state.tail.map_or(0, |tail| tail.seq) + 1 {
+            self.violations.push(format!("seq {} does not follow the tail the rules saw", event.seq));
+        }
+        if let Some(id) = dedupe_id {
+            self.dedupe.insert(id, event.seq);
+        }
+        self.state.appended(&event, event.seq);
+        self.events.push(event.clone());
+        event
+    }
+
+    fn author_of(&self, target: u64) -> Option<UserId> {
+        self.events.iter().find_map(|event| match &event.body {
+            EventBody::Msg { from, .. } if event.seq == target => Some(from.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// The user an event is written by (a message, an edit, a reaction, a delete).
+fn written_for(body: &EventBody) -> Option<&UserId> {
+    author(body)
+}
+
+fn code(result: &Result<OkResult, Refusal>) -> Option<ErrorCode> {
+    result.as_ref().err().map(|refusal| refusal.code)
+}
+
+// ---- The permission matrix ----
+
+/// Who acts in the matrix: the tenant's backend, or one of the users of `matrix_world`.
+const ACTORS: [Option<&str>; 4] = [None, Some("ada"), Some("bob"), Some("eve")];
+
+/// A public room with `ada` (admin) and `bob` (member), a message of each (seqs 3 and 4); `eve` is of the tenant
+/// but no member.
+fn matrix_world(private: bool) -> World {
+    World::with_room("lobby", private, &[("ada", true), ("bob", false)]).with_message("ada").with_message("bob")
+}
+
+fn matrix_commands(room: &RoomId) -> Vec<(&'static str, RoomCommand)> {
+    let room = room.clone();
+    vec![
+        ("join", RoomCommand::Join { room: room.clone(), grants: vec![] }),
+        ("can_read", RoomCommand::CanRead { room: room.clone(), grants: vec![] }),
+        ("members", RoomCommand::Members { room: room.clone() }),
+        ("send", RoomCommand::Send { room: room.clone(), body: "x".into(), attrs: None, reply_to: None, cmid: None }),
+        ("invite", RoomCommand::Invite { room: room.clone(), user: user("zed") }),
+        ("kick bob", RoomCommand::Kick { room: room.clone(), user: user("bob") }),
+        ("set_member", RoomCommand::SetMember { room: room.clone(), user: user("zed"), role: Role::Admin }),
+        ("read", RoomCommand::Read { room: room.clone(), seq: 3 }),
+        ("react", RoomCommand::React { room: room.clone(), target: 3, emoji: "+1".into(), remove: false }),
+        ("edit ada's", RoomCommand::Edit { room: room.clone(), target: 3, body: "y".into() }),
+        ("edit bob's", RoomCommand::Edit { room: room.clone(), target: 4, body: "y".into() }),
+        ("delete ada's", RoomCommand::Delete { room: room.clone(), target: 3 }),
+        ("delete bob's", RoomCommand::Delete { room: room.clone(), target: 4 }),
+        ("leave", RoomCommand::Leave { room: room.clone() }),
+        ("create", RoomCommand::Create { room, private: false, title: None }),
+    ]
+}
+
+use ErrorCode::{BadRequest, Conflict, Forbidden, NotFound};
+
+/// The refusal each actor of [`ACTORS`] gets, in order (`None`: success).
+type Outcomes = [Option<ErrorCode>; 4];
+
+/// The expected outcome of each matrix command for backend, ada (admin), bob (member), eve (outsider) in a public
+/// room, then in a private one (where only the outsider's answers change). `None` is success.
+#[rustfmt::skip]
+const MATRIX: [(&str, Outcomes, Outcomes); 15] = [
+    //                 backend          ada              bob              eve                private: backend, ada, bob, eve
+    ("join",         [Some(Forbidden), None,            None,            None],            [Some(Forbidden), None, None, Some(Forbidden)]),
+    ("can_read",     [None,            None,            None,            None],            [None, None, None, Some(Forbidden)]),
+    ("members",      [None,            None,            None,            None],            [None, None, None, Some(Forbidden)]),
+    ("send",         [Some(Forbidden), None,            None,            Some(Forbidden)], [Some(Forbidden), None, None, Some(Forbidden)]),
+    ("invite",       [Some(Forbidden), None,            Some(Forbidden), Some(Forbidden)], [Some(Forbidden), None, Some(Forbidden), Some(Forbidden)]),
+    ("kick bob",     [None,            None,            Some(Forbidden), Some(Forbidden)], [None, None, Some(Forbidden), Some(Forbidden)]),
+    ("set_member",   [None,            Some(Forbidden), Some(Forbidden), Some(Forbidden)], [None, Some(Forbidden), Some(Forbidden), Some(Forbidden)]),
+    ("read",         [Some(Forbidden), None,            None,            Some(Forbidden)], [Some(Forbidden), None, None, Some(Forbidden)]),
+    ("react",        [Some(Forbidden), None,            None,            Some(Forbidden)], [Some(Forbidden), None, None, Some(Forbidden)]),
+    ("edit ada's",   [Some(Forbidden), None,            Some(Forbidden), Some(Forbidden)], [Some(Forbidden), None, Some(Forbidden), Some(Forbidden)]),
+    ("edit bob's",   [Some(Forbidden), Some(Forbidden), None,            Some(Forbidden)], [Some(Forbidden), Some(Forbidden), None, Some(Forbidden)]),
+    ("delete ada's", [Some(Forbidden), None,            Some(Forbidden), Some(Forbidden)], [Some(Forbidden), None, Some(Forbidden), Some(Forbidden)]),
+    ("delete bob's", [Some(Forbidden), None,            None,            Some(Forbidden)], [Some(Forbidden), None, None, Some(Forbidden)]),
+    ("leave",        [Some(Forbidden), None,            None,            Some(NotFound)],  [Some(Forbidden), None, None, Some(NotFound)]),
+    ("create",       [Some(Conflict),  Some(Conflict),  Some(Conflict),  Some(Conflict)],  [Some(Conflict), Some(Conflict), Some(Conflict), Some(Conflict)]),
+];
+
+#[test]
+fn the_permission_matrix_holds_in_public_and_private_rooms() {
+    let quotas = RoomQuotas::default();
+    let mut failures = Vec::new();
+    for private in [false, true] {
+        let commands = matrix_commands(&matrix_world(private).room);
+        assert_eq!(commands.len(), MATRIX.len());
+        for ((name, command), (row, public_codes, private_codes)) in commands.into_iter().zip(MATRIX) {
+            assert_eq!(name, row, "the matrix lists the commands in order");
+            let expected = if private { private_codes } else { public_codes };
+            for (actor, want) in ACTORS.into_iter().zip(expected) {
+                let mut world = matrix_world(private);
+                let got = world.run(actor, command.clone(), &quotas);
+                if code(&got) != want {
+                    failures.push(format!("private={private} {name} by {actor:?}: want {want:?}, got {got:?}"));
+                }
+                assert!(world.violations.is_empty(), "{name} by {actor:?}: {:?}", world.violations);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn direct_message_rooms_have_two_fixed_members() {
+    let quotas = RoomQuotas::default();
+    let dm = RoomId::dm(&user("ada"), &user("bob")).expect("two users make a direct-message room");
+    let mut world = World::new(dm.as_str());
+    let send = RoomCommand::Send { room: dm.clone(), body: "hi".into(), attrs: None, reply_to: None, cmid: None };
+    let sent = world.run(Some("ada"), send.clone(), &quotas).expect("a participant sends");
+    assert!(matches!(sent, OkResult::Sent { seq: 1, .. }));
+    assert_eq!(world.memberships.len(), 2, "the first message lists the room for both participants");
+    assert_eq!(code(&world.run(Some("eve"), send, &quotas)), Some(Forbidden));
+    let join = RoomCommand::Join { room: dm.clone(), grants: vec!["*".into()] };
+    assert_eq!(code(&world.run(Some("eve"), join, &quotas)), Some(Forbidden));
+    let invite = RoomCommand::Invite { room: dm.clone(), user: user("eve") };
+    assert_eq!(code(&world.run(Some("ada"), invite, &quotas)), Some(BadRequest));
+    let leave = RoomCommand::Leave { room: dm.clone() };
+    assert_eq!(code(&world.run(Some("bob"), leave, &quotas)), Some(BadRequest));
+    let members = world.run(Some("bob"), RoomCommand::Members { room: dm }, &quotas).expect("members");
+    assert!(matches!(members, OkResult::Members { members } if members.len() == 2));
+}
+
+#[test]
+fn a_missing_room_is_created_by_its_first_joiner_unless_the_backend_creates_rooms() {
+    let mut world = World::new("fresh");
+    let join = RoomCommand::Join { room: world.room.clone(), grants: vec![] };
+    let backend_only = RoomQuotas { backend_creates_rooms: true, ..RoomQuotas::default() };
+    assert_eq!(code(&world.run(Some("ada"), join.clone(), &backend_only)), Some(Forbidden));
+    assert!(world.record.is_none() && world.events.is_empty());
+    let joined = world.run(Some("ada"), join, &RoomQuotas::default()).expect("created");
+    assert_eq!(joined, OkResult::RoomSeq { room: world.room.clone(), seq: 1 });
+    assert_eq!(world.roster.members.get(&user("ada")), Some(&Role::Admin));
+    let capped = RoomQuotas { rooms_per_tenant: Some(1), ..RoomQuotas::default() };
+    let mut other = World::new("other");
+    let create = RoomCommand::Create { room: other.room.clone(), private: true, title: None };
+    assert_eq!(code(&other.run(Some("ada"), create.clone(), &capped)), None);
+    other.other_tenant_rooms = 1;
+    other.record = None;
+    assert_eq!(code(&other.run(Some("bob"), create, &capped)), Some(Forbidden), "the tenant's room quota");
+}
+
+#[test]
+fn quotas_refuse_the_member_past_them() {
+    let quotas = RoomQuotas { members_per_room: Some(2), rooms_per_user: Some(3), ..RoomQuotas::default() };
+    let mut world = World::with_room("small", false, &[("ada", true), ("bob", false)]);
+    let join = RoomCommand::Join { room: world.room.clone(), grants: vec![] };
+    assert_eq!(code(&world.run(Some("eve"), join.clone(), &quotas)), Some(Forbidden), "the room is full");
+    let mut world = World::with_room("small", false, &[("ada", true)]);
+    world.other_rooms.insert(user("eve"), 3);
+    assert_eq!(code(&world.run(Some("eve"), join.clone(), &quotas)), Some(Forbidden), "eve is in 3 rooms");
+    world.other_rooms.insert(user("eve"), 2);
+    assert_eq!(code(&world.run(Some("eve"), join, &quotas)), None);
+}
+
+#[test]
+fn reads_move_forward_only_and_typing_is_throttled() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    let room = world.room.clone();
+    let read = |seq| RoomCommand::Read { room: room.clone(), seq };
+    assert_eq!(world.run(Some("bob"), read(3), &quotas), Ok(OkResult::RoomSeq { room: room.clone(), seq: 3 }));
+    assert_eq!(world.run(Some("bob"), read(1), &quotas), Ok(OkResult::RoomSeq { room: room.clone(), seq: 3 }));
+    assert_eq!(code(&world.run(Some("bob"), read(5), &quotas)), Some(BadRequest), "past the tail");
+    assert_eq!(world.published.len(), 1, "one read marker moved");
+    let typing = RoomCommand::Typing { room: room.clone() };
+    world.run(Some("bob"), typing.clone(), &quotas).expect("typing");
+    world.run(Some("bob"), typing.clone(), &quotas).expect("typing again, 700 ms later");
+    world.run(Some("eve"), typing.clone(), &quotas).expect("typing by an outsider is ignored");
+    assert_eq!(world.published.len(), 2, "the second signal within 2 s and the outsider's are not relayed");
+    world.now += TYPING_INTERVAL;
+    world.run(Some("bob"), typing, &quotas).expect("typing later");
+    assert_eq!(world.published.len(), 3);
+}
+
+#[test]
+fn a_repeated_cmid_answers_the_first_send_and_a_kick_is_sequenced_once() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    let cmid = ClientMessageId::parse("c-1").expect("a valid cmid");
+    let send = RoomCommand::Send {
+        room: world.room.clone(),
+        body: "once".into(),
+        attrs: None,
+        reply_to: Some(3),
+        cmid: Some(cmid),
+    };
+    let first = world.run(Some("bob"), send.clone(), &quotas).expect("sent");
+    let second = world.run(Some("bob"), send, &quotas).expect("sent again");
+    assert_eq!(first, second);
+    assert_eq!(world.events.len(), 5);
+    let bad_reply =
+        RoomCommand::Send { room: world.room.clone(), body: "x".into(), attrs: None, reply_to: Some(9), cmid: None };
+    assert_eq!(code(&world.run(Some("bob"), bad_reply, &quotas)), Some(BadRequest));
+    let kick = RoomCommand::Kick { room: world.room.clone(), user: user("bob") };
+    world.run(Some("ada"), kick.clone(), &quotas).expect("kicked");
+    assert_eq!(code(&world.run(Some("ada"), kick, &quotas)), Some(NotFound));
+    assert!(matches!(&world.events[5].body, EventBody::Left { by: Some(by), .. } if by == &user("ada")));
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn grants_match_exact_ids_and_prefixes() {
+    let room = room_id("team-red");
+    assert!(granted(&["team-*".into()], &room));
+    assert!(granted(&["team-red".into()], &room));
+    assert!(!granted(&["team-re".into(), "blue*".into()], &room));
+    assert!(!granted(&[], &room));
+}
+
+#[test]
+fn quotas_refuse_the_member_past_them_and_ceilings_hold_without_quotas() {
+    let quotas = RoomQuotas { members_per_room: Some(3), rooms_per_user: Some(2), ..RoomQuotas::default() };
+    assert_eq!(quota_refusal(2, 1, &quotas), None);
+    assert!(quota_refusal(3, 0, &quotas).is_some_and(|m| m.contains("3 members")));
+    assert!(quota_refusal(0, 2, &quotas).is_some_and(|m| m.contains("2 rooms")));
+    let none = RoomQuotas::default();
+    assert_eq!(quota_refusal(0, 0, &none), None);
+    assert!(quota_refusal(limits::MAX_MEMBERS_PER_ROOM as usize, 0, &none).is_some());
+    assert!(quota_refusal(0, u64::from(limits::MAX_ROOMS_PER_USER), &none).is_some());
+    let above = RoomQuotas { members_per_room: Some(u32::MAX), rooms_per_user: Some(u32::MAX), ..quotas };
+    assert!(quota_refusal(limits::MAX_MEMBERS_PER_ROOM as usize, 0, &above).is_some());
+}
+
+// ---- Random op sequences against a reference model ----
+
+const USERS: [&str; 4] = ["ada", "bob", "cy", "dee"];
+
+/// One op of a random sequence: who acts (`None`: the backend) and what.
+#[derive(Debug, Clone)]
+enum Op {
+    Create { by: Option<usize>, private: bool },
+    Join { by: usize, granted: bool },
+    Leave { by: usize },
+    Invite { by: usize, member: usize },
+    Kick { by: Option<usize>, member: usize },
+    SetMember { member: usize, admin: bool },
+    Send { by: usize },
+    Edit { by: usize, target: u64 },
+    Delete { by: usize, target: u64 },
+    React { by: usize, target: u64 },
+    Read { by: usize, seq: u64 },
+    CanRead { by: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let who = 0..USERS.len();
+    let target = 0u64..24;
+    prop_oneof![
+        1 => (proptest::option::of(who.clone()), any::<bool>()).prop_map(|(by, private)| Op::Create { by, private }),
+        3 => (who.clone(), any::<bool>()).prop_map(|(by, granted)| Op::Join { by, granted }),
+        1 => who.clone().prop_map(|by| Op::Leave { by }),
+        1 => (who.clone(), who.clone()).prop_map(|(by, member)| Op::Invite { by, member }),
+        1 => (proptest::option::of(who.clone()), who.clone()).prop_map(|(by, member)| Op::Kick { by, member }),
+        1 => (who.clone(), any::<bool>()).prop_map(|(member, admin)| Op::SetMember { member, admin }),
+        4 => who.clone().prop_map(|by| Op::Send { by }),
+        2 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::Edit { by, target }),
+        2 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::Delete { by, target }),
+        1 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::React { by, target }),
+        1 => (who.clone(), target).prop_map(|(by, seq)| Op::Read { by, seq }),
+        1 => who.prop_map(|by| Op::CanRead { by }),
+    ]
+}
+
+/// What the rules should do, written as plainly as possible and independently of them.
+#[derive(Debug, Default)]
+struct Model {
+    exists: bool,
+    private: bool,
+    members: BTreeMap<usize, bool>,
+    seq: u64,
+    /// Messages by seq: (author, deleted).
+    messages: BTreeMap<u64, (usize, bool)>,
+}
+
+impl Model {
+    fn admin(&self, who: usize) -> bool {
+        self.members.get(&who) == Some(&true)
+    }
+
+    fn member(&self, who: usize) -> bool {
+        self.members.contains_key(&who)
+    }
+
+    fn message(&self, target: u64) -> Result<usize, ErrorCode> {
+        match self.messages.get(&target) {
+            Some((author, false)) => Ok(*author),
+            Some((_, true)) | None => Err(NotFound),
+        }
+    }
+
+    fn add(&mut self, who: usize, admin: bool) {
+        if self.members.insert(who, admin).is_none() {
+            self.seq += 1;
+        }
+    }
+
+    /// The expected outcome of `op`, applied to the model when it succeeds.
+    fn apply(&mut self, op: &Op) -> Result<(), ErrorCode> {
+        match *op {
+            Op::Create { by, private } => {
+                if self.exists {
+                    return Err(Conflict);
+                }
+                (self.exists, self.private) = (true, private);
+                if let Some(by) = by {
+                    self.add(by, true);
+                }
+            }
+            Op::Join { by, granted } => {
+                if self.member(by) {
+                    return Ok(());
+                }
+                if !self.exists {
+                    (self.exists, self.private) = (true, false);
+                    self.add(by, true);
+                    return Ok(());
+                }
+                if self.private && !granted {
+                    return Err(Forbidden);
+                }
+                self.add(by, false);
+            }
+            Op::Leave { by } => {
+                if !self.member(by) {
+                    return Err(NotFound);
+                }
+                self.members.remove(&by);
+                self.seq += 1;
+            }
+            Op::Invite { by, member } => {
+                if !self.admin(by) {
+                    return Err(Forbidden);
+                }
+                if !self.member(member) {
+                    self.add(member, false);
+                }
+            }
+            Op::Kick { by, member } => {
+                match by {
+                    None if !self.exists => return Err(NotFound),
+                    Some(by) if !self.admin(by) => return Err(Forbidden),
+                    None | Some(_) => {}
+                }
+                if !self.member(member) {
+                    return Err(NotFound);
+                }
+                self.members.remove(&member);
+                self.seq += 1;
+            }
+            Op::SetMember { member, admin } => {
+                if !self.exists {
+                    return Err(NotFound);
+                }
+                let new = !self.member(member);
+                self.members.insert(member, admin);
+                if new {
+                    self.seq += 1;
+                }
+            }
+            Op::Send { by } => {
+                if !self.member(by) {
+                    return Err(Forbidden);
+                }
+                self.seq += 1;
+                self.messages.insert(self.seq, (by, false));
+            }
+            Op::Edit { by, target } | Op::React { by, target } => {
+                if !self.member(by) {
+                    return Err(Forbidden);
+                }
+                let author = self.message(target)?;
+                if matches!(op, Op::Edit { .. }) && author != by {
+                    return Err(Forbidden);
+                }
+                self.seq += 1;
+            }
+            Op::Delete { by, target } => {
+                if !self.member(by) {
+                    return Err(Forbidden);
+                }
+                let author = self.message(target)?;
+                if author != by && !self.admin(by) {
+                    return Err(Forbidden);
+                }
+                self.seq += 1;
+                self.messages.insert(target, (author, true));
+            }
+            Op::Read { by, seq } => {
+                if !self.member(by) {
+                    return Err(Forbidden);
+                }
+                if seq > self.seq {
+                    return Err(BadRequest);
+                }
+            }
+            Op::CanRead { by } => {
+                if self.member(by) {
+                    return Ok(());
+                }
+                if !self.exists {
+                    return Err(NotFound);
+                }
+                if self.private {
+                    return Err(Forbidden);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn command(room: &RoomId, op: &Op) -> (Option<&'static str>, RoomCommand) {
+    let room = room.clone();
+    let name = |i: usize| USERS[i];
+    match *op {
+        Op::Create { by, private } => (by.map(name), RoomCommand::Create { room, private, title: None }),
+        Op::Join { by, granted } => {
+            let grants = if granted { vec!["pl*".to_string()] } else { vec![] };
+            (Some(name(by)), RoomCommand::Join { room, grants })
+        }
+        Op::Leave { by } => (Some(name(by)), RoomCommand::Leave { room }),
+        Op::Invite { by, member } => (Some(name(by)), RoomCommand::Invite { room, user: user(name(member)) }),
+        Op::Kick { by, member } => (by.map(name), RoomCommand::Kick { room, user: user(name(member)) }),
+        Op::SetMember { member, admin } => {
+            let role = if admin { Role::Admin } else { Role::Member };
+            (None, RoomCommand::SetMember { room, user: user(name(member)), role })
+        }
+        Op::Send { by } => {
+            (Some(name(by)), RoomCommand::Send { room, body: "m".into(), attrs: None, reply_to: None, cmid: None })
+        }
+        Op::Edit { by, target } => (Some(name(by)), RoomCommand::Edit { room, target, body: "e".into() }),
+        Op::Delete { by, target } => (Some(name(by)), RoomCommand::Delete { room, target }),
+        Op::React { by, target } => {
+            (Some(name(by)), RoomCommand::React { room, target, emoji: "+1".into(), remove: false })
+        }
+        Op::Read { by, seq } => (Some(name(by)), RoomCommand::Read { room, seq }),
+        Op::CanRead { by } => (Some(name(by)), RoomCommand::CanRead { room, grants: vec![] }),
+    }
+}
+
+proptest! {
+    // Failures are printed with their minimal input; nothing is written into the source tree.
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_ops_follow_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let quotas = RoomQuotas::default();
+        let mut world = World::new("plaza");
+        let mut model = Model::default();
+        for (step, op) in ops.iter().enumerate() {
+            let (who, command) = command(&world.room, op);
+            let got = world.run(who, command, &quotas);
+            let want = model.apply(op);
+            prop_assert_eq!(code(&got), want.err(), "step {} {:?}: {:?}", step, op, got);
+            prop_assert!(world.violations.is_empty(), "step {} {:?}: {:?}", step, op, world.violations);
+            let seqs: Vec<u64> = world.events.iter().map(|event| event.seq).collect();
+            prop_assert_eq!(seqs, (1..=model.seq).collect::<Vec<_>>(), "seqs are gap-free and match the model");
+            let members: BTreeMap<UserId, Role> = model
+                .members
+                .iter()
+                .map(|(who, admin)| (user(USERS[*who]), if *admin { Role::Admin } else { Role::Member }))
+                .collect();
+            prop_assert_eq!(&world.roster.members, &members, "the roster is the model's members");
+            // A user who is not a member may not read a private room, and is sent nothing by it.
+            for (i, name) in USERS.iter().enumerate() {
+                if model.exists && model.private && !model.member(i) {
+                    let can_read = RoomCommand::CanRead { room: world.room.clone(), grants: vec![] };
+                    let can_read = world.run(Some(name), can_read, &quotas);
+                    prop_assert_eq!(code(&can_read), Some(Forbidden), "{} reads a private room it is not in", name);
+                }
+            }
+        }
+    }
+}
