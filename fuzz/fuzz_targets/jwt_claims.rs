@@ -10,6 +10,7 @@
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
+use switchyard_gateway::http::ApiError;
 use switchyard_gateway::jwt;
 use switchyard_protocol::{ErrorCode, RoomId};
 
@@ -43,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let claims = match jwt::verify(&token, &switchyard_fuzz::hs256_key(), &tenant, check_exp) {
         Ok(claims) => claims,
         Err(error) => {
+            let error = ApiError::from(error);
             assert_eq!(error.code, ErrorCode::Unauthorized, "{error:?}");
             return;
         }

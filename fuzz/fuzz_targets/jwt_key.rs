@@ -31,6 +31,6 @@ fuzz_target!(|data: &[u8]| {
                 assert!(material.len() <= jwt::MAX_KEY_BYTES);
             }
         }
-        Err(message) => assert!(!message.is_empty()),
+        Err(error) => assert!(!error.to_string().is_empty()),
     }
 });

@@ -6,6 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use switchyard_gateway::http::ApiError;
 use switchyard_gateway::{auth, jwt};
 use switchyard_protocol::ids::opaque_token;
 use switchyard_protocol::internal::JwtKey;
@@ -26,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     }
     match jwt::unverified_project(token) {
         Ok(project) => switchyard_fuzz::check_project(&project),
-        Err(error) => assert_eq!(error.code, ErrorCode::Unauthorized),
+        Err(error) => assert_eq!(ApiError::from(error).code, ErrorCode::Unauthorized),
     }
     // The seeds (and `jwt_claims`) sign with `HS256_SECRET`; no input is signed with this one.
     let secret = "a-secret-no-input-is-signed-with-0123456789".to_owned();
@@ -34,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     for check_exp in [true, false] {
         match jwt::verify(token, &key, &switchyard_fuzz::tenant(), check_exp) {
             Ok(claims) => panic!("a token verified with a key it was not signed with: {claims:?}"),
-            Err(error) => assert_eq!(error.code, ErrorCode::Unauthorized),
+            Err(error) => assert_eq!(ApiError::from(error).code, ErrorCode::Unauthorized),
         }
     }
 });

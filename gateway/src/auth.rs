@@ -6,13 +6,14 @@
 //! not verify: when Redis is down an opaque token is refused with `unavailable`. A JWT needs no Redis; only its
 //! revocation check falls back to the gateway's local revocation cache then (see `docs/protocol.md`).
 
-use crate::error::ApiError;
-use crate::jwt;
+use crate::jwt::{self, JwtError};
+use crate::tenants::TenantError;
+use crate::tokens::TokenError;
 use crate::Gateway;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 use switchyard_protocol::ids::opaque_token;
-use switchyard_protocol::{ErrorCode, ProjectId, UserId};
+use switchyard_protocol::{ProjectId, UserId};
 
 /// Longest token accepted, in bytes; longer ones are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -60,50 +61,120 @@ pub fn opaque_token_id(token: &str) -> String {
     format!("t:{}", sha256_hex(token))
 }
 
+/// Why a token was refused. Only `TokenStore` and an outage of the tenants bucket are no verdict on the token
+/// (the client may retry); everything else refuses it.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token was presented.
+    #[error("a token is required")]
+    Missing,
+    /// The token is longer than `MAX_TOKEN_BYTES`.
+    #[error("token is too long")]
+    TooLong,
+    /// The token is neither an opaque token nor shaped like a JWT.
+    #[error("token is neither a sytok_ token nor a JWT")]
+    UnknownKind,
+    /// The opaque token is not a live token.
+    #[error("token is unknown, expired or revoked")]
+    UnknownToken,
+    /// The token store could not be asked about an opaque token.
+    #[error(transparent)]
+    TokenStore(#[from] TokenError),
+    /// The token's tenant could not be read.
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
+    /// The token names no known project.
+    #[error("unknown project")]
+    UnknownProject,
+    /// The token's tenant is disabled.
+    #[error("tenant is disabled")]
+    TenantDisabled,
+    /// The JWT's unverified payload names no project.
+    #[error(transparent)]
+    MalformedJwt(JwtError),
+    /// The JWT's project has no JWT key configured.
+    #[error("this project accepts no JWTs (no key configured)")]
+    NoJwtKey,
+    /// The JWT does not verify with the project's key, or its claims are refused.
+    #[error(transparent)]
+    InvalidJwt(JwtError),
+    /// The JWT was revoked.
+    #[error("token is revoked")]
+    Revoked,
+}
+
+impl AuthError {
+    /// Is this an outage (of the token store or the tenants bucket) rather than a verdict on the token?
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            AuthError::TokenStore(_) => true,
+            AuthError::Tenant(error) => error.is_unavailable(),
+            AuthError::Missing
+            | AuthError::TooLong
+            | AuthError::UnknownKind
+            | AuthError::UnknownToken
+            | AuthError::UnknownProject
+            | AuthError::TenantDisabled
+            | AuthError::MalformedJwt(_)
+            | AuthError::NoJwtKey
+            | AuthError::InvalidJwt(_)
+            | AuthError::Revoked => false,
+        }
+    }
+
+    /// The reason label of `switchyard_gateway_auth_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        if self.is_unavailable() {
+            return "unavailable";
+        }
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::TooLong | AuthError::UnknownKind | AuthError::MalformedJwt(_) => "malformed",
+            AuthError::UnknownToken | AuthError::TokenStore(_) => "unknown_token",
+            AuthError::UnknownProject | AuthError::Tenant(_) => "unknown_project",
+            AuthError::TenantDisabled => "tenant_disabled",
+            AuthError::NoJwtKey => "no_jwt_key",
+            AuthError::InvalidJwt(_) => "invalid_jwt",
+            AuthError::Revoked => "revoked",
+        }
+    }
+}
+
 /// Turn a presented token into an identity. Refusals are counted in `switchyard_gateway_auth_failures_total` by
 /// reason.
-pub async fn authenticate(gw: &Gateway, token: &str) -> Result<Identity, ApiError> {
+pub async fn authenticate(gw: &Gateway, token: &str) -> Result<Identity, AuthError> {
     match verify_token(gw, token).await {
         Ok(identity) => {
             metrics::counter!("switchyard_gateway_authentications_total").increment(1);
             Ok(identity)
         }
-        Err((reason, error)) => {
-            let reason = if error.code == ErrorCode::Unavailable { "unavailable" } else { reason };
-            crate::telemetry::auth_failure(reason);
+        Err(error) => {
+            crate::telemetry::auth_failure(error.reason());
             Err(error)
         }
     }
 }
 
-/// A refusal and its reason for the failure counter.
-type Refusal = (&'static str, ApiError);
-
-fn because<T>(reason: &'static str, result: Result<T, ApiError>) -> Result<T, Refusal> {
-    result.map_err(|error| (reason, error))
-}
-
-async fn verify_token(gw: &Gateway, token: &str) -> Result<Identity, Refusal> {
+async fn verify_token(gw: &Gateway, token: &str) -> Result<Identity, AuthError> {
     let verified_at = Instant::now();
     let token = token.trim();
     if token.is_empty() {
-        return Err(("missing", ApiError::unauthorized("a token is required")));
+        return Err(AuthError::Missing);
     }
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(("malformed", ApiError::unauthorized("token is too long")));
+        return Err(AuthError::TooLong);
     }
     if opaque_token::is_well_formed(token) {
         authenticate_opaque(gw, token, verified_at).await
     } else if jwt::looks_like_jwt(token) {
         authenticate_jwt(gw, token, verified_at).await
     } else {
-        Err(("malformed", ApiError::unauthorized("token is neither a sytok_ token nor a JWT")))
+        Err(AuthError::UnknownKind)
     }
 }
 
-async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, Refusal> {
-    let grant = because("unknown_token", gw.tokens.resolve(token).await)?
-        .ok_or_else(|| ("unknown_token", ApiError::unauthorized("token is unknown, expired or revoked")))?;
+async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, AuthError> {
+    let grant = gw.tokens.resolve(token).await?.ok_or(AuthError::UnknownToken)?;
     require_enabled_tenant(gw, &grant.project_id).await?;
     Ok(Identity {
         tenant: grant.project_id,
@@ -113,15 +184,12 @@ async fn authenticate_opaque(gw: &Gateway, token: &str, verified_at: Instant) ->
     })
 }
 
-async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, Refusal> {
+async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Result<Identity, AuthError> {
     // The tenant (and so the key) is found from the unverified `pid`; the signature check below then proves it.
-    let project_id = because("malformed", jwt::unverified_project(token))?;
+    let project_id = jwt::unverified_project(token).map_err(AuthError::MalformedJwt)?;
     let tenant = require_enabled_tenant(gw, &project_id).await?;
-    let key = tenant
-        .jwt
-        .as_ref()
-        .ok_or_else(|| ("no_jwt_key", ApiError::unauthorized("this project accepts no JWTs (no key configured)")))?;
-    let claims = because("invalid_jwt", jwt::verify(token, key, &project_id, true))?;
+    let key = tenant.jwt.as_ref().ok_or(AuthError::NoJwtKey)?;
+    let claims = jwt::verify(token, key, &project_id, true).map_err(AuthError::InvalidJwt)?;
     let id = jwt::credential_id(token, claims.jti.as_deref());
     let legacy = jwt::legacy_credential_id(token, claims.jti.as_deref());
     if is_revoked(gw, &project_id, &id).await
@@ -130,7 +198,7 @@ async fn authenticate_jwt(gw: &Gateway, token: &str, verified_at: Instant) -> Re
             None => false,
         }
     {
-        return Err(("revoked", ApiError::unauthorized("token is revoked")));
+        return Err(AuthError::Revoked);
     }
     Ok(Identity {
         tenant: project_id,
@@ -164,11 +232,10 @@ async fn is_revoked(gw: &Gateway, tenant: &ProjectId, id: &str) -> bool {
 async fn require_enabled_tenant(
     gw: &Gateway,
     project_id: &ProjectId,
-) -> Result<std::sync::Arc<crate::tenants::TenantEntry>, Refusal> {
-    let tenant = because("unknown_project", gw.tenants.lookup(project_id).await)?
-        .ok_or_else(|| ("unknown_project", ApiError::unauthorized("unknown project")))?;
+) -> Result<std::sync::Arc<crate::tenants::TenantEntry>, AuthError> {
+    let tenant = gw.tenants.lookup(project_id).await?.ok_or(AuthError::UnknownProject)?;
     if tenant.record.disabled {
-        return Err(("tenant_disabled", ApiError::new(ErrorCode::Forbidden, "tenant is disabled")));
+        return Err(AuthError::TenantDisabled);
     }
     Ok(tenant)
 }

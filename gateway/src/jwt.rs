@@ -5,12 +5,12 @@
 //! This module does no I/O: finding the tenant, and revocation, are `auth`'s job. `alg: none`, any algorithm but the
 //! tenant's, a `pid` of another tenant, and an expired token are all refused.
 
-use crate::error::ApiError;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use switchyard_protocol::ids::IdError;
 use switchyard_protocol::internal::JwtKey;
-use switchyard_protocol::{ErrorCode, ProjectId, RoomId, UserId};
+use switchyard_protocol::{ProjectId, RoomId, UserId};
 
 /// Shortest HS256 secret accepted, in bytes (the hash's output size, as RFC 7518 asks).
 pub const MIN_HMAC_SECRET_BYTES: usize = 32;
@@ -62,16 +62,108 @@ pub fn key_alg_name(key: &JwtKey) -> &'static str {
     }
 }
 
+/// Why key material a tenant uploads is refused. The message says what is wrong with it, never echoing it.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The HS256 secret is shorter than the hash's output.
+    #[error("an HS256 secret must be at least {} bytes", MIN_HMAC_SECRET_BYTES)]
+    SecretTooShort,
+    /// The HS256 secret is longer than any key accepted.
+    #[error("an HS256 secret must be at most {} bytes", MAX_KEY_BYTES)]
+    SecretTooLong,
+    /// The PEM text is longer than any key accepted.
+    #[error("the PEM must be at most {} bytes", MAX_KEY_BYTES)]
+    PemTooLong,
+    /// The PEM holds a private key.
+    #[error("this is a private key: upload only the public key, and treat this one as leaked")]
+    PrivateKey,
+    /// The text is not a PEM block.
+    #[error("public_key_pem must be a PEM block")]
+    NotPem,
+    /// The PEM is not an RSA public key (neither SubjectPublicKeyInfo nor PKCS#1).
+    #[error("not an RSA public key in PEM")]
+    NotRsa(#[source] rsa::pkcs1::Error),
+    /// The RSA modulus is too small.
+    #[error("the RSA key has {bits} bits; at least {} are required", MIN_RSA_BITS)]
+    RsaTooSmall {
+        /// The modulus size found.
+        bits: usize,
+    },
+    /// The RSA key parsed but cannot verify.
+    #[error("not a usable RSA public key: {0}")]
+    RsaUnusable(#[source] jsonwebtoken::errors::Error),
+    /// The PEM is not a P-256 public key.
+    #[error("not a P-256 (ES256) public key in PEM (SubjectPublicKeyInfo)")]
+    NotP256(#[source] p256::pkcs8::spki::Error),
+    /// The EC key parsed but cannot verify.
+    #[error("not a usable EC public key: {0}")]
+    EcUnusable(#[source] jsonwebtoken::errors::Error),
+}
+
+/// Why a JWT is refused (always as `unauthorized`). The message says which check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    /// The unverified payload has no `pid` that is a project id.
+    #[error("JWT has no valid pid claim")]
+    NoProject(#[source] Option<Box<dyn std::error::Error + Send + Sync>>),
+    /// The header does not parse, or names an algorithm not supported at all.
+    #[error("JWT header is invalid or its alg is not supported")]
+    InvalidHeader(#[source] jsonwebtoken::errors::Error),
+    /// The header's algorithm is not the tenant key's.
+    #[error("JWT alg {alg} is not this project's ({expected})")]
+    WrongAlg {
+        /// The token's algorithm.
+        alg: &'static str,
+        /// The tenant key's algorithm.
+        expected: &'static str,
+    },
+    /// Verification failed: signature, expiry, `nbf` or the claims' shape.
+    #[error("{}", rejection(.0))]
+    Rejected(#[source] jsonwebtoken::errors::Error),
+    /// The `pid` is not the project whose key verified the token.
+    #[error("JWT pid is not the signing project")]
+    WrongProject,
+    /// `sub` is not a user id.
+    #[error("JWT sub is not a valid user id (^[A-Za-z0-9_-]{{1,64}}$)")]
+    InvalidSub(#[source] IdError),
+    /// `jti` is empty, too long or not printable ASCII.
+    #[error("JWT jti must be 1 to 128 printable ASCII characters")]
+    InvalidJti,
+    /// More `rooms` grants than one token may carry.
+    #[error("JWT carries more than {} rooms grants", MAX_GRANTS)]
+    TooManyGrants,
+    /// A `rooms` grant is neither a room id nor a prefix ending in `*`.
+    #[error("JWT rooms grant {grant:?} is neither a room id nor a prefix ending in *")]
+    InvalidGrant {
+        /// The grant as the token carries it.
+        grant: String,
+    },
+}
+
+/// What a failed verification tells the client: the check that failed, without the library's details.
+fn rejection(error: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::ExpiredSignature => "JWT is expired",
+        ErrorKind::ImmatureSignature => "JWT is not valid yet (nbf)",
+        ErrorKind::InvalidSignature => "JWT signature does not verify",
+        ErrorKind::InvalidAlgorithm => "JWT alg is not this project's",
+        ErrorKind::MissingRequiredClaim(_) => "JWT lacks a required claim (sub, pid, exp)",
+        ErrorKind::Json(_) => "JWT claims are malformed (sub, pid, exp are required)",
+        _ => "JWT is invalid",
+    }
+}
+
 /// Check key material and parse it for verification. The message of an error says what is wrong with it (never
 /// echoing it).
-pub fn prepare(key: &JwtKey) -> Result<PreparedKey, String> {
+pub fn prepare(key: &JwtKey) -> Result<PreparedKey, KeyError> {
     match key {
         JwtKey::HS256 { secret } => {
             if secret.len() < MIN_HMAC_SECRET_BYTES {
-                return Err(format!("an HS256 secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"));
+                return Err(KeyError::SecretTooShort);
             }
             if secret.len() > MAX_KEY_BYTES {
-                return Err(format!("an HS256 secret must be at most {MAX_KEY_BYTES} bytes"));
+                return Err(KeyError::SecretTooLong);
             }
             Ok(PreparedKey { alg: Algorithm::HS256, key: DecodingKey::from_secret(secret.as_bytes()) })
         }
@@ -79,45 +171,42 @@ pub fn prepare(key: &JwtKey) -> Result<PreparedKey, String> {
             check_public_pem(public_key_pem)?;
             let bits = rsa_bits(public_key_pem)?;
             if bits < MIN_RSA_BITS {
-                return Err(format!("the RSA key has {bits} bits; at least {MIN_RSA_BITS} are required"));
+                return Err(KeyError::RsaTooSmall { bits });
             }
-            let key = DecodingKey::from_rsa_pem(public_key_pem.as_bytes())
-                .map_err(|e| format!("not a usable RSA public key: {e}"))?;
+            let key = DecodingKey::from_rsa_pem(public_key_pem.as_bytes()).map_err(KeyError::RsaUnusable)?;
             Ok(PreparedKey { alg: Algorithm::RS256, key })
         }
         JwtKey::ES256 { public_key_pem } => {
             check_public_pem(public_key_pem)?;
             use p256::pkcs8::DecodePublicKey;
-            p256::PublicKey::from_public_key_pem(public_key_pem.trim())
-                .map_err(|_| "not a P-256 (ES256) public key in PEM (SubjectPublicKeyInfo)".to_owned())?;
-            let key = DecodingKey::from_ec_pem(public_key_pem.as_bytes())
-                .map_err(|e| format!("not a usable EC public key: {e}"))?;
+            p256::PublicKey::from_public_key_pem(public_key_pem.trim()).map_err(KeyError::NotP256)?;
+            let key = DecodingKey::from_ec_pem(public_key_pem.as_bytes()).map_err(KeyError::EcUnusable)?;
             Ok(PreparedKey { alg: Algorithm::ES256, key })
         }
     }
 }
 
-fn check_public_pem(pem: &str) -> Result<(), String> {
+fn check_public_pem(pem: &str) -> Result<(), KeyError> {
     if pem.len() > MAX_KEY_BYTES {
-        return Err(format!("the PEM must be at most {MAX_KEY_BYTES} bytes"));
+        return Err(KeyError::PemTooLong);
     }
     if pem.contains("PRIVATE KEY") {
-        return Err("this is a private key: upload only the public key, and treat this one as leaked".into());
+        return Err(KeyError::PrivateKey);
     }
     if !pem.contains("-----BEGIN") {
-        return Err("public_key_pem must be a PEM block".into());
+        return Err(KeyError::NotPem);
     }
     Ok(())
 }
 
-fn rsa_bits(pem: &str) -> Result<usize, String> {
+fn rsa_bits(pem: &str) -> Result<usize, KeyError> {
     use rsa::pkcs1::DecodeRsaPublicKey;
     use rsa::pkcs8::DecodePublicKey;
     use rsa::traits::PublicKeyParts;
     let pem = pem.trim();
     let key = rsa::RsaPublicKey::from_public_key_pem(pem)
         .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
-        .map_err(|_| "not an RSA public key in PEM".to_owned())?;
+        .map_err(KeyError::NotRsa)?;
     Ok(key.size() * 8)
 }
 
@@ -128,18 +217,18 @@ pub fn looks_like_jwt(token: &str) -> bool {
 }
 
 /// The `pid` claim, read without verification, to find the tenant whose key verifies the token.
-pub fn unverified_project(token: &str) -> Result<ProjectId, ApiError> {
+pub fn unverified_project(token: &str) -> Result<ProjectId, JwtError> {
     #[derive(Deserialize)]
     struct Pid {
         pid: String,
     }
-    let refused = || ApiError::unauthorized("JWT has no valid pid claim");
-    let payload = token.split('.').nth(1).ok_or_else(refused)?;
+    let refused = |error: Box<dyn std::error::Error + Send + Sync>| JwtError::NoProject(Some(error));
+    let payload = token.split('.').nth(1).ok_or(JwtError::NoProject(None))?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
-        .map_err(|_| refused())?;
-    let pid: Pid = serde_json::from_slice(&bytes).map_err(|_| refused())?;
-    ProjectId::parse(&pid.pid).map_err(|_| refused())
+        .map_err(|e| refused(e.into()))?;
+    let pid: Pid = serde_json::from_slice(&bytes).map_err(|e| refused(e.into()))?;
+    ProjectId::parse(&pid.pid).map_err(|e| refused(e.into()))
 }
 
 /// The verified claims of a token.
@@ -165,15 +254,10 @@ struct RawClaims {
 
 /// Verify `token` with the tenant's key: the header's `alg` must be the key's, the signature must hold, `exp` must
 /// be in the future (unless `check_exp` is false, for revoking an expired token), and `pid` must be `tenant`.
-pub fn verify(token: &str, key: &PreparedKey, tenant: &ProjectId, check_exp: bool) -> Result<Claims, ApiError> {
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|_| ApiError::unauthorized("JWT header is invalid or its alg is not supported"))?;
+pub fn verify(token: &str, key: &PreparedKey, tenant: &ProjectId, check_exp: bool) -> Result<Claims, JwtError> {
+    let header = jsonwebtoken::decode_header(token).map_err(JwtError::InvalidHeader)?;
     if header.alg != key.alg {
-        return Err(ApiError::unauthorized(format!(
-            "JWT alg {} is not this project's ({})",
-            alg_name(&header.alg),
-            key.alg_name()
-        )));
+        return Err(JwtError::WrongAlg { alg: alg_name(&header.alg), expected: key.alg_name() });
     }
     let mut validation = Validation::new(key.alg);
     validation.algorithms = vec![key.alg];
@@ -182,39 +266,23 @@ pub fn verify(token: &str, key: &PreparedKey, tenant: &ProjectId, check_exp: boo
     validation.validate_exp = check_exp;
     validation.validate_nbf = true;
     validation.validate_aud = false;
-    let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation).map_err(|e| {
-        use jsonwebtoken::errors::ErrorKind;
-        let why = match e.kind() {
-            ErrorKind::ExpiredSignature => "JWT is expired",
-            ErrorKind::ImmatureSignature => "JWT is not valid yet (nbf)",
-            ErrorKind::InvalidSignature => "JWT signature does not verify",
-            ErrorKind::InvalidAlgorithm => "JWT alg is not this project's",
-            ErrorKind::MissingRequiredClaim(_) => "JWT lacks a required claim (sub, pid, exp)",
-            ErrorKind::Json(_) => "JWT claims are malformed (sub, pid, exp are required)",
-            _ => "JWT is invalid",
-        };
-        ApiError::unauthorized(why)
-    })?;
+    let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation).map_err(JwtError::Rejected)?;
     let raw = data.claims;
     if raw.pid != tenant.as_str() {
-        return Err(ApiError::unauthorized("JWT pid is not the signing project"));
+        return Err(JwtError::WrongProject);
     }
-    let sub = UserId::parse(&raw.sub)
-        .map_err(|_| ApiError::unauthorized("JWT sub is not a valid user id (^[A-Za-z0-9_-]{1,64}$)"))?;
+    let sub = UserId::parse(&raw.sub).map_err(JwtError::InvalidSub)?;
     if let Some(jti) = &raw.jti {
         if !valid_jti(jti) {
-            return Err(ApiError::unauthorized("JWT jti must be 1 to 128 printable ASCII characters"));
+            return Err(JwtError::InvalidJti);
         }
     }
     let rooms = raw.rooms.unwrap_or_default();
     if rooms.len() > MAX_GRANTS {
-        return Err(ApiError::unauthorized(format!("JWT carries more than {MAX_GRANTS} rooms grants")));
+        return Err(JwtError::TooManyGrants);
     }
     if let Some(bad) = rooms.iter().find(|grant| !valid_grant(grant)) {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            format!("JWT rooms grant {bad:?} is neither a room id nor a prefix ending in *"),
-        ));
+        return Err(JwtError::InvalidGrant { grant: bad.clone() });
     }
     Ok(Claims { sub, exp: raw.exp, jti: raw.jti, rooms })
 }
@@ -271,7 +339,7 @@ mod tests {
         assert!(prepare(&not_pem).is_err());
         let private =
             JwtKey::ES256 { public_key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----".into() };
-        assert!(prepare(&private).unwrap_err().contains("private key"));
+        assert!(prepare(&private).unwrap_err().to_string().contains("private key"));
     }
 
     /// `exp` is any u64 the tenant signs. `(exp + leeway) * 1000` overflowed for `exp` near `u64::MAX`: a panic in

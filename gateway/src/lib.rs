@@ -13,7 +13,6 @@
 
 pub mod auth;
 pub mod config;
-pub mod error;
 pub mod http;
 pub mod jwt;
 pub mod limits;
@@ -48,12 +47,30 @@ const DRAIN_TAIL: Duration = Duration::from_secs(1);
 /// Why a gateway could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    /// `nats_url` names no usable server.
     #[error("NATS: {0}")]
-    Nats(String),
+    NatsUrl(#[source] switchyard_service::ConfigError),
+    /// The connection to NATS could not be made.
+    #[error("NATS: connect to {url}: {source}")]
+    NatsConnect {
+        /// The configured URL, without credentials.
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A KV bucket the gateway needs could neither be opened nor created.
+    #[error("NATS: {0}")]
+    Bucket(#[source] switchyard_service::nats::EnsureKvError),
+    /// The subscription to the revocation broadcast could not be made.
+    #[error("NATS: subscribe to revocations: {0}")]
+    RevocationSubscribe(#[source] async_nats::SubscribeError),
+    /// The Redis client could not be configured from `redis_url`.
     #[error("Redis: {0}")]
-    Redis(String),
+    Redis(#[source] fred::error::Error),
+    /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    /// The HTTP server stopped with an error.
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -110,11 +127,8 @@ impl Gateway {
     }
 
     /// The events stream.
-    pub async fn events_stream(&self) -> Result<jetstream::stream::Stream, String> {
-        self.events
-            .get_or_try_init(|| async { self.js.get_stream(subjects::EVENTS_STREAM).await.map_err(|e| e.to_string()) })
-            .await
-            .cloned()
+    pub async fn events_stream(&self) -> Result<jetstream::stream::Stream, jetstream::context::GetStreamError> {
+        self.events.get_or_try_init(|| self.js.get_stream(subjects::EVENTS_STREAM)).await.cloned()
     }
 }
 
@@ -128,13 +142,12 @@ pub struct BoundGateway {
 
 /// Connect to NATS and Redis and bind the listener.
 pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
-    let servers =
-        switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| GatewayError::Nats(e.to_string()))?;
+    let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(GatewayError::NatsUrl)?;
     let nats = switchyard_service::nats::connect_options("switchyard-gateway")
         .retry_on_initial_connect()
         .connect(servers)
         .await
-        .map_err(|e| GatewayError::Nats(format!("connect to {}: {e}", config::redact_url(&config.nats_url))))?;
+        .map_err(|source| GatewayError::NatsConnect { url: config::redact_url(&config.nats_url), source })?;
     switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = jetstream::new(nats.clone());
     let tenants_kv = switchyard_service::nats::retry_at_start("the tenants bucket", || {
@@ -142,7 +155,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
     })
     .await?;
 
-    let redis_config = Config::from_url(&config.redis_url).map_err(|e| GatewayError::Redis(e.to_string()))?;
+    let redis_config = Config::from_url(&config.redis_url).map_err(GatewayError::Redis)?;
     let redis = Builder::from_config(redis_config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
@@ -151,7 +164,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(2))
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()
-        .map_err(|e| GatewayError::Redis(e.to_string()))?;
+        .map_err(GatewayError::Redis)?;
     // Connect in the background: without Redis the gateway still serves existing sockets and reports not ready.
     let _connection = redis.connect();
     if tokio::time::timeout(Duration::from_secs(5), redis.wait_for_connect()).await.is_err() {
@@ -167,7 +180,7 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
     // Revocations and tenant changes are heard before the first request is served.
     revocation::listen(nats.clone(), sessions.clone(), stopped.clone())
         .await
-        .map_err(|e| GatewayError::Nats(format!("subscribe to revocations: {e}")))?;
+        .map_err(GatewayError::RevocationSubscribe)?;
     let tenants = tenants::TenantDirectory::new(tenants_kv);
     tenants.spawn_watch(sessions.clone(), stopped.clone());
     let gateway_id = format!("gw-{}", switchyard_protocol::ids::random_base62(10));
@@ -264,7 +277,7 @@ impl BoundGateway {
         );
         match result {
             Ok(served) => served.map_err(GatewayError::Serve),
-            Err(join) => Err(GatewayError::Serve(std::io::Error::other(join.to_string()))),
+            Err(join) => Err(GatewayError::Serve(std::io::Error::other(join))),
         }
     }
 }
@@ -276,5 +289,5 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
 
 async fn ensure_kv(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<kv::Store, GatewayError> {
     let config = kv::Config { bucket: bucket.to_owned(), history: 1, num_replicas: replicas, ..Default::default() };
-    switchyard_service::nats::ensure_kv(js, config).await.map_err(|e| GatewayError::Nats(e.to_string()))
+    switchyard_service::nats::ensure_kv(js, config).await.map_err(GatewayError::Bucket)
 }

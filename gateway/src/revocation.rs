@@ -241,8 +241,15 @@ impl SessionRegistry {
 /// Why a revocation could not be broadcast.
 #[derive(Debug, thiserror::Error)]
 pub enum BroadcastError {
+    /// The revocation message could not be encoded.
     #[error("cannot broadcast the revocation: {0}")]
-    Nats(String),
+    Encode(#[source] codec::CodecError),
+    /// NATS refused the publish.
+    #[error("cannot broadcast the revocation: {0}")]
+    Publish(#[source] async_nats::PublishError),
+    /// The publish could not be flushed to the server.
+    #[error("cannot broadcast the revocation: {0}")]
+    Flush(#[source] async_nats::client::FlushError),
 }
 
 /// Apply a revocation here and broadcast it to every gateway (this one hears it too; applying twice is harmless).
@@ -250,9 +257,9 @@ pub async fn broadcast(gw: &Gateway, tenant: &ProjectId, target: RevocationTarge
     let at_ms = now_ms();
     gw.sessions.revoke(tenant, &target, at_ms);
     let message = Revocation { v: INTERNAL_VERSION, tenant: tenant.clone(), target, at_ms };
-    let payload = codec::encode(&message).map_err(|e| BroadcastError::Nats(e.to_string()))?;
-    gw.nats.publish(subjects::revocations(tenant), payload).await.map_err(|e| BroadcastError::Nats(e.to_string()))?;
-    gw.nats.flush().await.map_err(|e| BroadcastError::Nats(e.to_string()))
+    let payload = codec::encode(&message).map_err(BroadcastError::Encode)?;
+    gw.nats.publish(subjects::revocations(tenant), payload).await.map_err(BroadcastError::Publish)?;
+    gw.nats.flush().await.map_err(BroadcastError::Flush)
 }
 
 /// Subscribe to every tenant's revocations (before the gateway serves) and apply them until `shutdown`.

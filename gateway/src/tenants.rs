@@ -6,7 +6,6 @@
 //! itself, so a rotated key stops working at once on every gateway. This module does not issue client tokens (see
 //! `tokens`); when the watch sees a tenant disabled it asks the session registry to close its sockets.
 
-use crate::error::ApiError;
 use crate::jwt::{self, PreparedKey};
 use crate::revocation::SessionRegistry;
 use async_nats::jetstream::kv;
@@ -17,8 +16,8 @@ use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use switchyard_protocol::ids::api_key;
 use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits, TenantRecord, INTERNAL_VERSION};
-use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId};
-use switchyard_service::nats::latest_entry;
+use switchyard_protocol::{codec, subjects, ProjectId};
+use switchyard_service::nats::{latest_entry, LeaderReadError};
 use tokio_util::sync::CancellationToken;
 
 /// How long "no such tenant" is remembered, so made-up project ids do not each cost a bucket read.
@@ -68,12 +67,68 @@ pub(crate) fn sha256_hex(text: &str) -> String {
     crate::auth::sha256_hex(text)
 }
 
-fn decode_record(bytes: &[u8]) -> Result<TenantRecord, ApiError> {
-    codec::decode(bytes).map_err(|e| ApiError::new(ErrorCode::Internal, format!("unreadable tenant record: {e}")))
+/// Why a tenant could not be found, read, changed or authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// No such tenant, or (for admin changes) it is disabled.
+    #[error("no such tenant")]
+    NotFound,
+    /// The API key is malformed, unknown, or not the tenant's current key.
+    #[error("invalid API key")]
+    InvalidApiKey,
+    /// The tenant of a valid API key is disabled.
+    #[error("tenant is disabled")]
+    Disabled,
+    /// A stored tenant record does not decode.
+    #[error("unreadable tenant record: {0}")]
+    Unreadable(#[source] codec::CodecError),
+    /// A tenant record could not be encoded.
+    #[error("{0}")]
+    Encode(#[source] codec::CodecError),
+    /// The tenants bucket could not be read.
+    #[error("cannot read tenant: {0}")]
+    Read(#[source] LeaderReadError),
+    /// A new tenant record could not be stored.
+    #[error("cannot store tenant: {0}")]
+    Create(#[source] kv::CreateError),
+    /// A changed tenant record could not be stored.
+    #[error("cannot store tenant: {0}")]
+    Update(#[source] kv::UpdateError),
+    /// Every compare-and-set attempt lost to another change of the record.
+    #[error("the tenant record kept changing; retry")]
+    Contended,
 }
 
-fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "no such tenant")
+impl TenantError {
+    /// Is this an outage of the tenants bucket (worth retrying) rather than a verdict on the tenant or its data?
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            TenantError::Read(_) | TenantError::Create(_) | TenantError::Update(_) | TenantError::Contended => true,
+            TenantError::NotFound
+            | TenantError::InvalidApiKey
+            | TenantError::Disabled
+            | TenantError::Unreadable(_)
+            | TenantError::Encode(_) => false,
+        }
+    }
+}
+
+/// Why the tenant watch stopped; it is restarted.
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    /// The watch could not be started.
+    #[error("{0}")]
+    Start(#[source] kv::WatchError),
+    /// The watch failed while running.
+    #[error("{0}")]
+    Entry(#[source] kv::WatcherError),
+    /// The watch ended without an error.
+    #[error("watch ended")]
+    Ended,
+}
+
+fn decode_record(bytes: &[u8]) -> Result<TenantRecord, TenantError> {
+    codec::decode(bytes).map_err(TenantError::Unreadable)
 }
 
 impl TenantDirectory {
@@ -103,10 +158,10 @@ impl TenantDirectory {
         });
     }
 
-    async fn watch_once(&self, sessions: &SessionRegistry) -> Result<(), String> {
-        let mut watch = self.kv.watch_with_history(">").await.map_err(|e| e.to_string())?;
+    async fn watch_once(&self, sessions: &SessionRegistry) -> Result<(), WatchError> {
+        let mut watch = self.kv.watch_with_history(">").await.map_err(WatchError::Start)?;
         while let Some(entry) = watch.next().await {
-            let entry = entry.map_err(|e| e.to_string())?;
+            let entry = entry.map_err(WatchError::Entry)?;
             let Ok(project_id) = ProjectId::parse(&entry.key) else {
                 continue;
             };
@@ -120,7 +175,7 @@ impl TenantDirectory {
                         }
                     }
                     Err(error) => {
-                        tracing::warn!(tenant = %project_id, error = %error.message, "ignoring tenant record")
+                        tracing::warn!(tenant = %project_id, %error, "ignoring tenant record")
                     }
                 },
                 kv::Operation::Delete | kv::Operation::Purge => {
@@ -131,7 +186,7 @@ impl TenantDirectory {
                 }
             }
         }
-        Err("watch ended".into())
+        Err(WatchError::Ended)
     }
 
     /// Put a record in the cache unless a newer revision is there already.
@@ -158,7 +213,7 @@ impl TenantDirectory {
     }
 
     /// The tenant (enabled or not) from the cache, or from the bucket on a miss.
-    pub async fn lookup(&self, project_id: &ProjectId) -> Result<Option<Arc<TenantEntry>>, ApiError> {
+    pub async fn lookup(&self, project_id: &ProjectId) -> Result<Option<Arc<TenantEntry>>, TenantError> {
         if let Ok(cache) = self.cache.read() {
             if let Some(entry) = cache.tenants.get(project_id) {
                 return Ok(Some(entry.clone()));
@@ -182,10 +237,8 @@ impl TenantDirectory {
     }
 
     /// The record and its revision, read from the bucket.
-    async fn read(&self, project_id: &ProjectId) -> Result<Option<(TenantRecord, u64)>, ApiError> {
-        let entry = latest_entry(&self.kv, &subjects::tenant_key(project_id))
-            .await
-            .map_err(|e| ApiError::unavailable(format!("cannot read tenant: {e}")))?;
+    async fn read(&self, project_id: &ProjectId) -> Result<Option<(TenantRecord, u64)>, TenantError> {
+        let entry = latest_entry(&self.kv, &subjects::tenant_key(project_id)).await.map_err(TenantError::Read)?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 Ok(Some((decode_record(&entry.value)?, entry.revision)))
@@ -195,7 +248,7 @@ impl TenantDirectory {
     }
 
     /// Create a tenant; returns its record and its API key, which is never shown again.
-    pub async fn create(&self, name: &str, now_ms: u64) -> Result<(TenantRecord, String), ApiError> {
+    pub async fn create(&self, name: &str, now_ms: u64) -> Result<(TenantRecord, String), TenantError> {
         let project_id = ProjectId::generate();
         let key = api_key::generate(&project_id);
         let record = TenantRecord {
@@ -208,18 +261,14 @@ impl TenantDirectory {
             disabled: false,
             limits: TenantLimits::default(),
         };
-        let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-        let revision = self
-            .kv
-            .create(subjects::tenant_key(&project_id), payload)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("cannot store tenant: {e}")))?;
+        let payload = codec::encode(&record).map_err(TenantError::Encode)?;
+        let revision = self.kv.create(subjects::tenant_key(&project_id), payload).await.map_err(TenantError::Create)?;
         self.remember(record.clone(), revision);
         Ok((record, key))
     }
 
     /// The tenant's record, if it exists and is enabled (a disabled tenant is gone as far as the API is concerned).
-    pub async fn get(&self, project_id: &ProjectId) -> Result<Option<TenantRecord>, ApiError> {
+    pub async fn get(&self, project_id: &ProjectId) -> Result<Option<TenantRecord>, TenantError> {
         Ok(self.read(project_id).await?.map(|(record, _)| record).filter(|record| !record.disabled))
     }
 
@@ -228,33 +277,33 @@ impl TenantDirectory {
         &self,
         project_id: &ProjectId,
         change: impl Fn(&mut TenantRecord),
-    ) -> Result<TenantRecord, ApiError> {
+    ) -> Result<TenantRecord, TenantError> {
         for _ in 0..CAS_ATTEMPTS {
-            let (mut record, revision) = self.read(project_id).await?.ok_or_else(not_found)?;
+            let (mut record, revision) = self.read(project_id).await?.ok_or(TenantError::NotFound)?;
             if record.disabled {
-                return Err(not_found());
+                return Err(TenantError::NotFound);
             }
             change(&mut record);
-            let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            let payload = codec::encode(&record).map_err(TenantError::Encode)?;
             match self.kv.update(subjects::tenant_key(project_id), payload, revision).await {
                 Ok(new_revision) => {
                     self.remember(record.clone(), new_revision);
                     return Ok(record);
                 }
                 Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(error) => return Err(ApiError::unavailable(format!("cannot store tenant: {error}"))),
+                Err(error) => return Err(TenantError::Update(error)),
             }
         }
-        Err(ApiError::unavailable("the tenant record kept changing; retry"))
+        Err(TenantError::Contended)
     }
 
     /// Set the tenant's JWT verification key (already checked by `jwt::prepare`).
-    pub async fn set_jwt(&self, project_id: &ProjectId, key: JwtKey) -> Result<(), ApiError> {
+    pub async fn set_jwt(&self, project_id: &ProjectId, key: JwtKey) -> Result<(), TenantError> {
         self.update(project_id, |record| record.jwt = Some(key.clone())).await.map(drop)
     }
 
     /// Replace the tenant's API key; the old one stops working at once. Returns the new key.
-    pub async fn rotate_key(&self, project_id: &ProjectId) -> Result<String, ApiError> {
+    pub async fn rotate_key(&self, project_id: &ProjectId) -> Result<String, TenantError> {
         let key = api_key::generate(project_id);
         let hash = sha256_hex(&key);
         self.update(project_id, |record| record.api_key_sha256 = hash.clone()).await?;
@@ -262,35 +311,35 @@ impl TenantDirectory {
     }
 
     /// Set (replace) the tenant's limits.
-    pub async fn set_limits(&self, project_id: &ProjectId, limits: TenantLimits) -> Result<(), ApiError> {
+    pub async fn set_limits(&self, project_id: &ProjectId, limits: TenantLimits) -> Result<(), TenantError> {
         self.update(project_id, |record| record.limits = limits.clone()).await.map(drop)
     }
 
     /// Disable the tenant. Idempotent: disabling a disabled tenant succeeds; an unknown one is `not_found`.
-    pub async fn disable(&self, project_id: &ProjectId) -> Result<(), ApiError> {
+    pub async fn disable(&self, project_id: &ProjectId) -> Result<(), TenantError> {
         for _ in 0..CAS_ATTEMPTS {
-            let (mut record, revision) = self.read(project_id).await?.ok_or_else(not_found)?;
+            let (mut record, revision) = self.read(project_id).await?.ok_or(TenantError::NotFound)?;
             if record.disabled {
                 return Ok(());
             }
             record.disabled = true;
-            let payload = codec::encode(&record).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            let payload = codec::encode(&record).map_err(TenantError::Encode)?;
             match self.kv.update(subjects::tenant_key(project_id), payload, revision).await {
                 Ok(new_revision) => {
                     self.remember(record, new_revision);
                     return Ok(());
                 }
                 Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(error) => return Err(ApiError::unavailable(format!("cannot store tenant: {error}"))),
+                Err(error) => return Err(TenantError::Update(error)),
             }
         }
-        Err(ApiError::unavailable("the tenant record kept changing; retry"))
+        Err(TenantError::Contended)
     }
 
     /// The enabled tenant an API key belongs to, or `unauthorized`. Reads the bucket, so a rotated key or a disabled
     /// tenant is refused at once on every gateway.
-    pub async fn authenticate_key(&self, key: &str) -> Result<TenantRecord, ApiError> {
-        let refused = || ApiError::unauthorized("invalid API key");
+    pub async fn authenticate_key(&self, key: &str) -> Result<TenantRecord, TenantError> {
+        let refused = || TenantError::InvalidApiKey;
         let project_id = api_key::project_of(key).ok_or_else(refused)?;
         let (record, revision) = self.read(&project_id).await?.ok_or_else(refused)?;
         let presented = sha256_hex(key);
@@ -299,7 +348,7 @@ impl TenantDirectory {
             return Err(refused());
         }
         if record.disabled {
-            return Err(ApiError::new(ErrorCode::Forbidden, "tenant is disabled"));
+            return Err(TenantError::Disabled);
         }
         self.remember(record.clone(), revision);
         Ok(record)

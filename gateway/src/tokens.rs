@@ -7,7 +7,6 @@
 //! JWTs. When Redis is down, resolving fails with `unavailable`: a token is never admitted unchecked.
 
 use crate::auth::sha256_hex;
-use crate::error::ApiError;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
@@ -59,19 +58,19 @@ use switchyard_protocol::redis_keys::{
     revoked as revoked_key, token as token_key, user_tokens as user_index_key, TOKEN_PREFIX,
 };
 
-fn unavailable(error: fred::error::Error) -> ApiError {
-    ApiError::unavailable(format!("token store unavailable: {}", error.kind_str()))
-}
-
-trait KindStr {
-    fn kind_str(&self) -> String;
-}
-
-impl KindStr for fred::error::Error {
-    /// The error without its details, which could quote a command's arguments.
-    fn kind_str(&self) -> String {
-        format!("{:?}", self.kind())
-    }
+/// Why the token store could not answer. Every case is an outage (`unavailable`): never a verdict on a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Redis is known to be down; no command was sent.
+    #[error("token store unavailable (Redis is not connected); retry later")]
+    NotConnected,
+    /// A Redis command failed. The message names only the error's kind: its details could quote the command's
+    /// arguments.
+    #[error("token store unavailable: {:?}", .0.kind())]
+    Redis(#[source] fred::error::Error),
+    /// The grant could not be encoded for storage.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 /// What revoking an opaque token found.
@@ -108,11 +107,11 @@ impl TokenStore {
     }
 
     /// Issue a token for the grant's user, living `ttl_secs`.
-    pub async fn issue(&self, grant: &TokenGrant, ttl_secs: u64) -> Result<String, ApiError> {
+    pub async fn issue(&self, grant: &TokenGrant, ttl_secs: u64) -> Result<String, TokenError> {
         self.ensure_connected()?;
         let token = opaque_token::generate();
         let hash = sha256_hex(&token);
-        let value = serde_json::to_string(grant).map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let value = serde_json::to_string(grant).map_err(TokenError::Encode)?;
         let ttl = ttl_secs.clamp(1, limits::TOKEN_TTL_MAX_SECS) as i64;
         self.issue
             .evalsha_with_reload::<i64, _, _>(
@@ -121,22 +120,22 @@ impl TokenStore {
                 vec![value, ttl.to_string(), hash],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(TokenError::Redis)?;
         Ok(token)
     }
 
     /// The grant of a live token; `None` for an unknown, expired, revoked or malformed token.
-    pub async fn resolve(&self, token: &str) -> Result<Option<TokenGrant>, ApiError> {
+    pub async fn resolve(&self, token: &str) -> Result<Option<TokenGrant>, TokenError> {
         if !opaque_token::is_well_formed(token) {
             return Ok(None);
         }
         self.ensure_connected()?;
-        let value: Option<String> = self.redis.get(token_key(&sha256_hex(token))).await.map_err(unavailable)?;
+        let value: Option<String> = self.redis.get(token_key(&sha256_hex(token))).await.map_err(TokenError::Redis)?;
         Ok(value.and_then(|text| serde_json::from_str(&text).ok()))
     }
 
     /// Delete `token` if it is a live token of `tenant`.
-    pub async fn revoke(&self, tenant: &ProjectId, token: &str) -> Result<Revoked, ApiError> {
+    pub async fn revoke(&self, tenant: &ProjectId, token: &str) -> Result<Revoked, TokenError> {
         if !opaque_token::is_well_formed(token) {
             return Ok(Revoked::Unknown);
         }
@@ -145,7 +144,7 @@ impl TokenStore {
             .revoke_token
             .evalsha_with_reload(&self.redis, vec![token_key(&sha256_hex(token))], vec![tenant.to_string()])
             .await
-            .map_err(unavailable)?;
+            .map_err(TokenError::Redis)?;
         Ok(match found {
             n if n > 0 => Revoked::Deleted { expires_at_ms: n as u64 },
             _ => Revoked::Unknown,
@@ -153,13 +152,13 @@ impl TokenStore {
     }
 
     /// Delete every opaque token of a user; how many there were.
-    pub async fn revoke_user(&self, tenant: &ProjectId, user: &UserId) -> Result<u64, ApiError> {
+    pub async fn revoke_user(&self, tenant: &ProjectId, user: &UserId) -> Result<u64, TokenError> {
         self.ensure_connected()?;
         let count: i64 = self
             .revoke_user
             .evalsha_with_reload(&self.redis, vec![user_index_key(tenant, user)], vec![TOKEN_PREFIX.to_owned()])
             .await
-            .map_err(unavailable)?;
+            .map_err(TokenError::Redis)?;
         Ok(count.max(0) as u64)
     }
 
@@ -170,7 +169,7 @@ impl TokenStore {
         credential_id: &str,
         until_ms: u64,
         now_ms: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), TokenError> {
         let Some(ttl_ms) = marker_ttl_ms(until_ms, now_ms) else {
             return Ok(());
         };
@@ -178,12 +177,12 @@ impl TokenStore {
         self.redis
             .set::<(), _, _>(revoked_key(tenant, credential_id), "1", Some(Expiration::PX(ttl_ms)), None, false)
             .await
-            .map_err(unavailable)
+            .map_err(TokenError::Redis)
     }
 
     /// Is a JWT credential marked revoked?
-    pub async fn is_revoked(&self, tenant: &ProjectId, credential_id: &str) -> Result<bool, ApiError> {
-        let count: i64 = self.redis.exists(revoked_key(tenant, credential_id)).await.map_err(unavailable)?;
+    pub async fn is_revoked(&self, tenant: &ProjectId, credential_id: &str) -> Result<bool, TokenError> {
+        let count: i64 = self.redis.exists(revoked_key(tenant, credential_id)).await.map_err(TokenError::Redis)?;
         Ok(count > 0)
     }
 
@@ -193,11 +192,11 @@ impl TokenStore {
     }
 
     /// Fail fast while Redis is known to be down, rather than queueing the command until it times out.
-    fn ensure_connected(&self) -> Result<(), ApiError> {
+    fn ensure_connected(&self) -> Result<(), TokenError> {
         if self.redis.is_connected() {
             Ok(())
         } else {
-            Err(ApiError::unavailable("token store unavailable (Redis is not connected); retry later"))
+            Err(TokenError::NotConnected)
         }
     }
 }

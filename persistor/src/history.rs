@@ -26,11 +26,11 @@ pub async fn serve<S: HistoryStore>(
     let pages = nats
         .queue_subscribe(subjects::HISTORY_SUBJECT, subjects::HISTORY_QUEUE.into())
         .await
-        .map_err(|e| crate::PersistorError::Nats(format!("history subscription: {e}")))?;
+        .map_err(crate::PersistorError::nats("history subscription"))?;
     let heads = nats
         .queue_subscribe(subjects::ROOM_HEAD_SUBJECT, subjects::HISTORY_QUEUE.into())
         .await
-        .map_err(|e| crate::PersistorError::Nats(format!("room head subscription: {e}")))?;
+        .map_err(crate::PersistorError::nats("room head subscription"))?;
     let mut requests = futures::stream::select(pages, heads);
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
@@ -136,7 +136,7 @@ async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) 
     };
     match store.history(&query).await {
         Ok(page) => HistoryReply::Ok { messages: page.messages, more: page.more },
-        Err(crate::store::StoreError::InvalidQuery(message)) => err(ErrorCode::BadRequest, message),
+        Err(crate::store::StoreError::InvalidQuery(fault)) => err(ErrorCode::BadRequest, fault.to_string()),
         Err(error) => err(ErrorCode::Unavailable, error.to_string()),
     }
 }

@@ -115,7 +115,7 @@ async fn try_open_consumer(
     let stream = js
         .get_stream(subjects::EVENTS_STREAM)
         .await
-        .map_err(|e| PersistorError::Nats(format!("waiting for the events stream (router shards create it): {e}")))?;
+        .map_err(PersistorError::nats("waiting for the events stream (router shards create it)"))?;
     js.get_or_create_stream(stream::Config {
         name: subjects::DEAD_LETTER_STREAM.to_owned(),
         subjects: vec![subjects::DEAD_LETTER_SUBJECT.to_owned()],
@@ -126,11 +126,8 @@ async fn try_open_consumer(
         ..Default::default()
     })
     .await
-    .map_err(|e| PersistorError::Nats(format!("dead-letter stream: {e}")))?;
-    stream
-        .create_consumer(consumer_config(settings))
-        .await
-        .map_err(|e| PersistorError::Nats(format!("persistor consumer: {e}")))
+    .map_err(PersistorError::nats("dead-letter stream"))?;
+    stream.create_consumer(consumer_config(settings)).await.map_err(PersistorError::nats("persistor consumer"))
 }
 
 /// What every batch shares.
@@ -280,7 +277,7 @@ impl<S: HistoryStore> Ingest<'_, S> {
                     if events.len() > 1 || self.store_accepted_a_write_since(pulled_at) =>
                 {
                     metrics::counter!("switchyard_persistor_store_errors_total").increment(1);
-                    return Written::Rejected(error.to_string());
+                    return Written::Rejected(error);
                 }
                 // A lone event rejected while no write has succeeded lately: the store may be refusing everything
                 // (a dropped table, a broken schema). Hold it like an outage rather than dead-letter healthy events;
@@ -313,7 +310,7 @@ impl<S: HistoryStore> Ingest<'_, S> {
     }
 
     /// The store rejected this event alone: nak it for a later attempt, or dead-letter it after `max_deliver`.
-    async fn rejected(&self, message: &Message, error: &str) {
+    async fn rejected(&self, message: &Message, error: &StoreError) {
         let delivered = message.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
         if delivered >= u64::from(self.settings.max_deliver) {
             self.dead_letter(message, &format!("rejected by the store on {delivered} deliveries: {error}")).await;
@@ -356,8 +353,8 @@ impl<S: HistoryStore> Ingest<'_, S> {
         );
         let publish = PublishMessage::build().payload(message.payload.clone()).headers(headers);
         let stored = match self.js.send_publish(subjects::DEAD_LETTER_SUBJECT, publish).await {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
+            Ok(ack) => ack.await.map(drop),
+            Err(error) => Err(error),
         };
         if let Err(error) = stored {
             tracing::error!(%error, stream_seq, "cannot store a dead letter; the event stays for redelivery");
@@ -382,8 +379,8 @@ impl<S: HistoryStore> Ingest<'_, S> {
 /// What became of one write.
 enum Written {
     Yes,
-    /// The store refused it (the event's fault); the message says why.
-    Rejected(String),
+    /// The store refused it (the event's fault); the error says why.
+    Rejected(StoreError),
     /// The persistor is stopping while the store was unavailable: nothing acked.
     Stopped,
 }

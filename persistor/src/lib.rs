@@ -25,14 +25,47 @@ use tokio_util::sync::CancellationToken;
 /// Why a persistor could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistorError {
+    /// `nats_url` names no usable server.
     #[error("NATS: {0}")]
-    Nats(String),
+    NatsUrl(#[source] switchyard_service::ConfigError),
+    /// The connection to NATS could not be made.
+    #[error("NATS: connect to {url}: {source}")]
+    NatsConnect {
+        /// The configured URL, without credentials.
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A NATS stream, consumer, subscription or lock could not be opened or taken; `what` names it.
+    #[error("NATS: {what}: {source}")]
+    Nats {
+        /// What was being opened or taken.
+        what: &'static str,
+        #[source]
+        source: store::BoxError,
+    },
+    /// The schema-migration lock bucket could neither be opened nor created.
+    #[error("NATS: {0}")]
+    LockBucket(#[source] switchyard_service::nats::EnsureKvError),
+    /// Another migration held the schema lock for longer than a migration takes.
+    #[error("NATS: another migration held the schema lock for too long")]
+    MigrationLockHeld,
+    /// The history store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The metrics listener could not start.
     #[error(transparent)]
     Metrics(#[from] switchyard_service::ops::OpsError),
+}
+
+impl PersistorError {
+    /// Wrap the error of a NATS call that failed while opening `what`.
+    fn nats<E: Into<store::BoxError>>(what: &'static str) -> impl FnOnce(E) -> PersistorError {
+        move |error| PersistorError::Nats { what, source: error.into() }
+    }
 }
 
 /// The store the configuration chose.
@@ -94,11 +127,10 @@ const MIGRATION_LOCK_TTL: Duration = Duration::from_secs(120);
 /// leave nodes disagreeing on a table's id, so it is never run concurrently.
 pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
     let cql = cql_config(config)?;
-    let servers =
-        switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| PersistorError::Nats(e.to_string()))?;
+    let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(PersistorError::NatsUrl)?;
     let nats =
         switchyard_service::nats::connect_options("switchyard-persistor migrate").connect(servers).await.map_err(
-            |e| PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url))),
+            |source| PersistorError::NatsConnect { url: switchyard_service::redact_url(&config.nats_url), source },
         )?;
     let js = async_nats::jetstream::new(nats.clone());
     let bucket = async_nats::jetstream::kv::Config {
@@ -108,8 +140,7 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
         num_replicas: config.nats_replicas,
         ..Default::default()
     };
-    let locks =
-        switchyard_service::nats::ensure_kv(&js, bucket).await.map_err(|e| PersistorError::Nats(e.to_string()))?;
+    let locks = switchyard_service::nats::ensure_kv(&js, bucket).await.map_err(PersistorError::LockBucket)?;
     let holder = format!("migrate-{}", switchyard_protocol::ids::random_base62(12));
     let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_TTL * 3;
     loop {
@@ -117,7 +148,7 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
             Ok(_) => break,
             Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
                 if tokio::time::Instant::now() > deadline {
-                    return Err(PersistorError::Nats("another migration held the schema lock for too long".into()));
+                    return Err(PersistorError::MigrationLockHeld);
                 }
                 tracing::info!("another persistor is migrating the schema; waiting");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -125,7 +156,7 @@ pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, Persi
             // On a NATS cluster a bucket just created, or one whose leader is being elected, answers for a few
             // seconds with errors that pass: wait for it as for another migration.
             Err(e) if tokio::time::Instant::now() > deadline => {
-                return Err(PersistorError::Nats(format!("schema migration lock: {e}")))
+                return Err(PersistorError::nats("schema migration lock")(e))
             }
             Err(error) => {
                 tracing::info!(%error, "the schema migration lock cannot be taken yet; retrying");
@@ -229,14 +260,14 @@ async fn consume<S: HistoryStore>(
     connected: Arc<OnceLock<async_nats::Client>>,
     shutdown: CancellationToken,
 ) -> Result<(), PersistorError> {
-    let servers =
-        switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| PersistorError::Nats(e.to_string()))?;
+    let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(PersistorError::NatsUrl)?;
     let nats = switchyard_service::nats::connect_options("switchyard-persistor")
         .retry_on_initial_connect()
         .connect(servers)
         .await
-        .map_err(|e| {
-            PersistorError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
+        .map_err(|source| PersistorError::NatsConnect {
+            url: switchyard_service::redact_url(&config.nats_url),
+            source,
         })?;
     let _ = connected.set(nats.clone());
     switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);

@@ -240,15 +240,29 @@ pub fn decode_client_frame(bytes: &[u8], format: Format) -> Result<ClientRequest
 /// 2 KiB MessagePack frame of nested arrays overflows a task's stack and aborts the process.
 pub const MAX_FRAME_DEPTH: usize = 128;
 
+/// Why a MessagePack frame is not one readable value.
+#[derive(Debug, thiserror::Error)]
+enum MsgPackValueError {
+    /// The bytes do not decode (or nest too deep).
+    #[error("{0}")]
+    Decode(#[source] rmp_serde::decode::Error),
+    /// Bytes follow the first value.
+    #[error("{rest} bytes follow the first value")]
+    Trailing {
+        /// How many bytes follow.
+        rest: usize,
+    },
+}
+
 /// One MessagePack value, nested at most `MAX_FRAME_DEPTH` deep and followed by nothing (as in JSON, where trailing
 /// characters are an error too).
-fn decode_msgpack_value(bytes: &[u8]) -> Result<Value, String> {
+fn decode_msgpack_value(bytes: &[u8]) -> Result<Value, MsgPackValueError> {
     let mut de = rmp_serde::Deserializer::new(bytes);
     de.set_max_depth(MAX_FRAME_DEPTH);
-    let value = Value::deserialize(&mut de).map_err(|e| e.to_string())?;
+    let value = Value::deserialize(&mut de).map_err(MsgPackValueError::Decode)?;
     let rest = de.get_ref().len();
     if rest > 0 {
-        return Err(format!("{rest} bytes follow the first value"));
+        return Err(MsgPackValueError::Trailing { rest });
     }
     Ok(value)
 }

@@ -13,6 +13,25 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most bytes one batch carries (the server stops at the message that crosses it).
 pub(crate) const BATCH_BYTES: usize = 512 * 1024;
 
+/// Why a batch could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DirectGetError {
+    #[error("encode a direct-get request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("subscribe: {0}")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    #[error("publish: {0}")]
+    Publish(#[source] async_nats::PublishError),
+    #[error("the reply subscription ended")]
+    SubscriptionEnded,
+    #[error("no answer from the stream in time")]
+    TimedOut,
+    #[error("direct get answered {code}: {description:?}")]
+    Status { code: u16, description: Option<String> },
+    #[error("a direct-get answer without its {0}")]
+    MissingHeader(&'static str),
+}
+
 /// One message of a batch.
 #[derive(Debug)]
 pub(crate) struct Got {
@@ -48,7 +67,7 @@ struct Request<'a> {
 }
 
 /// Ask `api` (a stream's direct-get subject) for a batch.
-pub(crate) async fn batch(nats: &async_nats::Client, api: &str, ask: Ask<'_>) -> Result<Vec<Got>, String> {
+pub(crate) async fn batch(nats: &async_nats::Client, api: &str, ask: Ask<'_>) -> Result<Vec<Got>, DirectGetError> {
     let request = match ask {
         Ask::Matching { filter, from, batch } => Request {
             seq: Some(from.max(1)),
@@ -70,30 +89,30 @@ pub(crate) async fn batch(nats: &async_nats::Client, api: &str, ask: Ask<'_>) ->
             }
         }
     };
-    let payload = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    let payload = serde_json::to_vec(&request).map_err(DirectGetError::Encode)?;
     let inbox = async_nats::Subject::from(nats.new_inbox());
-    let mut replies = nats.subscribe(inbox.clone()).await.map_err(|e| format!("subscribe: {e}"))?;
-    nats.publish_with_reply(api.to_owned(), inbox, payload.into()).await.map_err(|e| format!("publish: {e}"))?;
+    let mut replies = nats.subscribe(inbox.clone()).await.map_err(DirectGetError::Subscribe)?;
+    nats.publish_with_reply(api.to_owned(), inbox, payload.into()).await.map_err(DirectGetError::Publish)?;
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
     loop {
         let message = match tokio::time::timeout_at(deadline, replies.next()).await {
             Ok(Some(message)) => message,
-            Ok(None) => return Err("the reply subscription ended".into()),
-            Err(_) => return Err("no answer from the stream in time".into()),
+            Ok(None) => return Err(DirectGetError::SubscriptionEnded),
+            Err(_) => return Err(DirectGetError::TimedOut),
         };
         if let Some(status) = message.status {
             match status.as_u16() {
                 // End of the batch, or nothing (more) matches.
                 204 | 404 => break,
-                code => return Err(format!("direct get answered {code}: {:?}", message.description)),
+                code => return Err(DirectGetError::Status { code, description: message.description.clone() }),
             }
         }
         let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
         let sequence = header("Nats-Sequence")
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or("a direct-get answer without its stream sequence")?;
-        let subject = header("Nats-Subject").ok_or("a direct-get answer without its subject")?;
+            .ok_or(DirectGetError::MissingHeader("stream sequence"))?;
+        let subject = header("Nats-Subject").ok_or(DirectGetError::MissingHeader("subject"))?;
         let pending = header("Nats-Num-Pending").and_then(|v| v.parse::<u64>().ok());
         let removed = header("KV-Operation").is_some_and(|op| op == "DEL" || op == "PURGE");
         got.push(Got { subject, sequence, pending: pending.unwrap_or(0), removed, payload: message.payload });

@@ -21,6 +21,17 @@ use switchyard_protocol::{subjects, ShardId};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Why a lease tick stopped early (it is tried again at the next tick).
+#[derive(Debug, thiserror::Error)]
+enum LeaseError {
+    #[error("announce: {0}")]
+    Announce(#[source] kv::PutError),
+    #[error("list leases: {0}")]
+    List(#[source] kv::HistoryError),
+    #[error("list leases: {0}")]
+    ListNext(#[source] kv::WatcherError),
+}
+
 /// A shard this router shard holds.
 struct HeldShard {
     /// The lease entry's revision, for the next compare-and-set.
@@ -65,18 +76,14 @@ impl LeaseKeeper {
         let _ = self.ctx.leases.delete(subjects::router_alive_key(&self.ctx.config.router_id)).await;
     }
 
-    async fn tick(&mut self) -> Result<(), String> {
+    async fn tick(&mut self) -> Result<(), LeaseError> {
         let me = self.ctx.config.router_id.clone();
-        self.ctx
-            .leases
-            .put(subjects::router_alive_key(&me), me.clone().into())
-            .await
-            .map_err(|e| format!("announce: {e}"))?;
+        self.ctx.leases.put(subjects::router_alive_key(&me), me.clone().into()).await.map_err(LeaseError::Announce)?;
         self.renew().await;
 
         let keys: Vec<String> = match self.ctx.leases.keys().await {
-            Ok(keys) => keys.try_collect().await.map_err(|e| format!("list leases: {e}"))?,
-            Err(e) => return Err(format!("list leases: {e}")),
+            Ok(keys) => keys.try_collect().await.map_err(LeaseError::ListNext)?,
+            Err(e) => return Err(LeaseError::List(e)),
         };
         let routers = keys.iter().filter(|k| k.starts_with(subjects::ROUTER_ALIVE_PREFIX)).count().max(1);
         let taken: BTreeSet<String> = keys.into_iter().collect();

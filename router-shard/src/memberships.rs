@@ -7,13 +7,32 @@
 //! keys when the user's rooms are listed. This module decides nothing about who may join what.
 
 use crate::context::RouterContext;
-use crate::direct::{self, Ask};
+use crate::direct::{self, Ask, DirectGetError};
 use async_nats::jetstream::kv;
 use switchyard_protocol::client::RoomSummary;
 use switchyard_protocol::internal::{RoomEvent, UserRoom, UserRooms};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ProjectId, RoomId, UserId};
 use switchyard_service::nats::latest_entry;
+
+/// Why a membership could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MembershipError {
+    #[error("read {what}: {source}")]
+    Read { what: &'static str, source: switchyard_service::nats::LeaderReadError },
+    #[error("{what}: {source}")]
+    Codec { what: &'static str, source: codec::CodecError },
+    #[error("write a membership: {0}")]
+    Write(#[source] kv::PutError),
+    #[error("{what}: {source}")]
+    Purge { what: &'static str, source: async_nats::jetstream::stream::PurgeError },
+    #[error("migrate a membership: {0}")]
+    Migrate(#[source] kv::CreateError),
+    #[error(transparent)]
+    DirectGet(#[from] DirectGetError),
+    #[error("the user's earlier rooms record is too contended; retry")]
+    Contended,
+}
 
 /// Memberships per page of a user's rooms: one page is one NATS message (a room summary is at most about 180 bytes).
 pub(crate) const ROOMS_PAGE: usize = 1_000;
@@ -26,12 +45,15 @@ pub(crate) async fn get(
     tenant: &ProjectId,
     user: &UserId,
     room: &RoomId,
-) -> Result<Option<UserRoom>, String> {
+) -> Result<Option<UserRoom>, MembershipError> {
     let key = subjects::user_room_key(tenant, user, room);
-    match latest_entry(&ctx.rooms, &key).await.map_err(|e| format!("read a membership: {e}"))? {
-        Some(entry) if entry.operation == kv::Operation::Put => {
-            codec::decode::<UserRoom>(&entry.value).map(Some).map_err(|e| format!("a membership: {e}"))
-        }
+    match latest_entry(&ctx.rooms, &key)
+        .await
+        .map_err(|source| MembershipError::Read { what: "a membership", source })?
+    {
+        Some(entry) if entry.operation == kv::Operation::Put => codec::decode::<UserRoom>(&entry.value)
+            .map(Some)
+            .map_err(|source| MembershipError::Codec { what: "a membership", source }),
         _ => Ok(legacy(ctx, tenant, user).await?.and_then(|(rooms, _)| rooms.rooms.get(room).copied())),
     }
 }
@@ -43,13 +65,14 @@ pub(crate) async fn put(
     user: &UserId,
     room: &RoomId,
     entry: UserRoom,
-) -> Result<(), String> {
-    let payload = codec::encode(&entry).map_err(|e| e.to_string())?;
+) -> Result<(), MembershipError> {
+    let payload =
+        codec::encode(&entry).map_err(|source| MembershipError::Codec { what: "encode a membership", source })?;
     ctx.rooms
         .put(subjects::user_room_key(tenant, user, room), payload)
         .await
         .map(|_| ())
-        .map_err(|e| format!("write a membership: {e}"))
+        .map_err(MembershipError::Write)
 }
 
 /// End the user's membership in `room`: its key leaves the stream, and the room leaves an earlier release's record.
@@ -58,35 +81,41 @@ pub(crate) async fn remove(
     tenant: &ProjectId,
     user: &UserId,
     room: &RoomId,
-) -> Result<(), String> {
+) -> Result<(), MembershipError> {
     let subject = subjects::rooms_bucket_subject(&subjects::user_room_key(tenant, user, room));
-    ctx.rooms.stream.purge().filter(subject).await.map_err(|e| format!("remove a membership: {e}"))?;
+    ctx.rooms
+        .stream
+        .purge()
+        .filter(subject)
+        .await
+        .map_err(|source| MembershipError::Purge { what: "remove a membership", source })?;
     for _ in 0..16 {
         let Some((mut rooms, revision)) = legacy(ctx, tenant, user).await? else { return Ok(()) };
         if rooms.rooms.remove(room).is_none() {
             return Ok(());
         }
-        let payload = codec::encode(&rooms).map_err(|e| e.to_string())?;
+        let payload =
+            codec::encode(&rooms).map_err(|source| MembershipError::Codec { what: "encode user rooms", source })?;
         if ctx.rooms.update(subjects::user_rooms_key(tenant, user), payload, revision).await.is_ok() {
             return Ok(());
         }
     }
-    Err("the user's earlier rooms record is too contended; retry".into())
+    Err(MembershipError::Contended)
 }
 
 /// How many rooms the user is a member of, in one request (and, once, the migration of an earlier record).
-pub(crate) async fn count(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<u64, String> {
+pub(crate) async fn count(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<u64, MembershipError> {
     migrate(ctx, tenant, user).await?;
     count_matching(ctx, &subjects::user_room_subjects(tenant, user)).await
 }
 
 /// How many rooms the tenant has, in one request.
-pub(crate) async fn tenant_rooms(ctx: &RouterContext, tenant: &ProjectId) -> Result<u64, String> {
+pub(crate) async fn tenant_rooms(ctx: &RouterContext, tenant: &ProjectId) -> Result<u64, MembershipError> {
     count_matching(ctx, &subjects::tenant_room_subjects(tenant)).await
 }
 
 /// How many keys of the rooms bucket match `filter`: the first match and the server's count of those after it.
-async fn count_matching(ctx: &RouterContext, filter: &str) -> Result<u64, String> {
+async fn count_matching(ctx: &RouterContext, filter: &str) -> Result<u64, MembershipError> {
     let ask = Ask::Matching { filter, from: 1, batch: 1 };
     let first = direct::batch(&ctx.nats, subjects::ROOMS_DIRECT_GET, ask).await?;
     Ok(first.first().map_or(0, |got| got.pending + 1))
@@ -99,7 +128,7 @@ pub(crate) async fn page(
     tenant: &ProjectId,
     user: &UserId,
     after: u64,
-) -> Result<(Vec<RoomSummary>, Option<u64>), String> {
+) -> Result<(Vec<RoomSummary>, Option<u64>), MembershipError> {
     if after == 0 {
         migrate(ctx, tenant, user).await?;
     }
@@ -131,7 +160,7 @@ async fn last_seqs(
     ctx: &RouterContext,
     tenant: &ProjectId,
     chunk: &[(RoomId, UserRoom)],
-) -> Result<Vec<RoomSummary>, String> {
+) -> Result<Vec<RoomSummary>, MembershipError> {
     let logs: Vec<String> = chunk
         .iter()
         .map(|(room, _)| subjects::event_log(shard_of_room(tenant, room, ctx.config.shard_count), tenant, room))
@@ -154,29 +183,39 @@ async fn last_seqs(
 }
 
 /// The record of an earlier release, with its revision, when the user has one.
-async fn legacy(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<Option<(UserRooms, u64)>, String> {
+async fn legacy(
+    ctx: &RouterContext,
+    tenant: &ProjectId,
+    user: &UserId,
+) -> Result<Option<(UserRooms, u64)>, MembershipError> {
     let key = subjects::user_rooms_key(tenant, user);
-    match latest_entry(&ctx.rooms, &key).await.map_err(|e| format!("read user rooms: {e}"))? {
+    match latest_entry(&ctx.rooms, &key).await.map_err(|source| MembershipError::Read { what: "user rooms", source })? {
         Some(entry) if entry.operation == kv::Operation::Put => codec::decode::<UserRooms>(&entry.value)
             .map(|rooms| Some((rooms, entry.revision)))
-            .map_err(|e| format!("user rooms: {e}")),
+            .map_err(|source| MembershipError::Codec { what: "user rooms", source }),
         _ => Ok(None),
     }
 }
 
 /// Move an earlier release's record to per-room keys. A per-room key that exists is newer and is kept.
-async fn migrate(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<(), String> {
+async fn migrate(ctx: &RouterContext, tenant: &ProjectId, user: &UserId) -> Result<(), MembershipError> {
     let Some((rooms, _)) = legacy(ctx, tenant, user).await? else { return Ok(()) };
     for (room, entry) in &rooms.rooms {
-        let payload = codec::encode(entry).map_err(|e| e.to_string())?;
+        let payload =
+            codec::encode(entry).map_err(|source| MembershipError::Codec { what: "encode a membership", source })?;
         if let Err(error) = ctx.rooms.create(subjects::user_room_key(tenant, user, room), payload).await {
             if error.kind() != kv::CreateErrorKind::AlreadyExists {
-                return Err(format!("migrate a membership: {error}"));
+                return Err(MembershipError::Migrate(error));
             }
         }
     }
     let subject = subjects::rooms_bucket_subject(&subjects::user_rooms_key(tenant, user));
-    ctx.rooms.stream.purge().filter(subject).await.map_err(|e| format!("remove user rooms: {e}"))?;
+    ctx.rooms
+        .stream
+        .purge()
+        .filter(subject)
+        .await
+        .map_err(|source| MembershipError::Purge { what: "remove user rooms", source })?;
     tracing::info!(%tenant, %user, rooms = rooms.rooms.len(), "a user's rooms moved to per-room keys");
     Ok(())
 }

@@ -273,11 +273,15 @@ impl RoomActor {
                 facts.memberships.insert(user, entry);
             }
             Fact::UserRooms(user) => {
-                let rooms = memberships::count(&self.ctx, &self.tenant, &user).await.map_err(RoomError::Unavailable)?;
+                let rooms = memberships::count(&self.ctx, &self.tenant, &user)
+                    .await
+                    .map_err(|e| RoomError::Unavailable(e.to_string()))?;
                 facts.user_rooms.insert(user, rooms);
             }
             Fact::TenantRooms => {
-                let rooms = memberships::tenant_rooms(&self.ctx, &self.tenant).await.map_err(RoomError::Unavailable)?;
+                let rooms = memberships::tenant_rooms(&self.ctx, &self.tenant)
+                    .await
+                    .map_err(|e| RoomError::Unavailable(e.to_string()))?;
                 facts.tenant_rooms = Some(rooms);
             }
         }
@@ -364,11 +368,15 @@ impl RoomActor {
 
     /// The user's membership entry in this room (role and read marker), as listed by `rooms`.
     async fn membership(&self, user: &UserId) -> Result<Option<UserRoom>, RoomError> {
-        memberships::get(&self.ctx, &self.tenant, user, &self.room).await.map_err(RoomError::Unavailable)
+        memberships::get(&self.ctx, &self.tenant, user, &self.room)
+            .await
+            .map_err(|e| RoomError::Unavailable(e.to_string()))
     }
 
     async fn put_membership(&self, user: &UserId, entry: UserRoom) -> Result<(), RoomError> {
-        memberships::put(&self.ctx, &self.tenant, user, &self.room, entry).await.map_err(RoomError::Unavailable)
+        memberships::put(&self.ctx, &self.tenant, user, &self.room, entry)
+            .await
+            .map_err(|e| RoomError::Unavailable(e.to_string()))
     }
 
     /// Ask the persistors about message `target` (they wait until their store holds it).

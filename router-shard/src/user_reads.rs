@@ -111,7 +111,7 @@ pub(crate) async fn all_rooms(ctx: Arc<RouterContext>, tenant: ProjectId, user: 
                     _ => break,
                 }
             }
-            Err(message) => return CommandReply::err(ErrorCode::Unavailable, message),
+            Err(error) => return CommandReply::err(ErrorCode::Unavailable, error.to_string()),
         }
     }
     CommandReply::Ok { result: OkResult::Rooms { rooms } }
@@ -121,7 +121,7 @@ pub(crate) async fn all_rooms(ctx: Arc<RouterContext>, tenant: ProjectId, user: 
 pub(crate) async fn rooms_page(ctx: Arc<RouterContext>, tenant: ProjectId, user: UserId, after: u64) -> CommandReply {
     match memberships::page(&ctx, &tenant, &user, after).await {
         Ok((rooms, next)) => CommandReply::RoomsPage { rooms, next },
-        Err(message) => CommandReply::err(ErrorCode::Unavailable, message),
+        Err(error) => CommandReply::err(ErrorCode::Unavailable, error.to_string()),
     }
 }
 

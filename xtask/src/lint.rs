@@ -1,10 +1,15 @@
-//! `cargo xtask lint`: the source rules the compiler cannot hold by itself. Today one: no catch-all arm (`_` or a
-//! bare binding) in a `match` whose arms name variants of the enums every op and event goes through (`DISPATCH_ENUMS`),
-//! so adding an op or an event makes the compiler list every place that must handle it.
+//! `cargo xtask lint`: the source rules the compiler cannot hold by itself. Two today:
+//!
+//! - no catch-all arm (`_` or a bare binding) in a `match` whose arms name variants of the enums every op and event
+//!   goes through (`DISPATCH_ENUMS`), so adding an op or an event makes the compiler list every place that must
+//!   handle it;
+//! - no function in a library crate (`LIBRARY_DIRS`) returns `Result<_, String>` (directly or as the `Output` of an
+//!   `impl Future`): errors at a library boundary are typed and keep their source.
 //!
 //! It parses the product crates' sources with `syn`; test code (`#[cfg(test)]` modules, `tests.rs` files and the
 //! `tests/` folders) is left out, where `other => panic!(..)` is the clearest way to fail. It does not look inside
-//! macros (`matches!` is a predicate, not a dispatch) nor at matches over tuples or references to several enums.
+//! macros (`matches!` is a predicate, not a dispatch) nor at matches over tuples or references to several enums,
+//! and it reads types as written: a type alias for `Result<_, String>` is not followed.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,16 +35,34 @@ const SOURCE_DIRS: [&str; 9] = [
     "testkit/src",
 ];
 
+/// The folders of the library crates, where no function may return `Result<_, String>` (the binaries, tools and
+/// test suites of `loadtest`, `chaos`, `xtask` and `fuzz` may).
+const LIBRARY_DIRS: [&str; 7] = [
+    "protocol/src",
+    "service/src",
+    "gateway/src",
+    "router-shard/src",
+    "persistor/src",
+    "clients/rust/src",
+    "testkit/src",
+];
+
 pub fn run(_args: &[String]) -> Result<ExitCode> {
     let findings = check(&repo_root())?;
     for finding in &findings {
         println!("{finding}");
     }
     if findings.is_empty() {
-        say!("lint passed: no catch-all arm over {}", DISPATCH_ENUMS.join(", "));
+        say!(
+            "lint passed: no catch-all arm over {}, no Result<_, String> returned in a library",
+            DISPATCH_ENUMS.join(", ")
+        );
         Ok(ExitCode::SUCCESS)
     } else {
-        say!("lint failed: {} catch-all arms (list every variant instead)", findings.len());
+        say!(
+            "lint failed: {} findings (list every variant instead of a catch-all; return a typed error, not a String)",
+            findings.len()
+        );
         Ok(ExitCode::FAILURE)
     }
 }
@@ -75,10 +98,12 @@ fn collect_rs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// The findings in one file's source; `shown` names it in them.
+/// The findings in one file's source; `shown` names it in them (relative to the repository root, which also tells
+/// whether it belongs to a library crate).
 fn check_source(shown: &str, text: &str) -> Result<Vec<String>> {
     let file = syn::parse_file(text).with_context(|| format!("parsing {shown}"))?;
-    let mut visitor = Finder { file: shown, scope: Vec::new(), findings: Vec::new() };
+    let library = LIBRARY_DIRS.iter().any(|dir| Path::new(shown).starts_with(dir));
+    let mut visitor = Finder { file: shown, library, scope: Vec::new(), findings: Vec::new() };
     visitor.visit_file(&file);
     Ok(visitor.findings)
 }
@@ -86,6 +111,8 @@ fn check_source(shown: &str, text: &str) -> Result<Vec<String>> {
 struct Finder<'a> {
     /// The file, as findings name it.
     file: &'a str,
+    /// Whether the file belongs to a library crate (and so may not return `Result<_, String>`).
+    library: bool,
     /// The functions the visitor is inside, outermost first.
     scope: Vec<String>,
     findings: Vec<String>,
@@ -95,6 +122,16 @@ impl Finder<'_> {
     fn report(&mut self, enum_name: &str) {
         let place = self.scope.last().map_or("(top level)".to_owned(), |f| format!("fn {f}"));
         self.findings.push(format!("{}: {place}: a catch-all arm in a match over {enum_name}", self.file));
+    }
+
+    /// Report `sig` when this is library code and it returns `Result<_, String>`.
+    fn check_signature(&mut self, sig: &syn::Signature) {
+        if self.library && returns_string_error(&sig.output) {
+            self.findings.push(format!(
+                "{}: fn {}: returns Result<_, String> (return a typed error that keeps its source)",
+                self.file, sig.ident
+            ));
+        }
     }
 }
 
@@ -109,6 +146,7 @@ impl<'ast> Visit<'ast> for Finder<'_> {
         if is_cfg_test(&function.attrs) {
             return;
         }
+        self.check_signature(&function.sig);
         self.scope.push(function.sig.ident.to_string());
         syn::visit::visit_item_fn(self, function);
         self.scope.pop();
@@ -118,8 +156,19 @@ impl<'ast> Visit<'ast> for Finder<'_> {
         if is_cfg_test(&function.attrs) {
             return;
         }
+        self.check_signature(&function.sig);
         self.scope.push(function.sig.ident.to_string());
         syn::visit::visit_impl_item_fn(self, function);
+        self.scope.pop();
+    }
+
+    fn visit_trait_item_fn(&mut self, function: &'ast syn::TraitItemFn) {
+        if is_cfg_test(&function.attrs) {
+            return;
+        }
+        self.check_signature(&function.sig);
+        self.scope.push(function.sig.ident.to_string());
+        syn::visit::visit_trait_item_fn(self, function);
         self.scope.pop();
     }
 
@@ -155,6 +204,67 @@ fn dispatch_enum(pat: &syn::Pat) -> Option<String> {
     let segments: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
     let owner = segments.len().checked_sub(2).and_then(|i| segments.get(i))?;
     DISPATCH_ENUMS.contains(&owner.as_str()).then(|| owner.clone())
+}
+
+/// Does a function return `Result<_, String>`: written so, or as the `Output` of an `impl Trait` (`impl Future`)?
+fn returns_string_error(output: &syn::ReturnType) -> bool {
+    let syn::ReturnType::Type(_, ty) = output else {
+        return false;
+    };
+    match ty.as_ref() {
+        syn::Type::ImplTrait(bounds) => bounds.bounds.iter().any(|bound| {
+            let syn::TypeParamBound::Trait(bound) = bound else {
+                return false;
+            };
+            bound.path.segments.iter().any(|segment| {
+                let syn::PathArguments::AngleBracketed(args) = &segment.arguments else {
+                    return false;
+                };
+                args.args.iter().any(|arg| {
+                    matches!(arg, syn::GenericArgument::AssocType(assoc)
+                        if assoc.ident == "Output" && is_string_result(&assoc.ty))
+                })
+            })
+        }),
+        other => is_string_result(other),
+    }
+}
+
+/// `Result<T, String>` (any path to `Result` and to `String`, in parentheses or not).
+fn is_string_result(ty: &syn::Type) -> bool {
+    let ty = match ty {
+        syn::Type::Paren(inner) => return is_string_result(&inner.elem),
+        syn::Type::Group(inner) => return is_string_result(&inner.elem),
+        syn::Type::Path(path) if path.qself.is_none() => path,
+        _ => return false,
+    };
+    let Some(last) = ty.path.segments.last() else {
+        return false;
+    };
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return false;
+    };
+    let types: Vec<&syn::Type> = args
+        .args
+        .iter()
+        .filter_map(|arg| match arg {
+            syn::GenericArgument::Type(ty) => Some(ty),
+            _ => None,
+        })
+        .collect();
+    last.ident == "Result" && types.len() == 2 && types.get(1).is_some_and(|error| is_string(error))
+}
+
+/// `String`, `std::string::String` or `alloc::string::String`.
+fn is_string(ty: &syn::Type) -> bool {
+    match ty {
+        syn::Type::Paren(inner) => is_string(&inner.elem),
+        syn::Type::Group(inner) => is_string(&inner.elem),
+        syn::Type::Path(path) if path.qself.is_none() => {
+            path.path.segments.last().is_some_and(|last| last.ident == "String" && last.arguments.is_none())
+        }
+        _ => false,
+    }
 }
 
 /// `_`, or a binding that takes whatever is left (`other`), with or without a guard.
@@ -203,5 +313,43 @@ mod tests {
         assert!(findings(other_enum).is_empty());
         let in_tests = "#[cfg(test)] mod tests { fn f(op: ClientOp) { match op { ClientOp::Ping => {}, _ => {} } } }";
         assert!(findings(in_tests).is_empty());
+    }
+    fn library_findings(source: &str) -> Vec<String> {
+        check_source("gateway/src/x.rs", source).unwrap()
+    }
+
+    #[test]
+    fn a_string_error_returned_by_a_library_is_found() {
+        let source = "pub fn f() -> Result<u8, String> { Ok(1) }
+                      impl S { async fn g(&self) -> std::result::Result<(), std::string::String> { Ok(()) } }
+                      trait T { fn h(&self) -> impl Future<Output = Result<(), String>> + Send; }";
+        assert_eq!(
+            library_findings(source),
+            [
+                "gateway/src/x.rs: fn f: returns Result<_, String> (return a typed error that keeps its source)",
+                "gateway/src/x.rs: fn g: returns Result<_, String> (return a typed error that keeps its source)",
+                "gateway/src/x.rs: fn h: returns Result<_, String> (return a typed error that keeps its source)",
+            ]
+        );
+        let nested = "fn outer() { fn inner() -> Result<(), String> { Ok(()) } }";
+        assert_eq!(library_findings(nested).len(), 1, "a function inside a function is a function too");
+        let router_shard = check_source("router-shard/src/room.rs", "fn f() -> Result<(), String> { Ok(()) }");
+        assert_eq!(router_shard.unwrap().len(), 1, "every library crate is checked");
+    }
+
+    #[test]
+    fn typed_errors_tools_and_test_code_pass() {
+        let typed = "fn f() -> Result<u8, MyError> { Ok(1) }
+                     fn g() -> Option<String> { None }
+                     fn h() -> io::Result<String> { Ok(String::new()) }
+                     fn i() -> Result<String, Box<dyn Error>> { Ok(String::new()) }";
+        assert!(library_findings(typed).is_empty());
+        let in_tests = "#[cfg(test)] mod tests { fn f() -> Result<(), String> { Ok(()) } }";
+        assert!(library_findings(in_tests).is_empty());
+        let test_fn = "#[cfg(test)] fn f() -> Result<(), String> { Ok(()) }";
+        assert!(library_findings(test_fn).is_empty());
+        let tool = "fn f() -> Result<(), String> { Ok(()) }";
+        assert!(check_source("loadtest/src/x.rs", tool).unwrap().is_empty(), "tools may");
+        assert!(check_source("x.rs", tool).unwrap().is_empty(), "outside a library crate");
     }
 }

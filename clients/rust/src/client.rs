@@ -4,7 +4,7 @@
 //! A [`Client`] is one socket. It does not reconnect or resume; a caller that wants to resume connects again and
 //! joins with `since`. Only `ws://` URLs are supported (no TLS).
 
-use crate::error::{ClientError, CloseInfo};
+use crate::error::{ClientError, CloseInfo, Detail};
 use crate::frame::{encode_map, encode_op, Hello, Reply, UnmatchedReply};
 use crate::task::{self, Channels, Command};
 use serde::Deserialize;
@@ -394,11 +394,11 @@ fn field_u64(fields: &Map<String, Value>, name: &str) -> Result<u64, ClientError
     fields
         .get(name)
         .and_then(Value::as_u64)
-        .ok_or_else(|| ClientError::UnexpectedReply(format!("no unsigned {name:?} in {fields:?}")))
+        .ok_or_else(|| ClientError::UnexpectedReply(Detail::new(format!("no unsigned {name:?} in {fields:?}"))))
 }
 
 fn from_fields<T: serde::de::DeserializeOwned>(fields: Map<String, Value>) -> Result<T, ClientError> {
-    serde_json::from_value(Value::Object(fields)).map_err(|e| ClientError::UnexpectedReply(e.to_string()))
+    serde_json::from_value(Value::Object(fields)).map_err(|e| ClientError::UnexpectedReply(Detail::of(e)))
 }
 
 /// A TCP connection to `address` (`host:port`), from `bind_ip` when one is given.
@@ -449,7 +449,8 @@ fn with_query_token(url: &str, token: &str) -> String {
 }
 
 fn header_value(name: &HeaderName, value: &str) -> Result<HeaderValue, ClientError> {
-    HeaderValue::from_str(value).map_err(|e| ClientError::Handshake(format!("invalid {name} header: {e}")))
+    HeaderValue::from_str(value)
+        .map_err(|e| ClientError::Handshake(Detail::caused(&format!("invalid {name} header"), e)))
 }
 
 /// The upgrade request for `opts`: URL (with the query token), Authorization, subprotocols and Origin.
@@ -458,12 +459,16 @@ pub(crate) fn build_request(opts: &ConnectOptions) -> Result<Request, ClientErro
         Auth::Query(token) => with_query_token(&opts.url, token),
         _ => opts.url.clone(),
     };
-    let mut request =
-        url.as_str().into_client_request().map_err(|e| ClientError::Handshake(format!("invalid URL {url:?}: {e}")))?;
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ClientError::Handshake(Detail::caused(&format!("invalid URL {url:?}"), e)))?;
     match request.uri().scheme_str() {
         Some("ws") => {}
         other => {
-            return Err(ClientError::Handshake(format!("unsupported URL scheme {other:?} (only ws:// is supported)")))
+            return Err(ClientError::Handshake(Detail::new(format!(
+                "unsupported URL scheme {other:?} (only ws:// is supported)"
+            ))))
         }
     }
     let headers = request.headers_mut();
@@ -486,7 +491,7 @@ pub(crate) fn build_request(opts: &ConnectOptions) -> Result<Request, ClientErro
 /// `host:port` to dial for a `ws://` request.
 fn tcp_address(request: &Request) -> Result<String, ClientError> {
     let uri = request.uri();
-    let host = uri.host().ok_or_else(|| ClientError::Handshake(format!("no host in {uri}")))?;
+    let host = uri.host().ok_or_else(|| ClientError::Handshake(Detail::new(format!("no host in {uri}"))))?;
     let port = uri.port_u16().unwrap_or(80);
     Ok(format!("{host}:{port}"))
 }
@@ -496,9 +501,10 @@ fn negotiated_format(response: &Response) -> Result<Format, ClientError> {
     let Some(value) = response.headers().get(SEC_WEBSOCKET_PROTOCOL) else {
         return Ok(Format::Json);
     };
-    let name = value.to_str().map_err(|e| ClientError::Handshake(format!("unreadable subprotocol header: {e}")))?;
+    let name =
+        value.to_str().map_err(|e| ClientError::Handshake(Detail::caused("unreadable subprotocol header", e)))?;
     Format::from_subprotocol(name)
-        .ok_or_else(|| ClientError::Handshake(format!("server selected unknown subprotocol {name:?}")))
+        .ok_or_else(|| ClientError::Handshake(Detail::new(format!("server selected unknown subprotocol {name:?}"))))
 }
 
 fn upgrade_error(err: tungstenite::Error) -> ClientError {
@@ -507,8 +513,8 @@ fn upgrade_error(err: tungstenite::Error) -> ClientError {
             let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
             ClientError::Http { status: response.status().as_u16(), body }
         }
-        tungstenite::Error::Protocol(protocol) => ClientError::Handshake(protocol.to_string()),
-        tungstenite::Error::Url(url) => ClientError::Handshake(url.to_string()),
+        tungstenite::Error::Protocol(protocol) => ClientError::Handshake(Detail::of(protocol)),
+        tungstenite::Error::Url(url) => ClientError::Handshake(Detail::of(url)),
         other => ClientError::WebSocket(Box::new(other)),
     }
 }

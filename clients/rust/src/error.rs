@@ -36,6 +36,54 @@ fn describe_close(info: &Option<CloseInfo>) -> String {
     }
 }
 
+/// The error of a library call under a [`ClientError`]; its type varies with the call.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a [`ClientError::Handshake`] or [`ClientError::UnexpectedReply`] is about: a message and, when a library call
+/// failed (a URL or header that does not parse, a reply that does not deserialise), that call's error as the source.
+/// Shows as its message, which already quotes the source's text.
+#[derive(Debug)]
+pub struct Detail {
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl Detail {
+    /// A problem the client found itself: no library error under it.
+    pub fn new(message: impl Into<String>) -> Self {
+        Detail { message: message.into(), source: None }
+    }
+
+    /// A library call that failed while doing `what`: shows as `what: source`.
+    pub fn caused(what: &str, source: impl Into<BoxError>) -> Self {
+        let source = source.into();
+        Detail { message: format!("{what}: {source}"), source: Some(source) }
+    }
+
+    /// A failure shown as `message` (which says what the source says, in other words).
+    pub fn described(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Detail { message: message.into(), source: Some(source.into()) }
+    }
+
+    /// A library call that failed, shown as its own error's text.
+    pub fn of(source: impl Into<BoxError>) -> Self {
+        let source = source.into();
+        Detail { message: source.to_string(), source: Some(source) }
+    }
+}
+
+impl std::fmt::Display for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Detail {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
+
 /// Everything that can go wrong on a session.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -51,7 +99,7 @@ pub enum ClientError {
     /// The request could not be built or the handshake was refused or malformed (bad URL, bad header value, an
     /// unsupported scheme or subprotocol).
     #[error("handshake failed: {0}")]
-    Handshake(String),
+    Handshake(#[source] Detail),
     /// A transport or WebSocket failure.
     #[error("websocket error: {0}")]
     WebSocket(#[source] Box<tokio_tungstenite::tungstenite::Error>),
@@ -74,7 +122,7 @@ pub enum ClientError {
     InvalidId(#[from] IdError),
     /// The server's reply could not be read or lacked a field the helper needs.
     #[error("unexpected reply: {0}")]
-    UnexpectedReply(String),
+    UnexpectedReply(#[source] Detail),
 }
 
 impl From<tokio_tungstenite::tungstenite::Error> for ClientError {

@@ -177,14 +177,25 @@ struct ErrFields {
     retry_after_ms: Option<u64>,
 }
 
-fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], format: Format) -> Result<T, String> {
+/// Why a server frame's bytes do not read as the expected shape, in the session's format.
+#[derive(Debug, thiserror::Error)]
+enum ParseError {
+    /// Not the expected JSON.
+    #[error("{0}")]
+    Json(#[source] serde_json::Error),
+    /// Not the expected MessagePack.
+    #[error("{0}")]
+    MsgPack(#[source] rmp_serde::decode::Error),
+}
+
+fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8], format: Format) -> Result<T, ParseError> {
     match format {
-        Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        Format::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+        Format::Json => serde_json::from_slice(bytes).map_err(ParseError::Json),
+        Format::MsgPack => rmp_serde::from_slice(bytes).map_err(ParseError::MsgPack),
     }
 }
 
-fn parse_owned<T: DeserializeOwned>(bytes: &[u8], format: Format) -> Result<T, String> {
+fn parse_owned<T: DeserializeOwned>(bytes: &[u8], format: Format) -> Result<T, ParseError> {
     parse(bytes, format)
 }
 

@@ -32,7 +32,7 @@ mod reconnect;
 mod task;
 
 pub use client::{Auth, Client, ConnectOptions, Sent, DEFAULT_TIMEOUT, EVENT_QUEUE, OUTGOING_QUEUE, UNMATCHED_QUEUE};
-pub use error::{ClientError, CloseInfo};
+pub use error::{BoxError, ClientError, CloseInfo, Detail};
 pub use frame::{Bye, Hello, Incoming, Reply, UnmatchedReply};
 pub use reconnect::{
     backoff_delay, new_cmid, AuthSource, ReconnectOptions, ReconnectingClient, SessionEvent, SESSION_EVENT_QUEUE,

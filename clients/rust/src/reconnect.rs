@@ -11,7 +11,7 @@
 //! [`AuthSource`], end the session for good.
 
 use crate::client::{Auth, Client, ConnectOptions, Sent};
-use crate::error::{ClientError, CloseInfo};
+use crate::error::{ClientError, CloseInfo, Detail};
 use crate::frame::{Hello, Reply};
 use futures::future::BoxFuture;
 use std::collections::{BTreeSet, HashMap};
@@ -341,7 +341,7 @@ impl ReconnectingClient {
         };
         let fields = self.request(op).await?.into_result()?;
         serde_json::from_value(serde_json::Value::Object(fields))
-            .map_err(|e| ClientError::UnexpectedReply(e.to_string()))
+            .map_err(|e| ClientError::UnexpectedReply(Detail::of(e)))
     }
 
     /// `dm` with a generated `cmid`; the `dm:<a>:<b>` room is resumed from then on.
@@ -351,9 +351,9 @@ impl ReconnectingClient {
         let room = fields
             .remove("room")
             .and_then(|v| v.as_str().and_then(|r| RoomId::parse(r).ok()))
-            .ok_or_else(|| ClientError::UnexpectedReply("no room in the dm reply".into()))?;
+            .ok_or_else(|| ClientError::UnexpectedReply(Detail::new("no room in the dm reply")))?;
         let sent: Sent = serde_json::from_value(serde_json::Value::Object(fields))
-            .map_err(|e| ClientError::UnexpectedReply(e.to_string()))?;
+            .map_err(|e| ClientError::UnexpectedReply(Detail::of(e)))?;
         self.tell(Command::Track { room: room.clone(), since: None }).await?;
         Ok((room, sent))
     }
@@ -687,7 +687,7 @@ fn seq_of(fields: &serde_json::Map<String, serde_json::Value>) -> Result<u64, Cl
     fields
         .get("seq")
         .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| ClientError::UnexpectedReply(format!("no seq in {fields:?}")))
+        .ok_or_else(|| ClientError::UnexpectedReply(Detail::new(format!("no seq in {fields:?}"))))
 }
 
 #[cfg(test)]

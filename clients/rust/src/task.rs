@@ -3,7 +3,7 @@
 //!
 //! This task does not encode ops (callers do, off the socket's task), reconnect, or resume after a close.
 
-use crate::error::{ClientError, CloseInfo};
+use crate::error::{ClientError, CloseInfo, Detail};
 use crate::frame::{decode_server_frame, encode_pong, Bye, Hello, Incoming, Reply, UnmatchedReply};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -97,8 +97,9 @@ impl Router {
             self.pending.retain(|_, waiter| !waiter.is_closed());
         }
         if let Some(previous) = self.pending.insert(rid, reply) {
-            let _ = previous
-                .send(Err(ClientError::UnexpectedReply(format!("rid {rid} was reused before its reply arrived"))));
+            let _ = previous.send(Err(ClientError::UnexpectedReply(Detail::new(format!(
+                "rid {rid} was reused before its reply arrived"
+            )))));
         }
     }
 
@@ -129,7 +130,7 @@ impl Router {
             Err(err) => {
                 tracing::warn!(rid = ?err.rid, error = %err.message, "skipping a malformed server frame");
                 if let Some(waiter) = err.rid.and_then(|rid| self.pending.remove(&rid)) {
-                    let _ = waiter.send(Err(ClientError::UnexpectedReply(err.message)));
+                    let _ = waiter.send(Err(ClientError::UnexpectedReply(Detail::described(err.message.clone(), err))));
                 }
             }
         }

@@ -4,9 +4,9 @@
 //! Handlers check the admin token in constant time, validate input and key material, and leave storage to
 //! `tenants`. No secret is ever returned except a freshly generated API key, once.
 
+use super::ApiError;
 use super::{now_ms, parse_body};
 use crate::auth::bearer;
-use crate::error::ApiError;
 use crate::jwt;
 use crate::revocation;
 use crate::Gateway;
@@ -128,7 +128,7 @@ pub fn parse_set_jwt(body: &[u8]) -> Result<JwtKey, ApiError> {
         }
         _ => return Err(ApiError::bad_request("alg must be HS256, RS256 or ES256")),
     };
-    jwt::prepare(&key).map_err(ApiError::bad_request)?;
+    jwt::prepare(&key)?;
     Ok(key)
 }
 

@@ -4,9 +4,9 @@
 //!
 //! A tenant can only ever revoke within its own project: every revocation is scoped by the API key's tenant.
 
+use super::ApiError;
 use super::{now_ms, parse_body, tenant_of_request};
 use crate::auth::opaque_token_id;
-use crate::error::ApiError;
 use crate::jwt;
 use crate::revocation;
 use crate::tokens::{Revoked, TokenGrant};
@@ -99,7 +99,7 @@ pub async fn revoke_token(
         .and_then(|entry| entry.jwt.clone())
         .ok_or_else(|| ApiError::bad_request("this project has no JWT key configured"))?;
     let claims = jwt::verify(token, &key, &project_id, false)
-        .map_err(|e| ApiError::bad_request(format!("cannot revoke: {}", e.message)))?;
+        .map_err(|e| ApiError::bad_request(format!("cannot revoke: {e}")))?;
     let until_ms = jwt::revocation_until_ms(&claims);
     let ids = std::iter::once(jwt::credential_id(token, claims.jti.as_deref()))
         .chain(jwt::legacy_credential_id(token, claims.jti.as_deref()));

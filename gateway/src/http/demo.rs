@@ -6,8 +6,8 @@
 //! must never be enabled in production. The assets are compiled into the binary; this module holds no state and
 //! does not talk to the fleet beyond the tenant lookup and token issue.
 
+use super::ApiError;
 use super::{now_ms, parse_body};
-use crate::error::ApiError;
 use crate::tokens::TokenGrant;
 use crate::Gateway;
 use axum::extract::State;

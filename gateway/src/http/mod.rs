@@ -7,13 +7,15 @@
 mod admin;
 mod credentials;
 mod demo;
+mod error;
+
+pub use error::ApiError;
 
 // The request-body decoders, public so they can be fuzzed on their own (see docs/fuzzing.md).
 pub use admin::{parse_create_tenant, parse_set_jwt, parse_set_limits};
 pub use credentials::parse_create_token;
 
 use crate::auth::bearer;
-use crate::error::ApiError;
 use crate::upstream;
 use crate::ws::upgrade::ws_handler;
 use crate::Gateway;
@@ -138,7 +140,7 @@ pub(crate) async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Resu
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
         .ok_or_else(|| ApiError::unauthorized("API key required as a bearer token"))?;
-    gw.tenants.authenticate_key(key).await
+    Ok(gw.tenants.authenticate_key(key).await?)
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ApiError> {

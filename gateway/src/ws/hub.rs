@@ -195,8 +195,12 @@ impl SessionTx {
 /// Why a subscription could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// NATS refused the subscription (shared by every session that waited for it).
     #[error("cannot subscribe to the room's live events: {0}")]
-    Subscribe(String),
+    Subscribe(#[source] Arc<async_nats::SubscribeError>),
+    /// The room's fan-out task stopped on every attempt to join it.
+    #[error("cannot subscribe to the room's live events: the room's fan-out task kept stopping")]
+    TaskKeptStopping,
 }
 
 enum RoomControl {
@@ -204,7 +208,7 @@ enum RoomControl {
     /// among them) allocates a block of them up front.
     Subscribe {
         session: Box<SessionTx>,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), Arc<async_nats::SubscribeError>>>,
     },
     Unsubscribe {
         session_id: u64,
@@ -244,12 +248,12 @@ impl Hub {
             }
             match result.await {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(message)) => return Err(HubError::Subscribe(message)),
+                Ok(Err(error)) => return Err(HubError::Subscribe(error)),
                 // The room task was stopping; start over with a fresh one.
                 Err(_) => self.forget(&subject, generation),
             }
         }
-        Err(HubError::Subscribe("the room's fan-out task kept stopping".into()))
+        Err(HubError::TaskKeptStopping)
     }
 
     /// Remove a session from a subject. Never waits.
@@ -303,11 +307,12 @@ async fn run_room(hub: Arc<Hub>, subject: String, generation: u64, mut control: 
     let mut live = match hub.nats.subscribe(subject.clone()).await {
         Ok(subscription) => subscription,
         Err(error) => {
+            let error = Arc::new(error);
             hub.forget(&subject, generation);
             control.close();
             while let Ok(message) = control.try_recv() {
                 if let RoomControl::Subscribe { done, .. } = message {
-                    let _ = done.send(Err(error.to_string()));
+                    let _ = done.send(Err(error.clone()));
                 }
             }
             return;

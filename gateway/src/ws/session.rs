@@ -407,12 +407,8 @@ async fn first_frame_auth(
         return match decoded {
             Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => authenticate(gw, &token).await.map_err(|e| {
                 // A token store outage is no verdict on the token: the client may retry (1013).
-                let code = if e.code == ErrorCode::Unavailable {
-                    CloseCode::TryAgainLater
-                } else {
-                    CloseCode::Unauthenticated
-                };
-                (code, format!("authentication failed: {}", e.message))
+                let code = if e.is_unavailable() { CloseCode::TryAgainLater } else { CloseCode::Unauthenticated };
+                (code, format!("authentication failed: {e}"))
             }),
             Ok(_) => {
                 telemetry::auth_failure("no_auth_frame");

@@ -6,7 +6,7 @@
 //! `max_unauthenticated` sockets of a gateway wait so at once (503 past it).
 
 use crate::auth::{authenticate, bearer};
-use crate::error::ApiError;
+use crate::http::ApiError;
 use crate::sockets;
 use crate::ws::session;
 use crate::Gateway;
@@ -96,7 +96,7 @@ pub async fn ws_handler(
     let identity = match token {
         Some(token) => match authenticate(&gw, &token).await {
             Ok(identity) => Some(identity),
-            Err(error) => return error.into_response(),
+            Err(error) => return ApiError::from(error).into_response(),
         },
         None => None,
     };

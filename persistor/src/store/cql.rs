@@ -16,7 +16,9 @@
 //! (a step may backfill what it adds from the rows already stored), and [`SchemaPolicy::Require`] refuses to run on
 //! a schema that is not current. This module never drops anything and does not expire history.
 
-use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
+use super::{
+    check_event, check_limit, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault,
+};
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -398,8 +400,8 @@ impl fmt::Debug for CqlStore {
     }
 }
 
-fn unavailable(what: &str, err: impl fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("{what}: {err}"))
+fn unavailable(what: &str, err: impl Into<BoxError>) -> StoreError {
+    StoreError::Unavailable(StoreFault::caused(what, err))
 }
 
 /// A failed write: refused by the server or the driver as invalid (the same write would be refused again) is
@@ -419,14 +421,14 @@ fn write_failed(what: &str, err: ExecutionError) -> StoreError {
         _ => false,
     };
     if rejected {
-        StoreError::Rejected(format!("{what}: {err}"))
+        StoreError::Rejected(StoreFault::caused(what, err))
     } else {
         unavailable(what, err)
     }
 }
 
-fn corrupt(what: &str, err: impl fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {err}"))
+fn corrupt(what: &str, err: impl Into<BoxError>) -> StoreError {
+    StoreError::Corrupt(StoreFault::caused(what, err))
 }
 
 /// A keyspace or data center name that is safe to place in DDL text (these are configuration, never user input,
@@ -438,7 +440,7 @@ fn check_name(kind: &str, name: &str, allow_dash: bool) -> Result<(), StoreError
     if ok {
         Ok(())
     } else {
-        Err(StoreError::InvalidQuery(format!("invalid {kind} name {name:?}")))
+        Err(StoreError::InvalidQuery(StoreFault::new(format!("invalid {kind} name {name:?}"))))
     }
 }
 
@@ -449,9 +451,9 @@ fn replication_clause(replication: &Replication) -> Result<String, StoreError> {
         }
         Replication::NetworkTopology { datacenters } => {
             if datacenters.is_empty() {
-                return Err(StoreError::InvalidQuery(
-                    "NetworkTopology replication needs at least one data center".into(),
-                ));
+                return Err(StoreError::InvalidQuery(StoreFault::new(
+                    "NetworkTopology replication needs at least one data center",
+                )));
             }
             let mut parts = vec!["'class': 'NetworkTopologyStrategy'".to_owned()];
             for (dc, factor) in datacenters {
@@ -465,12 +467,15 @@ fn replication_clause(replication: &Replication) -> Result<String, StoreError> {
 
 /// A u64 the store writes as a CQL bigint; larger values are refused as bad data.
 fn to_bigint(what: &str, value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| StoreError::Rejected(format!("{what} {value} does not fit a CQL bigint")))
+    i64::try_from(value).map_err(|e| {
+        StoreError::Rejected(StoreFault::described(format!("{what} {value} does not fit a CQL bigint"), e))
+    })
 }
 
 /// A bigint read back from the store that must be a non-negative u64.
 fn from_bigint(what: &str, value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value} in store")))
+    u64::try_from(value)
+        .map_err(|e| StoreError::Corrupt(StoreFault::described(format!("negative {what} {value} in store"), e)))
 }
 
 /// One write, with its values, bound for one partition.
@@ -502,7 +507,9 @@ impl CqlStore {
     /// keyspace as an earlier release left it. A schema already at or beyond `target` is left as it is.
     pub async fn migrate_to(config: &CqlConfig, target: i32) -> Result<MigrationOutcome, StoreError> {
         if !(1..=SCHEMA_VERSION).contains(&target) {
-            return Err(StoreError::InvalidQuery(format!("schema version {target} is outside 1..={SCHEMA_VERSION}")));
+            return Err(StoreError::InvalidQuery(StoreFault::new(format!(
+                "schema version {target} is outside 1..={SCHEMA_VERSION}"
+            ))));
         }
         let (session, ks, replication) = Self::session(config).await?;
         migrate_session(&session, &ks, &replication, target).await
@@ -517,7 +524,7 @@ impl CqlStore {
     async fn session(config: &CqlConfig) -> Result<(Session, String, String), StoreError> {
         check_name("keyspace", &config.keyspace, false)?;
         if config.nodes.is_empty() {
-            return Err(StoreError::InvalidQuery("no CQL nodes configured".into()));
+            return Err(StoreError::InvalidQuery(StoreFault::new("no CQL nodes configured")));
         }
         let ks = config.keyspace.to_ascii_lowercase();
         let replication = replication_clause(&config.replication)?;
@@ -598,7 +605,7 @@ impl CqlStore {
             prepared.push(statement);
         }
         let mut it = prepared.into_iter();
-        let mut next = || it.next().ok_or_else(|| StoreError::Unavailable("statement list exhausted".into()));
+        let mut next = || it.next().ok_or_else(|| StoreError::Unavailable(StoreFault::new("statement list exhausted")));
         let statements = Statements {
             insert_msg: next()?,
             edit: next()?,
@@ -1028,7 +1035,9 @@ impl MessageRow {
                 reply_to: reply_to.map(|r| from_bigint("reply_to", r)).transpose()?,
             }),
             (Some(_), _, _) => {
-                return Err(StoreError::Corrupt(format!("message at seq {seq} has an id but no sender or time")))
+                return Err(StoreError::Corrupt(StoreFault::new(format!(
+                    "message at seq {seq} has an id but no sender or time"
+                ))))
             }
         };
         Ok(MessageRow {
@@ -1052,7 +1061,10 @@ impl MessageRow {
             .transpose()
             .map_err(|e| corrupt(&format!("undecodable attrs at seq {}", self.seq), e))?;
         if !self.deleted && self.body.is_none() {
-            return Err(StoreError::Corrupt(format!("message at seq {} has no body and is not deleted", self.seq)));
+            return Err(StoreError::Corrupt(StoreFault::new(format!(
+                "message at seq {} has no body and is not deleted",
+                self.seq
+            ))));
         }
         Ok(Some(Message {
             seq: self.seq,

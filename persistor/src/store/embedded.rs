@@ -9,7 +9,7 @@
 //! as the events. `room_last_seq`, the seq alone, is still written beside it, so a file stays readable by earlier
 //! releases, and is the fallback for rooms whose events were all written before `room_head` existed.
 
-use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
+use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -82,18 +82,19 @@ struct StoredRow {
 impl StoredRow {
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.split_first() {
-            Some((&ROW_FORMAT, rest)) => {
-                rmp_serde::from_slice(rest).map_err(|e| StoreError::Corrupt(format!("undecodable message row: {e}")))
+            Some((&ROW_FORMAT, rest)) => rmp_serde::from_slice(rest)
+                .map_err(|e| StoreError::Corrupt(StoreFault::caused("undecodable message row", e))),
+            Some((other, _)) => {
+                Err(StoreError::Corrupt(StoreFault::new(format!("message row in unknown format {other}"))))
             }
-            Some((other, _)) => Err(StoreError::Corrupt(format!("message row in unknown format {other}"))),
-            None => Err(StoreError::Corrupt("empty message row".into())),
+            None => Err(StoreError::Corrupt(StoreFault::new("empty message row"))),
         }
     }
 
     fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut out = vec![ROW_FORMAT];
         rmp_serde::encode::write_named(&mut out, self)
-            .map_err(|e| StoreError::Corrupt(format!("cannot encode message row: {e}")))?;
+            .map_err(|e| StoreError::Corrupt(StoreFault::caused("cannot encode message row", e)))?;
         Ok(out)
     }
 
@@ -109,7 +110,7 @@ impl StoredRow {
                     .as_ref()
                     .map(serde_json::to_string)
                     .transpose()
-                    .map_err(|e| StoreError::Corrupt(format!("cannot encode attrs: {e}")))?;
+                    .map_err(|e| StoreError::Corrupt(StoreFault::caused("cannot encode attrs", e)))?;
                 self.create = Some(StoredCreate {
                     ts_us: ts,
                     id: id.clone(),
@@ -157,7 +158,7 @@ impl StoredRow {
             .as_deref()
             .map(serde_json::from_str)
             .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("undecodable attrs at seq {seq}: {e}")))?;
+            .map_err(|e| StoreError::Corrupt(StoreFault::caused(&format!("undecodable attrs at seq {seq}"), e)))?;
         Ok(Some(Message {
             seq,
             id: create.id.clone(),
@@ -175,10 +176,14 @@ impl StoredRow {
 
 /// Map any redb failure: a damaged file is `Corrupt`, anything else (I/O, locks, a closed database) `Unavailable`.
 fn db_err(err: impl Into<redb::Error>) -> StoreError {
-    match err.into() {
-        redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
-        redb::Error::UpgradeRequired(v) => StoreError::Corrupt(format!("database file format {v} needs an upgrade")),
-        other => StoreError::Unavailable(other.to_string()),
+    let error = err.into();
+    match &error {
+        redb::Error::Corrupted(msg) => StoreError::Corrupt(StoreFault::described(msg.clone(), error)),
+        redb::Error::UpgradeRequired(v) => {
+            let message = format!("database file format {v} needs an upgrade");
+            StoreError::Corrupt(StoreFault::described(message, error))
+        }
+        _ => StoreError::Unavailable(StoreFault::described(error.to_string(), error)),
     }
 }
 
@@ -203,8 +208,9 @@ impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let file = if path.is_dir() { path.join(DEFAULT_FILE_NAME) } else { path.to_path_buf() };
         if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(StoreFault::caused(&format!("cannot create {}", parent.display()), e))
+            })?;
         }
         let db = Database::create(&file).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
@@ -229,7 +235,7 @@ impl EmbeddedStore {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || work(&db))
             .await
-            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+            .map_err(|e| StoreError::Unavailable(StoreFault::caused("store task failed", e)))?
     }
 }
 
@@ -389,7 +395,8 @@ fn reactions_of(
         if removed {
             continue;
         }
-        let user = UserId::parse(user).map_err(|e| StoreError::Corrupt(format!("reaction user at seq {seq}: {e}")))?;
+        let user = UserId::parse(user)
+            .map_err(|e| StoreError::Corrupt(StoreFault::caused(&format!("reaction user at seq {seq}"), e)))?;
         out.entry(emoji.to_owned()).or_default().push(user);
     }
     // Keys are ordered by (emoji, user) within a message, so every user list is already sorted.

@@ -16,21 +16,67 @@ use switchyard_protocol::{ProjectId, RoomId};
 
 /// A store failure. `Unavailable` is worth retrying (the backend is down, timing out or overloaded, and the same
 /// write may succeed later); `Rejected` is the event's own fault (the store refused a value it cannot hold, and
-/// will refuse it on every attempt); `Corrupt` means stored data cannot be read.
+/// will refuse it on every attempt); `Corrupt` means stored data cannot be read. Each carries a [`StoreFault`]: what
+/// the store was doing, with the backend's own error as its source when one failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The backend did not answer or failed in a way that may pass (I/O, timeouts, overload, a lost task).
     #[error("history store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] StoreFault),
+    /// The store refused the write as invalid: the same write would be refused again.
     #[error("history store rejected the write: {0}")]
-    Rejected(String),
+    Rejected(#[source] StoreFault),
+    /// Stored data cannot be read (undecodable rows, a damaged file), or a value cannot be encoded.
     #[error("history store holds data it cannot read: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] StoreFault),
+    /// A query or a configuration the store refuses before any backend work (a page size, a keyspace name).
     #[error("invalid history query: {0}")]
-    InvalidQuery(String),
+    InvalidQuery(#[source] StoreFault),
     /// The keyspace's schema is not the one this release reads and writes; only a migration (or another release)
-    /// changes that, so a starting persistor does not wait for it.
+    /// changes that, so a starting persistor does not wait for it. The message names the versions and the fix.
     #[error("history store schema: {0}")]
     SchemaMismatch(String),
+}
+
+/// The error of a backend call under a store failure; its type varies with the backend and the call.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a [`StoreError`] is about: a message saying what the store was doing or found and, when a backend call
+/// failed, that call's error as the source. Shows as its message, which already quotes the source's text.
+#[derive(Debug)]
+pub struct StoreFault {
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl StoreFault {
+    /// A fault the store found itself (bad data, a bad argument): no backend error under it.
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreFault { message: message.into(), source: None }
+    }
+
+    /// A backend call that failed while the store did `what`: shows as `what: source`.
+    pub fn caused(what: &str, source: impl Into<BoxError>) -> Self {
+        let source = source.into();
+        StoreFault { message: format!("{what}: {source}"), source: Some(source) }
+    }
+
+    /// A backend call that failed, shown as `message` (which says what the source says, in other words).
+    pub fn described(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreFault { message: message.into(), source: Some(source.into()) }
+    }
+}
+
+impl std::fmt::Display for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StoreFault {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|source| source as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// One page request. Pages are always returned in ascending seq.
@@ -95,10 +141,10 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
         if value <= i64::MAX as u64 {
             Ok(())
         } else {
-            Err(StoreError::Rejected(format!(
+            Err(StoreError::Rejected(StoreFault::new(format!(
                 "{what} {value} of the event at seq {} in room {} is beyond what the store holds",
                 event.seq, event.room
-            )))
+            ))))
         }
     };
     fits("seq", event.seq)?;
@@ -117,6 +163,6 @@ pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     if (1..=100).contains(&limit) {
         Ok(())
     } else {
-        Err(StoreError::InvalidQuery(format!("limit {limit} is outside 1..=100")))
+        Err(StoreError::InvalidQuery(StoreFault::new(format!("limit {limit} is outside 1..=100"))))
     }
 }
