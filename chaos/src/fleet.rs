@@ -7,7 +7,7 @@
 //! (`traffic` does).
 
 use crate::balancer::Balancer;
-use crate::procs::{free_port, wait_for_port, OwnNats, OwnRedis, Proc};
+use crate::procs::{free_port, spawn, wait_for_port, OwnNats, OwnRedis, Proc};
 use crate::Config;
 use anyhow::{bail, Context, Result};
 use jsonwebtoken::{EncodingKey, Header};
@@ -145,7 +145,7 @@ impl Fleet {
     pub fn add_router(&mut self) -> Result<usize> {
         let (mut command, name) = self.command("switchyard-router-shard");
         command.env("SWITCHYARD_ROUTER_ID", &name).env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
-        let proc = Proc::spawn(&name, command, &self.log(&name))?;
+        let proc = spawn(&name, command, &self.log(&name))?;
         self.routers.push(proc);
         Ok(self.routers.len() - 1)
     }
@@ -164,7 +164,7 @@ impl Fleet {
             .env("SWITCHYARD_CQL_REPLICATION_FACTOR", store.replication_factor.to_string())
             .env("SWITCHYARD_CQL_MIGRATE_ON_START", "true")
             .env("SWITCHYARD_METRICS_ADDR", format!("127.0.0.1:{ops_port}"));
-        let proc = Proc::spawn(&name, command, &self.log(&name))?;
+        let proc = spawn(&name, command, &self.log(&name))?;
         self.persistors.push(proc);
         self.persistor_ops_ports.push(ops_port);
         Ok(self.persistors.len() - 1)
@@ -187,7 +187,7 @@ impl Fleet {
             .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{port}"))
             .env("SWITCHYARD_REDIS_URL", self.redis.url())
             .env("SWITCHYARD_ADMIN_TOKEN", &self.admin_token);
-        let proc = Proc::spawn(&name, command, &self.log(&name))?;
+        let proc = spawn(&name, command, &self.log(&name))?;
         self.gateways.push(Gateway { port, proc });
         wait_for_port(port, Duration::from_secs(30)).await
     }
@@ -273,7 +273,7 @@ impl Fleet {
 
     /// Resident memory of a gateway process, in bytes, from /proc.
     pub fn gateway_rss(&self, gateway: usize) -> Result<u64> {
-        let pid = self.gateways[gateway].proc.pid().context("gateway is not running")?;
+        let pid = self.gateways[gateway].proc.live_pid().context("gateway is not running")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
@@ -302,8 +302,8 @@ impl Fleet {
             .chain(self.persistors.iter_mut())
             .chain(self.gateways.iter_mut().map(|g| &mut g.proc));
         for proc in procs {
-            if let Some(status) = proc.exited() {
-                return Some(format!("{} exited ({status}):\n{}", proc.name, proc.tail(20)));
+            if let Some(status) = proc.exited_by_itself() {
+                return Some(format!("{} exited ({status}):\n{}", proc.name(), proc.tail(20)));
             }
         }
         None
@@ -332,10 +332,10 @@ impl Fleet {
     /// batches), then Redis and NATS. When `keep_logs` is set the folder is kept and its path returned.
     pub fn stop(mut self, keep_logs: bool) -> Option<PathBuf> {
         for gateway in &mut self.gateways {
-            gateway.proc.terminate(Duration::from_secs(5));
+            gateway.proc.stop_gracefully(Duration::from_secs(5));
         }
         for proc in self.routers.iter_mut().chain(self.persistors.iter_mut()) {
-            proc.terminate(Duration::from_secs(5));
+            proc.stop_gracefully(Duration::from_secs(5));
         }
         self.balancer.stop();
         self.redis.kill();

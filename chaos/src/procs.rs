@@ -1,6 +1,7 @@
 //! The processes a scenario starts and hurts: a child with its log file that is resumed and killed when dropped
-//! (also when the suite fails), and the suite's own `nats-server` and `redis-server`, which it can stop and start
-//! again on the same port and data folder.
+//! (also when the suite fails; `switchyard_testkit::process::ManagedChild`, started by [`spawn`]), and the suite's
+//! own `nats-server` (its node configuration from `switchyard_testkit::nats`) and `redis-server`, which it can stop
+//! and start again on the same port and data folder.
 //!
 //! A cluster's nodes reach each other through links a scenario can cut (a partition).
 //!
@@ -12,135 +13,33 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use switchyard_testkit::nats::{self, ClusterConfig, NodeConfig, NodePorts};
 
-/// A free TCP port on 127.0.0.1 (bound and released; a race with another process is possible but rare).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use switchyard_testkit::process::{free_port, ManagedChild as Proc};
 
-/// Wait until something accepts TCP connections on `port`.
+/// Wait until something accepts TCP connections on `port` (the blocking wait of `switchyard_testkit`, off the
+/// runtime's threads).
 pub async fn wait_for_port(port: u16, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens on 127.0.0.1:{port} after {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::task::spawn_blocking(move || switchyard_testkit::process::wait_for_port(port, limit))
+        .await
+        .context("waiting for a port")?
 }
 
-/// A child process with its output in `log`. Dropping it resumes it (in case it was paused) and kills it.
-pub struct Proc {
-    pub name: String,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Proc {
-    /// Start `command`; where `setpriv` can, the child gets SIGKILL when this process dies, so a killed suite
-    /// leaves nothing behind.
-    pub fn spawn(name: &str, command: Command, log: &Path) -> Result<Proc> {
-        let mut command = with_parent_death_signal(command);
-        let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
-        Ok(Proc { name: name.to_owned(), log: log.to_owned(), child: Some(child) })
-    }
-
-    pub fn pid(&self) -> Option<Pid> {
-        self.child.as_ref().map(|c| Pid::from_raw(c.id() as i32))
-    }
-
-    pub fn signal(&self, signal: Signal) -> Result<()> {
-        let pid = self.pid().with_context(|| format!("{} is not running", self.name))?;
-        kill(pid, signal).with_context(|| format!("sending {signal} to {}", self.name))
-    }
-
-    /// SIGKILL, and wait until the process is gone.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it is still running after `grace`.
-    pub fn terminate(&mut self, grace: Duration) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// `Some(status)` once the process has exited by itself.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    /// The last `lines` lines of its log.
-    pub fn tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// `setpriv --pdeathsig KILL -- <command>` when `setpriv` supports it (it execs, so the pid is the program's);
-/// the command unchanged otherwise.
-fn with_parent_death_signal(command: Command) -> Command {
-    static HAS_SETPRIV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let has = *HAS_SETPRIV.get_or_init(|| {
-        Command::new("setpriv")
-            .arg("--help")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--pdeathsig"))
-            .unwrap_or(false)
-    });
-    if !has {
-        return command;
-    }
-    let mut wrapped = Command::new("setpriv");
-    wrapped.args(["--pdeathsig", "KILL", "--"]).arg(command.get_program()).args(command.get_args());
-    for (key, value) in command.get_envs() {
-        match value {
-            Some(value) => wrapped.env(key, value),
-            None => wrapped.env_remove(key),
-        };
-    }
-    if let Some(dir) = command.get_current_dir() {
-        wrapped.current_dir(dir);
-    }
-    wrapped
+/// Start `command` with its output in `log`. Where `setpriv` can, the child gets SIGKILL when this process dies,
+/// so a killed suite leaves nothing behind; dropping it resumes it (in case it was paused) and kills it, so a
+/// failed scenario leaves nothing behind either.
+pub fn spawn(name: &str, command: Command, log: &Path) -> Result<Proc> {
+    let command = switchyard_testkit::process::with_parent_death_signal(command, Signal::SIGKILL);
+    let mut proc = Proc::spawn(name, command, log, Duration::from_secs(5))?;
+    proc.stop_with_sigkill();
+    Ok(proc)
 }
 
 /// One node of the suite's NATS: its ports, its config file (store folder and, in a cluster, routes) and process.
 struct NatsNode {
-    port: u16,
-    monitor_port: u16,
+    ports: NodePorts,
     config: PathBuf,
     starts: usize,
     proc: Option<Proc>,
@@ -169,40 +68,25 @@ const NATS_START: Duration = Duration::from_secs(20);
 impl OwnNats {
     /// Start `nodes` nodes (1: a single server; more: a cluster named `chaos`) with their stores under `dir`.
     pub async fn start(binary: &Path, dir: &Path, nodes: usize) -> Result<OwnNats> {
-        let ports: Vec<[u16; 3]> =
-            (0..nodes).map(|_| Ok([free_port()?, free_port()?, free_port()?])).collect::<Result<_>>()?;
+        let ports = NodePorts::free(nodes)?;
         let mut links = Vec::new();
         let nowhere = if nodes > 1 { Some(Balancer::start(Vec::new()).await?) } else { None };
         for from in 0..nodes {
-            for (to, [_, route, _]) in ports.iter().enumerate().filter(|(to, _)| *to != from) {
-                links.push((from, to, Balancer::start(vec![*route]).await?));
+            for (to, node) in ports.iter().enumerate().filter(|(to, _)| *to != from) {
+                links.push((from, to, Balancer::start(vec![node.route]).await?));
             }
         }
         let mut own =
             OwnNats { binary: binary.to_owned(), log_dir: dir.to_owned(), nodes: Vec::new(), links, _nowhere: None };
-        for (i, [port, route, monitor_port]) in ports.into_iter().enumerate() {
-            let store = dir.join(format!("nats-store-{i}"));
-            let mut config = format!(
-                "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
-                 jetstream {{\n  store_dir: {store:?}\n}}\n"
-            );
+        for (i, node_ports) in ports.into_iter().enumerate() {
+            let mut config = NodeConfig::new(i, node_ports, dir.join(format!("nats-store-{i}")));
             if let Some(nowhere) = &nowhere {
-                let routes: Vec<String> = own
-                    .links
-                    .iter()
-                    .filter(|(from, _, _)| *from == i)
-                    .map(|(_, _, link)| format!("\"nats-route://127.0.0.1:{}\"", link.port))
-                    .collect();
-                config.push_str(&format!(
-                    "cluster {{\n  name: \"chaos\"\n  listen: \"127.0.0.1:{route}\"\n  \
-                     advertise: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
-                    nowhere.port,
-                    routes.join(", ")
-                ));
+                let routes = own.links.iter().filter(|(from, _, _)| *from == i).map(|(_, _, link)| link.port).collect();
+                config.cluster = Some(ClusterConfig { name: "chaos".into(), routes, advertise: Some(nowhere.port) });
             }
             let path = dir.join(format!("nats-{i}.conf"));
-            std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
-            own.nodes.push(NatsNode { port, monitor_port, config: path, starts: 0, proc: None });
+            std::fs::write(&path, config.render()).with_context(|| format!("writing {}", path.display()))?;
+            own.nodes.push(NatsNode { ports: node_ports, config: path, starts: 0, proc: None });
         }
         own._nowhere = nowhere;
         own.restart().await?;
@@ -219,12 +103,12 @@ impl OwnNats {
 
     /// Every node's URL, comma-separated, as the services take it.
     pub fn url(&self) -> String {
-        self.nodes.iter().map(|node| format!("nats://127.0.0.1:{}", node.port)).collect::<Vec<_>>().join(",")
+        nats::cluster_url(self.nodes.iter().map(|node| &node.ports))
     }
 
     /// Replicas of the streams and buckets the fleet creates on it.
     pub fn replicas(&self) -> usize {
-        self.nodes.len().min(3)
+        nats::replicas(self.nodes.len())
     }
 
     pub fn nodes(&self) -> usize {
@@ -248,8 +132,8 @@ impl OwnNats {
         let mut command = Command::new(&self.binary);
         command.arg("-c").arg(&n.config);
         let log = self.log_dir.join(format!("nats-{node}-{}.log", n.starts));
-        n.proc = Some(Proc::spawn("nats-server", command, &log)?);
-        wait_for_port(n.port, NATS_START).await
+        n.proc = Some(spawn("nats-server", command, &log)?);
+        wait_for_port(n.ports.client, NATS_START).await
     }
 
     /// Stop every node the hard way (SIGKILL): JetStream must recover from its store on the next start.
@@ -268,12 +152,13 @@ impl OwnNats {
     /// SIGTERM one node (a graceful shutdown: it hands its leaderships over), SIGKILL after `grace`.
     pub fn terminate_node(&mut self, node: usize, grace: Duration) {
         if let Some(mut proc) = self.nodes[node].proc.take() {
-            proc.terminate(grace);
+            proc.stop_gracefully(grace);
         }
     }
 
     pub fn node_pid(&self, node: usize) -> Option<Pid> {
-        self.nodes[node].proc.as_ref().and_then(Proc::pid)
+        let pid = self.nodes[node].proc.as_ref().and_then(Proc::live_pid)?;
+        Some(Pid::from_raw(i32::try_from(pid).ok()?))
     }
 
     /// The node that leads `stream` (a stream, or `KV_<bucket>`), asked of every running node in turn.
@@ -292,7 +177,7 @@ impl OwnNats {
         if n.proc.is_none() {
             bail!("NATS node {node} is not running");
         }
-        let url = format!("http://127.0.0.1:{}/jsz?streams=true", n.monitor_port);
+        let url = format!("http://127.0.0.1:{}/jsz?streams=true", n.ports.monitor);
         let jsz: serde_json::Value = http.get(&url).timeout(Duration::from_secs(2)).send().await?.json().await?;
         let streams = jsz["account_details"]
             .as_array()
@@ -301,7 +186,7 @@ impl OwnNats {
             .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
         for detail in streams.filter(|d| d["name"] == stream) {
             let leader = detail["cluster"]["leader"].as_str().unwrap_or("");
-            if let Some(index) = leader.strip_prefix('n').and_then(|i| i.parse::<usize>().ok()) {
+            if let Some(index) = nats::node_index(leader) {
                 if index < self.nodes.len() {
                     return Ok(Some(index));
                 }
@@ -312,7 +197,7 @@ impl OwnNats {
 
     /// Wait until one node's `/healthz` answers 200 (JetStream is current on it).
     pub async fn wait_healthy(&self, http: &reqwest::Client, node: usize, limit: Duration) -> Result<()> {
-        let url = format!("http://127.0.0.1:{}/healthz", self.nodes[node].monitor_port);
+        let url = format!("http://127.0.0.1:{}/healthz", self.nodes[node].ports.monitor);
         let deadline = Instant::now() + limit;
         loop {
             let answer = http.get(&url).timeout(Duration::from_secs(2)).send().await;
@@ -361,7 +246,7 @@ impl OwnRedis {
             "no",
         ]);
         let log = self.log_dir.join(format!("redis-{}.log", self.starts));
-        self.proc = Some(Proc::spawn("redis-server", command, &log)?);
+        self.proc = Some(spawn("redis-server", command, &log)?);
         wait_for_port(self.port, Duration::from_secs(10)).await
     }
 

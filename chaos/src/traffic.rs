@@ -1,7 +1,8 @@
-//! The workload every fault runs under, and its ledger: receivers (reconnecting clients, each in one room) and
-//! senders (reconnecting clients posting numbered messages with a `cmid`, retried until acked), then the verdict:
-//! every acked message delivered to every receiver of its room exactly once and in seq order, and stored in the
-//! history exactly once.
+//! The workload every fault runs under: receivers (reconnecting clients, each in one room) and senders
+//! (reconnecting clients posting numbered messages with a `cmid`, retried until acked), then the verdict: every
+//! acked message delivered to every receiver of its room exactly once and in seq order, and stored in the history
+//! exactly once. The bookkeeping of acks and receipts and those checks are `switchyard_testkit::ledger`'s; this
+//! drives the sockets, reads the history back and turns the findings into an [`Outcome`].
 //!
 //! It injects nothing; a scenario does that while the traffic runs, marking the moment with [`Traffic::inject`].
 //! Latencies here are end to end on one clock (this process sends and receives), so they need no clock sync.
@@ -9,12 +10,13 @@
 use crate::fleet::Tenant;
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchyard_client::{Auth, ClientError, ConnectOptions, ReconnectOptions, ReconnectingClient, SessionEvent};
 use switchyard_protocol::client::ServerEvent;
+use switchyard_testkit::ledger::{Finding, Ledger, Receipts};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -42,22 +44,11 @@ pub struct Spec {
     pub rate_per_sender: f64,
 }
 
-/// One acked message.
-#[derive(Debug, Clone)]
-struct Acked {
-    body: String,
-}
-
 /// What a receiver saw, kept by its task.
 #[derive(Default)]
 struct Seen {
-    /// seq -> times delivered, for `msg` events.
-    msgs: BTreeMap<u64, u32>,
-    /// body -> seqs it was delivered at (one, unless a retry posted twice).
-    bodies: HashMap<String, BTreeSet<u64>>,
-    /// Sequenced events that arrived at or below the last seq seen.
-    out_of_order: u64,
-    last_seq: u64,
+    /// Every sequenced event, with the body of the traffic's own messages.
+    receipts: Receipts,
     /// `gap` events: a resume that could not replay what was missed.
     gaps: u64,
     /// Reconnects, and when each completed (ms since start).
@@ -78,8 +69,8 @@ struct Shared {
     start: Instant,
     /// Milliseconds since start of the injection; `u64::MAX` until then.
     injected_ms: AtomicU64,
-    /// room -> seq -> the acked message.
-    acked: Mutex<Vec<BTreeMap<u64, Acked>>>,
+    /// Every acked message.
+    ledger: Mutex<Ledger>,
     sent: AtomicUsize,
     gave_up: AtomicUsize,
     /// Latency of deliveries (ms) of messages sent before / after the injection.
@@ -172,7 +163,7 @@ impl Traffic {
         let shared = Arc::new(Shared {
             start: Instant::now(),
             injected_ms: AtomicU64::new(u64::MAX),
-            acked: Mutex::new(vec![BTreeMap::new(); spec.rooms]),
+            ledger: Mutex::new(Ledger::new(spec.rooms)),
             sent: AtomicUsize::new(0),
             gave_up: AtomicUsize::new(0),
             latency_before: Mutex::new(hist()),
@@ -298,7 +289,7 @@ impl Traffic {
 
     /// Acked messages so far.
     pub fn acked(&self) -> usize {
-        self.shared.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(BTreeMap::len).sum()
+        self.shared.ledger.lock().unwrap_or_else(|p| p.into_inner()).acked()
     }
 
     /// Stop sending, wait for deliveries and for the store, and judge. `history_url` is where a fresh client reads
@@ -306,7 +297,7 @@ impl Traffic {
     pub async fn finish(mut self, history_url: &str) -> Result<Outcome> {
         self.stop_sending.cancel();
         while self.senders.join_next().await.is_some() {}
-        let acked: Vec<BTreeMap<u64, Acked>> = self.shared.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ledger: Ledger = self.shared.ledger.lock().unwrap_or_else(|p| p.into_inner()).clone();
 
         // Wait until every receiver holds every acked message of its room, or nothing moves for a while.
         let deadline = Instant::now() + SETTLE;
@@ -314,10 +305,7 @@ impl Traffic {
             let missing: usize = self
                 .receivers
                 .iter()
-                .map(|r| {
-                    let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
-                    acked[r.room].keys().filter(|s| !seen.msgs.contains_key(s)).count()
-                })
+                .map(|r| ledger.undelivered(r.room, &r.seen.lock().unwrap_or_else(|p| p.into_inner()).receipts, 0))
                 .sum();
             if missing == 0 || Instant::now() > deadline {
                 break;
@@ -327,28 +315,35 @@ impl Traffic {
 
         let mut out = Outcome {
             sent: self.shared.sent.load(Ordering::Relaxed),
-            acked: acked.iter().map(BTreeMap::len).sum(),
+            acked: ledger.acked(),
             gave_up: self.shared.gave_up.load(Ordering::Relaxed),
             ..Outcome::default()
         };
+        for conflict in ledger.conflicts() {
+            out.duplicated += conflict.extra();
+            if out.notes.len() < 5 {
+                out.notes.push(conflict.to_string());
+            }
+        }
         let mut lost: BTreeSet<(usize, u64)> = BTreeSet::new();
         let injected_ms = self.shared.injected_ms.load(Ordering::Relaxed);
         let mut recovery_ms: Option<u64> = Some(0);
         for (i, r) in self.receivers.iter().enumerate() {
             let seen = r.seen.lock().unwrap_or_else(|p| p.into_inner());
-            out.expected_deliveries += acked[r.room].len();
-            for (seq, message) in &acked[r.room] {
-                if seen.msgs.contains_key(seq) {
-                    out.delivered += 1;
-                } else {
-                    if lost.insert((r.room, *seq)) && out.notes.len() < 5 {
-                        out.notes.push(format!("receiver {i} never got seq {seq} ({})", message.body));
-                    }
+            // Every acked message of the room (receivers join before the first send). A receiver sees other
+            // events only from its join on, and may miss some that are not messages: gaps are not counted.
+            let check = ledger.check_receiver(r.room, &seen.receipts, 0);
+            out.expected_deliveries += check.expected;
+            out.delivered += check.found;
+            for finding in check.ignoring_gaps() {
+                out.duplicated += finding.extra();
+                if matches!(finding, Finding::OutOfOrder { .. }) {
+                    out.out_of_order += 1;
+                }
+                if finding.lost().is_some_and(|key| lost.insert(key)) && out.notes.len() < 5 {
+                    out.notes.push(format!("receiver {i}: {finding}"));
                 }
             }
-            out.duplicated += seen.msgs.values().map(|n| (*n as usize).saturating_sub(1)).sum::<usize>();
-            out.duplicated += seen.bodies.values().map(|seqs| seqs.len().saturating_sub(1)).sum::<usize>();
-            out.out_of_order += seen.out_of_order;
             out.gaps += seen.gaps;
             out.reconnects += seen.reconnects;
             if injected_ms != u64::MAX {
@@ -363,20 +358,21 @@ impl Traffic {
         // The store: every acked message once, at its seq, with its body.
         let reader = connect(history_url, self.tenant.token("auditor")).await.context("history reader connecting")?;
         let deadline = Instant::now() + STORE_SETTLE;
-        let mut stored_sets: Vec<BTreeMap<u64, String>> = vec![BTreeMap::new(); acked.len()];
+        let mut stored_sets: Vec<BTreeMap<u64, String>> = vec![BTreeMap::new(); ledger.rooms()];
         loop {
             let mut complete = true;
-            for (room, expected) in acked.iter().enumerate() {
-                if expected.keys().all(|s| stored_sets[room].contains_key(s)) {
+            for (room, stored) in stored_sets.iter_mut().enumerate() {
+                let expected = ledger.room(room);
+                if expected.keys().all(|s| stored.contains_key(s)) {
                     continue;
                 }
                 match read_history(&reader, &self.room_names[room]).await {
-                    Ok(stored) => stored_sets[room] = stored,
+                    Ok(read) => *stored = read,
                     // Counted below as missing from the store, unless a later read succeeds.
                     Err(error) if out.notes.len() < 10 => out.notes.push(format!("reading history: {error:#}")),
                     Err(_) => {}
                 }
-                complete &= expected.keys().all(|s| stored_sets[room].contains_key(s));
+                complete &= expected.keys().all(|s| stored.contains_key(s));
             }
             if complete || Instant::now() > deadline {
                 break;
@@ -384,17 +380,15 @@ impl Traffic {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         reader.close().await;
-        for (room, expected) in acked.iter().enumerate() {
-            let mut bodies: HashMap<&str, usize> = HashMap::new();
-            for body in stored_sets[room].values().filter(|b| sent_ms_of(b).is_some()) {
-                *bodies.entry(body.as_str()).or_default() += 1;
-            }
-            out.duplicated += bodies.values().map(|n| n.saturating_sub(1)).sum::<usize>();
-            for (seq, message) in expected {
-                if stored_sets[room].get(seq) == Some(&message.body) {
-                    out.stored += 1;
-                } else if lost.insert((room, *seq)) && out.notes.len() < 10 {
-                    out.notes.push(format!("seq {seq} of room {room} ({}) is not in the history store", message.body));
+        for (room, stored) in stored_sets.iter().enumerate() {
+            // Only the traffic's own messages; one whose sender gave up may be stored without an ack.
+            let ours = stored.iter().filter(|(_, body)| sent_ms_of(body).is_some()).map(|(seq, b)| (*seq, b.as_str()));
+            let check = ledger.check_store(room, ours);
+            out.stored += check.found;
+            for finding in check.findings.iter().filter(|f| !matches!(f, Finding::Unacked { .. })) {
+                out.duplicated += finding.extra();
+                if finding.lost().is_some_and(|key| lost.insert(key)) && out.notes.len() < 10 {
+                    out.notes.push(format!("history store: {finding}"));
                 }
             }
         }
@@ -456,16 +450,22 @@ async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, sh
         match event {
             SessionEvent::Event(event) => {
                 if let Some((_, seq)) = event.room_seq() {
-                    if seq <= seen.last_seq {
-                        seen.out_of_order += 1;
-                    }
-                    seen.last_seq = seen.last_seq.max(seq);
+                    // Only the traffic's own bodies: a scenario may post others (of its own format) in the room.
+                    let ours = match &event {
+                        ServerEvent::Msg { body, .. } => sent_ms_of(body).map(|_| body.clone()),
+                        ServerEvent::Edit { .. }
+                        | ServerEvent::Delete { .. }
+                        | ServerEvent::Reaction { .. }
+                        | ServerEvent::Joined { .. }
+                        | ServerEvent::Left { .. }
+                        | ServerEvent::Typing { .. }
+                        | ServerEvent::Read { .. }
+                        | ServerEvent::Presence { .. } => None,
+                    };
+                    seen.receipts.record(seq, ours);
                 }
-                if let ServerEvent::Msg { seq, body, .. } = event {
-                    *seen.msgs.entry(seq).or_default() += 1;
-                    // Only the traffic's own messages: a scenario may post others (of its own format) in the room.
+                if let ServerEvent::Msg { body, .. } = event {
                     if let Some(sent_ms) = sent_ms_of(&body) {
-                        seen.bodies.entry(body.clone()).or_default().insert(seq);
                         let latency = now.saturating_sub(sent_ms).max(1);
                         let injected = shared.injected_ms.load(Ordering::Relaxed);
                         // The first second's messages also pay for first subscriptions and connections warming up.
@@ -524,8 +524,7 @@ async fn send_loop(
         loop {
             match tokio::time::timeout(ATTEMPT, client.send_with_cmid(&name, text.clone(), cmid.clone())).await {
                 Ok(Ok(sent)) => {
-                    let mut acked = shared.acked.lock().unwrap_or_else(|p| p.into_inner());
-                    acked[room].insert(sent.seq, Acked { body: text });
+                    shared.ledger.lock().unwrap_or_else(|p| p.into_inner()).ack(room, sent.seq, text);
                     break;
                 }
                 // Refused (a shard changing hands, a draining gateway) or cut off: the same cmid again shortly.

@@ -4,13 +4,12 @@
 //! the history store must hold every acked message exactly once.
 //!
 //! Gateways and the persistor run in-process (`switchyard-testkit`); router shards run as child processes of the
-//! `switchyard-router-shard` binary, killed by a drop guard also when a test panics. This file does not test what
+//! `switchyard-router-shard` binary, killed by a drop guard also when a test panics (`switchyard_testkit::process`);
+//! the acks and receipts are counted and checked by `switchyard_testkit::ledger`. This file does not test what
 //! a single process does (the gateway's end-to-end tests do that).
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
+use nix::sys::signal::Signal;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +18,8 @@ use switchyard_persistor::store::{HistoryQuery, HistoryStore};
 use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ProjectId, RoomId, ShardId};
+use switchyard_testkit::ledger::{Finding, Ledger, Receipts};
+use switchyard_testkit::process::ManagedChild;
 use switchyard_testkit::{nats_replicas, nats_servers, nats_url, wait_for_balanced_shards, Fleet, StoreKind, Tenant};
 use tokio::task::JoinHandle;
 
@@ -32,10 +33,11 @@ const GIVE_UP: Duration = Duration::from_secs(45);
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Router-shard child processes, each with its log in the guard's directory. Dropping the guard resumes and kills
-/// every process still running, so none outlives the test, also when it panics.
+/// every process still running (each is a `ManagedChild` stopped by SIGKILL), so none outlives the test, also when
+/// it panics.
 struct Routers {
+    procs: Vec<(String, ManagedChild)>,
     dir: tempfile::TempDir,
-    procs: Vec<(String, Option<Child>)>,
 }
 
 impl Routers {
@@ -52,23 +54,20 @@ impl Routers {
     fn spawn_logging(&mut self, filter: &str) -> usize {
         let index = self.procs.len();
         let id = format!("proc-router-{index}-{}", switchyard_protocol::ids::random_base62(6));
-        let log = |suffix: &str| {
-            std::fs::File::create(self.dir.path().join(format!("{id}.{suffix}"))).expect("router shard log file")
-        };
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard-router-shard"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard-router-shard"));
+        command
             .env_remove("SWITCHYARD_CONFIG")
             .env("SWITCHYARD_NATS_URL", nats_url())
             .env("SWITCHYARD_NATS_REPLICAS", nats_replicas().to_string())
             .env("SWITCHYARD_ROUTER_ID", &id)
             .env("SWITCHYARD_SHARD_COUNT", SHARDS.to_string())
             .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", filter)
-            .stdin(Stdio::null())
-            .stdout(log("stdout"))
-            .stderr(log("stderr"))
-            .spawn()
-            .expect("start switchyard-router-shard");
-        self.procs.push((id, Some(child)));
+            .env("RUST_LOG", filter);
+        let log = self.dir.path().join(format!("{id}.log"));
+        let mut child =
+            ManagedChild::spawn(&id, command, &log, Duration::from_secs(10)).expect("start switchyard-router-shard");
+        child.stop_with_sigkill();
+        self.procs.push((id, child));
         index
     }
 
@@ -80,23 +79,18 @@ impl Routers {
         self.procs.iter().position(|(p, _)| p == id).unwrap_or_else(|| panic!("{id} is not one of ours"))
     }
 
-    /// Ids of the processes still running.
+    /// Ids of the processes not killed or terminated by the test.
     fn live(&self) -> Vec<String> {
-        self.procs.iter().filter(|(_, c)| c.is_some()).map(|(id, _)| id.clone()).collect()
+        self.procs.iter().filter(|(_, c)| c.live_pid().is_some()).map(|(id, _)| id.clone()).collect()
     }
 
-    fn signal(&self, index: usize, signal: Signal) {
-        let child = self.procs[index].1.as_ref().expect("router shard is running");
-        kill(Pid::from_raw(child.id() as i32), signal).expect("signal router shard");
+    fn signal(&mut self, index: usize, signal: Signal) {
+        self.procs[index].1.signal(signal).expect("signal router shard");
     }
 
     /// SIGKILL, and reap it.
     fn kill(&mut self, index: usize) {
-        if let Some(mut child) = self.procs[index].1.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.procs[index].1.kill();
     }
 
     /// SIGTERM, and wait for a clean exit (it releases its leases first).
@@ -104,9 +98,7 @@ impl Routers {
         self.signal(index, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let child = self.procs[index].1.as_mut().expect("router shard is running");
-            if let Some(status) = child.try_wait().expect("wait for router shard") {
-                self.procs[index].1 = None;
+            if let Some(status) = self.procs[index].1.exit_status() {
                 assert!(status.success(), "router shard exited with {status} after SIGTERM: {}", self.logs(index));
                 return;
             }
@@ -119,7 +111,7 @@ impl Routers {
     /// if any of them, killed ones included, panicked (a panic is a bug even when the test's checks pass).
     async fn shutdown(mut self) {
         for index in 0..self.procs.len() {
-            if self.procs[index].1.is_some() {
+            if self.procs[index].1.live_pid().is_some() {
                 self.terminate(index).await;
             }
         }
@@ -130,18 +122,7 @@ impl Routers {
     }
 
     fn logs(&self, index: usize) -> String {
-        let id = &self.procs[index].0;
-        let read =
-            |suffix: &str| std::fs::read_to_string(self.dir.path().join(format!("{id}.{suffix}"))).unwrap_or_default();
-        format!("{}{}", read("stdout"), read("stderr"))
-    }
-}
-
-impl Drop for Routers {
-    fn drop(&mut self) {
-        for index in 0..self.procs.len() {
-            self.kill(index);
-        }
+        std::fs::read_to_string(self.procs[index].1.log()).unwrap_or_default()
     }
 }
 
@@ -182,9 +163,6 @@ struct Ack {
     ended: Instant,
 }
 
-/// A sequenced event one session received: its seq, and the body when it is a message.
-type Seen = (u64, Option<String>);
-
 /// How the clients send.
 #[derive(Clone, Copy)]
 struct Pace {
@@ -198,8 +176,8 @@ struct Pace {
 struct Traffic {
     tenant: ProjectId,
     rooms: Vec<RoomId>,
-    /// Per session: its room and what it received.
-    sessions: Vec<(usize, Arc<Mutex<Vec<Seen>>>)>,
+    /// Per session: its room and the sequenced events it received (with the body of messages).
+    sessions: Vec<(usize, Arc<Mutex<Receipts>>)>,
     clients: Vec<Arc<Client>>,
     readers: Vec<JoinHandle<()>>,
     senders: Vec<JoinHandle<Result<(), String>>>,
@@ -224,13 +202,13 @@ impl Traffic {
             let client = Arc::new(fleet.connect(i % 2, &token, format).await);
             let room = i % rooms;
             client.join(room_ids[room].as_str(), None).await.expect("join");
-            let seen = Arc::new(Mutex::new(Vec::new()));
+            let seen = Arc::new(Mutex::new(Receipts::default()));
             let (reader_client, reader_seen, room_id) = (client.clone(), seen.clone(), room_ids[room].clone());
             readers.push(tokio::spawn(async move {
                 while let Some(event) = reader_client.next_event().await {
                     if let Some((event_room, seq, body)) = sequenced(event) {
                         if event_room == room_id {
-                            reader_seen.lock().unwrap().push((seq, body));
+                            reader_seen.lock().unwrap().record(seq, body);
                         }
                     }
                 }
@@ -341,24 +319,24 @@ impl Traffic {
         shard_of_room(&self.tenant, &self.rooms[room], SHARDS)
     }
 
-    /// Check sessions, the events stream and the store against what was acked; returns the number of acks.
+    /// Check sessions, the events stream and the store against what was acked (the checks are the ledger's);
+    /// returns the number of acks.
     async fn verify(&mut self, fleet: &Fleet) -> usize {
         let acked = self.acked.lock().unwrap().clone();
         // Per room, seq -> body, and no two acks for one seq or one body.
-        let mut by_room: Vec<BTreeMap<u64, String>> = vec![BTreeMap::new(); self.rooms.len()];
+        let mut ledger = Ledger::new(self.rooms.len());
         for ack in &acked {
-            if let Some(other) = by_room[ack.room].insert(ack.seq, ack.body.clone()) {
-                panic!("room {} seq {} acked for both {other:?} and {:?}", ack.room, ack.seq, ack.body);
-            }
+            ledger.ack(ack.room, ack.seq, ack.body.clone());
         }
-        assert_eq!(by_room.iter().map(BTreeMap::len).sum::<usize>(), acked.len(), "a message was acked twice");
+        assert!(ledger.conflicts().is_empty(), "conflicting acks: {:?}", ledger.conflicts());
+        assert_eq!(ledger.acked(), acked.len(), "a message was acked twice");
 
-        // Every session: gap-free, in order, every acked message exactly once.
+        // Every session: gap-free, in order, every acked message since it joined exactly once.
         let deadline = Instant::now() + Duration::from_secs(30);
         for (index, (room, seen)) in self.sessions.iter().enumerate() {
-            let last = by_room[*room].keys().next_back().copied().unwrap_or(0);
+            let last = ledger.last_seq(*room);
             loop {
-                let got = seen.lock().unwrap().last().map(|(seq, _)| *seq).unwrap_or(0);
+                let got = seen.lock().unwrap().last_seq();
                 if got >= last {
                     break;
                 }
@@ -366,61 +344,45 @@ impl Traffic {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let seen = seen.lock().unwrap().clone();
-            for pair in seen.windows(2) {
-                assert_eq!(pair[1].0, pair[0].0 + 1, "session {index}: seq {} followed by {}", pair[0].0, pair[1].0);
-            }
-            let first = seen.first().map(|(seq, _)| *seq).unwrap_or(1);
-            for (seq, body) in &by_room[*room] {
-                if *seq < first {
-                    continue; // sent before this session joined its room
-                }
-                let delivered = &seen[(seq - first) as usize];
-                assert_eq!(delivered.1.as_ref(), Some(body), "session {index}: seq {seq} is not the acked message");
-            }
+            // What was sent before this session joined its room is not its to receive.
+            let check = ledger.check_receiver(*room, &seen, seen.first_seq().unwrap_or(1));
+            assert!(check.is_clean(), "session {index}: {}", lines(&check.findings));
         }
 
         // The events stream: each room's seqs 1..=n, consecutive, each acked message exactly once.
         let js = async_nats::jetstream::new(async_nats::connect(nats_servers()).await.expect("connect to NATS"));
-        for (room, expected) in by_room.iter().enumerate() {
+        for room in 0..self.rooms.len() {
             let events = room_events(&js, self.shard(room), &self.tenant, &self.rooms[room]).await;
-            for (i, event) in events.iter().enumerate() {
-                assert_eq!(event.seq, i as u64 + 1, "room {room}: stream event {i} has seq {}", event.seq);
+            let mut stream = Receipts::default();
+            for event in events {
+                let body = match event.body {
+                    EventBody::Msg { body, .. } => Some(body),
+                    _ => None,
+                };
+                stream.record(event.seq, body);
             }
-            let mut bodies: HashMap<&str, u64> = HashMap::new();
-            for event in &events {
-                if let EventBody::Msg { body, .. } = &event.body {
-                    assert!(
-                        bodies.insert(body, event.seq).is_none(),
-                        "room {room}: {body:?} stored twice in the stream"
-                    );
-                }
-            }
-            for (seq, body) in expected {
-                assert_eq!(bodies.get(body.as_str()), Some(seq), "room {room}: acked {body:?} not at seq {seq}");
-            }
+            let check = ledger.check_receiver(room, &stream, 1);
+            assert!(check.is_clean(), "the events stream of room {room}: {}", lines(&check.findings));
         }
 
         // The history store: every acked message exactly once, at its seq (the persistor may lag a little).
         let deadline = Instant::now() + Duration::from_secs(30);
-        for (room, expected) in by_room.iter().enumerate() {
+        for room in 0..self.rooms.len() {
             loop {
                 let stored = stored_messages(fleet, &self.tenant, &self.rooms[room]).await;
-                let mut counts: HashMap<&str, (usize, u64)> = HashMap::new();
-                for (seq, body) in &stored {
-                    let entry = counts.entry(body.as_str()).or_insert((0, *seq));
-                    entry.0 += 1;
-                }
-                assert!(counts.values().all(|(n, _)| *n == 1), "room {room}: a message is stored twice");
-                let missing = expected.iter().filter(|(seq, body)| counts.get(body.as_str()) != Some(&(1, **seq)));
-                let missing = missing.count();
-                if missing == 0 && stored.len() == expected.len() {
+                let check = ledger.check_store(room, stored.iter().map(|(seq, body)| (*seq, body.as_str())));
+                let twice: Vec<&Finding> = check.findings.iter().filter(|f| f.extra() > 0).collect();
+                assert!(twice.is_empty(), "room {room}: a message is stored twice: {twice:?}");
+                if check.is_clean() {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "room {room}: {missing} acked messages not in the store, {} stored, {} acked",
+                    "room {room}: {} of {} acked messages in the store, {} stored: {}",
+                    check.found,
+                    check.expected,
                     stored.len(),
-                    expected.len()
+                    lines(&check.findings)
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -437,6 +399,12 @@ impl Traffic {
             reader.abort();
         }
     }
+}
+
+/// The findings of a check, one a line (the first 20).
+fn lines(findings: &[Finding]) -> String {
+    let shown: Vec<String> = findings.iter().take(20).map(|f| format!("\n  {f}")).collect();
+    format!("{} finding(s):{}", findings.len(), shown.concat())
 }
 
 /// Send `op` until it is acked, repeating the same op (same cmid) after `unavailable` or a timeout; the acked seq

@@ -1,5 +1,6 @@
 //! Starting and stopping the external servers (nats-server, redis-server, Cassandra) as child processes on free
-//! ports, readiness checks for each, and `cargo xtask services`, which keeps a throw-away set running in the
+//! ports (the processes and a cluster node's NATS configuration come from `switchyard_testkit`), readiness checks
+//! for each, and `cargo xtask services`, which keeps a throw-away set running in the
 //! foreground for tests run by hand. Installs nothing (see deps.rs) and runs no tests (see test.rs).
 
 use std::fmt::Write as _;
@@ -15,6 +16,7 @@ use crate::cql;
 use crate::deps::{self, CassandraDist, Tools};
 use crate::proc::{self, ManagedChild};
 use crate::util::{free_ports, repo_root, say, secs, tail};
+use switchyard_testkit::nats::{self, ClusterConfig, NodeConfig, NodePorts};
 
 /// How long Cassandra may take to serve CQL (it shares two cores with a cargo build in `test`).
 pub const CASSANDRA_READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -85,7 +87,7 @@ impl Nats {
 
 /// Nodes of the NATS cluster `test`, `services --cluster` and `up --cluster` start, and the replicas its streams and
 /// buckets get.
-pub const CLUSTER_NODES: usize = 3;
+pub use switchyard_testkit::nats::CLUSTER_NODES;
 
 /// A NATS cluster on loopback: every node has its own client, route and monitoring port and its own store
 /// directory, and routes to the others. Each node is started from a config file kept beside its store.
@@ -99,26 +101,22 @@ impl NatsCluster {
     /// instead of every 2 minutes.
     pub fn start(tools: &Tools, dir: &Path, log_dir: &Path, nodes: usize, sync_always: bool) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let ports = free_ports(3 * nodes)?;
-        let routes: Vec<String> =
-            (0..nodes).map(|i| format!("\"nats-route://127.0.0.1:{}\"", ports[3 * i + 1])).collect();
+        let ports = NodePorts::free(nodes)?;
+        let routes: Vec<u16> = ports.iter().map(|p| p.route).collect();
         let sync = if sync_always { "  sync_interval: always\n" } else { "" };
         let mut started = Vec::with_capacity(nodes);
-        for i in 0..nodes {
-            let (port, route_port, monitor_port) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+        for (i, node_ports) in ports.into_iter().enumerate() {
             let store = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&store)?;
-            let config = format!(
-                "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
-                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 1GB\n  max_file_store: 20GB\n{sync}}}\n\
-                 cluster {{\n  name: \"switchyard-test\"\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
-                routes.join(", "),
-            );
+            let mut config = NodeConfig::new(i, node_ports, store);
+            config.jetstream_extra = format!("  max_memory_store: 1GB\n  max_file_store: 20GB\n{sync}");
+            config.cluster =
+                Some(ClusterConfig { name: "switchyard-test".into(), routes: routes.clone(), advertise: None });
             let config_path = dir.join(format!("n{i}.conf"));
-            std::fs::write(&config_path, config)?;
+            std::fs::write(&config_path, config.render())?;
             let log = log_dir.join(format!("nats-{i}.log"));
             let child = spawn_from_config(tools, &config_path, &log)?;
-            started.push(Nats { child, port, monitor_port });
+            started.push(Nats { child, port: node_ports.client, monitor_port: node_ports.monitor });
         }
         Ok(Self { nodes: started })
     }
@@ -130,7 +128,7 @@ impl NatsCluster {
 
     /// The replicas the services give their streams and buckets on it.
     pub fn replicas(&self) -> usize {
-        self.nodes.len()
+        nats::replicas(self.nodes.len())
     }
 
     /// Every node's client URL, comma-separated, as services take it.

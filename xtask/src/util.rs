@@ -1,15 +1,16 @@
-//! Small shared helpers: repository paths and cargo's target folder, free ports, program lookup, log tails and
-//! messages. Starts no process but `cargo metadata`, and installs nothing.
+//! Small shared helpers: repository paths and cargo's target folder, program lookup and messages (free ports and
+//! log tails come from `switchyard_testkit::process`). Starts no process but `cargo metadata`, and installs nothing.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+pub use switchyard_testkit::process::{free_port, free_ports, tail};
 
 /// Prints one progress line on stderr, prefixed so it stands out from the output of the tools xtask runs.
 macro_rules! say {
@@ -27,19 +28,6 @@ pub fn repo_root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
-}
-
-/// `n` distinct TCP ports on 127.0.0.1 that were free a moment ago. All listeners are held until every port is
-/// chosen, so the ports differ from each other.
-pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port"))
-        .collect::<Result<Vec<_>>>()?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
-pub fn free_port() -> Result<u16> {
-    Ok(free_ports(1)?[0])
 }
 
 /// The full path of `program` if it is an executable file in one of PATH's folders.
@@ -64,30 +52,6 @@ pub fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
-}
-
-/// The last `lines` lines of a log file (reads at most its last 64 KiB), indented for error messages.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let read = || -> std::io::Result<String> {
-        let mut f = File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    match read() {
-        Ok(text) => {
-            let all: Vec<&str> = text.lines().collect();
-            let start = all.len().saturating_sub(lines);
-            if all.is_empty() {
-                "    (the log is empty)".to_string()
-            } else {
-                all[start..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
-            }
-        }
-        Err(e) => format!("    (cannot read {}: {e})", path.display()),
-    }
 }
 
 pub fn secs(d: Duration) -> String {
