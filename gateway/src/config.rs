@@ -287,13 +287,13 @@ impl GatewayConfig {
             return invalid("header_read_timeout_ms", "header-read and request timeouts must be at least 100 ms");
         }
         if !(1..=limits::MAX_MEMBERS_PER_ROOM).contains(&self.max_members_per_room) {
-            return invalid("max_members_per_room", "must be 1..=10000");
+            return invalid("max_members_per_room", &format!("must be 1..={}", limits::MAX_MEMBERS_PER_ROOM));
         }
         if !(1..=limits::MAX_ROOMS_PER_USER).contains(&self.max_rooms_per_user) {
-            return invalid("max_rooms_per_user", "must be 1..=10000");
+            return invalid("max_rooms_per_user", &format!("must be 1..={}", limits::MAX_ROOMS_PER_USER));
         }
         if !(1..=limits::MAX_WATCHED_PER_SESSION).contains(&self.max_watched_per_session) {
-            return invalid("max_watched_per_session", "must be 1..=10000");
+            return invalid("max_watched_per_session", &format!("must be 1..={}", limits::MAX_WATCHED_PER_SESSION));
         }
         if self.max_unauthenticated == 0 {
             return invalid("max_unauthenticated", "must be positive");

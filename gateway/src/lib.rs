@@ -19,6 +19,7 @@ pub mod limits;
 pub mod presence;
 pub mod resume;
 pub mod revocation;
+pub mod rooms;
 pub mod serve;
 pub mod sockets;
 pub mod telemetry;

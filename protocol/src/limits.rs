@@ -12,6 +12,10 @@ pub const MAX_ATTRS_BYTES: usize = 4 * 1024;
 pub const MAX_CMID_CHARS: usize = 64;
 /// Emoji length bounds, in bytes.
 pub const EMOJI_BYTES: std::ops::RangeInclusive<usize> = 1..=32;
+/// Longest room title, in bytes.
+pub const MAX_TITLE_BYTES: usize = 200;
+/// Most users one `presence`, `watch` or `unwatch` names.
+pub const MAX_USERS_PER_OP: usize = 100;
 /// Default and largest `history` page.
 pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
 pub const HISTORY_MAX_LIMIT: u32 = 100;

@@ -177,13 +177,19 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
         return Err(ApiError::bad_request("msgs_burst needs msgs_per_sec"));
     }
     if request.max_members_per_room.is_some_and(|n| !(1..=limits::MAX_MEMBERS_PER_ROOM).contains(&n)) {
-        return Err(ApiError::bad_request("max_members_per_room must be 1..=10000"));
+        return Err(ApiError::bad_request(format!(
+            "max_members_per_room must be 1..={}",
+            limits::MAX_MEMBERS_PER_ROOM
+        )));
     }
     if request.max_rooms_per_user.is_some_and(|n| !(1..=limits::MAX_ROOMS_PER_USER).contains(&n)) {
-        return Err(ApiError::bad_request("max_rooms_per_user must be 1..=10000"));
+        return Err(ApiError::bad_request(format!("max_rooms_per_user must be 1..={}", limits::MAX_ROOMS_PER_USER)));
     }
     if request.max_watched_per_session.is_some_and(|n| !(1..=limits::MAX_WATCHED_PER_SESSION).contains(&n)) {
-        return Err(ApiError::bad_request("max_watched_per_session must be 1..=10000"));
+        return Err(ApiError::bad_request(format!(
+            "max_watched_per_session must be 1..={}",
+            limits::MAX_WATCHED_PER_SESSION
+        )));
     }
     Ok(TenantLimits {
         msgs_per_sec: request.msgs_per_sec,

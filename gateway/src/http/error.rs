@@ -7,6 +7,7 @@ use crate::auth::AuthError;
 use crate::jwt::{JwtError, KeyError};
 use crate::tenants::TenantError;
 use crate::tokens::TokenError;
+use crate::upstream::UpstreamError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -61,6 +62,12 @@ impl IntoResponse for ApiError {
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(error: UpstreamError) -> Self {
+        ApiError::new(error.code, error.message)
     }
 }
 

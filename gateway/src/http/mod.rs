@@ -16,6 +16,7 @@ pub use admin::{parse_create_tenant, parse_set_jwt, parse_set_limits};
 pub use credentials::parse_create_token;
 
 use crate::auth::bearer;
+use crate::rooms::{self, HistoryPage, Reader};
 use crate::upstream;
 use crate::ws::upgrade::ws_handler;
 use crate::Gateway;
@@ -28,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use switchyard_protocol::client::{OkResult, Role};
-use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomCommand, TenantRecord, INTERNAL_VERSION};
+use switchyard_protocol::internal::{RoomCommand, TenantRecord};
 use switchyard_protocol::{limits, ErrorCode, RoomId, UserId};
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -218,39 +219,12 @@ async fn get_messages(
     let Query(page) = page.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let tenant = tenant_of_request(&gw, &headers).await?;
     let room = parse_room(&room)?;
-    let limit = page.limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
-    if !(1..=limits::HISTORY_MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1 to 100"));
-    }
-    // The tenant's backend may read any of its rooms; asking the room's owner gives its last seq, so the page
-    // includes the backend's own writes.
-    let allowed = upstream::command(
-        &gw,
-        &tenant.project_id,
-        None,
-        RoomCommand::CanRead { room: room.clone(), grants: Vec::new() },
-    )
-    .await
-    .map_err(|e| ApiError::new(e.code, e.message))?;
-    let min_seq = match allowed {
-        OkResult::RoomSeq { seq, .. } => seq,
-        _ => 0,
-    };
-    let request = HistoryRequest {
-        v: INTERNAL_VERSION,
-        tenant: tenant.project_id,
-        room,
-        before: page.before,
-        after: page.after,
-        limit,
-        min_seq,
-    };
-    match upstream::history(&gw, request).await {
-        Ok(HistoryReply::Ok { messages, more }) => Ok(Json(json!({"messages": messages, "more": more}))),
-        Ok(HistoryReply::Err { code, message }) | Err(upstream::UpstreamError { code, message }) => {
-            Err(ApiError::new(code, message))
-        }
-    }
+    let limit = rooms::history_limit(page.limit).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The tenant's backend may read any of its rooms; the room's owner tells its last seq, so the page includes the
+    // backend's own writes.
+    let page = HistoryPage { before: page.before, after: page.after, limit };
+    let (messages, more) = rooms::read_history(&gw, &tenant.project_id, Reader::Backend, &room, page).await?;
+    Ok(Json(json!({"messages": messages, "more": more})))
 }
 
 #[derive(Deserialize)]
@@ -266,8 +240,8 @@ struct CreateRoom {
 pub fn parse_create_room(body: &[u8]) -> Result<RoomCommand, ApiError> {
     let request: CreateRoom = parse_body(body)?;
     let room = parse_room(&request.room)?;
-    if request.title.as_ref().is_some_and(|t| t.len() > 200) {
-        return Err(ApiError::bad_request("title must be at most 200 bytes"));
+    if request.title.as_ref().is_some_and(|t| t.len() > limits::MAX_TITLE_BYTES) {
+        return Err(ApiError::bad_request(format!("title must be at most {} bytes", limits::MAX_TITLE_BYTES)));
     }
     Ok(RoomCommand::Create { room, private: request.private, title: request.title })
 }
@@ -331,11 +305,7 @@ async fn list_members(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
     let room = parse_room(&room)?;
-    let members = upstream::command(&gw, &tenant.project_id, None, RoomCommand::Members { room })
-        .await
-        .map_err(|e| ApiError::new(e.code, e.message))?;
-    let members = crate::ws::session::members_online(&gw, &tenant.project_id, members)
-        .await
-        .map_err(|e| ApiError::new(e.code, e.message))?;
+    let members = rooms::members(&gw, &tenant.project_id, Reader::Backend, &room).await?;
+    let members = OkResult::Members { members };
     Ok(Json(serde_json::to_value(members).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
 }

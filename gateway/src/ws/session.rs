@@ -17,6 +17,7 @@ use crate::auth::{authenticate, Identity};
 use crate::limits::{tenant_rate_refusal, AbuseCounter};
 use crate::resume;
 use crate::revocation::CloseSignal;
+use crate::rooms::{self, HistoryPage, Reader};
 use crate::sockets::{self, SocketSlot};
 use crate::telemetry;
 use crate::upstream::{self, UpstreamError};
@@ -32,10 +33,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_protocol::client::{
-    decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, Message as HistoryMessage, OkResult,
-    ServerFrame,
+    decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, OkResult, ServerFrame,
 };
-use switchyard_protocol::internal::{EventBody, HistoryReply, HistoryRequest, RoomCommand, INTERNAL_VERSION};
+use switchyard_protocol::internal::{EventBody, RoomCommand};
 use switchyard_protocol::{
     limits, subjects, ClientMessageId, ClientMessageIdError, CloseCode, ErrorCode, RoomId, UserId,
 };
@@ -46,10 +46,6 @@ use tracing::Instrument;
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// Ops waiting behind the one in flight; more than this is answered `rate_limited`.
 const MAX_QUEUED_OPS: usize = 64;
-/// Longest room title, in bytes.
-const MAX_TITLE_BYTES: usize = 200;
-/// Most users one `presence`, `watch` or `unwatch` names.
-const MAX_USERS_PER_OP: usize = 100;
 /// A session relays at most one typing signal per room in this interval (router shards throttle fleet-wide too).
 const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 /// The outbound queue depth is sampled on every this many events a session takes from it (a power of two).
@@ -803,23 +799,23 @@ impl Session {
             return Err(cmid_refusal(error));
         }
         match op {
-            ClientOp::Create { title: Some(title), .. } if title.len() > MAX_TITLE_BYTES => {
-                bad("title must be at most 200 bytes")
+            ClientOp::Create { title: Some(title), .. } if title.len() > limits::MAX_TITLE_BYTES => {
+                bad(&format!("title must be at most {} bytes", limits::MAX_TITLE_BYTES))
             }
             ClientOp::React { emoji, .. } if !limits::EMOJI_BYTES.contains(&emoji.len()) => {
-                bad("emoji must be 1 to 32 bytes")
+                bad(&format!("emoji must be {} to {} bytes", limits::EMOJI_BYTES.start(), limits::EMOJI_BYTES.end()))
             }
             ClientOp::Dm { to, .. } if to == &self.identity.user => bad("a direct message needs another user"),
             ClientOp::Presence { users } | ClientOp::Watch { users } | ClientOp::Unwatch { users }
-                if users.len() > MAX_USERS_PER_OP =>
+                if users.len() > limits::MAX_USERS_PER_OP =>
             {
-                bad("at most 100 users per op")
+                bad(&format!("at most {} users per op", limits::MAX_USERS_PER_OP))
             }
             ClientOp::Watch { users } if self.watched.len() + self.newly_watched(users).len() > self.max_watched() => {
                 Err(self.too_many_watched())
             }
-            ClientOp::History { limit: Some(limit), .. } if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) => {
-                bad("limit must be 1 to 100")
+            ClientOp::History { limit: Some(limit), .. } if rooms::history_limit(Some(*limit)).is_err() => {
+                bad(&rooms::HistoryLimitError.to_string())
             }
             ClientOp::Auth { .. }
             | ClientOp::Ping
@@ -918,8 +914,8 @@ impl Session {
             ClientOp::Edit { room, seq, body } => command(RoomCommand::Edit { room, target: seq, body }),
             ClientOp::Delete { room, seq } => command(RoomCommand::Delete { room, target: seq }),
             ClientOp::Members { room } => async move {
-                Completion::Reply(match members_with_presence(&gw, &identity, room).await {
-                    Ok(result) => ServerFrame::Ok { rid, result },
+                Completion::Reply(match rooms::members(&gw, &identity.tenant, Reader::User(&identity), &room).await {
+                    Ok(members) => ServerFrame::Ok { rid, result: OkResult::Members { members } },
                     Err(error) => err_frame(rid, error.code, error.message),
                 })
             }
@@ -1264,33 +1260,6 @@ async fn run_join(
     Completion::Joined { rid, room, result }
 }
 
-/// A room's members, with `online` from their presence owners.
-async fn members_with_presence(gw: &Gateway, identity: &Identity, room: RoomId) -> Result<OkResult, UpstreamError> {
-    let command = RoomCommand::Members { room };
-    members_online(gw, &identity.tenant, upstream::command(gw, &identity.tenant, Some(&identity.user), command).await?)
-        .await
-}
-
-/// Fill in `online` for a members list.
-pub async fn members_online(
-    gw: &Gateway,
-    tenant: &switchyard_protocol::ProjectId,
-    result: OkResult,
-) -> Result<OkResult, UpstreamError> {
-    let OkResult::Members { mut members } = result else {
-        return Err(UpstreamError { code: ErrorCode::Internal, message: "unexpected members reply".into() });
-    };
-    let users: Vec<UserId> = members.iter().map(|m| m.user.clone()).collect();
-    let mut states = std::collections::BTreeMap::new();
-    for chunk in users.chunks(MAX_USERS_PER_OP) {
-        states.extend(upstream::presence(gw, tenant, chunk).await?);
-    }
-    for member in &mut members {
-        member.online = states.get(member.user.as_str()).is_some_and(|state| state.online);
-    }
-    Ok(OkResult::Members { members })
-}
-
 async fn run_history(
     gw: Arc<Gateway>,
     identity: Identity,
@@ -1300,37 +1269,13 @@ async fn run_history(
     after: Option<u64>,
     limit: Option<u32>,
 ) -> Completion {
-    let limit = limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
-    Completion::Reply(match read_history(&gw, &identity, &room, before, after, limit).await {
+    // `check_op` refused a limit out of bounds.
+    let limit = rooms::history_limit(limit).unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
+    let page = HistoryPage { before, after, limit };
+    Completion::Reply(match rooms::read_history(&gw, &identity.tenant, Reader::User(&identity), &room, page).await {
         Ok((messages, more)) => ServerFrame::Ok { rid, result: OkResult::History { room, messages, more } },
         Err(error) => err_frame(rid, error.code, error.message),
     })
-}
-
-/// Authorise a history read with the room's router shard, then read the page from a persistor.
-pub async fn read_history(
-    gw: &Gateway,
-    identity: &Identity,
-    room: &RoomId,
-    before: Option<u64>,
-    after: Option<u64>,
-    limit: u32,
-) -> Result<(Vec<HistoryMessage>, bool), UpstreamError> {
-    let command = RoomCommand::CanRead { room: room.clone(), grants: identity.grants.clone() };
-    let allowed = upstream::command(gw, &identity.tenant, Some(&identity.user), command).await?;
-    let request = HistoryRequest {
-        v: INTERNAL_VERSION,
-        tenant: identity.tenant.clone(),
-        room: room.clone(),
-        before,
-        after,
-        limit,
-        min_seq: ok_seq(&allowed),
-    };
-    match upstream::history(gw, request).await? {
-        HistoryReply::Ok { messages, more } => Ok((messages, more)),
-        HistoryReply::Err { code, message } => Err(UpstreamError { code, message }),
-    }
 }
 
 #[cfg(test)]
