@@ -26,21 +26,21 @@ pub(crate) struct RouterContext {
 
 impl RouterContext {
     pub async fn connect(config: RouterConfig) -> Result<Self, RouterError> {
-        let servers =
-            switchyard_service::nats::server_addrs(&config.nats_url).map_err(|e| RouterError::Nats(e.to_string()))?;
+        let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(RouterError::NatsUrl)?;
         let nats = switchyard_service::nats::connect_options(format!("switchyard-router-shard {}", config.router_id))
             .retry_on_initial_connect()
             .connect(servers)
             .await
-            .map_err(|e| {
-                RouterError::Nats(format!("connect to {}: {e}", switchyard_service::redact_url(&config.nats_url)))
+            .map_err(|source| RouterError::NatsConnect {
+                url: switchyard_service::redact_url(&config.nats_url),
+                source,
             })?;
         let js = jetstream::new(nats.clone());
         let events = switchyard_service::nats::retry_at_start("the events stream", || {
             js.get_or_create_stream(events_stream_config(&config))
         })
         .await
-        .map_err(|e| RouterError::Nats(format!("events stream: {e}")))?;
+        .map_err(RouterError::EventsStream)?;
         let rooms_bucket = kv::Config {
             bucket: subjects::ROOMS_BUCKET.to_owned(),
             history: 1,
@@ -88,7 +88,7 @@ pub fn events_stream_config(config: &RouterConfig) -> stream::Config {
 
 /// Open a KV bucket, creating it if it does not exist yet.
 async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, RouterError> {
-    switchyard_service::nats::ensure_kv(js, config).await.map_err(|e| RouterError::Nats(e.to_string()))
+    switchyard_service::nats::ensure_kv(js, config).await.map_err(RouterError::Bucket)
 }
 
 #[cfg(test)]

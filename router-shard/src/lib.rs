@@ -28,8 +28,23 @@ use tokio_util::sync::CancellationToken;
 /// Why a router shard could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// `nats_url` names no usable server.
     #[error("NATS: {0}")]
-    Nats(String),
+    NatsUrl(#[source] switchyard_service::ConfigError),
+    /// The connection to NATS could not be made.
+    #[error("NATS: connect to {url}: {source}")]
+    NatsConnect {
+        /// The configured URL, without credentials.
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The events stream could not be opened or created.
+    #[error("NATS: events stream: {0}")]
+    EventsStream(#[source] async_nats::jetstream::context::CreateStreamError),
+    /// A KV bucket could not be opened or created.
+    #[error("NATS: {0}")]
+    Bucket(#[source] switchyard_service::nats::EnsureKvError),
     #[error(transparent)]
     Metrics(#[from] switchyard_service::ops::OpsError),
 }
