@@ -456,6 +456,7 @@ async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, sh
                         ServerEvent::Edit { .. }
                         | ServerEvent::Delete { .. }
                         | ServerEvent::Reaction { .. }
+                        | ServerEvent::Pin { .. }
                         | ServerEvent::Joined { .. }
                         | ServerEvent::Left { .. }
                         | ServerEvent::Typing { .. }

@@ -89,13 +89,16 @@ export interface MsgEvent { op: 'msg'; room: string; seq: number; id: string; fr
 export interface EditEvent { op: 'edit'; room: string; seq: number; target: number; from: string; body: string; ts: number }
 export interface DeleteEvent { op: 'delete'; room: string; seq: number; target: number; by: string; ts: number }
 export interface ReactionEvent { op: 'reaction'; room: string; seq: number; target: number; user: string; emoji: string; removed: boolean; ts: number }
+/** A message was pinned (`pinned: true`) or unpinned by `by`. */
+export interface PinEvent { op: 'pin'; room: string; seq: number; target: number; by: string; pinned: boolean; ts: number }
 export interface JoinedEvent { op: 'joined'; room: string; seq: number; user: string; ts: number }
 export interface LeftEvent { op: 'left'; room: string; seq: number; user: string; by?: string; ts: number }
 export interface TypingEvent { op: 'typing'; room: string; user: string }
 export interface ReadEvent { op: 'read'; room: string; user: string; seq: number }
 export interface PresenceEvent { op: 'presence'; user: string; online: boolean; ts: number }
 export type ServerEvent =
-  | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | JoinedEvent | LeftEvent | TypingEvent | ReadEvent | PresenceEvent;
+  | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | PinEvent | JoinedEvent | LeftEvent | TypingEvent | ReadEvent
+  | PresenceEvent;
 
 export interface Message {
   seq: number;
@@ -108,6 +111,8 @@ export interface Message {
   edited_ts?: number;
   deleted?: boolean;
   reactions?: Record<string, string[]>;
+  /** Present (true) only while the last pin event for the message pinned it and it is not deleted. */
+  pinned?: boolean;
 }
 
 export interface ClientEvents {
@@ -115,6 +120,7 @@ export interface ClientEvents {
   edit: EditEvent;
   delete: DeleteEvent;
   reaction: ReactionEvent;
+  pin: PinEvent;
   joined: JoinedEvent;
   left: LeftEvent;
   typing: TypingEvent;
@@ -172,6 +178,10 @@ export declare class SwitchyardClient {
   read(room: string, seq: number): Promise<{ room: string; seq: number }>;
   react(room: string, seq: number, emoji: string, options?: { remove?: boolean }): Promise<{ room: string; seq: number }>;
   edit(room: string, seq: number, body: string): Promise<{ room: string; seq: number }>;
+  /** Pin a message (room admins; either participant of a direct-message room); `seq` is the new `pin` event's. */
+  pin(room: string, seq: number): Promise<{ room: string; seq: number }>;
+  /** Unpin a message; `seq` is the new `pin` event's (with `pinned: false`). */
+  unpin(room: string, seq: number): Promise<{ room: string; seq: number }>;
   deleteMessage(room: string, seq: number): Promise<{ room: string; seq: number }>;
   history(room: string, options?: { before?: number; after?: number; limit?: number }): Promise<{ room: string; messages: Message[]; more: boolean }>;
   members(room: string): Promise<{ members: { user: string; role: 'member' | 'admin'; online: boolean }[] }>;

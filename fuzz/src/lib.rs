@@ -120,6 +120,8 @@ pub fn check_op(op: &ClientOp) {
         | ClientOp::React { room, .. }
         | ClientOp::Edit { room, .. }
         | ClientOp::Delete { room, .. }
+        | ClientOp::Pin { room, .. }
+        | ClientOp::Unpin { room, .. }
         | ClientOp::History { room, .. }
         | ClientOp::Members { room } => {
             check_room(room);

@@ -139,6 +139,8 @@ pub fn counts_as_message(op: &ClientOp) -> bool {
             | ClientOp::Edit { .. }
             | ClientOp::Delete { .. }
             | ClientOp::React { .. }
+            | ClientOp::Pin { .. }
+            | ClientOp::Unpin { .. }
     )
 }
 

@@ -348,7 +348,8 @@ pub async fn replay_into(
                 | EventBody::Msg { .. }
                 | EventBody::Edit { .. }
                 | EventBody::Delete { .. }
-                | EventBody::Reaction { .. } => member,
+                | EventBody::Reaction { .. }
+                | EventBody::Pin { .. } => member,
             };
             if !visible {
                 continue;

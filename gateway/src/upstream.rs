@@ -97,7 +97,8 @@ fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
         | RoomCommand::SetMember { .. }
         | RoomCommand::React { .. }
         | RoomCommand::Edit { .. }
-        | RoomCommand::Delete { .. } => false,
+        | RoomCommand::Delete { .. }
+        | RoomCommand::Pin { .. } => false,
     };
     safe.then_some(RETRY_SAFE_ATTEMPT)
 }

@@ -40,6 +40,7 @@ both_formats!(membership_and_permissions, membership_and_permissions_json, membe
 both_formats!(message_lifecycle, message_lifecycle_json, message_lifecycle_msgpack);
 both_formats!(direct_messages, direct_messages_json, direct_messages_msgpack);
 both_formats!(typing_read_and_presence, typing_read_and_presence_json, typing_read_and_presence_msgpack);
+both_formats!(pins, pins_json, pins_msgpack);
 
 async fn membership_and_permissions(format: Format) {
     let fleet = fleet().await;
@@ -359,6 +360,96 @@ async fn direct_messages(format: Format) {
     assert_eq!(messages.iter().map(|m| m.body.clone().unwrap()).collect::<Vec<_>>(), vec!["for later"]);
     let rooms = ok(&dave, ClientOp::Rooms).await;
     assert_eq!(rooms["rooms"], json!([{"room": "dm:alice:dave", "role": "member", "seq": 1, "read": 0}]));
+    fleet.stop().await;
+}
+
+/// Pinning: a room's admins pin and unpin, its members may not; every member receives the `pin` event; history
+/// shows the message pinned, then not after the unpin, nor once it is deleted; either participant of a
+/// direct-message room pins.
+async fn pins(format: Format) {
+    let fleet = fleet().await;
+    let tenant = fleet.create_tenant().await;
+    let alice = connect(&fleet, &tenant, "alice", 0, format).await;
+    let bob = connect(&fleet, &tenant, "bob", 1, format).await;
+    let carol = connect(&fleet, &tenant, "carol", 0, format).await;
+    let outsider = connect(&fleet, &tenant, "outsider", 1, format).await;
+    // alice's join creates the room: she is its admin, bob and carol are members.
+    alice.join("notice", None).await.unwrap();
+    bob.join("notice", None).await.unwrap();
+    carol.join("notice", None).await.unwrap();
+    let sent = bob.send("notice", "read the rules").await.unwrap();
+    for session in [&alice, &bob, &carol] {
+        drain(session).await;
+    }
+
+    let pin = |seq| ClientOp::Pin { room: room("notice"), seq };
+    let unpin = |seq| ClientOp::Unpin { room: room("notice"), seq };
+    refused(&bob, pin(sent.seq), ErrorCode::Forbidden).await;
+    refused(&bob, unpin(sent.seq), ErrorCode::Forbidden).await;
+    refused(&outsider, pin(sent.seq), ErrorCode::Forbidden).await;
+    refused(&alice, pin(1), ErrorCode::NotFound).await; // seq 1 is alice's joined event
+    refused(&alice, pin(9_999), ErrorCode::NotFound).await;
+
+    // An admin's pin: `ok` with the new event's seq, the event to every member.
+    let pinned = ok(&alice, pin(sent.seq)).await;
+    let pin_seq = pinned["seq"].as_u64().unwrap();
+    assert_eq!((pinned["room"].as_str(), pin_seq), (Some("notice"), sent.seq + 1));
+    for session in [&alice, &bob, &carol] {
+        match next_where(session, "pin", |e| matches!(e, ServerEvent::Pin { .. })).await {
+            ServerEvent::Pin { room, seq, target, by, pinned, .. } => assert_eq!(
+                (room.as_str(), seq, target, by.as_str(), pinned),
+                ("notice", pin_seq, sent.seq, "alice", true)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    none_where(&outsider, "a pin of a room not joined", |_| true).await;
+    let history = || ClientOp::History { room: room("notice"), before: None, after: None, limit: None };
+    let (messages, _) = carol.history("notice", None, None, None).await.unwrap();
+    assert!(messages[0].pinned, "{messages:?}");
+    assert_eq!(ok(&carol, history()).await["messages"][0]["pinned"], json!(true));
+
+    // Unpin: the event says `pinned: false`, and history no longer shows the field.
+    let unpinned = ok(&alice, unpin(sent.seq)).await;
+    assert_eq!(unpinned["seq"], json!(pin_seq + 1));
+    for session in [&alice, &bob, &carol] {
+        match next_where(session, "unpin", |e| matches!(e, ServerEvent::Pin { .. })).await {
+            ServerEvent::Pin { seq, target, pinned, .. } => {
+                assert_eq!((seq, target, pinned), (pin_seq + 1, sent.seq, false))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let (messages, _) = bob.history("notice", None, None, None).await.unwrap();
+    assert!(!messages[0].pinned, "{messages:?}");
+    assert_eq!(ok(&bob, history()).await["messages"][0].get("pinned"), None, "unpinned messages carry no field");
+
+    // Pinned, then deleted by its author: not pinned, and no longer pinnable.
+    ok(&alice, pin(sent.seq)).await;
+    ok(&bob, ClientOp::Delete { room: room("notice"), seq: sent.seq }).await;
+    let (messages, _) = alice.history("notice", None, None, None).await.unwrap();
+    assert!(messages[0].deleted && !messages[0].pinned, "{messages:?}");
+    refused(&alice, unpin(sent.seq), ErrorCode::NotFound).await;
+
+    // A direct-message room: either participant pins, nobody else.
+    let (dm_room, reply) = bob.dm("carol", "pin this").await.unwrap();
+    let dm_pin = ClientOp::Pin { room: dm_room.clone(), seq: reply.seq };
+    refused(&alice, dm_pin.clone(), ErrorCode::Forbidden).await;
+    let dm_pinned = ok(&bob, dm_pin).await;
+    for session in [&bob, &carol] {
+        let in_dm = |e: &ServerEvent| matches!(e, ServerEvent::Pin { room, .. } if room.as_str() == "dm:bob:carol");
+        match next_where(session, "dm pin", in_dm).await {
+            ServerEvent::Pin { room, seq, by, pinned, .. } => assert_eq!(
+                (room.as_str(), Some(seq), by.as_str(), pinned),
+                ("dm:bob:carol", dm_pinned["seq"].as_u64(), "bob", true)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    ok(&carol, ClientOp::Unpin { room: dm_room.clone(), seq: reply.seq }).await;
+    ok(&carol, ClientOp::Pin { room: dm_room, seq: reply.seq }).await;
+    let (messages, _) = bob.history("dm:bob:carol", None, None, None).await.unwrap();
+    assert!(messages[0].pinned, "{messages:?}");
     fleet.stop().await;
 }
 

@@ -137,6 +137,8 @@ async fn connection(stream: TcpStream, rooms: Rooms) {
                     | ClientOp::React { .. }
                     | ClientOp::Edit { .. }
                     | ClientOp::Delete { .. }
+                    | ClientOp::Pin { .. }
+                    | ClientOp::Unpin { .. }
                     | ClientOp::History { .. }
                     | ClientOp::Members { .. }
                     | ClientOp::Rooms

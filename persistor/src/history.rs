@@ -160,6 +160,7 @@ mod tests {
                 edited_ts: None,
                 deleted: false,
                 reactions: Default::default(),
+                pinned: false,
             })
             .collect();
         HistoryReply::Ok { messages, more: false }

@@ -261,3 +261,86 @@ async fn cql_migration_indexes_messages_written_before_the_bucket_index() {
     // New writes after the migration go on from there.
     conformance::apply_and_history_order(&store).await;
 }
+
+/// A keyspace as a schema-2 release left it (no `pinned` column): `migrate` adds the column, a second run finds it
+/// there and changes nothing, the messages written before read as not pinned, and pins apply to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_migration_adds_the_pinned_column_to_existing_messages() {
+    use scylla::client::session_builder::SessionBuilder;
+    use switchyard_persistor::store::cql::{MigrationOutcome, SchemaPolicy, SCHEMA_VERSION};
+    use switchyard_persistor::store::HistoryQuery;
+    use switchyard_protocol::internal::{EventBody, RoomEvent, INTERNAL_VERSION};
+    use switchyard_protocol::{MessageId, UserId};
+
+    let (nodes, _) = server();
+    let keyspace = format!("sy_pins_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
+    let mut config = CqlConfig::new(&nodes, &keyspace);
+    assert_eq!(CqlStore::migrate_to(&config, 2).await.unwrap(), MigrationOutcome { from: 0, to: 2 });
+
+    // A message in the schema-2 layout, written directly, with its index and progress rows.
+    let session = SessionBuilder::new().known_nodes(&nodes).build().await.unwrap();
+    let tenant = ProjectId::generate();
+    let ts = conformance::ts_us_of(1) as i64;
+    let id = MessageId::generate(conformance::ts_us_of(1) / 1000);
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {keyspace}.messages (tenant, room, bucket, seq, id, sender, body, ts_us) \
+                 VALUES (?, ?, 0, 1, ?, 'alice', 'before pins', ?) USING TIMESTAMP {ts}"
+            ),
+            (tenant.to_string(), "old", id.to_string(), ts),
+        )
+        .await
+        .unwrap();
+    session
+        .query_unpaged(
+            format!("INSERT INTO {keyspace}.room_buckets (tenant, room, bucket) VALUES (?, 'old', 0)"),
+            (tenant.to_string(),),
+        )
+        .await
+        .unwrap();
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {keyspace}.room_progress USING TIMESTAMP {ts} SET last_seq = 1 WHERE tenant = ? AND room = 'old'"
+            ),
+            (tenant.to_string(),),
+        )
+        .await
+        .unwrap();
+
+    config.schema = SchemaPolicy::Require;
+    match CqlStore::connect_with(config.clone()).await {
+        Err(StoreError::SchemaMismatch(message)) => {
+            assert!(message.contains("switchyard-persistor migrate"), "{message}")
+        }
+        other => panic!("a schema-2 keyspace must be refused, got {other:?}"),
+    }
+    assert_eq!(CqlStore::migrate(&config).await.unwrap(), MigrationOutcome { from: 2, to: SCHEMA_VERSION });
+    // A step interrupted after its column was added runs again without failing on the column.
+    session
+        .query_unpaged(format!("UPDATE {keyspace}.schema_version SET version = 2 WHERE component = 'history'"), ())
+        .await
+        .unwrap();
+    assert_eq!(CqlStore::migrate(&config).await.unwrap(), MigrationOutcome { from: 2, to: SCHEMA_VERSION });
+    let store = CqlStore::connect_with(config.clone()).await.expect("connect to the migrated schema");
+
+    let room = RoomId::parse("old").unwrap();
+    let query = HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: None, limit: 10 };
+    let page = store.history(&query).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert!(!page.messages[0].pinned, "a message stored before the column is not pinned");
+    assert_eq!(page.messages[0].body.as_deref(), Some("before pins"));
+    let pin = RoomEvent {
+        v: INTERNAL_VERSION,
+        tenant: tenant.clone(),
+        room: room.clone(),
+        seq: 2,
+        ts_us: conformance::ts_us_of(2),
+        body: EventBody::Pin { target: 1, by: UserId::parse("alice").unwrap(), pinned: true },
+    };
+    store.apply(&[pin]).await.unwrap();
+    let page = store.history(&query).await.unwrap();
+    assert!(page.messages[0].pinned, "{page:?}");
+    conformance::pin_unpin_delete(&store).await;
+}

@@ -116,6 +116,16 @@ pub enum ClientOp {
         room: RoomId,
         seq: u64,
     },
+    /// Pin message `seq` of the room (room admins; either participant of a direct-message room).
+    Pin {
+        room: RoomId,
+        seq: u64,
+    },
+    /// Unpin message `seq` of the room (who may pin may unpin).
+    Unpin {
+        room: RoomId,
+        seq: u64,
+    },
     History {
         room: RoomId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,6 +174,8 @@ impl ClientOp {
             | ClientOp::React { .. }
             | ClientOp::Edit { .. }
             | ClientOp::Delete { .. }
+            | ClientOp::Pin { .. }
+            | ClientOp::Unpin { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Presence { .. }
@@ -315,7 +327,7 @@ pub enum ServerFrame {
 }
 
 /// The result fields of an `ok`, one shape per kind of op. Shapes repeat across ops (`{room, seq}` answers `join`,
-/// `read`, `react`, `edit` and `delete`), so the variants are named by shape.
+/// `read`, `react`, `edit`, `delete`, `pin` and `unpin`), so the variants are named by shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OkResult {
@@ -381,6 +393,9 @@ pub struct Message {
     pub deleted: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reactions: BTreeMap<String, Vec<UserId>>,
+    /// The last `pin` event for the message pinned it (and it is not deleted); only written when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 /// A server event delivered to subscribed sessions.
@@ -422,6 +437,15 @@ pub enum ServerEvent {
         user: UserId,
         emoji: String,
         removed: bool,
+        ts: u64,
+    },
+    /// Message `target` was pinned (`pinned: true`) or unpinned by `by`.
+    Pin {
+        room: RoomId,
+        seq: u64,
+        target: u64,
+        by: UserId,
+        pinned: bool,
         ts: u64,
     },
     Joined {
@@ -472,7 +496,7 @@ impl ServerEvent {
         self.into()
     }
 
-    /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `joined`, `left`); `None` for
+    /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`); `None` for
     /// signals (`typing`, `read`, `presence`), which carry no room seq of their own.
     pub fn room_seq(&self) -> Option<(&RoomId, u64)> {
         match self {
@@ -480,6 +504,7 @@ impl ServerEvent {
             | ServerEvent::Edit { room, seq, .. }
             | ServerEvent::Delete { room, seq, .. }
             | ServerEvent::Reaction { room, seq, .. }
+            | ServerEvent::Pin { room, seq, .. }
             | ServerEvent::Joined { room, seq, .. }
             | ServerEvent::Left { room, seq, .. } => Some((room, *seq)),
             ServerEvent::Typing { .. } | ServerEvent::Read { .. } | ServerEvent::Presence { .. } => None,
@@ -507,7 +532,8 @@ mod tests {
         for name in SERVER_EVENT_OPS {
             assert!(known_to_serde::<ServerEvent>(name), "{name}");
         }
-        assert!(!known_to_serde::<ClientOp>("pin") && !known_to_serde::<ServerEvent>("pinned"));
+        assert!(!known_to_serde::<ClientOp>("fly") && !known_to_serde::<ServerEvent>("pinned"));
+        assert!(OP_NAMES.contains(&"pin") && OP_NAMES.contains(&"unpin") && SERVER_EVENT_OPS.contains(&"pin"));
         let frames = [
             ServerFrame::Pong { rid: Some(1) },
             ServerFrame::Bye { code: 1001, reason: String::new(), reconnect_after_ms: None },
@@ -562,6 +588,55 @@ mod tests {
             assert_eq!(err.rid, *rid, "{}", String::from_utf8_lossy(frame));
             assert!(err.message.contains(needle), "{:?} should mention {needle:?}", err.message);
         }
+    }
+
+    #[test]
+    fn pin_and_unpin_parse_in_both_formats_and_the_event_has_its_wire_shape() {
+        for (name, frame) in [
+            ("pin", &br#"{"op":"pin","rid":9,"room":"general","seq":4}"#[..]),
+            ("unpin", &br#"{"op":"unpin","rid":9,"room":"general","seq":4}"#[..]),
+        ] {
+            let req = decode_client_frame(frame, Format::Json).unwrap();
+            assert_eq!(req.rid, Some(9));
+            assert_eq!(req.op.name(), name);
+            let (ClientOp::Pin { room, seq } | ClientOp::Unpin { room, seq }) = &req.op else {
+                panic!("not a pin: {req:?}")
+            };
+            assert_eq!((room.as_str(), *seq), ("general", 4));
+            let value: Value = serde_json::from_slice(frame).unwrap();
+            let packed = rmp_serde::to_vec_named(&value).unwrap();
+            assert_eq!(decode_client_frame(&packed, Format::MsgPack).unwrap(), req);
+        }
+        let err = decode_client_frame(br#"{"op":"pin","rid":3,"room":"general"}"#, Format::Json).unwrap_err();
+        assert!(err.message.contains("missing field `seq`"), "{err:?}");
+        let event = ServerEvent::Pin {
+            room: RoomId::parse("general").unwrap(),
+            seq: 10,
+            target: 4,
+            by: UserId::parse("alice").unwrap(),
+            pinned: true,
+            ts: 5,
+        };
+        let json: Value = serde_json::from_slice(&encode_frame(&event, Format::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "pin", "room": "general", "seq": 10, "target": 4, "by": "alice", "pinned": true, "ts": 5})
+        );
+        let packed: Value = rmp_serde::from_slice(&encode_frame(&event, Format::MsgPack)).unwrap();
+        assert_eq!(packed, json);
+        assert_eq!(event.name(), "pin");
+    }
+
+    /// `pinned` is written only when true, so a message that was never pinned keeps its JSON byte for byte.
+    #[test]
+    fn a_message_shows_pinned_only_when_pinned() {
+        let json = r#"{"seq":4,"id":"01M82HVCTF61YECCASTJT0BHYJ","from":"bob","body":"hi","ts":5}"#;
+        let mut message: Message = serde_json::from_str(json).unwrap();
+        assert!(!message.pinned);
+        assert_eq!(serde_json::to_string(&message).unwrap(), json);
+        message.pinned = true;
+        let value = serde_json::to_value(&message).unwrap();
+        assert_eq!(value["pinned"], true);
     }
 
     #[test]

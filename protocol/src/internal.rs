@@ -85,6 +85,8 @@ pub enum RoomCommand {
     Edit { room: RoomId, target: u64, body: String },
     /// Delete message `target` (its author or a room admin).
     Delete { room: RoomId, target: u64 },
+    /// Pin (`pinned: true`) or unpin message `target` (room admins; either participant of a direct-message room).
+    Pin { room: RoomId, target: u64, pinned: bool },
 }
 
 impl RoomCommand {
@@ -103,7 +105,8 @@ impl RoomCommand {
             | RoomCommand::Read { room, .. }
             | RoomCommand::React { room, .. }
             | RoomCommand::Edit { room, .. }
-            | RoomCommand::Delete { room, .. } => room,
+            | RoomCommand::Delete { room, .. }
+            | RoomCommand::Pin { room, .. } => room,
         }
     }
 
@@ -123,7 +126,8 @@ impl RoomCommand {
             | RoomCommand::Read { .. }
             | RoomCommand::React { .. }
             | RoomCommand::Edit { .. }
-            | RoomCommand::Delete { .. } => false,
+            | RoomCommand::Delete { .. }
+            | RoomCommand::Pin { .. } => false,
         }
     }
 }
@@ -247,12 +251,41 @@ pub struct RoomEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventBody {
-    Msg { id: MessageId, from: UserId, body: String, attrs: Option<Value>, reply_to: Option<u64> },
-    Edit { target: u64, from: UserId, body: String },
-    Delete { target: u64, by: UserId },
-    Reaction { target: u64, user: UserId, emoji: String, removed: bool },
-    Joined { user: UserId },
-    Left { user: UserId, by: Option<UserId> },
+    Msg {
+        id: MessageId,
+        from: UserId,
+        body: String,
+        attrs: Option<Value>,
+        reply_to: Option<u64>,
+    },
+    Edit {
+        target: u64,
+        from: UserId,
+        body: String,
+    },
+    Delete {
+        target: u64,
+        by: UserId,
+    },
+    Reaction {
+        target: u64,
+        user: UserId,
+        emoji: String,
+        removed: bool,
+    },
+    /// Message `target` was pinned (`pinned: true`) or unpinned by `by`.
+    Pin {
+        target: u64,
+        by: UserId,
+        pinned: bool,
+    },
+    Joined {
+        user: UserId,
+    },
+    Left {
+        user: UserId,
+        by: Option<UserId>,
+    },
 }
 
 impl RoomEvent {
@@ -290,6 +323,9 @@ impl RoomEvent {
                 removed: *removed,
                 ts,
             },
+            EventBody::Pin { target, by, pinned } => {
+                ServerEvent::Pin { room, seq, target: *target, by: by.clone(), pinned: *pinned, ts }
+            }
             EventBody::Joined { user } => ServerEvent::Joined { room, seq, user: user.clone(), ts },
             EventBody::Left { user, by } => ServerEvent::Left { room, seq, user: user.clone(), by: by.clone(), ts },
         }

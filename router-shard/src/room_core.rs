@@ -83,8 +83,11 @@ impl RoomState {
                     facts.deleted = true;
                 }
             }
-            EventBody::Edit { .. } | EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => {
-            }
+            EventBody::Edit { .. }
+            | EventBody::Reaction { .. }
+            | EventBody::Pin { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. } => {}
         }
     }
 
@@ -261,7 +264,8 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             | RoomCommand::Read { .. }
             | RoomCommand::React { .. }
             | RoomCommand::Edit { .. }
-            | RoomCommand::Delete { .. },
+            | RoomCommand::Delete { .. }
+            | RoomCommand::Pin { .. },
             None,
         ) => return Err(refuse(ErrorCode::Forbidden, "this operation needs a user")),
         (RoomCommand::Join { grants, .. }, Some(user)) => rules.join(user, grants, &mut effects)?,
@@ -376,6 +380,22 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             });
             Reply::TailSeq
         }
+        (RoomCommand::Pin { target, pinned, .. }, Some(user)) => {
+            // In a named room only its admins pin; in a direct-message room either participant does.
+            let role = rules.require_member(user)?;
+            if !room.is_dm() && role != Role::Admin {
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("only admins of room {room} may pin or unpin messages"),
+                ));
+            }
+            rules.require_message(*target)?;
+            effects.push(Effect::Append {
+                body: EventBody::Pin { target: *target, by: user.clone(), pinned: *pinned },
+                dedupe_id: None,
+            });
+            Reply::TailSeq
+        }
     };
     Ok(Decision { effects, reply })
 }
@@ -399,6 +419,7 @@ pub(crate) fn sent(event: &RoomEvent) -> Result<OkResult, Refusal> {
         EventBody::Edit { .. }
         | EventBody::Delete { .. }
         | EventBody::Reaction { .. }
+        | EventBody::Pin { .. }
         | EventBody::Joined { .. }
         | EventBody::Left { .. } => {
             Err(Refusal { code: ErrorCode::Conflict, message: "cmid was already used for another kind of op".into() })
@@ -411,7 +432,7 @@ fn author(body: &EventBody) -> Option<&UserId> {
     match body {
         EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
         EventBody::Reaction { user, .. } => Some(user),
-        EventBody::Delete { by, .. } => Some(by),
+        EventBody::Delete { by, .. } | EventBody::Pin { by, .. } => Some(by),
         EventBody::Joined { .. } | EventBody::Left { .. } => None,
     }
 }

@@ -47,7 +47,7 @@ fn n(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
 }
 
-const SEQUENCED: &[&str] = &["msg", "edit", "delete", "reaction", "joined", "left"];
+const SEQUENCED: &[&str] = &["msg", "edit", "delete", "reaction", "pin", "joined", "left"];
 
 /// The tag the fuzzer puts at the start of every body: tenant and user of the sender.
 fn tag(body: &str) -> Option<(usize, &str)> {
@@ -281,7 +281,7 @@ impl Judge<'_> {
         let info = &sent.req.info;
         let need: &[&str] = match info.op.as_str() {
             "send" | "dm" => &["room", "id", "seq", "ts"],
-            "join" | "read" | "react" | "edit" | "delete" => &["room", "seq"],
+            "join" | "read" | "react" | "edit" | "delete" | "pin" | "unpin" => &["room", "seq"],
             "create" | "leave" | "invite" | "kick" => &["room"],
             "history" => &["room", "messages", "more"],
             "members" => &["members"],
@@ -342,7 +342,7 @@ impl Judge<'_> {
                     let mut after = before.clone();
                     let actor = match op {
                         "msg" | "edit" => s(&e.frame, "from"),
-                        "delete" => s(&e.frame, "by"),
+                        "delete" | "pin" => s(&e.frame, "by"),
                         _ => s(&e.frame, "user"),
                     }
                     .unwrap_or("")
@@ -381,7 +381,7 @@ impl Judge<'_> {
         }
     }
 
-    /// For edit, delete and reaction: the target is a message not deleted before, and the actor may touch it.
+    /// For edit, delete, reaction and pin: the target is a message not deleted before, and the actor may touch it.
     fn target_problem(&self, tl: &Timeline, op: &str, e: &Value) -> Option<&'static str> {
         let target = n(e, "target")?;
         let Some(original) = tl.events.get(&target).filter(|o| s(o, "op") == Some("msg")) else {
@@ -396,6 +396,7 @@ impl Judge<'_> {
             "delete" if s(e, "by") != s(original, "from") && s(e, "by") != Some(OBSERVER) => {
                 Some("a delete by someone who is neither the author nor an admin")
             }
+            "pin" if s(e, "by") != Some(OBSERVER) => Some("a pin by someone who is not an admin"),
             _ => None,
         }
     }
@@ -748,6 +749,17 @@ impl Judge<'_> {
                             None
                         }
                         other => Some(event_mismatch("delete", other)),
+                    },
+                    "pin" | "unpin" => match event {
+                        Some(e)
+                            if s(e, "op") == Some("pin")
+                                && n(e, "target") == info.seq
+                                && s(e, "by") == Some(&me)
+                                && e.get("pinned").and_then(Value::as_bool) == Some(info.op == "pin") =>
+                        {
+                            None
+                        }
+                        other => Some(event_mismatch("pin", other)),
                     },
                     _ => None,
                 };

@@ -800,6 +800,17 @@ impl Gen {
         self.plain(f)
     }
 
+    /// A pin or unpin of a random seq (the observer is its rooms' admin, so its pins of messages succeed).
+    fn pin_random(&mut self, room: &str) -> Req {
+        let op = if self.rng.percent(70) { "pin" } else { "unpin" };
+        let mut f = Frame::new(op);
+        self.room_field(&mut f, room);
+        let seq = self.rng.range(2, 30);
+        f.set("seq", json!(seq));
+        f.info.seq = Some(seq);
+        self.plain(f)
+    }
+
     /// A frame with an ordinary rid (setup and race frames keep theirs readable).
     fn plain(&mut self, mut f: Frame) -> Req {
         let rid = self.next_rid();
@@ -818,7 +829,7 @@ impl Gen {
     fn observer_op(&mut self) -> Req {
         let t = self.tenant;
         let room = self.rng.pick(&observed_rooms(t)).name.clone();
-        match self.rng.weighted(&[34, 26, 14, 10, 8, 8]) {
+        match self.rng.weighted(&[34, 26, 14, 10, 8, 8, 6]) {
             0 => {
                 let user = if self.rng.percent(80) { self.rng.pick(&users(t)).clone() } else { self.user_id() };
                 if user == OBSERVER {
@@ -844,6 +855,7 @@ impl Gen {
                 self.room_field(&mut f, &room);
                 self.finish(f)
             }
+            6 => self.pin_random(&room),
             _ => {
                 let mut f = Frame::new("history");
                 self.room_field(&mut f, &room);
@@ -866,6 +878,8 @@ impl Gen {
             ("edit", 4),
             ("delete", 3),
             ("react", 6),
+            ("pin", 2),
+            ("unpin", 1),
             ("read", 5),
             ("typing", 3),
             ("history", 5),
@@ -972,7 +986,7 @@ impl Gen {
                     f.fault(&[code]);
                 }
             }
-            "delete" => {
+            "delete" | "pin" | "unpin" => {
                 let room = self.room();
                 self.room_field(&mut f, &room);
                 self.seq_value(&mut f, "seq");
@@ -1289,7 +1303,7 @@ pub fn allowed_codes(op: &str) -> &'static [&'static str] {
         "invite" | "kick" => &["bad_request", "forbidden", "not_found"],
         "send" => &["bad_request", "forbidden", "not_found", "conflict"],
         "dm" => &["bad_request", "forbidden", "conflict"],
-        "read" | "react" | "edit" | "delete" => &["bad_request", "forbidden", "not_found"],
+        "read" | "react" | "edit" | "delete" | "pin" | "unpin" => &["bad_request", "forbidden", "not_found"],
         "history" | "members" => &["bad_request", "forbidden", "not_found"],
         "presence" | "watch" | "unwatch" => &["bad_request"],
         _ => &[],

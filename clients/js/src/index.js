@@ -11,7 +11,7 @@
 export const SUBPROTOCOL = 'switchyard.v1.json';
 
 /** Events the server puts in a room's sequence (and that `join {since}` replays). */
-const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'joined', 'left']);
+const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left']);
 /** Server events delivered to `on(...)` listeners. */
 const EVENTS = new Set([...SEQUENCED, 'typing', 'read', 'presence']);
 /** Ops whose effect is the same when sent twice, so they are sent again when a connection drops unanswered. */
@@ -136,9 +136,9 @@ export class SwitchyardClient {
   // ---- listeners ----
 
   /**
-   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `joined`, `left`, `typing`, `read`,
-   * `presence`), `event` (every server event), or a client event: `state`, `hello`, `resumed`, `gap`, `error`,
-   * `close`. Returns a function that removes the listener.
+   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `typing`,
+   * `read`, `presence`), `event` (every server event), or a client event: `state`, `hello`, `resumed`, `gap`,
+   * `error`, `close`. Returns a function that removes the listener.
    */
   on(type, listener) {
     if (!this._listeners.has(type)) this._listeners.set(type, new Set());
@@ -649,6 +649,22 @@ export class SwitchyardClient {
     return this._safe(() => {
       checkRoom(room);
       return this.request({ op: 'edit', room, seq, body });
+    });
+  }
+
+  /** Pin a message: a room admin, or either participant of a direct-message room. */
+  pin(room, seq) {
+    return this._safe(() => {
+      checkRoom(room);
+      return this.request({ op: 'pin', room, seq });
+    });
+  }
+
+  /** Unpin a message (who may pin may unpin); the event is a `pin` with `pinned: false`. */
+  unpin(room, seq) {
+    return this._safe(() => {
+      checkRoom(room);
+      return this.request({ op: 'unpin', room, seq });
     });
   }
 

@@ -108,6 +108,47 @@ test('two clients chat: ops, events, typing, reactions, edit, delete, read, hist
   await assert.rejects(bob.send(room, 'after close'), { code: 'closed' });
 });
 
+test('room admins pin and unpin, members may not; every member sees the pin; history marks it; DMs pin too', async () => {
+  const room = unique('pins');
+  const [aliceId, bobId] = [unique('alice'), unique('bob')];
+  const alice = makeClient(aliceId);
+  const bob = makeClient(bobId);
+  await alice.connect();
+  await bob.connect();
+  await alice.join(room); // creates the room: alice is its admin
+  await bob.join(room);
+  const sent = await bob.send(room, 'pin me');
+
+  await assert.rejects(bob.pin(room, sent.seq), { code: 'forbidden' });
+  await assert.rejects(alice.pin(room, 1), { code: 'not_found' }); // seq 1 is alice's joined event
+  await assert.rejects(alice.pin('bad room', sent.seq), { code: 'invalid' });
+  const seen = new Promise((resolve) => bob.on('pin', resolve));
+  const pinned = await alice.pin(room, sent.seq);
+  assert.deepEqual(pinned, { room, seq: sent.seq + 1 });
+  const event = await seen;
+  assert.deepEqual(
+    [event.op, event.room, event.seq, event.target, event.by, event.pinned],
+    ['pin', room, pinned.seq, sent.seq, aliceId, true],
+  );
+  let page = await bob.history(room);
+  assert.equal(page.messages.find((m) => m.seq === sent.seq).pinned, true);
+
+  await assert.rejects(bob.unpin(room, sent.seq), { code: 'forbidden' });
+  const unpinned = await alice.unpin(room, sent.seq);
+  await until(
+    () => bob.events.some((e) => e.op === 'pin' && e.seq === unpinned.seq && e.pinned === false),
+    'bob sees the unpin',
+  );
+  page = await bob.history(room);
+  assert.equal('pinned' in page.messages.find((m) => m.seq === sent.seq), false, 'unpinned: no field');
+
+  const dm = await bob.dm(aliceId, 'pin this one');
+  const dmPin = await bob.pin(dm.room, dm.seq);
+  await until(() => alice.events.some((e) => e.op === 'pin' && e.room === dm.room && e.seq === dmPin.seq), 'alice sees the DM pin');
+  page = await alice.history(dm.room);
+  assert.equal(page.messages.find((m) => m.seq === dm.seq).pinned, true);
+});
+
 test('a DM is delivered without joining and is resumed like a room', async () => {
   const [aliceId, bobId] = [unique('alice'), unique('bob')];
   const alice = makeClient(aliceId);

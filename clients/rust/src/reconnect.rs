@@ -197,7 +197,9 @@ fn repeatable(op: &ClientOp) -> bool {
         | ClientOp::Typing { .. }
         | ClientOp::React { .. }
         | ClientOp::Edit { .. }
-        | ClientOp::Delete { .. } => false,
+        | ClientOp::Delete { .. }
+        | ClientOp::Pin { .. }
+        | ClientOp::Unpin { .. } => false,
     }
 }
 
@@ -385,6 +387,18 @@ impl ReconnectingClient {
     pub async fn react(&self, room: &str, seq: u64, emoji: &str, remove: bool) -> Result<u64, ClientError> {
         let op = ClientOp::React { room: RoomId::parse(room)?, seq, emoji: emoji.to_owned(), remove };
         seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// `pin` a message (a room admin, or either participant of a direct-message room); the seq of the pin event.
+    /// Not repeated after a drop (its effect is unknown then: the error is [`ClientError::Closed`]).
+    pub async fn pin(&self, room: &str, seq: u64) -> Result<u64, ClientError> {
+        seq_of(&self.request(ClientOp::Pin { room: RoomId::parse(room)?, seq }).await?.into_result()?)
+    }
+
+    /// `unpin` a message (who may pin may unpin); the seq of the pin event that says `pinned: false`. Not repeated
+    /// after a drop.
+    pub async fn unpin(&self, room: &str, seq: u64) -> Result<u64, ClientError> {
+        seq_of(&self.request(ClientOp::Unpin { room: RoomId::parse(room)?, seq }).await?.into_result()?)
     }
 
     /// `edit` one's own message; the seq of the edit event.

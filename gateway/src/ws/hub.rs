@@ -53,6 +53,7 @@ impl LiveEvent {
                     | EventBody::Edit { .. }
                     | EventBody::Delete { .. }
                     | EventBody::Reaction { .. }
+                    | EventBody::Pin { .. }
                     | EventBody::Joined { .. } => None,
                 };
                 if let EventBody::Joined { user } = &event.body {

@@ -702,6 +702,8 @@ impl Session {
             | ClientOp::React { .. }
             | ClientOp::Edit { .. }
             | ClientOp::Delete { .. }
+            | ClientOp::Pin { .. }
+            | ClientOp::Unpin { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Rooms
@@ -776,6 +778,8 @@ impl Session {
             | ClientOp::Read { .. }
             | ClientOp::React { .. }
             | ClientOp::Delete { .. }
+            | ClientOp::Pin { .. }
+            | ClientOp::Unpin { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Rooms
@@ -831,6 +835,8 @@ impl Session {
             | ClientOp::React { .. }
             | ClientOp::Edit { .. }
             | ClientOp::Delete { .. }
+            | ClientOp::Pin { .. }
+            | ClientOp::Unpin { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Rooms
@@ -913,6 +919,8 @@ impl Session {
             }
             ClientOp::Edit { room, seq, body } => command(RoomCommand::Edit { room, target: seq, body }),
             ClientOp::Delete { room, seq } => command(RoomCommand::Delete { room, target: seq }),
+            ClientOp::Pin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: true }),
+            ClientOp::Unpin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: false }),
             ClientOp::Members { room } => async move {
                 Completion::Reply(match rooms::members(&gw, &identity.tenant, Reader::User(&identity), &room).await {
                     Ok(members) => ServerFrame::Ok { rid, result: OkResult::Members { members } },

@@ -77,6 +77,7 @@ pub fn seq_of(event: &ServerEvent) -> Option<u64> {
         | ServerEvent::Edit { seq, .. }
         | ServerEvent::Delete { seq, .. }
         | ServerEvent::Reaction { seq, .. }
+        | ServerEvent::Pin { seq, .. }
         | ServerEvent::Joined { seq, .. }
         | ServerEvent::Left { seq, .. } => Some(*seq),
         _ => None,
@@ -89,6 +90,7 @@ pub fn room_of(event: &ServerEvent) -> Option<&RoomId> {
         | ServerEvent::Edit { room, .. }
         | ServerEvent::Delete { room, .. }
         | ServerEvent::Reaction { room, .. }
+        | ServerEvent::Pin { room, .. }
         | ServerEvent::Joined { room, .. }
         | ServerEvent::Left { room, .. }
         | ServerEvent::Typing { room, .. }

@@ -1,6 +1,6 @@
 //! The conformance suite every `HistoryStore` backend must pass: ordering, paging with exact `more` across
 //! buckets (including messages millions of seqs apart), idempotent and order-insensitive apply, edit/delete/reaction
-//! folding, the room head, and tenant and room isolation.
+//! and pin folding, the room head, and tenant and room isolation.
 //!
 //! Each case works in fresh random tenants, so the suite can run again and again against the same database. Cases
 //! panic on the first mismatch (they are meant to be called from tests); they do not clean up what they wrote and
@@ -27,6 +27,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     room_head(store).await;
     edit_delete_reaction(store).await;
     early_edit_delete_reaction(store).await;
+    pin_unpin_delete(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
@@ -113,6 +114,10 @@ impl Room {
         self.event(seq, EventBody::Reaction { target, user: user(who), emoji: emoji.to_owned(), removed })
     }
 
+    fn pin(&self, seq: u64, target: u64, by: &str, pinned: bool) -> RoomEvent {
+        self.event(seq, EventBody::Pin { target, by: user(by), pinned })
+    }
+
     fn joined(&self, seq: u64, who: &str) -> RoomEvent {
         self.event(seq, EventBody::Joined { user: user(who) })
     }
@@ -180,10 +185,12 @@ fn created(event: &RoomEvent) -> Message {
             edited_ts: None,
             deleted: false,
             reactions: BTreeMap::new(),
+            pinned: false,
         },
         other @ (EventBody::Edit { .. }
         | EventBody::Delete { .. }
         | EventBody::Reaction { .. }
+        | EventBody::Pin { .. }
         | EventBody::Joined { .. }
         | EventBody::Left { .. }) => panic!("conformance bug: {other:?} is not a msg"),
     }
@@ -548,6 +555,65 @@ pub async fn early_edit_delete_reaction<S: HistoryStore>(store: &S) {
     let page = room.page(store, Some(7), Some(0), 1).await;
     assert_eq!(seqs(&page), vec![1]);
     assert!(!page.more);
+}
+
+/// A message is pinned when the last pin event for it pins it: pin, unpin, pin again, a pin that arrives before its
+/// message, in any order and any number of times. A deleted message is not pinned, whatever its pins say.
+pub async fn pin_unpin_delete<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("pins");
+    let m1 = room.msg(1, "alice", "pin me");
+    let m2 = room.msg(2, "bob", "pin me, then unpin me");
+    let m3 = room.msg(3, "carol", "pin me, then delete me");
+    let m4 = room.msg(4, "dave", "unpin me, then pin me");
+    let events = vec![
+        m1.clone(),
+        m2.clone(),
+        m3.clone(),
+        m4.clone(),
+        room.pin(5, 1, "alice", true),
+        room.pin(6, 2, "alice", true),
+        room.pin(7, 2, "alice", false),
+        room.pin(8, 3, "alice", true),
+        room.delete(9, 3, "carol"),
+        room.pin(10, 4, "alice", false),
+        room.pin(11, 4, "alice", true),
+        room.pin(12, 1, "alice", true),
+    ];
+    let mut e1 = created(&m1);
+    e1.pinned = true;
+    let e2 = created(&m2);
+    let mut e3 = created(&m3);
+    e3.body = None;
+    e3.deleted = true;
+    let mut e4 = created(&m4);
+    e4.pinned = true;
+    let want = vec![e1, e2, e3, e4];
+
+    // The live path: one event per batch, in seq order; checked after each step that changes a pin.
+    room.apply(store, &events[..5]).await;
+    assert!(room.latest(store).await.messages[0].pinned, "pinned");
+    room.apply(store, &events[5..6]).await;
+    assert!(room.latest(store).await.messages[1].pinned, "pinned before the unpin");
+    for event in &events[6..] {
+        room.apply(store, std::slice::from_ref(event)).await;
+    }
+    assert_eq!(room.latest(store).await.messages, want, "pin, unpin, pin then delete folded in");
+    assert_eq!(room.last_seq(store).await, 12);
+
+    // The same events in reverse order, twice, in another room: the same history.
+    let replayed = Room::fresh("pins-replayed");
+    let moved: Vec<RoomEvent> = events
+        .iter()
+        .map(|event| RoomEvent { tenant: replayed.tenant.clone(), room: replayed.room.clone(), ..event.clone() })
+        .collect();
+    let reversed: Vec<RoomEvent> = moved.iter().rev().cloned().collect();
+    replayed.apply(store, &reversed[..6]).await;
+    assert!(replayed.latest(store).await.messages.is_empty(), "pins alone are not messages");
+    replayed.apply(store, &reversed).await;
+    replayed.apply(store, &moved).await;
+    let got = replayed.latest(store).await.messages;
+    let pinned: Vec<(u64, bool, bool)> = got.iter().map(|m| (m.seq, m.pinned, m.deleted)).collect();
+    assert_eq!(pinned, vec![(1, true, false), (2, false, false), (3, false, true), (4, true, false)]);
 }
 
 /// An event with a number beyond a signed 64-bit integer is `Rejected` (the same on every attempt), and the batch

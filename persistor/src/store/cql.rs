@@ -5,7 +5,8 @@
 //! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
 //! a per-room progress row holds the last seq (its write time is that event's `ts_us`, which makes the room's
 //! head). No null is ever written (absent fields stay unset, a delete erases the body with an empty string), so
-//! writes make no tombstones.
+//! writes make no tombstones. A pin or unpin sets the message's `pinned` cell; history shows a deleted message as
+//! not pinned.
 //!
 //! A per-room index, `room_buckets`, lists the buckets that hold messages (a row written with every `msg`). A
 //! history page reads the index and scans only those buckets, so its cost does not grow with the stretches of
@@ -13,8 +14,9 @@
 //! holding messages (plus at most the two at the ends of its range), whatever lies between them.
 //!
 //! The schema is versioned (`schema_version` table): [`CqlStore::migrate`] creates or upgrades it idempotently
-//! (a step may backfill what it adds from the rows already stored), and [`SchemaPolicy::Require`] refuses to run on
-//! a schema that is not current. This module never drops anything and does not expire history.
+//! (a step may add columns to existing tables, and backfill what it adds from the rows already stored), and
+//! [`SchemaPolicy::Require`] refuses to run on a schema that is not current. This module never drops anything and
+//! does not expire history.
 
 use super::{
     check_event, check_limit, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault,
@@ -130,21 +132,84 @@ pub enum SchemaPolicy {
 
 /// The schema version this code reads and writes. Every change to the tables adds a step to [`migrations`] and
 /// raises this number.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The row of `schema_version` that holds the history schema's version.
 const SCHEMA_COMPONENT: &str = "history";
 
-/// One schema step: the version it brings the keyspace to, what it does, its statements, then the backfill of
-/// what they added from the rows already stored, if any. Statements and backfill are each idempotent, so a step
-/// interrupted half-way, or run twice by two processes, is simply run again; the version is recorded only after
-/// both.
+/// One schema step: the version it brings the keyspace to, what it does, its statements, the columns it adds to
+/// existing tables, then the backfill of what they added from the rows already stored, if any. Statements, column
+/// additions and backfill are each idempotent, so a step interrupted half-way, or run twice by two processes, is
+/// simply run again; the version is recorded only after all of them.
 struct Migration {
     version: i32,
     description: &'static str,
     statements: Vec<String>,
+    columns: Vec<Column>,
     backfill: Option<Backfill>,
 }
+
+/// A column a schema step adds to an existing table. CQL's `ALTER TABLE ... ADD` fails when the column exists (and
+/// `ADD IF NOT EXISTS` is not understood everywhere), so the step reads the catalogue first: adding is idempotent.
+#[derive(Debug, Clone, Copy)]
+struct Column {
+    table: &'static str,
+    name: &'static str,
+    cql_type: &'static str,
+}
+
+impl Column {
+    async fn exists(self, session: &Session, ks: &str) -> Result<bool, StoreError> {
+        let rows = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns \
+                 WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+                (ks, self.table, self.name),
+            )
+            .await
+            .map_err(|e| unavailable("cannot read the column catalogue", e))?
+            .into_rows_result()
+            .map_err(|e| corrupt("column catalogue read returned no rows result", e))?;
+        Ok(rows.rows_num() > 0)
+    }
+
+    /// Add the column unless the table has it; one added meanwhile by another run is as good. Returns once a
+    /// statement naming the column prepares.
+    async fn add(self, session: &Session, ks: &str) -> Result<(), StoreError> {
+        if !self.exists(session, ks).await? {
+            let statement = format!("ALTER TABLE {ks}.{} ADD {} {}", self.table, self.name, self.cql_type);
+            if let Err(e) = session.query_unpaged(statement, ()).await {
+                if !self.exists(session, ks).await? {
+                    return Err(unavailable(&format!("cannot add column {}.{}", self.table, self.name), e));
+                }
+            }
+        }
+        self.usable(session, ks).await
+    }
+
+    /// Wait until a statement naming the column prepares. The catalogue lists a column another run is still
+    /// adding a moment before the server accepts statements naming it, and this run's statements come next.
+    async fn usable(self, session: &Session, ks: &str) -> Result<(), StoreError> {
+        let probe = format!("SELECT {} FROM {ks}.{} LIMIT 1", self.name, self.table);
+        let mut attempts = 0;
+        loop {
+            match session.prepare(probe.as_str()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempts >= COLUMN_WAIT_ATTEMPTS => {
+                    return Err(unavailable(&format!("column {}.{} is not usable", self.table, self.name), e))
+                }
+                Err(_) => {
+                    attempts += 1;
+                    tokio::time::sleep(COLUMN_WAIT_STEP).await;
+                }
+            }
+        }
+    }
+}
+
+/// How long [`Column::usable`] waits between probes, and how many times it probes again.
+const COLUMN_WAIT_STEP: Duration = Duration::from_millis(100);
+const COLUMN_WAIT_ATTEMPTS: u32 = 100;
 
 /// Work on existing rows that a schema step does after its statements.
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +295,7 @@ fn migrations(ks: &str) -> Vec<Migration> {
                      )"
                 ),
             ],
+            columns: vec![],
             backfill: None,
         },
         Migration {
@@ -245,7 +311,16 @@ fn migrations(ks: &str) -> Vec<Migration> {
                      ) WITH CLUSTERING ORDER BY (bucket ASC)"
                 ),
             ],
+            columns: vec![],
             backfill: Some(Backfill::RoomBuckets),
+        },
+        Migration {
+            version: 3,
+            description: "messages.pinned: whether the last pin event of a message pinned it",
+            statements: vec![],
+            // Unset on every message stored before: not pinned, which is what they are, so nothing to backfill.
+            columns: vec![Column { table: "messages", name: "pinned", cql_type: "boolean" }],
+            backfill: None,
         },
     ]
 }
@@ -334,6 +409,9 @@ async fn migrate_session(
         for statement in step.statements {
             session.query_unpaged(statement, ()).await.map_err(ddl("cannot apply a schema step"))?;
         }
+        for column in step.columns {
+            column.add(session, ks).await?;
+        }
         if let Some(backfill) = step.backfill {
             backfill.run(session, ks).await?;
         }
@@ -363,6 +441,8 @@ struct Statements {
     delete: PreparedStatement,
     /// A reaction add or remove.
     react: PreparedStatement,
+    /// A pin or unpin: the `pinned` flag.
+    pin: PreparedStatement,
     /// Index the bucket of a `msg`.
     index_bucket: PreparedStatement,
     /// The room's last seq.
@@ -558,7 +638,7 @@ impl CqlStore {
         }
 
         let key = "tenant = ? AND room = ? AND bucket = ?";
-        let columns = "seq, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted";
+        let columns = "seq, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted, pinned";
         let texts = [
             format!(
                 "INSERT INTO {ks}.messages (tenant, room, bucket, seq, id, sender, body, attrs, reply_to, ts_us) \
@@ -572,6 +652,7 @@ impl CqlStore {
                 "UPDATE {ks}.reactions USING TIMESTAMP ? SET removed = ? \
                  WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
             ),
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET pinned = ? WHERE {key} AND seq = ?"),
             format!("INSERT INTO {ks}.room_buckets (tenant, room, bucket) VALUES (?, ?, ?) USING TIMESTAMP ?"),
             format!("UPDATE {ks}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"),
             format!("SELECT last_seq, WRITETIME(last_seq) FROM {ks}.room_progress WHERE tenant = ? AND room = ?"),
@@ -611,6 +692,7 @@ impl CqlStore {
             edit: next()?,
             delete: next()?,
             react: next()?,
+            pin: next()?,
             index_bucket: next()?,
             progress: next()?,
             select_progress: next()?,
@@ -709,6 +791,14 @@ impl CqlStore {
                         values: Box::new(values),
                         bytes: key_bytes + emoji.len() + user.as_str().len(),
                     },
+                ))
+            }
+            EventBody::Pin { target, pinned, .. } => {
+                let bucket = bucket_of(*target);
+                let values = (ts, *pinned, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
+                Some((
+                    ("messages", tenant, room, bucket),
+                    Write { statement: st.pin.clone(), values: Box::new(values), bytes: key_bytes + 1 },
                 ))
             }
             EventBody::Joined { .. } | EventBody::Left { .. } => None,
@@ -987,6 +1077,7 @@ type RawMessageRow = (
     Option<i64>,
     Option<i64>,
     Option<bool>,
+    Option<bool>,
 );
 
 /// The fields the creating `msg` wrote.
@@ -1019,11 +1110,13 @@ struct MessageRow {
     edited_us: Option<u64>,
     /// Whether the message was deleted.
     deleted: bool,
+    /// Whether the last pin event pinned it (unset: never pinned, or stored before pins existed).
+    pinned: bool,
 }
 
 impl MessageRow {
     fn from_raw(raw: RawMessageRow) -> Result<Self, StoreError> {
-        let (seq_i64, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted) = raw;
+        let (seq_i64, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted, pinned) = raw;
         let seq = from_bigint("seq", seq_i64)?;
         let create = match (id, sender, ts_us) {
             (None, _, _) => None,
@@ -1047,6 +1140,7 @@ impl MessageRow {
             body,
             edited_us: edited_us.map(|e| from_bigint("edited_us", e)).transpose()?,
             deleted: deleted.unwrap_or(false),
+            pinned: pinned.unwrap_or(false),
         })
     }
 
@@ -1077,6 +1171,7 @@ impl MessageRow {
             edited_ts: self.edited_us.map(|e| e / 1000),
             deleted: self.deleted,
             reactions,
+            pinned: self.pinned && !self.deleted,
         }))
     }
 }
@@ -1107,6 +1202,7 @@ impl HistoryStore for CqlStore {
                 EventBody::Edit { .. }
                 | EventBody::Delete { .. }
                 | EventBody::Reaction { .. }
+                | EventBody::Pin { .. }
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. } => None,
             };

@@ -67,8 +67,17 @@ struct StoredEdit {
     body: String,
 }
 
-/// Everything known about one seq of a room. A row may exist before its `msg` arrives (an edit, a delete or a
-/// reaction got there first); such a row is not a message yet and history skips it.
+/// The latest `pin` event of a message seen so far (pinned or unpinned).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StoredPin {
+    /// Write timestamp of the pin event: the later one wins.
+    ts_us: u64,
+    /// Whether that event pinned the message.
+    pinned: bool,
+}
+
+/// Everything known about one seq of a room. A row may exist before its `msg` arrives (an edit, a delete, a pin or
+/// a reaction got there first); such a row is not a message yet and history skips it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StoredRow {
     /// The creating `msg` event's fields, once it has been applied.
@@ -77,6 +86,9 @@ struct StoredRow {
     edit: Option<StoredEdit>,
     /// `ts_us` of the latest delete; the message is a tombstone when set.
     delete_ts_us: Option<u64>,
+    /// The latest pin or unpin; absent from rows written before pins existed.
+    #[serde(default)]
+    pin: Option<StoredPin>,
 }
 
 impl StoredRow {
@@ -135,6 +147,18 @@ impl StoredRow {
                 self.delete_ts_us = Some(ts);
                 Ok(true)
             }
+            EventBody::Pin { pinned, .. } => {
+                // Later event wins; on an equal timestamp (the same event again) pinned wins, which keeps the
+                // outcome independent of order and matches Cassandra's tie-break on the larger value.
+                let wins = match self.pin {
+                    None => true,
+                    Some(pin) => ts > pin.ts_us || (ts == pin.ts_us && *pinned && !pin.pinned),
+                };
+                if wins {
+                    self.pin = Some(StoredPin { ts_us: ts, pinned: *pinned });
+                }
+                Ok(wins)
+            }
             EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => Ok(false),
         }
     }
@@ -170,6 +194,7 @@ impl StoredRow {
             edited_ts: self.edit.as_ref().map(|e| e.ts_us / 1000),
             deleted,
             reactions,
+            pinned: !deleted && self.pin.is_some_and(|pin| pin.pinned),
         }))
     }
 }
@@ -259,7 +284,9 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
 
             let row_seq = match &event.body {
                 EventBody::Msg { .. } => Some(event.seq),
-                EventBody::Edit { target, .. } | EventBody::Delete { target, .. } => Some(*target),
+                EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Pin { target, .. } => {
+                    Some(*target)
+                }
                 EventBody::Reaction { target, user, emoji, removed } => {
                     let key = (tenant, room, *target, emoji.as_str(), user.as_str());
                     let current = reactions.get(key).map_err(db_err)?.map(|g| g.value());

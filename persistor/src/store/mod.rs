@@ -151,9 +151,10 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
     fits("ts_us", event.ts_us)?;
     match &event.body {
         EventBody::Msg { reply_to: Some(reply_to), .. } => fits("reply_to", *reply_to),
-        EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Reaction { target, .. } => {
-            fits("target", *target)
-        }
+        EventBody::Edit { target, .. }
+        | EventBody::Delete { target, .. }
+        | EventBody::Reaction { target, .. }
+        | EventBody::Pin { target, .. } => fits("target", *target),
         EventBody::Msg { reply_to: None, .. } | EventBody::Joined { .. } | EventBody::Left { .. } => Ok(()),
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! `World` plays the actor: it answers the facts `decide` asks for from in-memory records and performs the effects
 //! on them, checking on every append what must hold whatever the op (seqs gap-free, events written only for
-//! members, edits only by authors, kicks only by admins, nothing for a user after their `left`).
+//! members, edits only by authors, kicks and pins in a named room only by admins, nothing for a user after their
+//! `left`).
 //!
 //! The property test can fail: letting any member delete another's message (`role != Role::Admin` dropped from the
 //! `Delete` rule), letting members kick (`require_admin` skipped in `Kick`), or appending for a user who left
@@ -253,6 +254,15 @@ impl World {
                 let allowed = author.as_ref() == Some(by) || self.role(by) == Some(Role::Admin);
                 check(allowed, format!("{by} deleted {target} of {author:?}"), &mut self.violations);
             }
+            EventBody::Pin { target, by, .. } => {
+                let allowed = match self.room.is_dm() {
+                    true => self.role(by).is_some(),
+                    false => self.role(by) == Some(Role::Admin),
+                };
+                check(allowed, format!("{by} pinned {target} without being allowed to"), &mut self.violations);
+                let live = self.author_of(*target).is_some() && !self.deleted(*target);
+                check(live, format!("{by} pinned {target}, which is no live message"), &mut self.violations);
+            }
             EventBody::Left { user: left, by } => {
                 check(self.role(left).is_some(), format!("{left} left but was no member"), &mut self.violations);
                 if let Some(by) = by {
@@ -280,6 +290,33 @@ impl World {
         event
     }
 
+    /// Messages whose last pin event pinned them and that are not deleted, as history folds them.
+    fn pinned(&self) -> BTreeSet<u64> {
+        let mut pinned = BTreeSet::new();
+        for event in &self.events {
+            match &event.body {
+                EventBody::Pin { target, pinned: true, .. } => {
+                    pinned.insert(*target);
+                }
+                EventBody::Pin { target, pinned: false, .. } | EventBody::Delete { target, .. } => {
+                    pinned.remove(target);
+                }
+                EventBody::Msg { .. }
+                | EventBody::Edit { .. }
+                | EventBody::Reaction { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. } => {}
+            }
+        }
+        pinned
+    }
+
+    fn deleted(&self, target: u64) -> bool {
+        self.events
+            .iter()
+            .any(|event| matches!(&event.body, EventBody::Delete { target: deleted, .. } if *deleted == target))
+    }
+
     fn author_of(&self, target: u64) -> Option<UserId> {
         self.events.iter().find_map(|event| match &event.body {
             EventBody::Msg { from, .. } if event.seq == target => Some(from.clone()),
@@ -288,7 +325,7 @@ impl World {
     }
 }
 
-/// The user an event is written by (a message, an edit, a reaction, a delete).
+/// The user an event is written by (a message, an edit, a reaction, a delete, a pin).
 fn written_for(body: &EventBody) -> Option<&UserId> {
     author(body)
 }
@@ -324,6 +361,9 @@ fn matrix_commands(room: &RoomId) -> Vec<(&'static str, RoomCommand)> {
         ("edit bob's", RoomCommand::Edit { room: room.clone(), target: 4, body: "y".into() }),
         ("delete ada's", RoomCommand::Delete { room: room.clone(), target: 3 }),
         ("delete bob's", RoomCommand::Delete { room: room.clone(), target: 4 }),
+        ("pin ada's", RoomCommand::Pin { room: room.clone(), target: 3, pinned: true }),
+        ("unpin bob's", RoomCommand::Pin { room: room.clone(), target: 4, pinned: false }),
+        ("pin a join", RoomCommand::Pin { room: room.clone(), target: 1, pinned: true }),
         ("leave", RoomCommand::Leave { room: room.clone() }),
         ("create", RoomCommand::Create { room, private: false, title: None }),
     ]
@@ -337,7 +377,7 @@ type Outcomes = [Option<ErrorCode>; 4];
 /// The expected outcome of each matrix command for backend, ada (admin), bob (member), eve (outsider) in a public
 /// room, then in a private one (where only the outsider's answers change). `None` is success.
 #[rustfmt::skip]
-const MATRIX: [(&str, Outcomes, Outcomes); 15] = [
+const MATRIX: [(&str, Outcomes, Outcomes); 18] = [
     //                 backend          ada              bob              eve                private: backend, ada, bob, eve
     ("join",         [Some(Forbidden), None,            None,            None],            [Some(Forbidden), None, None, Some(Forbidden)]),
     ("can_read",     [None,            None,            None,            None],            [None, None, None, Some(Forbidden)]),
@@ -352,6 +392,9 @@ const MATRIX: [(&str, Outcomes, Outcomes); 15] = [
     ("edit bob's",   [Some(Forbidden), Some(Forbidden), None,            Some(Forbidden)], [Some(Forbidden), Some(Forbidden), None, Some(Forbidden)]),
     ("delete ada's", [Some(Forbidden), None,            Some(Forbidden), Some(Forbidden)], [Some(Forbidden), None, Some(Forbidden), Some(Forbidden)]),
     ("delete bob's", [Some(Forbidden), None,            None,            Some(Forbidden)], [Some(Forbidden), None, None, Some(Forbidden)]),
+    ("pin ada's",    [Some(Forbidden), None,            Some(Forbidden), Some(Forbidden)], [Some(Forbidden), None, Some(Forbidden), Some(Forbidden)]),
+    ("unpin bob's",  [Some(Forbidden), None,            Some(Forbidden), Some(Forbidden)], [Some(Forbidden), None, Some(Forbidden), Some(Forbidden)]),
+    ("pin a join",   [Some(Forbidden), Some(NotFound),  Some(Forbidden), Some(Forbidden)], [Some(Forbidden), Some(NotFound), Some(Forbidden), Some(Forbidden)]),
     ("leave",        [Some(Forbidden), None,            None,            Some(NotFound)],  [Some(Forbidden), None, None, Some(NotFound)]),
     ("create",       [Some(Conflict),  Some(Conflict),  Some(Conflict),  Some(Conflict)],  [Some(Conflict), Some(Conflict), Some(Conflict), Some(Conflict)]),
 ];
@@ -395,8 +438,32 @@ fn direct_message_rooms_have_two_fixed_members() {
     assert_eq!(code(&world.run(Some("ada"), invite, &quotas)), Some(BadRequest));
     let leave = RoomCommand::Leave { room: dm.clone() };
     assert_eq!(code(&world.run(Some("bob"), leave, &quotas)), Some(BadRequest));
-    let members = world.run(Some("bob"), RoomCommand::Members { room: dm }, &quotas).expect("members");
+    let members = world.run(Some("bob"), RoomCommand::Members { room: dm.clone() }, &quotas).expect("members");
     assert!(matches!(members, OkResult::Members { members } if members.len() == 2));
+    // Either participant pins and unpins; nobody else does, and only messages are pinned.
+    let pin = |target, pinned| RoomCommand::Pin { room: dm.clone(), target, pinned };
+    assert_eq!(world.run(Some("bob"), pin(1, true), &quotas), Ok(OkResult::RoomSeq { room: dm.clone(), seq: 2 }));
+    assert_eq!(world.run(Some("ada"), pin(1, false), &quotas), Ok(OkResult::RoomSeq { room: dm.clone(), seq: 3 }));
+    assert_eq!(code(&world.run(Some("eve"), pin(1, true), &quotas)), Some(Forbidden));
+    assert_eq!(code(&world.run(Some("ada"), pin(2, true), &quotas)), Some(NotFound), "seq 2 is a pin, not a message");
+    assert_eq!(code(&world.run(None, pin(1, true), &quotas)), Some(Forbidden), "the backend is no participant");
+    assert!(matches!(&world.events[1].body, EventBody::Pin { target: 1, pinned: true, by } if by == &user("bob")));
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn a_deleted_message_cannot_be_pinned_and_a_pin_names_its_admin() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    let room = world.room.clone();
+    let pin = |target, pinned| RoomCommand::Pin { room: room.clone(), target, pinned };
+    assert_eq!(world.run(Some("ada"), pin(4, true), &quotas), Ok(OkResult::RoomSeq { room: room.clone(), seq: 5 }));
+    assert_eq!(world.run(Some("ada"), pin(4, true), &quotas), Ok(OkResult::RoomSeq { room: room.clone(), seq: 6 }));
+    world.run(Some("bob"), RoomCommand::Delete { room: room.clone(), target: 4 }, &quotas).expect("deleted");
+    assert_eq!(code(&world.run(Some("ada"), pin(4, false), &quotas)), Some(NotFound), "deleted");
+    assert_eq!(code(&world.run(Some("ada"), pin(99, true), &quotas)), Some(NotFound), "past the tail");
+    assert!(matches!(&world.events[4].body, EventBody::Pin { target: 4, pinned: true, by } if by == &user("ada")));
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
 
 #[test]
@@ -517,6 +584,7 @@ enum Op {
     Edit { by: usize, target: u64 },
     Delete { by: usize, target: u64 },
     React { by: usize, target: u64 },
+    Pin { by: usize, target: u64, pinned: bool },
     Read { by: usize, seq: u64 },
     CanRead { by: usize },
 }
@@ -535,6 +603,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::Edit { by, target }),
         2 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::Delete { by, target }),
         1 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::React { by, target }),
+        2 => (who.clone(), target.clone(), any::<bool>()).prop_map(|(by, target, pinned)| Op::Pin { by, target, pinned }),
         1 => (who.clone(), target).prop_map(|(by, seq)| Op::Read { by, seq }),
         1 => who.prop_map(|by| Op::CanRead { by }),
     ]
@@ -549,6 +618,8 @@ struct Model {
     seq: u64,
     /// Messages by seq: (author, deleted).
     messages: BTreeMap<u64, (usize, bool)>,
+    /// Messages whose last pin event pinned them.
+    pinned: BTreeSet<u64>,
 }
 
 impl Model {
@@ -663,6 +734,20 @@ impl Model {
                 }
                 self.seq += 1;
                 self.messages.insert(target, (author, true));
+                self.pinned.remove(&target);
+            }
+            Op::Pin { by, target, pinned } => {
+                // The model's room is a named one: members may not pin, admins may.
+                if !self.member(by) || !self.admin(by) {
+                    return Err(Forbidden);
+                }
+                self.message(target)?;
+                self.seq += 1;
+                if pinned {
+                    self.pinned.insert(target);
+                } else {
+                    self.pinned.remove(&target);
+                }
             }
             Op::Read { by, seq } => {
                 if !self.member(by) {
@@ -712,6 +797,7 @@ fn command(room: &RoomId, op: &Op) -> (Option<&'static str>, RoomCommand) {
         Op::React { by, target } => {
             (Some(name(by)), RoomCommand::React { room, target, emoji: "+1".into(), remove: false })
         }
+        Op::Pin { by, target, pinned } => (Some(name(by)), RoomCommand::Pin { room, target, pinned }),
         Op::Read { by, seq } => (Some(name(by)), RoomCommand::Read { room, seq }),
         Op::CanRead { by } => (Some(name(by)), RoomCommand::CanRead { room, grants: vec![] }),
     }
@@ -740,6 +826,7 @@ proptest! {
                 .map(|(who, admin)| (user(USERS[*who]), if *admin { Role::Admin } else { Role::Member }))
                 .collect();
             prop_assert_eq!(&world.roster.members, &members, "the roster is the model's members");
+            prop_assert_eq!(world.pinned(), model.pinned.clone(), "the pinned messages are the model's");
             // A user who is not a member may not read a private room, and is sent nothing by it.
             for (i, name) in USERS.iter().enumerate() {
                 if model.exists && model.private && !model.member(i) {
