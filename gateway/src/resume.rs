@@ -25,10 +25,14 @@ const BATCH_EVENTS: u64 = 256;
 const BATCH_BYTES: usize = 256 * 1024;
 /// How long one replica may take to answer a batch before it is asked again (of any replica).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one batch may take over all its attempts: more than a client takes to notice that its NATS node froze
-/// and to move to another (three unanswered pings, 2 s apart), and more than a stream leader's election.
-const READ_BUDGET: Duration = Duration::from_secs(20);
-/// The pause between two attempts at a batch.
+/// How long a join's replay waits for the stream at each step (positioning, each batch) over all its attempts: more
+/// than a client takes to notice that its NATS node froze and to move to another (three unanswered pings, 2 s
+/// apart), and more than a stream leader's election. The replay runs in a task of its own.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(20);
+/// How long filling a hole in live delivery may take in all: the session waits for it, so it gives up early and
+/// closes (1013), and the client's resume, which runs aside with [`REPLAY_PATIENCE`], takes over.
+const GAP_FILL_PATIENCE: Duration = Duration::from_secs(8);
+/// The pause between two attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 fn unavailable(error: impl std::fmt::Display) -> UpstreamError {
@@ -42,46 +46,64 @@ fn gap(since: u64) -> UpstreamError {
     }
 }
 
-/// A room's event at or after a stream sequence: (stream sequence, event), or `None` past the end.
+/// Why a read of the stream failed.
+enum ReadFailure {
+    /// Nobody answered in time, or the request failed: asking again may succeed.
+    Unanswered(UpstreamError),
+    /// The answer itself is unusable (an event that does not decode): asking again gives the same.
+    Final(UpstreamError),
+}
+
+impl ReadFailure {
+    fn into_error(self) -> UpstreamError {
+        match self {
+            ReadFailure::Unanswered(error) | ReadFailure::Final(error) => error,
+        }
+    }
+}
+
+/// A room's event at or after a stream sequence, from the stream leader: (stream sequence, event), or `None` past
+/// the end.
 async fn event_at_or_after(
     stream: &Stream,
     subject: &str,
     sequence: u64,
-) -> Result<Option<(u64, RoomEvent)>, UpstreamError> {
+) -> Result<Option<(u64, RoomEvent)>, ReadFailure> {
     match stream.raw_message_builder().sequence(sequence.max(1)).next_by_subject(subject).send().await {
         Ok(message) => {
-            let event = codec::decode::<RoomEvent>(&message.payload).map_err(unavailable)?;
+            let event = codec::decode::<RoomEvent>(&message.payload).map_err(|e| ReadFailure::Final(unavailable(e)))?;
             Ok(Some((message.sequence, event)))
         }
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(unavailable(e)),
+        Err(e) => Err(ReadFailure::Unanswered(unavailable(e))),
     }
 }
 
-/// `read` until it answers, retrying `unavailable` for up to [`READ_BUDGET`]: a leader read waits through the
+/// `read` until it answers, asking again after an unanswered read until `deadline`: a leader read waits through the
 /// election that follows the loss of the stream's leader.
-async fn patiently<T, F, Fut>(mut read: F) -> Result<T, UpstreamError>
+async fn patiently<T, F, Fut>(deadline: tokio::time::Instant, mut read: F) -> Result<T, UpstreamError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    Fut: std::future::Future<Output = Result<T, ReadFailure>>,
 {
-    let budget = tokio::time::Instant::now() + READ_BUDGET;
     loop {
-        match read().await {
-            Err(error) if error.code == ErrorCode::Unavailable && tokio::time::Instant::now() < budget => {
+        match tokio::time::timeout_at(deadline, read()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(ReadFailure::Unanswered(error))) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
                 tracing::debug!(%error, "reading the room's events again");
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            answer => return answer,
+            Ok(Err(failure)) => return Err(failure.into_error()),
+            Err(_) => return Err(unavailable("the events stream's leader did not answer in time")),
         }
     }
 }
 
 /// The stream sequence of a room's last event, from the stream leader.
-async fn last_sequence(stream: &Stream, subject: &str) -> Result<u64, UpstreamError> {
+async fn last_sequence(stream: &Stream, subject: &str) -> Result<u64, ReadFailure> {
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(message) => Ok(message.sequence),
-        Err(e) => Err(unavailable(e)),
+        Err(e) => Err(ReadFailure::Unanswered(unavailable(e))),
     }
 }
 
@@ -124,6 +146,8 @@ pub struct RoomLog {
     last_seq: u64,
     /// The last seq to hand out.
     upto: u64,
+    /// How long positioning, and then each batch, may take over all its attempts.
+    patience: Duration,
 }
 
 impl RoomLog {
@@ -135,6 +159,7 @@ impl RoomLog {
         room: &RoomId,
         since: u64,
         upto: u64,
+        patience: Duration,
     ) -> Result<RoomLog, UpstreamError> {
         if upto.saturating_sub(since) > gw.config.resume_max_events {
             return Err(UpstreamError {
@@ -160,23 +185,26 @@ impl RoomLog {
             next_sequence: 1,
             last_seq: since,
             upto,
+            patience,
         };
         if since >= upto {
             return Ok(log);
         }
         let (stream, subject) = (&log.stream, log.subject.as_str());
-        let Some((first_sequence, first)) = patiently(|| event_at_or_after(stream, subject, 1)).await? else {
+        // One deadline for every leader read of the positioning.
+        let deadline = tokio::time::Instant::now() + patience;
+        let Some((first_sequence, first)) = patiently(deadline, || event_at_or_after(stream, subject, 1)).await? else {
             return Err(gap(since));
         };
         if first.seq > since + 1 {
             return Err(gap(since));
         }
-        let last_sequence = patiently(|| last_sequence(stream, subject)).await?;
+        let last_sequence = patiently(deadline, || last_sequence(stream, subject)).await?;
         // The smallest stream sequence holding an event of seq > since.
         let (mut low, mut high) = (first_sequence, last_sequence);
         while low < high {
             let middle = low + (high - low) / 2;
-            match patiently(|| event_at_or_after(stream, subject, middle)).await? {
+            match patiently(deadline, || event_at_or_after(stream, subject, middle)).await? {
                 Some((_, event)) if event.seq > since => high = middle,
                 Some((found, _)) => low = found + 1,
                 None => return Err(unavailable("the room's log ended during the search")),
@@ -187,44 +215,50 @@ impl RoomLog {
     }
 
     /// The next events in seq order; empty once `upto` was handed out. `resume_gap` when an event is missing;
-    /// `unavailable` when no replica and no leader answered within [`READ_BUDGET`].
+    /// `unavailable` when no replica and no leader answered within the reader's patience.
     pub async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
         if self.last_seq >= self.upto {
             return Ok(Vec::new());
         }
-        let budget = tokio::time::Instant::now() + READ_BUDGET;
+        let budget = tokio::time::Instant::now() + self.patience;
         let mut events = Vec::new();
         loop {
             let attempt = (tokio::time::Instant::now() + ATTEMPT_TIMEOUT).min(budget);
             let problem = match self.read_batch(&mut events, attempt).await? {
                 BatchEnd::Answered if !events.is_empty() || self.last_seq >= self.upto => return Ok(events),
                 BatchEnd::Unanswered(_) if !events.is_empty() => {
-                    self.renew_inbox().await?;
+                    self.renew_inbox(budget).await?;
                     return Ok(events);
                 }
                 BatchEnd::Unanswered(problem) => {
-                    self.renew_inbox().await?;
+                    self.renew_inbox(budget).await?;
                     problem
                 }
                 // Ended early with nothing new: a lagging replica, or events that are gone. The leader decides.
-                BatchEnd::Answered => match event_at_or_after(&self.stream, &self.subject, self.next_sequence).await {
-                    Ok(Some((sequence, event))) => {
-                        self.next_sequence = sequence + 1;
-                        if event.seq <= self.last_seq {
-                            continue;
+                BatchEnd::Answered => {
+                    let asked = event_at_or_after(&self.stream, &self.subject, self.next_sequence);
+                    match tokio::time::timeout_at(attempt, asked).await {
+                        Ok(Ok(Some((sequence, event)))) => {
+                            self.next_sequence = sequence + 1;
+                            if event.seq > self.last_seq {
+                                if event.seq != self.last_seq + 1 {
+                                    return Err(gap(self.last_seq));
+                                }
+                                self.last_seq = event.seq;
+                                return Ok(vec![event]);
+                            }
+                            // An event handed out already: read on from the one after it.
+                            "the room's log repeats an event".to_owned()
                         }
-                        if event.seq != self.last_seq + 1 {
-                            return Err(gap(self.last_seq));
-                        }
-                        self.last_seq = event.seq;
-                        return Ok(vec![event]);
+                        // The room's log ends before `upto`: the events after `last_seq` are gone.
+                        Ok(Ok(None)) => return Err(gap(self.last_seq)),
+                        Ok(Err(ReadFailure::Unanswered(error))) => error.message,
+                        Ok(Err(ReadFailure::Final(error))) => return Err(error),
+                        Err(_) => "the events stream's leader did not answer in time".to_owned(),
                     }
-                    // The room's log ends before `upto`: the events after `last_seq` are gone.
-                    Ok(None) => return Err(gap(self.last_seq)),
-                    Err(error) => error.message,
-                },
+                }
             };
-            if tokio::time::Instant::now() >= budget {
+            if tokio::time::Instant::now() + RETRY_PAUSE >= budget {
                 return Err(unavailable(problem));
             }
             tokio::time::sleep(RETRY_PAUSE).await;
@@ -245,10 +279,12 @@ impl RoomLog {
             max_bytes: BATCH_BYTES,
         };
         let payload = serde_json::to_vec(&request).map_err(unavailable)?;
-        if let Err(e) =
-            self.nats.publish_with_reply(subjects::EVENTS_DIRECT_GET, self.inbox_subject.clone(), payload.into()).await
-        {
-            return Ok(BatchEnd::Unanswered(format!("cannot ask the events stream: {e}")));
+        let asked =
+            self.nats.publish_with_reply(subjects::EVENTS_DIRECT_GET, self.inbox_subject.clone(), payload.into());
+        match tokio::time::timeout_at(deadline, asked).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Ok(BatchEnd::Unanswered(format!("cannot ask the events stream: {e}"))),
+            Err(_) => return Ok(BatchEnd::Unanswered("cannot ask the events stream in time".into())),
         }
         loop {
             let message = match tokio::time::timeout_at(deadline, self.inbox.next()).await {
@@ -286,16 +322,20 @@ impl RoomLog {
     }
 
     /// Read the next batches on a new inbox, so the rest of an unanswered batch never mixes into them.
-    async fn renew_inbox(&mut self) -> Result<(), UpstreamError> {
+    async fn renew_inbox(&mut self, deadline: tokio::time::Instant) -> Result<(), UpstreamError> {
         let inbox_subject = async_nats::Subject::from(self.nats.new_inbox());
-        self.inbox = self.nats.subscribe(inbox_subject.clone()).await.map_err(unavailable)?;
+        let subscribed = tokio::time::timeout_at(deadline, self.nats.subscribe(inbox_subject.clone()))
+            .await
+            .map_err(|_| unavailable("cannot subscribe to a reply inbox in time"))?;
+        self.inbox = subscribed.map_err(unavailable)?;
         self.inbox_subject = inbox_subject;
         Ok(())
     }
 }
 
-/// The room's events with `since < seq <= upto`, in order, read in batches. For filling a hole in live delivery,
-/// which is short (a lost live publish); joins stream theirs with [`replay_into`].
+/// The room's events with `since < seq <= upto`, in order, read in batches, within [`GAP_FILL_PATIENCE`] in all.
+/// For filling a hole in live delivery, which is short (a lost live publish); joins stream theirs with
+/// [`replay_into`].
 pub async fn missed_events(
     gw: &Gateway,
     tenant: &ProjectId,
@@ -303,15 +343,18 @@ pub async fn missed_events(
     since: u64,
     upto: u64,
 ) -> Result<Vec<RoomEvent>, UpstreamError> {
-    let mut log = RoomLog::open(gw, tenant, room, since, upto).await?;
-    let mut events = Vec::new();
-    loop {
-        let batch = log.next_batch().await?;
-        if batch.is_empty() {
-            return Ok(events);
+    let read = async {
+        let mut log = RoomLog::open(gw, tenant, room, since, upto, GAP_FILL_PATIENCE).await?;
+        let mut events = Vec::new();
+        loop {
+            let batch = log.next_batch().await?;
+            if batch.is_empty() {
+                return Ok(events);
+            }
+            events.extend(batch);
         }
-        events.extend(batch);
-    }
+    };
+    tokio::time::timeout(GAP_FILL_PATIENCE, read).await.map_err(|_| unavailable("the gap took too long to fill"))?
 }
 
 /// Queue the events of `room` with `since < seq <= upto` on a session's outbound queue, as `user` may see them:
@@ -329,7 +372,7 @@ pub async fn replay_into(
 ) -> Result<Option<u64>, UpstreamError> {
     let _turn = gw.replays.clone().acquire_owned().await.map_err(unavailable)?;
     let stall = Duration::from_millis(gw.config.resume_stall_ms);
-    let mut log = RoomLog::open(gw, tenant, room, since, upto).await?;
+    let mut log = RoomLog::open(gw, tenant, room, since, upto, REPLAY_PATIENCE).await?;
     let (mut member, mut last_queued) = (true, None);
     loop {
         let batch = log.next_batch().await?;
