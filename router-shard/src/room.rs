@@ -27,7 +27,7 @@ use switchyard_protocol::internal::{
     RoomHeadRequest, RoomQuotas, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
 };
 use switchyard_protocol::{subjects, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
-use switchyard_service::nats::{latest_entry, latest_value};
+use switchyard_service::nats::{compare_and_set, latest_entry, latest_value, CasError};
 use tokio::sync::mpsc;
 
 /// One command for a room, with where to send the answer (`None` for commands that are never answered).
@@ -94,8 +94,11 @@ pub(crate) fn now_us() -> u64 {
 
 /// How a room actor waits for a persistor to answer its room-head question (see `ask_head`).
 const HEAD_PATIENCE: Duration = Duration::from_secs(6);
-/// How often one command is decided again because its room was created meanwhile.
+/// How often one command is decided again because another writer changed its room meanwhile (created it, or
+/// appended first).
 const REDECISIONS: usize = 3;
+/// The answer when another writer keeps changing the room.
+const WRITTEN_ELSEWHERE: &str = "the room is being written by another router shard; retry";
 
 /// A room's actor: its I/O handles and what it knows of its room (a cache of what the stream and the rooms bucket
 /// hold, rebuilt on demand; the rules that read it are in `room_core`).
@@ -223,9 +226,17 @@ impl RoomActor {
                     Effect::RemoveMembership(user) => memberships::remove(&self.ctx, &self.tenant, &user, &self.room)
                         .await
                         .map_err(|e| RoomError::Unavailable(e.to_string()))?,
-                    Effect::Append { body, dedupe_id } => {
-                        appended = Some(self.append(&input, &mut facts, body, dedupe_id).await?);
-                    }
+                    Effect::Append { body, dedupe_id } => match self.append(body, dedupe_id).await? {
+                        Some(event) => appended = Some(event),
+                        // Fenced: another writer changed the room; decide again on the room as it is now (the
+                        // effects before an authored append are idempotent).
+                        None if redecisions < REDECISIONS => {
+                            redecisions += 1;
+                            facts = CommandFacts::default();
+                            continue 'decide;
+                        }
+                        None => return Err(RoomError::Unavailable(WRITTEN_ELSEWHERE.into())),
+                    },
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
                     Effect::Publish(message) => self.publish_live(&message).await,
                 }
@@ -291,9 +302,9 @@ impl RoomActor {
     /// Create the room's record; `false` when it exists already.
     async fn create_record(&mut self, record: RoomRecord) -> Result<bool, RoomError> {
         let payload = codec::encode(&record).map_err(|e| unavailable("encode room", e))?;
-        match self.ctx.rooms.create(subjects::room_key(&self.tenant, &self.room), payload).await {
+        match compare_and_set(&self.ctx.rooms, &subjects::room_key(&self.tenant, &self.room), payload, None).await {
             Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+            Err(CasError::Conflict) => return Ok(false),
             Err(e) => return Err(unavailable("create room", e)),
         }
         self.state.record = Some(Some(record));
@@ -339,28 +350,19 @@ impl RoomActor {
         let payload = codec::encode(&roster).map_err(|e| unavailable("encode roster", e))?;
         let key = subjects::roster_key(&self.tenant, &self.room);
         let revision = self.state.roster.as_ref().and_then(|(_, revision)| *revision);
-        let written = match revision {
-            Some(revision) => self.ctx.rooms.update(key, payload, revision).await.map_err(|e| {
-                let conflict = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
-                (conflict, e.to_string())
-            }),
-            None => self.ctx.rooms.create(key, payload).await.map_err(|e| {
-                let conflict = e.kind() == kv::CreateErrorKind::AlreadyExists;
-                (conflict, e.to_string())
-            }),
-        };
-        match written {
+        match compare_and_set(&self.ctx.rooms, &key, payload, revision).await {
             Ok(revision) => {
                 self.state.roster = Some((roster, Some(revision)));
                 Ok(())
             }
-            Err((conflict, error)) => {
+            Err(CasError::Conflict) => {
                 self.state.forget();
-                if conflict {
-                    metrics::counter!("switchyard_router_roster_conflicts_total").increment(1);
-                    tracing::info!(tenant = %self.tenant, room = %self.room, "roster changed by another writer");
-                    return Err(RoomError::Unavailable("the room's members changed meanwhile; retry".into()));
-                }
+                metrics::counter!("switchyard_router_roster_conflicts_total").increment(1);
+                tracing::info!(tenant = %self.tenant, room = %self.room, "roster changed by another writer");
+                Err(RoomError::Unavailable("the room's members changed meanwhile; retry".into()))
+            }
+            Err(error) => {
+                self.state.forget();
                 Err(unavailable("store roster", error))
             }
         }
@@ -488,15 +490,9 @@ impl RoomActor {
 
     /// Sequence `body` as the room's next event: append it to the stream, fenced on the room's last stream
     /// sequence, and publish it live once acknowledged. A fence failure means another writer appended first: every
-    /// cached fact is dropped, the rules check again that the event may still be written (its author still a
-    /// member), and the append is retried with the next seq.
-    async fn append(
-        &mut self,
-        input: &Command<'_>,
-        facts: &mut CommandFacts,
-        body: EventBody,
-        dedupe_id: Option<String>,
-    ) -> Result<Appended, RoomError> {
+    /// cached fact is dropped; an event written for a user answers `None`, so that its command is decided again
+    /// on the room as it is now, and a `joined` or `left` is retried with the next seq.
+    async fn append(&mut self, body: EventBody, dedupe_id: Option<String>) -> Result<Option<Appended>, RoomError> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let tail = self.tail().await?;
@@ -539,25 +535,21 @@ impl RoomActor {
                         .map_err(|e| unavailable("read the original of a repeated cmid", e))?;
                     let original: RoomEvent =
                         codec::decode(&original.payload).map_err(|e| unavailable("decode original", e))?;
-                    return Ok(Appended::Duplicate(original));
+                    return Ok(Some(Appended::Duplicate(original)));
                 }
                 Ok(ack) => {
                     self.state.appended(&event, ack.sequence);
                     metrics::counter!("switchyard_router_events_appended_total").increment(1);
                     self.publish_live(&LiveMessage::Event(event.clone())).await;
-                    return Ok(Appended::New(event));
+                    return Ok(Some(Appended::New(event)));
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     tracing::info!(tenant = %self.tenant, room = %self.room, "fenced: another writer appended; reloading");
                     metrics::counter!("switchyard_router_fenced_total").increment(1);
                     // Another writer may also have changed the members: what the rules checked is stale.
                     self.state.forget();
-                    loop {
-                        match room_core::may_append(&self.state, facts, input, &body) {
-                            Ok(()) => break,
-                            Err(Stop::Load(fact)) => self.load(fact, facts).await?,
-                            Err(Stop::Refuse(refusal)) => return Err(refusal.into()),
-                        }
+                    if room_core::redecide_when_fenced(&body) {
+                        return Ok(None);
                     }
                 }
                 Err(e) => {
@@ -567,6 +559,6 @@ impl RoomActor {
                 }
             }
         }
-        Err(RoomError::Unavailable("the room is being written by another router shard; retry".into()))
+        Err(RoomError::Unavailable(WRITTEN_ELSEWHERE.into()))
     }
 }

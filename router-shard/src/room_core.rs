@@ -400,13 +400,12 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
     Ok(Decision { effects, reply })
 }
 
-/// May `body` still be appended after another writer changed the room (a fenced append)? An event written for a
-/// user needs that user to be a member of the room as it is now.
-pub(crate) fn may_append(state: &RoomState, facts: &CommandFacts, command: &Command<'_>, body: &EventBody) -> Rule<()> {
-    match author(body) {
-        Some(author) => Rules { state, facts, command }.require_member(author).map(|_| ()),
-        None => Ok(()),
-    }
+/// Must the command that appends `body` be decided again after another writer changed the room (a fenced
+/// append)? An event written for a user (a message, an edit, a reaction, a delete, a pin) rests on rules about the
+/// room as it was: membership, role, the target message. A `joined` or `left` does not: its roster and membership
+/// writes are done already, and it is appended with the next seq as it is.
+pub(crate) fn redecide_when_fenced(body: &EventBody) -> bool {
+    author(body).is_some()
 }
 
 /// The answer to a `send`, from the event its append stored or found: a repeated cmid answers the first `ok`,
@@ -428,7 +427,7 @@ pub(crate) fn sent(event: &RoomEvent) -> Result<OkResult, Refusal> {
 }
 
 /// The user an event is written for, when it needs that user to be a member.
-fn author(body: &EventBody) -> Option<&UserId> {
+pub(crate) fn author(body: &EventBody) -> Option<&UserId> {
     match body {
         EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
         EventBody::Reaction { user, .. } => Some(user),
