@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use switchyard_protocol::ids::api_key;
 use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits, TenantRecord, INTERNAL_VERSION};
 use switchyard_protocol::{codec, subjects, ProjectId};
-use switchyard_service::nats::{latest_entry, LeaderReadError};
+use switchyard_service::nats::{compare_and_set, latest_entry, CasError, LeaderReadError};
 use tokio_util::sync::CancellationToken;
 
 /// How long "no such tenant" is remembered, so made-up project ids do not each cost a bucket read.
@@ -93,7 +93,7 @@ pub enum TenantError {
     Create(#[source] kv::CreateError),
     /// A changed tenant record could not be stored.
     #[error("cannot store tenant: {0}")]
-    Update(#[source] kv::UpdateError),
+    Write(#[source] CasError),
     /// Every compare-and-set attempt lost to another change of the record.
     #[error("the tenant record kept changing; retry")]
     Contended,
@@ -103,7 +103,7 @@ impl TenantError {
     /// Is this an outage of the tenants bucket (worth retrying) rather than a verdict on the tenant or its data?
     pub fn is_unavailable(&self) -> bool {
         match self {
-            TenantError::Read(_) | TenantError::Create(_) | TenantError::Update(_) | TenantError::Contended => true,
+            TenantError::Read(_) | TenantError::Create(_) | TenantError::Write(_) | TenantError::Contended => true,
             TenantError::NotFound
             | TenantError::InvalidApiKey
             | TenantError::Disabled
@@ -285,13 +285,13 @@ impl TenantDirectory {
             }
             change(&mut record);
             let payload = codec::encode(&record).map_err(TenantError::Encode)?;
-            match self.kv.update(subjects::tenant_key(project_id), payload, revision).await {
+            match compare_and_set(&self.kv, &subjects::tenant_key(project_id), payload, Some(revision)).await {
                 Ok(new_revision) => {
                     self.remember(record.clone(), new_revision);
                     return Ok(record);
                 }
-                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(error) => return Err(TenantError::Update(error)),
+                Err(CasError::Conflict) => continue,
+                Err(error) => return Err(TenantError::Write(error)),
             }
         }
         Err(TenantError::Contended)
@@ -324,13 +324,13 @@ impl TenantDirectory {
             }
             record.disabled = true;
             let payload = codec::encode(&record).map_err(TenantError::Encode)?;
-            match self.kv.update(subjects::tenant_key(project_id), payload, revision).await {
+            match compare_and_set(&self.kv, &subjects::tenant_key(project_id), payload, Some(revision)).await {
                 Ok(new_revision) => {
                     self.remember(record, new_revision);
                     return Ok(());
                 }
-                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(error) => return Err(TenantError::Update(error)),
+                Err(CasError::Conflict) => continue,
+                Err(error) => return Err(TenantError::Write(error)),
             }
         }
         Err(TenantError::Contended)

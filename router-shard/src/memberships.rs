@@ -13,7 +13,7 @@ use switchyard_protocol::client::RoomSummary;
 use switchyard_protocol::internal::{RoomEvent, UserRoom, UserRooms};
 use switchyard_protocol::shard::shard_of_room;
 use switchyard_protocol::{codec, subjects, ProjectId, RoomId, UserId};
-use switchyard_service::nats::latest_entry;
+use switchyard_service::nats::{compare_and_set, latest_entry, CasError};
 
 /// Why a membership could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,8 @@ pub(crate) enum MembershipError {
     Migrate(#[source] kv::CreateError),
     #[error(transparent)]
     DirectGet(#[from] DirectGetError),
+    #[error("write user rooms: {0}")]
+    Cas(#[source] CasError),
     #[error("the user's earlier rooms record is too contended; retry")]
     Contended,
 }
@@ -96,8 +98,10 @@ pub(crate) async fn remove(
         }
         let payload =
             codec::encode(&rooms).map_err(|source| MembershipError::Codec { what: "encode user rooms", source })?;
-        if ctx.rooms.update(subjects::user_rooms_key(tenant, user), payload, revision).await.is_ok() {
-            return Ok(());
+        match compare_and_set(&ctx.rooms, &subjects::user_rooms_key(tenant, user), payload, Some(revision)).await {
+            Ok(_) => return Ok(()),
+            Err(CasError::Conflict) => continue,
+            Err(error) => return Err(MembershipError::Cas(error)),
         }
     }
     Err(MembershipError::Contended)

@@ -169,6 +169,40 @@ pub async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv
     }
 }
 
+/// Why a compare-and-set write of a KV key did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    /// The key is not at the revision the write expected (for a create: it exists): nothing was written.
+    #[error("the key changed meanwhile")]
+    Conflict,
+    /// The create failed otherwise.
+    #[error("create: {0}")]
+    Create(#[source] kv::CreateError),
+    /// The update failed otherwise.
+    #[error("update: {0}")]
+    Update(#[source] kv::UpdateError),
+}
+
+/// Write `value` to `key` only where it still stands at `revision` (`None`: only where it does not exist), and
+/// return its new revision. A `Conflict` wrote nothing: the caller reads the key again and decides again.
+pub async fn compare_and_set(
+    store: &kv::Store,
+    key: &str,
+    value: bytes::Bytes,
+    revision: Option<u64>,
+) -> Result<u64, CasError> {
+    match revision {
+        Some(revision) => store.update(key, value, revision).await.map_err(|error| match error.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => CasError::Conflict,
+            _ => CasError::Update(error),
+        }),
+        None => store.create(key, value).await.map_err(|error| match error.kind() {
+            kv::CreateErrorKind::AlreadyExists => CasError::Conflict,
+            _ => CasError::Create(error),
+        }),
+    }
+}
+
 /// How long a service keeps trying to open its streams and buckets at start.
 pub const START_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 

@@ -85,7 +85,7 @@ impl From<TenantError> for ApiError {
             TenantError::InvalidApiKey => ErrorCode::Unauthorized,
             TenantError::Disabled => ErrorCode::Forbidden,
             TenantError::Unreadable(_) | TenantError::Encode(_) => ErrorCode::Internal,
-            TenantError::Read(_) | TenantError::Create(_) | TenantError::Update(_) | TenantError::Contended => {
+            TenantError::Read(_) | TenantError::Create(_) | TenantError::Write(_) | TenantError::Contended => {
                 ErrorCode::Unavailable
             }
         };
