@@ -18,6 +18,7 @@
 //! [`SchemaPolicy::Require`] refuses to run on a schema that is not current. This module never drops anything and
 //! does not expire history.
 
+use super::page::{PageWindow, StoredMessage};
 use super::{
     check_event, check_limit, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault,
 };
@@ -965,42 +966,31 @@ impl CqlStore {
     async fn page(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
         let tenant = query.tenant.as_str();
         let room = query.room.as_str();
-        let limit = query.limit as usize;
         let empty = HistoryPage { messages: Vec::new(), more: false };
 
-        // Inclusive seq range [first, last] the query covers, bounded by the room's last seq.
-        let first = match query.after {
-            Some(after) => match after.checked_add(1) {
-                Some(first) => first,
-                None => return Ok(empty),
-            },
-            None => 1,
-        };
+        // The seqs the query covers, bounded by the room's last seq.
         let last_seq = self.fetch_head(tenant, room).await?.last_seq;
-        let last = match query.before {
-            Some(0) => return Ok(empty),
-            Some(before) => (before - 1).min(last_seq),
-            None => last_seq,
+        let Some(window) = PageWindow::of(query, last_seq) else {
+            return Ok(empty);
         };
-        if last < first || first > i64::MAX as u64 {
+        let (first, last, ascending, wanted) = (window.first, window.last, window.ascending, window.wanted());
+        if first > i64::MAX as u64 {
             return Ok(empty);
         }
         // Exclusive bounds for the scans; both fit a bigint since first <= last <= last_seq <= i64::MAX.
         let lo = to_bigint("seq", first - 1)?;
         let hi = to_bigint("seq", last)?.saturating_add(1);
 
-        let ascending = query.after.is_some();
-
         // Walk the buckets that hold messages, from the end the query starts at, until one message past the page
         // is found. The index is read a few buckets at a time; `(from, to)` is the part of the range not read yet.
-        let mut picked: Vec<MessageRow> = Vec::with_capacity(limit + 1);
+        let mut picked: Vec<MessageRow> = Vec::with_capacity(wanted);
         let (mut from, mut to) = (bucket_of(first), bucket_of(last));
         'index: loop {
             let buckets = self.indexed_buckets(tenant, room, (from, to), ascending).await?;
             for &bucket in &buckets {
                 let (mut lo_b, mut hi_b) = (lo, hi);
                 loop {
-                    let want = limit + 1 - picked.len();
+                    let want = wanted - picked.len();
                     let rows = self.scan(tenant, room, bucket, (lo_b, hi_b), want, ascending).await?;
                     let exhausted = rows.len() < want;
                     for row in rows {
@@ -1013,7 +1003,7 @@ impl CqlStore {
                             picked.push(row);
                         }
                     }
-                    if picked.len() > limit {
+                    if picked.len() == wanted {
                         break 'index;
                     }
                     if exhausted {
@@ -1035,11 +1025,7 @@ impl CqlStore {
                 _ => break,
             }
         }
-        let more = picked.len() > limit;
-        picked.truncate(limit);
-        if !ascending {
-            picked.reverse();
-        }
+        let (picked, more) = window.finish(picked);
 
         // Reactions, one range read per bucket the page touches.
         let mut reactions: HashMap<u64, BTreeMap<String, Vec<UserId>>> = HashMap::new();
@@ -1148,31 +1134,19 @@ impl MessageRow {
         let Some(create) = self.create else {
             return Ok(None);
         };
-        let attrs = create
-            .attrs
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| corrupt(&format!("undecodable attrs at seq {}", self.seq), e))?;
-        if !self.deleted && self.body.is_none() {
-            return Err(StoreError::Corrupt(StoreFault::new(format!(
-                "message at seq {} has no body and is not deleted",
-                self.seq
-            ))));
-        }
-        Ok(Some(Message {
+        let stored = StoredMessage {
             seq: self.seq,
             id: create.id,
             from: create.from,
-            body: if self.deleted { None } else { self.body },
-            attrs,
+            ts_us: create.ts_us,
+            attrs: create.attrs,
             reply_to: create.reply_to,
-            ts: create.ts_us / 1000,
-            edited_ts: self.edited_us.map(|e| e / 1000),
+            body: self.body,
+            edited_us: self.edited_us,
             deleted: self.deleted,
-            reactions,
-            pinned: self.pinned && !self.deleted,
-        }))
+            pinned: self.pinned,
+        };
+        stored.into_message(reactions).map(Some)
     }
 }
 

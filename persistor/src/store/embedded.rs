@@ -9,6 +9,7 @@
 //! as the events. `room_last_seq`, the seq alone, is still written beside it, so a file stays readable by earlier
 //! releases, and is the fallback for rooms whose events were all written before `room_head` existed.
 
+use super::page::{PageWindow, StoredMessage};
 use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -169,33 +170,23 @@ impl StoredRow {
             return Ok(None);
         };
         let deleted = self.delete_ts_us.is_some();
-        let body = if deleted {
-            None
-        } else {
-            match &self.edit {
-                Some(edit) if edit.ts_us > create.ts_us => Some(edit.body.clone()),
-                _ => Some(create.body.clone()),
-            }
-        };
-        let attrs = create
-            .attrs
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(StoreFault::caused(&format!("undecodable attrs at seq {seq}"), e)))?;
-        Ok(Some(Message {
+        let body = (!deleted).then(|| match &self.edit {
+            Some(edit) if edit.ts_us > create.ts_us => edit.body.clone(),
+            _ => create.body.clone(),
+        });
+        let stored = StoredMessage {
             seq,
             id: create.id.clone(),
             from: create.from.clone(),
-            body,
-            attrs,
+            ts_us: create.ts_us,
+            attrs: create.attrs.clone(),
             reply_to: create.reply_to,
-            ts: create.ts_us / 1000,
-            edited_ts: self.edit.as_ref().map(|e| e.ts_us / 1000),
+            body,
+            edited_us: self.edit.as_ref().map(|edit| edit.ts_us),
             deleted,
-            reactions,
-            pinned: !deleted && self.pin.is_some_and(|pin| pin.pinned),
-        }))
+            pinned: self.pin.is_some_and(|pin| pin.pinned),
+        };
+        stored.into_message(reactions).map(Some)
     }
 }
 
@@ -351,21 +342,10 @@ fn head_of(
 fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
     let tenant = query.tenant.as_str();
     let room = query.room.as_str();
-    let limit = query.limit as usize;
-
-    let lower = match query.after {
-        Some(after) => match after.checked_add(1) {
-            Some(first) => first,
-            None => return Ok(empty_page()),
-        },
-        None => 0,
+    let Some(window) = PageWindow::of(query, u64::MAX) else {
+        return Ok(empty_page());
     };
-    let upper = match query.before {
-        Some(before) if before <= lower => return Ok(empty_page()),
-        Some(before) => Bound::Excluded((tenant, room, before)),
-        None => Bound::Included((tenant, room, u64::MAX)),
-    };
-    let bounds = (Bound::Included((tenant, room, lower)), upper);
+    let bounds = (Bound::Included((tenant, room, window.first)), Bound::Included((tenant, room, window.last)));
 
     let txn = db.begin_read().map_err(db_err)?;
     let messages = txn.open_table(MESSAGES).map_err(db_err)?;
@@ -373,25 +353,20 @@ fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, 
     let range = messages.range(bounds).map_err(db_err)?;
 
     // Walk from the end the query starts at, skipping rows that are not messages yet, until one past the page.
-    let ascending = query.after.is_some();
-    let rows: Box<dyn Iterator<Item = _>> = if ascending { Box::new(range) } else { Box::new(range.rev()) };
-    let mut picked: Vec<(u64, StoredRow)> = Vec::with_capacity(limit);
-    let mut more = false;
+    let rows: Box<dyn Iterator<Item = _>> = if window.ascending { Box::new(range) } else { Box::new(range.rev()) };
+    let mut picked: Vec<(u64, StoredRow)> = Vec::with_capacity(window.wanted());
     for entry in rows {
         let (key, value) = entry.map_err(db_err)?;
         let row = StoredRow::decode(value.value())?;
         if row.create.is_none() {
             continue;
         }
-        if picked.len() == limit {
-            more = true;
+        picked.push((key.value().2, row));
+        if picked.len() == window.wanted() {
             break;
         }
-        picked.push((key.value().2, row));
     }
-    if !ascending {
-        picked.reverse();
-    }
+    let (picked, more) = window.finish(picked);
 
     let mut out = Vec::with_capacity(picked.len());
     for (seq, row) in picked {

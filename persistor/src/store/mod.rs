@@ -8,6 +8,7 @@
 pub mod conformance;
 pub mod cql;
 pub mod embedded;
+mod page;
 
 use std::future::Future;
 use switchyard_protocol::client::Message;
@@ -159,11 +160,12 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
     }
 }
 
-/// Refuse a page size outside 1..=100, before any backend work.
+/// Refuse a page size outside 1..=`HISTORY_MAX_LIMIT`, before any backend work.
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
-    if (1..=100).contains(&limit) {
+    let allowed = 1..=switchyard_protocol::limits::HISTORY_MAX_LIMIT;
+    if allowed.contains(&limit) {
         Ok(())
     } else {
-        Err(StoreError::InvalidQuery(StoreFault::new(format!("limit {limit} is outside 1..=100"))))
+        Err(StoreError::InvalidQuery(StoreFault::new(format!("limit {limit} is outside {allowed:?}"))))
     }
 }
