@@ -48,17 +48,9 @@ const DRAIN_TAIL: Duration = Duration::from_secs(1);
 /// Why a gateway could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// `nats_url` names no usable server.
-    #[error("NATS: {0}")]
-    NatsUrl(#[source] switchyard_service::ConfigError),
-    /// The connection to NATS could not be made.
-    #[error("NATS: connect to {url}: {source}")]
-    NatsConnect {
-        /// The configured URL, without credentials.
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS could not be reached (or its URL is unusable).
+    #[error(transparent)]
+    NatsConnect(#[from] switchyard_service::nats::ConnectError),
     /// A KV bucket the gateway needs could neither be opened nor created.
     #[error("NATS: {0}")]
     Bucket(#[source] switchyard_service::nats::EnsureKvError),
@@ -143,12 +135,7 @@ pub struct BoundGateway {
 
 /// Connect to NATS and Redis and bind the listener.
 pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
-    let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(GatewayError::NatsUrl)?;
-    let nats = switchyard_service::nats::connect_options("switchyard-gateway")
-        .retry_on_initial_connect()
-        .connect(servers)
-        .await
-        .map_err(|source| GatewayError::NatsConnect { url: config::redact_url(&config.nats_url), source })?;
+    let nats = switchyard_service::nats::connect(&config.nats_url, "switchyard-gateway", true).await?;
     switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = jetstream::new(nats.clone());
     let tenants_kv = switchyard_service::nats::retry_at_start("the tenants bucket", || {

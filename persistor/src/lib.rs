@@ -25,17 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// Why a persistor could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistorError {
-    /// `nats_url` names no usable server.
-    #[error("NATS: {0}")]
-    NatsUrl(#[source] switchyard_service::ConfigError),
-    /// The connection to NATS could not be made.
-    #[error("NATS: connect to {url}: {source}")]
-    NatsConnect {
-        /// The configured URL, without credentials.
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS could not be reached (or its URL is unusable).
+    #[error(transparent)]
+    NatsConnect(#[from] switchyard_service::nats::ConnectError),
     /// A NATS stream, consumer, subscription or lock could not be opened or taken; `what` names it.
     #[error("NATS: {what}: {source}")]
     Nats {
@@ -127,11 +119,7 @@ const MIGRATION_LOCK_TTL: Duration = Duration::from_secs(120);
 /// leave nodes disagreeing on a table's id, so it is never run concurrently.
 pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
     let cql = cql_config(config)?;
-    let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(PersistorError::NatsUrl)?;
-    let nats =
-        switchyard_service::nats::connect_options("switchyard-persistor migrate").connect(servers).await.map_err(
-            |source| PersistorError::NatsConnect { url: switchyard_service::redact_url(&config.nats_url), source },
-        )?;
+    let nats = switchyard_service::nats::connect(&config.nats_url, "switchyard-persistor migrate", false).await?;
     let js = async_nats::jetstream::new(nats.clone());
     let bucket = async_nats::jetstream::kv::Config {
         bucket: subjects::LOCKS_BUCKET.to_owned(),
@@ -260,15 +248,7 @@ async fn consume<S: HistoryStore>(
     connected: Arc<OnceLock<async_nats::Client>>,
     shutdown: CancellationToken,
 ) -> Result<(), PersistorError> {
-    let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(PersistorError::NatsUrl)?;
-    let nats = switchyard_service::nats::connect_options("switchyard-persistor")
-        .retry_on_initial_connect()
-        .connect(servers)
-        .await
-        .map_err(|source| PersistorError::NatsConnect {
-            url: switchyard_service::redact_url(&config.nats_url),
-            source,
-        })?;
+    let nats = switchyard_service::nats::connect(&config.nats_url, "switchyard-persistor", true).await?;
     let _ = connected.set(nats.clone());
     switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = async_nats::jetstream::new(nats.clone());

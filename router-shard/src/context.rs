@@ -26,15 +26,8 @@ pub(crate) struct RouterContext {
 
 impl RouterContext {
     pub async fn connect(config: RouterConfig) -> Result<Self, RouterError> {
-        let servers = switchyard_service::nats::server_addrs(&config.nats_url).map_err(RouterError::NatsUrl)?;
-        let nats = switchyard_service::nats::connect_options(format!("switchyard-router-shard {}", config.router_id))
-            .retry_on_initial_connect()
-            .connect(servers)
-            .await
-            .map_err(|source| RouterError::NatsConnect {
-                url: switchyard_service::redact_url(&config.nats_url),
-                source,
-            })?;
+        let name = format!("switchyard-router-shard {}", config.router_id);
+        let nats = switchyard_service::nats::connect(&config.nats_url, name, true).await?;
         let js = jetstream::new(nats.clone());
         let events = switchyard_service::nats::retry_at_start("the events stream", || {
             js.get_or_create_stream(events_stream_config(&config))

@@ -28,17 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// Why a router shard could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    /// `nats_url` names no usable server.
-    #[error("NATS: {0}")]
-    NatsUrl(#[source] switchyard_service::ConfigError),
-    /// The connection to NATS could not be made.
-    #[error("NATS: connect to {url}: {source}")]
-    NatsConnect {
-        /// The configured URL, without credentials.
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS could not be reached (or its URL is unusable).
+    #[error(transparent)]
+    NatsConnect(#[from] switchyard_service::nats::ConnectError),
     /// The events stream could not be opened or created.
     #[error("NATS: events stream: {0}")]
     EventsStream(#[source] async_nats::jetstream::context::CreateStreamError),

@@ -35,6 +35,33 @@ pub fn connect_options(name: impl ToString) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new().name(name).ping_interval(PING_INTERVAL)
 }
 
+/// Why a service could not connect to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// `nats_url` names no usable server.
+    #[error("NATS: {0}")]
+    Url(#[source] crate::ConfigError),
+    /// The connection could not be made.
+    #[error("NATS: connect to {url}: {source}")]
+    Connect {
+        /// The configured URL, without credentials.
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Connect as `name` to the servers `nats_url` names. `patient`: keep trying while none answers (a service that
+/// starts with its NATS), rather than fail at once (a one-off command).
+pub async fn connect(nats_url: &str, name: impl ToString, patient: bool) -> Result<async_nats::Client, ConnectError> {
+    let servers = server_addrs(nats_url).map_err(ConnectError::Url)?;
+    let options = match patient {
+        true => connect_options(name).retry_on_initial_connect(),
+        false => connect_options(name),
+    };
+    options.connect(servers).await.map_err(|source| ConnectError::Connect { url: crate::redact_url(nats_url), source })
+}
+
 /// How often the cluster watch asks the connected node for the account's JetStream state.
 pub const CLUSTER_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long the connected node may fail to answer for JetStream before the watch moves to another node: longer
