@@ -459,6 +459,7 @@ async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, sh
                         | ServerEvent::Pin { .. }
                         | ServerEvent::Joined { .. }
                         | ServerEvent::Left { .. }
+                        | ServerEvent::Moderation { .. }
                         | ServerEvent::Typing { .. }
                         | ServerEvent::Read { .. }
                         | ServerEvent::Presence { .. } => None,

@@ -103,7 +103,12 @@ pub fn check_op(op: &ClientOp) {
             check_user(to);
             attrs.as_ref()
         }
-        ClientOp::Invite { room, user } | ClientOp::Kick { room, user } => {
+        ClientOp::Invite { room, user }
+        | ClientOp::Kick { room, user }
+        | ClientOp::Ban { room, user, .. }
+        | ClientOp::Unban { room, user }
+        | ClientOp::Mute { room, user, .. }
+        | ClientOp::Unmute { room, user } => {
             check_room(room);
             check_user(user);
             None
@@ -122,6 +127,9 @@ pub fn check_op(op: &ClientOp) {
         | ClientOp::Delete { room, .. }
         | ClientOp::Pin { room, .. }
         | ClientOp::Unpin { room, .. }
+        | ClientOp::SlowMode { room, .. }
+        | ClientOp::Freeze { room }
+        | ClientOp::Unfreeze { room }
         | ClientOp::History { room, .. }
         | ClientOp::Members { room } => {
             check_room(room);

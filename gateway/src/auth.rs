@@ -101,6 +101,9 @@ pub enum AuthError {
     /// The JWT was revoked.
     #[error("token is revoked")]
     Revoked,
+    /// The user is banned from the tenant.
+    #[error("the user is banned")]
+    Banned,
 }
 
 impl AuthError {
@@ -118,7 +121,8 @@ impl AuthError {
             | AuthError::MalformedJwt(_)
             | AuthError::NoJwtKey
             | AuthError::InvalidJwt(_)
-            | AuthError::Revoked => false,
+            | AuthError::Revoked
+            | AuthError::Banned => false,
         }
     }
 
@@ -136,6 +140,7 @@ impl AuthError {
             AuthError::NoJwtKey => "no_jwt_key",
             AuthError::InvalidJwt(_) => "invalid_jwt",
             AuthError::Revoked => "revoked",
+            AuthError::Banned => "banned",
         }
     }
 }
@@ -165,11 +170,35 @@ async fn verify_token(gw: &Gateway, token: &str) -> Result<Identity, AuthError> 
         return Err(AuthError::TooLong);
     }
     if opaque_token::is_well_formed(token) {
-        authenticate_opaque(gw, token, verified_at).await
+        let identity = authenticate_opaque(gw, token, verified_at).await?;
+        require_not_banned(gw, &identity, true).await?;
+        Ok(identity)
     } else if jwt::looks_like_jwt(token) {
-        authenticate_jwt(gw, token, verified_at).await
+        let identity = authenticate_jwt(gw, token, verified_at).await?;
+        require_not_banned(gw, &identity, false).await?;
+        Ok(identity)
     } else {
         Err(AuthError::UnknownKind)
+    }
+}
+
+/// Refuse a user banned from the tenant. An opaque token was just resolved in Redis, so an outage refuses it as
+/// unavailable; a JWT is admitted unchecked while Redis is unreachable (counted, as for revocations), and the ban's
+/// broadcast closes its sessions on every gateway that heard it.
+async fn require_not_banned(gw: &Gateway, identity: &Identity, opaque: bool) -> Result<(), AuthError> {
+    if !opaque && !gw.tokens.is_connected() {
+        metrics::counter!("switchyard_gateway_revocation_checks_skipped_total").increment(1);
+        return Ok(());
+    }
+    match tokio::time::timeout(REVOCATION_CHECK_TIMEOUT, gw.tokens.is_banned(&identity.tenant, &identity.user)).await {
+        Ok(Ok(true)) => Err(AuthError::Banned),
+        Ok(Ok(false)) => Ok(()),
+        Ok(Err(error)) if opaque => Err(error.into()),
+        Err(_) if opaque => Err(TokenError::NotConnected.into()),
+        Ok(Err(_)) | Err(_) => {
+            metrics::counter!("switchyard_gateway_revocation_checks_skipped_total").increment(1);
+            Ok(())
+        }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod config;
 pub mod http;
 pub mod jwt;
 pub mod limits;
+pub mod moderation;
 pub mod presence;
 pub mod resume;
 pub mod revocation;

@@ -36,14 +36,14 @@ const GAP_FILL_PATIENCE: Duration = Duration::from_secs(8);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 fn unavailable(error: impl std::fmt::Display) -> UpstreamError {
-    UpstreamError { code: ErrorCode::Unavailable, message: format!("cannot read the room's events: {error}") }
+    UpstreamError::new(ErrorCode::Unavailable, format!("cannot read the room's events: {error}"))
 }
 
 fn gap(since: u64) -> UpstreamError {
-    UpstreamError {
-        code: ErrorCode::ResumeGap,
-        message: format!("events after seq {since} are no longer kept; read history and join without since"),
-    }
+    UpstreamError::new(
+        ErrorCode::ResumeGap,
+        format!("events after seq {since} are no longer kept; read history and join without since"),
+    )
 }
 
 /// Why a read of the stream failed.
@@ -162,15 +162,15 @@ impl RoomLog {
         patience: Duration,
     ) -> Result<RoomLog, UpstreamError> {
         if upto.saturating_sub(since) > gw.config.resume_max_events {
-            return Err(UpstreamError {
-                code: ErrorCode::ResumeGap,
-                message: format!(
+            return Err(UpstreamError::new(
+                ErrorCode::ResumeGap,
+                format!(
                     "{} events since seq {since} is more than one join replays ({}); read history and join without \
                      since",
                     upto - since,
                     gw.config.resume_max_events
                 ),
-            });
+            ));
         }
         let stream = gw.events_stream().await.map_err(unavailable)?;
         let subject = subjects::event_log(shard_of_room(tenant, room, gw.config.shard_count), tenant, room);
@@ -392,17 +392,15 @@ pub async fn replay_into(
                 | EventBody::Edit { .. }
                 | EventBody::Delete { .. }
                 | EventBody::Reaction { .. }
-                | EventBody::Pin { .. } => member,
+                | EventBody::Pin { .. }
+                | EventBody::Moderation { .. } => member,
             };
             if !visible {
                 continue;
             }
             let seq = event.seq;
             if !tx.offer_replayed(Arc::new(LiveEvent::replayed(event)), stall).await {
-                return Err(UpstreamError {
-                    code: ErrorCode::Unavailable,
-                    message: "the client does not read its replay".into(),
-                });
+                return Err(UpstreamError::new(ErrorCode::Unavailable, "the client does not read its replay"));
             }
             last_queued = Some(seq);
         }

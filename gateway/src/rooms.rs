@@ -82,7 +82,7 @@ pub async fn read_history(
     };
     match upstream::history(gw, request).await? {
         HistoryReply::Ok { messages, more } => Ok((messages, more)),
-        HistoryReply::Err { code, message } => Err(UpstreamError { code, message }),
+        HistoryReply::Err { code, message } => Err(UpstreamError { code, message, retry_after_ms: None }),
     }
 }
 
@@ -95,7 +95,11 @@ pub async fn members(
 ) -> Result<Vec<Member>, UpstreamError> {
     let command = RoomCommand::Members { room: room.clone() };
     let OkResult::Members { mut members } = upstream::command(gw, tenant, reader.user(), command).await? else {
-        return Err(UpstreamError { code: ErrorCode::Internal, message: "unexpected members reply".into() });
+        return Err(UpstreamError {
+            code: ErrorCode::Internal,
+            message: "unexpected members reply".into(),
+            retry_after_ms: None,
+        });
     };
     let users: Vec<UserId> = members.iter().map(|m| m.user.clone()).collect();
     let mut states = std::collections::BTreeMap::new();

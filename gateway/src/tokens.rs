@@ -55,7 +55,7 @@ return #hashes
 "#;
 
 use switchyard_protocol::redis_keys::{
-    revoked as revoked_key, token as token_key, user_tokens as user_index_key, TOKEN_PREFIX,
+    revoked as revoked_key, token as token_key, user_ban as user_ban_key, user_tokens as user_index_key, TOKEN_PREFIX,
 };
 
 /// Why the token store could not answer. Every case is an outage (`unavailable`): never a verdict on a token.
@@ -183,6 +183,44 @@ impl TokenStore {
     /// Is a JWT credential marked revoked?
     pub async fn is_revoked(&self, tenant: &ProjectId, credential_id: &str) -> Result<bool, TokenError> {
         let count: i64 = self.redis.exists(revoked_key(tenant, credential_id)).await.map_err(TokenError::Redis)?;
+        Ok(count > 0)
+    }
+
+    /// Ban `user` from the whole tenant until `until_ms` (unix ms; `None`: until lifted). A ban whose end has passed
+    /// is no ban: nothing is stored.
+    pub async fn ban(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        until_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<(), TokenError> {
+        let expiry = match until_ms {
+            None => None,
+            Some(until_ms) => match marker_ttl_ms(until_ms, now_ms) {
+                Some(ttl_ms) => Some(Expiration::PX(ttl_ms)),
+                None => return Ok(()),
+            },
+        };
+        self.ensure_connected()?;
+        let value = until_ms.unwrap_or(0).to_string();
+        self.redis
+            .set::<(), _, _>(user_ban_key(tenant, user), value, expiry, None, false)
+            .await
+            .map_err(TokenError::Redis)
+    }
+
+    /// Lift `user`'s ban from the tenant; whether there was one.
+    pub async fn unban(&self, tenant: &ProjectId, user: &UserId) -> Result<bool, TokenError> {
+        self.ensure_connected()?;
+        let removed: i64 = self.redis.del(user_ban_key(tenant, user)).await.map_err(TokenError::Redis)?;
+        Ok(removed > 0)
+    }
+
+    /// Is `user` banned from the tenant?
+    pub async fn is_banned(&self, tenant: &ProjectId, user: &UserId) -> Result<bool, TokenError> {
+        self.ensure_connected()?;
+        let count: i64 = self.redis.exists(user_ban_key(tenant, user)).await.map_err(TokenError::Redis)?;
         Ok(count > 0)
     }
 

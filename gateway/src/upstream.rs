@@ -29,10 +29,18 @@ use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, ShardId, UserId
 pub struct UpstreamError {
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited` (a room's slow mode): when the op may succeed.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl UpstreamError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        UpstreamError { code, message: message.into(), retry_after_ms: None }
+    }
 }
 
 fn upstream_error(code: ErrorCode, message: impl Into<String>) -> UpstreamError {
-    UpstreamError { code, message: message.into() }
+    UpstreamError::new(code, message)
 }
 
 /// Ask the router shard that owns the room to run `command` for `user` (`None`: the tenant's backend).
@@ -42,10 +50,38 @@ pub async fn command(
     user: Option<&UserId>,
     command: RoomCommand,
 ) -> Result<OkResult, UpstreamError> {
+    send_command(gw, tenant, user, false, command).await
+}
+
+/// Ask the router shard that owns the room to run `command`, sent by the tenant's backend on behalf of `user` (a
+/// message posted through the HTTP API): the room's moderation does not hold it back.
+pub async fn command_for_backend(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    user: &UserId,
+    command: RoomCommand,
+) -> Result<OkResult, UpstreamError> {
+    send_command(gw, tenant, Some(user), true, command).await
+}
+
+async fn send_command(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    user: Option<&UserId>,
+    by_backend: bool,
+    command: RoomCommand,
+) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let attempt = retry_safe_attempt(&command);
     let quotas = if command.is_bounded_by_quotas() { room_quotas(gw, tenant) } else { RoomQuotas::default() };
-    let request = CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.cloned(), command, quotas };
+    let request = CommandRequest {
+        v: INTERNAL_VERSION,
+        tenant: tenant.clone(),
+        user: user.cloned(),
+        command,
+        quotas,
+        by_backend,
+    };
     let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
     let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
     let mut backoff = NOT_TAKEN_BACKOFF;
@@ -98,7 +134,8 @@ fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
         | RoomCommand::React { .. }
         | RoomCommand::Edit { .. }
         | RoomCommand::Delete { .. }
-        | RoomCommand::Pin { .. } => false,
+        | RoomCommand::Pin { .. }
+        | RoomCommand::Moderate { .. } => false,
     };
     safe.then_some(RETRY_SAFE_ATTEMPT)
 }
@@ -132,8 +169,14 @@ pub async fn notify(gw: &Gateway, tenant: &ProjectId, user: &UserId, command: Ro
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     // Signals never create rooms or members: no quotas to resolve.
     let quotas = RoomQuotas::default();
-    let request =
-        CommandRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: Some(user.clone()), command, quotas };
+    let request = CommandRequest {
+        v: INTERNAL_VERSION,
+        tenant: tenant.clone(),
+        user: Some(user.clone()),
+        command,
+        quotas,
+        by_backend: false,
+    };
     if let Ok(payload) = codec::encode(&request) {
         let _ = gw.nats.publish(subjects::command(shard), payload).await;
     }
@@ -216,7 +259,9 @@ fn decode_reply(reply: &[u8]) -> Result<OkResult, UpstreamError> {
 fn command_result(reply: Result<CommandReply, codec::CodecError>) -> Result<OkResult, UpstreamError> {
     match reply {
         Ok(CommandReply::Ok { result }) => Ok(result),
-        Ok(CommandReply::Err { code, message, .. }) => Err(upstream_error(code, message)),
+        Ok(CommandReply::Err { code, message, retry_after_ms, .. }) => {
+            Err(UpstreamError { code, message, retry_after_ms })
+        }
         Ok(CommandReply::RoomsPage { .. }) => Err(upstream_error(ErrorCode::Internal, "unexpected rooms page")),
         Err(e) => Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }

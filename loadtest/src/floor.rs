@@ -139,6 +139,13 @@ async fn connection(stream: TcpStream, rooms: Rooms) {
                     | ClientOp::Delete { .. }
                     | ClientOp::Pin { .. }
                     | ClientOp::Unpin { .. }
+                    | ClientOp::Ban { .. }
+                    | ClientOp::Unban { .. }
+                    | ClientOp::Mute { .. }
+                    | ClientOp::Unmute { .. }
+                    | ClientOp::SlowMode { .. }
+                    | ClientOp::Freeze { .. }
+                    | ClientOp::Unfreeze { .. }
                     | ClientOp::History { .. }
                     | ClientOp::Members { .. }
                     | ClientOp::Rooms

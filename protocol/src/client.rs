@@ -126,6 +126,42 @@ pub enum ClientOp {
         room: RoomId,
         seq: u64,
     },
+    /// Ban `user` from the room (room admins): their membership ends and they cannot join, be invited or read it,
+    /// for `secs` seconds or, without it, until `unban`.
+    Ban {
+        room: RoomId,
+        user: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secs: Option<u64>,
+    },
+    Unban {
+        room: RoomId,
+        user: UserId,
+    },
+    /// Mute `user` in the room (room admins): they may read but not send, edit or react, for `secs` seconds or,
+    /// without it, until `unmute`.
+    Mute {
+        room: RoomId,
+        user: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secs: Option<u64>,
+    },
+    Unmute {
+        room: RoomId,
+        user: UserId,
+    },
+    /// Members other than admins may send one message per `secs` seconds (room admins); 0 turns it off.
+    SlowMode {
+        room: RoomId,
+        secs: u32,
+    },
+    /// Make the room read-only for every user (room admins).
+    Freeze {
+        room: RoomId,
+    },
+    Unfreeze {
+        room: RoomId,
+    },
     History {
         room: RoomId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +212,13 @@ impl ClientOp {
             | ClientOp::Delete { .. }
             | ClientOp::Pin { .. }
             | ClientOp::Unpin { .. }
+            | ClientOp::Ban { .. }
+            | ClientOp::Unban { .. }
+            | ClientOp::Mute { .. }
+            | ClientOp::Unmute { .. }
+            | ClientOp::SlowMode { .. }
+            | ClientOp::Freeze { .. }
+            | ClientOp::Unfreeze { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Presence { .. }
@@ -462,6 +505,22 @@ pub enum ServerEvent {
         by: Option<UserId>,
         ts: u64,
     },
+    /// A moderation action: `user` for bans and mutes, `until` (unix ms) for those with an expiry, `secs` for slow
+    /// mode; `by` is absent when the tenant's backend took it.
+    Moderation {
+        room: RoomId,
+        seq: u64,
+        action: ModerationAction,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<UserId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secs: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<UserId>,
+        ts: u64,
+    },
     Typing {
         room: RoomId,
         user: UserId,
@@ -476,6 +535,19 @@ pub enum ServerEvent {
         online: bool,
         ts: u64,
     },
+}
+
+/// What a `moderation` event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModerationAction {
+    Ban,
+    Unban,
+    Mute,
+    Unmute,
+    SlowMode,
+    Freeze,
+    Unfreeze,
 }
 
 /// The op names of every server frame that is not an event (replies and control frames).
@@ -496,7 +568,8 @@ impl ServerEvent {
         self.into()
     }
 
-    /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`); `None` for
+    /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`,
+    /// `moderation`); `None` for
     /// signals (`typing`, `read`, `presence`), which carry no room seq of their own.
     pub fn room_seq(&self) -> Option<(&RoomId, u64)> {
         match self {
@@ -506,7 +579,8 @@ impl ServerEvent {
             | ServerEvent::Reaction { room, seq, .. }
             | ServerEvent::Pin { room, seq, .. }
             | ServerEvent::Joined { room, seq, .. }
-            | ServerEvent::Left { room, seq, .. } => Some((room, *seq)),
+            | ServerEvent::Left { room, seq, .. }
+            | ServerEvent::Moderation { room, seq, .. } => Some((room, *seq)),
             ServerEvent::Typing { .. } | ServerEvent::Read { .. } | ServerEvent::Presence { .. } => None,
         }
     }
@@ -588,6 +662,55 @@ mod tests {
             assert_eq!(err.rid, *rid, "{}", String::from_utf8_lossy(frame));
             assert!(err.message.contains(needle), "{:?} should mention {needle:?}", err.message);
         }
+    }
+
+    #[test]
+    fn moderation_ops_parse_and_the_event_has_its_wire_shape() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"op":"ban","room":"general","user":"bob","secs":60}"#, "ban"),
+            (br#"{"op":"ban","room":"general","user":"bob"}"#, "ban"),
+            (br#"{"op":"unban","room":"general","user":"bob"}"#, "unban"),
+            (br#"{"op":"mute","room":"general","user":"bob"}"#, "mute"),
+            (br#"{"op":"unmute","room":"general","user":"bob"}"#, "unmute"),
+            (br#"{"op":"slow_mode","room":"general","secs":30}"#, "slow_mode"),
+            (br#"{"op":"freeze","room":"general"}"#, "freeze"),
+            (br#"{"op":"unfreeze","room":"general"}"#, "unfreeze"),
+        ];
+        for (frame, name) in cases {
+            let req = decode_client_frame(frame, Format::Json).unwrap();
+            assert_eq!(req.op.name(), *name);
+            let value: Value = serde_json::from_slice(frame).unwrap();
+            let packed = rmp_serde::to_vec_named(&value).unwrap();
+            assert_eq!(decode_client_frame(&packed, Format::MsgPack).unwrap(), req);
+        }
+        for bad in [
+            &br#"{"op":"ban","room":"general","user":"bob","secs":-1}"#[..],
+            br#"{"op":"ban","room":"general","user":"bo\nb"}"#,
+            br#"{"op":"slow_mode","room":"general"}"#,
+            br#"{"op":"freeze","room":"general","user":"bob"}"#,
+        ] {
+            let err = decode_client_frame(bad, Format::Json).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{}", String::from_utf8_lossy(bad));
+        }
+        let event = ServerEvent::Moderation {
+            room: RoomId::parse("general").unwrap(),
+            seq: 10,
+            action: ModerationAction::Ban,
+            user: Some(UserId::parse("bob").unwrap()),
+            until: Some(1_000),
+            secs: None,
+            by: Some(UserId::parse("alice").unwrap()),
+            ts: 5,
+        };
+        let json: Value = serde_json::from_slice(&encode_frame(&event, Format::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "moderation", "room": "general", "seq": 10, "action": "ban", "user": "bob",
+                "until": 1000, "by": "alice", "ts": 5})
+        );
+        let packed: Value = rmp_serde::from_slice(&encode_frame(&event, Format::MsgPack)).unwrap();
+        assert_eq!(packed, json);
+        assert!(OP_NAMES.contains(&"slow_mode") && SERVER_EVENT_OPS.contains(&"moderation"));
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct CommandRequest {
     /// [`RoomCommand::is_bounded_by_quotas`]); absent from other commands and from gateways of earlier releases.
     #[serde(default, skip_serializing_if = "RoomQuotas::is_unset")]
     pub quotas: RoomQuotas,
+    /// The tenant's backend sent this command on behalf of `user` (a message posted through the HTTP API): the
+    /// room's moderation (freeze, slow mode, mutes) does not hold it back. Absent (false) from clients' commands.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_backend: bool,
 }
 
 /// The quotas a room actor enforces, as the gateway resolved them for the tenant (its own limits, else the
@@ -87,6 +91,66 @@ pub enum RoomCommand {
     Delete { room: RoomId, target: u64 },
     /// Pin (`pinned: true`) or unpin message `target` (room admins; either participant of a direct-message room).
     Pin { room: RoomId, target: u64, pinned: bool },
+    /// A moderation action (room admins, or the tenant's backend; named rooms only).
+    Moderate { room: RoomId, action: Moderation },
+}
+
+/// A moderation action in a room: what `RoomCommand::Moderate` asks for and what its `EventBody::Moderation`
+/// records. Expiries are unix milliseconds, fixed by the gateway that took the op; `None` is for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Moderation {
+    /// End `user`'s membership and refuse their joins, invites and reads of the room until lifted or expired.
+    Ban {
+        user: UserId,
+        until_ms: Option<u64>,
+    },
+    Unban {
+        user: UserId,
+    },
+    /// `user` may read the room but not send, edit or react in it until lifted or expired.
+    Mute {
+        user: UserId,
+        until_ms: Option<u64>,
+    },
+    Unmute {
+        user: UserId,
+    },
+    /// Members other than admins send at most one message per `secs` seconds; 0 turns slow mode off.
+    SlowMode {
+        secs: u32,
+    },
+    /// A frozen room is read-only for every user (the tenant's backend still writes); `frozen: false` thaws it.
+    Freeze {
+        frozen: bool,
+    },
+}
+
+impl Moderation {
+    /// The user the action names, if any.
+    pub fn user(&self) -> Option<&UserId> {
+        match self {
+            Moderation::Ban { user, .. }
+            | Moderation::Unban { user }
+            | Moderation::Mute { user, .. }
+            | Moderation::Unmute { user } => Some(user),
+            Moderation::SlowMode { .. } | Moderation::Freeze { .. } => None,
+        }
+    }
+
+    /// The action as clients see it in a `moderation` event.
+    pub fn client_action(&self) -> crate::client::ModerationAction {
+        use crate::client::ModerationAction;
+        match self {
+            Moderation::Ban { .. } => ModerationAction::Ban,
+            Moderation::Unban { .. } => ModerationAction::Unban,
+            Moderation::Mute { .. } => ModerationAction::Mute,
+            Moderation::Unmute { .. } => ModerationAction::Unmute,
+            Moderation::SlowMode { .. } => ModerationAction::SlowMode,
+            Moderation::Freeze { frozen: true } => ModerationAction::Freeze,
+            Moderation::Freeze { frozen: false } => ModerationAction::Unfreeze,
+        }
+    }
 }
 
 impl RoomCommand {
@@ -106,7 +170,8 @@ impl RoomCommand {
             | RoomCommand::React { room, .. }
             | RoomCommand::Edit { room, .. }
             | RoomCommand::Delete { room, .. }
-            | RoomCommand::Pin { room, .. } => room,
+            | RoomCommand::Pin { room, .. }
+            | RoomCommand::Moderate { room, .. } => room,
         }
     }
 
@@ -127,7 +192,8 @@ impl RoomCommand {
             | RoomCommand::React { .. }
             | RoomCommand::Edit { .. }
             | RoomCommand::Delete { .. }
-            | RoomCommand::Pin { .. } => false,
+            | RoomCommand::Pin { .. }
+            | RoomCommand::Moderate { .. } => false,
         }
     }
 }
@@ -208,6 +274,9 @@ pub enum CommandReply {
         /// whatever the command. Absent (false) from older router shards.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         not_taken: bool,
+        /// For `rate_limited` (a room's slow mode): when the command may succeed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// A page of a user's rooms (`UserCommand::RoomsPage`); `next` is the cursor of the next page, `None` after the
     /// last.
@@ -219,12 +288,17 @@ pub enum CommandReply {
 
 impl CommandReply {
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
-        CommandReply::Err { code, message: message.into(), not_taken: false }
+        CommandReply::Err { code, message: message.into(), not_taken: false, retry_after_ms: None }
     }
 
     /// `unavailable` for a command refused before anything of it ran; the gateway sends it again.
     pub fn not_taken(message: impl Into<String>) -> Self {
-        CommandReply::Err { code: ErrorCode::Unavailable, message: message.into(), not_taken: true }
+        CommandReply::Err {
+            code: ErrorCode::Unavailable,
+            message: message.into(),
+            not_taken: true,
+            retry_after_ms: None,
+        }
     }
 
     /// Whether this answer says the command was refused before anything of it ran.
@@ -286,6 +360,11 @@ pub enum EventBody {
         user: UserId,
         by: Option<UserId>,
     },
+    /// A moderation action taken by `by` (`None`: the tenant's backend).
+    Moderation {
+        action: Moderation,
+        by: Option<UserId>,
+    },
 }
 
 impl RoomEvent {
@@ -328,6 +407,23 @@ impl RoomEvent {
             }
             EventBody::Joined { user } => ServerEvent::Joined { room, seq, user: user.clone(), ts },
             EventBody::Left { user, by } => ServerEvent::Left { room, seq, user: user.clone(), by: by.clone(), ts },
+            EventBody::Moderation { action, by } => {
+                let (until, secs) = match action {
+                    Moderation::Ban { until_ms, .. } | Moderation::Mute { until_ms, .. } => (*until_ms, None),
+                    Moderation::SlowMode { secs } => (None, Some(*secs)),
+                    Moderation::Unban { .. } | Moderation::Unmute { .. } | Moderation::Freeze { .. } => (None, None),
+                };
+                ServerEvent::Moderation {
+                    room,
+                    seq,
+                    action: action.client_action(),
+                    user: action.user().cloned(),
+                    until,
+                    secs,
+                    by: by.clone(),
+                    ts,
+                }
+            }
         }
     }
 }
@@ -389,11 +485,64 @@ pub struct RoomRecord {
     pub created_at_ms: u64,
 }
 
-/// A room's members and their roles, in the rooms KV bucket; written only by the room's actor.
+/// A room's members and their roles, and its moderation, in the rooms KV bucket; written only by the room's actor.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Roster {
     pub v: u8,
     pub members: std::collections::BTreeMap<UserId, crate::client::Role>,
+    /// Absent from rosters of earlier releases and of rooms never moderated.
+    #[serde(default, skip_serializing_if = "RoomModeration::is_unset")]
+    pub moderation: RoomModeration,
+}
+
+/// A room's standing moderation: bans and mutes with their expiries (unix ms; `None`: for good), slow mode and
+/// freeze. Expired entries stay until the next moderation action rewrites the roster; they bind nobody.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomModeration {
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bans: std::collections::BTreeMap<UserId, Option<u64>>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub mutes: std::collections::BTreeMap<UserId, Option<u64>>,
+    /// Seconds between two messages of one member (admins exempt); 0: off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub slow_mode_secs: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
+}
+
+fn is_zero(secs: &u32) -> bool {
+    *secs == 0
+}
+
+impl RoomModeration {
+    pub fn is_unset(&self) -> bool {
+        self == &RoomModeration::default()
+    }
+
+    /// Is `user` banned at `now_ms`?
+    pub fn is_banned(&self, user: &UserId, now_ms: u64) -> bool {
+        in_force(self.bans.get(user), now_ms)
+    }
+
+    /// Is `user` muted at `now_ms`?
+    pub fn is_muted(&self, user: &UserId, now_ms: u64) -> bool {
+        in_force(self.mutes.get(user), now_ms)
+    }
+
+    /// Drop bans and mutes that expired by `now_ms`.
+    pub fn prune(&mut self, now_ms: u64) {
+        self.bans.retain(|_, until| in_force(Some(until), now_ms));
+        self.mutes.retain(|_, until| in_force(Some(until), now_ms));
+    }
+}
+
+/// Does an entry with this expiry still hold at `now_ms`?
+fn in_force(entry: Option<&Option<u64>>, now_ms: u64) -> bool {
+    match entry {
+        None => false,
+        Some(None) => true,
+        Some(Some(until_ms)) => *until_ms > now_ms,
+    }
 }
 
 /// One of a user's rooms, as kept in the user's `UserRooms` record.

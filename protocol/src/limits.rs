@@ -42,3 +42,11 @@ pub const MAX_WATCHED_PER_SESSION: u32 = 10_000;
 /// Live sockets one user may have across the fleet when neither the tenant nor the gateway sets a quota: enough for
 /// every device and tab a person uses, far below what one stolen token could open.
 pub const MAX_CONNECTIONS_PER_USER: u32 = 100;
+/// Users one room may ban, and mute, at a time (expired entries do not count): both lists live in the roster's KV
+/// value beside its members, and with this many of the longest user ids it still fits one NATS message.
+pub const MAX_BANS_PER_ROOM: usize = 1_000;
+pub const MAX_MUTES_PER_ROOM: usize = 1_000;
+/// Longest slow-mode interval, in seconds.
+pub const MAX_SLOW_MODE_SECS: u32 = 86_400;
+/// Longest ban or mute with an expiry, in seconds (ten years); longer ones are given without `secs`, for good.
+pub const MAX_MODERATION_SECS: u64 = 315_360_000;

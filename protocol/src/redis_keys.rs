@@ -23,6 +23,11 @@ pub fn revoked(tenant: &ProjectId, credential_id: &str) -> String {
     format!("sy:rev:{tenant}:{credential_id}")
 }
 
+/// A user's ban from the whole tenant: holds the ban's end (unix ms, 0 for good) and expires then.
+pub fn user_ban(tenant: &ProjectId, user: &UserId) -> String {
+    format!("sy:ban:{tenant}:{user}")
+}
+
 /// The tenant's fleet-wide message token bucket.
 pub fn tenant_rate(tenant: &ProjectId) -> String {
     format!("sy:rate:{tenant}")

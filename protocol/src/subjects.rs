@@ -77,6 +77,26 @@ pub fn left_dedupe_id(tenant: &ProjectId, room: &RoomId, user: &UserId, roster_r
     format!("left|{tenant}|{}|{user}|{roster_revision}", room.token())
 }
 
+/// The `Nats-Msg-Id` of the event that records a moderation `action` taken on the roster at `roster_revision`: an
+/// action repeated after a half-done attempt (sequenced, then the roster write failed) finds the first event.
+pub fn moderation_dedupe_id(
+    tenant: &ProjectId,
+    room: &RoomId,
+    roster_revision: u64,
+    action: &crate::internal::Moderation,
+) -> String {
+    use crate::internal::Moderation;
+    let what = match action {
+        Moderation::Ban { user, until_ms } => format!("ban|{user}|{}", until_ms.unwrap_or(0)),
+        Moderation::Unban { user } => format!("unban|{user}"),
+        Moderation::Mute { user, until_ms } => format!("mute|{user}|{}", until_ms.unwrap_or(0)),
+        Moderation::Unmute { user } => format!("unmute|{user}"),
+        Moderation::SlowMode { secs } => format!("slow|{secs}"),
+        Moderation::Freeze { frozen } => format!("freeze|{frozen}"),
+    };
+    format!("mod|{tenant}|{}|{roster_revision}|{what}", room.token())
+}
+
 /// KV key of a tenant record.
 pub fn tenant_key(tenant: &ProjectId) -> String {
     tenant.as_str().to_owned()

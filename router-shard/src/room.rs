@@ -37,28 +37,35 @@ pub(crate) struct RoomJob {
     pub command: RoomCommand,
     /// The tenant's quotas, as the gateway resolved them.
     pub quotas: RoomQuotas,
+    /// The tenant's backend sent the command on behalf of `user`.
+    pub by_backend: bool,
     pub reply_to: Option<Subject>,
 }
 
 /// Why a command failed; each maps to a protocol error code.
 #[derive(Debug, thiserror::Error)]
 enum RoomError {
-    #[error("{1}")]
-    Refused(ErrorCode, String),
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String, retry_after_ms: Option<u64> },
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
 }
 
 impl From<Refusal> for RoomError {
     fn from(refusal: Refusal) -> Self {
-        RoomError::Refused(refusal.code, refusal.message)
+        RoomError::Refused { code: refusal.code, message: refusal.message, retry_after_ms: refusal.retry_after_ms }
     }
 }
 
 impl RoomError {
     fn reply(&self) -> CommandReply {
         match self {
-            RoomError::Refused(code, message) => CommandReply::err(*code, message.clone()),
+            RoomError::Refused { code, message, retry_after_ms } => CommandReply::Err {
+                code: *code,
+                message: message.clone(),
+                not_taken: false,
+                retry_after_ms: *retry_after_ms,
+            },
             RoomError::Unavailable(message) => CommandReply::err(ErrorCode::Unavailable, message.clone()),
         }
     }
@@ -69,7 +76,7 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> RoomError {
 }
 
 fn refused(code: ErrorCode, message: impl Into<String>) -> RoomError {
-    RoomError::Refused(code, message.into())
+    RoomError::Refused { code, message: message.into(), retry_after_ms: None }
 }
 
 /// The result of an append.
@@ -148,7 +155,7 @@ impl RoomActor {
     }
 
     async fn serve(&mut self, job: RoomJob) {
-        let reply = match self.handle(job.user.as_ref(), &job.command, &job.quotas).await {
+        let reply = match self.handle(job.user.as_ref(), &job.command, &job.quotas, job.by_backend).await {
             Ok(result) => CommandReply::Ok { result },
             Err(error) => {
                 if matches!(error, RoomError::Unavailable(_)) {
@@ -175,6 +182,7 @@ impl RoomActor {
         user: Option<&UserId>,
         command: &RoomCommand,
         quotas: &RoomQuotas,
+        by_backend: bool,
     ) -> Result<OkResult, RoomError> {
         let (tenant, room) = (self.tenant.clone(), self.room.clone());
         let message_id = MessageId::generate(now_us() / 1000);
@@ -191,6 +199,7 @@ impl RoomActor {
                 now: Instant::now(),
                 now_us,
                 message_id: &message_id,
+                by_backend,
             };
             let decision = match room_core::decide(&self.state, &facts, &input) {
                 Ok(decision) => decision,
@@ -238,6 +247,7 @@ impl RoomActor {
                         None => return Err(RoomError::Unavailable(WRITTEN_ELSEWHERE.into())),
                     },
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
+                    Effect::MarkSent { user, at, interval } => self.state.mark_sent(user, at, interval),
                     Effect::Publish(message) => self.publish_live(&message).await,
                 }
             }

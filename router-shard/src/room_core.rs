@@ -7,11 +7,13 @@
 //! It does not read, write or wait: the actor (`room.rs`) loads the facts it is asked for, performs the effects in
 //! order, and assigns each appended event its seq at the append (the fence decides the seq, not this module).
 
+use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use switchyard_protocol::client::{Member, OkResult, Role};
 use switchyard_protocol::internal::{
-    EventBody, LiveMessage, RoomCommand, RoomEvent, RoomQuotas, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
+    EventBody, LiveMessage, Moderation, RoomCommand, RoomEvent, RoomModeration, RoomQuotas, RoomRecord, Roster,
+    UserRoom, INTERNAL_VERSION,
 };
 use switchyard_protocol::{limits, subjects, ErrorCode, MessageId, ProjectId, RoomId, UserId};
 
@@ -19,6 +21,11 @@ use switchyard_protocol::{limits, subjects, ErrorCode, MessageId, ProjectId, Roo
 pub(crate) const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 /// Most message facts kept per room; older ones are asked of the persistors again.
 const MESSAGE_FACTS_KEPT: usize = 4096;
+/// Senders whose last message is remembered for slow mode before the ones past the interval are dropped.
+const SLOW_MODE_SENDERS_KEPT: usize = 256;
+/// The moderation of a room that has none (and of every direct-message room).
+static UNMODERATED: RoomModeration =
+    RoomModeration { bans: BTreeMap::new(), mutes: BTreeMap::new(), slow_mode_secs: 0, frozen: false };
 
 /// The room's last event in the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +59,9 @@ pub(crate) struct RoomState {
     pub messages: HashMap<u64, MessageFacts>,
     /// When each user last had a typing signal relayed (entries older than [`TYPING_INTERVAL`] are dropped).
     pub typing: HashMap<UserId, Instant>,
+    /// When each member last sent a message while slow mode was on. Kept in memory only: after the room moves to
+    /// another router shard a member may send once more before the interval is over.
+    pub last_sent: HashMap<UserId, Instant>,
 }
 
 impl RoomState {
@@ -87,8 +97,17 @@ impl RoomState {
             | EventBody::Reaction { .. }
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }
-            | EventBody::Left { .. } => {}
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. } => {}
         }
+    }
+
+    /// `user` sent a message `at` while slow mode (`interval`) was on.
+    pub fn mark_sent(&mut self, user: UserId, at: Instant, interval: Duration) {
+        if self.last_sent.len() >= SLOW_MODE_SENDERS_KEPT {
+            self.last_sent.retain(|_, last| at.saturating_duration_since(*last) < interval);
+        }
+        self.last_sent.insert(user, at);
     }
 
     /// A typing signal of `user` was relayed `at`.
@@ -151,6 +170,8 @@ pub(crate) struct Command<'a> {
     pub now_us: u64,
     /// The id a message sent by this command gets.
     pub message_id: &'a MessageId,
+    /// The tenant's backend sent the command on behalf of `user`: the room's moderation does not hold it back.
+    pub by_backend: bool,
 }
 
 /// A change to make, in the order the decision lists them.
@@ -171,6 +192,8 @@ pub(crate) enum Effect {
     Append { body: EventBody, dedupe_id: Option<String> },
     /// Note a relayed typing signal, for the throttle.
     MarkTyping { user: UserId, at: Instant },
+    /// Note a member's message, for slow mode.
+    MarkSent { user: UserId, at: Instant, interval: Duration },
     /// Publish to whoever listens live.
     Publish(LiveMessage),
 }
@@ -203,6 +226,8 @@ pub(crate) struct Decision {
 pub(crate) struct Refusal {
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`: when the command may succeed.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// Why [`decide`] did not decide.
@@ -221,7 +246,7 @@ impl From<Refusal> for Stop {
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Stop {
-    Stop::Refuse(Refusal { code, message: message.into() })
+    Stop::Refuse(Refusal { code, message: message.into(), retry_after_ms: None })
 }
 
 type Rule<T> = Result<T, Stop>;
@@ -233,6 +258,9 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
     let mut effects = Vec::new();
     let reply = match (command.command, command.user) {
         (RoomCommand::Create { private, title, .. }, user) => {
+            if rules.record()?.is_some() {
+                return Err(refuse(ErrorCode::Conflict, format!("room {room} already exists")));
+            }
             rules.create(user, *private, title.clone(), false, &mut effects)?;
             Reply::Room
         }
@@ -254,6 +282,16 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             rules.require_record()?;
             rules.remove_member(member, None, &mut effects)?;
             Reply::Room
+        }
+        (RoomCommand::Moderate { action, .. }, None) => {
+            rules.require_named_room()?;
+            rules.require_record()?;
+            rules.moderate(None, action, &mut effects)?
+        }
+        (RoomCommand::Moderate { action, .. }, Some(user)) => {
+            rules.require_named_room()?;
+            rules.require_admin(user)?;
+            rules.moderate(Some(user), action, &mut effects)?
         }
         (
             RoomCommand::Join { .. }
@@ -278,7 +316,9 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             rules.members()?
         }
         (RoomCommand::Send { body, attrs, reply_to, cmid, .. }, Some(user)) => {
-            rules.require_member(user)?;
+            let role = rules.require_member(user)?;
+            rules.require_voice(user, "send")?;
+            let slow_mode = rules.slow_mode(user, role)?;
             let tail = rules.tail_seq()?;
             if reply_to.is_some_and(|seq| seq == 0 || seq > tail) {
                 return Err(refuse(ErrorCode::BadRequest, "reply_to must be the seq of an earlier event of the room"));
@@ -300,6 +340,9 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             };
             let dedupe_id = cmid.as_ref().map(|cmid| subjects::cmid_dedupe_id(command.tenant, user, cmid));
             effects.push(Effect::Append { body, dedupe_id });
+            if let Some(interval) = slow_mode {
+                effects.push(Effect::MarkSent { user: user.clone(), at: command.now, interval });
+            }
             Reply::Sent
         }
         (RoomCommand::Leave { .. }, Some(user)) => {
@@ -332,7 +375,10 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         }
         (RoomCommand::Typing { .. }, Some(user)) => {
             let throttled = |last: &Instant| command.now.saturating_duration_since(*last) < TYPING_INTERVAL;
-            if rules.role_of(user)?.is_some() && !state.typing.get(user).is_some_and(throttled) {
+            if rules.role_of(user)?.is_some()
+                && rules.has_voice(user)?
+                && !state.typing.get(user).is_some_and(throttled)
+            {
                 effects.push(Effect::MarkTyping { user: user.clone(), at: command.now });
                 effects.push(Effect::Publish(LiveMessage::Typing { room: room.clone(), user: user.clone() }));
             }
@@ -354,6 +400,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         }
         (RoomCommand::React { target, emoji, remove, .. }, Some(user)) => {
             rules.require_member(user)?;
+            rules.require_voice(user, "react")?;
             rules.require_message(*target)?;
             let body =
                 EventBody::Reaction { target: *target, user: user.clone(), emoji: emoji.clone(), removed: *remove };
@@ -362,6 +409,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         }
         (RoomCommand::Edit { target, body, .. }, Some(user)) => {
             rules.require_member(user)?;
+            rules.require_voice(user, "edit")?;
             if &rules.require_message(*target)?.author != user {
                 return Err(refuse(ErrorCode::Forbidden, "only a message's author may edit it"));
             }
@@ -371,6 +419,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         }
         (RoomCommand::Delete { target, .. }, Some(user)) => {
             let role = rules.require_member(user)?;
+            rules.require_unfrozen()?;
             if &rules.require_message(*target)?.author != user && role != Role::Admin {
                 return Err(refuse(ErrorCode::Forbidden, "only a message's author or a room admin may delete it"));
             }
@@ -383,6 +432,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         (RoomCommand::Pin { target, pinned, .. }, Some(user)) => {
             // In a named room only its admins pin; in a direct-message room either participant does.
             let role = rules.require_member(user)?;
+            rules.require_unfrozen()?;
             if !room.is_dm() && role != Role::Admin {
                 return Err(refuse(
                     ErrorCode::Forbidden,
@@ -405,7 +455,17 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
 /// room as it was: membership, role, the target message. A `joined` or `left` does not: its roster and membership
 /// writes are done already, and it is appended with the next seq as it is.
 pub(crate) fn redecide_when_fenced(body: &EventBody) -> bool {
-    author(body).is_some()
+    match body {
+        // A moderation action rests on the actor's role and on the moderation it changes.
+        EventBody::Moderation { .. } => true,
+        EventBody::Msg { .. }
+        | EventBody::Edit { .. }
+        | EventBody::Delete { .. }
+        | EventBody::Reaction { .. }
+        | EventBody::Pin { .. }
+        | EventBody::Joined { .. }
+        | EventBody::Left { .. } => author(body).is_some(),
+    }
 }
 
 /// The answer to a `send`, from the event its append stored or found: a repeated cmid answers the first `ok`,
@@ -420,8 +480,10 @@ pub(crate) fn sent(event: &RoomEvent) -> Result<OkResult, Refusal> {
         | EventBody::Reaction { .. }
         | EventBody::Pin { .. }
         | EventBody::Joined { .. }
-        | EventBody::Left { .. } => {
-            Err(Refusal { code: ErrorCode::Conflict, message: "cmid was already used for another kind of op".into() })
+        | EventBody::Left { .. }
+        | EventBody::Moderation { .. } => {
+            let message = "cmid was already used for another kind of op".into();
+            Err(Refusal { code: ErrorCode::Conflict, message, retry_after_ms: None })
         }
     }
 }
@@ -432,7 +494,7 @@ pub(crate) fn author(body: &EventBody) -> Option<&UserId> {
         EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
         EventBody::Reaction { user, .. } => Some(user),
         EventBody::Delete { by, .. } | EventBody::Pin { by, .. } => Some(by),
-        EventBody::Joined { .. } | EventBody::Left { .. } => None,
+        EventBody::Joined { .. } | EventBody::Left { .. } | EventBody::Moderation { .. } => None,
     }
 }
 
@@ -507,6 +569,7 @@ impl Rules<'_> {
 
     /// Members may read a room, and so may anyone of the tenant when the room is public (or granted).
     fn require_reader(&self, user: &UserId, grants: &[String]) -> Rule<()> {
+        self.require_not_banned(user)?;
         if self.role_of(user)?.is_some() {
             return Ok(());
         }
@@ -535,6 +598,133 @@ impl Rules<'_> {
             return Err(refuse(ErrorCode::NotFound, format!("message {target} was deleted")));
         }
         Ok(facts)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.command.now_us / 1000
+    }
+
+    /// The room's standing moderation (a direct-message room has none).
+    fn moderation(&self) -> Rule<&RoomModeration> {
+        if self.room().is_dm() {
+            return Ok(&UNMODERATED);
+        }
+        Ok(&self.roster()?.moderation)
+    }
+
+    fn require_not_banned(&self, user: &UserId) -> Rule<()> {
+        if self.moderation()?.is_banned(user, self.now_ms()) {
+            return Err(refuse(ErrorCode::Forbidden, format!("{user} is banned from room {}", self.room())));
+        }
+        Ok(())
+    }
+
+    /// Writes to the room's history (a delete, a pin) need it not frozen, unless the tenant's backend sends them.
+    fn require_unfrozen(&self) -> Rule<()> {
+        if !self.command.by_backend && self.moderation()?.frozen {
+            return Err(refuse(ErrorCode::Forbidden, format!("room {} is frozen", self.room())));
+        }
+        Ok(())
+    }
+
+    /// May `user` speak in the room: it is not frozen and they are not muted (the backend always may)?
+    fn has_voice(&self, user: &UserId) -> Rule<bool> {
+        let moderation = self.moderation()?;
+        Ok(self.command.by_backend || (!moderation.frozen && !moderation.is_muted(user, self.now_ms())))
+    }
+
+    /// Refuse `what` (send, react, edit) when `user` may not speak in the room.
+    fn require_voice(&self, user: &UserId, what: &str) -> Rule<()> {
+        if self.has_voice(user)? {
+            return Ok(());
+        }
+        self.require_unfrozen()?;
+        Err(refuse(ErrorCode::Forbidden, format!("{user} is muted in room {} and may not {what}", self.room())))
+    }
+
+    /// The slow-mode interval that binds `user`'s message (`None`: none does), refused as `rate_limited` when
+    /// their last message is more recent than it.
+    fn slow_mode(&self, user: &UserId, role: Role) -> Rule<Option<Duration>> {
+        let secs = self.moderation()?.slow_mode_secs;
+        if secs == 0 || role == Role::Admin || self.command.by_backend {
+            return Ok(None);
+        }
+        let interval = Duration::from_secs(u64::from(secs));
+        if let Some(last) = self.state.last_sent.get(user) {
+            let since = self.command.now.saturating_duration_since(*last);
+            if since < interval {
+                let wait = interval - since;
+                return Err(Stop::Refuse(Refusal {
+                    code: ErrorCode::RateLimited,
+                    message: format!("room {} is in slow mode: one message per {secs} s", self.room()),
+                    retry_after_ms: Some(wait.as_millis() as u64 + 1),
+                }));
+            }
+        }
+        Ok(Some(interval))
+    }
+
+    /// A moderation action by `by` (`None`: the tenant's backend), who may take it. The action is sequenced first
+    /// (so a retry after a half-done attempt finds it by its id instead of appending it twice), then the roster
+    /// stores it; a ban of a member then ends the membership as a kick does. An action that changes nothing
+    /// appends nothing.
+    fn moderate(&self, by: Option<&UserId>, action: &Moderation, effects: &mut Vec<Effect>) -> Rule<Reply> {
+        let room = self.room();
+        let roster = self.roster()?;
+        if let (Some(by), Some(target)) = (by, action.user()) {
+            if by == target {
+                return Err(refuse(ErrorCode::BadRequest, "a room admin cannot moderate themselves"));
+            }
+            let restricts = matches!(action, Moderation::Ban { .. } | Moderation::Mute { .. });
+            if restricts && roster.members.get(target) == Some(&Role::Admin) {
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("{target} is an admin of room {room}: only the tenant's backend may ban or mute them"),
+                ));
+            }
+        }
+        let now_ms = self.now_ms();
+        let mut moderation = roster.moderation.clone();
+        moderation.prune(now_ms);
+        let lifted =
+            |user: &UserId, what: &str| refuse(ErrorCode::NotFound, format!("{user} is not {what} in room {room}"));
+        let changed = match action {
+            Moderation::Ban { user, until_ms } => {
+                restrict(&mut moderation.bans, user, *until_ms, now_ms, limits::MAX_BANS_PER_ROOM, "bans", room)?
+            }
+            Moderation::Mute { user, until_ms } => {
+                restrict(&mut moderation.mutes, user, *until_ms, now_ms, limits::MAX_MUTES_PER_ROOM, "mutes", room)?
+            }
+            Moderation::Unban { user } => {
+                moderation.bans.remove(user).map(|_| true).ok_or_else(|| lifted(user, "banned"))?
+            }
+            Moderation::Unmute { user } => {
+                moderation.mutes.remove(user).map(|_| true).ok_or_else(|| lifted(user, "muted"))?
+            }
+            Moderation::SlowMode { secs } => {
+                if *secs > limits::MAX_SLOW_MODE_SECS {
+                    let message = format!("slow mode is at most {} seconds", limits::MAX_SLOW_MODE_SECS);
+                    return Err(refuse(ErrorCode::BadRequest, message));
+                }
+                std::mem::replace(&mut moderation.slow_mode_secs, *secs) != *secs
+            }
+            Moderation::Freeze { frozen } => std::mem::replace(&mut moderation.frozen, *frozen) != *frozen,
+        };
+        if changed {
+            let revision = self.state.roster.as_ref().and_then(|(_, revision)| *revision).unwrap_or(0);
+            let dedupe_id = subjects::moderation_dedupe_id(self.command.tenant, room, revision, action);
+            let body = EventBody::Moderation { action: action.clone(), by: by.cloned() };
+            effects.push(Effect::Append { body, dedupe_id: Some(dedupe_id) });
+            let mut roster = roster.clone();
+            roster.moderation = moderation;
+            effects.push(Effect::SaveRoster(roster));
+        }
+        if let Moderation::Ban { user, .. } = action {
+            if roster.members.contains_key(user) {
+                self.remove_member(user, by.cloned(), effects)?;
+            }
+        }
+        Ok(Reply::TailSeq)
     }
 
     fn members(&self) -> Rule<Reply> {
@@ -637,6 +827,7 @@ impl Rules<'_> {
         let roster = self.roster()?;
         let new_member = !roster.members.contains_key(user);
         if new_member {
+            self.require_not_banned(user)?;
             self.admit(user)?;
         }
         let read = self.membership(user)?.map_or(0, |entry| entry.read);
@@ -683,6 +874,26 @@ fn quota_refusal(members: usize, user_rooms: u64, quotas: &RoomQuotas) -> Option
         return Some(format!("the user is in their quota of {rooms_cap} rooms"));
     }
     None
+}
+
+/// Put `user` in a room's bans or mutes until `until_ms` (`None`: for good); whether that changes them. A new entry
+/// needs room under `cap` (expired entries were pruned already).
+fn restrict(
+    entries: &mut BTreeMap<UserId, Option<u64>>,
+    user: &UserId,
+    until_ms: Option<u64>,
+    now_ms: u64,
+    cap: usize,
+    what: &str,
+    room: &RoomId,
+) -> Rule<bool> {
+    if until_ms.is_some_and(|until| until <= now_ms) {
+        return Err(refuse(ErrorCode::BadRequest, "the expiry is in the past"));
+    }
+    if !entries.contains_key(user) && entries.len() >= cap {
+        return Err(refuse(ErrorCode::Forbidden, format!("room {room} has its quota of {cap} {what}")));
+    }
+    Ok(entries.insert(user.clone(), until_ms) != Some(until_ms))
 }
 
 /// Does a token's `rooms` claim allow `room`? Entries are room ids or prefixes ending in `*`.

@@ -125,8 +125,13 @@ async fn route_command(
         }
     };
     let key = (request.tenant.clone(), request.command.room().clone());
-    let mut job =
-        RoomJob { user: request.user, command: request.command, quotas: request.quotas, reply_to: message.reply };
+    let mut job = RoomJob {
+        user: request.user,
+        command: request.command,
+        quotas: request.quotas,
+        by_backend: request.by_backend,
+        reply_to: message.reply,
+    };
     // An actor that went idle has closed its queue; start a new one and hand the job over (once: a new queue is
     // open and empty).
     for _ in 0..2 {

@@ -199,7 +199,14 @@ fn repeatable(op: &ClientOp) -> bool {
         | ClientOp::Edit { .. }
         | ClientOp::Delete { .. }
         | ClientOp::Pin { .. }
-        | ClientOp::Unpin { .. } => false,
+        | ClientOp::Unpin { .. }
+        | ClientOp::Ban { .. }
+        | ClientOp::Unban { .. }
+        | ClientOp::Mute { .. }
+        | ClientOp::Unmute { .. }
+        | ClientOp::SlowMode { .. }
+        | ClientOp::Freeze { .. }
+        | ClientOp::Unfreeze { .. } => false,
     }
 }
 
@@ -399,6 +406,44 @@ impl ReconnectingClient {
     /// after a drop.
     pub async fn unpin(&self, room: &str, seq: u64) -> Result<u64, ClientError> {
         seq_of(&self.request(ClientOp::Unpin { room: RoomId::parse(room)?, seq }).await?.into_result()?)
+    }
+
+    /// `ban` a user from a room (room admins), for `secs` seconds or until `unban`; the seq of the `moderation`
+    /// event (a ban that changes nothing answers the room's last seq). Moderation ops are not repeated after a
+    /// drop (their effect is unknown then: the error is [`ClientError::Closed`]).
+    pub async fn ban(&self, room: &str, user: &str, secs: Option<u64>) -> Result<u64, ClientError> {
+        let op = ClientOp::Ban { room: RoomId::parse(room)?, user: UserId::parse(user)?, secs };
+        seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// `unban` a user (room admins).
+    pub async fn unban(&self, room: &str, user: &str) -> Result<u64, ClientError> {
+        let op = ClientOp::Unban { room: RoomId::parse(room)?, user: UserId::parse(user)? };
+        seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// `mute` a user in a room (room admins), for `secs` seconds or until `unmute`.
+    pub async fn mute(&self, room: &str, user: &str, secs: Option<u64>) -> Result<u64, ClientError> {
+        let op = ClientOp::Mute { room: RoomId::parse(room)?, user: UserId::parse(user)?, secs };
+        seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// `unmute` a user (room admins).
+    pub async fn unmute(&self, room: &str, user: &str) -> Result<u64, ClientError> {
+        let op = ClientOp::Unmute { room: RoomId::parse(room)?, user: UserId::parse(user)? };
+        seq_of(&self.request(op).await?.into_result()?)
+    }
+
+    /// Set a room's slow mode to one message per `secs` seconds per member (0: off; room admins).
+    pub async fn slow_mode(&self, room: &str, secs: u32) -> Result<u64, ClientError> {
+        seq_of(&self.request(ClientOp::SlowMode { room: RoomId::parse(room)?, secs }).await?.into_result()?)
+    }
+
+    /// Freeze (`frozen: true`) or thaw a room (room admins).
+    pub async fn freeze(&self, room: &str, frozen: bool) -> Result<u64, ClientError> {
+        let room = RoomId::parse(room)?;
+        let op = if frozen { ClientOp::Freeze { room } } else { ClientOp::Unfreeze { room } };
+        seq_of(&self.request(op).await?.into_result()?)
     }
 
     /// `edit` one's own message; the seq of the edit event.

@@ -47,6 +47,9 @@ pub async fn create_token(
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
     let (user_id, ttl_secs) = parse_create_token(&body)?;
+    if gw.tokens.is_banned(&tenant.project_id, &user_id).await? {
+        return Err(ApiError::new(ErrorCode::Forbidden, format!("{user_id} is banned")));
+    }
     let expires_at_ms = now_ms() + ttl_secs * 1000;
     let grant = TokenGrant { project_id: tenant.project_id, user_id, expires_at_ms };
     let token = gw.tokens.issue(&grant, ttl_secs).await?;

@@ -67,7 +67,7 @@ impl IntoResponse for ApiError {
 
 impl From<UpstreamError> for ApiError {
     fn from(error: UpstreamError) -> Self {
-        ApiError::new(error.code, error.message)
+        ApiError { retry_after_ms: error.retry_after_ms, ..ApiError::new(error.code, error.message) }
     }
 }
 
@@ -113,7 +113,7 @@ impl From<AuthError> for ApiError {
             AuthError::TokenStore(error) => error.into(),
             AuthError::Tenant(error) => error.into(),
             AuthError::MalformedJwt(error) | AuthError::InvalidJwt(error) => error.into(),
-            AuthError::TenantDisabled => ApiError::new(ErrorCode::Forbidden, error.to_string()),
+            AuthError::TenantDisabled | AuthError::Banned => ApiError::new(ErrorCode::Forbidden, error.to_string()),
             AuthError::Missing
             | AuthError::TooLong
             | AuthError::UnknownKind

@@ -8,12 +8,14 @@ mod admin;
 mod credentials;
 mod demo;
 mod error;
+mod moderation;
 
 pub use error::ApiError;
 
 // The request-body decoders, public so they can be fuzzed on their own (see docs/fuzzing.md).
 pub use admin::{parse_create_tenant, parse_set_jwt, parse_set_limits};
 pub use credentials::parse_create_token;
+pub use moderation::{parse_restriction, parse_room_settings};
 
 use crate::auth::bearer;
 use crate::rooms::{self, HistoryPage, Reader};
@@ -55,10 +57,14 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/tokens", post(credentials::create_token))
         .route("/v1/tokens/{token}", delete(credentials::revoke_token))
         .route("/v1/users/{user_id}/sessions", delete(credentials::revoke_user_sessions))
+        .route("/v1/users/{user_id}/ban", put(moderation::ban_user).delete(moderation::unban_user))
         .route("/v1/rooms", post(create_room))
         .route("/v1/rooms/{room}/members", get(list_members))
         .route("/v1/rooms/{room}/members/{user_id}", put(set_member).delete(remove_member))
         .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
+        .route("/v1/rooms/{room}/bans/{user_id}", put(moderation::set_room_ban).delete(moderation::lift_room_ban))
+        .route("/v1/rooms/{room}/mutes/{user_id}", put(moderation::set_room_mute).delete(moderation::lift_room_mute))
+        .route("/v1/rooms/{room}/moderation", put(moderation::set_room_settings))
         .route("/v1/ws", get(ws_handler))
         .merge(demo)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
@@ -144,7 +150,7 @@ pub(crate) async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Resu
     Ok(gw.tenants.authenticate_key(key).await?)
 }
 
-fn parse_room(room: &str) -> Result<RoomId, ApiError> {
+pub(crate) fn parse_room(room: &str) -> Result<RoomId, ApiError> {
     RoomId::parse(room).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
@@ -194,12 +200,12 @@ async fn post_message(
     if let Err(wait) = crate::limits::take_tenant_message(&gw, &tenant.project_id).await {
         return Err(ApiError::rate_limited("the project's message rate is exceeded", wait));
     }
-    match upstream::command(&gw, &tenant.project_id, Some(&from), command).await {
+    match upstream::command_for_backend(&gw, &tenant.project_id, &from, command).await {
         Ok(OkResult::Sent { id, seq, ts, .. }) => {
             Ok((StatusCode::CREATED, Json(json!({"id": id, "seq": seq, "ts": ts}))).into_response())
         }
         Ok(_) => Err(ApiError::new(ErrorCode::Internal, "unexpected router reply")),
-        Err(error) => Err(ApiError::new(error.code, error.message)),
+        Err(error) => Err(error.into()),
     }
 }
 

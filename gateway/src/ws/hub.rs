@@ -54,7 +54,8 @@ impl LiveEvent {
                     | EventBody::Delete { .. }
                     | EventBody::Reaction { .. }
                     | EventBody::Pin { .. }
-                    | EventBody::Joined { .. } => None,
+                    | EventBody::Joined { .. }
+                    | EventBody::Moderation { .. } => None,
                 };
                 if let EventBody::Joined { user } = &event.body {
                     joined_user = Some(user.clone());

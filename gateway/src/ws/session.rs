@@ -13,8 +13,9 @@
 //! its token). When the gateway drains, the session finishes the op in flight (its `ok` is written), answers every
 //! other op `unavailable`, says `bye` with a jittered `reconnect_after_ms` and closes with 1001.
 
-use crate::auth::{authenticate, Identity};
+use crate::auth::{authenticate, AuthError, Identity};
 use crate::limits::{tenant_rate_refusal, AbuseCounter};
+use crate::moderation;
 use crate::resume;
 use crate::revocation::CloseSignal;
 use crate::rooms::{self, HistoryPage, Reader};
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use switchyard_protocol::client::{
     decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, OkResult, ServerFrame,
 };
-use switchyard_protocol::internal::{EventBody, RoomCommand};
+use switchyard_protocol::internal::{EventBody, Moderation, RoomCommand};
 use switchyard_protocol::{
     limits, subjects, ClientMessageId, ClientMessageIdError, CloseCode, ErrorCode, RoomId, UserId,
 };
@@ -403,7 +404,12 @@ async fn first_frame_auth(
         return match decoded {
             Ok(ClientRequest { op: ClientOp::Auth { token }, .. }) => authenticate(gw, &token).await.map_err(|e| {
                 // A token store outage is no verdict on the token: the client may retry (1013).
-                let code = if e.is_unavailable() { CloseCode::TryAgainLater } else { CloseCode::Unauthenticated };
+                let code = match &e {
+                    _ if e.is_unavailable() => CloseCode::TryAgainLater,
+                    // Final: a new token would be refused as well.
+                    AuthError::Banned => CloseCode::Revoked,
+                    _ => CloseCode::Unauthenticated,
+                };
                 (code, format!("authentication failed: {e}"))
             }),
             Ok(_) => {
@@ -704,6 +710,13 @@ impl Session {
             | ClientOp::Delete { .. }
             | ClientOp::Pin { .. }
             | ClientOp::Unpin { .. }
+            | ClientOp::Ban { .. }
+            | ClientOp::Unban { .. }
+            | ClientOp::Mute { .. }
+            | ClientOp::Unmute { .. }
+            | ClientOp::SlowMode { .. }
+            | ClientOp::Freeze { .. }
+            | ClientOp::Unfreeze { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Rooms
@@ -780,6 +793,13 @@ impl Session {
             | ClientOp::Delete { .. }
             | ClientOp::Pin { .. }
             | ClientOp::Unpin { .. }
+            | ClientOp::Ban { .. }
+            | ClientOp::Unban { .. }
+            | ClientOp::Mute { .. }
+            | ClientOp::Unmute { .. }
+            | ClientOp::SlowMode { .. }
+            | ClientOp::Freeze { .. }
+            | ClientOp::Unfreeze { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Rooms
@@ -821,6 +841,11 @@ impl Session {
             ClientOp::History { limit: Some(limit), .. } if rooms::history_limit(Some(*limit)).is_err() => {
                 bad(&rooms::HistoryLimitError.to_string())
             }
+            ClientOp::Ban { secs: Some(secs), .. } | ClientOp::Mute { secs: Some(secs), .. }
+                if moderation::until_ms(Some(*secs)).is_err() =>
+            {
+                bad(&moderation::DurationError.to_string())
+            }
             ClientOp::Auth { .. }
             | ClientOp::Ping
             | ClientOp::Create { .. }
@@ -837,6 +862,13 @@ impl Session {
             | ClientOp::Delete { .. }
             | ClientOp::Pin { .. }
             | ClientOp::Unpin { .. }
+            | ClientOp::Ban { .. }
+            | ClientOp::Unban { .. }
+            | ClientOp::Mute { .. }
+            | ClientOp::Unmute { .. }
+            | ClientOp::SlowMode { .. }
+            | ClientOp::Freeze { .. }
+            | ClientOp::Unfreeze { .. }
             | ClientOp::History { .. }
             | ClientOp::Members { .. }
             | ClientOp::Rooms
@@ -869,6 +901,13 @@ impl Session {
         let identity = self.identity.clone();
         let rid = request.rid;
         let command = |command: RoomCommand| run_command(gw.clone(), identity.clone(), rid, command).boxed();
+        let moderate = |room: RoomId, action: Result<Moderation, moderation::DurationError>| match action {
+            Ok(action) => command(RoomCommand::Moderate { room, action }),
+            Err(error) => {
+                let refusal = err_frame(rid, ErrorCode::BadRequest, error.to_string());
+                async move { Completion::Reply(refusal) }.boxed()
+            }
+        };
         let future: BoxFuture<'static, Completion> = match request.op {
             ClientOp::Join { room, since } => {
                 // Direct-message rooms arrive through the user's inbox, which every session subscribes to.
@@ -921,6 +960,13 @@ impl Session {
             ClientOp::Delete { room, seq } => command(RoomCommand::Delete { room, target: seq }),
             ClientOp::Pin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: true }),
             ClientOp::Unpin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: false }),
+            ClientOp::Ban { room, user, secs } => moderate(room, moderation::ban(user, true, secs)),
+            ClientOp::Unban { room, user } => moderate(room, moderation::ban(user, false, None)),
+            ClientOp::Mute { room, user, secs } => moderate(room, moderation::mute(user, true, secs)),
+            ClientOp::Unmute { room, user } => moderate(room, moderation::mute(user, false, None)),
+            ClientOp::SlowMode { room, secs } => moderate(room, Ok(Moderation::SlowMode { secs })),
+            ClientOp::Freeze { room } => moderate(room, Ok(Moderation::Freeze { frozen: true })),
+            ClientOp::Unfreeze { room } => moderate(room, Ok(Moderation::Freeze { frozen: false })),
             ClientOp::Members { room } => async move {
                 Completion::Reply(match rooms::members(&gw, &identity.tenant, Reader::User(&identity), &room).await {
                     Ok(members) => ServerFrame::Ok { rid, result: OkResult::Members { members } },
@@ -962,7 +1008,11 @@ impl Session {
                     async move {
                         for subject in &subjects {
                             if let Err(error) = hub.subscribe(subject, tx.clone()).await {
-                                let error = UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() };
+                                let error = UpstreamError {
+                                    code: ErrorCode::Unavailable,
+                                    message: error.to_string(),
+                                    retry_after_ms: None,
+                                };
                                 return Completion::Watched { rid, users, result: Err(error) };
                             }
                         }
@@ -1222,7 +1272,9 @@ fn ok_seq(result: &OkResult) -> u64 {
 async fn run_command(gw: Arc<Gateway>, identity: Identity, rid: Option<u64>, command: RoomCommand) -> Completion {
     Completion::Reply(match upstream::command(&gw, &identity.tenant, Some(&identity.user), command).await {
         Ok(result) => ServerFrame::Ok { rid, result },
-        Err(error) => err_frame(rid, error.code, error.message),
+        Err(error) => {
+            ServerFrame::Err { rid, code: error.code, message: error.message, retry_after_ms: error.retry_after_ms }
+        }
     })
 }
 
@@ -1239,10 +1291,11 @@ async fn run_join(
 ) -> Completion {
     let result = async {
         if let Some((subject, tx)) = subscribe {
-            gw.hub
-                .subscribe(&subject, tx)
-                .await
-                .map_err(|error| UpstreamError { code: ErrorCode::Unavailable, message: error.to_string() })?;
+            gw.hub.subscribe(&subject, tx).await.map_err(|error| UpstreamError {
+                code: ErrorCode::Unavailable,
+                message: error.to_string(),
+                retry_after_ms: None,
+            })?;
         }
         let join = RoomCommand::Join { room: room.clone(), grants: identity.grants.clone() };
         let seq = ok_seq(&upstream::command(&gw, &identity.tenant, Some(&identity.user), join).await?);
@@ -1255,9 +1308,8 @@ async fn run_join(
                 let replay = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
                     resume::replay_into(&gw, &replay_to, &tenant, &user, &room, since, seq).await
                 }));
-                replay.await.map_err(|error| UpstreamError {
-                    code: ErrorCode::Unavailable,
-                    message: format!("the replay stopped: {error}"),
+                replay.await.map_err(|error| {
+                    UpstreamError::new(ErrorCode::Unavailable, format!("the replay stopped: {error}"))
                 })??
             }
             _ => None,

@@ -79,7 +79,8 @@ pub fn seq_of(event: &ServerEvent) -> Option<u64> {
         | ServerEvent::Reaction { seq, .. }
         | ServerEvent::Pin { seq, .. }
         | ServerEvent::Joined { seq, .. }
-        | ServerEvent::Left { seq, .. } => Some(*seq),
+        | ServerEvent::Left { seq, .. }
+        | ServerEvent::Moderation { seq, .. } => Some(*seq),
         _ => None,
     }
 }
@@ -93,6 +94,7 @@ pub fn room_of(event: &ServerEvent) -> Option<&RoomId> {
         | ServerEvent::Pin { room, .. }
         | ServerEvent::Joined { room, .. }
         | ServerEvent::Left { room, .. }
+        | ServerEvent::Moderation { room, .. }
         | ServerEvent::Typing { room, .. }
         | ServerEvent::Read { room, .. } => Some(room),
         ServerEvent::Presence { .. } => None,

@@ -192,7 +192,8 @@ fn created(event: &RoomEvent) -> Message {
         | EventBody::Reaction { .. }
         | EventBody::Pin { .. }
         | EventBody::Joined { .. }
-        | EventBody::Left { .. }) => panic!("conformance bug: {other:?} is not a msg"),
+        | EventBody::Left { .. }
+        | EventBody::Moderation { .. }) => panic!("conformance bug: {other:?} is not a msg"),
     }
 }
 

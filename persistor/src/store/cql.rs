@@ -802,7 +802,7 @@ impl CqlStore {
                     Write { statement: st.pin.clone(), values: Box::new(values), bytes: key_bytes + 1 },
                 ))
             }
-            EventBody::Joined { .. } | EventBody::Left { .. } => None,
+            EventBody::Joined { .. } | EventBody::Left { .. } | EventBody::Moderation { .. } => None,
         };
         Ok(write)
     }
@@ -1178,7 +1178,8 @@ impl HistoryStore for CqlStore {
                 | EventBody::Reaction { .. }
                 | EventBody::Pin { .. }
                 | EventBody::Joined { .. }
-                | EventBody::Left { .. } => None,
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. } => None,
             };
             for (key, write) in self.writes_of(event)?.into_iter().chain(index) {
                 let group = by_partition.entry(key.clone()).or_default();

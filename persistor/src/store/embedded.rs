@@ -160,7 +160,10 @@ impl StoredRow {
                 }
                 Ok(wins)
             }
-            EventBody::Reaction { .. } | EventBody::Joined { .. } | EventBody::Left { .. } => Ok(false),
+            EventBody::Reaction { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. } => Ok(false),
         }
     }
 
@@ -292,7 +295,7 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                     }
                     None
                 }
-                EventBody::Joined { .. } | EventBody::Left { .. } => None,
+                EventBody::Joined { .. } | EventBody::Left { .. } | EventBody::Moderation { .. } => None,
             };
 
             if let Some(seq) = row_seq {

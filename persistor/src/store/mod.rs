@@ -156,7 +156,10 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
         | EventBody::Delete { target, .. }
         | EventBody::Reaction { target, .. }
         | EventBody::Pin { target, .. } => fits("target", *target),
-        EventBody::Msg { reply_to: None, .. } | EventBody::Joined { .. } | EventBody::Left { .. } => Ok(()),
+        EventBody::Msg { reply_to: None, .. }
+        | EventBody::Joined { .. }
+        | EventBody::Left { .. }
+        | EventBody::Moderation { .. } => Ok(()),
     }
 }
 

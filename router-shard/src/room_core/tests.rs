@@ -8,7 +8,9 @@
 //!
 //! The property test can fail: letting any member delete another's message (`role != Role::Admin` dropped from the
 //! `Delete` rule), letting members kick (`require_admin` skipped in `Kick`), or appending for a user who left
-//! (`require_member` skipped in `Send`) each makes `random_ops_follow_the_model` fail within its first cases.
+//! (`require_member` skipped in `Send`) each makes `random_ops_follow_the_model` fail within its first cases; so do
+//! letting a muted member send (`require_voice` skipped in `Send`) and letting a banned user rejoin
+//! (`require_not_banned` skipped in `set_member`).
 
 use super::*;
 use proptest::prelude::*;
@@ -45,6 +47,10 @@ struct World {
     /// Users whose last membership event is `left` (they may see nothing until they join again).
     gone: BTreeSet<UserId>,
     now: Instant,
+    /// Unix time of the next command, in microseconds; moves with `now`.
+    now_us: u64,
+    /// Commands are sent by the tenant's backend on behalf of their user.
+    by_backend: bool,
 }
 
 impl World {
@@ -65,6 +71,8 @@ impl World {
             violations: Vec::new(),
             gone: BTreeSet::new(),
             now: Instant::now(),
+            now_us: 1_700_000_000_000_000,
+            by_backend: false,
         }
     }
 
@@ -110,6 +118,7 @@ impl World {
         let mut facts = CommandFacts::default();
         let (tenant, room) = (self.tenant.clone(), self.room.clone());
         self.now += Duration::from_millis(700);
+        self.now_us += 700_000;
         'decide: for _ in 0..100 {
             let input = Command {
                 tenant: &tenant,
@@ -118,8 +127,9 @@ impl World {
                 command: &command,
                 quotas,
                 now: self.now,
-                now_us: 1_000_000,
+                now_us: self.now_us,
                 message_id: &message_id,
+                by_backend: self.by_backend,
             };
             let decision = match decide(&self.state, &facts, &input) {
                 Ok(decision) => decision,
@@ -139,7 +149,11 @@ impl World {
                                 facts = CommandFacts::default();
                                 continue 'decide;
                             }
-                            return Err(Refusal { code: ErrorCode::Conflict, message: "exists".into() });
+                            return Err(Refusal {
+                                code: ErrorCode::Conflict,
+                                message: "exists".into(),
+                                retry_after_ms: None,
+                            });
                         }
                         self.record = Some(record.clone());
                         self.state.record = Some(Some(record));
@@ -159,6 +173,7 @@ impl World {
                     }
                     Effect::Append { body, dedupe_id } => appended = Some(self.append(body, dedupe_id)),
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
+                    Effect::MarkSent { user, at, interval } => self.state.mark_sent(user, at, interval),
                     Effect::Publish(message) => self.published.push(message),
                 }
             }
@@ -237,6 +252,23 @@ impl World {
                 violations.push(what);
             }
         };
+        let now_ms = self.now_us / 1000;
+        let moderation = self.roster.moderation.clone();
+        let backend = self.by_backend;
+        match &body {
+            EventBody::Msg { from, .. } | EventBody::Reaction { user: from, .. } | EventBody::Edit { from, .. } => {
+                let voice = backend || (!moderation.frozen && !moderation.is_muted(from, now_ms));
+                check(voice, format!("{from} spoke while muted or frozen"), &mut self.violations);
+            }
+            EventBody::Delete { .. } | EventBody::Pin { .. } => {
+                check(backend || !moderation.frozen, "a write to a frozen room".into(), &mut self.violations);
+            }
+            EventBody::Joined { user: joined } => {
+                let banned = moderation.is_banned(joined, now_ms);
+                check(!banned, format!("{joined} joined while banned"), &mut self.violations);
+            }
+            EventBody::Left { .. } | EventBody::Moderation { .. } => {}
+        }
         match &body {
             EventBody::Msg { from, .. } | EventBody::Reaction { user: from, .. } => {
                 check(self.role(from).is_some(), format!("an event for {from}, not a member"), &mut self.violations);
@@ -274,6 +306,12 @@ impl World {
             EventBody::Joined { user: joined } => {
                 self.gone.remove(joined);
             }
+            EventBody::Moderation { by, .. } => {
+                if let Some(by) = by {
+                    let admin = self.role(by) == Some(Role::Admin);
+                    check(admin, format!("{by} moderated without being an admin"), &mut self.violations);
+                }
+            }
         }
         if let Some(author) = written_for(&body) {
             check(!self.gone.contains(author), format!("an event for {author} after their left"), &mut self.violations);
@@ -305,7 +343,8 @@ impl World {
                 | EventBody::Edit { .. }
                 | EventBody::Reaction { .. }
                 | EventBody::Joined { .. }
-                | EventBody::Left { .. } => {}
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. } => {}
             }
         }
         pinned
@@ -369,7 +408,7 @@ fn matrix_commands(room: &RoomId) -> Vec<(&'static str, RoomCommand)> {
     ]
 }
 
-use ErrorCode::{BadRequest, Conflict, Forbidden, NotFound};
+use ErrorCode::{BadRequest, Conflict, Forbidden, NotFound, RateLimited};
 
 /// The refusal each actor of [`ACTORS`] gets, in order (`None`: success).
 type Outcomes = [Option<ErrorCode>; 4];
@@ -482,6 +521,7 @@ fn a_missing_room_is_created_by_its_first_joiner_unless_the_backend_creates_room
     assert_eq!(code(&other.run(Some("ada"), create.clone(), &capped)), None);
     other.other_tenant_rooms = 1;
     other.record = None;
+    other.state.record = None;
     assert_eq!(code(&other.run(Some("bob"), create, &capped)), Some(Forbidden), "the tenant's room quota");
 }
 
@@ -567,6 +607,178 @@ fn quotas_refuse_the_member_past_them_and_ceilings_hold_without_quotas() {
     assert!(quota_refusal(limits::MAX_MEMBERS_PER_ROOM as usize, 0, &above).is_some());
 }
 
+// ---- Moderation ----
+
+fn moderate(world: &World, action: Moderation) -> RoomCommand {
+    RoomCommand::Moderate { room: world.room.clone(), action }
+}
+
+fn send(world: &World) -> RoomCommand {
+    RoomCommand::Send { room: world.room.clone(), body: "m".into(), attrs: None, reply_to: None, cmid: None }
+}
+
+#[test]
+fn a_ban_ends_the_membership_and_keeps_the_user_out_until_it_ends() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    let ban = |until_ms| Moderation::Ban { user: user("bob"), until_ms };
+    assert_eq!(
+        code(&world.run(Some("bob"), moderate(&world, Moderation::Unban { user: user("eve") }), &quotas)),
+        Some(Forbidden),
+        "a member"
+    );
+    assert_eq!(code(&world.run(Some("eve"), moderate(&world, ban(None)), &quotas)), Some(Forbidden), "an outsider");
+    assert_eq!(
+        code(&world.run(Some("ada"), moderate(&world, Moderation::Ban { user: user("ada"), until_ms: None }), &quotas)),
+        Some(BadRequest),
+        "themselves"
+    );
+    let until_ms = world.now_us / 1000 + 10_000;
+    let tail = world.events.len() as u64;
+    world.run(Some("ada"), moderate(&world, ban(Some(until_ms))), &quotas).expect("ada bans bob for 10 s");
+    // The action first, then the end of bob's membership, as a kick by ada.
+    assert!(matches!(&world.events[tail as usize].body,
+        EventBody::Moderation { action: Moderation::Ban { until_ms: Some(u), .. }, by: Some(by) } if *u == until_ms && by == &user("ada")));
+    assert!(matches!(&world.events[tail as usize + 1].body,
+        EventBody::Left { user: left, by: Some(by) } if left == &user("bob") && by == &user("ada")));
+    assert!(!world.roster.members.contains_key(&user("bob")) && !world.memberships.contains_key(&user("bob")));
+    let join = RoomCommand::Join { room: world.room.clone(), grants: vec![] };
+    let can_read = RoomCommand::CanRead { room: world.room.clone(), grants: vec![] };
+    assert_eq!(code(&world.run(Some("bob"), join.clone(), &quotas)), Some(Forbidden), "banned from joining");
+    assert_eq!(
+        code(&world.run(Some("bob"), can_read.clone(), &quotas)),
+        Some(Forbidden),
+        "banned from reading a public room"
+    );
+    let invite = RoomCommand::Invite { room: world.room.clone(), user: user("bob") };
+    assert_eq!(code(&world.run(Some("ada"), invite, &quotas)), Some(Forbidden), "banned from invites");
+    let set = RoomCommand::SetMember { room: world.room.clone(), user: user("bob"), role: Role::Member };
+    assert_eq!(code(&world.run(None, set, &quotas)), Some(Forbidden), "the backend lifts the ban first");
+    // The same ban again changes nothing and appends nothing.
+    let before = world.events.len();
+    world.run(Some("ada"), moderate(&world, ban(Some(until_ms))), &quotas).expect("the same ban");
+    assert_eq!(world.events.len(), before);
+    // It ends by itself.
+    world.now_us += 10_000_000;
+    world.run(Some("bob"), can_read, &quotas).expect("the ban expired");
+    world.run(Some("bob"), join.clone(), &quotas).expect("bob joins again");
+    // Lifted by the backend.
+    world.run(None, moderate(&world, ban(None)), &quotas).expect("the backend bans bob for good");
+    assert!(matches!(world.events.last().map(|e| &e.body), Some(EventBody::Left { by: None, .. })));
+    world.now_us += 1_000_000_000_000;
+    assert_eq!(code(&world.run(Some("bob"), join.clone(), &quotas)), Some(Forbidden), "still banned");
+    world.run(None, moderate(&world, Moderation::Unban { user: user("bob") }), &quotas).expect("unban");
+    assert_eq!(
+        code(&world.run(None, moderate(&world, Moderation::Unban { user: user("bob") }), &quotas)),
+        Some(NotFound)
+    );
+    world.run(Some("bob"), join, &quotas).expect("bob joins after the unban");
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn only_the_backend_restricts_an_admin_and_the_lists_are_bounded() {
+    let quotas = RoomQuotas::default();
+    let mut world = World::with_room("hall", false, &[("ada", true), ("max", true), ("bob", false)]);
+    for action in
+        [Moderation::Mute { user: user("max"), until_ms: None }, Moderation::Ban { user: user("max"), until_ms: None }]
+    {
+        assert_eq!(code(&world.run(Some("ada"), moderate(&world, action.clone()), &quotas)), Some(Forbidden));
+        world.run(None, moderate(&world, action), &quotas).expect("the backend may");
+    }
+    let past = world.now_us / 1000;
+    let expired = Moderation::Mute { user: user("bob"), until_ms: Some(past) };
+    assert_eq!(code(&world.run(None, moderate(&world, expired), &quotas)), Some(BadRequest), "an expiry in the past");
+    let too_slow = Moderation::SlowMode { secs: limits::MAX_SLOW_MODE_SECS + 1 };
+    assert_eq!(code(&world.run(None, moderate(&world, too_slow), &quotas)), Some(BadRequest));
+    let mut world = World::with_room("big", false, &[("ada", true)]);
+    world.roster.moderation.bans = (0..limits::MAX_BANS_PER_ROOM).map(|i| (user(&format!("u{i}")), None)).collect();
+    world.roster.moderation.bans.insert(user("u0"), Some(1));
+    let ban = |name: &str| Moderation::Ban { user: user(name), until_ms: None };
+    world.run(Some("ada"), moderate(&world, ban("eve")), &quotas).expect("an expired ban leaves room for another");
+    assert_eq!(
+        code(&world.run(Some("ada"), moderate(&world, ban("fay")), &quotas)),
+        Some(Forbidden),
+        "the room's bans are full"
+    );
+    world.run(Some("ada"), moderate(&world, ban("u1")), &quotas).expect("a ban changed in place needs no room");
+    assert_eq!(world.roster.moderation.bans.len(), limits::MAX_BANS_PER_ROOM);
+    let dm = RoomCommand::Moderate { room: room_id("dm:ada:bob"), action: Moderation::Freeze { frozen: true } };
+    assert_eq!(code(&World::new("dm:ada:bob").run(Some("ada"), dm, &quotas)), Some(BadRequest), "no moderation in DMs");
+}
+
+#[test]
+fn a_muted_member_reads_but_does_not_speak() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    let mute = Moderation::Mute { user: user("bob"), until_ms: Some(world.now_us / 1000 + 5_000) };
+    world.run(Some("ada"), moderate(&world, mute), &quotas).expect("mute");
+    let room = world.room.clone();
+    assert_eq!(code(&world.run(Some("bob"), send(&world), &quotas)), Some(Forbidden));
+    let react = RoomCommand::React { room: room.clone(), target: 3, emoji: "+1".into(), remove: false };
+    assert_eq!(code(&world.run(Some("bob"), react, &quotas)), Some(Forbidden));
+    let edit = RoomCommand::Edit { room: room.clone(), target: 4, body: "x".into() };
+    assert_eq!(code(&world.run(Some("bob"), edit, &quotas)), Some(Forbidden));
+    let published = world.published.len();
+    world.run(Some("bob"), RoomCommand::Typing { room: room.clone() }, &quotas).expect("typing is dropped");
+    assert_eq!(world.published.len(), published);
+    world.run(Some("bob"), RoomCommand::CanRead { room: room.clone(), grants: vec![] }, &quotas).expect("reads");
+    world.run(Some("bob"), RoomCommand::Delete { room: room.clone(), target: 4 }, &quotas).expect("deletes their own");
+    world.by_backend = true;
+    world.run(Some("bob"), send(&world), &quotas).expect("the backend posts for a muted user");
+    world.by_backend = false;
+    world.now_us += 5_000_000;
+    world.run(Some("bob"), send(&world), &quotas).expect("the mute expired");
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn slow_mode_spaces_members_messages_but_not_admins_or_the_backend() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    world.run(Some("ada"), moderate(&world, Moderation::SlowMode { secs: 2 }), &quotas).expect("slow mode");
+    world.run(Some("bob"), send(&world), &quotas).expect("a first message");
+    // The next command comes 700 ms later.
+    let refused = world.run(Some("bob"), send(&world), &quotas).expect_err("too soon");
+    assert_eq!(refused.code, RateLimited);
+    assert_eq!(refused.retry_after_ms, Some(1301));
+    world.run(Some("ada"), send(&world), &quotas).expect("admins are exempt");
+    world.run(Some("ada"), send(&world), &quotas).expect("admins are exempt");
+    world.by_backend = true;
+    world.run(Some("bob"), send(&world), &quotas).expect("the backend is exempt");
+    world.by_backend = false;
+    world.run(Some("bob"), send(&world), &quotas).expect("2.8 s after the first");
+    world.run(None, moderate(&world, Moderation::SlowMode { secs: 0 }), &quotas).expect("off");
+    world.run(Some("bob"), send(&world), &quotas).expect("no slow mode");
+    world.run(Some("bob"), send(&world), &quotas).expect("no slow mode");
+}
+
+#[test]
+fn a_frozen_room_is_read_only_but_for_the_backend() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    world.run(Some("ada"), moderate(&world, Moderation::Freeze { frozen: true }), &quotas).expect("freeze");
+    let room = world.room.clone();
+    for who in ["ada", "bob"] {
+        assert_eq!(code(&world.run(Some(who), send(&world), &quotas)), Some(Forbidden), "{who} sends");
+        let delete = RoomCommand::Delete { room: room.clone(), target: 4 };
+        assert_eq!(code(&world.run(Some(who), delete, &quotas)), Some(Forbidden), "{who} deletes");
+    }
+    let pin = RoomCommand::Pin { room: room.clone(), target: 3, pinned: true };
+    assert_eq!(code(&world.run(Some("ada"), pin, &quotas)), Some(Forbidden));
+    world
+        .run(Some("eve"), RoomCommand::Join { room: room.clone(), grants: vec![] }, &quotas)
+        .expect("joins still work");
+    world.by_backend = true;
+    world.run(Some("bob"), send(&world), &quotas).expect("the backend writes");
+    world.by_backend = false;
+    world.run(Some("ada"), moderate(&world, Moderation::Freeze { frozen: false }), &quotas).expect("thaw");
+    world.run(Some("bob"), send(&world), &quotas).expect("sends again");
+    let freezes = world.events.iter().filter(|e| matches!(e.body, EventBody::Moderation { .. })).count();
+    assert_eq!(freezes, 2);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
 // ---- Random op sequences against a reference model ----
 
 const USERS: [&str; 4] = ["ada", "bob", "cy", "dee"];
@@ -574,19 +786,71 @@ const USERS: [&str; 4] = ["ada", "bob", "cy", "dee"];
 /// One op of a random sequence: who acts (`None`: the backend) and what.
 #[derive(Debug, Clone)]
 enum Op {
-    Create { by: Option<usize>, private: bool },
-    Join { by: usize, granted: bool },
-    Leave { by: usize },
-    Invite { by: usize, member: usize },
-    Kick { by: Option<usize>, member: usize },
-    SetMember { member: usize, admin: bool },
-    Send { by: usize },
-    Edit { by: usize, target: u64 },
-    Delete { by: usize, target: u64 },
-    React { by: usize, target: u64 },
-    Pin { by: usize, target: u64, pinned: bool },
-    Read { by: usize, seq: u64 },
-    CanRead { by: usize },
+    Create {
+        by: Option<usize>,
+        private: bool,
+    },
+    Join {
+        by: usize,
+        granted: bool,
+    },
+    Leave {
+        by: usize,
+    },
+    Invite {
+        by: usize,
+        member: usize,
+    },
+    Kick {
+        by: Option<usize>,
+        member: usize,
+    },
+    SetMember {
+        member: usize,
+        admin: bool,
+    },
+    Send {
+        by: usize,
+    },
+    Edit {
+        by: usize,
+        target: u64,
+    },
+    Delete {
+        by: usize,
+        target: u64,
+    },
+    React {
+        by: usize,
+        target: u64,
+    },
+    Pin {
+        by: usize,
+        target: u64,
+        pinned: bool,
+    },
+    Read {
+        by: usize,
+        seq: u64,
+    },
+    CanRead {
+        by: usize,
+    },
+    /// Ban (`on`) or unban, mute or unmute, for good.
+    Ban {
+        by: Option<usize>,
+        member: usize,
+        on: bool,
+    },
+    Mute {
+        by: Option<usize>,
+        member: usize,
+        on: bool,
+    },
+    Freeze {
+        by: Option<usize>,
+        frozen: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -605,7 +869,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::React { by, target }),
         2 => (who.clone(), target.clone(), any::<bool>()).prop_map(|(by, target, pinned)| Op::Pin { by, target, pinned }),
         1 => (who.clone(), target).prop_map(|(by, seq)| Op::Read { by, seq }),
-        1 => who.prop_map(|by| Op::CanRead { by }),
+        1 => who.clone().prop_map(|by| Op::CanRead { by }),
+        1 => (proptest::option::of(who.clone()), who.clone(), any::<bool>())
+            .prop_map(|(by, member, on)| Op::Ban { by, member, on }),
+        1 => (proptest::option::of(who.clone()), who.clone(), any::<bool>())
+            .prop_map(|(by, member, on)| Op::Mute { by, member, on }),
+        1 => (proptest::option::of(who), any::<bool>()).prop_map(|(by, frozen)| Op::Freeze { by, frozen }),
     ]
 }
 
@@ -620,6 +889,9 @@ struct Model {
     messages: BTreeMap<u64, (usize, bool)>,
     /// Messages whose last pin event pinned them.
     pinned: BTreeSet<u64>,
+    banned: BTreeSet<usize>,
+    muted: BTreeSet<usize>,
+    frozen: bool,
 }
 
 impl Model {
@@ -635,6 +907,21 @@ impl Model {
         match self.messages.get(&target) {
             Some((author, false)) => Ok(*author),
             Some((_, true)) | None => Err(NotFound),
+        }
+    }
+
+    /// May `who` send, edit or react?
+    fn voice(&self, who: usize) -> bool {
+        !self.frozen && !self.muted.contains(&who)
+    }
+
+    /// Who may take a moderation action: the backend in an existing room, a room admin, never on themselves.
+    fn moderator(&self, by: Option<usize>, member: Option<usize>) -> Result<(), ErrorCode> {
+        match by {
+            None if !self.exists => Err(NotFound),
+            Some(by) if !self.admin(by) => Err(Forbidden),
+            Some(by) if Some(by) == member => Err(BadRequest),
+            None | Some(_) => Ok(()),
         }
     }
 
@@ -665,7 +952,7 @@ impl Model {
                     self.add(by, true);
                     return Ok(());
                 }
-                if self.private && !granted {
+                if self.private && !granted || self.banned.contains(&by) {
                     return Err(Forbidden);
                 }
                 self.add(by, false);
@@ -682,6 +969,9 @@ impl Model {
                     return Err(Forbidden);
                 }
                 if !self.member(member) {
+                    if self.banned.contains(&member) {
+                        return Err(Forbidden);
+                    }
                     self.add(member, false);
                 }
             }
@@ -702,20 +992,23 @@ impl Model {
                     return Err(NotFound);
                 }
                 let new = !self.member(member);
+                if new && self.banned.contains(&member) {
+                    return Err(Forbidden);
+                }
                 self.members.insert(member, admin);
                 if new {
                     self.seq += 1;
                 }
             }
             Op::Send { by } => {
-                if !self.member(by) {
+                if !self.member(by) || !self.voice(by) {
                     return Err(Forbidden);
                 }
                 self.seq += 1;
                 self.messages.insert(self.seq, (by, false));
             }
             Op::Edit { by, target } | Op::React { by, target } => {
-                if !self.member(by) {
+                if !self.member(by) || !self.voice(by) {
                     return Err(Forbidden);
                 }
                 let author = self.message(target)?;
@@ -725,7 +1018,7 @@ impl Model {
                 self.seq += 1;
             }
             Op::Delete { by, target } => {
-                if !self.member(by) {
+                if !self.member(by) || self.frozen {
                     return Err(Forbidden);
                 }
                 let author = self.message(target)?;
@@ -738,7 +1031,7 @@ impl Model {
             }
             Op::Pin { by, target, pinned } => {
                 // The model's room is a named one: members may not pin, admins may.
-                if !self.member(by) || !self.admin(by) {
+                if !self.member(by) || !self.admin(by) || self.frozen {
                     return Err(Forbidden);
                 }
                 self.message(target)?;
@@ -758,6 +1051,9 @@ impl Model {
                 }
             }
             Op::CanRead { by } => {
+                if self.banned.contains(&by) {
+                    return Err(Forbidden);
+                }
                 if self.member(by) {
                     return Ok(());
                 }
@@ -766,6 +1062,30 @@ impl Model {
                 }
                 if self.private {
                     return Err(Forbidden);
+                }
+            }
+            Op::Ban { by, member, on } | Op::Mute { by, member, on } => {
+                self.moderator(by, Some(member))?;
+                let ban = matches!(op, Op::Ban { .. });
+                if on && by.is_some() && self.admin(member) {
+                    return Err(Forbidden);
+                }
+                let list = if ban { &mut self.banned } else { &mut self.muted };
+                match on {
+                    true if list.insert(member) => self.seq += 1,
+                    true => {}
+                    false if list.remove(&member) => self.seq += 1,
+                    false => return Err(NotFound),
+                }
+                if ban && on && self.members.remove(&member).is_some() {
+                    self.seq += 1;
+                }
+            }
+            Op::Freeze { by, frozen } => {
+                self.moderator(by, None)?;
+                if self.frozen != frozen {
+                    self.frozen = frozen;
+                    self.seq += 1;
                 }
             }
         }
@@ -800,6 +1120,24 @@ fn command(room: &RoomId, op: &Op) -> (Option<&'static str>, RoomCommand) {
         Op::Pin { by, target, pinned } => (Some(name(by)), RoomCommand::Pin { room, target, pinned }),
         Op::Read { by, seq } => (Some(name(by)), RoomCommand::Read { room, seq }),
         Op::CanRead { by } => (Some(name(by)), RoomCommand::CanRead { room, grants: vec![] }),
+        Op::Ban { by, member, on } => {
+            let member = user(name(member));
+            let action =
+                if on { Moderation::Ban { user: member, until_ms: None } } else { Moderation::Unban { user: member } };
+            (by.map(name), RoomCommand::Moderate { room, action })
+        }
+        Op::Mute { by, member, on } => {
+            let member = user(name(member));
+            let action = if on {
+                Moderation::Mute { user: member, until_ms: None }
+            } else {
+                Moderation::Unmute { user: member }
+            };
+            (by.map(name), RoomCommand::Moderate { room, action })
+        }
+        Op::Freeze { by, frozen } => {
+            (by.map(name), RoomCommand::Moderate { room, action: Moderation::Freeze { frozen } })
+        }
     }
 }
 
