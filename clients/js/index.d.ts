@@ -93,12 +93,27 @@ export interface ReactionEvent { op: 'reaction'; room: string; seq: number; targ
 export interface PinEvent { op: 'pin'; room: string; seq: number; target: number; by: string; pinned: boolean; ts: number }
 export interface JoinedEvent { op: 'joined'; room: string; seq: number; user: string; ts: number }
 export interface LeftEvent { op: 'left'; room: string; seq: number; user: string; by?: string; ts: number }
+/**
+ * A moderation action: `user` for bans and mutes, `until` (unix ms) for those with an end, `secs` for slow mode;
+ * `by` is absent when the tenant's backend took it.
+ */
+export interface ModerationEvent {
+  op: 'moderation';
+  room: string;
+  seq: number;
+  action: 'ban' | 'unban' | 'mute' | 'unmute' | 'slow_mode' | 'freeze' | 'unfreeze';
+  user?: string;
+  until?: number;
+  secs?: number;
+  by?: string;
+  ts: number;
+}
 export interface TypingEvent { op: 'typing'; room: string; user: string }
 export interface ReadEvent { op: 'read'; room: string; user: string; seq: number }
 export interface PresenceEvent { op: 'presence'; user: string; online: boolean; ts: number }
 export type ServerEvent =
-  | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | PinEvent | JoinedEvent | LeftEvent | TypingEvent | ReadEvent
-  | PresenceEvent;
+  | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | PinEvent | JoinedEvent | LeftEvent | ModerationEvent
+  | TypingEvent | ReadEvent | PresenceEvent;
 
 export interface Message {
   seq: number;
@@ -123,6 +138,7 @@ export interface ClientEvents {
   pin: PinEvent;
   joined: JoinedEvent;
   left: LeftEvent;
+  moderation: ModerationEvent;
   typing: TypingEvent;
   read: ReadEvent;
   presence: PresenceEvent;
@@ -182,6 +198,14 @@ export declare class SwitchyardClient {
   pin(room: string, seq: number): Promise<{ room: string; seq: number }>;
   /** Unpin a message; `seq` is the new `pin` event's (with `pinned: false`). */
   unpin(room: string, seq: number): Promise<{ room: string; seq: number }>;
+  /** Moderation ops of room admins; `seq` is the room's last seq after the `moderation` event (if any). */
+  ban(room: string, user: string, options?: { secs?: number }): Promise<{ room: string; seq: number }>;
+  unban(room: string, user: string): Promise<{ room: string; seq: number }>;
+  mute(room: string, user: string, options?: { secs?: number }): Promise<{ room: string; seq: number }>;
+  unmute(room: string, user: string): Promise<{ room: string; seq: number }>;
+  slowMode(room: string, secs: number): Promise<{ room: string; seq: number }>;
+  freeze(room: string): Promise<{ room: string; seq: number }>;
+  unfreeze(room: string): Promise<{ room: string; seq: number }>;
   deleteMessage(room: string, seq: number): Promise<{ room: string; seq: number }>;
   history(room: string, options?: { before?: number; after?: number; limit?: number }): Promise<{ room: string; messages: Message[]; more: boolean }>;
   members(room: string): Promise<{ members: { user: string; role: 'member' | 'admin'; online: boolean }[] }>;

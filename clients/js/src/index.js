@@ -11,7 +11,7 @@
 export const SUBPROTOCOL = 'switchyard.v1.json';
 
 /** Events the server puts in a room's sequence (and that `join {since}` replays). */
-const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left']);
+const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left', 'moderation']);
 /** Server events delivered to `on(...)` listeners. */
 const EVENTS = new Set([...SEQUENCED, 'typing', 'read', 'presence']);
 /** Ops whose effect is the same when sent twice, so they are sent again when a connection drops unanswered. */
@@ -136,7 +136,7 @@ export class SwitchyardClient {
   // ---- listeners ----
 
   /**
-   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `typing`,
+   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `moderation`, `typing`,
    * `read`, `presence`), `event` (every server event), or a client event: `state`, `hello`, `resumed`, `gap`,
    * `error`, `close`. Returns a function that removes the listener.
    */
@@ -665,6 +665,48 @@ export class SwitchyardClient {
     return this._safe(() => {
       checkRoom(room);
       return this.request({ op: 'unpin', room, seq });
+    });
+  }
+
+  /**
+   * Ban `user` from a room (room admins): their membership ends and they may not join, be invited or read it, for
+   * `secs` seconds or, without it, until `unban`. Like every moderation op it is not repeated after a drop.
+   */
+  ban(room, user, { secs } = {}) {
+    return this._moderate({ op: 'ban', room, user, ...(secs === undefined ? {} : { secs }) });
+  }
+
+  unban(room, user) {
+    return this._moderate({ op: 'unban', room, user });
+  }
+
+  /** Mute `user` in a room (room admins): they may read but not send, edit or react, for `secs` or until `unmute`. */
+  mute(room, user, { secs } = {}) {
+    return this._moderate({ op: 'mute', room, user, ...(secs === undefined ? {} : { secs }) });
+  }
+
+  unmute(room, user) {
+    return this._moderate({ op: 'unmute', room, user });
+  }
+
+  /** Members other than admins may send one message per `secs` seconds; 0 turns slow mode off (room admins). */
+  slowMode(room, secs) {
+    return this._moderate({ op: 'slow_mode', room, secs });
+  }
+
+  /** Make a room read-only for every user (room admins). */
+  freeze(room) {
+    return this._moderate({ op: 'freeze', room });
+  }
+
+  unfreeze(room) {
+    return this._moderate({ op: 'unfreeze', room });
+  }
+
+  _moderate(frame) {
+    return this._safe(() => {
+      checkRoom(frame.room);
+      return this.request(frame);
     });
   }
 

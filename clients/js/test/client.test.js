@@ -149,6 +149,45 @@ test('room admins pin and unpin, members may not; every member sees the pin; his
   assert.equal(page.messages.find((m) => m.seq === dm.seq).pinned, true);
 });
 
+test('room admins moderate: a mute silences, slow mode says when to retry, a ban removes; members see each action', async () => {
+  const room = unique('mod');
+  const [aliceId, bobId] = [unique('alice'), unique('bob')];
+  const alice = makeClient(aliceId);
+  const bob = makeClient(bobId);
+  await alice.connect();
+  await bob.connect();
+  await alice.join(room);
+  await bob.join(room);
+  await assert.rejects(bob.mute(room, aliceId), { code: 'forbidden' });
+  await assert.rejects(alice.ban('bad room', bobId), { code: 'invalid' });
+
+  await alice.mute(room, bobId, { secs: 60 });
+  await until(() => bob.events.some((e) => e.op === 'moderation' && e.action === 'mute' && e.user === bobId && e.until > 0), 'bob sees his mute');
+  await assert.rejects(bob.send(room, 'muted'), { code: 'forbidden' });
+  await alice.unmute(room, bobId);
+  await bob.send(room, 'unmuted');
+
+  await alice.slowMode(room, 30);
+  await bob.send(room, 'first');
+  // A plain request: `send` itself would wait out `retry_after_ms` and try again.
+  await assert.rejects(
+    bob.request({ op: 'send', room, body: 'too soon' }),
+    (error) => error.code === 'rate_limited' && error.retryAfterMs > 20_000,
+  );
+  await alice.slowMode(room, 0);
+  await alice.freeze(room);
+  await assert.rejects(bob.send(room, 'frozen'), { code: 'forbidden' });
+  await alice.unfreeze(room);
+
+  await alice.ban(room, bobId);
+  await until(() => bob.events.some((e) => e.op === 'left' && e.user === bobId && e.by === aliceId), 'bob is removed');
+  await assert.rejects(bob.join(room), { code: 'forbidden' });
+  await alice.unban(room, bobId);
+  await bob.join(room);
+  const actions = alice.events.filter((e) => e.op === 'moderation' && e.room === room).map((e) => e.action);
+  assert.deepEqual(actions, ['mute', 'unmute', 'slow_mode', 'slow_mode', 'freeze', 'unfreeze', 'ban', 'unban']);
+});
+
 test('a DM is delivered without joining and is resumed like a room', async () => {
   const [aliceId, bobId] = [unique('alice'), unique('bob')];
   const alice = makeClient(aliceId);
