@@ -118,6 +118,7 @@ async function start(user) {
     bumpSeq(e.room, e.seq);
     if (e.room === state.current) loadMembers(e.room);
   });
+  client.on('moderation', onModeration);
   client.on('gap', ({ room }) => reloadRoom(room));
   client.on('error', (err) => console.warn('switchyard:', err));
 
@@ -333,17 +334,67 @@ async function loadMembers(room) {
     const { members } = await state.client.members(room);
     for (const m of members) state.online.set(m.user, m.online);
     if (room !== state.current) return;
-    $('members').replaceChildren(...members.map((m) => memberItem(m.user)));
+    const admin = members.some((m) => m.user === state.me && m.role === 'admin');
+    $('members').replaceChildren(...members.map((m) => memberItem(m.user, admin && m.user !== state.me && m.role !== 'admin' ? room : null, m.role)));
     await watchUsers(members.map((m) => m.user));
   } catch (err) {
     console.warn('members', err);
   }
 }
 
-function memberItem(user) {
+/** A member with their presence; with `moderated` (a room this user is an admin of), mute and ban buttons. */
+function memberItem(user, moderated = null, role = null) {
   const li = document.createElement('li');
   li.append(dot(user), document.createTextNode(user));
+  if (role === 'admin') {
+    const badge = document.createElement('span');
+    badge.className = 'role';
+    badge.textContent = 'admin';
+    li.append(badge);
+  }
+  if (moderated) {
+    for (const [label, run] of [
+      ['Mute', () => state.client.mute(moderated, user)],
+      ['Ban', () => state.client.ban(moderated, user)],
+    ]) {
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'mod';
+      button.textContent = label;
+      button.setAttribute('aria-label', `${label} ${user}`);
+      button.addEventListener('click', () => act(run));
+      li.append(button);
+    }
+  }
   return li;
+}
+
+const MODERATION_TEXT = {
+  ban: (e) => `${e.user} was banned`,
+  unban: (e) => `${e.user} may come back`,
+  mute: (e) => `${e.user} was muted`,
+  unmute: (e) => `${e.user} may speak again`,
+  slow_mode: (e) => (e.secs ? `Slow mode: one message per ${e.secs} s` : 'Slow mode is off'),
+  freeze: () => 'The room is frozen',
+  unfreeze: () => 'The room is open again',
+};
+
+/** A moderation event: a line in the conversation, the members list again, and what it means for this user. */
+function onModeration(e) {
+  bumpSeq(e.room, e.seq);
+  if (e.room !== state.current) return;
+  const li = document.createElement('li');
+  li.className = 'notice';
+  li.dataset.seq = String(e.seq);
+  li.textContent = `${(MODERATION_TEXT[e.action] ?? (() => e.action))(e)}${e.by ? ` by ${e.by}` : ''}`;
+  insertInOrder(li, e.seq);
+  if (e.user === state.me && e.action === 'ban') {
+    $('compose').disabled = true;
+    $('send').disabled = true;
+    $('composer-error').textContent = `You were banned from ${roomLabel(e.room)}.`;
+    return;
+  }
+  loadMembers(e.room);
 }
 
 /** One page of history: the latest one first, older ones as the list scrolls to its top. */

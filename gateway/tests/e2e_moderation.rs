@@ -52,7 +52,8 @@ async fn room_moderation(store: StoreKind) {
 
     // Only admins moderate; a member's attempt changes nothing.
     refused(&bob, ClientOp::Mute { room: room("town"), user: user("carol"), secs: None }, ErrorCode::Forbidden).await;
-    refused(&alice, ClientOp::Ban { room: room("town"), user: user("bob"), secs: Some(0) }, ErrorCode::BadRequest).await;
+    refused(&alice, ClientOp::Ban { room: room("town"), user: user("bob"), secs: Some(0) }, ErrorCode::BadRequest)
+        .await;
     refused(&alice, ClientOp::SlowMode { room: room("town"), secs: 90_000 }, ErrorCode::BadRequest).await;
 
     // A mute: bob reads but cannot send; everyone sees the event.
@@ -66,13 +67,8 @@ async fn room_moderation(store: StoreKind) {
             other => panic!("{other:?}"),
         }
     }
-    let send = |body: &str| ClientOp::Send {
-        room: room("town"),
-        body: body.into(),
-        attrs: None,
-        reply_to: None,
-        cmid: None,
-    };
+    let send =
+        |body: &str| ClientOp::Send { room: room("town"), body: body.into(), attrs: None, reply_to: None, cmid: None };
     refused(&bob, send("muted"), ErrorCode::Forbidden).await;
     ok(&carol, send("carol speaks")).await;
     ok(&alice, ClientOp::Unmute { room: room("town"), user: user("bob") }).await;

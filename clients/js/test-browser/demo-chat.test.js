@@ -1,5 +1,5 @@
 // The demo page in headless Chromium: two users in two browser contexts chat (messages, typing, reactions, edit,
-// delete, a DM with an unread count); one goes offline while the other sends, comes back, and sees every message
+// delete, a DM with an unread count); a room admin mutes and bans a member; one goes offline while the other sends, comes back, and sees every message
 // exactly once and in order. Screenshots (desktop and phone-sized) go to $SWITCHYARD_ARTIFACTS.
 
 import { test, after, before } from 'node:test';
@@ -145,6 +145,41 @@ test('two users chat, one goes offline and comes back to every message once, in 
     await dm.click();
     await message(alice, 'a private word').waitFor({ timeout: WAIT });
     await alice.locator('#rooms button.room', { hasText: `@${BOB}` }).locator('.unread').waitFor({ state: 'detached', timeout: WAIT });
+  } finally {
+    await contextA.close();
+    await contextB.close();
+  }
+});
+
+test('a room admin mutes and bans a member from the members list; the member is told and cannot rejoin', async () => {
+  const contextA = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const contextB = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const room = `mod-${stamp}`;
+  const [admin, member] = [`ada-${stamp}`, `max-${stamp}`];
+  try {
+    const ada = await signIn(contextA, admin);
+    const max = await signIn(contextB, member);
+    await joinRoom(ada, room); // creates the room: ada is its admin
+    await joinRoom(max, room);
+    // Only an admin sees the buttons, and only beside other members.
+    await ada.getByRole('button', { name: `Ban ${member}` }).waitFor({ timeout: WAIT });
+    assert.equal(await max.getByRole('button', { name: `Ban ${admin}` }).count(), 0);
+    assert.equal(await ada.getByRole('button', { name: `Ban ${admin}` }).count(), 0);
+
+    await ada.getByRole('button', { name: `Mute ${member}` }).click();
+    await max.locator('#messages li.notice', { hasText: `${member} was muted by ${admin}` }).waitFor({ timeout: WAIT });
+    await say(max, 'can anyone hear me');
+    await max.locator('#composer-error', { hasText: 'muted' }).waitFor({ timeout: WAIT });
+
+    await ada.getByRole('button', { name: `Ban ${member}` }).click();
+    await max.locator('#composer-error', { hasText: `You were banned from #${room}` }).waitFor({ timeout: WAIT });
+    assert.equal(await max.locator('#compose').isDisabled(), true);
+    await ada.locator('#messages li.notice', { hasText: `${member} was banned by ${admin}` }).waitFor({ timeout: WAIT });
+    await ada.getByRole('button', { name: `Ban ${member}` }).waitFor({ state: 'detached', timeout: WAIT });
+    await shot(ada, 'desktop-ada-banned-max');
+    await max.getByLabel('Join or create a room').fill(room);
+    await max.getByRole('button', { name: 'Join', exact: true }).click();
+    await max.locator('#side-error', { hasText: 'banned' }).waitFor({ timeout: WAIT });
   } finally {
     await contextA.close();
     await contextB.close();
