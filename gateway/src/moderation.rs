@@ -1,12 +1,12 @@
 //! Moderation actions as the edges take them: the WebSocket ops of room admins and the HTTP API of the tenant's
-//! backend both turn a ban's or mute's duration into the expiry the room records.
+//! backend both build the room's command here (a ban's or mute's duration checked), and a tenant ban's duration
+//! becomes the end its Redis key expires at.
 //!
-//! Who may moderate, and what an action does to the room, is the room's router shard's decision (`room_core`); this
-//! module only reads the clock.
+//! Who may moderate, and what an action does to the room, is the room's router shard's decision (`room_core`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
-use switchyard_protocol::internal::Moderation;
-use switchyard_protocol::{limits, UserId};
+use switchyard_protocol::internal::{Moderation, RoomCommand};
+use switchyard_protocol::{limits, RoomId, UserId};
 
 /// A ban's or mute's `secs` outside `1..=MAX_MODERATION_SECS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -23,20 +23,31 @@ pub fn until_ms(secs: Option<u64>) -> Result<Option<u64>, DurationError> {
     Ok(Some(now_ms + secs * 1000))
 }
 
-/// A ban (`banned`) or its lifting, for `secs` seconds or for good.
-pub fn ban(user: UserId, banned: bool, secs: Option<u64>) -> Result<Moderation, DurationError> {
-    Ok(match banned {
-        true => Moderation::Ban { user, until_ms: until_ms(secs)? },
-        false => Moderation::Unban { user },
-    })
+/// The room command of a moderation `action`; a ban or mute lasts `secs` (checked here; the room's router shard
+/// fixes its end by its own clock) or, without, until lifted.
+pub fn command(room: RoomId, action: Moderation, secs: Option<u64>) -> Result<RoomCommand, DurationError> {
+    if let Some(secs) = secs {
+        if !(1..=limits::MAX_MODERATION_SECS).contains(&secs) {
+            return Err(DurationError);
+        }
+    }
+    Ok(RoomCommand::Moderate { room, action, secs })
 }
 
-/// A mute (`muted`) or its lifting, for `secs` seconds or for good.
-pub fn mute(user: UserId, muted: bool, secs: Option<u64>) -> Result<Moderation, DurationError> {
-    Ok(match muted {
-        true => Moderation::Mute { user, until_ms: until_ms(secs)? },
+/// A ban of `user` (`on`) or its lifting.
+pub fn ban(user: UserId, on: bool) -> Moderation {
+    match on {
+        true => Moderation::Ban { user, until_ms: None },
+        false => Moderation::Unban { user },
+    }
+}
+
+/// A mute of `user` (`on`) or its lifting.
+pub fn mute(user: UserId, on: bool) -> Moderation {
+    match on {
+        true => Moderation::Mute { user, until_ms: None },
         false => Moderation::Unmute { user },
-    })
+    }
 }
 
 #[cfg(test)]
@@ -52,8 +63,11 @@ mod tests {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
         let until = until_ms(Some(60)).unwrap().unwrap();
         assert!((now_ms + 60_000..now_ms + 61_000).contains(&until), "{until} vs {now_ms}");
-        let bob = UserId::parse("bob").unwrap();
-        assert_eq!(ban(bob.clone(), false, Some(0)), Ok(Moderation::Unban { user: bob.clone() }));
-        assert!(matches!(mute(bob, true, None), Ok(Moderation::Mute { until_ms: None, .. })));
+        let (bob, room) = (UserId::parse("bob").unwrap(), RoomId::parse("town").unwrap());
+        assert_eq!(command(room.clone(), ban(bob.clone(), true), Some(0)), Err(DurationError));
+        assert_eq!(
+            command(room.clone(), mute(bob.clone(), true), Some(60)),
+            Ok(RoomCommand::Moderate { room, action: Moderation::Mute { user: bob, until_ms: None }, secs: Some(60) })
+        );
     }
 }

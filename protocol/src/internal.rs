@@ -91,12 +91,19 @@ pub enum RoomCommand {
     Delete { room: RoomId, target: u64 },
     /// Pin (`pinned: true`) or unpin message `target` (room admins; either participant of a direct-message room).
     Pin { room: RoomId, target: u64, pinned: bool },
-    /// A moderation action (room admins, or the tenant's backend; named rooms only).
-    Moderate { room: RoomId, action: Moderation },
+    /// A moderation action (room admins, or the tenant's backend; named rooms only). A ban or mute with `secs`
+    /// lasts that long from when the room's router shard takes it (its clock sets the action's `until_ms`).
+    Moderate {
+        room: RoomId,
+        action: Moderation,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secs: Option<u64>,
+    },
 }
 
 /// A moderation action in a room: what `RoomCommand::Moderate` asks for and what its `EventBody::Moderation`
-/// records. Expiries are unix milliseconds, fixed by the gateway that took the op; `None` is for good.
+/// records. Expiries are unix milliseconds, set by the room's router shard from the command's `secs`; `None` is for
+/// good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Moderation {

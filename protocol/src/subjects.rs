@@ -77,19 +77,25 @@ pub fn left_dedupe_id(tenant: &ProjectId, room: &RoomId, user: &UserId, roster_r
     format!("left|{tenant}|{}|{user}|{roster_revision}", room.token())
 }
 
-/// The `Nats-Msg-Id` of the event that records a moderation `action` taken on the roster at `roster_revision`: an
-/// action repeated after a half-done attempt (sequenced, then the roster write failed) finds the first event.
+/// The `Nats-Msg-Id` of the event that records a moderation `action` (lasting `secs`, when given) asked on the
+/// roster at `roster_revision`: an action repeated after a half-done attempt (sequenced, then the roster write
+/// failed) finds the first event.
 pub fn moderation_dedupe_id(
     tenant: &ProjectId,
     room: &RoomId,
     roster_revision: u64,
     action: &crate::internal::Moderation,
+    secs: Option<u64>,
 ) -> String {
     use crate::internal::Moderation;
+    let lasting = |until_ms: &Option<u64>| match secs {
+        Some(secs) => format!("s{secs}"),
+        None => format!("u{}", until_ms.unwrap_or(0)),
+    };
     let what = match action {
-        Moderation::Ban { user, until_ms } => format!("ban|{user}|{}", until_ms.unwrap_or(0)),
+        Moderation::Ban { user, until_ms } => format!("ban|{user}|{}", lasting(until_ms)),
         Moderation::Unban { user } => format!("unban|{user}"),
-        Moderation::Mute { user, until_ms } => format!("mute|{user}|{}", until_ms.unwrap_or(0)),
+        Moderation::Mute { user, until_ms } => format!("mute|{user}|{}", lasting(until_ms)),
         Moderation::Unmute { user } => format!("unmute|{user}"),
         Moderation::SlowMode { secs } => format!("slow|{secs}"),
         Moderation::Freeze { frozen } => format!("freeze|{frozen}"),

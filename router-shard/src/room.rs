@@ -143,6 +143,8 @@ impl RoomActor {
             match tokio::time::timeout(idle, jobs.recv()).await {
                 Ok(Some(job)) => self.serve(job).await,
                 Ok(None) => return,
+                // A member's slow-mode interval still runs: stay, so the room does not forget it.
+                Err(_elapsed) if self.state.slow_mode_binds(Instant::now()) => {}
                 Err(_elapsed) => {
                     jobs.close();
                     while let Ok(job) = jobs.try_recv() {
@@ -247,7 +249,7 @@ impl RoomActor {
                         None => return Err(RoomError::Unavailable(WRITTEN_ELSEWHERE.into())),
                     },
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
-                    Effect::MarkSent { user, at, interval } => self.state.mark_sent(user, at, interval),
+                    Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.publish_live(&message).await,
                 }
             }

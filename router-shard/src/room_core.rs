@@ -15,7 +15,7 @@ use switchyard_protocol::internal::{
     EventBody, LiveMessage, Moderation, RoomCommand, RoomEvent, RoomModeration, RoomQuotas, RoomRecord, Roster,
     UserRoom, INTERNAL_VERSION,
 };
-use switchyard_protocol::{limits, subjects, ErrorCode, MessageId, ProjectId, RoomId, UserId};
+use switchyard_protocol::{limits, subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, UserId};
 
 /// At most one typing signal per user per room in this interval.
 pub(crate) const TYPING_INTERVAL: Duration = Duration::from_secs(2);
@@ -59,9 +59,20 @@ pub(crate) struct RoomState {
     pub messages: HashMap<u64, MessageFacts>,
     /// When each user last had a typing signal relayed (entries older than [`TYPING_INTERVAL`] are dropped).
     pub typing: HashMap<UserId, Instant>,
-    /// When each member last sent a message while slow mode was on. Kept in memory only: after the room moves to
-    /// another router shard a member may send once more before the interval is over.
-    pub last_sent: HashMap<UserId, Instant>,
+    /// Each member's last message while slow mode was on (at most [`SLOW_MODE_SENDERS_KEPT`]). Kept in memory
+    /// only: the actor stays up while one of them binds (see [`RoomState::slow_mode_binds`]), but after the room
+    /// moves to another router shard a member may send once more before the interval is over.
+    pub last_sent: HashMap<UserId, SentMark>,
+}
+
+/// A member's last message under slow mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SentMark {
+    pub at: Instant,
+    /// The slow-mode interval then.
+    pub interval: Duration,
+    /// Its `cmid`: a retry of that same send is let through, to find the first in the stream.
+    pub cmid: Option<ClientMessageId>,
 }
 
 impl RoomState {
@@ -102,12 +113,26 @@ impl RoomState {
         }
     }
 
-    /// `user` sent a message `at` while slow mode (`interval`) was on.
-    pub fn mark_sent(&mut self, user: UserId, at: Instant, interval: Duration) {
-        if self.last_sent.len() >= SLOW_MODE_SENDERS_KEPT {
-            self.last_sent.retain(|_, last| at.saturating_duration_since(*last) < interval);
+    /// `user` sent a message while slow mode was on. Past the bound, marks whose interval is over go first, then
+    /// the oldest.
+    pub fn mark_sent(&mut self, user: UserId, mark: SentMark) {
+        if self.last_sent.len() >= SLOW_MODE_SENDERS_KEPT && !self.last_sent.contains_key(&user) {
+            let now = mark.at;
+            self.last_sent.retain(|_, last| now.saturating_duration_since(last.at) < last.interval);
+            if self.last_sent.len() >= SLOW_MODE_SENDERS_KEPT {
+                let oldest = self.last_sent.iter().min_by_key(|(_, last)| last.at).map(|(user, _)| user.clone());
+                if let Some(oldest) = oldest {
+                    self.last_sent.remove(&oldest);
+                }
+            }
         }
-        self.last_sent.insert(user, at);
+        self.last_sent.insert(user, mark);
+    }
+
+    /// Does a member's slow-mode interval still run at `now`? The actor stays up meanwhile, so that a quiet room
+    /// does not forget it.
+    pub fn slow_mode_binds(&self, now: Instant) -> bool {
+        self.last_sent.values().any(|last| now.saturating_duration_since(last.at) < last.interval)
     }
 
     /// A typing signal of `user` was relayed `at`.
@@ -193,7 +218,7 @@ pub(crate) enum Effect {
     /// Note a relayed typing signal, for the throttle.
     MarkTyping { user: UserId, at: Instant },
     /// Note a member's message, for slow mode.
-    MarkSent { user: UserId, at: Instant, interval: Duration },
+    MarkSent { user: UserId, mark: SentMark },
     /// Publish to whoever listens live.
     Publish(LiveMessage),
 }
@@ -283,15 +308,15 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             rules.remove_member(member, None, &mut effects)?;
             Reply::Room
         }
-        (RoomCommand::Moderate { action, .. }, None) => {
+        (RoomCommand::Moderate { action, secs, .. }, None) => {
             rules.require_named_room()?;
             rules.require_record()?;
-            rules.moderate(None, action, &mut effects)?
+            rules.moderate(None, action, *secs, &mut effects)?
         }
-        (RoomCommand::Moderate { action, .. }, Some(user)) => {
+        (RoomCommand::Moderate { action, secs, .. }, Some(user)) => {
             rules.require_named_room()?;
             rules.require_admin(user)?;
-            rules.moderate(Some(user), action, &mut effects)?
+            rules.moderate(Some(user), action, *secs, &mut effects)?
         }
         (
             RoomCommand::Join { .. }
@@ -318,7 +343,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         (RoomCommand::Send { body, attrs, reply_to, cmid, .. }, Some(user)) => {
             let role = rules.require_member(user)?;
             rules.require_voice(user, "send")?;
-            let slow_mode = rules.slow_mode(user, role)?;
+            let slow_mode = rules.slow_mode(user, role, cmid.as_ref())?;
             let tail = rules.tail_seq()?;
             if reply_to.is_some_and(|seq| seq == 0 || seq > tail) {
                 return Err(refuse(ErrorCode::BadRequest, "reply_to must be the seq of an earlier event of the room"));
@@ -341,7 +366,8 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             let dedupe_id = cmid.as_ref().map(|cmid| subjects::cmid_dedupe_id(command.tenant, user, cmid));
             effects.push(Effect::Append { body, dedupe_id });
             if let Some(interval) = slow_mode {
-                effects.push(Effect::MarkSent { user: user.clone(), at: command.now, interval });
+                let mark = SentMark { at: command.now, interval, cmid: cmid.clone() };
+                effects.push(Effect::MarkSent { user: user.clone(), mark });
             }
             Reply::Sent
         }
@@ -553,9 +579,14 @@ impl Rules<'_> {
         }
     }
 
+    /// The user's role, refused unless they are a member (and not banned: a ban ends the membership, so a banned
+    /// member is a half-done ban, and no more a member than one it finished).
     fn require_member(&self, user: &UserId) -> Rule<Role> {
-        self.role_of(user)?
-            .ok_or_else(|| refuse(ErrorCode::Forbidden, format!("{user} is not a member of room {}", self.room())))
+        let role = self
+            .role_of(user)?
+            .ok_or_else(|| refuse(ErrorCode::Forbidden, format!("{user} is not a member of room {}", self.room())))?;
+        self.require_not_banned(user)?;
+        Ok(role)
     }
 
     fn require_admin(&self, user: &UserId) -> Rule<()> {
@@ -643,16 +674,18 @@ impl Rules<'_> {
     }
 
     /// The slow-mode interval that binds `user`'s message (`None`: none does), refused as `rate_limited` when
-    /// their last message is more recent than it.
-    fn slow_mode(&self, user: &UserId, role: Role) -> Rule<Option<Duration>> {
+    /// their last message is more recent than it, unless this is a retry of that very message (the same `cmid`),
+    /// which the append then finds.
+    fn slow_mode(&self, user: &UserId, role: Role, cmid: Option<&ClientMessageId>) -> Rule<Option<Duration>> {
         let secs = self.moderation()?.slow_mode_secs;
         if secs == 0 || role == Role::Admin || self.command.by_backend {
             return Ok(None);
         }
         let interval = Duration::from_secs(u64::from(secs));
         if let Some(last) = self.state.last_sent.get(user) {
-            let since = self.command.now.saturating_duration_since(*last);
-            if since < interval {
+            let since = self.command.now.saturating_duration_since(last.at);
+            let retry = cmid.is_some() && last.cmid.as_ref() == cmid;
+            if since < interval && !retry {
                 let wait = interval - since;
                 return Err(Stop::Refuse(Refusal {
                     code: ErrorCode::RateLimited,
@@ -664,13 +697,36 @@ impl Rules<'_> {
         Ok(Some(interval))
     }
 
-    /// A moderation action by `by` (`None`: the tenant's backend), who may take it. The action is sequenced first
-    /// (so a retry after a half-done attempt finds it by its id instead of appending it twice), then the roster
-    /// stores it; a ban of a member then ends the membership as a kick does. An action that changes nothing
-    /// appends nothing.
-    fn moderate(&self, by: Option<&UserId>, action: &Moderation, effects: &mut Vec<Effect>) -> Rule<Reply> {
+    /// A moderation action by `by` (`None`: the tenant's backend), who may take it; a ban or mute with `secs` ends
+    /// that long from now. The action is sequenced first, then (for a ban of a member) the member's `left` and the
+    /// end of their membership entry, and last the roster, in one write that holds both the moderation and the
+    /// member's removal: until it is written nothing of the action binds, and a retry of a half-done attempt finds
+    /// the events it appended by their ids (both derived from the roster's revision, which did not move). An action
+    /// that changes nothing appends nothing.
+    fn moderate(
+        &self,
+        by: Option<&UserId>,
+        asked: &Moderation,
+        secs: Option<u64>,
+        effects: &mut Vec<Effect>,
+    ) -> Rule<Reply> {
         let room = self.room();
         let roster = self.roster()?;
+        let now_ms = self.now_ms();
+        let action = match (asked, secs) {
+            (_, Some(secs)) if !(1..=limits::MAX_MODERATION_SECS).contains(&secs) => {
+                let message = format!("secs must be 1 to {}", limits::MAX_MODERATION_SECS);
+                return Err(refuse(ErrorCode::BadRequest, message));
+            }
+            (Moderation::Ban { user, .. }, Some(secs)) => {
+                Moderation::Ban { user: user.clone(), until_ms: Some(now_ms + secs * 1000) }
+            }
+            (Moderation::Mute { user, .. }, Some(secs)) => {
+                Moderation::Mute { user: user.clone(), until_ms: Some(now_ms + secs * 1000) }
+            }
+            (_, _) => asked.clone(),
+        };
+        let action = &action;
         if let (Some(by), Some(target)) = (by, action.user()) {
             if by == target {
                 return Err(refuse(ErrorCode::BadRequest, "a room admin cannot moderate themselves"));
@@ -683,7 +739,6 @@ impl Rules<'_> {
                 ));
             }
         }
-        let now_ms = self.now_ms();
         let mut moderation = roster.moderation.clone();
         moderation.prune(now_ms);
         let lifted =
@@ -710,19 +765,24 @@ impl Rules<'_> {
             }
             Moderation::Freeze { frozen } => std::mem::replace(&mut moderation.frozen, *frozen) != *frozen,
         };
+        let revision = self.state.roster.as_ref().and_then(|(_, revision)| *revision).unwrap_or(0);
+        let mut saved = roster.clone();
         if changed {
-            let revision = self.state.roster.as_ref().and_then(|(_, revision)| *revision).unwrap_or(0);
-            let dedupe_id = subjects::moderation_dedupe_id(self.command.tenant, room, revision, action);
+            let dedupe_id = subjects::moderation_dedupe_id(self.command.tenant, room, revision, asked, secs);
             let body = EventBody::Moderation { action: action.clone(), by: by.cloned() };
             effects.push(Effect::Append { body, dedupe_id: Some(dedupe_id) });
-            let mut roster = roster.clone();
-            roster.moderation = moderation;
-            effects.push(Effect::SaveRoster(roster));
+            saved.moderation = moderation;
         }
         if let Moderation::Ban { user, .. } = action {
-            if roster.members.contains_key(user) {
-                self.remove_member(user, by.cloned(), effects)?;
+            if saved.members.remove(user).is_some() {
+                let dedupe_id = subjects::left_dedupe_id(self.command.tenant, room, user, revision);
+                let body = EventBody::Left { user: user.clone(), by: by.cloned() };
+                effects.push(Effect::Append { body, dedupe_id: Some(dedupe_id) });
+                effects.push(Effect::RemoveMembership(user.clone()));
             }
+        }
+        if &saved != roster {
+            effects.push(Effect::SaveRoster(saved));
         }
         Ok(Reply::TailSeq)
     }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use switchyard_protocol::client::OkResult;
-use switchyard_protocol::internal::{Moderation, RevocationTarget, RoomCommand};
+use switchyard_protocol::internal::{Moderation, RevocationTarget};
 use switchyard_protocol::{ErrorCode, ProjectId, RoomId, UserId};
 
 #[derive(Deserialize, Default)]
@@ -66,9 +66,17 @@ fn parse_user(user: &str) -> Result<UserId, ApiError> {
     UserId::parse(user).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-/// Run one moderation action in `room` as the tenant's backend; the room's last seq after it.
-async fn moderate(gw: &Gateway, tenant: &ProjectId, room: RoomId, action: Moderation) -> Result<u64, ApiError> {
-    match upstream::command(gw, tenant, None, RoomCommand::Moderate { room, action }).await? {
+/// Run one moderation action (lasting `secs`, for a ban or mute) in `room` as the tenant's backend; the room's last
+/// seq after it.
+async fn moderate(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    room: RoomId,
+    action: Moderation,
+    secs: Option<u64>,
+) -> Result<u64, ApiError> {
+    let command = moderation::command(room, action, secs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match upstream::command(gw, tenant, None, command).await? {
         OkResult::RoomSeq { seq, .. } => Ok(seq),
         _ => Err(ApiError::new(ErrorCode::Internal, "unexpected router reply")),
     }
@@ -117,17 +125,17 @@ async fn restrict(
     room: &str,
     user: &str,
     body: Option<&[u8]>,
-    action: fn(UserId, bool, Option<u64>) -> Result<Moderation, moderation::DurationError>,
+    action: fn(UserId, bool) -> Moderation,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = tenant_of_request(gw, headers).await?;
     let (room, user) = (parse_room(room)?, parse_user(user)?);
     let secs = body.map(parse_restriction).transpose()?.flatten();
-    let action = action(user, body.is_some(), secs).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let seq = moderate(gw, &tenant.project_id, room.clone(), action).await?;
+    let seq = moderate(gw, &tenant.project_id, room.clone(), action(user, body.is_some()), secs).await?;
     Ok(Json(json!({"room": room, "seq": seq})))
 }
 
-/// `PUT /v1/rooms/{room}/moderation`: slow mode and freeze, each as its own `moderation` event.
+/// `PUT /v1/rooms/{room}/moderation`: slow mode and freeze, each as its own `moderation` event, in that order (not
+/// atomic: when the second fails the first stays, and the request answers the failure; repeating it is safe).
 pub async fn set_room_settings(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
@@ -138,7 +146,7 @@ pub async fn set_room_settings(
     let room = parse_room(&room)?;
     let mut seq = 0;
     for action in parse_room_settings(&body)? {
-        seq = moderate(&gw, &tenant.project_id, room.clone(), action).await?;
+        seq = moderate(&gw, &tenant.project_id, room.clone(), action, None).await?;
     }
     Ok(Json(json!({"room": room, "seq": seq})))
 }

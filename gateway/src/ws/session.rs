@@ -901,13 +901,14 @@ impl Session {
         let identity = self.identity.clone();
         let rid = request.rid;
         let command = |command: RoomCommand| run_command(gw.clone(), identity.clone(), rid, command).boxed();
-        let moderate = |room: RoomId, action: Result<Moderation, moderation::DurationError>| match action {
-            Ok(action) => command(RoomCommand::Moderate { room, action }),
-            Err(error) => {
-                let refusal = err_frame(rid, ErrorCode::BadRequest, error.to_string());
-                async move { Completion::Reply(refusal) }.boxed()
-            }
-        };
+        let moderate =
+            |room: RoomId, action: Moderation, secs: Option<u64>| match moderation::command(room, action, secs) {
+                Ok(moderate) => command(moderate),
+                Err(error) => {
+                    let refusal = err_frame(rid, ErrorCode::BadRequest, error.to_string());
+                    async move { Completion::Reply(refusal) }.boxed()
+                }
+            };
         let future: BoxFuture<'static, Completion> = match request.op {
             ClientOp::Join { room, since } => {
                 // Direct-message rooms arrive through the user's inbox, which every session subscribes to.
@@ -960,13 +961,13 @@ impl Session {
             ClientOp::Delete { room, seq } => command(RoomCommand::Delete { room, target: seq }),
             ClientOp::Pin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: true }),
             ClientOp::Unpin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: false }),
-            ClientOp::Ban { room, user, secs } => moderate(room, moderation::ban(user, true, secs)),
-            ClientOp::Unban { room, user } => moderate(room, moderation::ban(user, false, None)),
-            ClientOp::Mute { room, user, secs } => moderate(room, moderation::mute(user, true, secs)),
-            ClientOp::Unmute { room, user } => moderate(room, moderation::mute(user, false, None)),
-            ClientOp::SlowMode { room, secs } => moderate(room, Ok(Moderation::SlowMode { secs })),
-            ClientOp::Freeze { room } => moderate(room, Ok(Moderation::Freeze { frozen: true })),
-            ClientOp::Unfreeze { room } => moderate(room, Ok(Moderation::Freeze { frozen: false })),
+            ClientOp::Ban { room, user, secs } => moderate(room, moderation::ban(user, true), secs),
+            ClientOp::Unban { room, user } => moderate(room, moderation::ban(user, false), None),
+            ClientOp::Mute { room, user, secs } => moderate(room, moderation::mute(user, true), secs),
+            ClientOp::Unmute { room, user } => moderate(room, moderation::mute(user, false), None),
+            ClientOp::SlowMode { room, secs } => moderate(room, Moderation::SlowMode { secs }, None),
+            ClientOp::Freeze { room } => moderate(room, Moderation::Freeze { frozen: true }, None),
+            ClientOp::Unfreeze { room } => moderate(room, Moderation::Freeze { frozen: false }, None),
             ClientOp::Members { room } => async move {
                 Completion::Reply(match rooms::members(&gw, &identity.tenant, Reader::User(&identity), &room).await {
                     Ok(members) => ServerFrame::Ok { rid, result: OkResult::Members { members } },

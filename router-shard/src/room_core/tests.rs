@@ -51,6 +51,8 @@ struct World {
     now_us: u64,
     /// Commands are sent by the tenant's backend on behalf of their user.
     by_backend: bool,
+    /// The next roster write fails (as a compare-and-set that lost, or an outage): the command stops there.
+    fail_roster_save: bool,
 }
 
 impl World {
@@ -73,6 +75,7 @@ impl World {
             now: Instant::now(),
             now_us: 1_700_000_000_000_000,
             by_backend: false,
+            fail_roster_save: false,
         }
     }
 
@@ -158,6 +161,11 @@ impl World {
                         self.record = Some(record.clone());
                         self.state.record = Some(Some(record));
                     }
+                    Effect::SaveRoster(_) if std::mem::take(&mut self.fail_roster_save) => {
+                        self.state.forget();
+                        let message = "the roster write failed".into();
+                        return Err(Refusal { code: ErrorCode::Unavailable, message, retry_after_ms: None });
+                    }
                     Effect::SaveRoster(roster) => self.save_roster(roster),
                     Effect::DropFromRoster(gone) => {
                         let mut roster = self.roster.clone();
@@ -173,7 +181,7 @@ impl World {
                     }
                     Effect::Append { body, dedupe_id } => appended = Some(self.append(body, dedupe_id)),
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
-                    Effect::MarkSent { user, at, interval } => self.state.mark_sent(user, at, interval),
+                    Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.published.push(message),
                 }
             }
@@ -610,7 +618,7 @@ fn quotas_refuse_the_member_past_them_and_ceilings_hold_without_quotas() {
 // ---- Moderation ----
 
 fn moderate(world: &World, action: Moderation) -> RoomCommand {
-    RoomCommand::Moderate { room: world.room.clone(), action }
+    RoomCommand::Moderate { room: world.room.clone(), action, secs: None }
 }
 
 fn send(world: &World) -> RoomCommand {
@@ -703,8 +711,67 @@ fn only_the_backend_restricts_an_admin_and_the_lists_are_bounded() {
     );
     world.run(Some("ada"), moderate(&world, ban("u1")), &quotas).expect("a ban changed in place needs no room");
     assert_eq!(world.roster.moderation.bans.len(), limits::MAX_BANS_PER_ROOM);
-    let dm = RoomCommand::Moderate { room: room_id("dm:ada:bob"), action: Moderation::Freeze { frozen: true } };
+    let dm =
+        RoomCommand::Moderate { room: room_id("dm:ada:bob"), action: Moderation::Freeze { frozen: true }, secs: None };
     assert_eq!(code(&World::new("dm:ada:bob").run(Some("ada"), dm, &quotas)), Some(BadRequest), "no moderation in DMs");
+}
+
+#[test]
+fn a_ban_whose_roster_write_failed_is_finished_by_its_retry_without_new_events() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    let ban = RoomCommand::Moderate {
+        room: world.room.clone(),
+        action: Moderation::Ban { user: user("bob"), until_ms: None },
+        secs: Some(60),
+    };
+    world.fail_roster_save = true;
+    let before = world.events.len();
+    assert_eq!(code(&world.run(Some("ada"), ban.clone(), &quotas)), Some(ErrorCode::Unavailable));
+    assert_eq!(world.events.len(), before + 2, "the ban and bob's left were sequenced");
+    assert!(world.roster.members.contains_key(&user("bob")) && world.roster.moderation.bans.is_empty());
+    world.run(Some("ada"), ban, &quotas).expect("the retry");
+    assert_eq!(world.events.len(), before + 2, "the retry found both events by their ids");
+    assert!(!world.roster.members.contains_key(&user("bob")));
+    let until = world.roster.moderation.bans.get(&user("bob")).copied().flatten().expect("a ban with an end");
+    let now_ms = world.now_us / 1000;
+    assert!(until > now_ms && until <= now_ms + 60_000, "the router's clock sets the end: {until} vs {now_ms}");
+    let forever = RoomCommand::Moderate {
+        room: world.room.clone(),
+        action: Moderation::Mute { user: user("eve"), until_ms: None },
+        secs: Some(limits::MAX_MODERATION_SECS + 1),
+    };
+    assert_eq!(code(&world.run(None, forever, &quotas)), Some(BadRequest));
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn slow_mode_lets_a_retry_of_the_same_send_through_and_forgets_no_binding_sender() {
+    let quotas = RoomQuotas::default();
+    let mut world = matrix_world(false);
+    world.run(Some("ada"), moderate(&world, Moderation::SlowMode { secs: 60 }), &quotas).expect("slow mode");
+    let cmid = ClientMessageId::parse("retry-me").expect("a valid cmid");
+    let send = |cmid: Option<ClientMessageId>| RoomCommand::Send {
+        room: room_id("lobby"),
+        body: "m".into(),
+        attrs: None,
+        reply_to: None,
+        cmid,
+    };
+    let first = world.run(Some("bob"), send(Some(cmid.clone())), &quotas).expect("the first send");
+    let again = world.run(Some("bob"), send(Some(cmid)), &quotas).expect("its retry is let through");
+    assert_eq!(first, again, "and answers the first send");
+    assert_eq!(code(&world.run(Some("bob"), send(None), &quotas)), Some(RateLimited));
+    assert!(world.state.slow_mode_binds(world.now));
+    assert!(!world.state.slow_mode_binds(world.now + Duration::from_secs(61)));
+    // The bound: past it the oldest mark goes, never a user's own.
+    let at = world.now;
+    for i in 0..SLOW_MODE_SENDERS_KEPT + 10 {
+        let mark = SentMark { at: at + Duration::from_millis(i as u64), interval: Duration::from_secs(60), cmid: None };
+        world.state.mark_sent(user(&format!("u{i}")), mark);
+    }
+    assert_eq!(world.state.last_sent.len(), SLOW_MODE_SENDERS_KEPT);
+    assert!(world.state.last_sent.contains_key(&user(&format!("u{}", SLOW_MODE_SENDERS_KEPT + 9))));
 }
 
 #[test]
@@ -1124,7 +1191,7 @@ fn command(room: &RoomId, op: &Op) -> (Option<&'static str>, RoomCommand) {
             let member = user(name(member));
             let action =
                 if on { Moderation::Ban { user: member, until_ms: None } } else { Moderation::Unban { user: member } };
-            (by.map(name), RoomCommand::Moderate { room, action })
+            (by.map(name), RoomCommand::Moderate { room, action, secs: None })
         }
         Op::Mute { by, member, on } => {
             let member = user(name(member));
@@ -1133,10 +1200,10 @@ fn command(room: &RoomId, op: &Op) -> (Option<&'static str>, RoomCommand) {
             } else {
                 Moderation::Unmute { user: member }
             };
-            (by.map(name), RoomCommand::Moderate { room, action })
+            (by.map(name), RoomCommand::Moderate { room, action, secs: None })
         }
         Op::Freeze { by, frozen } => {
-            (by.map(name), RoomCommand::Moderate { room, action: Moderation::Freeze { frozen } })
+            (by.map(name), RoomCommand::Moderate { room, action: Moderation::Freeze { frozen }, secs: None })
         }
     }
 }
