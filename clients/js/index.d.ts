@@ -128,6 +128,8 @@ export interface Message {
   reactions?: Record<string, string[]>;
   /** Present (true) only while the last pin event for the message pinned it and it is not deleted. */
   pinned?: boolean;
+  /** How many messages reply to this one (present when not 0). */
+  reply_count?: number;
 }
 
 export interface ClientEvents {
@@ -207,7 +209,8 @@ export declare class SwitchyardClient {
   freeze(room: string): Promise<{ room: string; seq: number }>;
   unfreeze(room: string): Promise<{ room: string; seq: number }>;
   deleteMessage(room: string, seq: number): Promise<{ room: string; seq: number }>;
-  history(room: string, options?: { before?: number; after?: number; limit?: number }): Promise<{ room: string; messages: Message[]; more: boolean }>;
+  /** With `thread`, a page of the replies to that message only. */
+  history(room: string, options?: { before?: number; after?: number; limit?: number; thread?: number }): Promise<{ room: string; messages: Message[]; more: boolean }>;
   members(room: string): Promise<{ members: { user: string; role: 'member' | 'admin'; online: boolean }[] }>;
   rooms(): Promise<{ rooms: { room: string; role: 'member' | 'admin'; seq: number; read: number }[] }>;
   presence(users: string[]): Promise<{ users: Record<string, { online: boolean; last_seen?: number }> }>;

@@ -20,6 +20,7 @@ const state = {
   typing: new Map(), // room -> Map<user, timeout>
   readTimer: null,
   lastTyping: 0,
+  thread: null, // {room, parent} of the open thread panel
 };
 
 // ---------- sign-in ----------
@@ -474,6 +475,12 @@ function renderMessage(m) {
       reactions.append(b);
     }
     li.append(reactions);
+    const thread = Object.assign(document.createElement('button'), { type: 'button', className: 'thread' });
+    const count = m.reply_count ?? 0;
+    thread.textContent = count === 0 ? 'Reply' : `${count} ${count === 1 ? 'reply' : 'replies'}`;
+    thread.setAttribute('aria-label', `Thread of message ${m.seq}`);
+    thread.addEventListener('click', () => openThread(m.room, m.seq));
+    li.append(thread);
     if (m.from === state.me) {
       const tools = document.createElement('div');
       tools.className = 'tools';
@@ -494,6 +501,61 @@ function renderMessage(m) {
   li.append(seen);
   return li;
 }
+
+// ---------- threads ----------
+
+/** Open the thread panel on the replies to message `parent`: the latest page, then live replies. */
+async function openThread(room, parent) {
+  state.thread = { room, parent };
+  const panel = $('thread');
+  panel.hidden = false;
+  const source = roomState(room).messages.get(parent);
+  $('thread-title').textContent = source ? `Thread: ${source.deleted ? 'Message deleted' : source.body}` : `Thread of message ${parent}`;
+  $('thread-replies').replaceChildren();
+  try {
+    const page = await state.client.history(room, { thread: parent, limit: PAGE });
+    if (state.thread?.parent !== parent || state.thread?.room !== room) return;
+    for (const m of page.messages) addThreadReply({ ...m, room });
+  } catch (err) {
+    $('thread-error').textContent = err.message;
+  }
+  $('thread-input').focus();
+}
+
+function addThreadReply(m) {
+  const list = $('thread-replies');
+  if (list.querySelector(`li[data-seq="${m.seq}"]`)) return;
+  const li = document.createElement('li');
+  li.dataset.seq = String(m.seq);
+  const who = document.createElement('strong');
+  who.textContent = m.from;
+  li.append(who, ' ', m.deleted ? 'Message deleted' : m.body);
+  list.append(li);
+}
+
+/** A live reply: into the open thread, and one more on its parent's count. */
+function onReply(e) {
+  if (state.thread && state.thread.room === e.room && state.thread.parent === e.reply_to) addThreadReply(e);
+  patchMessage(e.room, e.reply_to, (m) => (m.reply_count = (m.reply_count ?? 0) + 1));
+}
+
+$('thread-close').addEventListener('click', () => {
+  state.thread = null;
+  $('thread').hidden = true;
+});
+
+$('thread-form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const text = $('thread-input').value.trim();
+  if (!text || !state.thread) return;
+  $('thread-error').textContent = '';
+  try {
+    await state.client.send(state.thread.room, text, { replyTo: state.thread.parent });
+    $('thread-input').value = '';
+  } catch (err) {
+    $('thread-error').textContent = err.message;
+  }
+});
 
 function startEdit(li, m) {
   const form = document.createElement('form');
@@ -559,6 +621,7 @@ function bumpSeqFromEvent(room) {
 }
 
 function onMsg(e) {
+  if (e.reply_to != null) onReply(e);
   const isNew = !state.rooms.has(e.room);
   const rs = roomState(e.room);
   bumpSeq(e.room, e.seq);

@@ -49,12 +49,14 @@ pub fn history_limit(limit: Option<u32>) -> Result<u32, HistoryLimitError> {
     Ok(limit)
 }
 
-/// Which page of a room's history: before or after a seq (neither: the latest), at most `limit` messages.
+/// Which page of a room's history: before or after a seq (neither: the latest), at most `limit` messages; with
+/// `thread`, of the replies to that message only.
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryPage {
     pub before: Option<u64>,
     pub after: Option<u64>,
     pub limit: u32,
+    pub thread: Option<u64>,
 }
 
 /// A page of `room`'s history as `reader` may read it, with whether more messages lie beyond it.
@@ -79,6 +81,7 @@ pub async fn read_history(
         after: page.after,
         limit: page.limit,
         min_seq,
+        thread: page.thread,
     };
     match upstream::history(gw, request).await? {
         HistoryReply::Ok { messages, more } => Ok((messages, more)),

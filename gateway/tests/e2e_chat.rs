@@ -57,7 +57,7 @@ async fn membership_and_permissions(format: Format) {
         .await;
     // A private room refuses joins, history and members to non-members.
     refused(&bob, ClientOp::Join { room: room("secret"), since: None }, ErrorCode::Forbidden).await;
-    let history = ClientOp::History { room: room("secret"), before: None, after: None, limit: None };
+    let history = ClientOp::History { room: room("secret"), before: None, after: None, limit: None, thread: None };
     refused(&bob, history.clone(), ErrorCode::Forbidden).await;
     refused(&bob, ClientOp::Members { room: room("secret") }, ErrorCode::Forbidden).await;
     assert_eq!(alice.join("secret", None).await.unwrap(), 1, "creating sequenced the creator's join");
@@ -88,7 +88,8 @@ async fn membership_and_permissions(format: Format) {
 
     // A public room: anyone of the tenant may read it and join it.
     carol.join("lobby", None).await.unwrap();
-    ok(&alice, ClientOp::History { room: room("lobby"), before: None, after: None, limit: Some(5) }).await;
+    ok(&alice, ClientOp::History { room: room("lobby"), before: None, after: None, limit: Some(5), thread: None })
+        .await;
     refused(&alice, ClientOp::Kick { room: room("lobby"), user: user("carol") }, ErrorCode::Forbidden).await;
     refused(&alice, ClientOp::Leave { room: room("lobby") }, ErrorCode::NotFound).await;
 
@@ -248,13 +249,13 @@ async fn message_lifecycle(format: Format) {
     assert_eq!(after[0].seq, second);
     refused(
         &bob,
-        ClientOp::History { room: room("general"), before: None, after: None, limit: Some(0) },
+        ClientOp::History { room: room("general"), before: None, after: None, limit: Some(0), thread: None },
         ErrorCode::BadRequest,
     )
     .await;
     refused(
         &bob,
-        ClientOp::History { room: room("general"), before: None, after: None, limit: Some(101) },
+        ClientOp::History { room: room("general"), before: None, after: None, limit: Some(101), thread: None },
         ErrorCode::BadRequest,
     )
     .await;
@@ -328,7 +329,7 @@ async fn direct_messages(format: Format) {
     none_where(&mallory, "someone else's dm", |_| true).await;
     refused(
         &mallory,
-        ClientOp::History { room: room("dm:alice:bob"), before: None, after: None, limit: None },
+        ClientOp::History { room: room("dm:alice:bob"), before: None, after: None, limit: None, thread: None },
         ErrorCode::Forbidden,
     )
     .await;
@@ -404,7 +405,7 @@ async fn pins(format: Format) {
         }
     }
     none_where(&outsider, "a pin of a room not joined", |_| true).await;
-    let history = || ClientOp::History { room: room("notice"), before: None, after: None, limit: None };
+    let history = || ClientOp::History { room: room("notice"), before: None, after: None, limit: None, thread: None };
     let (messages, _) = carol.history("notice", None, None, None).await.unwrap();
     assert!(messages[0].pinned, "{messages:?}");
     assert_eq!(ok(&carol, history()).await["messages"][0]["pinned"], json!(true));

@@ -117,7 +117,13 @@ async fn thousands_of_random_ops_of_one_tenant_never_reach_another() {
                             reply_to: None,
                             cmid: None,
                         },
-                        4 => ClientOp::History { room: room(name), before: None, after: None, limit: Some(100) },
+                        4 => ClientOp::History {
+                            room: room(name),
+                            before: None,
+                            after: None,
+                            limit: Some(100),
+                            thread: None,
+                        },
                         _ => {
                             // Over HTTP: post or read as the tenant's backend.
                             let path = format!("/v1/rooms/{name}/messages");

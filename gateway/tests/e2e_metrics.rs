@@ -150,6 +150,7 @@ async fn every_service_serves_the_metrics_that_matter_and_they_move() {
         before: None,
         after: None,
         limit: Some(10),
+        thread: None,
     };
     assert!(matches!(bob.request(history).await.expect("history"), Reply::Ok(_)));
     // An authentication failure with a token nobody issued.

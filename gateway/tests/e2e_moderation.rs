@@ -106,7 +106,7 @@ async fn room_moderation(store: StoreKind) {
     moderation(&bob, ModerationAction::Ban).await;
     next_where(&bob, "bob's left", |e| matches!(e, ServerEvent::Left { user, .. } if user.as_str() == "bob")).await;
     refused(&bob, ClientOp::Join { room: room("town"), since: None }, ErrorCode::Forbidden).await;
-    let history = ClientOp::History { room: room("town"), before: None, after: None, limit: None };
+    let history = ClientOp::History { room: room("town"), before: None, after: None, limit: None, thread: None };
     refused(&bob, history.clone(), ErrorCode::Forbidden).await;
     ok(&carol, send("after the ban")).await;
     none_where(&bob, "nothing after the ban", |e| matches!(e, ServerEvent::Msg { .. })).await;

@@ -134,7 +134,12 @@ async fn answer<S: HistoryStore>(store: &S, payload: &[u8], catch_up: Duration) 
         after: request.after,
         limit: request.limit,
     };
-    match store.history(&query).await {
+    let page = match request.thread {
+        Some(0) => return err(ErrorCode::BadRequest, "thread must be the seq of a message".into()),
+        Some(parent) => store.thread(&query, parent).await,
+        None => store.history(&query).await,
+    };
+    match page {
         Ok(page) => HistoryReply::Ok { messages: page.messages, more: page.more },
         Err(crate::store::StoreError::InvalidQuery(fault)) => err(ErrorCode::BadRequest, fault.to_string()),
         Err(error) => err(ErrorCode::Unavailable, error.to_string()),
@@ -161,6 +166,7 @@ mod tests {
                 deleted: false,
                 reactions: Default::default(),
                 pinned: false,
+                reply_count: 0,
             })
             .collect();
         HistoryReply::Ok { messages, more: false }

@@ -181,6 +181,12 @@ impl HistoryStore for AnyStore {
             AnyStore::Cql(store) => store.head(tenant, room).await,
         }
     }
+    async fn thread(&self, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
+        match self {
+            AnyStore::Embedded(store) => store.thread(query, parent).await,
+            AnyStore::Cql(store) => store.thread(query, parent).await,
+        }
+    }
 }
 
 /// Run a persistor on the configured store until `shutdown` fires.

@@ -344,3 +344,67 @@ async fn cql_migration_adds_the_pinned_column_to_existing_messages() {
     assert!(page.messages[0].pinned, "{page:?}");
     conformance::pin_unpin_delete(&store).await;
 }
+
+/// A keyspace as a schema-3 release left it (no `thread_replies`), holding a message and a reply written in that
+/// layout: `migrate` indexes the reply, so the parent counts it and its thread lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_migration_indexes_replies_written_before_threads() {
+    use scylla::client::session_builder::SessionBuilder;
+    use switchyard_persistor::store::cql::{MigrationOutcome, SCHEMA_VERSION};
+    use switchyard_persistor::store::HistoryQuery;
+    use switchyard_protocol::MessageId;
+
+    let (nodes, _) = server();
+    let keyspace = format!("sy_threads_{}", switchyard_protocol::ids::random_base62(10).to_ascii_lowercase());
+    let config = CqlConfig::new(&nodes, &keyspace);
+    assert_eq!(CqlStore::migrate_to(&config, 3).await.unwrap(), MigrationOutcome { from: 0, to: 3 });
+    let session = SessionBuilder::new().known_nodes(&nodes).build().await.unwrap();
+    let tenant = ProjectId::generate();
+    for (seq, reply_to, body) in [(1_i64, None, "parent"), (2, Some(1_i64), "a reply")] {
+        let ts = conformance::ts_us_of(seq as u64) as i64;
+        let id = MessageId::generate(conformance::ts_us_of(seq as u64) / 1000);
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {keyspace}.messages (tenant, room, bucket, seq, id, sender, body, reply_to, ts_us) \
+                     VALUES (?, 'old', 0, ?, ?, 'alice', ?, ?, ?) USING TIMESTAMP {ts}"
+                ),
+                (tenant.to_string(), seq, id.to_string(), body, reply_to, ts),
+            )
+            .await
+            .unwrap();
+    }
+    session
+        .query_unpaged(
+            format!("INSERT INTO {keyspace}.room_buckets (tenant, room, bucket) VALUES (?, 'old', 0)"),
+            (tenant.to_string(),),
+        )
+        .await
+        .unwrap();
+    let ts = conformance::ts_us_of(2);
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {keyspace}.room_progress USING TIMESTAMP {ts} SET last_seq = 2 WHERE tenant = ? AND room = 'old'"
+            ),
+            (tenant.to_string(),),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(CqlStore::migrate(&config).await.unwrap(), MigrationOutcome { from: 3, to: SCHEMA_VERSION });
+    let store = CqlStore::connect_with(config.clone()).await.expect("connect to the migrated schema");
+    let query = HistoryQuery {
+        tenant: tenant.clone(),
+        room: RoomId::parse("old").unwrap(),
+        before: None,
+        after: None,
+        limit: 10,
+    };
+    let page = store.history(&query).await.unwrap();
+    let counts: Vec<(u64, u64)> = page.messages.iter().map(|m| (m.seq, m.reply_count)).collect();
+    assert_eq!(counts, [(1, 1), (2, 0)]);
+    let thread = store.thread(&query, 1).await.unwrap();
+    assert_eq!(thread.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2]);
+    assert_eq!(thread.messages[0].body.as_deref(), Some("a reply"));
+}

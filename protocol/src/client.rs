@@ -170,6 +170,9 @@ pub enum ClientOp {
         after: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
+        /// Page the replies to message `thread` (those whose `reply_to` is it) instead of the whole room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thread: Option<u64>,
     },
     Members {
         room: RoomId,
@@ -439,6 +442,13 @@ pub struct Message {
     /// The last `pin` event for the message pinned it (and it is not deleted); only written when true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pinned: bool,
+    /// How many messages reply to this one (its thread, deleted replies included); only written when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reply_count: u64,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 /// A server event delivered to subscribed sessions.

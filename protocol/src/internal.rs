@@ -447,6 +447,9 @@ pub struct HistoryRequest {
     /// The room's last seq when the request was authorised: the persistor waits (briefly) until its store has
     /// caught up to it, so a client reads its own writes.
     pub min_seq: u64,
+    /// Page the replies to message `thread` instead of the whole room. Absent from gateways of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<u64>,
 }
 
 /// A persistor's answer to a history request.

@@ -403,6 +403,7 @@ impl RoomActor {
             after: Some(target - 1),
             limit: 1,
             min_seq: target,
+            thread: None,
         };
         let payload = codec::encode(&request).map_err(|e| unavailable("encode history request", e))?;
         let reply =

@@ -718,13 +718,15 @@ export class SwitchyardClient {
     });
   }
 
-  history(room, { before, after, limit } = {}) {
+  /** A page of history; with `thread`, of the replies to that message only. Messages carry `reply_count`. */
+  history(room, { before, after, limit, thread } = {}) {
     return this._safe(() => {
       checkRoom(room);
       const frame = { op: 'history', room };
       if (before != null) frame.before = before;
       if (after != null) frame.after = after;
       if (limit != null) frame.limit = limit;
+      if (thread != null) frame.thread = thread;
       return this.request(frame);
     });
   }

@@ -1,5 +1,5 @@
 // The demo page in headless Chromium: two users in two browser contexts chat (messages, typing, reactions, edit,
-// delete, a DM with an unread count); a room admin mutes and bans a member; one goes offline while the other sends, comes back, and sees every message
+// delete, a DM with an unread count); a room admin mutes and bans a member; a reply in a thread; one goes offline while the other sends, comes back, and sees every message
 // exactly once and in order. Screenshots (desktop and phone-sized) go to $SWITCHYARD_ARTIFACTS.
 
 import { test, after, before } from 'node:test';
@@ -180,6 +180,40 @@ test('a room admin mutes and bans a member from the members list; the member is 
     await max.getByLabel('Join or create a room').fill(room);
     await max.getByRole('button', { name: 'Join', exact: true }).click();
     await max.locator('#side-error', { hasText: 'banned' }).waitFor({ timeout: WAIT });
+  } finally {
+    await contextA.close();
+    await contextB.close();
+  }
+});
+
+test('a reply in a thread shows in the thread panel and counts on its parent for both users', async () => {
+  const contextA = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const contextB = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const room = `threads-${stamp}`;
+  try {
+    const ana = await signIn(contextA, `ana-${stamp}`);
+    const ben = await signIn(contextB, `ben-${stamp}`);
+    await joinRoom(ana, room);
+    await joinRoom(ben, room);
+    await say(ana, 'where shall we meet?');
+    const parent = message(ben, 'where shall we meet?');
+    await parent.waitFor({ timeout: WAIT });
+    await parent.getByRole('button', { name: /^Thread of message/ }).click();
+    await ben.locator('#thread-title', { hasText: 'where shall we meet?' }).waitFor({ timeout: WAIT });
+    await ben.getByLabel('Reply in thread').fill('at the station');
+    await ben.getByRole('button', { name: 'Reply', exact: true }).click();
+    await ben.locator('#thread-replies li', { hasText: 'at the station' }).waitFor({ timeout: WAIT });
+    // Ana sees the count on her message, and the reply when she opens the thread.
+    const hers = message(ana, 'where shall we meet?').getByRole('button', { name: /^Thread of message/ });
+    await ana.locator('button.thread', { hasText: '1 reply' }).waitFor({ timeout: WAIT });
+    await hers.click();
+    await ana.locator('#thread-replies li', { hasText: 'at the station' }).waitFor({ timeout: WAIT });
+    await shot(ana, 'desktop-ana-thread');
+    // After a reload the count comes from history.
+    await ana.reload();
+    await ana.locator('#conn[data-state="open"]').waitFor({ timeout: WAIT });
+    await ana.locator('#rooms button.room', { hasText: `#${room}` }).click();
+    await ana.locator('button.thread', { hasText: '1 reply' }).waitFor({ timeout: WAIT });
   } finally {
     await contextA.close();
     await contextB.close();

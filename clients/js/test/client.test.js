@@ -188,6 +188,25 @@ test('room admins moderate: a mute silences, slow mode says when to retry, a ban
   assert.deepEqual(actions, ['mute', 'unmute', 'slow_mode', 'slow_mode', 'freeze', 'unfreeze', 'ban', 'unban']);
 });
 
+test('a thread is paged like history and its parent counts its replies', async () => {
+  const room = unique('thread');
+  const alice = makeClient(unique('alice'));
+  await alice.connect();
+  await alice.join(room);
+  const parent = await alice.send(room, 'parent');
+  const replies = [];
+  for (let i = 0; i < 3; i += 1) replies.push((await alice.send(room, `reply ${i}`, { replyTo: parent.seq })).seq);
+  await alice.send(room, 'not in the thread');
+  const page = await alice.history(room, { thread: parent.seq, limit: 2 });
+  assert.deepEqual(page.messages.map((m) => m.seq), replies.slice(1));
+  assert.equal(page.more, true);
+  const older = await alice.history(room, { thread: parent.seq, before: replies[1] });
+  assert.deepEqual(older.messages.map((m) => m.seq), replies.slice(0, 1));
+  const all = await alice.history(room);
+  assert.equal(all.messages.find((m) => m.seq === parent.seq).reply_count, 3);
+  assert.equal('reply_count' in all.messages.find((m) => m.seq === replies[0]), false);
+});
+
 test('a DM is delivered without joining and is resumed like a room', async () => {
   const [aliceId, bobId] = [unique('alice'), unique('bob')];
   const alice = makeClient(aliceId);

@@ -383,7 +383,24 @@ impl Client {
         after: Option<u64>,
         limit: Option<u32>,
     ) -> Result<(Vec<Message>, bool), ClientError> {
-        let op = ClientOp::History { room: RoomId::parse(room)?, before, after, limit };
+        self.history_page(ClientOp::History { room: RoomId::parse(room)?, before, after, limit, thread: None }).await
+    }
+
+    /// `history` of a thread: a page of the replies to message `parent`, in ascending seq, and whether there are
+    /// more (`before` and `after` bound the replies' seqs).
+    pub async fn thread(
+        &self,
+        room: &str,
+        parent: u64,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<Message>, bool), ClientError> {
+        let op = ClientOp::History { room: RoomId::parse(room)?, before, after, limit, thread: Some(parent) };
+        self.history_page(op).await
+    }
+
+    async fn history_page(&self, op: ClientOp) -> Result<(Vec<Message>, bool), ClientError> {
         let fields = self.request(op).await?.into_result()?;
         let page: HistoryPage = from_fields(fields)?;
         Ok((page.messages, page.more))

@@ -214,6 +214,8 @@ struct PageQuery {
     before: Option<u64>,
     after: Option<u64>,
     limit: Option<u32>,
+    /// The replies to this message only.
+    thread: Option<u64>,
 }
 
 async fn get_messages(
@@ -228,7 +230,7 @@ async fn get_messages(
     let limit = rooms::history_limit(page.limit).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // The tenant's backend may read any of its rooms; the room's owner tells its last seq, so the page includes the
     // backend's own writes.
-    let page = HistoryPage { before: page.before, after: page.after, limit };
+    let page = HistoryPage { before: page.before, after: page.after, limit, thread: page.thread };
     let (messages, more) = rooms::read_history(&gw, &tenant.project_id, Reader::Backend, &room, page).await?;
     Ok(Json(json!({"messages": messages, "more": more})))
 }

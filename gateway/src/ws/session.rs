@@ -1032,8 +1032,10 @@ impl Session {
                 }
                 async move { Completion::Reply(ServerFrame::Ok { rid, result: OkResult::Empty {} }) }.boxed()
             }
-            ClientOp::History { room, before, after, limit } => {
-                run_history(gw, identity, rid, room, before, after, limit).boxed()
+            ClientOp::History { room, before, after, limit, thread } => {
+                // `check_op` refused a limit out of bounds.
+                let limit = rooms::history_limit(limit).unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
+                run_history(gw, identity, rid, room, HistoryPage { before, after, limit, thread }).boxed()
             }
             // Answered by `on_op` itself, never queued.
             other @ (ClientOp::Auth { .. } | ClientOp::Ping | ClientOp::Typing { .. }) => {
@@ -1326,13 +1328,8 @@ async fn run_history(
     identity: Identity,
     rid: Option<u64>,
     room: RoomId,
-    before: Option<u64>,
-    after: Option<u64>,
-    limit: Option<u32>,
+    page: HistoryPage,
 ) -> Completion {
-    // `check_op` refused a limit out of bounds.
-    let limit = rooms::history_limit(limit).unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
-    let page = HistoryPage { before, after, limit };
     Completion::Reply(match rooms::read_history(&gw, &identity.tenant, Reader::User(&identity), &room, page).await {
         Ok((messages, more)) => ServerFrame::Ok { rid, result: OkResult::History { room, messages, more } },
         Err(error) => err_frame(rid, error.code, error.message),

@@ -1,6 +1,6 @@
 //! The conformance suite every `HistoryStore` backend must pass: ordering, paging with exact `more` across
 //! buckets (including messages millions of seqs apart), idempotent and order-insensitive apply, edit/delete/reaction
-//! and pin folding, the room head, and tenant and room isolation.
+//! and pin folding, threads and reply counts, the room head, and tenant and room isolation.
 //!
 //! Each case works in fresh random tenants, so the suite can run again and again against the same database. Cases
 //! panic on the first mismatch (they are meant to be called from tests); they do not clean up what they wrote and
@@ -28,6 +28,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     edit_delete_reaction(store).await;
     early_edit_delete_reaction(store).await;
     pin_unpin_delete(store).await;
+    threads(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
@@ -186,6 +187,7 @@ fn created(event: &RoomEvent) -> Message {
             deleted: false,
             reactions: BTreeMap::new(),
             pinned: false,
+            reply_count: 0,
         },
         other @ (EventBody::Edit { .. }
         | EventBody::Delete { .. }
@@ -305,7 +307,8 @@ pub async fn apply_and_history_order<S: HistoryStore>(store: &S) {
     room.apply(store, &reversed[..4]).await;
     room.apply(store, &reversed[4..]).await;
 
-    let expected: Vec<Message> = events.iter().map(created).collect();
+    let mut expected: Vec<Message> = events.iter().map(created).collect();
+    expected[0].reply_count = 1; // seq 3 replies to it
     let page = room.latest(store).await;
     assert_eq!(page.messages, expected, "all ten messages, ascending, fields intact");
     assert!(!page.more, "ten messages fit a page of 100");
@@ -480,6 +483,7 @@ pub async fn edit_delete_reaction<S: HistoryStore>(store: &S) {
     e1.body = Some("hello v3".into());
     e1.edited_ts = Some(ts_us_of(3) / 1000);
     e1.reactions = reactions(&[("👀", &["dave"])]);
+    e1.reply_count = 1; // m4, deleted, still counts
     let mut e4 = created(&m4);
     e4.body = None;
     e4.deleted = true;
@@ -615,6 +619,73 @@ pub async fn pin_unpin_delete<S: HistoryStore>(store: &S) {
     let got = replayed.latest(store).await.messages;
     let pinned: Vec<(u64, bool, bool)> = got.iter().map(|m| (m.seq, m.pinned, m.deleted)).collect();
     assert_eq!(pinned, vec![(1, true, false), (2, false, false), (3, false, true), (4, true, false)]);
+}
+
+/// A thread is the messages that reply to one message: paged like history over the replies' seqs (also across
+/// buckets, and with replies stored before their parent), with deletes and reactions folded in; every message
+/// carries how many replies it has, counted once however often a reply is applied.
+pub async fn threads<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("threads");
+    let reply = |seq: u64, parent: u64| room.msg_full(seq, "bob", &format!("re {parent}: {seq}"), None, Some(parent));
+    let mut events = vec![room.msg(1, "alice", "parent"), room.msg(2, "alice", "another parent")];
+    events.extend((3..=9).map(|seq| reply(seq, 1)));
+    events.push(reply(10, 2));
+    // Far in the room's life, in another bucket: replies to 1 and a parent of its own.
+    events.push(reply(1_500, 1));
+    events.push(room.msg(1_501, "carol", "late parent"));
+    events.push(reply(1_502, 1_501));
+    events.push(room.delete(1_503, 4, "bob"));
+    events.push(room.react(1_504, 5, "alice", "👍", false));
+    // Out of order and twice: replies first, then everything again.
+    let replies: Vec<RoomEvent> =
+        events.iter().filter(|e| matches!(e.body, EventBody::Msg { reply_to: Some(_), .. })).cloned().collect();
+    room.apply(store, &replies).await;
+    room.apply(store, &events).await;
+    room.apply(store, &replies).await;
+
+    let thread = |before: Option<u64>, after: Option<u64>, limit: u32| {
+        let query = room.query(before, after, limit);
+        async move {
+            match store.thread(&query, 1).await {
+                Ok(page) => page,
+                Err(e) => panic!("thread {before:?} {after:?} {limit}: {e}"),
+            }
+        }
+    };
+    let seqs = |page: &HistoryPage| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let latest = thread(None, None, 100).await;
+    assert_eq!(seqs(&latest), vec![3, 4, 5, 6, 7, 8, 9, 1_500], "every reply to 1, ascending");
+    assert!(!latest.more);
+    assert!(latest.messages.iter().all(|m| m.reply_to == Some(1)));
+    let deleted = &latest.messages[1];
+    assert!(deleted.deleted && deleted.body.is_none(), "a deleted reply stays in its thread as deleted: {deleted:?}");
+    assert_eq!(latest.messages[2].reactions.get("👍").map(Vec::len), Some(1), "reactions folded in");
+    let last_two = thread(None, None, 2).await;
+    assert_eq!((seqs(&last_two), last_two.more), (vec![9, 1_500], true), "the latest page first");
+    let older = thread(Some(9), None, 3).await;
+    assert_eq!((seqs(&older), older.more), (vec![6, 7, 8], true));
+    let after = thread(None, Some(8), 5).await;
+    assert_eq!((seqs(&after), after.more), (vec![9, 1_500], false));
+    let between = thread(Some(1_500), Some(3), 10).await;
+    assert_eq!((seqs(&between), between.more), (vec![4, 5, 6, 7, 8, 9], false));
+
+    // Reply counts on the parents, in history and in threads.
+    let counts: Vec<(u64, u64)> = room
+        .page(store, None, None, 100)
+        .await
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.reply_count))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(counts, vec![(1, 8), (2, 1), (1_501, 1)], "each reply counted once");
+    let other = store.thread(&room.query(None, None, 10), 1_501).await.expect("thread of 1501");
+    assert_eq!(seqs(&other), vec![1_502]);
+    assert!(store.thread(&room.query(None, None, 10), 3).await.expect("no replies").messages.is_empty());
+    assert!(store.thread(&room.query(None, None, 10), 999_999).await.expect("no parent").messages.is_empty());
+    let foreign = Room::fresh("threads");
+    assert!(store.thread(&foreign.query(None, None, 10), 1).await.expect("another tenant").messages.is_empty());
+    assert!(matches!(store.thread(&room.query(None, None, 0), 1).await, Err(StoreError::InvalidQuery(_))));
 }
 
 /// An event with a number beyond a signed 64-bit integer is `Rejected` (the same on every attempt), and the batch

@@ -133,7 +133,7 @@ pub enum SchemaPolicy {
 
 /// The schema version this code reads and writes. Every change to the tables adds a step to [`migrations`] and
 /// raises this number.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The row of `schema_version` that holds the history schema's version.
 const SCHEMA_COMPONENT: &str = "history";
@@ -217,12 +217,15 @@ const COLUMN_WAIT_ATTEMPTS: u32 = 100;
 enum Backfill {
     /// Write a `room_buckets` row for every bucket of `messages` (version 2).
     RoomBuckets,
+    /// Write a `thread_replies` row for every stored reply (version 4).
+    ThreadReplies,
 }
 
 impl Backfill {
     async fn run(self, session: &Session, ks: &str) -> Result<(), StoreError> {
         match self {
             Backfill::RoomBuckets => backfill_room_buckets(session, ks).await,
+            Backfill::ThreadReplies => backfill_thread_replies(session, ks).await,
         }
     }
 }
@@ -231,29 +234,67 @@ impl Backfill {
 /// bucket holding only rows of edits, deletes or reactions whose message never arrived is indexed too; that costs
 /// a page one scan that finds nothing, never a wrong answer.
 async fn backfill_room_buckets(session: &Session, ks: &str) -> Result<(), StoreError> {
-    let mut insert = session
-        .prepare(format!("INSERT INTO {ks}.room_buckets (tenant, room, bucket) VALUES (?, ?, ?)"))
-        .await
-        .map_err(|e| unavailable("cannot prepare the bucket index backfill", e))?;
+    backfill(
+        session,
+        "the bucket index",
+        format!("SELECT DISTINCT tenant, room, bucket FROM {ks}.messages"),
+        format!("INSERT INTO {ks}.room_buckets (tenant, room, bucket) VALUES (?, ?, ?)"),
+        |row: (String, String, i64)| Ok(Some(row)),
+    )
+    .await
+}
+
+/// Index every stored reply in its thread: every `messages` row is read once, in pages (the cost of this step grows
+/// with the messages stored, so on a large keyspace run `switchyard-persistor migrate` before the upgrade).
+async fn backfill_thread_replies(session: &Session, ks: &str) -> Result<(), StoreError> {
+    backfill(
+        session,
+        "the thread index",
+        format!("SELECT tenant, room, seq, reply_to FROM {ks}.messages"),
+        format!("INSERT INTO {ks}.thread_replies (tenant, room, bucket, parent, seq) VALUES (?, ?, ?, ?, ?)"),
+        |(tenant, room, seq, reply_to): (String, String, i64, Option<i64>)| match reply_to {
+            Some(parent) => Ok(Some((tenant, room, bucket_of(from_bigint("reply_to", parent)?) as i64, parent, seq))),
+            None => Ok(None),
+        },
+    )
+    .await
+}
+
+/// Read `select` in pages of [`BACKFILL_PAGE`] rows and write, with `insert` ([`BACKFILL_CONCURRENCY`] in flight),
+/// the values `convert` makes of each row (none for a row it skips). Idempotent when the written rows follow from
+/// their key; `what` names the index in errors.
+async fn backfill<R, V>(
+    session: &Session,
+    what: &str,
+    select: String,
+    insert: String,
+    convert: impl Fn(R) -> Result<Option<V>, StoreError>,
+) -> Result<(), StoreError>
+where
+    R: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata> + 'static,
+    V: SerializeRow,
+{
+    let mut insert =
+        session.prepare(insert).await.map_err(|e| unavailable(&format!("cannot prepare the backfill of {what}"), e))?;
     insert.set_is_idempotent(true);
-    let mut select = Statement::new(format!("SELECT DISTINCT tenant, room, bucket FROM {ks}.messages"));
+    let mut select = Statement::new(select);
     select.set_page_size(BACKFILL_PAGE);
     select.set_is_idempotent(true);
-    let pager =
-        session.query_iter(select, ()).await.map_err(|e| unavailable("cannot read the message partitions", e))?;
-    let rows = pager
-        .rows_stream::<(String, String, i64)>()
-        .map_err(|e| corrupt("message partition keys have unexpected types", e))?;
-    let insert = &insert;
+    let read_failed = || format!("cannot read the rows to backfill {what} from");
+    let pager = session.query_iter(select, ()).await.map_err(|e| unavailable(&read_failed(), e))?;
+    let rows = pager.rows_stream::<R>().map_err(|e| corrupt("rows to backfill have unexpected types", e))?;
+    let (insert, convert, read_failed) = (&insert, &convert, &read_failed);
     rows.map(|row| async move {
-        let (tenant, room, bucket) = row.map_err(|e| match e {
-            scylla::errors::NextRowError::NextPageError(e) => unavailable("cannot read the message partitions", e),
-            other => corrupt("undecodable message partition key", other),
+        let row = row.map_err(|e| match e {
+            scylla::errors::NextRowError::NextPageError(e) => unavailable(&read_failed(), e),
+            other => corrupt("undecodable row to backfill", other),
         })?;
-        session
-            .execute_unpaged(insert, (tenant, room, bucket))
-            .await
-            .map_err(|e| unavailable("cannot write the bucket index", e))?;
+        if let Some(values) = convert(row)? {
+            session
+                .execute_unpaged(insert, values)
+                .await
+                .map_err(|e| unavailable(&format!("cannot write {what}"), e))?;
+        }
         Ok::<(), StoreError>(())
     })
     .buffer_unordered(BACKFILL_CONCURRENCY)
@@ -322,6 +363,22 @@ fn migrations(ks: &str) -> Vec<Migration> {
             // Unset on every message stored before: not pinned, which is what they are, so nothing to backfill.
             columns: vec![Column { table: "messages", name: "pinned", cql_type: "boolean" }],
             backfill: None,
+        },
+        Migration {
+            version: 4,
+            description: "thread_replies: the replies to each message, in the bucket of the message replied to",
+            statements: vec![
+                // A thread is a clustering range of its parent's bucket: its page is one range read, and the reply
+                // counts of a history page are one grouped count per bucket the page touches.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.thread_replies (\
+                     tenant text, room text, bucket bigint, parent bigint, seq bigint, \
+                     PRIMARY KEY ((tenant, room, bucket), parent, seq)\
+                     ) WITH CLUSTERING ORDER BY (parent ASC, seq ASC)"
+                ),
+            ],
+            columns: vec![],
+            backfill: Some(Backfill::ThreadReplies),
         },
     ]
 }
@@ -460,6 +517,16 @@ struct Statements {
     select_desc: PreparedStatement,
     /// Reactions of one bucket between two inclusive target seqs.
     select_reactions: PreparedStatement,
+    /// Put a reply in its parent's thread.
+    insert_reply: PreparedStatement,
+    /// Reply seqs of one parent between two exclusive seqs, ascending, limited.
+    select_thread_asc: PreparedStatement,
+    /// The same, descending.
+    select_thread_desc: PreparedStatement,
+    /// Messages of one bucket with the given seqs.
+    select_seqs: PreparedStatement,
+    /// Reply counts of the parents of one bucket between two inclusive seqs.
+    select_reply_counts: PreparedStatement,
 }
 
 /// The history store on a CQL cluster. Cheap to clone; clones share the session.
@@ -677,6 +744,23 @@ impl CqlStore {
                 "SELECT target, emoji, reactor, removed FROM {ks}.reactions \
                  WHERE {key} AND target >= ? AND target <= ?"
             ),
+            format!(
+                "INSERT INTO {ks}.thread_replies (tenant, room, bucket, parent, seq) VALUES (?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ),
+            format!(
+                "SELECT seq FROM {ks}.thread_replies WHERE {key} AND parent = ? AND seq > ? AND seq < ? \
+                 ORDER BY parent ASC, seq ASC LIMIT ?"
+            ),
+            format!(
+                "SELECT seq FROM {ks}.thread_replies WHERE {key} AND parent = ? AND seq > ? AND seq < ? \
+                 ORDER BY parent DESC, seq DESC LIMIT ?"
+            ),
+            format!("SELECT {columns} FROM {ks}.messages WHERE {key} AND seq IN ?"),
+            format!(
+                "SELECT parent, COUNT(*) FROM {ks}.thread_replies WHERE {key} AND parent >= ? AND parent <= ? \
+                 GROUP BY tenant, room, bucket, parent"
+            ),
         ];
         let mut prepared = Vec::with_capacity(texts.len());
         for text in texts {
@@ -702,6 +786,11 @@ impl CqlStore {
             select_asc: next()?,
             select_desc: next()?,
             select_reactions: next()?,
+            insert_reply: next()?,
+            select_thread_asc: next()?,
+            select_thread_desc: next()?,
+            select_seqs: next()?,
+            select_reply_counts: next()?,
         };
         Ok(CqlStore {
             session: Arc::new(session),
@@ -818,6 +907,25 @@ impl CqlStore {
             ("room_buckets", tenant, room, 0),
             Write { statement: self.statements.index_bucket.clone(), values: Box::new(values), bytes },
         )
+    }
+
+    /// The row that puts a reply in the thread of `parent`, in the parent's bucket.
+    fn reply_write(&self, event: &RoomEvent, parent: u64, ts: i64) -> Result<(PartitionKey, Write), StoreError> {
+        let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
+        let bucket = bucket_of(parent);
+        let values = (
+            tenant.clone(),
+            room.clone(),
+            to_bigint("bucket", bucket)?,
+            to_bigint("reply_to", parent)?,
+            to_bigint("seq", event.seq)?,
+            ts,
+        );
+        let bytes = tenant.len() + room.len() + 32;
+        Ok((
+            ("thread_replies", tenant, room, bucket),
+            Write { statement: self.statements.insert_reply.clone(), values: Box::new(values), bytes },
+        ))
     }
 
     /// Run one group of writes for a single partition: alone, or as one unlogged batch.
@@ -1026,9 +1134,20 @@ impl CqlStore {
             }
         }
         let (picked, more) = window.finish(picked);
+        self.assemble(tenant, room, picked, more).await
+    }
 
-        // Reactions, one range read per bucket the page touches.
+    /// The page of `picked` rows (ascending seq): reactions and reply counts read once per bucket the page
+    /// touches, and folded in.
+    async fn assemble(
+        &self,
+        tenant: &str,
+        room: &str,
+        picked: Vec<MessageRow>,
+        more: bool,
+    ) -> Result<HistoryPage, StoreError> {
         let mut reactions: HashMap<u64, BTreeMap<String, Vec<UserId>>> = HashMap::new();
+        let mut counts: HashMap<u64, u64> = HashMap::new();
         let mut i = 0;
         while i < picked.len() {
             let bucket = bucket_of(picked[i].seq);
@@ -1036,19 +1155,118 @@ impl CqlStore {
             while j + 1 < picked.len() && bucket_of(picked[j + 1].seq) == bucket {
                 j += 1;
             }
-            let folded = self.reactions(tenant, room, bucket, picked[i].seq_i64, picked[j].seq_i64).await?;
-            reactions.extend(folded);
+            let (first, last) = (picked[i].seq_i64, picked[j].seq_i64);
+            reactions.extend(self.reactions(tenant, room, bucket, first, last).await?);
+            counts.extend(self.reply_counts(tenant, room, bucket, first, last).await?);
             i = j + 1;
         }
 
         let mut messages = Vec::with_capacity(picked.len());
         for row in picked {
             let folded = reactions.remove(&row.seq).unwrap_or_default();
-            if let Some(message) = row.into_message(folded)? {
+            let replies = counts.remove(&row.seq).unwrap_or(0);
+            if let Some(mut message) = row.into_message(folded)? {
+                message.reply_count = replies;
                 messages.push(message);
             }
         }
         Ok(HistoryPage { messages, more })
+    }
+
+    /// How many replies each message of `bucket` with a seq in `[first, last]` has (none: absent).
+    async fn reply_counts(
+        &self,
+        tenant: &str,
+        room: &str,
+        bucket: u64,
+        first: i64,
+        last: i64,
+    ) -> Result<HashMap<u64, u64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.select_reply_counts, (tenant, room, bucket as i64, first, last))
+            .await
+            .map_err(|e| unavailable("reply count read failed", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("reply count read returned no rows result", e))?;
+        let iter = rows.rows::<(i64, i64)>().map_err(|e| corrupt("reply count rows have unexpected types", e))?;
+        let mut out = HashMap::new();
+        for row in iter {
+            let (parent, count) = row.map_err(|e| corrupt("undecodable reply count row", e))?;
+            out.insert(from_bigint("parent", parent)?, from_bigint("reply count", count)?);
+        }
+        Ok(out)
+    }
+
+    /// One page of the replies to `parent`: the thread's seqs read in the window's direction from the parent's
+    /// bucket, then their messages. A reply whose `msg` row is not written yet (its thread row came first) is
+    /// skipped, and the walk goes on past it.
+    async fn thread_page(&self, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
+        let tenant = query.tenant.as_str();
+        let room = query.room.as_str();
+        let empty = HistoryPage { messages: Vec::new(), more: false };
+        let last_seq = self.fetch_head(tenant, room).await?.last_seq;
+        let Some(window) = PageWindow::of(query, last_seq) else {
+            return Ok(empty);
+        };
+        if window.first > i64::MAX as u64 || parent > i64::MAX as u64 {
+            return Ok(empty);
+        }
+        let (ascending, wanted) = (window.ascending, window.wanted());
+        let (mut lo, mut hi) = (to_bigint("seq", window.first - 1)?, to_bigint("seq", window.last)?.saturating_add(1));
+        let parent_bucket = to_bigint("bucket", bucket_of(parent))?;
+        let parent = to_bigint("parent", parent)?;
+        let statement =
+            if ascending { &self.statements.select_thread_asc } else { &self.statements.select_thread_desc };
+        let mut picked: Vec<MessageRow> = Vec::with_capacity(wanted);
+        loop {
+            let want = wanted - picked.len();
+            let limit = i32::try_from(want).unwrap_or(i32::MAX);
+            let result = self
+                .session
+                .execute_unpaged(statement, (tenant, room, parent_bucket, parent, lo, hi, limit))
+                .await
+                .map_err(|e| unavailable("thread read failed", e))?;
+            let rows = result.into_rows_result().map_err(|e| corrupt("thread read returned no rows result", e))?;
+            let mut seqs = Vec::with_capacity(want);
+            for row in rows.rows::<(i64,)>().map_err(|e| corrupt("thread rows have unexpected types", e))? {
+                seqs.push(row.map_err(|e| corrupt("undecodable thread row", e))?.0);
+            }
+            let exhausted = seqs.len() < want;
+            match (seqs.last(), ascending) {
+                (Some(&seq), true) => lo = seq,
+                (Some(&seq), false) => hi = seq,
+                (None, _) => {}
+            }
+            picked.extend(self.messages_at(tenant, room, &seqs).await?.into_iter().filter(|row| row.create.is_some()));
+            if exhausted || picked.len() >= wanted {
+                break;
+            }
+        }
+        picked.truncate(wanted);
+        let (picked, more) = window.finish(picked);
+        self.assemble(tenant, room, picked, more).await
+    }
+
+    /// The `messages` rows at `seqs` (in the order given; seqs without a row are left out): one read per bucket.
+    async fn messages_at(&self, tenant: &str, room: &str, seqs: &[i64]) -> Result<Vec<MessageRow>, StoreError> {
+        let mut by_seq: HashMap<i64, MessageRow> = HashMap::with_capacity(seqs.len());
+        let mut buckets: BTreeMap<u64, Vec<i64>> = BTreeMap::new();
+        for &seq in seqs {
+            buckets.entry(bucket_of(from_bigint("seq", seq)?)).or_default().push(seq);
+        }
+        for (bucket, in_bucket) in buckets {
+            let result = self
+                .session
+                .execute_unpaged(&self.statements.select_seqs, (tenant, room, bucket as i64, in_bucket))
+                .await
+                .map_err(|e| unavailable("history read failed", e))?;
+            let rows = result.into_rows_result().map_err(|e| corrupt("history read returned no rows result", e))?;
+            for row in rows.rows::<RawMessageRow>().map_err(|e| corrupt("history rows have unexpected types", e))? {
+                let row = MessageRow::from_raw(row.map_err(|e| corrupt("undecodable history row", e))?)?;
+                by_seq.insert(row.seq_i64, row);
+            }
+        }
+        Ok(seqs.iter().filter_map(|seq| by_seq.remove(seq)).collect())
     }
 }
 
@@ -1181,7 +1399,18 @@ impl HistoryStore for CqlStore {
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. } => None,
             };
-            for (key, write) in self.writes_of(event)?.into_iter().chain(index) {
+            let reply = match &event.body {
+                EventBody::Msg { reply_to: Some(parent), .. } => Some(self.reply_write(event, *parent, ts)?),
+                EventBody::Msg { reply_to: None, .. }
+                | EventBody::Edit { .. }
+                | EventBody::Delete { .. }
+                | EventBody::Reaction { .. }
+                | EventBody::Pin { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. } => None,
+            };
+            for (key, write) in self.writes_of(event)?.into_iter().chain(index).chain(reply) {
                 let group = by_partition.entry(key.clone()).or_default();
                 if group.is_empty() {
                     order.push(key);
@@ -1235,5 +1464,10 @@ impl HistoryStore for CqlStore {
 
     async fn head(&self, tenant: &ProjectId, room: &RoomId) -> Result<RoomHead, StoreError> {
         self.fetch_head(tenant.as_str(), room.as_str()).await
+    }
+
+    async fn thread(&self, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
+        check_limit(query.limit)?;
+        self.thread_page(query, parent).await
     }
 }

@@ -39,6 +39,16 @@ const ROOMS: TableDefinition<(&str, &str), u64> = TableDefinition::new("room_las
 /// (tenant, room) -> (the highest seq of any applied event, that event's `ts_us`).
 const HEADS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("room_head");
 
+/// A thread's reply: (tenant, room, parent seq, reply seq) -> nothing.
+const THREADS: TableDefinition<(&str, &str, u64, u64), ()> = TableDefinition::new("thread_replies");
+
+/// (tenant, room, parent seq) -> how many replies `THREADS` holds for it.
+const THREAD_COUNTS: TableDefinition<(&str, &str, u64), u64> = TableDefinition::new("thread_counts");
+
+/// What this file has been brought to: `threads_indexed` (1 once the replies stored before threads existed were
+/// indexed).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
 /// The first byte of every encoded row; a different byte means a format this code cannot read.
 const ROW_FORMAT: u8 = 1;
 
@@ -237,7 +247,11 @@ impl EmbeddedStore {
         txn.open_table(REACTIONS).map_err(db_err)?;
         txn.open_table(ROOMS).map_err(db_err)?;
         txn.open_table(HEADS).map_err(db_err)?;
+        txn.open_table(THREADS).map_err(db_err)?;
+        txn.open_table(THREAD_COUNTS).map_err(db_err)?;
+        txn.open_table(META).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
+        index_threads(&db)?;
         Ok(EmbeddedStore { db: Arc::new(db), path: file })
     }
 
@@ -258,6 +272,43 @@ impl EmbeddedStore {
     }
 }
 
+/// Index the replies of a file written before threads existed (once; a marker in `META` says it was done).
+fn index_threads(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(db_err)?;
+    {
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        if meta.get("threads_indexed").map_err(db_err)?.is_some() {
+            return Ok(());
+        }
+        let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+        let mut threads = txn.open_table(THREADS).map_err(db_err)?;
+        let mut counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
+        for entry in messages.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let (tenant, room, seq) = key.value();
+            let parent = StoredRow::decode(value.value())?.create.and_then(|create| create.reply_to);
+            if let Some(parent) = parent {
+                add_reply(&mut threads, &mut counts, (tenant, room, parent, seq))?;
+            }
+        }
+        meta.insert("threads_indexed", 1).map_err(db_err)?;
+    }
+    txn.commit().map_err(db_err)
+}
+
+/// Put a reply in its thread, counting it once however often it is applied.
+fn add_reply(
+    threads: &mut redb::Table<'_, (&'static str, &'static str, u64, u64), ()>,
+    counts: &mut redb::Table<'_, (&'static str, &'static str, u64), u64>,
+    (tenant, room, parent, seq): (&str, &str, u64, u64),
+) -> Result<(), StoreError> {
+    if threads.insert((tenant, room, parent, seq), ()).map_err(db_err)?.is_none() {
+        let count = counts.get((tenant, room, parent)).map_err(db_err)?.map_or(0, |g| g.value());
+        counts.insert((tenant, room, parent), count + 1).map_err(db_err)?;
+    }
+    Ok(())
+}
+
 fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(db_err)?;
     {
@@ -265,6 +316,8 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
         let mut reactions = txn.open_table(REACTIONS).map_err(db_err)?;
         let mut rooms = txn.open_table(ROOMS).map_err(db_err)?;
         let mut heads = txn.open_table(HEADS).map_err(db_err)?;
+        let mut threads = txn.open_table(THREADS).map_err(db_err)?;
+        let mut counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
         // Per room, the newest event of this batch: (seq, ts_us).
         let mut newest: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         for event in events {
@@ -276,6 +329,9 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 *top = (event.seq, event.ts_us);
             }
 
+            if let EventBody::Msg { reply_to: Some(parent), .. } = &event.body {
+                add_reply(&mut threads, &mut counts, (tenant, room, *parent, event.seq))?;
+            }
             let row_seq = match &event.body {
                 EventBody::Msg { .. } => Some(event.seq),
                 EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Pin { target, .. } => {
@@ -352,7 +408,6 @@ fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, 
 
     let txn = db.begin_read().map_err(db_err)?;
     let messages = txn.open_table(MESSAGES).map_err(db_err)?;
-    let reactions = txn.open_table(REACTIONS).map_err(db_err)?;
     let range = messages.range(bounds).map_err(db_err)?;
 
     // Walk from the end the query starts at, skipping rows that are not messages yet, until one past the page.
@@ -370,15 +425,61 @@ fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, 
         }
     }
     let (picked, more) = window.finish(picked);
+    page_of(&txn, tenant, room, picked, more)
+}
 
+/// The messages of `picked` as history shows them: reactions and reply counts folded in.
+fn page_of(
+    txn: &redb::ReadTransaction,
+    tenant: &str,
+    room: &str,
+    picked: Vec<(u64, StoredRow)>,
+    more: bool,
+) -> Result<HistoryPage, StoreError> {
+    let reactions = txn.open_table(REACTIONS).map_err(db_err)?;
+    let counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
     let mut out = Vec::with_capacity(picked.len());
     for (seq, row) in picked {
         let folded = reactions_of(&reactions, tenant, room, seq)?;
-        if let Some(message) = row.to_message(seq, folded)? {
+        if let Some(mut message) = row.to_message(seq, folded)? {
+            message.reply_count = counts.get((tenant, room, seq)).map_err(db_err)?.map_or(0, |g| g.value());
             out.push(message);
         }
     }
     Ok(HistoryPage { messages: out, more })
+}
+
+/// One page of the replies to message `parent`, in the window of `query` (over the replies' seqs).
+fn thread_blocking(db: &Database, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
+    let tenant = query.tenant.as_str();
+    let room = query.room.as_str();
+    let Some(window) = PageWindow::of(query, u64::MAX) else {
+        return Ok(empty_page());
+    };
+    let bounds =
+        (Bound::Included((tenant, room, parent, window.first)), Bound::Included((tenant, room, parent, window.last)));
+    let txn = db.begin_read().map_err(db_err)?;
+    let threads = txn.open_table(THREADS).map_err(db_err)?;
+    let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+    let range = threads.range(bounds).map_err(db_err)?;
+    let replies: Box<dyn Iterator<Item = _>> = if window.ascending { Box::new(range) } else { Box::new(range.rev()) };
+    let mut picked: Vec<(u64, StoredRow)> = Vec::with_capacity(window.wanted());
+    for entry in replies {
+        let (key, _) = entry.map_err(db_err)?;
+        let seq = key.value().3;
+        // A reply is indexed with its own `msg`, so its row exists; a row without one is skipped as history does.
+        let Some(bytes) = messages.get((tenant, room, seq)).map_err(db_err)? else { continue };
+        let row = StoredRow::decode(bytes.value())?;
+        if row.create.is_none() {
+            continue;
+        }
+        picked.push((seq, row));
+        if picked.len() == window.wanted() {
+            break;
+        }
+    }
+    let (picked, more) = window.finish(picked);
+    page_of(&txn, tenant, room, picked, more)
 }
 
 /// The users currently reacting to one message, by emoji, users sorted; emojis with nobody left are omitted.
@@ -441,6 +542,12 @@ impl HistoryStore for EmbeddedStore {
         let room = room.to_string();
         self.blocking(move |db| head_blocking(db, &tenant, &room)).await
     }
+
+    async fn thread(&self, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
+        check_limit(query.limit)?;
+        let query = query.clone();
+        self.blocking(move |db| thread_blocking(db, &query, parent)).await
+    }
 }
 
 #[cfg(test)]
@@ -454,6 +561,35 @@ mod tests {
 
     /// A file written before `room_head` existed holds only `room_last_seq`: the head falls back to it (with the
     /// time of the message at that seq, when it is one), and the next newer event records the head in full.
+    /// A file written before threads existed (no thread tables, no marker) has its replies indexed once when it is
+    /// opened, and counted once however often it is opened.
+    #[test]
+    fn replies_stored_before_threads_are_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tenant, room) = (ProjectId::generate(), RoomId::parse("old").unwrap());
+        let user = UserId::parse("alice").unwrap();
+        let msg = |seq, reply_to| {
+            let id = MessageId::generate(seq);
+            event(&tenant, &room, seq, EventBody::Msg { id, from: user.clone(), body: "b".into(), attrs: None, reply_to })
+        };
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            apply_blocking(&store.db, &[msg(1, None), msg(2, Some(1)), msg(3, Some(1))]).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            assert!(txn.delete_table(THREADS).unwrap() && txn.delete_table(THREAD_COUNTS).unwrap());
+            assert!(txn.delete_table(META).unwrap());
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let query = HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: None, limit: 10 };
+            let page = history_blocking(&store.db, &query).unwrap();
+            assert_eq!(page.messages.iter().map(|m| m.reply_count).collect::<Vec<_>>(), [2, 0, 0]);
+            let thread = thread_blocking(&store.db, &query, 1).unwrap();
+            assert_eq!(thread.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 3]);
+        }
+    }
+
     #[test]
     fn head_falls_back_to_the_seq_only_table() {
         let dir = tempfile::tempdir().unwrap();

@@ -122,8 +122,14 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Apply a batch of events. On error nothing is assumed applied; the caller retries the whole batch.
     fn apply(&self, events: &[RoomEvent]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// One page of a room's messages (events of kind `msg`, with their edits, deletes and reactions folded in).
+    /// One page of a room's messages (events of kind `msg`, with their edits, deletes and reactions folded in, and
+    /// the number of replies each has in `reply_count`).
     fn history(&self, query: &HistoryQuery) -> impl Future<Output = Result<HistoryPage, StoreError>> + Send;
+
+    /// One page of the replies to message `parent` (the messages whose `reply_to` is `parent`), in the window of
+    /// `query` over the replies' seqs, folded as in `history`. A parent that does not exist has no replies.
+    fn thread(&self, query: &HistoryQuery, parent: u64)
+        -> impl Future<Output = Result<HistoryPage, StoreError>> + Send;
 
     /// The room's head: the highest seq of any event applied for the room (of any kind: a join, a leave or a
     /// reaction counts as much as a message) and that event's `ts_us`; both 0 when none.

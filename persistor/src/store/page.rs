@@ -99,6 +99,7 @@ impl StoredMessage {
             deleted: self.deleted,
             reactions,
             pinned: self.pinned && !self.deleted,
+            reply_count: 0,
         })
     }
 }
