@@ -182,23 +182,26 @@ async fn verify_token(gw: &Gateway, token: &str) -> Result<Identity, AuthError> 
     }
 }
 
-/// Refuse a user banned from the tenant. An opaque token was just resolved in Redis, so an outage refuses it as
-/// unavailable; a JWT is admitted unchecked while Redis is unreachable (counted, as for revocations), and the ban's
-/// broadcast closes its sessions on every gateway that heard it.
+/// Refuse a user banned from the tenant. Redis, which holds every ban, decides. An opaque token was just resolved
+/// in Redis, so an outage refuses it as unavailable; a JWT is then checked against the bans this gateway heard of
+/// (their broadcast), so a JWT connect keeps working through a Redis outage without letting a known ban in.
 async fn require_not_banned(gw: &Gateway, identity: &Identity, opaque: bool) -> Result<(), AuthError> {
+    let known_here = || match gw.sessions.is_user_banned(&identity.tenant, &identity.user) {
+        true => Err(AuthError::Banned),
+        false => {
+            metrics::counter!("switchyard_gateway_revocation_checks_skipped_total").increment(1);
+            Ok(())
+        }
+    };
     if !opaque && !gw.tokens.is_connected() {
-        metrics::counter!("switchyard_gateway_revocation_checks_skipped_total").increment(1);
-        return Ok(());
+        return known_here();
     }
     match tokio::time::timeout(REVOCATION_CHECK_TIMEOUT, gw.tokens.is_banned(&identity.tenant, &identity.user)).await {
         Ok(Ok(true)) => Err(AuthError::Banned),
         Ok(Ok(false)) => Ok(()),
         Ok(Err(error)) if opaque => Err(error.into()),
         Err(_) if opaque => Err(TokenError::NotConnected.into()),
-        Ok(Err(_)) | Err(_) => {
-            metrics::counter!("switchyard_gateway_revocation_checks_skipped_total").increment(1);
-            Ok(())
-        }
+        Ok(Err(_)) | Err(_) => known_here(),
     }
 }
 

@@ -72,6 +72,9 @@ struct Inner {
     recent: VecDeque<Recent>,
     /// Revoked JWT credentials per tenant, and when they expire anyway (unix ms).
     revoked: HashMap<ProjectId, HashMap<String, u64>>,
+    /// Users banned from their tenant, and when the ban ends (unix ms; `u64::MAX` for a ban until lifted). Bounded
+    /// per tenant like `revoked`; Redis holds every ban, this only answers while Redis cannot.
+    banned: HashMap<ProjectId, HashMap<UserId, u64>>,
 }
 
 fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<u64>>, key: K, id: u64) {
@@ -87,8 +90,11 @@ impl Inner {
     fn matching(&self, tenant: &ProjectId, target: &RevocationTarget) -> Vec<u64> {
         let set = match target {
             RevocationTarget::Tenant => self.by_tenant.get(tenant),
-            RevocationTarget::User { user } => self.by_user.get(&(tenant.clone(), user.clone())),
+            RevocationTarget::User { user } | RevocationTarget::Ban { user, .. } => {
+                self.by_user.get(&(tenant.clone(), user.clone()))
+            }
             RevocationTarget::Token { id, .. } => self.by_credential.get(&(tenant.clone(), id.clone())),
+            RevocationTarget::Unban { .. } => None,
         };
         set.map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
@@ -114,6 +120,32 @@ impl Inner {
 
     fn is_revoked(&self, tenant: &ProjectId, id: &str, now_ms: u64) -> bool {
         self.revoked.get(tenant).and_then(|revoked| revoked.get(id)).is_some_and(|until| *until > now_ms)
+    }
+
+    fn remember_ban(&mut self, tenant: &ProjectId, user: &UserId, until_ms: u64, now_ms: u64) {
+        let banned = self.banned.entry(tenant.clone()).or_default();
+        if banned.len() >= MAX_REVOKED_PER_TENANT && !banned.contains_key(user) {
+            banned.retain(|_, until| *until > now_ms);
+            if banned.len() >= MAX_REVOKED_PER_TENANT {
+                if let Some(soonest) = banned.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone()) {
+                    banned.remove(&soonest);
+                }
+            }
+        }
+        banned.insert(user.clone(), until_ms);
+    }
+
+    fn forget_ban(&mut self, tenant: &ProjectId, user: &UserId) {
+        if let Some(banned) = self.banned.get_mut(tenant) {
+            banned.remove(user);
+            if banned.is_empty() {
+                self.banned.remove(tenant);
+            }
+        }
+    }
+
+    fn is_banned(&self, tenant: &ProjectId, user: &UserId, now_ms: u64) -> bool {
+        self.banned.get(tenant).and_then(|banned| banned.get(user)).is_some_and(|until| *until > now_ms)
     }
 }
 
@@ -174,8 +206,9 @@ impl SessionRegistry {
                 && r.tenant == tenant
                 && match &r.target {
                     RevocationTarget::Tenant => true,
-                    RevocationTarget::User { user } => *user == identity.user,
+                    RevocationTarget::User { user } | RevocationTarget::Ban { user, .. } => *user == identity.user,
                     RevocationTarget::Token { id, .. } => *id == credential,
+                    RevocationTarget::Unban { .. } => false,
                 }
         });
         if revoked_meanwhile || inner.is_revoked(&tenant, &credential, now_ms()) {
@@ -205,13 +238,30 @@ impl SessionRegistry {
             RevocationTarget::Tenant => "tenant disabled",
             RevocationTarget::User { .. } => "user sessions revoked",
             RevocationTarget::Token { .. } => "token revoked",
+            RevocationTarget::Ban { .. } => "user banned",
+            RevocationTarget::Unban { .. } => "",
         };
         let mut inner = self.lock();
         let ids = inner.matching(tenant, target);
+        let mut closed = 0;
         for id in &ids {
-            if let Some(entry) = inner.sessions.get(id) {
+            if let Some(entry) = inner.sessions.get(id).filter(|entry| !entry.signal.is_fired()) {
                 entry.signal.fire(CloseCode::Revoked, reason);
+                closed += 1;
             }
+        }
+        match target {
+            RevocationTarget::Ban { user, until_ms } => {
+                let now = now_ms();
+                if until_ms.is_none_or(|until| until > now) {
+                    inner.remember_ban(tenant, user, until_ms.unwrap_or(u64::MAX), now);
+                }
+            }
+            RevocationTarget::Unban { user } => {
+                inner.forget_ban(tenant, user);
+                return 0;
+            }
+            RevocationTarget::Tenant | RevocationTarget::User { .. } | RevocationTarget::Token { .. } => {}
         }
         inner.prune_recent();
         if inner.recent.len() >= MAX_RECENT {
@@ -226,15 +276,20 @@ impl SessionRegistry {
             }
         }
         drop(inner);
-        if !ids.is_empty() {
-            metrics::counter!("switchyard_gateway_revoked_sessions_total").increment(ids.len() as u64);
+        if closed > 0 {
+            metrics::counter!("switchyard_gateway_revoked_sessions_total").increment(closed as u64);
         }
-        ids.len()
+        closed
     }
 
     /// Is this credential in the local revocation cache?
     pub fn is_token_revoked(&self, tenant: &ProjectId, id: &str) -> bool {
         self.lock().is_revoked(tenant, id, now_ms())
+    }
+
+    /// Is this user banned from the tenant, as far as the bans this gateway heard of say?
+    pub fn is_user_banned(&self, tenant: &ProjectId, user: &UserId) -> bool {
+        self.lock().is_banned(tenant, user, now_ms())
     }
 }
 
@@ -340,6 +395,31 @@ mod tests {
         drop((a_alice, a_bob, b_alice));
         assert!(registry.lock().by_tenant.is_empty());
         assert!(registry.lock().by_credential.is_empty());
+    }
+
+    #[test]
+    fn a_ban_closes_the_users_sessions_and_is_remembered_until_lifted_or_over() {
+        let registry = SessionRegistry::new();
+        let (a, b) = (ProjectId::generate(), ProjectId::generate());
+        let bob = UserId::parse("bob").unwrap();
+        let a_bob = registry.register(&identity(&a, "bob", "t:1"));
+        let b_bob = registry.register(&identity(&b, "bob", "t:2"));
+        let ban = RevocationTarget::Ban { user: bob.clone(), until_ms: None };
+        assert_eq!(registry.revoke(&a, &ban, 0), 1);
+        assert!(a_bob.signal().is_fired() && !b_bob.signal().is_fired());
+        assert_eq!(registry.revoke(&a, &RevocationTarget::User { user: bob.clone() }, 0), 0, "closed once");
+        assert!(registry.is_user_banned(&a, &bob) && !registry.is_user_banned(&b, &bob));
+        assert_eq!(registry.revoke(&a, &RevocationTarget::Unban { user: bob.clone() }, 0), 0);
+        assert!(!registry.is_user_banned(&a, &bob));
+        let over = RevocationTarget::Ban { user: bob.clone(), until_ms: Some(1) };
+        registry.revoke(&a, &over, 0);
+        assert!(!registry.is_user_banned(&a, &bob), "a ban that is over is no ban");
+        for i in 0..=MAX_REVOKED_PER_TENANT {
+            let user = UserId::parse(&format!("u{i}")).unwrap();
+            registry.revoke(&a, &RevocationTarget::Ban { user, until_ms: Some(u64::MAX - i as u64) }, 0);
+        }
+        assert_eq!(registry.lock().banned.get(&a).map(HashMap::len), Some(MAX_REVOKED_PER_TENANT));
+        assert!(registry.is_user_banned(&a, &UserId::parse("u0").unwrap()), "the soonest to end went first");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A Redis outage, for real: this test starts its own `redis-server`, points its own fleet at it, kills it with
 //! SIGKILL and checks that existing sockets keep working, JWT connects keep working (JWT revocation too, from the
-//! gateways' local cache), opaque-token connects and token minting fail clearly (HTTP 503 `unavailable`, or close
+//! gateways' local cache, and a ban from the tenant too), opaque-token connects and token minting fail clearly (HTTP 503 `unavailable`, or close
 //! 1013 after the upgrade) and nothing is admitted unverified, that the tenant message rate fails open; then it
 //! restarts Redis and checks that everything recovers by itself.
 
@@ -68,6 +68,10 @@ async fn a_redis_outage_blocks_only_what_needs_redis_and_recovers() {
         "rate enforced while Redis is up: {second:?}"
     );
 
+    // A user banned from the tenant while Redis is up.
+    let ban = fleet.call(1, Method::PUT, "/v1/users/mallory/ban", &tenant.api_key, None).await;
+    assert_eq!(ban.status, 204, "{}", ban.body);
+
     redis.stop();
     wait_ready(&fleet, 0, false).await;
     wait_ready(&fleet, 1, false).await;
@@ -90,6 +94,10 @@ async fn a_redis_outage_blocks_only_what_needs_redis_and_recovers() {
     let jwt = signer.token(&tenant, "jill", 600, json!({"jti": "jill-1"}));
     let jill = fleet.try_connect(1, Auth::Header(jwt.clone())).await.expect("JWT connect");
     fleet.try_connect(0, Auth::FirstFrame(jwt.clone())).await.expect("JWT first-frame connect");
+    // The banned user's JWT is refused on every gateway: each remembers the bans it heard of.
+    let mallory = signer.token(&tenant, "mallory", 600, json!({}));
+    assert_eq!(refusal(fleet.try_connect(0, Auth::Header(mallory.clone())).await), 403);
+    assert_eq!(refusal(fleet.try_connect(1, Auth::FirstFrame(mallory)).await), 4003);
     // A forged JWT is still refused: nothing is admitted unverified.
     let forged = JwtSigner::hs256("not-the-tenant-secret-0123456789abcdef").token(&tenant, "jill", 600, json!({}));
     assert_eq!(refusal(fleet.try_connect(0, Auth::Header(forged)).await), 401);

@@ -592,6 +592,11 @@ pub enum RevocationTarget {
     User { user: UserId },
     /// Every session of the tenant (it was disabled).
     Tenant,
+    /// `user` is banned from the tenant until `until_ms` (unix ms; `None`: until lifted): their sessions close as for
+    /// `User`, and each gateway remembers the ban, to refuse the user while Redis cannot be asked.
+    Ban { user: UserId, until_ms: Option<u64> },
+    /// `user`'s ban was lifted: gateways forget it. Closes nothing.
+    Unban { user: UserId },
 }
 
 /// Per-tenant limits set by the admin API; `None` means the gateway's configured default.

@@ -164,9 +164,12 @@ pub async fn ban_user(
     let secs = parse_restriction(&body)?;
     let until_ms = moderation::until_ms(secs).map_err(|e| ApiError::bad_request(e.to_string()))?;
     gw.tokens.ban(&tenant.project_id, &user, until_ms, now_ms()).await?;
-    revocation::broadcast(&gw, &tenant.project_id, RevocationTarget::User { user })
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    // Gateways of earlier releases know no `Ban`: the `User` revocation closes the user's sockets there too.
+    for target in [RevocationTarget::Ban { user: user.clone(), until_ms }, RevocationTarget::User { user }] {
+        revocation::broadcast(&gw, &tenant.project_id, target)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -178,7 +181,14 @@ pub async fn unban_user(
 ) -> Result<StatusCode, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
     let user = parse_user(&user)?;
-    match gw.tokens.unban(&tenant.project_id, &user).await? {
+    let lifted = gw.tokens.unban(&tenant.project_id, &user).await?;
+    // Gateways that miss this keep refusing the user only while Redis cannot be asked (it decides otherwise).
+    if let Err(error) =
+        revocation::broadcast(&gw, &tenant.project_id, RevocationTarget::Unban { user: user.clone() }).await
+    {
+        tracing::warn!(%error, "the lifted ban was not broadcast");
+    }
+    match lifted {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(ApiError::new(ErrorCode::NotFound, format!("{user} is not banned"))),
     }

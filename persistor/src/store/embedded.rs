@@ -570,7 +570,12 @@ mod tests {
         let user = UserId::parse("alice").unwrap();
         let msg = |seq, reply_to| {
             let id = MessageId::generate(seq);
-            event(&tenant, &room, seq, EventBody::Msg { id, from: user.clone(), body: "b".into(), attrs: None, reply_to })
+            event(
+                &tenant,
+                &room,
+                seq,
+                EventBody::Msg { id, from: user.clone(), body: "b".into(), attrs: None, reply_to },
+            )
         };
         {
             let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -582,7 +587,8 @@ mod tests {
         }
         for _ in 0..2 {
             let store = EmbeddedStore::open(dir.path()).unwrap();
-            let query = HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: None, limit: 10 };
+            let query =
+                HistoryQuery { tenant: tenant.clone(), room: room.clone(), before: None, after: None, limit: 10 };
             let page = history_blocking(&store.db, &query).unwrap();
             assert_eq!(page.messages.iter().map(|m| m.reply_count).collect::<Vec<_>>(), [2, 0, 0]);
             let thread = thread_blocking(&store.db, &query, 1).unwrap();
