@@ -47,7 +47,7 @@ fn n(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
 }
 
-const SEQUENCED: &[&str] = &["msg", "edit", "delete", "reaction", "pin", "joined", "left"];
+const SEQUENCED: &[&str] = &["msg", "edit", "delete", "reaction", "pin", "joined", "left", "moderation"];
 
 /// The tag the fuzzer puts at the start of every body: tenant and user of the sender.
 fn tag(body: &str) -> Option<(usize, &str)> {
@@ -281,7 +281,8 @@ impl Judge<'_> {
         let info = &sent.req.info;
         let need: &[&str] = match info.op.as_str() {
             "send" | "dm" => &["room", "id", "seq", "ts"],
-            "join" | "read" | "react" | "edit" | "delete" | "pin" | "unpin" => &["room", "seq"],
+            "join" | "read" | "react" | "edit" | "delete" | "pin" | "unpin" | "ban" | "unban" | "mute" | "unmute"
+            | "slow_mode" | "freeze" | "unfreeze" => &["room", "seq"],
             "create" | "leave" | "invite" | "kick" => &["room"],
             "history" => &["room", "messages", "more"],
             "members" => &["members"],
@@ -342,7 +343,7 @@ impl Judge<'_> {
                     let mut after = before.clone();
                     let actor = match op {
                         "msg" | "edit" => s(&e.frame, "from"),
-                        "delete" | "pin" => s(&e.frame, "by"),
+                        "delete" | "pin" | "moderation" => s(&e.frame, "by"),
                         _ => s(&e.frame, "user"),
                     }
                     .unwrap_or("")
@@ -363,6 +364,8 @@ impl Judge<'_> {
                                 _ => None,
                             }
                         }
+                        // The observer, the rooms' only admin, moderates nothing: nobody may.
+                        "moderation" => Some("a moderation action in a room whose only admin takes none"),
                         _ if !before.contains(&actor) => Some("sequenced for a user who was not a member"),
                         _ => self.target_problem(&tl, op, &e.frame),
                     };

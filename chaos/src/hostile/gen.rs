@@ -880,6 +880,13 @@ impl Gen {
             ("react", 6),
             ("pin", 2),
             ("unpin", 1),
+            ("ban", 1),
+            ("unban", 1),
+            ("mute", 1),
+            ("unmute", 1),
+            ("slow_mode", 1),
+            ("freeze", 1),
+            ("unfreeze", 1),
             ("read", 5),
             ("typing", 3),
             ("history", 5),
@@ -991,6 +998,54 @@ impl Gen {
                 self.room_field(&mut f, &room);
                 self.seq_value(&mut f, "seq");
             }
+            "ban" | "unban" | "mute" | "unmute" => {
+                let room = self.room();
+                self.room_field(&mut f, &room);
+                let user = self.user_id();
+                self.user_field(&mut f, "user", &user);
+                if matches!(op, "ban" | "mute") && self.rng.percent(50) {
+                    match self.rng.below(5) {
+                        0 => f.set("secs", json!(self.rng.range(1, 3_600))),
+                        1 => {
+                            f.set("secs", json!(0));
+                            f.fault(&["bad_request"]);
+                        }
+                        2 => {
+                            f.set("secs", json!(u64::MAX));
+                            f.fault(&["bad_request"]);
+                        }
+                        _ => {
+                            let wrong = self.wrong_number();
+                            if !wrong.is_null() {
+                                f.fault(&["bad_request"]);
+                            }
+                            f.set("secs", wrong);
+                        }
+                    }
+                }
+            }
+            "slow_mode" => {
+                let room = self.room();
+                self.room_field(&mut f, &room);
+                match self.rng.below(4) {
+                    // Longer than the ceiling: refused by the room's rules (or sooner, as for any op there).
+                    0 => f.set("secs", json!(100_000)),
+                    1 => {
+                        let wrong = self.wrong_number();
+                        f.set("secs", wrong);
+                        f.fault(&["bad_request"]);
+                    }
+                    _ => f.set("secs", json!(self.rng.below(3))),
+                }
+            }
+            "freeze" | "unfreeze" => {
+                let room = self.room();
+                self.room_field(&mut f, &room);
+                if self.rng.percent(5) {
+                    f.set("user", json!("bob"));
+                    f.fault(&["bad_request"]);
+                }
+            }
             "react" => {
                 let room = self.room();
                 self.room_field(&mut f, &room);
@@ -1054,6 +1109,15 @@ impl Gen {
                 if self.rng.percent(30) {
                     let after = *self.rng.pick(&[0, 1, 5, 20, 1 << 53, u64::MAX]);
                     f.set("after", json!(after));
+                }
+                if self.rng.percent(10) {
+                    match self.rng.below(4) {
+                        0 => {
+                            f.set("thread", json!("3"));
+                            f.fault(&["bad_request"]);
+                        }
+                        _ => f.set("thread", json!(*self.rng.pick(&[0, 1, 3, 20, u64::MAX]))),
+                    }
                 }
             }
             "presence" | "watch" | "unwatch" => self.user_list(&mut f),
@@ -1304,6 +1368,9 @@ pub fn allowed_codes(op: &str) -> &'static [&'static str] {
         "send" => &["bad_request", "forbidden", "not_found", "conflict"],
         "dm" => &["bad_request", "forbidden", "conflict"],
         "read" | "react" | "edit" | "delete" | "pin" | "unpin" => &["bad_request", "forbidden", "not_found"],
+        "ban" | "unban" | "mute" | "unmute" | "slow_mode" | "freeze" | "unfreeze" => {
+            &["bad_request", "forbidden", "not_found"]
+        }
         "history" | "members" => &["bad_request", "forbidden", "not_found"],
         "presence" | "watch" | "unwatch" => &["bad_request"],
         _ => &[],
