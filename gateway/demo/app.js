@@ -302,6 +302,7 @@ $('dm-form').addEventListener('submit', async (ev) => {
 // ---------- one room ----------
 
 async function openRoom(room) {
+  closeThread();
   state.current = room;
   history.replaceState(null, '', `#${encodeURIComponent(room)}`);
   $('room-title').textContent = roomLabel(room);
@@ -509,6 +510,7 @@ async function openThread(room, parent) {
   state.thread = { room, parent };
   const panel = $('thread');
   panel.hidden = false;
+  $('thread-error').textContent = '';
   const source = roomState(room).messages.get(parent);
   $('thread-title').textContent = source ? `Thread: ${source.deleted ? 'Message deleted' : source.body}` : `Thread of message ${parent}`;
   $('thread-replies').replaceChildren();
@@ -516,6 +518,7 @@ async function openThread(room, parent) {
     const page = await state.client.history(room, { thread: parent, limit: PAGE });
     if (state.thread?.parent !== parent || state.thread?.room !== room) return;
     for (const m of page.messages) addThreadReply({ ...m, room });
+    if (page.more) $('thread-error').textContent = `Showing the latest ${page.messages.length} replies.`;
   } catch (err) {
     $('thread-error').textContent = err.message;
   }
@@ -530,7 +533,14 @@ function addThreadReply(m) {
   const who = document.createElement('strong');
   who.textContent = m.from;
   li.append(who, ' ', m.deleted ? 'Message deleted' : m.body);
-  list.append(li);
+  // In seq order, whether it came from the page or live while the page loaded.
+  const next = [...list.children].find((other) => Number(other.dataset.seq) > m.seq);
+  list.insertBefore(li, next ?? null);
+}
+
+function closeThread() {
+  state.thread = null;
+  $('thread').hidden = true;
 }
 
 /** A live reply: into the open thread, and one more on its parent's count. */
@@ -539,10 +549,7 @@ function onReply(e) {
   patchMessage(e.room, e.reply_to, (m) => (m.reply_count = (m.reply_count ?? 0) + 1));
 }
 
-$('thread-close').addEventListener('click', () => {
-  state.thread = null;
-  $('thread').hidden = true;
-});
+$('thread-close').addEventListener('click', closeThread);
 
 $('thread-form').addEventListener('submit', async (ev) => {
   ev.preventDefault();

@@ -84,7 +84,13 @@ pub async fn read_history(
         thread: page.thread,
     };
     match upstream::history(gw, request).await? {
-        HistoryReply::Ok { messages, more } => Ok((messages, more)),
+        // A persistor of an earlier release knows no `thread` and answers the room's page: keep only the replies.
+        HistoryReply::Ok { mut messages, more } => {
+            if let Some(parent) = page.thread {
+                messages.retain(|message| message.reply_to == Some(parent));
+            }
+            Ok((messages, more))
+        }
         HistoryReply::Err { code, message } => Err(UpstreamError { code, message, retry_after_ms: None }),
     }
 }

@@ -50,3 +50,6 @@ pub const MAX_MUTES_PER_ROOM: usize = 1_000;
 pub const MAX_SLOW_MODE_SECS: u32 = 86_400;
 /// Longest ban or mute with an expiry, in seconds (ten years); longer ones are given without `secs`, for good.
 pub const MAX_MODERATION_SECS: u64 = 315_360_000;
+/// The most replies `reply_count` counts: a message with more shows this many, so reading a count stays bounded
+/// however large its thread grows.
+pub const MAX_REPLY_COUNT: u64 = 1_000;

@@ -29,6 +29,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     early_edit_delete_reaction(store).await;
     pin_unpin_delete(store).await;
     threads(store).await;
+    reply_counts_stop_at_their_bound(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
@@ -686,6 +687,20 @@ pub async fn threads<S: HistoryStore>(store: &S) {
     let foreign = Room::fresh("threads");
     assert!(store.thread(&foreign.query(None, None, 10), 1).await.expect("another tenant").messages.is_empty());
     assert!(matches!(store.thread(&room.query(None, None, 0), 1).await, Err(StoreError::InvalidQuery(_))));
+}
+
+/// A message with more replies than `MAX_REPLY_COUNT` shows that many, while its thread pages them all.
+pub async fn reply_counts_stop_at_their_bound<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("hot-thread");
+    let bound = switchyard_protocol::limits::MAX_REPLY_COUNT;
+    let mut events = vec![room.msg(1, "alice", "a hot topic")];
+    events.extend((2..=bound + 2).map(|seq| room.msg_full(seq, "bob", "me too", None, Some(1))));
+    room.apply(store, &events).await;
+    let parent = room.page(store, None, Some(0), 1).await;
+    assert_eq!(parent.messages[0].reply_count, bound, "{} replies show as {bound}", bound + 1);
+    let last = store.thread(&room.query(None, None, 1), 1).await.expect("the thread's last page");
+    assert_eq!(last.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [bound + 2]);
+    assert!(last.more);
 }
 
 /// An event with a number beyond a signed 64-bit integer is `Rejected` (the same on every attempt), and the batch

@@ -57,6 +57,11 @@ const INDEX_PAGE: usize = 16;
 const BACKFILL_PAGE: i32 = 1_000;
 const BACKFILL_CONCURRENCY: usize = 32;
 
+/// Replies counted per message: a message with more shows this many (`reply_count` is at most this).
+pub const MAX_REPLY_COUNT: u64 = switchyard_protocol::limits::MAX_REPLY_COUNT;
+/// Reply counts of one page read at once.
+const REPLY_COUNTS_IN_FLIGHT: usize = 16;
+
 /// The bucket (partition) a seq belongs to.
 pub fn bucket_of(seq: u64) -> u64 {
     seq / BUCKET_SIZE
@@ -244,16 +249,30 @@ async fn backfill_room_buckets(session: &Session, ks: &str) -> Result<(), StoreE
     .await
 }
 
-/// Index every stored reply in its thread: every `messages` row is read once, in pages (the cost of this step grows
-/// with the messages stored, so on a large keyspace run `switchyard-persistor migrate` before the upgrade).
+/// Index every stored reply in its thread and mark its parent: every `messages` row is read twice, in pages (the
+/// cost of this step grows with the messages stored, so on a large keyspace run `switchyard-persistor migrate`
+/// before the upgrade).
 async fn backfill_thread_replies(session: &Session, ks: &str) -> Result<(), StoreError> {
+    let select = || format!("SELECT tenant, room, seq, reply_to FROM {ks}.messages");
     backfill(
         session,
         "the thread index",
-        format!("SELECT tenant, room, seq, reply_to FROM {ks}.messages"),
+        select(),
         format!("INSERT INTO {ks}.thread_replies (tenant, room, bucket, parent, seq) VALUES (?, ?, ?, ?, ?)"),
         |(tenant, room, seq, reply_to): (String, String, i64, Option<i64>)| match reply_to {
             Some(parent) => Ok(Some((tenant, room, bucket_of(from_bigint("reply_to", parent)?) as i64, parent, seq))),
+            None => Ok(None),
+        },
+    )
+    .await?;
+    // With no timestamp of its own, the mark is older than every write since: it only ever says `true`.
+    backfill(
+        session,
+        "the reply marks",
+        select(),
+        format!("UPDATE {ks}.messages SET has_replies = true WHERE tenant = ? AND room = ? AND bucket = ? AND seq = ?"),
+        |(tenant, room, _, reply_to): (String, String, i64, Option<i64>)| match reply_to {
+            Some(parent) => Ok(Some((tenant, room, bucket_of(from_bigint("reply_to", parent)?) as i64, parent))),
             None => Ok(None),
         },
     )
@@ -366,10 +385,11 @@ fn migrations(ks: &str) -> Vec<Migration> {
         },
         Migration {
             version: 4,
-            description: "thread_replies: the replies to each message, in the bucket of the message replied to",
+            description: "thread_replies: the replies to each message, in the bucket of the message replied to; \
+                          messages.has_replies",
             statements: vec![
-                // A thread is a clustering range of its parent's bucket: its page is one range read, and the reply
-                // counts of a history page are one grouped count per bucket the page touches.
+                // A thread is a clustering range of its parent's bucket: its page is one range read, and a
+                // message marked `has_replies` has its replies counted by one bounded read.
                 format!(
                     "CREATE TABLE IF NOT EXISTS {ks}.thread_replies (\
                      tenant text, room text, bucket bigint, parent bigint, seq bigint, \
@@ -377,7 +397,7 @@ fn migrations(ks: &str) -> Vec<Migration> {
                      ) WITH CLUSTERING ORDER BY (parent ASC, seq ASC)"
                 ),
             ],
-            columns: vec![],
+            columns: vec![Column { table: "messages", name: "has_replies", cql_type: "boolean" }],
             backfill: Some(Backfill::ThreadReplies),
         },
     ]
@@ -525,8 +545,10 @@ struct Statements {
     select_thread_desc: PreparedStatement,
     /// Messages of one bucket with the given seqs.
     select_seqs: PreparedStatement,
-    /// Reply counts of the parents of one bucket between two inclusive seqs.
-    select_reply_counts: PreparedStatement,
+    /// Mark a message as having replies.
+    mark_replied: PreparedStatement,
+    /// Replies of one parent, at most one past the counted bound.
+    select_replies_of: PreparedStatement,
 }
 
 /// The history store on a CQL cluster. Cheap to clone; clones share the session.
@@ -706,7 +728,7 @@ impl CqlStore {
         }
 
         let key = "tenant = ? AND room = ? AND bucket = ?";
-        let columns = "seq, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted, pinned";
+        let columns = "seq, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted, pinned, has_replies";
         let texts = [
             format!(
                 "INSERT INTO {ks}.messages (tenant, room, bucket, seq, id, sender, body, attrs, reply_to, ts_us) \
@@ -757,10 +779,8 @@ impl CqlStore {
                  ORDER BY parent DESC, seq DESC LIMIT ?"
             ),
             format!("SELECT {columns} FROM {ks}.messages WHERE {key} AND seq IN ?"),
-            format!(
-                "SELECT parent, COUNT(*) FROM {ks}.thread_replies WHERE {key} AND parent >= ? AND parent <= ? \
-                 GROUP BY tenant, room, bucket, parent"
-            ),
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET has_replies = true WHERE {key} AND seq = ?"),
+            format!("SELECT seq FROM {ks}.thread_replies WHERE {key} AND parent = ? LIMIT ?"),
         ];
         let mut prepared = Vec::with_capacity(texts.len());
         for text in texts {
@@ -790,7 +810,8 @@ impl CqlStore {
             select_thread_asc: next()?,
             select_thread_desc: next()?,
             select_seqs: next()?,
-            select_reply_counts: next()?,
+            mark_replied: next()?,
+            select_replies_of: next()?,
         };
         Ok(CqlStore {
             session: Arc::new(session),
@@ -909,23 +930,25 @@ impl CqlStore {
         )
     }
 
-    /// The row that puts a reply in the thread of `parent`, in the parent's bucket.
-    fn reply_write(&self, event: &RoomEvent, parent: u64, ts: i64) -> Result<(PartitionKey, Write), StoreError> {
+    /// The writes that put a reply in the thread of `parent`, both in the parent's bucket: its thread row, and the
+    /// parent's `has_replies` mark (a row of its own when the parent has not arrived, or is no message).
+    fn reply_writes(&self, event: &RoomEvent, parent: u64, ts: i64) -> Result<Vec<(PartitionKey, Write)>, StoreError> {
         let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
         let bucket = bucket_of(parent);
-        let values = (
-            tenant.clone(),
-            room.clone(),
-            to_bigint("bucket", bucket)?,
-            to_bigint("reply_to", parent)?,
-            to_bigint("seq", event.seq)?,
-            ts,
-        );
+        let (bucket_i64, parent_i64) = (to_bigint("bucket", bucket)?, to_bigint("reply_to", parent)?);
+        let values = (tenant.clone(), room.clone(), bucket_i64, parent_i64, to_bigint("seq", event.seq)?, ts);
         let bytes = tenant.len() + room.len() + 32;
-        Ok((
-            ("thread_replies", tenant, room, bucket),
-            Write { statement: self.statements.insert_reply.clone(), values: Box::new(values), bytes },
-        ))
+        let mark = (ts, tenant.clone(), room.clone(), bucket_i64, parent_i64);
+        Ok(vec![
+            (
+                ("thread_replies", tenant.clone(), room.clone(), bucket),
+                Write { statement: self.statements.insert_reply.clone(), values: Box::new(values), bytes },
+            ),
+            (
+                ("messages", tenant, room, bucket),
+                Write { statement: self.statements.mark_replied.clone(), values: Box::new(mark), bytes },
+            ),
+        ])
     }
 
     /// Run one group of writes for a single partition: alone, or as one unlogged batch.
@@ -1137,8 +1160,8 @@ impl CqlStore {
         self.assemble(tenant, room, picked, more).await
     }
 
-    /// The page of `picked` rows (ascending seq): reactions and reply counts read once per bucket the page
-    /// touches, and folded in.
+    /// The page of `picked` rows (ascending seq): reactions read once per bucket the page touches, the replies of
+    /// each message marked `has_replies` counted (up to [`MAX_REPLY_COUNT`]), and folded in.
     async fn assemble(
         &self,
         tenant: &str,
@@ -1157,8 +1180,16 @@ impl CqlStore {
             }
             let (first, last) = (picked[i].seq_i64, picked[j].seq_i64);
             reactions.extend(self.reactions(tenant, room, bucket, first, last).await?);
-            counts.extend(self.reply_counts(tenant, room, bucket, first, last).await?);
             i = j + 1;
+        }
+        let replied: Vec<i64> = picked.iter().filter(|row| row.has_replies).map(|row| row.seq_i64).collect();
+        let counted: Vec<(i64, u64)> = futures::stream::iter(replied)
+            .map(|parent| async move { Ok::<_, StoreError>((parent, self.reply_count(tenant, room, parent).await?)) })
+            .buffer_unordered(REPLY_COUNTS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (parent, count) in counted {
+            counts.insert(from_bigint("parent", parent)?, count);
         }
 
         let mut messages = Vec::with_capacity(picked.len());
@@ -1173,28 +1204,17 @@ impl CqlStore {
         Ok(HistoryPage { messages, more })
     }
 
-    /// How many replies each message of `bucket` with a seq in `[first, last]` has (none: absent).
-    async fn reply_counts(
-        &self,
-        tenant: &str,
-        room: &str,
-        bucket: u64,
-        first: i64,
-        last: i64,
-    ) -> Result<HashMap<u64, u64>, StoreError> {
+    /// How many replies message `parent` has, up to [`MAX_REPLY_COUNT`]: one read of at most that many rows.
+    async fn reply_count(&self, tenant: &str, room: &str, parent: i64) -> Result<u64, StoreError> {
+        let bucket = to_bigint("bucket", bucket_of(from_bigint("parent", parent)?))?;
+        let limit = MAX_REPLY_COUNT as i32;
         let result = self
             .session
-            .execute_unpaged(&self.statements.select_reply_counts, (tenant, room, bucket as i64, first, last))
+            .execute_unpaged(&self.statements.select_replies_of, (tenant, room, bucket, parent, limit))
             .await
             .map_err(|e| unavailable("reply count read failed", e))?;
         let rows = result.into_rows_result().map_err(|e| corrupt("reply count read returned no rows result", e))?;
-        let iter = rows.rows::<(i64, i64)>().map_err(|e| corrupt("reply count rows have unexpected types", e))?;
-        let mut out = HashMap::new();
-        for row in iter {
-            let (parent, count) = row.map_err(|e| corrupt("undecodable reply count row", e))?;
-            out.insert(from_bigint("parent", parent)?, from_bigint("reply count", count)?);
-        }
-        Ok(out)
+        Ok(rows.rows_num() as u64)
     }
 
     /// One page of the replies to `parent`: the thread's seqs read in the window's direction from the parent's
@@ -1282,6 +1302,7 @@ type RawMessageRow = (
     Option<i64>,
     Option<bool>,
     Option<bool>,
+    Option<bool>,
 );
 
 /// The fields the creating `msg` wrote.
@@ -1314,13 +1335,15 @@ struct MessageRow {
     edited_us: Option<u64>,
     /// Whether the message was deleted.
     deleted: bool,
+    /// Whether a reply to it was stored (unset: none, or a keyspace before threads, backfilled by schema 4).
+    has_replies: bool,
     /// Whether the last pin event pinned it (unset: never pinned, or stored before pins existed).
     pinned: bool,
 }
 
 impl MessageRow {
     fn from_raw(raw: RawMessageRow) -> Result<Self, StoreError> {
-        let (seq_i64, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted, pinned) = raw;
+        let (seq_i64, id, sender, body, attrs, reply_to, ts_us, edited_us, deleted, pinned, has_replies) = raw;
         let seq = from_bigint("seq", seq_i64)?;
         let create = match (id, sender, ts_us) {
             (None, _, _) => None,
@@ -1345,6 +1368,7 @@ impl MessageRow {
             edited_us: edited_us.map(|e| from_bigint("edited_us", e)).transpose()?,
             deleted: deleted.unwrap_or(false),
             pinned: pinned.unwrap_or(false),
+            has_replies: has_replies.unwrap_or(false),
         })
     }
 
@@ -1400,7 +1424,7 @@ impl HistoryStore for CqlStore {
                 | EventBody::Moderation { .. } => None,
             };
             let reply = match &event.body {
-                EventBody::Msg { reply_to: Some(parent), .. } => Some(self.reply_write(event, *parent, ts)?),
+                EventBody::Msg { reply_to: Some(parent), .. } => self.reply_writes(event, *parent, ts)?,
                 EventBody::Msg { reply_to: None, .. }
                 | EventBody::Edit { .. }
                 | EventBody::Delete { .. }
@@ -1408,7 +1432,7 @@ impl HistoryStore for CqlStore {
                 | EventBody::Pin { .. }
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
-                | EventBody::Moderation { .. } => None,
+                | EventBody::Moderation { .. } => Vec::new(),
             };
             for (key, write) in self.writes_of(event)?.into_iter().chain(index).chain(reply) {
                 let group = by_partition.entry(key.clone()).or_default();

@@ -286,7 +286,14 @@ fn index_threads(db: &Database) -> Result<(), StoreError> {
         for entry in messages.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
             let (tenant, room, seq) = key.value();
-            let parent = StoredRow::decode(value.value())?.create.and_then(|create| create.reply_to);
+            // A row this code cannot read breaks only the page that holds it, as in `history`: it is not indexed.
+            let parent = match StoredRow::decode(value.value()) {
+                Ok(row) => row.create.and_then(|create| create.reply_to),
+                Err(error) => {
+                    tracing::warn!(tenant, room, seq, %error, "an unreadable message was not indexed in its thread");
+                    None
+                }
+            };
             if let Some(parent) = parent {
                 add_reply(&mut threads, &mut counts, (tenant, room, parent, seq))?;
             }
@@ -442,7 +449,8 @@ fn page_of(
     for (seq, row) in picked {
         let folded = reactions_of(&reactions, tenant, room, seq)?;
         if let Some(mut message) = row.to_message(seq, folded)? {
-            message.reply_count = counts.get((tenant, room, seq)).map_err(db_err)?.map_or(0, |g| g.value());
+            let count = counts.get((tenant, room, seq)).map_err(db_err)?.map_or(0, |g| g.value());
+            message.reply_count = count.min(switchyard_protocol::limits::MAX_REPLY_COUNT);
             out.push(message);
         }
     }
@@ -559,8 +567,6 @@ mod tests {
         RoomEvent { v: INTERNAL_VERSION, tenant: tenant.clone(), room: room.clone(), seq, ts_us: 1_000_000 + seq, body }
     }
 
-    /// A file written before `room_head` existed holds only `room_last_seq`: the head falls back to it (with the
-    /// time of the message at that seq, when it is one), and the next newer event records the head in full.
     /// A file written before threads existed (no thread tables, no marker) has its replies indexed once when it is
     /// opened, and counted once however often it is opened.
     #[test]
@@ -596,6 +602,8 @@ mod tests {
         }
     }
 
+    /// A file written before `room_head` existed holds only `room_last_seq`: the head falls back to it (with the
+    /// time of the message at that seq, when it is one), and the next newer event records the head in full.
     #[test]
     fn head_falls_back_to_the_seq_only_table() {
         let dir = tempfile::tempdir().unwrap();
