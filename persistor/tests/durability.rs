@@ -678,7 +678,7 @@ async fn a_store_refusing_everything_dead_letters_nothing() {
             format!(
                 "CREATE TABLE {keyspace}.messages (tenant text, room text, bucket bigint, seq bigint, id text, \
                  sender text, body text, attrs text, reply_to bigint, ts_us bigint, edited_us bigint, \
-                 deleted boolean, pinned boolean, PRIMARY KEY ((tenant, room, bucket), seq)) \
+                 deleted boolean, pinned boolean, has_replies boolean, PRIMARY KEY ((tenant, room, bucket), seq)) \
                  WITH CLUSTERING ORDER BY (seq ASC)"
             ),
             (),
