@@ -13,12 +13,18 @@ use switchyard_protocol::{limits, RoomId, UserId};
 #[error("secs must be 1 to {} (omit it for good)", limits::MAX_MODERATION_SECS)]
 pub struct DurationError;
 
+/// Refuse a ban's or mute's `secs` outside `1..=MAX_MODERATION_SECS` (none is for good).
+pub fn check_secs(secs: Option<u64>) -> Result<(), DurationError> {
+    match secs {
+        Some(secs) if !(1..=limits::MAX_MODERATION_SECS).contains(&secs) => Err(DurationError),
+        Some(_) | None => Ok(()),
+    }
+}
+
 /// When a ban or mute of `secs` seconds taken now ends, in unix milliseconds; `None` (no `secs`) is for good.
 pub fn until_ms(secs: Option<u64>) -> Result<Option<u64>, DurationError> {
+    check_secs(secs)?;
     let Some(secs) = secs else { return Ok(None) };
-    if !(1..=limits::MAX_MODERATION_SECS).contains(&secs) {
-        return Err(DurationError);
-    }
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     Ok(Some(now_ms + secs * 1000))
 }
@@ -26,11 +32,7 @@ pub fn until_ms(secs: Option<u64>) -> Result<Option<u64>, DurationError> {
 /// The room command of a moderation `action`; a ban or mute lasts `secs` (checked here; the room's router shard
 /// fixes its end by its own clock) or, without, until lifted.
 pub fn command(room: RoomId, action: Moderation, secs: Option<u64>) -> Result<RoomCommand, DurationError> {
-    if let Some(secs) = secs {
-        if !(1..=limits::MAX_MODERATION_SECS).contains(&secs) {
-            return Err(DurationError);
-        }
-    }
+    check_secs(secs)?;
     Ok(RoomCommand::Moderate { room, action, secs })
 }
 

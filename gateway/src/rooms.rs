@@ -91,7 +91,7 @@ pub async fn read_history(
             }
             Ok((messages, more))
         }
-        HistoryReply::Err { code, message } => Err(UpstreamError { code, message, retry_after_ms: None }),
+        HistoryReply::Err { code, message } => Err(UpstreamError::new(code, message)),
     }
 }
 
@@ -104,11 +104,7 @@ pub async fn members(
 ) -> Result<Vec<Member>, UpstreamError> {
     let command = RoomCommand::Members { room: room.clone() };
     let OkResult::Members { mut members } = upstream::command(gw, tenant, reader.user(), command).await? else {
-        return Err(UpstreamError {
-            code: ErrorCode::Internal,
-            message: "unexpected members reply".into(),
-            retry_after_ms: None,
-        });
+        return Err(UpstreamError::new(ErrorCode::Internal, "unexpected members reply"));
     };
     let users: Vec<UserId> = members.iter().map(|m| m.user.clone()).collect();
     let mut states = std::collections::BTreeMap::new();

@@ -39,10 +39,6 @@ impl UpstreamError {
     }
 }
 
-fn upstream_error(code: ErrorCode, message: impl Into<String>) -> UpstreamError {
-    UpstreamError::new(code, message)
-}
-
 /// Ask the router shard that owns the room to run `command` for `user` (`None`: the tenant's backend).
 pub async fn command(
     gw: &Gateway,
@@ -82,7 +78,7 @@ async fn send_command(
         quotas,
         by_backend,
     };
-    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let payload = codec::encode(&request).map_err(|e| UpstreamError::new(ErrorCode::Internal, e.to_string()))?;
     let deadline = tokio::time::Instant::now() + gw.config.command_timeout();
     let mut backoff = NOT_TAKEN_BACKOFF;
     loop {
@@ -191,7 +187,7 @@ pub async fn user_request(
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_user(tenant, user, gw.config.shard_count);
     let request = UserRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
-    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let payload = codec::encode(&request).map_err(|e| UpstreamError::new(ErrorCode::Internal, e.to_string()))?;
     let reply = request_with_retry(gw, subjects::user_command(shard), payload, Target::Router, None).await?;
     decode_reply(&reply)
 }
@@ -214,7 +210,7 @@ pub async fn presence(
     for reply in futures::future::join_all(requests).await {
         match reply? {
             OkResult::Presence { users } => states.extend(users),
-            _ => return Err(upstream_error(ErrorCode::Internal, "unexpected presence reply")),
+            _ => return Err(UpstreamError::new(ErrorCode::Internal, "unexpected presence reply")),
         }
     }
     Ok(states)
@@ -231,7 +227,7 @@ pub async fn rooms(gw: &Gateway, tenant: &ProjectId, user: &UserId) -> Result<Ve
     for _ in 0..MAX_ROOMS_PAGES {
         let command = UserCommand::RoomsPage { after };
         let request = UserRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), command };
-        let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+        let payload = codec::encode(&request).map_err(|e| UpstreamError::new(ErrorCode::Internal, e.to_string()))?;
         let reply = request_with_retry(gw, subjects::user_command(shard), payload, Target::Router, None).await?;
         match codec::decode::<CommandReply>(&reply) {
             Ok(CommandReply::RoomsPage { rooms: page, next }) => {
@@ -241,12 +237,14 @@ pub async fn rooms(gw: &Gateway, tenant: &ProjectId, user: &UserId) -> Result<Ve
                     _ => return Ok(rooms.into_values().collect()),
                 }
             }
-            Ok(CommandReply::Err { code, message, .. }) => return Err(upstream_error(code, message)),
-            Ok(CommandReply::Ok { .. }) => return Err(upstream_error(ErrorCode::Internal, "unexpected rooms reply")),
-            Err(e) => return Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
+            Ok(CommandReply::Err { code, message, .. }) => return Err(UpstreamError::new(code, message)),
+            Ok(CommandReply::Ok { .. }) => {
+                return Err(UpstreamError::new(ErrorCode::Internal, "unexpected rooms reply"))
+            }
+            Err(e) => return Err(UpstreamError::new(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
         }
     }
-    Err(upstream_error(ErrorCode::Unavailable, "the user's room list did not end; retry"))
+    Err(UpstreamError::new(ErrorCode::Unavailable, "the user's room list did not end; retry"))
 }
 
 /// More pages than any user's rooms can fill (rooms per user is capped well below this times a page).
@@ -262,14 +260,14 @@ fn command_result(reply: Result<CommandReply, codec::CodecError>) -> Result<OkRe
         Ok(CommandReply::Err { code, message, retry_after_ms, .. }) => {
             Err(UpstreamError { code, message, retry_after_ms })
         }
-        Ok(CommandReply::RoomsPage { .. }) => Err(upstream_error(ErrorCode::Internal, "unexpected rooms page")),
-        Err(e) => Err(upstream_error(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
+        Ok(CommandReply::RoomsPage { .. }) => Err(UpstreamError::new(ErrorCode::Internal, "unexpected rooms page")),
+        Err(e) => Err(UpstreamError::new(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }
 }
 
 /// Ask a persistor for a page of history.
 pub async fn history(gw: &Gateway, request: HistoryRequest) -> Result<HistoryReply, UpstreamError> {
-    let payload = codec::encode(&request).map_err(|e| upstream_error(ErrorCode::Internal, e.to_string()))?;
+    let payload = codec::encode(&request).map_err(|e| UpstreamError::new(ErrorCode::Internal, e.to_string()))?;
     let reply = request_with_retry(
         gw,
         subjects::HISTORY_SUBJECT.to_owned(),
@@ -279,7 +277,7 @@ pub async fn history(gw: &Gateway, request: HistoryRequest) -> Result<HistoryRep
     )
     .await?;
     codec::decode::<HistoryReply>(&reply)
-        .map_err(|e| upstream_error(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
+        .map_err(|e| UpstreamError::new(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
 }
 
 async fn request_with_retry(
@@ -307,7 +305,7 @@ async fn request_until(
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() {
-            return Err(upstream_error(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
+            return Err(UpstreamError::new(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
         }
         let this_attempt = attempt.map_or(remaining, |a| a.min(remaining));
         let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(this_attempt));
@@ -333,9 +331,9 @@ async fn request_until(
             }
             Err(e) if e.kind() == RequestErrorKind::TimedOut && attempt.is_some() && this_attempt < remaining => {}
             Err(e) if e.kind() == RequestErrorKind::TimedOut => {
-                return Err(upstream_error(ErrorCode::Unavailable, format!("the {who} did not answer in time")));
+                return Err(UpstreamError::new(ErrorCode::Unavailable, format!("the {who} did not answer in time")));
             }
-            Err(e) => return Err(upstream_error(ErrorCode::Unavailable, format!("cannot reach a {who}: {e}"))),
+            Err(e) => return Err(UpstreamError::new(ErrorCode::Unavailable, format!("cannot reach a {who}: {e}"))),
         }
     }
 }

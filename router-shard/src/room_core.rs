@@ -283,6 +283,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
     let mut effects = Vec::new();
     let reply = match (command.command, command.user) {
         (RoomCommand::Create { private, title, .. }, user) => {
+            rules.require_named_room()?;
             if rules.record()?.is_some() {
                 return Err(refuse(ErrorCode::Conflict, format!("room {room} already exists")));
             }

@@ -35,7 +35,7 @@ pub fn parse_restriction(body: &[u8]) -> Result<Option<u64>, ApiError> {
         return Ok(None);
     }
     let request: Restriction = parse_body(body)?;
-    moderation::until_ms(request.secs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    moderation::check_secs(request.secs).map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(request.secs)
 }
 

@@ -842,7 +842,7 @@ impl Session {
                 bad(&rooms::HistoryLimitError.to_string())
             }
             ClientOp::Ban { secs: Some(secs), .. } | ClientOp::Mute { secs: Some(secs), .. }
-                if moderation::until_ms(Some(*secs)).is_err() =>
+                if moderation::check_secs(Some(*secs)).is_err() =>
             {
                 bad(&moderation::DurationError.to_string())
             }
@@ -1009,11 +1009,7 @@ impl Session {
                     async move {
                         for subject in &subjects {
                             if let Err(error) = hub.subscribe(subject, tx.clone()).await {
-                                let error = UpstreamError {
-                                    code: ErrorCode::Unavailable,
-                                    message: error.to_string(),
-                                    retry_after_ms: None,
-                                };
+                                let error = UpstreamError::new(ErrorCode::Unavailable, error.to_string());
                                 return Completion::Watched { rid, users, result: Err(error) };
                             }
                         }
@@ -1294,11 +1290,10 @@ async fn run_join(
 ) -> Completion {
     let result = async {
         if let Some((subject, tx)) = subscribe {
-            gw.hub.subscribe(&subject, tx).await.map_err(|error| UpstreamError {
-                code: ErrorCode::Unavailable,
-                message: error.to_string(),
-                retry_after_ms: None,
-            })?;
+            gw.hub
+                .subscribe(&subject, tx)
+                .await
+                .map_err(|error| UpstreamError::new(ErrorCode::Unavailable, error.to_string()))?;
         }
         let join = RoomCommand::Join { room: room.clone(), grants: identity.grants.clone() };
         let seq = ok_seq(&upstream::command(&gw, &identity.tenant, Some(&identity.user), join).await?);
