@@ -84,7 +84,7 @@ async fn membership_and_permissions(format: Format) {
         .collect();
     assert_eq!(listed, vec![("alice".into(), "admin".into(), true), ("bob".into(), "member".into(), true)]);
     let rooms = ok(&bob, ClientOp::Rooms).await;
-    assert_eq!(rooms["rooms"], json!([{"room": "secret", "role": "member", "seq": 2, "read": 0}]));
+    assert_eq!(rooms["rooms"], json!([{"room": "secret", "role": "member", "seq": 2, "read": 0, "unread": 0}]));
 
     // A public room: anyone of the tenant may read it and join it.
     carol.join("lobby", None).await.unwrap();
@@ -360,7 +360,12 @@ async fn direct_messages(format: Format) {
     let (messages, _) = dave.history("dm:alice:dave", None, None, None).await.unwrap();
     assert_eq!(messages.iter().map(|m| m.body.clone().unwrap()).collect::<Vec<_>>(), vec!["for later"]);
     let rooms = ok(&dave, ClientOp::Rooms).await;
-    assert_eq!(rooms["rooms"], json!([{"room": "dm:alice:dave", "role": "member", "seq": 1, "read": 0}]));
+    let listed = &rooms["rooms"][0];
+    assert_eq!(
+        (&listed["room"], &listed["seq"], &listed["read"], &listed["unread"], &listed["last_message"]["body"]),
+        (&json!("dm:alice:dave"), &json!(1), &json!(0), &json!(1), &json!("for later")),
+        "{rooms:?}"
+    );
     fleet.stop().await;
 }
 

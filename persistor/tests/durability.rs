@@ -81,7 +81,15 @@ fn ts_us(seq: u64) -> u64 {
 }
 
 fn event(tenant: &ProjectId, room: &RoomId, seq: u64, body: EventBody) -> RoomEvent {
-    RoomEvent { v: INTERNAL_VERSION, tenant: tenant.clone(), room: room.clone(), seq, ts_us: ts_us(seq), body }
+    RoomEvent {
+        v: INTERNAL_VERSION,
+        tenant: tenant.clone(),
+        room: room.clone(),
+        seq,
+        ts_us: ts_us(seq),
+        tally: Default::default(),
+        body,
+    }
 }
 
 fn msg(tenant: &ProjectId, room: &RoomId, seq: u64) -> RoomEvent {

@@ -29,6 +29,7 @@ async fn embedded_store_survives_reopen() {
             room: room.clone(),
             seq: 7,
             ts_us: conformance::ts_us_of(7),
+            tally: Default::default(),
             body: switchyard_protocol::internal::EventBody::Joined {
                 user: switchyard_protocol::UserId::parse("u").unwrap(),
             },

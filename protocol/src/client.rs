@@ -410,6 +410,45 @@ pub struct RoomSummary {
     pub role: Role,
     pub seq: u64,
     pub read: u64,
+    /// Messages after the user's read marker (or after their join, when that is later); see `UserRoom::unread`.
+    /// 0 from router shards of earlier releases.
+    #[serde(default)]
+    pub unread: u64,
+    /// The room's latest message, as its edits and deletion left it; absent when the room has none (or its last
+    /// event predates previews).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<MessagePreview>,
+}
+
+/// The start of a room's latest message, for a list of rooms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePreview {
+    pub seq: u64,
+    pub id: MessageId,
+    pub from: UserId,
+    /// The body's first [`crate::limits::PREVIEW_BYTES`] bytes, cut at a character boundary; empty once deleted.
+    pub body: String,
+    pub ts: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edited: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+impl MessagePreview {
+    /// The preview of a message whose body is `body`.
+    pub fn new(seq: u64, id: MessageId, from: UserId, body: &str, ts: u64) -> MessagePreview {
+        MessagePreview { seq, id, from, body: cut(body).to_owned(), ts, edited: false, deleted: false }
+    }
+}
+
+/// `body` cut to at most [`crate::limits::PREVIEW_BYTES`] bytes at a character boundary.
+fn cut(body: &str) -> &str {
+    let mut end = body.len().min(crate::limits::PREVIEW_BYTES);
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    &body[..end]
 }
 
 /// A user's presence, as `presence` reports it.
@@ -539,6 +578,9 @@ pub enum ServerEvent {
         room: RoomId,
         user: UserId,
         seq: u64,
+        /// Only to the reader's own sessions: their messages still unread in the room after this marker.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unread: Option<u64>,
     },
     Presence {
         user: UserId,

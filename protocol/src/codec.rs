@@ -43,6 +43,7 @@ mod tests {
             room: RoomId::parse("dm:a:b").unwrap(),
             seq: 42,
             ts_us: 1_700_000_000_123_456,
+            tally: Default::default(),
             body: EventBody::Msg {
                 id: MessageId::generate(1_700_000_000_123),
                 from: UserId::parse("a").unwrap(),

@@ -4,7 +4,7 @@
 //! Every message carries a version field `v` and travels as MessagePack with field names (see `codec`). JSON never
 //! appears here; the client-facing shapes live in `client`.
 
-use crate::client::{Message, OkResult, ServerEvent};
+use crate::client::{Message, MessagePreview, OkResult, ServerEvent};
 use crate::error::ErrorCode;
 use crate::ids::{ClientMessageId, MessageId, ProjectId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
@@ -262,9 +262,27 @@ pub struct PresenceResync {
 #[serde(tag = "live", rename_all = "snake_case")]
 pub enum LiveMessage {
     Event(RoomEvent),
-    Typing { room: RoomId, user: UserId },
-    Read { room: RoomId, user: UserId, seq: u64 },
-    Presence { user: UserId, online: bool, ts: u64 },
+    Typing {
+        room: RoomId,
+        user: UserId,
+    },
+    Read {
+        room: RoomId,
+        user: UserId,
+        seq: u64,
+    },
+    /// A user's read marker moved: for that user's own sessions (on their inbox), with what is left unread.
+    OwnRead {
+        room: RoomId,
+        user: UserId,
+        seq: u64,
+        unread: u64,
+    },
+    Presence {
+        user: UserId,
+        online: bool,
+        ts: u64,
+    },
 }
 
 /// A router shard's answer to a command.
@@ -326,6 +344,74 @@ pub struct RoomEvent {
     /// late write of an older event never overrides a newer one.
     pub ts_us: u64,
     pub body: EventBody,
+    /// The room as of this event (message count, latest message), so that a room's last event alone answers
+    /// `rooms`. Empty on events of earlier releases.
+    #[serde(default, skip_serializing_if = "RoomTally::is_empty")]
+    pub tally: RoomTally,
+}
+
+/// What a room holds as of one of its events: how many messages it has had and its latest one. Each event's
+/// tally follows from the one before it ([`RoomTally::followed_by`]), so no reader ever counts history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomTally {
+    /// `msg` events up to this one, this one included (counted from the first event written with a tally).
+    #[serde(default)]
+    pub msgs: u64,
+    /// The room's latest message as its edits and deletion left it. Not stored on a `msg` event, which is its own
+    /// latest message (see [`RoomEvent::tally_through`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<MessagePreview>,
+}
+
+impl RoomTally {
+    /// The tally of a room whose events all left the stream, at its head `seq`: its count starts again from `seq`,
+    /// which no count up to the head exceeds, so every marker taken before stays at or below it.
+    pub fn restarted(seq: u64) -> RoomTally {
+        RoomTally { msgs: seq, last_message: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs == 0 && self.last_message.is_none()
+    }
+
+    /// The tally as of the event after the one this tally is through: `body` at `seq`, at `ts_ms`.
+    pub fn followed_by(&self, seq: u64, ts_ms: u64, body: &EventBody) -> RoomTally {
+        let mut next = self.clone();
+        match body {
+            EventBody::Msg { id, from, body, .. } => {
+                next.msgs += 1;
+                next.last_message = Some(MessagePreview::new(seq, id.clone(), from.clone(), body, ts_ms));
+            }
+            EventBody::Edit { target, body, .. } => {
+                if let Some(last) = next.last_message.as_mut().filter(|last| last.seq == *target && !last.deleted) {
+                    *last = MessagePreview {
+                        edited: true,
+                        ..MessagePreview::new(last.seq, last.id.clone(), last.from.clone(), body, last.ts)
+                    };
+                }
+            }
+            EventBody::Delete { target, .. } => {
+                if let Some(last) = next.last_message.as_mut().filter(|last| last.seq == *target) {
+                    last.body.clear();
+                    last.deleted = true;
+                }
+            }
+            EventBody::Reaction { .. }
+            | EventBody::Pin { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. } => {}
+        }
+        next
+    }
+
+    /// What an event with `body` stores of this tally (the tally through it): a `msg` does not repeat itself.
+    pub fn stored_for(mut self, body: &EventBody) -> RoomTally {
+        if matches!(body, EventBody::Msg { .. }) {
+            self.last_message = None;
+        }
+        self
+    }
 }
 
 /// The kind-specific part of a room event.
@@ -378,6 +464,17 @@ impl RoomEvent {
     /// Server time in unix milliseconds, as clients see it.
     pub fn ts_ms(&self) -> u64 {
         self.ts_us / 1000
+    }
+
+    /// The room's tally as of this event, its own message included.
+    pub fn tally_through(&self) -> RoomTally {
+        match &self.body {
+            EventBody::Msg { id, from, body, .. } => RoomTally {
+                msgs: self.tally.msgs,
+                last_message: Some(MessagePreview::new(self.seq, id.clone(), from.clone(), body, self.ts_ms())),
+            },
+            _ => self.tally.clone(),
+        }
     }
 
     /// The event as subscribed sessions receive it.
@@ -561,6 +658,24 @@ pub struct UserRoom {
     pub role: crate::client::Role,
     /// The user's read marker in the room.
     pub read: u64,
+    /// The room's message count ([`RoomTally::msgs`]) at the read marker, or at the join when that is later;
+    /// `None` for an entry of an earlier release that no read has moved since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_msgs: Option<u64>,
+}
+
+impl UserRoom {
+    /// A new entry: no read marker, unread counted from a room that had `msgs` messages.
+    pub fn joined(role: crate::client::Role, msgs: u64) -> UserRoom {
+        UserRoom { role, read: 0, read_msgs: Some(msgs) }
+    }
+
+    /// Messages after the marker in a room whose last event is `seq` and whose tally counts `msgs`: the messages
+    /// counted since `read_msgs`, never more than the events after the marker. That bound is what an entry
+    /// without `read_msgs` gets, and what holds after a room's tally restarted (see `RoomTally::restarted`).
+    pub fn unread(&self, seq: u64, msgs: u64) -> u64 {
+        msgs.saturating_sub(self.read_msgs.unwrap_or(0)).min(seq.saturating_sub(self.read))
+    }
 }
 
 /// A user's rooms, in the rooms KV bucket; updated by compare-and-set, since each room's actor writes its own entry.
@@ -680,5 +795,55 @@ mod tests {
         let decoded: CommandReply = crate::codec::decode(&bytes).unwrap();
         assert!(!decoded.was_not_taken());
         assert_eq!(decoded, plain);
+    }
+
+    #[test]
+    fn a_tally_follows_messages_edits_and_deletions_and_previews_are_cut_at_a_character() {
+        let from = UserId::parse("ann").unwrap();
+        let long = "é".repeat(crate::limits::PREVIEW_BYTES);
+        let msg = |body: &str| EventBody::Msg {
+            id: MessageId::generate(1),
+            from: from.clone(),
+            body: body.into(),
+            attrs: None,
+            reply_to: None,
+        };
+        let first = RoomTally::default().followed_by(1, 10, &msg(&long));
+        let preview = first.last_message.clone().unwrap();
+        assert_eq!((first.msgs, preview.body.len()), (1, crate::limits::PREVIEW_BYTES));
+        assert!(long.starts_with(&preview.body));
+        let odd = RoomTally::default().followed_by(1, 10, &msg(&format!("a{long}")));
+        assert_eq!(odd.last_message.unwrap().body.len(), crate::limits::PREVIEW_BYTES - 1, "no half character");
+        let joined = first.followed_by(2, 11, &EventBody::Joined { user: from.clone() });
+        assert_eq!(joined, first, "a join changes nothing");
+        let edit_other = EventBody::Edit { target: 9, from: from.clone(), body: "x".into() };
+        assert_eq!(joined.followed_by(3, 12, &edit_other), first, "an edit of an older message changes nothing");
+        let edited = joined.followed_by(3, 12, &EventBody::Edit { target: 1, from: from.clone(), body: "new".into() });
+        let preview = edited.last_message.clone().unwrap();
+        assert_eq!((preview.body.as_str(), preview.edited, preview.seq, preview.ts), ("new", true, 1, 10));
+        let deleted = edited.followed_by(4, 13, &EventBody::Delete { target: 1, by: from.clone() });
+        let preview = deleted.last_message.clone().unwrap();
+        assert_eq!((preview.body.as_str(), preview.deleted, deleted.msgs), ("", true, 1));
+        let edit_after = EventBody::Edit { target: 1, from: from.clone(), body: "back".into() };
+        assert_eq!(deleted.followed_by(5, 14, &edit_after), deleted, "a deleted message stays deleted");
+        // A message does not repeat itself in its stored tally, and reads back whole.
+        let second = deleted.followed_by(6, 15, &msg("hi"));
+        let event = RoomEvent {
+            v: INTERNAL_VERSION,
+            tenant: ProjectId::generate(),
+            room: RoomId::parse("r").unwrap(),
+            seq: 6,
+            ts_us: 15_000,
+            tally: second.clone().stored_for(&msg("hi")),
+            body: msg("hi"),
+        };
+        assert_eq!(event.tally.last_message, None);
+        let mut through = event.tally_through();
+        through.last_message.as_mut().unwrap().id = second.last_message.as_ref().unwrap().id.clone();
+        assert_eq!(through, second);
+        let entry = UserRoom { role: crate::client::Role::Member, read: 2, read_msgs: Some(1) };
+        assert_eq!(entry.unread(6, second.msgs), 1);
+        assert_eq!(UserRoom { read_msgs: None, ..entry }.unread(6, second.msgs), 2, "at most what the tally counts");
+        assert_eq!(UserRoom { read: 5, ..entry }.unread(6, second.msgs), 1, "at most the events after the marker");
     }
 }

@@ -102,6 +102,7 @@ fn internal_messages_refuse_excessive_nesting_and_keep_client_depth() {
             room: switchyard_protocol::RoomId::parse("r").unwrap(),
             seq: 1,
             ts_us: 1,
+            tally: Default::default(),
             body: EventBody::Msg {
                 id: switchyard_protocol::MessageId::generate(1),
                 from: switchyard_protocol::UserId::parse("u").unwrap(),

@@ -159,7 +159,8 @@ pub(crate) async fn page(
     Ok((rooms, next))
 }
 
-/// Summaries of `chunk`'s memberships, each with its room's last seq (0 for a room whose events all aged out).
+/// Summaries of `chunk`'s memberships, each with its room's last seq, unread count and latest message, all from
+/// the room's last event (0 and none for a room whose events all aged out).
 async fn last_seqs(
     ctx: &RouterContext,
     tenant: &ProjectId,
@@ -170,18 +171,23 @@ async fn last_seqs(
         .map(|(room, _)| subjects::event_log(shard_of_room(tenant, room, ctx.config.shard_count), tenant, room))
         .collect();
     let last = direct::batch(&ctx.nats, subjects::EVENTS_DIRECT_GET, Ask::LastOf { subjects: &logs }).await?;
-    let seqs: std::collections::HashMap<String, u64> = last
+    let mut lasts: std::collections::HashMap<String, RoomEvent> = last
         .into_iter()
-        .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event.seq)))
+        .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event)))
         .collect();
     Ok(chunk
         .iter()
         .zip(&logs)
-        .map(|((room, entry), log)| RoomSummary {
-            room: room.clone(),
-            role: entry.role,
-            seq: seqs.get(log).copied().unwrap_or(0),
-            read: entry.read,
+        .map(|((room, entry), log)| {
+            let (seq, tally) = lasts.remove(log).map(|event| (event.seq, event.tally_through())).unwrap_or_default();
+            RoomSummary {
+                room: room.clone(),
+                role: entry.role,
+                seq,
+                read: entry.read,
+                unread: entry.unread(seq, tally.msgs),
+                last_message: tally.last_message,
+            }
         })
         .collect())
 }

@@ -24,7 +24,7 @@ use switchyard_protocol::client::OkResult;
 use switchyard_protocol::codec;
 use switchyard_protocol::internal::{
     CommandReply, EventBody, HistoryReply, HistoryRequest, LiveMessage, RoomCommand, RoomEvent, RoomHeadReply,
-    RoomHeadRequest, RoomQuotas, RoomRecord, Roster, UserRoom, INTERNAL_VERSION,
+    RoomHeadRequest, RoomQuotas, RoomRecord, RoomTally, Roster, UserRoom, INTERNAL_VERSION,
 };
 use switchyard_protocol::{subjects, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use switchyard_service::nats::{compare_and_set, latest_entry, latest_value, CasError};
@@ -301,6 +301,10 @@ impl RoomActor {
                     .map_err(|e| RoomError::Unavailable(e.to_string()))?;
                 facts.user_rooms.insert(user, rooms);
             }
+            Fact::MsgsAt(seq) => {
+                let msgs = self.msgs_at(seq).await?;
+                facts.msgs_at.insert(seq, msgs);
+            }
             Fact::TenantRooms => {
                 let rooms = memberships::tenant_rooms(&self.ctx, &self.tenant)
                     .await
@@ -459,28 +463,72 @@ impl RoomActor {
 
     /// The room's last event, loading it from the stream when not known.
     async fn tail(&mut self) -> Result<Tail, RoomError> {
-        if let Some(tail) = self.state.tail {
-            return Ok(tail);
+        if let Some(tail) = &self.state.tail {
+            return Ok(tail.clone());
         }
         let tail = match self.ctx.events.get_last_raw_message_by_subject(&self.log_subject).await {
             Ok(message) => {
                 let event: RoomEvent = codec::decode(&message.payload).map_err(|e| unavailable("last event", e))?;
-                Tail { seq: event.seq, stream_seq: message.sequence, ts_us: event.ts_us }
+                Tail { seq: event.seq, stream_seq: message.sequence, ts_us: event.ts_us, tally: event.tally_through() }
             }
             // The stream holds none of the room's events: the room is new, or its events aged out of the stream
             // (or were purged). The history store keeps the room's head for good; the fence is "no event on the
             // room's subject", so two writers that both find it empty still cannot both append.
             Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
                 let (seq, ts_us) = if self.created_here { (0, 0) } else { self.ask_head().await? };
-                Tail { seq, stream_seq: 0, ts_us }
+                Tail { seq, stream_seq: 0, ts_us, tally: RoomTally::restarted(seq) }
             }
             Err(e) => return Err(unavailable("read the room's last event", e)),
         };
-        self.state.tail = Some(tail);
+        self.state.loaded_tail(tail.clone());
         Ok(tail)
     }
 
-    /// Publish to whoever listens live: the room's subject, or both inboxes of a direct-message room.
+    /// The room's message count as of `seq`, from the first event at or after it that the stream holds (found by
+    /// a binary search over the room's stream subject, each step a read of the stream leader). Messages that left
+    /// the stream before it are not counted.
+    async fn msgs_at(&mut self, seq: u64) -> Result<u64, RoomError> {
+        let tail = self.tail().await?;
+        let at_or_after = |sequence: u64| {
+            let builder =
+                self.ctx.events.raw_message_builder().sequence(sequence.max(1)).next_by_subject(&self.log_subject);
+            async move {
+                match builder.send().await {
+                    Ok(message) => {
+                        let event: RoomEvent =
+                            codec::decode(&message.payload).map_err(|e| unavailable("decode an event", e))?;
+                        Ok(Some((message.sequence, event)))
+                    }
+                    Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(unavailable("read the room's events", e)),
+                }
+            }
+        };
+        let Some((first, mut found)) = at_or_after(1).await? else { return Ok(tail.tally.msgs) };
+        // The smallest stream sequence holding an event of the room with a seq of at least `seq`.
+        let (mut low, mut high) = (first, tail.stream_seq.max(first));
+        if found.seq < seq {
+            while low < high {
+                let middle = low + (high - low) / 2;
+                match at_or_after(middle).await? {
+                    Some((_, event)) if event.seq >= seq => high = middle,
+                    Some((sequence, _)) => low = sequence + 1,
+                    None => break,
+                }
+            }
+            match at_or_after(low).await? {
+                Some((_, event)) => found = event,
+                None => return Ok(tail.tally.msgs),
+            }
+        }
+        let own = u64::from(found.seq > seq && matches!(found.body, EventBody::Msg { .. }));
+        Ok(found.tally_through().msgs.saturating_sub(own))
+    }
+
+    /// Publish to whoever listens live: the room's subject, or both inboxes of a direct-message room; a user's own
+    /// read to that user's inbox.
     async fn publish_live(&self, message: &LiveMessage) {
         let payload = match codec::encode(message) {
             Ok(payload) => payload,
@@ -489,9 +537,10 @@ impl RoomActor {
                 return;
             }
         };
-        let targets = match self.room.dm_participants() {
-            Some((a, b)) => vec![subjects::user_inbox(&self.tenant, &a), subjects::user_inbox(&self.tenant, &b)],
-            None => vec![subjects::room_live(&self.tenant, &self.room)],
+        let targets = match (message, self.room.dm_participants()) {
+            (LiveMessage::OwnRead { user, .. }, _) => vec![subjects::user_inbox(&self.tenant, user)],
+            (_, Some((a, b))) => vec![subjects::user_inbox(&self.tenant, &a), subjects::user_inbox(&self.tenant, &b)],
+            (_, None) => vec![subjects::room_live(&self.tenant, &self.room)],
         };
         for subject in targets {
             if let Err(error) = self.ctx.nats.publish(subject, payload.clone()).await {
@@ -509,12 +558,14 @@ impl RoomActor {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let tail = self.tail().await?;
+            let (seq, ts_us) = (tail.seq + 1, now_us().max(tail.ts_us + 1));
             let event = RoomEvent {
                 v: INTERNAL_VERSION,
                 tenant: self.tenant.clone(),
                 room: self.room.clone(),
-                seq: tail.seq + 1,
-                ts_us: now_us().max(tail.ts_us + 1),
+                seq,
+                ts_us,
+                tally: tail.tally.followed_by(seq, ts_us / 1000, &body).stored_for(&body),
                 body: body.clone(),
             };
             let payload = codec::encode(&event).map_err(|e| unavailable("encode event", e))?;

@@ -7,13 +7,12 @@
 //! It does not read, write or wait: the actor (`room.rs`) loads the facts it is asked for, performs the effects in
 //! order, and assigns each appended event its seq at the append (the fence decides the seq, not this module).
 
-use std::collections::BTreeMap;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use switchyard_protocol::client::{Member, OkResult, Role};
 use switchyard_protocol::internal::{
-    EventBody, LiveMessage, Moderation, RoomCommand, RoomEvent, RoomModeration, RoomQuotas, RoomRecord, Roster,
-    UserRoom, INTERNAL_VERSION,
+    EventBody, LiveMessage, Moderation, RoomCommand, RoomEvent, RoomModeration, RoomQuotas, RoomRecord, RoomTally,
+    Roster, UserRoom, INTERNAL_VERSION,
 };
 use switchyard_protocol::{limits, subjects, ClientMessageId, ErrorCode, MessageId, ProjectId, RoomId, UserId};
 
@@ -23,12 +22,15 @@ pub(crate) const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 const MESSAGE_FACTS_KEPT: usize = 4096;
 /// Senders whose last message is remembered for slow mode before the ones past the interval are dropped.
 const SLOW_MODE_SENDERS_KEPT: usize = 256;
+/// Seqs of the latest messages kept per room, to tell the message count at a recent read marker without reading
+/// the stream.
+const RECENT_MESSAGES_KEPT: usize = 512;
 /// The moderation of a room that has none (and of every direct-message room).
 static UNMODERATED: RoomModeration =
     RoomModeration { bans: BTreeMap::new(), mutes: BTreeMap::new(), slow_mode_secs: 0, frozen: false };
 
 /// The room's last event in the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Tail {
     /// The room's last seq (0 when the room has no events).
     pub seq: u64,
@@ -36,6 +38,8 @@ pub(crate) struct Tail {
     pub stream_seq: u64,
     /// That event's timestamp; the next one is strictly later.
     pub ts_us: u64,
+    /// The room as of that event (message count, latest message); the next event's follows from it.
+    pub tally: RoomTally,
 }
 
 /// What is known about one message of the room.
@@ -63,6 +67,10 @@ pub(crate) struct RoomState {
     /// only: the actor stays up while one of them binds (see [`RoomState::slow_mode_binds`]), but after the room
     /// moves to another router shard a member may send once more before the interval is over.
     pub last_sent: HashMap<UserId, SentMark>,
+    /// Seqs of the room's latest messages, oldest first (at most [`RECENT_MESSAGES_KEPT`]).
+    pub recent_msgs: VecDeque<u64>,
+    /// Every message with a greater seq than this is in `recent_msgs` (`None` until the tail is loaded).
+    pub recent_msgs_since: Option<u64>,
 }
 
 /// A member's last message under slow mode.
@@ -82,6 +90,28 @@ impl RoomState {
         self.record = None;
         self.roster = None;
         self.messages.clear();
+        self.recent_msgs.clear();
+        self.recent_msgs_since = None;
+    }
+
+    /// The tail was read from the stream (or the history store's head): messages from here on are counted.
+    pub fn loaded_tail(&mut self, tail: Tail) {
+        self.recent_msgs.clear();
+        self.recent_msgs_since = Some(tail.seq);
+        self.tail = Some(tail);
+    }
+
+    /// The room's message count as of `seq` (at most the tail), when the recent messages tell it.
+    pub fn msgs_at(&self, seq: u64) -> Option<u64> {
+        let tail = self.tail.as_ref()?;
+        if seq >= tail.seq {
+            return Some(tail.tally.msgs);
+        }
+        if seq < self.recent_msgs_since? {
+            return None;
+        }
+        let after = self.recent_msgs.iter().rev().take_while(|&&msg| msg > seq).count() as u64;
+        Some(tail.tally.msgs.saturating_sub(after))
     }
 
     pub fn remember(&mut self, seq: u64, facts: MessageFacts) {
@@ -94,10 +124,16 @@ impl RoomState {
     /// `event` was appended at stream sequence `stream_seq`: it is the new tail, and what it says of a message is
     /// remembered.
     pub fn appended(&mut self, event: &RoomEvent, stream_seq: u64) {
-        self.tail = Some(Tail { seq: event.seq, stream_seq, ts_us: event.ts_us });
+        self.tail = Some(Tail { seq: event.seq, stream_seq, ts_us: event.ts_us, tally: event.tally_through() });
         match &event.body {
             EventBody::Msg { from, .. } => {
-                self.remember(event.seq, MessageFacts { author: from.clone(), deleted: false })
+                self.remember(event.seq, MessageFacts { author: from.clone(), deleted: false });
+                if self.recent_msgs_since.is_some() {
+                    self.recent_msgs.push_back(event.seq);
+                    if self.recent_msgs.len() > RECENT_MESSAGES_KEPT {
+                        self.recent_msgs_since = self.recent_msgs.pop_front().max(self.recent_msgs_since);
+                    }
+                }
             }
             EventBody::Delete { target, .. } => {
                 if let Some(facts) = self.messages.get_mut(target) {
@@ -156,6 +192,8 @@ pub(crate) struct CommandFacts {
     pub tenant_rooms: Option<u64>,
     /// Messages the history store does not hold.
     pub missing_messages: HashSet<u64>,
+    /// The room's message count as of a seq, read from the stream.
+    pub msgs_at: HashMap<u64, u64>,
 }
 
 /// A fact [`decide`] needs before it can decide.
@@ -178,6 +216,8 @@ pub(crate) enum Fact {
     UserRooms(UserId),
     /// How many rooms the tenant has (into `CommandFacts::tenant_rooms`).
     TenantRooms,
+    /// The room's message count as of a seq older than the recent messages kept (into `CommandFacts::msgs_at`).
+    MsgsAt(u64),
 }
 
 /// One command as the core decides it.
@@ -353,7 +393,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
                 // The conversation's first message: list it among both participants' rooms.
                 for participant in [a, b] {
                     if rules.membership(&participant)?.is_none() {
-                        effects.push(Effect::PutMembership(participant, UserRoom { role: Role::Member, read: 0 }));
+                        effects.push(Effect::PutMembership(participant, UserRoom::joined(Role::Member, 0)));
                     }
                 }
             }
@@ -413,15 +453,22 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         }
         (RoomCommand::Read { seq, .. }, Some(user)) => {
             let role = rules.require_member(user)?;
-            let tail = rules.tail_seq()?;
-            if *seq > tail {
-                return Err(refuse(ErrorCode::BadRequest, format!("seq {seq} is past the room's last seq {tail}")));
+            let tail = rules.tail()?;
+            if *seq > tail.seq {
+                let last = tail.seq;
+                return Err(refuse(ErrorCode::BadRequest, format!("seq {seq} is past the room's last seq {last}")));
             }
-            let mut entry = rules.membership(user)?.unwrap_or(UserRoom { role, read: 0 });
+            let mut entry = rules.membership(user)?.unwrap_or(UserRoom { role, read: 0, read_msgs: None });
             if *seq > entry.read {
+                // Never below the count at the join: messages before it were never unread.
+                let at = rules.msgs_at(*seq)?.max(entry.read_msgs.unwrap_or(0));
                 entry.read = *seq;
+                entry.read_msgs = Some(at);
+                let unread = entry.unread(tail.seq, tail.tally.msgs);
                 effects.push(Effect::PutMembership(user.clone(), entry));
                 effects.push(Effect::Publish(LiveMessage::Read { room: room.clone(), user: user.clone(), seq: *seq }));
+                let own = LiveMessage::OwnRead { room: room.clone(), user: user.clone(), seq: *seq, unread };
+                effects.push(Effect::Publish(own));
             }
             Reply::Seq(entry.read)
         }
@@ -552,8 +599,18 @@ impl Rules<'_> {
         self.state.roster.as_ref().map(|(roster, _)| roster).ok_or(Stop::Load(Fact::Roster))
     }
 
+    fn tail(&self) -> Rule<&Tail> {
+        self.state.tail.as_ref().ok_or(Stop::Load(Fact::Tail))
+    }
+
     fn tail_seq(&self) -> Rule<u64> {
-        self.state.tail.map(|tail| tail.seq).ok_or(Stop::Load(Fact::Tail))
+        Ok(self.tail()?.seq)
+    }
+
+    /// The room's message count as of `seq` (at most the tail's).
+    fn msgs_at(&self, seq: u64) -> Rule<u64> {
+        self.tail()?;
+        self.state.msgs_at(seq).or_else(|| self.facts.msgs_at.get(&seq).copied()).ok_or(Stop::Load(Fact::MsgsAt(seq)))
     }
 
     fn membership(&self, user: &UserId) -> Rule<Option<UserRoom>> {
@@ -891,11 +948,16 @@ impl Rules<'_> {
             self.require_not_banned(user)?;
             self.admit(user)?;
         }
-        let read = self.membership(user)?.map_or(0, |entry| entry.read);
+        let entry = match self.membership(user)? {
+            Some(entry) => UserRoom { role, ..entry },
+            // Unread counts from the join; a room being created has no message yet.
+            None if self.record()?.is_none() => UserRoom::joined(role, 0),
+            None => UserRoom::joined(role, self.tail()?.tally.msgs),
+        };
         let mut roster = roster.clone();
         roster.members.insert(user.clone(), role);
         effects.push(Effect::SaveRoster(roster));
-        effects.push(Effect::PutMembership(user.clone(), UserRoom { role, read }));
+        effects.push(Effect::PutMembership(user.clone(), entry));
         if new_member {
             effects.push(Effect::Append { body: EventBody::Joined { user: user.clone() }, dedupe_id: None });
         }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use switchyard_protocol::client::{ClientOp, Format, Message, ServerEvent};
+use switchyard_protocol::client::{ClientOp, Format, Message, RoomSummary, ServerEvent};
 use switchyard_protocol::{MessageId, RoomId, UserId};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -400,11 +400,29 @@ impl Client {
         self.history_page(op).await
     }
 
+    /// `rooms`: this user's rooms, each with its last seq, read marker, unread count and latest message.
+    pub async fn rooms(&self) -> Result<Vec<RoomSummary>, ClientError> {
+        let fields = self.request(ClientOp::Rooms).await?.into_result()?;
+        let listed: RoomList = from_fields(fields)?;
+        Ok(listed.rooms)
+    }
+
+    /// `read`: move this user's read marker in `room` forward; the marker.
+    pub async fn read(&self, room: &str, seq: u64) -> Result<u64, ClientError> {
+        let fields = self.request(ClientOp::Read { room: RoomId::parse(room)?, seq }).await?.into_result()?;
+        field_u64(&fields, "seq")
+    }
+
     async fn history_page(&self, op: ClientOp) -> Result<(Vec<Message>, bool), ClientError> {
         let fields = self.request(op).await?.into_result()?;
         let page: HistoryPage = from_fields(fields)?;
         Ok((page.messages, page.more))
     }
+}
+
+#[derive(Deserialize)]
+struct RoomList {
+    rooms: Vec<RoomSummary>,
 }
 
 fn field_u64(fields: &Map<String, Value>, name: &str) -> Result<u64, ClientError> {

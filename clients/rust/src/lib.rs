@@ -37,5 +37,7 @@ pub use frame::{Bye, Hello, Incoming, Reply, UnmatchedReply};
 pub use reconnect::{
     backoff_delay, new_cmid, AuthSource, ReconnectOptions, ReconnectingClient, SessionEvent, SESSION_EVENT_QUEUE,
 };
-pub use switchyard_protocol::client::{ClientOp, Format, Message, ModerationAction, ServerEvent};
+pub use switchyard_protocol::client::{
+    ClientOp, Format, Message, MessagePreview, ModerationAction, RoomSummary, ServerEvent,
+};
 pub use switchyard_protocol::ErrorCode;

@@ -19,7 +19,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_protocol::client::{ClientOp, Message, ServerEvent};
+use switchyard_protocol::client::{ClientOp, Message, RoomSummary, ServerEvent};
 use switchyard_protocol::{ErrorCode, RoomId, UserId};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
@@ -381,6 +381,11 @@ impl ReconnectingClient {
             Box::pin(async move { client.history(room.as_str(), before, after, limit).await })
         })
         .await
+    }
+
+    /// `rooms`: this user's rooms, each with its last seq, read marker, unread count and latest message.
+    pub async fn rooms(&self) -> Result<Vec<RoomSummary>, ClientError> {
+        self.on_connection(true, move |client| Box::pin(async move { client.rooms().await })).await
     }
 
     /// `read`: move this user's read marker forward; the marker.

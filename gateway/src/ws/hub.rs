@@ -33,6 +33,9 @@ pub struct LiveEvent {
     pub left_user: Option<UserId>,
     /// Who a `joined` event makes a member: the join point of their own join, which their sessions skip.
     pub joined_user: Option<UserId>,
+    /// The reader's own `read` (from their inbox): for the user's sessions that do not receive the room, which
+    /// get the room's `read` instead.
+    pub own_read: bool,
     /// The event's op name, for the frame counters.
     pub op: &'static str,
     /// Read from the events stream for one session's `join {since}`, not received live.
@@ -45,6 +48,7 @@ pub struct LiveEvent {
 impl LiveEvent {
     pub fn new(message: &LiveMessage) -> Self {
         let mut joined_user = None;
+        let mut own_read = false;
         let (room, seq, typing_user, left_user, event) = match message {
             LiveMessage::Event(event) => {
                 let left_user = match &event.body {
@@ -74,8 +78,14 @@ impl LiveEvent {
                 None,
                 None,
                 None,
-                ServerEvent::Read { room: room.clone(), user: user.clone(), seq: *seq },
+                ServerEvent::Read { room: room.clone(), user: user.clone(), seq: *seq, unread: None },
             ),
+            LiveMessage::OwnRead { room, user, seq, unread } => {
+                own_read = true;
+                let event =
+                    ServerEvent::Read { room: room.clone(), user: user.clone(), seq: *seq, unread: Some(*unread) };
+                (Some(room.clone()), None, None, None, event)
+            }
             LiveMessage::Presence { user, online, ts } => {
                 (None, None, None, None, ServerEvent::Presence { user: user.clone(), online: *online, ts: *ts })
             }
@@ -87,6 +97,7 @@ impl LiveEvent {
             typing_user,
             left_user,
             joined_user,
+            own_read,
             op,
             replayed: false,
             event,

@@ -1165,7 +1165,8 @@ impl Session {
     }
 
     /// Write a live message if the session should see it: a room event when it is the room's next one (held while
-    /// the room's join is pending), a room signal when the session receives the room, presence always.
+    /// the room's join is pending), a room signal when the session receives the room, the user's own `read` when
+    /// it does not (it has the room's), presence always.
     async fn deliver(&mut self, event: Arc<LiveEvent>) -> Result<(), axum::Error> {
         let limit = self.gw.config.outbound_queue_frames;
         let Some(room) = event.room.clone() else {
@@ -1173,6 +1174,12 @@ impl Session {
         };
         let Some(seq) = event.seq else {
             let receiving = matches!(self.rooms.get(&room), Some(RoomDelivery::Live { .. }));
+            if event.own_read {
+                if receiving {
+                    return Ok(());
+                }
+                return self.send_event(&event).await;
+            }
             if receiving && event.typing_user.as_ref() != Some(&self.identity.user) {
                 return self.send_event(&event).await;
             }

@@ -91,6 +91,7 @@ fn room_events(tenant: &ProjectId, room: &RoomId, events: u64, base_us: u64) -> 
         room: room.clone(),
         seq,
         ts_us: base_us + seq,
+        tally: Default::default(),
         body,
     };
     let mut out = Vec::with_capacity(events as usize + 1);

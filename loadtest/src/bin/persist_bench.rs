@@ -172,6 +172,7 @@ async fn bench(params: &Params, js: &async_nats::jetstream::Context, kind: &str,
                 room: room.clone(),
                 seq,
                 ts_us,
+                tally: Default::default(),
                 body: EventBody::Msg {
                     id: MessageId::generate(ts_us / 1000),
                     from: from.clone(),

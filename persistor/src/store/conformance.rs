@@ -76,6 +76,7 @@ impl Room {
             room: self.room.clone(),
             seq,
             ts_us: ts_us_of(seq),
+            tally: Default::default(),
             body,
         }
     }

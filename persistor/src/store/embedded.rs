@@ -564,7 +564,15 @@ mod tests {
     use switchyard_protocol::internal::INTERNAL_VERSION;
 
     fn event(tenant: &ProjectId, room: &RoomId, seq: u64, body: EventBody) -> RoomEvent {
-        RoomEvent { v: INTERNAL_VERSION, tenant: tenant.clone(), room: room.clone(), seq, ts_us: 1_000_000 + seq, body }
+        RoomEvent {
+            v: INTERNAL_VERSION,
+            tenant: tenant.clone(),
+            room: room.clone(),
+            seq,
+            ts_us: 1_000_000 + seq,
+            tally: Default::default(),
+            body,
+        }
     }
 
     /// A file written before threads existed (no thread tables, no marker) has its replies indexed once when it is

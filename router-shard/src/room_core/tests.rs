@@ -53,6 +53,8 @@ struct World {
     by_backend: bool,
     /// The next roster write fails (as a compare-and-set that lost, or an outage): the command stops there.
     fail_roster_save: bool,
+    /// The facts the rules asked for, in order.
+    loaded: Vec<Fact>,
 }
 
 impl World {
@@ -76,6 +78,7 @@ impl World {
             now_us: 1_700_000_000_000_000,
             by_backend: false,
             fail_roster_save: false,
+            loaded: Vec::new(),
         }
     }
 
@@ -87,7 +90,7 @@ impl World {
         for (name, admin) in members {
             let role = if *admin { Role::Admin } else { Role::Member };
             world.roster.members.insert(user(name), role);
-            world.memberships.insert(user(name), UserRoom { role, read: 0 });
+            world.memberships.insert(user(name), UserRoom::joined(role, 0));
             world.events.push(world.event(EventBody::Joined { user: user(name) }));
         }
         world.roster_revision = Some(1);
@@ -96,7 +99,29 @@ impl World {
 
     fn event(&self, body: EventBody) -> RoomEvent {
         let seq = self.events.len() as u64 + 1;
-        RoomEvent { v: INTERNAL_VERSION, tenant: self.tenant.clone(), room: self.room.clone(), seq, ts_us: seq, body }
+        let tally = self.tail().tally.followed_by(seq, 0, &body).stored_for(&body);
+        RoomEvent {
+            v: INTERNAL_VERSION,
+            tenant: self.tenant.clone(),
+            room: self.room.clone(),
+            seq,
+            ts_us: seq,
+            tally,
+            body,
+        }
+    }
+
+    /// The room's last event as the stream holds it.
+    fn tail(&self) -> Tail {
+        let seq = self.events.len() as u64;
+        let tally = self.events.last().map(RoomEvent::tally_through).unwrap_or_default();
+        Tail { seq, stream_seq: seq, ts_us: seq, tally }
+    }
+
+    /// Messages up to `seq`, counted from the events.
+    fn msgs_through(&self, seq: u64) -> u64 {
+        self.events.iter().filter(|event| event.seq <= seq && matches!(event.body, EventBody::Msg { .. })).count()
+            as u64
     }
 
     /// A message by `author` as the room's next event (written directly, as a setup step).
@@ -198,15 +223,16 @@ impl World {
     }
 
     fn load(&mut self, fact: Fact, facts: &mut CommandFacts) {
+        self.loaded.push(fact.clone());
         match fact {
             Fact::Record => self.state.record = Some(self.record.clone()),
             Fact::Roster | Fact::FreshRoster => {
                 self.state.roster = Some((self.roster.clone(), self.roster_revision));
                 facts.roster_fresh = true;
             }
-            Fact::Tail => {
-                let seq = self.events.len() as u64;
-                self.state.tail = Some(Tail { seq, stream_seq: seq, ts_us: seq });
+            Fact::Tail => self.state.loaded_tail(self.tail()),
+            Fact::MsgsAt(seq) => {
+                facts.msgs_at.insert(seq, self.msgs_through(seq));
             }
             Fact::Message(target) => {
                 let author = self.events.iter().find_map(|event| match &event.body {
@@ -252,8 +278,7 @@ impl World {
         }
         if self.state.tail.is_none() {
             // The actor reads the tail before an append it was not asked for.
-            let seq = self.events.len() as u64;
-            self.state.tail = Some(Tail { seq, stream_seq: seq, ts_us: seq });
+            self.state.loaded_tail(self.tail());
         }
         let check = |ok: bool, what: String, violations: &mut Vec<String>| {
             if !ok {
@@ -325,7 +350,7 @@ impl World {
             check(!self.gone.contains(author), format!("an event for {author} after their left"), &mut self.violations);
         }
         let event = self.event(body);
-        if event.seq != self.state.tail.map_or(0, |tail| tail.seq) + 1 {
+        if event.seq != self.state.tail.as_ref().map_or(0, |tail| tail.seq) + 1 {
             self.violations.push(format!("seq {} does not follow the tail the rules saw", event.seq));
         }
         if let Some(id) = dedupe_id {
@@ -555,15 +580,101 @@ fn reads_move_forward_only_and_typing_is_throttled() {
     assert_eq!(world.run(Some("bob"), read(3), &quotas), Ok(OkResult::RoomSeq { room: room.clone(), seq: 3 }));
     assert_eq!(world.run(Some("bob"), read(1), &quotas), Ok(OkResult::RoomSeq { room: room.clone(), seq: 3 }));
     assert_eq!(code(&world.run(Some("bob"), read(5), &quotas)), Some(BadRequest), "past the tail");
-    assert_eq!(world.published.len(), 1, "one read marker moved");
+    assert_eq!(world.published.len(), 2, "one read marker moved: the room's read and the reader's own");
     let typing = RoomCommand::Typing { room: room.clone() };
     world.run(Some("bob"), typing.clone(), &quotas).expect("typing");
     world.run(Some("bob"), typing.clone(), &quotas).expect("typing again, 700 ms later");
     world.run(Some("eve"), typing.clone(), &quotas).expect("typing by an outsider is ignored");
-    assert_eq!(world.published.len(), 2, "the second signal within 2 s and the outsider's are not relayed");
+    assert_eq!(world.published.len(), 3, "the second signal within 2 s and the outsider's are not relayed");
     world.now += TYPING_INTERVAL;
     world.run(Some("bob"), typing, &quotas).expect("typing later");
-    assert_eq!(world.published.len(), 3);
+    assert_eq!(world.published.len(), 4);
+}
+
+/// The unread count the reader's own sessions were last told.
+fn last_own_unread(world: &World) -> Option<(u64, u64)> {
+    world.published.iter().rev().find_map(|message| match message {
+        LiveMessage::OwnRead { seq, unread, .. } => Some((*seq, *unread)),
+        _ => None,
+    })
+}
+
+#[test]
+fn unread_counts_messages_after_the_marker_or_the_join_without_reading_history() {
+    let quotas = RoomQuotas::default();
+    let mut world = World::with_room("plaza", false, &[("alice", true), ("bob", false)]);
+    let room = world.room.clone();
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push(world.run(Some("alice"), send(&world), &quotas).map(|ok| ok_seq(&ok)).expect("send"));
+    }
+    let react = RoomCommand::React { room: room.clone(), target: sent[0], emoji: "+1".into(), remove: false };
+    world.run(Some("bob"), react, &quotas).expect("react");
+    world.run(Some("carol"), RoomCommand::Join { room: room.clone(), grants: vec![] }, &quotas).expect("join");
+    for _ in 0..2 {
+        sent.push(world.run(Some("alice"), send(&world), &quotas).map(|ok| ok_seq(&ok)).expect("send"));
+    }
+    let tail = world.tail();
+    assert_eq!(tail.tally.msgs, 5, "a reaction and a join are no messages");
+    assert_eq!(tail.tally.last_message.as_ref().map(|last| last.seq), Some(sent[4]));
+    let unread = |world: &World, who: &str| world.memberships[&user(who)].unread(tail.seq, tail.tally.msgs);
+    assert_eq!(unread(&world, "carol"), 2, "only what came after the join");
+    assert_eq!(unread(&world, "bob"), 5);
+
+    world.run(Some("bob"), RoomCommand::Read { room: room.clone(), seq: sent[1] }, &quotas).expect("read");
+    assert_eq!(last_own_unread(&world), Some((sent[1], 3)), "bob's own sessions are told what is left");
+    assert_eq!(unread(&world, "bob"), 3);
+    // An actor that has just loaded its room asks the stream for the count at an older marker.
+    world.state.forget();
+    let read = RoomCommand::Read { room: room.clone(), seq: sent[2] + 1 };
+    world.loaded.clear();
+    world.run(Some("bob"), read, &quotas).expect("read after a reload");
+    assert!(world.loaded.contains(&Fact::MsgsAt(sent[2] + 1)), "{:?}", world.loaded);
+    assert_eq!(last_own_unread(&world), Some((sent[2] + 1, 2)));
+
+    // A deleted latest message shows as deleted, with no body; an edit of it shows the new body.
+    let edit = RoomCommand::Edit { room: room.clone(), target: sent[4], body: "better".into() };
+    world.run(Some("alice"), edit, &quotas).expect("edit");
+    let last = world.tail().tally.last_message.expect("a latest message");
+    assert_eq!((last.body.as_str(), last.edited, last.deleted), ("better", true, false));
+    world.run(Some("alice"), RoomCommand::Delete { room: room.clone(), target: sent[4] }, &quotas).expect("delete");
+    let last = world.tail().tally.last_message.expect("a latest message");
+    assert_eq!((last.seq, last.body.as_str(), last.deleted), (sent[4], "", true));
+}
+
+#[test]
+fn the_recent_messages_kept_are_bounded_and_older_counts_are_asked_for() {
+    let mut state = RoomState::default();
+    state.loaded_tail(Tail { seq: 10, stream_seq: 10, ts_us: 10, tally: RoomTally { msgs: 4, last_message: None } });
+    let tenant = ProjectId::parse("pj_0123456789abcdefghij").expect("a valid project id");
+    let room = room_id("plaza");
+    let mut tally = state.tail.as_ref().map(|tail| tail.tally.clone()).unwrap_or_default();
+    for seq in 11..=(11 + RECENT_MESSAGES_KEPT as u64 + 9) {
+        let body = EventBody::Msg {
+            id: MessageId::generate(1),
+            from: user("a"),
+            body: "x".into(),
+            attrs: None,
+            reply_to: None,
+        };
+        tally = tally.followed_by(seq, 0, &body);
+        let event = RoomEvent {
+            v: INTERNAL_VERSION,
+            tenant: tenant.clone(),
+            room: room.clone(),
+            seq,
+            ts_us: seq,
+            tally: tally.clone().stored_for(&body),
+            body,
+        };
+        state.appended(&event, seq);
+    }
+    assert_eq!(state.recent_msgs.len(), RECENT_MESSAGES_KEPT);
+    let last = 11 + RECENT_MESSAGES_KEPT as u64 + 9;
+    assert_eq!(state.msgs_at(last), Some(tally.msgs));
+    assert_eq!(state.msgs_at(last - 1), Some(tally.msgs - 1));
+    assert_eq!(state.msgs_at(10), None, "messages after seq 10 left the kept ones");
+    assert_eq!(state.msgs_at(20), Some(4 + 10), "seq 20 is the last message no longer kept");
 }
 
 #[test]
@@ -619,6 +730,13 @@ fn quotas_refuse_the_member_past_them_and_ceilings_hold_without_quotas() {
 
 fn moderate(world: &World, action: Moderation) -> RoomCommand {
     RoomCommand::Moderate { room: world.room.clone(), action, secs: None }
+}
+
+fn ok_seq(ok: &OkResult) -> u64 {
+    match ok {
+        OkResult::Sent { seq, .. } | OkResult::RoomSeq { seq, .. } => *seq,
+        other => panic!("no seq in {other:?}"),
+    }
 }
 
 fn send(world: &World) -> RoomCommand {
@@ -899,6 +1017,8 @@ enum Op {
     Read {
         by: usize,
         seq: u64,
+        /// The room's actor forgets what it cached first, as one that has just started.
+        cold: bool,
     },
     CanRead {
         by: usize,
@@ -935,7 +1055,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::Delete { by, target }),
         1 => (who.clone(), target.clone()).prop_map(|(by, target)| Op::React { by, target }),
         2 => (who.clone(), target.clone(), any::<bool>()).prop_map(|(by, target, pinned)| Op::Pin { by, target, pinned }),
-        1 => (who.clone(), target).prop_map(|(by, seq)| Op::Read { by, seq }),
+        1 => (who.clone(), target, any::<bool>()).prop_map(|(by, seq, cold)| Op::Read { by, seq, cold }),
         1 => who.clone().prop_map(|by| Op::CanRead { by }),
         1 => (proptest::option::of(who.clone()), who.clone(), any::<bool>())
             .prop_map(|(by, member, on)| Op::Ban { by, member, on }),
@@ -1109,7 +1229,7 @@ impl Model {
                     self.pinned.remove(&target);
                 }
             }
-            Op::Read { by, seq } => {
+            Op::Read { by, seq, .. } => {
                 if !self.member(by) {
                     return Err(Forbidden);
                 }
@@ -1185,7 +1305,7 @@ fn command(room: &RoomId, op: &Op) -> (Option<&'static str>, RoomCommand) {
             (Some(name(by)), RoomCommand::React { room, target, emoji: "+1".into(), remove: false })
         }
         Op::Pin { by, target, pinned } => (Some(name(by)), RoomCommand::Pin { room, target, pinned }),
-        Op::Read { by, seq } => (Some(name(by)), RoomCommand::Read { room, seq }),
+        Op::Read { by, seq, .. } => (Some(name(by)), RoomCommand::Read { room, seq }),
         Op::CanRead { by } => (Some(name(by)), RoomCommand::CanRead { room, grants: vec![] }),
         Op::Ban { by, member, on } => {
             let member = user(name(member));
@@ -1219,8 +1339,21 @@ proptest! {
         let mut model = Model::default();
         for (step, op) in ops.iter().enumerate() {
             let (who, command) = command(&world.room, op);
+            let before = who.and_then(|name| world.memberships.get(&user(name)).copied());
+            if let Op::Read { cold: true, .. } = op {
+                // The actor has just loaded the room: the count at the marker comes from the stream.
+                world.state.forget();
+            }
             let got = world.run(who, command, &quotas);
             let want = model.apply(op);
+            if let (Op::Read { seq, .. }, Some(name), Ok(_)) = (op, who, &got) {
+                let after = world.memberships.get(&user(name)).copied();
+                let moved = before.map_or(0, |entry| entry.read) < *seq;
+                let want_msgs = before.and_then(|entry| entry.read_msgs).unwrap_or(0).max(world.msgs_through(*seq));
+                if moved {
+                    prop_assert_eq!(after.and_then(|entry| entry.read_msgs), Some(want_msgs), "step {}: the count at the marker", step);
+                }
+            }
             prop_assert_eq!(code(&got), want.err(), "step {} {:?}: {:?}", step, op, got);
             prop_assert!(world.violations.is_empty(), "step {} {:?}: {:?}", step, op, world.violations);
             let seqs: Vec<u64> = world.events.iter().map(|event| event.seq).collect();
