@@ -109,8 +109,20 @@ export interface ModerationEvent {
   ts: number;
 }
 export interface TypingEvent { op: 'typing'; room: string; user: string }
-export interface ReadEvent { op: 'read'; room: string; user: string; seq: number }
+/** `unread` only on the reader's own sessions that do not receive the room: what is left unread after it. */
+export interface ReadEvent { op: 'read'; room: string; user: string; seq: number; unread?: number }
 export interface PresenceEvent { op: 'presence'; user: string; online: boolean; ts: number }
+/** The start of a room's latest message (up to 200 bytes of its body; empty once deleted). */
+export interface MessagePreview { seq: number; id: string; from: string; body: string; ts: number; edited?: boolean; deleted?: boolean }
+export interface RoomSummary {
+  room: string;
+  role: 'member' | 'admin';
+  seq: number;
+  read: number;
+  /** Messages after the read marker, or after the join when that is later; the user's own included until read. */
+  unread: number;
+  last_message?: MessagePreview;
+}
 export type ServerEvent =
   | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | PinEvent | JoinedEvent | LeftEvent | ModerationEvent
   | TypingEvent | ReadEvent | PresenceEvent;
@@ -212,7 +224,8 @@ export declare class SwitchyardClient {
   /** With `thread`, a page of the replies to that message only. */
   history(room: string, options?: { before?: number; after?: number; limit?: number; thread?: number }): Promise<{ room: string; messages: Message[]; more: boolean }>;
   members(room: string): Promise<{ members: { user: string; role: 'member' | 'admin'; online: boolean }[] }>;
-  rooms(): Promise<{ rooms: { room: string; role: 'member' | 'admin'; seq: number; read: number }[] }>;
+  /** Each room with its last seq, the read marker, the messages unread after it and the latest message. */
+  rooms(): Promise<{ rooms: RoomSummary[] }>;
   presence(users: string[]): Promise<{ users: Record<string, { online: boolean; last_seen?: number }> }>;
   watch(users: string[]): Promise<Record<string, never>>;
   unwatch(users: string[]): Promise<Record<string, never>>;

@@ -105,8 +105,14 @@ async function start(user) {
     }
   });
   client.on('msg', onMsg);
-  client.on('edit', (e) => patchMessage(e.room, e.target, (m) => ((m.body = e.body), (m.edited_ts = e.ts))));
-  client.on('delete', (e) => patchMessage(e.room, e.target, (m) => ((m.deleted = true), delete m.body)));
+  client.on('edit', (e) => {
+    patchMessage(e.room, e.target, (m) => ((m.body = e.body), (m.edited_ts = e.ts)));
+    patchPreview(e.room, e.target, (last) => (last.body = e.body));
+  });
+  client.on('delete', (e) => {
+    patchMessage(e.room, e.target, (m) => ((m.deleted = true), delete m.body));
+    patchPreview(e.room, e.target, (last) => (last.deleted = true));
+  });
   client.on('reaction', onReaction);
   client.on('typing', onTyping);
   client.on('read', onRead);
@@ -164,34 +170,51 @@ function roomLabel(room) {
 
 async function loadRooms() {
   const { rooms } = await state.client.rooms();
-  for (const r of rooms) {
-    const rs = roomState(r.room);
-    rs.seq = r.seq;
-    rs.read = r.read ?? 0;
-  }
+  takeSummaries(rooms);
   if (rooms.length === 0) await joinRoom('general', false);
   // Subscribe to every room so unread counts and DMs stay live.
   await Promise.all(rooms.map((r) => state.client.join(r.room).catch((err) => console.warn(r.room, err))));
-  await Promise.all(rooms.map((r) => countUnread(r.room)));
   const peers = [...state.rooms.keys()].map(dmPeer).filter(Boolean);
   if (peers.length) await watchUsers(peers);
   renderRooms();
 }
 
-/** Unread = messages from others after the read marker, counted from one history page (shown as 50+ beyond). */
-async function countUnread(room) {
-  const rs = roomState(room);
-  if (rs.seq <= rs.read) {
-    rs.unread = 0;
-    return;
+/** The server's unread count and latest message of each room (`rooms`), the same on every device. */
+function takeSummaries(rooms) {
+  for (const r of rooms) {
+    const rs = roomState(r.room);
+    rs.seq = Math.max(rs.seq, r.seq);
+    rs.read = r.read ?? 0;
+    rs.unread = r.room === state.current && document.visibilityState === 'visible' ? 0 : r.unread ?? 0;
+    rs.last = r.last_message ?? rs.last ?? null;
   }
-  try {
-    const page = await state.client.history(room, { after: rs.read, limit: PAGE });
-    rs.unread = page.messages.filter((m) => m.from !== state.me && !m.deleted).length;
-    rs.unreadMore = page.more;
-  } catch {
-    rs.unread = 0;
-  }
+}
+
+/** Ask `rooms` again shortly (a read elsewhere moved a marker to somewhere before the end). */
+function refreshUnread() {
+  clearTimeout(state.unreadTimer);
+  state.unreadTimer = setTimeout(async () => {
+    try {
+      takeSummaries((await state.client.rooms()).rooms);
+      renderRooms();
+    } catch (err) {
+      console.warn('rooms', err);
+    }
+  }, 300);
+}
+
+/** An edit or deletion of a room's latest message changes its preview. */
+function patchPreview(room, target, change) {
+  const last = state.rooms.get(room)?.last;
+  if (!last || last.seq !== target) return;
+  change(last);
+  renderRooms();
+}
+
+/** One line for a room's latest message. */
+function previewText(last) {
+  if (!last) return '';
+  return last.deleted ? `${last.from}: message deleted` : `${last.from}: ${last.body}`;
 }
 
 function renderRooms() {
@@ -211,11 +234,18 @@ function renderRooms() {
     const name = document.createElement('span');
     name.className = 'room-name';
     name.textContent = roomLabel(room);
+    const preview = previewText(rs.last);
+    if (preview) {
+      const line = document.createElement('span');
+      line.className = 'room-preview';
+      line.textContent = preview;
+      name.append(line);
+    }
     button.append(name);
     if (rs.unread > 0) {
       const badge = document.createElement('span');
       badge.className = 'unread';
-      badge.textContent = rs.unreadMore ? `${rs.unread}+` : String(rs.unread);
+      badge.textContent = String(rs.unread);
       badge.setAttribute('aria-label', `${badge.textContent} unread`);
       button.append(badge);
     }
@@ -633,6 +663,7 @@ function onMsg(e) {
   const rs = roomState(e.room);
   bumpSeq(e.room, e.seq);
   if (rs.messages.has(e.seq)) return;
+  rs.last = { seq: e.seq, from: e.from, body: e.body };
   const m = { seq: e.seq, id: e.id, from: e.from, body: e.body, attrs: e.attrs, reply_to: e.reply_to, ts: e.ts, room: e.room };
   if (rs.loaded || e.room === state.current) rs.messages.set(e.seq, m);
   clearTyping(e.room, e.from);
@@ -717,7 +748,6 @@ function markRead() {
       const ok = await state.client.read(room, seq);
       rs.read = ok.seq;
       rs.unread = 0;
-      rs.unreadMore = false;
       renderRooms();
     } catch (err) {
       console.warn('read', err);
@@ -732,11 +762,12 @@ document.addEventListener('visibilitychange', () => {
 function onRead(e) {
   const rs = roomState(e.room);
   if (e.user === state.me) {
+    // Another of my sessions read: it says what is left unread, or (from the room) where the marker is now.
     if (e.seq > rs.read) rs.read = e.seq;
-    if (e.room !== state.current) {
-      rs.unread = 0;
-      renderRooms();
-    }
+    if (e.unread != null) rs.unread = e.unread;
+    else if (e.seq >= rs.seq) rs.unread = 0;
+    else refreshUnread();
+    renderRooms();
     return;
   }
   rs.readers.set(e.user, e.seq);

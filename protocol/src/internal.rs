@@ -473,7 +473,13 @@ impl RoomEvent {
                 msgs: self.tally.msgs,
                 last_message: Some(MessagePreview::new(self.seq, id.clone(), from.clone(), body, self.ts_ms())),
             },
-            _ => self.tally.clone(),
+            EventBody::Edit { .. }
+            | EventBody::Delete { .. }
+            | EventBody::Reaction { .. }
+            | EventBody::Pin { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. } => self.tally.clone(),
         }
     }
 

@@ -145,6 +145,19 @@ test('two users chat, one goes offline and comes back to every message once, in 
     await dm.click();
     await message(alice, 'a private word').waitFor({ timeout: WAIT });
     await alice.locator('#rooms button.room', { hasText: `@${BOB}` }).locator('.unread').waitFor({ state: 'detached', timeout: WAIT });
+
+    // With another room open, two more DMs show as 2 unread with the latest as the preview; after a reload the
+    // server's count and preview say the same.
+    await alice.locator('#rooms button.room', { hasText: `#${ROOM}` }).click();
+    await say(bob, 'second word');
+    await say(bob, 'third word');
+    await dm.locator('.unread', { hasText: '2' }).waitFor({ timeout: WAIT });
+    await alice.reload();
+    await alice.locator('#conn[data-state="open"]').waitFor({ timeout: WAIT });
+    const again = alice.locator('#rooms button.room', { hasText: `@${BOB}` });
+    await again.locator('.room-preview', { hasText: `${BOB}: third word` }).waitFor({ timeout: WAIT });
+    await again.locator('.unread', { hasText: '2' }).waitFor({ timeout: WAIT });
+    await shot(alice, 'desktop-alice-unread-after-reload');
   } finally {
     await contextA.close();
     await contextB.close();

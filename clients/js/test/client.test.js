@@ -88,6 +88,20 @@ test('two clients chat: ops, events, typing, reactions, edit, delete, read, hist
   assert.equal(mine.role, 'member');
   assert.equal(mine.seq, deleted.seq);
   assert.equal(mine.read, reply.seq);
+  assert.equal(mine.unread, 0, 'nothing after the marker');
+  assert.equal(mine.last_message.seq, reply.seq);
+  assert.equal(mine.last_message.deleted, true, 'the latest message was deleted');
+  const more = await alice.send(room, 'one more');
+  await alice.send(room, 'and another');
+  const bobElsewhere = makeClient(bobId);
+  await bobElsewhere.connect();
+  const ownRead = new Promise((resolve) => bobElsewhere.on('read', (e) => e.unread != null && resolve(e)));
+  await bob.read(room, more.seq);
+  const told = await ownRead;
+  assert.deepEqual([told.room, told.user, told.seq, told.unread], [room, bobId, more.seq, 1]);
+  const listed = (await bobElsewhere.rooms()).rooms.find((r) => r.room === room);
+  assert.deepEqual([listed.unread, listed.last_message.body], [1, 'and another']);
+  bobElsewhere.close();
 
   const page = await bob.history(room, { limit: 10 });
   assert.equal(page.more, false);
