@@ -460,6 +460,7 @@ async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, sh
                         | ServerEvent::Joined { .. }
                         | ServerEvent::Left { .. }
                         | ServerEvent::Moderation { .. }
+                        | ServerEvent::RoomDeleted { .. }
                         | ServerEvent::Typing { .. }
                         | ServerEvent::Read { .. }
                         | ServerEvent::Presence { .. } => None,

@@ -108,6 +108,8 @@ export interface ModerationEvent {
   by?: string;
   ts: number;
 }
+/** The tenant's backend deleted the room: its history is gone and nobody receives it any more. */
+export interface RoomDeletedEvent { op: 'room_deleted'; room: string; seq: number; ts: number }
 export interface TypingEvent { op: 'typing'; room: string; user: string }
 /** `unread` only on the reader's own sessions that do not receive the room: what is left unread after it. */
 export interface ReadEvent { op: 'read'; room: string; user: string; seq: number; unread?: number }
@@ -125,7 +127,7 @@ export interface RoomSummary {
 }
 export type ServerEvent =
   | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | PinEvent | JoinedEvent | LeftEvent | ModerationEvent
-  | TypingEvent | ReadEvent | PresenceEvent;
+  | RoomDeletedEvent | TypingEvent | ReadEvent | PresenceEvent;
 
 export interface Message {
   seq: number;
@@ -153,6 +155,7 @@ export interface ClientEvents {
   joined: JoinedEvent;
   left: LeftEvent;
   moderation: ModerationEvent;
+  room_deleted: RoomDeletedEvent;
   typing: TypingEvent;
   read: ReadEvent;
   presence: PresenceEvent;

@@ -126,6 +126,7 @@ async function start(user) {
     if (e.room === state.current) loadMembers(e.room);
   });
   client.on('moderation', onModeration);
+  client.on('room_deleted', onRoomDeleted);
   client.on('gap', ({ room }) => reloadRoom(room));
   client.on('error', (err) => console.warn('switchyard:', err));
 
@@ -427,6 +428,18 @@ function onModeration(e) {
     return;
   }
   loadMembers(e.room);
+}
+
+/** The backend deleted a room: it leaves the list; an open one says so and takes no more messages. */
+function onRoomDeleted(e) {
+  state.rooms.delete(e.room);
+  renderRooms();
+  if (e.room !== state.current) return;
+  $('messages').replaceChildren();
+  $('members').replaceChildren();
+  $('compose').disabled = true;
+  $('send').disabled = true;
+  $('composer-error').textContent = `${roomLabel(e.room)} was deleted.`;
 }
 
 /** One page of history: the latest one first, older ones as the list scrolls to its top. */

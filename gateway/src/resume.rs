@@ -393,7 +393,8 @@ pub async fn replay_into(
                 | EventBody::Delete { .. }
                 | EventBody::Reaction { .. }
                 | EventBody::Pin { .. }
-                | EventBody::Moderation { .. } => member,
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {} => member,
             };
             if !visible {
                 continue;

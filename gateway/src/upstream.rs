@@ -131,7 +131,8 @@ fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
         | RoomCommand::Edit { .. }
         | RoomCommand::Delete { .. }
         | RoomCommand::Pin { .. }
-        | RoomCommand::Moderate { .. } => false,
+        | RoomCommand::Moderate { .. }
+        | RoomCommand::DeleteRoom { .. } => false,
     };
     safe.then_some(RETRY_SAFE_ATTEMPT)
 }

@@ -570,6 +570,12 @@ pub enum ServerEvent {
         by: Option<UserId>,
         ts: u64,
     },
+    /// The room was deleted by the tenant's backend: nobody receives it any more, and its history is gone.
+    RoomDeleted {
+        room: RoomId,
+        seq: u64,
+        ts: u64,
+    },
     Typing {
         room: RoomId,
         user: UserId,
@@ -621,7 +627,7 @@ impl ServerEvent {
     }
 
     /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`,
-    /// `moderation`); `None` for
+    /// `moderation`, `room_deleted`); `None` for
     /// signals (`typing`, `read`, `presence`), which carry no room seq of their own.
     pub fn room_seq(&self) -> Option<(&RoomId, u64)> {
         match self {
@@ -632,7 +638,8 @@ impl ServerEvent {
             | ServerEvent::Pin { room, seq, .. }
             | ServerEvent::Joined { room, seq, .. }
             | ServerEvent::Left { room, seq, .. }
-            | ServerEvent::Moderation { room, seq, .. } => Some((room, *seq)),
+            | ServerEvent::Moderation { room, seq, .. }
+            | ServerEvent::RoomDeleted { room, seq, .. } => Some((room, *seq)),
             ServerEvent::Typing { .. } | ServerEvent::Read { .. } | ServerEvent::Presence { .. } => None,
         }
     }

@@ -45,7 +45,7 @@ pub struct RoomQuotas {
     /// `forbidden`.
     #[serde(default)]
     pub backend_creates_rooms: bool,
-    /// Rooms the tenant may have (rooms are never deleted, so this bounds what it keeps).
+    /// Rooms the tenant may have (a deleted room frees its place).
     #[serde(default)]
     pub rooms_per_tenant: Option<u64>,
 }
@@ -99,6 +99,9 @@ pub enum RoomCommand {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         secs: Option<u64>,
     },
+    /// Delete a named room (the tenant's backend only): its members are told by a `room_deleted` event, their
+    /// memberships, the roster and the record go, and its history before that event is erased; the name is free.
+    DeleteRoom { room: RoomId },
 }
 
 /// A moderation action in a room: what `RoomCommand::Moderate` asks for and what its `EventBody::Moderation`
@@ -178,7 +181,8 @@ impl RoomCommand {
             | RoomCommand::Edit { room, .. }
             | RoomCommand::Delete { room, .. }
             | RoomCommand::Pin { room, .. }
-            | RoomCommand::Moderate { room, .. } => room,
+            | RoomCommand::Moderate { room, .. }
+            | RoomCommand::DeleteRoom { room } => room,
         }
     }
 
@@ -200,7 +204,8 @@ impl RoomCommand {
             | RoomCommand::Edit { .. }
             | RoomCommand::Delete { .. }
             | RoomCommand::Pin { .. }
-            | RoomCommand::Moderate { .. } => false,
+            | RoomCommand::Moderate { .. }
+            | RoomCommand::DeleteRoom { .. } => false,
         }
     }
 }
@@ -396,6 +401,7 @@ impl RoomTally {
                     last.deleted = true;
                 }
             }
+            EventBody::RoomDeleted {} => next.last_message = None,
             EventBody::Reaction { .. }
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }
@@ -458,6 +464,9 @@ pub enum EventBody {
         action: Moderation,
         by: Option<UserId>,
     },
+    /// The room was deleted: every event before this one is gone from history, nobody is a member any more, and a
+    /// room created later under the same name continues after this seq.
+    RoomDeleted {},
 }
 
 impl RoomEvent {
@@ -479,7 +488,8 @@ impl RoomEvent {
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }
             | EventBody::Left { .. }
-            | EventBody::Moderation { .. } => self.tally.clone(),
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {} => self.tally.clone(),
         }
     }
 
@@ -534,6 +544,7 @@ impl RoomEvent {
                     ts,
                 }
             }
+            EventBody::RoomDeleted {} => ServerEvent::RoomDeleted { room, seq, ts },
         }
     }
 }

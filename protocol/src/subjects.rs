@@ -77,6 +77,12 @@ pub fn left_dedupe_id(tenant: &ProjectId, room: &RoomId, user: &UserId, roster_r
     format!("left|{tenant}|{}|{user}|{roster_revision}", room.token())
 }
 
+/// The `Nats-Msg-Id` of the `room_deleted` event of the room created at `created_at_ms`: a deletion repeated after
+/// a half-done attempt finds the first event.
+pub fn room_deleted_dedupe_id(tenant: &ProjectId, room: &RoomId, created_at_ms: u64) -> String {
+    format!("deleted|{tenant}|{}|{created_at_ms}", room.token())
+}
+
 /// The `Nats-Msg-Id` of the event that records a moderation `action` (lasting `secs`, when given) asked on the
 /// roster at `roster_revision`: an action repeated after a half-done attempt (sequenced, then the roster write
 /// failed) finds the first event.

@@ -119,8 +119,10 @@ pub(crate) struct RoomActor {
     /// stale owner paused past its lease may not be, so every write is a compare-and-set on that revision), last
     /// event, recent messages' facts and the typing throttle.
     state: RoomState,
-    /// This actor created the room's record (rooms are never deleted, so the room never had an event): an empty
-    /// stream subject needs no question to the history store.
+    /// This actor created the room's record: an empty stream subject needs no question to the history store. The
+    /// room never had an event, or it is a room created again once the `room_deleted` of the one before left the
+    /// stream; its seqs then start again at 1 (the stores erase a deleted room by time, so nothing of the new one
+    /// is dropped).
     created_here: bool,
 }
 
@@ -251,6 +253,7 @@ impl RoomActor {
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
                     Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.publish_live(&message).await,
+                    Effect::DeleteRoom => self.delete_room().await?,
                 }
             }
             return match decision.reply {
@@ -525,6 +528,36 @@ impl RoomActor {
         }
         let own = u64::from(found.seq > seq && matches!(found.body, EventBody::Msg { .. }));
         Ok(found.tally_through().msgs.saturating_sub(own))
+    }
+
+    /// Remove what is left of a deleted room: its roster and record (purged from the rooms bucket, so the name is
+    /// free), and every event of its stream subject but the last, its `room_deleted`, so that no join replays
+    /// anything from before the deletion. The stores erase their part when they apply the `room_deleted`.
+    async fn delete_room(&mut self) -> Result<(), RoomError> {
+        // Purged from the bucket's stream, with no delete marker left to count as a room of the tenant.
+        for key in [subjects::roster_key(&self.tenant, &self.room), subjects::room_key(&self.tenant, &self.room)] {
+            let subject = subjects::rooms_bucket_subject(&key);
+            self.ctx
+                .rooms
+                .stream
+                .purge()
+                .filter(subject)
+                .await
+                .map_err(|e| unavailable("remove the room's records", e))?;
+        }
+        self.ctx
+            .events
+            .purge()
+            .filter(self.log_subject.clone())
+            .keep(1)
+            .await
+            .map_err(|e| unavailable("remove the room's events", e))?;
+        self.state.forget();
+        self.state.record = Some(None);
+        self.state.typing.clear();
+        self.state.last_sent.clear();
+        self.created_here = false;
+        Ok(())
     }
 
     /// Publish to whoever listens live: the room's subject, or both inboxes of a direct-message room; a user's own

@@ -145,7 +145,8 @@ impl RoomState {
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }
             | EventBody::Left { .. }
-            | EventBody::Moderation { .. } => {}
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {} => {}
         }
     }
 
@@ -261,6 +262,9 @@ pub(crate) enum Effect {
     MarkSent { user: UserId, mark: SentMark },
     /// Publish to whoever listens live.
     Publish(LiveMessage),
+    /// Remove the room's roster and record (its name is free again) and the room's events before its last one
+    /// (the `room_deleted`) from the stream; forget every cached fact.
+    DeleteRoom,
 }
 
 /// What the command answers once its effects are done.
@@ -440,6 +444,22 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         (RoomCommand::SetMember { .. }, Some(_)) => {
             return Err(refuse(ErrorCode::Forbidden, "roles are set by the tenant's backend"));
         }
+        (RoomCommand::DeleteRoom { .. }, None) => {
+            rules.require_named_room()?;
+            let created_at_ms = rules.require_record()?.created_at_ms;
+            // The event first: once it is in the stream every session stops receiving the room and the stores
+            // erase what came before it, whatever fails afterwards; a retry finds it by its id and finishes.
+            let dedupe_id = subjects::room_deleted_dedupe_id(command.tenant, room, created_at_ms);
+            effects.push(Effect::Append { body: EventBody::RoomDeleted {}, dedupe_id: Some(dedupe_id) });
+            for member in rules.roster()?.members.keys() {
+                effects.push(Effect::RemoveMembership(member.clone()));
+            }
+            effects.push(Effect::DeleteRoom);
+            Reply::TailSeq
+        }
+        (RoomCommand::DeleteRoom { .. }, Some(_)) => {
+            return Err(refuse(ErrorCode::Forbidden, "rooms are deleted by the tenant's backend"));
+        }
         (RoomCommand::Typing { .. }, Some(user)) => {
             let throttled = |last: &Instant| command.now.saturating_duration_since(*last) < TYPING_INTERVAL;
             if rules.role_of(user)?.is_some()
@@ -530,8 +550,9 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
 /// writes are done already, and it is appended with the next seq as it is.
 pub(crate) fn redecide_when_fenced(body: &EventBody) -> bool {
     match body {
-        // A moderation action rests on the actor's role and on the moderation it changes.
-        EventBody::Moderation { .. } => true,
+        // A moderation action rests on the actor's role and on the moderation it changes; a deletion on the
+        // room's record and members.
+        EventBody::Moderation { .. } | EventBody::RoomDeleted {} => true,
         EventBody::Msg { .. }
         | EventBody::Edit { .. }
         | EventBody::Delete { .. }
@@ -555,7 +576,8 @@ pub(crate) fn sent(event: &RoomEvent) -> Result<OkResult, Refusal> {
         | EventBody::Pin { .. }
         | EventBody::Joined { .. }
         | EventBody::Left { .. }
-        | EventBody::Moderation { .. } => {
+        | EventBody::Moderation { .. }
+        | EventBody::RoomDeleted {} => {
             let message = "cmid was already used for another kind of op".into();
             Err(Refusal { code: ErrorCode::Conflict, message, retry_after_ms: None })
         }
@@ -568,7 +590,10 @@ pub(crate) fn author(body: &EventBody) -> Option<&UserId> {
         EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
         EventBody::Reaction { user, .. } => Some(user),
         EventBody::Delete { by, .. } | EventBody::Pin { by, .. } => Some(by),
-        EventBody::Joined { .. } | EventBody::Left { .. } | EventBody::Moderation { .. } => None,
+        EventBody::Joined { .. }
+        | EventBody::Left { .. }
+        | EventBody::Moderation { .. }
+        | EventBody::RoomDeleted {} => None,
     }
 }
 

@@ -11,7 +11,7 @@
 export const SUBPROTOCOL = 'switchyard.v1.json';
 
 /** Events the server puts in a room's sequence (and that `join {since}` replays). */
-const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left', 'moderation']);
+const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left', 'moderation', 'room_deleted']);
 /** Server events delivered to `on(...)` listeners. */
 const EVENTS = new Set([...SEQUENCED, 'typing', 'read', 'presence']);
 /** Ops whose effect is the same when sent twice, so they are sent again when a connection drops unanswered. */
@@ -136,7 +136,7 @@ export class SwitchyardClient {
   // ---- listeners ----
 
   /**
-   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `moderation`, `typing`,
+   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `moderation`, `room_deleted`, `typing`,
    * `read`, `presence`), `event` (every server event), or a client event: `state`, `hello`, `resumed`, `gap`,
    * `error`, `close`. Returns a function that removes the listener.
    */
@@ -447,6 +447,8 @@ export class SwitchyardClient {
       }
       if (state.lastSeq != null && event.seq <= state.lastSeq) return; // already delivered
       state.lastSeq = event.seq;
+      // A deleted room is not resumed: a join would create a new room under its name.
+      if (event.op === 'room_deleted') this._rooms.delete(event.room);
     }
     this._emit(event.op, event);
     this._emit('event', event);

@@ -221,6 +221,26 @@ test('a thread is paged like history and its parent counts its replies', async (
   assert.equal('reply_count' in all.messages.find((m) => m.seq === replies[0]), false);
 });
 
+test('a room the backend deletes is announced, no longer resumed, and its name is free again', async () => {
+  const room = unique('attic');
+  const alice = makeClient(unique('alice'));
+  await alice.connect();
+  await alice.create(room);
+  await alice.join(room);
+  await alice.send(room, 'soon gone');
+  const deletedEvent = new Promise((resolve) => alice.on('room_deleted', resolve));
+  const { status, body } = await api('DELETE', `/v1/rooms/${room}`);
+  assert.equal(status, 200);
+  const event = await deletedEvent;
+  assert.deepEqual([event.room, event.seq], [room, body.seq]);
+  assert.equal(alice.lastSeq(room), undefined, 'the client stops tracking the room');
+  await assert.rejects(alice.history(room), { code: 'not_found' });
+  assert.equal((await api('POST', '/v1/rooms', { room })).status, 201, 'the name is free');
+  const { messages } = await alice.history(room);
+  assert.deepEqual(messages, [], 'the new room starts empty');
+  alice.close();
+});
+
 test('a DM is delivered without joining and is resumed like a room', async () => {
   const [aliceId, bobId] = [unique('alice'), unique('bob')];
   const alice = makeClient(aliceId);

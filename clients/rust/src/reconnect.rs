@@ -642,6 +642,10 @@ impl Actor {
                 return;
             }
             state.last = Some(seq);
+            if let ServerEvent::RoomDeleted { room, .. } = &event {
+                // A deleted room is not resumed: a join would create a new room under its name.
+                self.rooms.remove(room);
+            }
         }
         let _ = self.events.send(SessionEvent::Event(event)).await;
     }

@@ -59,6 +59,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/users/{user_id}/sessions", delete(credentials::revoke_user_sessions))
         .route("/v1/users/{user_id}/ban", put(moderation::ban_user).delete(moderation::unban_user))
         .route("/v1/rooms", post(create_room))
+        .route("/v1/rooms/{room}", delete(delete_room))
         .route("/v1/rooms/{room}/members", get(list_members))
         .route("/v1/rooms/{room}/members/{user_id}", put(set_member).delete(remove_member))
         .route("/v1/rooms/{room}/messages", post(post_message).get(get_messages))
@@ -304,6 +305,24 @@ async fn remove_member(
     let command = RoomCommand::Kick { room, user };
     upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/rooms/{room}`: the room's members are told by a `room_deleted` event, its history before it is
+/// erased, and its name is free again.
+async fn delete_room(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let command = RoomCommand::DeleteRoom { room: room.clone() };
+    let seq = match upstream::command(&gw, &tenant.project_id, None, command).await {
+        Ok(OkResult::RoomSeq { seq, .. }) => seq,
+        Ok(_) => return Err(ApiError::new(ErrorCode::Internal, "unexpected router reply")),
+        Err(error) => return Err(error.into()),
+    };
+    Ok(Json(json!({"room": room, "seq": seq})))
 }
 
 async fn list_members(

@@ -31,6 +31,8 @@ pub struct LiveEvent {
     pub typing_user: Option<UserId>,
     /// Who a `left` event takes out of the room; their sessions stop receiving the room after it.
     pub left_user: Option<UserId>,
+    /// A `room_deleted`: every session stops receiving the room after it.
+    pub ends_room: bool,
     /// Who a `joined` event makes a member: the join point of their own join, which their sessions skip.
     pub joined_user: Option<UserId>,
     /// The reader's own `read` (from their inbox): for the user's sessions that do not receive the room, which
@@ -49,6 +51,7 @@ impl LiveEvent {
     pub fn new(message: &LiveMessage) -> Self {
         let mut joined_user = None;
         let mut own_read = false;
+        let mut ends_room = false;
         let (room, seq, typing_user, left_user, event) = match message {
             LiveMessage::Event(event) => {
                 let left_user = match &event.body {
@@ -59,8 +62,10 @@ impl LiveEvent {
                     | EventBody::Reaction { .. }
                     | EventBody::Pin { .. }
                     | EventBody::Joined { .. }
-                    | EventBody::Moderation { .. } => None,
+                    | EventBody::Moderation { .. }
+                    | EventBody::RoomDeleted {} => None,
                 };
+                ends_room = matches!(event.body, EventBody::RoomDeleted {});
                 if let EventBody::Joined { user } = &event.body {
                     joined_user = Some(user.clone());
                 }
@@ -96,6 +101,7 @@ impl LiveEvent {
             seq,
             typing_user,
             left_user,
+            ends_room,
             joined_user,
             own_read,
             op,

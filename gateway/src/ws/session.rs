@@ -1151,7 +1151,8 @@ impl Session {
                 _ => 0,
             };
             let mine = |user: &UserId| user == &self.identity.user;
-            let left = event.seq > joined_at && matches!(&event.body, EventBody::Left { user, .. } if mine(user));
+            let left = event.seq > joined_at && matches!(&event.body, EventBody::Left { user, .. } if mine(user))
+                || matches!(event.body, EventBody::RoomDeleted {});
             if event.seq == joined_at && matches!(&event.body, EventBody::Joined { user } if mine(user)) {
                 continue;
             }
@@ -1225,7 +1226,7 @@ impl Session {
                     return Ok(());
                 }
                 self.send_event(&event).await?;
-                if seq > joined_at && event.left_user.as_ref() == Some(&self.identity.user) {
+                if event.ends_room || seq > joined_at && event.left_user.as_ref() == Some(&self.identity.user) {
                     self.stop_receiving(&room);
                 }
                 Ok(())

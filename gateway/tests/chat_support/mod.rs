@@ -80,7 +80,8 @@ pub fn seq_of(event: &ServerEvent) -> Option<u64> {
         | ServerEvent::Pin { seq, .. }
         | ServerEvent::Joined { seq, .. }
         | ServerEvent::Left { seq, .. }
-        | ServerEvent::Moderation { seq, .. } => Some(*seq),
+        | ServerEvent::Moderation { seq, .. }
+        | ServerEvent::RoomDeleted { seq, .. } => Some(*seq),
         _ => None,
     }
 }
@@ -95,6 +96,7 @@ pub fn room_of(event: &ServerEvent) -> Option<&RoomId> {
         | ServerEvent::Joined { room, .. }
         | ServerEvent::Left { room, .. }
         | ServerEvent::Moderation { room, .. }
+        | ServerEvent::RoomDeleted { room, .. }
         | ServerEvent::Typing { room, .. }
         | ServerEvent::Read { room, .. } => Some(room),
         ServerEvent::Presence { .. } => None,

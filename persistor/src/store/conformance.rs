@@ -30,6 +30,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     pin_unpin_delete(store).await;
     threads(store).await;
     reply_counts_stop_at_their_bound(store).await;
+    a_deleted_room_keeps_nothing_from_before(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
@@ -197,7 +198,8 @@ fn created(event: &RoomEvent) -> Message {
         | EventBody::Pin { .. }
         | EventBody::Joined { .. }
         | EventBody::Left { .. }
-        | EventBody::Moderation { .. }) => panic!("conformance bug: {other:?} is not a msg"),
+        | EventBody::Moderation { .. }
+        | EventBody::RoomDeleted {}) => panic!("conformance bug: {other:?} is not a msg"),
     }
 }
 
@@ -688,6 +690,49 @@ pub async fn threads<S: HistoryStore>(store: &S) {
     let foreign = Room::fresh("threads");
     assert!(store.thread(&foreign.query(None, None, 10), 1).await.expect("another tenant").messages.is_empty());
     assert!(matches!(store.thread(&room.query(None, None, 0), 1).await, Err(StoreError::InvalidQuery(_))));
+}
+
+/// A `room_deleted` erases every message, reaction and reply before it, across buckets; an earlier event that
+/// arrives after it stays gone; the room's later messages (a room created again under the name) are kept, and its
+/// head goes on.
+pub async fn a_deleted_room_keeps_nothing_from_before<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("deleted");
+    let neighbour = Room::new(&room.tenant, "neighbour");
+    let mut before = vec![room.msg(1, "alice", "first"), room.msg(2, "bob", "second")];
+    before.push(room.react(3, 1, "bob", "👍", false));
+    before.push(room.msg_full(4, "bob", "a reply", None, Some(1)));
+    before.push(room.msg(1_200, "alice", "in another bucket"));
+    let late = room.msg(1_201, "alice", "arrives after the deletion");
+    room.apply(store, &before).await;
+    neighbour.apply(store, &[neighbour.msg(1, "alice", "next door")]).await;
+    let deleted = room.event(1_202, EventBody::RoomDeleted {});
+    room.apply(store, std::slice::from_ref(&deleted)).await;
+    room.apply(store, &[late]).await;
+    room.apply(store, &before).await;
+    let page = room.page(store, None, None, 100).await;
+    assert!(page.messages.is_empty() && !page.more, "nothing before the deletion: {page:?}");
+    let thread = store.thread(&room.query(None, None, 10), 1).await.expect("thread");
+    assert!(thread.messages.is_empty(), "no reply either: {thread:?}");
+    assert_eq!(store.head(&room.tenant, &room.room).await.expect("head").last_seq, 1_202, "the head stays");
+
+    room.apply(store, &[room.msg(1_203, "carol", "a new room"), room.react(1_204, 1_203, "alice", "🎉", false)]).await;
+    room.apply(store, &[deleted]).await;
+    let page = room.page(store, None, None, 100).await;
+    assert_eq!(seqs(&page), vec![1_203], "the room's later life is kept, also when the deletion comes again");
+    assert_eq!(page.messages[0].reactions.get("🎉").map(Vec::len), Some(1));
+    let next_door = neighbour.page(store, None, None, 10).await;
+    assert_eq!(seqs(&next_door), vec![1], "another room is untouched");
+
+    // Deleted again; a room created once that deletion left the events stream starts at seq 1 again, later in
+    // time: kept.
+    room.apply(store, &[room.event(1_205, EventBody::RoomDeleted {})]).await;
+    assert!(room.page(store, None, None, 100).await.messages.is_empty());
+    let reborn = RoomEvent { ts_us: ts_us_of(5_000), ..room.msg(1, "dave", "from the start again") };
+    room.apply(store, &[reborn]).await;
+    let page = room.page(store, None, None, 100).await;
+    assert_eq!(seqs(&page), vec![1], "{page:?}");
+    let head = store.head(&room.tenant, &room.room).await.expect("head");
+    assert_eq!((head.last_seq, head.last_ts_us), (1, ts_us_of(5_000)), "the head is the latest event by time");
 }
 
 /// A message with more replies than `MAX_REPLY_COUNT` shows that many, while its thread pages them all.

@@ -5,8 +5,9 @@
 //! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
 //! a per-room progress row holds the last seq (its write time is that event's `ts_us`, which makes the room's
 //! head). No null is ever written (absent fields stay unset, a delete erases the body with an empty string), so
-//! writes make no tombstones. A pin or unpin sets the message's `pinned` cell; history shows a deleted message as
-//! not pinned.
+//! writes make no tombstones, except where a room is deleted: its `room_deleted` removes every partition of the room
+//! up to its own bucket with a deletion at its `ts_us`. A pin or unpin sets the message's `pinned` cell; history
+//! shows a deleted message as not pinned.
 //!
 //! A per-room index, `room_buckets`, lists the buckets that hold messages (a row written with every `msg`). A
 //! history page reads the index and scans only those buckets, so its cost does not grow with the stretches of
@@ -549,6 +550,12 @@ struct Statements {
     mark_replied: PreparedStatement,
     /// Replies of one parent, at most one past the counted bound.
     select_replies_of: PreparedStatement,
+    /// A deleted room: one bucket of its messages, of its reactions, of its replies, and its index row, each
+    /// removed as of the `room_deleted` event's time (later writes stay).
+    drop_messages: PreparedStatement,
+    drop_reactions: PreparedStatement,
+    drop_replies: PreparedStatement,
+    drop_bucket_index: PreparedStatement,
 }
 
 /// The history store on a CQL cluster. Cheap to clone; clones share the session.
@@ -781,6 +788,10 @@ impl CqlStore {
             format!("SELECT {columns} FROM {ks}.messages WHERE {key} AND seq IN ?"),
             format!("UPDATE {ks}.messages USING TIMESTAMP ? SET has_replies = true WHERE {key} AND seq = ?"),
             format!("SELECT seq FROM {ks}.thread_replies WHERE {key} AND parent = ? LIMIT ?"),
+            format!("DELETE FROM {ks}.messages USING TIMESTAMP ? WHERE {key}"),
+            format!("DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE {key}"),
+            format!("DELETE FROM {ks}.thread_replies USING TIMESTAMP ? WHERE {key}"),
+            format!("DELETE FROM {ks}.room_buckets USING TIMESTAMP ? WHERE {key}"),
         ];
         let mut prepared = Vec::with_capacity(texts.len());
         for text in texts {
@@ -812,6 +823,10 @@ impl CqlStore {
             select_seqs: next()?,
             mark_replied: next()?,
             select_replies_of: next()?,
+            drop_messages: next()?,
+            drop_reactions: next()?,
+            drop_replies: next()?,
+            drop_bucket_index: next()?,
         };
         Ok(CqlStore {
             session: Arc::new(session),
@@ -912,9 +927,30 @@ impl CqlStore {
                     Write { statement: st.pin.clone(), values: Box::new(values), bytes: key_bytes + 1 },
                 ))
             }
-            EventBody::Joined { .. } | EventBody::Left { .. } | EventBody::Moderation { .. } => None,
+            EventBody::Joined { .. }
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {} => None,
         };
         Ok(write)
+    }
+
+    /// What a `room_deleted` removes: every bucket up to its own, in each table, as of its time. A partition
+    /// deletion at that timestamp shadows every earlier write, also one of an older event that arrives later, and
+    /// leaves the room's later messages (written after it) alone.
+    fn deletion_writes(&self, event: &RoomEvent) -> Result<Vec<Vec<Write>>, StoreError> {
+        let st = &self.statements;
+        let ts = to_bigint("ts_us", event.ts_us)?;
+        let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
+        let bytes = tenant.len() + room.len() + 16;
+        let mut groups = Vec::new();
+        for bucket in 0..=bucket_of(event.seq) {
+            for statement in [&st.drop_messages, &st.drop_reactions, &st.drop_replies, &st.drop_bucket_index] {
+                let values = (ts, tenant.clone(), room.clone(), bucket as i64);
+                groups.push(vec![Write { statement: statement.clone(), values: Box::new(values), bytes }]);
+            }
+        }
+        Ok(groups)
     }
 
     /// The index row of a message's bucket. It is part of the message's writes (one per bucket per `apply`), and
@@ -1421,7 +1457,8 @@ impl HistoryStore for CqlStore {
                 | EventBody::Pin { .. }
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
-                | EventBody::Moderation { .. } => None,
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {} => None,
             };
             let reply = match &event.body {
                 EventBody::Msg { reply_to: Some(parent), .. } => self.reply_writes(event, *parent, ts)?,
@@ -1432,7 +1469,8 @@ impl HistoryStore for CqlStore {
                 | EventBody::Pin { .. }
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
-                | EventBody::Moderation { .. } => Vec::new(),
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {} => Vec::new(),
             };
             for (key, write) in self.writes_of(event)?.into_iter().chain(index).chain(reply) {
                 let group = by_partition.entry(key.clone()).or_default();
@@ -1466,6 +1504,13 @@ impl HistoryStore for CqlStore {
             }
         }
         self.run_groups(groups).await?;
+
+        // Deleted rooms: after this call's own writes, though their order does not matter (timestamps decide).
+        let mut deletions = Vec::new();
+        for event in events.iter().filter(|event| matches!(event.body, EventBody::RoomDeleted {})) {
+            deletions.extend(self.deletion_writes(event)?);
+        }
+        self.run_groups(deletions).await?;
 
         // The progress rows go last, so a room's last seq never runs ahead of its stored messages.
         let progress_writes = progress

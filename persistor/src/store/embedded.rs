@@ -2,7 +2,8 @@
 //! no CQL server.
 //!
 //! It folds room events into per-message rows whose fields carry the `ts_us` of the event that wrote them, so
-//! events may arrive in any order and any number of times. It does not replicate, shard, expire or compact
+//! events may arrive in any order and any number of times. A `room_deleted` removes every row of its room before
+//! it and leaves a floor that drops any earlier event arriving later. It does not replicate, shard, expire or compact
 //! history, and it does not check who may read a room.
 //!
 //! A room's head (its highest seq and that event's time) is kept in `room_head`, written in the same transaction
@@ -44,6 +45,11 @@ const THREADS: TableDefinition<(&str, &str, u64, u64), ()> = TableDefinition::ne
 
 /// (tenant, room, parent seq) -> how many replies `THREADS` holds for it.
 const THREAD_COUNTS: TableDefinition<(&str, &str, u64), u64> = TableDefinition::new("thread_counts");
+
+/// (tenant, room) -> the `ts_us` of the room's latest `room_deleted`: nothing before it is kept, and an earlier
+/// event that arrives late is dropped. By time, not seq: a room created again once its `room_deleted` left the
+/// events stream starts its seqs again from 1, later than the deletion.
+const FLOORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("room_floors");
 
 /// What this file has been brought to: `threads_indexed` (1 once the replies stored before threads existed were
 /// indexed).
@@ -173,7 +179,8 @@ impl StoredRow {
             EventBody::Reaction { .. }
             | EventBody::Joined { .. }
             | EventBody::Left { .. }
-            | EventBody::Moderation { .. } => Ok(false),
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {} => Ok(false),
         }
     }
 
@@ -250,6 +257,7 @@ impl EmbeddedStore {
         txn.open_table(THREADS).map_err(db_err)?;
         txn.open_table(THREAD_COUNTS).map_err(db_err)?;
         txn.open_table(META).map_err(db_err)?;
+        txn.open_table(FLOORS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         index_threads(&db)?;
         Ok(EmbeddedStore { db: Arc::new(db), path: file })
@@ -325,14 +333,30 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
         let mut heads = txn.open_table(HEADS).map_err(db_err)?;
         let mut threads = txn.open_table(THREADS).map_err(db_err)?;
         let mut counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
+        let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
         // Per room, the newest event of this batch: (seq, ts_us).
         let mut newest: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         for event in events {
             let tenant = event.tenant.as_str();
             let room = event.room.as_str();
+            let floor = floors.get((tenant, room)).map_err(db_err)?.map_or(0, |g| g.value());
+            if event.ts_us < floor {
+                // Its room was deleted after it: it is gone with the rest.
+                continue;
+            }
+            if let EventBody::RoomDeleted {} = event.body {
+                let end = event.seq;
+                messages.retain_in((tenant, room, 0)..(tenant, room, end), |_, _| false).map_err(db_err)?;
+                reactions
+                    .retain_in((tenant, room, 0, "", "")..(tenant, room, end, "", ""), |_, _| false)
+                    .map_err(db_err)?;
+                threads.retain_in((tenant, room, 0, 0)..(tenant, room, end, 0), |_, _| false).map_err(db_err)?;
+                counts.retain_in((tenant, room, 0)..(tenant, room, end), |_, _| false).map_err(db_err)?;
+                floors.insert((tenant, room), event.ts_us.max(floor)).map_err(db_err)?;
+            }
 
             let top = newest.entry((tenant, room)).or_insert((event.seq, event.ts_us));
-            if event.seq > top.0 {
+            if event.ts_us > top.1 {
                 *top = (event.seq, event.ts_us);
             }
 
@@ -358,7 +382,10 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                     }
                     None
                 }
-                EventBody::Joined { .. } | EventBody::Left { .. } | EventBody::Moderation { .. } => None,
+                EventBody::Joined { .. }
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {} => None,
             };
 
             if let Some(seq) = row_seq {
@@ -374,7 +401,14 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
             }
         }
         for ((tenant, room), (seq, ts_us)) in newest {
-            if seq > head_of(&rooms, &heads, &messages, tenant, room)?.last_seq {
+            // The latest event by time, as in CQL: a room created again after its deletion left the stream may
+            // start its seqs again. A head of the seq-only table has no time: by seq then.
+            let head = head_of(&rooms, &heads, &messages, tenant, room)?;
+            let newer = match head.last_ts_us {
+                0 => seq > head.last_seq,
+                known => (ts_us, seq) > (known, head.last_seq),
+            };
+            if newer {
                 heads.insert((tenant, room), (seq, ts_us)).map_err(db_err)?;
                 rooms.insert((tenant, room), seq).map_err(db_err)?;
             }

@@ -165,7 +165,8 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
         EventBody::Msg { reply_to: None, .. }
         | EventBody::Joined { .. }
         | EventBody::Left { .. }
-        | EventBody::Moderation { .. } => Ok(()),
+        | EventBody::Moderation { .. }
+        | EventBody::RoomDeleted {} => Ok(()),
     }
 }
 

@@ -208,6 +208,13 @@ impl World {
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
                     Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.published.push(message),
+                    Effect::DeleteRoom => {
+                        self.record = None;
+                        self.roster = Roster { v: INTERNAL_VERSION, ..Roster::default() };
+                        self.roster_revision = None;
+                        self.state.forget();
+                        self.state.record = Some(None);
+                    }
                 }
             }
             return match decision.reply {
@@ -300,7 +307,7 @@ impl World {
                 let banned = moderation.is_banned(joined, now_ms);
                 check(!banned, format!("{joined} joined while banned"), &mut self.violations);
             }
-            EventBody::Left { .. } | EventBody::Moderation { .. } => {}
+            EventBody::Left { .. } | EventBody::Moderation { .. } | EventBody::RoomDeleted {} => {}
         }
         match &body {
             EventBody::Msg { from, .. } | EventBody::Reaction { user: from, .. } => {
@@ -345,6 +352,9 @@ impl World {
                     check(admin, format!("{by} moderated without being an admin"), &mut self.violations);
                 }
             }
+            EventBody::RoomDeleted {} => {
+                check(self.record.is_some(), "a deletion of no room".into(), &mut self.violations);
+            }
         }
         if let Some(author) = written_for(&body) {
             check(!self.gone.contains(author), format!("an event for {author} after their left"), &mut self.violations);
@@ -378,6 +388,7 @@ impl World {
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. } => {}
+                EventBody::RoomDeleted {} => pinned.clear(),
             }
         }
         pinned
@@ -640,6 +651,30 @@ fn unread_counts_messages_after_the_marker_or_the_join_without_reading_history()
     world.run(Some("alice"), RoomCommand::Delete { room: room.clone(), target: sent[4] }, &quotas).expect("delete");
     let last = world.tail().tally.last_message.expect("a latest message");
     assert_eq!((last.seq, last.body.as_str(), last.deleted), (sent[4], "", true));
+}
+
+#[test]
+fn only_the_backend_deletes_a_named_room_and_its_name_is_free_again() {
+    let quotas = RoomQuotas::default();
+    let mut world = World::with_room("attic", true, &[("ada", true), ("bob", false)]).with_message("bob");
+    let room = world.room.clone();
+    let delete = RoomCommand::DeleteRoom { room: room.clone() };
+    assert_eq!(code(&world.run(Some("ada"), delete.clone(), &quotas)), Some(Forbidden), "not even its admin");
+    let ok = world.run(None, delete.clone(), &quotas).expect("the backend deletes it");
+    let last = world.events.last().expect("an event");
+    assert_eq!((ok_seq(&ok), &last.body), (last.seq, &EventBody::RoomDeleted {}));
+    assert_eq!(last.tally.last_message, None, "a deleted room has no latest message");
+    assert!(world.memberships.is_empty(), "every membership ended: {:?}", world.memberships);
+    assert!(world.record.is_none() && world.roster.members.is_empty());
+    assert_eq!(code(&world.run(None, delete, &quotas)), Some(NotFound), "gone already");
+    let read = RoomCommand::CanRead { room: room.clone(), grants: vec![] };
+    assert_eq!(code(&world.run(Some("bob"), read, &quotas)), Some(NotFound));
+    world
+        .run(Some("cy"), RoomCommand::Create { room, private: false, title: None }, &quotas)
+        .expect("the name is free");
+    let dm = RoomCommand::DeleteRoom { room: room_id("dm:ada:bob") };
+    let mut direct = World::new("dm:ada:bob");
+    assert_eq!(code(&direct.run(None, dm, &quotas)), Some(BadRequest));
 }
 
 #[test]
