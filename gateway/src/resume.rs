@@ -6,7 +6,7 @@
 //! [`replay_into`] queues a join's missed events on the session's outbound queue, waiting for the client to read
 //! (bounded by `resume_stall_ms`, then the session is a slow consumer), at most `resume_concurrency` replays at
 //! once per gateway. It never reads the history store, which may lag: events older than the stream answer
-//! `resume_gap`.
+//! `resume_gap`, and so do events past their room's history retention.
 
 use crate::upstream::UpstreamError;
 use crate::ws::hub::{LiveEvent, SessionTx};
@@ -217,6 +217,16 @@ impl RoomLog {
     /// The next events in seq order; empty once `upto` was handed out. `resume_gap` when an event is missing;
     /// `unavailable` when no replica and no leader answered within the reader's patience.
     pub async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
+        let events = self.next_events().await?;
+        // An event past its room's retention left history: it is never replayed, so neither is what follows it.
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        if let Some(expired) = events.iter().find(|event| event.expires_ms.is_some_and(|at| u128::from(at) <= now_ms)) {
+            return Err(gap(expired.seq.saturating_sub(1)));
+        }
+        Ok(events)
+    }
+
+    async fn next_events(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
         if self.last_seq >= self.upto {
             return Ok(Vec::new());
         }

@@ -69,7 +69,12 @@ async fn send_command(
 ) -> Result<OkResult, UpstreamError> {
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let attempt = retry_safe_attempt(&command);
-    let quotas = if command.is_bounded_by_quotas() { room_quotas(gw, tenant) } else { RoomQuotas::default() };
+    // The quotas go with the commands they bound; the retention with every command, since any may sequence events.
+    let quotas = room_quotas(gw, tenant);
+    let quotas = match command.is_bounded_by_quotas() {
+        true => quotas,
+        false => RoomQuotas { retention_secs: quotas.retention_secs, ..RoomQuotas::default() },
+    };
     let request = CommandRequest {
         v: INTERNAL_VERSION,
         tenant: tenant.clone(),
@@ -107,6 +112,7 @@ fn room_quotas(gw: &Gateway, tenant: &ProjectId) -> RoomQuotas {
         rooms_per_user: Some(own.max_rooms_per_user.unwrap_or(config.max_rooms_per_user)),
         backend_creates_rooms: own.backend_creates_rooms.unwrap_or(config.backend_creates_rooms),
         rooms_per_tenant: own.max_rooms.or(config.max_rooms_per_tenant),
+        retention_secs: own.history_retention_secs,
     }
 }
 
@@ -133,6 +139,8 @@ fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
         | RoomCommand::Pin { .. }
         | RoomCommand::Moderate { .. }
         | RoomCommand::DeleteRoom { .. } => false,
+        // Setting the same retention twice changes nothing.
+        RoomCommand::SetRetention { .. } => true,
     };
     safe.then_some(RETRY_SAFE_ATTEMPT)
 }

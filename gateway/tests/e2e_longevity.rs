@@ -123,6 +123,7 @@ async fn a_left_lost_from_live_delivery_stops_the_room_where_the_hole_is_filled(
         seq: last_event.seq + 1,
         ts_us: last_event.ts_us + 1,
         tally: Default::default(),
+        expires_ms: None,
         body: EventBody::Left { user: user("bob"), by: Some(user("alice")) },
     };
     let nats = async_nats::connect(support::nats_servers()).await.expect("connect to NATS");

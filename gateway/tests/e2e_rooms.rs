@@ -245,6 +245,7 @@ async fn a_lost_live_publish_is_filled_from_the_log() {
         seq: first.seq + 1,
         ts_us: previous.ts_us + 1,
         tally: Default::default(),
+        expires_ms: None,
         body: EventBody::Msg {
             id: MessageId::generate(previous.ts_us / 1000),
             from: UserId::parse("alice").unwrap(),

@@ -187,6 +187,13 @@ impl HistoryStore for AnyStore {
             AnyStore::Cql(store) => store.thread(query, parent).await,
         }
     }
+
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Embedded(store) => store.sweep().await,
+            AnyStore::Cql(store) => store.sweep().await,
+        }
+    }
 }
 
 /// Run a persistor on the configured store until `shutdown` fires.
@@ -264,12 +271,14 @@ async fn consume<S: HistoryStore>(
         Duration::from_millis(config.history_catch_up_ms),
         shutdown.clone(),
     ));
+    let sweeper = tokio::spawn(sweep_expired(store.clone(), shutdown.clone()));
     let settings = config.ingest()?;
     let result = match ingest::open_consumer(&js, &settings, &shutdown).await? {
         Some(consumer) => ingest::run(js.clone(), consumer, &*store, &settings, shutdown.clone()).await,
         None => Ok(()),
     };
     shutdown.cancel();
+    let _ = sweeper.await;
     match responder.await {
         Ok(Err(error)) => tracing::warn!(%error, "history responder failed"),
         Err(error) => tracing::warn!(%error, "history responder panicked"),
@@ -277,6 +286,31 @@ async fn consume<S: HistoryStore>(
     }
     let _ = nats.flush().await;
     result
+}
+
+/// How often expired messages are swept out of the store.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Sweep expired messages out of the store until `shutdown`: a bounded batch at a time, again at once while
+/// batches come back full.
+async fn sweep_expired<S: HistoryStore>(store: Arc<S>, shutdown: CancellationToken) {
+    loop {
+        let pause = match store.sweep().await {
+            Ok(0) => SWEEP_EVERY,
+            Ok(swept) => {
+                metrics::counter!("switchyard_persistor_expired_swept_total").increment(swept);
+                Duration::from_millis(10)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot sweep expired messages");
+                SWEEP_EVERY
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 #[cfg(test)]

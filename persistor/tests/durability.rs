@@ -88,6 +88,7 @@ fn event(tenant: &ProjectId, room: &RoomId, seq: u64, body: EventBody) -> RoomEv
         seq,
         ts_us: ts_us(seq),
         tally: Default::default(),
+        expires_ms: None,
         body,
     }
 }

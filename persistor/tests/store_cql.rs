@@ -71,6 +71,7 @@ async fn cql_store_refuses_bad_config_and_values() {
         seq: u64::MAX,
         ts_us: conformance::ts_us_of(1),
         tally: Default::default(),
+        expires_ms: None,
         body: switchyard_protocol::internal::EventBody::Joined {
             user: switchyard_protocol::UserId::parse("u").unwrap(),
         },
@@ -339,6 +340,7 @@ async fn cql_migration_adds_the_pinned_column_to_existing_messages() {
         seq: 2,
         ts_us: conformance::ts_us_of(2),
         tally: Default::default(),
+        expires_ms: None,
         body: EventBody::Pin { target: 1, by: UserId::parse("alice").unwrap(), pinned: true },
     };
     store.apply(&[pin]).await.unwrap();

@@ -30,6 +30,7 @@ async fn embedded_store_survives_reopen() {
             seq: 7,
             ts_us: conformance::ts_us_of(7),
             tally: Default::default(),
+            expires_ms: None,
             body: switchyard_protocol::internal::EventBody::Joined {
                 user: switchyard_protocol::UserId::parse("u").unwrap(),
             },

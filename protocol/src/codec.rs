@@ -44,6 +44,7 @@ mod tests {
             seq: 42,
             ts_us: 1_700_000_000_123_456,
             tally: Default::default(),
+            expires_ms: None,
             body: EventBody::Msg {
                 id: MessageId::generate(1_700_000_000_123),
                 from: UserId::parse("a").unwrap(),

@@ -48,6 +48,10 @@ pub struct RoomQuotas {
     /// Rooms the tenant may have (a deleted room frees its place).
     #[serde(default)]
     pub rooms_per_tenant: Option<u64>,
+    /// How long the tenant keeps history, in seconds, unless a room says otherwise (`RoomRecord::retention_secs`);
+    /// `None` keeps it for good.
+    #[serde(default)]
+    pub retention_secs: Option<u64>,
 }
 
 impl RoomQuotas {
@@ -99,6 +103,9 @@ pub enum RoomCommand {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         secs: Option<u64>,
     },
+    /// Set the room's own history retention in seconds (`Some(0)`: for good), or follow the tenant's again (`None`);
+    /// the tenant's backend only, named rooms only. It applies to the events sequenced after it.
+    SetRetention { room: RoomId, secs: Option<u64> },
     /// Delete a named room (the tenant's backend only): its members are told by a `room_deleted` event, their
     /// memberships, the roster and the record go, and its history before that event is erased; the name is free.
     DeleteRoom { room: RoomId },
@@ -182,6 +189,7 @@ impl RoomCommand {
             | RoomCommand::Delete { room, .. }
             | RoomCommand::Pin { room, .. }
             | RoomCommand::Moderate { room, .. }
+            | RoomCommand::SetRetention { room, .. }
             | RoomCommand::DeleteRoom { room } => room,
         }
     }
@@ -205,6 +213,7 @@ impl RoomCommand {
             | RoomCommand::Delete { .. }
             | RoomCommand::Pin { .. }
             | RoomCommand::Moderate { .. }
+            | RoomCommand::SetRetention { .. }
             | RoomCommand::DeleteRoom { .. } => false,
         }
     }
@@ -353,6 +362,10 @@ pub struct RoomEvent {
     /// `rooms`. Empty on events of earlier releases.
     #[serde(default, skip_serializing_if = "RoomTally::is_empty")]
     pub tally: RoomTally,
+    /// When the event leaves history (unix milliseconds), from the room's retention when it was sequenced; `None`
+    /// keeps it for good. The stores drop it then, and no join replays it after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
 }
 
 /// What a room holds as of one of its events: how many messages it has had and its latest one. Each event's
@@ -366,26 +379,31 @@ pub struct RoomTally {
     /// latest message (see [`RoomEvent::tally_through`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_message: Option<MessagePreview>,
+    /// When that message leaves history (its event's `expires_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message_expires_ms: Option<u64>,
 }
 
 impl RoomTally {
     /// The tally of a room whose events all left the stream, at its head `seq`: its count starts again from `seq`,
     /// which no count up to the head exceeds, so every marker taken before stays at or below it.
     pub fn restarted(seq: u64) -> RoomTally {
-        RoomTally { msgs: seq, last_message: None }
+        RoomTally { msgs: seq, last_message: None, last_message_expires_ms: None }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.msgs == 0 && self.last_message.is_none()
+        self == &RoomTally::default()
     }
 
-    /// The tally as of the event after the one this tally is through: `body` at `seq`, at `ts_ms`.
-    pub fn followed_by(&self, seq: u64, ts_ms: u64, body: &EventBody) -> RoomTally {
+    /// The tally as of the event after the one this tally is through: `body` at `seq`, at `ts_ms`, leaving history
+    /// at `expires_ms`.
+    pub fn followed_by(&self, seq: u64, ts_ms: u64, expires_ms: Option<u64>, body: &EventBody) -> RoomTally {
         let mut next = self.clone();
         match body {
             EventBody::Msg { id, from, body, .. } => {
                 next.msgs += 1;
                 next.last_message = Some(MessagePreview::new(seq, id.clone(), from.clone(), body, ts_ms));
+                next.last_message_expires_ms = expires_ms;
             }
             EventBody::Edit { target, body, .. } => {
                 if let Some(last) = next.last_message.as_mut().filter(|last| last.seq == *target && !last.deleted) {
@@ -401,7 +419,10 @@ impl RoomTally {
                     last.deleted = true;
                 }
             }
-            EventBody::RoomDeleted {} => next.last_message = None,
+            EventBody::RoomDeleted {} => {
+                next.last_message = None;
+                next.last_message_expires_ms = None;
+            }
             EventBody::Reaction { .. }
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }
@@ -415,6 +436,7 @@ impl RoomTally {
     pub fn stored_for(mut self, body: &EventBody) -> RoomTally {
         if matches!(body, EventBody::Msg { .. }) {
             self.last_message = None;
+            self.last_message_expires_ms = None;
         }
         self
     }
@@ -481,6 +503,7 @@ impl RoomEvent {
             EventBody::Msg { id, from, body, .. } => RoomTally {
                 msgs: self.tally.msgs,
                 last_message: Some(MessagePreview::new(self.seq, id.clone(), from.clone(), body, self.ts_ms())),
+                last_message_expires_ms: self.expires_ms,
             },
             EventBody::Edit { .. }
             | EventBody::Delete { .. }
@@ -607,6 +630,9 @@ pub struct RoomRecord {
     /// The creating user; `None` when the tenant's backend created the room.
     pub created_by: Option<UserId>,
     pub created_at_ms: u64,
+    /// The room's own history retention, in seconds, over the tenant's; `Some(0)` keeps its history for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
 }
 
 /// A room's members and their roles, and its moderation, in the rooms KV bucket; written only by the room's actor.
@@ -758,6 +784,9 @@ pub struct TenantLimits {
     /// Users one session may watch.
     #[serde(default)]
     pub max_watched_per_session: Option<u32>,
+    /// How long the tenant's history is kept, in seconds (a room may say otherwise); absent: for good.
+    #[serde(default)]
+    pub history_retention_secs: Option<u64>,
 }
 
 /// How a tenant's JWTs are verified.
@@ -825,26 +854,27 @@ mod tests {
             attrs: None,
             reply_to: None,
         };
-        let first = RoomTally::default().followed_by(1, 10, &msg(&long));
+        let first = RoomTally::default().followed_by(1, 10, None, &msg(&long));
         let preview = first.last_message.clone().unwrap();
         assert_eq!((first.msgs, preview.body.len()), (1, crate::limits::PREVIEW_BYTES));
         assert!(long.starts_with(&preview.body));
-        let odd = RoomTally::default().followed_by(1, 10, &msg(&format!("a{long}")));
+        let odd = RoomTally::default().followed_by(1, 10, None, &msg(&format!("a{long}")));
         assert_eq!(odd.last_message.unwrap().body.len(), crate::limits::PREVIEW_BYTES - 1, "no half character");
-        let joined = first.followed_by(2, 11, &EventBody::Joined { user: from.clone() });
+        let joined = first.followed_by(2, 11, None, &EventBody::Joined { user: from.clone() });
         assert_eq!(joined, first, "a join changes nothing");
         let edit_other = EventBody::Edit { target: 9, from: from.clone(), body: "x".into() };
-        assert_eq!(joined.followed_by(3, 12, &edit_other), first, "an edit of an older message changes nothing");
-        let edited = joined.followed_by(3, 12, &EventBody::Edit { target: 1, from: from.clone(), body: "new".into() });
+        assert_eq!(joined.followed_by(3, 12, None, &edit_other), first, "an edit of an older message changes nothing");
+        let edited =
+            joined.followed_by(3, 12, None, &EventBody::Edit { target: 1, from: from.clone(), body: "new".into() });
         let preview = edited.last_message.clone().unwrap();
         assert_eq!((preview.body.as_str(), preview.edited, preview.seq, preview.ts), ("new", true, 1, 10));
-        let deleted = edited.followed_by(4, 13, &EventBody::Delete { target: 1, by: from.clone() });
+        let deleted = edited.followed_by(4, 13, None, &EventBody::Delete { target: 1, by: from.clone() });
         let preview = deleted.last_message.clone().unwrap();
         assert_eq!((preview.body.as_str(), preview.deleted, deleted.msgs), ("", true, 1));
         let edit_after = EventBody::Edit { target: 1, from: from.clone(), body: "back".into() };
-        assert_eq!(deleted.followed_by(5, 14, &edit_after), deleted, "a deleted message stays deleted");
+        assert_eq!(deleted.followed_by(5, 14, None, &edit_after), deleted, "a deleted message stays deleted");
         // A message does not repeat itself in its stored tally, and reads back whole.
-        let second = deleted.followed_by(6, 15, &msg("hi"));
+        let second = deleted.followed_by(6, 15, None, &msg("hi"));
         let event = RoomEvent {
             v: INTERNAL_VERSION,
             tenant: ProjectId::generate(),
@@ -852,6 +882,7 @@ mod tests {
             seq: 6,
             ts_us: 15_000,
             tally: second.clone().stored_for(&msg("hi")),
+            expires_ms: None,
             body: msg("hi"),
         };
         assert_eq!(event.tally.last_message, None);

@@ -53,5 +53,7 @@ pub const MAX_MODERATION_SECS: u64 = 315_360_000;
 /// The most replies `reply_count` counts: a message with more shows this many, so reading a count stays bounded
 /// however large its thread grows.
 pub const MAX_REPLY_COUNT: u64 = 1_000;
+/// The longest history retention, in seconds (ten years).
+pub const MAX_RETENTION_SECS: u64 = 315_360_000;
 /// The most bytes of a message's body its preview in `rooms` shows (cut at a character boundary).
 pub const PREVIEW_BYTES: usize = 200;

@@ -103,6 +103,7 @@ fn internal_messages_refuse_excessive_nesting_and_keep_client_depth() {
             seq: 1,
             ts_us: 1,
             tally: Default::default(),
+            expires_ms: None,
             body: EventBody::Msg {
                 id: switchyard_protocol::MessageId::generate(1),
                 from: switchyard_protocol::UserId::parse("u").unwrap(),

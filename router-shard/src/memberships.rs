@@ -175,18 +175,21 @@ async fn last_seqs(
         .into_iter()
         .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event)))
         .collect();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     Ok(chunk
         .iter()
         .zip(&logs)
         .map(|((room, entry), log)| {
             let (seq, tally) = lasts.remove(log).map(|event| (event.seq, event.tally_through())).unwrap_or_default();
+            // A latest message past its retention is gone from history: no preview, and nothing counted unread.
+            let expired = tally.last_message_expires_ms.is_some_and(|at| at <= now_ms);
             RoomSummary {
                 room: room.clone(),
                 role: entry.role,
                 seq,
                 read: entry.read,
-                unread: entry.unread(seq, tally.msgs),
-                last_message: tally.last_message,
+                unread: if expired { 0 } else { entry.unread(seq, tally.msgs) },
+                last_message: tally.last_message.filter(|_| !expired),
             }
         })
         .collect())

@@ -124,6 +124,8 @@ pub(crate) struct RoomActor {
     /// stream; its seqs then start again at 1 (the stores erase a deleted room by time, so nothing of the new one
     /// is dropped).
     created_here: bool,
+    /// How long the events of the command at hand stay in history (see `room_core::retention`).
+    retention: Option<u64>,
 }
 
 impl RoomActor {
@@ -135,6 +137,7 @@ impl RoomActor {
             room,
             state: RoomState::default(),
             created_here: false,
+            retention: None,
         }
     }
 
@@ -213,6 +216,13 @@ impl RoomActor {
                 }
                 Err(Stop::Refuse(refusal)) => return Err(refusal.into()),
             };
+            if decision.effects.iter().any(|effect| matches!(effect, Effect::Append { .. })) {
+                // What the room's events are stamped with: its own retention, loaded once, over the tenant's.
+                if self.state.record.is_none() && !room.is_dm() {
+                    self.load_record().await?;
+                }
+                self.retention = room_core::retention(self.state.record.as_ref().and_then(Option::as_ref), quotas);
+            }
             let mut appended = None;
             for effect in decision.effects {
                 match effect {
@@ -254,6 +264,7 @@ impl RoomActor {
                     Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.publish_live(&message).await,
                     Effect::DeleteRoom => self.delete_room().await?,
+                    Effect::PutRecord(record) => self.put_record(record).await?,
                 }
             }
             return match decision.reply {
@@ -530,6 +541,18 @@ impl RoomActor {
         Ok(found.tally_through().msgs.saturating_sub(own))
     }
 
+    /// Store the room's changed record.
+    async fn put_record(&mut self, record: RoomRecord) -> Result<(), RoomError> {
+        let payload = codec::encode(&record).map_err(|e| unavailable("encode room", e))?;
+        self.ctx
+            .rooms
+            .put(subjects::room_key(&self.tenant, &self.room), payload)
+            .await
+            .map_err(|e| unavailable("write the room's record", e))?;
+        self.state.record = Some(Some(record));
+        Ok(())
+    }
+
     /// Remove what is left of a deleted room: its roster and record (purged from the rooms bucket, so the name is
     /// free), and every event of its stream subject but the last, its `room_deleted`, so that no join replays
     /// anything from before the deletion. The stores erase their part when they apply the `room_deleted`.
@@ -592,13 +615,15 @@ impl RoomActor {
         for _ in 0..ATTEMPTS {
             let tail = self.tail().await?;
             let (seq, ts_us) = (tail.seq + 1, now_us().max(tail.ts_us + 1));
+            let expires_ms = self.retention.map(|secs| (ts_us / 1000).saturating_add(secs.saturating_mul(1000)));
             let event = RoomEvent {
                 v: INTERNAL_VERSION,
                 tenant: self.tenant.clone(),
                 room: self.room.clone(),
                 seq,
                 ts_us,
-                tally: tail.tally.followed_by(seq, ts_us / 1000, &body).stored_for(&body),
+                tally: tail.tally.followed_by(seq, ts_us / 1000, expires_ms, &body).stored_for(&body),
+                expires_ms,
                 body: body.clone(),
             };
             let payload = codec::encode(&event).map_err(|e| unavailable("encode event", e))?;

@@ -262,6 +262,8 @@ pub(crate) enum Effect {
     MarkSent { user: UserId, mark: SentMark },
     /// Publish to whoever listens live.
     Publish(LiveMessage),
+    /// Store the room's record as changed (only the room's actor writes it once it exists).
+    PutRecord(RoomRecord),
     /// Remove the room's roster and record (its name is free again) and the room's events before its last one
     /// (the `room_deleted`) from the stream; forget every cached fact.
     DeleteRoom,
@@ -456,6 +458,22 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             }
             effects.push(Effect::DeleteRoom);
             Reply::TailSeq
+        }
+        (RoomCommand::SetRetention { secs, .. }, None) => {
+            rules.require_named_room()?;
+            if secs.is_some_and(|secs| secs > limits::MAX_RETENTION_SECS) {
+                let message = format!("a retention is at most {} seconds", limits::MAX_RETENTION_SECS);
+                return Err(refuse(ErrorCode::BadRequest, message));
+            }
+            let mut record = rules.require_record()?.clone();
+            if record.retention_secs != *secs {
+                record.retention_secs = *secs;
+                effects.push(Effect::PutRecord(record));
+            }
+            Reply::Room
+        }
+        (RoomCommand::SetRetention { .. }, Some(_)) => {
+            return Err(refuse(ErrorCode::Forbidden, "retention is set by the tenant's backend"));
         }
         (RoomCommand::DeleteRoom { .. }, Some(_)) => {
             return Err(refuse(ErrorCode::Forbidden, "rooms are deleted by the tenant's backend"));
@@ -945,6 +963,7 @@ impl Rules<'_> {
             title,
             created_by: user.cloned(),
             created_at_ms: self.command.now_us / 1000,
+            retention_secs: None,
         };
         effects.push(Effect::CreateRecord { record, redecide });
         if let Some(user) = user {
@@ -1006,6 +1025,16 @@ impl Rules<'_> {
         effects.push(Effect::RemoveMembership(user.clone()));
         effects.push(Effect::DropFromRoster(user.clone()));
         Ok(())
+    }
+}
+
+/// How long the room's events stay in history, in seconds (`None`: for good): the room's own retention over the
+/// tenant's. A room's `Some(0)` keeps its history for good whatever the tenant's.
+pub(crate) fn retention(record: Option<&RoomRecord>, quotas: &RoomQuotas) -> Option<u64> {
+    match record.and_then(|record| record.retention_secs) {
+        Some(0) => None,
+        Some(secs) => Some(secs),
+        None => quotas.retention_secs.filter(|secs| *secs > 0),
     }
 }
 

@@ -88,6 +88,7 @@ pub async fn get_tenant(
             "backend_creates_rooms": record.limits.backend_creates_rooms,
             "max_rooms": record.limits.max_rooms,
             "max_watched_per_session": record.limits.max_watched_per_session,
+            "history_retention_secs": record.limits.history_retention_secs,
         },
     })))
 }
@@ -155,6 +156,7 @@ struct SetLimits {
     backend_creates_rooms: Option<bool>,
     max_rooms: Option<u64>,
     max_watched_per_session: Option<u32>,
+    history_retention_secs: Option<u64>,
 }
 
 pub async fn set_limits(
@@ -191,6 +193,12 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
             limits::MAX_WATCHED_PER_SESSION
         )));
     }
+    if request.history_retention_secs.is_some_and(|n| !(1..=limits::MAX_RETENTION_SECS).contains(&n)) {
+        return Err(ApiError::bad_request(format!(
+            "history_retention_secs must be 1..={}",
+            limits::MAX_RETENTION_SECS
+        )));
+    }
     Ok(TenantLimits {
         msgs_per_sec: request.msgs_per_sec,
         msgs_burst: request.msgs_burst,
@@ -201,6 +209,7 @@ pub fn parse_set_limits(body: &[u8]) -> Result<TenantLimits, ApiError> {
         backend_creates_rooms: request.backend_creates_rooms,
         max_rooms: request.max_rooms,
         max_watched_per_session: request.max_watched_per_session,
+        history_retention_secs: request.history_retention_secs,
     })
 }
 

@@ -66,6 +66,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/rooms/{room}/bans/{user_id}", put(moderation::set_room_ban).delete(moderation::lift_room_ban))
         .route("/v1/rooms/{room}/mutes/{user_id}", put(moderation::set_room_mute).delete(moderation::lift_room_mute))
         .route("/v1/rooms/{room}/moderation", put(moderation::set_room_settings))
+        .route("/v1/rooms/{room}/retention", put(set_room_retention).delete(clear_room_retention))
         .route("/v1/ws", get(ws_handler))
         .merge(demo)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
@@ -323,6 +324,44 @@ async fn delete_room(
         Err(error) => return Err(error.into()),
     };
     Ok(Json(json!({"room": room, "seq": seq})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRetention {
+    secs: u64,
+}
+
+/// `PUT /v1/rooms/{room}/retention` `{"secs"}`: the room's own history retention (0: for good), for the events
+/// sequenced from now on.
+async fn set_room_retention(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let request: SetRetention = parse_body(&body)?;
+    if request.secs > limits::MAX_RETENTION_SECS {
+        return Err(ApiError::bad_request(format!("secs must be 0..={}", limits::MAX_RETENTION_SECS)));
+    }
+    let command = RoomCommand::SetRetention { room, secs: Some(request.secs) };
+    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/rooms/{room}/retention`: the room follows the tenant's retention again.
+async fn clear_room_retention(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant_of_request(&gw, &headers).await?;
+    let room = parse_room(&room)?;
+    let command = RoomCommand::SetRetention { room, secs: None };
+    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_members(

@@ -92,6 +92,7 @@ fn room_events(tenant: &ProjectId, room: &RoomId, events: u64, base_us: u64) -> 
         seq,
         ts_us: base_us + seq,
         tally: Default::default(),
+        expires_ms: None,
         body,
     };
     let mut out = Vec::with_capacity(events as usize + 1);

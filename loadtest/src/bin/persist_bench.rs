@@ -173,6 +173,7 @@ async fn bench(params: &Params, js: &async_nats::jetstream::Context, kind: &str,
                 seq,
                 ts_us,
                 tally: Default::default(),
+                expires_ms: None,
                 body: EventBody::Msg {
                     id: MessageId::generate(ts_us / 1000),
                     from: from.clone(),

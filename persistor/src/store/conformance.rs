@@ -31,6 +31,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     threads(store).await;
     reply_counts_stop_at_their_bound(store).await;
     a_deleted_room_keeps_nothing_from_before(store).await;
+    expired_messages_are_never_read(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
@@ -78,6 +79,7 @@ impl Room {
             seq,
             ts_us: ts_us_of(seq),
             tally: Default::default(),
+            expires_ms: None,
             body,
         }
     }
@@ -733,6 +735,36 @@ pub async fn a_deleted_room_keeps_nothing_from_before<S: HistoryStore>(store: &S
     assert_eq!(seqs(&page), vec![1], "{page:?}");
     let head = store.head(&room.tenant, &room.room).await.expect("head");
     assert_eq!((head.last_seq, head.last_ts_us), (1, ts_us_of(5_000)), "the head is the latest event by time");
+}
+
+/// Messages past their `expires_ms` are never read (one already past it when it arrives is not even written), with
+/// their reactions and thread entries; messages without one stay; the head is not moved back.
+pub async fn expired_messages_are_never_read<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("expiring");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    let expiring = |event: RoomEvent, at: u64| RoomEvent { expires_ms: Some(at), ..event };
+    let soon = now + 1_500;
+    room.apply(
+        store,
+        &[
+            expiring(room.msg(1, "alice", "gone already"), now - 1),
+            expiring(room.msg(2, "alice", "going soon"), soon),
+            expiring(room.msg_full(3, "bob", "a reply", None, Some(2)), soon),
+            room.msg(4, "alice", "for good"),
+            expiring(room.react(5, 2, "bob", "👍", false), soon),
+        ],
+    )
+    .await;
+    let page = room.page(store, None, None, 100).await;
+    assert_eq!(seqs(&page), vec![2, 3, 4], "{page:?}");
+    assert_eq!((page.messages[0].reply_count, page.messages[0].reactions.len()), (1, 1));
+    tokio::time::sleep(std::time::Duration::from_millis(2_600)).await;
+    store.sweep().await.expect("sweep");
+    let page = room.page(store, None, None, 100).await;
+    assert_eq!(seqs(&page), vec![4], "only the message without an expiry is left: {page:?}");
+    let thread = store.thread(&room.query(None, None, 10), 2).await.expect("thread");
+    assert!(thread.messages.is_empty(), "{thread:?}");
+    assert_eq!(store.head(&room.tenant, &room.room).await.expect("head").last_seq, 5);
 }
 
 /// A message with more replies than `MAX_REPLY_COUNT` shows that many, while its thread pages them all.

@@ -5,7 +5,8 @@
 //! order-insensitive. Reactions have their own table, keyed so add and remove race per (message, emoji, user), and
 //! a per-room progress row holds the last seq (its write time is that event's `ts_us`, which makes the room's
 //! head). No null is ever written (absent fields stay unset, a delete erases the body with an empty string), so
-//! writes make no tombstones, except where a room is deleted: its `room_deleted` removes every partition of the room
+//! writes make no tombstones, except where events expire (an event with `expires_ms` writes its cells with the TTL
+//! it has left, and one past it is not written) and where a room is deleted: its `room_deleted` removes every partition of the room
 //! up to its own bucket with a deletion at its `ts_us`. A pin or unpin sets the message's `pinned` cell; history
 //! shows a deleted message as not pinned.
 //!
@@ -40,6 +41,19 @@ use std::time::Duration;
 use switchyard_protocol::client::Message;
 use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::{MessageId, ProjectId, RoomId, UserId};
+
+/// The TTL in seconds an event's writes carry (0: none) at `now_ms`; `None` when it has expired already.
+fn ttl_of(event: &RoomEvent, now_ms: u64) -> Option<i32> {
+    match event.expires_ms {
+        None => Some(0),
+        Some(expires) if expires <= now_ms => None,
+        Some(expires) => Some(i32::try_from((expires - now_ms).div_ceil(1000)).unwrap_or(i32::MAX)),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Seqs per message partition: seq `s` of a room lives in bucket `s / BUCKET_SIZE`.
 pub const BUCKET_SIZE: u64 = 1_000;
@@ -739,17 +753,21 @@ impl CqlStore {
         let texts = [
             format!(
                 "INSERT INTO {ks}.messages (tenant, room, bucket, seq, id, sender, body, attrs, reply_to, ts_us) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?"
             ),
-            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited_us = ? WHERE {key} AND seq = ?"),
+            format!(
+                "UPDATE {ks}.messages USING TIMESTAMP ? AND TTL ? SET body = ?, edited_us = ? WHERE {key} AND seq = ?"
+            ),
             // The body is erased with an empty string, not a null: no tombstone, and the delete's later timestamp still
             // wins over the create and every earlier edit.
-            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET deleted = true, body = '' WHERE {key} AND seq = ?"),
             format!(
-                "UPDATE {ks}.reactions USING TIMESTAMP ? SET removed = ? \
+                "UPDATE {ks}.messages USING TIMESTAMP ? AND TTL ? SET deleted = true, body = '' WHERE {key} AND seq = ?"
+            ),
+            format!(
+                "UPDATE {ks}.reactions USING TIMESTAMP ? AND TTL ? SET removed = ? \
                  WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
             ),
-            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET pinned = ? WHERE {key} AND seq = ?"),
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? AND TTL ? SET pinned = ? WHERE {key} AND seq = ?"),
             format!("INSERT INTO {ks}.room_buckets (tenant, room, bucket) VALUES (?, ?, ?) USING TIMESTAMP ?"),
             format!("UPDATE {ks}.room_progress USING TIMESTAMP ? SET last_seq = ? WHERE tenant = ? AND room = ?"),
             format!("SELECT last_seq, WRITETIME(last_seq) FROM {ks}.room_progress WHERE tenant = ? AND room = ?"),
@@ -775,7 +793,7 @@ impl CqlStore {
             ),
             format!(
                 "INSERT INTO {ks}.thread_replies (tenant, room, bucket, parent, seq) VALUES (?, ?, ?, ?, ?) \
-                 USING TIMESTAMP ?"
+                 USING TIMESTAMP ? AND TTL ?"
             ),
             format!(
                 "SELECT seq FROM {ks}.thread_replies WHERE {key} AND parent = ? AND seq > ? AND seq < ? \
@@ -786,7 +804,7 @@ impl CqlStore {
                  ORDER BY parent DESC, seq DESC LIMIT ?"
             ),
             format!("SELECT {columns} FROM {ks}.messages WHERE {key} AND seq IN ?"),
-            format!("UPDATE {ks}.messages USING TIMESTAMP ? SET has_replies = true WHERE {key} AND seq = ?"),
+            format!("UPDATE {ks}.messages USING TIMESTAMP ? AND TTL ? SET has_replies = true WHERE {key} AND seq = ?"),
             format!("SELECT seq FROM {ks}.thread_replies WHERE {key} AND parent = ? LIMIT ?"),
             format!("DELETE FROM {ks}.messages USING TIMESTAMP ? WHERE {key}"),
             format!("DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE {key}"),
@@ -842,7 +860,7 @@ impl CqlStore {
     }
 
     /// The writes one event makes, with the partition each lands in.
-    fn writes_of(&self, event: &RoomEvent) -> Result<Option<(PartitionKey, Write)>, StoreError> {
+    fn writes_of(&self, event: &RoomEvent, ttl: i32) -> Result<Option<(PartitionKey, Write)>, StoreError> {
         let st = &self.statements;
         let tenant = event.tenant.to_string();
         let room = event.room.to_string();
@@ -875,6 +893,7 @@ impl CqlStore {
                     reply_to.map_or(MaybeUnset::Unset, MaybeUnset::Set),
                     ts,
                     ts,
+                    ttl,
                 );
                 Some((
                     ("messages", tenant, room, bucket),
@@ -883,8 +902,8 @@ impl CqlStore {
             }
             EventBody::Edit { target, body, .. } => {
                 let bucket = bucket_of(*target);
-                let values =
-                    (ts, body.clone(), ts, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
+                let target = to_bigint("target", *target)?;
+                let values = (ts, ttl, body.clone(), ts, tenant.clone(), room.clone(), bucket as i64, target);
                 Some((
                     ("messages", tenant, room, bucket),
                     Write { statement: st.edit.clone(), values: Box::new(values), bytes: key_bytes + body.len() },
@@ -892,7 +911,7 @@ impl CqlStore {
             }
             EventBody::Delete { target, .. } => {
                 let bucket = bucket_of(*target);
-                let values = (ts, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
+                let values = (ts, ttl, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
                 Some((
                     ("messages", tenant, room, bucket),
                     Write { statement: st.delete.clone(), values: Box::new(values), bytes: key_bytes },
@@ -902,6 +921,7 @@ impl CqlStore {
                 let bucket = bucket_of(*target);
                 let values = (
                     ts,
+                    ttl,
                     *removed,
                     tenant.clone(),
                     room.clone(),
@@ -921,7 +941,8 @@ impl CqlStore {
             }
             EventBody::Pin { target, pinned, .. } => {
                 let bucket = bucket_of(*target);
-                let values = (ts, *pinned, tenant.clone(), room.clone(), bucket as i64, to_bigint("target", *target)?);
+                let target = to_bigint("target", *target)?;
+                let values = (ts, ttl, *pinned, tenant.clone(), room.clone(), bucket as i64, target);
                 Some((
                     ("messages", tenant, room, bucket),
                     Write { statement: st.pin.clone(), values: Box::new(values), bytes: key_bytes + 1 },
@@ -956,6 +977,10 @@ impl CqlStore {
     /// The index row of a message's bucket. It is part of the message's writes (one per bucket per `apply`), and
     /// only a `msg` writes one: edits, deletes and reactions live in the bucket of their target, and one that
     /// arrives before its message is invisible to history until the message, and its index row, arrive.
+    ///
+    /// It carries no TTL: a bucket can hold messages that never expire beside ones that do (a room's retention
+    /// changed), and a later write's TTL would take the whole row. A bucket whose messages all expired stays
+    /// indexed, and a page that reaches it reads it empty.
     fn index_write(&self, event: &RoomEvent, bucket: u64, ts: i64) -> (PartitionKey, Write) {
         let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
         let bytes = tenant.len() + room.len() + 16;
@@ -968,13 +993,19 @@ impl CqlStore {
 
     /// The writes that put a reply in the thread of `parent`, both in the parent's bucket: its thread row, and the
     /// parent's `has_replies` mark (a row of its own when the parent has not arrived, or is no message).
-    fn reply_writes(&self, event: &RoomEvent, parent: u64, ts: i64) -> Result<Vec<(PartitionKey, Write)>, StoreError> {
+    fn reply_writes(
+        &self,
+        event: &RoomEvent,
+        parent: u64,
+        ts: i64,
+        ttl: i32,
+    ) -> Result<Vec<(PartitionKey, Write)>, StoreError> {
         let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
         let bucket = bucket_of(parent);
         let (bucket_i64, parent_i64) = (to_bigint("bucket", bucket)?, to_bigint("reply_to", parent)?);
-        let values = (tenant.clone(), room.clone(), bucket_i64, parent_i64, to_bigint("seq", event.seq)?, ts);
+        let values = (tenant.clone(), room.clone(), bucket_i64, parent_i64, to_bigint("seq", event.seq)?, ts, ttl);
         let bytes = tenant.len() + room.len() + 32;
-        let mark = (ts, tenant.clone(), room.clone(), bucket_i64, parent_i64);
+        let mark = (ts, ttl, tenant.clone(), room.clone(), bucket_i64, parent_i64);
         Ok(vec![
             (
                 ("thread_replies", tenant.clone(), room.clone(), bucket),
@@ -1445,6 +1476,8 @@ impl HistoryStore for CqlStore {
             if seq > newest.0 {
                 *newest = (seq, ts);
             }
+            // An event past its expiry is not written; one with an expiry lives as long as it has left.
+            let Some(ttl) = ttl_of(event, now_ms()) else { continue };
             let index = match &event.body {
                 EventBody::Msg { .. } => {
                     let bucket = bucket_of(event.seq);
@@ -1461,7 +1494,7 @@ impl HistoryStore for CqlStore {
                 | EventBody::RoomDeleted {} => None,
             };
             let reply = match &event.body {
-                EventBody::Msg { reply_to: Some(parent), .. } => self.reply_writes(event, *parent, ts)?,
+                EventBody::Msg { reply_to: Some(parent), .. } => self.reply_writes(event, *parent, ts, ttl)?,
                 EventBody::Msg { reply_to: None, .. }
                 | EventBody::Edit { .. }
                 | EventBody::Delete { .. }
@@ -1472,7 +1505,7 @@ impl HistoryStore for CqlStore {
                 | EventBody::Moderation { .. }
                 | EventBody::RoomDeleted {} => Vec::new(),
             };
-            for (key, write) in self.writes_of(event)?.into_iter().chain(index).chain(reply) {
+            for (key, write) in self.writes_of(event, ttl)?.into_iter().chain(index).chain(reply) {
                 let group = by_partition.entry(key.clone()).or_default();
                 if group.is_empty() {
                     order.push(key);

@@ -51,6 +51,16 @@ const THREAD_COUNTS: TableDefinition<(&str, &str, u64), u64> = TableDefinition::
 /// events stream starts its seqs again from 1, later than the deletion.
 const FLOORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("room_floors");
 
+/// (expires_ms, tenant, room, seq) of every message with an expiry, for the sweep.
+const EXPIRIES: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::new("expiries");
+
+/// Messages one sweep removes at most.
+const SWEEP_BATCH: usize = 1_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// What this file has been brought to: `threads_indexed` (1 once the replies stored before threads existed were
 /// indexed).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -73,6 +83,9 @@ struct StoredCreate {
     attrs: Option<String>,
     /// The seq this message replies to.
     reply_to: Option<u64>,
+    /// When the message leaves history (unix milliseconds); absent from rows of earlier releases.
+    #[serde(default)]
+    expires_ms: Option<u64>,
 }
 
 /// The latest `edit` of a message seen so far.
@@ -147,6 +160,7 @@ impl StoredRow {
                     body: body.clone(),
                     attrs,
                     reply_to: *reply_to,
+                    expires_ms: event.expires_ms,
                 });
                 Ok(true)
             }
@@ -189,6 +203,10 @@ impl StoredRow {
         let Some(create) = &self.create else {
             return Ok(None);
         };
+        if create.expires_ms.is_some_and(|expires| expires <= now_ms()) {
+            // Past its expiry: as good as swept.
+            return Ok(None);
+        }
         let deleted = self.delete_ts_us.is_some();
         let body = (!deleted).then(|| match &self.edit {
             Some(edit) if edit.ts_us > create.ts_us => edit.body.clone(),
@@ -258,6 +276,7 @@ impl EmbeddedStore {
         txn.open_table(THREAD_COUNTS).map_err(db_err)?;
         txn.open_table(META).map_err(db_err)?;
         txn.open_table(FLOORS).map_err(db_err)?;
+        txn.open_table(EXPIRIES).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         index_threads(&db)?;
         Ok(EmbeddedStore { db: Arc::new(db), path: file })
@@ -334,6 +353,8 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
         let mut threads = txn.open_table(THREADS).map_err(db_err)?;
         let mut counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
         let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
+        let mut expiries = txn.open_table(EXPIRIES).map_err(db_err)?;
+        let now = now_ms();
         // Per room, the newest event of this batch: (seq, ts_us).
         let mut newest: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         for event in events {
@@ -360,6 +381,13 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 *top = (event.seq, event.ts_us);
             }
 
+            if event.expires_ms.is_some_and(|expires| expires <= now) {
+                // Past its expiry already: not written (it only moves the head).
+                continue;
+            }
+            if let (EventBody::Msg { .. }, Some(expires)) = (&event.body, event.expires_ms) {
+                expiries.insert((expires, tenant, room, event.seq), ()).map_err(db_err)?;
+            }
             if let EventBody::Msg { reply_to: Some(parent), .. } = &event.body {
                 add_reply(&mut threads, &mut counts, (tenant, room, *parent, event.seq))?;
             }
@@ -590,6 +618,64 @@ impl HistoryStore for EmbeddedStore {
         let query = query.clone();
         self.blocking(move |db| thread_blocking(db, &query, parent)).await
     }
+
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        let now = now_ms();
+        self.blocking(move |db| sweep_blocking(db, now)).await
+    }
+}
+
+/// Remove up to [`SWEEP_BATCH`] messages whose expiry is before `now`: each row, its reactions, its own thread
+/// and its place in its parent's; how many went.
+fn sweep_blocking(db: &Database, now: u64) -> Result<u64, StoreError> {
+    let txn = db.begin_write().map_err(db_err)?;
+    let mut swept = 0;
+    {
+        let mut expiries = txn.open_table(EXPIRIES).map_err(db_err)?;
+        let mut messages = txn.open_table(MESSAGES).map_err(db_err)?;
+        let mut reactions = txn.open_table(REACTIONS).map_err(db_err)?;
+        let mut threads = txn.open_table(THREADS).map_err(db_err)?;
+        let mut counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
+        let mut due: Vec<(u64, String, String, u64)> = Vec::new();
+        for entry in expiries.range((0, "", "", 0)..(now, "", "", 0)).map_err(db_err)?.take(SWEEP_BATCH) {
+            let (key, _) = entry.map_err(db_err)?;
+            let (expires, tenant, room, seq) = key.value();
+            due.push((expires, tenant.to_owned(), room.to_owned(), seq));
+        }
+        for (expires, tenant, room, seq) in &due {
+            let (tenant, room, seq) = (tenant.as_str(), room.as_str(), *seq);
+            expiries.remove((*expires, tenant, room, seq)).map_err(db_err)?;
+            let row = match messages.remove((tenant, room, seq)).map_err(db_err)? {
+                Some(bytes) => StoredRow::decode(bytes.value()).ok(),
+                None => None,
+            };
+            // A message created again with a later expiry (the same event, redelivered) stays.
+            if let Some(create) = row.as_ref().and_then(|row| row.create.as_ref()) {
+                if create.expires_ms.is_some_and(|later| later > *expires) {
+                    let bytes = row.as_ref().map(StoredRow::encode).transpose()?.unwrap_or_default();
+                    messages.insert((tenant, room, seq), bytes.as_slice()).map_err(db_err)?;
+                    continue;
+                }
+            }
+            reactions
+                .retain_in((tenant, room, seq, "", "")..(tenant, room, seq + 1, "", ""), |_, _| false)
+                .map_err(db_err)?;
+            threads.retain_in((tenant, room, seq, 0)..(tenant, room, seq + 1, 0), |_, _| false).map_err(db_err)?;
+            counts.remove((tenant, room, seq)).map_err(db_err)?;
+            if let Some(parent) = row.and_then(|row| row.create).and_then(|create| create.reply_to) {
+                if threads.remove((tenant, room, parent, seq)).map_err(db_err)?.is_some() {
+                    let count = counts.get((tenant, room, parent)).map_err(db_err)?.map_or(0, |g| g.value());
+                    match count {
+                        0 | 1 => counts.remove((tenant, room, parent)).map_err(db_err).map(|_| ())?,
+                        more => counts.insert((tenant, room, parent), more - 1).map_err(db_err).map(|_| ())?,
+                    }
+                }
+            }
+            swept += 1;
+        }
+    }
+    txn.commit().map_err(db_err)?;
+    Ok(swept)
 }
 
 #[cfg(test)]
@@ -605,6 +691,7 @@ mod tests {
             seq,
             ts_us: 1_000_000 + seq,
             tally: Default::default(),
+            expires_ms: None,
             body,
         }
     }
@@ -642,6 +729,53 @@ mod tests {
             let thread = thread_blocking(&store.db, &query, 1).unwrap();
             assert_eq!(thread.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 3]);
         }
+    }
+
+    /// The sweep takes expired messages out of the file: their rows, reactions and thread entries, and the
+    /// parent's count; nothing else.
+    #[test]
+    fn the_sweep_removes_expired_rows_from_the_file() {
+        use redb::ReadableTableMetadata;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let (tenant, room) = (ProjectId::generate(), RoomId::parse("brief").unwrap());
+        let user = UserId::parse("alice").unwrap();
+        let msg = |seq, reply_to, expires_ms| RoomEvent {
+            expires_ms,
+            ..event(
+                &tenant,
+                &room,
+                seq,
+                EventBody::Msg {
+                    id: MessageId::generate(seq),
+                    from: user.clone(),
+                    body: "b".into(),
+                    attrs: None,
+                    reply_to,
+                },
+            )
+        };
+        let now = now_ms();
+        let reaction = RoomEvent {
+            expires_ms: Some(now + 1_000),
+            ..event(
+                &tenant,
+                &room,
+                4,
+                EventBody::Reaction { target: 2, user: user.clone(), emoji: "x".into(), removed: false },
+            )
+        };
+        let events = [msg(1, None, None), msg(2, Some(1), Some(now + 1_000)), msg(3, Some(1), None), reaction];
+        apply_blocking(&store.db, &events).unwrap();
+        assert_eq!(sweep_blocking(&store.db, now).unwrap(), 0, "nothing is due yet");
+        assert_eq!(sweep_blocking(&store.db, now + 1_001).unwrap(), 1);
+        let txn = store.db.begin_read().unwrap();
+        assert_eq!(txn.open_table(MESSAGES).unwrap().len().unwrap(), 2, "the expired row is gone");
+        assert_eq!(txn.open_table(REACTIONS).unwrap().len().unwrap(), 0, "with its reaction");
+        assert_eq!(txn.open_table(THREADS).unwrap().len().unwrap(), 1, "and its place in its parent's thread");
+        let count = txn.open_table(THREAD_COUNTS).unwrap().get((tenant.as_str(), room.as_str(), 1)).unwrap();
+        assert_eq!(count.map(|count| count.value()), Some(1));
+        assert_eq!(txn.open_table(EXPIRIES).unwrap().len().unwrap(), 0);
     }
 
     /// A file written before `room_head` existed holds only `room_last_seq`: the head falls back to it (with the

@@ -135,6 +135,13 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// reaction counts as much as a message) and that event's `ts_us`; both 0 when none.
     fn head(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<RoomHead, StoreError>> + Send;
 
+    /// Remove messages past their expiry (with their reactions and thread entries), at most a bounded number per
+    /// call; how many went. A store whose backend expires rows itself (CQL's TTL) has nothing to do. Reads never
+    /// show an expired message either way.
+    fn sweep(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async { Ok(0) }
+    }
+
     /// The highest seq of any event applied for the room, 0 when none.
     fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send {
         async move { Ok(self.head(tenant, room).await?.last_seq) }

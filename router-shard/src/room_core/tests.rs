@@ -86,7 +86,15 @@ impl World {
     fn with_room(room: &str, private: bool, members: &[(&str, bool)]) -> World {
         let mut world = World::new(room);
         let created_by = None;
-        world.record = Some(RoomRecord { v: INTERNAL_VERSION, private, title: None, created_by, created_at_ms: 1 });
+        let record = RoomRecord {
+            v: INTERNAL_VERSION,
+            private,
+            title: None,
+            created_by,
+            created_at_ms: 1,
+            retention_secs: None,
+        };
+        world.record = Some(record);
         for (name, admin) in members {
             let role = if *admin { Role::Admin } else { Role::Member };
             world.roster.members.insert(user(name), role);
@@ -99,7 +107,7 @@ impl World {
 
     fn event(&self, body: EventBody) -> RoomEvent {
         let seq = self.events.len() as u64 + 1;
-        let tally = self.tail().tally.followed_by(seq, 0, &body).stored_for(&body);
+        let tally = self.tail().tally.followed_by(seq, 0, None, &body).stored_for(&body);
         RoomEvent {
             v: INTERNAL_VERSION,
             tenant: self.tenant.clone(),
@@ -107,6 +115,7 @@ impl World {
             seq,
             ts_us: seq,
             tally,
+            expires_ms: None,
             body,
         }
     }
@@ -208,6 +217,10 @@ impl World {
                     Effect::MarkTyping { user, at } => self.state.mark_typing(user, at),
                     Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.published.push(message),
+                    Effect::PutRecord(record) => {
+                        self.record = Some(record.clone());
+                        self.state.record = Some(Some(record));
+                    }
                     Effect::DeleteRoom => {
                         self.record = None;
                         self.roster = Roster { v: INTERNAL_VERSION, ..Roster::default() };
@@ -678,9 +691,36 @@ fn only_the_backend_deletes_a_named_room_and_its_name_is_free_again() {
 }
 
 #[test]
+fn a_rooms_own_retention_wins_over_the_tenants_and_only_the_backend_sets_it() {
+    let tenant = RoomQuotas { retention_secs: Some(60), ..RoomQuotas::default() };
+    let mut world = World::with_room("plaza", false, &[("ada", true)]);
+    assert_eq!(retention(world.record.as_ref(), &tenant), Some(60), "the tenant's");
+    assert_eq!(retention(None, &tenant), Some(60), "a direct-message room has only the tenant's");
+    assert_eq!(retention(world.record.as_ref(), &RoomQuotas::default()), None, "for good");
+    let set = |secs| RoomCommand::SetRetention { room: room_id("plaza"), secs };
+    assert_eq!(code(&world.run(Some("ada"), set(Some(5)), &tenant)), Some(Forbidden), "not even its admin");
+    world.run(None, set(Some(5)), &tenant).expect("the backend sets it");
+    assert_eq!(retention(world.record.as_ref(), &tenant), Some(5));
+    world.run(None, set(Some(0)), &tenant).expect("for good");
+    assert_eq!(retention(world.record.as_ref(), &tenant), None, "0 keeps the room's history whatever the tenant's");
+    world.run(None, set(None), &tenant).expect("back to the tenant's");
+    assert_eq!(retention(world.record.as_ref(), &tenant), Some(60));
+    let too_long = set(Some(limits::MAX_RETENTION_SECS + 1));
+    assert_eq!(code(&world.run(None, too_long, &tenant)), Some(BadRequest));
+    let mut direct = World::new("dm:ada:bob");
+    let dm = RoomCommand::SetRetention { room: room_id("dm:ada:bob"), secs: Some(5) };
+    assert_eq!(code(&direct.run(None, dm, &tenant)), Some(BadRequest));
+}
+
+#[test]
 fn the_recent_messages_kept_are_bounded_and_older_counts_are_asked_for() {
     let mut state = RoomState::default();
-    state.loaded_tail(Tail { seq: 10, stream_seq: 10, ts_us: 10, tally: RoomTally { msgs: 4, last_message: None } });
+    state.loaded_tail(Tail {
+        seq: 10,
+        stream_seq: 10,
+        ts_us: 10,
+        tally: RoomTally { msgs: 4, ..RoomTally::default() },
+    });
     let tenant = ProjectId::parse("pj_0123456789abcdefghij").expect("a valid project id");
     let room = room_id("plaza");
     let mut tally = state.tail.as_ref().map(|tail| tail.tally.clone()).unwrap_or_default();
@@ -692,7 +732,7 @@ fn the_recent_messages_kept_are_bounded_and_older_counts_are_asked_for() {
             attrs: None,
             reply_to: None,
         };
-        tally = tally.followed_by(seq, 0, &body);
+        tally = tally.followed_by(seq, 0, None, &body);
         let event = RoomEvent {
             v: INTERNAL_VERSION,
             tenant: tenant.clone(),
@@ -700,6 +740,7 @@ fn the_recent_messages_kept_are_bounded_and_older_counts_are_asked_for() {
             seq,
             ts_us: seq,
             tally: tally.clone().stored_for(&body),
+            expires_ms: None,
             body,
         };
         state.appended(&event, seq);
