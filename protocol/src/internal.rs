@@ -419,10 +419,9 @@ impl RoomTally {
                     last.deleted = true;
                 }
             }
-            EventBody::RoomDeleted {} => {
-                next.last_message = None;
-                next.last_message_expires_ms = None;
-            }
+            // Every membership ends with the room, so no read marker counts on the deleted room's messages: a room
+            // created again under the name counts from nothing.
+            EventBody::RoomDeleted {} => next = RoomTally::default(),
             EventBody::Reaction { .. }
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }

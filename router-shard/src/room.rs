@@ -557,6 +557,15 @@ impl RoomActor {
     /// free), and every event of its stream subject but the last, its `room_deleted`, so that no join replays
     /// anything from before the deletion. The stores erase their part when they apply the `room_deleted`.
     async fn delete_room(&mut self) -> Result<(), RoomError> {
+        // The events first and the record last: a deletion that fails half-way still finds the room's record when
+        // it is asked again, and finishes.
+        self.ctx
+            .events
+            .purge()
+            .filter(self.log_subject.clone())
+            .keep(1)
+            .await
+            .map_err(|e| unavailable("remove the room's events", e))?;
         // Purged from the bucket's stream, with no delete marker left to count as a room of the tenant.
         for key in [subjects::roster_key(&self.tenant, &self.room), subjects::room_key(&self.tenant, &self.room)] {
             let subject = subjects::rooms_bucket_subject(&key);
@@ -568,13 +577,6 @@ impl RoomActor {
                 .await
                 .map_err(|e| unavailable("remove the room's records", e))?;
         }
-        self.ctx
-            .events
-            .purge()
-            .filter(self.log_subject.clone())
-            .keep(1)
-            .await
-            .map_err(|e| unavailable("remove the room's events", e))?;
         self.state.forget();
         self.state.record = Some(None);
         self.state.typing.clear();

@@ -752,19 +752,25 @@ pub async fn expired_messages_are_never_read<S: HistoryStore>(store: &S) {
             expiring(room.msg_full(3, "bob", "a reply", None, Some(2)), soon),
             room.msg(4, "alice", "for good"),
             expiring(room.react(5, 2, "bob", "👍", false), soon),
+            room.msg(6, "alice", "also for good"),
+            // Changes to a message live as long as the message, whatever their own expiry (a retention set later).
+            expiring(room.delete(7, 4, "alice"), now - 1),
+            expiring(room.edit(8, 6, "alice", "edited under a retention"), soon),
         ],
     )
     .await;
     let page = room.page(store, None, None, 100).await;
-    assert_eq!(seqs(&page), vec![2, 3, 4], "{page:?}");
+    assert_eq!(seqs(&page), vec![2, 3, 4, 6], "{page:?}");
     assert_eq!((page.messages[0].reply_count, page.messages[0].reactions.len()), (1, 1));
     tokio::time::sleep(std::time::Duration::from_millis(2_600)).await;
     store.sweep().await.expect("sweep");
     let page = room.page(store, None, None, 100).await;
-    assert_eq!(seqs(&page), vec![4], "only the message without an expiry is left: {page:?}");
+    assert_eq!(seqs(&page), vec![4, 6], "only the messages without an expiry are left: {page:?}");
+    assert!(page.messages[0].deleted, "a deletion whose own expiry had passed still applies: {page:?}");
+    assert_eq!(page.messages[1].body.as_deref(), Some("edited under a retention"), "the edit lives with its message");
     let thread = store.thread(&room.query(None, None, 10), 2).await.expect("thread");
     assert!(thread.messages.is_empty(), "{thread:?}");
-    assert_eq!(store.head(&room.tenant, &room.room).await.expect("head").last_seq, 5);
+    assert_eq!(store.head(&room.tenant, &room.room).await.expect("head").last_seq, 8);
 }
 
 /// A message with more replies than `MAX_REPLY_COUNT` shows that many, while its thread pages them all.

@@ -42,6 +42,9 @@ use switchyard_protocol::client::Message;
 use switchyard_protocol::internal::{EventBody, RoomEvent};
 use switchyard_protocol::{MessageId, ProjectId, RoomId, UserId};
 
+/// A message of a room: (tenant, room, seq).
+type MessageKey = (String, String, u64);
+
 /// The TTL in seconds an event's writes carry (0: none) at `now_ms`; `None` when it has expired already.
 fn ttl_of(event: &RoomEvent, now_ms: u64) -> Option<i32> {
     match event.expires_ms {
@@ -570,6 +573,8 @@ struct Statements {
     drop_reactions: PreparedStatement,
     drop_replies: PreparedStatement,
     drop_bucket_index: PreparedStatement,
+    /// The time a message's cells have left (null: no TTL), for the writes that change an existing message.
+    select_ttl: PreparedStatement,
 }
 
 /// The history store on a CQL cluster. Cheap to clone; clones share the session.
@@ -810,6 +815,7 @@ impl CqlStore {
             format!("DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE {key}"),
             format!("DELETE FROM {ks}.thread_replies USING TIMESTAMP ? WHERE {key}"),
             format!("DELETE FROM {ks}.room_buckets USING TIMESTAMP ? WHERE {key}"),
+            format!("SELECT TTL(sender) FROM {ks}.messages WHERE {key} AND seq = ?"),
         ];
         let mut prepared = Vec::with_capacity(texts.len());
         for text in texts {
@@ -845,6 +851,7 @@ impl CqlStore {
             drop_reactions: next()?,
             drop_replies: next()?,
             drop_bucket_index: next()?,
+            select_ttl: next()?,
         };
         Ok(CqlStore {
             session: Arc::new(session),
@@ -857,6 +864,45 @@ impl CqlStore {
     /// The keyspace in use.
     pub fn keyspace(&self) -> &str {
         &self.keyspace
+    }
+
+    /// For the messages that `events` change (edit, delete, pin, or a reply's mark on its parent): the TTL their
+    /// cells have left (0: none), read from the store, at most `write_concurrency` reads at once. A message not
+    /// stored has no entry.
+    async fn ttls_left(&self, events: &[RoomEvent]) -> Result<HashMap<MessageKey, i32>, StoreError> {
+        let mut wanted: HashSet<MessageKey> = HashSet::new();
+        for event in events {
+            let target = match &event.body {
+                EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Pin { target, .. } => {
+                    Some(*target)
+                }
+                EventBody::Msg { reply_to, .. } => *reply_to,
+                EventBody::Reaction { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {} => None,
+            };
+            if let Some(target) = target {
+                wanted.insert((event.tenant.to_string(), event.room.to_string(), target));
+            }
+        }
+        let reads = wanted.into_iter().map(|key| self.ttl_left(key));
+        let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(self.write_concurrency).try_collect().await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// The TTL the cells of the message at `seq` have left (0: none), or `None` when it is not stored.
+    async fn ttl_left(&self, key: MessageKey) -> Result<Option<(MessageKey, i32)>, StoreError> {
+        let values = (key.0.as_str(), key.1.as_str(), bucket_of(key.2) as i64, to_bigint("seq", key.2)?);
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.select_ttl, values)
+            .await
+            .map_err(|e| unavailable("read a message's TTL", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("a TTL read returned no rows result", e))?;
+        let row = rows.maybe_first_row::<(Option<i32>,)>().map_err(|e| corrupt("undecodable TTL", e))?;
+        Ok(row.map(|(ttl,)| (key, ttl.unwrap_or(0))))
     }
 
     /// The writes one event makes, with the partition each lands in.
@@ -998,14 +1044,14 @@ impl CqlStore {
         event: &RoomEvent,
         parent: u64,
         ts: i64,
-        ttl: i32,
+        (ttl, parent_ttl): (i32, i32),
     ) -> Result<Vec<(PartitionKey, Write)>, StoreError> {
         let (tenant, room) = (event.tenant.to_string(), event.room.to_string());
         let bucket = bucket_of(parent);
         let (bucket_i64, parent_i64) = (to_bigint("bucket", bucket)?, to_bigint("reply_to", parent)?);
         let values = (tenant.clone(), room.clone(), bucket_i64, parent_i64, to_bigint("seq", event.seq)?, ts, ttl);
         let bytes = tenant.len() + room.len() + 32;
-        let mark = (ts, ttl, tenant.clone(), room.clone(), bucket_i64, parent_i64);
+        let mark = (ts, parent_ttl, tenant.clone(), room.clone(), bucket_i64, parent_i64);
         Ok(vec![
             (
                 ("thread_replies", tenant.clone(), room.clone(), bucket),
@@ -1469,6 +1515,14 @@ impl HistoryStore for CqlStore {
         let mut progress: HashMap<(String, String), (i64, i64)> = HashMap::new();
         // The buckets of this call's messages already given an index write.
         let mut indexed: HashSet<(&str, &str, u64)> = HashSet::new();
+        let now = now_ms();
+        let mut left = self.ttls_left(events).await?;
+        // A message of this same call counts as stored, with the TTL it is written with.
+        for event in events.iter().filter(|event| matches!(event.body, EventBody::Msg { .. })) {
+            if let Some(ttl) = ttl_of(event, now) {
+                left.entry((event.tenant.to_string(), event.room.to_string(), event.seq)).or_insert(ttl);
+            }
+        }
         for event in events {
             let seq = to_bigint("seq", event.seq)?;
             let ts = to_bigint("ts_us", event.ts_us)?;
@@ -1476,8 +1530,22 @@ impl HistoryStore for CqlStore {
             if seq > newest.0 {
                 *newest = (seq, ts);
             }
-            // An event past its expiry is not written; one with an expiry lives as long as it has left.
-            let Some(ttl) = ttl_of(event, now_ms()) else { continue };
+            // A message lives as long as it has left, and one past its expiry is not written. A change to a message
+            // lives as long as the message (as long as it has left itself when the message is not stored yet).
+            let own = ttl_of(event, now);
+            let of_message = |seq: u64| left.get(&(event.tenant.to_string(), event.room.to_string(), seq)).copied();
+            let target = match &event.body {
+                EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Pin { target, .. } => {
+                    Some(*target)
+                }
+                EventBody::Msg { .. }
+                | EventBody::Reaction { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {} => None,
+            };
+            let Some(ttl) = target.and_then(of_message).or(own) else { continue };
             let index = match &event.body {
                 EventBody::Msg { .. } => {
                     let bucket = bucket_of(event.seq);
@@ -1494,7 +1562,9 @@ impl HistoryStore for CqlStore {
                 | EventBody::RoomDeleted {} => None,
             };
             let reply = match &event.body {
-                EventBody::Msg { reply_to: Some(parent), .. } => self.reply_writes(event, *parent, ts, ttl)?,
+                EventBody::Msg { reply_to: Some(parent), .. } => {
+                    self.reply_writes(event, *parent, ts, (ttl, of_message(*parent).unwrap_or(ttl)))?
+                }
                 EventBody::Msg { reply_to: None, .. }
                 | EventBody::Edit { .. }
                 | EventBody::Delete { .. }

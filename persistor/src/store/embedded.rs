@@ -198,6 +198,11 @@ impl StoredRow {
         }
     }
 
+    /// Whether the row is a message history shows at `now_ms`: its `msg` arrived and it has not expired.
+    fn is_message(&self, now_ms: u64) -> bool {
+        self.create.as_ref().is_some_and(|create| create.expires_ms.is_none_or(|expires| expires > now_ms))
+    }
+
     /// The message as history shows it, or `None` while the creating `msg` is missing.
     fn to_message(&self, seq: u64, reactions: BTreeMap<String, Vec<UserId>>) -> Result<Option<Message>, StoreError> {
         let Some(create) = &self.create else {
@@ -381,8 +386,9 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 *top = (event.seq, event.ts_us);
             }
 
-            if event.expires_ms.is_some_and(|expires| expires <= now) {
-                // Past its expiry already: not written (it only moves the head).
+            if matches!(event.body, EventBody::Msg { .. }) && event.expires_ms.is_some_and(|expires| expires <= now) {
+                // A message past its expiry already is not written (it only moves the head). A change to a message
+                // is folded into its row whatever its own expiry, and leaves with the row.
                 continue;
             }
             if let (EventBody::Msg { .. }, Some(expires)) = (&event.body, event.expires_ms) {
@@ -470,6 +476,7 @@ fn head_of(
 fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
     let tenant = query.tenant.as_str();
     let room = query.room.as_str();
+    let now = now_ms();
     let Some(window) = PageWindow::of(query, u64::MAX) else {
         return Ok(empty_page());
     };
@@ -485,7 +492,7 @@ fn history_blocking(db: &Database, query: &HistoryQuery) -> Result<HistoryPage, 
     for entry in rows {
         let (key, value) = entry.map_err(db_err)?;
         let row = StoredRow::decode(value.value())?;
-        if row.create.is_none() {
+        if !row.is_message(now) {
             continue;
         }
         picked.push((key.value().2, row));
@@ -523,6 +530,7 @@ fn page_of(
 fn thread_blocking(db: &Database, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
     let tenant = query.tenant.as_str();
     let room = query.room.as_str();
+    let now = now_ms();
     let Some(window) = PageWindow::of(query, u64::MAX) else {
         return Ok(empty_page());
     };
@@ -540,7 +548,7 @@ fn thread_blocking(db: &Database, query: &HistoryQuery, parent: u64) -> Result<H
         // A reply is indexed with its own `msg`, so its row exists; a row without one is skipped as history does.
         let Some(bytes) = messages.get((tenant, room, seq)).map_err(db_err)? else { continue };
         let row = StoredRow::decode(bytes.value())?;
-        if row.create.is_none() {
+        if !row.is_message(now) {
             continue;
         }
         picked.push((seq, row));
@@ -649,13 +657,13 @@ fn sweep_blocking(db: &Database, now: u64) -> Result<u64, StoreError> {
                 Some(bytes) => StoredRow::decode(bytes.value()).ok(),
                 None => None,
             };
-            // A message created again with a later expiry (the same event, redelivered) stays.
-            if let Some(create) = row.as_ref().and_then(|row| row.create.as_ref()) {
-                if create.expires_ms.is_some_and(|later| later > *expires) {
-                    let bytes = row.as_ref().map(StoredRow::encode).transpose()?.unwrap_or_default();
-                    messages.insert((tenant, room, seq), bytes.as_slice()).map_err(db_err)?;
-                    continue;
-                }
+            // Only the message this entry was written for goes: a row at the same seq of a room created again after
+            // a deletion (with another expiry, or none) stays.
+            if let Some(row) =
+                row.as_ref().filter(|row| row.create.as_ref().map(|c| c.expires_ms) != Some(Some(*expires)))
+            {
+                messages.insert((tenant, room, seq), row.encode()?.as_slice()).map_err(db_err)?;
+                continue;
             }
             reactions
                 .retain_in((tenant, room, seq, "", "")..(tenant, room, seq + 1, "", ""), |_, _| false)
