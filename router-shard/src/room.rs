@@ -316,6 +316,7 @@ impl RoomActor {
                 facts.user_rooms.insert(user, rooms);
             }
             Fact::MsgsAt(seq) => {
+                self.state.searched(Instant::now());
                 let msgs = self.msgs_at(seq).await?;
                 facts.msgs_at.insert(seq, msgs);
             }

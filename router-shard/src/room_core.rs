@@ -25,6 +25,10 @@ const SLOW_MODE_SENDERS_KEPT: usize = 256;
 /// Seqs of the latest messages kept per room, to tell the message count at a recent read marker without reading
 /// the stream.
 const RECENT_MESSAGES_KEPT: usize = 512;
+/// Searches of the stream for the message count at an older read marker one room makes per second at most; past
+/// them a marker keeps a bound instead (see [`Rules::msgs_at`]), so members moving their markers one seq at a time
+/// cannot keep the room waiting on the stream.
+const COUNT_SEARCHES_PER_SEC: u32 = 8;
 /// The moderation of a room that has none (and of every direct-message room).
 static UNMODERATED: RoomModeration =
     RoomModeration { bans: BTreeMap::new(), mutes: BTreeMap::new(), slow_mode_secs: 0, frozen: false };
@@ -71,6 +75,8 @@ pub(crate) struct RoomState {
     pub recent_msgs: VecDeque<u64>,
     /// Every message with a greater seq than this is in `recent_msgs` (`None` until the tail is loaded).
     pub recent_msgs_since: Option<u64>,
+    /// Searches of the stream for a count (`Fact::MsgsAt`) in the current second: when it began, and how many.
+    pub count_searches: Option<(Instant, u32)>,
 }
 
 /// A member's last message under slow mode.
@@ -99,6 +105,26 @@ impl RoomState {
         self.recent_msgs.clear();
         self.recent_msgs_since = Some(tail.seq);
         self.tail = Some(tail);
+    }
+
+    /// A search of the stream for a count was made `at`.
+    pub fn searched(&mut self, at: Instant) {
+        self.count_searches = match self.count_searches {
+            Some((since, made)) if at.saturating_duration_since(since) < Duration::from_secs(1) => {
+                Some((since, made + 1))
+            }
+            _ => Some((at, 1)),
+        };
+    }
+
+    /// May the room search the stream for a count at `now`?
+    pub fn may_search(&self, now: Instant) -> bool {
+        match self.count_searches {
+            Some((since, made)) => {
+                now.saturating_duration_since(since) >= Duration::from_secs(1) || made < COUNT_SEARCHES_PER_SEC
+            }
+            None => true,
+        }
     }
 
     /// The room's message count as of `seq` (at most the tail), when the recent messages tell it.
@@ -651,9 +677,18 @@ impl Rules<'_> {
     }
 
     /// The room's message count as of `seq` (at most the tail's).
+    /// The room's message count as of `seq` (at most the tail's): from the recent messages, else from a search of
+    /// the stream; past the room's searches per second, the lowest it can be (every event after `seq` a message),
+    /// which counts at most too many unread, never too few.
     fn msgs_at(&self, seq: u64) -> Rule<u64> {
-        self.tail()?;
-        self.state.msgs_at(seq).or_else(|| self.facts.msgs_at.get(&seq).copied()).ok_or(Stop::Load(Fact::MsgsAt(seq)))
+        let tail = self.tail()?;
+        if let Some(msgs) = self.state.msgs_at(seq).or_else(|| self.facts.msgs_at.get(&seq).copied()) {
+            return Ok(msgs);
+        }
+        if self.state.may_search(self.command.now) {
+            return Err(Stop::Load(Fact::MsgsAt(seq)));
+        }
+        Ok(tail.tally.msgs.saturating_sub(tail.seq.saturating_sub(seq)))
     }
 
     fn membership(&self, user: &UserId) -> Rule<Option<UserRoom>> {

@@ -252,6 +252,7 @@ impl World {
             }
             Fact::Tail => self.state.loaded_tail(self.tail()),
             Fact::MsgsAt(seq) => {
+                self.state.searched(self.now);
                 facts.msgs_at.insert(seq, self.msgs_through(seq));
             }
             Fact::Message(target) => {
@@ -710,6 +711,32 @@ fn a_rooms_own_retention_wins_over_the_tenants_and_only_the_backend_sets_it() {
     let mut direct = World::new("dm:ada:bob");
     let dm = RoomCommand::SetRetention { room: room_id("dm:ada:bob"), secs: Some(5) };
     assert_eq!(code(&direct.run(None, dm, &tenant)), Some(BadRequest));
+}
+
+#[test]
+fn past_its_searches_per_second_a_room_keeps_a_bound_instead_of_searching() {
+    let quotas = RoomQuotas::default();
+    let mut world = World::with_room("plaza", false, &[("ada", true), ("bob", false)]);
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        sent.push(world.run(Some("ada"), send(&world), &quotas).map(|ok| ok_seq(&ok)).expect("send"));
+    }
+    let react = RoomCommand::React { room: world.room.clone(), target: sent[3], emoji: "+1".into(), remove: false };
+    world.run(Some("ada"), react, &quotas).expect("react");
+    // The next command runs 700 ms later, within the second of these searches.
+    for _ in 0..COUNT_SEARCHES_PER_SEC {
+        world.state.searched(world.now + Duration::from_millis(700));
+    }
+    world.state.forget();
+    world.loaded.clear();
+    world.run(Some("bob"), RoomCommand::Read { room: world.room.clone(), seq: sent[1] }, &quotas).expect("read");
+    assert!(!world.loaded.contains(&Fact::MsgsAt(sent[1])), "no search: {:?}", world.loaded);
+    assert_eq!(last_own_unread(&world), Some((sent[1], 3)), "a bound: the reaction after it counts too");
+    world.now += Duration::from_secs(2);
+    world.state.forget();
+    world.run(Some("bob"), RoomCommand::Read { room: world.room.clone(), seq: sent[2] }, &quotas).expect("read");
+    assert!(world.loaded.contains(&Fact::MsgsAt(sent[2])), "a second later it searches: {:?}", world.loaded);
+    assert_eq!(last_own_unread(&world), Some((sent[2], 1)), "exact again");
 }
 
 #[test]
