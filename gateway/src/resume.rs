@@ -219,8 +219,8 @@ impl RoomLog {
     pub async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
         let events = self.next_events().await?;
         // An event past its room's retention left history: it is never replayed, so neither is what follows it.
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        if let Some(expired) = events.iter().find(|event| event.expires_ms.is_some_and(|at| u128::from(at) <= now_ms)) {
+        let now_ms = crate::http::now_ms();
+        if let Some(expired) = events.iter().find(|event| event.expires_ms.is_some_and(|at| at <= now_ms)) {
             return Err(gap(expired.seq.saturating_sub(1)));
         }
         Ok(events)

@@ -70,10 +70,9 @@ async fn send_command(
     let shard = shard_of_room(tenant, command.room(), gw.config.shard_count);
     let attempt = retry_safe_attempt(&command);
     // The quotas go with the commands they bound; the retention with every command, since any may sequence events.
-    let quotas = room_quotas(gw, tenant);
     let quotas = match command.is_bounded_by_quotas() {
-        true => quotas,
-        false => RoomQuotas { retention_secs: quotas.retention_secs, ..RoomQuotas::default() },
+        true => room_quotas(gw, tenant),
+        false => RoomQuotas { retention_secs: retention(gw, tenant), ..RoomQuotas::default() },
     };
     let request = CommandRequest {
         v: INTERNAL_VERSION,
@@ -114,6 +113,11 @@ fn room_quotas(gw: &Gateway, tenant: &ProjectId) -> RoomQuotas {
         rooms_per_tenant: own.max_rooms.or(config.max_rooms_per_tenant),
         retention_secs: own.history_retention_secs,
     }
+}
+
+/// The tenant's history retention, in seconds (`None`: for good).
+fn retention(gw: &Gateway, tenant: &ProjectId) -> Option<u64> {
+    gw.tenants.cached(tenant).and_then(|entry| entry.record.limits.history_retention_secs)
 }
 
 /// How long one attempt of a command that is safe to run twice may wait for its answer before it is sent again.

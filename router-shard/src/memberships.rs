@@ -175,7 +175,7 @@ async fn last_seqs(
         .into_iter()
         .filter_map(|got| codec::decode::<RoomEvent>(&got.payload).ok().map(|event| (got.subject, event)))
         .collect();
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::room::now_us() / 1000;
     Ok(chunk
         .iter()
         .zip(&logs)

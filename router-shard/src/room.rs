@@ -124,8 +124,6 @@ pub(crate) struct RoomActor {
     /// stream; its seqs then start again at 1 (the stores erase a deleted room by time, so nothing of the new one
     /// is dropped).
     created_here: bool,
-    /// How long the events of the command at hand stay in history (see `room_core::retention`).
-    retention: Option<u64>,
 }
 
 impl RoomActor {
@@ -137,7 +135,6 @@ impl RoomActor {
             room,
             state: RoomState::default(),
             created_here: false,
-            retention: None,
         }
     }
 
@@ -216,13 +213,12 @@ impl RoomActor {
                 }
                 Err(Stop::Refuse(refusal)) => return Err(refusal.into()),
             };
-            if decision.effects.iter().any(|effect| matches!(effect, Effect::Append { .. })) {
-                // What the room's events are stamped with: its own retention, loaded once, over the tenant's.
-                if self.state.record.is_none() && !room.is_dm() {
-                    self.load_record().await?;
-                }
-                self.retention = room_core::retention(self.state.record.as_ref().and_then(Option::as_ref), quotas);
+            // What the room's events are stamped with: its own retention, loaded once, over the tenant's.
+            let appends = decision.effects.iter().any(|effect| matches!(effect, Effect::Append { .. }));
+            if appends && self.state.record.is_none() && !room.is_dm() {
+                self.load_record().await?;
             }
+            let retention = room_core::retention(self.state.record.as_ref().and_then(Option::as_ref), quotas);
             let mut appended = None;
             for effect in decision.effects {
                 match effect {
@@ -249,7 +245,7 @@ impl RoomActor {
                     Effect::RemoveMembership(user) => memberships::remove(&self.ctx, &self.tenant, &user, &self.room)
                         .await
                         .map_err(|e| RoomError::Unavailable(e.to_string()))?,
-                    Effect::Append { body, dedupe_id } => match self.append(body, dedupe_id).await? {
+                    Effect::Append { body, dedupe_id } => match self.append(body, dedupe_id, retention).await? {
                         Some(event) => appended = Some(event),
                         // Fenced: another writer changed the room; decide again on the room as it is now (the
                         // effects before an authored append are idempotent).
@@ -477,9 +473,9 @@ impl RoomActor {
     }
 
     /// The room's last event, loading it from the stream when not known.
-    async fn tail(&mut self) -> Result<Tail, RoomError> {
-        if let Some(tail) = &self.state.tail {
-            return Ok(tail.clone());
+    async fn tail(&mut self) -> Result<&Tail, RoomError> {
+        if self.state.tail.is_some() {
+            return self.state.tail.as_ref().ok_or_else(|| RoomError::Unavailable("the room's tail was lost".into()));
         }
         let tail = match self.ctx.events.get_last_raw_message_by_subject(&self.log_subject).await {
             Ok(message) => {
@@ -495,8 +491,7 @@ impl RoomActor {
             }
             Err(e) => return Err(unavailable("read the room's last event", e)),
         };
-        self.state.loaded_tail(tail.clone());
-        Ok(tail)
+        Ok(self.state.loaded_tail(tail))
     }
 
     /// The room's message count as of `seq`, from the first event at or after it that the stream holds (found by
@@ -504,6 +499,7 @@ impl RoomActor {
     /// the stream before it are not counted.
     async fn msgs_at(&mut self, seq: u64) -> Result<u64, RoomError> {
         let tail = self.tail().await?;
+        let (tail_msgs, tail_stream_seq) = (tail.tally.msgs, tail.stream_seq);
         let at_or_after = |sequence: u64| {
             let builder =
                 self.ctx.events.raw_message_builder().sequence(sequence.max(1)).next_by_subject(&self.log_subject);
@@ -521,9 +517,9 @@ impl RoomActor {
                 }
             }
         };
-        let Some((first, mut found)) = at_or_after(1).await? else { return Ok(tail.tally.msgs) };
+        let Some((first, mut found)) = at_or_after(1).await? else { return Ok(tail_msgs) };
         // The smallest stream sequence holding an event of the room with a seq of at least `seq`.
-        let (mut low, mut high) = (first, tail.stream_seq.max(first));
+        let (mut low, mut high) = (first, tail_stream_seq.max(first));
         if found.seq < seq {
             while low < high {
                 let middle = low + (high - low) / 2;
@@ -535,7 +531,7 @@ impl RoomActor {
             }
             match at_or_after(low).await? {
                 Some((_, event)) => found = event,
-                None => return Ok(tail.tally.msgs),
+                None => return Ok(tail_msgs),
             }
         }
         let own = u64::from(found.seq > seq && matches!(found.body, EventBody::Msg { .. }));
@@ -613,24 +609,33 @@ impl RoomActor {
     /// sequence, and publish it live once acknowledged. A fence failure means another writer appended first: every
     /// cached fact is dropped; an event written for a user answers `None`, so that its command is decided again
     /// on the room as it is now, and a `joined` or `left` is retried with the next seq.
-    async fn append(&mut self, body: EventBody, dedupe_id: Option<String>) -> Result<Option<Appended>, RoomError> {
+    ///
+    /// `retention` (seconds) sets when the event leaves history.
+    async fn append(
+        &mut self,
+        body: EventBody,
+        dedupe_id: Option<String>,
+        retention: Option<u64>,
+    ) -> Result<Option<Appended>, RoomError> {
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
             let tail = self.tail().await?;
             let (seq, ts_us) = (tail.seq + 1, now_us().max(tail.ts_us + 1));
-            let expires_ms = self.retention.map(|secs| (ts_us / 1000).saturating_add(secs.saturating_mul(1000)));
+            let expires_ms = retention.map(|secs| (ts_us / 1000).saturating_add(secs.saturating_mul(1000)));
+            let tally = tail.tally.followed_by(seq, ts_us / 1000, expires_ms, &body).stored_for(&body);
+            let fence = tail.stream_seq;
             let event = RoomEvent {
                 v: INTERNAL_VERSION,
                 tenant: self.tenant.clone(),
                 room: self.room.clone(),
                 seq,
                 ts_us,
-                tally: tail.tally.followed_by(seq, ts_us / 1000, expires_ms, &body).stored_for(&body),
+                tally,
                 expires_ms,
                 body: body.clone(),
             };
             let payload = codec::encode(&event).map_err(|e| unavailable("encode event", e))?;
-            let mut publish = PublishMessage::build().payload(payload).expected_last_subject_sequence(tail.stream_seq);
+            let mut publish = PublishMessage::build().payload(payload).expected_last_subject_sequence(fence);
             if let Some(id) = &dedupe_id {
                 // Ids are validated types, so this cannot fail; if it did, the op is refused, nothing panics.
                 let id = async_nats::HeaderValue::from_str(id)

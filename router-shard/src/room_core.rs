@@ -101,10 +101,10 @@ impl RoomState {
     }
 
     /// The tail was read from the stream (or the history store's head): messages from here on are counted.
-    pub fn loaded_tail(&mut self, tail: Tail) {
+    pub fn loaded_tail(&mut self, tail: Tail) -> &Tail {
         self.recent_msgs.clear();
         self.recent_msgs_since = Some(tail.seq);
-        self.tail = Some(tail);
+        self.tail.insert(tail)
     }
 
     /// A search of the stream for a count was made `at`.

@@ -346,9 +346,7 @@ async fn set_room_retention(
     if request.secs > limits::MAX_RETENTION_SECS {
         return Err(ApiError::bad_request(format!("secs must be 0..={}", limits::MAX_RETENTION_SECS)));
     }
-    let command = RoomCommand::SetRetention { room, secs: Some(request.secs) };
-    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
-    Ok(StatusCode::NO_CONTENT)
+    set_retention(&gw, &tenant, room, Some(request.secs)).await
 }
 
 /// `DELETE /v1/rooms/{room}/retention`: the room follows the tenant's retention again.
@@ -358,9 +356,17 @@ async fn clear_room_retention(
     Path(room): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = tenant_of_request(&gw, &headers).await?;
-    let room = parse_room(&room)?;
-    let command = RoomCommand::SetRetention { room, secs: None };
-    upstream::command(&gw, &tenant.project_id, None, command).await.map_err(|e| ApiError::new(e.code, e.message))?;
+    set_retention(&gw, &tenant, parse_room(&room)?, None).await
+}
+
+/// Set the room's own retention (`None`: follow the tenant's).
+async fn set_retention(
+    gw: &Gateway,
+    tenant: &TenantRecord,
+    room: RoomId,
+    secs: Option<u64>,
+) -> Result<StatusCode, ApiError> {
+    upstream::command(gw, &tenant.project_id, None, RoomCommand::SetRetention { room, secs }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -22,7 +22,8 @@
 
 use super::page::{PageWindow, StoredMessage};
 use super::{
-    check_event, check_limit, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault,
+    check_event, check_limit, now_ms, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError,
+    StoreFault,
 };
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -52,10 +53,6 @@ fn ttl_of(event: &RoomEvent, now_ms: u64) -> Option<i32> {
         Some(expires) if expires <= now_ms => None,
         Some(expires) => Some(i32::try_from((expires - now_ms).div_ceil(1000)).unwrap_or(i32::MAX)),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Seqs per message partition: seq `s` of a room lives in bucket `s / BUCKET_SIZE`.
@@ -867,10 +864,11 @@ impl CqlStore {
     }
 
     /// For the messages that `events` change (edit, delete, pin, or a reply's mark on its parent): the TTL their
-    /// cells have left (0: none), read from the store, at most `write_concurrency` reads at once. A message not
-    /// stored has no entry.
-    async fn ttls_left(&self, events: &[RoomEvent]) -> Result<HashMap<MessageKey, i32>, StoreError> {
-        let mut wanted: HashSet<MessageKey> = HashSet::new();
+    /// cells have left (0: none) at `now`. A message of this same call counts with the TTL it is written with;
+    /// the others are read from the store, at most `write_concurrency` reads at once. A message not stored has no
+    /// entry.
+    async fn ttls_left(&self, events: &[RoomEvent], now: u64) -> Result<HashMap<MessageKey, i32>, StoreError> {
+        let mut wanted: HashSet<(&str, &str, u64)> = HashSet::new();
         for event in events {
             let target = match &event.body {
                 EventBody::Edit { target, .. } | EventBody::Delete { target, .. } | EventBody::Pin { target, .. } => {
@@ -884,12 +882,22 @@ impl CqlStore {
                 | EventBody::RoomDeleted {} => None,
             };
             if let Some(target) = target {
-                wanted.insert((event.tenant.to_string(), event.room.to_string(), target));
+                wanted.insert((event.tenant.as_str(), event.room.as_str(), target));
             }
         }
-        let reads = wanted.into_iter().map(|key| self.ttl_left(key));
+        let owned = |(tenant, room, seq): (&str, &str, u64)| (tenant.to_owned(), room.to_owned(), seq);
+        let mut left = HashMap::new();
+        for event in events.iter().filter(|event| matches!(event.body, EventBody::Msg { .. })) {
+            let key = (event.tenant.as_str(), event.room.as_str(), event.seq);
+            if let (true, Some(ttl)) = (wanted.remove(&key), ttl_of(event, now)) {
+                left.insert(owned(key), ttl);
+            }
+        }
+        let to_read: Vec<MessageKey> = wanted.into_iter().map(owned).collect();
+        let reads = to_read.into_iter().map(|key| self.ttl_left(key));
         let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(self.write_concurrency).try_collect().await?;
-        Ok(found.into_iter().flatten().collect())
+        left.extend(found.into_iter().flatten());
+        Ok(left)
     }
 
     /// The TTL the cells of the message at `seq` have left (0: none), or `None` when it is not stored.
@@ -1516,13 +1524,7 @@ impl HistoryStore for CqlStore {
         // The buckets of this call's messages already given an index write.
         let mut indexed: HashSet<(&str, &str, u64)> = HashSet::new();
         let now = now_ms();
-        let mut left = self.ttls_left(events).await?;
-        // A message of this same call counts as stored, with the TTL it is written with.
-        for event in events.iter().filter(|event| matches!(event.body, EventBody::Msg { .. })) {
-            if let Some(ttl) = ttl_of(event, now) {
-                left.entry((event.tenant.to_string(), event.room.to_string(), event.seq)).or_insert(ttl);
-            }
-        }
+        let left = self.ttls_left(events, now).await?;
         for event in events {
             let seq = to_bigint("seq", event.seq)?;
             let ts = to_bigint("ts_us", event.ts_us)?;

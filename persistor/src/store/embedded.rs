@@ -11,7 +11,9 @@
 //! releases, and is the fallback for rooms whose events were all written before `room_head` existed.
 
 use super::page::{PageWindow, StoredMessage};
-use super::{check_event, check_limit, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault};
+use super::{
+    check_event, check_limit, now_ms, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -56,10 +58,6 @@ const EXPIRIES: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::n
 
 /// Messages one sweep removes at most.
 const SWEEP_BATCH: usize = 1_000;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// What this file has been brought to: `threads_indexed` (1 once the replies stored before threads existed were
 /// indexed).
@@ -653,18 +651,16 @@ fn sweep_blocking(db: &Database, now: u64) -> Result<u64, StoreError> {
         for (expires, tenant, room, seq) in &due {
             let (tenant, room, seq) = (tenant.as_str(), room.as_str(), *seq);
             expiries.remove((*expires, tenant, room, seq)).map_err(db_err)?;
-            let row = match messages.remove((tenant, room, seq)).map_err(db_err)? {
+            let row = match messages.get((tenant, room, seq)).map_err(db_err)? {
                 Some(bytes) => StoredRow::decode(bytes.value()).ok(),
                 None => None,
             };
             // Only the message this entry was written for goes: a row at the same seq of a room created again after
             // a deletion (with another expiry, or none) stays.
-            if let Some(row) =
-                row.as_ref().filter(|row| row.create.as_ref().map(|c| c.expires_ms) != Some(Some(*expires)))
-            {
-                messages.insert((tenant, room, seq), row.encode()?.as_slice()).map_err(db_err)?;
+            if row.as_ref().is_some_and(|row| row.create.as_ref().map(|c| c.expires_ms) != Some(Some(*expires))) {
                 continue;
             }
+            messages.remove((tenant, room, seq)).map_err(db_err)?;
             reactions
                 .retain_in((tenant, room, seq, "", "")..(tenant, room, seq + 1, "", ""), |_, _| false)
                 .map_err(db_err)?;

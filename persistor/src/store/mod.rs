@@ -177,6 +177,11 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
     }
 }
 
+/// Unix time in milliseconds: what an event's `expires_ms` is compared with.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Refuse a page size outside 1..=`HISTORY_MAX_LIMIT`, before any backend work.
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     let allowed = 1..=switchyard_protocol::limits::HISTORY_MAX_LIMIT;

@@ -250,7 +250,9 @@ impl World {
                 self.state.roster = Some((self.roster.clone(), self.roster_revision));
                 facts.roster_fresh = true;
             }
-            Fact::Tail => self.state.loaded_tail(self.tail()),
+            Fact::Tail => {
+                self.state.loaded_tail(self.tail());
+            }
             Fact::MsgsAt(seq) => {
                 self.state.searched(self.now);
                 facts.msgs_at.insert(seq, self.msgs_through(seq));
