@@ -461,6 +461,7 @@ async fn read_events(client: Arc<ReconnectingClient>, seen: Arc<Mutex<Seen>>, sh
                         | ServerEvent::Left { .. }
                         | ServerEvent::Moderation { .. }
                         | ServerEvent::RoomDeleted { .. }
+                        | ServerEvent::Erased { .. }
                         | ServerEvent::Typing { .. }
                         | ServerEvent::Read { .. }
                         | ServerEvent::Presence { .. } => None,

@@ -110,6 +110,8 @@ export interface ModerationEvent {
 }
 /** The tenant's backend deleted the room: its history is gone and nobody receives it any more. */
 export interface RoomDeletedEvent { op: 'room_deleted'; room: string; seq: number; ts: number }
+/** Something at `seq` was erased with a user (the erasure, or a replayed event of the erased user); names nobody. */
+export interface ErasedEvent { op: 'erased'; room: string; seq: number }
 export interface TypingEvent { op: 'typing'; room: string; user: string }
 /** `unread` only on the reader's own sessions that do not receive the room: what is left unread after it. */
 export interface ReadEvent { op: 'read'; room: string; user: string; seq: number; unread?: number }
@@ -127,12 +129,13 @@ export interface RoomSummary {
 }
 export type ServerEvent =
   | MsgEvent | EditEvent | DeleteEvent | ReactionEvent | PinEvent | JoinedEvent | LeftEvent | ModerationEvent
-  | RoomDeletedEvent | TypingEvent | ReadEvent | PresenceEvent;
+  | RoomDeletedEvent | ErasedEvent | TypingEvent | ReadEvent | PresenceEvent;
 
 export interface Message {
   seq: number;
   id: string;
-  from: string;
+  /** Absent from the tombstone of an erased user's message. */
+  from?: string;
   body?: string;
   attrs?: Attrs;
   reply_to?: number;
@@ -156,6 +159,7 @@ export interface ClientEvents {
   left: LeftEvent;
   moderation: ModerationEvent;
   room_deleted: RoomDeletedEvent;
+  erased: ErasedEvent;
   typing: TypingEvent;
   read: ReadEvent;
   presence: PresenceEvent;

@@ -127,6 +127,11 @@ async function start(user) {
   });
   client.on('moderation', onModeration);
   client.on('room_deleted', onRoomDeleted);
+  // A user was erased: their messages are tombstones now, and they are no member any more.
+  client.on('erased', (e) => {
+    bumpSeq(e.room, e.seq);
+    if (e.room === state.current) reloadRoom(e.room);
+  });
   client.on('gap', ({ room }) => reloadRoom(room));
   client.on('error', (err) => console.warn('switchyard:', err));
 
@@ -487,11 +492,11 @@ function renderMessage(m) {
   const li = document.createElement('li');
   li.className = `msg${m.from === state.me ? ' mine' : ''}${m.deleted ? ' deleted' : ''}`;
   li.dataset.seq = String(m.seq);
-  li.dataset.from = m.from;
+  li.dataset.from = m.from ?? '';
   const head = document.createElement('div');
   head.className = 'msg-head';
   const who = document.createElement('strong');
-  who.textContent = m.from;
+  who.textContent = m.from ?? 'erased user';
   const when = document.createElement('time');
   when.dateTime = new Date(m.ts).toISOString();
   when.textContent = new Date(m.ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
@@ -574,7 +579,7 @@ function addThreadReply(m) {
   const li = document.createElement('li');
   li.dataset.seq = String(m.seq);
   const who = document.createElement('strong');
-  who.textContent = m.from;
+  who.textContent = m.from ?? 'erased user';
   li.append(who, ' ', m.deleted ? 'Message deleted' : m.body);
   // In seq order, whether it came from the page or live while the page loaded.
   const next = [...list.children].find((other) => Number(other.dataset.seq) > m.seq);

@@ -3,6 +3,9 @@
 //! `join {since}` and to fill a hole in live delivery. Finds the first missed event by binary search over the
 //! room's stream subject, then reads forward batch by batch to the join point, holding one batch at a time.
 //!
+//! An event erased with its user (removed from the stream, leaving a hole in the room's seqs) is replayed as an
+//! `erased` stand-in at its seq, so a replay stays gapless and shows nothing of the user.
+//!
 //! [`replay_into`] queues a join's missed events on the session's outbound queue, waiting for the client to read
 //! (bounded by `resume_stall_ms`, then the session is a slow consumer), at most `resume_concurrency` replays at
 //! once per gateway. It never reads the history store, which may lag: events older than the stream answer
@@ -124,6 +127,29 @@ enum BatchEnd {
     Unanswered(String),
 }
 
+/// One seq of a replay: the event the stream holds, or the stand-in of one erased from it.
+pub enum Replayed {
+    Event(RoomEvent),
+    Erased { seq: u64 },
+}
+
+impl Replayed {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Replayed::Event(event) => event.seq,
+            Replayed::Erased { seq } => *seq,
+        }
+    }
+
+    /// As a session receives it.
+    pub fn into_live(self, room: &RoomId) -> LiveEvent {
+        match self {
+            Replayed::Event(event) => LiveEvent::replayed(event),
+            Replayed::Erased { seq } => LiveEvent::erased(room.clone(), seq),
+        }
+    }
+}
+
 /// A forward reader of one room's events with `since < seq <= upto`, a batch at a time, each checked to follow the
 /// one before it with no gap.
 ///
@@ -216,17 +242,29 @@ impl RoomLog {
 
     /// The next events in seq order; empty once `upto` was handed out. `resume_gap` when an event is missing;
     /// `unavailable` when no replica and no leader answered within the reader's patience.
-    pub async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
+    pub async fn next_batch(&mut self) -> Result<Vec<Replayed>, UpstreamError> {
         let events = self.next_events().await?;
         // An event past its room's retention left history: it is never replayed, so neither is what follows it.
         let now_ms = crate::http::now_ms();
-        if let Some(expired) = events.iter().find(|event| event.expires_ms.is_some_and(|at| at <= now_ms)) {
-            return Err(gap(expired.seq.saturating_sub(1)));
+        let expired = |replayed: &&Replayed| match replayed {
+            Replayed::Event(event) => event.expires_ms.is_some_and(|at| at <= now_ms),
+            Replayed::Erased { .. } => false,
+        };
+        if let Some(expired) = events.iter().find(expired) {
+            return Err(gap(expired.seq().saturating_sub(1)));
         }
         Ok(events)
     }
 
-    async fn next_events(&mut self) -> Result<Vec<RoomEvent>, UpstreamError> {
+    /// Hand out `event`, after a stand-in for each seq between the last one handed out and it: events erased from
+    /// the stream.
+    fn hand_out(&mut self, event: RoomEvent, events: &mut Vec<Replayed>) {
+        events.extend((self.last_seq + 1..event.seq).map(|seq| Replayed::Erased { seq }));
+        self.last_seq = event.seq;
+        events.push(Replayed::Event(event));
+    }
+
+    async fn next_events(&mut self) -> Result<Vec<Replayed>, UpstreamError> {
         if self.last_seq >= self.upto {
             return Ok(Vec::new());
         }
@@ -250,12 +288,10 @@ impl RoomLog {
                     match tokio::time::timeout_at(attempt, asked).await {
                         Ok(Ok(Some((sequence, event)))) => {
                             self.next_sequence = sequence + 1;
-                            if event.seq > self.last_seq {
-                                if event.seq != self.last_seq + 1 {
-                                    return Err(gap(self.last_seq));
-                                }
-                                self.last_seq = event.seq;
-                                return Ok(vec![event]);
+                            if event.seq > self.last_seq && event.seq <= self.upto {
+                                let mut events = Vec::new();
+                                self.hand_out(event, &mut events);
+                                return Ok(events);
                             }
                             // An event handed out already: read on from the one after it.
                             "the room's log repeats an event".to_owned()
@@ -279,7 +315,7 @@ impl RoomLog {
     /// ends the batch or `deadline`.
     async fn read_batch(
         &mut self,
-        events: &mut Vec<RoomEvent>,
+        events: &mut Vec<Replayed>,
         deadline: tokio::time::Instant,
     ) -> Result<BatchEnd, UpstreamError> {
         let request = BatchRequest {
@@ -319,11 +355,7 @@ impl RoomLog {
             self.next_sequence = sequence + 1;
             let event = codec::decode::<RoomEvent>(&message.payload).map_err(unavailable)?;
             if event.seq > self.last_seq && event.seq <= self.upto {
-                if event.seq != self.last_seq + 1 {
-                    return Err(gap(self.last_seq));
-                }
-                self.last_seq = event.seq;
-                events.push(event);
+                self.hand_out(event, events);
             }
             if !batched {
                 return Ok(BatchEnd::Answered);
@@ -352,7 +384,7 @@ pub async fn missed_events(
     room: &RoomId,
     since: u64,
     upto: u64,
-) -> Result<Vec<RoomEvent>, UpstreamError> {
+) -> Result<Vec<Replayed>, UpstreamError> {
     let read = async {
         let mut log = RoomLog::open(gw, tenant, room, since, upto, GAP_FILL_PATIENCE).await?;
         let mut events = Vec::new();
@@ -389,7 +421,22 @@ pub async fn replay_into(
         if batch.is_empty() {
             return Ok(last_queued);
         }
-        for event in batch {
+        for replayed in batch {
+            let event = match replayed {
+                Replayed::Event(event) => event,
+                Replayed::Erased { seq } => {
+                    if member {
+                        if !tx.offer_replayed(Arc::new(LiveEvent::erased(room.clone(), seq)), stall).await {
+                            return Err(UpstreamError::new(
+                                ErrorCode::Unavailable,
+                                "the client does not read its replay",
+                            ));
+                        }
+                        last_queued = Some(seq);
+                    }
+                    continue;
+                }
+            };
             let visible = match &event.body {
                 EventBody::Left { user: left, .. } if left == user => std::mem::replace(&mut member, false),
                 EventBody::Joined { user: joined } if joined == user => {
@@ -404,7 +451,8 @@ pub async fn replay_into(
                 | EventBody::Reaction { .. }
                 | EventBody::Pin { .. }
                 | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {} => member,
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => member,
             };
             if !visible {
                 continue;

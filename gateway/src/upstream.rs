@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use switchyard_protocol::client::{OkResult, PresenceState, RoomSummary};
 use switchyard_protocol::internal::{
-    CommandReply, CommandRequest, HistoryReply, HistoryRequest, RoomCommand, RoomQuotas, UserCommand, UserRequest,
-    INTERNAL_VERSION,
+    AuthoredPage, AuthoredReply, AuthoredRequest, CommandReply, CommandRequest, HistoryReply, HistoryRequest,
+    RoomCommand, RoomQuotas, UserCommand, UserRequest, INTERNAL_VERSION,
 };
 use switchyard_protocol::shard::{shard_of_room, shard_of_user};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, ShardId, UserId};
@@ -142,7 +142,8 @@ fn retry_safe_attempt(command: &RoomCommand) -> Option<Duration> {
         | RoomCommand::Delete { .. }
         | RoomCommand::Pin { .. }
         | RoomCommand::Moderate { .. }
-        | RoomCommand::DeleteRoom { .. } => false,
+        | RoomCommand::DeleteRoom { .. }
+        | RoomCommand::EraseUser { .. } => false,
         // Setting the same retention twice changes nothing.
         RoomCommand::SetRetention { .. } => true,
     };
@@ -276,6 +277,31 @@ fn command_result(reply: Result<CommandReply, codec::CodecError>) -> Result<OkRe
         Ok(CommandReply::RoomsPage { .. }) => Err(UpstreamError::new(ErrorCode::Internal, "unexpected rooms page")),
         Err(e) => Err(UpstreamError::new(ErrorCode::Internal, format!("unreadable router reply: {e}"))),
     }
+}
+
+/// Ask a persistor for a page of a user's authorship (rooms, or messages).
+pub async fn authored(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    user: &UserId,
+    page: AuthoredPage,
+) -> Result<AuthoredReply, UpstreamError> {
+    let limit = match page {
+        AuthoredPage::Rooms { .. } => 100,
+        AuthoredPage::Messages { .. } => 25,
+    };
+    let request = AuthoredRequest { v: INTERNAL_VERSION, tenant: tenant.clone(), user: user.clone(), page, limit };
+    let payload = codec::encode(&request).map_err(|e| UpstreamError::new(ErrorCode::Internal, e.to_string()))?;
+    let reply = request_with_retry(
+        gw,
+        subjects::AUTHORED_SUBJECT.to_owned(),
+        payload,
+        Target::Persistor,
+        Some(RETRY_SAFE_ATTEMPT * 5),
+    )
+    .await?;
+    codec::decode::<AuthoredReply>(&reply)
+        .map_err(|e| UpstreamError::new(ErrorCode::Internal, format!("unreadable persistor reply: {e}")))
 }
 
 /// Ask a persistor for a page of history.

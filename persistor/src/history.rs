@@ -1,7 +1,8 @@
 //! The history responder: answers history requests from gateways (a NATS queue group shared by every persistor)
 //! with pages read from the store, after waiting briefly for the store to catch up to the room's last seq; and
 //! room-head requests from router shards (a room's last stored seq and time, for a room whose events have left
-//! the events stream).
+//! the events stream); and a user's authorship across a tenant (rooms, then messages), for erasing and exporting
+//! the user.
 //!
 //! It does not authorise the reader: the gateway asked the room's router shard first.
 
@@ -9,13 +10,21 @@ use crate::store::{HistoryQuery, HistoryStore};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_protocol::internal::{HistoryReply, HistoryRequest, RoomHeadReply, RoomHeadRequest, INTERNAL_VERSION};
+use switchyard_protocol::internal::{
+    AuthoredPage, AuthoredReply, AuthoredRequest, HistoryReply, HistoryRequest, RoomHeadReply, RoomHeadRequest,
+    INTERNAL_VERSION,
+};
 use switchyard_protocol::{codec, limits, subjects, ErrorCode};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Most history requests served at once by one persistor.
 const CONCURRENCY: usize = 64;
+/// Most rooms one page of a user's authorship lists.
+pub const AUTHORED_ROOMS_MAX: u32 = 100;
+/// Most index entries one page of a user's messages reads: a page of messages of the largest size still fits a
+/// NATS message.
+pub const AUTHORED_MESSAGES_MAX: u32 = 25;
 
 pub async fn serve<S: HistoryStore>(
     nats: async_nats::Client,
@@ -31,7 +40,11 @@ pub async fn serve<S: HistoryStore>(
         .queue_subscribe(subjects::ROOM_HEAD_SUBJECT, subjects::HISTORY_QUEUE.into())
         .await
         .map_err(crate::PersistorError::nats("room head subscription"))?;
-    let mut requests = futures::stream::select(pages, heads);
+    let authored = nats
+        .queue_subscribe(subjects::AUTHORED_SUBJECT, subjects::HISTORY_QUEUE.into())
+        .await
+        .map_err(crate::PersistorError::nats("authorship subscription"))?;
+    let mut requests = futures::stream::select_all([pages, heads, authored]);
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         let message = tokio::select! {
@@ -56,6 +69,13 @@ pub async fn serve<S: HistoryStore>(
                 drop(permit);
                 return;
             }
+            if message.subject.as_str() == subjects::AUTHORED_SUBJECT {
+                if let Ok(payload) = codec::encode(&answer_authored(&*store, &message.payload).await) {
+                    let _ = nats.publish(reply_to, payload).await;
+                }
+                drop(permit);
+                return;
+            }
             let forward = codec::decode::<HistoryRequest>(&message.payload).is_ok_and(|r| r.after.is_some());
             let reply = answer(&*store, &message.payload, catch_up).await;
             // Leave room for the reply's headers within the server's largest message.
@@ -66,8 +86,9 @@ pub async fn serve<S: HistoryStore>(
             drop(permit);
         });
     }
-    let (mut pages, mut heads) = requests.into_inner();
-    let (_, _) = tokio::join!(pages.unsubscribe(), heads.unsubscribe());
+    for mut subscription in requests {
+        let _ = subscription.unsubscribe().await;
+    }
     Ok(())
 }
 
@@ -103,6 +124,38 @@ async fn answer_head<S: HistoryStore>(store: &S, payload: &[u8]) -> RoomHeadRepl
     match store.head(&request.tenant, &request.room).await {
         Ok(head) => RoomHeadReply::Ok { last_seq: head.last_seq, last_ts_us: head.last_ts_us },
         Err(error) => RoomHeadReply::Err { code: ErrorCode::Unavailable, message: error.to_string() },
+    }
+}
+
+/// A page of a user's authorship.
+async fn answer_authored<S: HistoryStore>(store: &S, payload: &[u8]) -> AuthoredReply {
+    let request = match codec::decode::<AuthoredRequest>(payload) {
+        Ok(request) if request.v == INTERNAL_VERSION => request,
+        _ => {
+            return AuthoredReply::Err { code: ErrorCode::BadRequest, message: "undecodable authorship request".into() }
+        }
+    };
+    let failed = |error: crate::store::StoreError| AuthoredReply::Err {
+        code: ErrorCode::Unavailable,
+        message: error.to_string(),
+    };
+    let (tenant, user) = (&request.tenant, &request.user);
+    match &request.page {
+        AuthoredPage::Rooms { after } => {
+            let limit = request.limit.clamp(1, AUTHORED_ROOMS_MAX);
+            match store.authored_rooms(tenant, user, after.as_ref(), limit).await {
+                Ok((rooms, next)) => AuthoredReply::Rooms { rooms, next },
+                Err(error) => failed(error),
+            }
+        }
+        AuthoredPage::Messages { after } => {
+            let limit = request.limit.clamp(1, AUTHORED_MESSAGES_MAX);
+            let after = after.as_ref().map(|(room, seq)| (room, *seq));
+            match store.authored_messages(tenant, user, after, limit).await {
+                Ok(page) => AuthoredReply::Messages { messages: page.messages, next: page.next },
+                Err(error) => failed(error),
+            }
+        }
     }
 }
 
@@ -157,7 +210,7 @@ mod tests {
             .map(|seq| Message {
                 seq,
                 id: MessageId::generate(seq),
-                from: UserId::parse("alice").unwrap(),
+                from: Some(UserId::parse("alice").unwrap()),
                 body: Some("x".repeat(body_len)),
                 attrs: None,
                 reply_to: None,

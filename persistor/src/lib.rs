@@ -17,9 +17,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use store::cql::{CqlConfig, CqlStore, MigrationOutcome, SchemaPolicy};
 use store::embedded::EmbeddedStore;
-use store::{HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
+use store::{AuthoredMessages, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError};
 use switchyard_protocol::internal::RoomEvent;
-use switchyard_protocol::{subjects, ProjectId, RoomId};
+use switchyard_protocol::{subjects, ProjectId, RoomId, UserId};
 use tokio_util::sync::CancellationToken;
 
 /// Why a persistor could not run.
@@ -192,6 +192,32 @@ impl HistoryStore for AnyStore {
         match self {
             AnyStore::Embedded(store) => store.sweep().await,
             AnyStore::Cql(store) => store.sweep().await,
+        }
+    }
+
+    async fn authored_rooms(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<&RoomId>,
+        limit: u32,
+    ) -> Result<(Vec<RoomId>, Option<RoomId>), StoreError> {
+        match self {
+            AnyStore::Embedded(store) => store.authored_rooms(tenant, user, after, limit).await,
+            AnyStore::Cql(store) => store.authored_rooms(tenant, user, after, limit).await,
+        }
+    }
+
+    async fn authored_messages(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<(&RoomId, u64)>,
+        limit: u32,
+    ) -> Result<AuthoredMessages, StoreError> {
+        match self {
+            AnyStore::Embedded(store) => store.authored_messages(tenant, user, after, limit).await,
+            AnyStore::Cql(store) => store.authored_messages(tenant, user, after, limit).await,
         }
     }
 }

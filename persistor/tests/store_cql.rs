@@ -349,8 +349,9 @@ async fn cql_migration_adds_the_pinned_column_to_existing_messages() {
     conformance::pin_unpin_delete(&store).await;
 }
 
-/// A keyspace as a schema-3 release left it (no `thread_replies`), holding a message and a reply written in that
-/// layout: `migrate` indexes the reply, so the parent counts it and its thread lists it.
+/// A keyspace as a schema-3 release left it (no `thread_replies`, no `authored`), holding a message and a reply
+/// written in that layout: `migrate` indexes the reply, so the parent counts it and its thread lists it, and both
+/// messages by their author, so an export or an erasure finds them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cql_migration_indexes_replies_written_before_threads() {
     use scylla::client::session_builder::SessionBuilder;
@@ -411,4 +412,10 @@ async fn cql_migration_indexes_replies_written_before_threads() {
     let thread = store.thread(&query, 1).await.unwrap();
     assert_eq!(thread.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2]);
     assert_eq!(thread.messages[0].body.as_deref(), Some("a reply"));
+    let alice = switchyard_protocol::UserId::parse("alice").unwrap();
+    let (rooms, _) = store.authored_rooms(&tenant, &alice, None, 10).await.unwrap();
+    assert_eq!(rooms, [RoomId::parse("old").unwrap()]);
+    let authored = store.authored_messages(&tenant, &alice, None, 10).await.unwrap();
+    let bodies: Vec<_> = authored.messages.iter().map(|(_, m)| m.body.clone().unwrap_or_default()).collect();
+    assert_eq!(bodies, ["parent", "a reply"]);
 }

@@ -464,7 +464,9 @@ pub struct PresenceState {
 pub struct Message {
     pub seq: u64,
     pub id: MessageId,
-    pub from: UserId,
+    /// The author; absent from the tombstone of an erased user's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<UserId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -576,6 +578,12 @@ pub enum ServerEvent {
         seq: u64,
         ts: u64,
     },
+    /// Something at `seq` was erased with a user: the erasure itself (live), or an event of the erased user that a
+    /// replay no longer holds. It names nobody; a client showing the room reloads its history and members.
+    Erased {
+        room: RoomId,
+        seq: u64,
+    },
     Typing {
         room: RoomId,
         user: UserId,
@@ -627,7 +635,7 @@ impl ServerEvent {
     }
 
     /// The room and seq of a sequenced event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`,
-    /// `moderation`, `room_deleted`); `None` for
+    /// `moderation`, `room_deleted`, `erased`); `None` for
     /// signals (`typing`, `read`, `presence`), which carry no room seq of their own.
     pub fn room_seq(&self) -> Option<(&RoomId, u64)> {
         match self {
@@ -639,7 +647,8 @@ impl ServerEvent {
             | ServerEvent::Joined { room, seq, .. }
             | ServerEvent::Left { room, seq, .. }
             | ServerEvent::Moderation { room, seq, .. }
-            | ServerEvent::RoomDeleted { room, seq, .. } => Some((room, *seq)),
+            | ServerEvent::RoomDeleted { room, seq, .. }
+            | ServerEvent::Erased { room, seq } => Some((room, *seq)),
             ServerEvent::Typing { .. } | ServerEvent::Read { .. } | ServerEvent::Presence { .. } => None,
         }
     }

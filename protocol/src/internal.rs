@@ -109,6 +109,11 @@ pub enum RoomCommand {
     /// Delete a named room (the tenant's backend only): its members are told by a `room_deleted` event, their
     /// memberships, the roster and the record go, and its history before that event is erased; the name is free.
     DeleteRoom { room: RoomId },
+    /// Erase `user` from the room (the tenant's backend only, as part of erasing the user from the tenant): their
+    /// membership, roster entry and moderation records go, an `erased` event is appended, and every earlier event
+    /// naming them is removed from the events stream; the stores make their messages tombstones when they apply
+    /// the event. In a direct-message room with them the whole room is deleted instead, since its id names them.
+    EraseUser { room: RoomId, user: UserId },
 }
 
 /// A moderation action in a room: what `RoomCommand::Moderate` asks for and what its `EventBody::Moderation`
@@ -190,7 +195,8 @@ impl RoomCommand {
             | RoomCommand::Pin { room, .. }
             | RoomCommand::Moderate { room, .. }
             | RoomCommand::SetRetention { room, .. }
-            | RoomCommand::DeleteRoom { room } => room,
+            | RoomCommand::DeleteRoom { room }
+            | RoomCommand::EraseUser { room, .. } => room,
         }
     }
 
@@ -214,7 +220,8 @@ impl RoomCommand {
             | RoomCommand::Pin { .. }
             | RoomCommand::Moderate { .. }
             | RoomCommand::SetRetention { .. }
-            | RoomCommand::DeleteRoom { .. } => false,
+            | RoomCommand::DeleteRoom { .. }
+            | RoomCommand::EraseUser { .. } => false,
         }
     }
 }
@@ -243,6 +250,9 @@ pub enum UserCommand {
     /// A gateway's sessions of this user went from none to some (`online`) or from some to none. Answered with an
     /// empty `ok` when asked as a request.
     SessionsChanged { gateway: String, online: bool },
+    /// Forget the user's presence, its record and `last_seen` included (an erasure of the user, whose sessions are
+    /// closed first). Answered with an empty `ok`.
+    ForgetPresence,
 }
 
 /// A user's presence as last announced, in the rooms KV bucket: lets a new owner of the user's shard tell a real
@@ -422,6 +432,13 @@ impl RoomTally {
             // Every membership ends with the room, so no read marker counts on the deleted room's messages: a room
             // created again under the name counts from nothing.
             EventBody::RoomDeleted {} => next = RoomTally::default(),
+            // The latest message of an erased user is shown as no message at all; it still counts.
+            EventBody::UserErased { user } => {
+                if next.last_message.as_ref().is_some_and(|last| &last.from == user) {
+                    next.last_message = None;
+                    next.last_message_expires_ms = None;
+                }
+            }
             EventBody::Reaction { .. }
             | EventBody::Pin { .. }
             | EventBody::Joined { .. }
@@ -488,6 +505,11 @@ pub enum EventBody {
     /// The room was deleted: every event before this one is gone from history, nobody is a member any more, and a
     /// room created later under the same name continues after this seq.
     RoomDeleted {},
+    /// `user` was erased from the room: the stores make every earlier message of theirs a tombstone with no author
+    /// and drop their reactions; sessions see an `erased` event that names nobody.
+    UserErased {
+        user: UserId,
+    },
 }
 
 impl RoomEvent {
@@ -512,6 +534,8 @@ impl RoomEvent {
             | EventBody::Left { .. }
             | EventBody::Moderation { .. }
             | EventBody::RoomDeleted {} => self.tally.clone(),
+            // Tallied by the router (`RoomTally::followed_by`): no preview of the erased user is carried on.
+            EventBody::UserErased { .. } => self.tally.clone(),
         }
     }
 
@@ -567,6 +591,39 @@ impl RoomEvent {
                 }
             }
             EventBody::RoomDeleted {} => ServerEvent::RoomDeleted { room, seq, ts },
+            EventBody::UserErased { .. } => ServerEvent::Erased { room, seq },
+        }
+    }
+}
+
+impl EventBody {
+    /// The user whose own words the event holds: a message's or an edit's author, a reaction's reactor. What an
+    /// erasure of that user takes out of history.
+    pub fn content_author(&self) -> Option<&UserId> {
+        match self {
+            EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
+            EventBody::Reaction { user, .. } => Some(user),
+            EventBody::Delete { .. }
+            | EventBody::Pin { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {}
+            | EventBody::UserErased { .. } => None,
+        }
+    }
+
+    /// Whether the event names `user` (as author, actor or subject): what an erasure of that user removes from
+    /// the events stream.
+    pub fn names(&self, user: &UserId) -> bool {
+        match self {
+            EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => from == user,
+            EventBody::Delete { by, .. } | EventBody::Pin { by, .. } => by == user,
+            EventBody::Reaction { user: reactor, .. } | EventBody::Joined { user: reactor } => reactor == user,
+            EventBody::Left { user: left, by } => left == user || by.as_ref() == Some(user),
+            EventBody::Moderation { action, by } => action.user() == Some(user) || by.as_ref() == Some(user),
+            // The erasure itself stays: the stores still have to apply it.
+            EventBody::RoomDeleted {} | EventBody::UserErased { .. } => false,
         }
     }
 }
@@ -593,6 +650,37 @@ pub struct HistoryRequest {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HistoryReply {
     Ok { messages: Vec<Message>, more: bool },
+    Err { code: ErrorCode, message: String },
+}
+
+/// What a persistor is asked about one user's authorship across the tenant, for erasing and exporting the user:
+/// one page, in (room, seq) order, after the cursor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthoredRequest {
+    pub v: u8,
+    pub tenant: ProjectId,
+    pub user: UserId,
+    pub page: AuthoredPage,
+    pub limit: u32,
+}
+
+/// Which page of a user's authorship is asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuthoredPage {
+    /// The rooms holding a message or reaction of the user, after room `after`.
+    Rooms { after: Option<RoomId> },
+    /// The user's messages (neither deleted nor tombstones), after (`room`, `seq`).
+    Messages { after: Option<(RoomId, u64)> },
+}
+
+/// A persistor's answer to an [`AuthoredRequest`]: `rooms` for a rooms page, `messages` for a messages page, and
+/// the cursor of the next page (`None`: this was the last).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuthoredReply {
+    Rooms { rooms: Vec<RoomId>, next: Option<RoomId> },
+    Messages { messages: Vec<(RoomId, Message)>, next: Option<(RoomId, u64)> },
     Err { code: ErrorCode, message: String },
 }
 
@@ -840,6 +928,50 @@ mod tests {
         let decoded: CommandReply = crate::codec::decode(&bytes).unwrap();
         assert!(!decoded.was_not_taken());
         assert_eq!(decoded, plain);
+    }
+
+    #[test]
+    fn an_event_names_its_author_actor_and_subject_and_an_erasure_names_nobody_on_the_wire() {
+        let (zed, bob) = (UserId::parse("zed").unwrap(), UserId::parse("bob").unwrap());
+        let naming = [
+            EventBody::Msg {
+                id: MessageId::generate(1),
+                from: zed.clone(),
+                body: "x".into(),
+                attrs: None,
+                reply_to: None,
+            },
+            EventBody::Edit { target: 1, from: zed.clone(), body: "y".into() },
+            EventBody::Delete { target: 1, by: zed.clone() },
+            EventBody::Reaction { target: 1, user: zed.clone(), emoji: "👍".into(), removed: false },
+            EventBody::Pin { target: 1, by: zed.clone(), pinned: true },
+            EventBody::Joined { user: zed.clone() },
+            EventBody::Left { user: zed.clone(), by: None },
+            EventBody::Left { user: bob.clone(), by: Some(zed.clone()) },
+            EventBody::Moderation { action: Moderation::Mute { user: zed.clone(), until_ms: None }, by: None },
+            EventBody::Moderation { action: Moderation::Freeze { frozen: true }, by: Some(zed.clone()) },
+        ];
+        for body in &naming {
+            assert!(body.names(&zed), "{body:?}");
+            assert!(!body.names(&bob) || matches!(body, EventBody::Left { user, .. } if user == &bob), "{body:?}");
+        }
+        let erasure = EventBody::UserErased { user: zed.clone() };
+        assert!(!erasure.names(&zed), "the erasure stays for the stores");
+        let event = RoomEvent {
+            v: INTERNAL_VERSION,
+            tenant: ProjectId::generate(),
+            room: RoomId::parse("plaza").unwrap(),
+            seq: 9,
+            ts_us: 1_000,
+            tally: RoomTally::default(),
+            expires_ms: None,
+            body: erasure,
+        };
+        let wire = serde_json::to_string(&event.to_server_event()).unwrap();
+        assert_eq!(wire, r#"{"op":"erased","room":"plaza","seq":9}"#);
+        let tally = RoomTally::default().followed_by(1, 1, None, &naming[0]);
+        let after = tally.followed_by(2, 2, None, &EventBody::UserErased { user: zed });
+        assert_eq!((after.msgs, after.last_message), (1, None), "counted, not shown");
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub const DEAD_LETTER_MAX_AGE: std::time::Duration = std::time::Duration::from_s
 /// History requests, answered by any persistor (queue group `HISTORY_QUEUE`).
 pub const HISTORY_SUBJECT: &str = "sy.hist";
 pub const HISTORY_QUEUE: &str = "persistors";
+/// A user's authorship across a tenant (rooms and messages, for erasure and export), asked of the persistors in
+/// [`HISTORY_QUEUE`].
+pub const AUTHORED_SUBJECT: &str = "sy.authored";
 /// Room-head requests (a room's last seq and time as the history store holds them), answered by any persistor in the
 /// same queue group. A router shard asks when the events stream no longer holds any of a room's events.
 pub const ROOM_HEAD_SUBJECT: &str = "sy.head";

@@ -55,6 +55,22 @@ impl PresenceTable {
         }
     }
 
+    /// Forget the user (erased): out of the table, and its presence record purged from the bucket, so neither
+    /// `online` nor `last_seen` is answered any more. Watchers of a user still online are told it went offline.
+    pub async fn forget(
+        &mut self,
+        tenant: ProjectId,
+        user: UserId,
+    ) -> Result<(), async_nats::jetstream::stream::PurgeError> {
+        let key = (tenant, user);
+        if self.users.remove(&key).is_some() {
+            self.announce(&key, false).await;
+        }
+        let subject = subjects::rooms_bucket_subject(&subjects::presence_key(&key.0, &key.1));
+        self.ctx.rooms.stream.purge().filter(subject).await?;
+        Ok(())
+    }
+
     /// Whether each of `users` is online now (in the table), without reading anything.
     pub fn online(&self, tenant: &ProjectId, users: Vec<UserId>) -> Vec<(UserId, bool)> {
         users

@@ -9,6 +9,7 @@
 //! asks them about earlier messages).
 
 use crate::context::RouterContext;
+use crate::direct::{self, Ask};
 use crate::memberships;
 use crate::room_core::{
     self, Command, CommandFacts, Effect, Fact, MessageFacts, Refusal, Reply, RoomState, Stop, Tail,
@@ -16,6 +17,7 @@ use crate::room_core::{
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::DeleteMessageErrorKind;
 use async_nats::Subject;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -104,6 +106,10 @@ const HEAD_PATIENCE: Duration = Duration::from_secs(6);
 /// How often one command is decided again because another writer changed its room meanwhile (created it, or
 /// appended first).
 const REDECISIONS: usize = 3;
+/// Most events one read of an erasure's scan of the room's stream subject returns.
+const ERASE_BATCH: usize = 256;
+/// Reads of an erasure's scan that may find a replica behind the erasure before it gives up (100 ms apart).
+const ERASE_LAGGING_READS: u32 = 30;
 /// The answer when another writer keeps changing the room.
 const WRITTEN_ELSEWHERE: &str = "the room is being written by another router shard; retry";
 
@@ -260,6 +266,7 @@ impl RoomActor {
                     Effect::MarkSent { user, mark } => self.state.mark_sent(user, mark),
                     Effect::Publish(message) => self.publish_live(&message).await,
                     Effect::DeleteRoom => self.delete_room().await?,
+                    Effect::EraseFromStream(user) => self.erase_from_stream(&user).await?,
                     Effect::PutRecord(record) => self.put_record(record).await?,
                 }
             }
@@ -430,7 +437,7 @@ impl RoomActor {
             HistoryReply::Ok { messages, .. } => Ok(messages
                 .into_iter()
                 .find(|m| m.seq == target)
-                .map(|m| MessageFacts { author: m.from, deleted: m.deleted })),
+                .map(|m| MessageFacts { deleted: m.deleted || m.from.is_none(), author: m.from })),
             HistoryReply::Err { message, .. } => Err(unavailable("history", message)),
         }
     }
@@ -579,6 +586,45 @@ impl RoomActor {
         self.state.typing.clear();
         self.state.last_sent.clear();
         self.created_here = false;
+        Ok(())
+    }
+
+    /// Remove every event naming `user` from the room's stream subject before its tail (the `user_erased` just
+    /// appended, which stays for the stores), reading the subject a batch at a time: securely erased, so that no
+    /// replay and no reader of the stream finds them. Events appended meanwhile cannot name the user, who is no
+    /// member any more.
+    async fn erase_from_stream(&mut self, user: &UserId) -> Result<(), RoomError> {
+        let until = self.tail().await?.stream_seq;
+        let (mut from, mut behind) = (1, 0);
+        // Up to and including the `user_erased`: a replica that answers without it lags behind, and the events
+        // before it that it lacks are asked again (of any replica).
+        while from <= until {
+            let ask = Ask::Matching { filter: &self.log_subject, from, batch: ERASE_BATCH };
+            let got = direct::batch(&self.ctx.nats, subjects::EVENTS_DIRECT_GET, ask)
+                .await
+                .map_err(|e| unavailable("read the room's events", e))?;
+            let Some(last) = got.last() else {
+                behind += 1;
+                if behind > ERASE_LAGGING_READS {
+                    return Err(RoomError::Unavailable("the stream's replicas lag behind the erasure; retry".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            from = last.sequence + 1;
+            for message in got.iter().filter(|message| message.sequence < until) {
+                let names = codec::decode::<RoomEvent>(&message.payload).is_ok_and(|event| event.body.names(user));
+                if !names {
+                    continue;
+                }
+                match self.ctx.events.delete_message(message.sequence).await {
+                    Ok(_) => {}
+                    // Gone meanwhile (aged out, or erased by a retry running alongside).
+                    Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(_)) => {}
+                    Err(e) => return Err(unavailable("erase an event from the stream", e)),
+                }
+            }
+        }
         Ok(())
     }
 

@@ -49,7 +49,8 @@ pub(crate) struct Tail {
 /// What is known about one message of the room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MessageFacts {
-    pub author: UserId,
+    /// `None` once the author was erased (the message is then a tombstone, and deleted).
+    pub author: Option<UserId>,
     pub deleted: bool,
 }
 
@@ -153,7 +154,7 @@ impl RoomState {
         self.tail = Some(Tail { seq: event.seq, stream_seq, ts_us: event.ts_us, tally: event.tally_through() });
         match &event.body {
             EventBody::Msg { from, .. } => {
-                self.remember(event.seq, MessageFacts { author: from.clone(), deleted: false });
+                self.remember(event.seq, MessageFacts { author: Some(from.clone()), deleted: false });
                 if self.recent_msgs_since.is_some() {
                     self.recent_msgs.push_back(event.seq);
                     if self.recent_msgs.len() > RECENT_MESSAGES_KEPT {
@@ -173,6 +174,11 @@ impl RoomState {
             | EventBody::Left { .. }
             | EventBody::Moderation { .. }
             | EventBody::RoomDeleted {} => {}
+            EventBody::UserErased { user } => {
+                for facts in self.messages.values_mut().filter(|facts| facts.author.as_ref() == Some(user)) {
+                    *facts = MessageFacts { author: None, deleted: true };
+                }
+            }
         }
     }
 
@@ -293,6 +299,9 @@ pub(crate) enum Effect {
     /// Remove the room's roster and record (its name is free again) and the room's events before its last one
     /// (the `room_deleted`) from the stream; forget every cached fact.
     DeleteRoom,
+    /// Remove every event naming the user from the room's stream subject, up to the event just appended (its
+    /// `user_erased`), which stays for the stores to apply.
+    EraseFromStream(UserId),
 }
 
 /// What the command answers once its effects are done.
@@ -504,6 +513,42 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         (RoomCommand::DeleteRoom { .. }, Some(_)) => {
             return Err(refuse(ErrorCode::Forbidden, "rooms are deleted by the tenant's backend"));
         }
+        (RoomCommand::EraseUser { user: erased, .. }, None) => match room.dm_participants() {
+            Some((a, b)) => {
+                if &a != erased && &b != erased {
+                    return Err(refuse(ErrorCode::BadRequest, format!("{erased} is not a participant of {room}")));
+                }
+                // Its id names the erased user, so the conversation goes whole, as a deleted room. A deletion
+                // counts the room's messages from nothing again, so a conversation with none is deleted already.
+                if rules.tail()?.tally.msgs > 0 {
+                    effects.push(Effect::Append { body: EventBody::RoomDeleted {}, dedupe_id: None });
+                    effects.push(Effect::RemoveMembership(a));
+                    effects.push(Effect::RemoveMembership(b));
+                    effects.push(Effect::DeleteRoom);
+                }
+                Reply::TailSeq
+            }
+            None => {
+                rules.require_record()?;
+                let roster = rules.roster()?;
+                let mut kept = roster.clone();
+                kept.members.remove(erased);
+                kept.moderation.bans.remove(erased);
+                kept.moderation.mutes.remove(erased);
+                if &kept != roster {
+                    effects.push(Effect::SaveRoster(kept));
+                }
+                effects.push(Effect::RemoveMembership(erased.clone()));
+                // Appended before the stream is cleared, so a failure in between leaves the stores' part done and
+                // a retry clears the rest.
+                effects.push(Effect::Append { body: EventBody::UserErased { user: erased.clone() }, dedupe_id: None });
+                effects.push(Effect::EraseFromStream(erased.clone()));
+                Reply::TailSeq
+            }
+        },
+        (RoomCommand::EraseUser { .. }, Some(_)) => {
+            return Err(refuse(ErrorCode::Forbidden, "users are erased by the tenant's backend"));
+        }
         (RoomCommand::Typing { .. }, Some(user)) => {
             let throttled = |last: &Instant| command.now.saturating_duration_since(*last) < TYPING_INTERVAL;
             if rules.role_of(user)?.is_some()
@@ -548,7 +593,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         (RoomCommand::Edit { target, body, .. }, Some(user)) => {
             rules.require_member(user)?;
             rules.require_voice(user, "edit")?;
-            if &rules.require_message(*target)?.author != user {
+            if rules.require_message(*target)?.author.as_ref() != Some(user) {
                 return Err(refuse(ErrorCode::Forbidden, "only a message's author may edit it"));
             }
             let body = EventBody::Edit { target: *target, from: user.clone(), body: body.clone() };
@@ -558,7 +603,7 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
         (RoomCommand::Delete { target, .. }, Some(user)) => {
             let role = rules.require_member(user)?;
             rules.require_unfrozen()?;
-            if &rules.require_message(*target)?.author != user && role != Role::Admin {
+            if rules.require_message(*target)?.author.as_ref() != Some(user) && role != Role::Admin {
                 return Err(refuse(ErrorCode::Forbidden, "only a message's author or a room admin may delete it"));
             }
             effects.push(Effect::Append {
@@ -597,6 +642,8 @@ pub(crate) fn redecide_when_fenced(body: &EventBody) -> bool {
         // A moderation action rests on the actor's role and on the moderation it changes; a deletion on the
         // room's record and members.
         EventBody::Moderation { .. } | EventBody::RoomDeleted {} => true,
+        // Its roster and membership writes are done, and it holds whatever seq it gets.
+        EventBody::UserErased { .. } => false,
         EventBody::Msg { .. }
         | EventBody::Edit { .. }
         | EventBody::Delete { .. }
@@ -621,7 +668,8 @@ pub(crate) fn sent(event: &RoomEvent) -> Result<OkResult, Refusal> {
         | EventBody::Joined { .. }
         | EventBody::Left { .. }
         | EventBody::Moderation { .. }
-        | EventBody::RoomDeleted {} => {
+        | EventBody::RoomDeleted {}
+        | EventBody::UserErased { .. } => {
             let message = "cmid was already used for another kind of op".into();
             Err(Refusal { code: ErrorCode::Conflict, message, retry_after_ms: None })
         }
@@ -637,7 +685,8 @@ pub(crate) fn author(body: &EventBody) -> Option<&UserId> {
         EventBody::Joined { .. }
         | EventBody::Left { .. }
         | EventBody::Moderation { .. }
-        | EventBody::RoomDeleted {} => None,
+        | EventBody::RoomDeleted {}
+        | EventBody::UserErased { .. } => None,
     }
 }
 

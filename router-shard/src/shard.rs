@@ -190,6 +190,16 @@ async fn serve_user_request(
             }
             return;
         }
+        UserCommand::ForgetPresence => {
+            let reply = match presence.forget(tenant, user).await {
+                Ok(()) => CommandReply::Ok { result: OkResult::Empty {} },
+                Err(error) => CommandReply::err(ErrorCode::Unavailable, format!("cannot forget a presence: {error}")),
+            };
+            if let Some(reply_to) = message.reply {
+                send_reply(ctx, reply_to, &reply).await;
+            }
+            return;
+        }
         UserCommand::Presence { users } => {
             let online = presence.online(&tenant, users);
             user_reads::presence(ctx.clone(), tenant.clone(), online).boxed()

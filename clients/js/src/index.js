@@ -11,7 +11,7 @@
 export const SUBPROTOCOL = 'switchyard.v1.json';
 
 /** Events the server puts in a room's sequence (and that `join {since}` replays). */
-const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left', 'moderation', 'room_deleted']);
+const SEQUENCED = new Set(['msg', 'edit', 'delete', 'reaction', 'pin', 'joined', 'left', 'moderation', 'room_deleted', 'erased']);
 /** Server events delivered to `on(...)` listeners. */
 const EVENTS = new Set([...SEQUENCED, 'typing', 'read', 'presence']);
 /** Ops whose effect is the same when sent twice, so they are sent again when a connection drops unanswered. */
@@ -136,7 +136,7 @@ export class SwitchyardClient {
   // ---- listeners ----
 
   /**
-   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `moderation`, `room_deleted`, `typing`,
+   * Listen for `type`: a server event (`msg`, `edit`, `delete`, `reaction`, `pin`, `joined`, `left`, `moderation`, `room_deleted`, `erased`, `typing`,
    * `read`, `presence`), `event` (every server event), or a client event: `state`, `hello`, `resumed`, `gap`,
    * `error`, `close`. Returns a function that removes the listener.
    */

@@ -9,6 +9,7 @@ mod credentials;
 mod demo;
 mod error;
 mod moderation;
+mod users;
 
 pub use error::ApiError;
 
@@ -58,6 +59,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/tokens/{token}", delete(credentials::revoke_token))
         .route("/v1/users/{user_id}/sessions", delete(credentials::revoke_user_sessions))
         .route("/v1/users/{user_id}/ban", put(moderation::ban_user).delete(moderation::unban_user))
+        .route("/v1/users/{user_id}", delete(users::erase_user))
+        .route("/v1/users/{user_id}/export", get(users::export_user))
         .route("/v1/rooms", post(create_room))
         .route("/v1/rooms/{room}", delete(delete_room))
         .route("/v1/rooms/{room}/members", get(list_members))

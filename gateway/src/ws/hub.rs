@@ -63,7 +63,8 @@ impl LiveEvent {
                     | EventBody::Pin { .. }
                     | EventBody::Joined { .. }
                     | EventBody::Moderation { .. }
-                    | EventBody::RoomDeleted {} => None,
+                    | EventBody::RoomDeleted {}
+                    | EventBody::UserErased { .. } => None,
                 };
                 ends_room = matches!(event.body, EventBody::RoomDeleted {});
                 if let EventBody::Joined { user } = &event.body {
@@ -106,6 +107,25 @@ impl LiveEvent {
             own_read,
             op,
             replayed: false,
+            event,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    /// The stand-in of an event erased from the stream with its user, in a replay.
+    pub fn erased(room: RoomId, seq: u64) -> Self {
+        let event = ServerEvent::Erased { room: room.clone(), seq };
+        LiveEvent {
+            room: Some(room),
+            seq: Some(seq),
+            typing_user: None,
+            left_user: None,
+            ends_room: false,
+            joined_user: None,
+            own_read: false,
+            op: event.name(),
+            replayed: true,
             event,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),

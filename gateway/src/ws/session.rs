@@ -1145,7 +1145,14 @@ impl Session {
                 return Err(axum::Error::new(UnfilledGap));
             }
         };
-        for event in events {
+        for replayed in events {
+            let event = match replayed {
+                resume::Replayed::Event(event) => event,
+                erased @ resume::Replayed::Erased { .. } => {
+                    self.send_event(&erased.into_live(room)).await?;
+                    continue;
+                }
+            };
             let joined_at = match self.rooms.get(room) {
                 Some(RoomDelivery::Live { joined_at, .. }) => *joined_at,
                 _ => 0,

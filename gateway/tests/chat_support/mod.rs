@@ -81,7 +81,8 @@ pub fn seq_of(event: &ServerEvent) -> Option<u64> {
         | ServerEvent::Joined { seq, .. }
         | ServerEvent::Left { seq, .. }
         | ServerEvent::Moderation { seq, .. }
-        | ServerEvent::RoomDeleted { seq, .. } => Some(*seq),
+        | ServerEvent::RoomDeleted { seq, .. }
+        | ServerEvent::Erased { seq, .. } => Some(*seq),
         _ => None,
     }
 }
@@ -97,6 +98,7 @@ pub fn room_of(event: &ServerEvent) -> Option<&RoomId> {
         | ServerEvent::Left { room, .. }
         | ServerEvent::Moderation { room, .. }
         | ServerEvent::RoomDeleted { room, .. }
+        | ServerEvent::Erased { room, .. }
         | ServerEvent::Typing { room, .. }
         | ServerEvent::Read { room, .. } => Some(room),
         ServerEvent::Presence { .. } => None,

@@ -32,6 +32,7 @@ pub async fn run_all<S: HistoryStore>(store: &S) {
     reply_counts_stop_at_their_bound(store).await;
     a_deleted_room_keeps_nothing_from_before(store).await;
     expired_messages_are_never_read(store).await;
+    an_erased_user_leaves_tombstones(store).await;
     idempotent_out_of_order(store).await;
     tenant_isolation(store).await;
     room_isolation(store).await;
@@ -183,7 +184,7 @@ fn created(event: &RoomEvent) -> Message {
         EventBody::Msg { id, from, body, attrs, reply_to } => Message {
             seq: event.seq,
             id: id.clone(),
-            from: from.clone(),
+            from: Some(from.clone()),
             body: Some(body.clone()),
             attrs: attrs.clone(),
             reply_to: *reply_to,
@@ -201,7 +202,8 @@ fn created(event: &RoomEvent) -> Message {
         | EventBody::Joined { .. }
         | EventBody::Left { .. }
         | EventBody::Moderation { .. }
-        | EventBody::RoomDeleted {}) => panic!("conformance bug: {other:?} is not a msg"),
+        | EventBody::RoomDeleted {}
+        | EventBody::UserErased { .. }) => panic!("conformance bug: {other:?} is not a msg"),
     }
 }
 
@@ -735,6 +737,84 @@ pub async fn a_deleted_room_keeps_nothing_from_before<S: HistoryStore>(store: &S
     assert_eq!(seqs(&page), vec![1], "{page:?}");
     let head = store.head(&room.tenant, &room.room).await.expect("head");
     assert_eq!((head.last_seq, head.last_ts_us), (1, ts_us_of(5_000)), "the head is the latest event by time");
+}
+
+/// A `user_erased` makes every earlier message of the user in its room a tombstone with no author, body, attrs or
+/// edit, and removes their reactions there; a message or reaction of theirs from before it that arrives after it
+/// is stored erased, or not at all; the user's authorship lists their rooms and messages before, and nothing of the
+/// erased room after. Their messages elsewhere and other users' are untouched.
+pub async fn an_erased_user_leaves_tombstones<S: HistoryStore>(store: &S) {
+    let room = Room::fresh("erasing");
+    let elsewhere = Room::new(&room.tenant, "elsewhere");
+    let (tenant, zed) = (room.tenant.clone(), user("zed"));
+    let with_attrs = room.msg_full(1, "zed", "mine", Some(serde_json::json!({"k": "v"})), None);
+    let events = vec![
+        with_attrs,
+        room.msg_full(2, "bob", "an answer", None, Some(1)),
+        room.react(3, 2, "zed", "👍", false),
+        room.react(4, 1, "bob", "👀", false),
+        room.edit(5, 1, "zed", "mine, edited"),
+        room.msg(1_200, "zed", "in another bucket"),
+    ];
+    // Arrives only after the erasure, like a redelivery of a batch written alongside it.
+    let late = [room.msg(1_201, "zed", "late"), room.react(1_202, 2, "zed", "🎉", false)];
+    room.apply(store, &events).await;
+    elsewhere.apply(store, &[elsewhere.msg(1, "zed", "kept elsewhere")]).await;
+
+    let (rooms, next) = store.authored_rooms(&tenant, &zed, None, 10).await.expect("rooms");
+    assert_eq!((rooms, next), (vec![elsewhere.room.clone(), room.room.clone()], None));
+    let (first, next) = store.authored_rooms(&tenant, &zed, None, 1).await.expect("a page of one room");
+    assert_eq!(first, vec![elsewhere.room.clone()]);
+    let (second, _) = store.authored_rooms(&tenant, &zed, next.as_ref(), 1).await.expect("the next room");
+    assert_eq!(second, vec![room.room.clone()]);
+    let mut exported = Vec::new();
+    let mut after: Option<(RoomId, u64)> = None;
+    for _ in 0..20 {
+        let page = store
+            .authored_messages(&tenant, &zed, after.as_ref().map(|(r, s)| (r, *s)), 2)
+            .await
+            .expect("authored messages");
+        exported.extend(page.messages.into_iter().map(|(r, m)| (r.to_string(), m.body.unwrap_or_default())));
+        after = page.next;
+        if after.is_none() {
+            break;
+        }
+    }
+    let in_room = |body: &str| (room.room.to_string(), body.to_owned());
+    let mut expected = vec![
+        ("elsewhere".to_owned(), "kept elsewhere".to_owned()),
+        in_room("mine, edited"),
+        in_room("in another bucket"),
+    ];
+    expected.sort();
+    exported.sort();
+    assert_eq!(exported, expected, "the user's messages as they read now, without their reactions");
+
+    room.apply(store, &[room.event(1_300, EventBody::UserErased { user: zed.clone() })]).await;
+    room.apply(store, &late).await;
+    room.apply(store, &events).await;
+    let page = room.page(store, None, None, 100).await;
+    assert_eq!(seqs(&page), vec![1, 2, 1_200, 1_201]);
+    for message in page.messages.iter().filter(|m| m.seq != 2) {
+        assert_eq!(
+            (&message.from, &message.body, &message.attrs, message.edited_ts, message.deleted),
+            (&None, &None, &None, None, true),
+            "a tombstone keeps nothing of the erased user: {message:?}"
+        );
+    }
+    assert_eq!(page.messages[0].reactions, reactions(&[("👀", &["bob"])]), "another user's reaction stays");
+    assert_eq!(page.messages[0].reply_count, 1);
+    let answer = &page.messages[1];
+    assert_eq!((answer.from.as_ref(), answer.body.as_deref()), (Some(&user("bob")), Some("an answer")));
+    assert!(answer.reactions.is_empty(), "the erased user's reactions are gone: {answer:?}");
+    assert_eq!(seqs(&store.thread(&room.query(None, None, 10), 1).await.expect("thread")), vec![2]);
+    let (rooms, _) = store.authored_rooms(&tenant, &zed, None, 10).await.expect("rooms");
+    assert_eq!(rooms, vec![elsewhere.room.clone()], "nothing of the erased room is listed");
+    let left = store.authored_messages(&tenant, &zed, None, 10).await.expect("authored messages");
+    assert_eq!(left.messages.len(), 1, "{left:?}");
+    assert_eq!(elsewhere.page(store, None, None, 10).await.messages[0].from, Some(zed.clone()));
+    let head = store.head(&room.tenant, &room.room).await.expect("head");
+    assert_eq!(head.last_seq, 1_300);
 }
 
 /// Messages past their `expires_ms` are never read (one already past it when it arrives is not even written), with

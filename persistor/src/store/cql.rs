@@ -22,8 +22,8 @@
 
 use super::page::{PageWindow, StoredMessage};
 use super::{
-    check_event, check_limit, now_ms, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError,
-    StoreFault,
+    check_event, check_limit, now_ms, AuthoredMessages, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead,
+    StoreError, StoreFault,
 };
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -153,7 +153,7 @@ pub enum SchemaPolicy {
 
 /// The schema version this code reads and writes. Every change to the tables adds a step to [`migrations`] and
 /// raises this number.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The row of `schema_version` that holds the history schema's version.
 const SCHEMA_COMPONENT: &str = "history";
@@ -239,6 +239,8 @@ enum Backfill {
     RoomBuckets,
     /// Write a `thread_replies` row for every stored reply (version 4).
     ThreadReplies,
+    /// Write an `authored` row for every stored message and reaction (version 5).
+    Authored,
 }
 
 impl Backfill {
@@ -246,6 +248,7 @@ impl Backfill {
         match self {
             Backfill::RoomBuckets => backfill_room_buckets(session, ks).await,
             Backfill::ThreadReplies => backfill_thread_replies(session, ks).await,
+            Backfill::Authored => backfill_authored(session, ks).await,
         }
     }
 }
@@ -289,6 +292,32 @@ async fn backfill_thread_replies(session: &Session, ks: &str) -> Result<(), Stor
         |(tenant, room, _, reply_to): (String, String, i64, Option<i64>)| match reply_to {
             Some(parent) => Ok(Some((tenant, room, bucket_of(from_bigint("reply_to", parent)?) as i64, parent))),
             None => Ok(None),
+        },
+    )
+    .await
+}
+
+/// Index every stored message and reaction by its author: every `messages` and `reactions` row is read once, in
+/// pages. The rows written carry no TTL: one left by an expired message costs an export a skipped read.
+async fn backfill_authored(session: &Session, ks: &str) -> Result<(), StoreError> {
+    let insert = format!("INSERT INTO {ks}.authored (tenant, author, room, seq, emoji) VALUES (?, ?, ?, ?, ?)");
+    backfill(
+        session,
+        "the authorship index",
+        format!("SELECT tenant, room, seq, sender FROM {ks}.messages"),
+        insert.clone(),
+        |(tenant, room, seq, sender): (String, String, i64, Option<String>)| {
+            Ok(sender.map(|sender| (tenant, sender, room, seq, String::new())))
+        },
+    )
+    .await?;
+    backfill(
+        session,
+        "the authorship index of reactions",
+        format!("SELECT tenant, room, target, emoji, reactor FROM {ks}.reactions"),
+        insert,
+        |(tenant, room, target, emoji, reactor): (String, String, i64, String, String)| {
+            Ok(Some((tenant, reactor, room, target, emoji)))
         },
     )
     .await
@@ -414,6 +443,30 @@ fn migrations(ks: &str) -> Vec<Migration> {
             ],
             columns: vec![Column { table: "messages", name: "has_replies", cql_type: "boolean" }],
             backfill: Some(Backfill::ThreadReplies),
+        },
+        Migration {
+            version: 5,
+            description: "authored: each user's messages and reactions; erasures: the users erased from each room",
+            statements: vec![
+                // One partition per user: erasing and exporting the user read it, a room at a time or in pages.
+                // A message has the emoji ''; a reaction is at the seq of the message it targets.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.authored (\
+                     tenant text, author text, room text, seq bigint, emoji text, \
+                     PRIMARY KEY ((tenant, author), room, seq, emoji)\
+                     )"
+                ),
+                // The seq of each user's latest erasure per room: a late write of theirs from before it is
+                // erased after it lands.
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.erasures (\
+                     tenant text, room text, user text, seq bigint, \
+                     PRIMARY KEY ((tenant, room), user)\
+                     )"
+                ),
+            ],
+            columns: vec![],
+            backfill: Some(Backfill::Authored),
         },
     ]
 }
@@ -572,6 +625,24 @@ struct Statements {
     drop_bucket_index: PreparedStatement,
     /// The time a message's cells have left (null: no TTL), for the writes that change an existing message.
     select_ttl: PreparedStatement,
+    /// Index a message or reaction by its author.
+    insert_authored: PreparedStatement,
+    /// Make a message the tombstone of an erased author: every cell the author wrote nulled.
+    erase_message: PreparedStatement,
+    /// Remove one reaction.
+    drop_reaction: PreparedStatement,
+    /// Remove a user's index rows of one room before a seq.
+    drop_authored: PreparedStatement,
+    /// Record a user's erasure from a room.
+    insert_erasure: PreparedStatement,
+    /// The erasures of a room: (user, seq).
+    select_erasures: PreparedStatement,
+    /// A user's index rows of one room before a seq: (seq, emoji).
+    select_authored_in_room: PreparedStatement,
+    /// The first room after a given one holding an index row of a user.
+    select_authored_room_after: PreparedStatement,
+    /// A user's index rows after a (room, seq), limited: (room, seq, emoji).
+    select_authored_after: PreparedStatement,
 }
 
 /// The history store on a CQL cluster. Cheap to clone; clones share the session.
@@ -813,6 +884,28 @@ impl CqlStore {
             format!("DELETE FROM {ks}.thread_replies USING TIMESTAMP ? WHERE {key}"),
             format!("DELETE FROM {ks}.room_buckets USING TIMESTAMP ? WHERE {key}"),
             format!("SELECT TTL(sender) FROM {ks}.messages WHERE {key} AND seq = ?"),
+            format!(
+                "INSERT INTO {ks}.authored (tenant, author, room, seq, emoji) VALUES (?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ? AND TTL ?"
+            ),
+            format!(
+                "UPDATE {ks}.messages USING TIMESTAMP ? SET sender = null, body = null, attrs = null, \
+                 edited_us = null, deleted = true WHERE {key} AND seq = ?"
+            ),
+            format!(
+                "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE {key} AND target = ? AND emoji = ? AND reactor = ?"
+            ),
+            format!(
+                "DELETE FROM {ks}.authored USING TIMESTAMP ? WHERE tenant = ? AND author = ? AND room = ? AND seq < ?"
+            ),
+            format!("UPDATE {ks}.erasures USING TIMESTAMP ? SET seq = ? WHERE tenant = ? AND room = ? AND user = ?"),
+            format!("SELECT user, seq FROM {ks}.erasures WHERE tenant = ? AND room = ?"),
+            format!("SELECT seq, emoji FROM {ks}.authored WHERE tenant = ? AND author = ? AND room = ? AND seq < ?"),
+            format!("SELECT room FROM {ks}.authored WHERE tenant = ? AND author = ? AND room > ? LIMIT 1"),
+            format!(
+                "SELECT room, seq, emoji FROM {ks}.authored WHERE tenant = ? AND author = ? \
+                 AND (room, seq) > (?, ?) LIMIT ?"
+            ),
         ];
         let mut prepared = Vec::with_capacity(texts.len());
         for text in texts {
@@ -849,6 +942,15 @@ impl CqlStore {
             drop_replies: next()?,
             drop_bucket_index: next()?,
             select_ttl: next()?,
+            insert_authored: next()?,
+            erase_message: next()?,
+            drop_reaction: next()?,
+            drop_authored: next()?,
+            insert_erasure: next()?,
+            select_erasures: next()?,
+            select_authored_in_room: next()?,
+            select_authored_room_after: next()?,
+            select_authored_after: next()?,
         };
         Ok(CqlStore {
             session: Arc::new(session),
@@ -879,7 +981,8 @@ impl CqlStore {
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {} => None,
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => None,
             };
             if let Some(target) = target {
                 wanted.insert((event.tenant.as_str(), event.room.as_str(), target));
@@ -1005,9 +1108,145 @@ impl CqlStore {
             EventBody::Joined { .. }
             | EventBody::Left { .. }
             | EventBody::Moderation { .. }
-            | EventBody::RoomDeleted {} => None,
+            | EventBody::RoomDeleted {}
+            | EventBody::UserErased { .. } => None,
         };
         Ok(write)
+    }
+
+    /// The authorship index row of a message or a reaction, living as long as the message.
+    fn authored_write(&self, event: &RoomEvent, ttl: i32) -> Result<Option<(PartitionKey, Write)>, StoreError> {
+        // Only messages and reactions are rows of their own; an edit belongs to its message.
+        let (author, seq, emoji) = if let EventBody::Msg { from, .. } = &event.body {
+            (from, event.seq, "")
+        } else if let EventBody::Reaction { target, user, emoji, .. } = &event.body {
+            (user, *target, emoji.as_str())
+        } else {
+            return Ok(None);
+        };
+        let (tenant, room, author) = (event.tenant.to_string(), event.room.to_string(), author.to_string());
+        let bytes = tenant.len() + room.len() + author.len() + emoji.len() + 16;
+        let values = (
+            tenant.clone(),
+            author.clone(),
+            room,
+            to_bigint("seq", seq)?,
+            emoji.to_owned(),
+            to_bigint("ts_us", event.ts_us)?,
+            ttl,
+        );
+        Ok(Some((
+            ("authored", tenant, author, 0),
+            Write { statement: self.statements.insert_authored.clone(), values: Box::new(values), bytes },
+        )))
+    }
+
+    /// Run one statement on its own.
+    async fn execute(&self, statement: &PreparedStatement, values: impl SerializeRow) -> Result<(), StoreError> {
+        self.session.execute_unpaged(statement, values).await.map_err(|e| write_failed("history write failed", e))?;
+        Ok(())
+    }
+
+    /// Apply a `user_erased`: record the erasure, make every message of the user in the room before it a tombstone
+    /// and remove their reactions there (read from the authorship index, in pages), then drop those index rows;
+    /// everything as of the event's time, so an older write arriving later stays shadowed.
+    async fn erase_user(&self, event: &RoomEvent, user: &UserId) -> Result<(), StoreError> {
+        let st = &self.statements;
+        let (tenant, room, user) = (event.tenant.as_str(), event.room.as_str(), user.as_str());
+        let (ts, seq) = (to_bigint("ts_us", event.ts_us)?, to_bigint("seq", event.seq)?);
+        self.execute(&st.insert_erasure, (ts, seq, tenant, room, user)).await?;
+        let mut select = st.select_authored_in_room.clone();
+        select.set_page_size(BACKFILL_PAGE);
+        let pager = self
+            .session
+            .execute_iter(select, (tenant, user, room, seq))
+            .await
+            .map_err(|e| unavailable("cannot read a user's messages to erase", e))?;
+        let rows =
+            pager.rows_stream::<(i64, String)>().map_err(|e| corrupt("authorship rows have unexpected types", e))?;
+        rows.map(|row| async move {
+            let (at, emoji) = row.map_err(|e| unavailable("cannot read a user's messages to erase", e))?;
+            let bucket = bucket_of(from_bigint("seq", at)?) as i64;
+            if emoji.is_empty() {
+                self.execute(&st.erase_message, (ts, tenant, room, bucket, at)).await
+            } else {
+                self.execute(&st.drop_reaction, (ts, tenant, room, bucket, at, emoji.as_str(), user)).await
+            }
+        })
+        .buffer_unordered(self.write_concurrency)
+        .try_collect::<()>()
+        .await?;
+        self.execute(&st.drop_authored, (ts, tenant, user, room, seq)).await
+    }
+
+    /// Messages and reactions of this call whose author was erased from their room after them (they arrived late,
+    /// or alongside the erasure): erased now, each just after its own write. Read after the call's writes, so an
+    /// erasure that this read misses was recorded later and found their index rows.
+    async fn erase_late(&self, events: &[RoomEvent]) -> Result<(), StoreError> {
+        let rooms: HashSet<(String, String)> = events
+            .iter()
+            .filter(|event| event.body.content_author().is_some())
+            .map(|event| (event.tenant.to_string(), event.room.to_string()))
+            .collect();
+        let reads = rooms.into_iter().map(|(tenant, room)| async move {
+            let result = self
+                .session
+                .execute_unpaged(&self.statements.select_erasures, (tenant.as_str(), room.as_str()))
+                .await
+                .map_err(|e| unavailable("cannot read a room's erasures", e))?;
+            let rows = result.into_rows_result().map_err(|e| corrupt("erasures read returned no rows result", e))?;
+            let mut erased = Vec::new();
+            for row in
+                rows.rows::<(String, Option<i64>)>().map_err(|e| corrupt("erasure rows have unexpected types", e))?
+            {
+                let (user, seq) = row.map_err(|e| corrupt("undecodable erasure row", e))?;
+                erased.push(((tenant.clone(), room.clone(), user), seq.unwrap_or(0)));
+            }
+            Ok::<_, StoreError>(erased)
+        });
+        let erased: HashMap<(String, String, String), i64> = futures::stream::iter(reads)
+            .buffer_unordered(self.write_concurrency)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        if erased.is_empty() {
+            return Ok(());
+        }
+        let st = &self.statements;
+        for event in events {
+            let Some(author) = event.body.content_author() else { continue };
+            let key = (event.tenant.to_string(), event.room.to_string(), author.to_string());
+            let Some(&erased_at) = erased.get(&key) else { continue };
+            let seq = to_bigint("seq", event.seq)?;
+            if seq >= erased_at {
+                continue;
+            }
+            let (tenant, room, user) = (key.0.as_str(), key.1.as_str(), key.2.as_str());
+            let just_after = to_bigint("ts_us", event.ts_us)?.saturating_add(1);
+            match &event.body {
+                EventBody::Reaction { target, emoji, .. } => {
+                    let (bucket, target) = (bucket_of(*target) as i64, to_bigint("target", *target)?);
+                    self.execute(&st.drop_reaction, (just_after, tenant, room, bucket, target, emoji.as_str(), user))
+                        .await?;
+                }
+                EventBody::Msg { .. } => {
+                    let bucket = bucket_of(event.seq) as i64;
+                    self.execute(&st.erase_message, (just_after, tenant, room, bucket, seq)).await?;
+                }
+                EventBody::Edit { .. }
+                | EventBody::Delete { .. }
+                | EventBody::Pin { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => continue,
+            }
+            self.execute(&st.drop_authored, (just_after, tenant, user, room, erased_at)).await?;
+        }
+        Ok(())
     }
 
     /// What a `room_deleted` removes: every bucket up to its own, in each table, as of its time. A partition
@@ -1431,8 +1670,8 @@ type RawMessageRow = (
 struct CreateFields {
     /// The message id.
     id: MessageId,
-    /// The author.
-    from: UserId,
+    /// The author; `None` once erased.
+    from: Option<UserId>,
     /// Create time, microseconds.
     ts_us: u64,
     /// `attrs` as JSON text.
@@ -1468,9 +1707,13 @@ impl MessageRow {
         let seq = from_bigint("seq", seq_i64)?;
         let create = match (id, sender, ts_us) {
             (None, _, _) => None,
-            (Some(id), Some(sender), Some(ts_us)) => Some(CreateFields {
+            // An erased author's tombstone: the sender nulled with the rest of what they wrote.
+            (Some(id), sender, Some(ts_us)) if sender.is_some() || deleted == Some(true) => Some(CreateFields {
                 id: MessageId::parse(&id).map_err(|e| corrupt("message id", e))?,
-                from: UserId::parse(&sender).map_err(|e| corrupt("message sender", e))?,
+                from: sender
+                    .map(|sender| UserId::parse(&sender))
+                    .transpose()
+                    .map_err(|e| corrupt("message sender", e))?,
                 ts_us: from_bigint("ts_us", ts_us)?,
                 attrs,
                 reply_to: reply_to.map(|r| from_bigint("reply_to", r)).transpose()?,
@@ -1545,7 +1788,8 @@ impl HistoryStore for CqlStore {
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {} => None,
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => None,
             };
             let Some(ttl) = target.and_then(of_message).or(own) else { continue };
             let index = match &event.body {
@@ -1561,7 +1805,8 @@ impl HistoryStore for CqlStore {
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {} => None,
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => None,
             };
             let reply = match &event.body {
                 EventBody::Msg { reply_to: Some(parent), .. } => {
@@ -1575,9 +1820,11 @@ impl HistoryStore for CqlStore {
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {} => Vec::new(),
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => Vec::new(),
             };
-            for (key, write) in self.writes_of(event, ttl)?.into_iter().chain(index).chain(reply) {
+            let authored = self.authored_write(event, ttl)?;
+            for (key, write) in self.writes_of(event, ttl)?.into_iter().chain(index).chain(reply).chain(authored) {
                 let group = by_partition.entry(key.clone()).or_default();
                 if group.is_empty() {
                     order.push(key);
@@ -1616,6 +1863,20 @@ impl HistoryStore for CqlStore {
             deletions.extend(self.deletion_writes(event)?);
         }
         self.run_groups(deletions).await?;
+        for event in events {
+            if let EventBody::UserErased { user } = &event.body {
+                self.erase_user(event, user).await?;
+            }
+            // A direct-message room's authors are its two participants: their index of it goes with it.
+            if let (EventBody::RoomDeleted {}, Some((a, b))) = (&event.body, event.room.dm_participants()) {
+                let (ts, seq) = (to_bigint("ts_us", event.ts_us)?, to_bigint("seq", event.seq)?);
+                for user in [a, b] {
+                    let values = (ts, event.tenant.as_str(), user.as_str(), event.room.as_str(), seq);
+                    self.execute(&self.statements.drop_authored, values).await?;
+                }
+            }
+        }
+        self.erase_late(events).await?;
 
         // The progress rows go last, so a room's last seq never runs ahead of its stored messages.
         let progress_writes = progress
@@ -1643,5 +1904,86 @@ impl HistoryStore for CqlStore {
     async fn thread(&self, query: &HistoryQuery, parent: u64) -> Result<HistoryPage, StoreError> {
         check_limit(query.limit)?;
         self.thread_page(query, parent).await
+    }
+
+    async fn authored_rooms(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<&RoomId>,
+        limit: u32,
+    ) -> Result<(Vec<RoomId>, Option<RoomId>), StoreError> {
+        // One read per room, each starting past the previous room's rows.
+        let mut after = after.map(RoomId::to_string).unwrap_or_default();
+        let mut rooms = Vec::new();
+        while rooms.len() < limit as usize {
+            let values = (tenant.as_str(), user.as_str(), after.as_str());
+            let result = self
+                .session
+                .execute_unpaged(&self.statements.select_authored_room_after, values)
+                .await
+                .map_err(|e| unavailable("authorship read failed", e))?;
+            let rows = result.into_rows_result().map_err(|e| corrupt("authorship read returned no rows result", e))?;
+            let Some((room,)) = rows.maybe_first_row::<(String,)>().map_err(|e| corrupt("undecodable room", e))? else {
+                return Ok((rooms, None));
+            };
+            rooms.push(RoomId::parse(&room).map_err(|e| corrupt("a room id in the authorship index", e))?);
+            after = room;
+        }
+        let next = rooms.last().cloned();
+        Ok((rooms, next))
+    }
+
+    async fn authored_messages(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<(&RoomId, u64)>,
+        limit: u32,
+    ) -> Result<AuthoredMessages, StoreError> {
+        let (room, seq) = match after {
+            Some((room, seq)) => (room.to_string(), to_bigint("seq", seq)?),
+            None => (String::new(), -1),
+        };
+        let values = (tenant.as_str(), user.as_str(), room, seq, i32::try_from(limit).unwrap_or(i32::MAX));
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.select_authored_after, values)
+            .await
+            .map_err(|e| unavailable("authorship read failed", e))?;
+        let rows = result.into_rows_result().map_err(|e| corrupt("authorship read returned no rows result", e))?;
+        let mut entries: Vec<(String, i64, String)> = Vec::new();
+        for row in
+            rows.rows::<(String, i64, String)>().map_err(|e| corrupt("authorship rows have unexpected types", e))?
+        {
+            entries.push(row.map_err(|e| corrupt("undecodable authorship row", e))?);
+        }
+        let next = match entries.last() {
+            Some((room, seq, _)) if entries.len() >= limit as usize => Some((
+                RoomId::parse(room).map_err(|e| corrupt("a room id in the authorship index", e))?,
+                from_bigint("seq", *seq)?,
+            )),
+            _ => None,
+        };
+        // The messages among the entries, read a room at a time.
+        let mut by_room: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for (room, seq, emoji) in &entries {
+            if emoji.is_empty() {
+                by_room.entry(room.as_str()).or_default().push(*seq);
+            }
+        }
+        let mut messages = Vec::new();
+        for (room, seqs) in by_room {
+            let room_id = RoomId::parse(room).map_err(|e| corrupt("a room id in the authorship index", e))?;
+            for row in self.messages_at(tenant.as_str(), room, &seqs).await? {
+                if row.deleted {
+                    continue;
+                }
+                if let Some(message) = row.into_message(BTreeMap::new())?.filter(|message| message.from.is_some()) {
+                    messages.push((room_id.clone(), message));
+                }
+            }
+        }
+        Ok(AuthoredMessages { messages, next })
     }
 }

@@ -12,7 +12,8 @@
 
 use super::page::{PageWindow, StoredMessage};
 use super::{
-    check_event, check_limit, now_ms, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError, StoreFault,
+    check_event, check_limit, now_ms, AuthoredMessages, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError,
+    StoreFault,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -56,6 +57,14 @@ const FLOORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("room_fl
 /// (expires_ms, tenant, room, seq) of every message with an expiry, for the sweep.
 const EXPIRIES: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::new("expiries");
 
+/// A user's authorship, for erasing and exporting the user: (tenant, user, room, seq, emoji) -> nothing. A message
+/// of theirs at `seq` has the emoji ""; a reaction of theirs to message `seq` its emoji.
+const AUTHORED: TableDefinition<(&str, &str, &str, u64, &str), ()> = TableDefinition::new("authored");
+
+/// (tenant, room, user) -> the seq of the user's latest erasure in the room: a message, edit or reaction of theirs
+/// from before it that arrives late is stored erased, or not at all.
+const ERASURES: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("erasures");
+
 /// Messages one sweep removes at most.
 const SWEEP_BATCH: usize = 1_000;
 
@@ -73,8 +82,8 @@ struct StoredCreate {
     ts_us: u64,
     /// The message id.
     id: MessageId,
-    /// The author.
-    from: UserId,
+    /// The author; `None` once erased (the body and attrs are emptied with it).
+    from: Option<UserId>,
     /// The body as first sent.
     body: String,
     /// `attrs` as JSON text (kept as text so any JSON value round-trips exactly).
@@ -154,7 +163,7 @@ impl StoredRow {
                 self.create = Some(StoredCreate {
                     ts_us: ts,
                     id: id.clone(),
-                    from: from.clone(),
+                    from: Some(from.clone()),
                     body: body.clone(),
                     attrs,
                     reply_to: *reply_to,
@@ -192,8 +201,19 @@ impl StoredRow {
             | EventBody::Joined { .. }
             | EventBody::Left { .. }
             | EventBody::Moderation { .. }
-            | EventBody::RoomDeleted {} => Ok(false),
+            | EventBody::RoomDeleted {}
+            | EventBody::UserErased { .. } => Ok(false),
         }
+    }
+
+    /// Make the message a tombstone of an erased author: nothing the author wrote stays in the row.
+    fn erase(&mut self) {
+        if let Some(create) = self.create.as_mut() {
+            create.from = None;
+            create.body.clear();
+            create.attrs = None;
+        }
+        self.edit = None;
     }
 
     /// Whether the row is a message history shows at `now_ms`: its `msg` arrived and it has not expired.
@@ -280,8 +300,11 @@ impl EmbeddedStore {
         txn.open_table(META).map_err(db_err)?;
         txn.open_table(FLOORS).map_err(db_err)?;
         txn.open_table(EXPIRIES).map_err(db_err)?;
+        txn.open_table(AUTHORED).map_err(db_err)?;
+        txn.open_table(ERASURES).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         index_threads(&db)?;
+        index_authors(&db)?;
         Ok(EmbeddedStore { db: Arc::new(db), path: file })
     }
 
@@ -333,6 +356,41 @@ fn index_threads(db: &Database) -> Result<(), StoreError> {
     txn.commit().map_err(db_err)
 }
 
+/// Index the messages and reactions of a file written before authorship was indexed (once; a marker in `META`).
+fn index_authors(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(db_err)?;
+    {
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        if meta.get("authors_indexed").map_err(db_err)?.is_some() {
+            return Ok(());
+        }
+        let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+        let reactions = txn.open_table(REACTIONS).map_err(db_err)?;
+        let mut authored = txn.open_table(AUTHORED).map_err(db_err)?;
+        for entry in messages.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let (tenant, room, seq) = key.value();
+            let author = match StoredRow::decode(value.value()) {
+                Ok(row) => row.create.and_then(|create| create.from),
+                Err(error) => {
+                    tracing::warn!(tenant, room, seq, %error, "an unreadable message was not indexed by its author");
+                    None
+                }
+            };
+            if let Some(author) = author {
+                authored.insert((tenant, author.as_str(), room, seq, ""), ()).map_err(db_err)?;
+            }
+        }
+        for entry in reactions.iter().map_err(db_err)? {
+            let (key, _) = entry.map_err(db_err)?;
+            let (tenant, room, target, emoji, user) = key.value();
+            authored.insert((tenant, user, room, target, emoji), ()).map_err(db_err)?;
+        }
+        meta.insert("authors_indexed", 1).map_err(db_err)?;
+    }
+    txn.commit().map_err(db_err)
+}
+
 /// Put a reply in its thread, counting it once however often it is applied.
 fn add_reply(
     threads: &mut redb::Table<'_, (&'static str, &'static str, u64, u64), ()>,
@@ -357,6 +415,8 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
         let mut counts = txn.open_table(THREAD_COUNTS).map_err(db_err)?;
         let mut floors = txn.open_table(FLOORS).map_err(db_err)?;
         let mut expiries = txn.open_table(EXPIRIES).map_err(db_err)?;
+        let mut authored = txn.open_table(AUTHORED).map_err(db_err)?;
+        let mut erasures = txn.open_table(ERASURES).map_err(db_err)?;
         let now = now_ms();
         // Per room, the newest event of this batch: (seq, ts_us).
         let mut newest: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
@@ -377,6 +437,56 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 threads.retain_in((tenant, room, 0, 0)..(tenant, room, end, 0), |_, _| false).map_err(db_err)?;
                 counts.retain_in((tenant, room, 0)..(tenant, room, end), |_, _| false).map_err(db_err)?;
                 floors.insert((tenant, room), event.ts_us.max(floor)).map_err(db_err)?;
+                // A direct-message room's authors are its two participants: their index goes with it.
+                if let Some((a, b)) = event.room.dm_participants() {
+                    for user in [a.as_str(), b.as_str()] {
+                        let range = (tenant, user, room, 0, "")..(tenant, user, room, end, "");
+                        authored.retain_in(range, |_, _| false).map_err(db_err)?;
+                    }
+                }
+            }
+            if let EventBody::UserErased { user } = &event.body {
+                let user = user.as_str();
+                let before = erasures.get((tenant, room, user)).map_err(db_err)?.map_or(0, |g| g.value());
+                erasures.insert((tenant, room, user), before.max(event.seq)).map_err(db_err)?;
+                let range = (tenant, user, room, 0, "")..(tenant, user, room, event.seq, "");
+                let mut entries = Vec::new();
+                for entry in authored.range(range.clone()).map_err(db_err)? {
+                    let (key, _) = entry.map_err(db_err)?;
+                    let (_, _, _, seq, emoji) = key.value();
+                    entries.push((seq, emoji.to_owned()));
+                }
+                for (seq, emoji) in entries {
+                    if !emoji.is_empty() {
+                        reactions.remove((tenant, room, seq, emoji.as_str(), user)).map_err(db_err)?;
+                        continue;
+                    }
+                    let row = match messages.get((tenant, room, seq)).map_err(db_err)? {
+                        Some(bytes) => Some(StoredRow::decode(bytes.value())?),
+                        None => None,
+                    };
+                    if let Some(mut row) = row {
+                        row.erase();
+                        messages.insert((tenant, room, seq), row.encode()?.as_slice()).map_err(db_err)?;
+                    }
+                }
+                authored.retain_in(range, |_, _| false).map_err(db_err)?;
+            }
+            // The user whose message, edit or reaction this is, when they were erased from the room after it.
+            let erased_author = match event.body.content_author() {
+                Some(user) => {
+                    let erased = erasures.get((tenant, room, user.as_str())).map_err(db_err)?.map_or(0, |g| g.value());
+                    (erased > event.seq).then_some(user)
+                }
+                None => None,
+            };
+            if erased_author.is_some() && !matches!(event.body, EventBody::Msg { .. }) {
+                // Late, and of an erased user: nothing of it is kept (its seq still moves the head).
+                let top = newest.entry((tenant, room)).or_insert((event.seq, event.ts_us));
+                if event.ts_us > top.1 {
+                    *top = (event.seq, event.ts_us);
+                }
+                continue;
             }
 
             let top = newest.entry((tenant, room)).or_insert((event.seq, event.ts_us));
@@ -401,6 +511,7 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                     Some(*target)
                 }
                 EventBody::Reaction { target, user, emoji, removed } => {
+                    authored.insert((tenant, user.as_str(), room, *target, emoji.as_str()), ()).map_err(db_err)?;
                     let key = (tenant, room, *target, emoji.as_str(), user.as_str());
                     let current = reactions.get(key).map_err(db_err)?.map(|g| g.value());
                     // Later event wins; on an equal timestamp (the same event again) removal wins, which keeps the
@@ -417,8 +528,14 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {} => None,
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => None,
             };
+            if let EventBody::Msg { from, .. } = &event.body {
+                if erased_author.is_none() {
+                    authored.insert((tenant, from.as_str(), room, event.seq, ""), ()).map_err(db_err)?;
+                }
+            }
 
             if let Some(seq) = row_seq {
                 let key = (tenant, room, seq);
@@ -427,6 +544,9 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                     None => StoredRow::default(),
                 };
                 if row.absorb(event)? {
+                    if erased_author.is_some() {
+                        row.erase();
+                    }
                     let bytes = row.encode()?;
                     messages.insert(key, bytes.as_slice()).map_err(db_err)?;
                 }
@@ -629,6 +749,106 @@ impl HistoryStore for EmbeddedStore {
         let now = now_ms();
         self.blocking(move |db| sweep_blocking(db, now)).await
     }
+
+    async fn authored_rooms(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<&RoomId>,
+        limit: u32,
+    ) -> Result<(Vec<RoomId>, Option<RoomId>), StoreError> {
+        let (tenant, user, after) = (tenant.to_string(), user.to_string(), after.map(RoomId::to_string));
+        self.blocking(move |db| authored_rooms_blocking(db, (&tenant, &user), after, limit as usize)).await
+    }
+
+    async fn authored_messages(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<(&RoomId, u64)>,
+        limit: u32,
+    ) -> Result<AuthoredMessages, StoreError> {
+        let (tenant, user) = (tenant.to_string(), user.to_string());
+        let after = after.map(|(room, seq)| (room.to_string(), seq));
+        self.blocking(move |db| authored_messages_blocking(db, (&tenant, &user), after, limit as usize)).await
+    }
+}
+
+fn stored_room(room: &str) -> Result<RoomId, StoreError> {
+    RoomId::parse(room).map_err(|e| StoreError::Corrupt(StoreFault::caused("a room id in the authorship index", e)))
+}
+
+/// The rooms of `user`'s index entries after room `after`: one range read per room, each starting past the
+/// previous room's entries.
+fn authored_rooms_blocking(
+    db: &Database,
+    (tenant, user): (&str, &str),
+    mut after: Option<String>,
+    limit: usize,
+) -> Result<(Vec<RoomId>, Option<RoomId>), StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let authored = txn.open_table(AUTHORED).map_err(db_err)?;
+    let mut rooms = Vec::new();
+    while rooms.len() < limit {
+        // Past every seq a store holds (at most i64::MAX): the first entry of a later room.
+        let start = match &after {
+            Some(room) => (tenant, user, room.as_str(), u64::MAX, ""),
+            None => (tenant, user, "", 0, ""),
+        };
+        let Some(entry) = authored.range(start..).map_err(db_err)?.next() else { return Ok((rooms, None)) };
+        let (key, _) = entry.map_err(db_err)?;
+        let (k_tenant, k_user, room, _, _) = key.value();
+        if k_tenant != tenant || k_user != user {
+            return Ok((rooms, None));
+        }
+        rooms.push(stored_room(room)?);
+        after = Some(room.to_owned());
+    }
+    let next = rooms.last().cloned();
+    Ok((rooms, next))
+}
+
+/// Up to `limit` of `user`'s index entries after (room, seq), and the messages among them.
+fn authored_messages_blocking(
+    db: &Database,
+    (tenant, user): (&str, &str),
+    after: Option<(String, u64)>,
+    limit: usize,
+) -> Result<AuthoredMessages, StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let authored = txn.open_table(AUTHORED).map_err(db_err)?;
+    let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+    let start = match &after {
+        Some((room, seq)) => (tenant, user, room.as_str(), seq.saturating_add(1), ""),
+        None => (tenant, user, "", 0, ""),
+    };
+    let now = now_ms();
+    let mut out = AuthoredMessages::default();
+    for (read, entry) in authored.range(start..).map_err(db_err)?.enumerate() {
+        let (key, _) = entry.map_err(db_err)?;
+        let (k_tenant, k_user, room, seq, emoji) = key.value();
+        if k_tenant != tenant || k_user != user {
+            break;
+        }
+        if read == limit {
+            return Ok(out);
+        }
+        let room_id = stored_room(room)?;
+        out.next = Some((room_id.clone(), seq));
+        if !emoji.is_empty() {
+            continue;
+        }
+        let Some(bytes) = messages.get((tenant, room, seq)).map_err(db_err)? else { continue };
+        let row = StoredRow::decode(bytes.value())?;
+        if !row.is_message(now) || row.delete_ts_us.is_some() {
+            continue;
+        }
+        if let Some(message) = row.to_message(seq, BTreeMap::new())?.filter(|message| message.from.is_some()) {
+            out.messages.push((room_id, message));
+        }
+    }
+    out.next = None;
+    Ok(out)
 }
 
 /// Remove up to [`SWEEP_BATCH`] messages whose expiry is before `now`: each row, its reactions, its own thread

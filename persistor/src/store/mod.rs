@@ -13,7 +13,7 @@ mod page;
 use std::future::Future;
 use switchyard_protocol::client::Message;
 use switchyard_protocol::internal::{EventBody, RoomEvent};
-use switchyard_protocol::{ProjectId, RoomId};
+use switchyard_protocol::{ProjectId, RoomId, UserId};
 
 /// A store failure. `Unavailable` is worth retrying (the backend is down, timing out or overloaded, and the same
 /// write may succeed later); `Rejected` is the event's own fault (the store refused a value it cannot hold, and
@@ -112,6 +112,14 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
+/// One page of a user's messages: what [`HistoryStore::authored_messages`] answers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthoredMessages {
+    pub messages: Vec<(RoomId, Message)>,
+    /// Where the next page starts (after this room and seq); `None` when this page was the last.
+    pub next: Option<(RoomId, u64)>,
+}
+
 /// A history backend.
 ///
 /// `apply` must be idempotent and order-insensitive: applying any multiset of events, in any order, any number of
@@ -141,6 +149,28 @@ pub trait HistoryStore: Send + Sync + 'static {
     fn sweep(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
         async { Ok(0) }
     }
+
+    /// One page of the rooms holding a message or reaction of `user` (by the authorship index), in room order
+    /// after `after`, and the cursor of the next page (`None`: no more). A room whose messages were all erased or
+    /// deleted with the room may still be listed.
+    fn authored_rooms(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<&RoomId>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<RoomId>, Option<RoomId>), StoreError>> + Send;
+
+    /// One page of `user`'s messages, in (room, seq) order after `after`: at most `limit` index entries are read,
+    /// and the messages among them that are neither deleted, erased nor expired are returned (without reactions,
+    /// which are other users' data), with the cursor of the next page (`None`: no more).
+    fn authored_messages(
+        &self,
+        tenant: &ProjectId,
+        user: &UserId,
+        after: Option<(&RoomId, u64)>,
+        limit: u32,
+    ) -> impl Future<Output = Result<AuthoredMessages, StoreError>> + Send;
 
     /// The highest seq of any event applied for the room, 0 when none.
     fn last_seq(&self, tenant: &ProjectId, room: &RoomId) -> impl Future<Output = Result<u64, StoreError>> + Send {
@@ -173,7 +203,8 @@ pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
         | EventBody::Joined { .. }
         | EventBody::Left { .. }
         | EventBody::Moderation { .. }
-        | EventBody::RoomDeleted {} => Ok(()),
+        | EventBody::RoomDeleted {}
+        | EventBody::UserErased { .. } => Ok(()),
     }
 }
 

@@ -57,7 +57,8 @@ impl PageWindow {
 pub(crate) struct StoredMessage {
     pub seq: u64,
     pub id: MessageId,
-    pub from: UserId,
+    /// The author; `None` once erased (the message is then a tombstone).
+    pub from: Option<UserId>,
     /// Create time, microseconds.
     pub ts_us: u64,
     /// `attrs` as JSON text.
@@ -83,7 +84,11 @@ impl StoredMessage {
             .map(serde_json::from_str)
             .transpose()
             .map_err(|e| StoreError::Corrupt(StoreFault::caused(&format!("undecodable attrs at seq {seq}"), e)))?;
-        if !self.deleted && self.body.is_none() {
+        // An erased author's message is a tombstone whatever else the row says.
+        let erased = self.from.is_none();
+        let deleted = self.deleted || erased;
+        let attrs = if erased { None } else { attrs };
+        if !deleted && self.body.is_none() {
             let message = format!("message at seq {seq} has no body and is not deleted");
             return Err(StoreError::Corrupt(StoreFault::new(message)));
         }
@@ -91,14 +96,14 @@ impl StoredMessage {
             seq,
             id: self.id,
             from: self.from,
-            body: if self.deleted { None } else { self.body },
+            body: if deleted { None } else { self.body },
             attrs,
             reply_to: self.reply_to,
             ts: self.ts_us / 1000,
-            edited_ts: self.edited_us.map(|us| us / 1000),
-            deleted: self.deleted,
+            edited_ts: if erased { None } else { self.edited_us.map(|us| us / 1000) },
+            deleted,
             reactions,
-            pinned: self.pinned && !self.deleted,
+            pinned: self.pinned && !deleted,
             reply_count: 0,
         })
     }
@@ -151,7 +156,7 @@ mod tests {
         let stored = StoredMessage {
             seq: 4,
             id: MessageId::generate(1),
-            from: UserId::parse("ada").unwrap(),
+            from: Some(UserId::parse("ada").unwrap()),
             ts_us: 2_000,
             attrs: Some(r#"{"k":1}"#.into()),
             reply_to: None,
@@ -164,6 +169,12 @@ mod tests {
         assert_eq!(
             (message.body.as_deref(), message.ts, message.edited_ts, message.pinned),
             (Some("hi"), 2, Some(3), true)
+        );
+        let erased = StoredMessage { from: None, ..stored.clone() }.into_message(BTreeMap::new()).unwrap();
+        assert_eq!(
+            (erased.from, erased.body, erased.attrs, erased.edited_ts, erased.deleted, erased.pinned),
+            (None, None, None, None, true, false),
+            "an erased author's message is a tombstone that keeps nothing of theirs"
         );
         let gone = StoredMessage { deleted: true, ..stored.clone() }.into_message(BTreeMap::new()).unwrap();
         assert_eq!((gone.body, gone.pinned), (None, false));

@@ -221,6 +221,8 @@ impl World {
                         self.record = Some(record.clone());
                         self.state.record = Some(Some(record));
                     }
+                    // The world keeps no stream apart from its events, which stay as the rules saw them.
+                    Effect::EraseFromStream(_) => {}
                     Effect::DeleteRoom => {
                         self.record = None;
                         self.roster = Roster { v: INTERNAL_VERSION, ..Roster::default() };
@@ -266,7 +268,7 @@ impl World {
                     |event| matches!(&event.body, EventBody::Delete { target: deleted, .. } if *deleted == target),
                 );
                 match author {
-                    Some(author) => self.state.remember(target, MessageFacts { author, deleted }),
+                    Some(author) => self.state.remember(target, MessageFacts { author: Some(author), deleted }),
                     None => {
                         facts.missing_messages.insert(target);
                     }
@@ -323,7 +325,10 @@ impl World {
                 let banned = moderation.is_banned(joined, now_ms);
                 check(!banned, format!("{joined} joined while banned"), &mut self.violations);
             }
-            EventBody::Left { .. } | EventBody::Moderation { .. } | EventBody::RoomDeleted {} => {}
+            EventBody::Left { .. }
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {}
+            | EventBody::UserErased { .. } => {}
         }
         match &body {
             EventBody::Msg { from, .. } | EventBody::Reaction { user: from, .. } => {
@@ -371,6 +376,9 @@ impl World {
             EventBody::RoomDeleted {} => {
                 check(self.record.is_some(), "a deletion of no room".into(), &mut self.violations);
             }
+            EventBody::UserErased { user } => {
+                check(backend || self.role(user).is_none(), format!("{user} erased by a user"), &mut self.violations);
+            }
         }
         if let Some(author) = written_for(&body) {
             check(!self.gone.contains(author), format!("an event for {author} after their left"), &mut self.violations);
@@ -403,7 +411,8 @@ impl World {
                 | EventBody::Reaction { .. }
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
-                | EventBody::Moderation { .. } => {}
+                | EventBody::Moderation { .. }
+                | EventBody::UserErased { .. } => {}
                 EventBody::RoomDeleted {} => pinned.clear(),
             }
         }
@@ -691,6 +700,49 @@ fn only_the_backend_deletes_a_named_room_and_its_name_is_free_again() {
     let dm = RoomCommand::DeleteRoom { room: room_id("dm:ada:bob") };
     let mut direct = World::new("dm:ada:bob");
     assert_eq!(code(&direct.run(None, dm, &quotas)), Some(BadRequest));
+}
+
+#[test]
+fn only_the_backend_erases_a_user_who_then_has_no_place_in_the_room() {
+    let quotas = RoomQuotas::default();
+    let mut world = World::with_room("plaza", false, &[("ada", true), ("bob", false)]).with_message("bob");
+    let room = world.room.clone();
+    let ban = RoomCommand::Moderate {
+        room: room.clone(),
+        action: Moderation::Mute { user: user("bob"), until_ms: None },
+        secs: None,
+    };
+    world.run(Some("ada"), ban, &quotas).expect("mute");
+    let erase = RoomCommand::EraseUser { room: room.clone(), user: user("bob") };
+    assert_eq!(code(&world.run(Some("ada"), erase.clone(), &quotas)), Some(Forbidden), "not even an admin");
+    let ok = world.run(None, erase.clone(), &quotas).expect("the backend erases");
+    let last = world.events.last().expect("an event");
+    assert_eq!((ok_seq(&ok), &last.body), (last.seq, &EventBody::UserErased { user: user("bob") }));
+    assert_eq!(
+        last.to_server_event(),
+        switchyard_protocol::client::ServerEvent::Erased { room: room.clone(), seq: last.seq },
+        "it names nobody"
+    );
+    assert!(last.tally.last_message.is_none(), "no preview of the erased user's message is carried on");
+    assert_eq!(last.tally.msgs, 1, "their message still counts");
+    assert!(!world.roster.members.contains_key(&user("bob")) && world.roster.moderation.mutes.is_empty());
+    assert!(!world.memberships.contains_key(&user("bob")), "{:?}", world.memberships);
+    // The message is a tombstone to the rules too: nobody edits or reacts to it.
+    let react = RoomCommand::React { room: room.clone(), target: 1, emoji: "x".into(), remove: false };
+    assert_eq!(code(&world.run(Some("ada"), react, &quotas)), Some(NotFound));
+    world.run(None, erase, &quotas).expect("erasing again is harmless");
+    // A direct-message room names its participants: erasing one deletes it whole, once.
+    let mut direct = World::new("dm:ada:bob");
+    let send =
+        RoomCommand::Send { room: room_id("dm:ada:bob"), body: "hi".into(), attrs: None, reply_to: None, cmid: None };
+    direct.run(Some("ada"), send, &quotas).expect("send");
+    let erase_dm = |who: &str| RoomCommand::EraseUser { room: room_id("dm:ada:bob"), user: user(who) };
+    assert_eq!(code(&direct.run(None, erase_dm("cy"), &quotas)), Some(BadRequest), "no participant");
+    direct.run(None, erase_dm("bob"), &quotas).expect("erase from the conversation");
+    assert_eq!(direct.events.last().map(|event| &event.body), Some(&EventBody::RoomDeleted {}));
+    let before = direct.events.len();
+    direct.run(None, erase_dm("bob"), &quotas).expect("nothing more to do");
+    assert_eq!(direct.events.len(), before, "a deleted conversation is not deleted again");
 }
 
 #[test]
