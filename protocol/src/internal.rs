@@ -614,13 +614,14 @@ impl EventBody {
     }
 
     /// Whether the event names `user` (as author, actor or subject): what an erasure of that user removes from
-    /// the events stream.
+    /// the events stream. Another user's `left` stays even when `user` kicked them: replays stop a room for its
+    /// reader at their own `left`, so it must not become a hole.
     pub fn names(&self, user: &UserId) -> bool {
         match self {
             EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => from == user,
             EventBody::Delete { by, .. } | EventBody::Pin { by, .. } => by == user,
             EventBody::Reaction { user: reactor, .. } | EventBody::Joined { user: reactor } => reactor == user,
-            EventBody::Left { user: left, by } => left == user || by.as_ref() == Some(user),
+            EventBody::Left { user: left, .. } => left == user,
             EventBody::Moderation { action, by } => action.user() == Some(user) || by.as_ref() == Some(user),
             // The erasure itself stays: the stores still have to apply it.
             EventBody::RoomDeleted {} | EventBody::UserErased { .. } => false,
@@ -947,14 +948,14 @@ mod tests {
             EventBody::Pin { target: 1, by: zed.clone(), pinned: true },
             EventBody::Joined { user: zed.clone() },
             EventBody::Left { user: zed.clone(), by: None },
-            EventBody::Left { user: bob.clone(), by: Some(zed.clone()) },
             EventBody::Moderation { action: Moderation::Mute { user: zed.clone(), until_ms: None }, by: None },
             EventBody::Moderation { action: Moderation::Freeze { frozen: true }, by: Some(zed.clone()) },
         ];
         for body in &naming {
-            assert!(body.names(&zed), "{body:?}");
-            assert!(!body.names(&bob) || matches!(body, EventBody::Left { user, .. } if user == &bob), "{body:?}");
+            assert!(body.names(&zed) && !body.names(&bob), "{body:?}");
         }
+        let kick = EventBody::Left { user: bob.clone(), by: Some(zed.clone()) };
+        assert!(!kick.names(&zed) && kick.names(&bob), "another user's left stays, whoever kicked them");
         let erasure = EventBody::UserErased { user: zed.clone() };
         assert!(!erasure.names(&zed), "the erasure stays for the stores");
         let event = RoomEvent {

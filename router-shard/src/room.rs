@@ -18,6 +18,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DeleteMessageErrorKind;
+use async_nats::jetstream::ErrorCode as JetStreamCode;
 use async_nats::Subject;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -620,7 +621,10 @@ impl RoomActor {
                 match self.ctx.events.delete_message(message.sequence).await {
                     Ok(_) => {}
                     // Gone meanwhile (aged out, or erased by a retry running alongside).
-                    Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(_)) => {}
+                    Err(e)
+                        if matches!(e.kind(), DeleteMessageErrorKind::JetStream(error)
+                        if [JetStreamCode::SEQUENCE_NOT_FOUND, JetStreamCode::NO_MESSAGE_FOUND].contains(&error.error_code())) =>
+                        {}
                     Err(e) => return Err(unavailable("erase an event from the stream", e)),
                 }
             }

@@ -430,8 +430,9 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
             if reply_to.is_some_and(|seq| seq == 0 || seq > tail) {
                 return Err(refuse(ErrorCode::BadRequest, "reply_to must be the seq of an earlier event of the room"));
             }
-            if let (Some((a, b)), 0) = (room.dm_participants(), tail) {
-                // The conversation's first message: list it among both participants' rooms.
+            if let (Some((a, b)), 0) = (room.dm_participants(), rules.tail()?.tally.msgs) {
+                // The conversation's first message (also after it was deleted with an erased participant): list
+                // it among both participants' rooms.
                 for participant in [a, b] {
                     if rules.membership(&participant)?.is_none() {
                         effects.push(Effect::PutMembership(participant, UserRoom::joined(Role::Member, 0)));
@@ -519,13 +520,14 @@ pub(crate) fn decide(state: &RoomState, facts: &CommandFacts, command: &Command<
                     return Err(refuse(ErrorCode::BadRequest, format!("{erased} is not a participant of {room}")));
                 }
                 // Its id names the erased user, so the conversation goes whole, as a deleted room. A deletion
-                // counts the room's messages from nothing again, so a conversation with none is deleted already.
+                // counts the room's messages from nothing again, so a conversation with none is deleted already:
+                // no second event, but the rest again, which finishes a deletion that failed after its event.
                 if rules.tail()?.tally.msgs > 0 {
                     effects.push(Effect::Append { body: EventBody::RoomDeleted {}, dedupe_id: None });
-                    effects.push(Effect::RemoveMembership(a));
-                    effects.push(Effect::RemoveMembership(b));
-                    effects.push(Effect::DeleteRoom);
                 }
+                effects.push(Effect::RemoveMembership(a));
+                effects.push(Effect::RemoveMembership(b));
+                effects.push(Effect::DeleteRoom);
                 Reply::TailSeq
             }
             None => {

@@ -57,50 +57,64 @@ pub async fn erase_user(
     ] {
         revocation::broadcast(&gw, &tenant, target).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     }
-    let mut rooms: BTreeSet<RoomId> =
+    // The rooms they are a member of (as many as the per-user room quota allows), then the rooms they wrote in, a
+    // page at a time: nothing grows with all the rooms a user ever wrote in.
+    let members_of: BTreeSet<RoomId> =
         upstream::rooms(&gw, &tenant, &user).await?.into_iter().map(|summary| summary.room).collect();
-    rooms.extend(authored_rooms(&gw, &tenant, &user).await?);
-    let erased = rooms.len();
-    let (gw_ref, tenant_ref, user_ref) = (&gw, &tenant, &user);
-    let mut results = futures::stream::iter(rooms)
-        .map(|room| async move {
-            let command = RoomCommand::EraseUser { room, user: user_ref.clone() };
-            match upstream::command(gw_ref, tenant_ref, None, command).await {
-                Ok(_) => Ok(()),
-                // Deleted with its history meanwhile, or never more than an index entry: nothing left to erase.
-                Err(error) if error.code == ErrorCode::NotFound => Ok(()),
-                Err(error) => Err(error),
+    let mut erased = erase_in(&gw, &tenant, &user, members_of.iter().cloned().collect()).await?;
+    let mut after = None;
+    let mut finished = false;
+    for _ in 0..MAX_AUTHORED_PAGES {
+        let (page, next) = authored_rooms(&gw, &tenant, &user, after.clone()).await?;
+        let page: Vec<RoomId> = page.into_iter().filter(|room| !members_of.contains(room)).collect();
+        erased += erase_in(&gw, &tenant, &user, page).await?;
+        match next {
+            Some(next) if after.as_ref().is_none_or(|after| &next > after) => after = Some(next),
+            _ => {
+                finished = true;
+                break;
             }
-        })
-        .buffer_unordered(ERASE_CONCURRENCY);
-    while let Some(result) = results.next().await {
-        result?;
+        }
     }
-    drop(results);
+    if !finished {
+        return Err(ApiError::unavailable("the user's rooms did not end; retry"));
+    }
     upstream::user_request(&gw, &tenant, &user, UserCommand::ForgetPresence).await?;
     Ok(Json(json!({"user": user, "rooms": erased})))
 }
 
-/// Every room the persistors' authorship index has for the user, a page at a time.
-async fn authored_rooms(gw: &Gateway, tenant: &ProjectId, user: &UserId) -> Result<Vec<RoomId>, ApiError> {
-    let mut rooms = Vec::new();
-    let mut after = None;
-    for _ in 0..MAX_AUTHORED_PAGES {
-        match upstream::authored(gw, tenant, user, AuthoredPage::Rooms { after: after.clone() }).await? {
-            AuthoredReply::Rooms { rooms: page, next } => {
-                rooms.extend(page);
-                match next {
-                    Some(next) if after.as_ref().is_none_or(|after| &next > after) => after = Some(next),
-                    _ => return Ok(rooms),
-                }
+/// Erase `user` from each of `rooms`, [`ERASE_CONCURRENCY`] at a time; how many of them still existed.
+async fn erase_in(gw: &Gateway, tenant: &ProjectId, user: &UserId, rooms: Vec<RoomId>) -> Result<usize, ApiError> {
+    let mut results = futures::stream::iter(rooms)
+        .map(|room| async move {
+            let command = RoomCommand::EraseUser { room, user: user.clone() };
+            match upstream::command(gw, tenant, None, command).await {
+                Ok(_) => Ok(true),
+                // Deleted with its history meanwhile, or never more than an index entry: nothing left to erase.
+                Err(error) if error.code == ErrorCode::NotFound => Ok(false),
+                Err(error) => Err(error),
             }
-            AuthoredReply::Err { code, message } => return Err(ApiError::new(code, message)),
-            AuthoredReply::Messages { .. } => {
-                return Err(ApiError::new(ErrorCode::Internal, "unexpected persistor reply"));
-            }
-        }
+        })
+        .buffer_unordered(ERASE_CONCURRENCY);
+    let mut erased = 0;
+    while let Some(result) = results.next().await {
+        erased += usize::from(result?);
     }
-    Err(ApiError::unavailable("the user's rooms did not end; retry"))
+    Ok(erased)
+}
+
+/// One page of the rooms the persistors' authorship index has for the user, after `after`, and the next cursor.
+async fn authored_rooms(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    user: &UserId,
+    after: Option<RoomId>,
+) -> Result<(Vec<RoomId>, Option<RoomId>), ApiError> {
+    match upstream::authored(gw, tenant, user, AuthoredPage::Rooms { after }).await? {
+        AuthoredReply::Rooms { rooms, next } => Ok((rooms, next)),
+        AuthoredReply::Err { code, message } => Err(ApiError::new(code, message)),
+        AuthoredReply::Messages { .. } => Err(ApiError::new(ErrorCode::Internal, "unexpected persistor reply")),
+    }
 }
 
 /// Where a page of an export starts: after message `after_seq` of room `after_room`.
@@ -125,7 +139,8 @@ pub async fn export_user(
     let user = parse_user(&user)?;
     let after = match (cursor.after_room, cursor.after_seq) {
         (None, None) => None,
-        (Some(room), Some(seq)) => Some((super::parse_room(&room)?, seq)),
+        (Some(room), Some(seq)) if seq <= i64::MAX as u64 => Some((super::parse_room(&room)?, seq)),
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("after_seq is beyond any seq")),
         _ => return Err(ApiError::bad_request("after_room and after_seq go together")),
     };
     let mut page = json!({"user": user});

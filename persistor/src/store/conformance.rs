@@ -757,7 +757,11 @@ pub async fn an_erased_user_leaves_tombstones<S: HistoryStore>(store: &S) {
         room.msg(1_200, "zed", "in another bucket"),
     ];
     // Arrives only after the erasure, like a redelivery of a batch written alongside it.
-    let late = [room.msg(1_201, "zed", "late"), room.react(1_202, 2, "zed", "🎉", false)];
+    let late = [
+        room.msg(1_201, "zed", "late"),
+        room.react(1_202, 2, "zed", "🎉", false),
+        room.edit(1_203, 1_201, "zed", "a late edit of a late message"),
+    ];
     room.apply(store, &events).await;
     elsewhere.apply(store, &[elsewhere.msg(1, "zed", "kept elsewhere")]).await;
 
@@ -815,6 +819,28 @@ pub async fn an_erased_user_leaves_tombstones<S: HistoryStore>(store: &S) {
     assert_eq!(elsewhere.page(store, None, None, 10).await.messages[0].from, Some(zed.clone()));
     let head = store.head(&room.tenant, &room.room).await.expect("head");
     assert_eq!(head.last_seq, 1_300);
+
+    // A room deleted and created again under its name, its seqs started again: the user's index entries of the old
+    // room point at another user's messages now, which neither an export nor an erasure takes for theirs.
+    let reborn = Room::new(&room.tenant, "reborn");
+    reborn
+        .apply(store, &[reborn.msg(1, "zed", "before the deletion"), reborn.event(2, EventBody::RoomDeleted {})])
+        .await;
+    let later = |event: RoomEvent, seq: u64| RoomEvent { ts_us: ts_us_of(5_000 + seq), ..event };
+    reborn.apply(store, &[later(reborn.msg(1, "bob", "bob's, in the new room"), 1)]).await;
+    let exported = store.authored_messages(&tenant, &zed, None, 10).await.expect("authored messages");
+    assert!(exported.messages.iter().all(|(r, _)| r != &reborn.room), "{exported:?}");
+    reborn.apply(store, &[later(reborn.event(2, EventBody::UserErased { user: zed.clone() }), 2)]).await;
+    let page = reborn.page(store, None, None, 10).await;
+    assert_eq!(page.messages[0].body.as_deref(), Some("bob's, in the new room"), "{page:?}");
+    // A message of the same id after the erasure (a new user of that id) is no late write of the erased user's.
+    let anew = later(reborn.msg(3, "zed", "zed again, as a new user, after the erasure"), 3);
+    reborn.apply(store, &[anew]).await;
+    let page = reborn.page(store, None, None, 10).await;
+    assert_eq!(
+        page.messages.last().and_then(|m| m.body.as_deref()),
+        Some("zed again, as a new user, after the erasure")
+    );
 }
 
 /// Messages past their `expires_ms` are never read (one already past it when it arrives is not even written), with

@@ -25,7 +25,7 @@ use super::{
     check_event, check_limit, now_ms, AuthoredMessages, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead,
     StoreError, StoreFault,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -456,11 +456,11 @@ fn migrations(ks: &str) -> Vec<Migration> {
                      PRIMARY KEY ((tenant, author), room, seq, emoji)\
                      )"
                 ),
-                // The seq of each user's latest erasure per room: a late write of theirs from before it is
-                // erased after it lands.
+                // The time of each user's latest erasure per room: a late write of theirs from before it is
+                // erased after it lands. By time, as a room's deletion: a room created again may restart its seqs.
                 format!(
                     "CREATE TABLE IF NOT EXISTS {ks}.erasures (\
-                     tenant text, room text, user text, seq bigint, \
+                     tenant text, room text, user text, ts_us bigint, \
                      PRIMARY KEY ((tenant, room), user)\
                      )"
                 ),
@@ -635,7 +635,7 @@ struct Statements {
     drop_authored: PreparedStatement,
     /// Record a user's erasure from a room.
     insert_erasure: PreparedStatement,
-    /// The erasures of a room: (user, seq).
+    /// The erasures of a room: (user, ts_us).
     select_erasures: PreparedStatement,
     /// A user's index rows of one room before a seq: (seq, emoji).
     select_authored_in_room: PreparedStatement,
@@ -898,8 +898,8 @@ impl CqlStore {
             format!(
                 "DELETE FROM {ks}.authored USING TIMESTAMP ? WHERE tenant = ? AND author = ? AND room = ? AND seq < ?"
             ),
-            format!("UPDATE {ks}.erasures USING TIMESTAMP ? SET seq = ? WHERE tenant = ? AND room = ? AND user = ?"),
-            format!("SELECT user, seq FROM {ks}.erasures WHERE tenant = ? AND room = ?"),
+            format!("UPDATE {ks}.erasures USING TIMESTAMP ? SET ts_us = ? WHERE tenant = ? AND room = ? AND user = ?"),
+            format!("SELECT user, ts_us FROM {ks}.erasures WHERE tenant = ? AND room = ?"),
             format!("SELECT seq, emoji FROM {ks}.authored WHERE tenant = ? AND author = ? AND room = ? AND seq < ?"),
             format!("SELECT room FROM {ks}.authored WHERE tenant = ? AND author = ? AND room > ? LIMIT 1"),
             format!(
@@ -1116,13 +1116,19 @@ impl CqlStore {
 
     /// The authorship index row of a message or a reaction, living as long as the message.
     fn authored_write(&self, event: &RoomEvent, ttl: i32) -> Result<Option<(PartitionKey, Write)>, StoreError> {
-        // Only messages and reactions are rows of their own; an edit belongs to its message.
-        let (author, seq, emoji) = if let EventBody::Msg { from, .. } = &event.body {
-            (from, event.seq, "")
-        } else if let EventBody::Reaction { target, user, emoji, .. } = &event.body {
-            (user, *target, emoji.as_str())
-        } else {
-            return Ok(None);
+        // A message, and an edit under its message's seq (it may arrive before the message); a reaction under the
+        // seq of the message it targets, with its emoji.
+        let (author, seq, emoji) = match &event.body {
+            EventBody::Msg { from, .. } => (from, event.seq, ""),
+            EventBody::Edit { from, target, .. } => (from, *target, ""),
+            EventBody::Reaction { target, user, emoji, .. } => (user, *target, emoji.as_str()),
+            EventBody::Delete { .. }
+            | EventBody::Pin { .. }
+            | EventBody::Joined { .. }
+            | EventBody::Left { .. }
+            | EventBody::Moderation { .. }
+            | EventBody::RoomDeleted {}
+            | EventBody::UserErased { .. } => return Ok(None),
         };
         let (tenant, room, author) = (event.tenant.to_string(), event.room.to_string(), author.to_string());
         let bytes = tenant.len() + room.len() + author.len() + emoji.len() + 16;
@@ -1154,7 +1160,7 @@ impl CqlStore {
         let st = &self.statements;
         let (tenant, room, user) = (event.tenant.as_str(), event.room.as_str(), user.as_str());
         let (ts, seq) = (to_bigint("ts_us", event.ts_us)?, to_bigint("seq", event.seq)?);
-        self.execute(&st.insert_erasure, (ts, seq, tenant, room, user)).await?;
+        self.execute(&st.insert_erasure, (ts, ts, tenant, room, user)).await?;
         let mut select = st.select_authored_in_room.clone();
         select.set_page_size(BACKFILL_PAGE);
         let pager = self
@@ -1164,23 +1170,35 @@ impl CqlStore {
             .map_err(|e| unavailable("cannot read a user's messages to erase", e))?;
         let rows =
             pager.rows_stream::<(i64, String)>().map_err(|e| corrupt("authorship rows have unexpected types", e))?;
-        rows.map(|row| async move {
-            let (at, emoji) = row.map_err(|e| unavailable("cannot read a user's messages to erase", e))?;
-            let bucket = bucket_of(from_bigint("seq", at)?) as i64;
-            if emoji.is_empty() {
-                self.execute(&st.erase_message, (ts, tenant, room, bucket, at)).await
-            } else {
-                self.execute(&st.drop_reaction, (ts, tenant, room, bucket, at, emoji.as_str(), user)).await
-            }
-        })
-        .buffer_unordered(self.write_concurrency)
-        .try_collect::<()>()
-        .await?;
+        let mut chunks = rows.map_err(|e| unavailable("cannot read a user's messages to erase", e)).try_chunks(256);
+        while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+            // Only the user's own messages (or an edit of one whose message never arrived): the index of a room
+            // deleted and created again may point at a later message of another user's.
+            let seqs: Vec<i64> = chunk.iter().filter(|(_, emoji)| emoji.is_empty()).map(|(at, _)| *at).collect();
+            let theirs: HashSet<i64> = self
+                .messages_at(tenant, room, &seqs)
+                .await?
+                .into_iter()
+                .filter(|row| row.create.as_ref().is_none_or(|c| c.from.as_ref().map(UserId::as_str) == Some(user)))
+                .map(|row| row.seq_i64)
+                .collect();
+            let writes = chunk.into_iter().filter_map(|(at, emoji)| {
+                let bucket = bucket_of(u64::try_from(at).unwrap_or(0)) as i64;
+                match emoji.is_empty() {
+                    true if theirs.contains(&at) => {
+                        Some(self.execute(&st.erase_message, (ts, tenant, room, bucket, at)).boxed())
+                    }
+                    true => None,
+                    false => Some(self.execute(&st.drop_reaction, (ts, tenant, room, bucket, at, emoji, user)).boxed()),
+                }
+            });
+            futures::stream::iter(writes).buffer_unordered(self.write_concurrency).try_collect::<()>().await?;
+        }
         self.execute(&st.drop_authored, (ts, tenant, user, room, seq)).await
     }
 
-    /// Messages and reactions of this call whose author was erased from their room after them (they arrived late,
-    /// or alongside the erasure): erased now, each just after its own write. Read after the call's writes, so an
+    /// Messages, edits and reactions of this call whose author was erased from their room after them (they arrived
+    /// late, or alongside the erasure): erased now, as of the erasure's time. Read after the call's writes, so an
     /// erasure that this read misses was recorded later and found their index rows.
     async fn erase_late(&self, events: &[RoomEvent]) -> Result<(), StoreError> {
         let rooms: HashSet<(String, String)> = events
@@ -1199,8 +1217,8 @@ impl CqlStore {
             for row in
                 rows.rows::<(String, Option<i64>)>().map_err(|e| corrupt("erasure rows have unexpected types", e))?
             {
-                let (user, seq) = row.map_err(|e| corrupt("undecodable erasure row", e))?;
-                erased.push(((tenant.clone(), room.clone(), user), seq.unwrap_or(0)));
+                let (user, ts_us) = row.map_err(|e| corrupt("undecodable erasure row", e))?;
+                erased.push(((tenant.clone(), room.clone(), user), ts_us.unwrap_or(0)));
             }
             Ok::<_, StoreError>(erased)
         });
@@ -1219,32 +1237,32 @@ impl CqlStore {
             let Some(author) = event.body.content_author() else { continue };
             let key = (event.tenant.to_string(), event.room.to_string(), author.to_string());
             let Some(&erased_at) = erased.get(&key) else { continue };
-            let seq = to_bigint("seq", event.seq)?;
-            if seq >= erased_at {
+            if to_bigint("ts_us", event.ts_us)? >= erased_at {
                 continue;
             }
             let (tenant, room, user) = (key.0.as_str(), key.1.as_str(), key.2.as_str());
-            let just_after = to_bigint("ts_us", event.ts_us)?.saturating_add(1);
-            match &event.body {
-                EventBody::Reaction { target, emoji, .. } => {
-                    let (bucket, target) = (bucket_of(*target) as i64, to_bigint("target", *target)?);
-                    self.execute(&st.drop_reaction, (just_after, tenant, room, bucket, target, emoji.as_str(), user))
-                        .await?;
-                }
-                EventBody::Msg { .. } => {
-                    let bucket = bucket_of(event.seq) as i64;
-                    self.execute(&st.erase_message, (just_after, tenant, room, bucket, seq)).await?;
-                }
-                EventBody::Edit { .. }
-                | EventBody::Delete { .. }
+            // As of the erasure's own time, like the erasure's writes: it shadows this write and every other
+            // earlier one of the user's on the same row (an edit landing after its message, say).
+            let (row_seq, emoji) = match &event.body {
+                EventBody::Msg { .. } => (event.seq, None),
+                EventBody::Edit { target, .. } => (*target, None),
+                EventBody::Reaction { target, emoji, .. } => (*target, Some(emoji.as_str())),
+                EventBody::Delete { .. }
                 | EventBody::Pin { .. }
                 | EventBody::Joined { .. }
                 | EventBody::Left { .. }
                 | EventBody::Moderation { .. }
                 | EventBody::RoomDeleted {}
                 | EventBody::UserErased { .. } => continue,
+            };
+            let (bucket, at) = (bucket_of(row_seq) as i64, to_bigint("seq", row_seq)?);
+            match emoji {
+                Some(emoji) => {
+                    self.execute(&st.drop_reaction, (erased_at, tenant, room, bucket, at, emoji, user)).await?
+                }
+                None => self.execute(&st.erase_message, (erased_at, tenant, room, bucket, at)).await?,
             }
-            self.execute(&st.drop_authored, (just_after, tenant, user, room, erased_at)).await?;
+            self.execute(&st.drop_authored, (erased_at, tenant, user, room, at.saturating_add(1))).await?;
         }
         Ok(())
     }
@@ -1979,7 +1997,8 @@ impl HistoryStore for CqlStore {
                 if row.deleted {
                     continue;
                 }
-                if let Some(message) = row.into_message(BTreeMap::new())?.filter(|message| message.from.is_some()) {
+                let own = |message: &Message| message.from.as_ref() == Some(user);
+                if let Some(message) = row.into_message(BTreeMap::new())?.filter(own) {
                     messages.push((room_id.clone(), message));
                 }
             }

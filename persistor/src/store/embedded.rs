@@ -61,8 +61,9 @@ const EXPIRIES: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::n
 /// of theirs at `seq` has the emoji ""; a reaction of theirs to message `seq` its emoji.
 const AUTHORED: TableDefinition<(&str, &str, &str, u64, &str), ()> = TableDefinition::new("authored");
 
-/// (tenant, room, user) -> the seq of the user's latest erasure in the room: a message, edit or reaction of theirs
-/// from before it that arrives late is stored erased, or not at all.
+/// (tenant, room, user) -> the `ts_us` of the user's latest erasure from the room: a message, edit or reaction of
+/// theirs from before it that arrives late is stored erased, or not at all. By time, not seq, as room deletions:
+/// a room created again may start its seqs again, and its events are all later.
 const ERASURES: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("erasures");
 
 /// Messages one sweep removes at most.
@@ -448,7 +449,7 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
             if let EventBody::UserErased { user } = &event.body {
                 let user = user.as_str();
                 let before = erasures.get((tenant, room, user)).map_err(db_err)?.map_or(0, |g| g.value());
-                erasures.insert((tenant, room, user), before.max(event.seq)).map_err(db_err)?;
+                erasures.insert((tenant, room, user), before.max(event.ts_us)).map_err(db_err)?;
                 let range = (tenant, user, room, 0, "")..(tenant, user, room, event.seq, "");
                 let mut entries = Vec::new();
                 for entry in authored.range(range.clone()).map_err(db_err)? {
@@ -465,7 +466,12 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                         Some(bytes) => Some(StoredRow::decode(bytes.value())?),
                         None => None,
                     };
-                    if let Some(mut row) = row {
+                    // Only the user's own message (or an edit of it whose message never arrived): the index of a
+                    // room deleted and created again may point at a later message of another user's.
+                    let theirs = |row: &StoredRow| {
+                        row.create.as_ref().is_none_or(|create| create.from.as_ref().map(UserId::as_str) == Some(user))
+                    };
+                    if let Some(mut row) = row.filter(theirs) {
                         row.erase();
                         messages.insert((tenant, room, seq), row.encode()?.as_slice()).map_err(db_err)?;
                     }
@@ -476,7 +482,7 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
             let erased_author = match event.body.content_author() {
                 Some(user) => {
                     let erased = erasures.get((tenant, room, user.as_str())).map_err(db_err)?.map_or(0, |g| g.value());
-                    (erased > event.seq).then_some(user)
+                    (event.ts_us < erased).then_some(user)
                 }
                 None => None,
             };
@@ -531,10 +537,21 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 | EventBody::RoomDeleted {}
                 | EventBody::UserErased { .. } => None,
             };
-            if let EventBody::Msg { from, .. } = &event.body {
-                if erased_author.is_none() {
-                    authored.insert((tenant, from.as_str(), room, event.seq, ""), ()).map_err(db_err)?;
-                }
+            // A message, and an edit (which may arrive before its message), under the message's seq.
+            let written = match &event.body {
+                EventBody::Msg { from, .. } => Some((from, event.seq)),
+                EventBody::Edit { from, target, .. } => Some((from, *target)),
+                EventBody::Delete { .. }
+                | EventBody::Reaction { .. }
+                | EventBody::Pin { .. }
+                | EventBody::Joined { .. }
+                | EventBody::Left { .. }
+                | EventBody::Moderation { .. }
+                | EventBody::RoomDeleted {}
+                | EventBody::UserErased { .. } => None,
+            };
+            if let (Some((author, seq)), None) = (written, erased_author) {
+                authored.insert((tenant, author.as_str(), room, seq, ""), ()).map_err(db_err)?;
             }
 
             if let Some(seq) = row_seq {
@@ -843,7 +860,8 @@ fn authored_messages_blocking(
         if !row.is_message(now) || row.delete_ts_us.is_some() {
             continue;
         }
-        if let Some(message) = row.to_message(seq, BTreeMap::new())?.filter(|message| message.from.is_some()) {
+        let own = |message: &Message| message.from.as_ref().map(UserId::as_str) == Some(user);
+        if let Some(message) = row.to_message(seq, BTreeMap::new())?.filter(own) {
             out.messages.push((room_id, message));
         }
     }
