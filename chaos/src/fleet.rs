@@ -67,8 +67,8 @@ pub struct Fleet {
     pub redis: OwnRedis,
     pub routers: Vec<Proc>,
     pub persistors: Vec<Proc>,
-    /// The port of each persistor's `/readyz`, by index into `persistors`.
-    persistor_ops_ports: Vec<u16>,
+    /// The log of each persistor, by index into `persistors`: where it says the address of its `/readyz`.
+    persistor_logs: Vec<PathBuf>,
     pub gateways: Vec<Gateway>,
     /// Clients connect here; it forwards each connection to a gateway that accepts it.
     pub balancer: Balancer,
@@ -95,7 +95,7 @@ impl Fleet {
             redis,
             routers: Vec::new(),
             persistors: Vec::new(),
-            persistor_ops_ports: Vec::new(),
+            persistor_logs: Vec::new(),
             gateways: Vec::new(),
             balancer: Balancer::start(Vec::new()).await?,
             admin_token: hex::encode(rand::random::<[u8; 16]>()),
@@ -119,8 +119,10 @@ impl Fleet {
         }
         // A persistor is ready once its store is open (and migrated) and NATS connected: a fault injected before
         // that would hit its start-up, not the running fleet the scenario means to test.
-        for port in &fleet.persistor_ops_ports {
-            fleet.wait_ready(&format!("http://127.0.0.1:{port}"), Duration::from_secs(90)).await?;
+        for log in &fleet.persistor_logs {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let addr = ops_addr_in_log(log, deadline, fleet.dir.path()).await?;
+            fleet.wait_ready(&format!("http://{addr}"), deadline.saturating_duration_since(Instant::now())).await?;
         }
         Ok(fleet)
     }
@@ -152,7 +154,6 @@ impl Fleet {
 
     pub fn add_persistor(&mut self) -> Result<usize> {
         let (mut command, name) = self.command("switchyard-persistor");
-        let ops_port = free_port()?;
         let store = self.shape.store.clone().unwrap_or_else(|| CqlStore {
             nodes: self.config.cql_node.clone(),
             keyspace: self.config.keyspace.clone(),
@@ -163,10 +164,13 @@ impl Fleet {
             .env("SWITCHYARD_CQL_KEYSPACE", &store.keyspace)
             .env("SWITCHYARD_CQL_REPLICATION_FACTOR", store.replication_factor.to_string())
             .env("SWITCHYARD_CQL_MIGRATE_ON_START", "true")
-            .env("SWITCHYARD_METRICS_ADDR", format!("127.0.0.1:{ops_port}"));
-        let proc = spawn(&name, command, &self.log(&name))?;
+            // A port of its own choosing, read back from its log: a port picked here and bound there later can be
+            // taken meanwhile by any other process of the machine.
+            .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
+        let log = self.log(&name);
+        let proc = spawn(&name, command, &log)?;
         self.persistors.push(proc);
-        self.persistor_ops_ports.push(ops_port);
+        self.persistor_logs.push(log);
         Ok(self.persistors.len() - 1)
     }
 
@@ -363,5 +367,24 @@ impl Tenant {
     /// a bad `sub`, an expired `exp`).
     pub fn sign(&self, claims: &Value) -> String {
         jsonwebtoken::encode(&Header::default(), claims, &self.key).expect("HS256 signing does not fail")
+    }
+}
+
+/// The address a process's ops listener (`/healthz`, `/readyz`, `/metrics`) says it serves on, in its JSON log,
+/// waiting for the line until `deadline`.
+async fn ops_addr_in_log(log: &std::path::Path, deadline: Instant, dir: &std::path::Path) -> Result<String> {
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let serving = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["fields"]["message"] == "serving /healthz, /readyz and /metrics");
+        if let Some(addr) = serving.as_ref().and_then(|line| line["fields"]["addr"].as_str()) {
+            return Ok(addr.to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("{} names no ops address in time; logs in {}", log.display(), dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
