@@ -973,6 +973,53 @@ mod tests {
         }
     }
 
+    /// A file written before authorship was indexed (no `authored` table, no marker) has its messages and reactions
+    /// indexed by author once when it is opened, so an export and an erasure find them.
+    #[test]
+    fn messages_and_reactions_stored_before_authorship_are_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tenant, room) = (ProjectId::generate(), RoomId::parse("old").unwrap());
+        let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
+        let msg = |seq, from: &UserId| {
+            let body = EventBody::Msg {
+                id: MessageId::generate(seq),
+                from: from.clone(),
+                body: format!("m{seq}"),
+                attrs: None,
+                reply_to: None,
+            };
+            event(&tenant, &room, seq, body)
+        };
+        let react = event(
+            &tenant,
+            &room,
+            3,
+            EventBody::Reaction { target: 1, user: bob.clone(), emoji: "👍".into(), removed: false },
+        );
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            apply_blocking(&store.db, &[msg(1, &alice), msg(2, &bob), react]).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            assert!(txn.delete_table(AUTHORED).unwrap());
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.remove("authors_indexed").unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let mine = authored_messages_blocking(&store.db, (tenant.as_str(), "alice"), None, 10).unwrap();
+            let bodies: Vec<_> = mine.messages.iter().map(|(_, m)| m.body.clone().unwrap_or_default()).collect();
+            assert_eq!(bodies, ["m1"]);
+            let (rooms, _) = authored_rooms_blocking(&store.db, (tenant.as_str(), "bob"), None, 10).unwrap();
+            assert_eq!(rooms, std::slice::from_ref(&room), "bob wrote a message and a reaction there");
+            let txn = store.db.begin_read().unwrap();
+            let authored = txn.open_table(AUTHORED).unwrap();
+            assert!(authored.get((tenant.as_str(), "bob", "old", 1, "👍")).unwrap().is_some(), "the reaction too");
+        }
+    }
+
     /// The sweep takes expired messages out of the file: their rows, reactions and thread entries, and the
     /// parent's count; nothing else.
     #[test]
