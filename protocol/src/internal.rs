@@ -597,22 +597,6 @@ impl RoomEvent {
 }
 
 impl EventBody {
-    /// The user whose own words the event holds: a message's or an edit's author, a reaction's reactor. What an
-    /// erasure of that user takes out of history.
-    pub fn content_author(&self) -> Option<&UserId> {
-        match self {
-            EventBody::Msg { from, .. } | EventBody::Edit { from, .. } => Some(from),
-            EventBody::Reaction { user, .. } => Some(user),
-            EventBody::Delete { .. }
-            | EventBody::Pin { .. }
-            | EventBody::Joined { .. }
-            | EventBody::Left { .. }
-            | EventBody::Moderation { .. }
-            | EventBody::RoomDeleted {}
-            | EventBody::UserErased { .. } => None,
-        }
-    }
-
     /// Whether the event names `user` (as author, actor or subject): what an erasure of that user removes from
     /// the events stream. Another user's `left` stays even when `user` kicked them: replays stop a room for its
     /// reader at their own `left`, so it must not become a hole.

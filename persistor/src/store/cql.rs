@@ -22,8 +22,8 @@
 
 use super::page::{PageWindow, StoredMessage};
 use super::{
-    check_event, check_limit, now_ms, AuthoredMessages, BoxError, HistoryPage, HistoryQuery, HistoryStore, RoomHead,
-    StoreError, StoreFault,
+    authored_entry, check_event, check_limit, now_ms, AuthoredMessages, BoxError, HistoryPage, HistoryQuery,
+    HistoryStore, RoomHead, StoreError, StoreFault,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -1116,20 +1116,7 @@ impl CqlStore {
 
     /// The authorship index row of a message or a reaction, living as long as the message.
     fn authored_write(&self, event: &RoomEvent, ttl: i32) -> Result<Option<(PartitionKey, Write)>, StoreError> {
-        // A message, and an edit under its message's seq (it may arrive before the message); a reaction under the
-        // seq of the message it targets, with its emoji.
-        let (author, seq, emoji) = match &event.body {
-            EventBody::Msg { from, .. } => (from, event.seq, ""),
-            EventBody::Edit { from, target, .. } => (from, *target, ""),
-            EventBody::Reaction { target, user, emoji, .. } => (user, *target, emoji.as_str()),
-            EventBody::Delete { .. }
-            | EventBody::Pin { .. }
-            | EventBody::Joined { .. }
-            | EventBody::Left { .. }
-            | EventBody::Moderation { .. }
-            | EventBody::RoomDeleted {}
-            | EventBody::UserErased { .. } => return Ok(None),
-        };
+        let Some((author, seq, emoji)) = authored_entry(event) else { return Ok(None) };
         let (tenant, room, author) = (event.tenant.to_string(), event.room.to_string(), author.to_string());
         let bytes = tenant.len() + room.len() + author.len() + emoji.len() + 16;
         let values = (
@@ -1203,7 +1190,7 @@ impl CqlStore {
     async fn erase_late(&self, events: &[RoomEvent]) -> Result<(), StoreError> {
         let rooms: HashSet<(String, String)> = events
             .iter()
-            .filter(|event| event.body.content_author().is_some())
+            .filter(|event| authored_entry(event).is_some())
             .map(|event| (event.tenant.to_string(), event.room.to_string()))
             .collect();
         let reads = rooms.into_iter().map(|(tenant, room)| async move {
@@ -1234,7 +1221,7 @@ impl CqlStore {
         }
         let st = &self.statements;
         for event in events {
-            let Some(author) = event.body.content_author() else { continue };
+            let Some((author, row_seq, emoji)) = authored_entry(event) else { continue };
             let key = (event.tenant.to_string(), event.room.to_string(), author.to_string());
             let Some(&erased_at) = erased.get(&key) else { continue };
             if to_bigint("ts_us", event.ts_us)? >= erased_at {
@@ -1243,24 +1230,11 @@ impl CqlStore {
             let (tenant, room, user) = (key.0.as_str(), key.1.as_str(), key.2.as_str());
             // As of the erasure's own time, like the erasure's writes: it shadows this write and every other
             // earlier one of the user's on the same row (an edit landing after its message, say).
-            let (row_seq, emoji) = match &event.body {
-                EventBody::Msg { .. } => (event.seq, None),
-                EventBody::Edit { target, .. } => (*target, None),
-                EventBody::Reaction { target, emoji, .. } => (*target, Some(emoji.as_str())),
-                EventBody::Delete { .. }
-                | EventBody::Pin { .. }
-                | EventBody::Joined { .. }
-                | EventBody::Left { .. }
-                | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {}
-                | EventBody::UserErased { .. } => continue,
-            };
             let (bucket, at) = (bucket_of(row_seq) as i64, to_bigint("seq", row_seq)?);
-            match emoji {
-                Some(emoji) => {
-                    self.execute(&st.drop_reaction, (erased_at, tenant, room, bucket, at, emoji, user)).await?
-                }
-                None => self.execute(&st.erase_message, (erased_at, tenant, room, bucket, at)).await?,
+            if emoji.is_empty() {
+                self.execute(&st.erase_message, (erased_at, tenant, room, bucket, at)).await?;
+            } else {
+                self.execute(&st.drop_reaction, (erased_at, tenant, room, bucket, at, emoji, user)).await?;
             }
             self.execute(&st.drop_authored, (erased_at, tenant, user, room, at.saturating_add(1))).await?;
         }

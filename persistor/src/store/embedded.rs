@@ -12,8 +12,8 @@
 
 use super::page::{PageWindow, StoredMessage};
 use super::{
-    check_event, check_limit, now_ms, AuthoredMessages, HistoryPage, HistoryQuery, HistoryStore, RoomHead, StoreError,
-    StoreFault,
+    authored_entry, check_event, check_limit, now_ms, AuthoredMessages, HistoryPage, HistoryQuery, HistoryStore,
+    RoomHead, StoreError, StoreFault,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -479,7 +479,7 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 authored.retain_in(range, |_, _| false).map_err(db_err)?;
             }
             // The user whose message, edit or reaction this is, when they were erased from the room after it.
-            let erased_author = match event.body.content_author() {
+            let erased_author = match authored_entry(event).map(|(user, _, _)| user) {
                 Some(user) => {
                     let erased = erasures.get((tenant, room, user.as_str())).map_err(db_err)?.map_or(0, |g| g.value());
                     (event.ts_us < erased).then_some(user)
@@ -517,7 +517,6 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                     Some(*target)
                 }
                 EventBody::Reaction { target, user, emoji, removed } => {
-                    authored.insert((tenant, user.as_str(), room, *target, emoji.as_str()), ()).map_err(db_err)?;
                     let key = (tenant, room, *target, emoji.as_str(), user.as_str());
                     let current = reactions.get(key).map_err(db_err)?.map(|g| g.value());
                     // Later event wins; on an equal timestamp (the same event again) removal wins, which keeps the
@@ -537,21 +536,8 @@ fn apply_blocking(db: &Database, events: &[RoomEvent]) -> Result<(), StoreError>
                 | EventBody::RoomDeleted {}
                 | EventBody::UserErased { .. } => None,
             };
-            // A message, and an edit (which may arrive before its message), under the message's seq.
-            let written = match &event.body {
-                EventBody::Msg { from, .. } => Some((from, event.seq)),
-                EventBody::Edit { from, target, .. } => Some((from, *target)),
-                EventBody::Delete { .. }
-                | EventBody::Reaction { .. }
-                | EventBody::Pin { .. }
-                | EventBody::Joined { .. }
-                | EventBody::Left { .. }
-                | EventBody::Moderation { .. }
-                | EventBody::RoomDeleted {}
-                | EventBody::UserErased { .. } => None,
-            };
-            if let (Some((author, seq)), None) = (written, erased_author) {
-                authored.insert((tenant, author.as_str(), room, seq, ""), ()).map_err(db_err)?;
+            if let (Some((author, seq, emoji)), None) = (authored_entry(event), erased_author) {
+                authored.insert((tenant, author.as_str(), room, seq, emoji), ()).map_err(db_err)?;
             }
 
             if let Some(seq) = row_seq {

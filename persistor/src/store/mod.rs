@@ -178,6 +178,25 @@ pub trait HistoryStore: Send + Sync + 'static {
     }
 }
 
+/// Where an event stands in its author's authorship index, the one place both stores take it from: (author, seq,
+/// emoji). A message under its seq and an edit under its message's (it may arrive before the message), both with
+/// the emoji ""; a reaction under the seq of the message it targets, with its emoji. Nothing else is the user's own
+/// words, which an erasure of the user takes out of history.
+pub(crate) fn authored_entry(event: &RoomEvent) -> Option<(&UserId, u64, &str)> {
+    match &event.body {
+        EventBody::Msg { from, .. } => Some((from, event.seq, "")),
+        EventBody::Edit { from, target, .. } => Some((from, *target, "")),
+        EventBody::Reaction { target, user, emoji, .. } => Some((user, *target, emoji.as_str())),
+        EventBody::Delete { .. }
+        | EventBody::Pin { .. }
+        | EventBody::Joined { .. }
+        | EventBody::Left { .. }
+        | EventBody::Moderation { .. }
+        | EventBody::RoomDeleted {}
+        | EventBody::UserErased { .. } => None,
+    }
+}
+
 /// Refuse an event carrying a number no store holds: every stored seq, target, reply and time must fit a signed
 /// 64-bit integer (CQL's `bigint`), so both backends reject exactly the same events, before writing any of a batch.
 pub(crate) fn check_event(event: &RoomEvent) -> Result<(), StoreError> {
