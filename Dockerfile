@@ -10,7 +10,8 @@
 # mismatched protocol versions; and the extra binaries cost a few MB in a layer every node caches once. The Helm
 # chart and the kustomize manifests pick the binary with `command:`.
 #
-# Build:   docker build -t switchyard:0.1.0 .
+# Build:   docker build --build-arg GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t switchyard:0.1.0 .
+#          (.git stays out of the build context; GIT_COMMIT is what `--version` and switchyard_build_info show)
 # Run:     docker run --rm -p 8080:8080 -e SWITCHYARD_ADMIN_TOKEN=... switchyard:0.1.0
 #          docker run --rm --entrypoint /usr/local/bin/switchyard-router-shard switchyard:0.1.0
 #
@@ -24,6 +25,8 @@ ARG RUST_VERSION=1.95
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
+ARG GIT_COMMIT=unknown
+ENV GIT_COMMIT=${GIT_COMMIT}
 WORKDIR /src
 COPY . .
 # The registry, git checkouts and target/ live in BuildKit cache mounts, so a rebuild after a source change only

@@ -134,7 +134,6 @@ impl Fleet {
             .env_remove("SWITCHYARD_CONFIG")
             .env("SWITCHYARD_NATS_URL", self.nats.url())
             .env("SWITCHYARD_NATS_REPLICAS", self.nats.replicas().to_string())
-            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT)
             .env("SWITCHYARD_LOG_FORMAT", "json")
             .env("RUST_LOG", "info");
         (command, format!("{}-{}", binary.trim_start_matches("switchyard-"), self.spawned))
@@ -146,7 +145,10 @@ impl Fleet {
 
     pub fn add_router(&mut self) -> Result<usize> {
         let (mut command, name) = self.command("switchyard-router-shard");
-        command.env("SWITCHYARD_ROUTER_ID", &name).env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
+        command
+            .env("SWITCHYARD_ROUTER_ID", &name)
+            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT)
+            .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0");
         let proc = spawn(&name, command, &self.log(&name))?;
         self.routers.push(proc);
         Ok(self.routers.len() - 1)
@@ -189,6 +191,7 @@ impl Fleet {
         command
             .env("SWITCHYARD_CONFIG", &toml)
             .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT)
             .env("SWITCHYARD_REDIS_URL", self.redis.url())
             .env("SWITCHYARD_ADMIN_TOKEN", &self.admin_token);
         let proc = spawn(&name, command, &self.log(&name))?;

@@ -54,7 +54,7 @@ pub struct CqlCluster {
 
 impl Config {
     /// From `SWITCHYARD_CHAOS_BIN_DIR`, `SWITCHYARD_CHAOS_NATS_SERVER`, `SWITCHYARD_CHAOS_REDIS_SERVER`,
-    /// `SWITCHYARD_CQL` and `SWITCHYARD_TEST_CQL_PID`; the Cassandra cluster from `SWITCHYARD_CHAOS_CQL_CLUSTER` and
+    /// `SWITCHYARD_TEST_CQL` and `SWITCHYARD_TEST_CQL_PID`; the Cassandra cluster from `SWITCHYARD_CHAOS_CQL_CLUSTER` and
     /// `SWITCHYARD_CHAOS_CQL_CLUSTER_PIDS` when they are set.
     pub fn from_env(short: bool, only: Vec<String>, keep_logs: bool, seed: Option<u64>) -> Result<Config> {
         let var = |name: &str| {
@@ -64,7 +64,7 @@ impl Config {
             bin_dir: var("SWITCHYARD_CHAOS_BIN_DIR")?.into(),
             nats_server: var("SWITCHYARD_CHAOS_NATS_SERVER")?.into(),
             redis_server: var("SWITCHYARD_CHAOS_REDIS_SERVER")?.into(),
-            cql_node: var("SWITCHYARD_CQL")?,
+            cql_node: var("SWITCHYARD_TEST_CQL")?,
             cql_pid: var("SWITCHYARD_TEST_CQL_PID")?.parse().context("SWITCHYARD_TEST_CQL_PID is not a pid")?,
             keyspace: format!("chaos_{}", hex::encode(rand::random::<[u8; 4]>())),
             short,

@@ -1,15 +1,15 @@
-//! The gateway's configuration: one typed struct, read from an optional TOML file (`SWITCHYARD_CONFIG`) and then
-//! from `SWITCHYARD_*` environment variables, validated before anything starts.
+//! The gateway's configuration: one typed struct, read from an optional TOML file and then from one
+//! `SWITCHYARD_<KEY>` environment variable per key (`switchyard_service::config`), validated before anything starts.
 //!
 //! This module does not connect to anything.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
 use switchyard_protocol::limits;
 
 /// Everything a gateway needs to start.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Where to listen for HTTP and WebSocket; port 0 picks a free port.
@@ -177,150 +177,95 @@ impl Default for GatewayConfig {
     }
 }
 
+use switchyard_service::config::{Checks, Settings};
 pub use switchyard_service::ConfigError;
 
-use switchyard_service::parse_env as parsed;
+impl Settings for GatewayConfig {
+    const SECRET_KEYS: &'static [&'static str] = &["admin_token"];
+    const URL_KEYS: &'static [&'static str] = &["nats_url", "redis_url"];
 
-impl GatewayConfig {
-    /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
-    pub fn load() -> Result<Self, ConfigError> {
-        let mut config: GatewayConfig = switchyard_service::from_file()?;
-        config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Override fields from environment variables, read through `get`.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        if let Some(v) = get("SWITCHYARD_LISTEN") {
-            self.listen = parsed("SWITCHYARD_LISTEN", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_NATS_URL") {
-            self.nats_url = v;
-        }
-        if let Some(v) = get("SWITCHYARD_NATS_REPLICAS") {
-            self.nats_replicas = parsed("SWITCHYARD_NATS_REPLICAS", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_REDIS_URL") {
-            self.redis_url = v;
-        }
-        if let Some(v) = get("SWITCHYARD_ADMIN_TOKEN") {
-            self.admin_token = v;
-        }
-        if let Some(v) = get("SWITCHYARD_SHARD_COUNT") {
-            self.shard_count = parsed("SWITCHYARD_SHARD_COUNT", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_TENANT_MSGS_PER_SEC") {
-            self.tenant_msgs_per_sec = parsed("SWITCHYARD_TENANT_MSGS_PER_SEC", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_TENANT_MSGS_BURST") {
-            self.tenant_msgs_burst = parsed("SWITCHYARD_TENANT_MSGS_BURST", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT") {
-            self.max_connections_per_tenant = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_TENANT", &v)?);
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_CONNECTIONS_PER_USER") {
-            self.max_connections_per_user = Some(parsed("SWITCHYARD_MAX_CONNECTIONS_PER_USER", &v)?);
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_MEMBERS_PER_ROOM") {
-            self.max_members_per_room = parsed("SWITCHYARD_MAX_MEMBERS_PER_ROOM", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_WATCHED_PER_SESSION") {
-            self.max_watched_per_session = parsed("SWITCHYARD_MAX_WATCHED_PER_SESSION", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_ROOMS_PER_USER") {
-            self.max_rooms_per_user = parsed("SWITCHYARD_MAX_ROOMS_PER_USER", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_BACKEND_CREATES_ROOMS") {
-            self.backend_creates_rooms = parsed("SWITCHYARD_BACKEND_CREATES_ROOMS", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_ROOMS_PER_TENANT") {
-            self.max_rooms_per_tenant = Some(parsed("SWITCHYARD_MAX_ROOMS_PER_TENANT", &v)?);
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_UNAUTHENTICATED") {
-            self.max_unauthenticated = parsed("SWITCHYARD_MAX_UNAUTHENTICATED", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS") {
-            self.drain_reconnect_window_ms = parsed("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_DRAIN_GRACE_MS") {
-            self.drain_grace_ms = parsed("SWITCHYARD_DRAIN_GRACE_MS", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_DEMO_PROJECT_ID") {
-            self.demo_project_id = Some(v).filter(|v| !v.is_empty());
-        }
-        if let Some(v) = get("SWITCHYARD_ALLOWED_ORIGINS") {
-            self.allowed_origins = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        }
-        Ok(())
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |name, message: &str| Err(ConfigError::Invalid { name, message: message.to_owned() });
-        if self.admin_token.len() < 16 {
-            return invalid("admin_token", "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long");
-        }
-        switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
-        switchyard_service::nats::server_addrs(&self.nats_url)?;
-        if self.shard_count == 0 || self.shard_count > 4096 {
-            return invalid("shard_count", "must be 1..=4096");
-        }
-        if self.max_frame_bytes < 1024 || self.max_body_bytes == 0 || self.max_attrs_bytes == 0 {
-            return invalid("max_frame_bytes", "frame limit must be at least 1 KiB and body/attrs limits positive");
-        }
-        if self.outbound_queue_frames == 0 || self.outbound_queue_bytes == 0 {
-            return invalid("outbound_queue_frames", "outbound queue bounds must be positive");
-        }
-        if self.resume_concurrency == 0 || self.resume_stall_ms == 0 {
-            return invalid("resume_concurrency", "replay concurrency and stall limit must be positive");
-        }
-        if self.heartbeat_ms < 100 || self.auth_timeout_ms == 0 || self.command_timeout_ms == 0 {
-            return invalid("heartbeat_ms", "heartbeat must be at least 100 ms and timeouts positive");
-        }
-        if self.ops_per_sec == 0 || self.ops_burst == 0 {
-            return invalid("ops_per_sec", "op rate and burst must be positive");
-        }
-        if self.abuse_limit == 0 || self.abuse_window_ms == 0 {
-            return invalid("abuse_limit", "abuse limit and window must be positive");
-        }
-        if self.header_read_timeout_ms < 100 || self.request_timeout_ms < 100 {
-            return invalid("header_read_timeout_ms", "header-read and request timeouts must be at least 100 ms");
-        }
-        if !(1..=limits::MAX_MEMBERS_PER_ROOM).contains(&self.max_members_per_room) {
-            return invalid("max_members_per_room", &format!("must be 1..={}", limits::MAX_MEMBERS_PER_ROOM));
-        }
-        if !(1..=limits::MAX_ROOMS_PER_USER).contains(&self.max_rooms_per_user) {
-            return invalid("max_rooms_per_user", &format!("must be 1..={}", limits::MAX_ROOMS_PER_USER));
-        }
-        if !(1..=limits::MAX_WATCHED_PER_SESSION).contains(&self.max_watched_per_session) {
-            return invalid("max_watched_per_session", &format!("must be 1..={}", limits::MAX_WATCHED_PER_SESSION));
-        }
-        if self.max_unauthenticated == 0 {
-            return invalid("max_unauthenticated", "must be positive");
-        }
-        if self.max_http_body_bytes < 1024 {
-            return invalid("max_http_body_bytes", "must be at least 1 KiB");
-        }
-        if self.drain_reconnect_window_ms == 0 || self.drain_reconnect_window_ms > 600_000 {
-            return invalid("drain_reconnect_window_ms", "must be 1..=600000 (at most 10 minutes)");
-        }
-        if self.drain_grace_ms < 1_000 || self.drain_grace_ms > 3_600_000 {
-            return invalid("drain_grace_ms", "must be 1000..=3600000");
-        }
-        if self.drain_grace_ms <= self.command_timeout_ms {
-            return invalid(
-                "drain_grace_ms",
-                "must be longer than command_timeout_ms, so an op in flight at SIGTERM can finish before the exit",
+    fn problems(&self) -> Vec<ConfigError> {
+        let mut checks = Checks::default();
+        let c = &mut checks;
+        c.require(
+            self.admin_token.len() >= 16,
+            "admin_token",
+            "must be set (SWITCHYARD_ADMIN_TOKEN) and at least 16 characters long",
+        );
+        c.check(switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas));
+        c.check(switchyard_service::nats::server_addrs(&self.nats_url));
+        c.require(self.shard_count != 0 && self.shard_count <= 4096, "shard_count", "must be 1..=4096");
+        c.require(
+            self.max_frame_bytes >= 1024 && self.max_body_bytes != 0 && self.max_attrs_bytes != 0,
+            "max_frame_bytes",
+            "frame limit must be at least 1 KiB and body/attrs limits positive",
+        );
+        c.require(
+            self.outbound_queue_frames != 0 && self.outbound_queue_bytes != 0,
+            "outbound_queue_frames",
+            "outbound queue bounds must be positive",
+        );
+        c.require(
+            self.resume_concurrency != 0 && self.resume_stall_ms != 0,
+            "resume_concurrency",
+            "replay concurrency and stall limit must be positive",
+        );
+        c.require(
+            self.heartbeat_ms >= 100 && self.auth_timeout_ms != 0 && self.command_timeout_ms != 0,
+            "heartbeat_ms",
+            "heartbeat must be at least 100 ms and timeouts positive",
+        );
+        c.require(self.ops_per_sec != 0 && self.ops_burst != 0, "ops_per_sec", "op rate and burst must be positive");
+        c.require(
+            self.abuse_limit != 0 && self.abuse_window_ms != 0,
+            "abuse_limit",
+            "abuse limit and window must be positive",
+        );
+        c.require(
+            self.header_read_timeout_ms >= 100 && self.request_timeout_ms >= 100,
+            "header_read_timeout_ms",
+            "header-read and request timeouts must be at least 100 ms",
+        );
+        c.require(
+            (1..=limits::MAX_MEMBERS_PER_ROOM).contains(&self.max_members_per_room),
+            "max_members_per_room",
+            format!("must be 1..={}", limits::MAX_MEMBERS_PER_ROOM),
+        );
+        c.require(
+            (1..=limits::MAX_ROOMS_PER_USER).contains(&self.max_rooms_per_user),
+            "max_rooms_per_user",
+            format!("must be 1..={}", limits::MAX_ROOMS_PER_USER),
+        );
+        c.require(
+            (1..=limits::MAX_WATCHED_PER_SESSION).contains(&self.max_watched_per_session),
+            "max_watched_per_session",
+            format!("must be 1..={}", limits::MAX_WATCHED_PER_SESSION),
+        );
+        c.require(self.max_unauthenticated != 0, "max_unauthenticated", "must be positive");
+        c.require(self.max_http_body_bytes >= 1024, "max_http_body_bytes", "must be at least 1 KiB");
+        c.require(
+            (1..=600_000).contains(&self.drain_reconnect_window_ms),
+            "drain_reconnect_window_ms",
+            "must be 1..=600000 (at most 10 minutes)",
+        );
+        c.require((1_000..=3_600_000).contains(&self.drain_grace_ms), "drain_grace_ms", "must be 1000..=3600000");
+        c.require(
+            self.drain_grace_ms > self.command_timeout_ms,
+            "drain_grace_ms",
+            "must be longer than command_timeout_ms, so an op in flight at SIGTERM can finish before the exit",
+        );
+        if let Some(project) = &self.demo_project_id {
+            c.require(
+                switchyard_protocol::ProjectId::parse(project).is_ok(),
+                "demo_project_id",
+                "must be a project id (pj_ and 20 lowercase alphanumerics)",
             );
         }
-        if let Some(project) = &self.demo_project_id {
-            if switchyard_protocol::ProjectId::parse(project).is_err() {
-                return invalid("demo_project_id", "must be a project id (pj_ and 20 lowercase alphanumerics)");
-            }
-        }
-        Ok(())
+        checks.into_problems()
     }
+}
 
+impl GatewayConfig {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
     }
@@ -348,35 +293,56 @@ impl GatewayConfig {
 mod tests {
     use super::*;
 
+    use switchyard_service::config::{load, ConfigProblems, Sources};
+
+    const TOKEN: (&str, &str) = ("SWITCHYARD_ADMIN_TOKEN", "0123456789abcdef");
+
+    fn from_env(pairs: &[(&str, &str)]) -> Result<GatewayConfig, ConfigProblems> {
+        load(&Sources { file: None, env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
+    }
+
+    #[test]
+    fn every_key_is_set_by_its_variable() {
+        switchyard_service::config::assert_every_key_is_set_by_env::<GatewayConfig>();
+    }
+
     #[test]
     fn requires_an_admin_token_and_parses_env() {
-        let mut config = GatewayConfig::default();
-        assert!(config.validate().is_err());
-        config
-            .apply_env(|name| match name {
-                "SWITCHYARD_ADMIN_TOKEN" => Some("0123456789abcdef".into()),
-                "SWITCHYARD_LISTEN" => Some("127.0.0.1:0".into()),
-                _ => None,
-            })
-            .unwrap();
-        config.validate().unwrap();
+        let problems = from_env(&[]).unwrap_err().to_string();
+        assert!(problems.contains("admin_token"), "{problems}");
+        let config = from_env(&[TOKEN, ("SWITCHYARD_LISTEN", "127.0.0.1:0")]).unwrap();
         assert_eq!(config.listen.port(), 0);
-        assert!(config.apply_env(|n| (n == "SWITCHYARD_LISTEN").then(|| "nope".into())).is_err());
+        assert!(from_env(&[TOKEN, ("SWITCHYARD_LISTEN", "nope")]).is_err());
+        let config = from_env(&[
+            TOKEN,
+            ("SWITCHYARD_ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+            ("SWITCHYARD_MAX_CONNECTIONS_PER_USER", "none"),
+            ("SWITCHYARD_DEMO_PROJECT_ID", ""),
+        ])
+        .unwrap();
+        assert_eq!(config.allowed_origins, ["https://a.example", "https://b.example"]);
+        assert_eq!((config.max_connections_per_user, config.demo_project_id), (None, None));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let problems = from_env(&[("SWITCHYARD_SHARD_COUNT", "0"), ("SWITCHYARD_MAX_UNAUTHENTICATED", "0")])
+            .unwrap_err()
+            .to_string();
+        for key in ["admin_token", "shard_count", "max_unauthenticated"] {
+            assert!(problems.lines().any(|line| line.contains(key)), "{key} in {problems}");
+        }
     }
 
     #[test]
     fn drain_timings_are_validated() {
-        let mut config = GatewayConfig { admin_token: "0123456789abcdef".into(), ..GatewayConfig::default() };
-        config.validate().unwrap();
-        config
-            .apply_env(|name| match name {
-                "SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS" => Some("3000".into()),
-                "SWITCHYARD_DRAIN_GRACE_MS" => Some("12000".into()),
-                _ => None,
-            })
-            .unwrap();
+        let mut config = from_env(&[
+            TOKEN,
+            ("SWITCHYARD_DRAIN_RECONNECT_WINDOW_MS", "3000"),
+            ("SWITCHYARD_DRAIN_GRACE_MS", "12000"),
+        ])
+        .unwrap();
         assert_eq!((config.drain_reconnect_window_ms, config.drain_grace_ms), (3_000, 12_000));
-        config.validate().unwrap();
         config.drain_reconnect_window_ms = 0;
         assert!(config.validate().is_err());
         config.drain_reconnect_window_ms = 3_000;

@@ -48,12 +48,12 @@ fn node() -> PathBuf {
     node
 }
 
-/// The Chromium to drive: `SWITCHYARD_CHROMIUM`, else `chromium` on PATH.
+/// The Chromium to drive: `SWITCHYARD_TEST_CHROMIUM`, else `chromium` on PATH.
 fn chromium() -> PathBuf {
-    std::env::var_os("SWITCHYARD_CHROMIUM").map(PathBuf::from).or_else(|| which("chromium")).unwrap_or_else(|| {
+    std::env::var_os("SWITCHYARD_TEST_CHROMIUM").map(PathBuf::from).or_else(|| which("chromium")).unwrap_or_else(|| {
         panic!(
             "Chromium is not installed: run `cargo xtask deps` (it installs Debian's `chromium` as root), or set \
-             SWITCHYARD_CHROMIUM to a Chromium binary"
+             SWITCHYARD_TEST_CHROMIUM to a Chromium binary"
         )
     })
 }
@@ -156,8 +156,8 @@ async fn two_users_chat_in_the_demo_page_and_one_resumes_after_going_offline() {
     let env = [
         ("SWITCHYARD_TEST_HTTP", fleet.gateways[demo].clone()),
         ("SWITCHYARD_TEST_API_KEY", api_key),
-        ("SWITCHYARD_CHROMIUM", chromium.display().to_string()),
-        ("SWITCHYARD_ARTIFACTS", artifacts.display().to_string()),
+        ("SWITCHYARD_TEST_CHROMIUM", chromium.display().to_string()),
+        ("SWITCHYARD_TEST_ARTIFACTS", artifacts.display().to_string()),
     ];
     run_node_tests(&["test-browser/"], &env, "browser").await;
     fleet.stop().await;

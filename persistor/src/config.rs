@@ -1,9 +1,9 @@
-//! The persistor's configuration: one typed struct, read from an optional TOML file (`SWITCHYARD_CONFIG`) and then
-//! from `SWITCHYARD_*` environment variables, validated before anything starts.
+//! The persistor's configuration: one typed struct, read from an optional TOML file and then from one
+//! `SWITCHYARD_<KEY>` environment variable per key (`switchyard_service::config`), validated before anything starts.
 //!
 //! This module does not open the store.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use std::time::Duration;
 const CQL_REPLICATION_FACTOR_MAX: u32 = 9;
 
 /// Everything a persistor needs to start.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PersistorConfig {
     /// NATS server URL(s), comma-separated.
@@ -85,85 +85,31 @@ pub enum StoreChoice {
 
 pub use switchyard_service::ConfigError;
 
+use switchyard_service::config::{Checks, Settings};
+
+impl Settings for PersistorConfig {
+    const URL_KEYS: &'static [&'static str] = &["nats_url"];
+
+    /// Every field: the store choice (see [`PersistorConfig::store_choice`]), the ingest settings (see
+    /// [`PersistorConfig::ingest`]) and the metrics address.
+    fn problems(&self) -> Vec<ConfigError> {
+        let mut checks = Checks::default();
+        checks.check(self.store_choice());
+        checks.check(self.cql_consistency());
+        checks.require(
+            (1..=CQL_REPLICATION_FACTOR_MAX).contains(&self.cql_replication_factor),
+            "cql_replication_factor",
+            format!("must be 1..={CQL_REPLICATION_FACTOR_MAX}"),
+        );
+        checks.check(self.ingest());
+        checks.check(switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas));
+        checks.check(switchyard_service::nats::server_addrs(&self.nats_url));
+        checks.check(switchyard_service::ops::validate_metrics_addr(self.metrics_addr));
+        checks.into_problems()
+    }
+}
+
 impl PersistorConfig {
-    /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
-    pub fn load() -> Result<Self, ConfigError> {
-        let mut config: PersistorConfig = switchyard_service::from_file()?;
-        config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Override fields from environment variables, read through `get`.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        if let Some(v) = get("SWITCHYARD_NATS_URL") {
-            self.nats_url = v;
-        }
-        if let Some(v) = get("SWITCHYARD_NATS_REPLICAS") {
-            self.nats_replicas = switchyard_service::parse_env("SWITCHYARD_NATS_REPLICAS", &v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_STORE") {
-            self.store = v;
-        }
-        if let Some(v) = get("SWITCHYARD_CQL_KEYSPACE") {
-            self.cql_keyspace = v;
-        }
-        if let Some(v) = get("SWITCHYARD_CQL_CONSISTENCY") {
-            self.cql_consistency = v;
-        }
-        fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
-            switchyard_service::parse_env(name, &value)
-        }
-        if let Some(v) = get("SWITCHYARD_CQL_REPLICATION_FACTOR") {
-            self.cql_replication_factor = num("SWITCHYARD_CQL_REPLICATION_FACTOR", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_CQL_MIGRATE_ON_START") {
-            self.cql_migrate_on_start = num("SWITCHYARD_CQL_MIGRATE_ON_START", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_BATCH_MAX") {
-            self.batch_max = num("SWITCHYARD_BATCH_MAX", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_BATCHES_IN_FLIGHT") {
-            self.batches_in_flight = num("SWITCHYARD_BATCHES_IN_FLIGHT", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_ACK_WAIT_MS") {
-            self.ack_wait_ms = num("SWITCHYARD_ACK_WAIT_MS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_MAX_DELIVER") {
-            self.max_deliver = num("SWITCHYARD_MAX_DELIVER", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_REDELIVERY_BACKOFF_MS") {
-            self.redelivery_backoff_ms = v
-                .split(',')
-                .map(|part| switchyard_service::parse_env("SWITCHYARD_REDELIVERY_BACKOFF_MS", part.trim()))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(v) = get("SWITCHYARD_OUTAGE_RETRY_MAX_MS") {
-            self.outage_retry_max_ms = num("SWITCHYARD_OUTAGE_RETRY_MAX_MS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_METRICS_ADDR") {
-            self.metrics_addr = switchyard_service::parse_env("SWITCHYARD_METRICS_ADDR", &v)?;
-        }
-        Ok(())
-    }
-
-    /// Check every field: the store choice (see [`Self::store_choice`]), the ingest settings (see
-    /// [`Self::ingest`]) and the metrics address.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.store_choice()?;
-        self.cql_consistency()?;
-        if !(1..=CQL_REPLICATION_FACTOR_MAX).contains(&self.cql_replication_factor) {
-            return Err(ConfigError::Invalid {
-                name: "cql_replication_factor",
-                message: format!("must be 1..={CQL_REPLICATION_FACTOR_MAX}"),
-            });
-        }
-        self.ingest()?;
-        switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
-        switchyard_service::nats::server_addrs(&self.nats_url)?;
-        switchyard_service::ops::validate_metrics_addr(self.metrics_addr)
-    }
-
     /// The ingest settings, validated.
     pub fn ingest(&self) -> Result<crate::ingest::IngestSettings, ConfigError> {
         let invalid = |name: &'static str, message: &str| ConfigError::Invalid { name, message: message.to_owned() };
@@ -240,29 +186,42 @@ impl PersistorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_service::config::{load_unchecked, ConfigProblems, Sources};
+
+    /// The defaults with `pairs` applied as environment variables, not validated.
+    fn from_env(pairs: &[(&str, &str)]) -> Result<PersistorConfig, ConfigProblems> {
+        load_unchecked(&Sources {
+            file: None,
+            env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+    }
+
+    #[test]
+    fn every_key_is_set_by_its_variable() {
+        switchyard_service::config::assert_every_key_is_set_by_env::<PersistorConfig>();
+    }
 
     #[test]
     fn the_cql_consistency_is_local_quorum_unless_set() {
         use scylla::statement::Consistency;
         let mut config = PersistorConfig::default();
         assert_eq!(config.cql_consistency().unwrap(), Consistency::LocalQuorum);
-        config.apply_env(|name| (name == "SWITCHYARD_CQL_CONSISTENCY").then(|| "QUORUM".into())).unwrap();
-        assert_eq!(config.cql_consistency().unwrap(), Consistency::Quorum);
+        let config_quorum = from_env(&[("SWITCHYARD_CQL_CONSISTENCY", "QUORUM")]).unwrap();
+        assert_eq!(config_quorum.cql_consistency().unwrap(), Consistency::Quorum);
         config.cql_consistency = "two".into();
         assert!(config.validate().is_err());
     }
 
     #[test]
     fn the_replication_factor_comes_from_the_environment_and_is_bounded() {
-        let mut config = PersistorConfig::default();
-        config.apply_env(|name| (name == "SWITCHYARD_CQL_REPLICATION_FACTOR").then(|| "3".into())).unwrap();
+        let mut config = from_env(&[("SWITCHYARD_CQL_REPLICATION_FACTOR", "3")]).unwrap();
         assert_eq!(config.cql_replication_factor, 3);
         assert!(config.validate().is_ok());
         for refused in [0, 10, u32::MAX] {
             config.cql_replication_factor = refused;
             assert!(config.validate().is_err(), "{refused}");
         }
-        assert!(config.apply_env(|name| (name == "SWITCHYARD_CQL_REPLICATION_FACTOR").then(|| "-1".into())).is_err());
+        assert!(from_env(&[("SWITCHYARD_CQL_REPLICATION_FACTOR", "-1")]).is_err());
     }
 
     #[test]
@@ -276,19 +235,17 @@ mod tests {
         config.store = "embedded:/tmp/x.redb".into();
         assert_eq!(config.store_choice().unwrap(), StoreChoice::Embedded("/tmp/x.redb".into()));
         config.ingest().unwrap();
-        config
-            .apply_env(|name| match name {
-                "SWITCHYARD_REDELIVERY_BACKOFF_MS" => Some("100, 2000".into()),
-                "SWITCHYARD_MAX_DELIVER" => Some("3".into()),
-                "SWITCHYARD_CQL_MIGRATE_ON_START" => Some("true".into()),
-                _ => None,
-            })
-            .unwrap();
+        let config = from_env(&[
+            ("SWITCHYARD_REDELIVERY_BACKOFF_MS", "100, 2000"),
+            ("SWITCHYARD_MAX_DELIVER", "3"),
+            ("SWITCHYARD_CQL_MIGRATE_ON_START", "true"),
+        ])
+        .unwrap();
         let settings = config.ingest().unwrap();
         assert_eq!(settings.backoff, vec![Duration::from_millis(100), Duration::from_secs(2)]);
         assert_eq!(settings.max_deliver, 3);
         assert!(config.cql_migrate_on_start);
-        assert!(config.apply_env(|n| (n == "SWITCHYARD_REDELIVERY_BACKOFF_MS").then(|| "1,x".into())).is_err());
+        assert!(from_env(&[("SWITCHYARD_REDELIVERY_BACKOFF_MS", "1,x")]).is_err());
         for bad in [
             PersistorConfig { max_deliver: 0, ..PersistorConfig::default() },
             PersistorConfig { redelivery_backoff_ms: vec![], ..PersistorConfig::default() },
@@ -297,6 +254,7 @@ mod tests {
         ] {
             assert!(bad.ingest().is_err(), "{bad:?}");
         }
+        let mut config = config;
         for bad in ["", "cql:", "embedded:", "mongo:x"] {
             config.store = bad.into();
             assert!(config.store_choice().is_err(), "{bad:?}");
@@ -305,12 +263,11 @@ mod tests {
 
     #[test]
     fn metrics_address_from_env_and_validated() {
-        let mut config = PersistorConfig::default();
-        config.validate().unwrap();
-        config.apply_env(|name| (name == "SWITCHYARD_METRICS_ADDR").then(|| "0.0.0.0:9191".into())).unwrap();
+        PersistorConfig::default().validate().unwrap();
+        let mut config = from_env(&[("SWITCHYARD_METRICS_ADDR", "0.0.0.0:9191")]).unwrap();
         assert_eq!(config.metrics_addr.port(), 9191);
         config.validate().unwrap();
-        assert!(config.apply_env(|name| (name == "SWITCHYARD_METRICS_ADDR").then(|| "nowhere".into())).is_err());
+        assert!(from_env(&[("SWITCHYARD_METRICS_ADDR", "nowhere")]).is_err());
         config.metrics_addr = "0.0.0.0:80".parse().unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("metrics_addr"));
     }

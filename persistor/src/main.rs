@@ -1,23 +1,51 @@
-//! `switchyard-persistor`: read the configuration, start logging, and either run until SIGINT or SIGTERM, or, as
-//! `switchyard-persistor migrate`, bring the CQL schema to this release's version and exit.
+//! `switchyard-persistor`: parse the command line, start logging, read the configuration, and either run until
+//! SIGINT or SIGTERM, or, as `switchyard-persistor migrate`, bring the CQL schema to this release's version and
+//! exit; or run a configuration command (`check-config`, `print-config`, `default-config`) and exit.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use switchyard_persistor::{migrate, run, PersistorConfig};
+use switchyard_service::cli::{ConfigArgs, ConfigCommand};
+
+const BINARY: &str = "switchyard-persistor";
+
+/// The persistor of Switchyard: writes the events stream to the history store and answers history reads.
+#[derive(Parser)]
+#[command(name = BINARY, version = switchyard_service::VERSION)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Config(ConfigCommand),
+    /// Bring the CQL schema to this release's version and exit (once per upgrade, before the new persistors
+    /// start).
+    Migrate,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Config(command)) = cli.command {
+        std::process::exit(command.run::<PersistorConfig>(&cli.config, BINARY));
+    }
     switchyard_service::init_logging();
-    let config = switchyard_service::config_or_exit("switchyard-persistor", PersistorConfig::load());
-    match std::env::args().nth(1).as_deref() {
+    let config = cli.config.load_or_exit::<PersistorConfig>(BINARY);
+    match cli.command {
         None => run(config, switchyard_service::shutdown_on_signals()).await?,
-        Some("migrate") => {
+        Some(Command::Migrate) => {
             let outcome = migrate(&config).await.context("migration failed")?;
             println!(
                 "history schema of keyspace {} at version {} (was {})",
                 config.cql_keyspace, outcome.to, outcome.from
             );
         }
-        Some(other) => bail!("unknown argument {other:?}: run without arguments, or `migrate`"),
+        Some(Command::Config(_)) => {}
     }
     Ok(())
 }

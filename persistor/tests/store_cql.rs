@@ -1,7 +1,7 @@
 //! Runs the history-store conformance suite against a real CQL server (Cassandra or ScyllaDB) named by
-//! `SWITCHYARD_CQL` (`host:port`), in the keyspace `SWITCHYARD_CQL_KEYSPACE` (default `switchyard_test`).
+//! `SWITCHYARD_TEST_CQL` (`host:port`), in the keyspace `SWITCHYARD_CQL_KEYSPACE` (default `switchyard_test`).
 //!
-//! There is no stand-in: without `SWITCHYARD_CQL` these tests fail and say how to start a server.
+//! There is no stand-in: without `SWITCHYARD_TEST_CQL` these tests fail and say how to start a server.
 
 use switchyard_persistor::store::conformance;
 use switchyard_persistor::store::cql::{CqlConfig, CqlStore, Replication};
@@ -11,11 +11,11 @@ use switchyard_protocol::{ProjectId, RoomId};
 const DEFAULT_KEYSPACE: &str = "switchyard_test";
 
 fn server() -> (Vec<String>, String) {
-    let nodes = match std::env::var("SWITCHYARD_CQL") {
+    let nodes = match std::env::var("SWITCHYARD_TEST_CQL") {
         Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
         _ => panic!(
-            "SWITCHYARD_CQL is not set: these tests need a real Cassandra/ScyllaDB server. \
-             Run `cargo xtask test` (it starts one and sets SWITCHYARD_CQL=host:port), \
+            "SWITCHYARD_TEST_CQL is not set: these tests need a real Cassandra/ScyllaDB server. \
+             Run `cargo xtask test` (it starts one and sets SWITCHYARD_TEST_CQL=host:port), \
              or start `cargo xtask services` and export the variables it prints."
         ),
     };

@@ -1,14 +1,14 @@
-//! The router shard's configuration: one typed struct, read from an optional TOML file and then from
-//! `SWITCHYARD_*` environment variables, validated before anything starts.
+//! The router shard's configuration: one typed struct, read from an optional TOML file and then from one
+//! `SWITCHYARD_<KEY>` environment variable per key (`switchyard_service::config`), validated before anything starts.
 //!
 //! This module does not connect to anything.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Everything a router shard needs to start.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
     /// NATS server URL(s), comma-separated.
@@ -35,8 +35,6 @@ pub struct RouterConfig {
     pub metrics_addr: SocketAddr,
     /// Replicas of the events stream and of the rooms and leases buckets when a router shard creates them (3 on a
     /// NATS cluster, as in production; 1 for one NATS server). An existing stream or bucket keeps its settings.
-    /// `stream_replicas` is its older name.
-    #[serde(alias = "stream_replicas")]
     pub nats_replicas: usize,
 }
 
@@ -58,112 +56,54 @@ impl Default for RouterConfig {
     }
 }
 
+use switchyard_service::config::{Checks, Settings};
 pub use switchyard_service::ConfigError;
 
+impl Settings for RouterConfig {
+    const URL_KEYS: &'static [&'static str] = &["nats_url"];
+
+    /// A router shard started without an id takes a random one.
+    fn complete(&mut self) {
+        if self.router_id.is_empty() {
+            self.router_id = format!("router-{}", switchyard_protocol::ids::random_base62(8));
+        }
+    }
+
+    fn problems(&self) -> Vec<ConfigError> {
+        let mut checks = Checks::default();
+        let c = &mut checks;
+        c.require(
+            switchyard_protocol::subjects::valid_router_id(&self.router_id),
+            "router_id",
+            format!("{:?} must match [A-Za-z0-9_-]{{1,64}}", self.router_id),
+        );
+        c.require(self.shard_count != 0 && self.shard_count <= 4096, "shard_count", "must be 1..=4096");
+        c.require(
+            self.lease_tick_ms != 0 && self.lease_ttl_ms >= 3 * self.lease_tick_ms,
+            "lease_ttl_ms",
+            "must be at least three lease ticks, and the tick must be positive",
+        );
+        c.check(switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas));
+        c.require(!self.nats_url.trim().is_empty(), "nats_url", "must not be empty");
+        c.check(switchyard_service::nats::server_addrs(&self.nats_url));
+        c.require(self.stream_max_age_secs != 0, "stream_max_age_secs", "must be positive");
+        c.require(self.stream_max_bytes <= i64::MAX as u64, "stream_max_bytes", "is beyond what JetStream holds");
+        c.require(self.stream_duplicate_window_secs != 0, "stream_duplicate_window_secs", "must be positive");
+        c.require(
+            self.stream_max_age_secs >= self.stream_duplicate_window_secs,
+            "stream_max_age_secs",
+            format!(
+                "{} s is shorter than the duplicate window ({} s, stream_duplicate_window_secs); JetStream refuses a \
+                 stream that forgets events before their duplicates",
+                self.stream_max_age_secs, self.stream_duplicate_window_secs
+            ),
+        );
+        c.check(switchyard_service::ops::validate_metrics_addr(self.metrics_addr));
+        checks.into_problems()
+    }
+}
+
 impl RouterConfig {
-    /// Load from `SWITCHYARD_CONFIG` (a TOML file) if set, then apply environment overrides, then validate.
-    pub fn load() -> Result<Self, ConfigError> {
-        let mut config: RouterConfig = switchyard_service::from_file()?;
-        config.apply_env(|name| std::env::var(name).ok())?;
-        if config.router_id.is_empty() {
-            config.router_id = format!("router-{}", switchyard_protocol::ids::random_base62(8));
-        }
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Override fields from environment variables, read through `get`.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn num<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError> {
-            switchyard_service::parse_env(name, &value)
-        }
-        if let Some(v) = get("SWITCHYARD_NATS_URL") {
-            self.nats_url = v;
-        }
-        if let Some(v) = get("SWITCHYARD_ROUTER_ID") {
-            self.router_id = v;
-        }
-        if let Some(v) = get("SWITCHYARD_SHARD_COUNT") {
-            self.shard_count = num("SWITCHYARD_SHARD_COUNT", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_LEASE_TTL_MS") {
-            self.lease_ttl_ms = num("SWITCHYARD_LEASE_TTL_MS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_LEASE_TICK_MS") {
-            self.lease_tick_ms = num("SWITCHYARD_LEASE_TICK_MS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_METRICS_ADDR") {
-            self.metrics_addr = num("SWITCHYARD_METRICS_ADDR", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_STREAM_MAX_AGE_SECS") {
-            self.stream_max_age_secs = num("SWITCHYARD_STREAM_MAX_AGE_SECS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_STREAM_DUPLICATE_WINDOW_SECS") {
-            self.stream_duplicate_window_secs = num("SWITCHYARD_STREAM_DUPLICATE_WINDOW_SECS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_STREAM_MAX_BYTES") {
-            self.stream_max_bytes = num("SWITCHYARD_STREAM_MAX_BYTES", v)?;
-        }
-        // The older name first, so that the newer one wins when both are set.
-        if let Some(v) = get("SWITCHYARD_STREAM_REPLICAS") {
-            self.nats_replicas = num("SWITCHYARD_STREAM_REPLICAS", v)?;
-        }
-        if let Some(v) = get("SWITCHYARD_NATS_REPLICAS") {
-            self.nats_replicas = num("SWITCHYARD_NATS_REPLICAS", v)?;
-        }
-        Ok(())
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if !switchyard_protocol::subjects::valid_router_id(&self.router_id) {
-            return Err(ConfigError::Invalid {
-                name: "router_id",
-                message: format!("{:?} must match [A-Za-z0-9_-]{{1,64}}", self.router_id),
-            });
-        }
-        if self.shard_count == 0 || self.shard_count > 4096 {
-            return Err(ConfigError::Invalid { name: "shard_count", message: "must be 1..=4096".into() });
-        }
-        if self.lease_tick_ms == 0 || self.lease_ttl_ms < 3 * self.lease_tick_ms {
-            return Err(ConfigError::Invalid {
-                name: "lease_ttl_ms",
-                message: "must be at least three lease ticks, and the tick must be positive".into(),
-            });
-        }
-        switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas)?;
-        switchyard_service::nats::server_addrs(&self.nats_url)?;
-        if self.stream_max_age_secs == 0 {
-            return Err(ConfigError::Invalid { name: "stream_max_age_secs", message: "must be positive".into() });
-        }
-        if self.stream_max_bytes > i64::MAX as u64 {
-            return Err(ConfigError::Invalid {
-                name: "stream_max_bytes",
-                message: "is beyond what JetStream holds".into(),
-            });
-        }
-        if self.stream_duplicate_window_secs == 0 {
-            return Err(ConfigError::Invalid {
-                name: "stream_duplicate_window_secs",
-                message: "must be positive".into(),
-            });
-        }
-        if self.stream_max_age_secs < self.stream_duplicate_window_secs {
-            return Err(ConfigError::Invalid {
-                name: "stream_max_age_secs",
-                message: format!(
-                    "{} s is shorter than the duplicate window ({} s, stream_duplicate_window_secs); JetStream \
-                     refuses a stream that forgets events before their duplicates",
-                    self.stream_max_age_secs, self.stream_duplicate_window_secs
-                ),
-            });
-        }
-        if self.nats_url.trim().is_empty() {
-            return Err(ConfigError::Invalid { name: "nats_url", message: "must not be empty".into() });
-        }
-        switchyard_service::ops::validate_metrics_addr(self.metrics_addr)?;
-        Ok(())
-    }
-
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
     }
@@ -177,19 +117,26 @@ impl RouterConfig {
 mod tests {
     use super::*;
 
+    use switchyard_service::config::{load, Sources};
+
+    #[test]
+    fn every_key_is_set_by_its_variable() {
+        switchyard_service::config::assert_every_key_is_set_by_env::<RouterConfig>();
+    }
+
     #[test]
     fn env_overrides_and_validation() {
-        let mut config = RouterConfig { router_id: "r1".into(), ..RouterConfig::default() };
-        config
-            .apply_env(|name| match name {
-                "SWITCHYARD_SHARD_COUNT" => Some("8".into()),
-                "SWITCHYARD_METRICS_ADDR" => Some("0.0.0.0:9100".into()),
-                _ => None,
-            })
-            .unwrap();
+        let sources = Sources {
+            file: None,
+            env: vec![
+                ("SWITCHYARD_SHARD_COUNT".into(), "8".into()),
+                ("SWITCHYARD_METRICS_ADDR".into(), "0.0.0.0:9100".into()),
+            ],
+        };
+        let mut config: RouterConfig = load(&sources).unwrap();
+        assert!(config.router_id.starts_with("router-"), "a random id: {}", config.router_id);
         assert_eq!(config.shard_count, 8);
         assert_eq!(config.metrics_addr.port(), 9100);
-        config.validate().unwrap();
         config.metrics_addr = "0.0.0.0:22".parse().unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("metrics_addr"));
         config.metrics_addr = "127.0.0.1:0".parse().unwrap();
@@ -205,7 +152,8 @@ mod tests {
         );
         config.stream_duplicate_window_secs = 30;
         config.validate().unwrap();
-        let err = config.apply_env(|_| Some("x".into())).unwrap_err();
-        assert!(err.to_string().contains("SWITCHYARD_"), "{err}");
+        let sources = Sources { file: None, env: vec![("SWITCHYARD_SHARD_COUNT".into(), "x".into())] };
+        let err = load::<RouterConfig>(&sources).unwrap_err();
+        assert!(err.to_string().contains("SWITCHYARD_SHARD_COUNT"), "{err}");
     }
 }

@@ -1,11 +1,30 @@
-//! `switchyard-router-shard`: read the configuration, start logging, run until SIGINT or SIGTERM.
+//! `switchyard-router-shard`: parse the command line, start logging, read the configuration, run until SIGINT or
+//! SIGTERM; or run a configuration command (`check-config`, `print-config`, `default-config`) and exit.
 
+use clap::Parser;
 use switchyard_router_shard::{run, RouterConfig};
+use switchyard_service::cli::{ConfigArgs, ConfigCommand};
+
+const BINARY: &str = "switchyard-router-shard";
+
+/// A router shard of Switchyard: owns rooms by lease, sequences their events into JetStream.
+#[derive(Parser)]
+#[command(name = BINARY, version = switchyard_service::VERSION)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<ConfigCommand>,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        std::process::exit(command.run::<RouterConfig>(&cli.config, BINARY));
+    }
     switchyard_service::init_logging();
-    let config = switchyard_service::config_or_exit("switchyard-router-shard", RouterConfig::load());
+    let config = cli.config.load_or_exit::<RouterConfig>(BINARY);
     run(config, switchyard_service::shutdown_on_signals()).await?;
     Ok(())
 }

@@ -1,15 +1,16 @@
-//! What every Switchyard binary does alike: load its typed configuration (a TOML file named by `SWITCHYARD_CONFIG`,
-//! then `SWITCHYARD_*` environment overrides), start logging (JSON or human-readable), record metrics into the
+//! What every Switchyard binary does alike: parse its command line (`cli`), load its typed configuration (a TOML
+//! file, then `SWITCHYARD_*` environment overrides, `config`), start logging (JSON or human-readable), record metrics into the
 //! process-wide Prometheus recorder (`telemetry`), serve `/healthz`, `/readyz` and `/metrics` on an address of its
 //! own (`ops`), turn SIGINT or SIGTERM into a shutdown token, and connect to NATS and open or create JetStream buckets (`nats`).
 //!
 //! It knows no service's fields: each binary's config type says which variables it reads and what is valid.
 
+pub mod cli;
+pub mod config;
 pub mod nats;
 pub mod ops;
 pub mod telemetry;
 
-use serde::de::DeserializeOwned;
 use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
 
@@ -22,36 +23,26 @@ pub enum ConfigError {
     Parse { path: String, source: toml::de::Error },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
+    #[error("unknown key {key} in {file}{}", did_you_mean(nearest))]
+    UnknownKey { key: String, file: String, nearest: Option<String> },
+    #[error("unknown variable {name}{}", did_you_mean(nearest))]
+    UnknownVariable { name: String, nearest: Option<String> },
+    #[error("invalid value for {key} (from {origin}): {message}")]
+    Value { key: String, origin: String, message: String },
 }
 
-/// The loaded configuration, or, when it cannot be used, one line on standard error naming the binary and what is
-/// wrong, and exit code 2: a configuration mistake is the operator's to fix, not a crash to debug.
-pub fn config_or_exit<T>(binary: &str, loaded: Result<T, ConfigError>) -> T {
-    match loaded {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("{binary}: invalid configuration: {error}");
-            std::process::exit(2);
-        }
-    }
+fn did_you_mean(nearest: &Option<String>) -> String {
+    nearest.as_ref().map(|n| format!("; did you mean {n}?")).unwrap_or_default()
 }
 
-/// The configuration file named by `SWITCHYARD_CONFIG`, or the defaults when none is named.
-pub fn from_file<T: DeserializeOwned + Default>() -> Result<T, ConfigError> {
-    match std::env::var("SWITCHYARD_CONFIG") {
-        Ok(path) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })
-        }
-        Err(_) => Ok(T::default()),
-    }
-}
+/// The variable choosing the log format (see [`LogFormat::choose`]).
+pub const LOG_FORMAT_VAR: &str = "SWITCHYARD_LOG_FORMAT";
 
-/// Parse one environment value, naming the variable when it does not parse.
-pub fn parse_env<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T, ConfigError> {
-    value.trim().parse().map_err(|_| ConfigError::Invalid { name, message: format!("cannot parse {value:?}") })
-}
+/// The version of this build: the crate version and the git commit it was built from (`unknown` when built outside
+/// a git checkout without `GIT_COMMIT` set).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SWITCHYARD_GIT_COMMIT"), ")");
+/// The git commit alone.
+pub const GIT_COMMIT: &str = env!("SWITCHYARD_GIT_COMMIT");
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +73,7 @@ impl LogFormat {
 /// [`LogFormat::choose`]). An unknown format is reported and the default used, so logging always starts.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let requested = std::env::var("SWITCHYARD_LOG_FORMAT").ok();
+    let requested = std::env::var(LOG_FORMAT_VAR).ok();
     let terminal = std::io::stdout().is_terminal();
     let (format, problem) = match LogFormat::choose(requested.as_deref(), terminal) {
         Ok(format) => (format, None),
@@ -142,13 +133,6 @@ pub fn shutdown_on_signals() -> CancellationToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn env_values_name_their_variable() {
-        assert_eq!(parse_env::<u16>("SWITCHYARD_X", " 42 ").unwrap(), 42);
-        let error = parse_env::<u16>("SWITCHYARD_X", "many").unwrap_err();
-        assert!(error.to_string().contains("SWITCHYARD_X"), "{error}");
-    }
 
     #[test]
     fn urls_lose_their_credentials() {

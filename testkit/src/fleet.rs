@@ -16,6 +16,7 @@ use switchyard_persistor::store::cql::CqlStore;
 use switchyard_persistor::store::embedded::EmbeddedStore;
 use switchyard_persistor::{AnyStore, PersistorConfig};
 use switchyard_router_shard::RouterConfig;
+use switchyard_service::config::Settings as _;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -73,14 +74,14 @@ pub struct Fleet {
 pub enum StoreKind {
     /// redb in the fleet's temporary directory.
     Embedded,
-    /// The real Cassandra named by `SWITCHYARD_CQL`.
+    /// The real Cassandra named by `SWITCHYARD_TEST_CQL`.
     Cql,
 }
 
 /// The Cassandra of this test run, as `host:port`.
 pub fn cql_node() -> String {
-    std::env::var("SWITCHYARD_CQL")
-        .expect("SWITCHYARD_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra")
+    std::env::var("SWITCHYARD_TEST_CQL")
+        .expect("SWITCHYARD_TEST_CQL is not set: run the tests with `cargo xtask test`, which starts Cassandra")
 }
 
 pub struct Tenant {

@@ -174,7 +174,7 @@ fn node_major(node: &Path) -> Option<u32> {
 }
 
 fn find_chromium() -> Option<PathBuf> {
-    std::env::var_os("SWITCHYARD_CHROMIUM")
+    std::env::var_os("SWITCHYARD_TEST_CHROMIUM")
         .map(PathBuf::from)
         .filter(|p| is_executable(p))
         .or_else(|| which("chromium"))

@@ -125,10 +125,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             bail!("{} is missing after the build", path.display());
         }
         let mut cmd = proc::command(&path);
-        cmd.current_dir(&root)
-            .env("SWITCHYARD_NATS_URL", nats.url())
-            .env("SWITCHYARD_NATS_REPLICAS", &replicas)
-            .env("SWITCHYARD_SHARD_COUNT", SHARD_COUNT);
+        cmd.current_dir(&root).env("SWITCHYARD_NATS_URL", nats.url()).env("SWITCHYARD_NATS_REPLICAS", &replicas);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -150,12 +147,20 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         spawn(
             "router-1",
             "switchyard-router-shard",
-            &[("SWITCHYARD_ROUTER_ID", "router-1"), ("SWITCHYARD_METRICS_ADDR", metrics[0].as_str())],
+            &[
+                ("SWITCHYARD_ROUTER_ID", "router-1"),
+                ("SWITCHYARD_SHARD_COUNT", SHARD_COUNT),
+                ("SWITCHYARD_METRICS_ADDR", metrics[0].as_str()),
+            ],
         )?,
         spawn(
             "router-2",
             "switchyard-router-shard",
-            &[("SWITCHYARD_ROUTER_ID", "router-2"), ("SWITCHYARD_METRICS_ADDR", metrics[1].as_str())],
+            &[
+                ("SWITCHYARD_ROUTER_ID", "router-2"),
+                ("SWITCHYARD_SHARD_COUNT", SHARD_COUNT),
+                ("SWITCHYARD_METRICS_ADDR", metrics[1].as_str()),
+            ],
         )?,
         spawn(
             "persistor",
@@ -167,6 +172,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             "switchyard-gateway",
             &[
                 ("SWITCHYARD_LISTEN", listen.as_str()),
+                ("SWITCHYARD_SHARD_COUNT", SHARD_COUNT),
                 ("SWITCHYARD_REDIS_URL", redis.url().as_str()),
                 ("SWITCHYARD_ADMIN_TOKEN", admin_token.as_str()),
             ],
@@ -191,6 +197,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         "switchyard-gateway",
         &[
             ("SWITCHYARD_LISTEN", listen.as_str()),
+            ("SWITCHYARD_SHARD_COUNT", SHARD_COUNT),
             ("SWITCHYARD_REDIS_URL", redis.url().as_str()),
             ("SWITCHYARD_ADMIN_TOKEN", admin_token.as_str()),
             ("SWITCHYARD_DEMO_PROJECT_ID", project_id.as_str()),
@@ -211,6 +218,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             "switchyard-gateway",
             &[
                 ("SWITCHYARD_LISTEN", listen.as_str()),
+                ("SWITCHYARD_SHARD_COUNT", SHARD_COUNT),
                 ("SWITCHYARD_REDIS_URL", redis.url().as_str()),
                 ("SWITCHYARD_ADMIN_TOKEN", admin_token.as_str()),
             ],

@@ -644,7 +644,7 @@ impl TestServices {
         vec![
             ("SWITCHYARD_TEST_NATS_URL", self.nats.url()),
             ("SWITCHYARD_TEST_REDIS_URL", self.redis.url()),
-            ("SWITCHYARD_CQL", self.cassandra.addr()),
+            ("SWITCHYARD_TEST_CQL", self.cassandra.addr()),
             // The Cassandra process, for tests that pause it (SIGSTOP) to show a store outage changes nothing.
             ("SWITCHYARD_TEST_CQL_PID", self.cassandra.child.pid().to_string()),
         ]

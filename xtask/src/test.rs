@@ -75,7 +75,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         test.env(k, v);
     }
     // The browser test drives the Chromium that deps found (or installed).
-    test.env("SWITCHYARD_CHROMIUM", &js.chromium);
+    test.env("SWITCHYARD_TEST_CHROMIUM", &js.chromium);
     let (status, results) = proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
     timings.push(("run tests", t.elapsed()));
 
@@ -217,7 +217,7 @@ fn run_on_cluster(
         say!("on the cluster: {k}={v}");
         test.env(k, v);
     }
-    test.env("SWITCHYARD_CHROMIUM", chromium);
+    test.env("SWITCHYARD_TEST_CHROMIUM", chromium);
     let ran = proc::run_keeping_lines(test, "cargo test on the NATS cluster", |l| l.starts_with("test result:"));
     if let Some(cluster) = &mut services.cluster {
         cluster.stop();

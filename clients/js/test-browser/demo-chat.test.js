@@ -1,6 +1,6 @@
 // The demo page in headless Chromium: two users in two browser contexts chat (messages, typing, reactions, edit,
 // delete, a DM with an unread count); a room admin mutes and bans a member; a reply in a thread; one goes offline while the other sends, comes back, and sees every message
-// exactly once and in order. Screenshots (desktop and phone-sized) go to $SWITCHYARD_ARTIFACTS.
+// exactly once and in order. Screenshots (desktop and phone-sized) go to $SWITCHYARD_TEST_ARTIFACTS.
 
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,11 +9,11 @@ import { chromium } from 'playwright-core';
 
 const HTTP = process.env.SWITCHYARD_TEST_HTTP;
 const API_KEY = process.env.SWITCHYARD_TEST_API_KEY;
-const EXECUTABLE = process.env.SWITCHYARD_CHROMIUM;
-const ARTIFACTS = process.env.SWITCHYARD_ARTIFACTS;
+const EXECUTABLE = process.env.SWITCHYARD_TEST_CHROMIUM;
+const ARTIFACTS = process.env.SWITCHYARD_TEST_ARTIFACTS;
 if (!HTTP || !API_KEY || !EXECUTABLE || !ARTIFACTS) {
   throw new Error(
-    'SWITCHYARD_TEST_HTTP, SWITCHYARD_TEST_API_KEY, SWITCHYARD_CHROMIUM and SWITCHYARD_ARTIFACTS must be set: run with `cargo xtask test`',
+    'SWITCHYARD_TEST_HTTP, SWITCHYARD_TEST_API_KEY, SWITCHYARD_TEST_CHROMIUM and SWITCHYARD_TEST_ARTIFACTS must be set: run with `cargo xtask test`',
   );
 }
 const WAIT = 15_000;

@@ -38,7 +38,7 @@ struct Params {
 
 fn parse_args() -> Result<Params> {
     let mut params = Params {
-        cql: std::env::var("SWITCHYARD_CQL").ok(),
+        cql: std::env::var("SWITCHYARD_TEST_CQL").ok(),
         keyspace: "switchyard_bench".into(),
         store: "cql".into(),
         events: 1_000_000,
@@ -185,7 +185,7 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store = match params.store.as_str() {
         "cql" => {
-            let node = params.cql.clone().context("--cql host:port (or SWITCHYARD_CQL) is needed for cql")?;
+            let node = params.cql.clone().context("--cql host:port (or SWITCHYARD_TEST_CQL) is needed for cql")?;
             AnyStore::Cql(CqlStore::connect(&[node], &params.keyspace).await?)
         }
         _ => AnyStore::Embedded(EmbeddedStore::open(&dir.path().join("history-bench.redb"))?),

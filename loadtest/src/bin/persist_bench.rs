@@ -36,7 +36,7 @@ struct Params {
 fn parse_args() -> Result<Params> {
     let mut params = Params {
         nats: std::env::var("SWITCHYARD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
-        cql: std::env::var("SWITCHYARD_CQL").ok(),
+        cql: std::env::var("SWITCHYARD_TEST_CQL").ok(),
         stores: vec!["cql".into(), "embedded".into()],
         events: 200_000,
         rooms: 1_000,
@@ -242,7 +242,7 @@ async fn main() -> Result<()> {
     for kind in &params.stores {
         let store = match kind.as_str() {
             "cql" => {
-                let node = params.cql.clone().context("--cql host:port (or SWITCHYARD_CQL) is needed for cql")?;
+                let node = params.cql.clone().context("--cql host:port (or SWITCHYARD_TEST_CQL) is needed for cql")?;
                 AnyStore::Cql(CqlStore::connect(&[node], "switchyard_bench").await?)
             }
             _ => AnyStore::Embedded(EmbeddedStore::open(&dir.path().join("bench.redb"))?),
