@@ -197,7 +197,10 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
         drain_deadline: OnceLock::new(),
         unauthenticated: std::sync::atomic::AtomicUsize::new(0),
         session_tasks: TaskTracker::new(),
-        metrics: telemetry::prometheus(),
+        metrics: {
+            switchyard_service::telemetry::describe(telemetry::METRICS);
+            telemetry::prometheus()
+        },
     });
     let socket_counts = gateway.sockets.spawn_writer(gateway.stopped.clone());
     Ok(BoundGateway { listener, gateway, socket_counts })

@@ -2,13 +2,82 @@
 //! shared with router shards and persistors started in the same process), and pre-registered counters for the
 //! per-frame metrics, so the delivery path pays one atomic add per frame rather than a registry lookup.
 //!
-//! Other metrics are recorded where they happen. Labels are bounded: op names, close codes, subprotocols,
+//! [`METRICS`] lists every metric the gateway records, with its HELP text; other metrics are recorded where they
+//! happen. Labels are bounded: op names, close codes, subprotocols,
 //! reasons; never a tenant, user, room or token.
 
 use metrics::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::OnceLock;
 use switchyard_protocol::client::{Format, OP_NAMES, SERVER_EVENT_OPS, SERVER_FRAME_OPS};
+use switchyard_service::telemetry::MetricSpec;
+
+/// Every metric the gateway records, with its HELP text (described once the gateway binds).
+pub const METRICS: &[MetricSpec] = &[
+    MetricSpec::gauge("switchyard_gateway_open_sockets", "Open WebSocket sockets by subprotocol (json or msgpack)."),
+    MetricSpec::counter(
+        "switchyard_gateway_frames_received_total",
+        "Client frames by op; invalid when the frame did not parse.",
+    ),
+    MetricSpec::counter("switchyard_gateway_frames_sent_total", "Frames written to clients, by op."),
+    MetricSpec::counter("switchyard_gateway_deliveries_total", "Room events handed to session queues."),
+    MetricSpec::histogram(
+        "switchyard_gateway_outbound_queue_depth_frames",
+        "Frames waiting in a session's outbound queue, sampled every 32nd event a session takes.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_closes_total",
+        "Sockets ended, by the server's close code, or client when the client closed.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_slow_consumer_closes_total",
+        "Sessions closed with 4009 because their outbound queue overflowed.",
+    ),
+    MetricSpec::counter("switchyard_gateway_authentications_total", "Tokens accepted."),
+    MetricSpec::counter("switchyard_gateway_auth_failures_total", "Tokens refused, by reason."),
+    MetricSpec::counter(
+        "switchyard_gateway_revocation_checks_skipped_total",
+        "Token revocation checks skipped because Redis did not answer (the token was accepted).",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_revoked_sessions_total",
+        "Sessions closed because their token or user was revoked.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_unauthenticated_refused_total",
+        "Upgrades without a token refused because max_unauthenticated sockets already waited for their auth frame.",
+    ),
+    MetricSpec::histogram(
+        "switchyard_gateway_nats_request_duration_seconds",
+        "One NATS request attempt to a router shard or persistor, by target and outcome.",
+    ),
+    MetricSpec::counter("switchyard_gateway_rate_limited_total", "Ops refused by the per-connection rate limit."),
+    MetricSpec::counter(
+        "switchyard_gateway_tenant_rate_limited_total",
+        "Messages refused by the fleet-wide tenant message rate.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_tenant_rate_unchecked_total",
+        "Messages let through without the tenant rate check because Redis did not answer.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_socket_quota_refused_total",
+        "Sockets refused by a tenant's or user's connection quota.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_socket_quota_unchecked_total",
+        "Sockets let in without the connection quota check because Redis did not answer.",
+    ),
+    MetricSpec::counter(
+        "switchyard_gateway_live_gaps_total",
+        "Gaps seen in a live room stream, filled from the events stream.",
+    ),
+    MetricSpec::gauge(
+        "switchyard_gateway_rooms_subscribed",
+        "Rooms with a session on this gateway (one NATS subscription each).",
+    ),
+    MetricSpec::counter("switchyard_gateway_http_requests_total", "HTTP responses by status class."),
+];
 
 /// The process's Prometheus handle, installing the recorder on first use.
 pub fn prometheus() -> PrometheusHandle {

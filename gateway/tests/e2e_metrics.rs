@@ -14,8 +14,8 @@ use std::time::Duration;
 use support::Fleet;
 use switchyard_client::{ClientOp, Format, Reply};
 
-/// One scrape: `(series name, labels text, value)` per sample line.
-struct Scrape(Vec<(String, String, f64)>);
+/// One scrape: `(series name, labels text, value)` per sample line, and the text itself.
+struct Scrape(Vec<(String, String, f64)>, String);
 
 impl Scrape {
     async fn of(http: &reqwest::Client, base: &str) -> Scrape {
@@ -32,7 +32,23 @@ impl Scrape {
             let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad sample value in {line:?}"));
             samples.push((name.to_owned(), labels.to_owned(), value));
         }
-        Scrape(samples)
+        Scrape(samples, text)
+    }
+
+    /// Every series has its HELP text, and the process metrics and build info every service serves are there.
+    fn assert_described(&self, base: &str) {
+        let text = &self.1;
+        let typed: Vec<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+        assert!(typed.len() > 5, "{base}: {text}");
+        for name in typed {
+            let help = text.lines().find_map(|l| l.strip_prefix(&format!("# HELP {name} ")));
+            assert!(help.is_some_and(|h| h.len() > 10), "{base}: {name} has no HELP text");
+        }
+        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+            assert!(self.value(name, &[]) > 0.0, "{base}: {name} missing or zero");
+        }
+        assert_eq!(self.value("switchyard_build_info", &[]), 1.0, "{base}: build info");
     }
 
     /// The sum of `name` over the samples carrying every one of `labels` (`key="value"`); `None` if no sample.
@@ -224,6 +240,10 @@ async fn every_service_serves_the_metrics_that_matter_and_they_move() {
             < during.value("switchyard_gateway_open_sockets", &["subprotocol=\"msgpack\""]),
         "bob's closed socket is still counted"
     );
+
+    for (scrape, base) in [(&after.0, &gateway), (&after.1, &router), (&after.2, &persistor)] {
+        scrape.assert_described(base);
+    }
 
     let (r0, r1) = (&before.1, &after.1);
     assert_eq!(r1.value("switchyard_router_owned_shards", &[]), 64.0, "one router shard owns every shard");

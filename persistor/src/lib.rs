@@ -9,6 +9,7 @@ pub mod config;
 pub mod history;
 pub mod ingest;
 pub mod store;
+mod telemetry;
 
 pub use config::{PersistorConfig, StoreChoice};
 
@@ -260,6 +261,7 @@ pub async fn bind_with_store<S: HistoryStore>(
                 && nats.get().is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
         })
     };
+    switchyard_service::telemetry::describe(telemetry::METRICS);
     let ops = switchyard_service::ops::OpsListener::bind(config.metrics_addr, ready).await?;
     Ok(BoundPersistor { config, store, ops, nats, shutdown })
 }

@@ -15,6 +15,7 @@ mod room;
 mod room_core;
 mod shard;
 mod stream_usage;
+mod telemetry;
 mod user_reads;
 
 pub use config::RouterConfig;
@@ -59,6 +60,7 @@ pub async fn bind(config: RouterConfig, shutdown: CancellationToken) -> Result<B
                 && nats.get().is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
         })
     };
+    switchyard_service::telemetry::describe(telemetry::METRICS);
     let ops = OpsListener::bind(config.metrics_addr, ready).await?;
     Ok(BoundRouter { config, ops, nats, shutdown })
 }

@@ -87,7 +87,10 @@ async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<OpsState>>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::telemetry::render(&state.metrics),
+    )
         .into_response()
 }
 

@@ -823,17 +823,49 @@ sys.exit(1 if problems or count == 0 else 0)
     Ok(())
 }
 
-/// Every `switchyard_*` metric the deployment files name must be one the services record.
+/// Every metric the services record is in a catalogue with its HELP text (`MetricSpec::counter("name", ...)` and
+/// the like), as the same kind, and every catalogued one is recorded; every `switchyard_*` metric the deployment
+/// files name is one the services record; and the dashboard shows every catalogued metric.
 fn check_metric_names(root: &Path, report: &mut Report) -> Result<()> {
-    let mut recorded = BTreeSet::new();
+    let mut recorded: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut described: BTreeMap<String, String> = BTreeMap::new();
     for crate_dir in ["gateway", "router-shard", "persistor", "service"] {
         for file in walk(&root.join(crate_dir).join("src"))? {
             if file.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&file)?;
-                recorded.extend(metric_names(&text).into_iter().filter(|n| text.contains(&format!("\"{n}\""))));
+                for kind in ["counter", "gauge", "histogram"] {
+                    for name in quoted_after(&text, &format!("{kind}!(")) {
+                        if !name.starts_with("switchyard_test_") {
+                            recorded.entry(name).or_insert((kind.to_owned(), relative(root, &file)));
+                        }
+                    }
+                    for name in quoted_after(&text, &format!("MetricSpec::{kind}(")) {
+                        if !name.starts_with("switchyard_test_") {
+                            described.insert(name, kind.to_owned());
+                        }
+                    }
+                }
             }
         }
     }
+    let mut catalogue = Vec::new();
+    for (name, (kind, file)) in &recorded {
+        match described.get(name) {
+            None => catalogue.push(format!("{name} ({kind}, recorded in {file}) is in no metric catalogue")),
+            Some(listed) if listed != kind => {
+                catalogue.push(format!("{name} is recorded as a {kind} in {file} but catalogued as a {listed}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in described.keys().filter(|n| !recorded.contains_key(*n)) {
+        catalogue.push(format!("{name} is catalogued but never recorded"));
+    }
+    report.check(
+        format!("metric catalogues: the {} metrics the services record, each with its HELP text", recorded.len()),
+        &catalogue,
+    );
+
     let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut files = walk(&root.join("k8s"))?;
     files.extend(walk(&root.join("helm").join("switchyard"))?);
@@ -844,7 +876,7 @@ fn check_metric_names(root: &Path, report: &mut Report) -> Result<()> {
         for name in metric_names(&text) {
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|b| recorded.contains(*b)))
+                .find_map(|s| name.strip_suffix(s).filter(|b| recorded.contains_key(*b)))
                 .map(str::to_string)
                 .unwrap_or(name);
             used.entry(base).or_default().insert(relative(root, &file));
@@ -852,7 +884,7 @@ fn check_metric_names(root: &Path, report: &mut Report) -> Result<()> {
     }
     let unknown: Vec<String> = used
         .iter()
-        .filter(|(name, _)| !recorded.contains(*name))
+        .filter(|(name, _)| !recorded.contains_key(*name))
         .map(|(name, files)| {
             format!(
                 "{name} (in {}) is not recorded by any service",
@@ -870,14 +902,29 @@ fn check_metric_names(root: &Path, report: &mut Report) -> Result<()> {
     );
     let dashboard = std::fs::read_to_string(root.join("k8s").join("monitoring").join("switchyard-dashboard.json"))
         .unwrap_or_default();
-    let missing: Vec<&String> = recorded.iter().filter(|n| !dashboard.contains(n.as_str())).collect();
-    if !missing.is_empty() {
-        say!(
-            "note: recorded metrics not on the dashboard yet: {}",
-            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
+    let missing: Vec<String> = described
+        .keys()
+        .filter(|n| !dashboard.contains(n.as_str()))
+        .map(|n| format!("{n} is not on the dashboard"))
+        .collect();
+    report.check(format!("dashboard: shows each of the {} catalogued metrics", described.len()), &missing);
     Ok(())
+}
+
+/// The string literal right after each `marker` in `text` (whitespace allowed between them).
+fn quoted_after(text: &str, marker: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find(marker) {
+        let rest = text[from + pos + marker.len()..].trim_start();
+        if let Some(literal) = rest.strip_prefix('"') {
+            if let Some(end) = literal.find('"') {
+                names.push(literal[..end].to_owned());
+            }
+        }
+        from += pos + marker.len();
+    }
+    names
 }
 
 /// `switchyard_...` identifiers in a text.

@@ -143,7 +143,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> String {
-    gw.metrics.render()
+    switchyard_service::telemetry::render(&gw.metrics)
 }
 
 pub(crate) async fn tenant_of_request(gw: &Gateway, headers: &HeaderMap) -> Result<TenantRecord, ApiError> {
