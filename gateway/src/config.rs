@@ -5,21 +5,38 @@
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use switchyard_protocol::limits;
 
 /// Everything a gateway needs to start.
 #[derive(Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+// Unknown keys are refused by the loader (`switchyard_service::config`), which serde cannot do with a flattened
+// field.
+#[serde(default)]
 pub struct GatewayConfig {
     /// Where to listen for HTTP and WebSocket; port 0 picks a free port.
     pub listen: SocketAddr,
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// How to authenticate to NATS and secure the connection (`nats_user`, `nats_tls_ca_file`, ...).
+    #[serde(flatten)]
+    pub nats_auth: switchyard_service::nats::NatsAuth,
     /// Replicas of the tenants bucket when a gateway creates it (3 on a NATS cluster, 1 for one server).
     pub nats_replicas: usize,
-    /// Redis URL, e.g. `redis://127.0.0.1:6379`.
+    /// Redis URL, e.g. `redis://127.0.0.1:6379`, or `rediss://host:6380` for TLS.
     pub redis_url: String,
+    /// Redis ACL user name; overrides one in `redis_url`.
+    pub redis_username: Option<String>,
+    /// Password of the Redis user (or of `requirepass`); overrides one in `redis_url`. A secret.
+    pub redis_password: Option<String>,
+    /// With a `rediss://` URL: PEM bundle of the CAs that sign the server's certificate; without it the system's
+    /// roots are trusted.
+    pub redis_tls_ca_file: Option<PathBuf>,
+    /// With a `rediss://` URL: client certificate (PEM, with `redis_tls_key_file`) for servers that verify clients.
+    pub redis_tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub redis_tls_key_file: Option<PathBuf>,
     /// Bearer token of the admin API. Required.
     pub admin_token: String,
     /// Number of virtual shards; must match the router shards'.
@@ -100,8 +117,13 @@ impl std::fmt::Debug for GatewayConfig {
         f.debug_struct("GatewayConfig")
             .field("listen", &self.listen)
             .field("nats_url", &redact_url(&self.nats_url))
+            .field("nats_auth", &self.nats_auth)
             .field("nats_replicas", &self.nats_replicas)
             .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_username", &self.redis_username)
+            .field("redis_password", &self.redis_password.as_ref().map(|_| "<redacted>"))
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
+            .field("redis_tls_cert_file", &self.redis_tls_cert_file)
             .field("admin_token", &"<redacted>")
             .field("shard_count", &self.shard_count)
             .field("max_frame_bytes", &self.max_frame_bytes)
@@ -137,8 +159,14 @@ impl Default for GatewayConfig {
         GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             nats_replicas: 1,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_username: None,
+            redis_password: None,
+            redis_tls_ca_file: None,
+            redis_tls_cert_file: None,
+            redis_tls_key_file: None,
             admin_token: String::new(),
             shard_count: limits::DEFAULT_SHARD_COUNT,
             max_frame_bytes: limits::MAX_FRAME_BYTES,
@@ -181,7 +209,7 @@ use switchyard_service::config::{Checks, Settings};
 pub use switchyard_service::ConfigError;
 
 impl Settings for GatewayConfig {
-    const SECRET_KEYS: &'static [&'static str] = &["admin_token"];
+    const SECRET_KEYS: &'static [&'static str] = &["admin_token", "redis_password"];
     const URL_KEYS: &'static [&'static str] = &["nats_url", "redis_url"];
 
     fn problems(&self) -> Vec<ConfigError> {
@@ -261,11 +289,43 @@ impl Settings for GatewayConfig {
                 "must be a project id (pj_ and 20 lowercase alphanumerics)",
             );
         }
+        let c = &mut checks;
+        let tls_url = self.redis_url.trim_start().starts_with("rediss://");
+        let tls_files = self.redis_tls_files();
+        c.require(
+            tls_url || tls_files == switchyard_service::tls::TlsFiles::default(),
+            "redis_tls_ca_file",
+            "the Redis TLS files need a rediss:// redis_url",
+        );
+        c.require(
+            tls_files.cert_file.is_some() == tls_files.key_file.is_some(),
+            "redis_tls_cert_file",
+            "redis_tls_cert_file and redis_tls_key_file go together",
+        );
+        for (key, file) in [
+            ("redis_tls_ca_file", &tls_files.ca_file),
+            ("redis_tls_cert_file", &tls_files.cert_file),
+            ("redis_tls_key_file", &tls_files.key_file),
+        ] {
+            if let Some(path) = file {
+                c.check(switchyard_service::config::readable_file(key, path));
+            }
+        }
+        checks.extend(self.nats_auth.problems());
         checks.into_problems()
     }
 }
 
 impl GatewayConfig {
+    /// The Redis TLS files, for a `rediss://` URL.
+    pub fn redis_tls_files(&self) -> switchyard_service::tls::TlsFiles {
+        switchyard_service::tls::TlsFiles {
+            ca_file: self.redis_tls_ca_file.clone(),
+            cert_file: self.redis_tls_cert_file.clone(),
+            key_file: self.redis_tls_key_file.clone(),
+        }
+    }
+
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
     }

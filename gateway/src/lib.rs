@@ -61,6 +61,19 @@ pub enum GatewayError {
     /// The Redis client could not be configured from `redis_url`.
     #[error("Redis: {0}")]
     Redis(#[source] fred::error::Error),
+    /// The Redis TLS settings could not be used.
+    #[error("Redis: {0}")]
+    RedisTls(#[source] switchyard_service::tls::TlsError),
+    /// Redis refused the credentials or the TLS handshake: a configuration mistake, not an outage.
+    #[error(
+        "Redis: {url} refused the connection: check redis_username, redis_password and the TLS settings: {source}"
+    )]
+    RedisRefused {
+        /// The configured URL, without credentials.
+        url: String,
+        #[source]
+        source: fred::error::Error,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
@@ -134,9 +147,53 @@ pub struct BoundGateway {
     socket_counts: tokio::task::JoinHandle<()>,
 }
 
+/// The Redis client's configuration: `redis_url`, the user and password that override its own, and for a
+/// `rediss://` URL the TLS settings (system roots unless `redis_tls_ca_file` names CAs).
+fn redis_config(config: &GatewayConfig) -> Result<Config, GatewayError> {
+    let mut redis = Config::from_url(&config.redis_url).map_err(GatewayError::Redis)?;
+    if let Some(username) = &config.redis_username {
+        redis.username = Some(username.clone());
+    }
+    if let Some(password) = &config.redis_password {
+        redis.password = Some(password.clone());
+    }
+    if redis.tls.is_some() {
+        let tls = switchyard_service::tls::client_config(&config.redis_tls_files()).map_err(GatewayError::RedisTls)?;
+        redis.tls = Some(fred::types::config::TlsConnector::from(tls).into());
+    }
+    Ok(redis)
+}
+
+/// One connection attempt before the real client starts: credentials or TLS that Redis refuses stop the start
+/// with the reason. A Redis that does not answer does not: the gateway starts and reports not ready until it does.
+async fn check_redis_credentials(config: &GatewayConfig, redis_config: &Config) -> Result<(), GatewayError> {
+    let probe = Builder::from_config(redis_config.clone())
+        .with_connection_config(|c| c.connection_timeout = Duration::from_secs(2))
+        .build()
+        .map_err(GatewayError::Redis)?;
+    let attempt = tokio::time::timeout(Duration::from_secs(5), probe.init()).await;
+    let refused = match attempt {
+        Ok(Ok(_)) => None,
+        Ok(Err(error)) => {
+            let message = error.details().to_ascii_uppercase();
+            // A TLS handshake that fails on a certificate surfaces as an IO error carrying rustls's reason.
+            let refusal = matches!(error.kind(), fred::error::ErrorKind::Auth | fred::error::ErrorKind::Tls)
+                || ["WRONGPASS", "NOAUTH", "NOPERM", "CERTIFICATE", "HANDSHAKE"].iter().any(|w| message.contains(w));
+            refusal.then_some(error)
+        }
+        Err(_elapsed) => None,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), probe.quit()).await;
+    match refused {
+        Some(source) => Err(GatewayError::RedisRefused { url: config::redact_url(&config.redis_url), source }),
+        None => Ok(()),
+    }
+}
+
 /// Connect to NATS and Redis and bind the listener.
 pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<BoundGateway, GatewayError> {
-    let nats = switchyard_service::nats::connect(&config.nats_url, "switchyard-gateway", true).await?;
+    let nats =
+        switchyard_service::nats::connect(&config.nats_url, &config.nats_auth, "switchyard-gateway", true).await?;
     switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = jetstream::new(nats.clone());
     let tenants_kv = switchyard_service::nats::retry_at_start("the tenants bucket", || {
@@ -144,7 +201,8 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
     })
     .await?;
 
-    let redis_config = Config::from_url(&config.redis_url).map_err(GatewayError::Redis)?;
+    let redis_config = redis_config(&config)?;
+    check_redis_credentials(&config, &redis_config).await?;
     let redis = Builder::from_config(redis_config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);

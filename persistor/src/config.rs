@@ -13,10 +13,15 @@ const CQL_REPLICATION_FACTOR_MAX: u32 = 9;
 
 /// Everything a persistor needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+// Unknown keys are refused by the loader (`switchyard_service::config`), which serde cannot do with a flattened
+// field.
+#[serde(default)]
 pub struct PersistorConfig {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// How to authenticate to NATS and secure the connection (`nats_user`, `nats_tls_ca_file`, ...).
+    #[serde(flatten)]
+    pub nats_auth: switchyard_service::nats::NatsAuth,
     /// Replicas of the schema-migration lock bucket when a persistor creates it (3 on a NATS cluster, 1 for one
     /// server). The dead-letter stream takes the events stream's replicas.
     pub nats_replicas: usize,
@@ -57,6 +62,7 @@ impl Default for PersistorConfig {
     fn default() -> Self {
         PersistorConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             nats_replicas: 1,
             store: "embedded:switchyard-history.redb".into(),
             cql_keyspace: "switchyard".into(),
@@ -105,6 +111,7 @@ impl Settings for PersistorConfig {
         checks.check(switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas));
         checks.check(switchyard_service::nats::server_addrs(&self.nats_url));
         checks.check(switchyard_service::ops::validate_metrics_addr(self.metrics_addr));
+        checks.extend(self.nats_auth.problems());
         checks.into_problems()
     }
 }

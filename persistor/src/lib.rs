@@ -120,7 +120,9 @@ const MIGRATION_LOCK_TTL: Duration = Duration::from_secs(120);
 /// leave nodes disagreeing on a table's id, so it is never run concurrently.
 pub async fn migrate(config: &PersistorConfig) -> Result<MigrationOutcome, PersistorError> {
     let cql = cql_config(config)?;
-    let nats = switchyard_service::nats::connect(&config.nats_url, "switchyard-persistor migrate", false).await?;
+    let nats =
+        switchyard_service::nats::connect(&config.nats_url, &config.nats_auth, "switchyard-persistor migrate", false)
+            .await?;
     let js = async_nats::jetstream::new(nats.clone());
     let bucket = async_nats::jetstream::kv::Config {
         bucket: subjects::LOCKS_BUCKET.to_owned(),
@@ -289,7 +291,8 @@ async fn consume<S: HistoryStore>(
     connected: Arc<OnceLock<async_nats::Client>>,
     shutdown: CancellationToken,
 ) -> Result<(), PersistorError> {
-    let nats = switchyard_service::nats::connect(&config.nats_url, "switchyard-persistor", true).await?;
+    let nats =
+        switchyard_service::nats::connect(&config.nats_url, &config.nats_auth, "switchyard-persistor", true).await?;
     let _ = connected.set(nats.clone());
     switchyard_service::nats::spawn_cluster_watch(&nats, &config.nats_url, &shutdown);
     let js = async_nats::jetstream::new(nats.clone());

@@ -9,10 +9,15 @@ use std::time::Duration;
 
 /// Everything a router shard needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+// Unknown keys are refused by the loader (`switchyard_service::config`), which serde cannot do with a flattened
+// field.
+#[serde(default)]
 pub struct RouterConfig {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// How to authenticate to NATS and secure the connection (`nats_user`, `nats_tls_ca_file`, ...).
+    #[serde(flatten)]
+    pub nats_auth: switchyard_service::nats::NatsAuth,
     /// This router shard's id, unique in the cluster: `[A-Za-z0-9_-]{1,64}`.
     pub router_id: String,
     /// Number of virtual shards; must be the same on every process of the cluster.
@@ -42,6 +47,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             router_id: String::new(),
             shard_count: switchyard_protocol::limits::DEFAULT_SHARD_COUNT,
             lease_ttl_ms: 6_000,
@@ -99,6 +105,7 @@ impl Settings for RouterConfig {
             ),
         );
         c.check(switchyard_service::ops::validate_metrics_addr(self.metrics_addr));
+        checks.extend(self.nats_auth.problems());
         checks.into_problems()
     }
 }

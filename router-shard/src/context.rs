@@ -27,7 +27,7 @@ pub(crate) struct RouterContext {
 impl RouterContext {
     pub async fn connect(config: RouterConfig) -> Result<Self, RouterError> {
         let name = format!("switchyard-router-shard {}", config.router_id);
-        let nats = switchyard_service::nats::connect(&config.nats_url, name, true).await?;
+        let nats = switchyard_service::nats::connect(&config.nats_url, &config.nats_auth, name, true).await?;
         let js = jetstream::new(nats.clone());
         let events = switchyard_service::nats::retry_at_start("the events stream", || {
             js.get_or_create_stream(events_stream_config(&config))

@@ -71,9 +71,27 @@ impl Checks {
         }
     }
 
+    /// Problems found elsewhere (a part of the configuration that checks itself).
+    pub fn extend(&mut self, problems: Vec<crate::ConfigError>) {
+        self.problems.extend(problems);
+    }
+
     pub fn into_problems(self) -> Vec<crate::ConfigError> {
         self.problems
     }
+}
+
+/// A problem with `key` unless `path` names a file this process can read.
+pub fn readable_file(key: &'static str, path: &Path) -> Result<(), crate::ConfigError> {
+    match std::fs::File::open(path) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(crate::ConfigError::Invalid { name: key, message: format!("{}: {error}", path.display()) }),
+    }
+}
+
+/// Whether `key` holds a secret by its name alone: passwords, tokens, seeds and secrets never show.
+fn secret_by_name(key: &str) -> bool {
+    ["password", "token", "seed", "secret"].iter().any(|word| key.ends_with(word))
 }
 
 /// Where a configuration is read from: a file, if any, and the environment's variables.
@@ -256,7 +274,7 @@ pub fn to_toml<T: Settings>(config: &T) -> String {
                 unset.push(key);
                 continue;
             }
-            Value::String(s) if T::SECRET_KEYS.contains(&key.as_str()) && !s.is_empty() => {
+            Value::String(s) if (T::SECRET_KEYS.contains(&key.as_str()) || secret_by_name(&key)) && !s.is_empty() => {
                 Value::String(REDACTED.into())
             }
             Value::String(s) if T::URL_KEYS.contains(&key.as_str()) => Value::String(crate::redact_url(&s)),

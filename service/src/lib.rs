@@ -10,6 +10,7 @@ pub mod config;
 pub mod nats;
 pub mod ops;
 pub mod telemetry;
+pub mod tls;
 
 use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;

@@ -4,11 +4,140 @@
 //! buckets a service creates get. Also the watch that moves a service off a node that lost its cluster, and the
 //! read of a key's latest value from the bucket's stream leader.
 //!
+//! Also how a service authenticates to NATS and secures the connection ([`NatsAuth`]: user and password, token,
+//! NKey seed or `.creds` file; TLS with a CA bundle and an optional client certificate), and a connect that fails at
+//! once, with the reason, when the server refuses the credentials or the TLS handshake, and waits patiently for a
+//! server that is not up yet.
+//!
 //! It chooses no bucket's settings (each service does) and never changes an existing bucket: a bucket keeps the
 //! replicas it was created with until an operator moves it (see `docs/operations.md`).
 
 use async_nats::jetstream::{self, kv};
-use async_nats::ServerAddr;
+use async_nats::{ConnectErrorKind, ServerAddr};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// How a service authenticates to NATS and secures the connection; flattened into each service's configuration,
+/// so every key is one of its top-level keys. At most one way to authenticate may be set.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatsAuth {
+    /// User name (with `nats_password`).
+    pub nats_user: Option<String>,
+    /// Password of `nats_user`. A secret.
+    pub nats_password: Option<String>,
+    /// Authentication token. A secret.
+    pub nats_token: Option<String>,
+    /// NKey seed of the user (`SU...`); the server knows its public key. A secret.
+    pub nats_nkey_seed: Option<String>,
+    /// A `.creds` file (user JWT and NKey seed), as `nsc` writes for decentralized auth.
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM bundle of the CAs that sign the servers' certificates; without it the system's roots are trusted.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, with `nats_tls_key_file`), for servers that verify clients.
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS. Implied by a `tls://` URL and by any of the TLS files.
+    pub nats_tls_required: bool,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    /// Secrets are never shown, only whether they are set.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| if v.is_some() { "<redacted>" } else { "unset" };
+        f.debug_struct("NatsAuth")
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &set(&self.nats_password))
+            .field("nats_token", &set(&self.nats_token))
+            .field("nats_nkey_seed", &set(&self.nats_nkey_seed))
+            .field("nats_creds_file", &self.nats_creds_file)
+            .field("nats_tls_ca_file", &self.nats_tls_ca_file)
+            .field("nats_tls_cert_file", &self.nats_tls_cert_file)
+            .field("nats_tls_key_file", &self.nats_tls_key_file)
+            .field("nats_tls_required", &self.nats_tls_required)
+            .finish()
+    }
+}
+
+impl NatsAuth {
+    /// Every problem with these settings: more than one way to authenticate, a user without a password (or the
+    /// reverse), a certificate without its key, a file that cannot be read, a seed that is not one.
+    pub fn problems(&self) -> Vec<crate::ConfigError> {
+        let mut checks = crate::config::Checks::default();
+        let ways = [
+            self.nats_user.is_some() || self.nats_password.is_some(),
+            self.nats_token.is_some(),
+            self.nats_nkey_seed.is_some(),
+            self.nats_creds_file.is_some(),
+        ];
+        checks.require(
+            ways.iter().filter(|set| **set).count() <= 1,
+            "nats_user",
+            "set one way to authenticate to NATS: nats_user and nats_password, nats_token, nats_nkey_seed or \
+             nats_creds_file",
+        );
+        checks.require(
+            self.nats_user.is_some() == self.nats_password.is_some(),
+            "nats_password",
+            "nats_user and nats_password go together",
+        );
+        checks.require(
+            self.nats_tls_cert_file.is_some() == self.nats_tls_key_file.is_some(),
+            "nats_tls_cert_file",
+            "nats_tls_cert_file and nats_tls_key_file go together",
+        );
+        if let Some(seed) = &self.nats_nkey_seed {
+            checks.require(
+                nkeys::KeyPair::from_seed(seed.trim()).is_ok(),
+                "nats_nkey_seed",
+                "is not an NKey seed (SU... for a user)",
+            );
+        }
+        for (key, file) in [
+            ("nats_creds_file", &self.nats_creds_file),
+            ("nats_tls_ca_file", &self.nats_tls_ca_file),
+            ("nats_tls_cert_file", &self.nats_tls_cert_file),
+            ("nats_tls_key_file", &self.nats_tls_key_file),
+        ] {
+            if let Some(path) = file {
+                checks.check(crate::config::readable_file(key, path));
+            }
+        }
+        checks.into_problems()
+    }
+
+    /// Whether the connection must use TLS.
+    pub fn tls_required(&self) -> bool {
+        self.nats_tls_required || self.nats_tls_ca_file.is_some() || self.nats_tls_cert_file.is_some()
+    }
+
+    /// `options` with these credentials and TLS settings.
+    async fn apply(&self, mut options: async_nats::ConnectOptions) -> Result<async_nats::ConnectOptions, ConnectError> {
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.nats_token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &self.nats_nkey_seed {
+            options = options.nkey(seed.trim().to_owned());
+        }
+        if let Some(path) = &self.nats_creds_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|source| ConnectError::Credentials { path: path.clone(), source })?;
+        }
+        if let Some(ca) = &self.nats_tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_tls_cert_file, &self.nats_tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options.require_tls(self.tls_required()))
+    }
+}
 
 /// The servers of a `nats_url`: one URL, or several separated by commas (blanks around them are ignored).
 pub fn server_addrs(nats_url: &str) -> Result<Vec<ServerAddr>, crate::ConfigError> {
@@ -41,6 +170,18 @@ pub enum ConnectError {
     /// `nats_url` names no usable server.
     #[error("NATS: {0}")]
     Url(#[source] crate::ConfigError),
+    /// The `.creds` file could not be read or parsed.
+    #[error("NATS: cannot use the credentials file {}: {source}", path.display())]
+    Credentials { path: PathBuf, source: std::io::Error },
+    /// The server refused the credentials or the TLS handshake failed: a configuration mistake, not an outage.
+    #[error("NATS: {url} refused the connection ({kind}): check the credentials and TLS settings: {source}")]
+    Refused {
+        /// The configured URL, without credentials.
+        url: String,
+        kind: &'static str,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     /// The connection could not be made.
     #[error("NATS: connect to {url}: {source}")]
     Connect {
@@ -51,15 +192,67 @@ pub enum ConnectError {
     },
 }
 
-/// Connect as `name` to the servers `nats_url` names. `patient`: keep trying while none answers (a service that
-/// starts with its NATS), rather than fail at once (a one-off command).
-pub async fn connect(nats_url: &str, name: impl ToString, patient: bool) -> Result<async_nats::Client, ConnectError> {
+/// How long a patient connect waits between attempts while no server answers, at most.
+const CONNECT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connect as `name` to the servers `nats_url` names, with `auth`. A refused credential or a failed TLS handshake
+/// is an error at once. `patient`: keep trying while no server answers (a service that starts with its NATS),
+/// rather than fail at once (a one-off command). Once connected, the client reconnects by itself.
+pub async fn connect(
+    nats_url: &str,
+    auth: &NatsAuth,
+    name: impl ToString,
+    patient: bool,
+) -> Result<async_nats::Client, ConnectError> {
     let servers = server_addrs(nats_url).map_err(ConnectError::Url)?;
-    let options = match patient {
-        true => connect_options(name).retry_on_initial_connect(),
-        false => connect_options(name),
-    };
-    options.connect(servers).await.map_err(|source| ConnectError::Connect { url: crate::redact_url(nats_url), source })
+    let url = crate::redact_url(nats_url);
+    let name = name.to_string();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let options = auth.apply(connect_options(&name)).await?;
+        let source = match options.connect(servers.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(source) => source,
+        };
+        let refused = match source.kind() {
+            ConnectErrorKind::Authentication => Some("authentication failed"),
+            ConnectErrorKind::AuthorizationViolation => Some("authorization violation"),
+            ConnectErrorKind::Tls => Some("TLS"),
+            // A handshake that fails on a certificate reaches us as an IO error carrying rustls's reason.
+            ConnectErrorKind::Io if is_tls_failure(&source) => Some("TLS"),
+            ConnectErrorKind::ServerParse
+            | ConnectErrorKind::Dns
+            | ConnectErrorKind::TimedOut
+            | ConnectErrorKind::Io
+            | ConnectErrorKind::MaxReconnects => None,
+        };
+        if let Some(kind) = refused {
+            return Err(ConnectError::Refused { url, kind, source });
+        }
+        if !patient {
+            return Err(ConnectError::Connect { url, source });
+        }
+        tracing::warn!(%url, error = %source, "NATS not reachable yet; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(CONNECT_RETRY_MAX);
+    }
+}
+
+/// Whether a connect error is a TLS failure (a rustls error inside an IO error), not an unreachable server.
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if current.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// How often the cluster watch asks the connected node for the account's JetStream state.

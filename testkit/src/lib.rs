@@ -4,7 +4,7 @@
 //! workspace is built: [`process`] (child processes stopped on drop, free ports, waiting for a port), [`nats`] (the
 //! configuration of a NATS server or cluster node on loopback) and [`ledger`] (the bookkeeping of counted traffic
 //! and its checks). With the default `fleet` feature, also the in-process fleet and its helpers (`fleet.rs`,
-//! re-exported here): it depends on the gateway, router shard and persistor.
+//! re-exported here) and test certificates ([`tls`]): it depends on the gateway, router shard and persistor.
 
 pub mod ledger;
 pub mod nats;
@@ -12,5 +12,7 @@ pub mod process;
 
 #[cfg(feature = "fleet")]
 mod fleet;
+#[cfg(feature = "fleet")]
+pub mod tls;
 #[cfg(feature = "fleet")]
 pub use fleet::*;

@@ -550,6 +550,8 @@ pub struct TestServices {
     pub redis: Redis,
     /// A three-node NATS cluster beside the single node, once `start_cluster` started it.
     pub cluster: Option<NatsCluster>,
+    /// The server binaries, for tests that start a server configured their own way (TLS, credentials).
+    binaries: Vec<(&'static str, String)>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -575,7 +577,11 @@ impl TestServices {
             redis.child.pid(),
             dir.path().display()
         );
-        Ok(Self { cassandra, nats, redis, cluster: None, dir: Some(dir) })
+        let binaries = vec![
+            ("SWITCHYARD_TEST_NATS_SERVER", tools.nats_server.display().to_string()),
+            ("SWITCHYARD_TEST_REDIS_SERVER", tools.redis_server.display().to_string()),
+        ];
+        Ok(Self { cassandra, nats, redis, cluster: None, binaries, dir: Some(dir) })
     }
 
     /// Start a three-node NATS cluster beside the single node (its stores and logs in the same temporary folder)
@@ -648,6 +654,9 @@ impl TestServices {
             // The Cassandra process, for tests that pause it (SIGSTOP) to show a store outage changes nothing.
             ("SWITCHYARD_TEST_CQL_PID", self.cassandra.child.pid().to_string()),
         ]
+        .into_iter()
+        .chain(self.binaries.iter().cloned())
+        .collect()
     }
 
     pub fn stop(&mut self) {
