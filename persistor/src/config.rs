@@ -31,6 +31,19 @@ pub struct PersistorConfig {
     pub cql_keyspace: String,
     /// Replication factor used when the CQL keyspace is created.
     pub cql_replication_factor: u32,
+    /// CQL user (PasswordAuthenticator), with `cql_password`.
+    pub cql_username: Option<String>,
+    /// Password of `cql_username`. A secret.
+    pub cql_password: Option<String>,
+    /// Connect to every CQL node over TLS. Implied by any of the TLS files; without `cql_tls_ca_file` the system's
+    /// roots are trusted.
+    pub cql_tls: bool,
+    /// PEM bundle of the CAs that sign the nodes' certificates.
+    pub cql_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, with `cql_tls_key_file`), for clusters that verify clients.
+    pub cql_tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub cql_tls_key_file: Option<PathBuf>,
     /// Consistency level of every CQL read and write: `local_quorum` (the default), `quorum`, `each_quorum`,
     /// `all`, `one` or `local_one`. Below a quorum an acked write may be missing from a history read until repair.
     pub cql_consistency: String,
@@ -67,6 +80,12 @@ impl Default for PersistorConfig {
             store: "embedded:switchyard-history.redb".into(),
             cql_keyspace: "switchyard".into(),
             cql_replication_factor: 1,
+            cql_username: None,
+            cql_password: None,
+            cql_tls: false,
+            cql_tls_ca_file: None,
+            cql_tls_cert_file: None,
+            cql_tls_key_file: None,
             cql_consistency: "local_quorum".into(),
             cql_migrate_on_start: false,
             batch_max: 512,
@@ -111,12 +130,41 @@ impl Settings for PersistorConfig {
         checks.check(switchyard_service::nats::check_replicas("nats_replicas", self.nats_replicas));
         checks.check(switchyard_service::nats::server_addrs(&self.nats_url));
         checks.check(switchyard_service::ops::validate_metrics_addr(self.metrics_addr));
+        checks.require(
+            self.cql_username.is_some() == self.cql_password.is_some(),
+            "cql_password",
+            "cql_username and cql_password go together",
+        );
+        checks.require(
+            self.cql_tls_cert_file.is_some() == self.cql_tls_key_file.is_some(),
+            "cql_tls_cert_file",
+            "cql_tls_cert_file and cql_tls_key_file go together",
+        );
+        for (key, file) in [
+            ("cql_tls_ca_file", &self.cql_tls_ca_file),
+            ("cql_tls_cert_file", &self.cql_tls_cert_file),
+            ("cql_tls_key_file", &self.cql_tls_key_file),
+        ] {
+            if let Some(path) = file {
+                checks.check(switchyard_service::config::readable_file(key, path));
+            }
+        }
         checks.extend(self.nats_auth.problems());
         checks.into_problems()
     }
 }
 
 impl PersistorConfig {
+    /// The CQL TLS files when TLS is on (`cql_tls` or any file named), else `None`.
+    pub fn cql_tls_files(&self) -> Option<switchyard_service::tls::TlsFiles> {
+        let files = switchyard_service::tls::TlsFiles {
+            ca_file: self.cql_tls_ca_file.clone(),
+            cert_file: self.cql_tls_cert_file.clone(),
+            key_file: self.cql_tls_key_file.clone(),
+        };
+        (self.cql_tls || files != switchyard_service::tls::TlsFiles::default()).then_some(files)
+    }
+
     /// The ingest settings, validated.
     pub fn ingest(&self) -> Result<crate::ingest::IngestSettings, ConfigError> {
         let invalid = |name: &'static str, message: &str| ConfigError::Invalid { name, message: message.to_owned() };

@@ -107,6 +107,13 @@ fn cql_config(config: &PersistorConfig) -> Result<CqlConfig, PersistorError> {
     cql.replication = store::cql::Replication::Simple { replication_factor: config.cql_replication_factor };
     cql.schema = if config.cql_migrate_on_start { SchemaPolicy::Migrate } else { SchemaPolicy::Require };
     cql.consistency = config.cql_consistency()?;
+    cql.credentials = match (&config.cql_username, &config.cql_password) {
+        (Some(username), Some(password)) => {
+            Some(store::cql::CqlCredentials { username: username.clone(), password: password.clone() })
+        }
+        _ => None,
+    };
+    cql.tls = config.cql_tls_files();
     Ok(cql)
 }
 

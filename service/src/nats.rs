@@ -205,6 +205,7 @@ pub async fn connect(
     patient: bool,
 ) -> Result<async_nats::Client, ConnectError> {
     let servers = server_addrs(nats_url).map_err(ConnectError::Url)?;
+    crate::tls::install_default_provider();
     let url = crate::redact_url(nats_url);
     let name = name.to_string();
     let mut pause = std::time::Duration::from_millis(100);

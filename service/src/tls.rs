@@ -40,6 +40,17 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+/// Make `ring` the process's default rustls provider (once). Libraries that build a rustls configuration without
+/// naming a provider (the NATS client) would otherwise find two compiled in (the CQL driver's rustls brings
+/// another) and refuse to choose.
+pub fn install_default_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // An error means another provider was installed first; that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// A rustls client configuration for `files`.
 pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();

@@ -17,6 +17,7 @@ use crate::deps::{self, CassandraDist, Tools};
 use crate::proc::{self, ManagedChild};
 use crate::util::{free_ports, repo_root, say, secs, tail};
 use switchyard_testkit::nats::{self, ClusterConfig, NodeConfig, NodePorts};
+use switchyard_testkit::tls::TestPki;
 
 /// How long Cassandra may take to serve CQL (it shares two cores with a cargo build in `test`).
 pub const CASSANDRA_READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -217,9 +218,38 @@ impl Cassandra {
     /// of a child JVM; does not wait for it.
     pub fn start(dist: &CassandraDist, dir: &Path) -> Result<Self> {
         let ports = free_ports(2)?;
-        let node =
-            CassandraNode { address: [127, 0, 0, 1], native_port: ports[0], storage_port: ports[1], index: 0, of: 1 };
+        let node = CassandraNode {
+            address: [127, 0, 0, 1],
+            native_port: ports[0],
+            storage_port: ports[1],
+            index: 0,
+            of: 1,
+            secured: None,
+        };
         Self::start_node(dist, dir, &node)
+    }
+
+    /// A single node that asks every client for TLS with a certificate of the test CA and for a password
+    /// (PasswordAuthenticator, the default superuser `cassandra`/`cassandra`), its certificates generated into
+    /// `dir/pki`; does not wait for it.
+    pub fn start_secured(dist: &CassandraDist, dir: &Path) -> Result<(Self, TestPki)> {
+        let pki = TestPki::generate(&dir.join("pki"))?;
+        // Cassandra's PEM keystore holds the private key and the certificate in one file.
+        let keystore = dir.join("pki").join("server-keystore.pem");
+        std::fs::write(
+            &keystore,
+            format!("{}{}", std::fs::read_to_string(&pki.server_key)?, std::fs::read_to_string(&pki.server_cert)?),
+        )?;
+        let ports = free_ports(2)?;
+        let node = CassandraNode {
+            address: [127, 0, 0, 1],
+            native_port: ports[0],
+            storage_port: ports[1],
+            index: 0,
+            of: 1,
+            secured: Some(SecuredCql { keystore, truststore: pki.ca.clone() }),
+        };
+        Ok((Self::start_node(dist, dir, &node)?, pki))
     }
 
     fn start_node(dist: &CassandraDist, dir: &Path, node: &CassandraNode) -> Result<Self> {
@@ -257,6 +287,23 @@ impl Cassandra {
         })?;
         say!("Cassandra {version} serves CQL on {} ({} after its start)", self.addr(), secs(self.started.elapsed()));
         Ok(version)
+    }
+
+    /// Ready when its log holds every line of `lines` (for a node the plain probe cannot reach: TLS, passwords).
+    fn wait_for_log(&mut self, lines: &[&str], timeout: Duration) -> Result<()> {
+        let log = self.child.log().to_path_buf();
+        wait_until(&mut self.child, timeout, || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let missing: Vec<&&str> = lines.iter().filter(|line| !text.contains(**line)).collect();
+            ensure!(missing.is_empty(), "the log does not say {missing:?} yet");
+            Ok(())
+        })?;
+        say!(
+            "Cassandra with TLS and passwords serves CQL on {} ({} after its start)",
+            self.addr(),
+            secs(self.started.elapsed())
+        );
+        Ok(())
     }
 
     /// Wait until the node counts `peers` other nodes in its ring.
@@ -302,6 +349,16 @@ struct CassandraNode {
     storage_port: u16,
     index: usize,
     of: usize,
+    /// TLS and passwords asked of every client, or none.
+    secured: Option<SecuredCql>,
+}
+
+/// The PEM files of a node that asks its clients for TLS (with a verified client certificate) and a password.
+struct SecuredCql {
+    /// The node's private key and certificate, in one file.
+    keystore: PathBuf,
+    /// The CA its clients' certificates must be signed by.
+    truststore: PathBuf,
 }
 
 /// Tokens per node.
@@ -336,6 +393,7 @@ impl CassandraCluster {
                 storage_port: ports[1],
                 index,
                 of,
+                secured: None,
             };
             let mut started = Cassandra::start_node(dist, &dir.join(format!("node-{}", index + 1)), &node)?;
             started.child.stop_with_sigkill();
@@ -416,6 +474,23 @@ snapshot_before_compaction: false
 hinted_handoff_enabled: false
 "#
     );
+    if let Some(secured) = &node.secured {
+        y = y.replace("authenticator: AllowAllAuthenticator", "authenticator: PasswordAuthenticator");
+        let _ = write!(
+            y,
+            r#"client_encryption_options:
+  enabled: true
+  optional: false
+  require_client_auth: true
+  keystore: {}
+  truststore: {}
+  ssl_context_factory:
+    class_name: org.apache.cassandra.security.PEMBasedSslContextFactory
+"#,
+            secured.keystore.display(),
+            secured.truststore.display()
+        );
+    }
     y
 }
 
@@ -507,6 +582,8 @@ fn jvm_args(dist: &CassandraDist, dir: &Path, yaml: &Path, logback: &Path) -> Re
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
         "-Dcassandra.ring_delay_ms=100",
         "-Dcassandra.load_ring_state=false",
+        // A node with PasswordAuthenticator creates its default superuser at once rather than after 10 s.
+        "-Dcassandra.superuser_setup_delay_ms=0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -552,6 +629,8 @@ pub struct TestServices {
     pub cluster: Option<NatsCluster>,
     /// The server binaries, for tests that start a server configured their own way (TLS, credentials).
     binaries: Vec<(&'static str, String)>,
+    /// A second Cassandra that asks for TLS with client certificates and a password, and its certificates.
+    pub secured_cassandra: (Cassandra, TestPki),
     dir: Option<tempfile::TempDir>,
 }
 
@@ -568,6 +647,8 @@ impl TestServices {
         let mut cassandra = Cassandra::start(dist, &dir.path().join("cassandra"))?;
         // Its data is thrown away: a graceful drain would only cost seconds.
         cassandra.child.stop_with_sigkill();
+        let mut secured_cassandra = Cassandra::start_secured(dist, &dir.path().join("cassandra-secured"))?;
+        secured_cassandra.0.child.stop_with_sigkill();
         let nats = Nats::start(tools, &dir.path().join("nats"), &dir.path().join("nats.log"))?;
         let redis = Redis::start(tools, &dir.path().join("redis"), &dir.path().join("redis.log"), false)?;
         say!(
@@ -581,7 +662,7 @@ impl TestServices {
             ("SWITCHYARD_TEST_NATS_SERVER", tools.nats_server.display().to_string()),
             ("SWITCHYARD_TEST_REDIS_SERVER", tools.redis_server.display().to_string()),
         ];
-        Ok(Self { cassandra, nats, redis, cluster: None, binaries, dir: Some(dir) })
+        Ok(Self { cassandra, nats, redis, cluster: None, binaries, secured_cassandra, dir: Some(dir) })
     }
 
     /// Start a three-node NATS cluster beside the single node (its stores and logs in the same temporary folder)
@@ -627,6 +708,10 @@ impl TestServices {
             self.cassandra.child.stop_with_sigkill();
             self.cassandra.wait_ready(CASSANDRA_READY_TIMEOUT)?;
         }
+        self.secured_cassandra.0.wait_for_log(
+            &["Starting listening for CQL clients", "Created default superuser role"],
+            CASSANDRA_READY_TIMEOUT,
+        )?;
         Ok(())
     }
 
@@ -638,6 +723,7 @@ impl TestServices {
     /// Err (with a log tail) if any server has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         self.cassandra.child.ensure_running()?;
+        self.secured_cassandra.0.child.ensure_running()?;
         self.nats.child.ensure_running()?;
         if let Some(cluster) = &mut self.cluster {
             cluster.ensure_running()?;
@@ -653,6 +739,12 @@ impl TestServices {
             ("SWITCHYARD_TEST_CQL", self.cassandra.addr()),
             // The Cassandra process, for tests that pause it (SIGSTOP) to show a store outage changes nothing.
             ("SWITCHYARD_TEST_CQL_PID", self.cassandra.child.pid().to_string()),
+            // The node that asks for TLS and a password, and the folder of its certificates (`TestPki`'s names).
+            ("SWITCHYARD_TEST_CQL_SECURED", self.secured_cassandra.0.addr()),
+            (
+                "SWITCHYARD_TEST_CQL_SECURED_PKI",
+                self.secured_cassandra.1.ca.parent().map(|d| d.display().to_string()).unwrap_or_default(),
+            ),
         ]
         .into_iter()
         .chain(self.binaries.iter().cloned())
@@ -660,7 +752,12 @@ impl TestServices {
     }
 
     pub fn stop(&mut self) {
-        proc::stop_all([&mut self.cassandra.child, &mut self.nats.child, &mut self.redis.child]);
+        proc::stop_all([
+            &mut self.cassandra.child,
+            &mut self.secured_cassandra.0.child,
+            &mut self.nats.child,
+            &mut self.redis.child,
+        ]);
         if let Some(cluster) = &mut self.cluster {
             cluster.stop();
         }

@@ -123,6 +123,25 @@ pub struct CqlConfig {
     /// Consistency of every read and write (`LOCAL_QUORUM` by default: with replication factor 3, one node of each
     /// data center may be down and every acked write is still read back).
     pub consistency: scylla::statement::Consistency,
+    /// User and password for a cluster with PasswordAuthenticator; `None` for none.
+    pub credentials: Option<CqlCredentials>,
+    /// TLS to every node, trusting these files' CA (else the system's roots), presenting their client certificate
+    /// if any; `None` for plain connections.
+    pub tls: Option<switchyard_service::tls::TlsFiles>,
+}
+
+/// A CQL user and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CqlCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for CqlCredentials {
+    /// The password is never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlCredentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
 }
 
 impl CqlConfig {
@@ -137,6 +156,8 @@ impl CqlConfig {
             write_concurrency: 32,
             schema: SchemaPolicy::Migrate,
             consistency: scylla::statement::Consistency::LocalQuorum,
+            credentials: None,
+            tls: None,
         }
     }
 }
@@ -797,13 +818,30 @@ impl CqlStore {
             .consistency(config.consistency)
             .build()
             .into_handle();
-        let session = SessionBuilder::new()
+        let mut builder = SessionBuilder::new()
             .known_nodes(&config.nodes)
             .connection_timeout(config.connect_timeout)
-            .default_execution_profile_handle(profile)
-            .build()
-            .await
-            .map_err(|e| unavailable("cannot connect to the CQL cluster", e))?;
+            .default_execution_profile_handle(profile);
+        if let Some(credentials) = &config.credentials {
+            builder = builder.user(credentials.username.clone(), credentials.password.clone());
+        }
+        if let Some(files) = &config.tls {
+            let tls = switchyard_service::tls::client_config(files)
+                .map_err(|e| StoreError::InvalidQuery(StoreFault::caused("the CQL TLS settings cannot be used", e)))?;
+            builder = builder.tls_context(Some(std::sync::Arc::new(tls)));
+        }
+        let session = builder.build().await.map_err(|e| {
+            // Refused credentials or a failed handshake are configuration mistakes, not an outage: no retry.
+            let text = e.to_string().to_ascii_lowercase();
+            if ["authentication", "credentials", "certificate", "tls", "handshake"].iter().any(|w| text.contains(w)) {
+                StoreError::InvalidQuery(StoreFault::caused(
+                    "the CQL cluster refused the connection: check cql_username, cql_password and the TLS settings",
+                    e,
+                ))
+            } else {
+                unavailable("cannot connect to the CQL cluster", e)
+            }
+        })?;
         Ok((session, ks, replication))
     }
 
