@@ -22,6 +22,9 @@ pub struct GatewayConfig {
     /// How to authenticate to NATS and secure the connection (`nats_user`, `nats_tls_ca_file`, ...).
     #[serde(flatten)]
     pub nats_auth: switchyard_service::nats::NatsAuth,
+    /// OpenTelemetry traces (`otlp_endpoint`, `otlp_sample_ratio`); off unless an endpoint is set.
+    #[serde(flatten)]
+    pub traces: switchyard_service::trace::TraceSettings,
     /// Replicas of the tenants bucket when a gateway creates it (3 on a NATS cluster, 1 for one server).
     pub nats_replicas: usize,
     /// Redis URL, e.g. `redis://127.0.0.1:6379`, or `rediss://host:6380` for TLS.
@@ -118,6 +121,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("listen", &self.listen)
             .field("nats_url", &redact_url(&self.nats_url))
             .field("nats_auth", &self.nats_auth)
+            .field("traces", &self.traces)
             .field("nats_replicas", &self.nats_replicas)
             .field("redis_url", &redact_url(&self.redis_url))
             .field("redis_username", &self.redis_username)
@@ -160,6 +164,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            traces: Default::default(),
             nats_replicas: 1,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_username: None,
@@ -312,6 +317,7 @@ impl Settings for GatewayConfig {
             }
         }
         checks.extend(self.nats_auth.problems());
+        checks.extend(self.traces.problems());
         checks.into_problems()
     }
 }

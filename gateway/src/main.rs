@@ -1,4 +1,4 @@
-//! `switchyard-gateway`: parse the command line, start logging, read the configuration, serve until SIGINT or
+//! `switchyard-gateway`: parse the command line, read the configuration, start logging (and traces), serve until SIGINT or
 //! SIGTERM; or run a configuration command (`check-config`, `print-config`, `default-config`) and exit.
 
 use clap::Parser;
@@ -23,8 +23,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = cli.command {
         std::process::exit(command.run::<GatewayConfig>(&cli.config, BINARY));
     }
-    switchyard_service::init_logging();
     let config = cli.config.load_or_exit::<GatewayConfig>(BINARY);
+    // Held to the end of main: dropping it sends the spans still buffered.
+    let _traces = switchyard_service::init_logging_with(BINARY, &config.traces);
     run(config, switchyard_service::shutdown_on_signals()).await?;
     Ok(())
 }

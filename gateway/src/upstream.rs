@@ -22,6 +22,7 @@ use switchyard_protocol::internal::{
 };
 use switchyard_protocol::shard::{shard_of_room, shard_of_user};
 use switchyard_protocol::{codec, subjects, ErrorCode, ProjectId, ShardId, UserId};
+use tracing::Instrument as _;
 
 /// A failed request, ready to be answered as an `err`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -61,6 +62,18 @@ pub async fn command_for_backend(
 }
 
 async fn send_command(
+    gw: &Gateway,
+    tenant: &ProjectId,
+    user: Option<&UserId>,
+    by_backend: bool,
+    command: RoomCommand,
+) -> Result<OkResult, UpstreamError> {
+    // A trace starts here (when traces are on): the op's span, whose context goes with the command to its shard.
+    let span = tracing::info_span!(target: "switchyard::trace", "gateway op", op = command.name(), by_backend);
+    send_command_in_span(gw, tenant, user, by_backend, command).instrument(span).await
+}
+
+async fn send_command_in_span(
     gw: &Gateway,
     tenant: &ProjectId,
     user: Option<&UserId>,
@@ -347,7 +360,10 @@ async fn request_until(
             return Err(UpstreamError::new(ErrorCode::Unavailable, format!("no {who} answered in time; retry later")));
         }
         let this_attempt = attempt.map_or(remaining, |a| a.min(remaining));
-        let request = async_nats::Request::new().payload(payload.clone()).timeout(Some(this_attempt));
+        let mut request = async_nats::Request::new().payload(payload.clone()).timeout(Some(this_attempt));
+        if let Some(headers) = switchyard_service::trace::current_headers() {
+            request = request.headers(headers);
+        }
         let started = std::time::Instant::now();
         let result = gw.nats.send_request(subject.clone(), request).await;
         let outcome = match &result {

@@ -22,6 +22,9 @@ pub struct PersistorConfig {
     /// How to authenticate to NATS and secure the connection (`nats_user`, `nats_tls_ca_file`, ...).
     #[serde(flatten)]
     pub nats_auth: switchyard_service::nats::NatsAuth,
+    /// OpenTelemetry traces (`otlp_endpoint`, `otlp_sample_ratio`); off unless an endpoint is set.
+    #[serde(flatten)]
+    pub traces: switchyard_service::trace::TraceSettings,
     /// Replicas of the schema-migration lock bucket when a persistor creates it (3 on a NATS cluster, 1 for one
     /// server). The dead-letter stream takes the events stream's replicas.
     pub nats_replicas: usize,
@@ -76,6 +79,7 @@ impl Default for PersistorConfig {
         PersistorConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            traces: Default::default(),
             nats_replicas: 1,
             store: "embedded:switchyard-history.redb".into(),
             cql_keyspace: "switchyard".into(),
@@ -150,6 +154,7 @@ impl Settings for PersistorConfig {
             }
         }
         checks.extend(self.nats_auth.problems());
+        checks.extend(self.traces.problems());
         checks.into_problems()
     }
 }

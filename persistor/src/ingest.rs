@@ -229,6 +229,19 @@ impl<S: HistoryStore> Ingest<'_, S> {
             return;
         }
         metrics::histogram!("switchyard_persistor_batch_size_events").record(events.len() as f64);
+        // One span per traced event, each a child of its append, open until its batch is written and acked.
+        let _traced: Vec<tracing::Span> = match switchyard_service::trace::enabled() {
+            true => messages
+                .iter()
+                .zip(&events)
+                .filter(|(message, _)| switchyard_service::trace::carried(message.headers.as_ref()).is_some())
+                .map(|(message, event)| {
+                    let span = tracing::info_span!(target: "switchyard::trace", "persist event", seq = event.seq, batch = events.len());
+                    switchyard_service::trace::follow(span, message.headers.as_ref())
+                })
+                .collect(),
+            false => Vec::new(),
+        };
 
         // Parts still to write: a rejected part is split in two until the rejected event stands alone.
         let mut parts: Vec<Range<usize>> = Vec::with_capacity(8);

@@ -1,4 +1,4 @@
-//! `switchyard-persistor`: parse the command line, start logging, read the configuration, and either run until
+//! `switchyard-persistor`: parse the command line, read the configuration, start logging (and traces), and either run until
 //! SIGINT or SIGTERM, or, as `switchyard-persistor migrate`, bring the CQL schema to this release's version and
 //! exit; or run a configuration command (`check-config`, `print-config`, `default-config`) and exit.
 
@@ -34,8 +34,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Config(command)) = cli.command {
         std::process::exit(command.run::<PersistorConfig>(&cli.config, BINARY));
     }
-    switchyard_service::init_logging();
     let config = cli.config.load_or_exit::<PersistorConfig>(BINARY);
+    // Held to the end of main: dropping it sends the spans still buffered.
+    let _traces = switchyard_service::init_logging_with(BINARY, &config.traces);
     match cli.command {
         None => run(config, switchyard_service::shutdown_on_signals()).await?,
         Some(Command::Migrate) => {

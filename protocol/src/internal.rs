@@ -176,6 +176,31 @@ impl Moderation {
 }
 
 impl RoomCommand {
+    /// The command's kind as its wire tag says it (`send`, `join`, ...), for spans and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RoomCommand::Create { .. } => "create",
+            RoomCommand::Join { .. } => "join",
+            RoomCommand::Send { .. } => "send",
+            RoomCommand::CanRead { .. } => "can_read",
+            RoomCommand::Leave { .. } => "leave",
+            RoomCommand::Invite { .. } => "invite",
+            RoomCommand::Kick { .. } => "kick",
+            RoomCommand::Members { .. } => "members",
+            RoomCommand::SetMember { .. } => "set_member",
+            RoomCommand::Typing { .. } => "typing",
+            RoomCommand::Read { .. } => "read",
+            RoomCommand::React { .. } => "react",
+            RoomCommand::Edit { .. } => "edit",
+            RoomCommand::Delete { .. } => "delete",
+            RoomCommand::Pin { .. } => "pin",
+            RoomCommand::Moderate { .. } => "moderate",
+            RoomCommand::SetRetention { .. } => "set_retention",
+            RoomCommand::DeleteRoom { .. } => "delete_room",
+            RoomCommand::EraseUser { .. } => "erase_user",
+        }
+    }
+
     pub fn room(&self) -> &RoomId {
         match self {
             RoomCommand::Create { room, .. }

@@ -18,6 +18,9 @@ pub struct RouterConfig {
     /// How to authenticate to NATS and secure the connection (`nats_user`, `nats_tls_ca_file`, ...).
     #[serde(flatten)]
     pub nats_auth: switchyard_service::nats::NatsAuth,
+    /// OpenTelemetry traces (`otlp_endpoint`, `otlp_sample_ratio`); off unless an endpoint is set.
+    #[serde(flatten)]
+    pub traces: switchyard_service::trace::TraceSettings,
     /// This router shard's id, unique in the cluster: `[A-Za-z0-9_-]{1,64}`.
     pub router_id: String,
     /// Number of virtual shards; must be the same on every process of the cluster.
@@ -48,6 +51,7 @@ impl Default for RouterConfig {
         RouterConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            traces: Default::default(),
             router_id: String::new(),
             shard_count: switchyard_protocol::limits::DEFAULT_SHARD_COUNT,
             lease_ttl_ms: 6_000,
@@ -106,6 +110,7 @@ impl Settings for RouterConfig {
         );
         c.check(switchyard_service::ops::validate_metrics_addr(self.metrics_addr));
         checks.extend(self.nats_auth.problems());
+        checks.extend(self.traces.problems());
         checks.into_problems()
     }
 }

@@ -1,4 +1,4 @@
-//! `switchyard-router-shard`: parse the command line, start logging, read the configuration, run until SIGINT or
+//! `switchyard-router-shard`: parse the command line, read the configuration, start logging (and traces), run until SIGINT or
 //! SIGTERM; or run a configuration command (`check-config`, `print-config`, `default-config`) and exit.
 
 use clap::Parser;
@@ -23,8 +23,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = cli.command {
         std::process::exit(command.run::<RouterConfig>(&cli.config, BINARY));
     }
-    switchyard_service::init_logging();
     let config = cli.config.load_or_exit::<RouterConfig>(BINARY);
+    // Held to the end of main: dropping it sends the spans still buffered.
+    let _traces = switchyard_service::init_logging_with(BINARY, &config.traces);
     run(config, switchyard_service::shutdown_on_signals()).await?;
     Ok(())
 }

@@ -32,6 +32,7 @@ use switchyard_protocol::internal::{
 use switchyard_protocol::{subjects, ErrorCode, MessageId, ProjectId, RoomId, ShardId, UserId};
 use switchyard_service::nats::{compare_and_set, latest_entry, latest_value, CasError};
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 /// One command for a room, with where to send the answer (`None` for commands that are never answered).
 pub(crate) struct RoomJob {
@@ -43,6 +44,8 @@ pub(crate) struct RoomJob {
     /// The tenant's backend sent the command on behalf of `user`.
     pub by_backend: bool,
     pub reply_to: Option<Subject>,
+    /// The trace context the command came with (`traceparent`), kept only while traces are on.
+    pub trace: Option<async_nats::HeaderMap>,
 }
 
 /// Why a command failed; each maps to a protocol error code.
@@ -166,7 +169,15 @@ impl RoomActor {
     }
 
     async fn serve(&mut self, job: RoomJob) {
-        let reply = match self.handle(job.user.as_ref(), &job.command, &job.quotas, job.by_backend).await {
+        let span = match &job.trace {
+            Some(headers) => switchyard_service::trace::follow(
+                tracing::info_span!(target: "switchyard::trace", "router command", op = job.command.name()),
+                Some(headers),
+            ),
+            None => tracing::Span::none(),
+        };
+        let handled = self.handle(job.user.as_ref(), &job.command, &job.quotas, job.by_backend).instrument(span).await;
+        let reply = match handled {
             Ok(result) => CommandReply::Ok { result },
             Err(error) => {
                 if matches!(error, RoomError::Unavailable(_)) {
@@ -692,11 +703,29 @@ impl RoomActor {
                     .map_err(|e| refused(ErrorCode::BadRequest, format!("the op's id cannot be a header: {e}")))?;
                 publish = publish.header(async_nats::header::NATS_MESSAGE_ID, id);
             }
-            let started = std::time::Instant::now();
-            let ack = match self.ctx.js.send_publish(self.log_subject.clone(), publish).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
+            // Traced only within a traced command: an append never starts a trace of its own.
+            let append = match tracing::Span::current().is_none() {
+                true => tracing::Span::none(),
+                false => tracing::info_span!(target: "switchyard::trace", "events stream append", seq),
             };
+            if switchyard_service::trace::enabled() {
+                let mut headers = async_nats::HeaderMap::new();
+                append.in_scope(|| switchyard_service::trace::inject_current(&mut headers));
+                for (name, values) in headers.iter() {
+                    for value in values {
+                        publish = publish.header(name.clone(), value.clone());
+                    }
+                }
+            }
+            let started = std::time::Instant::now();
+            let ack = async {
+                match self.ctx.js.send_publish(self.log_subject.clone(), publish).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                }
+            }
+            .instrument(append)
+            .await;
             let outcome = match &ack {
                 Ok(ack) if ack.duplicate => "duplicate",
                 Ok(_) => "ok",

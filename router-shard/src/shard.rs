@@ -131,6 +131,7 @@ async fn route_command(
         quotas: request.quotas,
         by_backend: request.by_backend,
         reply_to: message.reply,
+        trace: switchyard_service::trace::carried(message.headers.as_ref()),
     };
     // An actor that went idle has closed its queue; start a new one and hand the job over (once: a new queue is
     // open and empty).

@@ -11,6 +11,7 @@ pub mod nats;
 pub mod ops;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 
 use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
@@ -71,28 +72,59 @@ impl LogFormat {
 }
 
 /// Log to stdout, filtered by `RUST_LOG` (default `info`), in the format `SWITCHYARD_LOG_FORMAT` chooses (see
-/// [`LogFormat::choose`]). An unknown format is reported and the default used, so logging always starts.
+/// [`LogFormat::choose`]); no traces. An unknown format is reported and the default used, so logging always starts.
 pub fn init_logging() {
+    let _ = init_logging_with("switchyard", &trace::TraceSettings::default());
+}
+
+/// [`init_logging`], and when `traces` names an OTLP endpoint, traces of `service` (see [`trace`]). Keep the guard
+/// for the life of the process: dropping it sends the spans still buffered. A trace exporter that cannot be built
+/// is reported and tracing stays off; logging starts either way.
+pub fn init_logging_with(service: &'static str, traces: &trace::TraceSettings) -> Option<trace::TraceGuard> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Spans meant for traces never show in the log.
+    let filter = match format!("{}=off", trace::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let requested = std::env::var(LOG_FORMAT_VAR).ok();
     let terminal = std::io::stdout().is_terminal();
     let (format, problem) = match LogFormat::choose(requested.as_deref(), terminal) {
         Ok(format) => (format, None),
         Err(error) => (LogFormat::choose(None, terminal).unwrap_or(LogFormat::Json), Some(error)),
     };
-    let _ = match format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_current_span(false)
-            .with_span_list(true)
-            .try_init(),
-        LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(terminal).try_init(),
+    let log = match format {
+        LogFormat::Json => {
+            tracing_subscriber::fmt::layer().json().with_current_span(false).with_span_list(true).boxed()
+        }
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_ansi(terminal).boxed(),
     };
+    let (tracer, guard, trace_problem) = match trace::tracer(service, traces) {
+        Ok(Some((tracer, guard))) => (Some(tracer), Some(guard), None),
+        Ok(None) => (None, None, None),
+        Err(error) => (None, None, Some(error)),
+    };
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(tracing_subscriber::filter::Targets::new().with_target(trace::TARGET, tracing::Level::TRACE))
+    });
+    let _ = tracing_subscriber::registry().with(log.with_filter(filter)).with(spans).try_init();
     if let Some(error) = problem {
         tracing::warn!(%error, ?format, "using the default log format");
     }
+    if let Some(error) = trace_problem {
+        tracing::error!(%error, "traces are off");
+    }
+    if let Some(endpoint) = traces.otlp_endpoint.as_deref().filter(|_| guard.is_some()) {
+        tracing::info!(endpoint, ratio = traces.otlp_sample_ratio, "exporting traces");
+    }
     telemetry::count_panics();
+    guard
 }
 
 /// A URL with any `user:password@` removed, for logs and errors. Handles comma-separated lists.

@@ -2,6 +2,9 @@
 //! Java runtime), idempotently, caching downloads under `<repo>/.deps`. Starts no server.
 //!
 //! - nats-server: `go install` of a pinned version into `.deps/bin` (Go caches in `.deps/go`).
+//! - Jaeger (the trace receiver of the trace test): `go get -tool` of a pinned version in a module of its own
+//!   (`.deps/jaeger-module`), installed into `.deps/bin`; Go's own caches of the machine are used, so a rebuild on
+//!   the same machine only links.
 //! - redis-server: taken from PATH; installed with apt-get when missing and running as root.
 //! - Cassandra: `cassandra-all` and its runtime dependencies copied from Maven Central into `.deps/cassandra/lib`
 //!   (Maven's repository in `.deps/m2`); run later with the machine's Java 17.
@@ -21,6 +24,7 @@ use crate::proc;
 use crate::util::{is_executable, is_root, repo_root, say, secs, tail, which};
 
 pub const NATS_VERSION: &str = "v2.15.3";
+pub const JAEGER_VERSION: &str = "v1.75.0";
 pub const CASSANDRA_VERSION: &str = "5.0.9";
 const MAVEN_DEPENDENCY_PLUGIN: &str = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1";
 
@@ -29,6 +33,8 @@ const MAVEN_DEPENDENCY_PLUGIN: &str = "org.apache.maven.plugins:maven-dependency
 pub struct Tools {
     pub nats_server: PathBuf,
     pub redis_server: PathBuf,
+    /// Jaeger all-in-one (OTLP receiver and query API), for the trace test.
+    pub jaeger: PathBuf,
     pub cassandra: Option<CassandraDist>,
 }
 
@@ -54,6 +60,7 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
     say!("node:         {} (packages in {})", js.node.display(), js.node_modules.display());
     say!("chromium:     {}", js.chromium.display());
     say!("redis-server: {}", tools.redis_server.display());
+    say!("jaeger:       {}", tools.jaeger.display());
     if let Some(c) = &tools.cassandra {
         say!("cassandra:    {} (java: {})", c.lib.display(), c.java.display());
     }
@@ -66,8 +73,9 @@ pub fn ensure(root: &Path, with_cassandra: bool) -> Result<Tools> {
     std::fs::create_dir_all(&deps).with_context(|| format!("creating {}", deps.display()))?;
     let nats_server = ensure_nats(&deps)?;
     let redis_server = ensure_redis()?;
+    let jaeger = ensure_jaeger(&deps)?;
     let cassandra = if with_cassandra { Some(ensure_cassandra(&deps)?) } else { None };
-    Ok(Tools { nats_server, redis_server, cassandra })
+    Ok(Tools { nats_server, redis_server, jaeger, cassandra })
 }
 
 fn ensure_nats(deps: &Path) -> Result<PathBuf> {
@@ -75,10 +83,7 @@ fn ensure_nats(deps: &Path) -> Result<PathBuf> {
     if nats_version_ok(&bin) {
         return Ok(bin);
     }
-    let go = which("go").or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|p| is_executable(p))).context(
-        "the Go toolchain (`go`) is not on PATH; it is needed to build nats-server. \
-             Install Go 1.24 or newer (https://go.dev/doc/install) and run again",
-    )?;
+    let go = go()?;
     say!("installing nats-server {NATS_VERSION} with go install (first run only)");
     let started = Instant::now();
     let go_dir = deps.join("go");
@@ -96,6 +101,45 @@ fn ensure_nats(deps: &Path) -> Result<PathBuf> {
         bail!("go install finished but {} does not report version {NATS_VERSION}", bin.display());
     }
     say!("nats-server installed in {}", secs(started.elapsed()));
+    Ok(bin)
+}
+
+fn go() -> Result<PathBuf> {
+    which("go").or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|p| is_executable(p))).context(
+        "the Go toolchain (`go`) is not on PATH; it is needed to build nats-server and Jaeger. \
+             Install Go 1.24 or newer (https://go.dev/doc/install) and run again",
+    )
+}
+
+/// Jaeger at [`JAEGER_VERSION`] in `.deps/bin`, built once; a marker file beside it records the version built.
+fn ensure_jaeger(deps: &Path) -> Result<PathBuf> {
+    let bin = deps.join("bin").join("jaeger");
+    let marker = deps.join("bin").join("jaeger.version");
+    if is_executable(&bin) && std::fs::read_to_string(&marker).is_ok_and(|v| v.trim() == JAEGER_VERSION) {
+        return Ok(bin);
+    }
+    let go = go()?;
+    say!("installing Jaeger {JAEGER_VERSION} with go (first run only; a few minutes)");
+    let started = Instant::now();
+    let module = deps.join("jaeger-module");
+    std::fs::create_dir_all(&module)?;
+    std::fs::write(module.join("go.mod"), "module switchyard.local/trace-receiver\n\ngo 1.24\n")?;
+    let _ = std::fs::remove_file(module.join("go.sum"));
+    let mut get = Command::new(&go);
+    get.current_dir(&module).args([
+        "get",
+        "-tool",
+        &format!("github.com/jaegertracing/jaeger/cmd/jaeger@{JAEGER_VERSION}"),
+    ]);
+    proc::run_ok(get, "go get -tool jaeger")?;
+    let mut install = Command::new(&go);
+    install.current_dir(&module).args(["install", "tool"]).env("GOBIN", deps.join("bin"));
+    proc::run_ok(install, "go install jaeger")?;
+    if !is_executable(&bin) {
+        bail!("go install finished but {} is missing", bin.display());
+    }
+    std::fs::write(&marker, JAEGER_VERSION)?;
+    say!("Jaeger installed in {}", secs(started.elapsed()));
     Ok(bin)
 }
 

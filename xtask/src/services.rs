@@ -661,6 +661,7 @@ impl TestServices {
         let binaries = vec![
             ("SWITCHYARD_TEST_NATS_SERVER", tools.nats_server.display().to_string()),
             ("SWITCHYARD_TEST_REDIS_SERVER", tools.redis_server.display().to_string()),
+            ("SWITCHYARD_TEST_JAEGER", tools.jaeger.display().to_string()),
         ];
         Ok(Self { cassandra, nats, redis, cluster: None, binaries, secured_cassandra, dir: Some(dir) })
     }
