@@ -7,6 +7,7 @@ mod deploy;
 mod deps;
 mod fleet;
 mod fuzz;
+mod licenses;
 mod lint;
 mod proc;
 mod services;
@@ -32,6 +33,8 @@ commands:
                           needs the nightly toolchain; installs cargo-fuzz into .deps/ (see docs/fuzzing.md)
   lint                    the source rules the compiler cannot hold: no catch-all arm in a match over
                           ClientOp, ServerEvent, RoomCommand or EventBody (also run by `test`)
+  licenses                every third-party crate comes from crates.io under an accepted license (also run
+                          by `test`)
   services                start NATS, Redis and Cassandra on free ports, print their addresses as
                           `export` lines, and keep them running until Ctrl-C or SIGTERM
   test [-- <args>]        start the servers, run `cargo test --workspace <args>` against them and the short
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Some("deps") => deps::run(rest),
         Some("fuzz") => fuzz::run(rest),
         Some("lint") => lint::run(rest),
+        Some("licenses") => licenses::run(rest),
         Some("services") => services::run(rest),
         Some("test") => test::run(rest),
         Some("up") => fleet::run(rest),

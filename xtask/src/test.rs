@@ -16,6 +16,7 @@ use crate::chaos;
 use crate::deploy;
 use crate::deps;
 use crate::fuzz;
+use crate::licenses;
 use crate::lint;
 use crate::proc;
 use crate::services::TestServices;
@@ -141,10 +142,17 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     timings.push(("deploy check", t.elapsed()));
 
     let t = Instant::now();
-    let linted = match lint::check(&root) {
+    let mut linted = match lint::check(&root) {
         Ok(findings) => findings,
         Err(e) => vec![format!("lint could not run: {e:#}")],
     };
+    match licenses::check() {
+        Ok(problems) => linted.extend(problems),
+        Err(e) => linted.push(format!("the license check could not run: {e:#}")),
+    }
+    if let Err(e) = licenses::check_publishable() {
+        linted.push(format!("the Rust client cannot be packaged for crates.io: {e:#}"));
+    }
     for finding in &linted {
         say!("lint: {finding}");
     }
