@@ -12,7 +12,7 @@
 #
 # Build:   docker build --build-arg GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t switchyard:0.1.0 .
 #          (.git stays out of the build context; GIT_COMMIT is what `--version` and switchyard_build_info show)
-# Run:     docker run --rm -p 8080:8080 -e SWITCHYARD_ADMIN_TOKEN=... switchyard:0.1.0
+# Run:     docker run --rm -p 8080:8080 -e SWITCHYARD_LISTEN=0.0.0.0:8080 -e SWITCHYARD_ADMIN_TOKEN=... switchyard:0.1.0
 #          docker run --rm --entrypoint /usr/local/bin/switchyard-router-shard switchyard:0.1.0
 #
 # The runtime image is distroless (glibc, libgcc, CA certificates, nothing else; no shell), running as the
@@ -44,8 +44,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 
 FROM ${RUNTIME_IMAGE} AS runtime
 COPY --from=builder /out/ /usr/local/bin/
-# The gateway's own default (127.0.0.1:8080) is unreachable from outside a container.
-ENV SWITCHYARD_LISTEN=0.0.0.0:8080
+# No SWITCHYARD_* settings here: each binary refuses variables it does not know, and the image serves all three.
+# The gateway's own default listen address (127.0.0.1:8080) is unreachable from outside a container, so the chart and
+# the manifests set SWITCHYARD_LISTEN, and so does `docker run` (above).
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/switchyard-gateway"]

@@ -215,7 +215,7 @@ pub use switchyard_service::ConfigError;
 
 impl Settings for GatewayConfig {
     const SECRET_KEYS: &'static [&'static str] = &["admin_token", "redis_password"];
-    const URL_KEYS: &'static [&'static str] = &["nats_url", "redis_url"];
+    const URL_KEYS: &'static [&'static str] = &["nats_url", "redis_url", "otlp_endpoint"];
 
     fn problems(&self) -> Vec<ConfigError> {
         let mut checks = Checks::default();
@@ -364,7 +364,10 @@ mod tests {
     const TOKEN: (&str, &str) = ("SWITCHYARD_ADMIN_TOKEN", "0123456789abcdef");
 
     fn from_env(pairs: &[(&str, &str)]) -> Result<GatewayConfig, ConfigProblems> {
-        load(&Sources { file: None, env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
+        load(&Sources {
+            env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Sources::default()
+        })
     }
 
     #[test]

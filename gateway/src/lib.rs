@@ -176,9 +176,10 @@ async fn check_redis_credentials(config: &GatewayConfig, redis_config: &Config) 
         Ok(Ok(_)) => None,
         Ok(Err(error)) => {
             let message = error.details().to_ascii_uppercase();
-            // A TLS handshake that fails on a certificate surfaces as an IO error carrying rustls's reason.
+            // A TLS handshake that fails on a certificate surfaces as an IO error carrying rustls's reason ("invalid
+            // peer certificate", "certificate required"); a handshake cut short by a server going away does not.
             let refusal = matches!(error.kind(), fred::error::ErrorKind::Auth | fred::error::ErrorKind::Tls)
-                || ["WRONGPASS", "NOAUTH", "NOPERM", "CERTIFICATE", "HANDSHAKE"].iter().any(|w| message.contains(w));
+                || ["WRONGPASS", "NOAUTH", "NOPERM", "CERTIFICATE"].iter().any(|w| message.contains(w));
             refusal.then_some(error)
         }
         Err(_elapsed) => None,

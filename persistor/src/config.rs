@@ -12,7 +12,7 @@ use std::time::Duration;
 const CQL_REPLICATION_FACTOR_MAX: u32 = 9;
 
 /// Everything a persistor needs to start.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 // Unknown keys are refused by the loader (`switchyard_service::config`), which serde cannot do with a flattened
 // field.
 #[serde(default)]
@@ -116,8 +116,15 @@ pub use switchyard_service::ConfigError;
 
 use switchyard_service::config::{Checks, Settings};
 
+impl std::fmt::Debug for PersistorConfig {
+    /// Secrets and URL credentials never show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        switchyard_service::config::fmt_redacted(self, "PersistorConfig", f)
+    }
+}
+
 impl Settings for PersistorConfig {
-    const URL_KEYS: &'static [&'static str] = &["nats_url"];
+    const URL_KEYS: &'static [&'static str] = &["nats_url", "otlp_endpoint"];
 
     /// Every field: the store choice (see [`PersistorConfig::store_choice`]), the ingest settings (see
     /// [`PersistorConfig::ingest`]) and the metrics address.
@@ -251,8 +258,8 @@ mod tests {
     /// The defaults with `pairs` applied as environment variables, not validated.
     fn from_env(pairs: &[(&str, &str)]) -> Result<PersistorConfig, ConfigProblems> {
         load_unchecked(&Sources {
-            file: None,
             env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Sources::default()
         })
     }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Everything a router shard needs to start.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 // Unknown keys are refused by the loader (`switchyard_service::config`), which serde cannot do with a flattened
 // field.
 #[serde(default)]
@@ -69,8 +69,16 @@ impl Default for RouterConfig {
 use switchyard_service::config::{Checks, Settings};
 pub use switchyard_service::ConfigError;
 
+impl std::fmt::Debug for RouterConfig {
+    /// Secrets and URL credentials never show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        switchyard_service::config::fmt_redacted(self, "RouterConfig", f)
+    }
+}
+
 impl Settings for RouterConfig {
-    const URL_KEYS: &'static [&'static str] = &["nats_url"];
+    const URL_KEYS: &'static [&'static str] = &["nats_url", "otlp_endpoint"];
+    const RENAMED: &'static [(&'static str, &'static str)] = &[("stream_replicas", "nats_replicas")];
 
     /// A router shard started without an id takes a random one.
     fn complete(&mut self) {
@@ -139,11 +147,11 @@ mod tests {
     #[test]
     fn env_overrides_and_validation() {
         let sources = Sources {
-            file: None,
             env: vec![
                 ("SWITCHYARD_SHARD_COUNT".into(), "8".into()),
                 ("SWITCHYARD_METRICS_ADDR".into(), "0.0.0.0:9100".into()),
             ],
+            ..Sources::default()
         };
         let mut config: RouterConfig = load(&sources).unwrap();
         assert!(config.router_id.starts_with("router-"), "a random id: {}", config.router_id);
@@ -164,7 +172,14 @@ mod tests {
         );
         config.stream_duplicate_window_secs = 30;
         config.validate().unwrap();
-        let sources = Sources { file: None, env: vec![("SWITCHYARD_SHARD_COUNT".into(), "x".into())] };
+        // The replicas' older name is still read; the current one wins.
+        let old = |pairs: &[(&str, &str)]| {
+            let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            load::<RouterConfig>(&Sources { env, ..Sources::default() }).unwrap().nats_replicas
+        };
+        assert_eq!(old(&[("SWITCHYARD_STREAM_REPLICAS", "3")]), 3);
+        assert_eq!(old(&[("SWITCHYARD_STREAM_REPLICAS", "3"), ("SWITCHYARD_NATS_REPLICAS", "1")]), 1);
+        let sources = Sources { env: vec![("SWITCHYARD_SHARD_COUNT".into(), "x".into())], ..Sources::default() };
         let err = load::<RouterConfig>(&sources).unwrap_err();
         assert!(err.to_string().contains("SWITCHYARD_SHARD_COUNT"), "{err}");
     }

@@ -704,9 +704,9 @@ impl RoomActor {
                 publish = publish.header(async_nats::header::NATS_MESSAGE_ID, id);
             }
             // Traced only within a traced command: an append never starts a trace of its own.
-            let append = match tracing::Span::current().is_none() {
-                true => tracing::Span::none(),
-                false => tracing::info_span!(target: "switchyard::trace", "events stream append", seq),
+            let append = match switchyard_service::trace::enabled() && !tracing::Span::current().is_none() {
+                false => tracing::Span::none(),
+                true => tracing::info_span!(target: "switchyard::trace", "events stream append", seq),
             };
             if switchyard_service::trace::enabled() {
                 let mut headers = async_nats::HeaderMap::new();

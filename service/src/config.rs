@@ -33,6 +33,10 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
     /// Keys holding URLs (comma-separated lists of them) whose `user:password@` is never printed.
     const URL_KEYS: &'static [&'static str] = &[];
 
+    /// Older names of keys, still read: `(old, current)`. A value under the old name counts as the current key's
+    /// (the current name wins when both are set).
+    const RENAMED: &'static [(&'static str, &'static str)] = &[];
+
     /// Fill in what is derived once the values are known (for example a random id when none was given).
     fn complete(&mut self) {}
 
@@ -89,33 +93,56 @@ pub fn readable_file(key: &'static str, path: &Path) -> Result<(), crate::Config
     }
 }
 
-/// Whether `key` holds a secret by its name alone: passwords, tokens, seeds and secrets never show.
-fn secret_by_name(key: &str) -> bool {
-    ["password", "token", "seed", "secret"].iter().any(|word| key.ends_with(word))
+/// Whether `key` holds a secret: listed by its type, or by its name alone (passwords, tokens, seeds and secrets never
+/// show).
+fn is_secret<T: Settings>(key: &str) -> bool {
+    T::SECRET_KEYS.contains(&key) || ["password", "token", "seed", "secret"].iter().any(|word| key.ends_with(word))
 }
 
 /// Where a configuration is read from: a file, if any, and the environment's variables.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Sources {
     /// The TOML file, if one is named.
     pub file: Option<PathBuf>,
     /// Environment variables (name, value); only those starting with [`ENV_PREFIX`] are read.
     pub env: Vec<(String, String)>,
+    /// Variables under [`ENV_PREFIX`] whose name or value is not UTF-8 (reported, never read as something else).
+    pub not_utf8: Vec<String>,
+}
+
+impl fmt::Debug for Sources {
+    /// Names only: values may be secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sources")
+            .field("file", &self.file)
+            .field("env", &self.env.iter().map(|(name, _)| name).collect::<Vec<_>>())
+            .field("not_utf8", &self.not_utf8)
+            .finish()
+    }
 }
 
 impl Sources {
     /// `file` if given, else the file `SWITCHYARD_CONFIG` names, with the process's environment.
     pub fn from_process(file: Option<PathBuf>) -> Sources {
-        let env: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().unwrap_or_default())))
-            .collect();
+        let mut env = Vec::new();
+        let mut not_utf8 = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            match (name.into_string(), value.into_string()) {
+                (Ok(name), Ok(value)) => env.push((name, value)),
+                (Ok(name), Err(_)) if name.starts_with(ENV_PREFIX) => not_utf8.push(name),
+                (Err(name), _) if name.to_string_lossy().starts_with(ENV_PREFIX) => {
+                    not_utf8.push(name.to_string_lossy().into_owned())
+                }
+                _ => {}
+            }
+        }
         let file = file.or_else(|| {
             env.iter()
                 .find(|(name, _)| name == CONFIG_FILE_VAR)
                 .map(|(_, v)| PathBuf::from(v))
                 .filter(|p| !p.as_os_str().is_empty())
         });
-        Sources { file, env }
+        Sources { file, env, not_utf8 }
     }
 }
 
@@ -187,6 +214,9 @@ fn read<T: Settings>(sources: &Sources) -> Result<(T, Vec<crate::ConfigError>), 
     if let Some(path) = &sources.file {
         match read_file(path) {
             Ok(table) => {
+                let mut table: Vec<(String, Value)> = table.into_iter().map(|(k, v)| (renamed::<T>(k), v)).collect();
+                // The current name after the old one, so it wins.
+                table.sort_by_key(|(key, _)| T::RENAMED.iter().all(|(_, current)| current != key));
                 for (key, value) in table {
                     if !defaults.contains_key(&key) {
                         problems.push(crate::ConfigError::UnknownKey {
@@ -204,11 +234,23 @@ fn read<T: Settings>(sources: &Sources) -> Result<(T, Vec<crate::ConfigError>), 
         }
     }
 
+    for name in &sources.not_utf8 {
+        problems.push(crate::ConfigError::Value {
+            key: name.trim_start_matches(ENV_PREFIX).to_ascii_lowercase(),
+            origin: name.clone(),
+            message: "is not UTF-8".into(),
+        });
+    }
     let mut env: Vec<&(String, String)> =
         sources.env.iter().filter(|(name, _)| name.starts_with(ENV_PREFIX) && !not_a_setting(name)).collect();
     env.sort();
-    for (name, raw) in env {
+    // An old name first, so the current one wins.
+    env.sort_by_key(|(name, _)| {
         let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+        T::RENAMED.iter().all(|(old, _)| *old != key)
+    });
+    for (name, raw) in env {
+        let key = renamed::<T>(name[ENV_PREFIX.len()..].to_ascii_lowercase());
         let Some(default) = defaults.get(&key) else {
             problems.push(crate::ConfigError::UnknownVariable {
                 name: name.clone(),
@@ -232,12 +274,17 @@ fn read<T: Settings>(sources: &Sources) -> Result<(T, Vec<crate::ConfigError>), 
     for (key, origin) in &origins {
         let mut alone = defaults.clone();
         alone.insert(key.clone(), values[key].clone());
-        if let Err(error) = serde_json::from_value::<T>(Value::Object(alone)) {
-            problems.push(crate::ConfigError::Value {
-                key: key.clone(),
-                origin: origin.to_string(),
-                message: error.to_string(),
-            });
+        let message = match serde_json::from_value::<T>(Value::Object(alone)) {
+            // Serde's message quotes the value: never a secret's.
+            Err(_) if is_secret::<T>(key) => Some("has the wrong type (a secret is text)".to_owned()),
+            Err(error) => Some(error.to_string()),
+            Ok(_) if is_secret::<T>(key) && values[key].as_str() == Some(REDACTED) => {
+                Some(format!("is {REDACTED}, the placeholder print-config shows: set the secret itself"))
+            }
+            Ok(_) => None,
+        };
+        if let Some(message) = message {
+            problems.push(crate::ConfigError::Value { key: key.clone(), origin: origin.to_string(), message });
             values.insert(key.clone(), defaults[key].clone());
         }
     }
@@ -274,9 +321,7 @@ pub fn to_toml<T: Settings>(config: &T) -> String {
                 unset.push(key);
                 continue;
             }
-            Value::String(s) if (T::SECRET_KEYS.contains(&key.as_str()) || secret_by_name(&key)) && !s.is_empty() => {
-                Value::String(REDACTED.into())
-            }
+            Value::String(s) if is_secret::<T>(&key) && !s.is_empty() => Value::String(REDACTED.into()),
             Value::String(s) if T::URL_KEYS.contains(&key.as_str()) => Value::String(crate::redact_url(&s)),
             other => other,
         };
@@ -294,8 +339,45 @@ pub fn to_toml<T: Settings>(config: &T) -> String {
     text
 }
 
+/// The current name of `key` (itself unless it is an old name).
+fn renamed<T: Settings>(key: String) -> String {
+    T::RENAMED.iter().find(|(old, _)| *old == key).map(|(_, current)| (*current).to_owned()).unwrap_or(key)
+}
+
+/// `config` for `Debug`: its keys and values as [`to_toml`] shows them, secrets and URL credentials redacted.
+pub fn fmt_redacted<T: Settings>(config: &T, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let Ok(Value::Object(map)) = serde_json::to_value(config) else {
+        return f.write_str(name);
+    };
+    let mut out = f.debug_struct(name);
+    for (key, value) in &map {
+        let shown = match value {
+            Value::String(s) if is_secret::<T>(key) && !s.is_empty() => Value::String(REDACTED.into()),
+            Value::String(s) if T::URL_KEYS.contains(&key.as_str()) => Value::String(crate::redact_url(s)),
+            other => other.clone(),
+        };
+        out.field(key, &format_args!("{shown}"));
+    }
+    out.finish()
+}
+
 fn not_a_setting(name: &str) -> bool {
-    NOT_SETTINGS.contains(&name) || HARNESS_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+    NOT_SETTINGS.contains(&name) || HARNESS_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) || service_link(name)
+}
+
+/// Whether `name` is one of the variables Kubernetes gives every pod for each Service of its namespace (a Service
+/// named `switchyard-gateway` yields `SWITCHYARD_GATEWAY_SERVICE_HOST`, `SWITCHYARD_GATEWAY_PORT_80_TCP_ADDR`,
+/// ...): never a setting, and no key ends like one.
+fn service_link(name: &str) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") || name.ends_with("_PORT") {
+        return true;
+    }
+    // `<SERVICE>_PORT_<port>_<TCP|UDP|SCTP>` and its `_PROTO`, `_PORT`, `_ADDR` variants.
+    name.split("_PORT_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let port = parts.next().is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        port && matches!(parts.next(), Some("TCP" | "UDP" | "SCTP"))
+    })
 }
 
 fn defaults_of<T: Settings>() -> Result<Map<String, Value>, ConfigProblems> {
@@ -312,8 +394,17 @@ fn defaults_of<T: Settings>() -> Result<Map<String, Value>, ConfigProblems> {
 fn read_file(path: &Path) -> Result<Map<String, Value>, crate::ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| crate::ConfigError::Read { path: path.display().to_string(), source })?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|source| crate::ConfigError::Parse { path: path.display().to_string(), source })?;
+    // The parser's own message quotes the offending line, which may hold a secret: only its place and reason show.
+    let table: toml::Table = toml::from_str(&text).map_err(|error| {
+        let line = error.span().map(|span| {
+            text.as_bytes()[..span.start.min(text.len())].iter().filter(|byte| **byte == b'\n').count() + 1
+        });
+        crate::ConfigError::Syntax {
+            path: path.display().to_string(),
+            line: line.unwrap_or(0),
+            message: error.message().to_owned(),
+        }
+    })?;
     match serde_json::to_value(table) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(crate::ConfigError::Read {
@@ -337,12 +428,30 @@ fn env_value<T: Settings>(
         serde_json::from_value::<T>(Value::Object(probe)).is_ok()
     };
     let trimmed = raw.trim();
-    // `none` (or nothing, for a key that is not text) unsets an optional key.
-    if (trimmed.eq_ignore_ascii_case("none") || (trimmed.is_empty() && !default.is_string())) && accepts(Value::Null) {
+    // Text: a value is taken as it is, unless the key refuses it and takes it without the blanks around it (an
+    // address with a trailing newline).
+    let text = || {
+        let raw_value = Value::String(raw.to_owned());
+        if trimmed.len() != raw.len() && !accepts(raw_value.clone()) && accepts(Value::String(trimmed.to_owned())) {
+            Value::String(trimmed.to_owned())
+        } else {
+            raw_value
+        }
+    };
+    let optional = || accepts(Value::Null);
+    // A key that is not text is unset by `none` or nothing; optional text only by nothing (`none` may be a
+    // password).
+    let is_text = match default {
+        Value::String(_) => true,
+        Value::Null => !accepts(Value::from(0)) && !accepts(Value::Bool(false)),
+        Value::Bool(_) | Value::Number(_) | Value::Array(_) | Value::Object(_) => false,
+    };
+    let unsets = trimmed.is_empty() || (!is_text && trimmed.eq_ignore_ascii_case("none"));
+    if unsets && optional() {
         return Ok(Value::Null);
     }
     match default {
-        Value::String(_) => Ok(Value::String(raw.to_owned())),
+        Value::String(_) => Ok(text()),
         Value::Bool(_) => parse_bool(trimmed).map(Value::Bool),
         Value::Number(_) => parse_number(trimmed),
         Value::Array(items) => {
@@ -366,7 +475,7 @@ fn env_value<T: Settings>(
             } else if accepts(Value::Bool(false)) {
                 parse_bool(trimmed).map(Value::Bool)
             } else {
-                Ok(Value::String(raw.to_owned()))
+                Ok(text())
             }
         }
         Value::Object(_) => Err(EnvValueError::Table),
@@ -450,7 +559,7 @@ pub fn assert_every_key_is_set_by_env<T: Settings>() {
         };
         let name = env_var_name(key);
         let took = candidates.iter().any(|raw| {
-            let sources = Sources { file: None, env: vec![(name.clone(), raw.clone())] };
+            let sources = Sources { env: vec![(name.clone(), raw.clone())], ..Sources::default() };
             match load_unchecked::<T>(&sources) {
                 Ok(loaded) => {
                     let loaded = serde_json::to_value(loaded).unwrap_or(Value::Null);
@@ -513,7 +622,8 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Sources {
-        Sources { file: None, env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Sources { env, ..Sources::default() }
     }
 
     #[test]
@@ -576,20 +686,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "count = 5\norigins = [\"https://x\"]\ntoekn = \"abc\"\n").unwrap();
-        let sources = Sources { file: Some(path.clone()), env: vec![] };
+        let sources = Sources { file: Some(path.clone()), ..Sources::default() };
         let problems = load_unchecked::<Example>(&sources).unwrap_err().to_string();
         assert!(problems.contains("unknown key toekn") && problems.contains("did you mean token?"), "{problems}");
         std::fs::write(&path, "count = 5\norigins = [\"https://x\"]\n").unwrap();
-        let mut sources = Sources { file: Some(path.clone()), env: vec![] };
+        let mut sources = Sources { file: Some(path.clone()), ..Sources::default() };
         let loaded: Example = load_unchecked(&sources).unwrap();
         assert_eq!((loaded.count, loaded.origins.len()), (5, 1));
         // The environment wins over the file.
         sources.env.push(("SWITCHYARD_COUNT".into(), "6".into()));
         assert_eq!(load_unchecked::<Example>(&sources).unwrap().count, 6);
         std::fs::write(&path, "count = \"five\"\n").unwrap();
-        let problems = load_unchecked::<Example>(&Sources { file: Some(path.clone()), env: vec![] }).unwrap_err();
+        let problems =
+            load_unchecked::<Example>(&Sources { file: Some(path.clone()), ..Sources::default() }).unwrap_err();
         assert!(problems.to_string().contains("count") && problems.to_string().contains("c.toml"), "{problems}");
-        let missing = Sources { file: Some(dir.path().join("missing.toml")), env: vec![] };
+        let missing = Sources { file: Some(dir.path().join("missing.toml")), ..Sources::default() };
         assert!(load_unchecked::<Example>(&missing).unwrap_err().to_string().contains("missing.toml"));
     }
 
@@ -623,8 +734,50 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("printed.toml");
         std::fs::write(&path, to_toml(&Example::default())).unwrap();
-        let read: Example = load_unchecked(&Sources { file: Some(path), env: vec![] }).unwrap();
+        let read: Example = load_unchecked(&Sources { file: Some(path), ..Sources::default() }).unwrap();
         assert_eq!(read, Example::default());
+    }
+
+    #[test]
+    fn odd_values_are_read_as_an_operator_means_them() {
+        // An address with blanks around it, a text `none` that stays text, nothing that unsets optional text.
+        let loaded: Example =
+            load_unchecked(&env(&[("SWITCHYARD_LISTEN", " 0.0.0.0:9\n"), ("SWITCHYARD_NAME", "none")])).unwrap();
+        assert_eq!((loaded.listen.port(), loaded.name.as_deref()), (9, Some("none")));
+        let loaded: Example = load_unchecked(&env(&[("SWITCHYARD_NAME", ""), ("SWITCHYARD_QUOTA", " NONE ")])).unwrap();
+        assert_eq!((loaded.name, loaded.quota), (None, None));
+        // Kubernetes' service links are not settings.
+        let loaded: Example = load_unchecked(&env(&[
+            ("SWITCHYARD_GATEWAY_SERVICE_HOST", "10.0.0.1"),
+            ("SWITCHYARD_GATEWAY_SERVICE_PORT_HTTP", "80"),
+            ("SWITCHYARD_GATEWAY_PORT", "tcp://10.0.0.1:80"),
+            ("SWITCHYARD_GATEWAY_PORT_80_TCP_ADDR", "10.0.0.1"),
+        ]))
+        .unwrap();
+        assert_eq!(loaded, Example::default());
+        // A variable that is not UTF-8 is reported, not read as nothing.
+        let sources = Sources { not_utf8: vec!["SWITCHYARD_TOKEN".into()], ..Sources::default() };
+        assert!(load_unchecked::<Example>(&sources).unwrap_err().to_string().contains("not UTF-8"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "token = 98765432\n").unwrap();
+        let problems = load_unchecked::<Example>(&Sources { file: Some(path.clone()), ..Sources::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(problems.contains("token") && !problems.contains("98765432"), "{problems}");
+        std::fs::write(&path, "count = 1\ntoken = \"s3cr3t-token-value\n").unwrap();
+        let problems = load_unchecked::<Example>(&Sources { file: Some(path.clone()), ..Sources::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(problems.contains("line 2") && !problems.contains("s3cr3t"), "{problems}");
+        // What print-config shows in place of a secret is not a secret.
+        let problems = load_unchecked::<Example>(&env(&[("SWITCHYARD_TOKEN", REDACTED)])).unwrap_err().to_string();
+        assert!(problems.contains("placeholder"), "{problems}");
+        assert!(!format!("{:?}", env(&[("SWITCHYARD_TOKEN", "hunter2")])).contains("hunter2"));
     }
 
     #[test]

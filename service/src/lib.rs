@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    #[error("invalid config file {path}, line {line}: {message}")]
+    Syntax { path: String, line: usize, message: String },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
     #[error("unknown key {key} in {file}{}", did_you_mean(nearest))]
@@ -108,12 +108,16 @@ pub fn init_logging_with(service: &'static str, traces: &trace::TraceSettings) -
         Ok(None) => (None, None, None),
         Err(error) => (None, None, Some(error)),
     };
-    let spans = tracer.map(|tracer| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_filter(tracing_subscriber::filter::Targets::new().with_target(trace::TARGET, tracing::Level::TRACE))
-    });
-    let _ = tracing_subscriber::registry().with(log.with_filter(filter)).with(spans).try_init();
+    let registry = tracing_subscriber::registry().with(log.with_filter(filter));
+    // Without traces no second layer at all: an empty one would make every disabled call site be asked again.
+    let _ = match tracer {
+        Some(tracer) => registry
+            .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(
+                tracing_subscriber::filter::Targets::new().with_target(trace::TARGET, tracing::Level::TRACE),
+            ))
+            .try_init(),
+        None => registry.try_init(),
+    };
     if let Some(error) = problem {
         tracing::warn!(%error, ?format, "using the default log format");
     }
@@ -121,7 +125,7 @@ pub fn init_logging_with(service: &'static str, traces: &trace::TraceSettings) -
         tracing::error!(%error, "traces are off");
     }
     if let Some(endpoint) = traces.otlp_endpoint.as_deref().filter(|_| guard.is_some()) {
-        tracing::info!(endpoint, ratio = traces.otlp_sample_ratio, "exporting traces");
+        tracing::info!(endpoint = %redact_url(endpoint), ratio = traces.otlp_sample_ratio, "exporting traces");
     }
     telemetry::count_panics();
     guard

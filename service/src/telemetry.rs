@@ -171,7 +171,8 @@ mod process {
             metrics::gauge!("process_resident_memory_bytes").set(bytes);
         }
         if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-            metrics::gauge!("process_open_fds").set(entries.count() as f64);
+            // Less the one the listing itself holds open.
+            metrics::gauge!("process_open_fds").set(entries.count().saturating_sub(1) as f64);
         }
         if let Some(max) = max_fds() {
             metrics::gauge!("process_max_fds").set(max);

@@ -26,7 +26,7 @@ pub fn enabled() -> bool {
 }
 
 /// The trace settings of every service; flattened into each service's configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TraceSettings {
     /// OTLP/HTTP endpoint of a trace receiver (an OpenTelemetry Collector, Jaeger), e.g.
@@ -34,6 +34,16 @@ pub struct TraceSettings {
     pub otlp_endpoint: Option<String>,
     /// Share of traces kept, 0.0 to 1.0, decided where a trace starts (a gateway) and followed downstream.
     pub otlp_sample_ratio: f64,
+}
+
+impl std::fmt::Debug for TraceSettings {
+    /// The endpoint without any credentials in it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceSettings")
+            .field("otlp_endpoint", &self.otlp_endpoint.as_deref().map(crate::redact_url))
+            .field("otlp_sample_ratio", &self.otlp_sample_ratio)
+            .finish()
+    }
 }
 
 impl Default for TraceSettings {
@@ -50,7 +60,10 @@ impl TraceSettings {
             checks.require(
                 endpoint.starts_with("http://") || endpoint.starts_with("https://"),
                 "otlp_endpoint",
-                format!("{endpoint:?} must be an http:// or https:// URL (OTLP over HTTP, usually port 4318)"),
+                format!(
+                    "{:?} must be an http:// or https:// URL (OTLP over HTTP, usually port 4318)",
+                    crate::redact_url(endpoint)
+                ),
             );
         }
         checks.into_problems()
@@ -101,6 +114,7 @@ pub(crate) fn tracer(
     };
     use opentelemetry_otlp::WithExportConfig as _;
     let url = TraceSettings::traces_url(endpoint);
+    let shown = crate::redact_url(&url);
     // The exporter's blocking HTTP client runs its own thread; it is built on a plain thread, since building (and
     // later dropping) it inside the async runtime is not allowed.
     let built = std::thread::scope(|scope| {
@@ -115,10 +129,10 @@ pub(crate) fn tracer(
             .join()
     });
     let exporter = match built {
-        Ok(result) => result.map_err(|source| TraceError { endpoint: url.clone(), source })?,
+        Ok(result) => result.map_err(|source| TraceError { endpoint: shown.clone(), source })?,
         Err(_) => {
             return Err(TraceError {
-                endpoint: url,
+                endpoint: shown,
                 source: opentelemetry_otlp::ExporterBuildError::InternalFailure("the builder thread failed".into()),
             })
         }
@@ -157,13 +171,19 @@ pub fn inject_current(headers: &mut async_nats::HeaderMap) {
     }
 }
 
-/// The trace headers of `headers` worth keeping for later, or `None` (tracing off, no `traceparent`).
+/// The longest `traceparent` kept (version 00 is exactly 55 bytes; later versions may add fields).
+const MAX_TRACEPARENT: usize = 128;
+/// The longest `tracestate` kept (the W3C limit is 32 entries of at most 256 bytes; receivers may truncate at 512).
+const MAX_TRACESTATE: usize = 512;
+
+/// The trace headers of `headers` worth keeping for later, or `None` (tracing off, no `traceparent`, or one too long
+/// to be one); a `tracestate` too long is dropped.
 pub fn carried(headers: Option<&async_nats::HeaderMap>) -> Option<async_nats::HeaderMap> {
     let headers = headers.filter(|_| enabled())?;
-    let traceparent = headers.get("traceparent")?;
+    let traceparent = headers.get("traceparent").filter(|v| v.as_str().len() <= MAX_TRACEPARENT)?;
     let mut kept = async_nats::HeaderMap::new();
     kept.insert("traceparent", traceparent.clone());
-    if let Some(state) = headers.get("tracestate") {
+    if let Some(state) = headers.get("tracestate").filter(|v| v.as_str().len() <= MAX_TRACESTATE) {
         kept.insert("tracestate", state.clone());
     }
     Some(kept)
@@ -171,8 +191,8 @@ pub fn carried(headers: Option<&async_nats::HeaderMap>) -> Option<async_nats::He
 
 /// Make `span` a child of the trace context in `headers`, when they carry one; returns `span`.
 pub fn follow(span: tracing::Span, headers: Option<&async_nats::HeaderMap>) -> tracing::Span {
-    if let Some(headers) = headers.filter(|_| enabled()) {
-        let context = propagator().extract(&HeaderExtractor(headers));
+    if let Some(headers) = carried(headers) {
+        let context = propagator().extract(&HeaderExtractor(&headers));
         let _ = span.set_parent(context);
     }
     span

@@ -716,6 +716,49 @@ fn corrupt(what: &str, err: impl Into<BoxError>) -> StoreError {
     StoreError::Corrupt(StoreFault::caused(what, err))
 }
 
+/// Whether a session could not be made because the cluster refused the credentials (an authentication error from
+/// the server, or none given where it requires them) or the TLS handshake failed on a certificate: found by type in
+/// the error's causes, so an outage (a timeout, a node draining, `system_auth` short of replicas) is never taken
+/// for one.
+fn is_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
+    use scylla::errors::{ConnectionError, ConnectionPoolError, ConnectionSetupRequestErrorKind, DbError};
+    // The pool keeps its last connection's error as a field, not as its source: looked into by hand.
+    let refused_connection = |connection: &ConnectionError| match connection {
+        ConnectionError::ConnectionSetupRequestError(setup) => matches!(
+            &setup.error,
+            ConnectionSetupRequestErrorKind::DbError(DbError::AuthenticationError, _)
+                | ConnectionSetupRequestErrorKind::MissingAuthentication
+        ),
+        ConnectionError::IoError(io) => io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => false,
+    };
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(ConnectionPoolError::Broken { last_connection_error }) =
+            current.downcast_ref::<ConnectionPoolError>()
+        {
+            if refused_connection(last_connection_error) {
+                return true;
+            }
+        }
+        if let Some(connection) = current.downcast_ref::<ConnectionError>() {
+            if refused_connection(connection) {
+                return true;
+            }
+        }
+        if current.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        cause = current.source();
+    }
+    false
+}
+
 /// A keyspace or data center name that is safe to place in DDL text (these are configuration, never user input,
 /// but they are checked all the same).
 fn check_name(kind: &str, name: &str, allow_dash: bool) -> Result<(), StoreError> {
@@ -831,9 +874,8 @@ impl CqlStore {
             builder = builder.tls_context(Some(std::sync::Arc::new(tls)));
         }
         let session = builder.build().await.map_err(|e| {
-            // Refused credentials or a failed handshake are configuration mistakes, not an outage: no retry.
-            let text = e.to_string().to_ascii_lowercase();
-            if ["authentication", "credentials", "certificate", "tls", "handshake"].iter().any(|w| text.contains(w)) {
+            // Refused credentials or a failed certificate check are configuration mistakes, not an outage: no retry.
+            if is_refusal(&e) {
                 StoreError::InvalidQuery(StoreFault::caused(
                     "the CQL cluster refused the connection: check cql_username, cql_password and the TLS settings",
                     e,
