@@ -302,20 +302,7 @@ impl Settings for GatewayConfig {
             "redis_tls_ca_file",
             "the Redis TLS files need a rediss:// redis_url",
         );
-        c.require(
-            tls_files.cert_file.is_some() == tls_files.key_file.is_some(),
-            "redis_tls_cert_file",
-            "redis_tls_cert_file and redis_tls_key_file go together",
-        );
-        for (key, file) in [
-            ("redis_tls_ca_file", &tls_files.ca_file),
-            ("redis_tls_cert_file", &tls_files.cert_file),
-            ("redis_tls_key_file", &tls_files.key_file),
-        ] {
-            if let Some(path) = file {
-                c.check(switchyard_service::config::readable_file(key, path));
-            }
-        }
+        checks.extend(tls_files.problems(["redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"]));
         checks.extend(self.nats_auth.problems());
         checks.extend(self.traces.problems());
         checks.into_problems()

@@ -146,19 +146,8 @@ impl Settings for PersistorConfig {
             "cql_password",
             "cql_username and cql_password go together",
         );
-        checks.require(
-            self.cql_tls_cert_file.is_some() == self.cql_tls_key_file.is_some(),
-            "cql_tls_cert_file",
-            "cql_tls_cert_file and cql_tls_key_file go together",
-        );
-        for (key, file) in [
-            ("cql_tls_ca_file", &self.cql_tls_ca_file),
-            ("cql_tls_cert_file", &self.cql_tls_cert_file),
-            ("cql_tls_key_file", &self.cql_tls_key_file),
-        ] {
-            if let Some(path) = file {
-                checks.check(switchyard_service::config::readable_file(key, path));
-            }
+        if let Some(files) = self.cql_tls_files() {
+            checks.extend(files.problems(["cql_tls_ca_file", "cql_tls_cert_file", "cql_tls_key_file"]));
         }
         checks.extend(self.nats_auth.problems());
         checks.extend(self.traces.problems());

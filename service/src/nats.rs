@@ -82,11 +82,6 @@ impl NatsAuth {
             "nats_password",
             "nats_user and nats_password go together",
         );
-        checks.require(
-            self.nats_tls_cert_file.is_some() == self.nats_tls_key_file.is_some(),
-            "nats_tls_cert_file",
-            "nats_tls_cert_file and nats_tls_key_file go together",
-        );
         if let Some(seed) = &self.nats_nkey_seed {
             checks.require(
                 nkeys::KeyPair::from_seed(seed.trim()).is_ok(),
@@ -94,16 +89,15 @@ impl NatsAuth {
                 "is not an NKey seed (SU... for a user)",
             );
         }
-        for (key, file) in [
-            ("nats_creds_file", &self.nats_creds_file),
-            ("nats_tls_ca_file", &self.nats_tls_ca_file),
-            ("nats_tls_cert_file", &self.nats_tls_cert_file),
-            ("nats_tls_key_file", &self.nats_tls_key_file),
-        ] {
-            if let Some(path) = file {
-                checks.check(crate::config::readable_file(key, path));
-            }
+        if let Some(path) = &self.nats_creds_file {
+            checks.check(crate::config::readable_file("nats_creds_file", path));
         }
+        let tls = crate::tls::TlsFiles {
+            ca_file: self.nats_tls_ca_file.clone(),
+            cert_file: self.nats_tls_cert_file.clone(),
+            key_file: self.nats_tls_key_file.clone(),
+        };
+        checks.extend(tls.problems(["nats_tls_ca_file", "nats_tls_cert_file", "nats_tls_key_file"]));
         checks.into_problems()
     }
 
@@ -220,7 +214,7 @@ pub async fn connect(
             ConnectErrorKind::AuthorizationViolation => Some("authorization violation"),
             ConnectErrorKind::Tls => Some("TLS"),
             // A handshake that fails on a certificate reaches us as an IO error carrying rustls's reason.
-            ConnectErrorKind::Io if is_tls_failure(&source) => Some("TLS"),
+            ConnectErrorKind::Io if crate::tls::is_tls_failure(&source) => Some("TLS"),
             ConnectErrorKind::ServerParse
             | ConnectErrorKind::Dns
             | ConnectErrorKind::TimedOut
@@ -237,23 +231,6 @@ pub async fn connect(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(CONNECT_RETRY_MAX);
     }
-}
-
-/// Whether a connect error is a TLS failure (a rustls error inside an IO error), not an unreachable server.
-fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(current) = cause {
-        if current.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                return true;
-            }
-        }
-        cause = current.source();
-    }
-    false
 }
 
 /// How often the cluster watch asks the connected node for the account's JetStream state.

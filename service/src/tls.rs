@@ -20,6 +20,44 @@ pub struct TlsFiles {
     pub key_file: Option<PathBuf>,
 }
 
+impl TlsFiles {
+    /// Every problem with these files, named by their keys (`[ca, cert, key]`): a certificate without its key (or the
+    /// reverse), a file this process cannot read.
+    pub fn problems(&self, keys: [&'static str; 3]) -> Vec<crate::ConfigError> {
+        let [ca_key, cert_key, key_key] = keys;
+        let mut checks = crate::config::Checks::default();
+        checks.require(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            cert_key,
+            format!("{cert_key} and {key_key} go together"),
+        );
+        for (key, file) in [(ca_key, &self.ca_file), (cert_key, &self.cert_file), (key_key, &self.key_file)] {
+            if let Some(path) = file {
+                checks.check(crate::config::readable_file(key, path));
+            }
+        }
+        checks.into_problems()
+    }
+}
+
+/// Whether `error`, or any error it was caused by, is a TLS failure (a rustls error, also inside an IO error): a
+/// certificate refused or not presented, as opposed to a server that cannot be reached.
+pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        cause = current.source();
+    }
+    false
+}
+
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -217,6 +217,11 @@ impl Cassandra {
     /// Writes a single-node configuration into `dir` (data, logs and all) and starts Cassandra in the foreground
     /// of a child JVM; does not wait for it.
     pub fn start(dist: &CassandraDist, dir: &Path) -> Result<Self> {
+        Self::start_single(dist, dir, None)
+    }
+
+    /// One node on 127.0.0.1, on free ports.
+    fn start_single(dist: &CassandraDist, dir: &Path, secured: Option<SecuredCql>) -> Result<Self> {
         let ports = free_ports(2)?;
         let node = CassandraNode {
             address: [127, 0, 0, 1],
@@ -224,7 +229,7 @@ impl Cassandra {
             storage_port: ports[1],
             index: 0,
             of: 1,
-            secured: None,
+            secured,
         };
         Self::start_node(dist, dir, &node)
     }
@@ -240,16 +245,8 @@ impl Cassandra {
             &keystore,
             format!("{}{}", std::fs::read_to_string(&pki.server_key)?, std::fs::read_to_string(&pki.server_cert)?),
         )?;
-        let ports = free_ports(2)?;
-        let node = CassandraNode {
-            address: [127, 0, 0, 1],
-            native_port: ports[0],
-            storage_port: ports[1],
-            index: 0,
-            of: 1,
-            secured: Some(SecuredCql { keystore, truststore: pki.ca.clone() }),
-        };
-        Ok((Self::start_node(dist, dir, &node)?, pki))
+        let secured = SecuredCql { keystore, truststore: pki.ca.clone() };
+        Ok((Self::start_single(dist, dir, Some(secured))?, pki))
     }
 
     fn start_node(dist: &CassandraDist, dir: &Path, node: &CassandraNode) -> Result<Self> {

@@ -729,7 +729,7 @@ fn is_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
             ConnectionSetupRequestErrorKind::DbError(DbError::AuthenticationError, _)
                 | ConnectionSetupRequestErrorKind::MissingAuthentication
         ),
-        ConnectionError::IoError(io) => io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        ConnectionError::IoError(io) => switchyard_service::tls::is_tls_failure(io.as_ref()),
         _ => false,
     };
     let mut cause = Some(error);
@@ -746,17 +746,9 @@ fn is_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
                 return true;
             }
         }
-        if current.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                return true;
-            }
-        }
         cause = current.source();
     }
-    false
+    switchyard_service::tls::is_tls_failure(error)
 }
 
 /// A keyspace or data center name that is safe to place in DDL text (these are configuration, never user input,
