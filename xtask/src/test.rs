@@ -20,7 +20,7 @@ use crate::licenses;
 use crate::lint;
 use crate::proc;
 use crate::services::TestServices;
-use crate::util::{cargo, repo_root, say, secs};
+use crate::util::{cargo, free_disk_gib, repo_root, say, secs};
 
 /// The test targets that run a second time against the NATS cluster: the gateway's chat end-to-end tests, the
 /// router-shard cluster tests and the persistor's durability tests.
@@ -40,24 +40,28 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let scope: Vec<String> = if selects_packages { Vec::new() } else { vec!["--workspace".to_string()] };
 
     let root = repo_root();
-    let mut timings: Vec<(&str, Duration)> = Vec::new();
+    // Each phase with its duration and the disk space left after it, so a run that fills the disk shows where.
+    let mut timings: Vec<(&str, Duration, Option<f64>)> = Vec::new();
     let total = Instant::now();
+    if let Some(gib) = free_disk_gib(&root) {
+        say!("{gib:.1} GiB free on the disk at the start");
+    }
 
     let t = Instant::now();
     let tools = deps::ensure(&root, true)?;
     let js = deps::ensure_js(&root)?;
-    timings.push(("deps", t.elapsed()));
+    timings.push(("deps", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     let mut services = TestServices::start(&tools)?;
-    timings.push(("start servers", t.elapsed()));
+    timings.push(("start servers", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     say!("building the tests while the servers start");
     let mut build = proc::command(cargo());
     build.current_dir(&root).arg("test").args(&scope).arg("--no-run").args(&cargo_args);
     let built = proc::run(build, "cargo test --no-run")?;
-    timings.push(("build tests", t.elapsed()));
+    timings.push(("build tests", t.elapsed(), free_disk_gib(&root)));
     if !built.success() {
         say!("building the tests failed ({built}); not running them");
         print_timings(&timings, total.elapsed());
@@ -66,7 +70,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
     let t = Instant::now();
     services.wait_ready(&tools)?;
-    timings.push(("wait for servers", t.elapsed()));
+    timings.push(("wait for servers", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     let mut test = proc::command(cargo());
@@ -78,7 +82,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     // The browser test drives the Chromium that deps found (or installed).
     test.env("SWITCHYARD_TEST_CHROMIUM", &js.chromium);
     let (status, results) = proc::run_keeping_lines(test, "cargo test", |l| l.starts_with("test result:"))?;
-    timings.push(("run tests", t.elapsed()));
+    timings.push(("run tests", t.elapsed(), free_disk_gib(&root)));
 
     // A dead server explains failures better than the failures do.
     if !status.success() {
@@ -105,7 +109,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     } else {
         None
     };
-    timings.push(("tests on cluster", t.elapsed()));
+    timings.push(("tests on cluster", t.elapsed(), free_disk_gib(&root)));
 
     // The short fault scenarios, on the same servers; only for a whole-workspace run.
     let t = Instant::now();
@@ -124,11 +128,11 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         say!("not running the fault suite: arguments select part of the tests");
         None
     };
-    timings.push(("fault suite", t.elapsed()));
+    timings.push(("fault suite", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     services.stop();
-    timings.push(("stop servers", t.elapsed()));
+    timings.push(("stop servers", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     let deployed = match deploy::check(&root) {
@@ -139,7 +143,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             deploy::Summary { failed: 1, ..Default::default() }
         }
     };
-    timings.push(("deploy check", t.elapsed()));
+    timings.push(("deploy check", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     let mut linted = match lint::check(&root) {
@@ -156,7 +160,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     for finding in &linted {
         say!("lint: {finding}");
     }
-    timings.push(("lint", t.elapsed()));
+    timings.push(("lint", t.elapsed(), free_disk_gib(&root)));
 
     let t = Instant::now();
     let fuzzed = match fuzz::run_targets(&root, fuzz::TARGETS, Duration::from_secs(fuzz::CI_SECS)) {
@@ -167,7 +171,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             fuzz::Report { failed: vec!["fuzz build".into()], ..Default::default() }
         }
     };
-    timings.push(("fuzz", t.elapsed()));
+    timings.push(("fuzz", t.elapsed(), free_disk_gib(&root)));
 
     print_timings(&timings, total.elapsed());
     let (passed, failed, ignored) = count(&results);
@@ -234,9 +238,10 @@ fn run_on_cluster(
     ran
 }
 
-fn print_timings(timings: &[(&str, Duration)], total: Duration) {
-    for (phase, d) in timings {
-        say!("{:<17} {:>8}", phase, secs(*d));
+fn print_timings(timings: &[(&str, Duration, Option<f64>)], total: Duration) {
+    for (phase, d, free) in timings {
+        let free = free.map(|gib| format!("{gib:.1} GiB free after")).unwrap_or_default();
+        say!("{:<17} {:>8}   {free}", phase, secs(*d));
     }
     say!("{:<17} {:>8}", "total", secs(total));
 }

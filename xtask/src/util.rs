@@ -58,6 +58,14 @@ pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// Free space on the file system holding `path`, in GiB, as `df` reports it; `None` where `df` cannot tell.
+pub fn free_disk_gib(path: &Path) -> Option<f64> {
+    let out = Command::new("df").arg("-Pk").arg(path).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib: f64 = text.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
 /// `n` random bytes from the kernel, hex encoded.
 pub fn random_hex(n: usize) -> Result<String> {
     let mut buf = vec![0u8; n];
