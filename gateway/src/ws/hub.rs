@@ -8,7 +8,7 @@
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -252,6 +252,10 @@ enum RoomControl {
     Unsubscribe {
         session_id: u64,
     },
+    /// Hand every message NATS has already given the subscription to the sessions, then answer.
+    Barrier {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A room task's entry in the registry.
@@ -293,6 +297,22 @@ impl Hub {
             }
         }
         Err(HubError::TaskKeptStopping)
+    }
+
+    /// Wait until every message that this gateway's NATS connection had received for `subject` before the call is
+    /// queued to the subject's sessions. NATS keeps one publisher's order on one connection, so a reply that
+    /// arrived after a live message on the subject finds that message queued once this returns. Returns at once
+    /// when the subject has no task.
+    pub async fn barrier(&self, subject: &str) {
+        let control = match self.rooms.lock() {
+            Ok(rooms) => rooms.get(subject).map(|entry| entry.control.clone()),
+            Err(_) => None,
+        };
+        let Some(control) = control else { return };
+        let (done, passed) = oneshot::channel();
+        if control.send(RoomControl::Barrier { done }).await.is_ok() {
+            let _ = passed.await;
+        }
     }
 
     /// Remove a session from a subject. Never waits.
@@ -341,6 +361,21 @@ impl Hub {
     }
 }
 
+/// Decode one live message and queue it to every session of the subject, dropping those that cannot take it.
+fn fan_out(subject: &str, sessions: &mut Vec<SessionTx>, message: &async_nats::Message) {
+    let live: LiveMessage = match codec::decode(&message.payload) {
+        Ok(live) => live,
+        Err(error) => {
+            tracing::warn!(%subject, %error, "undecodable live message dropped");
+            return;
+        }
+    };
+    let event = Arc::new(LiveEvent::new(&live));
+    let before = sessions.len();
+    sessions.retain(|session| session.offer(&event));
+    metrics::counter!("switchyard_gateway_deliveries_total").increment(before as u64);
+}
+
 /// One room's fan-out: owns the NATS subscription and the room's local sessions.
 async fn run_room(hub: Arc<Hub>, subject: String, generation: u64, mut control: mpsc::Receiver<RoomControl>) {
     let mut live = match hub.nats.subscribe(subject.clone()).await {
@@ -374,21 +409,30 @@ async fn run_room(hub: Arc<Hub>, subject: String, generation: u64, mut control: 
                         break;
                     }
                 }
+                Some(RoomControl::Barrier { done }) => {
+                    // What the subscription already holds is handed on before the answer.
+                    let (before, mut ended) = (sessions.len(), false);
+                    loop {
+                        match live.next().now_or_never() {
+                            Some(Some(message)) => fan_out(&subject, &mut sessions, &message),
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let _ = done.send(());
+                    if ended || sessions.is_empty() && before > 0 {
+                        break;
+                    }
+                }
                 None => break,
             },
             message = live.next() => {
                 let Some(message) = message else { break };
-                let live: LiveMessage = match codec::decode(&message.payload) {
-                    Ok(live) => live,
-                    Err(error) => {
-                        tracing::warn!(%subject, %error, "undecodable live message dropped");
-                        continue;
-                    }
-                };
-                let event = Arc::new(LiveEvent::new(&live));
                 let before = sessions.len();
-                sessions.retain(|session| session.offer(&event));
-                metrics::counter!("switchyard_gateway_deliveries_total").increment(before as u64);
+                fan_out(&subject, &mut sessions, &message);
                 if sessions.is_empty() && before > 0 {
                     break;
                 }

@@ -62,8 +62,10 @@ const DELIVERY_BATCH_BYTES: usize = 64 * 1024;
 enum RoomDelivery {
     /// A join is in flight: live events are held until its `ok` says where delivery starts; the events its
     /// `since` replays are written as they come (`replayed`: the last of them written so far). `previous` is the
-    /// delivery (`last_seq`, `joined_at`) a repeated join started from.
-    Joining { held: Vec<Arc<LiveEvent>>, previous: Option<(u64, u64)>, replayed: u64 },
+    /// delivery (`last_seq`, `joined_at`) a repeated join started from. `inbox_dms`: a direct-message room joined
+    /// without `since` and not received before; its inbox brings it to the session without a join, so the messages
+    /// that arrived that way up to the join point are written before the `ok` rather than dropped as history.
+    Joining { held: Vec<Arc<LiveEvent>>, previous: Option<(u64, u64)>, replayed: u64, inbox_dms: bool },
     /// Delivering; `last_seq` is the last seq written (or the join point). `joined_at` is the point of the latest
     /// join: the user's own `left` before it ended an earlier membership (a kick the join raced) and does not stop
     /// delivery.
@@ -922,7 +924,9 @@ impl Session {
                     Some(RoomDelivery::Joining { previous, .. }) => previous,
                     None => None,
                 };
-                self.rooms.insert(room.clone(), RoomDelivery::Joining { held: Vec::new(), previous, replayed: 0 });
+                let inbox_dms = room.is_dm() && since.is_none() && previous.is_none();
+                let joining = RoomDelivery::Joining { held: Vec::new(), previous, replayed: 0, inbox_dms };
+                self.rooms.insert(room.clone(), joining);
                 if let Some((subject, _)) = &subscribe {
                     self.subscribed.insert(subject.clone());
                 }
@@ -1045,29 +1049,18 @@ impl Session {
     async fn complete(&mut self, completion: Completion) -> Result<(), axum::Error> {
         match completion {
             Completion::Reply(frame) => self.write(&frame).await,
-            Completion::Joined { rid, room, result } => match result {
-                Ok((seq, Some(last_replayed))) if matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { replayed, .. }) if *replayed < last_replayed) =>
+            Completion::Joined { rid, room, result } => {
+                if result.is_ok()
+                    && matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { inbox_dms: true, .. }))
                 {
-                    // The replayed events are queued; the `ok` follows the last of them (see `deliver`).
-                    self.pending_join = Some(PendingJoin { rid, room, seq, last_replayed });
-                    Ok(())
+                    // The router published the room's earlier messages to the inbox before it answered the join,
+                    // on the same connection: once the inbox's task has handed on what it holds, they are queued.
+                    let inbox = subjects::user_inbox(&self.identity.tenant, &self.identity.user);
+                    self.gw.hub.barrier(&inbox).await;
+                    self.deliver_queued().await?;
                 }
-                Ok((seq, _)) => self.finish_join(rid, room, seq).await,
-                Err(error) => {
-                    match self.rooms.remove(&room) {
-                        // A repeated join that failed leaves the room as it was received.
-                        Some(RoomDelivery::Joining { held, previous: Some((last_seq, joined_at)), .. }) => {
-                            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq, joined_at });
-                            self.release_held(held).await?;
-                        }
-                        Some(RoomDelivery::Joining { .. }) | None => self.stop_receiving(&room),
-                        Some(live) => {
-                            self.rooms.insert(room.clone(), live);
-                        }
-                    }
-                    self.write(&err_frame(rid, error.code, error.message)).await
-                }
-            },
+                self.complete_join(rid, room, result).await
+            }
             Completion::Left { rid, room, result } => match result {
                 Ok(()) => {
                     self.stop_receiving(&room);
@@ -1092,12 +1085,72 @@ impl Session {
         }
     }
 
+    /// Answer a join: its `ok` once its replay is written, or its refusal.
+    async fn complete_join(
+        &mut self,
+        rid: Option<u64>,
+        room: RoomId,
+        result: Result<(u64, Option<u64>), UpstreamError>,
+    ) -> Result<(), axum::Error> {
+        match result {
+            Ok((seq, Some(last_replayed))) if matches!(self.rooms.get(&room), Some(RoomDelivery::Joining { replayed, .. }) if *replayed < last_replayed) =>
+            {
+                // The replayed events are queued; the `ok` follows the last of them (see `deliver`).
+                self.pending_join = Some(PendingJoin { rid, room, seq, last_replayed });
+                Ok(())
+            }
+            Ok((seq, _)) => self.finish_join(rid, room, seq).await,
+            Err(error) => {
+                match self.rooms.remove(&room) {
+                    // A repeated join that failed leaves the room as it was received.
+                    Some(RoomDelivery::Joining { held, previous: Some((last_seq, joined_at)), .. }) => {
+                        self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq, joined_at });
+                        self.release_held(held).await?;
+                    }
+                    // Direct messages reach the session without a join: what the inbox brought meanwhile stays.
+                    Some(RoomDelivery::Joining { held, inbox_dms: true, .. }) => {
+                        if let Some(first) = held.iter().filter_map(|event| event.seq).min() {
+                            self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: first - 1, joined_at: 0 });
+                            self.release_held(held).await?;
+                        }
+                    }
+                    Some(RoomDelivery::Joining { .. }) | None => self.stop_receiving(&room),
+                    Some(live) => {
+                        self.rooms.insert(room.clone(), live);
+                    }
+                }
+                self.write(&err_frame(rid, error.code, error.message)).await
+            }
+        }
+    }
+
+    /// Deliver the events already queued for the session (holding those of a room whose join is in flight), at
+    /// most a queue's worth.
+    async fn deliver_queued(&mut self) -> Result<(), axum::Error> {
+        for _ in 0..self.events.max_capacity() {
+            let Ok(event) = self.events.try_recv() else { break };
+            self.tx.queued_bytes.fetch_sub(event.encoded_len(self.format), Ordering::Relaxed);
+            self.taken += 1;
+            self.deliver(event).await?;
+        }
+        Ok(())
+    }
+
     /// Write a join's `ok` (after its replay) and start live delivery of the room at the join point, delivering what
     /// was held meanwhile. A repeated join keeps the point delivery had reached (or its replay reached): the events
     /// up to its own seq that were still in flight are delivered, not skipped.
     async fn finish_join(&mut self, rid: Option<u64>, room: RoomId, seq: u64) -> Result<(), axum::Error> {
         let (held, point) = match self.rooms.remove(&room) {
-            Some(RoomDelivery::Joining { held, previous, replayed }) => {
+            Some(RoomDelivery::Joining { held, inbox_dms: true, .. }) => {
+                let (before, after): (Vec<_>, Vec<_>) =
+                    held.into_iter().partition(|event| event.seq.is_some_and(|held_seq| held_seq <= seq));
+                if !self.deliver_before_join(&room, before, seq).await? {
+                    // The room was deleted meanwhile; the join still took effect.
+                    return self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await;
+                }
+                (after, seq)
+            }
+            Some(RoomDelivery::Joining { held, previous, replayed, inbox_dms: false }) => {
                 (held, previous.map_or(seq, |(last_seq, _)| last_seq.max(replayed)))
             }
             Some(RoomDelivery::Live { last_seq, .. }) => (Vec::new(), last_seq.max(seq)),
@@ -1109,6 +1162,30 @@ impl Session {
         self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: point, joined_at: seq });
         self.write(&ServerFrame::Ok { rid, result: OkResult::RoomSeq { room, seq } }).await?;
         self.release_held(held).await
+    }
+
+    /// Write a direct-message room's messages that its inbox brought while the session's first join of it was in
+    /// flight and that precede the join point `seq`, filling holes up to `seq` from the stream. Returns false when
+    /// the room ended among them.
+    async fn deliver_before_join(
+        &mut self,
+        room: &RoomId,
+        before: Vec<Arc<LiveEvent>>,
+        seq: u64,
+    ) -> Result<bool, axum::Error> {
+        let Some(first) = before.iter().filter_map(|event| event.seq).min() else { return Ok(true) };
+        self.rooms.insert(room.clone(), RoomDelivery::Live { last_seq: first - 1, joined_at: 0 });
+        for event in before {
+            self.deliver(event).await?;
+        }
+        let last_seq = match self.rooms.get(room) {
+            Some(RoomDelivery::Live { last_seq, .. }) => *last_seq,
+            _ => return Ok(false),
+        };
+        if last_seq < seq {
+            Box::pin(self.fill_gap(room, last_seq, seq)).await?;
+        }
+        Ok(self.rooms.remove(room).is_some())
     }
 
     /// Deliver live events held while a join was in flight, now that the room is live again.
