@@ -112,6 +112,20 @@ pub struct GatewayConfig {
     /// which hands a token for ANY user of this tenant to anyone who asks: for local trials only, never in
     /// production. Unset (the default) turns the demo off.
     pub demo_project_id: Option<String>,
+    /// Networks (`127.0.0.0/8`, `10.1.2.3`) that tenants' hooks may reach although they are loopback, private or
+    /// link-local. Empty by default: a hook URL that is or resolves to such an address is refused.
+    pub hooks_allowed_networks: Vec<String>,
+    /// Pre-send hook calls one tenant may have in flight on this gateway; a call that finds none free within its
+    /// deadline fails, and the tenant's failure policy applies.
+    pub hooks_concurrency_per_tenant: usize,
+}
+
+impl GatewayConfig {
+    /// The networks hooks may reach although reserved; the ones that do not parse are left out (validation has
+    /// refused them already).
+    pub fn hooks_allowed_networks(&self) -> Vec<crate::outbound::Network> {
+        self.hooks_allowed_networks.iter().filter_map(|text| crate::outbound::Network::parse(text).ok()).collect()
+    }
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -151,6 +165,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("drain_reconnect_window_ms", &self.drain_reconnect_window_ms)
             .field("drain_grace_ms", &self.drain_grace_ms)
             .field("demo_project_id", &self.demo_project_id)
+            .field("hooks_allowed_networks", &self.hooks_allowed_networks)
+            .field("hooks_concurrency_per_tenant", &self.hooks_concurrency_per_tenant)
             .finish_non_exhaustive()
     }
 }
@@ -206,6 +222,8 @@ impl Default for GatewayConfig {
             drain_reconnect_window_ms: 10_000,
             drain_grace_ms: 15_000,
             demo_project_id: None,
+            hooks_allowed_networks: Vec::new(),
+            hooks_concurrency_per_tenant: 16,
         }
     }
 }
@@ -287,6 +305,16 @@ impl Settings for GatewayConfig {
             "drain_grace_ms",
             "must be longer than command_timeout_ms, so an op in flight at SIGTERM can finish before the exit",
         );
+        c.require(
+            (1..=10_000).contains(&self.hooks_concurrency_per_tenant),
+            "hooks_concurrency_per_tenant",
+            "must be 1..=10000",
+        );
+        for network in &self.hooks_allowed_networks {
+            if let Err(why) = crate::outbound::Network::parse(network) {
+                c.require(false, "hooks_allowed_networks", why.to_string());
+            }
+        }
         if let Some(project) = &self.demo_project_id {
             c.require(
                 switchyard_protocol::ProjectId::parse(project).is_ok(),

@@ -17,7 +17,9 @@ pub mod http;
 pub mod jwt;
 pub mod limits;
 pub mod moderation;
+pub mod outbound;
 pub mod presence;
+pub mod presend;
 pub mod resume;
 pub mod revocation;
 pub mod rooms;
@@ -74,6 +76,9 @@ pub enum GatewayError {
         #[source]
         source: fred::error::Error,
     },
+    /// The client for tenants' hooks could not be built.
+    #[error("cannot build the client for tenants' hooks: {0}")]
+    Outbound(#[source] reqwest::Error),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
@@ -96,6 +101,10 @@ pub struct Gateway {
     /// The fleet-wide per-tenant message rate.
     pub tenant_rate: limits::TenantRateLimiter,
     pub hub: Arc<ws::hub::Hub>,
+    /// Calls tenants' hooks, refusing addresses the operator did not allow.
+    pub outbound: outbound::OutboundClient,
+    /// Pre-send hook calls in flight, per tenant.
+    pub hook_slots: presend::HookSlots,
     /// Reports this gateway's users to their presence owners.
     pub presence: presence::PresenceReporter,
     /// JetStream, for reading the events stream on resume.
@@ -232,7 +241,11 @@ pub async fn bind(config: GatewayConfig, shutdown: CancellationToken) -> Result<
     let tenants = tenants::TenantDirectory::new(tenants_kv);
     tenants.spawn_watch(sessions.clone(), stopped.clone());
     let gateway_id = format!("gw-{}", switchyard_protocol::ids::random_base62(10));
+    let outbound = outbound::OutboundClient::new(outbound::AddressPolicy::new(config.hooks_allowed_networks()))
+        .map_err(GatewayError::Outbound)?;
     let gateway = Arc::new(Gateway {
+        outbound,
+        hook_slots: presend::HookSlots::new(config.hooks_concurrency_per_tenant),
         hub: ws::hub::Hub::new(nats.clone()),
         presence: presence::PresenceReporter::start(
             nats.clone(),

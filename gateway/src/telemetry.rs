@@ -51,6 +51,10 @@ pub const METRICS: &[MetricSpec] = &[
         "switchyard_gateway_nats_request_duration_seconds",
         "One NATS request attempt to a router shard or persistor, by target and outcome.",
     ),
+    MetricSpec::histogram(
+        "switchyard_gateway_presend_hook_duration_seconds",
+        "One call of a tenant's pre-send hook, by outcome (allow, deny, modify, or how it failed).",
+    ),
     MetricSpec::counter("switchyard_gateway_rate_limited_total", "Ops refused by the per-connection rate limit."),
     MetricSpec::counter(
         "switchyard_gateway_tenant_rate_limited_total",

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
+use switchyard_protocol::hooks::{PreSendHook, SigningSecret, TenantHooks};
 use switchyard_protocol::ids::api_key;
 use switchyard_protocol::internal::{JwtKey, RevocationTarget, TenantLimits, TenantRecord, INTERNAL_VERSION};
 use switchyard_protocol::{codec, subjects, ProjectId};
@@ -260,6 +261,7 @@ impl TenantDirectory {
             jwt: None,
             disabled: false,
             limits: TenantLimits::default(),
+            hooks: None,
         };
         let payload = codec::encode(&record).map_err(TenantError::Encode)?;
         let revision = self.kv.create(subjects::tenant_key(&project_id), payload).await.map_err(TenantError::Create)?;
@@ -313,6 +315,37 @@ impl TenantDirectory {
     /// Set (replace) the tenant's limits.
     pub async fn set_limits(&self, project_id: &ProjectId, limits: TenantLimits) -> Result<(), TenantError> {
         self.update(project_id, |record| record.limits = limits.clone()).await.map(drop)
+    }
+
+    /// Set (replace) the tenant's pre-send hook, or remove it with `None`. A tenant's first hook creates its signing
+    /// secret. Returns the hooks as stored.
+    pub async fn set_pre_send(
+        &self,
+        project_id: &ProjectId,
+        hook: Option<PreSendHook>,
+    ) -> Result<Option<TenantHooks>, TenantError> {
+        let fresh_secret = SigningSecret::generate();
+        let record = self
+            .update(project_id, |record| match (&mut record.hooks, &hook) {
+                (Some(hooks), _) => hooks.pre_send = hook.clone(),
+                (None, None) => {}
+                (None, Some(_)) => {
+                    record.hooks = Some(TenantHooks { signing_secret: fresh_secret.clone(), pre_send: hook.clone() })
+                }
+            })
+            .await?;
+        Ok(record.hooks)
+    }
+
+    /// Replace the tenant's signing secret (creating it when the tenant has none). Returns the new one.
+    pub async fn rotate_signing_secret(&self, project_id: &ProjectId) -> Result<SigningSecret, TenantError> {
+        let secret = SigningSecret::generate();
+        self.update(project_id, |record| match &mut record.hooks {
+            Some(hooks) => hooks.signing_secret = secret.clone(),
+            None => record.hooks = Some(TenantHooks { signing_secret: secret.clone(), pre_send: None }),
+        })
+        .await?;
+        Ok(secret)
     }
 
     /// Disable the tenant. Idempotent: disabling a disabled tenant succeeds; an unknown one is `not_found`.

@@ -922,6 +922,9 @@ pub struct TenantRecord {
     /// Limits that override the gateways' defaults for this tenant.
     #[serde(default)]
     pub limits: TenantLimits,
+    /// The tenant's hooks (pre-send) and the secret that signs what is sent to them.
+    #[serde(default)]
+    pub hooks: Option<crate::hooks::TenantHooks>,
 }
 
 #[cfg(test)]

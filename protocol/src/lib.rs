@@ -7,6 +7,7 @@
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod hooks;
 pub mod ids;
 pub mod internal;
 pub mod limits;

@@ -1,6 +1,7 @@
 //! The gateway's HTTP API: health, readiness and metrics; the admin API (tenants, in `admin`); the tenant backend
-//! API (tokens and revocation in `credentials`, room messages here); the route to the WebSocket upgrade; and, only
-//! when configured, the demo chat page (`demo`). Every request is bounded in time and body size.
+//! API (tokens and revocation in `credentials`, hook settings in `hooks`, room messages here); the route to the
+//! WebSocket upgrade; and, only when configured, the demo chat page (`demo`). Every request is bounded in time and
+//! body size.
 //!
 //! Handlers authenticate their caller and translate between JSON bodies and the fleet's requests; they hold no state.
 
@@ -8,6 +9,7 @@ mod admin;
 mod credentials;
 mod demo;
 mod error;
+mod hooks;
 mod moderation;
 mod users;
 
@@ -16,6 +18,7 @@ pub use error::ApiError;
 // The request-body decoders, public so they can be fuzzed on their own (see docs/fuzzing.md).
 pub use admin::{parse_create_tenant, parse_set_jwt, parse_set_limits};
 pub use credentials::parse_create_token;
+pub use hooks::parse_set_pre_send;
 pub use moderation::{parse_restriction, parse_room_settings};
 
 use crate::auth::bearer;
@@ -61,6 +64,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/users/{user_id}/ban", put(moderation::ban_user).delete(moderation::unban_user))
         .route("/v1/users/{user_id}", delete(users::erase_user))
         .route("/v1/users/{user_id}/export", get(users::export_user))
+        .route("/v1/hooks", get(hooks::get_hooks))
+        .route("/v1/hooks/pre-send", put(hooks::set_pre_send).delete(hooks::remove_pre_send))
+        .route("/v1/hooks/rotate-secret", post(hooks::rotate_secret))
         .route("/v1/rooms", post(create_room))
         .route("/v1/rooms/{room}", delete(delete_room))
         .route("/v1/rooms/{room}/members", get(list_members))

@@ -16,6 +16,7 @@
 use crate::auth::{authenticate, AuthError, Identity};
 use crate::limits::{tenant_rate_refusal, AbuseCounter};
 use crate::moderation;
+use crate::presend::{self, Draft, Screened};
 use crate::resume;
 use crate::revocation::CloseSignal;
 use crate::rooms::{self, HistoryPage, Reader};
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use switchyard_protocol::client::{
     decode_client_frame, encode_frame, ClientOp, ClientRequest, Format, OkResult, ServerFrame,
 };
+use switchyard_protocol::hooks::PreSendOp;
 use switchyard_protocol::internal::{EventBody, Moderation, RoomCommand};
 use switchyard_protocol::{
     limits, subjects, ClientMessageId, ClientMessageIdError, CloseCode, ErrorCode, RoomId, UserId,
@@ -944,12 +946,30 @@ impl Session {
             }
             ClientOp::Create { room, private, title } => command(RoomCommand::Create { room, private, title }),
             ClientOp::Send { room, body, attrs, reply_to, cmid } => match parse_cmid(rid, cmid) {
-                Ok(cmid) => command(RoomCommand::Send { room, body, attrs, reply_to, cmid }),
+                Ok(cmid) => {
+                    let draft = Draft { op: PreSendOp::Send, room, body, attrs, reply_to, target: None };
+                    screened(gw, identity, rid, draft, move |room, body, attrs| RoomCommand::Send {
+                        room,
+                        body,
+                        attrs,
+                        reply_to,
+                        cmid,
+                    })
+                }
                 Err(refusal) => async move { Completion::Reply(refusal) }.boxed(),
             },
             ClientOp::Dm { to, body, attrs, cmid } => match (RoomId::dm(&identity.user, &to), parse_cmid(rid, cmid)) {
                 (_, Err(refusal)) => async move { Completion::Reply(refusal) }.boxed(),
-                (Some(room), Ok(cmid)) => command(RoomCommand::Send { room, body, attrs, reply_to: None, cmid }),
+                (Some(room), Ok(cmid)) => {
+                    let draft = Draft { op: PreSendOp::Dm, room, body, attrs, reply_to: None, target: None };
+                    screened(gw, identity, rid, draft, move |room, body, attrs| RoomCommand::Send {
+                        room,
+                        body,
+                        attrs,
+                        reply_to: None,
+                        cmid,
+                    })
+                }
                 (None, Ok(_)) => async move {
                     Completion::Reply(err_frame(rid, ErrorCode::BadRequest, "a direct message needs another user"))
                 }
@@ -961,7 +981,10 @@ impl Session {
             ClientOp::React { room, seq, emoji, remove } => {
                 command(RoomCommand::React { room, target: seq, emoji, remove })
             }
-            ClientOp::Edit { room, seq, body } => command(RoomCommand::Edit { room, target: seq, body }),
+            ClientOp::Edit { room, seq, body } => {
+                let draft = Draft { op: PreSendOp::Edit, room, body, attrs: None, reply_to: None, target: Some(seq) };
+                screened(gw, identity, rid, draft, move |room, body, _| RoomCommand::Edit { room, target: seq, body })
+            }
             ClientOp::Delete { room, seq } => command(RoomCommand::Delete { room, target: seq }),
             ClientOp::Pin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: true }),
             ClientOp::Unpin { room, seq } => command(RoomCommand::Pin { room, target: seq, pinned: false }),
@@ -1358,6 +1381,24 @@ fn ok_seq(result: &OkResult) -> u64 {
         OkResult::RoomSeq { seq, .. } | OkResult::Sent { seq, .. } => *seq,
         _ => 0,
     }
+}
+
+/// Run a message's command once the tenant's pre-send hook (if any) let it through, with what the hook made of it.
+fn screened(
+    gw: Arc<Gateway>,
+    identity: Identity,
+    rid: Option<u64>,
+    draft: Draft,
+    build: impl FnOnce(RoomId, String, Option<serde_json::Value>) -> RoomCommand + Send + 'static,
+) -> BoxFuture<'static, Completion> {
+    async move {
+        let room = draft.room.clone();
+        match presend::screen(&gw, &identity.tenant, &identity.user, draft).await {
+            Screened::Proceed { body, attrs } => run_command(gw, identity, rid, build(room, body, attrs)).await,
+            Screened::Refuse { code, message } => Completion::Reply(err_frame(rid, code, message)),
+        }
+    }
+    .boxed()
 }
 
 async fn run_command(gw: Arc<Gateway>, identity: Identity, rid: Option<u64>, command: RoomCommand) -> Completion {
