@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchyard_protocol::hooks::{
-    FailurePolicy, PreSendHook, PreSendOp, PreSendRequest, SigningSecret, Verdict, MAX_ANSWER_BYTES, PRE_SEND_TYPE,
+    FailurePolicy, PreSendHook, PreSendOp, PreSendRequest, TenantHooks, Verdict, MAX_ANSWER_BYTES, PRE_SEND_TYPE,
 };
 use switchyard_protocol::{ErrorCode, ProjectId, RoomId, UserId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -79,7 +79,7 @@ pub async fn screen(gw: &Gateway, tenant: &ProjectId, user: &UserId, draft: Draf
             return Screened::Refuse { code: ErrorCode::Unavailable, message };
         }
     };
-    let Some((hook, secret)) = hooks.and_then(|hooks| hooks.pre_send.map(|hook| (hook, hooks.signing_secret))) else {
+    let Some((hook, hooks)) = hooks.and_then(|hooks| hooks.pre_send.clone().map(|hook| (hook, hooks))) else {
         return Screened::Proceed { body: draft.body, attrs: draft.attrs };
     };
     let started = Instant::now();
@@ -99,7 +99,7 @@ pub async fn screen(gw: &Gateway, tenant: &ProjectId, user: &UserId, draft: Draf
     let answer = match (tokio::time::timeout(deadline, slots.acquire_owned()).await, serde_json::to_vec(&request)) {
         (Ok(Ok(slot)), Ok(payload)) => {
             let left = deadline.saturating_sub(started.elapsed());
-            call(gw, &hook, &secret, payload, left, slot).await
+            call(gw, &hook, &hooks, payload, left, slot).await
         }
         (Err(_) | Ok(Err(_)), _) => Err(OutboundError::Busy),
         (_, Err(error)) => Err(OutboundError::Failed(error.to_string())),
@@ -114,14 +114,15 @@ pub async fn screen(gw: &Gateway, tenant: &ProjectId, user: &UserId, draft: Draf
 async fn call(
     gw: &Gateway,
     hook: &PreSendHook,
-    secret: &SigningSecret,
+    hooks: &TenantHooks,
     payload: Vec<u8>,
     deadline: Duration,
     slot: OwnedSemaphorePermit,
 ) -> Result<Answer, OutboundError> {
     let id = format!("msg_{}", ulid::Ulid::new());
-    let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let signature = secret.sign(&id, timestamp, &payload);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let timestamp = now.as_secs();
+    let signature = hooks.signature(&id, timestamp, &payload, now.as_millis() as u64);
     let headers = [("webhook-id", id), ("webhook-timestamp", timestamp.to_string()), ("webhook-signature", signature)];
     gw.outbound.post_json(hook.url.as_str(), &headers, payload, deadline, MAX_ANSWER_BYTES, slot).await
 }

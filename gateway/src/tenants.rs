@@ -330,19 +330,21 @@ impl TenantDirectory {
                 (Some(hooks), _) => hooks.pre_send = hook.clone(),
                 (None, None) => {}
                 (None, Some(_)) => {
-                    record.hooks = Some(TenantHooks { signing_secret: fresh_secret.clone(), pre_send: hook.clone() })
+                    record.hooks =
+                        Some(TenantHooks { pre_send: hook.clone(), ..TenantHooks::new(fresh_secret.clone()) })
                 }
             })
             .await?;
         Ok(record.hooks)
     }
 
-    /// Replace the tenant's signing secret (creating it when the tenant has none). Returns the new one.
+    /// Replace the tenant's signing secret (creating it when the tenant has none); the old one still signs beside it
+    /// for a grace period. Returns the new one.
     pub async fn rotate_signing_secret(&self, project_id: &ProjectId) -> Result<SigningSecret, TenantError> {
         let secret = SigningSecret::generate();
         self.update(project_id, |record| match &mut record.hooks {
-            Some(hooks) => hooks.signing_secret = secret.clone(),
-            None => record.hooks = Some(TenantHooks { signing_secret: secret.clone(), pre_send: None }),
+            Some(hooks) => hooks.rotate(secret.clone(), crate::http::now_ms()),
+            None => record.hooks = Some(TenantHooks::new(secret.clone())),
         })
         .await?;
         Ok(secret)

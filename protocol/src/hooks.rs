@@ -223,12 +223,43 @@ impl std::fmt::Debug for SigningSecret {
     }
 }
 
+/// How long a rotated-out signing secret still signs, beside the new one, so a backend can switch its verifier
+/// without refusing requests meanwhile.
+pub const PREVIOUS_SECRET_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// A tenant's hooks, stored in its record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantHooks {
     pub signing_secret: SigningSecret,
+    /// The secret before the last rotation, and until when (unix ms) it still signs.
+    #[serde(default)]
+    pub previous_secret: Option<(SigningSecret, u64)>,
     #[serde(default)]
     pub pre_send: Option<PreSendHook>,
+}
+
+impl TenantHooks {
+    pub fn new(signing_secret: SigningSecret) -> Self {
+        TenantHooks { signing_secret, previous_secret: None, pre_send: None }
+    }
+
+    /// Replace the signing secret; the old one keeps signing for `PREVIOUS_SECRET_GRACE_MS` after `now_ms`.
+    pub fn rotate(&mut self, secret: SigningSecret, now_ms: u64) {
+        let old = std::mem::replace(&mut self.signing_secret, secret);
+        self.previous_secret = Some((old, now_ms.saturating_add(PREVIOUS_SECRET_GRACE_MS)));
+    }
+
+    /// The `webhook-signature` header at `now_ms`: the current secret's signature, then the previous secret's while
+    /// it is in its grace, separated by a space (a verifier accepts any one of them).
+    pub fn signature(&self, id: &str, timestamp_secs: u64, body: &[u8], now_ms: u64) -> String {
+        let current = self.signing_secret.sign(id, timestamp_secs, body);
+        match &self.previous_secret {
+            Some((previous, until_ms)) if now_ms < *until_ms => {
+                format!("{current} {}", previous.sign(id, timestamp_secs, body))
+            }
+            _ => current,
+        }
+    }
 }
 
 /// The op a pre-send hook is asked about.
@@ -486,6 +517,19 @@ mod tests {
     }
 
     #[test]
+    fn a_rotated_secret_signs_beside_the_new_one_for_its_grace_only() {
+        let mut hooks = TenantHooks::new(SigningSecret::generate());
+        let old = hooks.signing_secret.clone();
+        assert_eq!(hooks.signature("msg_1", 7, b"{}", 0), old.sign("msg_1", 7, b"{}"));
+        let new = SigningSecret::generate();
+        hooks.rotate(new.clone(), 1_000);
+        let both = hooks.signature("msg_1", 7, b"{}", 1_000 + PREVIOUS_SECRET_GRACE_MS - 1);
+        assert_eq!(both, format!("{} {}", new.sign("msg_1", 7, b"{}"), old.sign("msg_1", 7, b"{}")));
+        let after = hooks.signature("msg_1", 7, b"{}", 1_000 + PREVIOUS_SECRET_GRACE_MS);
+        assert_eq!(after, new.sign("msg_1", 7, b"{}"));
+    }
+
+    #[test]
     fn a_hook_deadline_is_bounded() {
         let url = HookUrl::parse("https://example.com/").unwrap();
         assert_eq!(PreSendHook::new(url.clone(), None, FailurePolicy::Allow).unwrap().timeout_ms, 1000);
@@ -497,6 +541,7 @@ mod tests {
     fn hook_settings_survive_the_record_codec_and_refuse_bad_stored_values() {
         let hooks = TenantHooks {
             signing_secret: SigningSecret::generate(),
+            previous_secret: None,
             pre_send: Some(
                 PreSendHook::new(HookUrl::parse("https://example.com/").unwrap(), Some(300), FailurePolicy::Deny)
                     .unwrap(),
@@ -505,6 +550,11 @@ mod tests {
         let bytes = crate::codec::encode(&hooks).unwrap();
         assert_eq!(crate::codec::decode::<TenantHooks>(&bytes).unwrap(), hooks);
         let json = serde_json::json!({"signing_secret": "nope", "pre_send": null});
+        assert!(serde_json::from_value::<TenantHooks>(json).is_err());
+        // A record written before secrets were rotated reads as having no previous one.
+        let json = serde_json::json!({"signing_secret": hooks.signing_secret.expose(), "pre_send": null});
+        assert_eq!(serde_json::from_value::<TenantHooks>(json).unwrap().previous_secret, None);
+        let json = serde_json::json!({"signing_secret": hooks.signing_secret.expose(), "previous_secret": ["bad", 1]});
         assert!(serde_json::from_value::<TenantHooks>(json).is_err());
     }
 }
