@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchyard_protocol::hooks::{
-    FailurePolicy, PreSendHook, PreSendOp, PreSendRequest, TenantHooks, Verdict, MAX_ANSWER_BYTES, PRE_SEND_TYPE,
+    FailurePolicy, PreSendHook, PreSendOp, PreSendRequest, TenantHooks, Verdict, MAX_ANSWER_BYTES, PRE_SEND_TIMEOUT_MS,
+    PRE_SEND_TYPE,
 };
 use switchyard_protocol::{ErrorCode, ProjectId, RoomId, UserId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -94,7 +95,9 @@ pub async fn screen(gw: &Gateway, tenant: &ProjectId, user: &UserId, draft: Draf
         reply_to: draft.reply_to,
         seq: draft.target,
     };
-    let deadline = Duration::from_millis(u64::from(hook.timeout_ms));
+    // A stored record is read as stored: its deadline is held to the bounds the API takes.
+    let timeout_ms = hook.timeout_ms.clamp(*PRE_SEND_TIMEOUT_MS.start(), *PRE_SEND_TIMEOUT_MS.end());
+    let deadline = Duration::from_millis(u64::from(timeout_ms));
     let slots = gw.hook_slots.of(tenant);
     let answer = match (tokio::time::timeout(deadline, slots.acquire_owned()).await, serde_json::to_vec(&request)) {
         (Ok(Ok(slot)), Ok(payload)) => {
