@@ -357,13 +357,13 @@ impl OutboundClient {
 
 /// Send a request and read its answer up to `max_answer` bytes.
 async fn exchange(request: reqwest::RequestBuilder, max_answer: usize) -> Result<Answer, OutboundError> {
-    let mut response = request.send().await.map_err(|error| classify(&error))?;
+    let mut response = request.send().await.map_err(classify)?;
     let status = response.status().as_u16();
     if response.content_length().is_some_and(|len| len > max_answer as u64) {
         return Err(OutboundError::TooLong(max_answer));
     }
     let mut answer = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|error| classify(&error))? {
+    while let Some(chunk) = response.chunk().await.map_err(classify)? {
         if answer.len() + chunk.len() > max_answer {
             return Err(OutboundError::TooLong(max_answer));
         }
@@ -378,9 +378,11 @@ async fn exchange(request: reqwest::RequestBuilder, max_answer: usize) -> Result
 struct RefusedAddress(String);
 
 /// A refusal by the resolver reads as one; anything else is a failure, with its causes.
-fn classify(error: &reqwest::Error) -> OutboundError {
+/// The URL is left out: its query may carry the tenant's own secrets, and the text reaches logs.
+fn classify(error: reqwest::Error) -> OutboundError {
+    let error = error.without_url();
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         if let Some(refused) = cause.downcast_ref::<RefusedAddress>() {
             return OutboundError::Refused(refused.0.clone());

@@ -4,8 +4,10 @@
 //!
 //! Each tenant has at most `hooks_concurrency_per_tenant` calls in flight on a gateway: a call that finds none free
 //! within its deadline fails (`busy`), so a hook that hangs ties up a bounded number of connections and never another
-//! tenant's calls. Tenants without a hook pay one look-up in the tenant cache. This module does not sequence anything and does not
-//! call the hook for the backend's own messages (`POST /v1/rooms/{room}/messages`).
+//! tenant's calls. Tenants without a hook pay one look-up in the tenant cache.
+//!
+//! This module does not sequence anything and does not call the hook for the backend's own messages
+//! (`POST /v1/rooms/{room}/messages`).
 
 use crate::outbound::{Answer, OutboundError};
 use crate::Gateway;

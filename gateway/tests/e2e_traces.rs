@@ -116,6 +116,11 @@ fn spans_of(trace: &Value) -> Vec<(String, Span)> {
         .unwrap_or_default()
 }
 
+/// POST a JSON body with a bearer token; the answer's JSON.
+async fn post_json(http: &reqwest::Client, url: &str, bearer: &str, body: Value) -> Value {
+    http.post(url).bearer_auth(bearer).json(&body).send().await.unwrap().json().await.unwrap()
+}
+
 fn tag<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
     span.tags.as_array()?.iter().find(|t| t["key"] == key).map(|t| &t["value"])
 }
@@ -164,27 +169,10 @@ async fn one_send_is_one_trace_across_the_three_services() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let tenant: Value = http
-        .post(format!("{base}/v1/admin/tenants"))
-        .bearer_auth(&admin_token)
-        .json(&json!({"name": "traces"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tenant = post_json(&http, &format!("{base}/v1/admin/tenants"), &admin_token, json!({"name": "traces"})).await;
     let api_key = tenant["api_key"].as_str().expect("api key").to_owned();
-    let token: Value = http
-        .post(format!("{base}/v1/tokens"))
-        .bearer_auth(&api_key)
-        .json(&json!({"user_id": "tracy", "ttl_secs": 600}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token =
+        post_json(&http, &format!("{base}/v1/tokens"), &api_key, json!({"user_id": "tracy", "ttl_secs": 600})).await;
     let token = token["token"].as_str().expect("token").to_owned();
     let ws = format!("ws://127.0.0.1:{gateway_port}/v1/ws");
     let options = switchyard_client::ConnectOptions::new(ws, switchyard_client::Auth::Header(token));
